@@ -1,0 +1,183 @@
+//! Stable error codes. The server answers every failure with
+//! `{"error": {"code": "...", "message": "..."}}` and an HTTP status; clients match on
+//! the code, never on the message.
+
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable failure reason. Codes are part of the public interface: add new
+/// ones, never rename. Unknown codes from a newer peer deserialize as `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    // Generic request errors.
+    BadRequest,
+    MalformedJson,
+    PayloadTooLarge,
+    NotFound,
+    Internal,
+    // Admin API.
+    AdminTokenMissing,
+    AdminTokenInvalid,
+    InvalidTransition,
+    LifecycleClassImmutable,
+    NodeHasLiveInstance,
+    NodeAlreadyHasInstance,
+    UnknownTemplate,
+    UnknownInstanceType,
+    UnknownRegion,
+    ProviderDisabled,
+    ProviderFailed,
+    MissingNetbootImageError,
+    // Enrollment.
+    BootstrapTokenInvalid,
+    BootstrapTokenExpired,
+    BootstrapTokenUsed,
+    CsrInvalid,
+    CsrInstanceMismatch,
+    // mTLS on the node API.
+    ClientCertificateRequired,
+    ClientCertificateInvalid,
+    CertificateRevoked,
+    CertificateInstanceMismatch,
+    InstanceTerminated,
+    // Task lease.
+    TaskNotLeased,
+    LeaseExpired,
+    // Module supply chain (reported upstream by the agent).
+    SignatureMissing,
+    SignatureMismatch,
+    DigestMismatch,
+    VerityMismatch,
+    OciNotFound,
+    RegistryUnreachable,
+    UnsupportedMediaType,
+    UnsafePath,
+    // Boot path (reported upstream by the init / agent).
+    IdentityInvalid,
+    IdentityMissing,
+    Network,
+    EnrollmentFailed,
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::MalformedJson => "malformed_json",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::NotFound => "not_found",
+            Self::Internal => "internal",
+            Self::AdminTokenMissing => "admin_token_missing",
+            Self::AdminTokenInvalid => "admin_token_invalid",
+            Self::InvalidTransition => "invalid_transition",
+            Self::LifecycleClassImmutable => "lifecycle_class_immutable",
+            Self::NodeHasLiveInstance => "node_has_live_instance",
+            Self::NodeAlreadyHasInstance => "node_already_has_instance",
+            Self::UnknownTemplate => "unknown_template",
+            Self::UnknownInstanceType => "unknown_instance_type",
+            Self::UnknownRegion => "unknown_region",
+            Self::ProviderDisabled => "provider_disabled",
+            Self::ProviderFailed => "provider_failed",
+            Self::MissingNetbootImageError => "missing_netboot_image_error",
+            Self::BootstrapTokenInvalid => "bootstrap_token_invalid",
+            Self::BootstrapTokenExpired => "bootstrap_token_expired",
+            Self::BootstrapTokenUsed => "bootstrap_token_used",
+            Self::CsrInvalid => "csr_invalid",
+            Self::CsrInstanceMismatch => "csr_instance_mismatch",
+            Self::ClientCertificateRequired => "client_certificate_required",
+            Self::ClientCertificateInvalid => "client_certificate_invalid",
+            Self::CertificateRevoked => "certificate_revoked",
+            Self::CertificateInstanceMismatch => "certificate_instance_mismatch",
+            Self::InstanceTerminated => "instance_terminated",
+            Self::TaskNotLeased => "task_not_leased",
+            Self::LeaseExpired => "lease_expired",
+            Self::SignatureMissing => "signature_missing",
+            Self::SignatureMismatch => "signature_mismatch",
+            Self::DigestMismatch => "digest_mismatch",
+            Self::VerityMismatch => "verity_mismatch",
+            Self::OciNotFound => "oci_not_found",
+            Self::RegistryUnreachable => "registry_unreachable",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnsafePath => "unsafe_path",
+            Self::IdentityInvalid => "identity_invalid",
+            Self::IdentityMissing => "identity_missing",
+            Self::Network => "network",
+            Self::EnrollmentFailed => "enrollment_failed",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether a node receiving this code must stop for good (its credentials are
+    /// gone) rather than retry.
+    pub fn is_terminal_for_node(self) -> bool {
+        matches!(
+            self,
+            Self::CertificateRevoked
+                | Self::InstanceTerminated
+                | Self::BootstrapTokenExpired
+                | Self::BootstrapTokenUsed
+                | Self::BootstrapTokenInvalid
+                | Self::CertificateInstanceMismatch
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error object inside an error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// `{"error": {...}}`, the body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ApiError {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_json() {
+        for code in [
+            ErrorCode::BootstrapTokenExpired,
+            ErrorCode::MissingNetbootImageError,
+            ErrorCode::SignatureMismatch,
+            ErrorCode::InvalidTransition,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, code);
+        }
+    }
+
+    #[test]
+    fn unknown_code_from_newer_peer_is_unknown() {
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"brand_new_code","message":"x"}}"#).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,276 @@
+//! Node API (`node_api`) and worker API (`worker_api`) bodies.
+//!
+//! Enrollment is authenticated by the bootstrap token; every other call by the client
+//! certificate the enrollment returned. The certificate names the instance (subject CN
+//! and a `urn:powernode:instance:<id>` URI SAN); bodies that carry an `instance_id`
+//! must match it or the server answers `certificate_instance_mismatch`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorCode, InstanceStatus, TaskKind, TaskStatus, Timestamp};
+
+/// URI SAN prefix binding a client certificate to an instance.
+pub const INSTANCE_URI_PREFIX: &str = "urn:powernode:instance:";
+
+/// `POST` [`crate::paths::ENROLLMENT`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRequest {
+    pub bootstrap_token: String,
+    pub node_id: String,
+    pub instance_id: String,
+    /// PEM PKCS#10 request over an Ed25519 key; subject CN must be the instance id.
+    pub csr_pem: String,
+    /// Which identity strategy answered (`cmdline`, `fw_cfg`, `file`, `aws`, ...).
+    pub identity_source: String,
+    pub agent_version: String,
+    /// What the provider's metadata said about this machine, when it said anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderFacts>,
+}
+
+/// Facts a cloud metadata service reports about the instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderFacts {
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentResponse {
+    pub certificate_pem: String,
+    /// The CA chain to keep pinning for the control plane.
+    pub ca_pem: String,
+    pub not_after: Timestamp,
+    pub serial: String,
+    pub node_id: String,
+    pub instance_id: String,
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// The node's boot phases, in order. `ready` marks the instance `running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    KernelStart,
+    InitStart,
+    ModulesLoaded,
+    NetworkUp,
+    IdentityFound,
+    Enrolled,
+    ModulesVerified,
+    RootMounted,
+    AgentStarted,
+    Ready,
+    Draining,
+    Drained,
+    Failed,
+}
+
+/// One timeline entry: when a phase was reached, in milliseconds since kernel start
+/// (CLOCK_BOOTTIME), so the operator sees where boot time went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub phase: Phase,
+    pub at_ms: u64,
+}
+
+/// A failure the node reports upstream: which phase, a stable code, and detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureReport {
+    pub phase: Phase,
+    pub code: ErrorCode,
+    pub message: String,
+    /// How many times this phase has been tried so far.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+/// `POST` [`crate::paths::HANDSHAKE`]: the node says where it is in its boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeRequest {
+    pub instance_id: String,
+    pub phase: Phase,
+    #[serde(default)]
+    pub timeline: Vec<TimelineEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureReport>,
+    pub agent_version: String,
+    /// Facts about the composed root, as the agent sees them (e.g. `/` is overlay
+    /// over composefs), so tests and operators never read the console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootFacts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootFacts {
+    /// Filesystem type of `/` (from `/proc/self/mountinfo`).
+    pub fstype: String,
+    /// Mount options of `/`.
+    pub options: String,
+    /// Digests of the root modules composed into `/`.
+    #[serde(default)]
+    pub modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeResponse {
+    pub instance_status: InstanceStatus,
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// A module as the node runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningModule {
+    pub name: String,
+    pub version: String,
+    /// Pinned OCI manifest digest (`sha256:...`).
+    pub digest: String,
+}
+
+/// A supervised service's state, as reported in heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub name: String,
+    pub module: String,
+    /// `running`, `stopped`, `backoff`, `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// Result of the node's last reconcile pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileResult {
+    pub at: Timestamp,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<FailureReport>,
+}
+
+/// `POST` [`crate::paths::HEARTBEAT`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub instance_id: String,
+    pub phase: Phase,
+    pub uptime_seconds: u64,
+    pub agent_version: String,
+    #[serde(default)]
+    pub modules: Vec<RunningModule>,
+    #[serde(default)]
+    pub services: Vec<ServiceState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<ReconcileResult>,
+    /// The agent no longer takes work (a drain task was applied).
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub instance_status: InstanceStatus,
+    pub heartbeat_interval_seconds: u64,
+    /// A node-side task is waiting: lease it now rather than at the next poll.
+    #[serde(default)]
+    pub tasks_pending: bool,
+    /// The certificate expires within the renewal window: renew now.
+    #[serde(default)]
+    pub renew_certificate: bool,
+}
+
+/// A module the control plane wants on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredModule {
+    pub name: String,
+    pub version: String,
+    /// OCI reference without tag, e.g. `10.0.2.2:8443/modules/base`.
+    pub repository: String,
+    /// Pinned manifest digest.
+    pub digest: String,
+    /// `root` (composed into `/`, changes need a reboot) or `runtime`.
+    pub kind: String,
+}
+
+/// `GET` [`crate::paths::DESIRED_MODULES`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredModulesResponse {
+    pub modules: Vec<DesiredModule>,
+    /// PEM public keys module signatures must verify against.
+    #[serde(default)]
+    pub trust_keys: Vec<String>,
+}
+
+/// `POST` [`crate::paths::CERTIFICATE_RENEW`] (mTLS with the current certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub instance_id: String,
+    pub csr_pem: String,
+}
+
+/// `POST` [`crate::paths::TASK_LEASE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub instance_id: String,
+    /// How long the agent asks to hold the task before it must renew.
+    pub lease_seconds: u64,
+}
+
+/// A task handed to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedTask {
+    pub task_id: String,
+    pub kind: TaskKind,
+    /// Kind-specific parameters, e.g. `{"timeout_seconds":300,"cordon_only":false}`.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    pub lease_expires_at: Timestamp,
+    /// Opaque token that must accompany renew and complete.
+    pub lease_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    /// `None` when there is nothing to do.
+    pub task: Option<LeasedTask>,
+}
+
+/// `POST` `/worker_api/tasks/{id}/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewLeaseRequest {
+    pub instance_id: String,
+    pub lease_token: String,
+    pub lease_seconds: u64,
+    /// Free-form progress for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewLeaseResponse {
+    pub lease_expires_at: Timestamp,
+    /// The operator cancelled the task: stop and complete it as cancelled.
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// `POST` `/worker_api/tasks/{id}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteTaskRequest {
+    pub instance_id: String,
+    pub lease_token: String,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub status: TaskStatus,
+    #[serde(default)]
+    pub result: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteTaskResponse {
+    pub task_id: String,
+    pub status: TaskStatus,
+    pub instance_status: InstanceStatus,
+}

@@ -1,0 +1,54 @@
+//! URL paths of the control plane, in one place so node and server cannot drift.
+//! They follow the platform's naming (`/api/v1/system/...`).
+
+/// Node API: bootstrap-token authenticated (no client certificate yet).
+pub const ENROLLMENT: &str = "/api/v1/system/node_api/enrollment";
+/// Node API, mTLS from here on.
+pub const HANDSHAKE: &str = "/api/v1/system/node_api/runtime/handshake";
+pub const HEARTBEAT: &str = "/api/v1/system/node_api/runtime/heartbeat";
+pub const DESIRED_MODULES: &str = "/api/v1/system/node_api/modules/desired";
+pub const CERTIFICATE_RENEW: &str = "/api/v1/system/node_api/certificate/renew";
+/// Worker API (mTLS): task lease.
+pub const TASK_LEASE: &str = "/api/v1/system/worker_api/tasks/lease";
+/// `/api/v1/system/worker_api/tasks/{id}/renew`
+pub fn task_renew(task_id: &str) -> String {
+    format!("/api/v1/system/worker_api/tasks/{task_id}/renew")
+}
+/// `/api/v1/system/worker_api/tasks/{id}/complete`
+pub fn task_complete(task_id: &str) -> String {
+    format!("/api/v1/system/worker_api/tasks/{task_id}/complete")
+}
+
+/// Admin API (bearer admin token). One path per runbook action.
+pub const ADMIN_NODES: &str = "/api/v1/system/nodes";
+pub const ADMIN_TEMPLATES: &str = "/api/v1/system/templates";
+pub const ADMIN_SIGNALS: &str = "/api/v1/system/signals";
+pub const ADMIN_EVENTS: &str = "/api/v1/system/events";
+
+pub fn admin_node(node_id: &str) -> String {
+    format!("/api/v1/system/nodes/{node_id}")
+}
+pub fn admin_provision(node_id: &str) -> String {
+    format!("/api/v1/system/nodes/{node_id}/provision")
+}
+pub fn admin_instance(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}")
+}
+pub fn admin_instance_identity(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/identity")
+}
+pub fn admin_drain(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/drain")
+}
+pub fn admin_terminate(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/terminate")
+}
+pub fn admin_drift(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/drift")
+}
+pub fn admin_task(task_id: &str) -> String {
+    format!("/api/v1/system/tasks/{task_id}")
+}
+pub fn admin_cancel_task(task_id: &str) -> String {
+    format!("/api/v1/system/tasks/{task_id}/cancel")
+}
