@@ -4,3 +4,6 @@
 //!
 //! It must never panic on input from the network, the kernel command line or
 //! firmware: it runs inside PID 1.
+
+pub mod modules;
+pub mod verity;

@@ -1,0 +1,1 @@
+//! fs-verity digests computed in userspace, byte-compatible with `fsverity digest`.
