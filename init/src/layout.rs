@@ -1,0 +1,17 @@
+//! Where things live inside the initramfs. The builder (`powernode-initramfs`) writes
+//! these paths and the init reads them, so both take them from here.
+
+/// The init itself; the kernel runs `/init` from an initramfs without `rdinit=`.
+pub const INIT: &str = "/init";
+/// The agent binary, when the initramfs carries one.
+pub const AGENT: &str = "/usr/bin/powernode-agent";
+/// Folder of the decompressed kernel modules (`NAME.ko`).
+pub const MODULE_DIR: &str = "/lib/modules";
+/// One module file name per line (relative to [`MODULE_DIR`]), dependencies first.
+pub const MODULE_LOAD_ORDER: &str = "/lib/modules/load-order";
+/// The kernel needs this character device in the initramfs to give PID 1 its stdio.
+pub const CONSOLE: &str = "/dev/console";
+/// Major and minor of `/dev/console`.
+pub const CONSOLE_DEV: (u32, u32) = (5, 1);
+/// Folders that must exist before the early mounts (mount points).
+pub const MOUNT_POINTS: &[&str] = &["/dev", "/proc", "/sys", "/run", "/tmp"];

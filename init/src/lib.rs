@@ -1,0 +1,2 @@
+//! powernode-init library (placeholder while writing)
+pub mod layout;

@@ -1,0 +1,265 @@
+//! The build: pinned kernel + module closure + init (+ agent) -> `vmlinuz`,
+//! `initramfs.img`, `cmdline` and `manifest.json` in the output folder (the folder
+//! that `POWERNODE_IMAGE_BASE` points at).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use powernode_init::layout;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::compress::{compress, Compression};
+use crate::kernel::{self, KernelError, KernelPin};
+use crate::modules::{Closure, ModuleError, ModuleTree};
+use crate::spec::{Spec, SpecError};
+use crate::{cpio, elf};
+
+/// Kernel arguments the image needs whatever boots it; the VM runner adds its own.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Modules(#[from] ModuleError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cpio(#[from] cpio::CpioError),
+    #[error("{path} cannot be the init: {reason}")]
+    BadInit { path: PathBuf, reason: String },
+    #[error("compressing the initramfs")]
+    Compress(#[source] std::io::Error),
+    #[error("I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub init: PathBuf,
+    pub agent: Option<PathBuf>,
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    /// `scripts/debs`, used when the kernel package is not cached yet.
+    pub debs_script: PathBuf,
+    pub pin: KernelPin,
+    pub compression: Compression,
+}
+
+/// What was built, also written as `manifest.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub kernel_package: String,
+    pub kernel_version: String,
+    pub kernel_release: String,
+    pub kernel_deb_sha256: String,
+    pub compression: Compression,
+    /// Load order, dependencies first.
+    pub modules: Vec<String>,
+    /// Requested modules that this kernel has built in.
+    pub builtin: Vec<String>,
+    pub init_sha256: String,
+    pub init_bytes: u64,
+    pub agent_sha256: Option<String>,
+    pub vmlinuz_sha256: String,
+    pub initramfs_sha256: String,
+    pub initramfs_bytes: u64,
+    pub initramfs_uncompressed_bytes: u64,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOutput {
+    pub vmlinuz: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: PathBuf,
+    pub manifest: Manifest,
+}
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The initramfs contents, from bytes only (so it is testable without a kernel).
+pub fn initramfs_spec(
+    init: &[u8],
+    agent: Option<&[u8]>,
+    closure: &Closure,
+) -> Result<Spec, SpecError> {
+    let mut spec = Spec::new();
+    for dir in layout::MOUNT_POINTS {
+        spec.dir(dir, 0o755)?;
+    }
+    let (major, minor) = layout::CONSOLE_DEV;
+    spec.char_dev(layout::CONSOLE, 0o600, major, minor)?;
+    spec.file(layout::INIT, 0o755, init.to_vec())?;
+    if let Some(agent) = agent {
+        spec.file(layout::AGENT, 0o755, agent.to_vec())?;
+    }
+    spec.dir(layout::MODULE_DIR, 0o755)?;
+    let mut order = String::new();
+    for module in &closure.modules {
+        let file = format!("{}.ko", module.name);
+        spec.file(
+            &format!("{}/{file}", layout::MODULE_DIR),
+            0o644,
+            module.elf.clone(),
+        )?;
+        order.push_str(&file);
+        order.push('\n');
+    }
+    spec.file(layout::MODULE_LOAD_ORDER, 0o644, order.into_bytes())?;
+    Ok(spec)
+}
+
+fn check_init(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let bad = |reason: String| BuildError::BadInit {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match elf::interpreter(bytes) {
+        Ok(None) => Ok(()),
+        Ok(Some(interp)) => Err(bad(format!(
+            "it is dynamically linked (interpreter {interp}); build it for x86_64-unknown-linux-musl"
+        ))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// Writes `data` to `path` through a temporary file, so readers never see half a file.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BuildError> {
+    let tmp = path.with_extension("partial");
+    fs::write(&tmp, data).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
+    let init = fs::read(&opts.init).map_err(io(&opts.init))?;
+    check_init(&opts.init, &init)?;
+    let agent = match &opts.agent {
+        Some(p) => Some(fs::read(p).map_err(io(p))?),
+        None => None,
+    };
+    let tree = kernel::ensure_kernel(&opts.pin, &opts.cache, &opts.debs_script)?;
+    let modules = ModuleTree::open(&tree.modules_dir(), &opts.pin.release)?;
+    let closure = modules.closure(&opts.pin.modules)?;
+    let spec = initramfs_spec(&init, agent.as_deref(), &closure)?;
+    let archive = cpio::write_newc(&spec)?;
+    let compressed = compress(&archive, opts.compression).map_err(BuildError::Compress)?;
+    let vmlinuz_src = tree.vmlinuz();
+    let vmlinuz = fs::read(&vmlinuz_src).map_err(io(&vmlinuz_src))?;
+
+    fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+    let out = BuildOutput {
+        vmlinuz: opts.out.join("vmlinuz"),
+        initramfs: opts.out.join("initramfs.img"),
+        cmdline: opts.out.join("cmdline"),
+        manifest: Manifest {
+            kernel_package: opts.pin.package.clone(),
+            kernel_version: opts.pin.version.clone(),
+            kernel_release: opts.pin.release.clone(),
+            kernel_deb_sha256: opts.pin.deb_sha256.clone(),
+            compression: opts.compression,
+            modules: closure.modules.iter().map(|m| m.name.clone()).collect(),
+            builtin: closure.builtin.clone(),
+            init_sha256: sha256(&init),
+            init_bytes: init.len() as u64,
+            agent_sha256: agent.as_deref().map(sha256),
+            vmlinuz_sha256: sha256(&vmlinuz),
+            initramfs_sha256: sha256(&compressed),
+            initramfs_bytes: compressed.len() as u64,
+            initramfs_uncompressed_bytes: archive.len() as u64,
+            cmdline: BASE_CMDLINE.to_string(),
+        },
+    };
+    write_atomic(&out.vmlinuz, &vmlinuz)?;
+    write_atomic(&out.initramfs, &compressed)?;
+    write_atomic(&out.cmdline, format!("{BASE_CMDLINE}\n").as_bytes())?;
+    let manifest_path = opts.out.join("manifest.json");
+    let json = serde_json::to_vec_pretty(&out.manifest).map_err(|e| BuildError::Io {
+        path: manifest_path.clone(),
+        source: e.into(),
+    })?;
+    write_atomic(&manifest_path, &json)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modules::ResolvedModule;
+
+    fn closure() -> Closure {
+        Closure {
+            modules: vec![
+                ResolvedModule {
+                    name: "failover".into(),
+                    source: "kernel/net/core/failover.ko.xz".into(),
+                    elf: b"\x7fELF-failover".to_vec(),
+                },
+                ResolvedModule {
+                    name: "virtio_net".into(),
+                    source: "kernel/drivers/net/virtio_net.ko.xz".into(),
+                    elf: b"\x7fELF-virtio_net".to_vec(),
+                },
+            ],
+            builtin: vec!["ext4".into()],
+        }
+    }
+
+    #[test]
+    fn spec_has_init_console_modules_and_load_order() {
+        let spec = initramfs_spec(b"INIT", Some(b"AGENT"), &closure()).unwrap();
+        let archive = cpio::write_newc(&spec).unwrap();
+        let members = cpio::read_newc(&archive).unwrap();
+        let by = |n: &str| {
+            members
+                .iter()
+                .find(|m| m.name == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
+        assert_eq!(by("init").data, b"INIT");
+        assert_eq!(by("init").mode, 0o100755);
+        assert_eq!(by("usr/bin/powernode-agent").data, b"AGENT");
+        assert_eq!(by("dev/console").rdev, (5, 1));
+        assert_eq!(
+            by("lib/modules/load-order").data,
+            b"failover.ko\nvirtio_net.ko\n"
+        );
+        assert_eq!(by("lib/modules/virtio_net.ko").data, b"\x7fELF-virtio_net");
+        for dir in ["proc", "sys", "run", "tmp", "dev"] {
+            assert_eq!(by(dir).mode & 0o170000, 0o040000, "{dir}");
+        }
+    }
+
+    #[test]
+    fn same_inputs_same_compressed_bytes() {
+        let a = initramfs_spec(b"INIT", None, &closure()).unwrap();
+        let b = initramfs_spec(b"INIT", None, &closure()).unwrap();
+        for how in [Compression::Zstd, Compression::Gzip] {
+            let ca = compress(&cpio::write_newc(&a).unwrap(), how).unwrap();
+            let cb = compress(&cpio::write_newc(&b).unwrap(), how).unwrap();
+            assert_eq!(ca, cb);
+        }
+    }
+
+    #[test]
+    fn dynamic_init_is_refused() {
+        let ls = fs::read("/bin/ls").unwrap();
+        let err = check_init(Path::new("/bin/ls"), &ls).unwrap_err();
+        assert!(err.to_string().contains("dynamically linked"), "{err}");
+    }
+}
