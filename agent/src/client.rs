@@ -1,0 +1,242 @@
+//! The control-plane client: JSON over HTTPS that trusts only the CA from the
+//! identity document (never the system roots), with the node's client certificate
+//! once it has one. TLS is rustls with the ring provider.
+//!
+//! Every refusal is parsed into its stable error code, so the caller can tell a
+//! node that must stop for good ([`ClientError::terminal_code`]) from a transient
+//! failure to retry. Response bodies are bounded; server input never panics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use powernode_proto::{ErrorBody, ErrorCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::credentials::Credentials;
+
+/// Largest response body the agent reads.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("{method} {path} refused with HTTP {status} `{code}`: {message}")]
+    Refused {
+        method: &'static str,
+        path: String,
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{method} {path} answered HTTP {status} without an error body: {snippet}")]
+    UnexpectedStatus {
+        method: &'static str,
+        path: String,
+        status: u16,
+        snippet: String,
+    },
+    #[error("{method} {path} failed in transport")]
+    Transport {
+        method: &'static str,
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {path} answered more than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge { method: &'static str, path: String },
+    #[error("{method} {path} answered a body that does not decode")]
+    Decode {
+        method: &'static str,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The code when the server refused with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// `Some(code)` when the node must stop for good (revoked, terminated, token
+    /// spent): retrying cannot help.
+    pub fn terminal_code(&self) -> Option<ErrorCode> {
+        self.code().filter(|c| c.is_terminal_for_node())
+    }
+
+    /// The best stable code for reporting this failure upstream.
+    pub fn report_code(&self) -> ErrorCode {
+        match self {
+            Self::Refused { code, .. } => *code,
+            Self::Transport { .. } | Self::Tls(_) => ErrorCode::Network,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(ca_pem: &str) -> Result<rustls::RootCertStore, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut reader = ca_pem.as_bytes();
+    for cert in rustls_pemfile::certs(&mut reader) {
+        let cert = cert.map_err(|e| ClientError::Tls(format!("CA PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Tls(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Tls(
+            "the pinned CA PEM holds no certificate".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// rustls client config pinning `ca_pem`, with the node's certificate if given.
+pub fn tls_config(
+    ca_pem: &str,
+    creds: Option<&Credentials>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(root_store(ca_pem)?);
+    match creds {
+        None => Ok(builder.with_no_client_auth()),
+        Some(c) => {
+            let mut reader = c.cert_pem.as_bytes();
+            let chain = rustls_pemfile::certs(&mut reader)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Tls(format!("client certificate PEM: {e}")))?;
+            let der = c
+                .key
+                .pkcs8_der()
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            let key = rustls::pki_types::PrivateKeyDer::Pkcs8(der.to_vec().into());
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))
+        }
+    }
+}
+
+/// Timeouts; tests shorten them.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            request: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client for `base_url` pinning `ca_pem`; mTLS when `creds` is given.
+    pub fn new(
+        base_url: &str,
+        ca_pem: &str,
+        creds: Option<&Credentials>,
+        timeouts: Timeouts,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_config(ca_pem, creds)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("powernode-agent/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Tls(crate::error_chain(&e)))?;
+        Ok(Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn post<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
+        let req = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.send("POST", path, req).await
+    }
+
+    pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, ClientError> {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.send("GET", path, req).await
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Resp, ClientError> {
+        let transport = |source| ClientError::Transport {
+            method,
+            path: path.to_string(),
+            source,
+        };
+        let mut resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(ClientError::TooLarge {
+                    method,
+                    path: path.to_string(),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|source| ClientError::Decode {
+                method,
+                path: path.to_string(),
+                source,
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Refused {
+                method,
+                path: path.to_string(),
+                status: status.as_u16(),
+                code: e.error.code,
+                message: e.error.message,
+            }),
+            Err(_) => Err(ClientError::UnexpectedStatus {
+                method,
+                path: path.to_string(),
+                status: status.as_u16(),
+                snippet: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The agent's state directory: the identity it booted with, its private key (0600),
+//! its certificate and the CA it pins. A restarted agent with a valid certificate
+//! for the same instance carries on without enrolling again (the bootstrap token is
+//! single use), which is how agents survive their own restart and the server's.
+//!
+//! Files are replaced atomically (write a temporary file, fsync, rename). The key
+//! and the certificate are two renames; if a crash falls between them, loading
+//! finds the certificate still in its temporary file and pairs them up again.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use powernode_proto::IdentityDocument;
+
+use crate::credentials::{unix_now, CredentialError, Credentials, NodeKey};
+
+pub const IDENTITY_FILE: &str = "identity.json";
+pub const KEY_FILE: &str = "node.key";
+pub const CERT_FILE: &str = "node.crt";
+pub const CA_FILE: &str = "ca.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {}: cannot {action}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stored identity {} is unusable", path.display())]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: powernode_proto::IdentityError,
+    },
+    #[error("stored credentials are unusable")]
+    Credentials(#[from] CredentialError),
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically with `mode`; returns the temporary path
+/// without renaming when `rename` is false.
+fn write_file(path: &Path, bytes: &[u8], mode: u32, rename: bool) -> Result<PathBuf, StateError> {
+    let tmp = tmp_path(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    // The mode only applies at creation; a leftover temp file may have another.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    if rename {
+        std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    }
+    Ok(tmp)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, StateError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
+impl StateDir {
+    /// Opens (creating, mode 0700) the state directory.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(io_err("create", &root))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", &root))?;
+        Ok(Self { root })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Keeps the identity (0600: it holds the bootstrap token).
+    pub fn save_identity(&self, doc: &IdentityDocument) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
+        write_file(&self.file(IDENTITY_FILE), &bytes, 0o600, true).map(|_| ())
+    }
+
+    pub fn load_identity(&self) -> Result<Option<IdentityDocument>, StateError> {
+        let path = self.file(IDENTITY_FILE);
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(text) => IdentityDocument::parse(text.as_bytes())
+                .map(Some)
+                .map_err(|source| StateError::Identity { path, source }),
+        }
+    }
+
+    /// Stores key (0600), certificate and CA.
+    pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+        let key_pem = creds.key.to_pem()?;
+        write_file(&self.file(CA_FILE), creds.ca_pem.as_bytes(), 0o644, true)?;
+        let cert_tmp = write_file(
+            &self.file(CERT_FILE),
+            creds.cert_pem.as_bytes(),
+            0o644,
+            false,
+        )?;
+        write_file(&self.file(KEY_FILE), key_pem.as_bytes(), 0o600, true)?;
+        std::fs::rename(&cert_tmp, self.file(CERT_FILE)).map_err(io_err("rename", &cert_tmp))?;
+        Ok(())
+    }
+
+    /// Loads credentials that are usable for `instance_id` right now. `Ok(None)`
+    /// when there are none, they are for another instance, or they have expired:
+    /// the caller enrolls then. The reason is logged.
+    pub fn load_credentials(&self, instance_id: &str) -> Result<Option<Credentials>, StateError> {
+        let (Some(key_pem), Some(ca_pem)) = (
+            read_optional(&self.file(KEY_FILE))?,
+            read_optional(&self.file(CA_FILE))?,
+        ) else {
+            return Ok(None);
+        };
+        // A stored key that does not parse is an error to report, not a reason to
+        // silently enroll again with a spent token.
+        NodeKey::from_pem(&key_pem)?;
+        // The certificate, or its temporary file if a crash fell between the renames.
+        let mut candidates = Vec::new();
+        for path in [self.file(CERT_FILE), tmp_path(&self.file(CERT_FILE))] {
+            if let Some(pem) = read_optional(&path)? {
+                candidates.push(pem);
+            }
+        }
+        let mut last_err = None;
+        for cert_pem in candidates {
+            let key = NodeKey::from_pem(&key_pem)?;
+            match Credentials::new(key, cert_pem, ca_pem.clone(), instance_id) {
+                Ok(creds) if creds.info.expired(unix_now()) => {
+                    tracing::warn!(
+                        not_after = creds.info.not_after,
+                        "stored certificate has expired"
+                    );
+                    return Ok(None);
+                }
+                Ok(creds) => return Ok(Some(creds)),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if let Some(e) = last_err {
+            tracing::warn!(error = %crate::error_chain(&e), instance_id,
+                "stored certificate does not fit this instance and key; enrolling again");
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::tests::sign;
+
+    fn creds(seed: u8, instance: &str, lifetime: i64) -> Credentials {
+        let key = NodeKey::from_seed([seed; 32]);
+        let (cert, ca) = sign(&key.csr_pem(instance).unwrap(), lifetime);
+        Credentials::new(key, cert, ca, instance).unwrap()
+    }
+
+    #[test]
+    fn credentials_round_trip_with_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path().join("state")).unwrap();
+        assert!(state.load_credentials("inst-1").unwrap().is_none());
+        let c = creds(1, "inst-1", 3600);
+        state.save_credentials(&c).unwrap();
+        let mode = |f: &str| {
+            std::fs::metadata(state.file(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(KEY_FILE), 0o600);
+        assert_eq!(
+            std::fs::metadata(state.path())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        let back = state.load_credentials("inst-1").unwrap().unwrap();
+        assert_eq!(back.key.public_key(), c.key.public_key());
+        assert_eq!(back.info, c.info);
+        // Another instance's identity does not reuse these credentials.
+        assert!(state.load_credentials("inst-2").unwrap().is_none());
+    }
+
+    #[test]
+    fn expired_or_mismatched_credentials_are_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        state.save_credentials(&creds(1, "inst-1", -10)).unwrap();
+        assert!(state.load_credentials("inst-1").unwrap().is_none());
+        // Key from one enrollment, certificate from another.
+        let a = creds(1, "inst-1", 3600);
+        let b = creds(2, "inst-1", 3600);
+        state.save_credentials(&a).unwrap();
+        std::fs::write(state.file(CERT_FILE), &b.cert_pem).unwrap();
+        assert!(state.load_credentials("inst-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn crash_between_renames_is_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let old = creds(1, "inst-1", 3600);
+        state.save_credentials(&old).unwrap();
+        // New key renamed into place, new certificate still in its temp file.
+        let new = creds(2, "inst-1", 3600);
+        std::fs::write(state.file(KEY_FILE), new.key.to_pem().unwrap().as_bytes()).unwrap();
+        std::fs::write(tmp_path(&state.file(CERT_FILE)), &new.cert_pem).unwrap();
+        let back = state.load_credentials("inst-1").unwrap().unwrap();
+        assert_eq!(back.key.public_key(), new.key.public_key());
+    }
+
+    #[test]
+    fn identity_round_trip_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.load_identity().unwrap().is_none());
+        let doc = crate::identity::tests::doc("inst-9");
+        state.save_identity(&doc).unwrap();
+        assert_eq!(state.load_identity().unwrap(), Some(doc));
+        let mode = std::fs::metadata(state.file(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
