@@ -1,2 +1,49 @@
-//! powernode-init library (placeholder while writing)
+//! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
+//! modules, identity, then (later) the agent library's bootstrap and the switch into
+//! the composed root.
+//!
+//! It must never panic and never exit: PID 1 returning is a kernel panic. Every phase
+//! returns a typed error, and the failure policy from the kernel command line
+//! (`powernode.on_failure=poweroff|reboot|retry`) decides what happens next; a panic
+//! hook applies the same policy should a bug slip through (the binary is built with
+//! `panic = "abort"`).
+//!
+//! All syscalls go through [`sys`]; the rest of the crate has no `unsafe` and is
+//! tested against a recording fake of that seam, without root.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+// Tests may unwrap: a failing unwrap is a failing test.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod boot;
+pub mod cmdline;
+pub mod failure;
+pub mod identity;
 pub mod layout;
+pub mod logger;
+pub mod modules;
+pub mod mounts;
+pub mod sys;
+
+/// Runs the boot on the real kernel. Never returns.
+pub fn run() -> ! {
+    let mut sys = sys::RealSys::new();
+    failure::install_panic_hook();
+    let outcome = boot::Boot::new(&mut sys).run();
+    // Only reached when power-off/reboot failed or there is nothing to hand off to
+    // yet: PID 1 must not exit, so it parks.
+    log::warn!("boot ended with {outcome:?}; parking PID 1");
+    failure::park(&mut sys)
+}

@@ -1,5 +1,6 @@
-//! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
-//! modules, network, then the agent library's bootstrap, then switch_root into the
-//! composed root. It must never panic.
+//! `powernode-init`: PID 1 of the netboot initramfs. Everything lives in the library;
+//! see `powernode_init::boot` for the phases.
 
-fn main() {}
+fn main() {
+    powernode_init::run()
+}

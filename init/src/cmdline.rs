@@ -1,0 +1,131 @@
+//! The init's options from the kernel command line (`/proc/cmdline`). Identity keys
+//! (`powernode.identity=` and friends) are the identity code's business, not parsed
+//! here.
+
+use std::fmt;
+
+/// What happens after a phase fails (or the init panics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Power the machine off: tests, so that QEMU exits.
+    Poweroff,
+    /// Reboot at once.
+    Reboot,
+    /// Retry the failed phase with backoff, forever (production default).
+    #[default]
+    Retry,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poweroff => "poweroff",
+            Self::Reboot => "reboot",
+            Self::Retry => "retry",
+        }
+    }
+}
+
+impl fmt::Display for FailurePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Options {
+    pub on_failure: FailurePolicy,
+    /// `powernode.test_poweroff=1`: power off cleanly once the init has done its work
+    /// (the VM smoke test and the boot benchmark).
+    pub test_poweroff: bool,
+    /// `quiet`: the kernel console shows warnings only, so the logger writes
+    /// info lines to the console itself.
+    pub quiet: bool,
+    /// Values the init did not understand, reported once in the log (a typo in
+    /// `powernode.on_failure` must not silently mean "retry").
+    pub unknown: Vec<String>,
+}
+
+/// Splits a kernel command line into words, honouring double quotes as the kernel
+/// does (`key="a b"`).
+pub fn words(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+pub fn parse(cmdline: &str) -> Options {
+    let mut opts = Options::default();
+    for word in words(cmdline) {
+        let (key, value) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word.as_str(), None),
+        };
+        match (key, value) {
+            ("quiet", None) => opts.quiet = true,
+            ("powernode.on_failure", Some(v)) => match v {
+                "poweroff" => opts.on_failure = FailurePolicy::Poweroff,
+                "reboot" => opts.on_failure = FailurePolicy::Reboot,
+                "retry" => opts.on_failure = FailurePolicy::Retry,
+                _ => opts.unknown.push(word.clone()),
+            },
+            ("powernode.test_poweroff", Some(v)) => match v {
+                "1" | "true" | "yes" => opts.test_poweroff = true,
+                "0" | "false" | "no" => opts.test_poweroff = false,
+                _ => opts.unknown.push(word.clone()),
+            },
+            _ => {}
+        }
+    }
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_honour_quotes() {
+        assert_eq!(
+            words("console=ttyS0  a=\"b c\" quiet\n"),
+            ["console=ttyS0", "a=b c", "quiet"]
+        );
+        assert!(words("   ").is_empty());
+    }
+
+    #[test]
+    fn options_parse_and_unknown_values_are_kept() {
+        let o =
+            parse("console=ttyS0 powernode.on_failure=poweroff powernode.test_poweroff=1 quiet");
+        assert_eq!(o.on_failure, FailurePolicy::Poweroff);
+        assert!(o.test_poweroff && o.quiet);
+        assert!(o.unknown.is_empty());
+        let o = parse("powernode.on_failure=explode");
+        assert_eq!(o.on_failure, FailurePolicy::Retry);
+        assert_eq!(o.unknown, ["powernode.on_failure=explode"]);
+        assert_eq!(parse("").on_failure, FailurePolicy::Retry);
+    }
+}

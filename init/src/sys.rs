@@ -1,0 +1,359 @@
+//! The syscall seam: every call the init makes to the kernel goes through [`Sys`].
+//! [`RealSys`] does them (rustix throughout: mount, mkdir, finit_module, reboot, sync,
+//! clock_gettime; std for plain file reads and writes); [`fake::FakeSys`] records
+//! them so that tests can assert the exact boot sequence without root.
+//!
+//! No `unsafe` is needed today: rustix covers every call. Should one be added, it
+//! belongs here, with a `// SAFETY:` comment.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+pub use rustix::io::Errno;
+pub use rustix::mount::MountFlags;
+
+/// What `reboot(2)` is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootKind {
+    PowerOff,
+    Restart,
+}
+
+/// Why a module did not load: opening the file or the `finit_module` call itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleSysError {
+    Open(Errno),
+    Load(Errno),
+}
+
+pub trait Sys {
+    /// `mkdir`; an existing directory is not an error.
+    fn mkdir(&mut self, path: &str, mode: u32) -> Result<(), Errno>;
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<(), Errno>;
+    /// Reads a whole file, refusing more than `limit` bytes (`EFBIG`). Reads in one
+    /// large call where the kernel allows it (fw_cfg reads cost time per offset).
+    fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno>;
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), Errno>;
+    /// Opens `path` and hands it to `finit_module` with no parameters.
+    fn finit_module(&mut self, path: &str) -> Result<(), ModuleSysError>;
+    /// Milliseconds since the kernel started (CLOCK_BOOTTIME).
+    fn boot_ms(&mut self) -> u64;
+    /// One line to the console (PID 1's stdout, which the kernel opened on
+    /// `/dev/console`).
+    fn console(&mut self, line: &str);
+    fn sync(&mut self);
+    /// Does not return on success on a real kernel.
+    fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno>;
+    fn sleep(&mut self, duration: Duration);
+    /// `/dev` is mounted: start logging to `/dev/kmsg`.
+    fn start_logging(&mut self);
+}
+
+/// The real kernel.
+#[derive(Debug, Default)]
+pub struct RealSys {
+    _private: (),
+}
+
+impl RealSys {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn errno(e: std::io::Error) -> Errno {
+    Errno::from_io_error(&e).unwrap_or(Errno::IO)
+}
+
+/// Milliseconds since boot, for callers without a `Sys` (the logger, the panic hook).
+pub fn boot_ms_now() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
+}
+
+/// `/dev/kmsg` for the logger; `None` before `/dev` is mounted.
+pub fn open_kmsg() -> Option<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .ok()
+}
+
+/// Writes one line to the console, ignoring errors (there is nowhere else to say so).
+pub fn console_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+impl Sys for RealSys {
+    fn mkdir(&mut self, path: &str, mode: u32) -> Result<(), Errno> {
+        match rustix::fs::mkdir(path, rustix::fs::Mode::from_raw_mode(mode)) {
+            Err(Errno::EXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<(), Errno> {
+        let data = std::ffi::CString::new(data).map_err(|_| Errno::INVAL)?;
+        let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
+        rustix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno> {
+        let mut file = std::fs::File::open(path).map_err(errno)?;
+        // One byte more than the limit tells "exactly at the limit" from "over it".
+        let mut buf = vec![0u8; limit.saturating_add(1)];
+        let mut len = 0;
+        loop {
+            let Some(rest) = buf.get_mut(len..) else {
+                return Err(Errno::FBIG);
+            };
+            if rest.is_empty() {
+                return Err(Errno::FBIG);
+            }
+            match file.read(rest) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        if len > limit {
+            return Err(Errno::FBIG);
+        }
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), Errno> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(errno)?;
+        file.write_all(data).map_err(errno)
+    }
+
+    fn finit_module(&mut self, path: &str) -> Result<(), ModuleSysError> {
+        let fd = rustix::fs::open(
+            path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(ModuleSysError::Open)?;
+        rustix::system::finit_module(&fd, c"", 0).map_err(ModuleSysError::Load)
+    }
+
+    fn boot_ms(&mut self) -> u64 {
+        boot_ms_now()
+    }
+
+    fn console(&mut self, line: &str) {
+        console_line(line)
+    }
+
+    fn sync(&mut self) {
+        rustix::fs::sync()
+    }
+
+    fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno> {
+        rustix::system::reboot(match kind {
+            RebootKind::PowerOff => rustix::system::RebootCommand::PowerOff,
+            RebootKind::Restart => rustix::system::RebootCommand::Restart,
+        })
+    }
+
+    fn sleep(&mut self, duration: Duration) {
+        std::thread::sleep(duration)
+    }
+
+    fn start_logging(&mut self) {
+        crate::logger::start()
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A recording fake of the kernel: files are a map, every call is recorded, and
+    //! chosen calls fail with chosen errnos.
+
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Mkdir(String),
+        Mount {
+            source: String,
+            target: String,
+            fstype: String,
+            flags: MountFlags,
+            data: String,
+        },
+        Read(String),
+        Write(String, String),
+        FinitModule(String),
+        Console(String),
+        Sync,
+        Reboot(RebootKind),
+        Sleep(Duration),
+        StartLogging,
+    }
+
+    #[derive(Debug, Default)]
+    pub struct FakeSys {
+        pub calls: Vec<Call>,
+        pub files: BTreeMap<String, Vec<u8>>,
+        pub mount_errors: BTreeMap<String, Errno>,
+        pub module_errors: BTreeMap<String, ModuleSysError>,
+        /// Module loads that fail this many times before succeeding.
+        pub module_failures_left: BTreeMap<String, u32>,
+        pub now_ms: u64,
+    }
+
+    impl FakeSys {
+        pub fn with_file(mut self, path: &str, data: impl Into<Vec<u8>>) -> Self {
+            self.files.insert(path.to_string(), data.into());
+            self
+        }
+
+        pub fn mounts(&self) -> Vec<(String, String, String)> {
+            self.calls
+                .iter()
+                .filter_map(|c| match c {
+                    Call::Mount {
+                        source,
+                        target,
+                        fstype,
+                        ..
+                    } => Some((source.clone(), target.clone(), fstype.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        pub fn modules(&self) -> Vec<String> {
+            self.calls
+                .iter()
+                .filter_map(|c| match c {
+                    Call::FinitModule(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        pub fn console_lines(&self) -> Vec<String> {
+            self.calls
+                .iter()
+                .filter_map(|c| match c {
+                    Call::Console(l) => Some(l.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    impl Sys for FakeSys {
+        fn mkdir(&mut self, path: &str, _mode: u32) -> Result<(), Errno> {
+            self.calls.push(Call::Mkdir(path.to_string()));
+            Ok(())
+        }
+
+        fn mount(
+            &mut self,
+            source: &str,
+            target: &str,
+            fstype: &str,
+            flags: MountFlags,
+            data: &str,
+        ) -> Result<(), Errno> {
+            self.calls.push(Call::Mount {
+                source: source.to_string(),
+                target: target.to_string(),
+                fstype: fstype.to_string(),
+                flags,
+                data: data.to_string(),
+            });
+            self.now_ms += 1;
+            match self.mount_errors.get(target) {
+                Some(e) => Err(*e),
+                None => Ok(()),
+            }
+        }
+
+        fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno> {
+            self.calls.push(Call::Read(path.to_string()));
+            let data = self.files.get(path).ok_or(Errno::NOENT)?;
+            if data.len() > limit {
+                return Err(Errno::FBIG);
+            }
+            Ok(data.clone())
+        }
+
+        fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), Errno> {
+            self.calls.push(Call::Write(
+                path.to_string(),
+                String::from_utf8_lossy(data).into_owned(),
+            ));
+            Ok(())
+        }
+
+        fn finit_module(&mut self, path: &str) -> Result<(), ModuleSysError> {
+            self.calls.push(Call::FinitModule(path.to_string()));
+            self.now_ms += 5;
+            if let Some(left) = self.module_failures_left.get_mut(path) {
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(ModuleSysError::Load(Errno::NOEXEC));
+                }
+            }
+            match self.module_errors.get(path) {
+                Some(e) => Err(*e),
+                None => Ok(()),
+            }
+        }
+
+        fn boot_ms(&mut self) -> u64 {
+            self.now_ms
+        }
+
+        fn console(&mut self, line: &str) {
+            self.calls.push(Call::Console(line.to_string()));
+        }
+
+        fn sync(&mut self) {
+            self.calls.push(Call::Sync);
+        }
+
+        fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno> {
+            self.calls.push(Call::Reboot(kind));
+            Ok(())
+        }
+
+        fn sleep(&mut self, duration: Duration) {
+            self.calls.push(Call::Sleep(duration));
+            self.now_ms += u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        }
+
+        fn start_logging(&mut self) {
+            self.calls.push(Call::StartLogging);
+        }
+    }
+}
