@@ -28,6 +28,8 @@ pub enum ErrorCode {
     ProviderDisabled,
     ProviderFailed,
     MissingNetbootImageError,
+    /// The operator cancelled the task that drove the instance (e.g. its provision).
+    TaskCancelled,
     // Enrollment.
     BootstrapTokenInvalid,
     BootstrapTokenExpired,
@@ -82,6 +84,7 @@ impl ErrorCode {
             Self::ProviderDisabled => "provider_disabled",
             Self::ProviderFailed => "provider_failed",
             Self::MissingNetbootImageError => "missing_netboot_image_error",
+            Self::TaskCancelled => "task_cancelled",
             Self::BootstrapTokenInvalid => "bootstrap_token_invalid",
             Self::BootstrapTokenExpired => "bootstrap_token_expired",
             Self::BootstrapTokenUsed => "bootstrap_token_used",

@@ -1,3 +1,32 @@
 //! `powernode-stub`: the reference control plane. Admin API and CLI, node API with
-//! enrollment and mTLS, CA, bootstrap tokens, sensors and providers. It never links
-//! the agent: the two meet only on the wire types of `powernode-proto`.
+//! enrollment and mTLS, CA, bootstrap tokens, sensors and providers, with its state
+//! in SQLite under one data directory.
+//!
+//! It never links the agent: the two meet only on the wire types of
+//! `powernode-proto`. It must never hand out a certificate without a valid,
+//! unused bootstrap token, never store a bootstrap token in clear in its own
+//! tables, and never answer a node call without checking the certificate against
+//! revocation and the instance it names.
+//!
+//! Layout: [`api`] (HTTP) -> [`service`] (behaviour) -> [`model`] (in-memory state)
+//! -> [`store`] (SQLite); [`ca`] issues and checks certificates; [`server`] owns the
+//! TLS accept loop and the background sensors; [`cli`] is the binary.
+
+pub mod api;
+pub mod ca;
+pub mod catalog;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod provider;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use api::app;
+pub use clock::Clock;
+pub use config::{Config, ProviderMode, StuckThresholds};
+pub use server::{start, RunningServer};
+pub use service::AppState;

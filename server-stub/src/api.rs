@@ -1,0 +1,408 @@
+//! HTTP surface: the router, the admin-token and client-certificate guards, a JSON
+//! extractor whose failures are JSON errors, and thin handlers over
+//! [`crate::service`].
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use powernode_proto::admin::{
+    CreateNodeRequest, DrainRequest, EventsResponse, NodeResponse, ProvisionRequest,
+    SignalsResponse, TaskResponse, TerminateRequest, UpdateNodeRequest,
+};
+use powernode_proto::node::{
+    CompleteTaskRequest, EnrollmentRequest, HandshakeRequest, HeartbeatRequest, LeaseRequest,
+    RenewLeaseRequest, RenewRequest,
+};
+use powernode_proto::{paths, ErrorCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::ca::ClientIdentity;
+use crate::error::{AppError, AppResult};
+use crate::service::AppState;
+
+/// Largest request body accepted (`payload_too_large` above it).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What the TLS layer learned about the peer, attached to every request of the
+/// connection by the accept loop.
+#[derive(Debug, Clone)]
+pub enum PeerAuth {
+    /// No client certificate was presented.
+    Anonymous,
+    /// A certificate that chains to our CA and names an instance.
+    Verified(Arc<ClientIdentity>),
+    /// A certificate was presented but is not ours, expired or unbound.
+    Invalid(Arc<str>),
+}
+
+pub fn app(state: AppState) -> Router {
+    let admin = Router::new()
+        .route(paths::ADMIN_NODES, post(create_node).get(list_nodes))
+        .route(
+            "/api/v1/system/nodes/{id}",
+            get(get_node).patch(update_node).delete(delete_node),
+        )
+        .route("/api/v1/system/nodes/{id}/provision", post(provision))
+        .route(paths::ADMIN_TEMPLATES, get(list_templates))
+        .route("/api/v1/system/instances/{id}", get(get_instance))
+        .route(
+            "/api/v1/system/instances/{id}/identity",
+            get(instance_identity),
+        )
+        .route("/api/v1/system/instances/{id}/drain", post(drain))
+        .route("/api/v1/system/instances/{id}/terminate", post(terminate))
+        .route("/api/v1/system/instances/{id}/drift", get(drift))
+        .route("/api/v1/system/tasks/{id}", get(get_task))
+        .route("/api/v1/system/tasks/{id}/cancel", post(cancel_task))
+        .route(paths::ADMIN_SIGNALS, get(recent_signals))
+        .route(paths::ADMIN_EVENTS, get(recent_events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
+    let node = Router::new()
+        .route(paths::ENROLLMENT, post(enroll))
+        .route(paths::HANDSHAKE, post(handshake))
+        .route(paths::HEARTBEAT, post(heartbeat))
+        .route(paths::DESIRED_MODULES, get(desired_modules))
+        .route(paths::CERTIFICATE_RENEW, post(renew_certificate))
+        .route(paths::TASK_LEASE, post(lease))
+        .route(
+            "/api/v1/system/worker_api/tasks/{id}/renew",
+            post(renew_lease),
+        )
+        .route(
+            "/api/v1/system/worker_api/tasks/{id}/complete",
+            post(complete_task),
+        );
+    Router::new()
+        .merge(admin)
+        .merge(node)
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> AppError {
+    AppError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        "method not allowed on this endpoint",
+    )
+}
+
+/// `Authorization: Bearer <admin token>` on every admin route.
+async fn admin_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => AppError::unauthorized(
+            ErrorCode::AdminTokenMissing,
+            "admin API needs `Authorization: Bearer <admin token>`",
+        )
+        .into_response(),
+        Some(t) if state.admin_token_ok(t) => next.run(req).await,
+        Some(_) => {
+            AppError::forbidden(ErrorCode::AdminTokenInvalid, "wrong admin token").into_response()
+        }
+    }
+}
+
+/// JSON body extractor whose failures are [`AppError`]s: `malformed_json` for text
+/// that is not JSON, `bad_request` for JSON of the wrong shape, `payload_too_large`
+/// above [`MAX_BODY_BYTES`]. An empty body reads as `{}`.
+#[derive(Debug)]
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::PayloadTooLarge,
+                    format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                AppError::bad_request(format!("cannot read request body: {}", e.body_text()))
+            }
+        })?;
+        let body: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(body).map(Json).map_err(|e| {
+            if e.classify() == serde_json::error::Category::Data {
+                AppError::bad_request(format!("request body has the wrong shape: {e}"))
+            } else {
+                AppError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::MalformedJson,
+                    format!("request body is not valid JSON: {e}"),
+                )
+            }
+        })
+    }
+}
+
+/// The caller's verified, unexpired client certificate (not yet checked against
+/// revocation and instance state: that happens under the state lock).
+#[derive(Debug)]
+pub struct NodeCert(pub Arc<ClientIdentity>);
+
+impl FromRequestParts<AppState> for NodeCert {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        match parts.extensions.get::<PeerAuth>() {
+            None | Some(PeerAuth::Anonymous) => Err(AppError::unauthorized(
+                ErrorCode::ClientCertificateRequired,
+                "this endpoint needs the client certificate from enrollment",
+            )),
+            Some(PeerAuth::Invalid(why)) => Err(AppError::unauthorized(
+                ErrorCode::ClientCertificateInvalid,
+                why.to_string(),
+            )),
+            Some(PeerAuth::Verified(id)) => {
+                if state.clock.now_ms() >= id.not_after_ms {
+                    return Err(AppError::unauthorized(
+                        ErrorCode::ClientCertificateInvalid,
+                        "the client certificate has expired",
+                    ));
+                }
+                Ok(NodeCert(id.clone()))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    instance_id: Option<String>,
+}
+
+fn list_query(q: Result<Query<ListQuery>, QueryRejection>) -> AppResult<(u32, Option<String>)> {
+    let Query(q) = q.map_err(|e| AppError::bad_request(e.body_text()))?;
+    Ok((q.limit.unwrap_or(50).clamp(1, 1000), q.instance_id))
+}
+
+type JsonOut<T> = AppResult<axum::Json<T>>;
+
+// ----- admin handlers ---------------------------------------------------------------
+
+async fn create_node(
+    State(st): State<AppState>,
+    Json(req): Json<CreateNodeRequest>,
+) -> AppResult<(StatusCode, axum::Json<NodeResponse>)> {
+    let node = st.create_node(req).await?;
+    Ok((StatusCode::CREATED, axum::Json(NodeResponse { node })))
+}
+
+async fn list_nodes(State(st): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "nodes": st.list_nodes() }))
+}
+
+async fn get_node(State(st): State<AppState>, Path(id): Path<String>) -> JsonOut<NodeResponse> {
+    Ok(axum::Json(NodeResponse {
+        node: st.get_node(&id)?,
+    }))
+}
+
+async fn update_node(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<UpdateNodeRequest>,
+) -> JsonOut<NodeResponse> {
+    Ok(axum::Json(NodeResponse {
+        node: st.update_node(&id, req).await?,
+    }))
+}
+
+async fn delete_node(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> JsonOut<powernode_proto::admin::DeleteNodeResponse> {
+    Ok(axum::Json(st.delete_node(&id).await?))
+}
+
+async fn provision(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<ProvisionRequest>,
+) -> AppResult<(
+    StatusCode,
+    axum::Json<powernode_proto::admin::ProvisionResponse>,
+)> {
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(st.provision(&id, req).await?),
+    ))
+}
+
+async fn list_templates(State(st): State<AppState>) -> axum::Json<powernode_proto::admin::Catalog> {
+    axum::Json(st.catalog())
+}
+
+async fn get_instance(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> JsonOut<powernode_proto::admin::InstanceResponse> {
+    Ok(axum::Json(powernode_proto::admin::InstanceResponse {
+        instance: st.get_instance(&id)?,
+    }))
+}
+
+async fn instance_identity(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> JsonOut<serde_json::Value> {
+    Ok(axum::Json(st.instance_identity(&id).await?))
+}
+
+async fn drain(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<DrainRequest>,
+) -> JsonOut<powernode_proto::admin::InstanceActionResponse> {
+    Ok(axum::Json(st.drain(&id, req).await?))
+}
+
+async fn terminate(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<TerminateRequest>,
+) -> JsonOut<powernode_proto::admin::InstanceActionResponse> {
+    Ok(axum::Json(st.terminate(&id, req).await?))
+}
+
+async fn drift(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> JsonOut<powernode_proto::admin::DriftReport> {
+    Ok(axum::Json(st.drift_report(&id)?))
+}
+
+async fn get_task(State(st): State<AppState>, Path(id): Path<String>) -> JsonOut<TaskResponse> {
+    Ok(axum::Json(TaskResponse {
+        task: st.get_task(&id)?,
+    }))
+}
+
+async fn cancel_task(State(st): State<AppState>, Path(id): Path<String>) -> JsonOut<TaskResponse> {
+    Ok(axum::Json(TaskResponse {
+        task: st.cancel_task(&id).await?,
+    }))
+}
+
+async fn recent_signals(
+    State(st): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> JsonOut<SignalsResponse> {
+    let (limit, instance) = list_query(q)?;
+    Ok(axum::Json(SignalsResponse {
+        signals: st.recent_signals(limit, instance).await?,
+    }))
+}
+
+async fn recent_events(
+    State(st): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> JsonOut<EventsResponse> {
+    let (limit, instance) = list_query(q)?;
+    Ok(axum::Json(EventsResponse {
+        events: st.recent_events(limit, instance).await?,
+    }))
+}
+
+// ----- node handlers ----------------------------------------------------------------
+
+async fn enroll(
+    State(st): State<AppState>,
+    Json(req): Json<EnrollmentRequest>,
+) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
+    Ok(axum::Json(st.enroll(req).await?))
+}
+
+async fn handshake(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Json(req): Json<HandshakeRequest>,
+) -> JsonOut<powernode_proto::node::HandshakeResponse> {
+    Ok(axum::Json(st.handshake(&id, req).await?))
+}
+
+async fn heartbeat(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Json(req): Json<HeartbeatRequest>,
+) -> JsonOut<powernode_proto::node::HeartbeatResponse> {
+    Ok(axum::Json(st.heartbeat(&id, req).await?))
+}
+
+async fn desired_modules(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+) -> JsonOut<powernode_proto::node::DesiredModulesResponse> {
+    Ok(axum::Json(st.desired_modules(&id)?))
+}
+
+async fn renew_certificate(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Json(req): Json<RenewRequest>,
+) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
+    Ok(axum::Json(st.renew_certificate(&id, req).await?))
+}
+
+async fn lease(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Json(req): Json<LeaseRequest>,
+) -> JsonOut<powernode_proto::node::LeaseResponse> {
+    Ok(axum::Json(st.lease(&id, req).await?))
+}
+
+async fn renew_lease(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Path(task_id): Path<String>,
+    Json(req): Json<RenewLeaseRequest>,
+) -> JsonOut<powernode_proto::node::RenewLeaseResponse> {
+    Ok(axum::Json(st.renew_lease(&id, &task_id, req).await?))
+}
+
+async fn complete_task(
+    State(st): State<AppState>,
+    NodeCert(id): NodeCert,
+    Path(task_id): Path<String>,
+    Json(req): Json<CompleteTaskRequest>,
+) -> JsonOut<powernode_proto::node::CompleteTaskResponse> {
+    Ok(axum::Json(st.complete_task(&id, &task_id, req).await?))
+}

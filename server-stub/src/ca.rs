@@ -1,0 +1,404 @@
+//! The stub's certificate authority: created on first start and kept in the data
+//! directory, it signs the server certificate (fresh at every start) and the node
+//! client certificates (from Ed25519 CSRs). It also validates a presented client
+//! chain at the application layer, so a foreign certificate is a JSON 401, not a TLS
+//! alert.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use time::OffsetDateTime;
+
+use crate::clock::Millis;
+use powernode_proto::node::INSTANCE_URI_PREFIX;
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot access {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("stored CA in {0} is unusable")]
+    BadStoredCa(PathBuf),
+    #[error("TLS verifier setup failed: {0}")]
+    Verifier(String),
+}
+
+/// Why a CSR was refused (answered as `csr_invalid` / `csr_instance_mismatch`).
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("CSR is not a valid, self-signed PEM PKCS#10 request")]
+    Unparsable(#[source] rcgen::Error),
+    #[error("CSR key must be Ed25519")]
+    NotEd25519,
+    #[error("CSR subject has no common name")]
+    NoCommonName,
+    #[error("CSR subject CN {found:?} is not instance {expected:?}")]
+    WrongInstance { found: String, expected: String },
+    #[error("signing the certificate failed")]
+    Sign(#[source] rcgen::Error),
+}
+
+/// Why a presented client certificate is not acceptable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientCertError {
+    #[error("certificate chain does not verify against the control-plane CA: {0}")]
+    Chain(String),
+    #[error("certificate is not bound to an instance (no {INSTANCE_URI_PREFIX} URI SAN)")]
+    NotBound,
+    #[error("certificate cannot be parsed")]
+    Parse,
+}
+
+/// A certificate the CA issued to a node.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub pem: String,
+    pub serial: String,
+    pub not_before_ms: Millis,
+    pub not_after_ms: Millis,
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub instance_id: String,
+    pub serial: String,
+    pub not_before_ms: Millis,
+    pub not_after_ms: Millis,
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, or creates and stores one (key file 0600).
+    pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        if key_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let key =
+                KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadStoredCa(key_path.clone()))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|_| CaError::BadStoredCa(cert_path.clone()))?;
+            return Self::from_parts(issuer, cert_pem);
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Powernode stub CA");
+        dn.push(DnType::OrganizationName, "Powernode");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
+        Self::from_parts(Issuer::new(params, key), cert_pem)
+    }
+
+    fn from_parts(issuer: Issuer<'static, KeyPair>, cert_pem: String) -> Result<Self, CaError> {
+        let cert_der = pem_certs(&cert_pem)
+            .into_iter()
+            .next()
+            .ok_or_else(|| CaError::Verifier("CA PEM holds no certificate".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(cert_der.clone())
+            .map_err(|e| CaError::Verifier(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| CaError::Verifier(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            cert_pem,
+            cert_der,
+            verifier,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// A fresh server certificate for this start, covering `names` (DNS names or IP
+    /// addresses).
+    pub fn server_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into()?),
+            };
+            if !params.subject_alt_names.contains(&san) {
+                params.subject_alt_names.push(san);
+            }
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "powernode-stub");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// Signs a node certificate for `instance_id` from an Ed25519 CSR whose subject
+    /// CN must be that instance id.
+    pub fn issue_node_cert(
+        &self,
+        csr_pem: &str,
+        instance_id: &str,
+        now_ms: Millis,
+        ttl_seconds: u64,
+    ) -> Result<IssuedCert, CsrError> {
+        let csr = parse_csr(csr_pem)?;
+        let cn = csr_common_name(&csr).ok_or(CsrError::NoCommonName)?;
+        if cn != instance_id {
+            return Err(CsrError::WrongInstance {
+                found: cn,
+                expected: instance_id.to_string(),
+            });
+        }
+        let mut serial = [0u8; 16];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut serial[..]);
+        // Positive and without a leading zero byte, so the hex form is stable when the
+        // certificate is parsed back.
+        serial[0] = 0x10 | (serial[0] & 0x6f);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, instance_id);
+        params.distinguished_name = dn;
+        let uri = format!("{INSTANCE_URI_PREFIX}{instance_id}");
+        params.subject_alt_names = vec![SanType::URI(
+            uri.try_into()
+                .map_err(|e: rcgen::Error| CsrError::Sign(e))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.use_authority_key_identifier_extension = true;
+        // Backdate a little for clock skew between node and control plane.
+        let not_before_ms = now_ms - 60_000;
+        let not_after_ms = now_ms + (ttl_seconds as i64) * 1000;
+        params.not_before = ms_to_datetime(not_before_ms);
+        params.not_after = ms_to_datetime(not_after_ms);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(CsrError::Sign)?;
+        Ok(IssuedCert {
+            pem: cert.pem(),
+            serial: hex::encode(serial),
+            not_before_ms: not_before_ms.div_euclid(1000) * 1000,
+            not_after_ms: not_after_ms.div_euclid(1000) * 1000,
+        })
+    }
+
+    /// Validates a presented chain (leaf first) against this CA at `now_ms`, and
+    /// reads the instance binding, serial and validity out of the leaf.
+    pub fn verify_client(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now_ms: Millis,
+    ) -> Result<ClientIdentity, ClientCertError> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| ClientCertError::Chain("empty chain".into()))?;
+        let now = UnixTime::since_unix_epoch(Duration::from_millis(now_ms.max(0) as u64));
+        self.verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .map_err(|e| ClientCertError::Chain(e.to_string()))?;
+        parse_client_leaf(leaf)
+    }
+}
+
+/// Reads instance binding, serial and validity from a leaf certificate.
+pub fn parse_client_leaf(leaf: &CertificateDer<'_>) -> Result<ClientIdentity, ClientCertError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|_| ClientCertError::Parse)?;
+    let mut instance_id = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                if let Some(id) = uri.strip_prefix(INSTANCE_URI_PREFIX) {
+                    instance_id = Some(id.to_string());
+                }
+            }
+        }
+    }
+    let instance_id = instance_id.ok_or(ClientCertError::NotBound)?;
+    Ok(ClientIdentity {
+        instance_id,
+        serial: hex::encode(cert.raw_serial()),
+        not_before_ms: cert.validity().not_before.timestamp() * 1000,
+        not_after_ms: cert.validity().not_after.timestamp() * 1000,
+    })
+}
+
+fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CsrError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CsrError::Unparsable)?;
+    if csr.public_key.algorithm() != &rcgen::PKCS_ED25519 {
+        return Err(CsrError::NotEd25519);
+    }
+    Ok(csr)
+}
+
+fn csr_common_name(csr: &CertificateSigningRequestParams) -> Option<String> {
+    match csr.params.distinguished_name.get(&DnType::CommonName)? {
+        DnValue::Utf8String(s) => Some(s.clone()),
+        DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+        DnValue::Ia5String(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn ms_to_datetime(ms: Millis) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// All certificates in a PEM text.
+pub fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile_certs(pem)
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// Writes a secret file readable by the owner only.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))?;
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An Ed25519 CSR for `cn`, as the agent would make it.
+    pub fn ed25519_csr(cn: &str) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.pem().unwrap())
+    }
+
+    #[test]
+    fn issues_bound_client_cert_and_verifies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let (_key, csr) = ed25519_csr("inst-1");
+        let now = crate::clock::Clock::default().now_ms();
+        let issued = ca.issue_node_cert(&csr, "inst-1", now, 3600).unwrap();
+        let chain = pem_certs(&issued.pem);
+        let id = ca.verify_client(&chain, now).unwrap();
+        assert_eq!(id.instance_id, "inst-1");
+        assert_eq!(id.serial, issued.serial);
+        assert_eq!(id.not_after_ms, issued.not_after_ms);
+        // Expired at a later time.
+        assert!(ca.verify_client(&chain, now + 7200 * 1000).is_err());
+        // Same CA after a reload; a different CA refuses it.
+        let again = Ca::load_or_create(dir.path()).unwrap();
+        assert!(again.verify_client(&chain, now).is_ok());
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Ca::load_or_create(other_dir.path()).unwrap();
+        assert!(matches!(
+            other.verify_client(&chain, now),
+            Err(ClientCertError::Chain(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_csrs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let (_k, csr) = ed25519_csr("inst-2");
+        assert!(matches!(
+            ca.issue_node_cert(&csr, "inst-1", 0, 60),
+            Err(CsrError::WrongInstance { .. })
+        ));
+        assert!(matches!(
+            ca.issue_node_cert("garbage", "inst-1", 0, 60),
+            Err(CsrError::Unparsable(_))
+        ));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "inst-1");
+        let p256 = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert!(matches!(
+            ca.issue_node_cert(&p256, "inst-1", 0, 60),
+            Err(CsrError::NotEd25519)
+        ));
+    }
+}

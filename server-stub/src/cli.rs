@@ -1,0 +1,577 @@
+//! The `powernode-stub` command line: `serve`, and one client subcommand per
+//! runbook action. Clients take the admin token and the CA to pin from the data
+//! directory, print the API's JSON with `--json` and a readable table otherwise, and
+//! exit 1 with the error JSON on stderr for any non-2xx answer.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use powernode_proto::{paths, LifecycleClass};
+use serde_json::{json, Value};
+
+use crate::config::{Config, ProviderMode, StuckThresholds};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "powernode-stub",
+    version,
+    about = "Powernode reference control plane"
+)]
+pub struct Cli {
+    /// Data directory (state, CA, admin token, server URL).
+    #[arg(long, global = true, env = "POWERNODE_STUB_DATA")]
+    pub data: Option<PathBuf>,
+    /// Server URL for client commands (default: read DIR/server-url).
+    #[arg(long, global = true)]
+    pub server: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (see DIR/server-url).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Control-plane URL put into identity documents (default: the server URL).
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Extra server-certificate name (DNS name or IP); repeatable.
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+    /// Provider: recorder or disabled (`real` comes with the netboot work).
+    #[arg(long, env = "POWERNODE_LIBVIRT_MODE", default_value = "recorder", value_parser = parse_provider)]
+    pub provider: ProviderMode,
+    #[arg(long, default_value_t = 300)]
+    pub silent_after_seconds: u64,
+    #[arg(long, default_value_t = 86_400)]
+    pub token_ttl_seconds: u64,
+    #[arg(long, default_value_t = 86_400)]
+    pub cert_ttl_seconds: u64,
+    /// e.g. `pending=300,provisioning=600,running=300` (any subset).
+    #[arg(long, value_parser = parse_thresholds)]
+    pub stuck_thresholds: Option<StuckThresholds>,
+    #[arg(long, default_value_t = 1000)]
+    pub sensor_interval_ms: u64,
+    /// Longest lease an agent may hold a task without renewing.
+    #[arg(long, default_value_t = 3600)]
+    pub lease_max_seconds: u64,
+    /// Heartbeat interval told to nodes (identity document, enrollment answer).
+    #[arg(long, default_value_t = 30)]
+    pub heartbeat_interval_seconds: u64,
+    /// How often batched heartbeats are written to SQLite.
+    #[arg(long, default_value_t = 1000)]
+    pub flush_interval_ms: u64,
+}
+
+fn parse_provider(s: &str) -> Result<ProviderMode, String> {
+    s.parse()
+        .map_err(|e: crate::config::ConfigError| e.to_string())
+}
+
+fn parse_thresholds(s: &str) -> Result<StuckThresholds, String> {
+    StuckThresholds::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    CreateNode {
+        #[arg(long)]
+        hostname: String,
+        #[arg(long, default_value = "tmpl-edge-base")]
+        template: String,
+        #[arg(long)]
+        lifecycle_class: LifecycleClass,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    ListTemplates,
+    ListNodes,
+    GetNode {
+        id: String,
+    },
+    UpdateNode {
+        id: String,
+        #[arg(long)]
+        lifecycle_class: Option<LifecycleClass>,
+    },
+    DeleteNode {
+        id: String,
+    },
+    ProvisionInstance {
+        node_id: String,
+        #[arg(long)]
+        instance_type: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+    },
+    GetInstance {
+        id: String,
+    },
+    /// Print the identity document the provider handed (or would hand) the VM.
+    InstanceIdentity {
+        id: String,
+    },
+    GetTask {
+        id: String,
+    },
+    CancelTask {
+        id: String,
+    },
+    DrainInstance {
+        id: String,
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+        #[arg(long)]
+        cordon_only: bool,
+    },
+    TerminateInstance {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    DriftReport {
+        id: String,
+    },
+    RecentSignals {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    RecentEvents {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        instance: Option<String>,
+    },
+}
+
+/// The binary's `main`.
+pub fn main_entry() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.cmd, Cmd::Serve(_));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = if serving {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("powernode-stub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("powernode-stub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Cli {
+        data,
+        server,
+        json,
+        cmd,
+    } = cli;
+    if let Cmd::Serve(args) = cmd {
+        let data = data.context("serve needs --data DIR")?;
+        let mut cfg = Config::new(data, args.listen);
+        cfg.public_url = args.public_url;
+        cfg.sans = args.sans;
+        cfg.provider = args.provider;
+        cfg.silent_after_seconds = args.silent_after_seconds;
+        cfg.token_ttl_seconds = args.token_ttl_seconds;
+        cfg.cert_ttl_seconds = args.cert_ttl_seconds;
+        cfg.stuck = args.stuck_thresholds.unwrap_or_default();
+        cfg.sensor_interval_ms = args.sensor_interval_ms;
+        cfg.lease_max_seconds = args.lease_max_seconds;
+        cfg.heartbeat_interval_seconds = args.heartbeat_interval_seconds;
+        cfg.flush_interval_ms = args.flush_interval_ms;
+        crate::server::run_until_signal(cfg).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let data = data.context("client commands need --data DIR (admin token and CA)")?;
+    let client = AdminClient::from_data_dir(&data, server.as_deref())?;
+    let (method, path, body) = request_for(&cmd)?;
+    let (status, text) = client.call(method, &path, body).await?;
+    if !status.is_success() {
+        eprintln!("{}", text.trim_end());
+        return Ok(ExitCode::FAILURE);
+    }
+    let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
+    if json || matches!(cmd, Cmd::InstanceIdentity { .. }) {
+        println!("{}", text.trim_end());
+    } else {
+        print!("{}", render_table(&value));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Method, path and body of the admin call behind a client subcommand.
+fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Value>)> {
+    use reqwest::Method;
+    Ok(match cmd {
+        Cmd::Serve(_) => bail!("serve is not a client command"),
+        Cmd::CreateNode {
+            hostname,
+            template,
+            lifecycle_class,
+            labels,
+        } => (
+            Method::POST,
+            paths::ADMIN_NODES.to_string(),
+            Some(json!({
+                "hostname": hostname,
+                "template_id": template,
+                "lifecycle_class": lifecycle_class,
+                "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
+        ),
+        Cmd::ListTemplates => (Method::GET, paths::ADMIN_TEMPLATES.to_string(), None),
+        Cmd::ListNodes => (Method::GET, paths::ADMIN_NODES.to_string(), None),
+        Cmd::GetNode { id } => (Method::GET, paths::admin_node(id), None),
+        Cmd::UpdateNode {
+            id,
+            lifecycle_class,
+        } => (
+            Method::PATCH,
+            paths::admin_node(id),
+            Some(json!({ "lifecycle_class": lifecycle_class })),
+        ),
+        Cmd::DeleteNode { id } => (Method::DELETE, paths::admin_node(id), None),
+        Cmd::ProvisionInstance {
+            node_id,
+            instance_type,
+            region,
+        } => (
+            Method::POST,
+            paths::admin_provision(node_id),
+            Some(json!({"instance_type": instance_type, "region": region})),
+        ),
+        Cmd::GetInstance { id } => (Method::GET, paths::admin_instance(id), None),
+        Cmd::InstanceIdentity { id } => (Method::GET, paths::admin_instance_identity(id), None),
+        Cmd::GetTask { id } => (Method::GET, paths::admin_task(id), None),
+        Cmd::CancelTask { id } => (Method::POST, paths::admin_cancel_task(id), Some(json!({}))),
+        Cmd::DrainInstance {
+            id,
+            timeout_seconds,
+            cordon_only,
+        } => (
+            Method::POST,
+            paths::admin_drain(id),
+            Some(json!({"timeout_seconds": timeout_seconds, "cordon_only": cordon_only})),
+        ),
+        Cmd::TerminateInstance { id, force } => (
+            Method::POST,
+            paths::admin_terminate(id),
+            Some(json!({ "force": force })),
+        ),
+        Cmd::DriftReport { id } => (Method::GET, paths::admin_drift(id), None),
+        Cmd::RecentSignals { limit, instance } => (
+            Method::GET,
+            list_path(paths::ADMIN_SIGNALS, *limit, instance.as_deref()),
+            None,
+        ),
+        Cmd::RecentEvents { limit, instance } => (
+            Method::GET,
+            list_path(paths::ADMIN_EVENTS, *limit, instance.as_deref()),
+            None,
+        ),
+    })
+}
+
+fn list_path(base: &str, limit: u32, instance: Option<&str>) -> String {
+    match instance {
+        // Instance ids are `[a-z0-9-]`; anything else would not match anyway.
+        Some(i) => format!(
+            "{base}?limit={limit}&instance_id={}",
+            i.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_' && c != '.',
+                ""
+            )
+        ),
+        None => format!("{base}?limit={limit}"),
+    }
+}
+
+/// An admin API client pinned to the stub's CA.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// Token from `DIR/admin-token`, CA from `DIR/ca.pem`, URL from `server` or
+    /// `DIR/server-url`.
+    pub fn from_data_dir(dir: &Path, server: Option<&str>) -> anyhow::Result<Self> {
+        let token_path = dir.join(crate::server::ADMIN_TOKEN_FILE);
+        let token = std::fs::read_to_string(&token_path)
+            .with_context(|| format!("reading {}", token_path.display()))?
+            .trim()
+            .to_string();
+        let ca_path = dir.join(crate::ca::CA_CERT_FILE);
+        let ca_pem = std::fs::read_to_string(&ca_path)
+            .with_context(|| format!("reading {}", ca_path.display()))?;
+        let base = match server {
+            Some(s) => s.to_string(),
+            None => {
+                let p = dir.join(crate::server::SERVER_URL_FILE);
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {} (or pass --server)", p.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Self {
+            http: pinned_client(&ca_pem, None)?,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(reqwest::StatusCode, String)> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the answer")?;
+        Ok((status, text))
+    }
+}
+
+/// A reqwest client that trusts only `ca_pem` (ring provider), optionally with a
+/// client certificate (`cert_pem`, `key_pem`).
+pub fn pinned_client(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> anyhow::Result<reqwest::Client> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::ca::pem_certs(ca_pem) {
+        roots.add(cert).context("adding the CA certificate")?;
+    }
+    if roots.is_empty() {
+        bail!("the CA PEM holds no certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots);
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let certs = crate::ca::pem_certs(cert_pem);
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .context("parsing the client key")?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("client certificate")?
+        }
+    };
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// A readable rendering of an API answer: `key  value` lines for objects, one row
+/// per item for lists.
+pub fn render_table(v: &Value) -> String {
+    let mut out = String::new();
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map {
+                match val {
+                    Value::Object(inner) => {
+                        out.push_str(&format!("{k}:\n"));
+                        let width = inner.keys().map(String::len).max().unwrap_or(0);
+                        for (ik, iv) in inner {
+                            out.push_str(&format!("  {ik:width$}  {}\n", scalar(iv)));
+                        }
+                    }
+                    Value::Array(items)
+                        if items.iter().all(Value::is_object) && !items.is_empty() =>
+                    {
+                        out.push_str(&format!("{k}:\n"));
+                        out.push_str(&rows(items));
+                    }
+                    other => out.push_str(&format!("{k}  {}\n", scalar(other))),
+                }
+            }
+        }
+        other => out.push_str(&format!("{}\n", scalar(other))),
+    }
+    out
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn rows(items: &[Value]) -> String {
+    let cols: Vec<String> = items
+        .first()
+        .and_then(Value::as_object)
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    let cells: Vec<Vec<String>> = items
+        .iter()
+        .map(|it| {
+            cols.iter()
+                .map(|c| {
+                    let s = scalar(it.get(c).unwrap_or(&Value::Null));
+                    if s.len() > 60 {
+                        format!(
+                            "{}...",
+                            &s[..s.char_indices().nth(57).map(|(i, _)| i).unwrap_or(s.len())]
+                        )
+                    } else {
+                        s
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |vals: &[String]| {
+        let mut l = String::from(" ");
+        for (i, v) in vals.iter().enumerate() {
+            l.push_str(&format!(" {:w$}", v, w = widths[i]));
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(
+        &cols.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>(),
+    ));
+    for r in &cells {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_render_objects_and_lists() {
+        let t = render_table(&json!({"node": {"id": "node-1", "status": "no_instance"}}));
+        assert!(t.contains("node:"));
+        assert!(t.contains("status  no_instance"));
+        let t = render_table(&json!({"signals": [{"id": 1, "kind": "instance.silent"}]}));
+        assert!(t.contains("KIND"));
+        assert!(t.contains("instance.silent"));
+    }
+
+    #[test]
+    fn cli_parses_the_runbook_commands() {
+        let cli = Cli::try_parse_from([
+            "powernode-stub",
+            "--data",
+            "/tmp/x",
+            "create-node",
+            "--hostname",
+            "edge-1",
+            "--lifecycle-class",
+            "ephemeral",
+            "--label",
+            "a=b",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(cli.cmd, Cmd::CreateNode { .. }));
+        let err = Cli::try_parse_from([
+            "powernode-stub",
+            "serve",
+            "--data",
+            "/tmp/x",
+            "--provider",
+            "real",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("not available"), "{err}");
+        let cli = Cli::try_parse_from([
+            "powernode-stub",
+            "serve",
+            "--data",
+            "/tmp/x",
+            "--listen",
+            "127.0.0.1:0",
+            "--stuck-thresholds",
+            "pending=5",
+            "--san",
+            "a.example",
+            "--san",
+            "10.1.1.1",
+        ])
+        .unwrap();
+        let Cmd::Serve(args) = cli.cmd else {
+            panic!("not serve")
+        };
+        assert_eq!(args.stuck_thresholds.unwrap().pending, 5);
+        assert_eq!(args.sans.len(), 2);
+    }
+}

@@ -1,0 +1,177 @@
+//! Server configuration: what `serve` was started with. Parsing helpers for the
+//! command-line forms (`--stuck-thresholds pending=300,...`) live here so they are
+//! unit-tested apart from clap.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use powernode_proto::InstanceStatus;
+
+/// Which provider backs `provision` / `terminate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderMode {
+    /// Records exactly what it would do, including the identity document; instant.
+    Recorder,
+    /// No provider: provisioning is refused with `provider_disabled`.
+    Disabled,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("provider mode `real` is not available in this build yet (use recorder or disabled)")]
+    RealNotAvailable,
+    #[error("unknown provider mode {0:?} (recorder or disabled)")]
+    UnknownProvider(String),
+    #[error("bad stuck threshold {0:?}: expected STATE=SECONDS")]
+    BadThreshold(String),
+    #[error("state {0:?} has no stuck threshold (pending, provisioning, bootstrapping, running, draining, terminating)")]
+    UnknownThresholdState(String),
+}
+
+impl std::str::FromStr for ProviderMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "recorder" => Ok(Self::Recorder),
+            "disabled" => Ok(Self::Disabled),
+            "real" => Err(ConfigError::RealNotAvailable),
+            other => Err(ConfigError::UnknownProvider(other.to_string())),
+        }
+    }
+}
+
+/// Seconds an instance may stay in a state before the server calls it stuck
+/// (for `running`: seconds without a heartbeat; for `bootstrapping`: since enrollment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StuckThresholds {
+    pub pending: u64,
+    pub provisioning: u64,
+    pub bootstrapping: u64,
+    pub running: u64,
+    pub draining: u64,
+    pub terminating: u64,
+}
+
+impl Default for StuckThresholds {
+    fn default() -> Self {
+        Self {
+            pending: 300,
+            provisioning: 600,
+            bootstrapping: 300,
+            running: 300,
+            draining: 1800,
+            terminating: 300,
+        }
+    }
+}
+
+impl StuckThresholds {
+    /// Applies `pending=300,running=60` (any subset) over the defaults.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut t = Self::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (state, secs) = part
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadThreshold(part.to_string()))?;
+            let secs: u64 = secs
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::BadThreshold(part.to_string()))?;
+            let slot = match state.trim() {
+                "pending" => &mut t.pending,
+                "provisioning" => &mut t.provisioning,
+                "bootstrapping" => &mut t.bootstrapping,
+                "running" => &mut t.running,
+                "draining" => &mut t.draining,
+                "terminating" => &mut t.terminating,
+                other => return Err(ConfigError::UnknownThresholdState(other.to_string())),
+            };
+            *slot = secs;
+        }
+        Ok(t)
+    }
+
+    pub fn for_status(&self, status: InstanceStatus) -> Option<u64> {
+        match status {
+            InstanceStatus::Pending => Some(self.pending),
+            InstanceStatus::Provisioning => Some(self.provisioning),
+            InstanceStatus::Bootstrapping => Some(self.bootstrapping),
+            InstanceStatus::Running => Some(self.running),
+            InstanceStatus::Draining => Some(self.draining),
+            InstanceStatus::Terminating => Some(self.terminating),
+            InstanceStatus::Terminated | InstanceStatus::Failed => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Control-plane URL put into identity documents; `None`: `https://<bound addr>`.
+    pub public_url: Option<String>,
+    /// Extra server-certificate SANs.
+    pub sans: Vec<String>,
+    pub provider: ProviderMode,
+    pub silent_after_seconds: u64,
+    pub token_ttl_seconds: u64,
+    pub cert_ttl_seconds: u64,
+    pub stuck: StuckThresholds,
+    pub sensor_interval_ms: u64,
+    pub lease_max_seconds: u64,
+    pub heartbeat_interval_seconds: u64,
+    /// How often batched heartbeat state is written to SQLite.
+    pub flush_interval_ms: u64,
+}
+
+impl Config {
+    /// Defaults for everything but the data directory and listen address.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            public_url: None,
+            sans: Vec::new(),
+            provider: ProviderMode::Recorder,
+            silent_after_seconds: 300,
+            token_ttl_seconds: 86_400,
+            cert_ttl_seconds: 86_400,
+            stuck: StuckThresholds::default(),
+            sensor_interval_ms: 1000,
+            lease_max_seconds: 3600,
+            heartbeat_interval_seconds: 30,
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_parse_subsets_and_refuse_junk() {
+        let t = StuckThresholds::parse("pending=5, running=7").unwrap();
+        assert_eq!(t.pending, 5);
+        assert_eq!(t.running, 7);
+        assert_eq!(t.draining, 1800);
+        assert_eq!(
+            StuckThresholds::parse("nope=1"),
+            Err(ConfigError::UnknownThresholdState("nope".into()))
+        );
+        assert!(matches!(
+            StuckThresholds::parse("pending"),
+            Err(ConfigError::BadThreshold(_))
+        ));
+    }
+
+    #[test]
+    fn provider_modes() {
+        assert_eq!("recorder".parse(), Ok(ProviderMode::Recorder));
+        assert_eq!("disabled".parse(), Ok(ProviderMode::Disabled));
+        assert_eq!(
+            "real".parse::<ProviderMode>(),
+            Err(ConfigError::RealNotAvailable)
+        );
+    }
+}

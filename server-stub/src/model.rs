@@ -1,0 +1,435 @@
+//! The server's records and the in-memory state they live in.
+//!
+//! Memory is the authority while the server runs: every read is served from it and
+//! every change is made to it first, then written to SQLite (see [`crate::store`]).
+//! Changes other than routine heartbeats are written before the API answers;
+//! heartbeats mark their instance dirty and a flusher writes them in batches.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use powernode_proto::admin::{self, StuckInfo};
+use powernode_proto::node::{
+    FailureReport, Phase, ProviderFacts, RootFacts, RunningModule, ServiceState, TimelineEntry,
+};
+use powernode_proto::{InstanceStatus, LifecycleClass, TaskKind, TaskStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{format_ts, Millis};
+use crate::config::StuckThresholds;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRec {
+    pub id: String,
+    pub hostname: String,
+    pub template_id: String,
+    pub lifecycle_class: LifecycleClass,
+    pub lifecycle_class_locked: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub current_instance_id: Option<String>,
+    /// Newest first.
+    #[serde(default)]
+    pub instance_history: Vec<String>,
+    pub created_ms: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstRec {
+    pub id: String,
+    pub node_id: String,
+    pub status: InstanceStatus,
+    pub task_id: Option<String>,
+    pub instance_type: String,
+    pub region: String,
+    pub provider: String,
+    pub last_heartbeat_ms: Option<Millis>,
+    pub enrolled_ms: Option<Millis>,
+    pub identity_source: Option<String>,
+    pub agent_version: Option<String>,
+    pub provider_facts: Option<ProviderFacts>,
+    pub phase: Option<Phase>,
+    #[serde(default)]
+    pub boot_timeline: Vec<TimelineEntry>,
+    pub failure: Option<FailureReport>,
+    pub root: Option<RootFacts>,
+    #[serde(default)]
+    pub modules: Vec<RunningModule>,
+    #[serde(default)]
+    pub services: Vec<ServiceState>,
+    #[serde(default)]
+    pub cordoned: bool,
+    #[serde(default)]
+    pub uptime_seconds: u64,
+    pub status_changed_ms: Millis,
+    pub created_ms: Millis,
+    pub terminated_ms: Option<Millis>,
+    /// Ids of this instance's tasks, oldest first.
+    #[serde(default)]
+    pub task_ids: Vec<String>,
+    /// Sensor state: the active signal for each condition, so it fires once and is
+    /// cleared once.
+    #[serde(default)]
+    pub silent_signal: Option<i64>,
+    #[serde(default)]
+    pub stuck_signal: Option<(String, i64)>,
+    #[serde(default)]
+    pub drift_signal: Option<i64>,
+    #[serde(default)]
+    pub bootstrap_failed_signal: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRec {
+    pub id: String,
+    pub instance_id: String,
+    pub kind: TaskKind,
+    pub status: TaskStatus,
+    #[serde(default)]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub result: serde_json::Value,
+    pub progress: Option<String>,
+    pub lease_token: Option<String>,
+    pub lease_expires_ms: Option<Millis>,
+    #[serde(default)]
+    pub attempts: u32,
+    pub created_ms: Millis,
+    pub updated_ms: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRec {
+    /// sha256 of the token, hex; the token itself is never stored here.
+    pub hash: String,
+    pub instance_id: String,
+    pub node_id: String,
+    pub created_ms: Millis,
+    pub used_ms: Option<Millis>,
+    /// Expired early (the instance was terminated or its provision cancelled).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertRec {
+    pub serial: String,
+    pub instance_id: String,
+    pub issued_ms: Millis,
+    pub not_after_ms: Millis,
+    pub revoked: bool,
+}
+
+/// A signal or event waiting to be written.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: i64,
+    pub at_ms: Millis,
+    pub kind: String,
+    pub node_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSignal {
+    pub id: i64,
+    pub at_ms: Millis,
+    pub kind: String,
+    pub instance_id: String,
+    pub active: bool,
+    pub detail: serde_json::Value,
+}
+
+/// One write to SQLite.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Node(NodeRec),
+    DeleteNode(String),
+    Instance(Box<InstRec>),
+    Task(TaskRec),
+    Token(TokenRec),
+    Cert(CertRec),
+    Event(NewEvent),
+    Signal(NewSignal),
+    SignalActive {
+        id: i64,
+        active: bool,
+    },
+    ProviderRecord {
+        instance_id: String,
+        action: String,
+        at_ms: Millis,
+        doc: serde_json::Value,
+    },
+}
+
+/// All state, guarded by one mutex in [`crate::service::Shared`].
+#[derive(Debug, Default)]
+pub struct Mem {
+    pub nodes: HashMap<String, NodeRec>,
+    pub instances: HashMap<String, InstRec>,
+    pub tasks: HashMap<String, TaskRec>,
+    pub tokens: HashMap<String, TokenRec>,
+    pub certs: HashMap<String, CertRec>,
+    /// Instances whose heartbeat state is newer in memory than in SQLite.
+    pub dirty: HashSet<String>,
+    pub next_event_id: i64,
+    pub next_signal_id: i64,
+    /// Writes produced by the current mutation, drained by the caller.
+    pub ops: Vec<Op>,
+}
+
+impl Mem {
+    pub fn save_node(&mut self, id: &str) {
+        if let Some(n) = self.nodes.get(id) {
+            self.ops.push(Op::Node(n.clone()));
+        }
+    }
+
+    pub fn save_instance(&mut self, id: &str) {
+        if let Some(i) = self.instances.get(id) {
+            self.dirty.remove(id);
+            self.ops.push(Op::Instance(Box::new(i.clone())));
+        }
+    }
+
+    pub fn save_task(&mut self, id: &str) {
+        if let Some(t) = self.tasks.get(id) {
+            self.ops.push(Op::Task(t.clone()));
+        }
+    }
+
+    pub fn event(
+        &mut self,
+        now: Millis,
+        kind: &str,
+        node_id: Option<&str>,
+        instance_id: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        self.next_event_id += 1;
+        tracing::info!(kind, node_id, instance_id, %detail, "event");
+        self.ops.push(Op::Event(NewEvent {
+            id: self.next_event_id,
+            at_ms: now,
+            kind: kind.to_string(),
+            node_id: node_id.map(str::to_string),
+            instance_id: instance_id.map(str::to_string),
+            detail,
+        }));
+    }
+
+    /// Records a signal (and the matching event) and returns its id.
+    pub fn signal(
+        &mut self,
+        now: Millis,
+        kind: &str,
+        instance_id: &str,
+        active: bool,
+        detail: serde_json::Value,
+    ) -> i64 {
+        self.next_signal_id += 1;
+        let id = self.next_signal_id;
+        let node_id = self.instances.get(instance_id).map(|i| i.node_id.clone());
+        self.ops.push(Op::Signal(NewSignal {
+            id,
+            at_ms: now,
+            kind: kind.to_string(),
+            instance_id: instance_id.to_string(),
+            active,
+            detail: detail.clone(),
+        }));
+        self.event(now, kind, node_id.as_deref(), Some(instance_id), detail);
+        id
+    }
+
+    /// Changes an instance's status (the caller checked the transition), with an
+    /// event.
+    pub fn set_status(&mut self, now: Millis, instance_id: &str, to: InstanceStatus) {
+        let Some(inst) = self.instances.get_mut(instance_id) else {
+            return;
+        };
+        let from = inst.status;
+        inst.status = to;
+        inst.status_changed_ms = now;
+        if to == InstanceStatus::Terminated {
+            inst.terminated_ms = Some(now);
+        }
+        let node_id = inst.node_id.clone();
+        self.save_instance(instance_id);
+        self.event(
+            now,
+            "instance.status_changed",
+            Some(&node_id),
+            Some(instance_id),
+            serde_json::json!({"from": from, "to": to}),
+        );
+    }
+
+    /// Revokes every certificate of the instance and expires its unused tokens.
+    pub fn revoke_credentials(&mut self, now: Millis, instance_id: &str) {
+        let serials: Vec<String> = self
+            .certs
+            .values()
+            .filter(|c| c.instance_id == instance_id && !c.revoked)
+            .map(|c| c.serial.clone())
+            .collect();
+        for serial in &serials {
+            if let Some(c) = self.certs.get_mut(serial) {
+                c.revoked = true;
+                self.ops.push(Op::Cert(c.clone()));
+            }
+        }
+        let hashes: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| t.instance_id == instance_id && !t.revoked)
+            .map(|t| t.hash.clone())
+            .collect();
+        for h in &hashes {
+            if let Some(t) = self.tokens.get_mut(h) {
+                t.revoked = true;
+                self.ops.push(Op::Token(t.clone()));
+            }
+        }
+        if !serials.is_empty() || !hashes.is_empty() {
+            let node_id = self.instances.get(instance_id).map(|i| i.node_id.clone());
+            self.event(
+                now,
+                "credentials.revoked",
+                node_id.as_deref(),
+                Some(instance_id),
+                serde_json::json!({"certificates": serials, "tokens": hashes.len()}),
+            );
+        }
+    }
+
+    /// The Node as the API shows it: `status` is the live instance's status or
+    /// `no_instance`.
+    pub fn node_view(&self, node: &NodeRec) -> admin::Node {
+        let status = node
+            .current_instance_id
+            .as_ref()
+            .and_then(|id| self.instances.get(id))
+            .filter(|i| i.status.is_live())
+            .map(|i| i.status.as_str().to_string())
+            .unwrap_or_else(|| admin::NODE_NO_INSTANCE.to_string());
+        admin::Node {
+            id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            status,
+            template_id: node.template_id.clone(),
+            lifecycle_class: node.lifecycle_class,
+            lifecycle_class_locked: node.lifecycle_class_locked,
+            labels: node.labels.clone(),
+            current_instance_id: node.current_instance_id.clone(),
+            instance_history: node.instance_history.clone(),
+            created_at: format_ts(node.created_ms),
+        }
+    }
+
+    /// Open node-side tasks of an instance waiting for a lease.
+    pub fn has_pending_node_task(&self, inst: &InstRec) -> bool {
+        inst.task_ids.iter().any(|id| {
+            self.tasks
+                .get(id)
+                .is_some_and(|t| t.kind.is_node_side() && t.status == TaskStatus::Pending)
+        })
+    }
+}
+
+pub fn instance_view(inst: &InstRec, now: Millis, thresholds: &StuckThresholds) -> admin::Instance {
+    admin::Instance {
+        id: inst.id.clone(),
+        node_id: inst.node_id.clone(),
+        status: inst.status,
+        task_id: inst.task_id.clone(),
+        instance_type: inst.instance_type.clone(),
+        region: inst.region.clone(),
+        provider: inst.provider.clone(),
+        last_heartbeat_at: inst.last_heartbeat_ms.map(format_ts),
+        enrolled_at: inst.enrolled_ms.map(format_ts),
+        identity_source: inst.identity_source.clone(),
+        phase: inst.phase,
+        boot_timeline: inst.boot_timeline.clone(),
+        failure: inst.failure.clone(),
+        root: inst.root.clone(),
+        modules: inst.modules.clone(),
+        services: inst.services.clone(),
+        cordoned: inst.cordoned,
+        stuck: stuck_info(inst, now, thresholds),
+        status_changed_at: format_ts(inst.status_changed_ms),
+        created_at: format_ts(inst.created_ms),
+        terminated_at: inst.terminated_ms.map(format_ts),
+    }
+}
+
+pub fn task_view(t: &TaskRec) -> admin::Task {
+    admin::Task {
+        id: t.id.clone(),
+        instance_id: t.instance_id.clone(),
+        kind: t.kind,
+        status: t.status,
+        params: t.params.clone(),
+        result: t.result.clone(),
+        progress: t.progress.clone(),
+        lease_expires_at: t.lease_expires_ms.map(format_ts),
+        attempts: t.attempts,
+        created_at: format_ts(t.created_ms),
+        updated_at: format_ts(t.updated_ms),
+    }
+}
+
+/// Whether the instance has crossed its state's threshold, and what to do.
+pub fn stuck_info(inst: &InstRec, now: Millis, t: &StuckThresholds) -> Option<StuckInfo> {
+    let threshold = t.for_status(inst.status)?;
+    let since = match inst.status {
+        InstanceStatus::Bootstrapping => inst.enrolled_ms.unwrap_or(inst.status_changed_ms),
+        InstanceStatus::Running => inst
+            .last_heartbeat_ms
+            .unwrap_or(inst.status_changed_ms)
+            .max(inst.status_changed_ms),
+        _ => inst.status_changed_ms,
+    };
+    let for_seconds = u64::try_from((now - since).max(0) / 1000).unwrap_or(0);
+    if for_seconds <= threshold {
+        return None;
+    }
+    let task = inst.task_id.as_deref().unwrap_or("<task>");
+    let (reason, recovery) = match inst.status {
+        InstanceStatus::Pending => (
+            "pending_too_long",
+            format!("the provider never started: cancel-task {task}, then provision-instance again"),
+        ),
+        InstanceStatus::Provisioning => (
+            "provisioning_too_long",
+            format!(
+                "the VM never enrolled: check the provider and the VM console, then cancel-task {task} (or terminate-instance) and provision-instance again"
+            ),
+        ),
+        InstanceStatus::Bootstrapping => (
+            "bootstrapping_too_long",
+            "enrolled but never reported ready: read boot_timeline and failure in get-instance, then terminate-instance --force and provision-instance again".to_string(),
+        ),
+        InstanceStatus::Running => (
+            "running_without_heartbeat",
+            "no heartbeat: check the VM and its network; drain-instance then terminate-instance, or terminate-instance --force".to_string(),
+        ),
+        InstanceStatus::Draining => (
+            "draining_too_long",
+            format!("the drain did not finish: cancel-task {task} to uncordon, or terminate-instance --force"),
+        ),
+        InstanceStatus::Terminating => (
+            "terminating_too_long",
+            "the provider did not finish destroying the VM: run terminate-instance again".to_string(),
+        ),
+        InstanceStatus::Terminated | InstanceStatus::Failed => return None,
+    };
+    Some(StuckInfo {
+        status: inst.status,
+        for_seconds,
+        threshold_seconds: threshold,
+        reason: reason.to_string(),
+        recovery,
+    })
+}

@@ -1,0 +1,1674 @@
+//! The control plane's behaviour: every admin and node action as a method on
+//! [`AppState`], independent of HTTP. Handlers in [`crate::api`] only decode, call
+//! one method and encode.
+//!
+//! Concurrency: one `std` mutex guards [`Mem`]; it is never held across an await.
+//! Every change that must be durable before the answer goes through
+//! [`AppState::mutate`], which also holds an async write lock so SQLite sees changes in
+//! the order memory saw them. Routine heartbeats skip both: they update memory and
+//! mark the instance dirty for the batch flusher.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::http::StatusCode;
+use powernode_proto::admin::{
+    self, Catalog, CreateNodeRequest, DeleteNodeResponse, DrainRequest, DriftItem, DriftReport,
+    InstanceActionResponse, ProvisionRequest, ProvisionResponse, TerminateRequest,
+    UpdateNodeRequest,
+};
+use powernode_proto::node::{
+    CompleteTaskRequest, CompleteTaskResponse, DesiredModulesResponse, EnrollmentRequest,
+    EnrollmentResponse, FailureReport, HandshakeRequest, HandshakeResponse, HeartbeatRequest,
+    HeartbeatResponse, LeaseRequest, LeaseResponse, LeasedTask, Phase, RenewLeaseRequest,
+    RenewLeaseResponse, RenewRequest,
+};
+use powernode_proto::{
+    ErrorCode, IdentityDocument, InstanceStatus, NetworkConfig, TaskKind, TaskStatus,
+};
+use serde_json::json;
+use sha2::Digest;
+
+use crate::ca::{Ca, ClientIdentity, CsrError};
+use crate::clock::{format_ts, Clock, Millis};
+use crate::config::Config;
+use crate::error::{AppError, AppResult};
+use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
+use crate::provider::{Provider, ProviderError, ProvisionSpec};
+use crate::store::{Store, StoreError};
+
+pub struct Shared {
+    pub cfg: Config,
+    /// Control-plane URL put into identity documents.
+    pub public_url: String,
+    pub clock: Clock,
+    pub ca: Ca,
+    pub store: Store,
+    pub provider: Box<dyn Provider>,
+    pub catalog: Catalog,
+    admin_token_hash: [u8; 32],
+    mem: Mutex<Mem>,
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+/// Cheap to clone; shared by every handler and background task.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    sha2::Sha256::digest(data).into()
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(sha256(token.as_bytes()))
+}
+
+/// Random id with a readable prefix; only `[a-z0-9-]`, so it is valid in identity
+/// documents, certificate names and URLs.
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
+    hex::encode(b)
+}
+
+fn invalid_transition(msg: impl Into<String>) -> AppError {
+    AppError::conflict(ErrorCode::InvalidTransition, msg)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+impl AppState {
+    pub fn new(
+        cfg: Config,
+        public_url: String,
+        clock: Clock,
+        ca: Ca,
+        store: Store,
+        admin_token: &str,
+    ) -> Result<Self, StoreError> {
+        let mem = store.load()?;
+        let provider = crate::provider::from_mode(cfg.provider);
+        Ok(Self(Arc::new(Shared {
+            cfg,
+            public_url,
+            clock,
+            ca,
+            store,
+            provider,
+            catalog: crate::catalog::catalog(),
+            admin_token_hash: sha256(admin_token.as_bytes()),
+            mem: Mutex::new(mem),
+            write_lock: tokio::sync::Mutex::new(()),
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Mem> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Constant-time check of a presented admin token.
+    pub fn admin_token_ok(&self, presented: &str) -> bool {
+        let h = sha256(presented.as_bytes());
+        h.iter()
+            .zip(self.admin_token_hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+
+    /// Runs `f` on the state and writes what it changed before returning. `f`
+    /// validates before it changes anything; its writes are kept even when it ends in
+    /// an error (e.g. a provider failure recorded on the instance).
+    pub async fn mutate<T>(
+        &self,
+        f: impl FnOnce(&mut Mem, Millis) -> AppResult<T>,
+    ) -> AppResult<T> {
+        let _w = self.write_lock.lock().await;
+        let now = self.clock.now_ms();
+        let (res, ops) = {
+            let mut mem = self.lock();
+            let r = f(&mut mem, now);
+            (r, std::mem::take(&mut mem.ops))
+        };
+        self.store.apply(ops).await?;
+        res
+    }
+
+    /// Writes the heartbeat state of dirty instances in one transaction.
+    pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
+        let _w = self.write_lock.lock().await;
+        let (ids, ops): (Vec<String>, Vec<Op>) = {
+            let mut mem = self.lock();
+            let ids: Vec<String> = mem.dirty.drain().collect();
+            let ops = ids
+                .iter()
+                .filter_map(|id| {
+                    mem.instances
+                        .get(id)
+                        .cloned()
+                        .map(|i| Op::Instance(Box::new(i)))
+                })
+                .collect();
+            (ids, ops)
+        };
+        let n = ops.len();
+        if let Err(e) = self.store.apply(ops).await {
+            // Keep them dirty so the next flush tries again.
+            self.lock().dirty.extend(ids);
+            return Err(e);
+        }
+        Ok(n)
+    }
+
+    /// Synchronous final flush at shutdown.
+    pub fn flush_dirty_blocking(&self) -> Result<usize, StoreError> {
+        let ops: Vec<Op> = {
+            let mut mem = self.lock();
+            let ids: Vec<String> = mem.dirty.drain().collect();
+            ids.iter()
+                .filter_map(|id| {
+                    mem.instances
+                        .get(id)
+                        .cloned()
+                        .map(|i| Op::Instance(Box::new(i)))
+                })
+                .collect()
+        };
+        self.store.apply_blocking(&ops)?;
+        Ok(ops.len())
+    }
+
+    // ----- admin: nodes and catalog -------------------------------------------------
+
+    pub fn catalog(&self) -> Catalog {
+        self.catalog.clone()
+    }
+
+    fn template(&self, id: &str) -> Option<&admin::Template> {
+        self.catalog.templates.iter().find(|t| t.id == id)
+    }
+
+    pub async fn create_node(&self, req: CreateNodeRequest) -> AppResult<admin::Node> {
+        if !valid_name(&req.hostname) {
+            return Err(AppError::bad_request(
+                "hostname must be 1-253 ASCII letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.template(&req.template_id).is_none() {
+            return Err(AppError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::UnknownTemplate,
+                format!(
+                    "unknown template {:?} (see list-templates)",
+                    req.template_id
+                ),
+            ));
+        }
+        self.mutate(|mem, now| {
+            let node = NodeRec {
+                id: new_id("node"),
+                hostname: req.hostname,
+                template_id: req.template_id,
+                lifecycle_class: req.lifecycle_class,
+                lifecycle_class_locked: false,
+                labels: req.labels,
+                current_instance_id: None,
+                instance_history: Vec::new(),
+                created_ms: now,
+            };
+            let id = node.id.clone();
+            mem.nodes.insert(id.clone(), node);
+            mem.save_node(&id);
+            mem.event(now, "node.created", Some(&id), None, json!({}));
+            Ok(mem.node_view(&mem.nodes[&id]))
+        })
+        .await
+    }
+
+    pub fn get_node(&self, id: &str) -> AppResult<admin::Node> {
+        let mem = self.lock();
+        let node = mem
+            .nodes
+            .get(id)
+            .ok_or_else(|| AppError::not_found("node", id))?;
+        Ok(mem.node_view(node))
+    }
+
+    pub fn list_nodes(&self) -> Vec<admin::Node> {
+        let mem = self.lock();
+        let mut nodes: Vec<_> = mem.nodes.values().map(|n| mem.node_view(n)).collect();
+        nodes.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        nodes
+    }
+
+    pub async fn update_node(&self, id: &str, req: UpdateNodeRequest) -> AppResult<admin::Node> {
+        self.mutate(|mem, now| {
+            let node = mem
+                .nodes
+                .get(id)
+                .ok_or_else(|| AppError::not_found("node", id))?;
+            if let Some(class) = req.lifecycle_class {
+                if node.lifecycle_class_locked && class != node.lifecycle_class {
+                    return Err(AppError::conflict(
+                        ErrorCode::LifecycleClassImmutable,
+                        format!(
+                            "lifecycle_class is {} and fixed since the first provision",
+                            node.lifecycle_class.as_str()
+                        ),
+                    ));
+                }
+            }
+            let node = mem
+                .nodes
+                .get_mut(id)
+                .ok_or_else(|| AppError::not_found("node", id))?;
+            if let Some(class) = req.lifecycle_class {
+                node.lifecycle_class = class;
+            }
+            if let Some(labels) = req.labels {
+                node.labels = labels;
+            }
+            mem.save_node(id);
+            mem.event(now, "node.updated", Some(id), None, json!({}));
+            Ok(mem.node_view(&mem.nodes[id]))
+        })
+        .await
+    }
+
+    pub async fn delete_node(&self, id: &str) -> AppResult<DeleteNodeResponse> {
+        self.mutate(|mem, now| {
+            let node = mem
+                .nodes
+                .get(id)
+                .ok_or_else(|| AppError::not_found("node", id))?;
+            if let Some(inst) = node
+                .current_instance_id
+                .as_ref()
+                .and_then(|i| mem.instances.get(i))
+                .filter(|i| i.status.is_live())
+            {
+                return Err(AppError::conflict(
+                    ErrorCode::NodeHasLiveInstance,
+                    format!(
+                        "node has live instance {} ({}): terminate it first",
+                        inst.id, inst.status
+                    ),
+                ));
+            }
+            mem.nodes.remove(id);
+            mem.ops.push(Op::DeleteNode(id.to_string()));
+            mem.event(now, "node.deleted", Some(id), None, json!({}));
+            Ok(DeleteNodeResponse {
+                deleted: true,
+                node_id: id.to_string(),
+            })
+        })
+        .await
+    }
+
+    // ----- admin: instances ----------------------------------------------------------
+
+    pub async fn provision(
+        &self,
+        node_id: &str,
+        req: ProvisionRequest,
+    ) -> AppResult<ProvisionResponse> {
+        if !self.provider.enabled() {
+            return Err(AppError::conflict(
+                ErrorCode::ProviderDisabled,
+                "no provider is configured (provider mode `disabled`)",
+            ));
+        }
+        let thresholds = self.cfg.stuck;
+        self.mutate(|mem, now| {
+            let node = mem
+                .nodes
+                .get(node_id)
+                .ok_or_else(|| AppError::not_found("node", node_id))?
+                .clone();
+            if let Some(inst) = node
+                .current_instance_id
+                .as_ref()
+                .and_then(|i| mem.instances.get(i))
+                .filter(|i| i.status.is_live())
+            {
+                return Err(AppError::conflict(
+                    ErrorCode::NodeAlreadyHasInstance,
+                    format!(
+                        "node already has live instance {} ({})",
+                        inst.id, inst.status
+                    ),
+                ));
+            }
+            let template = self
+                .template(&node.template_id)
+                .ok_or_else(|| {
+                    AppError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::UnknownTemplate,
+                        format!(
+                            "node's template {:?} is not in the catalog",
+                            node.template_id
+                        ),
+                    )
+                })?
+                .clone();
+            let type_id = req
+                .instance_type
+                .unwrap_or_else(|| template.default_instance_type.clone());
+            let instance_type = self
+                .catalog
+                .instance_types
+                .iter()
+                .find(|t| t.id == type_id)
+                .cloned()
+                .ok_or_else(|| {
+                    AppError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::UnknownInstanceType,
+                        format!("unknown instance type {type_id:?} (see list-templates)"),
+                    )
+                })?;
+            let region = req
+                .region
+                .unwrap_or_else(|| template.default_region.clone());
+            if !self.catalog.regions.contains(&region) {
+                return Err(AppError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::UnknownRegion,
+                    format!("unknown region {region:?} (see list-templates)"),
+                ));
+            }
+
+            // Validated: from here on every change is recorded.
+            let instance_id = new_id("inst");
+            let task_id = new_id("task");
+            let token = random_secret();
+            let inst = InstRec {
+                id: instance_id.clone(),
+                node_id: node.id.clone(),
+                status: InstanceStatus::Pending,
+                task_id: Some(task_id.clone()),
+                instance_type: instance_type.id.clone(),
+                region: region.clone(),
+                provider: self.provider.name().to_string(),
+                last_heartbeat_ms: None,
+                enrolled_ms: None,
+                identity_source: None,
+                agent_version: None,
+                provider_facts: None,
+                phase: None,
+                boot_timeline: Vec::new(),
+                failure: None,
+                root: None,
+                modules: Vec::new(),
+                services: Vec::new(),
+                cordoned: false,
+                uptime_seconds: 0,
+                status_changed_ms: now,
+                created_ms: now,
+                terminated_ms: None,
+                task_ids: vec![task_id.clone()],
+                silent_signal: None,
+                stuck_signal: None,
+                drift_signal: None,
+                bootstrap_failed_signal: None,
+            };
+            mem.instances.insert(instance_id.clone(), inst);
+            mem.save_instance(&instance_id);
+            mem.tasks.insert(
+                task_id.clone(),
+                TaskRec {
+                    id: task_id.clone(),
+                    instance_id: instance_id.clone(),
+                    kind: TaskKind::Provision,
+                    status: TaskStatus::Running,
+                    params: json!({"instance_type": instance_type.id, "region": region}),
+                    result: serde_json::Value::Null,
+                    progress: None,
+                    lease_token: None,
+                    lease_expires_ms: None,
+                    attempts: 1,
+                    created_ms: now,
+                    updated_ms: now,
+                },
+            );
+            mem.save_task(&task_id);
+            let tok = TokenRec {
+                hash: token_hash(&token),
+                instance_id: instance_id.clone(),
+                node_id: node.id.clone(),
+                created_ms: now,
+                used_ms: None,
+                revoked: false,
+            };
+            mem.ops.push(Op::Token(tok.clone()));
+            mem.tokens.insert(tok.hash.clone(), tok);
+            if let Some(n) = mem.nodes.get_mut(node_id) {
+                n.current_instance_id = Some(instance_id.clone());
+                n.instance_history.insert(0, instance_id.clone());
+                n.lifecycle_class_locked = true;
+            }
+            mem.save_node(node_id);
+            mem.event(
+                now,
+                "instance.created",
+                Some(node_id),
+                Some(&instance_id),
+                json!({"task_id": task_id, "instance_type": instance_type.id, "region": region}),
+            );
+
+            let identity = IdentityDocument {
+                version: powernode_proto::identity::IDENTITY_VERSION,
+                control_plane_url: self.public_url.clone(),
+                ca_pem: self.ca.cert_pem().to_string(),
+                bootstrap_token: token,
+                node_id: node.id.clone(),
+                instance_id: instance_id.clone(),
+                hostname: node.hostname.clone(),
+                network: NetworkConfig::Dhcp,
+                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+                ssh_authorized_keys: Vec::new(),
+                module_trust_keys: Vec::new(),
+            };
+            let spec = ProvisionSpec {
+                instance_id: instance_id.clone(),
+                node_id: node.id.clone(),
+                hostname: node.hostname.clone(),
+                lifecycle_class: node.lifecycle_class,
+                instance_type,
+                region,
+                template_id: template.id.clone(),
+                platform: template.platform.clone(),
+                identity,
+            };
+            match self.provider.provision(&spec) {
+                Ok(record) => {
+                    mem.ops.push(Op::ProviderRecord {
+                        instance_id: instance_id.clone(),
+                        action: "provision".to_string(),
+                        at_ms: now,
+                        doc: record,
+                    });
+                    mem.event(
+                        now,
+                        "provider.provision",
+                        Some(node_id),
+                        Some(&instance_id),
+                        json!({"provider": self.provider.name()}),
+                    );
+                    mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
+                }
+                Err(e) => {
+                    fail_instance(
+                        mem,
+                        now,
+                        &instance_id,
+                        ErrorCode::ProviderFailed,
+                        &e.to_string(),
+                    );
+                    finish_task(
+                        mem,
+                        now,
+                        &task_id,
+                        TaskStatus::Failed,
+                        json!({"error": e.to_string()}),
+                    );
+                    let code = match e {
+                        ProviderError::Disabled => ErrorCode::ProviderDisabled,
+                        ProviderError::Failed(_) => ErrorCode::ProviderFailed,
+                    };
+                    return Err(AppError::new(StatusCode::BAD_GATEWAY, code, e.to_string()));
+                }
+            }
+            let inst = model::instance_view(&mem.instances[&instance_id], now, &thresholds);
+            Ok(ProvisionResponse {
+                instance: inst,
+                task_id,
+            })
+        })
+        .await
+    }
+
+    pub fn get_instance(&self, id: &str) -> AppResult<admin::Instance> {
+        let now = self.clock.now_ms();
+        let mem = self.lock();
+        let inst = mem
+            .instances
+            .get(id)
+            .ok_or_else(|| AppError::not_found("instance", id))?;
+        Ok(model::instance_view(inst, now, &self.cfg.stuck))
+    }
+
+    /// The identity document the provider handed (or would hand) the VM.
+    pub async fn instance_identity(&self, id: &str) -> AppResult<serde_json::Value> {
+        if !self.lock().instances.contains_key(id) {
+            return Err(AppError::not_found("instance", id));
+        }
+        let record = self
+            .store
+            .provider_record(id.to_string(), "provision")
+            .await?
+            .ok_or_else(|| AppError::not_found("identity document of instance", id))?;
+        record
+            .get("identity")
+            .cloned()
+            .ok_or_else(|| AppError::not_found("identity document of instance", id))
+    }
+
+    pub async fn drain(&self, id: &str, req: DrainRequest) -> AppResult<InstanceActionResponse> {
+        self.mutate(|mem, now| {
+            let inst = mem
+                .instances
+                .get(id)
+                .ok_or_else(|| AppError::not_found("instance", id))?;
+            if !inst.status.can_transition_to(InstanceStatus::Draining) {
+                return Err(invalid_transition(format!(
+                    "instance is {}: only a bootstrapping or running instance can be drained",
+                    inst.status
+                )));
+            }
+            let task_id = new_id("task");
+            mem.tasks.insert(
+                task_id.clone(),
+                TaskRec {
+                    id: task_id.clone(),
+                    instance_id: id.to_string(),
+                    kind: TaskKind::Drain,
+                    status: TaskStatus::Pending,
+                    params: json!({"timeout_seconds": req.timeout_seconds, "cordon_only": req.cordon_only}),
+                    result: serde_json::Value::Null,
+                    progress: None,
+                    lease_token: None,
+                    lease_expires_ms: None,
+                    attempts: 0,
+                    created_ms: now,
+                    updated_ms: now,
+                },
+            );
+            mem.save_task(&task_id);
+            if let Some(inst) = mem.instances.get_mut(id) {
+                inst.task_ids.push(task_id.clone());
+                inst.task_id = Some(task_id.clone());
+                inst.cordoned = true;
+            }
+            mem.set_status(now, id, InstanceStatus::Draining);
+            Ok(InstanceActionResponse {
+                task_id,
+                status: InstanceStatus::Draining,
+            })
+        })
+        .await
+    }
+
+    pub async fn terminate(
+        &self,
+        id: &str,
+        req: TerminateRequest,
+    ) -> AppResult<InstanceActionResponse> {
+        self.mutate(|mem, now| {
+            let inst = mem
+                .instances
+                .get(id)
+                .ok_or_else(|| AppError::not_found("instance", id))?;
+            let st = inst.status;
+            if st == InstanceStatus::Terminated {
+                return Err(invalid_transition("instance is already terminated"));
+            }
+            let drained = st == InstanceStatus::Draining
+                && inst.task_ids.iter().rev().any(|t| {
+                    mem.tasks.get(t).is_some_and(|t| {
+                        t.kind == TaskKind::Drain && t.status == TaskStatus::Succeeded
+                    })
+                });
+            let without_force = matches!(
+                st,
+                InstanceStatus::Pending
+                    | InstanceStatus::Provisioning
+                    | InstanceStatus::Failed
+                    | InstanceStatus::Terminating
+            ) || drained;
+            if !without_force && !req.force {
+                return Err(invalid_transition(format!(
+                    "instance is {st} and not drained: drain first or use --force"
+                )));
+            }
+            if st != InstanceStatus::Terminating
+                && !st.can_transition_to(InstanceStatus::Terminating)
+            {
+                return Err(invalid_transition(format!("instance is {st}")));
+            }
+            let node_id = inst.node_id.clone();
+            // Open node-side work is moot once the machine goes away.
+            let open: Vec<String> = inst
+                .task_ids
+                .iter()
+                .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                .cloned()
+                .collect();
+            for t in &open {
+                finish_task(
+                    mem,
+                    now,
+                    t,
+                    TaskStatus::Cancelled,
+                    json!({"reason": "instance terminated"}),
+                );
+            }
+            let task_id = new_id("task");
+            mem.tasks.insert(
+                task_id.clone(),
+                TaskRec {
+                    id: task_id.clone(),
+                    instance_id: id.to_string(),
+                    kind: TaskKind::Terminate,
+                    status: TaskStatus::Running,
+                    params: json!({"force": req.force}),
+                    result: serde_json::Value::Null,
+                    progress: None,
+                    lease_token: None,
+                    lease_expires_ms: None,
+                    attempts: 1,
+                    created_ms: now,
+                    updated_ms: now,
+                },
+            );
+            mem.save_task(&task_id);
+            if let Some(inst) = mem.instances.get_mut(id) {
+                inst.task_ids.push(task_id.clone());
+                inst.task_id = Some(task_id.clone());
+            }
+            if st != InstanceStatus::Terminating {
+                mem.set_status(now, id, InstanceStatus::Terminating);
+            }
+            mem.revoke_credentials(now, id);
+            match self.provider.destroy(id) {
+                Ok(record) => {
+                    mem.ops.push(Op::ProviderRecord {
+                        instance_id: id.to_string(),
+                        action: "destroy".to_string(),
+                        at_ms: now,
+                        doc: record,
+                    });
+                    mem.event(
+                        now,
+                        "provider.destroy",
+                        Some(&node_id),
+                        Some(id),
+                        json!({"provider": self.provider.name()}),
+                    );
+                    finish_task(mem, now, &task_id, TaskStatus::Succeeded, json!({}));
+                    mem.set_status(now, id, InstanceStatus::Terminated);
+                    if let Some(node) = mem.nodes.get_mut(&node_id) {
+                        if node.current_instance_id.as_deref() == Some(id) {
+                            node.current_instance_id = None;
+                        }
+                    }
+                    mem.save_node(&node_id);
+                    Ok(InstanceActionResponse {
+                        task_id,
+                        status: InstanceStatus::Terminated,
+                    })
+                }
+                Err(e) => {
+                    finish_task(
+                        mem,
+                        now,
+                        &task_id,
+                        TaskStatus::Failed,
+                        json!({"error": e.to_string()}),
+                    );
+                    Err(AppError::new(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::ProviderFailed,
+                        format!(
+                            "{e}; the instance stays terminating, run terminate-instance again"
+                        ),
+                    ))
+                }
+            }
+        })
+        .await
+    }
+
+    pub fn drift_report(&self, id: &str) -> AppResult<DriftReport> {
+        let mem = self.lock();
+        let inst = mem
+            .instances
+            .get(id)
+            .ok_or_else(|| AppError::not_found("instance", id))?;
+        let items = self.drift_items(&mem, inst);
+        Ok(DriftReport {
+            drift: !items.is_empty(),
+            instance_id: id.to_string(),
+            items,
+        })
+    }
+
+    /// Desired modules (the node's template) against what the last heartbeat said
+    /// is running.
+    fn drift_items(&self, mem: &Mem, inst: &InstRec) -> Vec<DriftItem> {
+        let desired: BTreeSet<String> = mem
+            .nodes
+            .get(&inst.node_id)
+            .and_then(|n| self.template(&n.template_id))
+            .map(|t| {
+                t.root_modules
+                    .iter()
+                    .chain(t.runtime_modules.iter())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut items = Vec::new();
+        for name in &desired {
+            if !inst.modules.iter().any(|m| &m.name == name) {
+                items.push(DriftItem {
+                    module: name.clone(),
+                    action: "attach".to_string(),
+                    desired_digest: None,
+                    running_digest: None,
+                });
+            }
+        }
+        for m in &inst.modules {
+            if !desired.contains(&m.name) {
+                items.push(DriftItem {
+                    module: m.name.clone(),
+                    action: "detach".to_string(),
+                    desired_digest: None,
+                    running_digest: Some(m.digest.clone()),
+                });
+            }
+        }
+        items
+    }
+
+    // ----- admin: tasks, signals, events ---------------------------------------------
+
+    pub fn get_task(&self, id: &str) -> AppResult<admin::Task> {
+        let mem = self.lock();
+        mem.tasks
+            .get(id)
+            .map(model::task_view)
+            .ok_or_else(|| AppError::not_found("task", id))
+    }
+
+    pub async fn cancel_task(&self, id: &str) -> AppResult<admin::Task> {
+        self.mutate(|mem, now| {
+            let task = mem
+                .tasks
+                .get(id)
+                .ok_or_else(|| AppError::not_found("task", id))?
+                .clone();
+            if task.status.is_final() {
+                return Err(invalid_transition(format!(
+                    "task is already {}",
+                    task.status.as_str()
+                )));
+            }
+            finish_task(
+                mem,
+                now,
+                id,
+                TaskStatus::Cancelled,
+                json!({"reason": "cancelled by operator"}),
+            );
+            let inst_status = mem.instances.get(&task.instance_id).map(|i| i.status);
+            match (task.kind, inst_status) {
+                (TaskKind::Drain, Some(InstanceStatus::Draining)) => {
+                    // Cancelling a drain uncordons the instance.
+                    if let Some(inst) = mem.instances.get_mut(&task.instance_id) {
+                        inst.cordoned = false;
+                    }
+                    mem.set_status(now, &task.instance_id, InstanceStatus::Running);
+                }
+                (
+                    TaskKind::Provision,
+                    Some(
+                        InstanceStatus::Pending
+                        | InstanceStatus::Provisioning
+                        | InstanceStatus::Bootstrapping,
+                    ),
+                ) => {
+                    // A cancelled provision leaves no machine and no credentials.
+                    if let Ok(record) = self.provider.destroy(&task.instance_id) {
+                        mem.ops.push(Op::ProviderRecord {
+                            instance_id: task.instance_id.clone(),
+                            action: "destroy".to_string(),
+                            at_ms: now,
+                            doc: record,
+                        });
+                    }
+                    fail_instance(
+                        mem,
+                        now,
+                        &task.instance_id,
+                        ErrorCode::TaskCancelled,
+                        "provision task cancelled by operator",
+                    );
+                }
+                _ => {}
+            }
+            Ok(model::task_view(&mem.tasks[id]))
+        })
+        .await
+    }
+
+    // ----- node API ------------------------------------------------------------------
+
+    pub async fn enroll(&self, req: EnrollmentRequest) -> AppResult<EnrollmentResponse> {
+        let ttl_ms = (self.cfg.token_ttl_seconds as i64).saturating_mul(1000);
+        self.mutate(|mem, now| {
+            let hash = token_hash(&req.bootstrap_token);
+            let tok = mem.tokens.get(&hash).cloned().ok_or_else(|| {
+                AppError::unauthorized(ErrorCode::BootstrapTokenInvalid, "unknown bootstrap token")
+            })?;
+            if tok.used_ms.is_some() {
+                return Err(AppError::unauthorized(
+                    ErrorCode::BootstrapTokenUsed,
+                    "bootstrap token was already used",
+                ));
+            }
+            if tok.revoked || now - tok.created_ms > ttl_ms {
+                return Err(AppError::unauthorized(
+                    ErrorCode::BootstrapTokenExpired,
+                    "bootstrap token has expired",
+                ));
+            }
+            if req.instance_id != tok.instance_id || req.node_id != tok.node_id {
+                return Err(AppError::forbidden(
+                    ErrorCode::CsrInstanceMismatch,
+                    "the request names another instance than the bootstrap token",
+                ));
+            }
+            let inst = mem.instances.get(&tok.instance_id).ok_or_else(|| {
+                AppError::unauthorized(ErrorCode::BootstrapTokenInvalid, "token's instance is gone")
+            })?;
+            if !inst.status.can_transition_to(InstanceStatus::Bootstrapping) {
+                return Err(invalid_transition(format!(
+                    "instance is {}, not provisioning",
+                    inst.status
+                )));
+            }
+            let issued = self
+                .ca
+                .issue_node_cert(
+                    &req.csr_pem,
+                    &tok.instance_id,
+                    now,
+                    self.cfg.cert_ttl_seconds,
+                )
+                .map_err(csr_error)?;
+            if let Some(t) = mem.tokens.get_mut(&hash) {
+                t.used_ms = Some(now);
+                let t = t.clone();
+                mem.ops.push(Op::Token(t));
+            }
+            let cert = CertRec {
+                serial: issued.serial.clone(),
+                instance_id: tok.instance_id.clone(),
+                issued_ms: now,
+                not_after_ms: issued.not_after_ms,
+                revoked: false,
+            };
+            mem.ops.push(Op::Cert(cert.clone()));
+            mem.certs.insert(cert.serial.clone(), cert);
+            if let Some(inst) = mem.instances.get_mut(&tok.instance_id) {
+                inst.enrolled_ms = Some(now);
+                inst.last_heartbeat_ms = Some(now);
+                inst.identity_source = Some(req.identity_source.clone());
+                inst.agent_version = Some(req.agent_version.clone());
+                inst.provider_facts = req.provider.clone();
+                inst.phase = Some(Phase::Enrolled);
+            }
+            mem.event(
+                now,
+                "instance.enrolled",
+                Some(&tok.node_id),
+                Some(&tok.instance_id),
+                json!({
+                    "identity_source": req.identity_source,
+                    "agent_version": req.agent_version,
+                    "provider": req.provider,
+                    "serial": issued.serial,
+                }),
+            );
+            mem.set_status(now, &tok.instance_id, InstanceStatus::Bootstrapping);
+            Ok(EnrollmentResponse {
+                certificate_pem: issued.pem,
+                ca_pem: self.ca.cert_pem().to_string(),
+                not_after: format_ts(issued.not_after_ms),
+                serial: issued.serial,
+                node_id: tok.node_id,
+                instance_id: tok.instance_id,
+                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+            })
+        })
+        .await
+    }
+
+    pub async fn renew_certificate(
+        &self,
+        ident: &ClientIdentity,
+        req: RenewRequest,
+    ) -> AppResult<EnrollmentResponse> {
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let node_id = mem.instances[&ident.instance_id].node_id.clone();
+            let issued = self
+                .ca
+                .issue_node_cert(
+                    &req.csr_pem,
+                    &ident.instance_id,
+                    now,
+                    self.cfg.cert_ttl_seconds,
+                )
+                .map_err(csr_error)?;
+            let cert = CertRec {
+                serial: issued.serial.clone(),
+                instance_id: ident.instance_id.clone(),
+                issued_ms: now,
+                not_after_ms: issued.not_after_ms,
+                revoked: false,
+            };
+            mem.ops.push(Op::Cert(cert.clone()));
+            mem.certs.insert(cert.serial.clone(), cert);
+            mem.event(
+                now,
+                "certificate.renewed",
+                Some(&node_id),
+                Some(&ident.instance_id),
+                json!({"old_serial": ident.serial, "serial": issued.serial}),
+            );
+            Ok(EnrollmentResponse {
+                certificate_pem: issued.pem,
+                ca_pem: self.ca.cert_pem().to_string(),
+                not_after: format_ts(issued.not_after_ms),
+                serial: issued.serial,
+                node_id,
+                instance_id: ident.instance_id.clone(),
+                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+            })
+        })
+        .await
+    }
+
+    pub async fn handshake(
+        &self,
+        ident: &ClientIdentity,
+        req: HandshakeRequest,
+    ) -> AppResult<HandshakeResponse> {
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let id = ident.instance_id.as_str();
+            let Some(inst) = mem.instances.get_mut(id) else {
+                return Err(AppError::not_found("instance", id));
+            };
+            inst.phase = Some(req.phase);
+            inst.last_heartbeat_ms = Some(now);
+            inst.agent_version = Some(req.agent_version.clone());
+            if !req.timeline.is_empty() {
+                inst.boot_timeline = req.timeline.clone();
+            }
+            if req.root.is_some() {
+                inst.root = req.root.clone();
+            }
+            let node_id = inst.node_id.clone();
+            let status = inst.status;
+            mem.event(
+                now,
+                "instance.handshake",
+                Some(&node_id),
+                Some(id),
+                json!({"phase": req.phase, "agent_version": req.agent_version}),
+            );
+            if let Some(failure) = &req.failure {
+                if let Some(inst) = mem.instances.get_mut(id) {
+                    inst.failure = Some(failure.clone());
+                }
+                let prev = mem
+                    .instances
+                    .get(id)
+                    .and_then(|i| i.bootstrap_failed_signal);
+                if let Some(prev) = prev {
+                    mem.ops.push(Op::SignalActive {
+                        id: prev,
+                        active: false,
+                    });
+                }
+                let sig = mem.signal(
+                    now,
+                    "bootstrap.failed",
+                    id,
+                    true,
+                    serde_json::to_value(failure).unwrap_or_default(),
+                );
+                if let Some(inst) = mem.instances.get_mut(id) {
+                    inst.bootstrap_failed_signal = Some(sig);
+                }
+            }
+            if req.phase == Phase::Ready && status == InstanceStatus::Bootstrapping {
+                mark_running(mem, now, id);
+            }
+            mem.save_instance(id);
+            Ok(HandshakeResponse {
+                instance_status: mem.instances[id].status,
+                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+            })
+        })
+        .await
+    }
+
+    /// The hot path: memory only, unless the heartbeat changes the instance's state.
+    pub async fn heartbeat(
+        &self,
+        ident: &ClientIdentity,
+        req: HeartbeatRequest,
+    ) -> AppResult<HeartbeatResponse> {
+        let now = self.clock.now_ms();
+        {
+            let mut mem = self.lock();
+            authorize(&mem, ident, Some(&req.instance_id))?;
+            let id = ident.instance_id.as_str();
+            let transition = req.phase == Phase::Ready
+                && mem.instances[id].status == InstanceStatus::Bootstrapping;
+            if !transition {
+                apply_heartbeat(&mut mem, id, &req, now);
+                mem.dirty.insert(id.to_string());
+                return Ok(self.heartbeat_response(&mem, ident, now));
+            }
+        }
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let id = ident.instance_id.as_str();
+            apply_heartbeat(mem, id, &req, now);
+            if req.phase == Phase::Ready
+                && mem.instances[id].status == InstanceStatus::Bootstrapping
+            {
+                mark_running(mem, now, id);
+            }
+            mem.save_instance(id);
+            Ok(self.heartbeat_response(mem, ident, now))
+        })
+        .await
+    }
+
+    fn heartbeat_response(
+        &self,
+        mem: &Mem,
+        ident: &ClientIdentity,
+        now: Millis,
+    ) -> HeartbeatResponse {
+        let inst = &mem.instances[&ident.instance_id];
+        let lifetime = (ident.not_after_ms - ident.not_before_ms).max(1);
+        let remaining = ident.not_after_ms - now;
+        HeartbeatResponse {
+            instance_status: inst.status,
+            heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+            tasks_pending: mem.has_pending_node_task(inst),
+            renew_certificate: remaining.saturating_mul(3) < lifetime,
+        }
+    }
+
+    pub fn desired_modules(&self, ident: &ClientIdentity) -> AppResult<DesiredModulesResponse> {
+        let mem = self.lock();
+        authorize(&mem, ident, None)?;
+        // Templates name no published modules yet; the registry work fills this in.
+        Ok(DesiredModulesResponse::default())
+    }
+
+    pub async fn lease(
+        &self,
+        ident: &ClientIdentity,
+        req: LeaseRequest,
+    ) -> AppResult<LeaseResponse> {
+        {
+            // Fast answer when there is nothing to lease (agents poll this).
+            let now = self.clock.now_ms();
+            let mem = self.lock();
+            authorize(&mem, ident, Some(&req.instance_id))?;
+            let inst = &mem.instances[&ident.instance_id];
+            let expired = inst.task_ids.iter().any(|t| {
+                mem.tasks.get(t).is_some_and(|t| {
+                    t.status == TaskStatus::Running
+                        && t.kind.is_node_side()
+                        && t.lease_expires_ms.is_some_and(|e| e < now)
+                })
+            });
+            if !expired && !mem.has_pending_node_task(inst) {
+                return Ok(LeaseResponse { task: None });
+            }
+        }
+        let lease_max = self.cfg.lease_max_seconds.max(1);
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let id = ident.instance_id.clone();
+            requeue_expired(mem, now, Some(&id));
+            let next = mem.instances[&id]
+                .task_ids
+                .iter()
+                .find(|t| {
+                    mem.tasks
+                        .get(*t)
+                        .is_some_and(|t| t.kind.is_node_side() && t.status == TaskStatus::Pending)
+                })
+                .cloned();
+            let Some(task_id) = next else {
+                return Ok(LeaseResponse { task: None });
+            };
+            let secs = req.lease_seconds.clamp(1, lease_max);
+            let token = random_secret();
+            let expires = now + (secs as i64) * 1000;
+            let Some(t) = mem.tasks.get_mut(&task_id) else {
+                return Ok(LeaseResponse { task: None });
+            };
+            t.status = TaskStatus::Running;
+            t.lease_token = Some(token.clone());
+            t.lease_expires_ms = Some(expires);
+            t.attempts += 1;
+            t.updated_ms = now;
+            let leased = LeasedTask {
+                task_id: t.id.clone(),
+                kind: t.kind,
+                params: t.params.clone(),
+                lease_expires_at: format_ts(expires),
+                lease_token: token,
+            };
+            let attempts = t.attempts;
+            mem.save_task(&task_id);
+            let node_id = mem.instances[&id].node_id.clone();
+            mem.event(
+                now,
+                "task.leased",
+                Some(&node_id),
+                Some(&id),
+                json!({"task_id": task_id, "attempt": attempts}),
+            );
+            Ok(LeaseResponse { task: Some(leased) })
+        })
+        .await
+    }
+
+    pub async fn renew_lease(
+        &self,
+        ident: &ClientIdentity,
+        task_id: &str,
+        req: RenewLeaseRequest,
+    ) -> AppResult<RenewLeaseResponse> {
+        let lease_max = self.cfg.lease_max_seconds.max(1);
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let t = leased_task(mem, ident, task_id, &req.lease_token)?;
+            if t.status == TaskStatus::Cancelled {
+                return Ok(RenewLeaseResponse {
+                    lease_expires_at: format_ts(now),
+                    cancelled: true,
+                });
+            }
+            if t.status != TaskStatus::Running {
+                return Err(AppError::conflict(
+                    ErrorCode::TaskNotLeased,
+                    format!("task is {}", t.status.as_str()),
+                ));
+            }
+            if t.lease_expires_ms.is_some_and(|e| e < now) {
+                requeue_expired(mem, now, Some(&ident.instance_id));
+                return Err(AppError::conflict(
+                    ErrorCode::LeaseExpired,
+                    "the lease expired; the task was requeued",
+                ));
+            }
+            let secs = req.lease_seconds.clamp(1, lease_max);
+            let expires = now + (secs as i64) * 1000;
+            if let Some(t) = mem.tasks.get_mut(task_id) {
+                t.lease_expires_ms = Some(expires);
+                t.updated_ms = now;
+                if req.progress.is_some() {
+                    t.progress = req.progress.clone();
+                }
+            }
+            mem.save_task(task_id);
+            Ok(RenewLeaseResponse {
+                lease_expires_at: format_ts(expires),
+                cancelled: false,
+            })
+        })
+        .await
+    }
+
+    pub async fn complete_task(
+        &self,
+        ident: &ClientIdentity,
+        task_id: &str,
+        req: CompleteTaskRequest,
+    ) -> AppResult<CompleteTaskResponse> {
+        if !req.status.is_final() {
+            return Err(AppError::bad_request(
+                "status must be succeeded, failed or cancelled",
+            ));
+        }
+        self.mutate(|mem, now| {
+            authorize(mem, ident, Some(&req.instance_id))?;
+            let t = leased_task(mem, ident, task_id, &req.lease_token)?;
+            let id = ident.instance_id.clone();
+            let node_id = mem.instances[&id].node_id.clone();
+            match t.status {
+                // Cancelled by the operator meanwhile: the agent's stop is the answer.
+                TaskStatus::Cancelled => {}
+                TaskStatus::Running => {
+                    finish_task(mem, now, task_id, req.status, req.result.clone());
+                    if t.kind == TaskKind::Drain {
+                        let kind = match req.status {
+                            TaskStatus::Succeeded => "instance.drained",
+                            _ => "instance.drain_unfinished",
+                        };
+                        mem.event(
+                            now,
+                            kind,
+                            Some(&node_id),
+                            Some(&id),
+                            json!({"task_id": task_id, "status": req.status}),
+                        );
+                    }
+                }
+                other => {
+                    return Err(AppError::conflict(
+                        ErrorCode::TaskNotLeased,
+                        format!("task is {}", other.as_str()),
+                    ))
+                }
+            }
+            Ok(CompleteTaskResponse {
+                task_id: task_id.to_string(),
+                status: mem.tasks[task_id].status,
+                instance_status: mem.instances[&id].status,
+            })
+        })
+        .await
+    }
+
+    // ----- sensors ---------------------------------------------------------------------
+
+    /// One sensor pass: silence, stuck states, drift, expired leases.
+    pub async fn sense(&self) -> AppResult<()> {
+        let silent_ms = (self.cfg.silent_after_seconds as i64).saturating_mul(1000);
+        let thresholds = self.cfg.stuck;
+        self.mutate(|mem, now| {
+            requeue_expired(mem, now, None);
+            let ids: Vec<String> = mem
+                .instances
+                .values()
+                .filter(|i| {
+                    i.status.is_live()
+                        || i.silent_signal.is_some()
+                        || i.stuck_signal.is_some()
+                        || i.drift_signal.is_some()
+                })
+                .map(|i| i.id.clone())
+                .collect();
+            for id in ids {
+                let Some(inst) = mem.instances.get(&id).cloned() else {
+                    continue;
+                };
+                let mut changed = false;
+                let mut upd = inst.clone();
+
+                // instance.silent / instance.silent_cleared
+                let watched = matches!(
+                    inst.status,
+                    InstanceStatus::Running | InstanceStatus::Draining
+                );
+                let since_hb = now - inst.last_heartbeat_ms.unwrap_or(inst.status_changed_ms);
+                let silent = watched && since_hb > silent_ms;
+                match (silent, inst.silent_signal) {
+                    (true, None) => {
+                        let sig = mem.signal(
+                            now,
+                            "instance.silent",
+                            &id,
+                            true,
+                            json!({
+                                "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
+                                "silent_for_seconds": since_hb / 1000,
+                                "threshold_seconds": silent_ms / 1000,
+                            }),
+                        );
+                        upd.silent_signal = Some(sig);
+                        changed = true;
+                    }
+                    (false, Some(sig)) => {
+                        mem.ops.push(Op::SignalActive {
+                            id: sig,
+                            active: false,
+                        });
+                        if watched {
+                            mem.signal(
+                                now,
+                                "instance.silent_cleared",
+                                &id,
+                                false,
+                                json!({
+                                    "silent_signal_id": sig,
+                                    "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
+                                }),
+                            );
+                        }
+                        upd.silent_signal = None;
+                        changed = true;
+                    }
+                    _ => {}
+                }
+
+                // instance.stuck
+                let stuck = model::stuck_info(&inst, now, &thresholds);
+                let prev_reason = inst.stuck_signal.as_ref().map(|(r, _)| r.clone());
+                let new_reason = stuck.as_ref().map(|s| s.reason.clone());
+                if prev_reason != new_reason {
+                    if let Some((_, sig)) = &inst.stuck_signal {
+                        mem.ops.push(Op::SignalActive {
+                            id: *sig,
+                            active: false,
+                        });
+                    }
+                    upd.stuck_signal = match &stuck {
+                        Some(info) => {
+                            let sig = mem.signal(
+                                now,
+                                "instance.stuck",
+                                &id,
+                                true,
+                                serde_json::to_value(info).unwrap_or_default(),
+                            );
+                            Some((info.reason.clone(), sig))
+                        }
+                        None => None,
+                    };
+                    changed = true;
+                }
+
+                // module.drift_detected
+                let drifting = inst.status == InstanceStatus::Running
+                    && !self.drift_items(mem, &inst).is_empty();
+                match (drifting, inst.drift_signal) {
+                    (true, None) => {
+                        let items = self.drift_items(mem, &inst);
+                        let sig = mem.signal(
+                            now,
+                            "module.drift_detected",
+                            &id,
+                            true,
+                            json!({"items": items}),
+                        );
+                        upd.drift_signal = Some(sig);
+                        changed = true;
+                    }
+                    (false, Some(sig)) => {
+                        mem.ops.push(Op::SignalActive {
+                            id: sig,
+                            active: false,
+                        });
+                        upd.drift_signal = None;
+                        changed = true;
+                    }
+                    _ => {}
+                }
+
+                if changed {
+                    if let Some(slot) = mem.instances.get_mut(&id) {
+                        slot.silent_signal = upd.silent_signal;
+                        slot.stuck_signal = upd.stuck_signal;
+                        slot.drift_signal = upd.drift_signal;
+                    }
+                    mem.save_instance(&id);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn recent_signals(
+        &self,
+        limit: u32,
+        instance_id: Option<String>,
+    ) -> AppResult<Vec<admin::Signal>> {
+        Ok(self.store.recent_signals(limit, instance_id).await?)
+    }
+
+    pub async fn recent_events(
+        &self,
+        limit: u32,
+        instance_id: Option<String>,
+    ) -> AppResult<Vec<admin::Event>> {
+        Ok(self.store.recent_events(limit, instance_id).await?)
+    }
+}
+
+fn csr_error(e: CsrError) -> AppError {
+    match e {
+        CsrError::WrongInstance { .. } => {
+            AppError::forbidden(ErrorCode::CsrInstanceMismatch, e.to_string())
+        }
+        CsrError::Sign(_) => AppError::internal(&e),
+        CsrError::Unparsable(_) | CsrError::NotEd25519 | CsrError::NoCommonName => AppError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::CsrInvalid,
+            e.to_string(),
+        ),
+    }
+}
+
+/// Checks a verified client certificate against the state: not revoked, bound to
+/// the instance the body names, instance not terminated.
+pub fn authorize(mem: &Mem, ident: &ClientIdentity, body_instance: Option<&str>) -> AppResult<()> {
+    match mem.certs.get(&ident.serial) {
+        Some(c) if c.revoked => {
+            return Err(AppError::unauthorized(
+                ErrorCode::CertificateRevoked,
+                "this certificate was revoked",
+            ))
+        }
+        Some(c) if c.instance_id == ident.instance_id => {}
+        _ => {
+            return Err(AppError::unauthorized(
+                ErrorCode::ClientCertificateInvalid,
+                "this certificate was not issued by this control plane",
+            ))
+        }
+    }
+    if let Some(b) = body_instance {
+        if b != ident.instance_id {
+            return Err(AppError::forbidden(
+                ErrorCode::CertificateInstanceMismatch,
+                format!(
+                    "the certificate belongs to instance {}, not {b}",
+                    ident.instance_id
+                ),
+            ));
+        }
+    }
+    let inst = mem.instances.get(&ident.instance_id).ok_or_else(|| {
+        AppError::unauthorized(ErrorCode::ClientCertificateInvalid, "unknown instance")
+    })?;
+    if inst.status == InstanceStatus::Terminated {
+        return Err(AppError::forbidden(
+            ErrorCode::InstanceTerminated,
+            "the instance was terminated",
+        ));
+    }
+    Ok(())
+}
+
+fn apply_heartbeat(mem: &mut Mem, id: &str, req: &HeartbeatRequest, now: Millis) {
+    if let Some(inst) = mem.instances.get_mut(id) {
+        inst.last_heartbeat_ms = Some(now);
+        inst.phase = Some(req.phase);
+        inst.uptime_seconds = req.uptime_seconds;
+        if inst.agent_version.as_deref() != Some(req.agent_version.as_str()) {
+            inst.agent_version = Some(req.agent_version.clone());
+        }
+        if inst.modules != req.modules {
+            inst.modules = req.modules.clone();
+        }
+        if inst.services != req.services {
+            inst.services = req.services.clone();
+        }
+        if inst.status == InstanceStatus::Draining || req.cordoned {
+            inst.cordoned = inst.cordoned || req.cordoned;
+        } else {
+            inst.cordoned = false;
+        }
+    }
+}
+
+fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
+    let provision: Vec<String> = mem.instances[id]
+        .task_ids
+        .iter()
+        .filter(|t| {
+            mem.tasks
+                .get(*t)
+                .is_some_and(|t| t.kind == TaskKind::Provision && !t.status.is_final())
+        })
+        .cloned()
+        .collect();
+    for t in provision {
+        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({"ready": true}));
+    }
+    mem.set_status(now, id, InstanceStatus::Running);
+}
+
+fn finish_task(
+    mem: &mut Mem,
+    now: Millis,
+    id: &str,
+    status: TaskStatus,
+    result: serde_json::Value,
+) {
+    let Some(t) = mem.tasks.get_mut(id) else {
+        return;
+    };
+    let from = t.status;
+    t.status = status;
+    t.result = result;
+    t.lease_expires_ms = None;
+    t.updated_ms = now;
+    let (kind, inst_id) = (t.kind, t.instance_id.clone());
+    mem.save_task(id);
+    let node_id = mem.instances.get(&inst_id).map(|i| i.node_id.clone());
+    mem.event(
+        now,
+        "task.status_changed",
+        node_id.as_deref(),
+        Some(&inst_id),
+        json!({"task_id": id, "kind": kind, "from": from, "to": status}),
+    );
+}
+
+/// Moves an instance to `failed` with a reason and withdraws its credentials.
+fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCode, message: &str) {
+    if let Some(inst) = mem.instances.get_mut(id) {
+        inst.failure = Some(FailureReport {
+            phase: Phase::Failed,
+            code,
+            message: message.to_string(),
+            attempt: 0,
+        });
+    }
+    mem.revoke_credentials(now, id);
+    mem.set_status(now, id, InstanceStatus::Failed);
+}
+
+/// The task named by a worker call, checked against the caller's instance and
+/// lease token.
+fn leased_task(
+    mem: &Mem,
+    ident: &ClientIdentity,
+    task_id: &str,
+    token: &str,
+) -> AppResult<TaskRec> {
+    let t = mem
+        .tasks
+        .get(task_id)
+        .filter(|t| t.instance_id == ident.instance_id)
+        .ok_or_else(|| AppError::not_found("task", task_id))?;
+    match &t.lease_token {
+        Some(held)
+            if held.len() == token.len()
+                && held
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0 =>
+        {
+            Ok(t.clone())
+        }
+        _ if t.status == TaskStatus::Pending && t.attempts > 0 => Err(AppError::conflict(
+            ErrorCode::LeaseExpired,
+            "the lease expired; the task was requeued",
+        )),
+        _ => Err(AppError::conflict(
+            ErrorCode::TaskNotLeased,
+            "no lease with this token",
+        )),
+    }
+}
+
+/// Puts node-side tasks whose lease ran out back to `pending`.
+fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&str>) {
+    let expired: Vec<String> = mem
+        .tasks
+        .values()
+        .filter(|t| {
+            t.status == TaskStatus::Running
+                && t.kind.is_node_side()
+                && t.lease_expires_ms.is_some_and(|e| e < now)
+                && instance_id.is_none_or(|i| i == t.instance_id)
+        })
+        .map(|t| t.id.clone())
+        .collect();
+    for id in expired {
+        let Some(t) = mem.tasks.get_mut(&id) else {
+            continue;
+        };
+        t.status = TaskStatus::Pending;
+        t.lease_token = None;
+        t.lease_expires_ms = None;
+        t.updated_ms = now;
+        let (inst, attempts) = (t.instance_id.clone(), t.attempts);
+        mem.save_task(&id);
+        let node_id = mem.instances.get(&inst).map(|i| i.node_id.clone());
+        mem.event(
+            now,
+            "task.lease_expired",
+            node_id.as_deref(),
+            Some(&inst),
+            json!({"task_id": id, "attempts": attempts}),
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! SQLite persistence (WAL): the one module that speaks SQL.
+//!
+//! Records are stored as JSON documents keyed by id (the server's records evolve with
+//! the proto; a document column keeps old rows readable through serde defaults).
+//! Events, signals and provider records are append-only tables queried directly.
+//! Every call runs on the blocking pool, never on the async runtime's workers.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use powernode_proto::admin::{Event, Signal};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::clock::format_ts;
+use crate::model::{CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
+
+pub const DB_FILE: &str = "powernode.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("SQLite error")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored {table} row {id} is not valid JSON")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a record")]
+    Encode(#[source] serde_json::Error),
+    #[error("store worker failed")]
+    Join(#[source] tokio::task::JoinError),
+    #[error("store mutex poisoned")]
+    Poisoned,
+    #[error("cannot open database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, node_id TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, instance_id TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, instance_id TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, instance_id TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+    node_id TEXT, instance_id TEXT, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_instance ON events (instance_id, id);
+CREATE TABLE IF NOT EXISTS signals (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+    instance_id TEXT NOT NULL, active INTEGER NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS signals_instance ON signals (instance_id, id);
+CREATE TABLE IF NOT EXISTS provider_records (id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL,
+    action TEXT NOT NULL, at_ms INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS provider_records_instance ON provider_records (instance_id, id);
+"#;
+
+fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(StoreError::Encode)
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        // WAL + NORMAL: a commit survives a killed process (not a power cut), and
+        // readers never block the writer.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut conn)
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with_conn(f))
+            .await
+            .map_err(StoreError::Join)?
+    }
+
+    /// Reads every record into a fresh [`Mem`] (at start).
+    pub fn load(&self) -> Result<Mem, StoreError> {
+        self.with_conn(|conn| {
+            let mut mem = Mem::default();
+            for n in load_docs::<NodeRec>(conn, "nodes", "id")? {
+                mem.nodes.insert(n.id.clone(), n);
+            }
+            for i in load_docs::<InstRec>(conn, "instances", "id")? {
+                mem.instances.insert(i.id.clone(), i);
+            }
+            for t in load_docs::<TaskRec>(conn, "tasks", "id")? {
+                mem.tasks.insert(t.id.clone(), t);
+            }
+            for t in load_docs::<TokenRec>(conn, "tokens", "hash")? {
+                mem.tokens.insert(t.hash.clone(), t);
+            }
+            for c in load_docs::<CertRec>(conn, "certs", "serial")? {
+                mem.certs.insert(c.serial.clone(), c);
+            }
+            mem.next_event_id =
+                conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+            mem.next_signal_id =
+                conn.query_row("SELECT COALESCE(MAX(id), 0) FROM signals", [], |r| r.get(0))?;
+            Ok(mem)
+        })
+    }
+
+    /// Writes `ops` in one transaction.
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |conn| apply_ops(conn, &ops)).await
+    }
+
+    /// The same, on the calling thread (shutdown and tests).
+    pub fn apply_blocking(&self, ops: &[Op]) -> Result<(), StoreError> {
+        self.with_conn(|conn| apply_ops(conn, ops))
+    }
+
+    pub async fn recent_events(
+        &self,
+        limit: u32,
+        instance_id: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.blocking(move |conn| {
+            let mut out = Vec::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, at_ms, kind, node_id, instance_id, detail FROM events
+                 WHERE (?1 IS NULL OR instance_id = ?1) ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![instance_id, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            for row in rows {
+                let (id, at_ms, kind, node_id, instance_id, detail) = row?;
+                out.push(Event {
+                    id,
+                    at: format_ts(at_ms),
+                    kind,
+                    node_id,
+                    instance_id,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn recent_signals(
+        &self,
+        limit: u32,
+        instance_id: Option<String>,
+    ) -> Result<Vec<Signal>, StoreError> {
+        self.blocking(move |conn| {
+            let mut out = Vec::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, at_ms, kind, instance_id, active, detail FROM signals
+                 WHERE (?1 IS NULL OR instance_id = ?1) ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![instance_id, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            for row in rows {
+                let (id, at_ms, kind, instance_id, active, detail) = row?;
+                out.push(Signal {
+                    id,
+                    kind,
+                    instance_id,
+                    at: format_ts(at_ms),
+                    active,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The newest provider record of `action` for an instance.
+    pub async fn provider_record(
+        &self,
+        instance_id: String,
+        action: &'static str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        self.blocking(move |conn| {
+            let doc: Option<String> = conn
+                .query_row(
+                    "SELECT doc FROM provider_records WHERE instance_id = ?1 AND action = ?2
+                     ORDER BY id DESC LIMIT 1",
+                    params![instance_id, action],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            doc.map(|d| {
+                serde_json::from_str(&d).map_err(|source| StoreError::Corrupt {
+                    table: "provider_records",
+                    id: instance_id.clone(),
+                    source,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+}
+
+fn load_docs<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    table: &'static str,
+    key: &str,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {key}, doc FROM {table}"))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, doc) = row?;
+        out.push(
+            serde_json::from_str(&doc).map_err(|source| StoreError::Corrupt {
+                table,
+                id,
+                source,
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    for op in ops {
+        match op {
+            Op::Node(n) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO nodes (id, doc) VALUES (?1, ?2)")?
+                    .execute(params![n.id, enc(n)?])?;
+            }
+            Op::DeleteNode(id) => {
+                tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?
+                    .execute(params![id])?;
+            }
+            Op::Instance(i) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO instances (id, node_id, doc) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![i.id, i.node_id, enc(i)?])?;
+            }
+            Op::Task(t) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO tasks (id, instance_id, doc) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![t.id, t.instance_id, enc(t)?])?;
+            }
+            Op::Token(t) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO tokens (hash, instance_id, doc) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![t.hash, t.instance_id, enc(t)?])?;
+            }
+            Op::Cert(c) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO certs (serial, instance_id, doc) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![c.serial, c.instance_id, enc(c)?])?;
+            }
+            Op::Event(e) => {
+                tx.prepare_cached(
+                    "INSERT INTO events (id, at_ms, kind, node_id, instance_id, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    e.id,
+                    e.at_ms,
+                    e.kind,
+                    e.node_id,
+                    e.instance_id,
+                    enc(&e.detail)?
+                ])?;
+            }
+            Op::Signal(s) => {
+                tx.prepare_cached(
+                    "INSERT INTO signals (id, at_ms, kind, instance_id, active, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    s.id,
+                    s.at_ms,
+                    s.kind,
+                    s.instance_id,
+                    s.active,
+                    enc(&s.detail)?
+                ])?;
+            }
+            Op::SignalActive { id, active } => {
+                tx.prepare_cached("UPDATE signals SET active = ?2 WHERE id = ?1")?
+                    .execute(params![id, active])?;
+            }
+            Op::ProviderRecord {
+                instance_id,
+                action,
+                at_ms,
+                doc,
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO provider_records (instance_id, action, at_ms, doc)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![instance_id, action, at_ms, enc(doc)?])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
