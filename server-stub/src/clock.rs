@@ -46,7 +46,7 @@ mod tests {
     #[test]
     fn formats_utc_seconds() {
         assert_eq!(format_ts(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_ts(1_795_000_000_123), "2026-11-18T06:26:40Z");
+        assert_eq!(format_ts(1_795_000_000_123), "2026-11-18T11:06:40Z");
     }
 
     #[test]
