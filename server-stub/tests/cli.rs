@@ -1,0 +1,240 @@
+//! The binary as an operator uses it: `serve` as a child process on 127.0.0.1:0, the
+//! runbook's client subcommands with `--json`, SIGTERM and SIGKILL restarts.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::FakeNode;
+use powernode_proto::IdentityDocument;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_powernode-stub");
+
+/// The server process, killed (by its own pid) on drop.
+struct ServerProc {
+    child: Child,
+    addr: String,
+}
+
+impl ServerProc {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir)
+            .env("POWERNODE_LIBVIRT_MODE", "recorder")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn powernode-stub serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("first line: {line:?}"));
+        let addr = v["listening"].as_str().unwrap().to_string();
+        Self { child, addr }
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a client subcommand; returns (exit ok, stdout, stderr).
+fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(dir: &Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = cli(dir, &all);
+    assert!(ok, "{args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|_| panic!("{args:?} printed {out:?}"))
+}
+
+fn cli_err(dir: &Path, args: &[&str]) -> Value {
+    let (ok, _out, err) = cli(dir, args);
+    assert!(!ok, "{args:?} should fail");
+    serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{args:?} stderr {err:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut server = ServerProc::start(dir);
+    assert!(server.addr.starts_with("127.0.0.1:"));
+    let url = std::fs::read_to_string(dir.join("server-url")).unwrap();
+    assert_eq!(url.trim(), format!("https://{}", server.addr));
+    let mode = std::fs::metadata(dir.join("admin-token")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let t = cli_json(dir, &["list-templates"]);
+    assert_eq!(t["templates"][0]["id"], "tmpl-edge-base");
+    assert_eq!(t["regions"][0], "region-local-qemu");
+    let ids: Vec<&str> = t["instance_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["type-qemu-1cpu-512mb", "type-qemu-2cpu-4gb"]);
+
+    let n = cli_json(
+        dir,
+        &[
+            "create-node",
+            "--hostname",
+            "cli-1",
+            "--lifecycle-class",
+            "persistent",
+            "--label",
+            "site=lab",
+        ],
+    );
+    let node = n["node"]["id"].as_str().unwrap().to_string();
+    assert_eq!(n["node"]["hostname"], "cli-1");
+    assert_eq!(n["node"]["status"], "no_instance");
+    assert_eq!(n["node"]["labels"]["site"], "lab");
+
+    let p = cli_json(dir, &["provision-instance", &node]);
+    let inst = p["instance"]["id"].as_str().unwrap().to_string();
+    assert_eq!(p["instance"]["status"], "provisioning");
+    let g = cli_json(dir, &["get-instance", &inst]);
+    assert_eq!(g["instance"]["id"], inst.as_str());
+    assert_eq!(g["instance"]["task_id"], p["task_id"]);
+    let task = cli_json(dir, &["get-task", p["task_id"].as_str().unwrap()]);
+    assert_eq!(task["task"]["kind"], "provision");
+
+    // The identity document prints bare, ready for `powernode-agent run --identity`.
+    let (ok, doc_text, _) = cli(dir, &["instance-identity", &inst]);
+    assert!(ok);
+    let doc = IdentityDocument::parse(doc_text.as_bytes()).unwrap();
+    assert_eq!(doc.instance_id, inst);
+    assert_eq!(doc.control_plane_url, url.trim());
+
+    let e = cli_err(dir, &["update-node", &node, "--lifecycle-class", "spot"]);
+    assert_eq!(e["error"]["code"], "lifecycle_class_immutable");
+
+    let mut fake = FakeNode::new(doc.clone(), url.trim());
+    fake.enroll().await;
+    let (s, _) = fake.heartbeat("ready").await;
+    assert_eq!(s, StatusCode::OK);
+    let g = cli_json(dir, &["get-instance", &inst]);
+    assert_eq!(g["instance"]["status"], "running");
+    assert!(g["instance"]["last_heartbeat_at"].is_string());
+
+    let d = cli_json(dir, &["drift-report", &inst]);
+    assert_eq!(d["drift"], false);
+    assert_eq!(d["instance_id"], inst.as_str());
+
+    // Killed without warning: everything the API confirmed is still there, and the
+    // node carries on with its certificate.
+    let status = server.signal("-KILL");
+    assert!(!status.success());
+    let server2 = ServerProc::start(dir);
+    let g = cli_json(dir, &["get-instance", &inst]);
+    assert_eq!(g["instance"]["status"], "running");
+    fake.base = format!("https://{}", server2.addr);
+    let (s, v) = fake.heartbeat("ready").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut server = server2;
+
+    let e = cli_err(dir, &["terminate-instance", &inst]);
+    assert_eq!(e["error"]["code"], "invalid_transition");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("drain first or use --force"));
+    let dr = cli_json(dir, &["drain-instance", &inst, "--timeout-seconds", "30"]);
+    assert_eq!(dr["status"], "draining");
+    assert!(dr["task_id"].is_string());
+    let c = cli_json(dir, &["cancel-task", dr["task_id"].as_str().unwrap()]);
+    assert_eq!(c["task"]["status"], "cancelled");
+    assert_eq!(
+        cli_json(dir, &["get-node", &node])["node"]["status"],
+        "running"
+    );
+    let tr = cli_json(dir, &["terminate-instance", &inst, "--force"]);
+    assert_eq!(tr["status"], "terminated");
+    let (s, v) = fake.heartbeat("ready").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("certificate_revoked"))
+    );
+
+    let ev = cli_json(dir, &["recent-events", "--limit", "5", "--instance", &inst]);
+    assert_eq!(ev["events"].as_array().unwrap().len(), 5);
+    let sig = cli_json(dir, &["recent-signals"]);
+    assert!(sig["signals"].is_array());
+
+    // Readable tables without --json.
+    let (ok, table, _) = cli(dir, &["get-node", &node]);
+    assert!(ok);
+    assert!(
+        table.contains("no_instance") && table.contains("cli-1"),
+        "{table}"
+    );
+    let (ok, table, _) = cli(dir, &["recent-events", "--limit", "3"]);
+    assert!(ok);
+    assert!(table.contains("KIND"), "{table}");
+
+    let del = cli_json(dir, &["delete-node", &node]);
+    assert_eq!(del["deleted"], true);
+    let e = cli_err(dir, &["get-node", &node]);
+    assert_eq!(e["error"]["code"], "not_found");
+
+    // A clean stop on SIGTERM, and a wrong admin token is refused.
+    assert!(server.signal("-TERM").success());
+    let _server3 = ServerProc::start(dir);
+    std::fs::write(dir.join("admin-token"), "wrong\n").unwrap();
+    let e = cli_err(dir, &["list-templates"]);
+    assert_eq!(e["error"]["code"], "admin_token_invalid");
+}
+
+#[test]
+fn real_provider_mode_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path())
+        .env("POWERNODE_LIBVIRT_MODE", "real")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`real` is not available"), "{err}");
+}
