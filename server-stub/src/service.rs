@@ -1314,142 +1314,162 @@ impl AppState {
 
     // ----- sensors ---------------------------------------------------------------------
 
-    /// One sensor pass: silence, stuck states, drift, expired leases.
+    /// One sensor pass: silence, stuck states, drift, expired leases. The scan only
+    /// borrows; records are touched only where a condition starts or ends, so a quiet
+    /// fleet costs one read pass under the lock (heartbeats wait on that lock).
     pub async fn sense(&self) -> AppResult<()> {
         let silent_ms = (self.cfg.silent_after_seconds as i64).saturating_mul(1000);
         let thresholds = self.cfg.stuck;
         self.mutate(|mem, now| {
             requeue_expired(mem, now, None);
-            let ids: Vec<String> = mem
-                .instances
-                .values()
-                .filter(|i| {
-                    i.status.is_live()
-                        || i.silent_signal.is_some()
-                        || i.stuck_signal.is_some()
-                        || i.drift_signal.is_some()
-                })
-                .map(|i| i.id.clone())
-                .collect();
-            for id in ids {
-                let Some(inst) = mem.instances.get(&id).cloned() else {
+            let mut changes: Vec<SensorChange> = Vec::new();
+            for inst in mem.instances.values() {
+                let has_signal = inst.silent_signal.is_some()
+                    || inst.stuck_signal.is_some()
+                    || inst.drift_signal.is_some();
+                if !inst.status.is_live() && !has_signal {
                     continue;
-                };
-                let mut changed = false;
-                let mut upd = inst.clone();
-
-                // instance.silent / instance.silent_cleared
+                }
                 let watched = matches!(
                     inst.status,
                     InstanceStatus::Running | InstanceStatus::Draining
                 );
                 let since_hb = now - inst.last_heartbeat_ms.unwrap_or(inst.status_changed_ms);
                 let silent = watched && since_hb > silent_ms;
-                match (silent, inst.silent_signal) {
-                    (true, None) => {
-                        let sig = mem.signal(
-                            now,
-                            "instance.silent",
-                            &id,
-                            true,
-                            json!({
-                                "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
-                                "silent_for_seconds": since_hb / 1000,
-                                "threshold_seconds": silent_ms / 1000,
-                            }),
-                        );
-                        upd.silent_signal = Some(sig);
-                        changed = true;
-                    }
-                    (false, Some(sig)) => {
-                        mem.ops.push(Op::SignalActive {
-                            id: sig,
-                            active: false,
-                        });
-                        if watched {
-                            mem.signal(
-                                now,
-                                "instance.silent_cleared",
-                                &id,
-                                false,
-                                json!({
-                                    "silent_signal_id": sig,
-                                    "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
-                                }),
-                            );
-                        }
-                        upd.silent_signal = None;
-                        changed = true;
-                    }
-                    _ => {}
+                let silent_change = (silent != inst.silent_signal.is_some()).then_some(silent);
+                let stuck = model::stuck_info(inst, now, &thresholds);
+                let stuck_change = (stuck.as_ref().map(|s| s.reason.as_str())
+                    != inst.stuck_signal.as_ref().map(|(r, _)| r.as_str()))
+                .then_some(stuck);
+                let drifting = inst.status == InstanceStatus::Running && self.has_drift(mem, inst);
+                let drift_change = (drifting != inst.drift_signal.is_some()).then_some(drifting);
+                if silent_change.is_some() || stuck_change.is_some() || drift_change.is_some() {
+                    changes.push(SensorChange {
+                        id: inst.id.clone(),
+                        since_hb,
+                        silent: silent_change,
+                        stuck: stuck_change,
+                        drift: drift_change,
+                    });
                 }
-
-                // instance.stuck
-                let stuck = model::stuck_info(&inst, now, &thresholds);
-                let prev_reason = inst.stuck_signal.as_ref().map(|(r, _)| r.clone());
-                let new_reason = stuck.as_ref().map(|s| s.reason.clone());
-                if prev_reason != new_reason {
-                    if let Some((_, sig)) = &inst.stuck_signal {
-                        mem.ops.push(Op::SignalActive {
-                            id: *sig,
-                            active: false,
-                        });
-                    }
-                    upd.stuck_signal = match &stuck {
-                        Some(info) => {
-                            let sig = mem.signal(
-                                now,
-                                "instance.stuck",
-                                &id,
-                                true,
-                                serde_json::to_value(info).unwrap_or_default(),
-                            );
-                            Some((info.reason.clone(), sig))
-                        }
-                        None => None,
-                    };
-                    changed = true;
-                }
-
-                // module.drift_detected
-                let drifting = inst.status == InstanceStatus::Running
-                    && !self.drift_items(mem, &inst).is_empty();
-                match (drifting, inst.drift_signal) {
-                    (true, None) => {
-                        let items = self.drift_items(mem, &inst);
-                        let sig = mem.signal(
-                            now,
-                            "module.drift_detected",
-                            &id,
-                            true,
-                            json!({"items": items}),
-                        );
-                        upd.drift_signal = Some(sig);
-                        changed = true;
-                    }
-                    (false, Some(sig)) => {
-                        mem.ops.push(Op::SignalActive {
-                            id: sig,
-                            active: false,
-                        });
-                        upd.drift_signal = None;
-                        changed = true;
-                    }
-                    _ => {}
-                }
-
-                if changed {
-                    if let Some(slot) = mem.instances.get_mut(&id) {
-                        slot.silent_signal = upd.silent_signal;
-                        slot.stuck_signal = upd.stuck_signal;
-                        slot.drift_signal = upd.drift_signal;
-                    }
-                    mem.save_instance(&id);
-                }
+            }
+            for c in changes {
+                self.apply_sensor_change(mem, now, silent_ms, c);
             }
             Ok(())
         })
         .await
+    }
+
+    /// Whether running modules differ from desired ones, without allocating.
+    fn has_drift(&self, mem: &Mem, inst: &InstRec) -> bool {
+        let template = mem
+            .nodes
+            .get(&inst.node_id)
+            .and_then(|n| self.template(&n.template_id));
+        let desired = |name: &str| {
+            template.is_some_and(|t| {
+                t.root_modules.iter().any(|m| m == name)
+                    || t.runtime_modules.iter().any(|m| m == name)
+            })
+        };
+        let missing = template.is_some_and(|t| {
+            t.root_modules
+                .iter()
+                .chain(t.runtime_modules.iter())
+                .any(|d| !inst.modules.iter().any(|m| &m.name == d))
+        });
+        missing || inst.modules.iter().any(|m| !desired(&m.name))
+    }
+
+    fn apply_sensor_change(&self, mem: &mut Mem, now: Millis, silent_ms: i64, c: SensorChange) {
+        let Some(inst) = mem.instances.get(&c.id).cloned() else {
+            return;
+        };
+        let id = c.id.as_str();
+        let mut silent_signal = inst.silent_signal;
+        let mut stuck_signal = inst.stuck_signal.clone();
+        let mut drift_signal = inst.drift_signal;
+        match (c.silent, inst.silent_signal) {
+            (Some(true), None) => {
+                silent_signal = Some(mem.signal(
+                    now,
+                    "instance.silent",
+                    id,
+                    true,
+                    json!({
+                        "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
+                        "silent_for_seconds": c.since_hb / 1000,
+                        "threshold_seconds": silent_ms / 1000,
+                    }),
+                ));
+            }
+            (Some(false), Some(sig)) => {
+                mem.ops.push(Op::SignalActive {
+                    id: sig,
+                    active: false,
+                });
+                // Cleared by a heartbeat (not by the instance going away).
+                if matches!(
+                    inst.status,
+                    InstanceStatus::Running | InstanceStatus::Draining
+                ) {
+                    mem.signal(
+                        now,
+                        "instance.silent_cleared",
+                        id,
+                        false,
+                        json!({
+                            "silent_signal_id": sig,
+                            "last_heartbeat_at": inst.last_heartbeat_ms.map(format_ts),
+                        }),
+                    );
+                }
+                silent_signal = None;
+            }
+            _ => {}
+        }
+        if let Some(stuck) = c.stuck {
+            if let Some((_, sig)) = &inst.stuck_signal {
+                mem.ops.push(Op::SignalActive {
+                    id: *sig,
+                    active: false,
+                });
+            }
+            stuck_signal = stuck.map(|info| {
+                let detail = serde_json::to_value(&info).unwrap_or_default();
+                (
+                    info.reason,
+                    mem.signal(now, "instance.stuck", id, true, detail),
+                )
+            });
+        }
+        match (c.drift, inst.drift_signal) {
+            (Some(true), None) => {
+                let items = self.drift_items(mem, &inst);
+                drift_signal = Some(mem.signal(
+                    now,
+                    "module.drift_detected",
+                    id,
+                    true,
+                    json!({ "items": items }),
+                ));
+            }
+            (Some(false), Some(sig)) => {
+                mem.ops.push(Op::SignalActive {
+                    id: sig,
+                    active: false,
+                });
+                drift_signal = None;
+            }
+            _ => {}
+        }
+        if let Some(slot) = mem.instances.get_mut(id) {
+            slot.silent_signal = silent_signal;
+            slot.stuck_signal = stuck_signal;
+            slot.drift_signal = drift_signal;
+        }
+        mem.save_instance(id);
     }
 
     pub async fn recent_signals(
@@ -1467,6 +1487,15 @@ impl AppState {
     ) -> AppResult<Vec<admin::Event>> {
         Ok(self.store.recent_events(limit, instance_id).await?)
     }
+}
+
+/// What one sensor pass found changed for one instance (`None`: unchanged).
+struct SensorChange {
+    id: String,
+    since_hb: Millis,
+    silent: Option<bool>,
+    stuck: Option<Option<admin::StuckInfo>>,
+    drift: Option<bool>,
 }
 
 fn csr_error(e: CsrError) -> AppError {
