@@ -1,2 +1,16 @@
-//! Boots Powernode VMs: a pure `VmSpec -> argv` builder and a process guard that
-//! kills QEMU on drop.
+//! Boots Powernode VMs: a pure `VmSpec -> argv` builder, KVM detection, the `/persist`
+//! disk helper and a process guard that kills QEMU on drop.
+//!
+//! It must never leave a QEMU process behind (every [`Vm`] kills its own pid on drop)
+//! and never guess about KVM: it is used only after a real `KVM_CREATE_VM` worked.
+
+pub mod accel;
+pub mod disk;
+pub mod spec;
+mod sys;
+pub mod vm;
+
+pub use accel::Accel;
+pub use disk::make_persist_disk;
+pub use spec::{Device, VmSpec};
+pub use vm::{Vm, VmError};

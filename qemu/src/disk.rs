@@ -1,0 +1,85 @@
+//! The `/persist` disk of a persistent node: a raw image made with `qemu-img`, then
+//! ext4 with the `verity` feature so the node can enable fs-verity on its objects.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("{0} already exists; refusing to overwrite a disk")]
+    Exists(PathBuf),
+}
+
+fn run(mut cmd: Command) -> Result<(), DiskError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| DiskError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(DiskError::Failed {
+            command,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates `path` (`size_mib` MiB, raw) with an ext4 file system labelled `persist`
+/// that has the verity feature. Refuses to overwrite an existing file.
+pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
+    if path.exists() {
+        return Err(DiskError::Exists(path.to_path_buf()));
+    }
+    let mut img = Command::new("qemu-img");
+    img.args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(format!("{size_mib}M"));
+    run(img)?;
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-O", "verity", "-L", "persist"])
+        .arg(path);
+    run(mkfs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persist_disk_is_ext4_with_verity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("persist.img");
+        make_persist_disk(&path, 32).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 32 << 20);
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let features = text
+            .lines()
+            .find(|l| l.starts_with("Filesystem features:"))
+            .unwrap_or_default();
+        assert!(features.contains("verity"), "{text}");
+        assert!(text.contains("persist"), "label: {text}");
+        assert!(matches!(
+            make_persist_disk(&path, 32),
+            Err(DiskError::Exists(_))
+        ));
+    }
+}

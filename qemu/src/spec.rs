@@ -1,0 +1,281 @@
+//! `VmSpec -> argv`: pure, so every flag is unit-tested without starting QEMU.
+//! Each [`Device`] contributes both its QEMU arguments and the kernel arguments that
+//! tell the guest about it (e.g. the fw_cfg identity pins
+//! `powernode.identity_source=fw_cfg`, so the node never probes a metadata address).
+
+use std::path::{Path, PathBuf};
+
+use crate::accel::Accel;
+
+/// fw_cfg entry that carries the identity document.
+pub const IDENTITY_FW_CFG_NAME: &str = "opt/org.powernode/identity";
+/// Where the guest reaches the host's loopback under user-mode networking.
+pub const HOST_FROM_GUEST: &str = "10.0.2.2";
+/// Kernel arguments every boot gets (unless the caller already set the same key).
+pub const BASE_KERNEL_ARGS: &[&str] = &["console=ttyS0", "panic=-1"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// A fw_cfg blob from a file (`-fw_cfg name=NAME,file=PATH`).
+    FwCfgFile { name: String, path: PathBuf },
+    /// User-mode networking on a virtio NIC; the guest reaches the host at 10.0.2.2.
+    UserNet { id: String },
+    /// virtio-rng, so the guest's RNG is seeded before key generation.
+    Rng,
+    /// The `/persist` disk: raw image on virtio-blk (the guest's `/dev/vda` when it
+    /// is the only disk).
+    PersistDisk { path: PathBuf },
+}
+
+/// Escapes a value inside a QEMU `-opt key=value,...` list (`,` doubles).
+pub fn qemu_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_str(path: &Path) -> String {
+    qemu_escape(&path.to_string_lossy())
+}
+
+impl Device {
+    /// The identity document as QEMU fw_cfg.
+    pub fn identity(path: impl Into<PathBuf>) -> Self {
+        Self::FwCfgFile {
+            name: IDENTITY_FW_CFG_NAME.to_string(),
+            path: path.into(),
+        }
+    }
+
+    pub fn qemu_args(&self) -> Vec<String> {
+        match self {
+            Device::FwCfgFile { name, path } => vec![
+                "-fw_cfg".into(),
+                format!("name={},file={}", qemu_escape(name), path_str(path)),
+            ],
+            Device::UserNet { id } => vec![
+                "-netdev".into(),
+                format!("user,id={}", qemu_escape(id)),
+                "-device".into(),
+                format!("virtio-net-pci,netdev={}", qemu_escape(id)),
+            ],
+            Device::Rng => vec!["-device".into(), "virtio-rng-pci".into()],
+            Device::PersistDisk { path } => vec![
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=persist,cache=unsafe",
+                    path_str(path)
+                ),
+                "-device".into(),
+                "virtio-blk-pci,drive=persist,serial=persist".into(),
+            ],
+        }
+    }
+
+    pub fn kernel_args(&self) -> Vec<String> {
+        match self {
+            Device::FwCfgFile { name, .. } if name == IDENTITY_FW_CFG_NAME => {
+                vec!["powernode.identity_source=fw_cfg".into()]
+            }
+            Device::PersistDisk { .. } => vec!["powernode.persist=/dev/vda".into()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra kernel arguments (e.g. the image's `cmdline` file and test switches).
+    pub kernel_args: Vec<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub devices: Vec<Device>,
+    /// Where the guest's serial console goes.
+    pub serial_log: PathBuf,
+}
+
+impl VmSpec {
+    /// A spec with the usual devices (user network, virtio-rng) and 512 MiB, 1 CPU.
+    pub fn new(
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+        serial_log: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            kernel_args: Vec::new(),
+            memory_mib: 512,
+            cpus: 1,
+            accel: Accel::Tcg,
+            devices: vec![Device::UserNet { id: "n0".into() }, Device::Rng],
+            serial_log: serial_log.into(),
+        }
+    }
+
+    /// The kernel command line: base arguments (unless overridden by key), then the
+    /// caller's, then each device's, in order.
+    pub fn kernel_cmdline(&self) -> String {
+        let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
+        let mut args: Vec<String> = Vec::new();
+        let caller_and_devices: Vec<String> = self
+            .kernel_args
+            .iter()
+            .cloned()
+            .chain(self.devices.iter().flat_map(Device::kernel_args))
+            .collect();
+        for base in BASE_KERNEL_ARGS {
+            if !caller_and_devices.iter().any(|a| key(a) == key(base)) {
+                args.push((*base).to_string());
+            }
+        }
+        for arg in caller_and_devices {
+            if !args.contains(&arg) {
+                args.push(arg);
+            }
+        }
+        args.join(" ")
+    }
+
+    /// The full argv, program first.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = vec![self.qemu.to_string_lossy().into_owned()];
+        let mut push = |items: &[&str]| argv.extend(items.iter().map(|s| s.to_string()));
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&self.accel.args());
+        push(&["-machine", "q35"]);
+        let mem = self.memory_mib.to_string();
+        let cpus = self.cpus.to_string();
+        push(&["-m", &mem, "-smp", &cpus]);
+        push(&["-display", "none", "-monitor", "none", "-parallel", "none"]);
+        let serial = format!("file:{}", self.serial_log.to_string_lossy());
+        push(&["-serial", &serial]);
+        let kernel = self.kernel.to_string_lossy();
+        let initrd = self.initrd.to_string_lossy();
+        push(&["-kernel", &kernel, "-initrd", &initrd]);
+        let cmdline = self.kernel_cmdline();
+        push(&["-append", &cmdline]);
+        for device in &self.devices {
+            argv.extend(device.qemu_args());
+        }
+        argv
+    }
+}
+
+/// Quotes an argv for a shell, so a human can rerun the exact command.
+pub fn shell_quote(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        let mut s = VmSpec::new("/img/vmlinuz", "/img/initramfs.img", "/out/serial.log");
+        s.devices.push(Device::identity("/out/identity,1.json"));
+        s.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+        s
+    }
+
+    fn window<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn direct_kernel_boot_with_base_flags() {
+        let argv = spec().argv();
+        assert_eq!(argv[0], "qemu-system-x86_64");
+        for flag in ["-nographic", "-no-reboot", "-nodefaults"] {
+            assert!(argv.iter().any(|a| a == flag), "{flag}");
+        }
+        assert_eq!(window(&argv, "-kernel"), ["/img/vmlinuz"]);
+        assert_eq!(window(&argv, "-initrd"), ["/img/initramfs.img"]);
+        assert_eq!(window(&argv, "-m"), ["512"]);
+        assert_eq!(window(&argv, "-smp"), ["1"]);
+        assert_eq!(window(&argv, "-serial"), ["file:/out/serial.log"]);
+        assert_eq!(window(&argv, "-accel"), ["tcg"]);
+        assert_eq!(window(&argv, "-cpu"), ["max"]);
+        assert_eq!(
+            window(&argv, "-append"),
+            ["console=ttyS0 panic=-1 powernode.on_failure=poweroff powernode.identity_source=fw_cfg"]
+        );
+    }
+
+    #[test]
+    fn devices_add_qemu_and_kernel_args() {
+        let mut s = spec();
+        s.devices.push(Device::PersistDisk {
+            path: "/out/persist.img".into(),
+        });
+        s.accel = Accel::Kvm;
+        let argv = s.argv();
+        assert_eq!(
+            window(&argv, "-fw_cfg"),
+            ["name=opt/org.powernode/identity,file=/out/identity,,1.json"]
+        );
+        assert_eq!(window(&argv, "-netdev"), ["user,id=n0"]);
+        assert_eq!(
+            window(&argv, "-device"),
+            [
+                "virtio-net-pci,netdev=n0",
+                "virtio-rng-pci",
+                "virtio-blk-pci,drive=persist,serial=persist"
+            ]
+        );
+        assert_eq!(
+            window(&argv, "-drive"),
+            ["file=/out/persist.img,format=raw,if=none,id=persist,cache=unsafe"]
+        );
+        assert_eq!(window(&argv, "-accel"), ["kvm"]);
+        assert_eq!(window(&argv, "-cpu"), ["host"]);
+        assert!(s.kernel_cmdline().ends_with("powernode.persist=/dev/vda"));
+    }
+
+    #[test]
+    fn caller_overrides_base_kernel_args_and_duplicates_collapse() {
+        let mut s = spec();
+        s.kernel_args = vec![
+            "console=ttyS0".into(),
+            "panic=5".into(),
+            "console=ttyS0".into(),
+        ];
+        assert_eq!(
+            s.kernel_cmdline(),
+            "console=ttyS0 panic=5 powernode.identity_source=fw_cfg"
+        );
+    }
+
+    #[test]
+    fn shell_quoting_round_trips_through_sh() {
+        let argv: Vec<String> = ["echo", "a b", "it's", "x=1,y", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s|' {}", shell_quote(&argv[1..])))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "a b|it's|x=1,y||");
+    }
+}

@@ -1,0 +1,215 @@
+//! A running QEMU: spawned from a [`VmSpec`], its exact command line kept in a file
+//! next to the serial log (so a human can rerun it), killed by its own pid on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::spec::{shell_quote, VmSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for QEMU (pid {pid})")]
+    Wait {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    started: Instant,
+    exited: Option<ExitStatus>,
+    pub command: String,
+    pub serial_log: PathBuf,
+    pub command_file: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Vm {
+    /// Starts QEMU. Writes `qemu-command.sh` (the exact argv, shell-quoted) and sends
+    /// QEMU's own stdout/stderr to `qemu.stderr`, both beside the serial log; an old
+    /// serial log is removed first so it never mixes two boots.
+    pub fn spawn(spec: &VmSpec) -> Result<Self, VmError> {
+        Self::spawn_argv(&spec.argv(), &spec.serial_log)
+    }
+
+    /// Starts an argv that already names `serial_log` (the KVM canary builds its own).
+    pub(crate) fn spawn_argv(argv: &[String], serial_log: &Path) -> Result<Self, VmError> {
+        let dir = serial_log
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let command = shell_quote(argv);
+        let command_file = dir.join("qemu-command.sh");
+        fs::write(&command_file, format!("#!/bin/sh\nexec {command}\n"))
+            .map_err(io(&command_file))?;
+        if serial_log.exists() {
+            fs::remove_file(serial_log).map_err(io(serial_log))?;
+        }
+        let stderr_log = dir.join("qemu.stderr");
+        let stderr = fs::File::create(&stderr_log).map_err(io(&stderr_log))?;
+        let stdout = stderr.try_clone().map_err(io(&stderr_log))?;
+        let (program, args) = argv.split_first().ok_or_else(|| VmError::Spawn {
+            command: command.clone(),
+            source: std::io::Error::other("empty argv"),
+        })?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        Ok(Self {
+            child,
+            started: Instant::now(),
+            exited: None,
+            command,
+            serial_log: serial_log.to_path_buf(),
+            command_file,
+            stderr_log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time since spawn.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for QEMU to exit, up to `timeout`; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, VmError> {
+        if self.exited.is_none() {
+            let pid = self.pid();
+            self.exited = self
+                .child
+                .try_wait()
+                .map_err(|source| VmError::Wait { pid, source })?;
+        }
+        Ok(self.exited)
+    }
+
+    /// The serial console so far (lossy UTF-8; empty before QEMU wrote anything).
+    pub fn serial(&self) -> String {
+        fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// QEMU's own diagnostics.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Kills QEMU (SIGKILL to its own pid) and reaps it.
+    pub fn kill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard kills by pid on drop, and the command line is kept.
+    #[test]
+    fn drop_kills_the_process_and_the_command_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = VmSpec::new("/k", "/i", dir.path().join("serial.log"));
+        // A stand-in QEMU that accepts any arguments and runs until killed.
+        spec.qemu = dir.path().join("fake-qemu");
+        fs::write(&spec.qemu, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        fs::set_permissions(
+            &spec.qemu,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut vm = Vm::spawn(&spec).unwrap();
+        let pid = vm.pid();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        assert_eq!(vm.wait_timeout(Duration::from_millis(100)).unwrap(), None);
+        let cmd = fs::read_to_string(&vm.command_file).unwrap();
+        assert!(cmd.contains("-kernel /k -initrd /i"), "{cmd}");
+        assert!(cmd.contains("fake-qemu"), "{cmd}");
+        drop(vm);
+        // Reaped: the pid is gone (or reused by something that is not our child).
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            !status.contains("fake-qemu") && !status.contains("sleep"),
+            "{status}"
+        );
+    }
+
+    #[test]
+    fn exit_status_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = VmSpec::new("/k", "/i", dir.path().join("serial.log"));
+        spec.qemu = PathBuf::from("/bin/false");
+        let mut vm = Vm::spawn(&spec).unwrap();
+        let status = vm.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert!(!status.success());
+    }
+
+    #[test]
+    fn missing_qemu_is_a_spawn_error_with_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = VmSpec::new("/k", "/i", dir.path().join("serial.log"));
+        spec.qemu = PathBuf::from("/nonexistent/qemu");
+        let err = Vm::spawn(&spec).unwrap_err();
+        assert!(
+            matches!(&err, VmError::Spawn { command, .. } if command.contains("/nonexistent/qemu"))
+        );
+    }
+}

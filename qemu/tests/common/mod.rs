@@ -1,0 +1,190 @@
+//! Shared by the VM tests and the boot benchmark: build the musl inits and the
+//! netboot image, boot them, read the structured console lines back.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use powernode_initramfs::modules::Closure;
+use powernode_initramfs::{build, cpio, BuildOptions, BuildOutput, Compression, KernelPin};
+use powernode_qemu::{Accel, Device, Vm, VmSpec};
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"))
+}
+
+/// `target/vm-tests/<name>/`, emptied.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = target_dir().join("vm-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Builds `powernode-init` and `powernode-baseline-init` for static musl and returns
+/// their paths (a no-op when they are fresh).
+pub fn musl_inits() -> (PathBuf, PathBuf) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "powernode-init",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--profile",
+            "release-init",
+        ])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the musl init failed");
+    let dir = target_dir().join("x86_64-unknown-linux-musl/release-init");
+    (
+        dir.join("powernode-init"),
+        dir.join("powernode-baseline-init"),
+    )
+}
+
+/// The netboot image (pinned kernel, module closure, our init) into `out`.
+pub fn image(out: &Path, init: &Path, compression: Compression) -> BuildOutput {
+    let root = workspace_root();
+    build(&BuildOptions {
+        init: init.to_path_buf(),
+        agent: None,
+        out: out.to_path_buf(),
+        cache: std::env::var("POWERNODE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("cache")),
+        debs_script: root.join("scripts/debs"),
+        pin: KernelPin::parse(powernode_initramfs::kernel::DEFAULT_PIN).unwrap(),
+        compression,
+    })
+    .unwrap_or_else(|e| panic!("building the image: {:#}", anyhow_chain(&e)))
+}
+
+/// The baseline initramfs: the trivial init alone, no modules, same format.
+pub fn baseline_initrd(out: &Path, baseline_init: &Path) -> PathBuf {
+    let init = std::fs::read(baseline_init).unwrap();
+    let spec = powernode_initramfs::build::initramfs_spec(
+        &init,
+        None,
+        &Closure {
+            modules: Vec::new(),
+            builtin: Vec::new(),
+        },
+    )
+    .unwrap();
+    let archive = cpio::write_newc(&spec).unwrap();
+    let bytes = powernode_initramfs::compress::compress(&archive, Compression::Zstd).unwrap();
+    let path = out.join("baseline-initramfs.img");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A valid identity document (version 1) for the fw_cfg entry.
+pub fn identity_json(instance_id: &str) -> String {
+    serde_json::json!({
+        "version": 1,
+        "control_plane_url": "https://10.0.2.2:8443",
+        "ca_pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        "bootstrap_token": "vm-test-token",
+        "node_id": "node-vm-test",
+        "instance_id": instance_id,
+        "hostname": "vm-test-1"
+    })
+    .to_string()
+}
+
+/// A spec for `kernel` + `initrd` with the serial log in `dir`, TCG or KVM as this
+/// host allows, 512 MiB.
+pub fn spec(dir: &Path, kernel: &Path, initrd: &Path) -> VmSpec {
+    let mut spec = VmSpec::new(kernel, initrd, dir.join("serial.log"));
+    spec.accel = Accel::detect_for_kernel(&spec.qemu, kernel);
+    spec
+}
+
+pub fn with_identity(spec: &mut VmSpec, dir: &Path, body: &str) {
+    let path = dir.join("identity.json");
+    std::fs::write(&path, body).unwrap();
+    spec.devices.push(Device::identity(path));
+}
+
+/// The outcome of one boot.
+pub struct Boot {
+    pub elapsed: Duration,
+    pub serial: String,
+    pub command: String,
+}
+
+/// Boots and waits for QEMU to exit (the guest powers off) within `deadline`;
+/// panics with the exact command and the serial tail otherwise.
+pub fn boot(spec: &VmSpec, deadline: Duration) -> Boot {
+    let mut vm = Vm::spawn(spec).unwrap();
+    let status = vm.wait_timeout(deadline).unwrap();
+    let elapsed = vm.elapsed();
+    let serial = vm.serial();
+    let explain = |what: &str| {
+        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "{what}\n--- rerun: sh {}\n{}\n--- qemu stderr:\n{}\n--- serial tail ({}):\n{}",
+            vm.command_file.display(),
+            vm.command,
+            vm.stderr(),
+            spec.serial_log.display(),
+            tail.join("\n")
+        )
+    };
+    match status {
+        None => {
+            let text = explain(&format!("QEMU still running after {deadline:?}"));
+            vm.kill();
+            panic!("{text}");
+        }
+        Some(s) if !s.success() => panic!("{}", explain(&format!("QEMU exited with {s}"))),
+        Some(_) => {}
+    }
+    let command = vm.command.clone();
+    Boot {
+        elapsed,
+        serial,
+        command,
+    }
+}
+
+/// JSON objects from console lines carrying `prefix` (e.g. `POWERNODE-INIT `).
+pub fn events(serial: &str, prefix: &str) -> Vec<Value> {
+    serial
+        .lines()
+        .filter_map(|l| l.find(prefix).map(|i| &l[i + prefix.len()..]))
+        .filter_map(|j| serde_json::from_str(j.trim()).ok())
+        .collect()
+}
+
+pub fn event<'a>(events: &'a [Value], key: &str, value: &str) -> Option<&'a Value> {
+    events.iter().find(|e| e[key] == value)
+}

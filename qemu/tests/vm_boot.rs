@@ -1,0 +1,117 @@
+//! VM tier: the real Debian 6.12 cloud kernel boots our static init under QEMU
+//! (TCG here, KVM where it works). Ignored unless `POWERNODE_VM_TESTS=1` is set at
+//! build time (see `build.rs`); each test keeps `serial.log` and `qemu-command.sh`
+//! under `target/vm-tests/<test>/`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use powernode_initramfs::Compression;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
+    let dir = test_dir("fw_cfg_identity");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.test_poweroff=1".into(),
+    ];
+    with_identity(&mut spec, &dir, &identity_json("inst-vm-fwcfg"));
+    let boot = boot(&spec, DEADLINE);
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let context = || {
+        format!(
+            "command: {}\nserial: {}",
+            boot.command,
+            spec.serial_log.display()
+        )
+    };
+
+    assert!(
+        !events.iter().any(|e| e["event"] == "phase_failed"),
+        "a phase failed: {events:?}\n{}",
+        context()
+    );
+    let found = event(&events, "phase", "identity_found")
+        .unwrap_or_else(|| panic!("no identity_found event\n{}", context()));
+    assert_eq!(found["source"], "fw_cfg");
+    assert_eq!(found["instance_id"], "inst-vm-fwcfg");
+    assert_eq!(found["node_id"], "node-vm-test");
+
+    let done = event(&events, "event", "init_done")
+        .unwrap_or_else(|| panic!("no init_done event\n{}", context()));
+    let loaded: Vec<&str> = done["modules_loaded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    for module in image.manifest.modules.iter() {
+        assert!(
+            loaded.contains(&module.as_str()),
+            "{module} not loaded: {loaded:?}"
+        );
+    }
+    for module in [
+        "qemu_fw_cfg",
+        "virtio_net",
+        "virtio_blk",
+        "virtio_rng",
+        "erofs",
+        "overlay",
+        "loop",
+    ] {
+        assert!(loaded.contains(&module), "{module} not loaded: {loaded:?}");
+    }
+    // The timeline is in boot order and the kernel agrees the modules are in.
+    let at: Vec<u64> = done["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+    assert!(boot.serial.contains("reboot: Power down"), "{}", context());
+    assert!(!boot.serial.contains("Kernel panic"), "{}", context());
+    eprintln!(
+        "booted in {:?} ({}); timeline {}",
+        boot.elapsed,
+        if spec.accel == powernode_qemu::Accel::Tcg {
+            "TCG"
+        } else {
+            "KVM"
+        },
+        done["timeline"]
+    );
+}
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
+    let dir = test_dir("bad_identity");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+    let bad = identity_json("inst-bad").replace("\"bootstrap_token\"", "\"bootstrap_tokn\"");
+    with_identity(&mut spec, &dir, &bad);
+    let boot = boot(&spec, DEADLINE);
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let failed = event(&events, "event", "phase_failed")
+        .unwrap_or_else(|| panic!("no phase_failed event; command: {}", boot.command));
+    assert_eq!(failed["phase"], "identity");
+    assert_eq!(failed["code"], "identity_invalid");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("fw_cfg") && error.contains("bootstrap_token"),
+        "{error}"
+    );
+    assert!(event(&events, "event", "init_done").is_none());
+}
