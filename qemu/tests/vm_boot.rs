@@ -24,6 +24,10 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
         "powernode.test_poweroff=1".into(),
     ];
     with_identity(&mut spec, &dir, &identity_json("inst-vm-fwcfg"));
+    let disk = dir.join("persist.img");
+    powernode_qemu::make_persist_disk(&disk, 64).unwrap();
+    spec.devices
+        .push(powernode_qemu::Device::PersistDisk { path: disk });
     let boot = boot(&spec, DEADLINE);
     let events = events(&boot.serial, "POWERNODE-INIT ");
     let context = || {
@@ -79,6 +83,12 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
         .collect();
     assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
     assert!(boot.serial.contains("reboot: Power down"), "{}", context());
+    // virtio_blk (loaded by the init) found the /persist disk.
+    assert!(
+        boot.serial.contains("[vda] 131072 512-byte logical blocks"),
+        "{}",
+        context()
+    );
     assert!(!boot.serial.contains("Kernel panic"), "{}", context());
     eprintln!(
         "booted in {:?} ({}); timeline {}",

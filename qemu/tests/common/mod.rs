@@ -143,8 +143,13 @@ pub struct Boot {
 /// Boots and waits for QEMU to exit (the guest powers off) within `deadline`;
 /// panics with the exact command and the serial tail otherwise.
 pub fn boot(spec: &VmSpec, deadline: Duration) -> Boot {
-    let mut vm = Vm::spawn(spec).unwrap();
-    let status = vm.wait_timeout(deadline).unwrap();
+    try_boot(spec, deadline).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`boot`] that returns the explanation instead of panicking.
+pub fn try_boot(spec: &VmSpec, deadline: Duration) -> Result<Boot, String> {
+    let mut vm = Vm::spawn(spec).map_err(|e| e.to_string())?;
+    let status = vm.wait_timeout(deadline).map_err(|e| e.to_string())?;
     let elapsed = vm.elapsed();
     let serial = vm.serial();
     let explain = |what: &str| {
@@ -163,17 +168,17 @@ pub fn boot(spec: &VmSpec, deadline: Duration) -> Boot {
         None => {
             let text = explain(&format!("QEMU still running after {deadline:?}"));
             vm.kill();
-            panic!("{text}");
+            return Err(text);
         }
-        Some(s) if !s.success() => panic!("{}", explain(&format!("QEMU exited with {s}"))),
+        Some(s) if !s.success() => return Err(explain(&format!("QEMU exited with {s}"))),
         Some(_) => {}
     }
     let command = vm.command.clone();
-    Boot {
+    Ok(Boot {
         elapsed,
         serial,
         command,
-    }
+    })
 }
 
 /// JSON objects from console lines carrying `prefix` (e.g. `POWERNODE-INIT `).

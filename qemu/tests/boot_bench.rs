@@ -1,0 +1,174 @@
+//! Boot benchmark (prints figures, never fails on time): our init on the real kernel
+//! beside a bare-kernel baseline (the same kernel and VM with a trivial static init
+//! that powers off at once), measured in the same run, alternating, under TCG (or
+//! KVM where it works). Also the binary and initramfs sizes and the smallest VM
+//! memory that still boots to `init_done`.
+//!
+//!     cargo test -p powernode-qemu --release --test boot_bench -- --ignored --nocapture
+//!
+//! `POWERNODE_BENCH_RUNS` sets the boots per side (default 5).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use powernode_initramfs::Compression;
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn phase_ms(done: &Value, phase: &str) -> Option<u64> {
+    done["timeline"]
+        .as_array()?
+        .iter()
+        .find(|e| e["phase"] == phase)?["at_ms"]
+        .as_u64()
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn boot_time_vs_bare_kernel() {
+    let runs: usize = std::env::var("POWERNODE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = test_dir("boot_bench");
+    let (init, baseline_init) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let gz = common::image(&dir.join("image-gzip"), &init, Compression::Gzip);
+    let baseline_initrd = baseline_initrd(&dir, &baseline_init);
+
+    let mut ours_spec = spec(&dir.join("ours"), &image.vmlinuz, &image.initramfs);
+    ours_spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.test_poweroff=1".into(),
+    ];
+    with_identity(&mut ours_spec, &dir, &identity_json("inst-bench"));
+    let mut base_spec = spec(&dir.join("baseline"), &image.vmlinuz, &baseline_initrd);
+    base_spec.devices = ours_spec.devices.clone();
+    let mut gz_spec = ours_spec.clone();
+    gz_spec.initrd = gz.initramfs.clone();
+    gz_spec.serial_log = dir.join("gzip").join("serial.log");
+
+    let (mut wall_ours, mut wall_base, mut wall_gz) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut init_start, mut modules, mut identity, mut done_at, mut base_start) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let b = boot(&base_spec, DEADLINE);
+        wall_base.push(b.elapsed.as_millis() as u64);
+        let ev = events(&b.serial, "POWERNODE-BASELINE ");
+        base_start.push(
+            ev.first()
+                .and_then(|e| e["at_ms"].as_u64())
+                .expect("baseline line"),
+        );
+
+        let o = boot(&ours_spec, DEADLINE);
+        wall_ours.push(o.elapsed.as_millis() as u64);
+        let ev = events(&o.serial, "POWERNODE-INIT ");
+        let done = event(&ev, "event", "init_done").expect("init_done").clone();
+        init_start.push(phase_ms(&done, "init_start").unwrap_or(0));
+        modules.push(phase_ms(&done, "modules_loaded").unwrap_or(0));
+        identity.push(phase_ms(&done, "identity_found").unwrap_or(0));
+        done_at.push(done["at_ms"].as_u64().unwrap_or(0));
+
+        let g = boot(&gz_spec, DEADLINE);
+        wall_gz.push(g.elapsed.as_millis() as u64);
+    }
+
+    // Smallest memory that still reaches init_done.
+    let mut smallest = None;
+    for mib in [256u32, 192, 128, 96, 80, 64, 56, 48, 40, 32] {
+        let mut s = ours_spec.clone();
+        s.memory_mib = mib;
+        s.serial_log = dir.join(format!("mem-{mib}")).join("serial.log");
+        let ok = try_boot(&s, DEADLINE)
+            .ok()
+            .map(|b| event(&events(&b.serial, "POWERNODE-INIT "), "event", "init_done").is_some())
+            .unwrap_or(false);
+        if !ok {
+            break;
+        }
+        smallest = Some(mib);
+    }
+
+    let accel = if ours_spec.accel == powernode_qemu::Accel::Tcg {
+        "TCG"
+    } else {
+        "KVM"
+    };
+    let (wo, wb, wg) = (median(wall_ours), median(wall_base), median(wall_gz));
+    let (bs, is, d) = (median(base_start), median(init_start), median(done_at));
+    println!(
+        "== boot benchmark ({accel}, {runs} runs per side, medians, kernel {})",
+        image.manifest.kernel_release
+    );
+    println!("wall clock, QEMU start -> exit after poweroff:");
+    println!("  baseline (trivial init)        {wb:>6} ms");
+    println!(
+        "  powernode-init (zstd initrd)   {wo:>6} ms   ratio {:.2}x",
+        wo as f64 / wb.max(1) as f64
+    );
+    println!(
+        "  powernode-init (gzip initrd)   {wg:>6} ms   ratio {:.2}x",
+        wg as f64 / wb.max(1) as f64
+    );
+    println!("in-guest CLOCK_BOOTTIME, ms since kernel start:");
+    println!("  baseline init_start            {bs:>6}");
+    println!("  ours init_start                {is:>6}");
+    println!(
+        "  ours modules_loaded            {:>6}   (+{} ms, {} modules)",
+        median(modules.clone()),
+        median(modules).saturating_sub(is),
+        image.manifest.modules.len()
+    );
+    println!("  ours identity_found            {:>6}", median(identity));
+    println!(
+        "  ours init_done                 {d:>6}   ratio to baseline init_start {:.2}x",
+        d as f64 / bs.max(1) as f64
+    );
+    println!("sizes:");
+    println!(
+        "  powernode-init (static musl)   {}",
+        kib(std::fs::metadata(&init).unwrap().len())
+    );
+    let agent = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-agent");
+    match std::fs::metadata(&agent) {
+        Ok(m) => println!("  powernode-agent (static musl)  {}", kib(m.len())),
+        Err(_) => println!(
+            "  powernode-agent                not built for musl ({})",
+            agent.display()
+        ),
+    }
+    println!(
+        "  initramfs.img zstd             {}  (uncompressed {})",
+        kib(image.manifest.initramfs_bytes),
+        kib(image.manifest.initramfs_uncompressed_bytes)
+    );
+    println!(
+        "  initramfs.img gzip             {}",
+        kib(gz.manifest.initramfs_bytes)
+    );
+    println!(
+        "  baseline initramfs zstd        {}",
+        kib(std::fs::metadata(&baseline_initrd).unwrap().len())
+    );
+    println!(
+        "  vmlinuz                        {}",
+        kib(std::fs::metadata(&image.vmlinuz).unwrap().len())
+    );
+    match smallest {
+        Some(m) => println!("smallest memory reaching init_done: {m} MiB (tried 256 down to 32)"),
+        None => println!("smallest memory reaching init_done: none of 256..32 MiB booted"),
+    }
+}
