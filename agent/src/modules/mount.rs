@@ -1,0 +1,420 @@
+//! Mounting modules: each composefs image is an EROFS mount (file-backed; Linux >= 6.12
+//! mounts a regular file directly), and overlayfs stacks image mounts over the object
+//! store as a data-only lower layer (`lowerdir=IMG1:IMG2::OBJECTS`, Linux >= 6.6),
+//! `metacopy=on,redirect_dir=on`, plus `verity=require` when the store has kernel
+//! fs-verity. A union root adds a tmpfs upper layer: writable, lowers untouched.
+//!
+//! Every mount goes through the [`Mounter`] seam; [`KernelMounter`] issues the
+//! syscalls (new mount API) and [`RecordingMounter`] records them, so the exact mount
+//! sequence is unit-testable without root.
+//!
+//! It must never mount an image whose objects it has not verified: in userspace mode
+//! every object is re-hashed first; in kernel mode overlayfs checks digests itself.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use powernode_proto::ErrorCode;
+
+use super::store::{ObjectStore, StoreError, VerityMode};
+use super::ModuleErrorCode;
+use crate::verity::VerityDigest;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountOpt {
+    Flag(&'static str),
+    Str(&'static str, String),
+}
+
+/// One filesystem mount, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fstype: &'static str,
+    pub source: Option<PathBuf>,
+    pub options: Vec<MountOpt>,
+    pub read_only: bool,
+    pub target: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{path}: overlayfs layer paths must be UTF-8 without `:`, `,` or `\\`")]
+    BadPath { path: PathBuf },
+    #[error("filesystem type {fstype} is not available in this kernel")]
+    FsNotSupported { fstype: &'static str },
+    #[error("{step} for {fstype} on {target}: {kernel_log}")]
+    Syscall {
+        step: &'static str,
+        fstype: &'static str,
+        target: PathBuf,
+        kernel_log: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unmounting {target}")]
+    Unmount {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image {0} is not in the store")]
+    ImageMissing(VerityDigest),
+    #[error("a union root needs at least one module")]
+    NoModules,
+    #[error("verifying the module's objects")]
+    Store(#[from] StoreError),
+}
+
+impl ModuleErrorCode for MountError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            MountError::Store(e) => e.code(),
+            MountError::ImageMissing(_) => ErrorCode::NotFound,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The syscall seam.
+pub trait Mounter {
+    fn mount(&self, spec: &MountSpec) -> Result<(), MountError>;
+    fn unmount(&self, target: &Path) -> Result<(), MountError>;
+}
+
+/// Records mounts instead of making them.
+#[derive(Debug, Default)]
+pub struct RecordingMounter {
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl RecordingMounter {
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Mounter for RecordingMounter {
+    fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+        let opts: Vec<String> = spec
+            .options
+            .iter()
+            .map(|o| match o {
+                MountOpt::Flag(f) => f.to_string(),
+                MountOpt::Str(k, v) => format!("{k}={v}"),
+            })
+            .collect();
+        let line = format!(
+            "mount {} {} -> {}{} [{}]",
+            spec.fstype,
+            spec.source
+                .as_ref()
+                .map_or("none".into(), |s| s.display().to_string()),
+            spec.target.display(),
+            if spec.read_only { " ro" } else { "" },
+            opts.join(",")
+        );
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(line);
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(format!("umount {}", target.display()));
+        }
+        Ok(())
+    }
+}
+
+/// The real thing: `fsopen`/`fsconfig`/`fsmount`/`move_mount`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KernelMounter;
+
+impl Mounter for KernelMounter {
+    fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+        sys::mount(spec)
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+            MountError::Unmount {
+                target: target.to_path_buf(),
+                source: e.into(),
+            }
+        })
+    }
+}
+
+mod sys {
+    use super::{MountError, MountOpt, MountSpec};
+    use rustix::fs::CWD;
+    use rustix::io::Errno;
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    use std::os::fd::{AsFd, OwnedFd};
+
+    /// What the kernel wrote to the fs context (`e overlay: ...`), for the error.
+    fn kernel_log(fs: &OwnedFd) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = rustix::io::read(fs, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !out.is_empty() {
+                out.push("; ".to_string());
+            }
+            out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+        }
+        out.concat()
+    }
+
+    pub(super) fn mount(spec: &MountSpec) -> Result<(), MountError> {
+        let fs = fsopen(spec.fstype, FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| match e {
+            Errno::NODEV => MountError::FsNotSupported {
+                fstype: spec.fstype,
+            },
+            e => MountError::Syscall {
+                step: "fsopen",
+                fstype: spec.fstype,
+                target: spec.target.clone(),
+                kernel_log: String::new(),
+                source: e.into(),
+            },
+        })?;
+        let fail = |step: &'static str, e: Errno| MountError::Syscall {
+            step,
+            fstype: spec.fstype,
+            target: spec.target.clone(),
+            kernel_log: kernel_log(&fs),
+            source: e.into(),
+        };
+        if let Some(src) = &spec.source {
+            fsconfig_set_string(fs.as_fd(), "source", src.as_path())
+                .map_err(|e| fail("fsconfig source", e))?;
+        }
+        for o in &spec.options {
+            match o {
+                MountOpt::Flag(f) => fsconfig_set_flag(fs.as_fd(), *f),
+                MountOpt::Str(k, v) => fsconfig_set_string(fs.as_fd(), *k, v.as_str()),
+            }
+            .map_err(|e| fail("fsconfig", e))?;
+        }
+        fsconfig_create(fs.as_fd()).map_err(|e| fail("fsconfig create", e))?;
+        let attrs = if spec.read_only {
+            MountAttrFlags::MOUNT_ATTR_RDONLY
+        } else {
+            MountAttrFlags::empty()
+        };
+        let mnt = fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+            .map_err(|e| fail("fsmount", e))?;
+        move_mount(
+            mnt.as_fd(),
+            "",
+            CWD,
+            spec.target.as_path(),
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|e| fail("move_mount", e))
+    }
+}
+
+fn layer_path(p: &Path) -> Result<&str, MountError> {
+    p.to_str()
+        .filter(|s| !s.contains([':', ',', '\\']) && !s.is_empty())
+        .ok_or_else(|| MountError::BadPath {
+            path: p.to_path_buf(),
+        })
+}
+
+/// Overlay options for image mounts `lowers` (top first) over the object store `data`.
+pub fn overlay_options(
+    lowers: &[&Path],
+    data: &Path,
+    upper: Option<(&Path, &Path)>,
+    verity: VerityMode,
+) -> Result<Vec<MountOpt>, MountError> {
+    let mut lowerdir = lowers
+        .iter()
+        .map(|p| layer_path(p))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(":");
+    lowerdir.push_str("::");
+    lowerdir.push_str(layer_path(data)?);
+    let mut opts = vec![
+        MountOpt::Str("lowerdir", lowerdir),
+        MountOpt::Str("metacopy", "on".into()),
+        MountOpt::Str("redirect_dir", "on".into()),
+    ];
+    if verity == VerityMode::Kernel {
+        opts.push(MountOpt::Str("verity", "require".into()));
+    }
+    if let Some((upperdir, workdir)) = upper {
+        opts.push(MountOpt::Str("upperdir", layer_path(upperdir)?.into()));
+        opts.push(MountOpt::Str("workdir", layer_path(workdir)?.into()));
+    }
+    Ok(opts)
+}
+
+fn mkdir(p: &Path) -> Result<(), MountError> {
+    std::fs::create_dir_all(p).map_err(|source| MountError::Io {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// Mounts the image (read-only EROFS) at `at`, after checking it and its objects.
+fn mount_image(
+    m: &dyn Mounter,
+    store: &ObjectStore,
+    image: &VerityDigest,
+    at: &Path,
+) -> Result<(), MountError> {
+    if !store.has_image(image) {
+        return Err(MountError::ImageMissing(*image));
+    }
+    if store.verity_mode() == VerityMode::Userspace {
+        store.verify_image(image)?;
+    } else {
+        // The image itself is read by EROFS, not through overlay: measure it.
+        store.verify(image)?;
+    }
+    mkdir(at)?;
+    m.mount(&MountSpec {
+        fstype: "erofs",
+        source: Some(store.image_path(image)),
+        options: vec![],
+        read_only: true,
+        target: at.to_path_buf(),
+    })
+}
+
+/// Mounts one module read-only at `target`; its EROFS image goes to `image_mnt`.
+pub fn mount_module(
+    m: &dyn Mounter,
+    store: &ObjectStore,
+    image: &VerityDigest,
+    image_mnt: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
+    mount_image(m, store, image, image_mnt)?;
+    let options = overlay_options(&[image_mnt], store.objects_dir(), None, store.verity_mode())?;
+    mkdir(target)?;
+    let r = m.mount(&MountSpec {
+        fstype: "overlay",
+        source: Some(PathBuf::from(format!("composefs:{}", image.to_hex()))),
+        options,
+        read_only: true,
+        target: target.to_path_buf(),
+    });
+    if r.is_err() {
+        let _ = m.unmount(image_mnt);
+    }
+    r
+}
+
+/// What [`mount_union`] mounted, so it can be taken down again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnionRoot {
+    pub target: PathBuf,
+    pub image_mounts: Vec<PathBuf>,
+    pub upper: PathBuf,
+}
+
+impl UnionRoot {
+    /// Unmounts everything, top first.
+    pub fn unmount(&self, m: &dyn Mounter) -> Result<(), MountError> {
+        m.unmount(&self.target)?;
+        m.unmount(&self.upper)?;
+        for p in &self.image_mounts {
+            m.unmount(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Composes root modules (`images`, top first: earlier ones win) into a writable
+/// union at `target`: image mounts under `work/images/`, a fresh tmpfs at
+/// `work/upper` holding the overlay's upper and work dirs.
+pub fn mount_union(
+    m: &dyn Mounter,
+    store: &ObjectStore,
+    images: &[VerityDigest],
+    work: &Path,
+    target: &Path,
+) -> Result<UnionRoot, MountError> {
+    if images.is_empty() {
+        return Err(MountError::NoModules);
+    }
+    let mut mounted: Vec<PathBuf> = Vec::new();
+    let undo = |mounted: &[PathBuf]| {
+        for p in mounted.iter().rev() {
+            let _ = m.unmount(p);
+        }
+    };
+    for image in images {
+        let at = work.join("images").join(image.to_hex());
+        if let Err(e) = mount_image(m, store, image, &at) {
+            undo(&mounted);
+            return Err(e);
+        }
+        mounted.push(at);
+    }
+    let upper = work.join("upper");
+    let r = (|| {
+        mkdir(&upper)?;
+        m.mount(&MountSpec {
+            fstype: "tmpfs",
+            source: Some(PathBuf::from("powernode-upper")),
+            options: vec![MountOpt::Str("mode", "0755".into())],
+            read_only: false,
+            target: upper.clone(),
+        })
+    })();
+    if let Err(e) = r {
+        undo(&mounted);
+        return Err(e);
+    }
+    mounted.push(upper.clone());
+    let r = (|| {
+        let (u, w) = (upper.join("upper"), upper.join("work"));
+        mkdir(&u)?;
+        mkdir(&w)?;
+        let lowers: Vec<&Path> = mounted[..images.len()]
+            .iter()
+            .map(|p| p.as_path())
+            .collect();
+        let options = overlay_options(
+            &lowers,
+            store.objects_dir(),
+            Some((&u, &w)),
+            store.verity_mode(),
+        )?;
+        mkdir(target)?;
+        m.mount(&MountSpec {
+            fstype: "overlay",
+            source: Some(PathBuf::from("powernode-root")),
+            options,
+            read_only: false,
+            target: target.to_path_buf(),
+        })
+    })();
+    if let Err(e) = r {
+        undo(&mounted);
+        return Err(e);
+    }
+    Ok(UnionRoot {
+        target: target.to_path_buf(),
+        image_mounts: mounted[..images.len()].to_vec(),
+        upper,
+    })
+}

@@ -1,0 +1,425 @@
+//! The content-addressed object store: one directory, shared by every module and
+//! version, holding regular-file contents and composefs images named by their
+//! fs-verity digest in the composefs layout `objects/XX/REST` (the objects directory
+//! is what overlayfs mounts as the data-only lower layer).
+//!
+//! ```text
+//! ROOT/objects/ab/cdef...   object (mode 0444; fs-verity enabled where supported)
+//! ROOT/images/HEX           object digests the image HEX references, one per line
+//! ROOT/tmp/                 objects being written (removed by gc)
+//! ```
+//!
+//! Objects are hashed while they are written and only renamed into place once the
+//! digest is known, so a name always matches its content when it was written. Where the
+//! filesystem has fs-verity the kernel enforces that on every read afterwards; where it
+//! has not (tmpfs), [`ObjectStore::verify`] re-hashes in userspace before use.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use powernode_proto::ErrorCode;
+
+use super::composefs::{self, ImageError};
+use super::tree::FsTree;
+use super::ModuleErrorCode;
+use crate::verity::{self, Threads, VerityDigest, VerityError, VerityHasher};
+
+/// How objects are protected after they are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerityMode {
+    /// fs-verity is enabled on every object; the kernel checks every read and overlayfs
+    /// can mount with `verity=require`.
+    Kernel,
+    /// No fs-verity here: objects are re-hashed in userspace before use.
+    Userspace,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: i/o")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the object stream")]
+    Stream(#[source] io::Error),
+    #[error("object digest {actual} does not match the expected {expected}")]
+    VerityMismatch {
+        expected: VerityDigest,
+        actual: VerityDigest,
+    },
+    #[error("object {0} is not in the store")]
+    Missing(VerityDigest),
+    #[error("image {0} is not in the store")]
+    ImageMissing(VerityDigest),
+    #[error("{path}: malformed image reference list")]
+    BadRefs { path: PathBuf },
+    #[error("fs-verity on {path}")]
+    Verity {
+        path: PathBuf,
+        #[source]
+        source: VerityError,
+    },
+    #[error("building the composefs image")]
+    Image(#[from] ImageError),
+}
+
+impl ModuleErrorCode for StoreError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::VerityMismatch { .. } => ErrorCode::VerityMismatch,
+            // A stream error is the puller's (digest check, network): it wraps its own
+            // code; without one, the blob did not decode.
+            StoreError::Stream(e) => super::unpack::stream_error_code(e),
+            StoreError::Image(_) => ErrorCode::UnsupportedMediaType,
+            StoreError::Missing(_) | StoreError::ImageMissing(_) => ErrorCode::NotFound,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What [`ObjectStore::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub digest: VerityDigest,
+    pub size: u64,
+    /// False when an object with this digest was already there (deduplicated).
+    pub new: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcStats {
+    pub kept_objects: u64,
+    pub removed_objects: u64,
+    pub removed_bytes: u64,
+    pub removed_images: u64,
+}
+
+#[derive(Debug)]
+pub struct ObjectStore {
+    root: PathBuf,
+    objects: PathBuf,
+    images: PathBuf,
+    tmp: PathBuf,
+    mode: VerityMode,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+const COPY_BUF: usize = 1 << 20;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ObjectStore {
+    /// Opens (creating) the store at `root` and probes whether its filesystem supports
+    /// fs-verity.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let mut store = Self::open_with_mode(root, VerityMode::Userspace)?;
+        store.mode = store.probe_verity()?;
+        Ok(store)
+    }
+
+    /// Opens with a fixed mode (tests; or to force userspace checks).
+    pub fn open_with_mode(root: &Path, mode: VerityMode) -> Result<Self, StoreError> {
+        let objects = root.join("objects");
+        let images = root.join("images");
+        let tmp = root.join("tmp");
+        for d in [&objects, &images, &tmp] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            objects,
+            images,
+            tmp,
+            mode,
+        })
+    }
+
+    fn probe_verity(&self) -> Result<VerityMode, StoreError> {
+        let (path, mut f) = self.temp_file()?;
+        let r = f.write_all(b"probe").map_err(io_err(&path));
+        drop(f);
+        let mode = r.and_then(|()| {
+            let f = File::open(&path).map_err(io_err(&path))?;
+            Ok(match verity::enable(&f) {
+                Ok(()) => VerityMode::Kernel,
+                Err(_) => VerityMode::Userspace,
+            })
+        });
+        let _ = fs::remove_file(&path);
+        mode
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn verity_mode(&self) -> VerityMode {
+        self.mode
+    }
+
+    /// The directory overlayfs mounts as the data-only lower layer.
+    pub fn objects_dir(&self) -> &Path {
+        &self.objects
+    }
+
+    pub fn object_path(&self, d: &VerityDigest) -> PathBuf {
+        let hex = d.to_hex();
+        self.objects.join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn contains(&self, d: &VerityDigest) -> bool {
+        self.object_path(d).is_file()
+    }
+
+    fn temp_file(&self) -> Result<(PathBuf, File), StoreError> {
+        loop {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = self.tmp.join(format!("in-{}-{n}", std::process::id()));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => return Ok((path, f)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+    }
+
+    /// Streams `reader` into the store, hashing while writing. With `expected`, a
+    /// different digest is refused (`verity_mismatch`) and nothing is stored.
+    pub fn insert<R: Read>(
+        &self,
+        mut reader: R,
+        expected: Option<&VerityDigest>,
+    ) -> Result<Inserted, StoreError> {
+        let (tmp_path, mut file) = self.temp_file()?;
+        let result = (|| {
+            let mut hasher = VerityHasher::with_threads(Threads::Auto);
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StoreError::Stream(e)),
+                };
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
+            }
+            let size = hasher.data_size();
+            let digest = hasher.finalize();
+            if let Some(exp) = expected {
+                if *exp != digest {
+                    return Err(StoreError::VerityMismatch {
+                        expected: *exp,
+                        actual: digest,
+                    });
+                }
+            }
+            Ok((digest, size))
+        })();
+        let (digest, size) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                drop(file);
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
+        };
+        let final_path = self.object_path(&digest);
+        if final_path.is_file() {
+            drop(file);
+            let _ = fs::remove_file(&tmp_path);
+            return Ok(Inserted {
+                digest,
+                size,
+                new: false,
+            });
+        }
+        let placed = (|| {
+            // Data reaches the disk before the name does: after a crash a name never
+            // points at a short file.
+            file.sync_data().map_err(io_err(&tmp_path))?;
+            drop(file);
+            fs::set_permissions(&tmp_path, fs::Permissions::from_mode(0o444))
+                .map_err(io_err(&tmp_path))?;
+            if self.mode == VerityMode::Kernel {
+                let ro = File::open(&tmp_path).map_err(io_err(&tmp_path))?;
+                verity::enable(&ro).map_err(|source| StoreError::Verity {
+                    path: tmp_path.clone(),
+                    source,
+                })?;
+            }
+            let parent = final_path.parent().unwrap_or(&self.objects);
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))
+        })();
+        if let Err(e) = placed {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(e);
+        }
+        Ok(Inserted {
+            digest,
+            size,
+            new: true,
+        })
+    }
+
+    pub fn insert_bytes(&self, data: &[u8]) -> Result<Inserted, StoreError> {
+        self.insert(data, None)
+    }
+
+    /// Checks that the object's content still matches its name: the kernel's measure
+    /// where fs-verity is on, a userspace re-hash otherwise.
+    pub fn verify(&self, d: &VerityDigest) -> Result<(), StoreError> {
+        let path = self.object_path(d);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(*d)),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let actual = match self.mode {
+            VerityMode::Kernel => verity::measure(&f).map_err(|source| StoreError::Verity {
+                path: path.clone(),
+                source,
+            })?,
+            VerityMode::Userspace => {
+                verity::digest_reader(f, Threads::Auto).map_err(io_err(&path))?
+            }
+        };
+        if actual != *d {
+            return Err(StoreError::VerityMismatch {
+                expected: *d,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Verifies an image and every object it references (userspace mode: before a
+    /// mount; kernel mode: cheap measures, the kernel checks reads anyway).
+    pub fn verify_image(&self, image: &VerityDigest) -> Result<(), StoreError> {
+        self.verify(image)?;
+        for d in self.image_objects(image)? {
+            self.verify(&d)?;
+        }
+        Ok(())
+    }
+
+    fn refs_path(&self, image: &VerityDigest) -> PathBuf {
+        self.images.join(image.to_hex())
+    }
+
+    /// Builds the composefs image of `tree`, stores it as an object and records which
+    /// objects it references (for gc). Returns the image's fs-verity digest.
+    pub fn commit_image(&self, tree: &FsTree) -> Result<VerityDigest, StoreError> {
+        let objects = tree.objects();
+        for d in &objects {
+            if !self.contains(d) {
+                return Err(StoreError::Missing(*d));
+            }
+        }
+        let image = composefs::build_image(tree)?;
+        let ins = self.insert_bytes(&image)?;
+        let mut list = String::with_capacity(objects.len() * 65);
+        for d in &objects {
+            list.push_str(&d.to_hex());
+            list.push('\n');
+        }
+        let (tmp_path, mut f) = self.temp_file()?;
+        let written = f
+            .write_all(list.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(io_err(&tmp_path));
+        drop(f);
+        let refs = self.refs_path(&ins.digest);
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp_path, &refs).map_err(io_err(&refs))) {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(e);
+        }
+        Ok(ins.digest)
+    }
+
+    pub fn has_image(&self, image: &VerityDigest) -> bool {
+        self.refs_path(image).is_file() && self.contains(image)
+    }
+
+    /// The image file (an object) to mount.
+    pub fn image_path(&self, image: &VerityDigest) -> PathBuf {
+        self.object_path(image)
+    }
+
+    pub fn image_objects(&self, image: &VerityDigest) -> Result<Vec<VerityDigest>, StoreError> {
+        let path = self.refs_path(image);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::ImageMissing(*image))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        text.lines()
+            .map(|l| {
+                l.parse()
+                    .map_err(|_| StoreError::BadRefs { path: path.clone() })
+            })
+            .collect()
+    }
+
+    /// Removes every object that no live image references (and the images that are not
+    /// live, and leftover temp files). Refuses to run when a live image's reference list
+    /// is missing: it cannot tell what that image needs.
+    pub fn gc(&self, live_images: &[VerityDigest]) -> Result<GcStats, StoreError> {
+        let mut keep = BTreeSet::new();
+        for image in live_images {
+            keep.insert(*image);
+            keep.extend(self.image_objects(image)?);
+        }
+        let live: BTreeSet<String> = live_images.iter().map(|d| d.to_hex()).collect();
+        let mut stats = GcStats::default();
+        for e in fs::read_dir(&self.images).map_err(io_err(&self.images))? {
+            let e = e.map_err(io_err(&self.images))?;
+            if !live.contains(&*e.file_name().to_string_lossy()) {
+                fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+                stats.removed_images += 1;
+            }
+        }
+        for e in fs::read_dir(&self.tmp).map_err(io_err(&self.tmp))? {
+            let e = e.map_err(io_err(&self.tmp))?;
+            let _ = fs::remove_file(e.path());
+        }
+        for sub in fs::read_dir(&self.objects).map_err(io_err(&self.objects))? {
+            let sub = sub.map_err(io_err(&self.objects))?;
+            let prefix = sub.file_name().to_string_lossy().into_owned();
+            let dir = sub.path();
+            for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let e = e.map_err(io_err(&dir))?;
+                let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+                let keep_it = name
+                    .parse::<VerityDigest>()
+                    .is_ok_and(|d| keep.contains(&d));
+                if keep_it {
+                    stats.kept_objects += 1;
+                    continue;
+                }
+                let path = e.path();
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                stats.removed_objects += 1;
+                stats.removed_bytes += len;
+            }
+            // Empty fan-out directories go too; a non-empty one simply stays.
+            let _ = fs::remove_dir(&dir);
+        }
+        Ok(stats)
+    }
+}

@@ -1,0 +1,772 @@
+//! Tests across the module pipeline: layers -> store + tree -> composefs image -> mount.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use powernode_proto::ErrorCode;
+
+use super::composefs::build_image;
+use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter};
+use super::store::{ObjectStore, StoreError, VerityMode};
+use super::tree::{FsTree, Kind};
+use super::unpack::{DigestingReader, UnpackError, Unpacker};
+use super::{check_image_digest, ModuleErrorCode};
+use crate::verity::{self, VerityDigest};
+
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const TGZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const TZST: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Builds tar layers entry by entry, including ones `tar::Builder` would refuse.
+struct Layer {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Layer {
+    fn new() -> Self {
+        Self {
+            b: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(kind: tar::EntryType, path: &[u8], mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        // Raw bytes: `set_path` refuses `..`, which is exactly what some tests need.
+        let name = &mut h.as_old_mut().name;
+        name.fill(0);
+        name[..path.len()].copy_from_slice(path);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(size);
+        h.set_cksum();
+        h
+    }
+
+    fn dir(mut self, path: &str, mode: u32) -> Self {
+        let h = Self::header(tar::EntryType::Directory, path.as_bytes(), mode, 0);
+        self.b.append(&h, &[][..]).unwrap();
+        self
+    }
+
+    fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
+        let h = Self::header(
+            tar::EntryType::Regular,
+            path.as_bytes(),
+            mode,
+            data.len() as u64,
+        );
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
+    fn file_with_pax(mut self, path: &str, mode: u32, data: &[u8], pax: &[(&str, &[u8])]) -> Self {
+        self.b.append_pax_extensions(pax.iter().copied()).unwrap();
+        let h = Self::header(
+            tar::EntryType::Regular,
+            path.as_bytes(),
+            mode,
+            data.len() as u64,
+        );
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
+    fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Self {
+        if target.len() > 100 {
+            self.b
+                .append_pax_extensions([("linkpath", target.as_bytes())])
+                .unwrap();
+        }
+        let mut h = Self::header(kind, path.as_bytes(), 0o777, 0);
+        let ln = &mut h.as_old_mut().linkname;
+        ln.fill(0);
+        let short = &target.as_bytes()[..target.len().min(100)];
+        ln[..short.len()].copy_from_slice(short);
+        h.set_cksum();
+        self.b.append(&h, &[][..]).unwrap();
+        self
+    }
+
+    fn symlink(self, path: &str, target: &str) -> Self {
+        self.link(tar::EntryType::Symlink, path, target)
+    }
+
+    fn hardlink(self, path: &str, target: &str) -> Self {
+        self.link(tar::EntryType::Link, path, target)
+    }
+
+    fn special(mut self, kind: tar::EntryType, path: &str, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(kind, path.as_bytes(), 0o644, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_cksum();
+        self.b.append(&h, &[][..]).unwrap();
+        self
+    }
+
+    fn tar(self) -> Vec<u8> {
+        self.b.into_inner().unwrap()
+    }
+
+    fn gzip(self) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&self.tar()).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zstd(self) -> Vec<u8> {
+        zstd::stream::encode_all(&self.tar()[..], 3).unwrap()
+    }
+}
+
+fn store() -> (tempfile::TempDir, ObjectStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ObjectStore::open_with_mode(&dir.path().join("store"), VerityMode::Userspace).unwrap();
+    (dir, s)
+}
+
+fn tree_of(store: &ObjectStore, layers: &[(&str, Vec<u8>)]) -> Result<FsTree, UnpackError> {
+    let mut u = Unpacker::new(store);
+    for (mt, blob) in layers {
+        u.apply_layer(mt, &blob[..])?;
+    }
+    Ok(u.into_tree())
+}
+
+fn names(tree: &FsTree, path: &[&[u8]]) -> Vec<String> {
+    let id = tree.lookup(path).unwrap().unwrap();
+    match &tree.inode(id).kind {
+        Kind::Dir(c) => c
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect(),
+        _ => panic!("not a dir"),
+    }
+}
+
+/// The sample module used by the image and mount tests.
+fn sample_layers() -> Vec<(&'static str, Vec<u8>)> {
+    let big = pseudo_random(3 * 1024 * 1024 + 17, 11);
+    let base = Layer::new()
+        .dir("./", 0o755)
+        .dir("etc/", 0o755)
+        .file("etc/hostname", 0o644, b"node\n")
+        .file("etc/shadow", 0o600, b"root:*:1::::::\n")
+        .dir("usr/bin/", 0o755)
+        .file("usr/bin/tool", 0o4755, b"#!/bin/sh\necho tool\n")
+        .hardlink("usr/bin/tool-alias", "usr/bin/tool")
+        .symlink("bin", "usr/bin")
+        .symlink("etc/abs", "/etc/hostname")
+        .symlink("etc/escape", "../../../../etc/passwd")
+        .file("empty", 0o644, b"")
+        .file("big.bin", 0o644, &big)
+        .file_with_pax(
+            "etc/xattrs",
+            0o640,
+            b"with xattrs",
+            &[
+                ("SCHILY.xattr.user.color", b"blue"),
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/evil"),
+            ],
+        )
+        .dir("var/cache/old/", 0o755)
+        .file("var/cache/old/junk", 0o644, b"junk")
+        .file("var/gone", 0o644, b"to be whited out")
+        .special(tar::EntryType::Fifo, "run-fifo", 0, 0)
+        .special(tar::EntryType::Char, "dev-null", 1, 3)
+        .gzip();
+    let top = Layer::new()
+        .file("var/cache/.wh..wh..opq", 0o644, b"")
+        .file("var/cache/new", 0o644, b"fresh")
+        .file("var/.wh.gone", 0o644, b"")
+        .file("etc/hostname", 0o644, b"node-2\n")
+        .zstd();
+    vec![(TGZ, base), (TZST, top)]
+}
+
+#[test]
+fn layers_apply_with_whiteouts_and_opaque_dirs() {
+    let (_d, s) = store();
+    let t = tree_of(&s, &sample_layers()).unwrap();
+    assert_eq!(names(&t, &[b"var", b"cache"]), vec!["new"]);
+    assert_eq!(names(&t, &[b"var"]), vec!["cache"]);
+    let host = t.lookup(&[b"etc", b"hostname"]).unwrap().unwrap();
+    let Kind::File {
+        digest: Some(d),
+        size,
+    } = t.inode(host).kind
+    else {
+        panic!()
+    };
+    assert_eq!(size, 7);
+    assert_eq!(std::fs::read(s.object_path(&d)).unwrap(), b"node-2\n");
+    // Hardlink: one inode, two names.
+    assert_eq!(
+        t.lookup(&[b"usr", b"bin", b"tool"]).unwrap(),
+        t.lookup(&[b"usr", b"bin", b"tool-alias"]).unwrap()
+    );
+    // trusted.overlay.* from the archive is escaped, user.* kept.
+    let x = t.lookup(&[b"etc", b"xattrs"]).unwrap().unwrap();
+    let xattrs = &t.inode(x).meta.xattrs;
+    assert_eq!(
+        xattrs.get(&b"user.color"[..]).map(|v| &v[..]),
+        Some(&b"blue"[..])
+    );
+    assert!(xattrs.contains_key(&b"trusted.overlay.overlay.redirect"[..]));
+    assert!(!xattrs.contains_key(&b"trusted.overlay.redirect"[..]));
+}
+
+#[test]
+fn whiteout_in_the_same_layer_does_not_hide_that_layers_file() {
+    let (_d, s) = store();
+    let l = Layer::new()
+        .file("a/keep", 0o644, b"k")
+        .file("a/.wh.keep", 0o644, b"")
+        .file("a/.wh..wh..opq", 0o644, b"")
+        .tar();
+    let t = tree_of(&s, &[(TAR, l)]).unwrap();
+    assert_eq!(names(&t, &[b"a"]), vec!["keep"]);
+}
+
+#[test]
+fn unsafe_entries_are_refused_with_their_name() {
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (Layer::new().file("../evil", 0o644, b"x").tar(), "../evil"),
+        (
+            Layer::new().file("a/../../evil", 0o644, b"x").tar(),
+            "a/../../evil",
+        ),
+        (
+            Layer::new()
+                .file("f", 0o644, b"x")
+                .hardlink("h", "../f")
+                .tar(),
+            "h",
+        ),
+        (Layer::new().hardlink("h", "/etc/passwd").tar(), "h"),
+        (Layer::new().hardlink("h", "missing").tar(), "h"),
+        (Layer::new().dir("d/", 0o755).hardlink("h", "d").tar(), "h"),
+        // A symlink is stored, but nothing is ever written through it.
+        (
+            Layer::new()
+                .symlink("up", "/")
+                .file("up/etc/passwd", 0o644, b"x")
+                .tar(),
+            "up/etc/passwd",
+        ),
+        (
+            Layer::new()
+                .symlink("up", "../..")
+                .file("up/x", 0o644, b"x")
+                .tar(),
+            "up/x",
+        ),
+    ];
+    for (blob, entry) in cases {
+        let (_d, s) = store();
+        let err = tree_of(&s, &[(TAR, blob)]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::UnsafePath, "{entry}: {err}");
+        match &err {
+            UnpackError::UnsafePath { entry: e, .. } => assert_eq!(e, entry),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The symlink targets themselves are fine as data.
+    let (_d, s) = store();
+    let t = tree_of(&s, &[(TAR, Layer::new().symlink("up", "../../..").tar())]).unwrap();
+    let id = t.lookup(&[b"up"]).unwrap().unwrap();
+    assert_eq!(t.inode(id).kind, Kind::Symlink(b"../../..".to_vec()));
+}
+
+#[test]
+fn media_types_and_stream_errors_have_codes() {
+    let (_d, s) = store();
+    let mut u = Unpacker::new(&s);
+    let err = u
+        .apply_layer("application/vnd.oci.image.layer.v1.tar+bzip2", &b""[..])
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UnsupportedMediaType);
+
+    // Garbage that claims to be gzip.
+    let err = u.apply_layer(TGZ, &b"not gzip at all"[..]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UnsupportedMediaType);
+
+    // A layer whose bytes do not match the manifest digest: digest_mismatch, even
+    // though the tar itself is fine.
+    let blob = Layer::new().file("a", 0o644, b"a").gzip();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let r = DigestingReader::new(&blob[..], &wrong, 1 << 20);
+    let err = u.apply_layer(TGZ, r).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::DigestMismatch, "{err}");
+
+    // The right digest passes; a flipped byte in the blob does not.
+    let right = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&blob))
+    );
+    let mut u = Unpacker::new(&s);
+    u.apply_layer(TGZ, DigestingReader::new(&blob[..], &right, 1 << 20))
+        .unwrap();
+    let mut bad = blob.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    let err = Unpacker::new(&s)
+        .apply_layer(TGZ, DigestingReader::new(&bad[..], &right, 1 << 20))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            ErrorCode::DigestMismatch | ErrorCode::UnsupportedMediaType
+        ),
+        "{err}"
+    );
+    // Oversize streams stop early.
+    let err = Unpacker::new(&s)
+        .apply_layer(TGZ, DigestingReader::new(&blob[..], &right, 10))
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::DigestMismatch);
+}
+
+#[test]
+fn same_tree_gives_the_same_image_bytes() {
+    let (_d1, s1) = store();
+    let (_d2, s2) = store();
+    let a = build_image(&tree_of(&s1, &sample_layers()).unwrap()).unwrap();
+    let b = build_image(&tree_of(&s2, &sample_layers()).unwrap()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.len() % 4096, 0);
+    let d1 = s1
+        .commit_image(&tree_of(&s1, &sample_layers()).unwrap())
+        .unwrap();
+    assert_eq!(d1, verity::digest_bytes(&a));
+    // One changed byte of content changes the image digest.
+    let mut layers = sample_layers();
+    layers.push((
+        TAR,
+        Layer::new().file("etc/hostname", 0o644, b"node-3\n").tar(),
+    ));
+    let d2 = s1.commit_image(&tree_of(&s1, &layers).unwrap()).unwrap();
+    assert_ne!(d1, d2);
+    assert!(check_image_digest(&d1, &d2).is_err_and(|e| e.code() == ErrorCode::VerityMismatch));
+}
+
+/// A directory with many entries spans several blocks, names sort bytewise.
+fn wide_layer() -> Vec<u8> {
+    let mut l = Layer::new().dir("wide/", 0o755);
+    for i in 0..700 {
+        l = l.file(
+            &format!("wide/entry-with-a-longish-name-{i:04}"),
+            0o644,
+            b"",
+        );
+    }
+    l.symlink("longlink", &"x/".repeat(1500)).tar()
+}
+
+fn erofs_tool(name: &str) -> Option<PathBuf> {
+    let find = || {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    };
+    if find().is_none() {
+        let _ =
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools")).status();
+    }
+    let found = find();
+    if found.is_none() {
+        eprintln!("\n!!!!! SKIPPED: {name} (erofs-utils) could not be installed !!!!!\n");
+    }
+    found
+}
+
+#[test]
+fn fsck_erofs_accepts_and_extracts_the_image() {
+    let Some(fsck) = erofs_tool("fsck.erofs") else {
+        return;
+    };
+    let (d, s) = store();
+    let mut layers = sample_layers();
+    layers.push((TAR, wide_layer()));
+    let tree = tree_of(&s, &layers).unwrap();
+    let img = d.path().join("img");
+    std::fs::write(&img, build_image(&tree).unwrap()).unwrap();
+    if let Ok(keep) = std::env::var("COMPOSEFS_KEEP_IMAGE") {
+        std::fs::copy(&img, keep).unwrap();
+    }
+    let out_dir = d.path().join("out");
+    let out = Command::new(&fsck)
+        .arg(format!("--extract={}", out_dir.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.erofs: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Names, types, link targets, sizes and modes survive.
+    let md = |p: &str| std::fs::symlink_metadata(out_dir.join(p)).unwrap();
+    assert_eq!(
+        std::fs::read_link(out_dir.join("bin")).unwrap(),
+        Path::new("usr/bin")
+    );
+    assert_eq!(
+        std::fs::read_link(out_dir.join("etc/escape")).unwrap(),
+        Path::new("../../../../etc/passwd")
+    );
+    // erofs-utils 1.5 extracts holes as empty files; dump.erofs shows the inode.
+    let dump = Command::new(erofs_tool("dump.erofs").unwrap())
+        .args(["--path=/big.bin"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("Size: 3145745"), "{dump}");
+    assert_eq!(md("etc/shadow").permissions().mode() & 0o7777, 0o600);
+    assert_eq!(md("empty").len(), 0);
+    assert_eq!(
+        std::fs::read_dir(out_dir.join("wide")).unwrap().count(),
+        700
+    );
+    assert_eq!(
+        std::fs::read_link(out_dir.join("longlink"))
+            .unwrap()
+            .as_os_str()
+            .len(),
+        3000
+    );
+    assert_eq!(
+        std::fs::read_dir(out_dir.join("var/cache"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn store_dedups_verifies_and_collects() {
+    let (_d, s) = store();
+    let a = s.insert_bytes(b"alpha").unwrap();
+    assert!(a.new);
+    let again = s.insert_bytes(b"alpha").unwrap();
+    assert!(!again.new);
+    assert_eq!(a.digest, again.digest);
+    assert_eq!(a.digest, verity::digest_bytes(b"alpha"));
+    let p = s.object_path(&a.digest);
+    let hex = a.digest.to_hex();
+    assert!(p.ends_with(format!("objects/{}/{}", &hex[..2], &hex[2..])));
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    s.verify(&a.digest).unwrap();
+
+    // Expected digest enforced while streaming; nothing is left behind.
+    let other = verity::digest_bytes(b"beta");
+    let err = s.insert(&b"not beta"[..], Some(&other)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::VerityMismatch);
+    assert!(!s.contains(&other));
+
+    // A byte flipped on disk is caught before use.
+    let mut perm = std::fs::metadata(&p).unwrap().permissions();
+    perm.set_mode(0o644);
+    std::fs::set_permissions(&p, perm).unwrap();
+    std::fs::write(&p, b"alphA").unwrap();
+    let err = s.verify(&a.digest).unwrap_err();
+    assert!(matches!(err, StoreError::VerityMismatch { .. }));
+    assert_eq!(err.code(), ErrorCode::VerityMismatch);
+
+    // gc keeps what live images reference, drops the rest.
+    let (_d, s) = store();
+    let t1 = tree_of(&s, &sample_layers()).unwrap();
+    let img1 = s.commit_image(&t1).unwrap();
+    let loose = s.insert_bytes(b"unreferenced").unwrap();
+    let mut layers = sample_layers();
+    layers.push((TAR, Layer::new().file("only-in-2", 0o644, b"two").tar()));
+    let img2 = s.commit_image(&tree_of(&s, &layers).unwrap()).unwrap();
+    let only2 = verity::digest_bytes(b"two");
+    let stats = s.gc(&[img1]).unwrap();
+    assert!(s.has_image(&img1) && !s.has_image(&img2));
+    assert!(!s.contains(&loose.digest) && !s.contains(&only2) && !s.contains(&img2));
+    for d in t1.objects() {
+        assert!(s.contains(&d));
+    }
+    s.verify_image(&img1).unwrap();
+    assert_eq!(stats.removed_images, 1);
+    // loose, only-in-2, image 2, and what layer 2 shadowed or whited out in layer 1
+    // (old hostname, var/gone, var/cache/old/junk).
+    assert_eq!(stats.removed_objects, 6, "{stats:?}");
+    for gone in [&b"node\n"[..], b"to be whited out", b"junk"] {
+        assert!(!s.contains(&verity::digest_bytes(gone)));
+    }
+    // A live image whose reference list is gone stops gc instead of guessing.
+    let err = s.gc(&[img2]).unwrap_err();
+    assert!(matches!(err, StoreError::ImageMissing(_)));
+}
+
+#[test]
+fn dedup_counts_only_new_content() {
+    let (_d, s) = store();
+    let mut v1 = Layer::new();
+    for i in 0..1000 {
+        v1 = v1.file(&format!("f/{i}"), 0o644, &pseudo_random(100 + i, i as u64));
+    }
+    let mut u = Unpacker::new(&s);
+    let st1 = u.apply_layer(TAR, &v1.tar()[..]).unwrap();
+    assert_eq!(st1.new_objects, 1000);
+    let mut v2 = Layer::new();
+    for i in 0..1000 {
+        let data = if i == 500 {
+            b"changed".to_vec()
+        } else {
+            pseudo_random(100 + i, i as u64)
+        };
+        v2 = v2.file(&format!("f/{i}"), 0o644, &data);
+    }
+    let st2 = Unpacker::new(&s).apply_layer(TAR, &v2.tar()[..]).unwrap();
+    assert_eq!(
+        (st2.new_objects, st2.new_bytes, st2.deduplicated_objects),
+        (1, 7, 999)
+    );
+}
+
+#[test]
+fn mount_sequence_is_recorded() {
+    let (d, s) = store();
+    let img = s
+        .commit_image(&tree_of(&s, &sample_layers()).unwrap())
+        .unwrap();
+    let m = RecordingMounter::default();
+    let work = d.path().join("work");
+    let root = mount_union(&m, &s, &[img], &work, &d.path().join("root")).unwrap();
+    let calls = m.calls();
+    let objects = s.objects_dir().display().to_string();
+    let imgmnt = work.join("images").join(img.to_hex()).display().to_string();
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    assert!(calls[0].starts_with(&format!("mount erofs {}", s.image_path(&img).display())));
+    assert!(calls[0].contains(" ro "));
+    assert!(calls[1].starts_with("mount tmpfs"));
+    assert!(
+        calls[2].contains(&format!("lowerdir={imgmnt}::{objects}")),
+        "{}",
+        calls[2]
+    );
+    assert!(calls[2].contains("metacopy=on,redirect_dir=on,upperdir="));
+    assert!(
+        !calls[2].contains("verity=require"),
+        "userspace store must not require verity"
+    );
+    root.unmount(&m).unwrap();
+    assert_eq!(m.calls().len(), 6);
+
+    // A tampered object stops the mount before any syscall.
+    let obj = tree_of(&s, &sample_layers()).unwrap().objects()[0];
+    let p = s.object_path(&obj);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&p, bytes).unwrap();
+    let m = RecordingMounter::default();
+    let err = mount_module(&m, &s, &img, &d.path().join("i"), &d.path().join("t")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
+    assert!(m.calls().is_empty());
+    // Paths overlayfs cannot take are refused, not mangled.
+    assert!(super::mount::overlay_options(
+        &[Path::new("/a:b")],
+        Path::new("/o"),
+        None,
+        VerityMode::Kernel
+    )
+    .is_err());
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn lgetxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    rustix::fs::lgetxattr(p, name, &mut buf)
+        .ok()
+        .map(|n| buf[..n].to_vec())
+}
+
+/// Snapshot of the object store: path -> (mode, content digest).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, VerityDigest)> {
+    let mut out = BTreeMap::new();
+    for sub in std::fs::read_dir(dir).unwrap() {
+        for e in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let p = e.unwrap().path();
+            let md = std::fs::metadata(&p).unwrap();
+            let d = verity::digest_bytes(&std::fs::read(&p).unwrap());
+            out.insert(p, (md.mode(), d));
+        }
+    }
+    out
+}
+
+/// Root only: the image really mounts, shows the tree, and a union root over it is
+/// writable while the store stays as it was.
+#[test]
+fn mounts_composefs_and_a_writable_union_root() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting needs root");
+        return;
+    }
+    let (d, s) = store();
+    let tree = tree_of(&s, &sample_layers()).unwrap();
+    let img = s.commit_image(&tree).unwrap();
+    let m = KernelMounter;
+    let target = d.path().join("module");
+    let imgmnt = d.path().join("image");
+    if let Err(e) = mount_module(&m, &s, &img, &imgmnt, &target) {
+        panic!("mount failed: {}", chain(&e));
+    }
+    struct Unmount<'a>(Vec<PathBuf>, &'a KernelMounter);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = super::mount::Mounter::unmount(self.1, p);
+            }
+        }
+    }
+    let mut guard = Unmount(vec![target.clone(), imgmnt.clone()], &m);
+    let at = |p: &str| target.join(p);
+    let md = |p: &str| std::fs::symlink_metadata(at(p)).unwrap();
+
+    assert_eq!(std::fs::read(at("etc/hostname")).unwrap(), b"node-2\n");
+    assert_eq!(
+        std::fs::read(at("big.bin")).unwrap(),
+        pseudo_random(3 * 1024 * 1024 + 17, 11)
+    );
+    assert_eq!(std::fs::read(at("empty")).unwrap(), b"");
+    assert_eq!(md("etc/shadow").mode() & 0o7777, 0o600);
+    assert_eq!(md("usr/bin/tool").mode() & 0o7777, 0o4755);
+    assert_eq!(md("usr/bin/tool").ino(), md("usr/bin/tool-alias").ino());
+    assert_eq!(md("usr/bin/tool").nlink(), 2);
+    assert_eq!(
+        std::fs::read(at("bin/tool")).unwrap(),
+        b"#!/bin/sh\necho tool\n"
+    );
+    assert_eq!(
+        std::fs::read_link(at("etc/abs")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    assert!(md("run-fifo").file_type().is_fifo_like());
+    assert_eq!(md("dev-null").rdev(), rustix::fs::makedev(1, 3));
+    assert_eq!(md("etc/hostname").mtime(), 1_700_000_000);
+    assert_eq!(
+        lgetxattr(&at("etc/xattrs"), "user.color").as_deref(),
+        Some(&b"blue"[..])
+    );
+    // The archive's trusted.overlay.redirect is visible as data (unescaped by
+    // overlayfs) and did not redirect anything.
+    assert_eq!(
+        lgetxattr(&at("etc/xattrs"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"/evil"[..])
+    );
+    assert_eq!(std::fs::read(at("etc/xattrs")).unwrap(), b"with xattrs");
+    assert_eq!(std::fs::read_dir(at("var/cache")).unwrap().count(), 1);
+    assert!(!at("var/gone").exists());
+    assert!(
+        std::fs::write(at("etc/new"), b"x").is_err(),
+        "module mounts are read-only"
+    );
+
+    // Union root: two modules (the first wins), tmpfs upper.
+    let extra = tree_of(
+        &s,
+        &[(
+            TAR,
+            Layer::new()
+                .file("etc/hostname", 0o644, b"from-top\n")
+                .file("opt/top", 0o755, b"top")
+                .tar(),
+        )],
+    )
+    .unwrap();
+    let img2 = s.commit_image(&extra).unwrap();
+    let before = snapshot(s.objects_dir());
+    let root_dir = d.path().join("root");
+    let union = match mount_union(&m, &s, &[img2, img], &d.path().join("work"), &root_dir) {
+        Ok(u) => u,
+        Err(e) => panic!("union mount failed: {}", chain(&e)),
+    };
+    guard.0.insert(0, root_dir.clone());
+    guard.0.insert(1, union.upper.clone());
+    for p in union.image_mounts.iter().rev() {
+        guard.0.insert(2, p.clone());
+    }
+    let r = |p: &str| root_dir.join(p);
+    assert_eq!(std::fs::read(r("etc/hostname")).unwrap(), b"from-top\n");
+    assert_eq!(std::fs::read(r("opt/top")).unwrap(), b"top");
+    assert_eq!(
+        std::fs::read(r("big.bin")).unwrap().len(),
+        3 * 1024 * 1024 + 17
+    );
+    std::fs::write(r("etc/new"), b"written").unwrap();
+    std::fs::write(r("etc/shadow"), b"changed").unwrap();
+    std::fs::set_permissions(r("usr/bin/tool"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::remove_file(r("empty")).unwrap();
+    assert_eq!(std::fs::read(r("etc/shadow")).unwrap(), b"changed");
+    assert_eq!(
+        std::fs::read(r("usr/bin/tool")).unwrap(),
+        b"#!/bin/sh\necho tool\n"
+    );
+    // The lowers did not move: objects, and the module mounted on its own.
+    assert_eq!(snapshot(s.objects_dir()), before);
+    assert_eq!(
+        std::fs::read(at("etc/shadow")).unwrap(),
+        b"root:*:1::::::\n"
+    );
+    assert_eq!(md("usr/bin/tool").mode() & 0o7777, 0o4755);
+    assert!(at("empty").exists());
+    assert!(union.upper.join("upper/etc/new").exists());
+    s.verify_image(&img).unwrap();
+    union.unmount(&m).unwrap();
+    guard.0.retain(|p| *p == target || *p == imgmnt);
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
