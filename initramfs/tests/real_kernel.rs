@@ -1,0 +1,133 @@
+//! Against the real pinned kernel in the project cache (`cache/kernel/VERSION`, made by
+//! `powernode-initramfs build` or the VM tests). Skipped, with a note, when the kernel
+//! has not been fetched yet: unit tests never touch the network.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use powernode_initramfs::kernel::{KernelTree, DEFAULT_PIN};
+use powernode_initramfs::modules::ModuleTree;
+use powernode_initramfs::{cpio, KernelPin};
+
+fn cached_tree() -> Option<KernelTree> {
+    let pin = KernelPin::parse(DEFAULT_PIN).unwrap();
+    let cache = std::env::var("POWERNODE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cache"));
+    let tree = KernelTree {
+        root: cache.join("kernel").join(&pin.version),
+        pin,
+    };
+    if tree.modules_dir().is_dir() {
+        Some(tree)
+    } else {
+        eprintln!(
+            "skipping: {} not fetched (run powernode-initramfs build)",
+            tree.modules_dir().display()
+        );
+        None
+    }
+}
+
+fn names(tree: &ModuleTree, wanted: &[String]) -> Vec<String> {
+    tree.closure(wanted)
+        .unwrap()
+        .modules
+        .into_iter()
+        .map(|m| m.name)
+        .collect()
+}
+
+/// The closure from `.modinfo` equals the one from a `modules.dep` written by the real
+/// `depmod` (kmod) over a hard-linked copy of the tree.
+#[test]
+fn modinfo_closure_matches_depmod() {
+    let Some(kernel) = cached_tree() else { return };
+    if Command::new("depmod").arg("--version").output().is_err() {
+        eprintln!("skipping: depmod (kmod) not installed");
+        return;
+    }
+    let release = &kernel.pin.release;
+    let wanted = kernel.pin.modules.clone();
+    let from_modinfo = ModuleTree::open(&kernel.modules_dir(), release).unwrap();
+    let closure = from_modinfo.closure(&wanted).unwrap();
+    for m in &closure.modules {
+        assert!(m.elf.starts_with(b"\x7fELF"), "{} not decompressed", m.name);
+    }
+    assert!(closure.builtin.contains(&"ext4".to_string()));
+
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&target).unwrap();
+    let base = tempfile::tempdir_in(&target).unwrap();
+    let copy = base.path().join("lib/modules").join(release);
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let status = Command::new("cp")
+        .arg("-al")
+        .arg(kernel.modules_dir())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new("depmod")
+        .arg("-b")
+        .arg(base.path())
+        .arg(release)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(copy.join("modules.dep").is_file());
+    let from_dep = ModuleTree::open(&copy, release).unwrap();
+
+    let mut a = names(&from_modinfo, &wanted);
+    let mut b = names(&from_dep, &wanted);
+    // The orders may differ where depmod lists a module's dependencies in another
+    // order; both must be dependency-first, and the sets equal.
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for tree in [&from_modinfo, &from_dep] {
+        let order = names(tree, &wanted);
+        let pos = |n: &str| order.iter().position(|x| x == n).unwrap();
+        assert!(pos("failover") < pos("net_failover"));
+        assert!(pos("net_failover") < pos("virtio_net"));
+        assert!(pos("libcrc32c") < pos("erofs"));
+    }
+}
+
+/// Same inputs, same bytes, on the real module closure; and the archive reads back.
+#[test]
+fn real_closure_archive_is_deterministic() {
+    let Some(kernel) = cached_tree() else { return };
+    let tree = ModuleTree::open(&kernel.modules_dir(), &kernel.pin.release).unwrap();
+    let build = || {
+        let closure = tree.closure(&kernel.pin.modules).unwrap();
+        let spec =
+            powernode_initramfs::build::initramfs_spec(b"\x7fELF-init", None, &closure).unwrap();
+        let archive = cpio::write_newc(&spec).unwrap();
+        powernode_initramfs::compress::compress(&archive, powernode_initramfs::Compression::Zstd)
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    assert_eq!(a, b);
+    let archive =
+        powernode_initramfs::compress::decompress(&a, powernode_initramfs::Compression::Zstd)
+            .unwrap();
+    let members = cpio::read_newc(&archive).unwrap();
+    let order = members
+        .iter()
+        .find(|m| m.name == "lib/modules/load-order")
+        .unwrap();
+    let listed: Vec<&str> = std::str::from_utf8(&order.data).unwrap().lines().collect();
+    assert!(listed.contains(&"qemu_fw_cfg.ko") && listed.contains(&"virtio_net.ko"));
+    for file in listed {
+        let m = members
+            .iter()
+            .find(|m| m.name == format!("lib/modules/{file}"))
+            .unwrap_or_else(|| panic!("{file} listed but not in the archive"));
+        assert!(m.data.starts_with(b"\x7fELF"));
+    }
+}
