@@ -133,6 +133,10 @@ pub struct CertInfo {
     /// Raw subject public key bytes (32 for Ed25519).
     pub public_key: Vec<u8>,
     pub serial: String,
+    /// When this node got the certificate (unix seconds, local clock). Servers
+    /// backdate `not_before` for clock skew, so the lifetime that matters for
+    /// renewal starts at the later of the two.
+    pub received_at: i64,
 }
 
 impl CertInfo {
@@ -141,8 +145,10 @@ impl CertInfo {
         self.instance_uri.as_deref().or(self.common_name.as_deref())
     }
 
+    /// The usable lifetime: from the later of `not_before` and receipt to `not_after`.
     pub fn lifetime_seconds(&self) -> i64 {
-        self.not_after.saturating_sub(self.not_before)
+        let start = self.not_before.max(self.received_at.min(self.not_after));
+        self.not_after.saturating_sub(start)
     }
 
     /// Renew when the server asks, or when a third of the lifetime (or less) is left.
@@ -187,6 +193,7 @@ pub fn parse_cert(pem: &str) -> Result<CertInfo, CredentialError> {
         instance_uri,
         public_key: cert.public_key().subject_public_key.data.to_vec(),
         serial: cert.raw_serial_as_string(),
+        received_at: unix_now(),
     })
 }
 
@@ -275,7 +282,8 @@ pub(crate) mod tests {
         let creds = Credentials::new(key, cert, ca, "inst-42").unwrap();
         assert_eq!(creds.info.common_name.as_deref(), Some("inst-42"));
         assert_eq!(creds.info.instance_uri.as_deref(), Some("inst-42"));
-        assert_eq!(creds.info.lifetime_seconds(), 3600);
+        // `sign` does not backdate, so the lifetime is the full validity.
+        assert!((3599..=3600).contains(&creds.info.lifetime_seconds()));
         // The same certificate with another key or instance is refused.
         let other = NodeKey::from_seed([8; 32]);
         assert!(Credentials::new(
@@ -301,6 +309,7 @@ pub(crate) mod tests {
             instance_uri: None,
             public_key: vec![],
             serial: String::new(),
+            received_at: 0,
         };
         assert!(!info.renewal_due(1000, false));
         assert!(!info.renewal_due(1599, false));
@@ -309,5 +318,21 @@ pub(crate) mod tests {
         assert!(info.renewal_due(1000, true));
         assert!(!info.expired(1899));
         assert!(info.expired(1900));
+        // A certificate backdated 60 s for clock skew: its life starts at receipt,
+        // so it is not renewed at once.
+        let backdated = CertInfo {
+            not_before: 940,
+            received_at: 1000,
+            ..info.clone()
+        };
+        assert_eq!(backdated.lifetime_seconds(), 900);
+        assert!(!backdated.renewal_due(1001, false));
+        assert!(backdated.renewal_due(1600, false));
+        // A receipt time past expiry (clock jump) cannot make the lifetime negative.
+        let odd = CertInfo {
+            received_at: 5000,
+            ..info
+        };
+        assert_eq!(odd.lifetime_seconds(), 0);
     }
 }

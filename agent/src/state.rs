@@ -155,13 +155,23 @@ impl StateDir {
         let mut candidates = Vec::new();
         for path in [self.file(CERT_FILE), tmp_path(&self.file(CERT_FILE))] {
             if let Some(pem) = read_optional(&path)? {
-                candidates.push(pem);
+                // The file's mtime is when the node received the certificate.
+                let received_at = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or_else(unix_now);
+                candidates.push((pem, received_at));
             }
         }
         let mut last_err = None;
-        for cert_pem in candidates {
+        for (cert_pem, received_at) in candidates {
             let key = NodeKey::from_pem(&key_pem)?;
-            match Credentials::new(key, cert_pem, ca_pem.clone(), instance_id) {
+            match Credentials::new(key, cert_pem, ca_pem.clone(), instance_id).map(|mut c| {
+                c.info.received_at = received_at.min(unix_now());
+                c
+            }) {
                 Ok(creds) if creds.info.expired(unix_now()) => {
                     tracing::warn!(
                         not_after = creds.info.not_after,
@@ -217,7 +227,8 @@ mod tests {
         );
         let back = state.load_credentials("inst-1").unwrap().unwrap();
         assert_eq!(back.key.public_key(), c.key.public_key());
-        assert_eq!(back.info, c.info);
+        assert_eq!(back.info.serial, c.info.serial);
+        assert!((back.info.received_at - c.info.received_at).abs() <= 2);
         // Another instance's identity does not reuse these credentials.
         assert!(state.load_credentials("inst-2").unwrap().is_none());
     }

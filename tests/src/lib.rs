@@ -1,2 +1,542 @@
 //! Test harness shared by the host-integration and VM end-to-end tiers: process
 //! guards, port-0 servers, helpers that walk the runbook.
+//!
+//! Every child process is owned by a [`ProcessGuard`] that kills it by its own pid
+//! when dropped, also when a test panics. Servers bind 127.0.0.1 only. Each test
+//! keeps its data and logs under `target/powernode-tests/<test>/` so a failure can
+//! be read afterwards; the folder is wiped when the test starts again.
+//!
+//! This crate must never talk to anything but loopback, and never leave a process
+//! running after a test.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+
+pub use powernode_proto as proto;
+
+/// Kills its child (by the child's own pid) on drop.
+#[derive(Debug)]
+pub struct ProcessGuard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl ProcessGuard {
+    pub fn new(name: impl Into<String>, child: Child) -> Self {
+        Self {
+            name: name.into(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The exit status if the process has ended (it is reaped then).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            None => bail!("{} was already reaped", self.name),
+            Some(c) => Ok(c.try_wait()?),
+        }
+    }
+
+    /// Waits for the process to end by itself within `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Root of the workspace (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The profile directory this test binary was built into (`target/debug`).
+fn profile_dir() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/deps/<test-binary>
+        if let Some(deps) = exe.parent() {
+            if deps.file_name().is_some_and(|n| n == "deps") {
+                if let Some(profile) = deps.parent() {
+                    return profile.to_path_buf();
+                }
+            }
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug")
+}
+
+static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// Builds `powernode-stub` and `powernode-agent` once per test process, so the
+/// tests never run stale binaries (a no-op when they are fresh).
+fn ensure_built() -> Result<()> {
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(workspace_root()).args([
+                "build",
+                "-p",
+                "powernode-stub",
+                "-p",
+                "powernode-agent",
+            ]);
+            if profile_dir().file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().map_err(|e| format!("running cargo: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cargo build failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Path of a workspace binary, built if needed.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    ensure_built()?;
+    let path = profile_dir().join(name);
+    if !path.exists() {
+        bail!("{} is missing after cargo build", path.display());
+    }
+    Ok(path)
+}
+
+/// A fresh per-test folder under `target/powernode-tests/`.
+pub fn test_dir(name: &str) -> Result<PathBuf> {
+    let dir = profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("powernode-tests")
+        .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// `powernode-stub serve` options used by the tests.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `None`: port 0.
+    pub port: Option<u16>,
+    pub silent_after_seconds: u64,
+    pub cert_ttl_seconds: u64,
+    pub token_ttl_seconds: u64,
+    pub sensor_interval_ms: u64,
+    pub heartbeat_interval_seconds: u64,
+    pub extra: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            port: None,
+            silent_after_seconds: 300,
+            cert_ttl_seconds: 3600,
+            token_ttl_seconds: 3600,
+            sensor_interval_ms: 200,
+            heartbeat_interval_seconds: 1,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A running `powernode-stub serve`.
+#[derive(Debug)]
+pub struct Server {
+    pub guard: ProcessGuard,
+    pub data: PathBuf,
+    pub addr: String,
+    pub url: String,
+    pub opts: ServerOptions,
+    http: reqwest::blocking::Client,
+    token: String,
+}
+
+impl Server {
+    /// Starts the server on `data` and waits for `{"listening": ...}`.
+    pub fn start(data: &Path, opts: ServerOptions) -> Result<Self> {
+        std::fs::create_dir_all(data)?;
+        let listen = format!("127.0.0.1:{}", opts.port.unwrap_or(0));
+        let log = data.parent().unwrap_or(data).join("server.log");
+        let mut cmd = Command::new(binary("powernode-stub")?);
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", &listen])
+            .args([
+                "--silent-after-seconds",
+                &opts.silent_after_seconds.to_string(),
+            ])
+            .args(["--cert-ttl-seconds", &opts.cert_ttl_seconds.to_string()])
+            .args(["--token-ttl-seconds", &opts.token_ttl_seconds.to_string()])
+            .args(["--sensor-interval-ms", &opts.sensor_interval_ms.to_string()])
+            .args([
+                "--heartbeat-interval-seconds",
+                &opts.heartbeat_interval_seconds.to_string(),
+            ])
+            .args(&opts.extra)
+            .env("POWERNODE_LIBVIRT_MODE", "recorder")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&log)?);
+        let mut child = cmd.spawn().context("spawning powernode-stub")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let guard = ProcessGuard::new("powernode-stub", child);
+
+        // Read the first line on a thread so a silent server cannot hang the test;
+        // keep draining stdout afterwards so the server never blocks on a full pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            anyhow!(
+                "powernode-stub printed nothing in 30 s (see {})",
+                log.display()
+            )
+        })?;
+        let v: Value = serde_json::from_str(line.trim()).with_context(|| {
+            format!(
+                "first stdout line is not JSON: {line:?} (see {})",
+                log.display()
+            )
+        })?;
+        let addr = v["listening"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no `listening` in {line}"))?
+            .to_string();
+        let ca = std::fs::read_to_string(data.join("ca.pem")).context("reading DIR/ca.pem")?;
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .context("reading DIR/admin-token")?
+            .trim()
+            .to_string();
+        Ok(Self {
+            guard,
+            data: data.to_path_buf(),
+            url: format!("https://{addr}"),
+            addr,
+            opts,
+            http: admin_client(&ca)?,
+            token,
+        })
+    }
+
+    pub fn port(&self) -> Result<u16> {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no port in {}", self.addr))
+    }
+
+    /// SIGKILL, then start again on the same DIR and the same port.
+    pub fn kill_and_restart(mut self) -> Result<Self> {
+        let mut opts = self.opts.clone();
+        opts.port = Some(self.port()?);
+        let data = self.data.clone();
+        self.guard.kill();
+        drop(self);
+        // The port was just freed; retry briefly in case the kernel still holds it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start(&data, opts.clone()) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart failed ({e:#}); retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().with_context(|| format!("{method} {path}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .with_context(|| format!("{method} {path}: body {text:?}"))?
+        };
+        Ok((status, v))
+    }
+
+    /// Admin GET; fails on a non-2xx answer.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        match self.request(reqwest::Method::GET, path, None)? {
+            (s, v) if (200..300).contains(&s) => Ok(v),
+            (s, v) => bail!("GET {path}: HTTP {s}: {v}"),
+        }
+    }
+
+    /// Admin POST; fails on a non-2xx answer.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        match self.request(reqwest::Method::POST, path, Some(body))? {
+            (s, v) if (200..300).contains(&s) => Ok(v),
+            (s, v) => bail!("POST {path}: HTTP {s}: {v}"),
+        }
+    }
+
+    /// Runs the admin CLI against this server and parses its `--json` output.
+    pub fn cli(&self, args: &[&str]) -> Result<Value> {
+        let out = Command::new(binary("powernode-stub")?)
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--server", &self.url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running powernode-stub CLI")?;
+        if !out.status.success() {
+            bail!(
+                "powernode-stub {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "powernode-stub {args:?} printed non-JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn instance(&self, id: &str) -> Result<Value> {
+        Ok(self.get(&proto::paths::admin_instance(id))?["instance"].clone())
+    }
+
+    pub fn node(&self, id: &str) -> Result<Value> {
+        Ok(self.get(&proto::paths::admin_node(id))?["node"].clone())
+    }
+
+    pub fn task(&self, id: &str) -> Result<Value> {
+        Ok(self.get(&proto::paths::admin_task(id))?["task"].clone())
+    }
+
+    pub fn signals(&self) -> Result<Vec<Value>> {
+        Ok(self.get(proto::paths::ADMIN_SIGNALS)?["signals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The identity document the recorder provider would hand the VM.
+    pub fn identity(&self, instance_id: &str) -> Result<Value> {
+        let v = self.get(&proto::paths::admin_instance_identity(instance_id))?;
+        // Accept the document bare or wrapped in `{identity: ...}`.
+        Ok(match v.get("identity") {
+            Some(doc) if doc.is_object() => doc.clone(),
+            _ => v,
+        })
+    }
+
+    /// create-node + provision-instance through the admin API; returns
+    /// `(node_id, instance_id)`.
+    pub fn create_and_provision(&self, hostname: &str) -> Result<(String, String)> {
+        let node = self.post(
+            proto::paths::ADMIN_NODES,
+            &serde_json::json!({"hostname": hostname, "lifecycle_class": "ephemeral"}),
+        )?;
+        let node_id = str_at(&node, "/node/id")?;
+        let prov = self.post(
+            &proto::paths::admin_provision(&node_id),
+            &serde_json::json!({}),
+        )?;
+        let instance_id = str_at(&prov, "/instance/id")?;
+        Ok((node_id, instance_id))
+    }
+}
+
+fn admin_client(ca_pem: &str) -> Result<reqwest::blocking::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut reader = ca_pem.as_bytes();
+    for cert in rustls_pemfile::certs(&mut reader) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()?)
+}
+
+/// A string at a JSON pointer, or an error naming the pointer and the document.
+pub fn str_at(v: &Value, pointer: &str) -> Result<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no string at {pointer} in {v}"))
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes; the error carries the
+/// last value seen.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Parses an RFC 3339 timestamp.
+pub fn timestamp(s: &str) -> Result<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("bad timestamp {s:?}"))
+}
+
+/// A running `powernode-agent run`.
+#[derive(Debug)]
+pub struct Agent {
+    pub guard: ProcessGuard,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `powernode-agent run --state-dir STATE ARGS...`, logging to `log`.
+    pub fn start(state_dir: &Path, log: &Path, args: &[&str]) -> Result<Self> {
+        let child = Command::new(binary("powernode-agent")?)
+            .arg("run")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(args)
+            .env("RUST_LOG", "info,powernode_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file(log)?)
+            .stderr(log_file(log)?)
+            .spawn()
+            .context("spawning powernode-agent")?;
+        Ok(Self {
+            guard: ProcessGuard::new("powernode-agent", child),
+            state_dir: state_dir.to_path_buf(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Starts the agent with the identity document in a file.
+    pub fn with_identity(dir: &Path, name: &str, identity: &Value, extra: &[&str]) -> Result<Self> {
+        let id_file = dir.join(format!("{name}-identity.json"));
+        std::fs::write(&id_file, serde_json::to_vec_pretty(identity)?)?;
+        let id = id_file.to_string_lossy().into_owned();
+        let mut args = vec!["--identity", id.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(
+            &dir.join(format!("{name}-state")),
+            &dir.join(format!("{name}.log")),
+            &args,
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Waits until the instance reports `running` with a heartbeat; returns it.
+pub fn wait_running(server: &Server, instance_id: &str, timeout: Duration) -> Result<Value> {
+    wait_for(&format!("instance {instance_id} running"), timeout, || {
+        let inst = server.instance(instance_id)?;
+        Ok((inst["status"] == "running" && inst["last_heartbeat_at"].is_string()).then_some(inst))
+    })
+}

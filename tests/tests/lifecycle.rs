@@ -1,0 +1,305 @@
+//! The runbook on loopback: the real `powernode-agent` process against the real
+//! `powernode-stub` process in recorder mode. Assertions are on the JSON the server
+//! returns (and, for the agent's exit, on its exit code and stated reason).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use base64::Engine as _;
+use powernode_tests::{
+    proto, str_at, test_dir, timestamp, wait_for, wait_running, Agent, Server, ServerOptions,
+};
+use serde_json::{json, Value};
+
+/// Generous deadlines: the machine has two cores and runs tests in parallel.
+const RUNNING: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(20);
+
+/// The agent's distinct exit code when the control plane refuses it for good
+/// (`powernode_agent::exit_code::TERMINAL`).
+const EXIT_TERMINAL: i32 = 3;
+
+#[test]
+fn runbook_create_provision_run_drain_terminate_reprovision() -> Result<()> {
+    let dir = test_dir("runbook")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+
+    // 1-2: create and provision through the CLI.
+    let node = server.cli(&[
+        "create-node",
+        "--hostname",
+        "edge-1",
+        "--lifecycle-class",
+        "persistent",
+    ])?;
+    let node_id = str_at(&node, "/node/id")?;
+    assert_eq!(node["node"]["status"], "no_instance", "{node}");
+    let prov = server.cli(&["provision-instance", &node_id])?;
+    let instance_id = str_at(&prov, "/instance/id")?;
+    str_at(&prov, "/task_id")?;
+    let identity = server.cli(&["instance-identity", &instance_id])?;
+    let identity = match identity.get("identity") {
+        Some(doc) if doc.is_object() => doc.clone(),
+        _ => identity,
+    };
+    assert_eq!(identity["instance_id"], instance_id.as_str());
+    assert_eq!(identity["node_id"], node_id.as_str());
+
+    // 3-4: the agent enrolls with the recorded identity, heartbeats, runs.
+    let mut agent =
+        Agent::with_identity(&dir, "agent1", &identity, &["--service", "web=sleep 300"])?;
+    let inst = wait_running(&server, &instance_id, RUNNING).with_context(|| agent.log_text())?;
+    assert_eq!(inst["identity_source"], "file", "{inst}");
+    assert!(inst["enrolled_at"].is_string(), "{inst}");
+    let phases: Vec<&str> = inst["boot_timeline"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["phase"].as_str()).collect())
+        .unwrap_or_default();
+    for p in ["identity_found", "enrolled", "ready"] {
+        assert!(phases.contains(&p), "timeline lacks {p}: {inst}");
+    }
+    // The key never left the node and is private to it.
+    let key = agent.state_dir.join("node.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // 5: drain; the agent leases the drain task, stops its service, completes it.
+    let drain = server.post(
+        &proto::paths::admin_drain(&instance_id),
+        &json!({"timeout_seconds": 10, "cordon_only": false}),
+    )?;
+    assert_eq!(drain["status"], "draining", "{drain}");
+    let drain_task = str_at(&drain, "/task_id")?;
+    let task = wait_for("drain task succeeded", RUNNING, || {
+        let t = server.task(&drain_task)?;
+        ensure!(
+            !matches!(t["status"].as_str(), Some("failed" | "cancelled")),
+            "drain task ended badly: {t}"
+        );
+        Ok((t["status"] == "succeeded").then_some(t))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(task["kind"], "drain");
+    assert_eq!(task["result"]["drained"], true, "{task}");
+    assert_eq!(task["result"]["services_stopped"], json!(["web"]), "{task}");
+    let inst = wait_for("cordoned, drained heartbeat", RUNNING, || {
+        let i = server.instance(&instance_id)?;
+        Ok((i["cordoned"] == true && i["phase"] == "drained").then_some(i))
+    })?;
+    assert_eq!(inst["status"], "draining", "{inst}");
+
+    // 6: terminate; the agent's next call is refused and it stops for good.
+    let term = server.post(&proto::paths::admin_terminate(&instance_id), &json!({}))?;
+    str_at(&term, "/task_id")?;
+    let status = agent
+        .guard
+        .wait_timeout(EXIT)
+        .with_context(|| agent.log_text())?;
+    assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("stopping for good")
+            && (log.contains("certificate_revoked") || log.contains("instance_terminated")),
+        "exit reason missing from stderr:\n{log}"
+    );
+    let inst = wait_for("instance terminated", RUNNING, || {
+        let i = server.instance(&instance_id)?;
+        Ok((i["status"] == "terminated").then_some(i))
+    })?;
+    assert!(inst["terminated_at"].is_string(), "{inst}");
+
+    // The Node stays, with its history, and can be provisioned again.
+    let node = server.node(&node_id)?;
+    assert_eq!(node["status"], "no_instance", "{node}");
+    assert!(
+        node["instance_history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|i| i == instance_id.as_str())),
+        "{node}"
+    );
+    let prov2 = server.post(&proto::paths::admin_provision(&node_id), &json!({}))?;
+    let instance2 = str_at(&prov2, "/instance/id")?;
+    assert_ne!(instance2, instance_id);
+
+    // The second agent learns its identity from a kernel command line this time.
+    let identity2 = server.identity(&instance2)?;
+    let encoded =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&identity2)?);
+    let cmdline = dir.join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!("console=ttyS0 powernode.identity={encoded} quiet\n"),
+    )?;
+    let fw_cfg = dir.join("no-fw-cfg");
+    let mut agent2 = Agent::start(
+        &dir.join("agent2-state"),
+        &dir.join("agent2.log"),
+        &[
+            "--cmdline",
+            &cmdline.to_string_lossy(),
+            "--fw-cfg",
+            &fw_cfg.to_string_lossy(),
+        ],
+    )?;
+    let inst2 = wait_running(&server, &instance2, RUNNING).with_context(|| agent2.log_text())?;
+    assert_eq!(inst2["identity_source"], "cmdline", "{inst2}");
+    assert_eq!(server.node(&node_id)?["status"], "running");
+    assert!(agent2.guard.is_running());
+    Ok(())
+}
+
+#[test]
+fn killed_agent_raises_instance_silent() -> Result<()> {
+    let dir = test_dir("silent")?;
+    let server = Server::start(
+        &dir.join("data"),
+        ServerOptions {
+            silent_after_seconds: 2,
+            sensor_interval_ms: 200,
+            ..ServerOptions::default()
+        },
+    )?;
+    let (_node, instance) = server.create_and_provision("edge-silent")?;
+    let mut agent = Agent::with_identity(&dir, "agent", &server.identity(&instance)?, &[])?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+
+    let silent = |server: &Server| -> Result<Option<Value>> {
+        Ok(server.signals()?.into_iter().find(|s| {
+            s["kind"] == "instance.silent"
+                && s["instance_id"] == instance.as_str()
+                && s["active"] == true
+        }))
+    };
+    // While the agent heartbeats, the sensor stays quiet.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(silent(&server)?, None, "silent raised while heartbeating");
+
+    agent.guard.kill();
+    let signal = wait_for("instance.silent", Duration::from_secs(15), || {
+        silent(&server)
+    })?;
+    assert_eq!(signal["instance_id"], instance.as_str());
+    Ok(())
+}
+
+#[test]
+fn agent_carries_on_across_a_server_kill_and_restart() -> Result<()> {
+    let dir = test_dir("server-restart")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (node_id, instance) = server.create_and_provision("edge-restart")?;
+    let mut agent = Agent::with_identity(&dir, "agent", &server.identity(&instance)?, &[])?;
+    let before = wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+
+    let server = server.kill_and_restart()?;
+    let restarted_at = time::OffsetDateTime::now_utc();
+    let after = wait_for("a heartbeat after the restart", RUNNING, || {
+        let i = server.instance(&instance)?;
+        let hb = i["last_heartbeat_at"].as_str().map(timestamp).transpose()?;
+        Ok(hb.filter(|t| *t > restarted_at).map(|_| i))
+    })
+    .with_context(|| agent.log_text())?;
+    assert!(
+        agent.guard.is_running(),
+        "agent died:\n{}",
+        agent.log_text()
+    );
+    // Nothing lost: same node and instance, still running, enrolled once.
+    assert_eq!(after["status"], "running");
+    assert_eq!(after["node_id"], node_id.as_str());
+    assert_eq!(
+        after["enrolled_at"], before["enrolled_at"],
+        "agent enrolled again"
+    );
+    assert_eq!(
+        server.node(&node_id)?["current_instance_id"],
+        instance.as_str()
+    );
+    Ok(())
+}
+
+#[test]
+fn restarted_agent_reuses_its_certificate() -> Result<()> {
+    let dir = test_dir("agent-restart")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_node, instance) = server.create_and_provision("edge-agent-restart")?;
+    let identity = server.identity(&instance)?;
+    let mut agent = Agent::with_identity(&dir, "agent", &identity, &[])?;
+    let before = wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let cert = std::fs::read_to_string(agent.state_dir.join("node.crt"))?;
+    agent.guard.kill();
+
+    // Same identity (its token is spent), same state dir: no enrollment, carries on.
+    let restarted_at = time::OffsetDateTime::now_utc();
+    let mut agent = Agent::with_identity(&dir, "agent", &identity, &[])?;
+    let after = wait_for("a heartbeat from the restarted agent", RUNNING, || {
+        let i = server.instance(&instance)?;
+        let hb = i["last_heartbeat_at"].as_str().map(timestamp).transpose()?;
+        Ok(hb.filter(|t| *t > restarted_at).map(|_| i))
+    })
+    .with_context(|| agent.log_text())?;
+    assert!(agent.guard.is_running(), "{}", agent.log_text());
+    assert_eq!(after["status"], "running");
+    assert_eq!(after["enrolled_at"], before["enrolled_at"]);
+    assert_eq!(
+        std::fs::read_to_string(agent.state_dir.join("node.crt"))?,
+        cert
+    );
+    Ok(())
+}
+
+#[test]
+fn certificate_is_renewed_before_it_expires() -> Result<()> {
+    const TTL: u64 = 6;
+    let dir = test_dir("renewal")?;
+    let server = Server::start(
+        &dir.join("data"),
+        ServerOptions {
+            cert_ttl_seconds: TTL,
+            ..ServerOptions::default()
+        },
+    )?;
+    let (_node, instance) = server.create_and_provision("edge-renew")?;
+    let mut agent = Agent::with_identity(&dir, "agent", &server.identity(&instance)?, &[])?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let first = std::fs::read_to_string(agent.state_dir.join("node.crt"))?;
+
+    // Well past the first certificate's expiry the agent must still be heartbeating
+    // (the server refuses an expired certificate) and hold a different certificate.
+    std::thread::sleep(Duration::from_secs(TTL * 2));
+    assert!(
+        agent.guard.is_running(),
+        "agent died:\n{}",
+        agent.log_text()
+    );
+    let checked_at = time::OffsetDateTime::now_utc();
+    wait_for(
+        "a heartbeat on a renewed certificate",
+        Duration::from_secs(10),
+        || {
+            let i = server.instance(&instance)?;
+            let hb = i["last_heartbeat_at"].as_str().map(timestamp).transpose()?;
+            Ok(hb.filter(|t| *t > checked_at).map(|_| i))
+        },
+    )
+    .with_context(|| agent.log_text())?;
+    let now = std::fs::read_to_string(agent.state_dir.join("node.crt"))?;
+    assert_ne!(now, first, "certificate was never renewed");
+
+    // Renewed at about two thirds of each lifetime: a few times in 2 x TTL, not at
+    // every heartbeat and not never.
+    let events = server.cli(&["recent-events", "--instance", &instance, "--limit", "200"])?;
+    let renewals = events["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|e| e["kind"] == "certificate.renewed")
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(
+        (2..=5).contains(&renewals),
+        "{renewals} renewals in {} s with a {TTL} s certificate:\n{events}",
+        TTL * 2
+    );
+    Ok(())
+}
