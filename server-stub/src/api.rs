@@ -406,3 +406,130 @@ async fn complete_task(
 ) -> JsonOut<powernode_proto::node::CompleteTaskResponse> {
     Ok(axum::Json(st.complete_task(&id, &task_id, req).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn state() -> (tempfile::TempDir, AppState) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        let ca = crate::ca::Ca::load_or_create(dir.path()).unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let st = AppState::new(
+            cfg,
+            "https://127.0.0.1:1".into(),
+            crate::Clock::default(),
+            ca,
+            store,
+            "admin-secret",
+        )
+        .unwrap();
+        (dir, st)
+    }
+
+    async fn send(router: &Router, req: Request) -> (StatusCode, serde_json::Value) {
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn post(path: &str, body: &'static str, auth: bool) -> Request {
+        let mut b = Request::post(path).header("content-type", "application/json");
+        if auth {
+            b = b.header("authorization", "Bearer admin-secret");
+        }
+        b.body(Body::from(body)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_codes_in_process() {
+        let (_dir, st) = state();
+        let router = app(st);
+        let (s, v) = send(&router, post(paths::ADMIN_NODES, "{nope", true)).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("malformed_json"))
+        );
+        let (s, v) = send(&router, post(paths::ADMIN_NODES, "{}", false)).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("admin_token_missing"))
+        );
+        let (s, v) = send(
+            &router,
+            post(
+                paths::ADMIN_NODES,
+                r#"{"hostname":"a","lifecycle_class":"spot"}"#,
+                true,
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+        assert_eq!(v["node"]["status"], "no_instance");
+        let (s, v) = send(
+            &router,
+            Request::get(paths::ENROLLMENT).body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("bad_request"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_accept_loops_verdict_decides_node_calls() {
+        let (_dir, st) = state();
+        let router = app(st);
+        let (s, v) = send(&router, post(paths::HEARTBEAT, "{}", false)).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (
+                StatusCode::UNAUTHORIZED,
+                Some("client_certificate_required")
+            )
+        );
+        let mut req = post(paths::HEARTBEAT, "{}", false);
+        req.extensions_mut()
+            .insert(PeerAuth::Invalid("other CA".into()));
+        let (s, v) = send(&router, req).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("client_certificate_invalid"))
+        );
+        // Verified at connect time, but expired since.
+        let mut req = post(paths::HEARTBEAT, "{}", false);
+        req.extensions_mut()
+            .insert(PeerAuth::Verified(Arc::new(ClientIdentity {
+                instance_id: "inst-x".into(),
+                serial: "01".into(),
+                not_before_ms: 0,
+                not_after_ms: 1000,
+            })));
+        let (_, v) = send(&router, req).await;
+        assert_eq!(v["error"]["code"], "client_certificate_invalid", "{v}");
+        // Valid, but not a serial this control plane issued.
+        let mut req = post(
+            paths::HEARTBEAT,
+            r#"{"instance_id":"inst-x","phase":"ready","uptime_seconds":1,"agent_version":"t"}"#,
+            false,
+        );
+        req.extensions_mut()
+            .insert(PeerAuth::Verified(Arc::new(ClientIdentity {
+                instance_id: "inst-x".into(),
+                serial: "01".into(),
+                not_before_ms: 0,
+                not_after_ms: i64::MAX,
+            })));
+        let (s, v) = send(&router, req).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("client_certificate_invalid"))
+        );
+    }
+}
