@@ -259,7 +259,16 @@ fn read_cmdline(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         boot.options.on_failure,
         boot.options.test_poweroff
     );
+    if boot.options.test_panic {
+        deliberate_panic();
+    }
     Ok(())
+}
+
+/// The one panic in the init: asked for on the command line, to test the hook.
+#[allow(clippy::panic)]
+fn deliberate_panic() {
+    panic!("powernode.test_panic=1 asked for a panic");
 }
 
 fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {

@@ -38,6 +38,9 @@ pub struct Options {
     /// `powernode.test_poweroff=1`: power off cleanly once the init has done its work
     /// (the VM smoke test and the boot benchmark).
     pub test_poweroff: bool,
+    /// `powernode.test_panic=1`: panic on purpose after reading the command line, so
+    /// a VM test can prove the panic hook applies the failure policy.
+    pub test_panic: bool,
     /// `quiet`: the kernel console shows warnings only, so the logger writes
     /// info lines to the console itself.
     pub quiet: bool,
@@ -77,6 +80,14 @@ pub fn words(cmdline: &str) -> Vec<String> {
     out
 }
 
+fn flag(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
 pub fn parse(cmdline: &str) -> Options {
     let mut opts = Options::default();
     for word in words(cmdline) {
@@ -92,10 +103,13 @@ pub fn parse(cmdline: &str) -> Options {
                 "retry" => opts.on_failure = FailurePolicy::Retry,
                 _ => opts.unknown.push(word.clone()),
             },
-            ("powernode.test_poweroff", Some(v)) => match v {
-                "1" | "true" | "yes" => opts.test_poweroff = true,
-                "0" | "false" | "no" => opts.test_poweroff = false,
-                _ => opts.unknown.push(word.clone()),
+            ("powernode.test_poweroff", Some(v)) => match flag(v) {
+                Some(b) => opts.test_poweroff = b,
+                None => opts.unknown.push(word.clone()),
+            },
+            ("powernode.test_panic", Some(v)) => match flag(v) {
+                Some(b) => opts.test_panic = b,
+                None => opts.unknown.push(word.clone()),
             },
             _ => {}
         }
@@ -123,6 +137,9 @@ mod tests {
         assert_eq!(o.on_failure, FailurePolicy::Poweroff);
         assert!(o.test_poweroff && o.quiet);
         assert!(o.unknown.is_empty());
+        assert!(!o.test_panic);
+        assert!(parse("powernode.test_panic=1").test_panic);
+        assert_eq!(parse("powernode.test_panic=maybe").unknown.len(), 1);
         let o = parse("powernode.on_failure=explode");
         assert_eq!(o.on_failure, FailurePolicy::Retry);
         assert_eq!(o.unknown, ["powernode.on_failure=explode"]);

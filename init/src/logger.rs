@@ -56,9 +56,10 @@ impl log::Log for Logger {
                     .is_ok();
             }
         }
-        // Warnings and errors reach the console through the kernel even with `quiet`.
+        // `quiet` sets the console log level to 4: the kernel still prints errors
+        // (priority 3) but no longer warnings or info.
         let kernel_shows = wrote_kmsg
-            && (record.level() <= log::Level::Warn || !self.echo.load(Ordering::Relaxed));
+            && (record.level() <= log::Level::Error || !self.echo.load(Ordering::Relaxed));
         if !kernel_shows {
             sys::console_line(&format!(
                 "[{:>7}ms] powernode-init {}: {msg}",

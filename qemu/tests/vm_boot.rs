@@ -125,3 +125,33 @@ fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
     );
     assert!(event(&events, "event", "init_done").is_none());
 }
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
+    let dir = test_dir("panic_hook");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.test_panic=1".into(),
+    ];
+    let boot = boot(&spec, DEADLINE);
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let panic = event(&events, "event", "panic")
+        .unwrap_or_else(|| panic!("no panic event; command: {}", boot.command));
+    assert_eq!(panic["on_failure"], "poweroff");
+    assert!(panic["message"].as_str().unwrap().contains("test_panic"));
+    // The hook powered off cleanly: no "attempted to kill init" kernel panic.
+    assert!(
+        boot.serial.contains("reboot: Power down"),
+        "{}",
+        boot.command
+    );
+    assert!(
+        !boot.serial.contains("Attempted to kill init"),
+        "{}",
+        boot.command
+    );
+}
