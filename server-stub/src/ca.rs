@@ -21,6 +21,9 @@ use crate::clock::Millis;
 use powernode_proto::node::INSTANCE_URI_PREFIX;
 
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// Node certificates start this long before they are issued, for clock skew
+/// between node and control plane; their usable lifetime starts at issue.
+pub const BACKDATE_MS: i64 = 60_000;
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,16 @@ pub struct ClientIdentity {
     pub serial: String,
     pub not_before_ms: Millis,
     pub not_after_ms: Millis,
+}
+
+impl ClientIdentity {
+    /// Whether less than a third of the usable lifetime (from issue, not from the
+    /// backdated `not_before`) is left: the node should renew now.
+    pub fn renewal_due(&self, now_ms: Millis) -> bool {
+        let issued = (self.not_before_ms + BACKDATE_MS).min(self.not_after_ms);
+        let lifetime = (self.not_after_ms - issued).max(1);
+        (self.not_after_ms - now_ms).saturating_mul(3) <= lifetime
+    }
 }
 
 pub struct Ca {
@@ -237,7 +250,7 @@ impl Ca {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.use_authority_key_identifier_extension = true;
         // Backdate a little for clock skew between node and control plane.
-        let not_before_ms = now_ms - 60_000;
+        let not_before_ms = now_ms - BACKDATE_MS;
         let not_after_ms = now_ms + (ttl_seconds as i64) * 1000;
         params.not_before = ms_to_datetime(not_before_ms);
         params.not_after = ms_to_datetime(not_after_ms);
@@ -377,6 +390,24 @@ pub(crate) mod tests {
             other.verify_client(&chain, now),
             Err(ClientCertError::Chain(_))
         ));
+    }
+
+    #[test]
+    fn renewal_is_due_at_a_third_of_the_usable_lifetime() {
+        let id = |issued: i64, ttl: i64| ClientIdentity {
+            instance_id: "i".into(),
+            serial: "01".into(),
+            not_before_ms: issued - BACKDATE_MS,
+            not_after_ms: issued + ttl,
+        };
+        // A 6 s certificate is not due at issue (the backdating must not count).
+        let c = id(1_000_000, 6_000);
+        assert!(!c.renewal_due(1_000_000));
+        assert!(!c.renewal_due(1_003_900));
+        assert!(c.renewal_due(1_004_000));
+        let c = id(0, 86_400_000);
+        assert!(!c.renewal_due(57_000_000));
+        assert!(c.renewal_due(57_600_000));
     }
 
     #[test]

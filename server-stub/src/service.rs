@@ -1125,13 +1125,11 @@ impl AppState {
         now: Millis,
     ) -> HeartbeatResponse {
         let inst = &mem.instances[&ident.instance_id];
-        let lifetime = (ident.not_after_ms - ident.not_before_ms).max(1);
-        let remaining = ident.not_after_ms - now;
         HeartbeatResponse {
             instance_status: inst.status,
             heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
             tasks_pending: mem.has_pending_node_task(inst),
-            renew_certificate: remaining.saturating_mul(3) < lifetime,
+            renew_certificate: ident.renewal_due(now),
         }
     }
 
