@@ -315,30 +315,69 @@ pub fn digest_bytes(data: &[u8]) -> VerityDigest {
     h.finalize()
 }
 
-/// Streams `reader` to the end and returns its digest. `Threads::Auto` uses every core
-/// for the leaf level when the data is large.
-pub fn digest_reader<R: Read>(mut reader: R, threads: Threads) -> io::Result<VerityDigest> {
-    let mut h = VerityHasher::with_threads(threads);
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        // Fill the buffer as far as the reader allows so each `update` sees whole chunks.
-        let mut filled = 0;
-        while filled < buf.len() {
-            match reader.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            return Ok(h.finalize());
-        }
-        h.update(&buf[..filled]);
-        if filled < buf.len() {
-            return Ok(h.finalize());
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn fill<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
+    Ok(filled)
+}
+
+/// Streams `reader` to the end and returns its digest. With more than one thread the
+/// next chunk is read while the current one is hashed, and the leaf level of large
+/// chunks is split across threads.
+pub fn digest_reader<R: Read + Send>(mut reader: R, threads: Threads) -> io::Result<VerityDigest> {
+    let mut h = VerityHasher::with_threads(threads);
+    if h.threads <= 1 {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = fill(&mut reader, &mut buf)?;
+            h.update(&buf[..n]);
+            if n < buf.len() {
+                return Ok(h.finalize());
+            }
+        }
+    }
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(1);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        // Cannot fail: the receiver is alive and the channel has room for both.
+        let _ = free_tx.send(vec![0u8; READ_CHUNK]);
+    }
+    let result = std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Ok(mut buf) = free_rx.recv() {
+                let r = fill(&mut reader, &mut buf);
+                let last = !matches!(r, Ok(n) if n == buf.len());
+                if full_tx.send(r.map(|n| (buf, n))).is_err() || last {
+                    return;
+                }
+            }
+        });
+        // Both channel ends are moved in here and dropped on every exit path, so the
+        // reader thread always ends and the scope can join it.
+        let (free_tx, full_rx) = (free_tx, full_rx);
+        loop {
+            match full_rx.recv() {
+                Ok(Ok((buf, n))) => {
+                    h.update(&buf[..n]);
+                    if n < buf.len() {
+                        return Ok(());
+                    }
+                    let _ = free_tx.send(buf);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(()),
+            }
+        }
+    });
+    result.map(|()| h.finalize())
 }
 
 /// Digest of a file, both cores when it pays.

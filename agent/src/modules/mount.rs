@@ -322,19 +322,35 @@ pub fn mount_module(
     r
 }
 
+/// Where a union root's writes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upper {
+    /// A fresh tmpfs: writes vanish at reboot (ephemeral nodes).
+    Tmpfs,
+    /// A directory on a persistent filesystem (`/persist/...`); the overlay's upper and
+    /// work directories are created inside it, so they share one filesystem as
+    /// overlayfs requires.
+    Dir(PathBuf),
+}
+
 /// What [`mount_union`] mounted, so it can be taken down again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnionRoot {
     pub target: PathBuf,
     pub image_mounts: Vec<PathBuf>,
+    /// The directory holding `upper/` and `work/`.
     pub upper: PathBuf,
+    /// Whether `upper` is a tmpfs this module mounted.
+    pub upper_is_tmpfs: bool,
 }
 
 impl UnionRoot {
     /// Unmounts everything, top first.
     pub fn unmount(&self, m: &dyn Mounter) -> Result<(), MountError> {
         m.unmount(&self.target)?;
-        m.unmount(&self.upper)?;
+        if self.upper_is_tmpfs {
+            m.unmount(&self.upper)?;
+        }
         for p in &self.image_mounts {
             m.unmount(p)?;
         }
@@ -343,13 +359,14 @@ impl UnionRoot {
 }
 
 /// Composes root modules (`images`, top first: earlier ones win) into a writable
-/// union at `target`: image mounts under `work/images/`, a fresh tmpfs at
-/// `work/upper` holding the overlay's upper and work dirs.
+/// union at `target`: image mounts under `work/images/`, the overlay's upper and work
+/// dirs on a fresh tmpfs at `work/upper` or in the given persistent directory.
 pub fn mount_union(
     m: &dyn Mounter,
     store: &ObjectStore,
     images: &[VerityDigest],
     work: &Path,
+    upper_kind: &Upper,
     target: &Path,
 ) -> Result<UnionRoot, MountError> {
     if images.is_empty() {
@@ -369,9 +386,15 @@ pub fn mount_union(
         }
         mounted.push(at);
     }
-    let upper = work.join("upper");
+    let (upper, upper_is_tmpfs) = match upper_kind {
+        Upper::Tmpfs => (work.join("upper"), true),
+        Upper::Dir(d) => (d.clone(), false),
+    };
     let r = (|| {
         mkdir(&upper)?;
+        if !upper_is_tmpfs {
+            return Ok(());
+        }
         m.mount(&MountSpec {
             fstype: "tmpfs",
             source: Some(PathBuf::from("powernode-upper")),
@@ -384,7 +407,9 @@ pub fn mount_union(
         undo(&mounted);
         return Err(e);
     }
-    mounted.push(upper.clone());
+    if upper_is_tmpfs {
+        mounted.push(upper.clone());
+    }
     let r = (|| {
         let (u, w) = (upper.join("upper"), upper.join("work"));
         mkdir(&u)?;
@@ -416,5 +441,6 @@ pub fn mount_union(
         target: target.to_path_buf(),
         image_mounts: mounted[..images.len()].to_vec(),
         upper,
+        upper_is_tmpfs,
     })
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use powernode_proto::ErrorCode;
 
 use super::composefs::build_image;
-use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter};
+use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter, Upper};
 use super::store::{ObjectStore, StoreError, VerityMode};
 use super::tree::{FsTree, Kind};
 use super::unpack::{DigestingReader, UnpackError, Unpacker};
@@ -499,6 +499,16 @@ fn store_dedups_verifies_and_collects() {
     let err = s.verify(&a.digest).unwrap_err();
     assert!(matches!(err, StoreError::VerityMismatch { .. }));
     assert_eq!(err.code(), ErrorCode::VerityMismatch);
+    // ... and moved aside, so the next insert stores the good content again.
+    assert!(!s.contains(&a.digest));
+    assert!(s.insert_bytes(b"alpha").unwrap().new);
+    s.verify(&a.digest).unwrap();
+    // A torn (short) object under the right name is replaced, not reused.
+    let p = s.object_path(&a.digest);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&p, b"").unwrap();
+    assert!(s.insert_bytes(b"alpha").unwrap().new);
+    s.verify(&a.digest).unwrap();
 
     // gc keeps what live images reference, drops the rest.
     let (_d, s) = store();
@@ -562,7 +572,7 @@ fn mount_sequence_is_recorded() {
         .unwrap();
     let m = RecordingMounter::default();
     let work = d.path().join("work");
-    let root = mount_union(&m, &s, &[img], &work, &d.path().join("root")).unwrap();
+    let root = mount_union(&m, &s, &[img], &work, &Upper::Tmpfs, &d.path().join("root")).unwrap();
     let calls = m.calls();
     let objects = s.objects_dir().display().to_string();
     let imgmnt = work.join("images").join(img.to_hex()).display().to_string();
@@ -582,6 +592,25 @@ fn mount_sequence_is_recorded() {
     );
     root.unmount(&m).unwrap();
     assert_eq!(m.calls().len(), 6);
+
+    // A persistent upper is a directory, not a mount.
+    let m = RecordingMounter::default();
+    let persist = d.path().join("persist/root");
+    let root = mount_union(
+        &m,
+        &s,
+        &[img],
+        &work,
+        &Upper::Dir(persist.clone()),
+        &d.path().join("root"),
+    )
+    .unwrap();
+    let calls = m.calls();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert!(calls[1].contains(&format!("upperdir={}", persist.join("upper").display())));
+    assert!(persist.join("work").is_dir());
+    root.unmount(&m).unwrap();
+    assert_eq!(m.calls().len(), 4);
 
     // A tampered object stops the mount before any syscall.
     let obj = tree_of(&s, &sample_layers()).unwrap().objects()[0];
@@ -723,7 +752,14 @@ fn mounts_composefs_and_a_writable_union_root() {
     let img2 = s.commit_image(&extra).unwrap();
     let before = snapshot(s.objects_dir());
     let root_dir = d.path().join("root");
-    let union = match mount_union(&m, &s, &[img2, img], &d.path().join("work"), &root_dir) {
+    let union = match mount_union(
+        &m,
+        &s,
+        &[img2, img],
+        &d.path().join("work"),
+        &Upper::Tmpfs,
+        &root_dir,
+    ) {
         Ok(u) => u,
         Err(e) => panic!("union mount failed: {}", chain(&e)),
     };
