@@ -137,6 +137,15 @@ pub struct Instance {
     pub enrolled_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_source: Option<String>,
+    /// Agent version from the last enrollment, handshake or heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// What the provider's metadata told the node at enrollment, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_facts: Option<crate::node::ProviderFacts>,
+    /// Uptime from the last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
     /// Last phase the node reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<crate::node::Phase>,

@@ -350,6 +350,9 @@ pub fn instance_view(inst: &InstRec, now: Millis, thresholds: &StuckThresholds) 
         last_heartbeat_at: inst.last_heartbeat_ms.map(format_ts),
         enrolled_at: inst.enrolled_ms.map(format_ts),
         identity_source: inst.identity_source.clone(),
+        agent_version: inst.agent_version.clone(),
+        provider_facts: inst.provider_facts.clone(),
+        uptime_seconds: inst.last_heartbeat_ms.map(|_| inst.uptime_seconds),
         phase: inst.phase,
         boot_timeline: inst.boot_timeline.clone(),
         failure: inst.failure.clone(),
@@ -432,4 +435,118 @@ pub fn stuck_info(inst: &InstRec, now: Millis, t: &StuckThresholds) -> Option<St
         reason: reason.to_string(),
         recovery,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(status: InstanceStatus) -> InstRec {
+        InstRec {
+            id: "inst-1".into(),
+            node_id: "node-1".into(),
+            status,
+            task_id: Some("task-1".into()),
+            instance_type: "t".into(),
+            region: "r".into(),
+            provider: "recorder".into(),
+            last_heartbeat_ms: None,
+            enrolled_ms: None,
+            identity_source: None,
+            agent_version: None,
+            provider_facts: None,
+            phase: None,
+            boot_timeline: Vec::new(),
+            failure: None,
+            root: None,
+            modules: Vec::new(),
+            services: Vec::new(),
+            cordoned: false,
+            uptime_seconds: 0,
+            status_changed_ms: 0,
+            created_ms: 0,
+            terminated_ms: None,
+            task_ids: Vec::new(),
+            silent_signal: None,
+            stuck_signal: None,
+            drift_signal: None,
+            bootstrap_failed_signal: None,
+        }
+    }
+
+    #[test]
+    fn every_threshold_in_design_is_detected_with_its_recovery() {
+        let t = StuckThresholds::default();
+        let cases = [
+            (
+                InstanceStatus::Pending,
+                300,
+                "pending_too_long",
+                "cancel-task task-1",
+            ),
+            (
+                InstanceStatus::Provisioning,
+                600,
+                "provisioning_too_long",
+                "cancel-task task-1",
+            ),
+            (
+                InstanceStatus::Bootstrapping,
+                300,
+                "bootstrapping_too_long",
+                "--force",
+            ),
+            (
+                InstanceStatus::Running,
+                300,
+                "running_without_heartbeat",
+                "drain-instance",
+            ),
+            (
+                InstanceStatus::Draining,
+                1800,
+                "draining_too_long",
+                "cancel-task task-1",
+            ),
+            (
+                InstanceStatus::Terminating,
+                300,
+                "terminating_too_long",
+                "terminate-instance again",
+            ),
+        ];
+        for (status, secs, reason, recovery) in cases {
+            let i = inst(status);
+            assert!(
+                stuck_info(&i, secs * 1000, &t).is_none(),
+                "{status} at threshold"
+            );
+            let s = stuck_info(&i, (secs + 1) * 1000, &t).unwrap_or_else(|| panic!("{status}"));
+            assert_eq!(s.reason, reason);
+            assert_eq!(
+                (s.threshold_seconds, s.for_seconds),
+                (secs as u64, secs as u64 + 1)
+            );
+            assert!(s.recovery.contains(recovery), "{status}: {}", s.recovery);
+        }
+        for status in [InstanceStatus::Terminated, InstanceStatus::Failed] {
+            assert!(stuck_info(&inst(status), i64::MAX / 2, &t).is_none());
+        }
+    }
+
+    #[test]
+    fn running_counts_from_the_last_heartbeat_and_bootstrapping_from_enrollment() {
+        let t = StuckThresholds::default();
+        let mut i = inst(InstanceStatus::Running);
+        i.last_heartbeat_ms = Some(1_000_000);
+        assert!(stuck_info(&i, 1_000_000 + 300_000, &t).is_none());
+        assert!(stuck_info(&i, 1_000_000 + 301_000, &t).is_some());
+        let mut b = inst(InstanceStatus::Bootstrapping);
+        b.enrolled_ms = Some(500_000);
+        assert!(stuck_info(&b, 500_000 + 300_000, &t).is_none());
+        assert_eq!(
+            stuck_info(&b, 500_000 + 301_000, &t).map(|s| s.for_seconds),
+            Some(301)
+        );
+    }
 }

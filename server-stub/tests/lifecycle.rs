@@ -25,6 +25,8 @@ async fn full_lifecycle_with_a_fake_node() {
 
     // Phase 3: enroll, handshake.
     let mut fake = FakeNode::new(doc.clone(), &ts.url());
+    fake.provider =
+        Some(json!({"provider": "aws", "region": "eu-west-1", "addresses": ["10.1.2.3"]}));
     let enr = fake.enroll().await;
     assert_eq!(enr["instance_id"], inst.as_str());
     assert_eq!(enr["heartbeat_interval_seconds"], 2);
@@ -33,6 +35,8 @@ async fn full_lifecycle_with_a_fake_node() {
         .await;
     assert_eq!(i["instance"]["status"], "bootstrapping");
     assert_eq!(i["instance"]["identity_source"], "file");
+    assert_eq!(i["instance"]["agent_version"], "test-0.1");
+    assert_eq!(i["instance"]["provider_facts"]["region"], "eu-west-1");
     let provision_task = i["instance"]["task_id"].as_str().unwrap().to_string();
 
     let (s, v) = fake.handshake("agent_started", None).await;
@@ -366,4 +370,62 @@ async fn certificate_renewal_issues_a_new_working_certificate() {
     assert_eq!(code(&v), "client_certificate_invalid");
     let (s, _) = renewed.heartbeat("ready").await;
     assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_http1_keep_alive_both_work() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    let ts = TestServer::start().await;
+    // reqwest offers h2 first (ALPN) and gets it.
+    let token = std::fs::read_to_string(ts.dir.path().join("admin-token")).unwrap();
+    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
+    let r = http
+        .get(format!("{}{}", ts.url(), paths::ADMIN_TEMPLATES))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // An HTTP/1.1-only client keeps one connection for several requests.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in powernode_stub::ca::pem_certs(&ts.ca_pem()) {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let addr = ts.server.as_ref().unwrap().addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        sender.ready().await.unwrap();
+        let req = hyper::Request::get(paths::ADMIN_TEMPLATES)
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", token.trim()))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
 }

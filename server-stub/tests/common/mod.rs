@@ -151,6 +151,8 @@ pub struct FakeNode {
     pub http: reqwest::Client,
     pub key: Option<KeyPair>,
     pub cert_pem: Option<String>,
+    /// Provider facts sent at enrollment.
+    pub provider: Option<Value>,
 }
 
 impl FakeNode {
@@ -162,6 +164,7 @@ impl FakeNode {
             http,
             key: None,
             cert_pem: None,
+            provider: None,
         }
     }
 
@@ -173,6 +176,7 @@ impl FakeNode {
             http,
             key: None,
             cert_pem: Some(cert_pem.to_string()),
+            provider: None,
         }
     }
 
@@ -208,14 +212,18 @@ impl FakeNode {
     }
 
     pub fn enrollment_body(&self, token: &str, csr_pem: &str) -> Value {
-        json!({
+        let mut body = json!({
             "bootstrap_token": token,
             "node_id": self.doc.node_id,
             "instance_id": self.doc.instance_id,
             "csr_pem": csr_pem,
             "identity_source": "file",
             "agent_version": "test-0.1",
-        })
+        });
+        if let Some(p) = &self.provider {
+            body["provider"] = p.clone();
+        }
+        body
     }
 
     /// Enrolls and switches to mTLS with the issued certificate.
