@@ -23,6 +23,77 @@ use powernode_proto::ErrorCode;
 
 use crate::verity::VerityDigest;
 
+/// What [`install_image`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallReport {
+    pub image: VerityDigest,
+    /// The image was already in the store: no layer was read.
+    pub already_present: bool,
+    pub layers: unpack::LayerStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("unpacking layer {index}")]
+    Unpack {
+        index: usize,
+        #[source]
+        source: unpack::UnpackError,
+    },
+    #[error("recording the module image")]
+    Store(#[from] store::StoreError),
+}
+
+impl ModuleErrorCode for InstallError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            InstallError::Unpack { source, .. } => source.code(),
+            InstallError::Store(e) => e.code(),
+        }
+    }
+}
+
+/// The node's whole install step for one module: unless the signed image `expected`
+/// is already in the store, apply `layers` (media type, verified stream; bottom first)
+/// and record the rebuilt image, refusing it unless its fs-verity digest is `expected`.
+/// Layers are only opened (the closure called) when they are needed, so an unchanged
+/// module fetches nothing.
+pub fn install_image<R, F>(
+    store: &store::ObjectStore,
+    expected: &VerityDigest,
+    layer_count: usize,
+    mut open_layer: F,
+) -> Result<InstallReport, InstallError>
+where
+    R: std::io::Read,
+    F: FnMut(usize) -> Result<(String, R), unpack::UnpackError>,
+{
+    let mut report = InstallReport {
+        image: *expected,
+        already_present: true,
+        layers: unpack::LayerStats::default(),
+    };
+    if store.has_image(expected) {
+        return Ok(report);
+    }
+    report.already_present = false;
+    let mut unpacker = unpack::Unpacker::new(store);
+    for index in 0..layer_count {
+        let unpack_err = |source| InstallError::Unpack { index, source };
+        let (media_type, reader) = open_layer(index).map_err(unpack_err)?;
+        let s = unpacker
+            .apply_layer(&media_type, reader)
+            .map_err(unpack_err)?;
+        report.layers.entries += s.entries;
+        report.layers.files += s.files;
+        report.layers.new_objects += s.new_objects;
+        report.layers.new_bytes += s.new_bytes;
+        report.layers.deduplicated_objects += s.deduplicated_objects;
+    }
+    store.commit_image_checked(unpacker.tree(), Some(expected))?;
+    Ok(report)
+}
+
 /// Every error of this module tree maps to a stable wire code the agent reports.
 pub trait ModuleErrorCode {
     fn code(&self) -> ErrorCode;

@@ -326,6 +326,16 @@ impl ObjectStore {
     /// Builds the composefs image of `tree`, stores it as an object and records which
     /// objects it references (for gc). Returns the image's fs-verity digest.
     pub fn commit_image(&self, tree: &FsTree) -> Result<VerityDigest, StoreError> {
+        self.commit_image_checked(tree, None)
+    }
+
+    /// As [`commit_image`](Self::commit_image), but with `expected` (the signed digest)
+    /// a different image is refused before anything is recorded (`verity_mismatch`).
+    pub fn commit_image_checked(
+        &self,
+        tree: &FsTree,
+        expected: Option<&VerityDigest>,
+    ) -> Result<VerityDigest, StoreError> {
         let objects = tree.objects();
         for d in &objects {
             if !self.contains(d) {
@@ -333,7 +343,7 @@ impl ObjectStore {
             }
         }
         let image = composefs::build_image(tree)?;
-        let ins = self.insert_bytes(&image)?;
+        let ins = self.insert(&image[..], expected)?;
         // Every object (and the image) is on disk before the image is recorded.
         self.sync()?;
         let mut list = String::with_capacity(objects.len() * 65);

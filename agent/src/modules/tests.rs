@@ -13,7 +13,7 @@ use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter, U
 use super::store::{ObjectStore, StoreError, VerityMode};
 use super::tree::{FsTree, Kind};
 use super::unpack::{DigestingReader, UnpackError, Unpacker};
-use super::{check_image_digest, ModuleErrorCode};
+use super::{check_image_digest, install_image, InstallError, ModuleErrorCode};
 use crate::verity::{self, VerityDigest};
 
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -805,4 +805,52 @@ impl FifoLike for std::fs::FileType {
     fn is_fifo_like(&self) -> bool {
         std::os::unix::fs::FileTypeExt::is_fifo(self)
     }
+}
+
+#[test]
+fn install_checks_the_signed_digest_and_skips_present_images() {
+    let (_d, s) = store();
+    let layers = sample_layers();
+    let want = verity::digest_bytes(&build_image(&tree_of(&store().1, &layers).unwrap()).unwrap());
+    let open = |i: usize| Ok((layers[i].0.to_string(), &layers[i].1[..]));
+    // A wrong signed digest: refused, nothing recorded.
+    let wrong = verity::digest_bytes(b"some other image");
+    let err = install_image(&s, &wrong, layers.len(), open).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
+    assert!(!s.has_image(&wrong));
+    let r = install_image(&s, &want, layers.len(), open).unwrap();
+    // The refused attempt left its (content-named) objects: nothing is stored twice.
+    assert!(!r.already_present && r.layers.files > 0);
+    assert_eq!(r.layers.new_objects, 0);
+    assert!(s.has_image(&want));
+    s.verify_image(&want).unwrap();
+    // Present: the layers are not even opened.
+    let r = install_image(&s, &want, layers.len(), |_| -> Result<(String, &[u8]), _> {
+        panic!("layer opened for an installed image")
+    })
+    .unwrap();
+    assert!(r.already_present);
+    // An unsafe layer is reported with its index and code.
+    let (_d, s) = store();
+    let bad = Layer::new().file("../x", 0o644, b"x").tar();
+    let err = install_image(&s, &want, 1, |_| Ok((TAR.to_string(), &bad[..]))).unwrap_err();
+    assert!(matches!(err, InstallError::Unpack { index: 0, .. }));
+    assert_eq!(err.code(), ErrorCode::UnsafePath);
+}
+
+#[test]
+fn a_flipped_byte_in_the_image_stops_the_mount() {
+    let (d, s) = store();
+    let img = s
+        .commit_image(&tree_of(&s, &sample_layers()).unwrap())
+        .unwrap();
+    let p = s.image_path(&img);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[1024 + 40] ^= 1;
+    std::fs::write(&p, bytes).unwrap();
+    let m = RecordingMounter::default();
+    let err = mount_module(&m, &s, &img, &d.path().join("i"), &d.path().join("t")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
+    assert!(m.calls().is_empty());
 }
