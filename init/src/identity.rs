@@ -27,6 +27,8 @@ pub enum IdentityProbeError {
     TooLarge { size: usize, max: usize },
     #[error("fw_cfg: read {got} bytes of an entry of {size}")]
     Short { got: usize, size: usize },
+    #[error("powernode.identity_source={0} is not a source the init can read (cmdline, fw_cfg)")]
+    UnknownPin(String),
     #[error("{source_name}: bad identity document")]
     Document {
         source_name: &'static str,
@@ -109,8 +111,26 @@ pub fn from_fw_cfg(sys: &mut dyn Sys) -> Result<Option<Found>, IdentityProbeErro
     }))
 }
 
-/// Command line first, then fw_cfg.
+/// `powernode.identity_source=NAME`, if given.
+pub fn pinned_source(cmdline_text: &str) -> Option<String> {
+    cmdline::words(cmdline_text)
+        .into_iter()
+        .filter_map(|w| {
+            w.strip_prefix("powernode.identity_source=")
+                .map(str::to_string)
+        })
+        .next_back()
+}
+
+/// Command line first, then fw_cfg; `powernode.identity_source=` pins one of them
+/// and skips the other.
 pub fn probe(sys: &mut dyn Sys, cmdline_text: &str) -> Result<Option<Found>, IdentityProbeError> {
+    match pinned_source(cmdline_text).as_deref() {
+        None => {}
+        Some("cmdline") => return from_cmdline(cmdline_text),
+        Some("fw_cfg") => return from_fw_cfg(sys),
+        Some(other) => return Err(IdentityProbeError::UnknownPin(other.to_string())),
+    }
     if let Some(found) = from_cmdline(cmdline_text)? {
         return Ok(Some(found));
     }
@@ -202,6 +222,30 @@ pub(crate) mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_pin_skips_the_other_source() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc_json());
+        let mut sys = with_fw_cfg(FakeSys::default(), &doc_json());
+        let found = probe(
+            &mut sys,
+            &format!("powernode.identity={b64} powernode.identity_source=fw_cfg"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(found.source, "fw_cfg");
+        let mut sys = with_fw_cfg(FakeSys::default(), &doc_json());
+        assert_eq!(
+            probe(&mut sys, "powernode.identity_source=cmdline").unwrap(),
+            None
+        );
+        assert!(sys.calls.is_empty());
+        assert_eq!(
+            probe(&mut sys, "powernode.identity_source=aws").unwrap_err(),
+            IdentityProbeError::UnknownPin("aws".into())
+        );
     }
 
     #[test]
