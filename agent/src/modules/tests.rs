@@ -854,3 +854,169 @@ fn a_flipped_byte_in_the_image_stops_the_mount() {
     assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
     assert!(m.calls().is_empty());
 }
+
+/// Random trees (odd names that sort around `.` and `..`, deep and wide directories,
+/// long symlinks, xattrs big enough to push inodes across block boundaries) survive
+/// the writer: checked by path lookups (the kernel's binary search over sorted
+/// dirents) on a raw EROFS mount as root, else by `fsck.erofs --extract`.
+#[test]
+fn random_trees_round_trip_through_the_kernel() {
+    use super::tree::{Inode, Meta};
+    let (d, s) = store();
+    let mut rng = 0x1234_5678_9abc_def1_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let alphabet: &[u8] = b"!#-.0123456789_abcXYZ~+";
+    let mut tree = FsTree::new();
+    let mut dirs: Vec<Vec<Vec<u8>>> = vec![vec![]];
+    let mut expect: Vec<(Vec<Vec<u8>>, Kind, Meta)> = Vec::new();
+    for i in 0..600u64 {
+        let parent = dirs[next(dirs.len() as u64) as usize].clone();
+        let len = 1 + next(if i % 50 == 0 { 255 } else { 12 }) as usize;
+        let mut name: Vec<u8> = (0..len)
+            .map(|_| alphabet[next(alphabet.len() as u64) as usize])
+            .collect();
+        if name == b"." || name == b".." || name.starts_with(b".wh.") {
+            name.push(b'x');
+        }
+        let mut path = parent.clone();
+        path.push(name.clone());
+        let refs: Vec<&[u8]> = path.iter().map(|c| &c[..]).collect();
+        if tree.lookup(&refs).ok().flatten().is_some() {
+            continue;
+        }
+        let mut meta = Meta {
+            perm: (next(0o7777) as u32) | 0o400,
+            uid: next(70_000) as u32,
+            gid: next(70_000) as u32,
+            mtime: 1_600_000_000 + next(1_000_000),
+            mtime_nsec: next(1_000_000_000) as u32,
+            ..Meta::default()
+        };
+        for k in 0..next(4) {
+            let v = pseudo_random(next(if k == 0 { 1500 } else { 40 }) as usize, i * 7 + k);
+            meta.xattrs.insert(format!("user.k{k}-{i}").into_bytes(), v);
+        }
+        let kind = match next(5) {
+            0 => {
+                dirs.push(path.clone());
+                meta.perm |= 0o700;
+                Kind::Dir(Default::default())
+            }
+            1 => Kind::Symlink(vec![b'a' + (i % 26) as u8; 1 + next(4000) as usize]),
+            2 => Kind::File {
+                size: 0,
+                digest: None,
+            },
+            _ => {
+                let data = pseudo_random(1 + next(20_000) as usize, i);
+                let ins = s.insert_bytes(&data).unwrap();
+                Kind::File {
+                    size: ins.size,
+                    digest: Some(ins.digest),
+                }
+            }
+        };
+        let parent_refs: Vec<&[u8]> = parent.iter().map(|c| &c[..]).collect();
+        let pid = tree.lookup(&parent_refs).unwrap().unwrap();
+        let id = tree.add_inode(Inode {
+            meta: meta.clone(),
+            kind: kind.clone(),
+        });
+        tree.link(pid, &name, id, 1);
+        expect.push((path, kind, meta));
+    }
+    let img = d.path().join("random.img");
+    std::fs::write(&img, build_image(&tree).unwrap()).unwrap();
+    if let Ok(keep) = std::env::var("COMPOSEFS_KEEP_IMAGE") {
+        std::fs::copy(&img, keep).unwrap();
+    }
+
+    let (root, _guard): (PathBuf, Option<Box<dyn std::any::Any>>) = if is_root() {
+        let at = d.path().join("mnt");
+        std::fs::create_dir_all(&at).unwrap();
+        let spec = super::mount::MountSpec {
+            fstype: "erofs",
+            source: Some(img.clone()),
+            options: vec![],
+            read_only: true,
+            target: at.clone(),
+        };
+        super::mount::Mounter::mount(&KernelMounter, &spec).unwrap();
+        struct U(PathBuf);
+        impl Drop for U {
+            fn drop(&mut self) {
+                let _ = super::mount::Mounter::unmount(&KernelMounter, &self.0);
+            }
+        }
+        (at.clone(), Some(Box::new(U(at))))
+    } else {
+        let Some(fsck) = erofs_tool("fsck.erofs") else {
+            return;
+        };
+        let out = d.path().join("out");
+        let st = Command::new(fsck)
+            .arg(format!("--extract={}", out.display()))
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        (out, None)
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let raw_mount = is_root();
+    for (path, kind, meta) in &expect {
+        let mut p = root.clone();
+        for c in path {
+            p.push(std::ffi::OsStr::from_bytes(c));
+        }
+        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        match kind {
+            Kind::Dir(_) => assert!(md.is_dir()),
+            Kind::Symlink(t) => assert_eq!(
+                std::fs::read_link(&p).unwrap().as_os_str().as_bytes(),
+                &t[..]
+            ),
+            Kind::File { size, .. } => {
+                assert!(md.is_file());
+                if raw_mount {
+                    assert_eq!(md.len(), *size, "{}", p.display());
+                }
+            }
+            _ => unreachable!(),
+        }
+        if raw_mount {
+            if !matches!(kind, Kind::Symlink(_)) {
+                assert_eq!(md.mode() & 0o7777, meta.perm, "{}", p.display());
+            }
+            assert_eq!((md.uid(), md.gid()), (meta.uid, meta.gid));
+            assert_eq!(
+                (md.mtime() as u64, md.mtime_nsec() as u32),
+                (meta.mtime, meta.mtime_nsec)
+            );
+            // The VFS hides user.* xattrs on anything but files and directories.
+            let user_visible = !matches!(kind, Kind::Symlink(_));
+            for (k, v) in meta.xattrs.iter().filter(|_| user_visible) {
+                let got = lgetxattr(&p, std::str::from_utf8(k).unwrap());
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&v[..]),
+                    "{} {}",
+                    p.display(),
+                    String::from_utf8_lossy(k)
+                );
+            }
+            if let Kind::File {
+                digest: Some(dg), ..
+            } = kind
+            {
+                let redirect = lgetxattr(&p, "trusted.overlay.redirect").unwrap();
+                assert_eq!(redirect, super::composefs::redirect_for(dg));
+            }
+        }
+    }
+}
