@@ -617,6 +617,7 @@ async fn drain(
             report = &mut stop => break report,
             _ = tokio::time::sleep(renew_every) => {
                 if renew_lease(shared, task, "stopping services").await? {
+                    // Dropping the stop future abandons it; start_all undoes it.
                     return Ok(cancelled(shared, task));
                 }
             }
@@ -635,16 +636,17 @@ async fn drain(
     ))
 }
 
-/// The operator cancelled a drain: take work again.
+/// The operator cancelled a drain: restart what was stopped, take work again.
 fn cancelled(shared: &Shared, task: &LeasedTask) -> (TaskStatus, serde_json::Value) {
-    tracing::info!(task_id = %task.task_id, "drain cancelled; uncordoning");
+    let restarted = shared.supervisor.start_all();
+    tracing::info!(task_id = %task.task_id, restarted = ?restarted, "drain cancelled; uncordoning");
     shared.set_status(|s| {
         s.cordoned = false;
         s.phase = Phase::Ready;
     });
     (
         TaskStatus::Cancelled,
-        serde_json::json!({"cancelled": true}),
+        serde_json::json!({"cancelled": true, "services_restarted": restarted}),
     )
 }
 

@@ -23,7 +23,12 @@ pub type StopFuture<'a> = Pin<Box<dyn Future<Output = StopReport> + Send + 'a>>;
 pub trait Supervisor: Send + Sync {
     fn services(&self) -> Vec<ServiceState>;
     /// Stops every running service; each gets `grace` to exit after SIGTERM.
+    /// Dropping the future part way (a cancelled drain) leaves the services it had
+    /// not finished stopping marked `stopping`, for [`Supervisor::start_all`].
     fn stop_all(&self, grace: Duration) -> StopFuture<'_>;
+    /// Starts again every service that was stopped (a cancelled drain); returns
+    /// their names.
+    fn start_all(&self) -> Vec<String>;
 }
 
 /// A node with no supervised services.
@@ -36,6 +41,9 @@ impl Supervisor for NoServices {
     }
     fn stop_all(&self, _grace: Duration) -> StopFuture<'_> {
         Box::pin(async { StopReport::default() })
+    }
+    fn start_all(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -72,6 +80,30 @@ struct Service {
     state: &'static str,
 }
 
+/// Spawns the service's process; the child is killed if its handle is dropped.
+fn spawn(s: &mut Service) {
+    let Some((program, args)) = s.spec.argv.split_first() else {
+        s.state = "failed";
+        return;
+    };
+    match tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(child) => {
+            tracing::info!(service = %s.spec.name, pid = child.id(), "service started");
+            s.child = Some(child);
+            s.state = "running";
+        }
+        Err(e) => {
+            tracing::error!(service = %s.spec.name, error = %e, "service failed to start");
+            s.state = "failed";
+        }
+    }
+}
+
 /// Runs plain processes. No restart policy yet: a service that exits on its own is
 /// reported `failed` (non-zero) or `stopped` (zero).
 pub struct ProcessSupervisor {
@@ -90,22 +122,13 @@ impl ProcessSupervisor {
         let services = specs
             .into_iter()
             .map(|spec| {
-                let (program, args) = spec.argv.split_first().map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
-                let child = tokio::process::Command::new(program)
-                    .args(args)
-                    .stdin(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn();
-                match child {
-                    Ok(child) => {
-                        tracing::info!(service = %spec.name, pid = child.id(), "service started");
-                        Service { spec, child: Some(child), state: "running" }
-                    }
-                    Err(e) => {
-                        tracing::error!(service = %spec.name, error = %e, "service failed to start");
-                        Service { spec, child: None, state: "failed" }
-                    }
-                }
+                let mut s = Service {
+                    spec,
+                    child: None,
+                    state: "stopped",
+                };
+                spawn(&mut s);
+                s
             })
             .collect();
         Self {
@@ -150,17 +173,28 @@ impl Supervisor for ProcessSupervisor {
         let children: Vec<(String, tokio::process::Child)> = self
             .lock()
             .iter_mut()
-            .filter_map(|s| s.child.take().map(|c| (s.spec.name.clone(), c)))
+            .filter_map(|s| {
+                let child = s.child.take()?;
+                s.state = "stopping";
+                Some((s.spec.name.clone(), child))
+            })
             .collect();
         Box::pin(async move {
-            let stops = children.into_iter().map(|(name, mut child)| async move {
+            // TERM everything first, then wait against one shared deadline, so the
+            // services stop in parallel without spawning tasks: dropping this future
+            // drops the children, and `kill_on_drop` ends them.
+            for (_, child) in &children {
                 if let Some(pid) = child
                     .id()
                     .and_then(|p| rustix::process::Pid::from_raw(p as i32))
                 {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
                 }
-                let killed = match tokio::time::timeout(grace, child.wait()).await {
+            }
+            let deadline = tokio::time::Instant::now() + grace;
+            let mut report = StopReport::default();
+            for (name, mut child) in children {
+                let killed = match tokio::time::timeout_at(deadline, child.wait()).await {
                     Ok(_) => false,
                     Err(_) => {
                         let _ = child.kill().await;
@@ -168,37 +202,29 @@ impl Supervisor for ProcessSupervisor {
                     }
                 };
                 tracing::info!(service = %name, killed, "service stopped");
-                (name, killed)
-            });
-            let mut report = StopReport::default();
-            for (name, killed) in join_all(stops).await {
-                if killed {
-                    report.killed.push(name.clone());
-                } else {
-                    report.stopped.push(name.clone());
-                }
                 if let Some(s) = self.lock().iter_mut().find(|s| s.spec.name == name) {
                     s.state = "stopped";
+                }
+                if killed {
+                    report.killed.push(name);
+                } else {
+                    report.stopped.push(name);
                 }
             }
             report
         })
     }
-}
 
-/// Runs futures concurrently (no futures crate needed for this one use).
-async fn join_all<F: Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
+    fn start_all(&self) -> Vec<String> {
+        let mut started = Vec::new();
+        for s in self.lock().iter_mut() {
+            if s.child.is_none() && matches!(s.state, "stopping" | "stopped") {
+                spawn(s);
+                started.push(s.spec.name.clone());
+            }
         }
+        started
     }
-    out
 }
 
 #[cfg(test)]
@@ -245,5 +271,44 @@ mod tests {
             sup.stop_all(Duration::from_millis(10)).await,
             StopReport::default()
         );
+        // Starting again brings back what was stopped, not what failed to start.
+        assert_eq!(sup.start_all(), vec!["polite", "stubborn"]);
+        let states: Vec<_> = sup.services().into_iter().map(|s| s.state).collect();
+        assert_eq!(states, vec!["running", "running", "failed"]);
+        sup.stop_all(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_stop_can_be_undone() {
+        let sup = ProcessSupervisor::start(vec![ServiceSpec {
+            name: "stubborn".into(),
+            module: String::new(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "trap '' TERM; while :; do sleep 0.1; done".into(),
+            ],
+        }]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A cancelled drain drops the stop part way through.
+        let stop = sup.stop_all(Duration::from_secs(30));
+        assert!(tokio::time::timeout(Duration::from_millis(300), stop)
+            .await
+            .is_err());
+        assert_eq!(sup.services()[0].state, "stopping");
+        assert_eq!(sup.start_all(), vec!["stubborn"]);
+        // The abandoned process is gone (killed on drop), only the new one runs.
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", "-c", "trap '' TERM; while"])
+            .output();
+        if let Ok(out) = out {
+            let n: u32 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            assert!(n <= 1, "{n} copies running");
+        }
+        assert_eq!(sup.services()[0].state, "running");
+        sup.stop_all(Duration::from_millis(10)).await;
     }
 }

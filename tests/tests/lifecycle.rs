@@ -303,3 +303,160 @@ fn certificate_is_renewed_before_it_expires() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn cordon_only_drain_keeps_services_running() -> Result<()> {
+    let dir = test_dir("cordon-only")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_node, instance) = server.create_and_provision("edge-cordon")?;
+    let mut agent = Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--service", "web=sleep 300"],
+    )?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+
+    let drain = server.cli(&["drain-instance", &instance, "--cordon-only"])?;
+    let task_id = str_at(&drain, "/task_id")?;
+    let task = wait_for("cordon-only task done", RUNNING, || {
+        let t = server.task(&task_id)?;
+        Ok(t["status"]
+            .as_str()
+            .is_some_and(|s| s != "pending" && s != "running")
+            .then_some(t))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(task["status"], "succeeded", "{task}");
+    assert_eq!(task["result"]["cordon_only"], true, "{task}");
+    // Cordoned, but the services were left alone and the node is not drained.
+    let inst = wait_for("cordoned heartbeat", RUNNING, || {
+        let i = server.instance(&instance)?;
+        Ok((i["cordoned"] == true).then_some(i))
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let inst = server.instance(&instance).unwrap_or(inst);
+    assert_eq!(inst["services"][0]["state"], "running", "{inst}");
+    assert_ne!(inst["phase"], "drained", "{inst}");
+    assert!(agent.guard.is_running());
+    Ok(())
+}
+
+#[test]
+fn cancelled_drain_uncordons_and_restarts_services() -> Result<()> {
+    let dir = test_dir("cancel-drain")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_node, instance) = server.create_and_provision("edge-cancel")?;
+    // A service that ignores SIGTERM keeps the drain busy until it is cancelled.
+    let script = dir.join("stubborn.sh");
+    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    let service = format!("stubborn=sh {}", script.display());
+    let mut agent = Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--service", &service, "--lease-seconds", "3"],
+    )?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+
+    let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "120"])?;
+    let task_id = str_at(&drain, "/task_id")?;
+    wait_for("the agent stopping its service", RUNNING, || {
+        let i = server.instance(&instance)?;
+        Ok((i["phase"] == "draining" && i["services"][0]["state"] == "stopping").then_some(i))
+    })
+    .with_context(|| agent.log_text())?;
+
+    let cancelled = server.cli(&["cancel-task", &task_id])?;
+    assert_eq!(cancelled["task"]["status"], "cancelled", "{cancelled}");
+    // The agent hears of it at its next lease renewal, restarts the service and
+    // takes work again.
+    let inst = wait_for("uncordoned, ready, service running", RUNNING, || {
+        let i = server.instance(&instance)?;
+        Ok((i["status"] == "running"
+            && i["phase"] == "ready"
+            && i["cordoned"] == false
+            && i["services"][0]["state"] == "running")
+            .then_some(i))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(inst["services"].as_array().map(Vec::len), Some(1), "{inst}");
+    assert_eq!(server.task(&task_id)?["status"], "cancelled");
+    assert!(agent.guard.is_running(), "{}", agent.log_text());
+    Ok(())
+}
+
+fn fake_identity(instance: &str) -> Value {
+    json!({
+        "version": 1,
+        "control_plane_url": "https://127.0.0.1:9",
+        "ca_pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        "bootstrap_token": "secret-token",
+        "node_id": "node-1",
+        "instance_id": instance,
+        "hostname": "edge-1",
+    })
+}
+
+#[test]
+fn identity_subcommand_reports_the_source_and_names_bad_fields() -> Result<()> {
+    let dir = test_dir("identity-cli")?;
+    let agent = powernode_tests::binary("powernode-agent")?;
+    let cmdline = dir.join("cmdline");
+    std::fs::write(&cmdline, "console=ttyS0 quiet\n")?;
+    let entry = dir.join("fw_cfg/by_name/opt/org.powernode/identity");
+    std::fs::create_dir_all(&entry)?;
+    let write_entry = |doc: &Value| -> Result<()> {
+        let bytes = serde_json::to_vec(doc)?;
+        std::fs::write(entry.join("size"), format!("{}\n", bytes.len()))?;
+        std::fs::write(entry.join("raw"), bytes)?;
+        Ok(())
+    };
+    let run = || {
+        std::process::Command::new(&agent)
+            .arg("identity")
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--fw-cfg")
+            .arg(dir.join("fw_cfg"))
+            .output()
+    };
+
+    write_entry(&fake_identity("inst-fw"))?;
+    let out = run()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["source"], "fw_cfg");
+    assert_eq!(v["identity"]["instance_id"], "inst-fw");
+    assert_ne!(
+        v["identity"]["bootstrap_token"], "secret-token",
+        "token printed"
+    );
+
+    // The command line comes first when it carries an identity.
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&fake_identity("inst-cmd"))?);
+    std::fs::write(&cmdline, format!("quiet powernode.identity={encoded}\n"))?;
+    let v: Value = serde_json::from_slice(&run()?.stdout)?;
+    assert_eq!(v["source"], "cmdline");
+    assert_eq!(v["identity"]["instance_id"], "inst-cmd");
+
+    // A pin skips the command line's identity; a broken fw_cfg entry is an error
+    // naming the source and the field, never a fallback.
+    std::fs::write(
+        &cmdline,
+        format!("powernode.identity={encoded} powernode.identity_source=fw_cfg\n"),
+    )?;
+    let mut broken = fake_identity("inst-fw");
+    broken.as_object_mut().context("object")?.remove("node_id");
+    write_entry(&broken)?;
+    let out = run()?;
+    assert_eq!(out.status.code(), Some(4), "identity errors exit 4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fw_cfg") && err.contains("node_id"), "{err}");
+    Ok(())
+}
