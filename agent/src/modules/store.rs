@@ -289,11 +289,20 @@ impl ObjectStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(*d)),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        let verity_err = |source| StoreError::Verity {
+            path: path.clone(),
+            source,
+        };
         let actual = match self.mode {
-            VerityMode::Kernel => verity::measure(&f).map_err(|source| StoreError::Verity {
-                path: path.clone(),
-                source,
-            })?,
+            VerityMode::Kernel => match verity::measure(&f) {
+                // Written before this filesystem had verity (or by an older agent):
+                // enable it now; the kernel then computes the digest from the content.
+                Err(VerityError::NotEnabled) => {
+                    verity::enable(&f).map_err(verity_err)?;
+                    verity::measure(&f).map_err(verity_err)?
+                }
+                r => r.map_err(verity_err)?,
+            },
             VerityMode::Userspace => {
                 verity::digest_reader(f, Threads::Auto).map_err(io_err(&path))?
             }

@@ -263,6 +263,7 @@ fn unsafe_entries_are_refused_with_their_name() {
             "h",
         ),
         (Layer::new().hardlink("h", "/etc/passwd").tar(), "h"),
+        (Layer::new().hardlink("h", "./").tar(), "h"),
         (Layer::new().hardlink("h", "missing").tar(), "h"),
         (Layer::new().dir("d/", 0o755).hardlink("h", "d").tar(), "h"),
         // A symlink is stored, but nothing is ever written through it.
@@ -305,6 +306,13 @@ fn media_types_and_stream_errors_have_codes() {
         .apply_layer("application/vnd.oci.image.layer.v1.tar+bzip2", &b""[..])
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::UnsupportedMediaType);
+
+    // Device numbers Linux cannot represent.
+    let dev = Layer::new()
+        .special(tar::EntryType::Char, "d", 5000, 1)
+        .tar();
+    let err = u.apply_layer(TAR, &dev[..]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UnsupportedMediaType, "{err}");
 
     // Garbage that claims to be gzip.
     let err = u.apply_layer(TGZ, &b"not gzip at all"[..]).unwrap_err();
@@ -623,6 +631,15 @@ fn mount_sequence_is_recorded() {
     let err = mount_module(&m, &s, &img, &d.path().join("i"), &d.path().join("t")).unwrap_err();
     assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
     assert!(m.calls().is_empty());
+    // A store with kernel fs-verity makes overlayfs require it.
+    let opts = super::mount::overlay_options(
+        &[Path::new("/i")],
+        Path::new("/o"),
+        None,
+        VerityMode::Kernel,
+    )
+    .unwrap();
+    assert!(opts.contains(&super::mount::MountOpt::Str("verity", "require".into())));
     // Paths overlayfs cannot take are refused, not mangled.
     assert!(super::mount::overlay_options(
         &[Path::new("/a:b")],

@@ -524,6 +524,10 @@ impl<'a> Unpacker<'a> {
                 let h = entry.header();
                 let major = h.device_major().map_err(bad)?.unwrap_or(0);
                 let minor = h.device_minor().map_err(bad)?.unwrap_or(0);
+                // Linux device numbers: 12-bit major, 20-bit minor.
+                if major > 0xfff || minor > 0xf_ffff {
+                    return Err(bad(io::Error::other("device number out of range")));
+                }
                 let dev = encode_dev(major, minor);
                 if etype == T::Char {
                     Kind::CharDev(dev)
