@@ -16,6 +16,7 @@ use crate::failure::{self, Outcome};
 use crate::identity::{self, Found, IdentityProbeError};
 use crate::modules::{self, LoadReport, ModuleError};
 use crate::mounts::{self, MountError, EARLY_MOUNTS};
+use crate::net::{self, Configured, NetError};
 use crate::sys::{Errno, RebootKind, Sys};
 
 /// Prefix of the init's structured console lines.
@@ -36,6 +37,8 @@ pub enum PhaseError {
     Identity(#[from] IdentityProbeError),
     #[error("no identity: neither powernode.identity= on the command line nor the fw_cfg entry")]
     IdentityMissing,
+    #[error(transparent)]
+    Network(#[from] NetError),
 }
 
 impl PhaseError {
@@ -44,6 +47,7 @@ impl PhaseError {
         match self {
             Self::Identity(_) => ErrorCode::IdentityInvalid,
             Self::IdentityMissing => ErrorCode::IdentityMissing,
+            Self::Network(_) => ErrorCode::Network,
             Self::Mount(_) | Self::Cmdline(_) | Self::Modules(_) => ErrorCode::Internal,
         }
     }
@@ -100,6 +104,11 @@ pub const PHASES: &[NamedPhase] = &[
         run: find_identity,
     },
     NamedPhase {
+        name: "network",
+        marks: Some(Phase::NetworkUp),
+        run: bring_up_network,
+    },
+    NamedPhase {
         name: "bootstrap",
         marks: None,
         run: bootstrap,
@@ -114,6 +123,7 @@ pub struct Boot<'a> {
     pub timeline: Vec<TimelineEntry>,
     pub modules: LoadReport,
     pub identity: Option<Found>,
+    pub network: Option<Configured>,
 }
 
 impl std::fmt::Debug for Boot<'_> {
@@ -134,6 +144,7 @@ impl<'a> Boot<'a> {
             timeline: Vec::new(),
             modules: LoadReport::default(),
             identity: None,
+            network: None,
         }
     }
 
@@ -310,6 +321,37 @@ fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     Ok(())
 }
 
+/// The identity's network config (DHCP unless it says static). Runs after the
+/// identity phase because a static config comes from the identity document.
+fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
+    let config = boot
+        .identity
+        .as_ref()
+        .map(|f| f.document.network.clone())
+        .unwrap_or_default();
+    let up = net::bring_up(boot.sys, &config)?;
+    log::info!(
+        "network up ({}): {} {}/{} via {} dns {:?}",
+        up.source,
+        up.interface,
+        up.address,
+        up.prefix,
+        up.gateway
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "-".into()),
+        up.dns
+    );
+    let at_ms = boot.mark(Phase::NetworkUp);
+    boot.event(json!({
+        "event": "phase",
+        "phase": Phase::NetworkUp,
+        "phase_at_ms": at_ms,
+        "network": up,
+    }));
+    boot.network = Some(up);
+    Ok(())
+}
+
 /// The seam for the agent library's bootstrap (enroll -> pull / verify -> mount ->
 /// switch root). For now it only checks that the identity it will need is there.
 fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
@@ -335,7 +377,9 @@ mod tests {
                 layout::MODULE_LOAD_ORDER,
                 "qemu_fw_cfg.ko\nfailover.ko\nnet_failover.ko\nvirtio_net.ko\n",
             );
-        with_fw_cfg(sys, &doc_json())
+        let mut sys = crate::net::tests::with_nic(with_fw_cfg(sys, &doc_json()));
+        sys.dhcp_answers.extend([Some(2), Some(5)]);
+        sys
     }
 
     fn events(sys: &FakeSys) -> Vec<Value> {
@@ -425,8 +469,27 @@ mod tests {
                 "identity_found"
             ]
         );
+        let net = events.iter().find(|e| e["phase"] == "network_up").unwrap();
+        assert_eq!(net["network"]["address"], "10.0.2.15");
+        assert_eq!(net["network"]["source"], "dhcp");
         let done = events.iter().find(|e| e["event"] == "init_done").unwrap();
         assert_eq!(done["modules_loaded"].as_array().unwrap().len(), 4);
+        let phases: Vec<&str> = done["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["phase"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                "kernel_start",
+                "init_start",
+                "modules_loaded",
+                "identity_found",
+                "network_up"
+            ]
+        );
     }
 
     #[test]
@@ -494,6 +557,23 @@ mod tests {
     }
 
     #[test]
+    fn network_failure_is_reported_with_the_network_code() {
+        let mut sys = machine("powernode.on_failure=poweroff");
+        sys.dhcp_answers.clear();
+        assert_eq!(
+            Boot::new(&mut sys).run(),
+            Outcome::Reset(RebootKind::PowerOff)
+        );
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["phase"], "network");
+        assert_eq!(failed["code"], "network");
+        assert!(failed["error"].as_str().unwrap().contains("DISCOVER"));
+    }
+
+    #[test]
     fn missing_identity_is_identity_missing() {
         let mut sys = FakeSys::default()
             .with_file("/proc/cmdline", "powernode.on_failure=poweroff")
@@ -518,7 +598,8 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         let pos = |n| names.iter().position(|x| *x == n).unwrap();
-        assert!(pos("identity") < pos("bootstrap"));
+        assert!(pos("identity") < pos("network"));
+        assert!(pos("network") < pos("bootstrap"));
         assert_eq!(names[0], "early_mounts");
     }
 }

@@ -1,6 +1,6 @@
 //! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
-//! modules, identity, then (later) the agent library's bootstrap and the switch into
-//! the composed root.
+//! modules, identity, network (DHCPv4 or static), then (later) the agent library's
+//! bootstrap and the switch into the composed root.
 //!
 //! It must never panic and never exit: PID 1 returning is a kernel panic. Every phase
 //! returns a typed error, and the failure policy from the kernel command line
@@ -29,12 +29,15 @@
 
 pub mod boot;
 pub mod cmdline;
+pub mod dhcp;
 pub mod failure;
 pub mod identity;
 pub mod layout;
 pub mod logger;
 pub mod modules;
 pub mod mounts;
+pub mod net;
+pub mod netlink;
 pub mod sys;
 
 /// Runs the boot on the real kernel. Never returns.

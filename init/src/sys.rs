@@ -54,6 +54,24 @@ pub trait Sys {
     fn sleep(&mut self, duration: Duration);
     /// `/dev` is mounted: start logging to `/dev/kmsg`.
     fn start_logging(&mut self);
+    /// Creates or truncates a regular file.
+    fn create_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), Errno>;
+    /// Names in a folder (unsorted).
+    fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno>;
+    /// Interface index of a network device.
+    fn if_index(&mut self, name: &str) -> Result<u32, Errno>;
+    /// Sends one rtnetlink request and waits for the kernel's ack for `seq`.
+    fn netlink(&mut self, msg: &[u8], seq: u32) -> Result<(), Errno>;
+    /// Broadcasts `packet` from UDP port 68 to port 67 on `ifname` (no address
+    /// needed) and returns the first datagram that `accept` takes before `timeout`
+    /// (`ETIMEDOUT` when none).
+    fn dhcp_exchange(
+        &mut self,
+        ifname: &str,
+        packet: &[u8],
+        timeout: Duration,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, Errno>;
 }
 
 /// The real kernel.
@@ -187,6 +205,126 @@ impl Sys for RealSys {
     fn start_logging(&mut self) {
         crate::logger::start()
     }
+
+    fn create_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), Errno> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+            .map_err(errno)?;
+        file.write_all(data).map_err(errno)
+    }
+
+    fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno> {
+        std::fs::read_dir(path)
+            .map_err(errno)?
+            .map(|e| {
+                e.map(|e| e.file_name().to_string_lossy().into_owned())
+                    .map_err(errno)
+            })
+            .collect()
+    }
+
+    fn if_index(&mut self, name: &str) -> Result<u32, Errno> {
+        use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+        let sock = socket_with(
+            AddressFamily::INET,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::netdevice::name_to_index(&sock, name)
+    }
+
+    fn netlink(&mut self, msg: &[u8], seq: u32) -> Result<(), Errno> {
+        use rustix::net::netlink::SocketAddrNetlink;
+        use rustix::net::{socket_with, sockopt, AddressFamily, RecvFlags, SendFlags};
+        use rustix::net::{SocketFlags, SocketType};
+        let sock = socket_with(
+            AddressFamily::NETLINK,
+            SocketType::RAW,
+            SocketFlags::CLOEXEC,
+            None, // NETLINK_ROUTE is protocol 0
+        )?;
+        sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(Duration::from_secs(2)))?;
+        rustix::net::sendto(
+            &sock,
+            msg,
+            SendFlags::empty(),
+            &SocketAddrNetlink::new(0, 0),
+        )?;
+        let mut buf = vec![0u8; 8192];
+        // The ack is normally the first message; allow a few unrelated ones.
+        for _ in 0..8 {
+            let (n, _) = rustix::net::recv(&sock, &mut buf[..], RecvFlags::empty())?;
+            match crate::netlink::parse_ack(buf.get(..n).unwrap_or_default(), seq) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(code)) => return Err(Errno::from_raw_os_error(code)),
+                None => continue,
+            }
+        }
+        Err(Errno::PROTO)
+    }
+
+    fn dhcp_exchange(
+        &mut self,
+        ifname: &str,
+        packet: &[u8],
+        timeout: Duration,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, Errno> {
+        use rustix::net::{socket_with, sockopt, AddressFamily, RecvFlags, SendFlags};
+        use rustix::net::{SocketAddrV4, SocketFlags, SocketType};
+        use std::net::Ipv4Addr;
+        let sock = socket_with(
+            AddressFamily::INET,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        sockopt::set_socket_reuseaddr(&sock, true)?;
+        sockopt::set_socket_broadcast(&sock, true)?;
+        // rustix has no SO_BINDTODEVICE; nix does. Without it the broadcast would go
+        // out of whichever interface the (empty) routing table picks: none.
+        nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(ifname),
+        )
+        .map_err(|e| Errno::from_raw_os_error(e as i32))?;
+        rustix::net::bind(
+            &sock,
+            &SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, crate::dhcp::CLIENT_PORT),
+        )?;
+        rustix::net::sendto(
+            &sock,
+            packet,
+            SendFlags::empty(),
+            &SocketAddrV4::new(Ipv4Addr::BROADCAST, crate::dhcp::SERVER_PORT),
+        )?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Errno::TIMEDOUT);
+            }
+            sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(left))?;
+            match rustix::net::recv(&sock, &mut buf[..], RecvFlags::empty()) {
+                Ok((n, _)) => {
+                    let got = buf.get(..n).unwrap_or_default();
+                    if accept(got) {
+                        return Ok(got.to_vec());
+                    }
+                }
+                Err(Errno::AGAIN | Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +353,13 @@ pub mod fake {
         Reboot(RebootKind),
         Sleep(Duration),
         StartLogging,
+        Create(String, String),
+        ListDir(String),
+        Netlink(Vec<u8>),
+        Dhcp {
+            ifname: String,
+            kind: u8,
+        },
     }
 
     #[derive(Debug, Default)]
@@ -226,6 +371,11 @@ pub mod fake {
         /// Module loads that fail this many times before succeeding.
         pub module_failures_left: BTreeMap<String, u32>,
         pub now_ms: u64,
+        pub dirs: BTreeMap<String, Vec<String>>,
+        pub ifindex: BTreeMap<String, u32>,
+        /// DHCP message types the fake server answers with, one per exchange;
+        /// `None` means no answer (timeout).
+        pub dhcp_answers: std::collections::VecDeque<Option<u8>>,
     }
 
     impl FakeSys {
@@ -354,6 +504,63 @@ pub mod fake {
 
         fn start_logging(&mut self) {
             self.calls.push(Call::StartLogging);
+        }
+
+        fn create_file(&mut self, path: &str, data: &[u8], _mode: u32) -> Result<(), Errno> {
+            self.calls.push(Call::Create(
+                path.to_string(),
+                String::from_utf8_lossy(data).into_owned(),
+            ));
+            self.files.insert(path.to_string(), data.to_vec());
+            Ok(())
+        }
+
+        fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno> {
+            self.calls.push(Call::ListDir(path.to_string()));
+            self.dirs.get(path).cloned().ok_or(Errno::NOENT)
+        }
+
+        fn if_index(&mut self, name: &str) -> Result<u32, Errno> {
+            self.ifindex.get(name).copied().ok_or(Errno::NODEV)
+        }
+
+        fn netlink(&mut self, msg: &[u8], _seq: u32) -> Result<(), Errno> {
+            self.calls.push(Call::Netlink(msg.to_vec()));
+            Ok(())
+        }
+
+        fn dhcp_exchange(
+            &mut self,
+            ifname: &str,
+            packet: &[u8],
+            timeout: Duration,
+            accept: &mut dyn FnMut(&[u8]) -> bool,
+        ) -> Result<Vec<u8>, Errno> {
+            // Option 53 sits first in our packets: byte 242 is the message type.
+            let kind = packet.get(242).copied().unwrap_or(0);
+            self.calls.push(Call::Dhcp {
+                ifname: ifname.to_string(),
+                kind,
+            });
+            let xid = packet
+                .get(4..8)
+                .and_then(|x| <[u8; 4]>::try_from(x).ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            match self.dhcp_answers.pop_front().flatten() {
+                Some(answer) => {
+                    let reply = crate::dhcp::tests::reply(answer, xid);
+                    if accept(&reply) {
+                        Ok(reply)
+                    } else {
+                        Err(Errno::TIMEDOUT)
+                    }
+                }
+                None => {
+                    self.now_ms += u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                    Err(Errno::TIMEDOUT)
+                }
+            }
         }
     }
 }

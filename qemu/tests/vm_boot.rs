@@ -49,6 +49,14 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
     assert_eq!(found["instance_id"], "inst-vm-fwcfg");
     assert_eq!(found["node_id"], "node-vm-test");
 
+    // DHCP against QEMU's user-mode network: the guest reaches the host at 10.0.2.2.
+    let net = event(&events, "phase", "network_up")
+        .unwrap_or_else(|| panic!("no network_up event\n{}", context()));
+    assert_eq!(net["network"]["source"], "dhcp");
+    assert_eq!(net["network"]["address"], "10.0.2.15");
+    assert_eq!(net["network"]["gateway"], "10.0.2.2");
+    assert_eq!(net["network"]["dns"][0], "10.0.2.3");
+
     let done = event(&events, "event", "init_done")
         .unwrap_or_else(|| panic!("no init_done event\n{}", context()));
     let loaded: Vec<&str> = done["modules_loaded"]
