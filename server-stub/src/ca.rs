@@ -117,18 +117,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
 }
 
 impl Ca {
-    /// Loads the CA from `dir`, or creates and stores one (key file 0600).
+    /// Loads the CA from `dir`, or creates and stores one (key file 0600). Creation
+    /// is first-writer-wins (hard link of `ca.pem`), so two servers started on one
+    /// empty directory end up with the same CA instead of each overwriting the other.
     pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        if key_path.exists() {
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-            let key =
-                KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadStoredCa(key_path.clone()))?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-                .map_err(|_| CaError::BadStoredCa(cert_path.clone()))?;
-            return Self::from_parts(issuer, cert_pem);
+        if cert_path.exists() {
+            return Self::load(&cert_path, &key_path);
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -147,9 +143,43 @@ impl Ca {
         params.not_after = now + time::Duration::days(3650);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
-        Self::from_parts(Issuer::new(params, key), cert_pem)
+        let unique = format!("{}.{:016x}", std::process::id(), rand::random::<u64>());
+        let tmp_key = dir.join(format!(".{CA_KEY_FILE}.{unique}"));
+        let tmp_cert = dir.join(format!(".{CA_CERT_FILE}.{unique}"));
+        write_private(&tmp_key, key.serialize_pem().as_bytes())?;
+        std::fs::write(&tmp_cert, &cert_pem).map_err(io_err(&tmp_cert))?;
+        let won = std::fs::hard_link(&tmp_cert, &cert_path);
+        let _ = std::fs::remove_file(&tmp_cert);
+        match won {
+            Ok(()) => {
+                std::fs::rename(&tmp_key, &key_path).map_err(io_err(&key_path))?;
+                Self::from_parts(Issuer::new(params, key), cert_pem)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let _ = std::fs::remove_file(&tmp_key);
+                Self::load(&cert_path, &key_path)
+            }
+            Err(e) => Err(CaError::Io {
+                path: cert_path,
+                source: e,
+            }),
+        }
+    }
+
+    fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        // Another process may have linked ca.pem and not yet renamed its key in.
+        let mut tries = 0;
+        while !key_path.exists() && tries < 40 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            tries += 1;
+        }
+        let key_pem = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
+        let cert_pem = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|_| CaError::BadStoredCa(key_path.to_path_buf()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|_| CaError::BadStoredCa(cert_path.to_path_buf()))?;
+        Self::from_parts(issuer, cert_pem)
     }
 
     fn from_parts(issuer: Issuer<'static, KeyPair>, cert_pem: String) -> Result<Self, CaError> {
@@ -381,7 +411,13 @@ pub(crate) mod tests {
         assert_eq!(id.not_after_ms, issued.not_after_ms);
         // Expired at a later time.
         assert!(ca.verify_client(&chain, now + 7200 * 1000).is_err());
-        // Same CA after a reload; a different CA refuses it.
+        // Same CA after a reload (and no temporary files left); a different CA
+        // refuses it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
         let again = Ca::load_or_create(dir.path()).unwrap();
         assert!(again.verify_client(&chain, now).is_ok());
         let other_dir = tempfile::tempdir().unwrap();
@@ -408,6 +444,26 @@ pub(crate) mod tests {
         let c = id(0, 86_400_000);
         assert!(!c.renewal_due(57_000_000));
         assert!(c.renewal_due(57_600_000));
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        Ca::load_or_create(dir.path())
+                            .unwrap()
+                            .cert_pem()
+                            .to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = std::fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
+        assert!(cas.iter().all(|c| *c == on_disk));
     }
 
     #[test]
