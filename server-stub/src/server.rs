@@ -160,21 +160,38 @@ fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     }
 }
 
-/// Reads `DIR/admin-token`, creating it (0600) on first start.
+/// Reads `DIR/admin-token`, creating it (0600) on first start; first writer wins, as
+/// for the CA.
 fn load_or_create_admin_token(dir: &Path) -> Result<String, ServeError> {
     let path = dir.join(ADMIN_TOKEN_FILE);
-    if path.exists() {
-        let t = std::fs::read_to_string(&path).map_err(dir_err(&path))?;
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
+    let read = |path: &Path| -> Result<Option<String>, ServeError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(dir_err(path)(e)),
         }
+    };
+    if let Some(t) = read(&path)? {
+        return Ok(t);
     }
     let mut b = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
     let token = hex::encode(b);
-    ca::write_private(&path, format!("{token}\n").as_bytes())?;
-    Ok(token)
+    let tmp = dir.join(format!(
+        ".{ADMIN_TOKEN_FILE}.{:016x}",
+        rand::random::<u64>()
+    ));
+    ca::write_private(&tmp, format!("{token}\n").as_bytes())?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(token),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read(&path)?.ok_or_else(|| dir_err(&path)(e))
+        }
+        Err(e) => Err(dir_err(&path)(e)),
+    }
 }
 
 /// Many agents mean many sockets: lift the soft descriptor limit to the hard one.
