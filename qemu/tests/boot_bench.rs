@@ -78,6 +78,7 @@ fn boot_time_vs_bare_kernel() {
     let (mut wall_ours, mut wall_base, mut wall_gz) = (Vec::new(), Vec::new(), Vec::new());
     let (mut init_start, mut modules, mut identity, mut done_at, mut base_start) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut network = Vec::new();
     for _ in 0..runs {
         let b = boot(&base_spec, DEADLINE);
         wall_base.push(b.elapsed.as_millis() as u64);
@@ -95,6 +96,7 @@ fn boot_time_vs_bare_kernel() {
         init_start.push(phase_ms(&done, "init_start").unwrap_or(0));
         modules.push(phase_ms(&done, "modules_loaded").unwrap_or(0));
         identity.push(phase_ms(&done, "identity_found").unwrap_or(0));
+        network.push(phase_ms(&done, "network_up").unwrap_or(0));
         done_at.push(done["at_ms"].as_u64().unwrap_or(0));
 
         let g = boot(&gz_spec, DEADLINE);
@@ -162,6 +164,7 @@ fn boot_time_vs_bare_kernel() {
         image.manifest.modules.len()
     );
     println!("  ours identity_found            {:>6}", median(identity));
+    println!("  ours network_up (DHCP)         {:>6}", median(network));
     println!(
         "  ours init_done                 {d:>6}   ratio to baseline init_start {:.2}x",
         d as f64 / bs.max(1) as f64
