@@ -3,8 +3,8 @@
 //!
 //! Every child process is owned by a [`ProcessGuard`] that kills it by its own pid
 //! when dropped, also when a test panics. Servers bind 127.0.0.1 only. Each test
-//! keeps its data and logs under `target/powernode-tests/<test>/` so a failure can
-//! be read afterwards; the folder is wiped when the test starts again.
+//! keeps its data and logs under `target/powernode-tests/<test>/<pid>/` so a failure
+//! can be read afterwards (`server.log`, `<agent>.log`, the server's `data/`).
 //!
 //! This crate must never talk to anything but loopback, and never leave a process
 //! running after a test.
@@ -149,14 +149,31 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A fresh per-test folder under `target/powernode-tests/`.
+/// A fresh per-test folder, `target/powernode-tests/<name>/<pid>/`. The pid keeps
+/// concurrent runs of the same test (two engineers, one target dir) apart; folders
+/// of runs whose process is gone are removed, the latest one stays for reading.
 pub fn test_dir(name: &str) -> Result<PathBuf> {
-    let dir = profile_dir()
+    let base = profile_dir()
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| workspace_root().join("target"))
         .join("powernode-tests")
         .join(name);
+    std::fs::create_dir_all(&base)?;
+    let me = std::process::id();
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let stale = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| pid != me && !Path::new(&format!("/proc/{pid}")).exists());
+            if stale {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(me.to_string());
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
     }

@@ -244,6 +244,24 @@ fn restarted_agent_reuses_its_certificate() -> Result<()> {
         std::fs::read_to_string(agent.state_dir.join("node.crt"))?,
         cert
     );
+
+    // Without its state the node has only a spent token: refused for good.
+    let mut stateless = Agent::with_identity(&dir, "stateless", &identity, &[])?;
+    let status = stateless.guard.wait_timeout(EXIT)?;
+    assert_eq!(
+        status.code(),
+        Some(EXIT_TERMINAL),
+        "{}",
+        stateless.log_text()
+    );
+    assert!(
+        stateless.log_text().contains("bootstrap_token_used"),
+        "{}",
+        stateless.log_text()
+    );
+    // The running agent is not disturbed by that.
+    assert_eq!(server.instance(&instance)?["status"], "running");
+    assert!(agent.guard.is_running());
     Ok(())
 }
 
@@ -339,6 +357,26 @@ fn cordon_only_drain_keeps_services_running() -> Result<()> {
     assert_eq!(inst["services"][0]["state"], "running", "{inst}");
     assert_ne!(inst["phase"], "drained", "{inst}");
     assert!(agent.guard.is_running());
+
+    // SIGTERM is a clean stop: exit 0, supervised services stopped with it.
+    let pid = agent.guard.pid().context("agent pid")?;
+    let service_pid = std::fs::read_to_string(&agent.log)?
+        .lines()
+        .find(|l| l.contains("service started"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .context("service pid in the agent log")?;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    assert!(term.success());
+    let status = agent.guard.wait_timeout(EXIT)?;
+    assert_eq!(status.code(), Some(0), "{}", agent.log_text());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{service_pid}")).exists(),
+        "service {service_pid} outlived the agent"
+    );
     Ok(())
 }
 
