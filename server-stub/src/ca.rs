@@ -447,6 +447,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn server_cert_covers_every_name_and_chains_to_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let names: Vec<String> = [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "10.0.2.2",
+            "cp.example.test",
+            "localhost",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (chain, _key) = ca.server_cert(&names).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(&chain[1], ca.cert_der());
+        let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let got: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_string(),
+                    _ => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string(),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "10.0.2.2",
+                "cp.example.test"
+            ]
+        );
+    }
+
+    #[test]
     fn concurrent_first_starts_agree_on_one_ca() {
         let dir = tempfile::tempdir().unwrap();
         let cas: Vec<String> = std::thread::scope(|s| {

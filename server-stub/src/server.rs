@@ -52,6 +52,8 @@ pub enum ServeError {
     Tls(#[from] rustls::Error),
     #[error("server task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error("--public-url {0:?} must be an https:// URL with a host")]
+    BadPublicUrl(String),
 }
 
 /// TLS-layer client-certificate policy: offer client auth, never require it, accept
@@ -226,6 +228,11 @@ fn host_of(url: &str) -> Option<String> {
 
 /// Starts the server and returns once it is listening.
 pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeError> {
+    if let Some(u) = &cfg.public_url {
+        if !u.starts_with("https://") || host_of(u).is_none() {
+            return Err(ServeError::BadPublicUrl(u.clone()));
+        }
+    }
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
     raise_nofile_limit();
@@ -254,7 +261,11 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         addr
     };
     let url = format!("https://{client_addr}");
-    let public_url = cfg.public_url.clone().unwrap_or_else(|| url.clone());
+    let public_url = cfg
+        .public_url
+        .clone()
+        .map(|u| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| url.clone());
 
     let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1", "10.0.2.2"]
         .iter()

@@ -238,3 +238,86 @@ fn real_provider_mode_is_refused_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`real` is not available"), "{err}");
 }
+
+#[test]
+fn public_url_goes_into_identity_documents_and_bad_ones_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-url",
+            "http://10.0.2.2:1",
+            "--data",
+        ])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-url",
+            "https://10.0.2.2:8443/",
+        ])
+        .args(["--san", "cp.example.test", "--data"])
+        .arg(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = ServerProc {
+        child,
+        addr: String::new(),
+    };
+    let dir = tmp.path();
+    let n = cli_json(
+        dir,
+        &[
+            "create-node",
+            "--hostname",
+            "qemu-1",
+            "--lifecycle-class",
+            "spot",
+        ],
+    );
+    let p = cli_json(
+        dir,
+        &["provision-instance", n["node"]["id"].as_str().unwrap()],
+    );
+    let doc = cli_json(
+        dir,
+        &["instance-identity", p["instance"]["id"].as_str().unwrap()],
+    );
+    assert_eq!(doc["control_plane_url"], "https://10.0.2.2:8443");
+    // The server certificate names the public host and the extra SAN.
+    let (ok, _, _) = cli(
+        dir,
+        &[
+            "--server",
+            &format!("https://localhost:{}", line_port(&line)),
+            "list-templates",
+        ],
+    );
+    assert!(ok, "localhost is a SAN");
+}
+
+fn line_port(line: &str) -> String {
+    let v: Value = serde_json::from_str(line).unwrap();
+    v["listening"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
