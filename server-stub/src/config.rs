@@ -122,6 +122,9 @@ pub struct Config {
     pub heartbeat_interval_seconds: u64,
     /// How often batched heartbeat state is written to SQLite.
     pub flush_interval_ms: u64,
+    /// Print `{"listening": ADDR}` on stdout once bound (the binary does; in-process
+    /// tests need not).
+    pub announce: bool,
 }
 
 impl Config {
@@ -141,6 +144,7 @@ impl Config {
             lease_max_seconds: 3600,
             heartbeat_interval_seconds: 30,
             flush_interval_ms: 1000,
+            announce: true,
         }
     }
 }

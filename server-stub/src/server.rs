@@ -293,7 +293,7 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
 
     let url_path = dir.join(SERVER_URL_FILE);
     std::fs::write(&url_path, format!("{url}\n")).map_err(dir_err(&url_path))?;
-    {
+    if state.cfg.announce {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         // Harnesses read the port from this line.

@@ -24,6 +24,7 @@ pub fn config(dir: &Path) -> Config {
     // Sensors are driven by hand in tests (`state.sense()`), so keep the timer slow.
     cfg.sensor_interval_ms = 3_600_000;
     cfg.heartbeat_interval_seconds = 2;
+    cfg.announce = false;
     cfg
 }
 
