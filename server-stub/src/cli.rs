@@ -90,6 +90,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub enum Cmd {
     /// Run the control plane.
     Serve(ServeArgs),
+    /// Create a logical Node (phase 1; no provider resources).
     CreateNode {
         #[arg(long)]
         hostname: String,
@@ -100,19 +101,21 @@ pub enum Cmd {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Show the catalog: templates, platforms, architectures, regions, instance types.
     ListTemplates,
+    /// List every Node.
     ListNodes,
-    GetNode {
-        id: String,
-    },
+    /// Show a Node (`status` is its live instance's status or `no_instance`).
+    GetNode { id: String },
+    /// Change a Node's lifecycle class (refused once an instance was provisioned).
     UpdateNode {
         id: String,
         #[arg(long)]
         lifecycle_class: Option<LifecycleClass>,
     },
-    DeleteNode {
-        id: String,
-    },
+    /// Delete a retired Node (refused while it has a live instance).
+    DeleteNode { id: String },
+    /// Provision an instance into a Node (phase 2).
     ProvisionInstance {
         node_id: String,
         #[arg(long)]
@@ -120,19 +123,15 @@ pub enum Cmd {
         #[arg(long)]
         region: Option<String>,
     },
-    GetInstance {
-        id: String,
-    },
+    /// Show an instance, with `stuck` and its recovery when a threshold is crossed.
+    GetInstance { id: String },
     /// Print the identity document the provider handed (or would hand) the VM.
-    InstanceIdentity {
-        id: String,
-    },
-    GetTask {
-        id: String,
-    },
-    CancelTask {
-        id: String,
-    },
+    InstanceIdentity { id: String },
+    /// Show a task.
+    GetTask { id: String },
+    /// Cancel a task (a drain: uncordon; a provision: fail the instance).
+    CancelTask { id: String },
+    /// Drain an instance (phase 5): cordon, stop module services.
     DrainInstance {
         id: String,
         #[arg(long, default_value_t = 300)]
@@ -140,20 +139,22 @@ pub enum Cmd {
         #[arg(long)]
         cordon_only: bool,
     },
+    /// Terminate an instance (phase 6): destroy, revoke certificates, expire tokens.
     TerminateInstance {
         id: String,
         #[arg(long)]
         force: bool,
     },
-    DriftReport {
-        id: String,
-    },
+    /// Desired vs running modules of an instance.
+    DriftReport { id: String },
+    /// Recent sensor findings (silent, stuck, drift, bootstrap failures).
     RecentSignals {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Recent audit events.
     RecentEvents {
         #[arg(long, default_value_t = 50)]
         limit: u32,
