@@ -7,7 +7,8 @@
 //!
 //! The path through it: [`identity`] (where the node learns who it is) ->
 //! [`enroll`] (key, CSR, certificate, kept by [`state`]) -> [`runtime`] (handshake
-//! with the [`timeline`], heartbeat, task lease, drain, certificate renewal).
+//! with the [`timeline`], heartbeat, task lease, drain, certificate renewal), which
+//! drives services through [`supervisor`] and modules through [`reconcile`].
 
 pub mod backoff;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod enroll;
 pub mod entropy;
 pub mod identity;
 pub mod modules;
+pub mod reconcile;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;

@@ -136,7 +136,11 @@ async fn run(args: RunArgs) -> i32 {
     };
     let mut opts = AgentOptions::new(&args.state_dir);
     opts.lease_seconds = args.lease_seconds.max(3);
-    match runtime::run(resolved, opts, supervisor, timeline, shutdown_signal()).await {
+    let hooks = runtime::Hooks {
+        supervisor,
+        ..runtime::Hooks::default()
+    };
+    match runtime::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
         Ok(Exit::Stopped) => exit_code::STOPPED,
         Ok(Exit::Terminal { code, message }) => {
             tracing::error!(code = %code, message = %message, "the control plane refused this node for good; stopping");

@@ -1,9 +1,12 @@
-//! The running agent: credentials (stored or freshly enrolled), the handshake with
-//! phase and boot timeline, then three duties until told to stop:
+//! The running agent: credentials (stored or freshly enrolled), a first module
+//! reconcile, the handshake with phase and boot timeline, then these duties until
+//! told to stop:
 //! - heartbeat at the server's interval with jitter, backing off on errors, and
 //!   renewing the certificate when the server asks or a third of its life is left;
 //! - lease node-side tasks and run them (drain, cordon, diagnostics), renewing the
 //!   lease while working and honouring cancel;
+//! - reconcile modules against the desired set now and then, reporting the result
+//!   in heartbeats;
 //! - stop for good, with a distinct exit, when the control plane says this node's
 //!   credentials are gone (revoked, terminated, token spent).
 //!
@@ -17,9 +20,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use powernode_proto::node::{
-    CompleteTaskRequest, CompleteTaskResponse, HandshakeRequest, HandshakeResponse,
-    HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, LeasedTask, Phase,
-    RenewLeaseRequest, RenewLeaseResponse, RenewRequest,
+    CompleteTaskRequest, CompleteTaskResponse, DesiredModulesResponse, FailureReport,
+    HandshakeRequest, HandshakeResponse, HeartbeatRequest, HeartbeatResponse, LeaseRequest,
+    LeaseResponse, LeasedTask, Phase, ReconcileResult, RenewLeaseRequest, RenewLeaseResponse,
+    RenewRequest,
 };
 use powernode_proto::{paths, ErrorCode, IdentityDocument, InstanceStatus, TaskKind, TaskStatus};
 use tokio::sync::{mpsc, Notify};
@@ -28,6 +32,7 @@ use crate::backoff::{jittered, Backoff};
 use crate::client::{ApiClient, ClientError, Timeouts};
 use crate::credentials::{unix_now, CertInfo, CredentialError, Credentials, NodeKey};
 use crate::identity::Resolved;
+use crate::reconcile::{NoModules, Reconciler};
 use crate::state::{StateDir, StateError};
 use crate::supervisor::Supervisor;
 use crate::timeline::Timeline;
@@ -45,6 +50,11 @@ pub struct AgentOptions {
     pub jitter: f64,
     /// Grace given to services when the agent itself stops.
     pub stop_grace: Duration,
+    /// Steady-state reconcile period, in heartbeat intervals.
+    pub reconcile_every: u32,
+    /// Fallback task poll period, in heartbeat intervals; a heartbeat answer with
+    /// `tasks_pending` wakes the lease loop at once, so this can be slow.
+    pub lease_poll_every: u32,
 }
 
 impl AgentOptions {
@@ -57,6 +67,30 @@ impl AgentOptions {
             backoff_cap: Duration::from_secs(30),
             jitter: 0.1,
             stop_grace: Duration::from_secs(10),
+            reconcile_every: 10,
+            lease_poll_every: 5,
+        }
+    }
+}
+
+/// What the runtime drives on the node: services and modules.
+#[derive(Clone)]
+pub struct Hooks {
+    pub supervisor: Arc<dyn Supervisor>,
+    pub reconciler: Arc<dyn Reconciler>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").finish_non_exhaustive()
+    }
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            supervisor: Arc::new(crate::supervisor::NoServices),
+            reconciler: Arc::new(NoModules),
         }
     }
 }
@@ -97,6 +131,8 @@ struct Shared {
     status: Mutex<NodeStatus>,
     interval_secs: AtomicU64,
     supervisor: Arc<dyn Supervisor>,
+    reconciler: Arc<dyn Reconciler>,
+    last_reconcile: Mutex<Option<ReconcileResult>>,
     wake_lease: Notify,
     wake_heartbeat: Notify,
     exit: mpsc::Sender<Exit>,
@@ -226,7 +262,7 @@ where
 pub async fn run(
     resolved: Resolved,
     opts: AgentOptions,
-    supervisor: Arc<dyn Supervisor>,
+    hooks: Hooks,
     mut timeline: Timeline,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, AgentError> {
@@ -276,6 +312,53 @@ pub async fn run(
         Some(&creds),
         opts.timeouts,
     )?;
+    // First reconcile: `ready` only once the node runs what it should. A failure
+    // goes upstream with its reason and is retried with backoff.
+    let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
+    let first_reconcile = loop {
+        let desired = with_retry(
+            "desired modules",
+            Backoff::new(opts.backoff_base, opts.backoff_cap),
+            &mut shutdown,
+            ClientError::terminal_code,
+            || client.get::<DesiredModulesResponse>(paths::DESIRED_MODULES),
+        )
+        .await;
+        let desired = match desired {
+            Ok(d) => d,
+            Err(exit) => return Ok(exit),
+        };
+        match hooks.reconciler.reconcile(&desired).await {
+            Ok(()) => break reconcile_result(None),
+            Err(mut failure) => {
+                failure.attempt = backoff.attempt().saturating_add(1);
+                tracing::error!(code = %failure.code, attempt = failure.attempt,
+                    message = %failure.message, "module reconcile failed; reporting and retrying");
+                let report = handshake(
+                    &client,
+                    &identity.instance_id,
+                    Phase::Failed,
+                    &timeline,
+                    Some(failure),
+                )
+                .await;
+                if let Err(e) = report {
+                    if let Some(code) = e.terminal_code() {
+                        return Ok(Exit::Terminal {
+                            code,
+                            message: crate::error_chain(&e),
+                        });
+                    }
+                    tracing::warn!(error = %crate::error_chain(&e), "could not report the failure");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = &mut shutdown => return Ok(Exit::Stopped),
+                }
+            }
+        }
+    };
+
     timeline.mark(Phase::Ready);
     let hs = with_retry(
         "handshake",
@@ -315,7 +398,9 @@ pub async fn run(
             cordoned: false,
         }),
         interval_secs: AtomicU64::new(interval),
-        supervisor,
+        supervisor: hooks.supervisor,
+        reconciler: hooks.reconciler,
+        last_reconcile: Mutex::new(Some(first_reconcile)),
         wake_lease: Notify::new(),
         wake_heartbeat: Notify::new(),
         exit: exit_tx,
@@ -326,12 +411,14 @@ pub async fn run(
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     let leases = tokio::spawn(lease_loop(shared.clone()));
+    let reconciles = tokio::spawn(reconcile_loop(shared.clone()));
     let exit = tokio::select! {
         e = exit_rx.recv() => e.unwrap_or(Exit::Stopped),
         _ = &mut shutdown => Exit::Stopped,
     };
     heartbeat.abort();
     leases.abort();
+    reconciles.abort();
     let report = shared.supervisor.stop_all(shared.opts.stop_grace).await;
     tracing::info!(stopped = ?report.stopped, killed = ?report.killed, "agent stopped its services");
     Ok(exit)
@@ -347,9 +434,9 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             phase: status.phase,
             uptime_seconds: crate::timeline::boot_ms() / 1000,
             agent_version: crate::AGENT_VERSION.to_string(),
-            modules: Vec::new(),
+            modules: shared.reconciler.running(),
             services: shared.supervisor.services(),
-            last_reconcile: None,
+            last_reconcile: lock(&shared.last_reconcile).clone(),
             cordoned: status.cordoned,
         };
         let delay = match shared
@@ -493,7 +580,7 @@ async fn lease_loop(shared: Arc<Shared>) {
             }
             Ok(LeaseResponse { task: None }) => {
                 backoff.reset();
-                shared.interval()
+                shared.interval() * shared.opts.lease_poll_every.max(1)
             }
             Err(e) => {
                 if shared.stop_if_terminal(&e).await {
@@ -513,6 +600,55 @@ async fn lease_loop(shared: Arc<Shared>) {
 }
 
 use std::ops::ControlFlow;
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn reconcile_result(error: Option<FailureReport>) -> ReconcileResult {
+    ReconcileResult {
+        at: now_rfc3339(),
+        ok: error.is_none(),
+        error,
+    }
+}
+
+/// Reconciles every `reconcile_every` heartbeat intervals; the result rides on the
+/// next heartbeats. Runs apart from the heartbeat so a long pull never silences it.
+async fn reconcile_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(shared.interval() * shared.opts.reconcile_every.max(1)).await;
+        let desired = match shared
+            .client()
+            .get::<DesiredModulesResponse>(paths::DESIRED_MODULES)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                if shared.stop_if_terminal(&e).await {
+                    return;
+                }
+                tracing::warn!(error = %crate::error_chain(&e), "fetching desired modules failed");
+                continue;
+            }
+        };
+        let result = match shared.reconciler.reconcile(&desired).await {
+            Ok(()) => reconcile_result(None),
+            Err(failure) => {
+                tracing::warn!(code = %failure.code, message = %failure.message, "module reconcile failed");
+                reconcile_result(Some(failure))
+            }
+        };
+        *lock(&shared.last_reconcile) = Some(result);
+    }
+}
 
 /// Drain parameters as the server sends them; absent fields take the defaults.
 #[derive(Debug, serde::Deserialize)]

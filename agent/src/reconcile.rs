@@ -1,0 +1,79 @@
+//! The seam between the runtime and the module runtime: what is running (for
+//! heartbeats) and how to move it to what the control plane wants. The runtime
+//! calls [`Reconciler::reconcile`] before it reports `ready` (DESIGN: `phase=ready`
+//! after the first good reconcile) and periodically afterwards; the module store
+//! (`crate::modules`) plugs in by implementing this trait.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use powernode_proto::node::{DesiredModulesResponse, FailureReport, Phase, RunningModule};
+use powernode_proto::ErrorCode;
+
+pub type ReconcileFuture<'a> = Pin<Box<dyn Future<Output = Result<(), FailureReport>> + Send + 'a>>;
+
+pub trait Reconciler: Send + Sync {
+    /// Modules running now, as heartbeats report them.
+    fn running(&self) -> Vec<RunningModule>;
+    /// Brings the node to `desired`; `Err` carries the machine-readable reason that
+    /// goes upstream (signature mismatch, OCI 404, digest mismatch...).
+    fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a>;
+}
+
+/// A node without a module runtime: fine while nothing is desired, a clear
+/// failure as soon as something is.
+#[derive(Debug, Default)]
+pub struct NoModules;
+
+impl Reconciler for NoModules {
+    fn running(&self) -> Vec<RunningModule> {
+        Vec::new()
+    }
+
+    fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a> {
+        Box::pin(async move {
+            if desired.modules.is_empty() {
+                return Ok(());
+            }
+            let names: Vec<&str> = desired.modules.iter().map(|m| m.name.as_str()).collect();
+            Err(FailureReport {
+                phase: Phase::ModulesVerified,
+                code: ErrorCode::Internal,
+                message: format!(
+                    "this agent runs without a module runtime but {} module(s) are desired: {}",
+                    names.len(),
+                    names.join(", ")
+                ),
+                attempt: 0,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powernode_proto::node::DesiredModule;
+
+    #[tokio::test]
+    async fn no_modules_accepts_nothing_and_refuses_something() {
+        let r = NoModules;
+        assert!(r
+            .reconcile(&DesiredModulesResponse::default())
+            .await
+            .is_ok());
+        let desired = DesiredModulesResponse {
+            modules: vec![DesiredModule {
+                name: "base".into(),
+                version: "1".into(),
+                repository: "127.0.0.1:1/modules/base".into(),
+                digest: "sha256:00".into(),
+                kind: "root".into(),
+            }],
+            trust_keys: vec![],
+        };
+        let err = r.reconcile(&desired).await.unwrap_err();
+        assert!(err.message.contains("base"), "{}", err.message);
+        assert!(r.running().is_empty());
+    }
+}
