@@ -338,7 +338,13 @@ impl Mem {
     }
 }
 
-pub fn instance_view(inst: &InstRec, now: Millis, thresholds: &StuckThresholds) -> admin::Instance {
+/// `serving_since`: when this server process started (see [`stuck_info`]).
+pub fn instance_view(
+    inst: &InstRec,
+    now: Millis,
+    serving_since: Millis,
+    thresholds: &StuckThresholds,
+) -> admin::Instance {
     admin::Instance {
         id: inst.id.clone(),
         node_id: inst.node_id.clone(),
@@ -360,7 +366,7 @@ pub fn instance_view(inst: &InstRec, now: Millis, thresholds: &StuckThresholds) 
         modules: inst.modules.clone(),
         services: inst.services.clone(),
         cordoned: inst.cordoned,
-        stuck: stuck_info(inst, now, thresholds),
+        stuck: stuck_info(inst, now, serving_since, thresholds),
         status_changed_at: format_ts(inst.status_changed_ms),
         created_at: format_ts(inst.created_ms),
         terminated_at: inst.terminated_ms.map(format_ts),
@@ -383,15 +389,23 @@ pub fn task_view(t: &TaskRec) -> admin::Task {
     }
 }
 
-/// Whether the instance has crossed its state's threshold, and what to do.
-pub fn stuck_info(inst: &InstRec, now: Millis, t: &StuckThresholds) -> Option<StuckInfo> {
+/// Whether the instance has crossed its state's threshold, and what to do. A missing
+/// heartbeat counts from `serving_since` at the earliest: while this server was down
+/// the node could not have reached it.
+pub fn stuck_info(
+    inst: &InstRec,
+    now: Millis,
+    serving_since: Millis,
+    t: &StuckThresholds,
+) -> Option<StuckInfo> {
     let threshold = t.for_status(inst.status)?;
     let since = match inst.status {
         InstanceStatus::Bootstrapping => inst.enrolled_ms.unwrap_or(inst.status_changed_ms),
         InstanceStatus::Running => inst
             .last_heartbeat_ms
             .unwrap_or(inst.status_changed_ms)
-            .max(inst.status_changed_ms),
+            .max(inst.status_changed_ms)
+            .max(serving_since),
         _ => inst.status_changed_ms,
     };
     let for_seconds = u64::try_from((now - since).max(0) / 1000).unwrap_or(0);
@@ -518,10 +532,10 @@ mod tests {
         for (status, secs, reason, recovery) in cases {
             let i = inst(status);
             assert!(
-                stuck_info(&i, secs * 1000, &t).is_none(),
+                stuck_info(&i, secs * 1000, 0, &t).is_none(),
                 "{status} at threshold"
             );
-            let s = stuck_info(&i, (secs + 1) * 1000, &t).unwrap_or_else(|| panic!("{status}"));
+            let s = stuck_info(&i, (secs + 1) * 1000, 0, &t).unwrap_or_else(|| panic!("{status}"));
             assert_eq!(s.reason, reason);
             assert_eq!(
                 (s.threshold_seconds, s.for_seconds),
@@ -530,7 +544,7 @@ mod tests {
             assert!(s.recovery.contains(recovery), "{status}: {}", s.recovery);
         }
         for status in [InstanceStatus::Terminated, InstanceStatus::Failed] {
-            assert!(stuck_info(&inst(status), i64::MAX / 2, &t).is_none());
+            assert!(stuck_info(&inst(status), i64::MAX / 2, 0, &t).is_none());
         }
     }
 
@@ -539,13 +553,15 @@ mod tests {
         let t = StuckThresholds::default();
         let mut i = inst(InstanceStatus::Running);
         i.last_heartbeat_ms = Some(1_000_000);
-        assert!(stuck_info(&i, 1_000_000 + 300_000, &t).is_none());
-        assert!(stuck_info(&i, 1_000_000 + 301_000, &t).is_some());
+        assert!(stuck_info(&i, 1_000_000 + 300_000, 0, &t).is_none());
+        assert!(stuck_info(&i, 1_000_000 + 301_000, 0, &t).is_some());
+        // Not while the server itself has only just come back.
+        assert!(stuck_info(&i, 1_000_000 + 301_000, 1_200_000, &t).is_none());
         let mut b = inst(InstanceStatus::Bootstrapping);
         b.enrolled_ms = Some(500_000);
-        assert!(stuck_info(&b, 500_000 + 300_000, &t).is_none());
+        assert!(stuck_info(&b, 500_000 + 300_000, 0, &t).is_none());
         assert_eq!(
-            stuck_info(&b, 500_000 + 301_000, &t).map(|s| s.for_seconds),
+            stuck_info(&b, 500_000 + 301_000, 0, &t).map(|s| s.for_seconds),
             Some(301)
         );
     }

@@ -47,6 +47,9 @@ pub struct Shared {
     pub provider: Box<dyn Provider>,
     pub catalog: Catalog,
     admin_token_hash: [u8; 32],
+    /// When this process started serving: silence is only counted from here, since
+    /// heartbeats sent while the server was down could not arrive.
+    started_ms: Millis,
     mem: Mutex<Mem>,
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -112,6 +115,7 @@ impl AppState {
     ) -> Result<Self, StoreError> {
         let mem = store.load()?;
         let provider = crate::provider::from_mode(cfg.provider);
+        let started_ms = clock.now_ms();
         Ok(Self(Arc::new(Shared {
             cfg,
             public_url,
@@ -121,6 +125,7 @@ impl AppState {
             provider,
             catalog: crate::catalog::catalog(),
             admin_token_hash: sha256(admin_token.as_bytes()),
+            started_ms,
             mem: Mutex::new(mem),
             write_lock: tokio::sync::Mutex::new(()),
         })))
@@ -545,7 +550,12 @@ impl AppState {
                     return Err(AppError::new(StatusCode::BAD_GATEWAY, code, e.to_string()));
                 }
             }
-            let inst = model::instance_view(&mem.instances[&instance_id], now, &thresholds);
+            let inst = model::instance_view(
+                &mem.instances[&instance_id],
+                now,
+                self.started_ms,
+                &thresholds,
+            );
             Ok(ProvisionResponse {
                 instance: inst,
                 task_id,
@@ -561,7 +571,12 @@ impl AppState {
             .instances
             .get(id)
             .ok_or_else(|| AppError::not_found("instance", id))?;
-        Ok(model::instance_view(inst, now, &self.cfg.stuck))
+        Ok(model::instance_view(
+            inst,
+            now,
+            self.started_ms,
+            &self.cfg.stuck,
+        ))
     }
 
     /// The identity document the provider handed (or would hand) the VM.
@@ -1332,10 +1347,14 @@ impl AppState {
                     inst.status,
                     InstanceStatus::Running | InstanceStatus::Draining
                 );
-                let since_hb = now - inst.last_heartbeat_ms.unwrap_or(inst.status_changed_ms);
+                let since_hb = now
+                    - inst
+                        .last_heartbeat_ms
+                        .unwrap_or(inst.status_changed_ms)
+                        .max(self.started_ms);
                 let silent = watched && since_hb > silent_ms;
                 let silent_change = (silent != inst.silent_signal.is_some()).then_some(silent);
-                let stuck = model::stuck_info(inst, now, &thresholds);
+                let stuck = model::stuck_info(inst, now, self.started_ms, &thresholds);
                 let stuck_change = (stuck.as_ref().map(|s| s.reason.as_str())
                     != inst.stuck_signal.as_ref().map(|(r, _)| r.as_str()))
                 .then_some(stuck);

@@ -281,3 +281,21 @@ async fn module_drift_is_detected_and_reported() {
         false
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downtime_of_the_server_is_not_silence_of_the_node() {
+    let mut ts = TestServer::start().await;
+    let (_, inst, _fake) = running(&ts, "edge-down").await;
+    ts.stop().await;
+    // The server was down for ten minutes; the node could not reach it.
+    ts.clock.advance_secs(600);
+    ts.restart().await;
+    ts.state().sense().await.unwrap();
+    let sigs = signals(&ts, &inst).await;
+    assert!(find(&sigs, "instance.silent").is_none());
+    assert!(find(&sigs, "instance.stuck").is_none());
+    // Silence is counted from the restart on.
+    ts.clock.advance_secs(301);
+    ts.state().sense().await.unwrap();
+    assert!(find(&signals(&ts, &inst).await, "instance.silent").is_some());
+}
