@@ -227,6 +227,7 @@ impl<'a> Boot<'a> {
             "timeline": timeline,
             "modules_loaded": self.modules.loaded,
             "modules_already_loaded": self.modules.already,
+            "module_ms": self.modules.ms.iter().map(|(n, ms)| json!([n, ms])).collect::<Vec<_>>(),
         }));
         if self.options.test_poweroff {
             log::info!("powernode.test_poweroff=1: powering off");
@@ -284,9 +285,14 @@ fn deliberate_panic() {
 
 fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let report = modules::load_all(boot.sys)?;
+    let timing: Vec<String> = report
+        .ms
+        .iter()
+        .map(|(n, ms)| format!("{n}={ms}ms"))
+        .collect();
     log::info!(
         "kernel modules loaded: {} (already loaded: {})",
-        report.loaded.join(" "),
+        timing.join(" "),
         report.already.join(" ")
     );
     boot.modules = report;

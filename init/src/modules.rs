@@ -52,6 +52,9 @@ pub struct LoadReport {
     pub loaded: Vec<String>,
     /// Already in the kernel (`EEXIST`): a retried phase, or built in after all.
     pub already: Vec<String>,
+    /// Milliseconds each `finit_module` took (module init runs inside the call, so
+    /// this includes probing its devices), in load order.
+    pub ms: Vec<(String, u64)>,
 }
 
 /// Parses the load-order file: one `NAME.ko` per line, blank lines and `#` comments
@@ -78,7 +81,11 @@ pub fn parse_load_order(text: &str) -> Result<Vec<String>, ModuleError> {
 pub fn load_one(sys: &mut dyn Sys, file: &str, report: &mut LoadReport) -> Result<(), ModuleError> {
     let path = format!("{}/{file}", layout::MODULE_DIR);
     let name = file.trim_end_matches(".ko").to_string();
-    match sys.finit_module(&path) {
+    let start = sys.boot_ms();
+    let result = sys.finit_module(&path);
+    let took = sys.boot_ms().saturating_sub(start);
+    report.ms.push((name.clone(), took));
+    match result {
         Ok(()) => report.loaded.push(name),
         Err(ModuleSysError::Load(Errno::EXIST)) => report.already.push(name),
         Err(ModuleSysError::Open(Errno::NOENT)) => return Err(ModuleError::Missing { path }),
@@ -142,6 +149,8 @@ mod tests {
         assert_eq!(sys.modules(), ["/lib/modules/a.ko", "/lib/modules/b.ko"]);
         assert_eq!(report.already, ["a"]);
         assert_eq!(report.loaded, ["b"]);
+        // The fake clock advances 5 ms per load.
+        assert_eq!(report.ms, [("a".to_string(), 5), ("b".to_string(), 5)]);
     }
 
     #[test]
