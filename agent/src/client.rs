@@ -240,3 +240,140 @@ impl ApiClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    struct Pki {
+        ca_pem: String,
+        cert_der: Vec<u8>,
+        key_der: Vec<u8>,
+    }
+
+    /// A CA and a server certificate for 127.0.0.1 signed by it.
+    fn pki() -> Pki {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// Serves `response` (raw HTTP) to every connection on 127.0.0.1:0.
+    async fn serve(pki: &Pki, response: Vec<u8>) -> String {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.cert_der.clone().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls.write_all(&response).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        format!("https://{addr}")
+    }
+
+    fn http(status: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_typed_and_garbage_is_an_error() {
+        let pki = pki();
+        let revoked =
+            serde_json::to_vec(&ErrorBody::new(ErrorCode::CertificateRevoked, "gone")).unwrap();
+        let url = serve(&pki, http("401 Unauthorized", &revoked)).await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert_eq!(
+            err.terminal_code(),
+            Some(ErrorCode::CertificateRevoked),
+            "{err}"
+        );
+
+        let url = serve(
+            &pki,
+            http("500 Internal Server Error", b"<html>oops</html>"),
+        )
+        .await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::UnexpectedStatus { status: 500, .. }),
+            "{err}"
+        );
+        assert_eq!(err.terminal_code(), None);
+
+        let url = serve(&pki, http("200 OK", b"{\"truncated\":")).await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert!(matches!(err, ClientError::Decode { .. }), "{err}");
+
+        let huge = vec![b' '; MAX_RESPONSE_BYTES + 10];
+        let url = serve(&pki, http("200 OK", &huge)).await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge { .. }), "{err}");
+
+        let url = serve(&pki, http("200 OK", b"{\"ok\":true}")).await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        let v: serde_json::Value = client.get("/x").await.unwrap();
+        assert_eq!(v["ok"], true);
+    }
+
+    #[tokio::test]
+    async fn only_the_pinned_ca_is_trusted() {
+        let server_pki = pki();
+        let other = pki();
+        let url = serve(&server_pki, http("200 OK", b"{}")).await;
+        let client = ApiClient::new(&url, &other.ca_pem, None, timeouts()).unwrap();
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert!(matches!(err, ClientError::Transport { .. }), "{err}");
+        assert_eq!(err.report_code(), ErrorCode::Network);
+        assert!(matches!(
+            ApiClient::new(&url, "no pem here", None, timeouts()),
+            Err(ClientError::Tls(_))
+        ));
+    }
+}
