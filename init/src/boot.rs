@@ -17,6 +17,7 @@ use crate::identity::{self, Found, IdentityProbeError};
 use crate::modules::{self, LoadReport, ModuleError};
 use crate::mounts::{self, MountError, EARLY_MOUNTS};
 use crate::net::{self, Configured, NetError};
+use crate::switch_root::{self, SwitchRootError};
 use crate::sys::{Errno, RebootKind, Sys};
 
 /// Prefix of the init's structured console lines.
@@ -39,6 +40,10 @@ pub enum PhaseError {
     IdentityMissing,
     #[error(transparent)]
     Network(#[from] NetError),
+    #[error(transparent)]
+    SwitchRoot(#[from] SwitchRootError),
+    #[error("preparing the test root")]
+    TestRoot(#[source] Errno),
 }
 
 impl PhaseError {
@@ -48,7 +53,11 @@ impl PhaseError {
             Self::Identity(_) => ErrorCode::IdentityInvalid,
             Self::IdentityMissing => ErrorCode::IdentityMissing,
             Self::Network(_) => ErrorCode::Network,
-            Self::Mount(_) | Self::Cmdline(_) | Self::Modules(_) => ErrorCode::Internal,
+            Self::Mount(_)
+            | Self::Cmdline(_)
+            | Self::Modules(_)
+            | Self::SwitchRoot(_)
+            | Self::TestRoot(_) => ErrorCode::Internal,
         }
     }
 
@@ -365,7 +374,65 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         return Err(PhaseError::IdentityMissing);
     }
     log::info!("bootstrap: agent library not wired in yet; identity only");
+    if boot.options.test_switch_root {
+        return test_switch_root(boot);
+    }
     Ok(())
+}
+
+/// Where the test root is mounted, and the flag its init gets.
+pub const TEST_ROOT: &str = "/sysroot";
+pub const SWITCHED_ROOT_CHECK: &str = "--switched-root-check";
+
+/// `powernode.test_switch_root=1`: a tmpfs root with a copy of this init, then the
+/// real switch_root into it. Returns only on failure.
+fn test_switch_root(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
+    let sys = &mut *boot.sys;
+    sys.mkdir(TEST_ROOT, 0o755).map_err(PhaseError::TestRoot)?;
+    sys.mount(
+        "tmpfs",
+        TEST_ROOT,
+        "tmpfs",
+        crate::sys::MountFlags::empty(),
+        "mode=0755",
+    )
+    .map_err(PhaseError::TestRoot)?;
+    sys.mkdir(&format!("{TEST_ROOT}/sbin"), 0o755)
+        .map_err(PhaseError::TestRoot)?;
+    let me = sys
+        .read_file(crate::layout::INIT, 64 << 20)
+        .map_err(PhaseError::TestRoot)?;
+    sys.create_file(&format!("{TEST_ROOT}/sbin/init"), &me, 0o755)
+        .map_err(PhaseError::TestRoot)?;
+    let timeline = boot.timeline.clone();
+    boot.event(json!({"event": "switch_root", "new_root": TEST_ROOT, "timeline": timeline}));
+    Err(switch_root::switch_root(boot.sys, TEST_ROOT, "/sbin/init", &[SWITCHED_ROOT_CHECK]).into())
+}
+
+/// The test root's init (`--switched-root-check`): report where it runs, power off.
+pub fn switched_root_check(sys: &mut dyn Sys) -> Outcome {
+    let mounts = sys
+        .read_file("/proc/self/mounts", 1 << 20)
+        .unwrap_or_default();
+    let mounts = String::from_utf8_lossy(&mounts);
+    // The last mount on "/" is the one in effect.
+    let root = mounts
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(1) == Some("/"))
+        .unwrap_or_default()
+        .to_string();
+    let exists = |sys: &mut dyn Sys, p: &str| sys.read_file(p, 1 << 16).is_ok();
+    let fields = json!({
+        "event": "switched_root",
+        "pid": std::process::id(),
+        "root_mount": root,
+        "initramfs_init_present": exists(sys, crate::layout::INIT),
+        "initramfs_load_order_present": exists(sys, crate::layout::MODULE_LOAD_ORDER),
+        "proc_mounted": exists(sys, "/proc/self/stat"),
+        "at_ms": sys.boot_ms(),
+    });
+    sys.console(&format!("{EVENT_PREFIX}{fields}"));
+    failure::reset(sys, RebootKind::PowerOff)
 }
 
 #[cfg(test)]
@@ -577,6 +644,29 @@ mod tests {
         assert_eq!(failed["phase"], "network");
         assert_eq!(failed["code"], "network");
         assert!(failed["error"].as_str().unwrap().contains("DISCOVER"));
+    }
+
+    #[test]
+    fn test_switch_root_copies_the_init_and_switches() {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.test_switch_root=1")
+            .with_file("/init", "INIT-BYTES");
+        sys.executables.insert("/sysroot/sbin/init".into());
+        let outcome = Boot::new(&mut sys).run();
+        // The fake exec fails, so the phase fails and the policy powers off.
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        assert!(sys.calls.contains(&Call::Create(
+            "/sysroot/sbin/init".into(),
+            "INIT-BYTES".into()
+        )));
+        assert!(sys.calls.contains(&Call::Exec(
+            "/sbin/init".into(),
+            vec![SWITCHED_ROOT_CHECK.into()]
+        )));
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["phase"], "bootstrap");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct Options {
     /// `powernode.test_panic=1`: panic on purpose after reading the command line, so
     /// a VM test can prove the panic hook applies the failure policy.
     pub test_panic: bool,
+    /// `powernode.test_switch_root=1`: switch into a tmpfs root holding a copy of
+    /// the init (which reports and powers off), to prove the switch on a real kernel
+    /// before the agent's composed root exists.
+    pub test_switch_root: bool,
     /// `quiet`: the kernel console shows warnings only, so the logger writes
     /// info lines to the console itself.
     pub quiet: bool,
@@ -109,6 +113,10 @@ pub fn parse(cmdline: &str) -> Options {
             },
             ("powernode.test_panic", Some(v)) => match flag(v) {
                 Some(b) => opts.test_panic = b,
+                None => opts.unknown.push(word.clone()),
+            },
+            ("powernode.test_switch_root", Some(v)) => match flag(v) {
+                Some(b) => opts.test_switch_root = b,
                 None => opts.unknown.push(word.clone()),
             },
             _ => {}

@@ -38,7 +38,22 @@ pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod netlink;
+pub mod switch_root;
 pub mod sys;
+
+/// The init's entry point: the boot, or (with [`boot::SWITCHED_ROOT_CHECK`]) the
+/// test root's self-report. Never returns.
+pub fn main() -> ! {
+    if std::env::args().nth(1).as_deref() == Some(boot::SWITCHED_ROOT_CHECK) {
+        let mut sys = sys::RealSys::new();
+        failure::install_panic_hook();
+        failure::set_policy(cmdline::FailurePolicy::Poweroff);
+        let outcome = boot::switched_root_check(&mut sys);
+        log::warn!("switched-root check ended with {outcome:?}; parking");
+        failure::park(&mut sys)
+    }
+    run()
+}
 
 /// Runs the boot on the real kernel. Never returns.
 pub fn run() -> ! {

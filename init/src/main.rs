@@ -2,5 +2,5 @@
 //! see `powernode_init::boot` for the phases.
 
 fn main() {
-    powernode_init::run()
+    powernode_init::main()
 }

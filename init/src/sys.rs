@@ -72,6 +72,18 @@ pub trait Sys {
         timeout: Duration,
         accept: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Result<Vec<u8>, Errno>;
+    /// `mount(from, to, MS_MOVE)`.
+    fn move_mount(&mut self, from: &str, to: &str) -> Result<(), Errno>;
+    fn chdir(&mut self, path: &str) -> Result<(), Errno>;
+    fn chroot(&mut self, path: &str) -> Result<(), Errno>;
+    /// Whether `/` is a ramfs or tmpfs (the initramfs).
+    fn root_is_initramfs(&mut self) -> Result<bool, Errno>;
+    /// Deletes every file and folder on `/`'s device, never crossing into another
+    /// mount; returns how many entries went.
+    fn free_initramfs(&mut self) -> Result<u64, Errno>;
+    fn is_executable(&mut self, path: &str) -> bool;
+    /// Replaces this process; returns only the error.
+    fn exec(&mut self, path: &str, args: &[&str]) -> Errno;
 }
 
 /// The real kernel.
@@ -325,6 +337,68 @@ impl Sys for RealSys {
             }
         }
     }
+
+    fn move_mount(&mut self, from: &str, to: &str) -> Result<(), Errno> {
+        rustix::mount::mount_move(from, to)
+    }
+
+    fn chdir(&mut self, path: &str) -> Result<(), Errno> {
+        rustix::process::chdir(path)
+    }
+
+    fn chroot(&mut self, path: &str) -> Result<(), Errno> {
+        rustix::process::chroot(path)
+    }
+
+    fn root_is_initramfs(&mut self) -> Result<bool, Errno> {
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        let st = rustix::fs::statfs("/")?;
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+        let kind = st.f_type as i64;
+        Ok(kind == RAMFS_MAGIC || kind == TMPFS_MAGIC)
+    }
+
+    fn free_initramfs(&mut self) -> Result<u64, Errno> {
+        use std::os::unix::fs::MetadataExt;
+        fn remove(dir: &std::path::Path, dev: u64, count: &mut u64) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(md) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if md.dev() != dev {
+                    continue; // another mount (the new root among them)
+                }
+                if md.is_dir() {
+                    remove(&path, dev, count);
+                    if std::fs::remove_dir(&path).is_ok() {
+                        *count += 1;
+                    }
+                } else if std::fs::remove_file(&path).is_ok() {
+                    *count += 1;
+                }
+            }
+        }
+        let dev = std::fs::symlink_metadata("/").map_err(errno)?.dev();
+        let mut count = 0;
+        remove(std::path::Path::new("/"), dev, &mut count);
+        Ok(count)
+    }
+
+    fn is_executable(&mut self, path: &str) -> bool {
+        rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
+            && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+    }
+
+    fn exec(&mut self, path: &str, args: &[&str]) -> Errno {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(path).args(args).exec();
+        errno(err)
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +434,11 @@ pub mod fake {
             ifname: String,
             kind: u8,
         },
+        MoveMount(String, String),
+        Chdir(String),
+        Chroot(String),
+        FreeInitramfs,
+        Exec(String, Vec<String>),
     }
 
     #[derive(Debug, Default)]
@@ -376,6 +455,8 @@ pub mod fake {
         /// DHCP message types the fake server answers with, one per exchange;
         /// `None` means no answer (timeout).
         pub dhcp_answers: std::collections::VecDeque<Option<u8>>,
+        pub executables: std::collections::BTreeSet<String>,
+        pub root_not_initramfs: bool,
     }
 
     impl FakeSys {
@@ -561,6 +642,43 @@ pub mod fake {
                     Err(Errno::TIMEDOUT)
                 }
             }
+        }
+
+        fn move_mount(&mut self, from: &str, to: &str) -> Result<(), Errno> {
+            self.calls
+                .push(Call::MoveMount(from.to_string(), to.to_string()));
+            Ok(())
+        }
+
+        fn chdir(&mut self, path: &str) -> Result<(), Errno> {
+            self.calls.push(Call::Chdir(path.to_string()));
+            Ok(())
+        }
+
+        fn chroot(&mut self, path: &str) -> Result<(), Errno> {
+            self.calls.push(Call::Chroot(path.to_string()));
+            Ok(())
+        }
+
+        fn root_is_initramfs(&mut self) -> Result<bool, Errno> {
+            Ok(!self.root_not_initramfs)
+        }
+
+        fn free_initramfs(&mut self) -> Result<u64, Errno> {
+            self.calls.push(Call::FreeInitramfs);
+            Ok(42)
+        }
+
+        fn is_executable(&mut self, path: &str) -> bool {
+            self.executables.contains(path)
+        }
+
+        fn exec(&mut self, path: &str, args: &[&str]) -> Errno {
+            self.calls.push(Call::Exec(
+                path.to_string(),
+                args.iter().map(|a| a.to_string()).collect(),
+            ));
+            Errno::NOEXEC
         }
     }
 }

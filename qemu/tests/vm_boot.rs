@@ -163,3 +163,43 @@ fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
         boot.command
     );
 }
+
+/// switch_root on the real kernel: the init moves into a tmpfs root holding a copy
+/// of itself, frees the initramfs, and the copy reports from inside the new root.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn switch_root_leaves_the_initramfs() {
+    let dir = test_dir("switch_root");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.test_switch_root=1".into(),
+    ];
+    with_identity(&mut spec, &dir, &identity_json("inst-switch"));
+    let boot = boot(&spec, DEADLINE);
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let context = || {
+        format!(
+            "command: {}\nserial: {}",
+            boot.command,
+            spec.serial_log.display()
+        )
+    };
+    assert!(
+        !events.iter().any(|e| e["event"] == "phase_failed"),
+        "{events:?}\n{}",
+        context()
+    );
+    let after = event(&events, "event", "switched_root")
+        .unwrap_or_else(|| panic!("no switched_root event\n{}", context()));
+    assert_eq!(after["pid"], 1, "the new root's init is PID 1");
+    let root = after["root_mount"].as_str().unwrap();
+    assert!(root.starts_with("tmpfs / tmpfs"), "root mount: {root}");
+    assert_eq!(after["initramfs_init_present"], false);
+    assert_eq!(after["initramfs_load_order_present"], false);
+    assert_eq!(after["proc_mounted"], true, "/proc moved along");
+    assert!(boot.serial.contains("switch_root: freed"), "{}", context());
+    assert!(boot.serial.contains("reboot: Power down"), "{}", context());
+}
