@@ -42,19 +42,24 @@ struct SourceArgs {
     /// Identity document file (the `file` source).
     #[arg(long)]
     identity: Option<PathBuf>,
-    /// Use only this source: auto, cmdline, fw_cfg or file. Default: `file` when
-    /// --identity is given, else the command line's `powernode.identity_source=`,
-    /// else auto.
+    /// Use only this source: auto, cmdline, fw_cfg, file or state. Default: `file`
+    /// when --identity is given, else the command line's
+    /// `powernode.identity_source=`, else auto.
     #[arg(long)]
     identity_source: Option<String>,
 }
 
 impl SourceArgs {
-    async fn resolve(&self) -> Result<identity::Resolved, identity::SelectError> {
+    /// `state_dir`: where the agent keeps its copy of the identity, tried last.
+    async fn resolve(
+        &self,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<identity::Resolved, identity::SelectError> {
         let paths = SourcePaths {
             cmdline: self.cmdline.clone(),
             fw_cfg_root: self.fw_cfg.clone(),
             file: self.identity.clone(),
+            state: state_dir.map(|d| d.join(powernode_agent::state::IDENTITY_FILE)),
         };
         let pin = self
             .identity_source
@@ -121,7 +126,12 @@ async fn shutdown_signal() {
 async fn run(args: RunArgs) -> i32 {
     let mut timeline = Timeline::since_boot();
     timeline.mark(powernode_proto::node::Phase::AgentStarted);
-    let resolved = match args.sources.resolve().await {
+    // The init may leave its part of the boot timeline for us.
+    let handed_over = args.state_dir.join("timeline.json");
+    if let Err(e) = timeline.merge_file(&handed_over) {
+        tracing::warn!(path = %handed_over.display(), error = %error_chain(&e), "ignoring handed-over timeline");
+    }
+    let resolved = match args.sources.resolve(Some(&args.state_dir)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %error_chain(&e), "no usable identity");
@@ -159,7 +169,7 @@ async fn run(args: RunArgs) -> i32 {
 }
 
 async fn show_identity(args: IdentityArgs) -> i32 {
-    match args.sources.resolve().await {
+    match args.sources.resolve(None).await {
         Ok(r) => {
             let mut doc = r.document;
             if !args.show_secrets {

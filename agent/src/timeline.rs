@@ -66,6 +66,30 @@ impl Timeline {
         Some(self.get(to)?.saturating_sub(self.get(from)?))
     }
 
+    /// Merges a timeline an earlier stage left in a file (a JSON array of entries,
+    /// e.g. the init's `<state-dir>/timeline.json`). A missing file is fine; a broken
+    /// one is reported so the caller can log it, and nothing is merged.
+    pub fn merge_file(&mut self, path: &std::path::Path) -> Result<usize, TimelineFileError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(TimelineFileError::Read(e)),
+        };
+        if bytes.len() > 64 * 1024 {
+            return Err(TimelineFileError::TooLarge(bytes.len()));
+        }
+        let entries: Vec<TimelineEntry> =
+            serde_json::from_slice(&bytes).map_err(TimelineFileError::Json)?;
+        let n = entries.len();
+        let mut merged = Self::from_entries(entries);
+        for e in &self.entries {
+            merged.mark_at(e.phase, e.at_ms);
+        }
+        merged.entries.sort_by_key(|e| e.at_ms);
+        *self = merged;
+        Ok(n)
+    }
+
     pub fn entries(&self) -> &[TimelineEntry] {
         &self.entries
     }
@@ -73,6 +97,16 @@ impl Timeline {
     pub fn to_vec(&self) -> Vec<TimelineEntry> {
         self.entries.clone()
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimelineFileError {
+    #[error("cannot read the handed-over timeline")]
+    Read(#[source] std::io::Error),
+    #[error("handed-over timeline is {0} bytes, too large")]
+    TooLarge(usize),
+    #[error("handed-over timeline is not a JSON list of entries")]
+    Json(#[source] serde_json::Error),
 }
 
 /// A machine-readable failure for the control plane. The message is the error's
@@ -144,6 +178,37 @@ mod tests {
         ]);
         assert_eq!(t.entries().len(), 2);
         assert_eq!(t.get(Phase::InitStart), Some(800));
+    }
+
+    #[test]
+    fn handed_over_file_is_merged_earliest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timeline.json");
+        let mut t = Timeline::since_boot();
+        t.mark_at(Phase::AgentStarted, 5000);
+        assert_eq!(t.merge_file(&path).unwrap(), 0, "missing file is fine");
+        std::fs::write(
+            &path,
+            r#"[{"phase":"init_start","at_ms":700},{"phase":"network_up","at_ms":2100}]"#,
+        )
+        .unwrap();
+        assert_eq!(t.merge_file(&path).unwrap(), 2);
+        let phases: Vec<_> = t.entries().iter().map(|e| e.phase).collect();
+        assert_eq!(
+            phases,
+            vec![
+                Phase::KernelStart,
+                Phase::InitStart,
+                Phase::NetworkUp,
+                Phase::AgentStarted
+            ]
+        );
+        std::fs::write(&path, "[{\"phase\":").unwrap();
+        assert!(matches!(
+            t.merge_file(&path),
+            Err(TimelineFileError::Json(_))
+        ));
+        assert_eq!(t.entries().len(), 4, "nothing merged from a broken file");
     }
 
     #[test]

@@ -228,9 +228,22 @@ fn restarted_agent_reuses_its_certificate() -> Result<()> {
     let cert = std::fs::read_to_string(agent.state_dir.join("node.crt"))?;
     agent.guard.kill();
 
-    // Same identity (its token is spent), same state dir: no enrollment, carries on.
+    // Same state dir, and no identity source but the agent's own copy (a service
+    // restarted after the init's hand-off): no enrollment (the token is spent), it
+    // carries on with its stored certificate.
     let restarted_at = time::OffsetDateTime::now_utc();
-    let mut agent = Agent::with_identity(&dir, "agent", &identity, &[])?;
+    let empty_cmdline = dir.join("cmdline");
+    std::fs::write(&empty_cmdline, "console=ttyS0\n")?;
+    let mut agent = Agent::start(
+        &agent.state_dir,
+        &dir.join("agent-restarted.log"),
+        &[
+            "--cmdline",
+            &empty_cmdline.to_string_lossy(),
+            "--fw-cfg",
+            &dir.join("no-fw-cfg").to_string_lossy(),
+        ],
+    )?;
     let after = wait_for("a heartbeat from the restarted agent", RUNNING, || {
         let i = server.instance(&instance)?;
         let hb = i["last_heartbeat_at"].as_str().map(timestamp).transpose()?;

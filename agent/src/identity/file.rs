@@ -1,5 +1,9 @@
 //! Identity from a JSON file (development, tests, and images that ship one).
 //! A missing file means absent; an oversize or broken one is an error.
+//!
+//! The same reader, named `state`, reads the copy the agent keeps in its state
+//! directory, so an agent restarted with only `--state-dir` (a service after the
+//! init's hand-off) finds the identity it booted with.
 
 use std::path::PathBuf;
 
@@ -12,23 +16,32 @@ const NAME: &str = "file";
 
 #[derive(Debug, Clone)]
 pub struct FileSource {
+    name: &'static str,
     path: PathBuf,
 }
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self::named(NAME, path)
+    }
+
+    /// The same source under another name (`state`).
+    pub fn named(name: &'static str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name,
+            path: path.into(),
+        }
     }
 }
 
 impl IdentitySource for FileSource {
     fn name(&self) -> &'static str {
-        NAME
+        self.name
     }
 
     fn probe(&self) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let err = |kind| SourceError::new(NAME, kind);
+            let err = |kind| SourceError::new(self.name, kind);
             match super::read_bounded(&self.path, MAX_IDENTITY_BYTES).map_err(err)? {
                 None => Ok(None),
                 Some(bytes) => IdentityDocument::parse(&bytes)

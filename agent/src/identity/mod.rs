@@ -98,6 +98,8 @@ pub struct SourcePaths {
     pub fw_cfg_root: PathBuf,
     /// The `file` source; `None` leaves it out of the probe order.
     pub file: Option<PathBuf>,
+    /// The agent's own copy (`<state-dir>/identity.json`), tried last as `state`.
+    pub state: Option<PathBuf>,
 }
 
 impl Default for SourcePaths {
@@ -106,6 +108,7 @@ impl Default for SourcePaths {
             cmdline: PathBuf::from(cmdline::DEFAULT_PATH),
             fw_cfg_root: PathBuf::from(fw_cfg::DEFAULT_ROOT),
             file: None,
+            state: None,
         }
     }
 }
@@ -128,8 +131,9 @@ impl Selector {
         Self { sources }
     }
 
-    /// The DESIGN order: command line, fw_cfg, then the file when one is configured.
-    /// Cloud metadata sources go after fw_cfg, since they need the network.
+    /// The DESIGN order: command line, fw_cfg, then the file when one is configured,
+    /// then the agent's stored copy. Cloud metadata sources go after fw_cfg, since
+    /// they need the network.
     pub fn standard(paths: &SourcePaths) -> Self {
         let mut sources: Vec<Box<dyn IdentitySource>> = vec![
             Box::new(cmdline::CmdlineSource::new(&paths.cmdline)),
@@ -137,6 +141,9 @@ impl Selector {
         ];
         if let Some(file) = &paths.file {
             sources.push(Box::new(file::FileSource::new(file)));
+        }
+        if let Some(state) = &paths.state {
+            sources.push(Box::new(file::FileSource::named("state", state)));
         }
         Self::new(sources)
     }
@@ -386,7 +393,8 @@ pub(crate) mod tests {
         let paths = SourcePaths {
             cmdline: cmdline.clone(),
             fw_cfg_root: dir.path().join("no-fw-cfg"),
-            file: Some(file),
+            file: Some(file.clone()),
+            state: Some(dir.path().join("state-identity.json")),
         };
         let r = block(resolve_standard(&paths, None)).unwrap();
         assert_eq!(r.source, "file");
@@ -402,6 +410,23 @@ pub(crate) mod tests {
                 .unwrap()
                 .source,
             "file"
+        );
+        // The stored copy answers last, once nothing else does.
+        std::fs::write(&cmdline, "quiet\n").unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(
+            block(resolve_standard(&paths, None)).unwrap_err(),
+            SelectError::NotFound { tried } if tried == vec!["cmdline", "fw_cfg", "file", "state"]
+        ));
+        std::fs::write(
+            dir.path().join("state-identity.json"),
+            serde_json::to_vec(&doc("inst-state")).unwrap(),
+        )
+        .unwrap();
+        let r = block(resolve_standard(&paths, None)).unwrap();
+        assert_eq!(
+            (r.source, r.document.instance_id.as_str()),
+            ("state", "inst-state")
         );
     }
 }
