@@ -110,6 +110,9 @@ pub struct ObjectStore {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static COPY_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 const COPY_BUF: usize = 1 << 20;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -204,17 +207,21 @@ impl ObjectStore {
         let (tmp_path, mut file) = self.temp_file()?;
         let result = (|| {
             let mut hasher = VerityHasher::with_threads(Threads::Auto);
-            let mut buf = vec![0u8; COPY_BUF];
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(StoreError::Stream(e)),
-                };
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
-            }
+            COPY_BUFFER.with_borrow_mut(|buf| {
+                // One buffer per thread: a module has thousands of small files, and a
+                // fresh zeroed MiB for each would cost more than hashing them.
+                buf.resize(COPY_BUF, 0);
+                loop {
+                    let n = match reader.read(buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(StoreError::Stream(e)),
+                    };
+                    hasher.update(&buf[..n]);
+                    file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
+                }
+            })?;
             let size = hasher.data_size();
             let digest = hasher.finalize();
             if let Some(exp) = expected {

@@ -1037,3 +1037,45 @@ fn random_trees_round_trip_through_the_kernel() {
         }
     }
 }
+
+/// Benchmark, not a test: `cargo test -p powernode-agent --release --lib
+/// unpack_throughput -- --ignored --nocapture`. A 200 MiB module (2,000 files) as one
+/// uncompressed / gzip / zstd layer: unpack into a fresh store, build and commit the image.
+#[test]
+#[ignore]
+fn unpack_throughput() {
+    let mut layer = Layer::new();
+    let mut total = 0usize;
+    for i in 0..2000u64 {
+        let size = 1024 + (i as usize * 7919) % (200 * 1024);
+        let data = pseudo_random(size, i);
+        total += size;
+        layer = layer.file(&format!("d{}/f{i}", i % 40), 0o644, &data);
+    }
+    let tar_bytes = layer.tar();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar_bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::stream::encode_all(&tar_bytes[..], 3).unwrap();
+    let mib = total as f64 / (1 << 20) as f64;
+    for (mt, blob) in [(TAR, &tar_bytes), (TGZ, &gz), (TZST, &zst)] {
+        // UNPACK_BENCH_DIR=/dev/shm takes the disk out of the figure.
+        let d = match std::env::var("UNPACK_BENCH_DIR") {
+            Ok(dir) => tempfile::tempdir_in(dir).unwrap(),
+            Err(_) => tempfile::tempdir().unwrap(),
+        };
+        let s = ObjectStore::open_with_mode(d.path(), VerityMode::Userspace).unwrap();
+        let t = std::time::Instant::now();
+        let tree = tree_of(&s, &[(mt, blob.clone())]).unwrap();
+        let unpack = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        s.commit_image(&tree).unwrap();
+        let image = t.elapsed().as_secs_f64();
+        println!(
+            "{mt}: {mib:.0} MiB of files, unpack+store {unpack:.2} s ({:.0} MiB/s), image+sync {image:.3} s",
+            mib / unpack
+        );
+    }
+}
