@@ -291,6 +291,13 @@ fn unsafe_entries_are_refused_with_their_name() {
             other => panic!("{other:?}"),
         }
     }
+    // A NUL smuggled in through a PAX path record.
+    let (_d, s) = store();
+    let mut b = Layer::new();
+    b.b.append_pax_extensions([("path", &b"a\0b"[..])]).unwrap();
+    let nul = b.file("placeholder", 0o644, b"x").tar();
+    let err = tree_of(&s, &[(TAR, nul)]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UnsafePath, "{err}");
     // The symlink targets themselves are fine as data.
     let (_d, s) = store();
     let t = tree_of(&s, &[(TAR, Layer::new().symlink("up", "../../..").tar())]).unwrap();

@@ -206,6 +206,13 @@ fn components<'p>(entry: &str, raw: &'p [u8]) -> Result<Vec<&'p [u8]>, UnpackErr
                     reason: "path contains `..`".into(),
                 })
             }
+            c if c.contains(&0) => {
+                // Only a PAX record can smuggle one in; no kernel name contains NUL.
+                return Err(UnpackError::UnsafePath {
+                    entry: entry.to_string(),
+                    reason: "path contains a NUL byte".into(),
+                });
+            }
             c => out.push(c),
         }
     }
@@ -477,10 +484,10 @@ impl<'a> Unpacker<'a> {
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                if target.is_empty() {
+                if target.is_empty() || target.contains(&0) {
                     return Err(UnpackError::BadHeader {
                         entry: name,
-                        source: io::Error::other("symlink without a target"),
+                        source: io::Error::other("symlink target empty or with a NUL byte"),
                     });
                 }
                 Kind::Symlink(target)
