@@ -398,23 +398,7 @@ fn wide_layer() -> Vec<u8> {
 }
 
 fn erofs_tool(name: &str) -> Option<PathBuf> {
-    let find = || {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-    };
-    if find().is_none() {
-        let _ =
-            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools")).status();
-    }
-    let found = find();
-    if found.is_none() {
-        eprintln!("\n!!!!! SKIPPED: {name} (erofs-utils) could not be installed !!!!!\n");
-    }
-    found
+    crate::verity::test_tool(name)
 }
 
 #[test]
