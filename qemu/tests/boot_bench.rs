@@ -189,7 +189,19 @@ fn boot_time_vs_bare_kernel() {
     );
     let agent = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-agent");
     match std::fs::metadata(&agent) {
-        Ok(m) => println!("  powernode-agent (static musl)  {}", kib(m.len())),
+        Ok(m) => {
+            println!("  powernode-agent (static musl)  {}", kib(m.len()));
+            let with_agent = image_with_agent(
+                &dir.join("image-with-agent"),
+                &init,
+                Some(&agent),
+                Compression::Zstd,
+            );
+            println!(
+                "  initramfs.img zstd, with agent {}",
+                kib(with_agent.manifest.initramfs_bytes)
+            );
+        }
         Err(_) => println!(
             "  powernode-agent                not built for musl ({})",
             agent.display()

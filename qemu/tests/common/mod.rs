@@ -60,10 +60,20 @@ pub fn musl_inits() -> (PathBuf, PathBuf) {
 
 /// The netboot image (pinned kernel, module closure, our init) into `out`.
 pub fn image(out: &Path, init: &Path, compression: Compression) -> BuildOutput {
+    image_with_agent(out, init, None, compression)
+}
+
+/// [`image`] with the agent binary installed too.
+pub fn image_with_agent(
+    out: &Path,
+    init: &Path,
+    agent: Option<&Path>,
+    compression: Compression,
+) -> BuildOutput {
     let root = workspace_root();
     build(&BuildOptions {
         init: init.to_path_buf(),
-        agent: None,
+        agent: agent.map(Path::to_path_buf),
         out: out.to_path_buf(),
         cache: std::env::var("POWERNODE_CACHE")
             .map(PathBuf::from)
