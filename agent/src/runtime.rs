@@ -840,3 +840,50 @@ async fn complete(
     }
     ControlFlow::Continue(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_params_default_and_refuse_junk() {
+        let p: DrainParams = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!((p.timeout_seconds, p.cordon_only), (300, false));
+        let p: DrainParams =
+            serde_json::from_value(serde_json::json!({"timeout_seconds": 5, "cordon_only": true}))
+                .unwrap();
+        assert_eq!((p.timeout_seconds, p.cordon_only), (5, true));
+        assert!(serde_json::from_value::<DrainParams>(
+            serde_json::json!({"timeout_seconds": "soon"})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn reconcile_results_are_stamped_rfc3339() {
+        let ok = reconcile_result(None);
+        assert!(ok.ok && ok.error.is_none());
+        let at =
+            time::OffsetDateTime::parse(&ok.at, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        assert!((time::OffsetDateTime::now_utc() - at).whole_seconds().abs() < 5);
+        let failed = reconcile_result(Some(FailureReport {
+            phase: Phase::ModulesVerified,
+            code: ErrorCode::DigestMismatch,
+            message: "x".into(),
+            attempt: 1,
+        }));
+        assert!(!failed.ok);
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap()["error"]["code"],
+            "digest_mismatch"
+        );
+    }
+
+    #[test]
+    fn options_defaults_are_sane() {
+        let o = AgentOptions::new("/tmp/x");
+        assert!(o.lease_seconds >= 3 && o.reconcile_every >= 1 && o.lease_poll_every >= 1);
+        assert!(o.backoff_cap >= o.backoff_base);
+    }
+}
