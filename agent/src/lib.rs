@@ -15,6 +15,7 @@ pub mod client;
 pub mod credentials;
 pub mod enroll;
 pub mod entropy;
+pub mod facts;
 pub mod identity;
 pub mod modules;
 pub mod reconcile;

@@ -55,6 +55,8 @@ pub struct AgentOptions {
     /// Fallback task poll period, in heartbeat intervals; a heartbeat answer with
     /// `tasks_pending` wakes the lease loop at once, so this can be slow.
     pub lease_poll_every: u32,
+    /// Where the facts about `/` reported at handshake come from.
+    pub mountinfo: PathBuf,
 }
 
 impl AgentOptions {
@@ -69,6 +71,7 @@ impl AgentOptions {
             stop_grace: Duration::from_secs(10),
             reconcile_every: 10,
             lease_poll_every: 5,
+            mountinfo: PathBuf::from(crate::facts::MOUNTINFO),
         }
     }
 }
@@ -198,13 +201,14 @@ impl Shared {
     }
 }
 
-/// Sends a handshake: where the node is in its boot, its timeline, and a failure
-/// if there is one.
+/// Sends a handshake: where the node is in its boot, its timeline, what `/` is,
+/// and a failure if there is one.
 pub async fn handshake(
     client: &ApiClient,
     instance_id: &str,
     phase: Phase,
     timeline: &Timeline,
+    root: Option<powernode_proto::node::RootFacts>,
     failure: Option<powernode_proto::node::FailureReport>,
 ) -> Result<HandshakeResponse, ClientError> {
     let req = HandshakeRequest {
@@ -213,7 +217,7 @@ pub async fn handshake(
         timeline: timeline.to_vec(),
         failure,
         agent_version: crate::AGENT_VERSION.to_string(),
-        root: None,
+        root,
     };
     client.post(paths::HANDSHAKE, &req).await
 }
@@ -312,6 +316,7 @@ pub async fn run(
         Some(&creds),
         opts.timeouts,
     )?;
+    let root = crate::facts::read_root_facts(&opts.mountinfo);
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
     let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
@@ -339,6 +344,7 @@ pub async fn run(
                     &identity.instance_id,
                     Phase::Failed,
                     &timeline,
+                    root.clone(),
                     Some(failure),
                 )
                 .await;
@@ -371,6 +377,7 @@ pub async fn run(
                 &identity.instance_id,
                 Phase::Ready,
                 &timeline,
+                root.clone(),
                 None,
             )
         },

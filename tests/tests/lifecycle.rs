@@ -58,6 +58,20 @@ fn runbook_create_provision_run_drain_terminate_reprovision() -> Result<()> {
     for p in ["identity_found", "enrolled", "ready"] {
         assert!(phases.contains(&p), "timeline lacks {p}: {inst}");
     }
+    // The agent says what `/` is (same host, so the same root as ours).
+    let our_root = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (left.split(' ').nth(4) == Some("/")).then(|| right.split(' ').next())?
+        })
+        .next_back()
+        .map(str::to_string);
+    assert_eq!(
+        inst["root"]["fstype"].as_str().map(str::to_string),
+        our_root,
+        "{inst}"
+    );
     // The key never left the node and is private to it.
     let key = agent.state_dir.join("node.key");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
