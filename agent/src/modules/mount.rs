@@ -1,6 +1,8 @@
 //! Mounting modules: each composefs image is an EROFS mount (file-backed; Linux >= 6.12
 //! mounts a regular file directly), and overlayfs stacks image mounts over the object
-//! store as a data-only lower layer (`lowerdir=IMG1:IMG2::OBJECTS`, Linux >= 6.6),
+//! store as a data-only lower layer (what `lowerdir=IMG1:IMG2::OBJECTS` says; we pass
+//! the layers one by one as `lowerdir+`/`datadir+`, Linux >= 6.8, because `fsconfig`
+//! caps a string value at 256 bytes and three store paths exceed it),
 //! `metacopy=on,redirect_dir=on`, plus `verity=require` when the store has kernel
 //! fs-verity. A union root adds a tmpfs upper layer: writable, lowers untouched.
 //!
@@ -38,7 +40,9 @@ pub struct MountSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("{path}: overlayfs layer paths must be UTF-8 without `:`, `,` or `\\`")]
+    #[error(
+        "{path}: overlayfs layer paths must be UTF-8, under 256 bytes, without `:`, `,` or `\\`"
+    )]
     BadPath { path: PathBuf },
     #[error("filesystem type {fstype} is not available in this kernel")]
     FsNotSupported { fstype: &'static str },
@@ -228,9 +232,13 @@ mod sys {
     }
 }
 
+/// Layer paths as overlayfs options. `lowerdir+` needs no escaping, but refusing the
+/// characters the classic `lowerdir=` syntax would need escaped keeps the recorded
+/// option lines unambiguous, and no path of ours contains them; and each value must fit
+/// `fsconfig`'s 256-byte string limit.
 fn layer_path(p: &Path) -> Result<&str, MountError> {
     p.to_str()
-        .filter(|s| !s.contains([':', ',', '\\']) && !s.is_empty())
+        .filter(|s| !s.contains([':', ',', '\\']) && !s.is_empty() && s.len() < 256)
         .ok_or_else(|| MountError::BadPath {
             path: p.to_path_buf(),
         })
@@ -243,18 +251,13 @@ pub fn overlay_options(
     upper: Option<(&Path, &Path)>,
     verity: VerityMode,
 ) -> Result<Vec<MountOpt>, MountError> {
-    let mut lowerdir = lowers
-        .iter()
-        .map(|p| layer_path(p))
-        .collect::<Result<Vec<_>, _>>()?
-        .join(":");
-    lowerdir.push_str("::");
-    lowerdir.push_str(layer_path(data)?);
-    let mut opts = vec![
-        MountOpt::Str("lowerdir", lowerdir),
-        MountOpt::Str("metacopy", "on".into()),
-        MountOpt::Str("redirect_dir", "on".into()),
-    ];
+    let mut opts = Vec::new();
+    for p in lowers {
+        opts.push(MountOpt::Str("lowerdir+", layer_path(p)?.into()));
+    }
+    opts.push(MountOpt::Str("datadir+", layer_path(data)?.into()));
+    opts.push(MountOpt::Str("metacopy", "on".into()));
+    opts.push(MountOpt::Str("redirect_dir", "on".into()));
     if verity == VerityMode::Kernel {
         opts.push(MountOpt::Str("verity", "require".into()));
     }

@@ -580,7 +580,7 @@ fn mount_sequence_is_recorded() {
     assert!(calls[0].contains(" ro "));
     assert!(calls[1].starts_with("mount tmpfs"));
     assert!(
-        calls[2].contains(&format!("lowerdir={imgmnt}::{objects}")),
+        calls[2].contains(&format!("lowerdir+={imgmnt},datadir+={objects},")),
         "{}",
         calls[2]
     );
@@ -758,12 +758,26 @@ fn mounts_composefs_and_a_writable_union_root() {
     )
     .unwrap();
     let img2 = s.commit_image(&extra).unwrap();
+    // A third module: its layer paths together exceed fsconfig's 256-byte string cap,
+    // which only the one-layer-per-option form survives.
+    let third = tree_of(
+        &s,
+        &[(
+            TAR,
+            Layer::new()
+                .file("opt/third", 0o644, b"3")
+                .file("etc/hostname", 0o644, b"hidden by the top module\n")
+                .tar(),
+        )],
+    )
+    .unwrap();
+    let img3 = s.commit_image(&third).unwrap();
     let before = snapshot(s.objects_dir());
     let root_dir = d.path().join("root");
     let union = match mount_union(
         &m,
         &s,
-        &[img2, img],
+        &[img2, img3, img],
         &d.path().join("work"),
         &Upper::Tmpfs,
         &root_dir,
@@ -779,6 +793,7 @@ fn mounts_composefs_and_a_writable_union_root() {
     let r = |p: &str| root_dir.join(p);
     assert_eq!(std::fs::read(r("etc/hostname")).unwrap(), b"from-top\n");
     assert_eq!(std::fs::read(r("opt/top")).unwrap(), b"top");
+    assert_eq!(std::fs::read(r("opt/third")).unwrap(), b"3");
     assert_eq!(
         std::fs::read(r("big.bin")).unwrap().len(),
         3 * 1024 * 1024 + 17
