@@ -416,6 +416,10 @@ impl ObjectStore {
     /// Removes every object that no live image references (and the images that are not
     /// live, and leftover temp files). Refuses to run when a live image's reference list
     /// is missing: it cannot tell what that image needs.
+    ///
+    /// `live_images` must name every image that is mounted or about to be, and no
+    /// insert may run at the same time (its temp file would be collected): the
+    /// reconciler calls this between pulls.
     pub fn gc(&self, live_images: &[VerityDigest]) -> Result<GcStats, StoreError> {
         let mut keep = BTreeSet::new();
         for image in live_images {
