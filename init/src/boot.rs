@@ -250,13 +250,14 @@ impl<'a> Boot<'a> {
 }
 
 fn early_mounts(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let (dev, rest) = EARLY_MOUNTS
-        .split_first()
-        .ok_or(PhaseError::Cmdline(Errno::INVAL))?;
-    mounts::mount_one(boot.sys, dev)?;
-    boot.sys.start_logging();
-    log::info!("powernode-init {} starting", env!("CARGO_PKG_VERSION"));
-    mounts::mount_all(boot.sys, rest)?;
+    for m in EARLY_MOUNTS {
+        mounts::mount_one(boot.sys, m)?;
+        // `/dev` comes first in the table: log from here on.
+        if m.target == "/dev" {
+            boot.sys.start_logging();
+            log::info!("powernode-init {} starting", env!("CARGO_PKG_VERSION"));
+        }
+    }
     if let Err(errno) = boot.sys.write_file(PRINTK_DEVKMSG, b"on\n") {
         log::warn!("cannot lift the /dev/kmsg rate limit: {errno}");
     }

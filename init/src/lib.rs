@@ -1,6 +1,8 @@
 //! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
-//! modules, identity, network (DHCPv4 or static), then (later) the agent library's
-//! bootstrap and the switch into the composed root.
+//! modules, identity (command line or fw_cfg), network (DHCPv4 or static), then the
+//! `bootstrap` phase: today identity-only, the seam where the agent library's
+//! bootstrap (enroll, pull / verify, mount) will run, followed by [`switch_root`]
+//! into the composed root (implemented and VM-tested with a tmpfs root).
 //!
 //! It must never panic and never exit: PID 1 returning is a kernel panic. Every phase
 //! returns a typed error, and the failure policy from the kernel command line
@@ -10,6 +12,10 @@
 //!
 //! All syscalls go through [`sys`]; the rest of the crate has no `unsafe` and is
 //! tested against a recording fake of that seam, without root.
+//!
+//! Test switches on the command line (used by the VM tier, harmless elsewhere):
+//! `powernode.test_poweroff=1` (power off when done), `powernode.test_panic=1`,
+//! `powernode.test_switch_root=1`.
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,10 +1,12 @@
 //! The syscall seam: every call the init makes to the kernel goes through [`Sys`].
-//! [`RealSys`] does them (rustix throughout: mount, mkdir, finit_module, reboot, sync,
-//! clock_gettime; std for plain file reads and writes); [`fake::FakeSys`] records
-//! them so that tests can assert the exact boot sequence without root.
+//! [`RealSys`] does them: rustix first (mount, mkdir, finit_module, reboot, sync,
+//! clock_gettime, netlink and UDP sockets, chroot, statfs), nix where rustix lacks
+//! the call (`SO_BINDTODEVICE`), std for plain file I/O and `exec`.
+//! [`fake::FakeSys`] records every call so that tests can assert the exact boot
+//! sequence without root.
 //!
-//! No `unsafe` is needed today: rustix covers every call. Should one be added, it
-//! belongs here, with a `// SAFETY:` comment.
+//! No `unsafe` is needed today. Should one be added, it belongs here, with a
+//! `// SAFETY:` comment.
 
 use std::io::{Read, Write};
 use std::time::Duration;
