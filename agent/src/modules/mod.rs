@@ -34,6 +34,13 @@ pub struct InstallReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
+    /// The puller could not open layer `index` (404, registry down...): its own code.
+    #[error("fetching layer {index}")]
+    Fetch {
+        index: usize,
+        #[source]
+        source: unpack::CodedStreamError,
+    },
     #[error("unpacking layer {index}")]
     Unpack {
         index: usize,
@@ -47,6 +54,7 @@ pub enum InstallError {
 impl ModuleErrorCode for InstallError {
     fn code(&self) -> ErrorCode {
         match self {
+            InstallError::Fetch { source, .. } => source.code,
             InstallError::Unpack { source, .. } => source.code(),
             InstallError::Store(e) => e.code(),
         }
@@ -54,9 +62,10 @@ impl ModuleErrorCode for InstallError {
 }
 
 /// The node's whole install step for one module: unless the signed image `expected`
-/// is already in the store, apply `layers` (media type, verified stream; bottom first)
-/// and record the rebuilt image, refusing it unless its fs-verity digest is `expected`.
-/// Layers are only opened (the closure called) when they are needed, so an unchanged
+/// is already in the store, open each layer (`open_layer(i)` gives its media type and
+/// a verified stream, e.g. a [`unpack::DigestingReader`] over the registry response;
+/// bottom first), apply it, and record the rebuilt image, refusing it unless its
+/// fs-verity digest is `expected`. Layers are only opened when needed, so an unchanged
 /// module fetches nothing.
 pub fn install_image<R, F>(
     store: &store::ObjectStore,
@@ -66,7 +75,7 @@ pub fn install_image<R, F>(
 ) -> Result<InstallReport, InstallError>
 where
     R: std::io::Read,
-    F: FnMut(usize) -> Result<(String, R), unpack::UnpackError>,
+    F: FnMut(usize) -> Result<(String, R), unpack::CodedStreamError>,
 {
     let mut report = InstallReport {
         image: *expected,
@@ -79,11 +88,11 @@ where
     report.already_present = false;
     let mut unpacker = unpack::Unpacker::new(store);
     for index in 0..layer_count {
-        let unpack_err = |source| InstallError::Unpack { index, source };
-        let (media_type, reader) = open_layer(index).map_err(unpack_err)?;
+        let (media_type, reader) =
+            open_layer(index).map_err(|source| InstallError::Fetch { index, source })?;
         let s = unpacker
             .apply_layer(&media_type, reader)
-            .map_err(unpack_err)?;
+            .map_err(|source| InstallError::Unpack { index, source })?;
         report.layers.entries += s.entries;
         report.layers.files += s.files;
         report.layers.new_objects += s.new_objects;

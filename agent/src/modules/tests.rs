@@ -853,6 +853,17 @@ fn install_checks_the_signed_digest_and_skips_present_images() {
     })
     .unwrap();
     assert!(r.already_present);
+    // A layer the puller cannot open keeps the puller's code.
+    let (_d, s) = store();
+    let err = install_image(&s, &want, 2, |_| -> Result<(String, &[u8]), _> {
+        Err(super::unpack::CodedStreamError {
+            code: ErrorCode::OciNotFound,
+            message: "blob 404".into(),
+        })
+    })
+    .unwrap_err();
+    assert!(matches!(err, InstallError::Fetch { index: 0, .. }));
+    assert_eq!(err.code(), ErrorCode::OciNotFound);
     // An unsafe layer is reported with its index and code.
     let (_d, s) = store();
     let bad = Layer::new().file("../x", 0o644, b"x").tar();
