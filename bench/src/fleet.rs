@@ -92,6 +92,21 @@ impl Drop for ChildGuard {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields 14 and 15 (utime, stime), counted after the parenthesised command name.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    ticks as f64 / hz
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -262,6 +277,18 @@ async fn enroll_one(
     })
 }
 
+fn handshake_body(instance_id: &str) -> Vec<u8> {
+    serde_json::to_vec(&node::HandshakeRequest {
+        instance_id: instance_id.to_string(),
+        phase: node::Phase::Ready,
+        timeline: vec![],
+        failure: None,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        root: None,
+    })
+    .unwrap_or_default()
+}
+
 fn heartbeat_body(instance_id: &str, started: Instant) -> Vec<u8> {
     serde_json::to_vec(&node::HeartbeatRequest {
         instance_id: instance_id.to_string(),
@@ -282,6 +309,7 @@ struct PhaseStats {
     errors: u64,
     first_error: Option<String>,
     connect_errors: u64,
+    reconnects: u64,
 }
 
 struct PhaseResult {
@@ -313,12 +341,34 @@ async fn heartbeat_phase(
         let mut set = tokio::task::JoinSet::new();
         for (idx, (id, cfg)) in chunk.iter().enumerate() {
             let (id, cfg) = (id.clone(), cfg.clone());
-            set.spawn(async move { (idx, id.clone(), Conn::open(addr, cfg, None).await) });
+            set.spawn(async move {
+                let conn = async {
+                    let mut c = Conn::open(addr, cfg, None).await?;
+                    // The boot handshake (phase ready) is what moves an instance to
+                    // running: done once per agent, outside the measured heartbeats.
+                    let (status, body) = c
+                        .call(
+                            hyper::Method::POST,
+                            paths::HANDSHAKE,
+                            Some(handshake_body(&id)),
+                        )
+                        .await?;
+                    if !status.is_success() {
+                        bail!(
+                            "handshake: HTTP {status}: {}",
+                            String::from_utf8_lossy(&body)
+                        );
+                    }
+                    anyhow::Ok(c)
+                }
+                .await;
+                (idx, id.clone(), conn)
+            });
         }
         while let Some(joined) = set.join_next().await {
-            let (_, id, conn) = joined?;
+            let (idx, id, conn) = joined?;
             match conn {
-                Ok(c) => conns.push((id, c)),
+                Ok(c) => conns.push((id, chunk[idx].1.clone(), c)),
                 Err(e) => {
                     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
                     s.connect_errors += 1;
@@ -332,17 +382,23 @@ async fn heartbeat_phase(
     let started = Instant::now();
     let deadline = started + duration;
     let mut set = tokio::task::JoinSet::new();
-    for (n, (id, mut conn)) in conns.into_iter().enumerate() {
-        let (hist, stats) = (hist.clone(), stats.clone());
+    let reconnects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for (n, (id, cfg, mut conn)) in conns.into_iter().enumerate() {
+        let (hist, stats, reconnects) = (hist.clone(), stats.clone(), reconnects.clone());
         let offset = interval.mul_f64(((n as u64).wrapping_mul(2654435761) % 1000) as f64 / 1000.0);
         set.spawn(async move {
             let mut next = started + offset;
-            loop {
+            while next < deadline {
                 tokio::time::sleep_until(next.into()).await;
-                if Instant::now() >= deadline {
-                    break;
-                }
                 let t0 = Instant::now();
+                if conn.send.is_closed() {
+                    // The server closed an idle connection: reconnect, as a pooled
+                    // client does, and count it.
+                    reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(c) = Conn::open(addr, cfg.clone(), None).await {
+                        conn = c;
+                    }
+                }
                 let res = conn
                     .call(
                         hyper::Method::POST,
@@ -381,7 +437,8 @@ async fn heartbeat_phase(
         &mut *hist.lock().unwrap_or_else(|p| p.into_inner()),
         hdrhistogram::Histogram::new(1)?,
     );
-    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|p| p.into_inner()));
+    stats.reconnects = reconnects.load(std::sync::atomic::Ordering::Relaxed);
     Ok(PhaseResult {
         name: name.to_string(),
         stats,
@@ -497,16 +554,19 @@ async fn run(cli: &Cli) -> Result<()> {
         .map(|e| (e.instance_id.clone(), e.config.clone()))
         .collect();
     let (rss_before, _) = rss_kib(stub_pid);
+    let cpu_before = cpu_seconds(stub_pid);
     let interval = Duration::from_secs(cli.interval_secs);
     let duration = Duration::from_secs(cli.duration_secs);
     let stub_result = heartbeat_phase("powernode-stub", addr, &agents, interval, duration).await?;
     let (rss, hwm) = rss_kib(stub_pid);
+    let stub_cpu = cpu_seconds(stub_pid) - cpu_before;
     report(&stub_result, cli.agents);
     println!(
-        "  server RSS: {:.1} MiB before the phase, {:.1} MiB after, peak {:.1} MiB",
+        "  server RSS: {:.1} MiB before the phase, {:.1} MiB after, peak {:.1} MiB; server CPU {:.0}% of one core (connect + heartbeats)",
         rss_before as f64 / 1024.0,
         rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        hwm as f64 / 1024.0,
+        stub_cpu / (stub_result.wall + stub_result.connect_time).as_secs_f64() * 100.0
     );
     drop(stub_child);
 
@@ -537,11 +597,13 @@ async fn run(cli: &Cli) -> Result<()> {
         )
         .await?;
         let (frss, fhwm) = rss_kib(floor_child.0.id());
+        let floor_cpu = cpu_seconds(floor_child.0.id());
         report(&floor_result, cli.agents);
         println!(
-            "  floor RSS: {:.1} MiB, peak {:.1} MiB",
+            "  floor RSS: {:.1} MiB, peak {:.1} MiB; floor CPU {:.0}% of one core (connect + heartbeats)",
             frss as f64 / 1024.0,
-            fhwm as f64 / 1024.0
+            fhwm as f64 / 1024.0,
+            floor_cpu / (floor_result.wall + floor_result.connect_time).as_secs_f64() * 100.0
         );
         let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
         println!(
@@ -580,17 +642,19 @@ fn report(r: &PhaseResult, agents: usize) {
     let h = &r.hist;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "{}: {agents} agents connected in {:.1} s; {} heartbeats ok, {} errors, {} connect errors in {:.1} s = {:.0} heartbeats/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "{}: {agents} agents connected in {:.1} s; {} heartbeats ok, {} errors, {} connect errors, {} reconnects in {:.1} s = {:.0} heartbeats/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
         r.name,
         r.connect_time.as_secs_f64(),
         r.stats.ok,
         r.stats.errors,
         r.stats.connect_errors,
+        r.stats.reconnects,
         r.wall.as_secs_f64(),
         r.stats.ok as f64 / r.wall.as_secs_f64(),
         ms(0.5),
         ms(0.9),
         ms(0.99),
+        ms(0.999),
         h.max() as f64 / 1000.0,
     );
     if let Some(e) = &r.stats.first_error {

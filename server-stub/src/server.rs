@@ -373,7 +373,10 @@ async fn accept_loop(
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(Duration::from_secs(30));
+        // hyper also applies this to idle keep-alive connections: it must outlast the
+        // default heartbeat interval (30 s, +10 % jitter), or every heartbeat would
+        // find its connection closed and pay a fresh TLS handshake.
+        .header_read_timeout(Duration::from_secs(75));
     builder
         .http2()
         .timer(TokioTimer::new())
