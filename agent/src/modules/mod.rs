@@ -4,10 +4,11 @@
 //! digest, and mount it (EROFS + overlayfs with the store as a data-only lower layer),
 //! composing root modules into a union root with a tmpfs upper.
 //!
-//! The pull (registry client, cosign signature check) is not here: a puller hands
-//! [`unpack::Unpacker::apply_layer`] each layer as a `Read` that fails on a digest
-//! mismatch at EOF, then calls [`store::ObjectStore::commit_image`] and compares the
-//! digest with the signed one ([`check_image_digest`]).
+//! The pull (registry client, cosign signature check) is not here: a puller calls
+//! [`install_image`] with the signed composefs digest and a closure that opens each
+//! layer as a `Read` failing on a digest mismatch at EOF ([`unpack::DigestingReader`]);
+//! then [`mount::mount_module`] / [`mount::mount_union`]; [`store::ObjectStore::gc`]
+//! between reconciles. Every error has a stable wire code ([`ModuleErrorCode`]).
 //!
 //! It must never use an object, image or path it has not verified: objects are
 //! re-hashed against their names (or kernel-verified with fs-verity), archive paths

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::verity::VerityDigest;
 
-/// Index of an inode in [`FsTree::inodes`]. Hardlinks are several directory entries
+/// Index of an inode in an [`FsTree`]. Hardlinks are several directory entries
 /// naming the same id.
 pub type InodeId = usize;
 
