@@ -274,3 +274,11 @@ pub struct CompleteTaskResponse {
     pub status: TaskStatus,
     pub instance_status: InstanceStatus,
 }
+
+/// Manifest annotation carrying the fs-verity digest (`sha256:HEX`) of the module's
+/// composefs image. It lives in the manifest, so the cosign signature over the
+/// manifest digest covers it.
+pub const COMPOSEFS_DIGEST_ANNOTATION: &str = "org.powernode.composefs.fsverity-digest";
+/// Manifest annotations naming the module and its version.
+pub const MODULE_NAME_ANNOTATION: &str = "org.powernode.module.name";
+pub const MODULE_VERSION_ANNOTATION: &str = "org.powernode.module.version";
