@@ -53,6 +53,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/v1/system/nodes/{id}/provision", post(provision))
         .route(paths::ADMIN_TEMPLATES, get(list_templates))
+        .route(
+            ADMIN_DISK_IMAGE_PUBLICATIONS,
+            get(list_publications).post(publish_image),
+        )
         .route("/api/v1/system/instances/{id}", get(get_instance))
         .route(
             "/api/v1/system/instances/{id}/identity",
@@ -263,6 +267,30 @@ async fn provision(
     Ok((
         StatusCode::CREATED,
         axum::Json(st.provision(&id, req).await?),
+    ))
+}
+
+/// `system_list_disk_image_publications` (GET) and publishing an image folder (POST).
+pub const ADMIN_DISK_IMAGE_PUBLICATIONS: &str = "/api/v1/system/disk_image_publications";
+
+async fn list_publications(State(st): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"publications": st.list_publications()}))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct PublishRequest {
+    #[serde(default)]
+    image_base: Option<std::path::PathBuf>,
+}
+
+async fn publish_image(
+    State(st): State<AppState>,
+    Json(req): Json<PublishRequest>,
+) -> AppResult<(StatusCode, axum::Json<serde_json::Value>)> {
+    let p = st.publish_image(req.image_base).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"publication": p})),
     ))
 }
 

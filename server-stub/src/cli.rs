@@ -46,9 +46,12 @@ pub struct ServeArgs {
     /// Extra server-certificate name (DNS name or IP); repeatable.
     #[arg(long = "san")]
     pub sans: Vec<String>,
-    /// Provider: recorder or disabled (`real` comes with the netboot work).
+    /// Provider: recorder (records what it would boot), real (local QEMU VMs) or disabled.
     #[arg(long, env = "POWERNODE_LIBVIRT_MODE", default_value = "recorder", value_parser = parse_provider)]
     pub provider: ProviderMode,
+    /// Netboot image folder (from `powernode-initramfs build`), published at start.
+    #[arg(long, env = "POWERNODE_IMAGE_BASE")]
+    pub image_base: Option<PathBuf>,
     #[arg(long, default_value_t = 300)]
     pub silent_after_seconds: u64,
     #[arg(long, default_value_t = 86_400)]
@@ -103,6 +106,14 @@ pub enum Cmd {
     },
     /// Show the catalog: templates, platforms, architectures, regions, instance types.
     ListTemplates,
+    /// List the recorded netboot image publications (newest first).
+    ListDiskImagePublications,
+    /// Publish the netboot image folder (reads its manifest.json; default: the
+    /// server's --image-base).
+    PublishDiskImage {
+        #[arg(long)]
+        image_base: Option<PathBuf>,
+    },
     /// List every Node.
     ListNodes,
     /// Show a Node (`status` is its live instance's status or `no_instance`).
@@ -212,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.public_url = args.public_url;
         cfg.sans = args.sans;
         cfg.provider = args.provider;
+        cfg.image_base = args.image_base;
         cfg.silent_after_seconds = args.silent_after_seconds;
         cfg.token_ttl_seconds = args.token_ttl_seconds;
         cfg.cert_ttl_seconds = args.cert_ttl_seconds;
@@ -261,6 +273,16 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             })),
         ),
         Cmd::ListTemplates => (Method::GET, paths::ADMIN_TEMPLATES.to_string(), None),
+        Cmd::ListDiskImagePublications => (
+            Method::GET,
+            crate::api::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
+            None,
+        ),
+        Cmd::PublishDiskImage { image_base } => (
+            Method::POST,
+            crate::api::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
+            Some(json!({ "image_base": image_base })),
+        ),
         Cmd::ListNodes => (Method::GET, paths::ADMIN_NODES.to_string(), None),
         Cmd::GetNode { id } => (Method::GET, paths::admin_node(id), None),
         Cmd::UpdateNode {
@@ -550,10 +572,26 @@ mod tests {
             "--data",
             "/tmp/x",
             "--provider",
-            "real",
+            "libvirt",
         ])
         .unwrap_err();
-        assert!(err.to_string().contains("not available"), "{err}");
+        assert!(err.to_string().contains("recorder, real or disabled"), "{err}");
+        let cli = Cli::try_parse_from([
+            "powernode-stub",
+            "serve",
+            "--data",
+            "/tmp/x",
+            "--provider",
+            "real",
+            "--image-base",
+            "build",
+        ])
+        .unwrap();
+        let Cmd::Serve(args) = cli.cmd else {
+            panic!("not serve")
+        };
+        assert_eq!(args.provider, ProviderMode::Real);
+        assert_eq!(args.image_base.as_deref(), Some(Path::new("build")));
         let cli = Cli::try_parse_from([
             "powernode-stub",
             "serve",

@@ -14,13 +14,13 @@ pub enum ProviderMode {
     Recorder,
     /// No provider: provisioning is refused with `provider_disabled`.
     Disabled,
+    /// Local QEMU VMs booted from the published netboot image.
+    Real,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("provider mode `real` is not available in this build yet (use recorder or disabled)")]
-    RealNotAvailable,
-    #[error("unknown provider mode {0:?} (recorder or disabled)")]
+    #[error("unknown provider mode {0:?} (recorder, real or disabled)")]
     UnknownProvider(String),
     #[error("bad stuck threshold {0:?}: expected STATE=SECONDS")]
     BadThreshold(String),
@@ -34,7 +34,7 @@ impl std::str::FromStr for ProviderMode {
         match s.trim() {
             "recorder" => Ok(Self::Recorder),
             "disabled" => Ok(Self::Disabled),
-            "real" => Err(ConfigError::RealNotAvailable),
+            "real" => Ok(Self::Real),
             other => Err(ConfigError::UnknownProvider(other.to_string())),
         }
     }
@@ -113,6 +113,9 @@ pub struct Config {
     /// Extra server-certificate SANs.
     pub sans: Vec<String>,
     pub provider: ProviderMode,
+    /// Netboot image folder (`vmlinuz`, `initramfs.img`, `cmdline`, `manifest.json`);
+    /// `real` also keeps its per-instance folders under `DIR/instances/`.
+    pub image_base: Option<PathBuf>,
     pub silent_after_seconds: u64,
     pub token_ttl_seconds: u64,
     pub cert_ttl_seconds: u64,
@@ -136,6 +139,7 @@ impl Config {
             public_url: None,
             sans: Vec::new(),
             provider: ProviderMode::Recorder,
+            image_base: None,
             silent_after_seconds: 300,
             token_ttl_seconds: 86_400,
             cert_ttl_seconds: 86_400,
@@ -173,9 +177,10 @@ mod tests {
     fn provider_modes() {
         assert_eq!("recorder".parse(), Ok(ProviderMode::Recorder));
         assert_eq!("disabled".parse(), Ok(ProviderMode::Disabled));
+        assert_eq!("real".parse(), Ok(ProviderMode::Real));
         assert_eq!(
-            "real".parse::<ProviderMode>(),
-            Err(ConfigError::RealNotAvailable)
+            "libvirt".parse::<ProviderMode>(),
+            Err(ConfigError::UnknownProvider("libvirt".into()))
         );
     }
 }

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod images;
 pub mod model;
 pub mod provider;
 pub mod server;

@@ -149,6 +149,12 @@ impl RunningServer {
         for t in self.tasks {
             t.await?;
         }
+        // VMs are children of the server: they stop with it.
+        let st = self.state.clone();
+        let killed = tokio::task::spawn_blocking(move || st.shutdown_vms()).await?;
+        if killed > 0 {
+            tracing::info!(vms = killed, "killed the VMs of this server");
+        }
         let n = self.state.flush_dirty().await?;
         tracing::info!(flushed = n, "server stopped");
         Ok(())
@@ -265,7 +271,14 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         .public_url
         .clone()
         .map(|u| u.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| url.clone());
+        .unwrap_or_else(|| {
+            if cfg.provider == crate::config::ProviderMode::Real {
+                // Under QEMU user networking the guest reaches the host's loopback here.
+                format!("https://10.0.2.2:{}", addr.port())
+            } else {
+                url.clone()
+            }
+        });
 
     let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1", "10.0.2.2"]
         .iter()
@@ -290,6 +303,17 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
     let sensor_ms = cfg.sensor_interval_ms.max(10);
     let flush_ms = cfg.flush_interval_ms.max(10);
     let state = AppState::new(cfg, public_url, clock, ca, store, &admin_token)?;
+
+    if state.cfg.image_base.is_some() {
+        match state.publish_image(None).await {
+            Ok(p) => {
+                tracing::info!(publication = %p.id, path = %p.path.display(), kernel = %p.kernel_version, "netboot image")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "image folder not published; real provisioning will answer missing_netboot_image_error")
+            }
+        }
+    }
 
     let url_path = dir.join(SERVER_URL_FILE);
     std::fs::write(&url_path, format!("{url}\n")).map_err(dir_err(&url_path))?;
@@ -323,6 +347,16 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         |s| async move {
             if let Err(e) = s.sense().await {
                 tracing::error!(error = %e, "sensor pass failed");
+            }
+        },
+    )));
+    tasks.push(tokio::spawn(periodic(
+        rx.clone(),
+        Duration::from_millis(500),
+        state.clone(),
+        |s| async move {
+            if let Err(e) = s.reap_vms().await {
+                tracing::error!(error = %e.message, "VM exit watcher failed");
             }
         },
     )));

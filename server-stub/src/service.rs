@@ -33,8 +33,9 @@ use crate::ca::{Ca, ClientIdentity, CsrError};
 use crate::clock::{format_ts, Clock, Millis};
 use crate::config::Config;
 use crate::error::{AppError, AppResult};
+use crate::images::{read_image_dir, Publication};
 use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
-use crate::provider::{Provider, ProviderError, ProvisionSpec};
+use crate::provider::{Provider, ProviderError, ProviderRecord, ProvisionSpec};
 use crate::store::{Store, StoreError};
 
 pub struct Shared {
@@ -52,6 +53,12 @@ pub struct Shared {
     started_ms: Millis,
     mem: Mutex<Mem>,
     write_lock: tokio::sync::Mutex<()>,
+    /// Netboot image publications, oldest first (also in SQLite).
+    publications: Mutex<Vec<Publication>>,
+    /// Serialises publishers so two never record the same image twice.
+    publish_lock: tokio::sync::Mutex<()>,
+    /// Why the image folder could not be published last time (for the 422 answer).
+    last_image_error: Mutex<Option<String>>,
 }
 
 /// Cheap to clone; shared by every handler and background task.
@@ -113,9 +120,17 @@ impl AppState {
         store: Store,
         admin_token: &str,
     ) -> Result<Self, StoreError> {
-        let mem = store.load()?;
-        let provider = crate::provider::from_mode(cfg.provider);
+        let mut mem = store.load()?;
+        let publications = store.load_publications()?;
+        let provider = crate::provider::from_mode(cfg.provider, cfg.image_base.clone());
         let started_ms = clock.now_ms();
+        let recovered = recover_lost_vms(&store, &mut mem, started_ms)?;
+        if recovered > 0 {
+            tracing::warn!(
+                instances = recovered,
+                "instances whose VM did not survive the server restart were marked failed"
+            );
+        }
         Ok(Self(Arc::new(Shared {
             cfg,
             public_url,
@@ -128,6 +143,9 @@ impl AppState {
             started_ms,
             mem: Mutex::new(mem),
             write_lock: tokio::sync::Mutex::new(()),
+            publications: Mutex::new(publications),
+            publish_lock: tokio::sync::Mutex::new(()),
+            last_image_error: Mutex::new(None),
         })))
     }
 
@@ -348,138 +366,171 @@ impl AppState {
                 "no provider is configured (provider mode `disabled`)",
             ));
         }
-        let thresholds = self.cfg.stuck;
-        self.mutate(|mem, now| {
-            let node = mem
-                .nodes
-                .get(node_id)
-                .ok_or_else(|| AppError::not_found("node", node_id))?
-                .clone();
-            if let Some(inst) = node
-                .current_instance_id
-                .as_ref()
-                .and_then(|i| mem.instances.get(i))
-                .filter(|i| i.status.is_live())
-            {
-                return Err(AppError::conflict(
-                    ErrorCode::NodeAlreadyHasInstance,
-                    format!(
-                        "node already has live instance {} ({})",
-                        inst.id, inst.status
-                    ),
-                ));
+        if self.cfg.image_base.is_some() {
+            // Picks up a rebuilt image folder; a folder that does not check out is
+            // remembered for the error below and the last good publication stays.
+            if let Err(e) = self.publish_image(None).await {
+                tracing::warn!(error = %e.message, "image folder not published");
             }
-            let template = self
-                .template(&node.template_id)
-                .ok_or_else(|| {
-                    AppError::new(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::UnknownTemplate,
+        }
+        let publications = self.list_publications();
+        let needs_image = self.provider.needs_image();
+        let (spec, task_id) = self
+            .mutate(|mem, now| {
+                let node = mem
+                    .nodes
+                    .get(node_id)
+                    .ok_or_else(|| AppError::not_found("node", node_id))?
+                    .clone();
+                if let Some(inst) = node
+                    .current_instance_id
+                    .as_ref()
+                    .and_then(|i| mem.instances.get(i))
+                    .filter(|i| i.status.is_live())
+                {
+                    return Err(AppError::conflict(
+                        ErrorCode::NodeAlreadyHasInstance,
                         format!(
-                            "node's template {:?} is not in the catalog",
-                            node.template_id
+                            "node already has live instance {} ({})",
+                            inst.id, inst.status
                         ),
-                    )
-                })?
-                .clone();
-            let type_id = req
-                .instance_type
-                .unwrap_or_else(|| template.default_instance_type.clone());
-            let instance_type = self
-                .catalog
-                .instance_types
-                .iter()
-                .find(|t| t.id == type_id)
-                .cloned()
-                .ok_or_else(|| {
-                    AppError::new(
+                    ));
+                }
+                let template = self
+                    .template(&node.template_id)
+                    .ok_or_else(|| {
+                        AppError::new(
+                            StatusCode::BAD_REQUEST,
+                            ErrorCode::UnknownTemplate,
+                            format!(
+                                "node's template {:?} is not in the catalog",
+                                node.template_id
+                            ),
+                        )
+                    })?
+                    .clone();
+                let type_id = req
+                    .instance_type
+                    .unwrap_or_else(|| template.default_instance_type.clone());
+                let instance_type = self
+                    .catalog
+                    .instance_types
+                    .iter()
+                    .find(|t| t.id == type_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        AppError::new(
+                            StatusCode::BAD_REQUEST,
+                            ErrorCode::UnknownInstanceType,
+                            format!("unknown instance type {type_id:?} (see list-templates)"),
+                        )
+                    })?;
+                let region = req
+                    .region
+                    .unwrap_or_else(|| template.default_region.clone());
+                if !self.catalog.regions.contains(&region) {
+                    return Err(AppError::new(
                         StatusCode::BAD_REQUEST,
-                        ErrorCode::UnknownInstanceType,
-                        format!("unknown instance type {type_id:?} (see list-templates)"),
-                    )
-                })?;
-            let region = req
-                .region
-                .unwrap_or_else(|| template.default_region.clone());
-            if !self.catalog.regions.contains(&region) {
-                return Err(AppError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::UnknownRegion,
-                    format!("unknown region {region:?} (see list-templates)"),
-                ));
-            }
+                        ErrorCode::UnknownRegion,
+                        format!("unknown region {region:?} (see list-templates)"),
+                    ));
+                }
 
-            // Validated: from here on every change is recorded.
-            let instance_id = new_id("inst");
-            let task_id = new_id("task");
-            let token = random_secret();
-            let inst = InstRec {
-                id: instance_id.clone(),
-                node_id: node.id.clone(),
-                status: InstanceStatus::Pending,
-                task_id: Some(task_id.clone()),
-                instance_type: instance_type.id.clone(),
-                region: region.clone(),
-                provider: self.provider.name().to_string(),
-                last_heartbeat_ms: None,
-                enrolled_ms: None,
-                identity_source: None,
-                agent_version: None,
-                provider_facts: None,
-                phase: None,
-                boot_timeline: Vec::new(),
-                failure: None,
-                root: None,
-                modules: Vec::new(),
-                services: Vec::new(),
-                cordoned: false,
-                uptime_seconds: 0,
-                status_changed_ms: now,
-                created_ms: now,
-                terminated_ms: None,
-                task_ids: vec![task_id.clone()],
-                silent_signal: None,
-                stuck_signal: None,
-                drift_signal: None,
-                bootstrap_failed_signal: None,
-            };
-            mem.instances.insert(instance_id.clone(), inst);
-            mem.save_instance(&instance_id);
-            mem.tasks.insert(
-                task_id.clone(),
-                TaskRec {
-                    id: task_id.clone(),
-                    instance_id: instance_id.clone(),
-                    kind: TaskKind::Provision,
-                    status: TaskStatus::Running,
-                    params: json!({"instance_type": instance_type.id, "region": region}),
-                    result: serde_json::Value::Null,
-                    progress: None,
-                    lease_token: None,
-                    lease_expires_ms: None,
-                    attempts: 1,
+                let image = publications
+                    .iter()
+                    .find(|p| p.platform == template.platform && p.arch == template.arch)
+                    .map(Publication::image_ref);
+                if image.is_none() && needs_image {
+                    let why = self
+                        .last_image_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                        .map(|e| format!(" (last attempt: {e})"))
+                        .unwrap_or_default();
+                    return Err(AppError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        ErrorCode::MissingNetbootImageError,
+                        format!(
+                            "no netboot image is published for platform {} / {}: build one \
+                         (powernode-initramfs build) and run publish-disk-image or start \
+                         the server with --image-base{why}",
+                            template.platform, template.arch
+                        ),
+                    ));
+                }
+
+                // Validated: from here on every change is recorded.
+                let instance_id = new_id("inst");
+                let task_id = new_id("task");
+                let token = random_secret();
+                let inst = InstRec {
+                    id: instance_id.clone(),
+                    node_id: node.id.clone(),
+                    status: InstanceStatus::Pending,
+                    task_id: Some(task_id.clone()),
+                    instance_type: instance_type.id.clone(),
+                    region: region.clone(),
+                    provider: self.provider.name().to_string(),
+                    last_heartbeat_ms: None,
+                    enrolled_ms: None,
+                    identity_source: None,
+                    agent_version: None,
+                    provider_facts: None,
+                    phase: None,
+                    boot_timeline: Vec::new(),
+                    failure: None,
+                    root: None,
+                    modules: Vec::new(),
+                    services: Vec::new(),
+                    cordoned: false,
+                    uptime_seconds: 0,
+                    status_changed_ms: now,
                     created_ms: now,
-                    updated_ms: now,
-                },
-            );
-            mem.save_task(&task_id);
-            let tok = TokenRec {
-                hash: token_hash(&token),
-                instance_id: instance_id.clone(),
-                node_id: node.id.clone(),
-                created_ms: now,
-                used_ms: None,
-                revoked: false,
-            };
-            mem.ops.push(Op::Token(tok.clone()));
-            mem.tokens.insert(tok.hash.clone(), tok);
-            if let Some(n) = mem.nodes.get_mut(node_id) {
-                n.current_instance_id = Some(instance_id.clone());
-                n.instance_history.insert(0, instance_id.clone());
-                n.lifecycle_class_locked = true;
-            }
-            mem.save_node(node_id);
-            mem.event(
+                    terminated_ms: None,
+                    task_ids: vec![task_id.clone()],
+                    silent_signal: None,
+                    stuck_signal: None,
+                    drift_signal: None,
+                    bootstrap_failed_signal: None,
+                };
+                mem.instances.insert(instance_id.clone(), inst);
+                mem.save_instance(&instance_id);
+                mem.tasks.insert(
+                    task_id.clone(),
+                    TaskRec {
+                        id: task_id.clone(),
+                        instance_id: instance_id.clone(),
+                        kind: TaskKind::Provision,
+                        status: TaskStatus::Running,
+                        params: json!({"instance_type": instance_type.id, "region": region}),
+                        result: serde_json::Value::Null,
+                        progress: None,
+                        lease_token: None,
+                        lease_expires_ms: None,
+                        attempts: 1,
+                        created_ms: now,
+                        updated_ms: now,
+                    },
+                );
+                mem.save_task(&task_id);
+                let tok = TokenRec {
+                    hash: token_hash(&token),
+                    instance_id: instance_id.clone(),
+                    node_id: node.id.clone(),
+                    created_ms: now,
+                    used_ms: None,
+                    revoked: false,
+                };
+                mem.ops.push(Op::Token(tok.clone()));
+                mem.tokens.insert(tok.hash.clone(), tok);
+                if let Some(n) = mem.nodes.get_mut(node_id) {
+                    n.current_instance_id = Some(instance_id.clone());
+                    n.instance_history.insert(0, instance_id.clone());
+                    n.lifecycle_class_locked = true;
+                }
+                mem.save_node(node_id);
+                mem.event(
                 now,
                 "instance.created",
                 Some(node_id),
@@ -487,81 +538,122 @@ impl AppState {
                 json!({"task_id": task_id, "instance_type": instance_type.id, "region": region}),
             );
 
-            let identity = IdentityDocument {
-                version: powernode_proto::identity::IDENTITY_VERSION,
-                control_plane_url: self.public_url.clone(),
-                ca_pem: self.ca.cert_pem().to_string(),
-                bootstrap_token: token,
-                node_id: node.id.clone(),
-                instance_id: instance_id.clone(),
-                hostname: node.hostname.clone(),
-                network: NetworkConfig::Dhcp,
-                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
-                ssh_authorized_keys: Vec::new(),
-                module_trust_keys: Vec::new(),
-            };
-            let spec = ProvisionSpec {
-                instance_id: instance_id.clone(),
-                node_id: node.id.clone(),
-                hostname: node.hostname.clone(),
-                lifecycle_class: node.lifecycle_class,
-                instance_type,
-                region,
-                template_id: template.id.clone(),
-                platform: template.platform.clone(),
-                identity,
-            };
-            match self.provider.provision(&spec) {
-                Ok(record) => {
-                    mem.ops.push(Op::ProviderRecord {
-                        instance_id: instance_id.clone(),
-                        action: "provision".to_string(),
-                        at_ms: now,
-                        doc: record,
-                    });
-                    mem.event(
-                        now,
-                        "provider.provision",
-                        Some(node_id),
-                        Some(&instance_id),
-                        json!({"provider": self.provider.name()}),
-                    );
-                    mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
-                }
-                Err(e) => {
-                    fail_instance(
-                        mem,
-                        now,
-                        &instance_id,
-                        ErrorCode::ProviderFailed,
-                        &e.to_string(),
-                    );
-                    finish_task(
-                        mem,
-                        now,
-                        &task_id,
-                        TaskStatus::Failed,
-                        json!({"error": e.to_string()}),
-                    );
-                    let code = match e {
-                        ProviderError::Disabled => ErrorCode::ProviderDisabled,
-                        ProviderError::Failed(_) => ErrorCode::ProviderFailed,
-                    };
-                    return Err(AppError::new(StatusCode::BAD_GATEWAY, code, e.to_string()));
-                }
-            }
-            let inst = model::instance_view(
-                &mem.instances[&instance_id],
-                now,
-                self.started_ms,
-                &thresholds,
-            );
-            Ok(ProvisionResponse {
-                instance: inst,
-                task_id,
+                let identity = IdentityDocument {
+                    version: powernode_proto::identity::IDENTITY_VERSION,
+                    control_plane_url: self.public_url.clone(),
+                    ca_pem: self.ca.cert_pem().to_string(),
+                    bootstrap_token: token,
+                    node_id: node.id.clone(),
+                    instance_id: instance_id.clone(),
+                    hostname: node.hostname.clone(),
+                    network: NetworkConfig::Dhcp,
+                    heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
+                    ssh_authorized_keys: Vec::new(),
+                    module_trust_keys: Vec::new(),
+                };
+                let spec = ProvisionSpec {
+                    instance_id: instance_id.clone(),
+                    node_id: node.id.clone(),
+                    hostname: node.hostname.clone(),
+                    lifecycle_class: node.lifecycle_class,
+                    instance_type,
+                    region,
+                    template_id: template.id.clone(),
+                    platform: template.platform.clone(),
+                    arch: template.arch.clone(),
+                    identity,
+                    image,
+                };
+                Ok((spec, task_id))
             })
-        })
-        .await
+            .await?;
+        let instance_id = spec.instance_id.clone();
+        let node_id = spec.node_id.clone();
+
+        // Booting takes time: no state lock is held while the provider works.
+        let st = self.clone();
+        let result = tokio::task::spawn_blocking(move || st.provider.provision(&spec))
+            .await
+            .map_err(|e| AppError::internal(&e))?;
+
+        let thresholds = self.cfg.stuck;
+        let (resp, orphaned) = self
+            .mutate(|mem, now| {
+                let node_id = node_id.as_str();
+                let still_pending = mem
+                    .instances
+                    .get(&instance_id)
+                    .is_some_and(|i| i.status == InstanceStatus::Pending);
+                match result {
+                    Ok(record) => {
+                        mem.ops.push(Op::ProviderRecord {
+                            instance_id: instance_id.clone(),
+                            action: "provision".to_string(),
+                            at_ms: now,
+                            doc: record,
+                        });
+                        mem.event(
+                            now,
+                            "provider.provision",
+                            Some(node_id),
+                            Some(&instance_id),
+                            json!({"provider": self.provider.name()}),
+                        );
+                        if still_pending {
+                            mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
+                        }
+                    }
+                    Err(e) => {
+                        let message = e.chain();
+                        if still_pending {
+                            fail_instance(
+                                mem,
+                                now,
+                                &instance_id,
+                                ErrorCode::ProviderFailed,
+                                &message,
+                            );
+                            finish_task(
+                                mem,
+                                now,
+                                &task_id,
+                                TaskStatus::Failed,
+                                json!({"error": message}),
+                            );
+                        }
+                        let (status, code) = match e {
+                            ProviderError::Disabled => {
+                                (StatusCode::CONFLICT, ErrorCode::ProviderDisabled)
+                            }
+                            ProviderError::MissingImage => (
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                ErrorCode::MissingNetbootImageError,
+                            ),
+                            _ => (StatusCode::BAD_GATEWAY, ErrorCode::ProviderFailed),
+                        };
+                        return Err(AppError::new(status, code, message));
+                    }
+                }
+                let inst = model::instance_view(
+                    &mem.instances[&instance_id],
+                    now,
+                    self.started_ms,
+                    &thresholds,
+                );
+                Ok((
+                    ProvisionResponse {
+                        instance: inst,
+                        task_id: task_id.clone(),
+                    },
+                    !still_pending,
+                ))
+            })
+            .await?;
+        if orphaned {
+            // Cancelled or terminated while booting: the machine must not stay.
+            self.destroy_and_record(&instance_id).await?;
+        }
+        Ok(resp)
     }
 
     pub fn get_instance(&self, id: &str) -> AppResult<admin::Instance> {
@@ -645,126 +737,139 @@ impl AppState {
         id: &str,
         req: TerminateRequest,
     ) -> AppResult<InstanceActionResponse> {
-        self.mutate(|mem, now| {
-            let inst = mem
-                .instances
-                .get(id)
-                .ok_or_else(|| AppError::not_found("instance", id))?;
-            let st = inst.status;
-            if st == InstanceStatus::Terminated {
-                return Err(invalid_transition("instance is already terminated"));
-            }
-            let drained = st == InstanceStatus::Draining
-                && inst.task_ids.iter().rev().any(|t| {
-                    mem.tasks.get(t).is_some_and(|t| {
-                        t.kind == TaskKind::Drain && t.status == TaskStatus::Succeeded
-                    })
-                });
-            let without_force = matches!(
-                st,
-                InstanceStatus::Pending
-                    | InstanceStatus::Provisioning
-                    | InstanceStatus::Failed
-                    | InstanceStatus::Terminating
-            ) || drained;
-            if !without_force && !req.force {
-                return Err(invalid_transition(format!(
-                    "instance is {st} and not drained: drain first or use --force"
-                )));
-            }
-            if st != InstanceStatus::Terminating
-                && !st.can_transition_to(InstanceStatus::Terminating)
-            {
-                return Err(invalid_transition(format!("instance is {st}")));
-            }
-            let node_id = inst.node_id.clone();
-            // Open node-side work is moot once the machine goes away.
-            let open: Vec<String> = inst
-                .task_ids
-                .iter()
-                .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
-                .cloned()
-                .collect();
-            for t in &open {
-                finish_task(
-                    mem,
-                    now,
-                    t,
-                    TaskStatus::Cancelled,
-                    json!({"reason": "instance terminated"}),
-                );
-            }
-            let task_id = new_id("task");
-            mem.tasks.insert(
-                task_id.clone(),
-                TaskRec {
-                    id: task_id.clone(),
-                    instance_id: id.to_string(),
-                    kind: TaskKind::Terminate,
-                    status: TaskStatus::Running,
-                    params: json!({"force": req.force}),
-                    result: serde_json::Value::Null,
-                    progress: None,
-                    lease_token: None,
-                    lease_expires_ms: None,
-                    attempts: 1,
-                    created_ms: now,
-                    updated_ms: now,
-                },
-            );
-            mem.save_task(&task_id);
-            if let Some(inst) = mem.instances.get_mut(id) {
-                inst.task_ids.push(task_id.clone());
-                inst.task_id = Some(task_id.clone());
-            }
-            if st != InstanceStatus::Terminating {
-                mem.set_status(now, id, InstanceStatus::Terminating);
-            }
-            mem.revoke_credentials(now, id);
-            match self.provider.destroy(id) {
-                Ok(record) => {
-                    mem.ops.push(Op::ProviderRecord {
-                        instance_id: id.to_string(),
-                        action: "destroy".to_string(),
-                        at_ms: now,
-                        doc: record,
-                    });
-                    mem.event(
-                        now,
-                        "provider.destroy",
-                        Some(&node_id),
-                        Some(id),
-                        json!({"provider": self.provider.name()}),
-                    );
-                    finish_task(mem, now, &task_id, TaskStatus::Succeeded, json!({}));
-                    mem.set_status(now, id, InstanceStatus::Terminated);
-                    if let Some(node) = mem.nodes.get_mut(&node_id) {
-                        if node.current_instance_id.as_deref() == Some(id) {
-                            node.current_instance_id = None;
-                        }
-                    }
-                    mem.save_node(&node_id);
-                    Ok(InstanceActionResponse {
-                        task_id,
-                        status: InstanceStatus::Terminated,
-                    })
+        let (task_id, node_id) = self
+            .mutate(|mem, now| {
+                let inst = mem
+                    .instances
+                    .get(id)
+                    .ok_or_else(|| AppError::not_found("instance", id))?;
+                let st = inst.status;
+                if st == InstanceStatus::Terminated {
+                    return Err(invalid_transition("instance is already terminated"));
                 }
-                Err(e) => {
+                let drained = st == InstanceStatus::Draining
+                    && inst.task_ids.iter().rev().any(|t| {
+                        mem.tasks.get(t).is_some_and(|t| {
+                            t.kind == TaskKind::Drain && t.status == TaskStatus::Succeeded
+                        })
+                    });
+                let without_force = matches!(
+                    st,
+                    InstanceStatus::Pending
+                        | InstanceStatus::Provisioning
+                        | InstanceStatus::Failed
+                        | InstanceStatus::Terminating
+                ) || drained;
+                if !without_force && !req.force {
+                    return Err(invalid_transition(format!(
+                        "instance is {st} and not drained: drain first or use --force"
+                    )));
+                }
+                if st != InstanceStatus::Terminating
+                    && !st.can_transition_to(InstanceStatus::Terminating)
+                {
+                    return Err(invalid_transition(format!("instance is {st}")));
+                }
+                let node_id = inst.node_id.clone();
+                // Open node-side work is moot once the machine goes away.
+                let open: Vec<String> = inst
+                    .task_ids
+                    .iter()
+                    .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                    .cloned()
+                    .collect();
+                for t in &open {
                     finish_task(
                         mem,
                         now,
-                        &task_id,
-                        TaskStatus::Failed,
-                        json!({"error": e.to_string()}),
+                        t,
+                        TaskStatus::Cancelled,
+                        json!({"reason": "instance terminated"}),
                     );
-                    Err(AppError::new(
-                        StatusCode::BAD_GATEWAY,
-                        ErrorCode::ProviderFailed,
-                        format!(
-                            "{e}; the instance stays terminating, run terminate-instance again"
-                        ),
-                    ))
                 }
+                let task_id = new_id("task");
+                mem.tasks.insert(
+                    task_id.clone(),
+                    TaskRec {
+                        id: task_id.clone(),
+                        instance_id: id.to_string(),
+                        kind: TaskKind::Terminate,
+                        status: TaskStatus::Running,
+                        params: json!({"force": req.force}),
+                        result: serde_json::Value::Null,
+                        progress: None,
+                        lease_token: None,
+                        lease_expires_ms: None,
+                        attempts: 1,
+                        created_ms: now,
+                        updated_ms: now,
+                    },
+                );
+                mem.save_task(&task_id);
+                if let Some(inst) = mem.instances.get_mut(id) {
+                    inst.task_ids.push(task_id.clone());
+                    inst.task_id = Some(task_id.clone());
+                }
+                if st != InstanceStatus::Terminating {
+                    mem.set_status(now, id, InstanceStatus::Terminating);
+                }
+                mem.revoke_credentials(now, id);
+                Ok((task_id, node_id))
+            })
+            .await?;
+
+        // Killing and reaping QEMU happens with no state lock held.
+        let st = self.clone();
+        let owned_id = id.to_string();
+        let result = tokio::task::spawn_blocking(move || st.provider.destroy(&owned_id))
+            .await
+            .map_err(|e| AppError::internal(&e))?;
+        self.mutate(|mem, now| match result {
+            Ok(record) => {
+                mem.ops.push(Op::ProviderRecord {
+                    instance_id: id.to_string(),
+                    action: "destroy".to_string(),
+                    at_ms: now,
+                    doc: record,
+                });
+                mem.event(
+                    now,
+                    "provider.destroy",
+                    Some(&node_id),
+                    Some(id),
+                    json!({"provider": self.provider.name()}),
+                );
+                finish_task(mem, now, &task_id, TaskStatus::Succeeded, json!({}));
+                if mem.instances.get(id).map(|i| i.status) != Some(InstanceStatus::Terminated) {
+                    mem.set_status(now, id, InstanceStatus::Terminated);
+                }
+                if let Some(node) = mem.nodes.get_mut(&node_id) {
+                    if node.current_instance_id.as_deref() == Some(id) {
+                        node.current_instance_id = None;
+                    }
+                }
+                mem.save_node(&node_id);
+                Ok(InstanceActionResponse {
+                    task_id: task_id.clone(),
+                    status: InstanceStatus::Terminated,
+                })
+            }
+            Err(e) => {
+                let message = e.chain();
+                finish_task(
+                    mem,
+                    now,
+                    &task_id,
+                    TaskStatus::Failed,
+                    json!({"error": message}),
+                );
+                Err(AppError::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::ProviderFailed,
+                    format!(
+                        "{message}; the instance stays terminating, run terminate-instance again"
+                    ),
+                ))
             }
         })
         .await
@@ -834,64 +939,222 @@ impl AppState {
     }
 
     pub async fn cancel_task(&self, id: &str) -> AppResult<admin::Task> {
+        let mut destroy: Option<String> = None;
+        let task = self
+            .mutate(|mem, now| {
+                let task = mem
+                    .tasks
+                    .get(id)
+                    .ok_or_else(|| AppError::not_found("task", id))?
+                    .clone();
+                if task.status.is_final() {
+                    return Err(invalid_transition(format!(
+                        "task is already {}",
+                        task.status.as_str()
+                    )));
+                }
+                finish_task(
+                    mem,
+                    now,
+                    id,
+                    TaskStatus::Cancelled,
+                    json!({"reason": "cancelled by operator"}),
+                );
+                let inst_status = mem.instances.get(&task.instance_id).map(|i| i.status);
+                match (task.kind, inst_status) {
+                    (TaskKind::Drain, Some(InstanceStatus::Draining)) => {
+                        // Cancelling a drain uncordons the instance.
+                        if let Some(inst) = mem.instances.get_mut(&task.instance_id) {
+                            inst.cordoned = false;
+                        }
+                        mem.set_status(now, &task.instance_id, InstanceStatus::Running);
+                    }
+                    (
+                        TaskKind::Provision,
+                        Some(
+                            InstanceStatus::Pending
+                            | InstanceStatus::Provisioning
+                            | InstanceStatus::Bootstrapping,
+                        ),
+                    ) => {
+                        // A cancelled provision leaves no machine (destroyed below, with
+                        // no lock held) and no credentials.
+                        destroy = Some(task.instance_id.clone());
+                        fail_instance(
+                            mem,
+                            now,
+                            &task.instance_id,
+                            ErrorCode::TaskCancelled,
+                            "provision task cancelled by operator",
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(model::task_view(&mem.tasks[id]))
+            })
+            .await?;
+        if let Some(instance_id) = destroy {
+            self.destroy_and_record(&instance_id).await?;
+        }
+        Ok(task)
+    }
+
+    /// Destroys an instance's machine (no lock held) and records what was done.
+    async fn destroy_and_record(&self, instance_id: &str) -> AppResult<()> {
+        let st = self.clone();
+        let owned = instance_id.to_string();
+        let result = tokio::task::spawn_blocking(move || st.provider.destroy(&owned))
+            .await
+            .map_err(|e| AppError::internal(&e))?;
         self.mutate(|mem, now| {
-            let task = mem
-                .tasks
-                .get(id)
-                .ok_or_else(|| AppError::not_found("task", id))?
-                .clone();
-            if task.status.is_final() {
-                return Err(invalid_transition(format!(
-                    "task is already {}",
-                    task.status.as_str()
-                )));
-            }
-            finish_task(
-                mem,
-                now,
-                id,
-                TaskStatus::Cancelled,
-                json!({"reason": "cancelled by operator"}),
-            );
-            let inst_status = mem.instances.get(&task.instance_id).map(|i| i.status);
-            match (task.kind, inst_status) {
-                (TaskKind::Drain, Some(InstanceStatus::Draining)) => {
-                    // Cancelling a drain uncordons the instance.
-                    if let Some(inst) = mem.instances.get_mut(&task.instance_id) {
-                        inst.cordoned = false;
-                    }
-                    mem.set_status(now, &task.instance_id, InstanceStatus::Running);
-                }
-                (
-                    TaskKind::Provision,
-                    Some(
-                        InstanceStatus::Pending
-                        | InstanceStatus::Provisioning
-                        | InstanceStatus::Bootstrapping,
-                    ),
-                ) => {
-                    // A cancelled provision leaves no machine and no credentials.
-                    if let Ok(record) = self.provider.destroy(&task.instance_id) {
-                        mem.ops.push(Op::ProviderRecord {
-                            instance_id: task.instance_id.clone(),
-                            action: "destroy".to_string(),
-                            at_ms: now,
-                            doc: record,
-                        });
-                    }
-                    fail_instance(
-                        mem,
-                        now,
-                        &task.instance_id,
-                        ErrorCode::TaskCancelled,
-                        "provision task cancelled by operator",
-                    );
-                }
-                _ => {}
-            }
-            Ok(model::task_view(&mem.tasks[id]))
+            let doc: ProviderRecord = match result {
+                Ok(record) => record,
+                Err(e) => json!({"provider": self.provider.name(), "action": "destroy", "error": e.chain()}),
+            };
+            mem.ops.push(Op::ProviderRecord {
+                instance_id: instance_id.to_string(),
+                action: "destroy".to_string(),
+                at_ms: now,
+                doc,
+            });
+            Ok(())
         })
         .await
+    }
+
+    /// Notices VMs that ended on their own: an event, and the instance fails with
+    /// the reason unless it was being terminated anyway.
+    pub async fn reap_vms(&self) -> AppResult<usize> {
+        let exits = self.provider.poll_exited();
+        if exits.is_empty() {
+            return Ok(0);
+        }
+        let n = exits.len();
+        self.mutate(|mem, now| {
+            for ex in exits {
+                let Some(inst) = mem.instances.get(&ex.instance_id) else {
+                    continue;
+                };
+                let (status, node_id) = (inst.status, inst.node_id.clone());
+                mem.event(
+                    now,
+                    "vm.exited",
+                    Some(&node_id),
+                    Some(&ex.instance_id),
+                    json!({"pid": ex.pid, "status": ex.status, "serial_tail": ex.serial_tail}),
+                );
+                if status.is_live() && status != InstanceStatus::Terminating {
+                    let message = format!(
+                        "the VM exited on its own (QEMU pid {}, {}) while the instance was {status}; last console lines: {}",
+                        ex.pid, ex.status, ex.serial_tail
+                    );
+                    let open: Vec<String> = mem.instances[&ex.instance_id]
+                        .task_ids
+                        .iter()
+                        .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                        .cloned()
+                        .collect();
+                    for t in &open {
+                        finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
+                    }
+                    fail_instance(mem, now, &ex.instance_id, ErrorCode::ProviderFailed, &message);
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(n)
+    }
+
+    /// Kills every VM (server shutdown).
+    pub fn shutdown_vms(&self) -> usize {
+        self.provider.shutdown()
+    }
+
+    // ----- admin: netboot image publications -------------------------------------------
+
+    /// Publications, newest first.
+    pub fn list_publications(&self) -> Vec<Publication> {
+        let mut v = self
+            .publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        v.reverse();
+        v
+    }
+
+    /// Reads an image folder's manifest (default: `--image-base`), checks its files
+    /// and records a publication unless the newest one for its platform and arch
+    /// already says the same.
+    pub async fn publish_image(&self, dir: Option<std::path::PathBuf>) -> AppResult<Publication> {
+        let dir = dir.or_else(|| self.cfg.image_base.clone()).ok_or_else(|| {
+            AppError::bad_request(
+                "no image folder: pass image_base or start the server with --image-base",
+            )
+        })?;
+        let facts = tokio::task::spawn_blocking(move || read_image_dir(&dir))
+            .await
+            .map_err(|e| AppError::internal(&e))?;
+        let facts = match facts {
+            Ok(f) => f,
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    msg.push_str(&format!(": {c}"));
+                    src = c.source();
+                }
+                *self
+                    .last_image_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                return Err(AppError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorCode::MissingNetbootImageError,
+                    msg,
+                ));
+            }
+        };
+        let _p = self.publish_lock.lock().await;
+        *self
+            .last_image_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        let newest = self
+            .list_publications()
+            .into_iter()
+            .find(|p| p.platform == facts.platform && p.arch == facts.arch);
+        if let Some(p) = newest.filter(|p| p.same_as(&facts)) {
+            return Ok(p);
+        }
+        let now = self.clock.now_ms();
+        let publication = Publication {
+            id: new_id("pub"),
+            platform: facts.platform,
+            arch: facts.arch,
+            kernel_version: facts.kernel_version,
+            kernel_release: facts.kernel_release,
+            vmlinuz_sha256: facts.vmlinuz_sha256,
+            initramfs_sha256: facts.initramfs_sha256,
+            path: facts.path,
+            cmdline: facts.cmdline,
+            created_at: format_ts(now),
+            created_ms: now,
+        };
+        self.store.insert_publication(publication.clone()).await?;
+        self.publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(publication.clone());
+        let detail = serde_json::to_value(&publication).unwrap_or_default();
+        self.mutate(|mem, now| {
+            mem.event(now, "image.published", None, None, detail);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(id = %publication.id, path = %publication.path.display(), "netboot image published");
+        Ok(publication)
     }
 
     // ----- node API ------------------------------------------------------------------
@@ -1717,4 +1980,62 @@ fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&str>) {
             json!({"task_id": id, "attempts": attempts}),
         );
     }
+}
+
+/// At start: a live instance of the `real` provider has no VM any more (QEMU is a
+/// child of the server and dies with it; one left running by a SIGKILLed server is
+/// killed here). It is marked failed with the reason, its credentials withdrawn.
+fn recover_lost_vms(store: &Store, mem: &mut Mem, now: Millis) -> Result<usize, StoreError> {
+    let lost: Vec<String> = mem
+        .instances
+        .values()
+        .filter(|i| i.provider == "real" && i.status.is_live())
+        .map(|i| i.id.clone())
+        .collect();
+    for id in &lost {
+        let record = store.provider_record_blocking(id, "provision")?;
+        let pid = record
+            .as_ref()
+            .and_then(|r| r["pid"].as_u64())
+            .map(|p| p as u32);
+        let dir = record
+            .as_ref()
+            .and_then(|r| r["instance_dir"].as_str())
+            .map(std::path::PathBuf::from);
+        let message = match (pid, dir) {
+            (Some(pid), Some(dir)) if crate::provider::orphan_vm_alive(pid, &dir) => {
+                crate::provider::kill_orphan(pid);
+                format!(
+                    "the server restarted: its VM (QEMU pid {pid}) was left behind by a killed \
+                     server and has been killed; VMs do not outlive the server that started them"
+                )
+            }
+            (Some(pid), _) => format!(
+                "the server restarted and the VM (QEMU pid {pid}) is gone: VMs are children of \
+                 the server and do not survive it"
+            ),
+            (None, _) => "the server restarted before the VM was started".to_string(),
+        };
+        let status = mem.instances[id].status;
+        let open: Vec<String> = mem.instances[id]
+            .task_ids
+            .iter()
+            .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+            .cloned()
+            .collect();
+        for t in &open {
+            finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
+        }
+        mem.event(
+            now,
+            "vm.lost",
+            None,
+            Some(id),
+            json!({"pid": pid, "was": status, "reason": message}),
+        );
+        fail_instance(mem, now, id, ErrorCode::ProviderFailed, &message);
+    }
+    let ops = std::mem::take(&mut mem.ops);
+    store.apply_blocking(&ops)?;
+    Ok(lost.len())
 }

@@ -12,6 +12,7 @@ use powernode_proto::admin::{Event, Signal};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::clock::format_ts;
+use crate::images::Publication;
 use crate::model::{CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 
 pub const DB_FILE: &str = "powernode.sqlite";
@@ -67,6 +68,8 @@ CREATE INDEX IF NOT EXISTS signals_instance ON signals (instance_id, id);
 CREATE TABLE IF NOT EXISTS provider_records (id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL,
     action TEXT NOT NULL, at_ms INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS provider_records_instance ON provider_records (instance_id, id);
+CREATE TABLE IF NOT EXISTS disk_image_publications (id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL,
+    doc TEXT NOT NULL);
 "#;
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -224,13 +227,54 @@ impl Store {
         .await
     }
 
+    /// Every netboot image publication, oldest first.
+    pub fn load_publications(&self) -> Result<Vec<Publication>, StoreError> {
+        self.with_conn(|conn| {
+            let mut v = load_docs::<Publication>(conn, "disk_image_publications", "id")?;
+            v.sort_by_key(|p| p.created_ms);
+            Ok(v)
+        })
+    }
+
+    pub async fn insert_publication(&self, p: Publication) -> Result<(), StoreError> {
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO disk_image_publications (id, created_ms, doc) VALUES (?1, ?2, ?3)",
+                params![p.id, p.created_ms, enc(&p)?],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// The newest provider record of `action` for an instance.
     pub async fn provider_record(
         &self,
         instance_id: String,
         action: &'static str,
     ) -> Result<Option<serde_json::Value>, StoreError> {
-        self.blocking(move |conn| {
+        self.blocking(move |conn| provider_record_in(conn, instance_id, action))
+            .await
+    }
+
+    /// [`Store::provider_record`] on the calling thread (start-up).
+    pub fn provider_record_blocking(
+        &self,
+        instance_id: &str,
+        action: &'static str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let id = instance_id.to_string();
+        self.with_conn(move |conn| provider_record_in(conn, id, action))
+    }
+}
+
+fn provider_record_in(
+    conn: &mut Connection,
+    instance_id: String,
+    action: &'static str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    {
+        {
             let doc: Option<String> = conn
                 .query_row(
                     "SELECT doc FROM provider_records WHERE instance_id = ?1 AND action = ?2
@@ -247,8 +291,7 @@ impl Store {
                 })
             })
             .transpose()
-        })
-        .await
+        }
     }
 }
 

@@ -22,10 +22,15 @@ struct ServerProc {
 
 impl ServerProc {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "recorder", &[])
+    }
+
+    fn start_with(dir: &Path, mode: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(dir)
-            .env("POWERNODE_LIBVIRT_MODE", "recorder")
+            .args(extra)
+            .env("POWERNODE_LIBVIRT_MODE", mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -225,18 +230,138 @@ async fn runbook_through_the_cli() {
     assert_eq!(e["error"]["code"], "admin_token_invalid");
 }
 
+/// A folder shaped like `powernode-initramfs build` output, with a kernel QEMU
+/// cannot load (so a VM "boots" and exits at once, without a real image).
+fn fake_image(dir: &Path) {
+    use sha2::Digest as _;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("vmlinuz"), b"not a kernel").unwrap();
+    std::fs::write(dir.join("initramfs.img"), b"not an initramfs").unwrap();
+    std::fs::write(dir.join("cmdline"), "powernode.test=1\n").unwrap();
+    let m = serde_json::json!({
+        "kernel_package": "linux-image-6.12.0-cloud-amd64",
+        "kernel_version": "6.12.0-1",
+        "kernel_release": "6.12.0-cloud-amd64",
+        "vmlinuz_sha256": hex::encode(sha2::Sha256::digest(b"not a kernel")),
+        "initramfs_sha256": hex::encode(sha2::Sha256::digest(b"not an initramfs")),
+    });
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+}
+
 #[test]
-fn real_provider_mode_is_refused_clearly() {
+fn real_mode_without_a_published_image_is_missing_netboot_image_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(tmp.path())
-        .env("POWERNODE_LIBVIRT_MODE", "real")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`real` is not available"), "{err}");
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let images_arg = images.to_str().unwrap();
+    let _server = ServerProc::start_with(tmp.path(), "real", &["--image-base", images_arg]);
+    let node = cli_json(
+        tmp.path(),
+        &[
+            "create-node",
+            "--hostname",
+            "edge-real",
+            "--lifecycle-class",
+            "ephemeral",
+        ],
+    );
+    let node_id = node["node"]["id"].as_str().unwrap();
+    let (ok, _, err) = cli(tmp.path(), &["provision-instance", node_id, "--json"]);
+    assert!(!ok);
+    let e: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(e["error"]["code"], "missing_netboot_image_error", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("manifest.json"),
+        "the answer says why the folder is not an image: {e}"
+    );
+    // Refused before anything was created.
+    let node = cli_json(tmp.path(), &["get-node", node_id]);
+    assert_eq!(node["node"]["status"], "no_instance", "{node}");
+    let pubs = cli_json(tmp.path(), &["list-disk-image-publications"]);
+    assert_eq!(pubs["publications"], serde_json::json!([]));
+}
+
+#[test]
+fn published_image_boots_and_a_vm_that_exits_fails_the_instance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let images_arg = images.to_str().unwrap();
+    let _server = ServerProc::start_with(tmp.path(), "real", &["--image-base", images_arg]);
+    fake_image(&images);
+    let p = cli_json(tmp.path(), &["publish-disk-image"]);
+    assert_eq!(p["publication"]["platform"], "powernode-netboot");
+    assert_eq!(p["publication"]["arch"], "arch-amd64");
+    assert_eq!(p["publication"]["kernel_version"], "6.12.0-1");
+    // Publishing the same folder again records nothing new.
+    let again = cli_json(tmp.path(), &["publish-disk-image"]);
+    assert_eq!(again["publication"]["id"], p["publication"]["id"]);
+    let pubs = cli_json(tmp.path(), &["list-disk-image-publications"]);
+    assert_eq!(pubs["publications"].as_array().unwrap().len(), 1, "{pubs}");
+
+    let node = cli_json(
+        tmp.path(),
+        &[
+            "create-node",
+            "--hostname",
+            "edge-real",
+            "--lifecycle-class",
+            "ephemeral",
+        ],
+    );
+    let node_id = node["node"]["id"].as_str().unwrap();
+    let prov = cli_json(tmp.path(), &["provision-instance", node_id]);
+    let inst = prov["instance"]["id"].as_str().unwrap().to_string();
+    let dir = images.join("instances").join(&inst);
+    let mode = std::fs::metadata(dir.join("identity.json"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let identity: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("identity.json")).unwrap()).unwrap();
+    assert!(
+        identity["control_plane_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://10.0.2.2:"),
+        "{identity}"
+    );
+    let command = std::fs::read_to_string(dir.join("qemu-command.sh")).unwrap();
+    assert!(command.contains("-kernel"), "{command}");
+    assert!(
+        command.contains("name=opt/org.powernode/identity"),
+        "{command}"
+    );
+    // QEMU cannot load the fake kernel and exits: the server notices.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let failed = loop {
+        let i = cli_json(tmp.path(), &["get-instance", &inst]);
+        if i["instance"]["status"] == "failed" {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "never failed: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let msg = failed["instance"]["failure"]["message"].as_str().unwrap();
+    assert!(msg.contains("exited on its own"), "{failed}");
+    let events = cli_json(tmp.path(), &["recent-events", "--instance", &inst]);
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "vm.exited"),
+        "{events}"
+    );
+    // A failed instance terminates without force; there is no VM left to kill.
+    let t = cli_json(tmp.path(), &["terminate-instance", &inst]);
+    assert_eq!(t["status"], "terminated");
 }
 
 #[test]
