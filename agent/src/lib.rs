@@ -23,7 +23,8 @@ pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod timeline;
-pub mod verity;
+/// fs-verity lives in the shared module format crate (the publisher needs it too).
+pub use powernode_modfmt::verity;
 
 /// This agent's version, as reported to the control plane.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

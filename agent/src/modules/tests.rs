@@ -398,7 +398,7 @@ fn wide_layer() -> Vec<u8> {
 }
 
 fn erofs_tool(name: &str) -> Option<PathBuf> {
-    crate::verity::test_tool(name)
+    powernode_modfmt::testutil::test_tool(name)
 }
 
 #[test]

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use powernode_proto::ErrorCode;
 
-use super::composefs::{self, ImageError};
-use super::tree::FsTree;
-use super::ModuleErrorCode;
+use crate::composefs::{self, ImageError};
+use crate::tree::FsTree;
 use crate::verity::{self, Threads, VerityDigest, VerityError, VerityHasher};
+use crate::ModuleErrorCode;
 
 /// How objects are protected after they are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ impl ModuleErrorCode for StoreError {
             StoreError::VerityMismatch { .. } => ErrorCode::VerityMismatch,
             // A stream error is the puller's (digest check, network): it wraps its own
             // code; without one, the blob did not decode.
-            StoreError::Stream(e) => super::unpack::stream_error_code(e),
+            StoreError::Stream(e) => crate::unpack::stream_error_code(e),
             StoreError::Image(_) => ErrorCode::UnsupportedMediaType,
             StoreError::Missing(_) | StoreError::ImageMissing(_) => ErrorCode::NotFound,
             _ => ErrorCode::Internal,

@@ -15,10 +15,10 @@ use std::io::{self, Read};
 use powernode_proto::ErrorCode;
 use sha2::{Digest as _, Sha256};
 
-use super::composefs::encode_dev;
-use super::store::{ObjectStore, StoreError};
-use super::tree::{FsTree, Inode, Kind, Meta, TreeError, PERM_MASK};
-use super::ModuleErrorCode;
+use crate::composefs::encode_dev;
+use crate::store::{ObjectStore, StoreError};
+use crate::tree::{FsTree, Inode, Kind, Meta, TreeError, PERM_MASK};
+use crate::ModuleErrorCode;
 
 /// Layer compression, from the (signed) manifest's media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub struct CodedStreamError {
 }
 
 /// The code for an error that came out of a layer stream.
-pub(crate) fn stream_error_code(e: &io::Error) -> ErrorCode {
+pub fn stream_error_code(e: &io::Error) -> ErrorCode {
     let inner = e.get_ref();
     if inner.is_some_and(|i| i.is::<BlobDigestMismatch>()) {
         return ErrorCode::DigestMismatch;

@@ -517,39 +517,6 @@ mod sys {
     }
 }
 
-/// An interop tool for tests: found on PATH, else installed once through
-/// `scripts/tools` (serialised: apt allows one install at a time); `None` with a loud
-/// message only when that fails.
-#[cfg(test)]
-pub(crate) fn test_tool(name: &str) -> Option<std::path::PathBuf> {
-    use std::process::Command;
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let find = || {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-    };
-    if let Some(p) = find() {
-        return Some(p);
-    }
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if find().is_none() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools");
-        let _ = Command::new(script).status();
-    }
-    let found = find();
-    if found.is_none() {
-        eprintln!(
-            "\n!!!!! SKIPPED: `{name}` could not be installed (scripts/tools); \
-             the interop check against it did NOT run !!!!!\n"
-        );
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,7 +540,7 @@ mod tests {
 
     /// `fsverity` from fsverity-utils (installed by `scripts/tools` when missing).
     fn fsverity_tool() -> Option<PathBuf> {
-        test_tool("fsverity")
+        crate::testutil::test_tool("fsverity")
     }
 
     fn tool_digest(tool: &Path, file: &Path) -> String {

@@ -21,7 +21,7 @@
 //! It must never write anything it cannot represent faithfully: oversize names,
 //! xattrs or files are errors, never truncated.
 
-use crate::modules::tree::{FsTree, InodeId, Kind};
+use crate::tree::{FsTree, InodeId, Kind};
 use crate::verity::{VerityDigest, HASH_ALG_SHA256};
 
 const BLOCK: usize = 4096;

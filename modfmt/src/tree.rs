@@ -96,7 +96,7 @@ impl Default for FsTree {
     }
 }
 
-pub(crate) fn display(path: &[&[u8]]) -> String {
+pub fn display(path: &[&[u8]]) -> String {
     let joined: Vec<u8> = path.join(&b'/');
     format!("/{}", String::from_utf8_lossy(&joined))
 }
