@@ -11,6 +11,7 @@ use powernode_proto::node::{Phase, TimelineEntry};
 use powernode_proto::ErrorCode;
 use serde_json::{json, Value};
 
+use crate::agent::{AgentDriver, AgentEnd, BootstrapError, BootstrapInput};
 use crate::cmdline::{self, Options};
 use crate::failure::{self, Outcome};
 use crate::identity::{self, Found, IdentityProbeError};
@@ -44,6 +45,16 @@ pub enum PhaseError {
     SwitchRoot(#[from] SwitchRootError),
     #[error("preparing the test root")]
     TestRoot(#[source] Errno),
+    #[error("preparing the agent state directory {path}")]
+    StateDir {
+        path: String,
+        #[source]
+        errno: Errno,
+    },
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error("the agent failed: {message}")]
+    Agent { code: ErrorCode, message: String },
 }
 
 impl PhaseError {
@@ -53,11 +64,25 @@ impl PhaseError {
             Self::Identity(_) => ErrorCode::IdentityInvalid,
             Self::IdentityMissing => ErrorCode::IdentityMissing,
             Self::Network(_) => ErrorCode::Network,
+            Self::Bootstrap(e) => e.code(),
+            Self::Agent { code, .. } => *code,
             Self::Mount(_)
+            | Self::StateDir { .. }
             | Self::Cmdline(_)
             | Self::Modules(_)
             | Self::SwitchRoot(_)
             | Self::TestRoot(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether a later attempt may succeed on its own (the network comes up, the
+    /// control plane comes back). Others (a bad identity, a missing module) apply
+    /// the failure policy at once, except `retry` which always retries.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Network(_) | Self::Agent { .. } | Self::StateDir { .. } => true,
+            Self::Bootstrap(e) => e.retryable(),
+            _ => false,
         }
     }
 
@@ -119,6 +144,7 @@ pub const PHASES: &[NamedPhase] = &[
     },
     NamedPhase {
         name: "bootstrap",
+        // Marks `enrolled` itself, with the agent's timestamp, only when it enrolled.
         marks: None,
         run: bootstrap,
     },
@@ -133,6 +159,13 @@ pub struct Boot<'a> {
     pub modules: LoadReport,
     pub identity: Option<Found>,
     pub network: Option<Configured>,
+    /// The agent library; `None` keeps `bootstrap` identity-only (unit tests of
+    /// the other phases).
+    pub agent: Option<&'a mut dyn AgentDriver>,
+    /// Where the agent keeps its key, certificate and identity.
+    pub state_dir: Option<String>,
+    /// Set once enrollment and the first handshake succeeded.
+    pub enrolled: bool,
 }
 
 impl std::fmt::Debug for Boot<'_> {
@@ -154,7 +187,16 @@ impl<'a> Boot<'a> {
             modules: LoadReport::default(),
             identity: None,
             network: None,
+            agent: None,
+            state_dir: None,
+            enrolled: false,
         }
+    }
+
+    /// The same boot with the agent library wired into `bootstrap` and the hand-off.
+    pub fn with_agent(mut self, agent: &'a mut dyn AgentDriver) -> Self {
+        self.agent = Some(agent);
+        self
     }
 
     /// Records `phase` now (first time only) and returns its timestamp.
@@ -203,10 +245,24 @@ impl<'a> Boot<'a> {
         self.finish()
     }
 
-    /// Reports a failed phase and applies the policy; `None` means "retry now".
+    /// Reports a failed phase (console, log, upstream when the node has
+    /// credentials) and applies the policy; `None` means "retry now".
     fn failed(&mut self, name: &str, error: &PhaseError, attempt: u32) -> Option<Outcome> {
         let policy = self.options.on_failure;
         log::error!("phase {name} failed (attempt {attempt}): {}", error.chain());
+        let failure = powernode_proto::node::FailureReport {
+            phase: upstream_phase(name),
+            code: error.code(),
+            message: format!("{name}: {}", error.chain()),
+            attempt,
+        };
+        let timeline = self.timeline.clone();
+        let reported = match self.agent.as_deref_mut() {
+            Some(agent) => agent.report_failure(&timeline, failure),
+            None => false,
+        };
+        let will_retry = policy == cmdline::FailurePolicy::Retry
+            || (error.retryable() && attempt < self.options.attempts);
         self.event(json!({
             "event": "phase_failed",
             "phase": name,
@@ -214,7 +270,19 @@ impl<'a> Boot<'a> {
             "error": error.chain(),
             "attempt": attempt,
             "on_failure": policy.as_str(),
+            "retrying": will_retry,
+            "reported_upstream": reported,
         }));
+        if will_retry && policy != cmdline::FailurePolicy::Retry {
+            let delay = failure::backoff(attempt);
+            log::warn!(
+                "retrying phase {name} in {} s (attempt {attempt} of {})",
+                delay.as_secs(),
+                self.options.attempts
+            );
+            self.sys.sleep(delay);
+            return None;
+        }
         match policy {
             cmdline::FailurePolicy::Poweroff => {
                 Some(failure::reset(self.sys, RebootKind::PowerOff))
@@ -242,10 +310,92 @@ impl<'a> Boot<'a> {
             log::info!("powernode.test_poweroff=1: powering off");
             return failure::reset(self.sys, RebootKind::PowerOff);
         }
-        // The switch into the composed root comes with the agent's bootstrap; until
-        // then there is nothing to hand off to.
-        log::info!("boot phases done; nothing to hand off to yet");
-        Outcome::Idle
+        if !self.enrolled {
+            log::info!("boot phases done; no agent to hand off to");
+            return Outcome::Idle;
+        }
+        // No signed modules yet: the composed root is the initramfs itself.
+        self.hand_off(ComposedRoot::Initramfs)
+    }
+
+    /// The hand-off seam. `Initramfs`: the init becomes the agent in place (PID 1,
+    /// reaping children) until the control plane refuses the node or PID 1 is
+    /// told to stop, then powers off. `Mounted`: switch_root into the composed
+    /// root and exec its init (systemd running the agent as a service, or the
+    /// agent as PID 1 there); the agent finds its state in the state directory.
+    pub fn hand_off(&mut self, root: ComposedRoot) -> Outcome {
+        match root {
+            ComposedRoot::Initramfs => self.run_agent(),
+            ComposedRoot::Mounted { path, init } => {
+                let timeline = self.timeline.clone();
+                self.event(json!({"event": "switch_root", "new_root": path, "timeline": timeline}));
+                let error: PhaseError =
+                    switch_root::switch_root(self.sys, &path, &init, &[]).into();
+                match self.failed("switch_root", &error, 1) {
+                    Some(outcome) => outcome,
+                    None => self.run_agent(),
+                }
+            }
+        }
+    }
+
+    /// Runs the agent runtime until it ends; a local failure follows the policy.
+    fn run_agent(&mut self) -> Outcome {
+        let mut attempt: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let timeline = self.timeline.clone();
+            let Some(agent) = self.agent.as_deref_mut() else {
+                return Outcome::Idle;
+            };
+            log::info!("handing off: the init runs the agent as PID 1 of the initramfs");
+            let end = agent.run(&timeline);
+            match end {
+                AgentEnd::Stopped => {
+                    self.event(json!({"event": "agent_stopped", "reason": "signal"}));
+                    return failure::reset(self.sys, RebootKind::PowerOff);
+                }
+                AgentEnd::Refused { code, message } => {
+                    log::warn!("the control plane refused this node for good ({code}): {message}; powering off");
+                    self.event(json!({
+                        "event": "agent_stopped",
+                        "reason": "refused",
+                        "code": code,
+                        "message": message,
+                    }));
+                    return failure::reset(self.sys, RebootKind::PowerOff);
+                }
+                AgentEnd::Failed { code, message } => {
+                    let error = PhaseError::Agent { code, message };
+                    if let Some(outcome) = self.failed("agent", &error, attempt) {
+                        return outcome;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the boot hands off to (see [`Boot::hand_off`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComposedRoot {
+    /// No composed root yet: stay in the initramfs.
+    Initramfs,
+    /// A composed root mounted at `path`, whose `init` takes over as PID 1.
+    Mounted { path: String, init: String },
+}
+
+/// The proto phase a failure of the init's phase `name` is reported under: the
+/// phase the node was trying to reach.
+pub fn upstream_phase(name: &str) -> Phase {
+    match name {
+        "modules" => Phase::ModulesLoaded,
+        "identity" => Phase::IdentityFound,
+        "network" => Phase::NetworkUp,
+        "bootstrap" => Phase::Enrolled,
+        "switch_root" => Phase::RootMounted,
+        "agent" => Phase::Ready,
+        _ => Phase::InitStart,
     }
 }
 
@@ -368,16 +518,101 @@ fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     Ok(())
 }
 
-/// The seam for the agent library's bootstrap (enroll -> pull / verify -> mount ->
-/// switch root). For now it only checks that the identity it will need is there.
-fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    if boot.identity.is_none() {
-        return Err(PhaseError::IdentityMissing);
+/// Block device of the `/persist` disk, when the VM has one.
+pub const PERSIST_DEVICE: &str = "/dev/vda";
+const PERSIST_SYSFS: &str = "/sys/block/vda/dev";
+pub const PERSIST_MOUNT: &str = "/persist";
+pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
+/// The state directory of an ephemeral node (tmpfs `/run`).
+pub const RUN_STATE_DIR: &str = "/run/powernode";
+
+fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
+    match r {
+        Err(Errno::EXIST) => Ok(()),
+        other => other,
     }
-    log::info!("bootstrap: agent library not wired in yet; identity only");
+}
+
+/// The agent's state directory: on the `/persist` disk (ext4 on `vda`) when the
+/// VM has one, so a persistent node keeps its credentials across boots; else on
+/// the tmpfs `/run`.
+fn prepare_state_dir(sys: &mut dyn Sys) -> Result<String, PhaseError> {
+    let err = |path: &str| {
+        let path = path.to_string();
+        move |errno| PhaseError::StateDir { path, errno }
+    };
+    if sys.read_file(PERSIST_SYSFS, 64).is_ok() {
+        ok_if_exists(sys.mkdir(PERSIST_MOUNT, 0o755)).map_err(err(PERSIST_MOUNT))?;
+        match sys.mount(
+            PERSIST_DEVICE,
+            PERSIST_MOUNT,
+            "ext4",
+            crate::sys::MountFlags::NOSUID | crate::sys::MountFlags::NODEV,
+            "",
+        ) {
+            Ok(()) | Err(Errno::BUSY) => {}
+            Err(errno) => return Err(err(PERSIST_MOUNT)(errno)),
+        }
+        log::info!("{PERSIST_DEVICE} mounted at {PERSIST_MOUNT}");
+        ok_if_exists(sys.mkdir(PERSIST_STATE_DIR, 0o700)).map_err(err(PERSIST_STATE_DIR))?;
+        Ok(PERSIST_STATE_DIR.into())
+    } else {
+        ok_if_exists(sys.mkdir(RUN_STATE_DIR, 0o700)).map_err(err(RUN_STATE_DIR))?;
+        Ok(RUN_STATE_DIR.into())
+    }
+}
+
+/// The agent library's bootstrap: state directory, entropy, enrollment (or stored
+/// credentials), first handshake with the init's timeline. Pull / verify / mount
+/// of signed modules come here once they exist.
+fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
+    let Some(found) = boot.identity.clone() else {
+        return Err(PhaseError::IdentityMissing);
+    };
     if boot.options.test_switch_root {
         return test_switch_root(boot);
     }
+    if boot.options.test_poweroff {
+        log::info!("powernode.test_poweroff=1: the init's own phases only, no enrollment");
+        return Ok(());
+    }
+    if boot.agent.is_none() {
+        log::info!("bootstrap: no agent driver; identity only");
+        return Ok(());
+    }
+    let state_dir = match boot.state_dir.clone() {
+        Some(d) => d,
+        None => {
+            let d = prepare_state_dir(boot.sys)?;
+            boot.state_dir = Some(d.clone());
+            d
+        }
+    };
+    let input = BootstrapInput {
+        identity: found.document,
+        source: found.source,
+        state_dir: state_dir.clone().into(),
+        timeline: boot.timeline.clone(),
+    };
+    let Some(agent) = boot.agent.as_deref_mut() else {
+        return Ok(());
+    };
+    let done = agent.bootstrap(&input)?;
+    boot.timeline.push(TimelineEntry {
+        phase: Phase::Enrolled,
+        at_ms: done.enrolled_at_ms,
+    });
+    boot.enrolled = true;
+    let timeline = boot.timeline.clone();
+    boot.event(json!({
+        "event": "phase",
+        "phase": Phase::Enrolled,
+        "phase_at_ms": done.enrolled_at_ms,
+        "state_dir": state_dir,
+        "reused_credentials": done.reused_credentials,
+        "entropy_wait_ms": done.entropy_wait_ms,
+        "timeline": timeline,
+    }));
     Ok(())
 }
 
@@ -685,6 +920,119 @@ mod tests {
             .unwrap();
         assert_eq!(failed["phase"], "identity");
         assert_eq!(failed["code"], "identity_missing");
+    }
+
+    use crate::agent::fake::FakeAgent;
+    use crate::agent::AgentEnd;
+
+    #[test]
+    fn bootstrap_enrolls_then_the_init_runs_the_agent_and_powers_off_when_refused() {
+        let mut sys = machine("powernode.on_failure=poweroff");
+        let mut agent = FakeAgent::default();
+        agent.ends.push(AgentEnd::Refused {
+            code: ErrorCode::InstanceTerminated,
+            message: "terminated".into(),
+        });
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        // Ephemeral node: state on the tmpfs /run.
+        assert_eq!(agent.bootstraps.len(), 1);
+        let input = &agent.bootstraps[0];
+        assert_eq!(input.state_dir, std::path::PathBuf::from(RUN_STATE_DIR));
+        assert_eq!(input.source, "fw_cfg");
+        assert!(sys.calls.contains(&Call::Mkdir(RUN_STATE_DIR.into())));
+        // The agent got the whole init timeline, enrolled last.
+        let phases: Vec<Phase> = agent.runs[0].iter().map(|e| e.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::KernelStart,
+                Phase::InitStart,
+                Phase::ModulesLoaded,
+                Phase::IdentityFound,
+                Phase::NetworkUp,
+                Phase::Enrolled
+            ]
+        );
+        let stopped = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "agent_stopped")
+            .unwrap();
+        assert_eq!(stopped["reason"], "refused");
+        assert_eq!(stopped["code"], "instance_terminated");
+        assert_eq!(
+            &sys.calls[sys.calls.len() - 2..],
+            [Call::Sync, Call::Reboot(RebootKind::PowerOff)]
+        );
+    }
+
+    #[test]
+    fn a_persist_disk_holds_the_state_dir() {
+        let mut sys = machine("powernode.on_failure=poweroff").with_file(PERSIST_SYSFS, "254:0\n");
+        let mut agent = FakeAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert!(sys.mounts().contains(&(
+            PERSIST_DEVICE.into(),
+            PERSIST_MOUNT.into(),
+            "ext4".into()
+        )));
+        assert_eq!(
+            agent.bootstraps[0].state_dir,
+            std::path::PathBuf::from(PERSIST_STATE_DIR)
+        );
+    }
+
+    #[test]
+    fn a_transient_bootstrap_failure_is_retried_then_the_policy_applies() {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=3");
+        let mut agent = FakeAgent::default();
+        for _ in 0..3 {
+            agent
+                .bootstrap_errors
+                .push(BootstrapError::Runtime(std::io::Error::other("boom")));
+        }
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        assert_eq!(agent.bootstraps.len(), 3);
+        assert!(agent.runs.is_empty());
+        // Not enrolled: nothing could go upstream, but every attempt was offered.
+        assert_eq!(agent.reports.len(), 3);
+        assert!(agent.reports.iter().all(|r| r.phase == Phase::Enrolled));
+        assert_eq!(agent.reports[2].attempt, 3);
+        let failed: Vec<Value> = events(&sys)
+            .into_iter()
+            .filter(|e| e["event"] == "phase_failed")
+            .collect();
+        assert_eq!(failed.len(), 3);
+        assert_eq!(failed[0]["retrying"], true);
+        assert_eq!(failed[2]["retrying"], false);
+        assert_eq!(failed[2]["reported_upstream"], false);
+        let sleeps = sys
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Sleep(_)))
+            .count();
+        assert_eq!(sleeps, 2);
+    }
+
+    #[test]
+    fn an_agent_failure_after_enrollment_goes_upstream() {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=1");
+        let mut agent = FakeAgent::default();
+        agent.ends.push(AgentEnd::Failed {
+            code: ErrorCode::Internal,
+            message: "state dir gone".into(),
+        });
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        assert_eq!(agent.reports.len(), 1);
+        assert_eq!(agent.reports[0].phase, Phase::Ready);
+        assert!(agent.reports[0].message.contains("state dir gone"));
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["reported_upstream"], true);
     }
 
     #[test]

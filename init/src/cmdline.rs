@@ -32,7 +32,10 @@ impl fmt::Display for FailurePolicy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Attempts of a retryable phase before the failure policy applies.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     pub on_failure: FailurePolicy,
     /// `powernode.test_poweroff=1`: power off cleanly once the init has done its work
@@ -45,12 +48,30 @@ pub struct Options {
     /// the init (which reports and powers off), to prove the switch on a real kernel
     /// before the agent's composed root exists.
     pub test_switch_root: bool,
+    /// `powernode.attempts=N`: how many times a phase that may heal by itself
+    /// (network, enrollment, the agent) is tried before `poweroff`/`reboot` applies
+    /// (`retry` retries forever). Default [`DEFAULT_ATTEMPTS`].
+    pub attempts: u32,
     /// `quiet`: the kernel console shows warnings only, so the logger writes
     /// info lines to the console itself.
     pub quiet: bool,
     /// Values the init did not understand, reported once in the log (a typo in
     /// `powernode.on_failure` must not silently mean "retry").
     pub unknown: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            on_failure: FailurePolicy::default(),
+            test_poweroff: false,
+            test_panic: false,
+            test_switch_root: false,
+            attempts: DEFAULT_ATTEMPTS,
+            quiet: false,
+            unknown: Vec::new(),
+        }
+    }
 }
 
 /// Splits a kernel command line into words, honouring double quotes as the kernel
@@ -119,6 +140,10 @@ pub fn parse(cmdline: &str) -> Options {
                 Some(b) => opts.test_switch_root = b,
                 None => opts.unknown.push(word.clone()),
             },
+            ("powernode.attempts", Some(v)) => match v.parse::<u32>() {
+                Ok(n) if n >= 1 => opts.attempts = n,
+                _ => opts.unknown.push(word.clone()),
+            },
             _ => {}
         }
     }
@@ -152,5 +177,8 @@ mod tests {
         assert_eq!(o.on_failure, FailurePolicy::Retry);
         assert_eq!(o.unknown, ["powernode.on_failure=explode"]);
         assert_eq!(parse("").on_failure, FailurePolicy::Retry);
+        assert_eq!(parse("").attempts, DEFAULT_ATTEMPTS);
+        assert_eq!(parse("powernode.attempts=5").attempts, 5);
+        assert_eq!(parse("powernode.attempts=0").unknown.len(), 1);
     }
 }

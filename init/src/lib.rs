@@ -1,8 +1,10 @@
 //! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
 //! modules, identity (command line or fw_cfg), network (DHCPv4 or static), then the
-//! `bootstrap` phase: today identity-only, the seam where the agent library's
-//! bootstrap (enroll, pull / verify, mount) will run, followed by [`switch_root`]
-//! into the composed root (implemented and VM-tested with a tmpfs root).
+//! `bootstrap` phase: the agent library's enrollment and first handshake with the
+//! init's boot timeline ([`agent`]). Then the hand-off ([`boot::Boot::hand_off`]):
+//! without signed modules yet, the init becomes the agent as PID 1 of the
+//! initramfs and powers off when the control plane refuses the node; the seam for
+//! [`switch_root`] into a composed root is there (VM-tested with a tmpfs root).
 //!
 //! It must never panic and never exit: PID 1 returning is a kernel panic. Every phase
 //! returns a typed error, and the failure policy from the kernel command line
@@ -33,6 +35,7 @@
     )
 )]
 
+pub mod agent;
 pub mod boot;
 pub mod cmdline;
 pub mod dhcp;
@@ -65,7 +68,8 @@ pub fn main() -> ! {
 pub fn run() -> ! {
     let mut sys = sys::RealSys::new();
     failure::install_panic_hook();
-    let outcome = boot::Boot::new(&mut sys).run();
+    let mut agent = agent::RealAgent::default();
+    let outcome = boot::Boot::new(&mut sys).with_agent(&mut agent).run();
     // Only reached when power-off/reboot failed or there is nothing to hand off to
     // yet: PID 1 must not exit, so it parks.
     log::warn!("boot ended with {outcome:?}; parking PID 1");

@@ -1,0 +1,403 @@
+//! The seam between the init's phases and the agent library (`powernode_agent`):
+//! enrollment + first handshake during the `bootstrap` phase, upstream failure
+//! reports, and the agent runtime the init becomes once the boot is done.
+//!
+//! [`AgentDriver`] is a trait so the boot sequence stays testable with fakes; the
+//! real driver ([`RealAgent`]) owns one tokio current-thread runtime inside PID 1
+//! (no worker threads: PID 1 stays a single, simple process).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use powernode_agent::client::{ApiClient, ClientError, Timeouts};
+use powernode_agent::credentials::Credentials;
+use powernode_agent::enroll::EnrollError;
+use powernode_agent::identity::Resolved;
+use powernode_agent::runtime::{self, AgentOptions, Exit, Hooks};
+use powernode_agent::state::{StateDir, StateError};
+use powernode_agent::timeline::Timeline;
+use powernode_proto::node::{FailureReport, Phase, TimelineEntry};
+use powernode_proto::{ErrorCode, IdentityDocument};
+
+/// Everything the bootstrap needs from the earlier phases.
+#[derive(Debug, Clone)]
+pub struct BootstrapInput {
+    pub identity: IdentityDocument,
+    /// Which source gave the identity (`fw_cfg`, `cmdline`), reported at enrollment.
+    pub source: &'static str,
+    /// The agent's state directory (already created by the init).
+    pub state_dir: PathBuf,
+    /// The init's boot timeline so far.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// What the bootstrap did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrapped {
+    /// `true` when stored credentials were reused (a persistent node rebooting).
+    pub reused_credentials: bool,
+    /// When enrollment finished (ms since boot).
+    pub enrolled_at_ms: u64,
+    /// How long key generation waited for the kernel RNG, if it had to.
+    pub entropy_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("cannot start the agent's async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the kernel RNG could not be read")]
+    Entropy(#[source] powernode_agent::entropy::EntropyError),
+    #[error("agent state directory")]
+    State(#[from] StateError),
+    #[error("enrollment failed")]
+    Enroll(#[from] EnrollError),
+    #[error("node credentials")]
+    Credentials(#[from] powernode_agent::credentials::CredentialError),
+    #[error("first handshake failed")]
+    Handshake(#[source] ClientError),
+}
+
+impl BootstrapError {
+    /// The stable code reported upstream and on the console.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Enroll(EnrollError::Client(e)) | Self::Handshake(e) => e.report_code(),
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Retrying cannot help when the control plane refused the node for good (token
+    /// spent or expired, instance terminated).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Enroll(e) => e.terminal_code().is_none(),
+            Self::Handshake(e) => e.terminal_code().is_none(),
+            Self::Runtime(_) | Self::Entropy(_) | Self::State(_) | Self::Credentials(_) => true,
+        }
+    }
+}
+
+/// How the agent runtime ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEnd {
+    /// Stopped by a signal to PID 1 (SIGTERM / SIGINT).
+    Stopped,
+    /// The control plane refused the node for good (terminated, revoked).
+    Refused { code: ErrorCode, message: String },
+    /// A local failure (state directory, TLS setup): the failure policy applies.
+    Failed { code: ErrorCode, message: String },
+}
+
+/// The agent library as the boot sees it.
+pub trait AgentDriver {
+    /// Enrollment (or stored credentials), then the first handshake with the
+    /// timeline so far and phase `enrolled`.
+    fn bootstrap(&mut self, input: &BootstrapInput) -> Result<Bootstrapped, BootstrapError>;
+    /// Best effort: sends `failure` upstream in a handshake. `false` when the node
+    /// has no credentials yet or the control plane cannot be reached.
+    fn report_failure(&mut self, timeline: &[TimelineEntry], failure: FailureReport) -> bool;
+    /// Runs the agent (heartbeats, tasks, drain) until it ends.
+    fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd;
+}
+
+/// The real driver: the agent library on a current-thread runtime.
+#[derive(Default)]
+pub struct RealAgent {
+    rt: Option<tokio::runtime::Runtime>,
+    /// Set by a successful bootstrap.
+    session: Option<Session>,
+}
+
+impl std::fmt::Debug for RealAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealAgent")
+            .field("enrolled", &self.session.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Session {
+    resolved: Resolved,
+    state_dir: PathBuf,
+    client: ApiClient,
+}
+
+impl RealAgent {
+    fn runtime(&mut self) -> Result<&tokio::runtime::Runtime, std::io::Error> {
+        if self.rt.is_none() {
+            self.rt = Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+            );
+        }
+        // Just set above when it was missing.
+        self.rt
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("runtime missing"))
+    }
+}
+
+/// Reads 32 bytes from the kernel RNG before key generation, so a wait for entropy
+/// is logged (with its length) by the init rather than hidden inside the key code.
+fn wait_for_entropy() -> Result<Option<u64>, BootstrapError> {
+    let mut probe = [0u8; 32];
+    let fill = powernode_agent::entropy::fill(&mut probe).map_err(BootstrapError::Entropy)?;
+    let waited = fill
+        .waited
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    match waited {
+        Some(ms) => log::warn!("bootstrap: waited {ms} ms for the kernel RNG to be seeded"),
+        None => log::info!("bootstrap: kernel RNG ready, no wait"),
+    }
+    Ok(waited)
+}
+
+impl AgentDriver for RealAgent {
+    fn bootstrap(&mut self, input: &BootstrapInput) -> Result<Bootstrapped, BootstrapError> {
+        let state = StateDir::open(&input.state_dir)?;
+        let identity = input.identity.clone();
+        let stored = state.load_credentials(&identity.instance_id)?;
+        let reused = stored.is_some();
+        let entropy_wait_ms = if reused { None } else { wait_for_entropy()? };
+        let rt = self.runtime().map_err(BootstrapError::Runtime)?;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(15),
+        };
+        let (creds, enrolled_at_ms, client) = rt.block_on(async {
+            let creds: Credentials = match stored {
+                Some(c) => {
+                    log::info!(
+                        "bootstrap: reusing stored credentials (serial {})",
+                        c.info.serial
+                    );
+                    c
+                }
+                None => {
+                    let (creds, _resp) =
+                        powernode_agent::enroll::enroll(&identity, input.source, timeouts).await?;
+                    state.save_credentials(&creds)?;
+                    creds
+                }
+            };
+            state.save_identity(&identity)?;
+            let mut timeline = Timeline::from_entries(input.timeline.clone());
+            let enrolled_at_ms = timeline.mark(Phase::Enrolled);
+            let client = ApiClient::new(
+                &identity.control_plane_url,
+                &creds.ca_pem,
+                Some(&creds),
+                timeouts,
+            )
+            .map_err(BootstrapError::Handshake)?;
+            let root = powernode_agent::facts::read_root_facts(std::path::Path::new(
+                powernode_agent::facts::MOUNTINFO,
+            ));
+            let hs = runtime::handshake(
+                &client,
+                &identity.instance_id,
+                Phase::Enrolled,
+                &timeline,
+                root,
+                None,
+            )
+            .await
+            .map_err(BootstrapError::Handshake)?;
+            log::info!(
+                "bootstrap: enrolled and handshaken; instance status {}",
+                hs.instance_status
+            );
+            Ok::<_, BootstrapError>((creds, enrolled_at_ms, client))
+        })?;
+        drop(creds);
+        self.session = Some(Session {
+            resolved: Resolved {
+                document: identity,
+                source: input.source,
+            },
+            state_dir: input.state_dir.clone(),
+            client,
+        });
+        Ok(Bootstrapped {
+            reused_credentials: reused,
+            enrolled_at_ms,
+            entropy_wait_ms,
+        })
+    }
+
+    fn report_failure(&mut self, timeline: &[TimelineEntry], failure: FailureReport) -> bool {
+        let Some(session) = &self.session else {
+            return false;
+        };
+        let client = session.client.clone();
+        let instance_id = session.resolved.document.instance_id.clone();
+        let Ok(rt) = self.runtime() else {
+            return false;
+        };
+        let timeline = Timeline::from_entries(timeline.to_vec());
+        let sent = rt.block_on(runtime::handshake(
+            &client,
+            &instance_id,
+            Phase::Failed,
+            &timeline,
+            None,
+            Some(failure),
+        ));
+        match sent {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!(
+                    "could not report the failure upstream: {}",
+                    powernode_agent::error_chain(&e)
+                );
+                false
+            }
+        }
+    }
+
+    fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd {
+        let Some(session) = &self.session else {
+            return AgentEnd::Failed {
+                code: ErrorCode::Internal,
+                message: "the agent runtime started before a successful bootstrap".into(),
+            };
+        };
+        let resolved = session.resolved.clone();
+        let opts = AgentOptions::new(&session.state_dir);
+        let mut timeline = Timeline::from_entries(timeline.to_vec());
+        timeline.mark(Phase::AgentStarted);
+        let rt = match self.runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                return AgentEnd::Failed {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot start the agent's async runtime: {e}"),
+                }
+            }
+        };
+        let ended = rt.block_on(async {
+            let reaper = tokio::spawn(reap_children());
+            // In the initramfs there are no module services yet (NoServices), so the
+            // reaper's waitpid(-1) cannot steal a supervised child's status. A root
+            // with services runs the agent under systemd or as a child (see
+            // `boot::hand_off`).
+            let result =
+                runtime::run(resolved, opts, Hooks::default(), timeline, stop_signal()).await;
+            reaper.abort();
+            result
+        });
+        match ended {
+            Ok(Exit::Stopped) => AgentEnd::Stopped,
+            Ok(Exit::Terminal { code, message }) => AgentEnd::Refused { code, message },
+            Err(e) => AgentEnd::Failed {
+                code: ErrorCode::Internal,
+                message: powernode_agent::error_chain(&e),
+            },
+        }
+    }
+}
+
+/// SIGTERM or SIGINT (ctrl-alt-del with CAD disabled) to PID 1: stop the agent.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        (Ok(mut t), Err(_)) => {
+            t.recv().await;
+        }
+        (Err(_), Ok(mut i)) => {
+            i.recv().await;
+        }
+        (Err(e), Err(_)) => {
+            log::warn!("cannot listen for stop signals: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+    log::info!("PID 1 asked to stop");
+}
+
+/// PID 1 inherits every orphan: reap them on SIGCHLD so no zombie piles up.
+async fn reap_children() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigchld = match signal(SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot listen for SIGCHLD; orphans will not be reaped: {e}");
+            return;
+        }
+    };
+    loop {
+        reap_all();
+        if sigchld.recv().await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Reaps every exited child without blocking.
+pub fn reap_all() -> usize {
+    let mut reaped = 0;
+    while let Ok(Some((pid, status))) = rustix::process::wait(rustix::process::WaitOptions::NOHANG)
+    {
+        log::debug!("reaped child {pid:?} ({status:?})");
+        reaped += 1;
+    }
+    reaped
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A scripted driver for the boot sequence tests.
+    use super::*;
+
+    #[derive(Debug, Default)]
+    pub struct FakeAgent {
+        /// Errors returned by the next bootstrap calls, in order.
+        pub bootstrap_errors: Vec<BootstrapError>,
+        pub bootstraps: Vec<BootstrapInput>,
+        pub reports: Vec<FailureReport>,
+        pub runs: Vec<Vec<TimelineEntry>>,
+        pub ends: Vec<AgentEnd>,
+        pub enrolled: bool,
+    }
+
+    impl AgentDriver for FakeAgent {
+        fn bootstrap(&mut self, input: &BootstrapInput) -> Result<Bootstrapped, BootstrapError> {
+            self.bootstraps.push(input.clone());
+            if !self.bootstrap_errors.is_empty() {
+                return Err(self.bootstrap_errors.remove(0));
+            }
+            self.enrolled = true;
+            Ok(Bootstrapped {
+                reused_credentials: false,
+                enrolled_at_ms: 1234,
+                entropy_wait_ms: None,
+            })
+        }
+
+        fn report_failure(&mut self, _timeline: &[TimelineEntry], failure: FailureReport) -> bool {
+            self.reports.push(failure);
+            self.enrolled
+        }
+
+        fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd {
+            self.runs.push(timeline.to_vec());
+            if self.ends.is_empty() {
+                AgentEnd::Stopped
+            } else {
+                self.ends.remove(0)
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! VM tier, end to end: the real kernel + our initramfs (init linked with the agent
+//! library) against a real `powernode-stub` on the host loopback (the guest reaches
+//! it at 10.0.2.2 through QEMU user networking). Everything asserted about the node
+//! comes from the server's API (get-instance, get-task), not from console text.
+//! Ignored unless built with `POWERNODE_VM_TESTS=1`; each test keeps `serial.log`,
+//! `qemu-command.sh`, `server.log` and the server's data under
+//! `target/vm-tests/<test>/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use powernode_initramfs::Compression;
+use powernode_qemu::Vm;
+use serde_json::Value;
+
+const TO_RUNNING: Duration = Duration::from_secs(120);
+const TO_EXIT: Duration = Duration::from_secs(60);
+
+/// Builds the host `powernode-stub` (debug profile) and returns its path.
+fn stub_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "powernode-stub",
+            "--bin",
+            "powernode-stub",
+        ])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building powernode-stub failed");
+    target_dir().join("debug/powernode-stub")
+}
+
+/// A running `powernode-stub serve`, killed (by its own pid) on drop.
+struct Stub {
+    child: Child,
+    bin: PathBuf,
+    data: PathBuf,
+    url: String,
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago: the guest must be told the server's URL
+/// (`--public-url`, put into identity documents) before the server starts.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+impl Stub {
+    fn start(dir: &Path) -> Stub {
+        let bin = stub_binary();
+        let data = dir.join("server-data");
+        let mut last = String::new();
+        // The free port may be taken between probe and bind: try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let log = std::fs::File::create(dir.join("server.log")).unwrap();
+            let mut child = Command::new(&bin)
+                .arg("serve")
+                .arg("--data")
+                .arg(&data)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--public-url", &format!("https://10.0.2.2:{port}")])
+                .args(["--heartbeat-interval-seconds", "2"])
+                .args(["--provider", "recorder"])
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .expect("spawn powernode-stub");
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+                let mut sink = Vec::new();
+                let _ = reader.read_to_end(&mut sink);
+            });
+            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+            let listening = serde_json::from_str::<Value>(line.trim())
+                .ok()
+                .and_then(|v| v["listening"].as_str().map(str::to_string));
+            match listening {
+                Some(addr) => {
+                    return Stub {
+                        child,
+                        bin,
+                        data,
+                        url: format!("https://{addr}"),
+                    }
+                }
+                None => {
+                    last = line;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        panic!(
+            "powernode-stub did not start (last stdout {last:?}); see {}",
+            dir.join("server.log").display()
+        );
+    }
+
+    /// Runs the admin CLI with `--json` and parses its answer.
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--server", &self.url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run powernode-stub CLI");
+        assert!(
+            out.status.success(),
+            "powernode-stub {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "powernode-stub {args:?} printed non-JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn instance(&self, id: &str) -> Value {
+        let v = self.cli(&["get-instance", id]);
+        v.get("instance").cloned().unwrap_or(v)
+    }
+
+    /// create-node + provision-instance (recorder provider); the identity document
+    /// the provider would hand the VM.
+    fn provision(&self, hostname: &str) -> (String, Value) {
+        let node = self.cli(&[
+            "create-node",
+            "--hostname",
+            hostname,
+            "--lifecycle-class",
+            "ephemeral",
+        ]);
+        let node_id = node["node"]["id"].as_str().expect("node id").to_string();
+        let prov = self.cli(&["provision-instance", &node_id]);
+        let instance_id = prov["instance"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no instance id in {prov}"))
+            .to_string();
+        let ident = self.cli(&["instance-identity", &instance_id]);
+        let doc = match ident.get("identity") {
+            Some(d) if d.is_object() => d.clone(),
+            _ => ident,
+        };
+        (instance_id, doc)
+    }
+}
+
+/// Polls `check` every 250 ms until it returns `Some` or `timeout`; panics with
+/// `context()` if QEMU exits or time runs out.
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    vm: &mut Vm,
+    context: &dyn Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "QEMU exited ({status}) while waiting for {what}\n{}",
+                context()
+            );
+        }
+        if start.elapsed() > timeout {
+            panic!("no {what} after {timeout:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn phases(inst: &Value) -> Vec<(String, u64)> {
+    inst["boot_timeline"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["phase"].as_str().unwrap_or("").to_string(),
+                        e["at_ms"].as_u64().unwrap_or(u64::MAX),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The whole runbook against one VM: boot to `running`, drain, terminate, QEMU
+/// exits on its own. Returns the instance as seen when it was running.
+fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
+    let dir = test_dir(test);
+    let stub = Stub::start(&dir);
+    let (instance_id, doc) = stub.provision(&format!("{test}-1").replace('_', "-"));
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.attempts=5".into(),
+    ];
+    let expected_source = if by_cmdline {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc.to_string());
+        spec.kernel_args.push(format!("powernode.identity={b64}"));
+        spec.kernel_args
+            .push("powernode.identity_source=cmdline".into());
+        "cmdline"
+    } else {
+        with_identity(&mut spec, &dir, &doc.to_string());
+        "fw_cfg"
+    };
+    let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
+    let serial_log = spec.serial_log.clone();
+    let command = vm.command.clone();
+    let server_log = dir.join("server.log");
+    let context = move || {
+        let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
+        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "command: {command}\nserial: {}\nserver log: {}\n--- serial tail:\n{}",
+            serial_log.display(),
+            server_log.display(),
+            tail.join("\n")
+        )
+    };
+
+    let started = Instant::now();
+    let running = wait_until("status running", TO_RUNNING, &mut vm, &context, || {
+        let inst = stub.instance(&instance_id);
+        (inst["status"] == "running").then_some(inst)
+    });
+    let to_running = started.elapsed();
+
+    // The node's own account, as the server recorded it.
+    assert_eq!(running["identity_source"], expected_source, "{running}");
+    let timeline = phases(&running);
+    let names: Vec<&str> = timeline.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "kernel_start",
+            "init_start",
+            "modules_loaded",
+            "identity_found",
+            "network_up",
+            "enrolled",
+            "agent_started",
+            "ready"
+        ],
+        "{running}"
+    );
+    assert!(
+        timeline.windows(2).all(|w| w[0].1 <= w[1].1),
+        "timeline out of order: {timeline:?}"
+    );
+    // `/` is the initramfs until modules are composed into a root.
+    let root = &running["root"];
+    assert!(
+        matches!(root["fstype"].as_str(), Some("rootfs" | "ramfs" | "tmpfs")),
+        "root facts: {running}"
+    );
+
+    // Drain: the agent (PID 1 in the VM) leases the task and completes it.
+    let drain = stub.cli(&["drain-instance", &instance_id, "--timeout-seconds", "10"]);
+    let task_id = drain["task_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task_id in {drain}"))
+        .to_string();
+    let task = wait_until(
+        "drain task succeeded",
+        Duration::from_secs(60),
+        &mut vm,
+        &context,
+        || {
+            let t = stub.cli(&["get-task", &task_id]);
+            let t = t.get("task").cloned().unwrap_or(t);
+            assert!(
+                !matches!(t["status"].as_str(), Some("failed" | "cancelled")),
+                "drain task ended badly: {t}"
+            );
+            (t["status"] == "succeeded").then_some(t)
+        },
+    );
+    assert_eq!(task["kind"], "drain", "{task}");
+    let drained = wait_until(
+        "phase drained",
+        Duration::from_secs(30),
+        &mut vm,
+        &context,
+        || {
+            let i = stub.instance(&instance_id);
+            (i["phase"] == "drained" && i["cordoned"] == true).then_some(i)
+        },
+    );
+    assert_eq!(drained["status"], "draining", "{drained}");
+
+    // Terminate: the agent is refused and powers the VM off; QEMU exits by itself.
+    stub.cli(&["terminate-instance", &instance_id]);
+    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not exit cleanly after terminate: {exit:?}\n{}",
+        context()
+    );
+    let serial = vm.serial();
+    let events = events(&serial, "POWERNODE-INIT ");
+    let stopped = event(&events, "event", "agent_stopped")
+        .unwrap_or_else(|| panic!("no agent_stopped event\n{}", context()));
+    assert_eq!(stopped["reason"], "refused", "{stopped}");
+    assert!(serial.contains("reboot: Power down"), "{}", context());
+    assert!(!serial.contains("Kernel panic"), "{}", context());
+    assert_eq!(stub.instance(&instance_id)["status"], "terminated");
+
+    let at = |p: &str| timeline.iter().find(|(n, _)| n == p).map(|(_, t)| *t);
+    eprintln!(
+        "{test}: running after {to_running:?} (wall, {} under QEMU); ready at {} ms, network_up at {} ms, enrolled at {} ms since kernel start; whole runbook {:?}",
+        if spec.accel == powernode_qemu::Accel::Tcg { "TCG" } else { "KVM" },
+        at("ready").unwrap_or(0),
+        at("network_up").unwrap_or(0),
+        at("enrolled").unwrap_or(0),
+        started.elapsed()
+    );
+    running
+}
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn fw_cfg_node_runs_drains_and_powers_off_when_terminated() {
+    boot_to_running_drain_terminate("agent_fw_cfg", false);
+}
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn cmdline_identity_node_runs_drains_and_powers_off_when_terminated() {
+    boot_to_running_drain_terminate("agent_cmdline", true);
+}
+
+/// A bad identity cannot reach the server (no credentials, maybe no URL): the
+/// reason naming the field reaches the operator on the console, in the init's
+/// structured failure line, and the policy powers off.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn bad_cmdline_identity_names_the_field_and_powers_off() {
+    let dir = test_dir("agent_bad_identity");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    let mut doc: Value = serde_json::from_str(&identity_json("inst-bad")).unwrap();
+    doc.as_object_mut().unwrap().remove("instance_id");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc.to_string());
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        format!("powernode.identity={b64}"),
+    ];
+    let boot = boot(&spec, Duration::from_secs(60));
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let failed = event(&events, "event", "phase_failed")
+        .unwrap_or_else(|| panic!("no phase_failed event; command: {}", boot.command));
+    assert_eq!(failed["phase"], "identity");
+    assert_eq!(failed["code"], "identity_invalid");
+    assert_eq!(failed["retrying"], false);
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("cmdline") && error.contains("instance_id"),
+        "{error}"
+    );
+    // The human-readable log line carries it too.
+    assert!(
+        boot.serial
+            .lines()
+            .any(|l| l.contains("phase identity failed") && l.contains("instance_id")),
+        "{}",
+        spec.serial_log.display()
+    );
+    assert!(boot.serial.contains("reboot: Power down"));
+}
