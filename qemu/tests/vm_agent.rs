@@ -8,13 +8,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::stub::Stub;
 use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
@@ -22,162 +19,6 @@ use serde_json::Value;
 
 const TO_RUNNING: Duration = Duration::from_secs(120);
 const TO_EXIT: Duration = Duration::from_secs(60);
-
-/// Builds the host `powernode-stub` (debug profile) and returns its path.
-fn stub_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "powernode-stub",
-            "--bin",
-            "powernode-stub",
-        ])
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building powernode-stub failed");
-    target_dir().join("debug/powernode-stub")
-}
-
-/// A running `powernode-stub serve`, killed (by its own pid) on drop.
-struct Stub {
-    child: Child,
-    bin: PathBuf,
-    data: PathBuf,
-    url: String,
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port that was free a moment ago: the guest must be told the server's URL
-/// (`--public-url`, put into identity documents) before the server starts.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
-
-impl Stub {
-    fn start(dir: &Path) -> Stub {
-        let bin = stub_binary();
-        let data = dir.join("server-data");
-        let mut last = String::new();
-        // The free port may be taken between probe and bind: try a few.
-        for _ in 0..5 {
-            let port = free_port();
-            let log = std::fs::File::create(dir.join("server.log")).unwrap();
-            let mut child = Command::new(&bin)
-                .arg("serve")
-                .arg("--data")
-                .arg(&data)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--public-url", &format!("https://10.0.2.2:{port}")])
-                .args(["--heartbeat-interval-seconds", "2"])
-                .args(["--provider", "recorder"])
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(log)
-                .spawn()
-                .expect("spawn powernode-stub");
-            let stdout = child.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stdout);
-                let mut line = String::new();
-                let _ = reader.read_line(&mut line);
-                let _ = tx.send(line);
-                let mut sink = Vec::new();
-                let _ = reader.read_to_end(&mut sink);
-            });
-            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-            let listening = serde_json::from_str::<Value>(line.trim())
-                .ok()
-                .and_then(|v| v["listening"].as_str().map(str::to_string));
-            match listening {
-                Some(addr) => {
-                    return Stub {
-                        child,
-                        bin,
-                        data,
-                        url: format!("https://{addr}"),
-                    }
-                }
-                None => {
-                    last = line;
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-            }
-        }
-        panic!(
-            "powernode-stub did not start (last stdout {last:?}); see {}",
-            dir.join("server.log").display()
-        );
-    }
-
-    /// Runs the admin CLI with `--json` and parses its answer.
-    fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .arg("--data")
-            .arg(&self.data)
-            .args(["--server", &self.url, "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run powernode-stub CLI");
-        assert!(
-            out.status.success(),
-            "powernode-stub {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "powernode-stub {args:?} printed non-JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    fn instance(&self, id: &str) -> Value {
-        let v = self.cli(&["get-instance", id]);
-        v.get("instance").cloned().unwrap_or(v)
-    }
-
-    /// create-node + provision-instance (recorder provider); the identity document
-    /// the provider would hand the VM.
-    fn provision(&self, hostname: &str) -> (String, Value) {
-        let node = self.cli(&[
-            "create-node",
-            "--hostname",
-            hostname,
-            "--lifecycle-class",
-            "ephemeral",
-        ]);
-        let node_id = node["node"]["id"].as_str().expect("node id").to_string();
-        let prov = self.cli(&["provision-instance", &node_id]);
-        let instance_id = prov["instance"]["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no instance id in {prov}"))
-            .to_string();
-        let ident = self.cli(&["instance-identity", &instance_id]);
-        let doc = match ident.get("identity") {
-            Some(d) if d.is_object() => d.clone(),
-            _ => ident,
-        };
-        (instance_id, doc)
-    }
-}
 
 /// Polls `check` every 250 ms until it returns `Some` or `timeout`; panics with
 /// `context()` if QEMU exits or time runs out.

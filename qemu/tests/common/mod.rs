@@ -2,6 +2,8 @@
 //! netboot image, boot them, read the structured console lines back.
 #![allow(dead_code)]
 
+pub mod stub;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
