@@ -69,6 +69,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/system/tasks/{id}/cancel", post(cancel_task))
         .route(paths::ADMIN_SIGNALS, get(recent_signals))
         .route(paths::ADMIN_EVENTS, get(recent_events))
+        .merge(crate::publish::admin_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     let node = Router::new()
         .route(paths::ENROLLMENT, post(enroll))
@@ -85,6 +86,11 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/system/worker_api/tasks/{id}/complete",
             post(complete_task),
         );
+    let token_state = state.clone();
+    let registry = crate::registry::router(
+        state.modules.storage.clone(),
+        Arc::new(move |t: &str| token_state.admin_token_ok(t)),
+    );
     Router::new()
         .merge(admin)
         .merge(node)
@@ -96,6 +102,8 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+        // After the JSON body limit: registry uploads stream with their own bound.
+        .merge(registry)
 }
 
 async fn not_found() -> AppError {

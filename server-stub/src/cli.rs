@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// How often batched heartbeats are written to SQLite.
     #[arg(long, default_value_t = 1000)]
     pub flush_interval_ms: u64,
+    /// Largest blob the embedded registry (`/v2/`) accepts.
+    #[arg(long, default_value_t = crate::registry::DEFAULT_MAX_BLOB_BYTES)]
+    pub registry_max_blob_bytes: u64,
 }
 
 fn parse_provider(s: &str) -> Result<ProviderMode, String> {
@@ -114,6 +117,35 @@ pub enum Cmd {
         #[arg(long)]
         image_base: Option<PathBuf>,
     },
+    /// Publish a module: build an OCI image from a folder (or take an OCI image
+    /// layout), record its composefs digest in the manifest, push it (default: the
+    /// embedded registry), sign it with the server's key and record the publication.
+    PublishModule {
+        /// A folder, or an OCI image layout (a folder with `oci-layout`).
+        source: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// root (composed into /) or runtime.
+        #[arg(long, default_value = "root")]
+        kind: String,
+        /// External registry base URL, e.g. http://127.0.0.1:5000 (default: embedded).
+        #[arg(long)]
+        registry: Option<String>,
+    },
+    /// List module publications (newest first).
+    ListModulePublications,
+    /// Set the module names a template composes (root) and runs (runtime).
+    SetTemplateModules {
+        template: String,
+        #[arg(long = "root")]
+        root: Vec<String>,
+        #[arg(long = "runtime")]
+        runtime: Vec<String>,
+    },
+    /// Print the module-signing public key (PEM) nodes and cosign verify with.
+    ModuleSigningKey,
     /// List every Node.
     ListNodes,
     /// Show a Node (`status` is its live instance's status or `no_instance`).
@@ -232,11 +264,58 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.lease_max_seconds = args.lease_max_seconds;
         cfg.heartbeat_interval_seconds = args.heartbeat_interval_seconds;
         cfg.flush_interval_ms = args.flush_interval_ms;
+        cfg.registry_max_blob_bytes = args.registry_max_blob_bytes;
         crate::server::run_until_signal(cfg).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let data = data.context("client commands need --data DIR (admin token and CA)")?;
     let client = AdminClient::from_data_dir(&data, server.as_deref())?;
+    if let Cmd::PublishModule {
+        source,
+        name,
+        version,
+        kind,
+        registry,
+    } = &cmd
+    {
+        let args = crate::publish::PublishArgs {
+            source: source.clone(),
+            name: name.clone(),
+            version: version.clone(),
+            kind: kind.clone(),
+            registry: registry.clone(),
+        };
+        let out = crate::publish::publish_module(
+            &client,
+            client.http.clone(),
+            &client.base,
+            &client.token,
+            &args,
+        )
+        .await?;
+        if json {
+            println!("{out}");
+        } else {
+            print!("{}", render_table(&out["publication"]));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Cmd::ModuleSigningKey = &cmd {
+        let (status, text) = client
+            .call(
+                reqwest::Method::GET,
+                crate::publish::ADMIN_MODULE_SIGNING_KEY,
+                None,
+            )
+            .await?;
+        if !status.is_success() {
+            eprintln!("{}", text.trim_end());
+            return Ok(ExitCode::FAILURE);
+        }
+        let v: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
+        print!("{}", v["public_key_pem"].as_str().unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
     let (method, path, body) = request_for(&cmd)?;
     let (status, text) = client.call(method, &path, body).await?;
     if !status.is_success() {
@@ -282,6 +361,23 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             Method::POST,
             crate::api::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
             Some(json!({ "image_base": image_base })),
+        ),
+        Cmd::PublishModule { .. } | Cmd::ModuleSigningKey => {
+            bail!("handled before request_for")
+        }
+        Cmd::ListModulePublications => (
+            Method::GET,
+            crate::publish::ADMIN_MODULE_PUBLICATIONS.to_string(),
+            None,
+        ),
+        Cmd::SetTemplateModules {
+            template,
+            root,
+            runtime,
+        } => (
+            Method::PUT,
+            format!("/api/v1/system/templates/{template}/modules"),
+            Some(json!({"root_modules": root, "runtime_modules": runtime})),
         ),
         Cmd::ListNodes => (Method::GET, paths::ADMIN_NODES.to_string(), None),
         Cmd::GetNode { id } => (Method::GET, paths::admin_node(id), None),
@@ -575,7 +671,10 @@ mod tests {
             "libvirt",
         ])
         .unwrap_err();
-        assert!(err.to_string().contains("recorder, real or disabled"), "{err}");
+        assert!(
+            err.to_string().contains("recorder, real or disabled"),
+            "{err}"
+        );
         let cli = Cli::try_parse_from([
             "powernode-stub",
             "serve",

@@ -125,6 +125,8 @@ pub struct Config {
     pub heartbeat_interval_seconds: u64,
     /// How often batched heartbeat state is written to SQLite.
     pub flush_interval_ms: u64,
+    /// Largest blob the embedded registry accepts (uploads stream to disk).
+    pub registry_max_blob_bytes: u64,
     /// Print `{"listening": ADDR}` on stdout once bound (the binary does; in-process
     /// tests need not).
     pub announce: bool,
@@ -147,6 +149,7 @@ impl Config {
             sensor_interval_ms: 1000,
             lease_max_seconds: 3600,
             heartbeat_interval_seconds: 30,
+            registry_max_blob_bytes: crate::registry::DEFAULT_MAX_BLOB_BYTES,
             flush_interval_ms: 1000,
             announce: true,
         }

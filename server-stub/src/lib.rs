@@ -22,8 +22,11 @@ pub mod error;
 pub mod images;
 pub mod model;
 pub mod provider;
+pub mod publish;
+pub mod registry;
 pub mod server;
 pub mod service;
+pub mod signing;
 pub mod store;
 
 pub use api::app;

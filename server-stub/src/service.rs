@@ -47,6 +47,8 @@ pub struct Shared {
     pub store: Store,
     pub provider: Box<dyn Provider>,
     pub catalog: Catalog,
+    /// Embedded registry, module-signing key, module publications.
+    pub modules: crate::publish::Modules,
     admin_token_hash: [u8; 32],
     /// When this process started serving: silence is only counted from here, since
     /// heartbeats sent while the server was down could not arrive.
@@ -131,6 +133,8 @@ impl AppState {
                 "instances whose VM did not survive the server restart were marked failed"
             );
         }
+        let modules =
+            crate::publish::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
         Ok(Self(Arc::new(Shared {
             cfg,
             public_url,
@@ -139,6 +143,7 @@ impl AppState {
             store,
             provider,
             catalog: crate::catalog::catalog(),
+            modules,
             admin_token_hash: sha256(admin_token.as_bytes()),
             started_ms,
             mem: Mutex::new(mem),
@@ -228,7 +233,11 @@ impl AppState {
     // ----- admin: nodes and catalog -------------------------------------------------
 
     pub fn catalog(&self) -> Catalog {
-        self.catalog.clone()
+        let mut c = self.catalog.clone();
+        for t in &mut c.templates {
+            self.modules.apply_to_template(t);
+        }
+        c
     }
 
     fn template(&self, id: &str) -> Option<&admin::Template> {
@@ -586,6 +595,13 @@ impl AppState {
                     .is_some_and(|i| i.status == InstanceStatus::Pending);
                 match result {
                     Ok(record) => {
+                        // The VM's pid and files, so an operator can find them.
+                        let detail = json!({
+                            "provider": self.provider.name(),
+                            "pid": record.get("pid"),
+                            "instance_dir": record.get("instance_dir"),
+                            "publication_id": record.get("publication_id"),
+                        });
                         mem.ops.push(Op::ProviderRecord {
                             instance_id: instance_id.clone(),
                             action: "provision".to_string(),
@@ -597,7 +613,7 @@ impl AppState {
                             "provider.provision",
                             Some(node_id),
                             Some(&instance_id),
-                            json!({"provider": self.provider.name()}),
+                            detail,
                         );
                         if still_pending {
                             mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
@@ -892,10 +908,17 @@ impl AppState {
     /// Desired modules (the node's template) against what the last heartbeat said
     /// is running.
     fn drift_items(&self, mem: &Mem, inst: &InstRec) -> Vec<DriftItem> {
-        let desired: BTreeSet<String> = mem
+        let template = mem
             .nodes
             .get(&inst.node_id)
             .and_then(|n| self.template(&n.template_id))
+            .cloned()
+            .map(|mut t| {
+                self.modules.apply_to_template(&mut t);
+                t
+            });
+        let desired: BTreeSet<String> = template
+            .as_ref()
             .map(|t| {
                 t.root_modules
                     .iter()
@@ -904,15 +927,36 @@ impl AppState {
                     .collect()
             })
             .unwrap_or_default();
+        // Pinned digests of the latest publications (absent: never published).
+        let pinned: std::collections::BTreeMap<String, String> = template
+            .as_ref()
+            .map(|t| {
+                self.modules
+                    .desired(t, "")
+                    .into_iter()
+                    .map(|m| (m.name, m.digest))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut items = Vec::new();
         for name in &desired {
-            if !inst.modules.iter().any(|m| &m.name == name) {
-                items.push(DriftItem {
+            match inst.modules.iter().find(|m| &m.name == name) {
+                None => items.push(DriftItem {
                     module: name.clone(),
                     action: "attach".to_string(),
-                    desired_digest: None,
+                    desired_digest: pinned.get(name).cloned(),
                     running_digest: None,
-                });
+                }),
+                Some(m) => {
+                    if let Some(want) = pinned.get(name).filter(|d| **d != m.digest) {
+                        items.push(DriftItem {
+                            module: name.clone(),
+                            action: "update".to_string(),
+                            desired_digest: Some(want.clone()),
+                            running_digest: Some(m.digest.clone()),
+                        });
+                    }
+                }
             }
         }
         for m in &inst.modules {
@@ -1414,8 +1458,18 @@ impl AppState {
     pub fn desired_modules(&self, ident: &ClientIdentity) -> AppResult<DesiredModulesResponse> {
         let mem = self.lock();
         authorize(&mem, ident, None)?;
-        // Templates name no published modules yet; the registry work fills this in.
-        Ok(DesiredModulesResponse::default())
+        let template = mem
+            .instances
+            .get(&ident.instance_id)
+            .and_then(|i| mem.nodes.get(&i.node_id))
+            .and_then(|n| self.template(&n.template_id));
+        let host = crate::publish::url_host(&self.public_url).unwrap_or("localhost");
+        Ok(DesiredModulesResponse {
+            modules: template
+                .map(|t| self.modules.desired(t, host))
+                .unwrap_or_default(),
+            trust_keys: self.modules.trust_keys(),
+        })
     }
 
     pub async fn lease(

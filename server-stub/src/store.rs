@@ -70,6 +70,9 @@ CREATE TABLE IF NOT EXISTS provider_records (id INTEGER PRIMARY KEY AUTOINCREMEN
 CREATE INDEX IF NOT EXISTS provider_records_instance ON provider_records (instance_id, id);
 CREATE TABLE IF NOT EXISTS disk_image_publications (id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL,
     doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS module_publications (id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL,
+    doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS template_modules (template_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 "#;
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -241,6 +244,53 @@ impl Store {
             conn.execute(
                 "INSERT INTO disk_image_publications (id, created_ms, doc) VALUES (?1, ?2, ?3)",
                 params![p.id, p.created_ms, enc(&p)?],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every module publication, oldest first.
+    pub fn load_module_publications(
+        &self,
+    ) -> Result<Vec<crate::publish::ModulePublication>, StoreError> {
+        self.with_conn(|conn| {
+            let mut v =
+                load_docs::<crate::publish::ModulePublication>(conn, "module_publications", "id")?;
+            v.sort_by_key(|p| p.created_ms);
+            Ok(v)
+        })
+    }
+
+    pub async fn insert_module_publication(
+        &self,
+        p: crate::publish::ModulePublication,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO module_publications (id, created_ms, doc) VALUES (?1, ?2, ?3)",
+                params![p.id, p.created_ms, enc(&p)?],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Module lists set on templates (overriding the built-in catalog's).
+    pub fn load_template_modules(
+        &self,
+    ) -> Result<Vec<crate::publish::TemplateModules>, StoreError> {
+        self.with_conn(|conn| load_docs(conn, "template_modules", "template_id"))
+    }
+
+    pub async fn save_template_modules(
+        &self,
+        t: crate::publish::TemplateModules,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO template_modules (template_id, doc) VALUES (?1, ?2)",
+                params![t.template_id, enc(&t)?],
             )?;
             Ok(())
         })
