@@ -29,6 +29,180 @@ enum Command {
     Run(RunArgs),
     /// Resolve the identity and print it with its source as JSON.
     Identity(IdentityArgs),
+    /// Fetch, verify and mount one module by hand, outside a boot.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Print a file's fs-verity digest like `fsverity digest`: `sha256:HEX FILE`.
+    FsverityDigest {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    /// Pull `REPOSITORY@DIGEST`, verify its cosign signature and composefs digest, and
+    /// store it; prints the composefs image digest.
+    Pull {
+        /// `HOST[:PORT]/NAME`.
+        #[arg(long)]
+        repository: String,
+        /// Pinned manifest digest, `sha256:HEX`.
+        #[arg(long)]
+        digest: String,
+        /// Trust key PEM file (cosign.pub), repeatable.
+        #[arg(long = "trust-key", required = true)]
+        trust_keys: Vec<PathBuf>,
+        #[arg(long)]
+        store: PathBuf,
+        /// CA PEM to pin for HTTPS.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Allow plain HTTP to a loopback registry (tests).
+        #[arg(long)]
+        insecure_http_loopback: bool,
+    },
+    /// Mount a stored module image (composefs) at PATH.
+    Mount {
+        #[arg(long)]
+        store: PathBuf,
+        /// Composefs image digest (what `module pull` printed).
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        at: PathBuf,
+    },
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `module` and `fsverity-digest`: blocking, no async runtime (reqwest's blocking
+/// client brings its own).
+fn module_command(cmd: ModuleCommand) -> i32 {
+    use powernode_agent::modules;
+    let fail = |msg: String| {
+        eprintln!("powernode-agent: {msg}");
+        exit_code::FAILURE
+    };
+    match cmd {
+        ModuleCommand::Pull {
+            repository,
+            digest,
+            trust_keys,
+            store,
+            ca,
+            insecure_http_loopback,
+        } => {
+            let pems: Result<Vec<String>, String> =
+                trust_keys.iter().map(|p| read_text(p)).collect();
+            let ca_pem = match ca.as_deref().map(read_text).transpose() {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let r = (|| -> Result<modules::pull::PullReport, Box<dyn ModuleErrorCodeError>> {
+                let pems =
+                    pems.map_err(|e| Box::new(PlainError(e)) as Box<dyn ModuleErrorCodeError>)?;
+                let keys = modules::signature::parse_trust_keys(&pems).map_err(boxed)?;
+                let repo: modules::registry::Repository = repository.parse().map_err(boxed)?;
+                let client =
+                    modules::registry::RegistryClient::new(modules::registry::RegistryOptions {
+                        ca_pem,
+                        allow_http_loopback: insecure_http_loopback,
+                        ..Default::default()
+                    })
+                    .map_err(boxed)?;
+                let store = modules::store::ObjectStore::open(&store).map_err(boxed)?;
+                modules::pull::pull_module(&client, &repo, &digest, &keys, &store).map_err(boxed)
+            })();
+            match r {
+                Ok(rep) => {
+                    println!(
+                        "{} {} bytes_received={} new_objects={} new_bytes={} already_present={}",
+                        rep.image(),
+                        rep.manifest_digest,
+                        rep.bytes_received,
+                        rep.install.layers.new_objects,
+                        rep.install.layers.new_bytes,
+                        rep.install.already_present
+                    );
+                    exit_code::STOPPED
+                }
+                Err(e) => fail(format!(
+                    "{}: {}",
+                    e.code().as_str(),
+                    error_chain(e.as_error())
+                )),
+            }
+        }
+        ModuleCommand::Mount { store, image, at } => {
+            let image: powernode_agent::verity::VerityDigest = match image.parse() {
+                Ok(d) => d,
+                Err(_) => return fail(format!("{image:?} is not sha256:HEX")),
+            };
+            let r = modules::store::ObjectStore::open(&store)
+                .map_err(boxed)
+                .and_then(|store| {
+                    let image_mnt = store.root().join("mnt").join(image.to_hex());
+                    modules::mount::mount_module(
+                        &modules::mount::KernelMounter,
+                        &store,
+                        &image,
+                        &image_mnt,
+                        &at,
+                    )
+                    .map_err(boxed)
+                });
+            match r {
+                Ok(()) => exit_code::STOPPED,
+                Err(e) => fail(format!(
+                    "{}: {}",
+                    e.code().as_str(),
+                    error_chain(e.as_error())
+                )),
+            }
+        }
+    }
+}
+
+/// An error with a wire code, type-erased for the CLI.
+trait ModuleErrorCodeError: powernode_agent::modules::ModuleErrorCode {
+    fn as_error(&self) -> &(dyn std::error::Error + 'static);
+}
+impl<E: powernode_agent::modules::ModuleErrorCode + std::error::Error + 'static>
+    ModuleErrorCodeError for E
+{
+    fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        self
+    }
+}
+fn boxed<E: ModuleErrorCodeError + 'static>(e: E) -> Box<dyn ModuleErrorCodeError> {
+    Box::new(e)
+}
+
+/// A usage problem found before any module code ran (unreadable key file).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PlainError(String);
+impl powernode_agent::modules::ModuleErrorCode for PlainError {
+    fn code(&self) -> powernode_proto::ErrorCode {
+        powernode_proto::ErrorCode::BadRequest
+    }
+}
+
+fn fsverity_digest(files: &[PathBuf]) -> i32 {
+    let mut code = exit_code::STOPPED;
+    for f in files {
+        match powernode_agent::verity::digest_file(f) {
+            Ok(d) => println!("{d} {}", f.display()),
+            Err(e) => {
+                eprintln!("powernode-agent: {}: {}", f.display(), error_chain(&e));
+                code = exit_code::FAILURE;
+            }
+        }
+    }
+    code
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +363,11 @@ async fn show_identity(args: IdentityArgs) -> i32 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    let cli = match cli.command {
+        Command::Module(cmd) => return ExitCode::from(module_command(cmd) as u8),
+        Command::FsverityDigest { files } => return ExitCode::from(fsverity_digest(&files) as u8),
+        command => Cli { command, ..cli },
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -204,6 +383,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Identity(args) => show_identity(args).await,
+            Command::Module(_) | Command::FsverityDigest { .. } => exit_code::USAGE,
         }
     });
     ExitCode::from(u8::try_from(code).unwrap_or(1))

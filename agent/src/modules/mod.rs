@@ -4,8 +4,8 @@
 //! digest, and mount it (EROFS + overlayfs with the store as a data-only lower layer),
 //! composing root modules into a union root with a tmpfs upper.
 //!
-//! The pull (registry client, cosign signature check) is not here: a puller calls
-//! [`install_image`] with the signed composefs digest and a closure that opens each
+//! The pull: [`pull::pull_module`] (registry client in [`registry`], cosign signature
+//! check in [`signature`]) calls [`install_image`] with the signed composefs digest and a closure that opens each
 //! layer as a `Read` failing on a digest mismatch at EOF ([`unpack::DigestingReader`]);
 //! then [`mount::mount_module`] / [`mount::mount_union`]; [`store::ObjectStore::gc`]
 //! between reconciles. Every error has a stable wire code ([`ModuleErrorCode`]).
@@ -15,6 +15,10 @@
 //! that escape are refused, and nothing from an archive is ever followed.
 
 pub mod mount;
+pub mod pull;
+pub mod reconciler;
+pub mod registry;
+pub mod signature;
 
 // The format (tree, unpacking, store, composefs image) is shared with the publisher
 // and lives in `powernode-modfmt`; these re-exports keep the agent's paths.

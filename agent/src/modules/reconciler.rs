@@ -1,0 +1,291 @@
+//! The module runtime behind [`crate::reconcile::Reconciler`]: pulls, verifies and
+//! mounts desired `runtime` modules under `/run/powernode/modules/NAME` (swapping a
+//! changed one), unmounts ones no longer desired, and reports what runs. `root` modules
+//! are the init's: [`compose_root`] pulls them and builds the union root before
+//! switch_root; a change to them needs a reboot, so the reconciler leaves them alone.
+//!
+//! It must never mount a module whose signature and composefs digest did not verify:
+//! everything goes through [`pull_module`] first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use powernode_proto::node::{
+    DesiredModule, DesiredModulesResponse, FailureReport, Phase, RunningModule,
+};
+use powernode_proto::ErrorCode;
+
+use super::mount::{mount_module, mount_union, MountError, Mounter, UnionRoot, Upper};
+use super::pull::{pull_module, PullError};
+use super::registry::{RegistryClient, RegistryError, RegistryOptions, Repository};
+use super::signature::{parse_trust_keys, SignatureError, TrustKey};
+use super::store::ObjectStore;
+use super::ModuleErrorCode;
+use crate::reconcile::{ReconcileFuture, Reconciler};
+use crate::verity::VerityDigest;
+
+pub const RUNTIME_MODULES_DIR: &str = "/run/powernode/modules";
+pub const KIND_ROOT: &str = "root";
+pub const KIND_RUNTIME: &str = "runtime";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("module {name}: {source}")]
+    Pull {
+        name: String,
+        #[source]
+        source: PullError,
+    },
+    #[error("module {name}: mounting")]
+    Mount {
+        name: String,
+        #[source]
+        source: MountError,
+    },
+    #[error(transparent)]
+    Keys(#[from] SignatureError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("module {name}: unknown kind {kind:?}")]
+    Kind { name: String, kind: String },
+    #[error("the blocking pull task failed: {0}")]
+    Join(String),
+}
+
+impl ModuleErrorCode for ModuleError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ModuleError::Pull { source, .. } => source.code(),
+            ModuleError::Mount { source, .. } => source.code(),
+            ModuleError::Keys(e) => e.code(),
+            ModuleError::Registry(e) => e.code(),
+            ModuleError::Kind { .. } => ErrorCode::BadRequest,
+            ModuleError::Join(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+fn pull_one(
+    client: &RegistryClient,
+    m: &DesiredModule,
+    keys: &[TrustKey],
+    store: &ObjectStore,
+) -> Result<VerityDigest, ModuleError> {
+    let pull_err = |source: PullError| ModuleError::Pull {
+        name: m.name.clone(),
+        source,
+    };
+    let repo: Repository = m
+        .repository
+        .parse()
+        .map_err(|e: RegistryError| pull_err(e.into()))?;
+    let report = pull_module(client, &repo, &m.digest, keys, store).map_err(pull_err)?;
+    tracing::info!(
+        module = %m.name, version = %m.version, digest = %m.digest,
+        image = %report.image(), bytes = report.bytes_received,
+        already_present = report.install.already_present, "module verified"
+    );
+    Ok(report.image())
+}
+
+/// For the init: pulls and verifies every `root` module of `desired` into `store`, then
+/// mounts them as one union root at `target` (work mounts under `work`) with `upper`.
+/// Root modules are listed base first in `desired`; later ones win over earlier ones.
+/// Blocking: call it from a plain thread or `spawn_blocking`.
+pub fn compose_root(
+    desired: &DesiredModulesResponse,
+    store: &ObjectStore,
+    registry: RegistryOptions,
+    mounter: &dyn Mounter,
+    work: &Path,
+    upper: &Upper,
+    target: &Path,
+) -> Result<UnionRoot, ModuleError> {
+    let keys = parse_trust_keys(&desired.trust_keys)?;
+    let client = RegistryClient::new(registry)?;
+    let mut images = Vec::new();
+    for m in desired.modules.iter().filter(|m| m.kind == KIND_ROOT) {
+        images.push(pull_one(&client, m, &keys, store)?);
+    }
+    // mount_union wants the top first.
+    images.reverse();
+    mount_union(mounter, store, &images, work, upper, target).map_err(|source| ModuleError::Mount {
+        name: "root".into(),
+        source,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Mounted {
+    module: RunningModule,
+    image: VerityDigest,
+    image_mnt: PathBuf,
+    target: PathBuf,
+}
+
+/// Runtime modules, mounted under [`RUNTIME_MODULES_DIR`] (or another dir, for tests).
+pub struct ModuleRuntime {
+    store: Arc<ObjectStore>,
+    registry: RegistryOptions,
+    mounter: Arc<dyn Mounter + Send + Sync>,
+    dir: PathBuf,
+    mounted: Mutex<BTreeMap<String, Mounted>>,
+    /// Root modules the init composed (reported as running; never swapped live).
+    root: Vec<RunningModule>,
+}
+
+impl std::fmt::Debug for ModuleRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleRuntime")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl ModuleRuntime {
+    pub fn new(
+        store: ObjectStore,
+        registry: RegistryOptions,
+        mounter: Arc<dyn Mounter + Send + Sync>,
+        dir: PathBuf,
+        root: Vec<RunningModule>,
+    ) -> Self {
+        Self {
+            store: Arc::new(store),
+            registry,
+            mounter,
+            dir,
+            mounted: Mutex::new(BTreeMap::new()),
+            root,
+        }
+    }
+
+    /// Images of the mounted runtime modules: with the root images, the live set for
+    /// [`ObjectStore::gc`].
+    pub fn live_images(&self) -> Vec<VerityDigest> {
+        self.mounted().values().map(|m| m.image).collect()
+    }
+
+    pub fn store(&self) -> &ObjectStore {
+        &self.store
+    }
+
+    fn mounted(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Mounted>> {
+        self.mounted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unmount(&self, m: &Mounted) {
+        for p in [&m.target, &m.image_mnt] {
+            if let Err(e) = self.mounter.unmount(p) {
+                tracing::warn!(path = %p.display(), error = %crate::error_chain(&e), "unmount failed");
+            }
+        }
+    }
+
+    /// The blocking part of a reconcile: pull what changed, swap mounts, drop the rest.
+    fn apply(&self, desired: &DesiredModulesResponse) -> Result<(), ModuleError> {
+        let runtime: Vec<&DesiredModule> = desired
+            .modules
+            .iter()
+            .filter(|m| m.kind != KIND_ROOT)
+            .collect();
+        for m in &runtime {
+            if m.kind != KIND_RUNTIME {
+                return Err(ModuleError::Kind {
+                    name: m.name.clone(),
+                    kind: m.kind.clone(),
+                });
+            }
+        }
+        let unchanged = |m: &DesiredModule| {
+            self.mounted()
+                .get(&m.name)
+                .is_some_and(|cur| cur.module.digest == m.digest)
+        };
+        let todo: Vec<&DesiredModule> = runtime.iter().copied().filter(|m| !unchanged(m)).collect();
+        if !todo.is_empty() {
+            let keys = parse_trust_keys(&desired.trust_keys)?;
+            let client = RegistryClient::new(self.registry.clone())?;
+            for m in todo {
+                // Names become paths: the same rule as repository components.
+                if m.name.is_empty()
+                    || !m
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    || m.name.starts_with('.')
+                {
+                    return Err(ModuleError::Kind {
+                        name: m.name.clone(),
+                        kind: "(name is not a safe path component)".into(),
+                    });
+                }
+                let image = pull_one(&client, m, &keys, &self.store)?;
+                let next = Mounted {
+                    module: RunningModule {
+                        name: m.name.clone(),
+                        version: m.version.clone(),
+                        digest: m.digest.clone(),
+                    },
+                    image,
+                    image_mnt: self.dir.join(".images").join(image.to_hex()),
+                    target: self.dir.join(&m.name),
+                };
+                if let Some(old) = self.mounted().remove(&m.name) {
+                    self.unmount(&old);
+                }
+                mount_module(
+                    &*self.mounter,
+                    &self.store,
+                    &image,
+                    &next.image_mnt,
+                    &next.target,
+                )
+                .map_err(|source| ModuleError::Mount {
+                    name: m.name.clone(),
+                    source,
+                })?;
+                self.mounted().insert(m.name.clone(), next);
+            }
+        }
+        let gone: Vec<Mounted> = {
+            let mut cur = self.mounted();
+            let names: Vec<String> = cur
+                .keys()
+                .filter(|n| !runtime.iter().any(|m| &m.name == *n))
+                .cloned()
+                .collect();
+            names.iter().filter_map(|n| cur.remove(n)).collect()
+        };
+        for m in &gone {
+            self.unmount(m);
+        }
+        Ok(())
+    }
+}
+
+impl Reconciler for Arc<ModuleRuntime> {
+    fn running(&self) -> Vec<RunningModule> {
+        let mut out = self.root.clone();
+        out.extend(self.mounted().values().map(|m| m.module.clone()));
+        out
+    }
+
+    fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a> {
+        let this = Arc::clone(self);
+        let desired = desired.clone();
+        Box::pin(async move {
+            let r = tokio::task::spawn_blocking(move || this.apply(&desired))
+                .await
+                .map_err(|e| ModuleError::Join(e.to_string()))
+                .and_then(|r| r);
+            r.map_err(|e| FailureReport {
+                phase: Phase::ModulesVerified,
+                code: e.code(),
+                message: crate::error_chain(&e),
+                attempt: 0,
+            })
+        })
+    }
+}

@@ -1,0 +1,522 @@
+//! A small OCI distribution-spec client (pull side only): manifests by pinned digest or
+//! tag, blobs as streams hashed while they arrive, optional bearer-token challenge.
+//!
+//! Why not `oci-client`: it pins its own reqwest (0.12) and TLS features, so it would
+//! add a second HTTP stack next to the agent's reqwest 0.13 + rustls/ring, and its async
+//! blob API does not fit the unpacker's streaming `Read`. The pull side of the spec is
+//! three GETs; this client is that, over the agent's blocking reqwest with the
+//! control-plane CA pinned (the stub embeds the registry on its listener).
+//!
+//! It must never return a byte it has not checked: manifests are hashed before they
+//! are parsed, blobs through [`DigestingReader`]. Plain HTTP only to loopback, and only
+//! when the caller says so (tests).
+
+use std::io::{self, Read};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use powernode_proto::ErrorCode;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::unpack::{CodedStreamError, DigestingReader};
+use super::ModuleErrorCode;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const KNOWN_CONFIGS: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.empty.v1+json",
+    "application/vnd.unknown.config.v1+json",
+];
+/// Manifests and configs are small; anything bigger is not one.
+const MAX_MANIFEST: u64 = 4 << 20;
+const MAX_CONFIG: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{what} not found in the registry")]
+    NotFound { what: String },
+    #[error("registry {url} unreachable")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("registry answered {status} for {url}")]
+    Status { url: String, status: u16 },
+    #[error("{what}: digest {actual} is not the pinned {expected}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{what}: unsupported media type {media_type:?}")]
+    UnsupportedMediaType { what: String, media_type: String },
+    #[error("{what}: malformed: {reason}")]
+    Malformed { what: String, reason: String },
+    #[error("{what}: larger than {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    #[error("repository {0:?} is not HOST[:PORT]/NAME")]
+    BadRepository(String),
+    #[error("plain HTTP to {0} refused: only loopback, and only with --insecure-http-loopback")]
+    InsecureRefused(String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("reading {what}")]
+    Read {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ModuleErrorCode for RegistryError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RegistryError::NotFound { .. } => ErrorCode::OciNotFound,
+            RegistryError::Unreachable { .. } | RegistryError::Status { .. } => {
+                ErrorCode::RegistryUnreachable
+            }
+            RegistryError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            RegistryError::UnsupportedMediaType { .. }
+            | RegistryError::Malformed { .. }
+            | RegistryError::TooLarge { .. } => ErrorCode::UnsupportedMediaType,
+            RegistryError::BadRepository(_)
+            | RegistryError::InsecureRefused(_)
+            | RegistryError::Tls(_) => ErrorCode::BadRequest,
+            RegistryError::Read { source, .. } => super::unpack::stream_error_code(source),
+        }
+    }
+}
+
+/// `HOST[:PORT]/NAME`, as `DesiredModule::repository` carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repository {
+    pub host: String,
+    pub name: String,
+}
+
+impl std::str::FromStr for Repository {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s
+            .strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+            .unwrap_or(s);
+        let (host, name) = s
+            .split_once('/')
+            .ok_or_else(|| RegistryError::BadRepository(s.into()))?;
+        let name_ok = !name.is_empty()
+            && name.split('/').all(|c| {
+                c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                    && c.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
+                    })
+            });
+        if host.is_empty() || !name_ok || host.contains(['?', '#', '@']) {
+            return Err(RegistryError::BadRepository(s.into()));
+        }
+        Ok(Self {
+            host: host.into(),
+            name: name.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default)]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// A manifest and the digest of its exact bytes.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub digest: String,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// PEM CA(s) to pin for HTTPS (the control-plane CA for the embedded registry).
+    pub ca_pem: Option<String>,
+    /// Allow `http://` to a loopback host (tests against a local registry).
+    pub allow_http_loopback: bool,
+    pub connect_timeout: Option<Duration>,
+    /// Whole-request timeout for manifests, signatures and tokens; blobs get none (they
+    /// can be large; the blocking client has no per-read timeout).
+    pub read_timeout: Option<Duration>,
+}
+
+pub struct RegistryClient {
+    http: reqwest::blocking::Client,
+    opts: RegistryOptions,
+    /// Bearer token per repository scope, from a 401 challenge.
+    tokens: Mutex<std::collections::HashMap<String, String>>,
+    received: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("allow_http_loopback", &self.opts.allow_http_loopback)
+            .field("received", &self.bytes_received())
+            .finish()
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let h = host
+        .rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl RegistryClient {
+    /// Must be called outside an async context (reqwest's blocking client runs its own
+    /// runtime); the reconciler calls it from `spawn_blocking`.
+    pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
+        let mut b = reqwest::blocking::Client::builder()
+            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
+            // No total timeout by default: blobs can be large (manifests set their own).
+            .timeout(None::<Duration>)
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(ca) = &opts.ca_pem {
+            let cfg = crate::client::tls_config(ca, None)
+                .map_err(|e| RegistryError::Tls(e.to_string()))?;
+            b = b.use_preconfigured_tls(cfg);
+        } else {
+            // No CA: HTTPS is impossible (no system roots in the node image); only the
+            // loopback HTTP path can work.
+            b = b.https_only(false);
+        }
+        let http = b.build().map_err(|e| RegistryError::Tls(e.to_string()))?;
+        Ok(Self {
+            http,
+            opts,
+            tokens: Mutex::new(Default::default()),
+            received: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Body bytes received so far (manifests and blobs), for the dedup test and logs.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn base(&self, repo: &Repository) -> Result<String, RegistryError> {
+        if self.opts.allow_http_loopback && is_loopback_host(&repo.host) {
+            return Ok(format!("http://{}/v2/{}", repo.host, repo.name));
+        }
+        if self.opts.ca_pem.is_none() {
+            return Err(RegistryError::InsecureRefused(repo.host.clone()));
+        }
+        Ok(format!("https://{}/v2/{}", repo.host, repo.name))
+    }
+
+    fn get(
+        &self,
+        repo: &Repository,
+        url: &str,
+        accept: &str,
+        what: &str,
+        whole_timeout: bool,
+    ) -> Result<reqwest::blocking::Response, RegistryError> {
+        let scope = format!("repository:{}:pull", repo.name);
+        let mut retried = false;
+        loop {
+            let mut req = self.http.get(url).header("Accept", accept);
+            if whole_timeout {
+                req = req.timeout(self.opts.read_timeout.unwrap_or(Duration::from_secs(60)));
+            }
+            if let Some(t) = self.tokens.lock().ok().and_then(|m| m.get(&scope).cloned()) {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().map_err(|source| RegistryError::Unreachable {
+                url: url.into(),
+                source,
+            })?;
+            match resp.status().as_u16() {
+                200 => return Ok(resp),
+                404 => return Err(RegistryError::NotFound { what: what.into() }),
+                401 if !retried => {
+                    retried = true;
+                    let challenge = resp
+                        .headers()
+                        .get("www-authenticate")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let token = self.bearer_token(&challenge, &scope).ok_or_else(|| {
+                        RegistryError::Status {
+                            url: url.into(),
+                            status: 401,
+                        }
+                    })?;
+                    if let Ok(mut m) = self.tokens.lock() {
+                        m.insert(scope.clone(), token);
+                    }
+                }
+                status => {
+                    return Err(RegistryError::Status {
+                        url: url.into(),
+                        status,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Anonymous bearer token from a `Bearer realm=...,service=...` challenge.
+    fn bearer_token(&self, challenge: &str, scope: &str) -> Option<String> {
+        let params = challenge.strip_prefix("Bearer ")?;
+        let mut realm = None;
+        let mut query: Vec<(String, String)> = Vec::new();
+        for part in params.split(',') {
+            let (k, v) = part.trim().split_once('=')?;
+            let v = v.trim_matches('"').to_string();
+            match k {
+                "realm" => realm = Some(v),
+                "service" => query.push(("service".into(), v)),
+                _ => {}
+            }
+        }
+        query.push(("scope".into(), scope.into()));
+        #[derive(Deserialize)]
+        struct Tok {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let url = reqwest::Url::parse_with_params(&realm?, &query).ok()?;
+        let resp = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let t: Tok = resp.json().ok()?;
+        t.token.or(t.access_token)
+    }
+
+    fn read_limited(
+        &self,
+        resp: reqwest::blocking::Response,
+        limit: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut body = Vec::new();
+        resp.take(limit + 1)
+            .read_to_end(&mut body)
+            .map_err(|source| RegistryError::Read {
+                what: what.into(),
+                source,
+            })?;
+        self.received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        if body.len() as u64 > limit {
+            return Err(RegistryError::TooLarge {
+                what: what.into(),
+                limit,
+            });
+        }
+        Ok(body)
+    }
+
+    /// The image manifest at `reference` (a digest or a tag). With `pinned`, its bytes
+    /// must hash to it (`digest_mismatch`); media types must be ones we know.
+    pub fn manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        pinned: Option<&str>,
+    ) -> Result<FetchedManifest, RegistryError> {
+        let what = format!("manifest {}@{reference}", repo.name);
+        let url = format!("{}/manifests/{reference}", self.base(repo)?);
+        let resp = self.get(
+            repo,
+            &url,
+            &format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}"),
+            &what,
+            true,
+        )?;
+        let header_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_string());
+        let body = self.read_limited(resp, MAX_MANIFEST, &what)?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        if let Some(pin) = pinned {
+            if !pin.eq_ignore_ascii_case(&digest) {
+                return Err(RegistryError::DigestMismatch {
+                    what,
+                    expected: pin.into(),
+                    actual: digest,
+                });
+            }
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Malformed {
+                what: what.clone(),
+                reason: e.to_string(),
+            })?;
+        // The signed bytes say what they are; the header only when they do not.
+        let media_type = manifest
+            .media_type
+            .clone()
+            .or(header_type)
+            .unwrap_or_default();
+        if manifest.schema_version != 2 || ![OCI_MANIFEST, DOCKER_MANIFEST].contains(&&*media_type)
+        {
+            return Err(RegistryError::UnsupportedMediaType { what, media_type });
+        }
+        Ok(FetchedManifest { digest, manifest })
+    }
+
+    /// A blob as a stream checked against `desc` (size cap and digest at EOF).
+    pub fn blob(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+    ) -> Result<DigestingReader<CountingReader<reqwest::blocking::Response>>, RegistryError> {
+        if !desc.digest.starts_with("sha256:") {
+            return Err(RegistryError::UnsupportedMediaType {
+                what: format!("blob {}", desc.digest),
+                media_type: "non-sha256 digest".into(),
+            });
+        }
+        let what = format!("blob {}@{}", repo.name, desc.digest);
+        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
+        let resp = self.get(repo, &url, "*/*", &what, false)?;
+        Ok(DigestingReader::new(
+            CountingReader {
+                inner: resp,
+                count: self.received.clone(),
+            },
+            &desc.digest,
+            desc.size,
+        ))
+    }
+
+    /// A small blob (config, signature payload) read whole and checked.
+    pub fn small_blob(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("blob {}@{}", repo.name, desc.digest);
+        if desc.size > limit {
+            return Err(RegistryError::TooLarge { what, limit });
+        }
+        let mut r = self.blob(repo, desc)?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)
+            .map_err(|source| RegistryError::Read { what, source })?;
+        Ok(out)
+    }
+
+    /// The config blob, checked (a flipped byte in it fails here, `digest_mismatch`).
+    pub fn check_config(
+        &self,
+        repo: &Repository,
+        manifest: &Manifest,
+    ) -> Result<(), RegistryError> {
+        if !KNOWN_CONFIGS.contains(&manifest.config.media_type.as_str()) {
+            return Err(RegistryError::UnsupportedMediaType {
+                what: "config".into(),
+                media_type: manifest.config.media_type.clone(),
+            });
+        }
+        self.small_blob(repo, &manifest.config, MAX_CONFIG)
+            .map(drop)
+    }
+}
+
+/// Counts body bytes into the client's total as they stream.
+#[derive(Debug)]
+pub struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.count.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+            // A dropped connection mid-blob is the registry's fault, not the data's.
+            Err(e)
+                if e.get_ref().is_some_and(|i| i.is::<reqwest::Error>())
+                    || matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionAborted
+                    ) =>
+            {
+                Err(io::Error::other(CodedStreamError {
+                    code: ErrorCode::RegistryUnreachable,
+                    message: format!("blob stream broke: {e}"),
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_parse_strictly() {
+        let r: Repository = "127.0.0.1:5000/modules/base".parse().unwrap();
+        assert_eq!(r.host, "127.0.0.1:5000");
+        assert_eq!(r.name, "modules/base");
+        for bad in [
+            "noslash", "h/", "h/UPPER", "h/a//b", "h/../x", "/x", "h@x/y",
+        ] {
+            assert!(bad.parse::<Repository>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_detection() {
+        for h in ["127.0.0.1:5000", "localhost:1", "[::1]:80", "127.0.0.1"] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in ["10.0.0.1:5000", "example.com", "[2001:db8::1]:80"] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
+}
