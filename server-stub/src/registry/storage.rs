@@ -337,7 +337,8 @@ impl Storage {
     pub async fn resolve_tag(&self, repo: &str, tag: &str) -> Result<Option<String>, StorageError> {
         let p = self.repo_dir(repo).join("tags").join(tag);
         match tokio::fs::read_to_string(&p).await {
-            Ok(t) => Ok(parse_digest(t.trim()).map(str::to_string)),
+            // The full `sha256:HEX`, not just the hex part.
+            Ok(t) => Ok(parse_digest(t.trim()).map(|_| t.trim().to_string())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&p)(e)),
         }
