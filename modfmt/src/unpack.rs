@@ -253,24 +253,45 @@ impl<'a> Unpacker<'a> {
     ) -> Result<LayerStats, UnpackError> {
         let compression = Compression::from_media_type(media_type)?;
         self.layer += 1;
-        let stats = match compression {
-            Compression::None => self.apply_tar(&mut reader)?,
+        match self.apply_decoded(compression, &mut reader) {
+            Ok(stats) => {
+                io::copy(&mut reader, &mut io::sink()).map_err(UnpackError::Read)?;
+                Ok(stats)
+            }
+            Err(e) => {
+                // A blob tampered with usually breaks the decoder or the tar parser
+                // before EOF; reading the rest lets the digesting reader say so
+                // (`digest_mismatch`, or the puller's own code), which is the truth
+                // where "bad header" would only be a symptom.
+                match io::copy(&mut reader, &mut io::sink()) {
+                    Err(stream) => Err(UnpackError::Read(stream)),
+                    Ok(_) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn apply_decoded<R: Read>(
+        &mut self,
+        compression: Compression,
+        reader: &mut R,
+    ) -> Result<LayerStats, UnpackError> {
+        Ok(match compression {
+            Compression::None => self.apply_tar(&mut *reader)?,
             Compression::Gzip => {
-                let mut d = flate2::read::MultiGzDecoder::new(&mut reader);
+                let mut d = flate2::read::MultiGzDecoder::new(&mut *reader);
                 let s = self.apply_tar(&mut d)?;
                 io::copy(&mut d, &mut io::sink()).map_err(UnpackError::Read)?;
                 s
             }
             Compression::Zstd => {
                 let mut d =
-                    zstd::stream::read::Decoder::new(&mut reader).map_err(UnpackError::Read)?;
+                    zstd::stream::read::Decoder::new(&mut *reader).map_err(UnpackError::Read)?;
                 let s = self.apply_tar(&mut d)?;
                 io::copy(&mut d, &mut io::sink()).map_err(UnpackError::Read)?;
                 s
             }
-        };
-        io::copy(&mut reader, &mut io::sink()).map_err(UnpackError::Read)?;
-        Ok(stats)
+        })
     }
 
     fn apply_tar<R: Read>(&mut self, reader: R) -> Result<LayerStats, UnpackError> {

@@ -28,4 +28,6 @@ pub use powernode_modfmt::{
 };
 
 #[cfg(test)]
+mod interop_tests;
+#[cfg(test)]
 mod tests;

@@ -35,7 +35,7 @@ pub enum ModuleError {
     Pull {
         name: String,
         #[source]
-        source: PullError,
+        source: Box<PullError>,
     },
     #[error("module {name}: mounting")]
     Mount {
@@ -74,7 +74,7 @@ fn pull_one(
 ) -> Result<VerityDigest, ModuleError> {
     let pull_err = |source: PullError| ModuleError::Pull {
         name: m.name.clone(),
-        source,
+        source: Box::new(source),
     };
     let repo: Repository = m
         .repository

@@ -204,15 +204,20 @@ impl RegistryClient {
             // No total timeout by default: blobs can be large (manifests set their own).
             .timeout(None::<Duration>)
             .redirect(reqwest::redirect::Policy::limited(5));
-        if let Some(ca) = &opts.ca_pem {
-            let cfg = crate::client::tls_config(ca, None)
-                .map_err(|e| RegistryError::Tls(e.to_string()))?;
-            b = b.use_preconfigured_tls(cfg);
-        } else {
-            // No CA: HTTPS is impossible (no system roots in the node image); only the
-            // loopback HTTP path can work.
-            b = b.https_only(false);
-        }
+        // Always our own rustls config with the ring provider (reqwest is built without
+        // one). Without a CA it trusts nothing: only the loopback HTTP path can work.
+        let tls = match &opts.ca_pem {
+            Some(ca) => crate::client::tls_config(ca, None)
+                .map_err(|e| RegistryError::Tls(e.to_string()))?,
+            None => rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| RegistryError::Tls(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        };
+        b = b.use_preconfigured_tls(tls);
         let http = b.build().map_err(|e| RegistryError::Tls(e.to_string()))?;
         Ok(Self {
             http,

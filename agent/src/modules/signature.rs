@@ -250,12 +250,12 @@ mod tests {
         assert!(check_payload(&[other], d, &p, &s).is_err());
         // Another digest, another type, a flipped payload byte, garbage signature.
         let p2 = payload("sha256:bb", COSIGN_SIGNATURE_TYPE);
-        assert!(check_payload(&[tk.clone()], d, &p2, &sign(&kp, &p2)).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, &p2, &sign(&kp, &p2)).is_err());
         let p3 = payload(d, "something else");
-        assert!(check_payload(&[tk.clone()], d, &p3, &sign(&kp, &p3)).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, &p3, &sign(&kp, &p3)).is_err());
         let mut p4 = p.clone();
         p4[5] ^= 1;
-        assert!(check_payload(&[tk.clone()], d, &p4, &s).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, &p4, &s).is_err());
         assert!(check_payload(&[tk], d, &p, "!!!").is_err());
     }
 

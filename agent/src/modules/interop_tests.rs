@@ -1,0 +1,647 @@
+//! Interop and tamper tests against real tools on loopback: Debian's `docker-registry`
+//! (a child on 127.0.0.1:<free port>, killed on drop), images pushed with `oras`,
+//! signed with `cosign sign --key` (no transparency log), pulled by our agent code.
+//! A missing tool skips its test loudly; nothing is faked.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
+use powernode_proto::ErrorCode;
+
+use super::pull::{pull_module, PullError, PullReport};
+use super::registry::{RegistryClient, RegistryOptions, Repository};
+use super::signature::{parse_trust_keys, TrustKey};
+use super::store::ObjectStore;
+use super::ModuleErrorCode;
+use powernode_modfmt::publish::{build_module, BuildOptions, LayerCompression};
+use powernode_modfmt::testutil::pseudo_random;
+
+/// A small tree with what a module has: dirs, modes, a symlink, a hardlink, an empty file.
+fn sample_tree(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("usr/bin/tool"), pseudo_random(70_000, 3)).unwrap();
+    std::fs::set_permissions(
+        root.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/conf"), b"a=1\n").unwrap();
+    std::fs::write(root.join("etc/empty"), b"").unwrap();
+    let _ = std::fs::hard_link(root.join("etc/conf"), root.join("etc/conf.link"));
+    let _ = std::os::unix::fs::symlink("../usr/bin/tool", root.join("etc/tool"));
+}
+
+/// An uncompressed tar with raw entry names (the tar crate refuses `..` in `set_path`).
+fn raw_tar(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn skip(what: &str) {
+    eprintln!("\n!!!!! SKIPPED: {what}; this interop test did NOT run !!!!!\n");
+}
+
+/// `oras`/`cosign` from the project cache (scripts/tools), else PATH.
+fn tool(name: &str) -> Option<PathBuf> {
+    let cached = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cache/root/usr/bin")
+        .join(name);
+    if cached.is_file() {
+        return Some(cached);
+    }
+    if let Some(p) = powernode_modfmt::testutil::test_tool(name) {
+        return Some(p);
+    }
+    cached.is_file().then_some(cached)
+}
+
+struct Tools {
+    oras: PathBuf,
+    cosign: PathBuf,
+}
+
+fn tools() -> Option<Tools> {
+    let oras = tool("oras");
+    let cosign = tool("cosign");
+    match (oras, cosign) {
+        (Some(oras), Some(cosign)) => Some(Tools { oras, cosign }),
+        _ => {
+            skip("oras/cosign not available (scripts/tools)");
+            None
+        }
+    }
+}
+
+/// A `docker-registry` child on a free loopback port, killed (by its pid) on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    fn start() -> Option<Registry> {
+        let bin = Path::new("/usr/bin/docker-registry");
+        if !bin.is_file() {
+            skip("docker-registry not installed (apt-get install -y docker-registry)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Pick a free port; the tiny race with other binds is acceptable in tests.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let reg = Registry { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(reg);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("docker-registry did not listen on {port}");
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    fn flip(&self, digest: &str, at: usize) {
+        let p = self.blob_path(digest);
+        let mut b = std::fs::read(&p).unwrap();
+        let i = at.min(b.len() - 1);
+        b[i] ^= 0x01;
+        std::fs::write(&p, b).unwrap();
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A cosign key pair made by `cosign generate-key-pair` in `dir`.
+struct Key {
+    dir: PathBuf,
+}
+
+impl Key {
+    fn generate(t: &Tools, dir: &Path) -> Key {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new(&t.cosign)
+            .arg("generate-key-pair")
+            .current_dir(dir)
+            .env("COSIGN_PASSWORD", "test"));
+        Key {
+            dir: dir.to_path_buf(),
+        }
+    }
+    fn public_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cosign.pub")).unwrap()
+    }
+    fn trust(&self) -> Vec<TrustKey> {
+        parse_trust_keys(&[self.public_pem()]).unwrap()
+    }
+}
+
+fn sign(t: &Tools, key: &Key, reference: &str) {
+    run(Command::new(&t.cosign)
+        .args(["sign", "--key"])
+        .arg(key.dir.join("cosign.key"))
+        .args([
+            "--tlog-upload=false",
+            "--allow-http-registry",
+            "--allow-insecure-registry",
+            "-y",
+            reference,
+        ])
+        .env("COSIGN_PASSWORD", "test"));
+}
+
+/// `oras push` of `layers` (file name, media type) in `dir` with manifest annotations;
+/// returns the manifest digest.
+fn push(
+    t: &Tools,
+    reference: &str,
+    dir: &Path,
+    layers: &[(&str, &str)],
+    config: Option<(&str, &str)>,
+    annotations: &[(&str, String)],
+) -> String {
+    let mut cmd = Command::new(&t.oras);
+    cmd.args(["push", "--plain-http", "--format", "json"])
+        .current_dir(dir);
+    for (k, v) in annotations {
+        cmd.arg("--annotation").arg(format!("{k}={v}"));
+    }
+    if let Some((file, mt)) = config {
+        cmd.arg("--config").arg(format!("{file}:{mt}"));
+    }
+    cmd.arg(reference);
+    for (file, mt) in layers {
+        cmd.arg(format!("{file}:{mt}"));
+    }
+    let out = run(&mut cmd);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["digest"].as_str().unwrap().to_string()
+}
+
+fn client() -> RegistryClient {
+    RegistryClient::new(RegistryOptions {
+        allow_http_loopback: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn pull(
+    reg: &Registry,
+    repo: &str,
+    digest: &str,
+    keys: &[TrustKey],
+    store: &ObjectStore,
+) -> Result<PullReport, PullError> {
+    let repo: Repository = format!("{}/{repo}", reg.host()).parse().unwrap();
+    pull_module(&client(), &repo, digest, keys, store)
+}
+
+fn expect_code(r: Result<PullReport, PullError>, code: ErrorCode, case: &str) {
+    match r {
+        Ok(_) => panic!("{case}: accepted, expected {}", code.as_str()),
+        Err(e) => assert_eq!(
+            e.code(),
+            code,
+            "{case}: wrong code for {}",
+            crate::error_chain(&e)
+        ),
+    }
+    eprintln!("tamper matrix: {case:<46} -> {}", code.as_str());
+}
+
+/// Publishes the folder `src` as `repo:tag` (gzip layer + composefs annotation), with
+/// an optional unique config; returns (manifest digest, built module).
+fn publish_dir(
+    t: &Tools,
+    reg: &Registry,
+    work: &Path,
+    src: &Path,
+    repo: &str,
+    tag: &str,
+    config: bool,
+) -> (String, powernode_modfmt::publish::BuiltModule) {
+    let scratch = ObjectStore::open(&work.join("scratch")).unwrap();
+    let built = build_module(src, &BuildOptions::default(), &scratch).unwrap();
+    let layer_name = format!("{repo}-{tag}.tar.gz").replace('/', "_");
+    std::fs::write(work.join(&layer_name), &built.layer).unwrap();
+    let cfg_name = format!("{repo}-{tag}.config.json").replace('/', "_");
+    if config {
+        std::fs::write(
+            work.join(&cfg_name),
+            format!(
+                r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}},"config":{{"Labels":{{"t":"{repo}{tag}"}}}}}}"#,
+                built.diff_id
+            ),
+        )
+        .unwrap();
+    }
+    let digest = push(
+        t,
+        &format!("{}/{repo}:{tag}", reg.host()),
+        work,
+        &[(&layer_name, built.layer_media_type)],
+        config.then_some((&cfg_name, "application/vnd.oci.image.config.v1+json")),
+        &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+    );
+    (digest, built)
+}
+
+#[test]
+fn registry_interop_and_tamper_matrix() {
+    let Some(t) = tools() else { return };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key-a"));
+    let other = Key::generate(&t, &w.join("key-b"));
+    let src = w.join("src");
+    sample_tree(&src);
+    let fresh = |name: &str| ObjectStore::open(&w.join("stores").join(name)).unwrap();
+
+    // The good path: oras push, cosign sign --key, our agent pulls and verifies.
+    let (good, built) = publish_dir(&t, &reg, w, &src, "mod/good", "v1", true);
+    sign(&t, &key, &format!("{}/mod/good@{good}", reg.host()));
+    let store = fresh("good");
+    let r = pull(&reg, "mod/good", &good, &key.trust(), &store).unwrap();
+    assert_eq!(r.image(), built.image_digest);
+    assert!(!r.install.already_present);
+    assert_eq!(
+        std::fs::read(store.image_path(&r.image())).unwrap(),
+        built.image
+    );
+    // A second pull fetches manifests and signature only.
+    let again = pull(&reg, "mod/good", &good, &key.trust(), &store).unwrap();
+    assert!(again.install.already_present);
+    assert!(again.bytes_received < 4096, "{}", again.bytes_received);
+    // Either of several trust keys will do.
+    let both = parse_trust_keys(&[other.public_pem(), key.public_pem()]).unwrap();
+    pull(&reg, "mod/good", &good, &both, &fresh("both")).unwrap();
+
+    // A byte flipped in a stored object: its check refuses it.
+    let obj = store.image_objects(&r.image()).unwrap()[0];
+    let p = store.object_path(&obj);
+    let mut b = std::fs::read(&p).unwrap();
+    b[0] ^= 1;
+    let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    std::fs::write(&p, b).unwrap();
+    let e = store.verify(&obj).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::VerityMismatch, "{e}");
+    eprintln!(
+        "tamper matrix: {:<46} -> verity_mismatch",
+        "byte flipped in a stored object"
+    );
+
+    // Signature by another key; several keys none of which signed.
+    expect_code(
+        pull(&reg, "mod/good", &good, &other.trust(), &fresh("other")),
+        ErrorCode::SignatureMismatch,
+        "signature by another key",
+    );
+
+    // No signature at all.
+    let (unsigned, _) = publish_dir(&t, &reg, w, &src, "mod/unsigned", "v1", false);
+    expect_code(
+        pull(
+            &reg,
+            "mod/unsigned",
+            &unsigned,
+            &key.trust(),
+            &fresh("unsigned"),
+        ),
+        ErrorCode::SignatureMissing,
+        "no signature",
+    );
+
+    // The composefs annotation names another image (signed as such by the publisher).
+    let layer_name = "mod_good-v1.tar.gz";
+    let wrong = push(
+        &t,
+        &format!("{}/mod/wrongimg:v1", reg.host()),
+        w,
+        &[(layer_name, built.layer_media_type)],
+        None,
+        &[(
+            COMPOSEFS_DIGEST_ANNOTATION,
+            powernode_modfmt::verity::digest_bytes(b"another image").to_string(),
+        )],
+    );
+    sign(&t, &key, &format!("{}/mod/wrongimg@{wrong}", reg.host()));
+    expect_code(
+        pull(
+            &reg,
+            "mod/wrongimg",
+            &wrong,
+            &key.trust(),
+            &fresh("wrongimg"),
+        ),
+        ErrorCode::VerityMismatch,
+        "composefs digest annotation for another image",
+    );
+
+    // A signature payload for another digest, copied onto this one's signature tag.
+    let (victim, _) = publish_dir(&t, &reg, w, &src, "mod/victim", "v1", true);
+    let (donor, _) = publish_dir(&t, &reg, w, &src, "mod/victim", "v2", false);
+    sign(&t, &key, &format!("{}/mod/victim@{donor}", reg.host()));
+    let sig = |d: &str| super::signature::signature_tag(d);
+    run(Command::new(&t.oras).args([
+        "cp",
+        "--from-plain-http",
+        "--to-plain-http",
+        &format!("{}/mod/victim:{}", reg.host(), sig(&donor)),
+        &format!("{}/mod/victim:{}", reg.host(), sig(&victim)),
+    ]));
+    expect_code(
+        pull(&reg, "mod/victim", &victim, &key.trust(), &fresh("victim")),
+        ErrorCode::SignatureMismatch,
+        "signature payload naming another manifest",
+    );
+
+    // Unsafe paths: a signed image whose layer has `../` and an absolute escape.
+    for (i, name) in ["../escape", "a/../../escape"].iter().enumerate() {
+        let layer = raw_tar(&[(name.as_bytes(), b"x".as_slice())]);
+        let f = format!("unsafe{i}.tar");
+        std::fs::write(w.join(&f), &layer).unwrap();
+        let d = push(
+            &t,
+            &format!("{}/mod/unsafe:v{i}", reg.host()),
+            w,
+            &[(&f, "application/vnd.oci.image.layer.v1.tar")],
+            None,
+            &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+        );
+        sign(&t, &key, &format!("{}/mod/unsafe@{d}", reg.host()));
+        expect_code(
+            pull(
+                &reg,
+                "mod/unsafe",
+                &d,
+                &key.trust(),
+                &fresh(&format!("unsafe{i}")),
+            ),
+            ErrorCode::UnsafePath,
+            &format!("tar entry {name:?}"),
+        );
+    }
+
+    // Unknown layer media type (signed).
+    let d = push(
+        &t,
+        &format!("{}/mod/mediatype:v1", reg.host()),
+        w,
+        &[(layer_name, "application/x-not-a-layer")],
+        None,
+        &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+    );
+    sign(&t, &key, &format!("{}/mod/mediatype@{d}", reg.host()));
+    expect_code(
+        pull(&reg, "mod/mediatype", &d, &key.trust(), &fresh("mediatype")),
+        ErrorCode::UnsupportedMediaType,
+        "unknown layer media type",
+    );
+
+    // 404 and a registry that is down.
+    let missing = format!("sha256:{}", "ab".repeat(32));
+    expect_code(
+        pull(&reg, "mod/good", &missing, &key.trust(), &fresh("404")),
+        ErrorCode::OciNotFound,
+        "pinned digest not in the registry (404)",
+    );
+    let down: Repository = {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("127.0.0.1:{port}/mod/good").parse().unwrap()
+    };
+    expect_code(
+        pull_module(&client(), &down, &good, &key.trust(), &fresh("down")),
+        ErrorCode::RegistryUnreachable,
+        "registry down",
+    );
+
+    // Byte flips in the registry's storage. Each image is its own, so the flips do not
+    // disturb the others; blobs are content-addressed and shared, hence unique content.
+    let tampered = |repo: &str, tag: &str| {
+        let s = w.join(format!("src-{repo}-{tag}").replace('/', "_"));
+        sample_tree(&s);
+        std::fs::write(s.join("unique"), format!("{repo}{tag}")).unwrap();
+        let (d, b) = publish_dir(&t, &reg, w, &s, repo, tag, true);
+        sign(&t, &key, &format!("{}/{repo}@{d}", reg.host()));
+        pull(&reg, repo, &d, &key.trust(), &fresh(&format!("pre-{tag}"))).unwrap();
+        (d, b)
+    };
+    let (d, b) = tampered("mod/flip", "layer");
+    reg.flip(&b.layer_digest, 100);
+    expect_code(
+        pull(&reg, "mod/flip", &d, &key.trust(), &fresh("flip-layer")),
+        ErrorCode::DigestMismatch,
+        "byte flipped in a layer",
+    );
+    // The registry parses manifests it serves: flip a hex digit of the composefs
+    // annotation, so the bytes stay valid JSON and only the digest check can tell.
+    let (d, b) = tampered("mod/flip", "manifest");
+    let mp = reg.blob_path(&d);
+    let text = std::fs::read_to_string(&mp).unwrap();
+    let at = text.find(&b.image_digest.to_hex()).unwrap() + 7;
+    let mut bytes = text.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&mp, bytes).unwrap();
+    expect_code(
+        pull(&reg, "mod/flip", &d, &key.trust(), &fresh("flip-manifest")),
+        ErrorCode::DigestMismatch,
+        "byte flipped in the manifest",
+    );
+    let (d, _) = tampered("mod/flip", "config");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reg.blob_path(&d)).unwrap()).unwrap();
+    reg.flip(manifest["config"]["digest"].as_str().unwrap(), 10);
+    expect_code(
+        pull(&reg, "mod/flip", &d, &key.trust(), &fresh("flip-config")),
+        ErrorCode::DigestMismatch,
+        "byte flipped in the config",
+    );
+    // A pinned digest whose stored bytes are another manifest's.
+    let (d, _) = tampered("mod/flip", "swap");
+    std::fs::copy(reg.blob_path(&good), reg.blob_path(&d)).unwrap();
+    expect_code(
+        pull(&reg, "mod/flip", &d, &key.trust(), &fresh("swap")),
+        ErrorCode::DigestMismatch,
+        "pinned digest serving another manifest",
+    );
+}
+
+#[test]
+fn dedup_v1_then_v2_moves_only_the_change() {
+    let Some(t) = tools() else { return };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key"));
+    let src = w.join("v1");
+    std::fs::create_dir_all(src.join("f")).unwrap();
+    for i in 0..1000u64 {
+        std::fs::write(
+            src.join(format!("f/{i}")),
+            pseudo_random(2000 + i as usize, i),
+        )
+        .unwrap();
+    }
+    let (v1, _) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v1", true);
+    sign(&t, &key, &format!("{}/mod/dedup@{v1}", reg.host()));
+    let changed = pseudo_random(3000, 99_999);
+    std::fs::write(src.join("f/500"), &changed).unwrap();
+    let (v2, b2) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v2", true);
+    sign(&t, &key, &format!("{}/mod/dedup@{v2}", reg.host()));
+
+    let store = ObjectStore::open(&w.join("store")).unwrap();
+    let r1 = pull(&reg, "mod/dedup", &v1, &key.trust(), &store).unwrap();
+    let r2 = pull(&reg, "mod/dedup", &v2, &key.trust(), &store).unwrap();
+    eprintln!(
+        "dedup: v1 received {} B, stored {} objects / {} B; v2 received {} B \
+         (layer {} B), stored {} new objects / {} B (the changed file is {} B)",
+        r1.bytes_received,
+        r1.install.layers.new_objects,
+        r1.install.layers.new_bytes,
+        r2.bytes_received,
+        b2.layer.len(),
+        r2.install.layers.new_objects,
+        r2.install.layers.new_bytes,
+        changed.len()
+    );
+    // The store gains the changed file only (plus the new image).
+    assert_eq!(r2.install.layers.new_objects, 1);
+    assert_eq!(r2.install.layers.new_bytes, changed.len() as u64);
+    assert_eq!(r2.install.layers.deduplicated_objects, 999);
+    // On the wire an OCI layer is the unit: v2's single layer is fetched whole.
+    // (Metadata = manifests + signature + config, a few KiB.)
+    assert!(r2.bytes_received <= b2.layer.len() as u64 + 16 * 1024);
+    // An unchanged module set fetches no layer at all.
+    let r3 = pull(&reg, "mod/dedup", &v2, &key.trust(), &store).unwrap();
+    assert!(r3.install.already_present);
+    assert!(r3.bytes_received < 4096, "{}", r3.bytes_received);
+}
+
+/// `cargo test -p powernode-agent --release -- --ignored bench_pull --nocapture`
+#[test]
+#[ignore = "benchmark: ~200 MiB, prints figures"]
+fn bench_pull_200mib_vs_oras() {
+    let Some(t) = tools() else { return };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key"));
+    let src = w.join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..50u64 {
+        std::fs::write(src.join(format!("blob{i}")), pseudo_random(4 << 20, i + 1)).unwrap();
+    }
+    let scratch = ObjectStore::open(&w.join("scratch")).unwrap();
+    let built = build_module(
+        &src,
+        &BuildOptions {
+            compression: LayerCompression::None,
+            ..Default::default()
+        },
+        &scratch,
+    )
+    .unwrap();
+    std::fs::write(w.join("big.tar"), &built.layer).unwrap();
+    let d = push(
+        &t,
+        &format!("{}/mod/big:v1", reg.host()),
+        w,
+        &[("big.tar", built.layer_media_type)],
+        None,
+        &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+    );
+    sign(&t, &key, &format!("{}/mod/big@{d}", reg.host()));
+    let mib = built.layer.len() as f64 / (1 << 20) as f64;
+
+    let store = ObjectStore::open(&w.join("store")).unwrap();
+    let t0 = Instant::now();
+    let r = pull(&reg, "mod/big", &d, &key.trust(), &store).unwrap();
+    let ours = t0.elapsed();
+    let out = w.join("oras-out");
+    let t0 = Instant::now();
+    run(Command::new(&t.oras)
+        .args(["pull", "--plain-http", "-o"])
+        .arg(&out)
+        .arg(format!("{}/mod/big@{d}", reg.host())));
+    let oras = t0.elapsed();
+    eprintln!(
+        "bench: {mib:.0} MiB module: agent pull+verify+unpack+image {:.2}s ({:.0} MiB/s, {} B received) \
+         vs oras pull {:.2}s ({:.0} MiB/s): ratio {:.2}x",
+        ours.as_secs_f64(),
+        mib / ours.as_secs_f64(),
+        r.bytes_received,
+        oras.as_secs_f64(),
+        mib / oras.as_secs_f64(),
+        oras.as_secs_f64() / ours.as_secs_f64()
+    );
+}
