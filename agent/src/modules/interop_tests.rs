@@ -645,3 +645,113 @@ fn bench_pull_200mib_vs_oras() {
         oras.as_secs_f64() / ours.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_reconciler_pulls_swaps_and_removes() {
+    use super::mount::RecordingMounter;
+    use super::reconciler::ModuleRuntime;
+    use crate::reconcile::Reconciler;
+    use powernode_proto::node::{DesiredModule, DesiredModulesResponse};
+    use std::sync::Arc;
+
+    // Tools, registry and publishing are blocking; keep them off the async workers.
+    let setup = tokio::task::spawn_blocking(|| {
+        let t = tools()?;
+        let reg = Registry::start()?;
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path().to_path_buf();
+        let key = Key::generate(&t, &w.join("key"));
+        let src = w.join("src");
+        sample_tree(&src);
+        let (v1, b1) = publish_dir(&t, &reg, &w, &src, "mod/rt", "v1", true);
+        sign(&t, &key, &format!("{}/mod/rt@{v1}", reg.host()));
+        std::fs::write(src.join("etc/conf"), b"a=2\n").unwrap();
+        let (v2, b2) = publish_dir(&t, &reg, &w, &src, "mod/rt", "v2", true);
+        sign(&t, &key, &format!("{}/mod/rt@{v2}", reg.host()));
+        let (bad, _) = publish_dir(&t, &reg, &w, &src, "mod/rt", "unsigned", false);
+        Some((reg, work, key, v1, b1, v2, b2, bad))
+    })
+    .await
+    .unwrap();
+    let Some((reg, work, key, v1, b1, v2, b2, bad)) = setup else {
+        return;
+    };
+    let w = work.path();
+    let mounter = Arc::new(RecordingMounter::default());
+    let rt = Arc::new(ModuleRuntime::new(
+        ObjectStore::open(&w.join("store")).unwrap(),
+        RegistryOptions {
+            allow_http_loopback: true,
+            ..Default::default()
+        },
+        mounter.clone(),
+        w.join("run-modules"),
+        vec![],
+    ));
+    let desired = |digest: &str, version: &str| DesiredModulesResponse {
+        modules: vec![
+            DesiredModule {
+                name: "tools".into(),
+                version: version.into(),
+                repository: format!("{}/mod/rt", reg.host()),
+                digest: digest.into(),
+                kind: "runtime".into(),
+            },
+            // Root modules are the init's: the reconciler must not touch them.
+            DesiredModule {
+                name: "base".into(),
+                version: "1".into(),
+                repository: format!("{}/mod/absent", reg.host()),
+                digest: format!("sha256:{}", "00".repeat(32)),
+                kind: "root".into(),
+            },
+        ],
+        trust_keys: vec![key.public_pem()],
+    };
+
+    rt.reconcile(&desired(&v1, "1")).await.unwrap();
+    let running = rt.running();
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        (running[0].name.as_str(), running[0].digest.as_str()),
+        ("tools", v1.as_str())
+    );
+    assert_eq!(rt.live_images(), vec![b1.image_digest]);
+    let target = w.join("run-modules/tools");
+    let calls = mounter.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("mount overlay") && c.contains(&target.display().to_string())),
+        "{calls:?}"
+    );
+
+    // Same digest again: nothing is mounted anew.
+    let n = mounter.calls().len();
+    rt.reconcile(&desired(&v1, "1")).await.unwrap();
+    assert_eq!(mounter.calls().len(), n);
+
+    // v2: the old mount goes, the new one comes.
+    rt.reconcile(&desired(&v2, "2")).await.unwrap();
+    assert_eq!(rt.running()[0].digest, v2);
+    assert_eq!(rt.live_images(), vec![b2.image_digest]);
+    let calls = mounter.calls();
+    assert!(
+        calls[n..]
+            .iter()
+            .any(|c| c == &format!("umount {}", target.display())),
+        "{calls:?}"
+    );
+
+    // An unsigned module is refused with its code and leaves v2 running.
+    let err = rt.reconcile(&desired(&bad, "3")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::SignatureMissing, "{}", err.message);
+    assert_eq!(rt.running()[0].digest, v2);
+
+    // Nothing desired: unmounted.
+    rt.reconcile(&DesiredModulesResponse::default())
+        .await
+        .unwrap();
+    assert!(rt.running().is_empty());
+    drop(reg);
+}
