@@ -755,3 +755,90 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
     assert!(rt.running().is_empty());
     drop(reg);
 }
+
+/// Root only: a module pushed with oras and signed with cosign, pulled by us, mounts
+/// as composefs and shows the publisher's tree; a union root over it is writable.
+#[test]
+fn pulled_module_mounts_with_the_kernel() {
+    use super::mount::{mount_module, mount_union, KernelMounter, Mounter, Upper};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        skip("mounting needs root");
+        return;
+    }
+    let Some(t) = tools() else { return };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key"));
+    let src = w.join("src");
+    sample_tree(&src);
+    std::fs::set_permissions(src.join("etc"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (d, built) = publish_dir(&t, &reg, w, &src, "mod/mnt", "v1", true);
+    sign(&t, &key, &format!("{}/mod/mnt@{d}", reg.host()));
+    let store = ObjectStore::open(&w.join("store")).unwrap();
+    let r = pull(&reg, "mod/mnt", &d, &key.trust(), &store).unwrap();
+    assert_eq!(r.image(), built.image_digest);
+
+    let m = KernelMounter;
+    let target = w.join("module");
+    let image_mnt = w.join("image");
+    mount_module(&m, &store, &r.image(), &image_mnt, &target).unwrap();
+    struct Unmount<'a>(Vec<PathBuf>, &'a KernelMounter);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = self.1.unmount(p);
+            }
+        }
+    }
+    let mut guard = Unmount(vec![target.clone(), image_mnt.clone()], &m);
+    assert_eq!(
+        std::fs::read(target.join("usr/bin/tool")).unwrap(),
+        std::fs::read(src.join("usr/bin/tool")).unwrap()
+    );
+    assert_eq!(std::fs::read(target.join("etc/conf")).unwrap(), b"a=1\n");
+    assert_eq!(
+        std::fs::read_link(target.join("etc/tool")).unwrap(),
+        Path::new("../usr/bin/tool")
+    );
+    let md = std::fs::metadata(target.join("usr/bin/tool")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o755);
+    assert_eq!((md.uid(), md.gid(), md.mtime()), (0, 0, 0));
+    assert_eq!(
+        std::fs::metadata(target.join("etc")).unwrap().mode() & 0o7777,
+        0o750
+    );
+    assert_eq!(
+        std::fs::metadata(target.join("etc/conf")).unwrap().ino(),
+        std::fs::metadata(target.join("etc/conf.link"))
+            .unwrap()
+            .ino()
+    );
+    assert!(
+        std::fs::write(target.join("etc/new"), b"x").is_err(),
+        "module mounts are read-only"
+    );
+
+    let root = w.join("root");
+    let union = mount_union(
+        &m,
+        &store,
+        &[r.image()],
+        &w.join("union"),
+        &Upper::Tmpfs,
+        &root,
+    )
+    .unwrap();
+    guard.0.insert(0, root.clone());
+    std::fs::write(root.join("etc/new"), b"x").unwrap();
+    std::fs::write(root.join("etc/conf"), b"changed").unwrap();
+    assert_eq!(
+        std::fs::read(target.join("etc/conf")).unwrap(),
+        b"a=1\n",
+        "lower untouched"
+    );
+    store.verify_image(&r.image()).unwrap();
+    union.unmount(&m).unwrap();
+    guard.0.remove(0);
+}
