@@ -678,16 +678,19 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
     };
     let w = work.path();
     let mounter = Arc::new(RecordingMounter::default());
-    let rt = Arc::new(ModuleRuntime::new(
-        ObjectStore::open(&w.join("store")).unwrap(),
-        RegistryOptions {
-            allow_http_loopback: true,
-            ..Default::default()
-        },
-        mounter.clone(),
-        w.join("run-modules"),
-        vec![],
-    ));
+    let rt = Arc::new(
+        ModuleRuntime::new(
+            ObjectStore::open(&w.join("store")).unwrap(),
+            RegistryOptions {
+                allow_http_loopback: true,
+                ..Default::default()
+            },
+            mounter.clone(),
+            w.join("run-modules"),
+            vec![],
+        )
+        .with_gc(vec![]),
+    );
     let desired = |digest: &str, version: &str| DesiredModulesResponse {
         modules: vec![
             DesiredModule {
@@ -735,6 +738,10 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
     rt.reconcile(&desired(&v2, "2")).await.unwrap();
     assert_eq!(rt.running()[0].digest, v2);
     assert_eq!(rt.live_images(), vec![b2.image_digest]);
+    // The swap collected v1's image; its objects v2 shares stay.
+    assert!(!rt.store().has_image(&b1.image_digest));
+    assert!(rt.store().has_image(&b2.image_digest));
+    rt.store().verify_image(&b2.image_digest).unwrap();
     let calls = mounter.calls();
     assert!(
         calls[n..]

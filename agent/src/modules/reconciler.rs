@@ -133,6 +133,12 @@ pub struct ModuleRuntime {
     mounted: Mutex<BTreeMap<String, Mounted>>,
     /// Root modules the init composed (reported as running; never swapped live).
     root: Vec<RunningModule>,
+    /// With `Some(root images)`, unreferenced objects are collected after a reconcile
+    /// that dropped a module. Off by default: the store may hold the root's images, and
+    /// collecting without naming them would delete the running root's objects.
+    gc_keep: Option<Vec<VerityDigest>>,
+    /// A module was swapped since the last collection.
+    swaps: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -158,7 +164,16 @@ impl ModuleRuntime {
             dir,
             mounted: Mutex::new(BTreeMap::new()),
             root,
+            gc_keep: None,
+            swaps: Default::default(),
         }
+    }
+
+    /// Turns on garbage collection; `root_images` are the composefs images of the root
+    /// modules in use (they share the store), kept along with the mounted modules'.
+    pub fn with_gc(mut self, root_images: Vec<VerityDigest>) -> Self {
+        self.gc_keep = Some(root_images);
+        self
     }
 
     /// Images of the mounted runtime modules: with the root images, the live set for
@@ -234,6 +249,7 @@ impl ModuleRuntime {
                 };
                 if let Some(old) = self.mounted().remove(&m.name) {
                     self.unmount(&old);
+                    self.swaps.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 mount_module(
                     &*self.mounter,
@@ -261,7 +277,22 @@ impl ModuleRuntime {
         for m in &gone {
             self.unmount(m);
         }
+        if let Some(keep) = &self.gc_keep {
+            if self.swapped_or_dropped(&gone) {
+                let mut live = keep.clone();
+                live.extend(self.live_images());
+                match self.store.gc(&live) {
+                    Ok(s) => tracing::info!(?s, "module store collected"),
+                    // A failed collection wastes space, nothing more: report, go on.
+                    Err(e) => tracing::warn!(error = %crate::error_chain(&e), "module gc failed"),
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn swapped_or_dropped(&self, gone: &[Mounted]) -> bool {
+        !gone.is_empty() || self.swaps.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
