@@ -525,3 +525,108 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A one-thread HTTP/1.1 server on loopback answering from `route(request line,
+    /// authorization header)`; closes each connection after one response.
+    fn serve(
+        route: impl Fn(&str, Option<&str>) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + 'static,
+    ) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let mut auth = None;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.strip_prefix("authorization: ") {
+                        auth = Some(v.trim().to_string());
+                    }
+                }
+                let (status, headers, body) = route(line.trim(), auth.as_deref());
+                let mut out = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str("\r\n");
+                let _ = s.write_all(out.as_bytes());
+                let _ = s.write_all(&body);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn bearer_challenge_is_answered_and_the_token_reused() {
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.to_vec();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+        let port_cell = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+        let pc = port_cell.clone();
+        let port = serve(move |line, auth| {
+            if line.starts_with("GET /token?") {
+                assert!(line.contains("scope=repository%3Amod%2Fx%3Apull"), "{line}");
+                return (200, vec![], br#"{"token":"t0k"}"#.to_vec());
+            }
+            if auth != Some("Bearer t0k") {
+                let realm = format!("http://127.0.0.1:{}/token", pc.get().unwrap());
+                return (
+                    401,
+                    vec![(
+                        "www-authenticate".into(),
+                        format!(r#"Bearer realm="{realm}",service="reg""#),
+                    )],
+                    vec![],
+                );
+            }
+            (200, vec![], manifest.clone())
+        });
+        port_cell.set(port).unwrap();
+        let c = RegistryClient::new(RegistryOptions {
+            allow_http_loopback: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let repo: Repository = format!("127.0.0.1:{port}/mod/x").parse().unwrap();
+        let m = c.manifest(&repo, &digest, Some(&digest)).unwrap();
+        assert_eq!(m.digest, digest);
+        // Cached token: the second request carries it straight away.
+        c.manifest(&repo, &digest, Some(&digest)).unwrap();
+        // A pin the bytes do not match.
+        let other = format!("sha256:{}", "1".repeat(64));
+        let e = c.manifest(&repo, &other, Some(&other)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::DigestMismatch);
+    }
+
+    #[test]
+    fn unknown_manifest_types_and_https_without_ca_are_refused() {
+        let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[],"config":{"mediaType":"x","digest":"sha256:00","size":0}}"#.to_vec();
+        let port = serve(move |_, _| (200, vec![], body.clone()));
+        let c = RegistryClient::new(RegistryOptions {
+            allow_http_loopback: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let repo: Repository = format!("127.0.0.1:{port}/mod/x").parse().unwrap();
+        let e = c.manifest(&repo, "latest", None).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::UnsupportedMediaType, "{e}");
+        let strict = RegistryClient::new(RegistryOptions::default()).unwrap();
+        let e = strict.manifest(&repo, "latest", None).unwrap_err();
+        assert!(matches!(e, RegistryError::InsecureRefused(_)), "{e}");
+    }
+}
