@@ -130,7 +130,8 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn poll_exited(&self) -> Vec<VmExit> {
         Vec::new()
     }
-    /// Kills every VM (server shutdown). Returns how many were running.
+    /// Kills every VM and refuses new ones (server shutdown). Returns how many were
+    /// running.
     fn shutdown(&self) -> usize {
         0
     }
@@ -287,7 +288,8 @@ impl Provider for Disabled {
 pub struct Real {
     pub image_base: PathBuf,
     extra_args: Vec<String>,
-    vms: Mutex<HashMap<String, Vm>>,
+    /// `None` once the server shut down: no VM may start after that.
+    vms: Mutex<Option<HashMap<String, Vm>>>,
 }
 
 impl Real {
@@ -295,11 +297,11 @@ impl Real {
         Self {
             image_base,
             extra_args: env_extra_args(),
-            vms: Mutex::new(HashMap::new()),
+            vms: Mutex::new(Some(HashMap::new())),
         }
     }
 
-    fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vm>> {
+    fn vms(&self) -> std::sync::MutexGuard<'_, Option<HashMap<String, Vm>>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -368,13 +370,21 @@ impl Provider for Real {
             "identity": spec.identity,
         });
         tracing::info!(instance = %spec.instance_id, pid = vm.pid(), ?accel, "VM started");
-        self.vms().insert(spec.instance_id.clone(), vm);
-        Ok(record)
+        match self.vms().as_mut() {
+            Some(vms) => {
+                vms.insert(spec.instance_id.clone(), vm);
+                Ok(record)
+            }
+            // Shut down while this VM was starting: it dies here (Vm's drop kills it).
+            None => Err(ProviderError::Failed(
+                "the server is shutting down; the VM was killed".into(),
+            )),
+        }
     }
 
     fn destroy(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
         // Taken out of the map first, so the exit watcher never reports a VM we kill.
-        let vm = self.vms().remove(instance_id);
+        let vm = self.vms().as_mut().and_then(|v| v.remove(instance_id));
         let Some(mut vm) = vm else {
             return Ok(json!({
                 "provider": "real", "action": "destroy", "instance_id": instance_id,
@@ -406,7 +416,10 @@ impl Provider for Real {
     }
 
     fn poll_exited(&self) -> Vec<VmExit> {
-        let mut vms = self.vms();
+        let mut guard = self.vms();
+        let Some(vms) = guard.as_mut() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         let ids: Vec<String> = vms.keys().cloned().collect();
         for id in ids {
@@ -429,7 +442,8 @@ impl Provider for Real {
     }
 
     fn shutdown(&self) -> usize {
-        let mut vms: Vec<Vm> = self.vms().drain().map(|(_, vm)| vm).collect();
+        let taken = self.vms().take().unwrap_or_default();
+        let mut vms: Vec<Vm> = taken.into_values().collect();
         for vm in &mut vms {
             vm.kill();
         }

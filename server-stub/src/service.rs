@@ -38,6 +38,9 @@ use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 use crate::provider::{Provider, ProviderError, ProviderRecord, ProvisionSpec};
 use crate::store::{Store, StoreError};
 
+/// How long a provision call waits for the provider before answering `pending`.
+const PROVISION_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Shared {
     pub cfg: Config,
     /// Control-plane URL put into identity documents.
@@ -576,6 +579,28 @@ impl AppState {
                 Ok((spec, task_id))
             })
             .await?;
+        let instance_id = spec.instance_id.clone();
+        // The provider's work runs as its own task: a slow boot (KVM canary, disk
+        // creation, a loaded host) answers `pending` after PROVISION_ANSWER_WAIT and
+        // finishes in the background; a quick one answers with its outcome.
+        let st = self.clone();
+        let tid = task_id.clone();
+        let work = tokio::spawn(async move { st.run_provider(spec, tid).await });
+        match tokio::time::timeout(PROVISION_ANSWER_WAIT, work).await {
+            Ok(joined) => joined.map_err(|e| AppError::internal(&e))?,
+            Err(_) => Ok(ProvisionResponse {
+                instance: self.get_instance(&instance_id)?,
+                task_id,
+            }),
+        }
+    }
+
+    /// Provision steps 2 and 3: the provider (no lock held), then its outcome.
+    async fn run_provider(
+        &self,
+        spec: ProvisionSpec,
+        task_id: String,
+    ) -> AppResult<ProvisionResponse> {
         let instance_id = spec.instance_id.clone();
         let node_id = spec.node_id.clone();
 

@@ -26,10 +26,15 @@ impl ServerProc {
     }
 
     fn start_with(dir: &Path, mode: &str, extra: &[&str]) -> Self {
+        Self::start_env(dir, mode, extra, &[])
+    }
+
+    fn start_env(dir: &Path, mode: &str, extra: &[&str], env: &[(&str, String)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("POWERNODE_LIBVIRT_MODE", mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -362,6 +367,127 @@ fn published_image_boots_and_a_vm_that_exits_fails_the_instance() {
     // A failed instance terminates without force; there is no VM left to kill.
     let t = cli_json(tmp.path(), &["terminate-instance", &inst]);
     assert_eq!(t["status"], "terminated");
+}
+
+/// Whether `pid` is alive (not a zombie).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn vm_pid(dir: &Path, inst: &str) -> u64 {
+    let events = cli_json(dir, &["recent-events", "--instance", inst]);
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "provider.provision")
+        .and_then(|e| e["detail"]["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no VM pid in {events}"))
+}
+
+/// `real` with a stand-in QEMU (a shell loop named qemu-system-x86_64, first on the
+/// server's PATH): the persist disk is made, terminate kills the VM, a clean stop kills
+/// it, and after a SIGKILL the restarted server kills the orphan and fails the instance.
+#[test]
+fn real_provider_vms_live_and_die_with_the_server() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images);
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::write(&fake, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = [
+        (
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        ),
+        ("POWERNODE_ACCEL", "tcg".to_string()),
+    ];
+    let images_arg = images.to_str().unwrap();
+    let data = tmp.path().join("data");
+    let start = || ServerProc::start_env(&data, "real", &["--image-base", images_arg], &env);
+    let provision = |hostname: &str, class: &str| {
+        let node = cli_json(
+            &data,
+            &[
+                "create-node",
+                "--hostname",
+                hostname,
+                "--lifecycle-class",
+                class,
+            ],
+        );
+        let node_id = node["node"]["id"].as_str().unwrap().to_string();
+        let prov = cli_json(&data, &["provision-instance", &node_id]);
+        let inst = prov["instance"]["id"].as_str().unwrap().to_string();
+        (inst.clone(), vm_pid(&data, &inst))
+    };
+    let status = |inst: &str| cli_json(&data, &["get-instance", inst])["instance"].clone();
+
+    let mut server = start();
+    // Persistent: a /persist disk, and terminate kills the VM by its pid.
+    let (p_inst, p_pid) = provision("edge-p", "persistent");
+    assert!(alive(p_pid));
+    let disk = images.join("instances").join(&p_inst).join("persist.img");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1024 << 20);
+    let cmd = std::fs::read_to_string(disk.with_file_name("qemu-command.sh")).unwrap();
+    assert!(cmd.contains("-m 512 -smp 1"), "{cmd}");
+    assert!(cmd.contains("id=persist"), "{cmd}");
+    let t = cli_json(&data, &["terminate-instance", &p_inst]);
+    assert_eq!(t["status"], "terminated");
+    assert!(!alive(p_pid), "terminate left the VM running");
+
+    // A clean stop kills the VM; the restarted server fails its instance.
+    let (e_inst, e_pid) = provision("edge-e", "ephemeral");
+    assert!(alive(e_pid));
+    assert_eq!(status(&e_inst)["status"], "provisioning");
+    assert!(server.signal("-TERM").success());
+    wait_until("VM killed by the clean stop", 10, || !alive(e_pid));
+    server = start();
+    let i = status(&e_inst);
+    assert_eq!(i["status"], "failed", "{i}");
+    let msg = i["failure"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("restarted") && msg.contains("is gone"),
+        "{msg}"
+    );
+
+    // After a SIGKILL the VM is an orphan: the restarted server kills it.
+    let node_id = cli_json(&data, &["get-instance", &e_inst])["instance"]["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cli_json(&data, &["terminate-instance", &e_inst]);
+    let prov = cli_json(&data, &["provision-instance", &node_id]);
+    let k_inst = prov["instance"]["id"].as_str().unwrap().to_string();
+    let k_pid = vm_pid(&data, &k_inst);
+    assert!(alive(k_pid));
+    server.signal("-KILL");
+    assert!(alive(k_pid), "a SIGKILLed server cannot take its VM along");
+    let _server = start();
+    wait_until("orphan killed", 10, || !alive(k_pid));
+    let i = status(&k_inst);
+    assert_eq!(i["status"], "failed", "{i}");
+    assert!(
+        i["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has been killed"),
+        "{i}"
+    );
 }
 
 #[test]

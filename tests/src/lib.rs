@@ -69,6 +69,20 @@ impl ProcessGuard {
         }
     }
 
+    /// SIGTERM (by pid), then up to `timeout` for a clean exit, then SIGKILL.
+    /// Returns whether the process exited by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let clean = self.wait_timeout(timeout).is_ok();
+        self.kill();
+        clean
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.try_wait(), Ok(None))
     }

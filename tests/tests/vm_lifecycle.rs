@@ -1,0 +1,314 @@
+//! VM end-to-end: the runbook against `powernode-stub serve --provider real`. The
+//! server boots a real QEMU VM (Debian cloud kernel, our initramfs, identity by
+//! fw_cfg); the node enrolls over user networking and reaches `running`; then it is
+//! drained and terminated, and the QEMU process must be gone.
+//!
+//! Runs only with `POWERNODE_VM_TESTS=1` (it builds the musl init and the image,
+//! and boots under TCG). The VM's serial log and QEMU command line are copied to
+//! `target/vm-tests/<test>/`, and the command is printed when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server, ServerOptions};
+use serde_json::{json, Value};
+
+fn vm_tests_enabled(test: &str) -> bool {
+    if std::env::var("POWERNODE_VM_TESTS").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!("{test}: skipped (set POWERNODE_VM_TESTS=1 to boot a VM under QEMU)");
+    false
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(powernode_tests::workspace_root());
+    c
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| powernode_tests::workspace_root().join("target"))
+}
+
+/// `target/vm-tests/<name>/`, emptied: where the VM's files are kept for reading.
+fn artifacts_dir(name: &str) -> Result<PathBuf> {
+    let dir = target_dir().join("vm-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Builds the static init and the netboot image into `out`; returns `out`.
+fn build_image(out: &Path) -> Result<PathBuf> {
+    let t = Instant::now();
+    let status = cargo()
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "powernode-init",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--profile",
+            "release-init",
+        ])
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "building the musl init failed");
+    let init = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-init");
+    let status = cargo()
+        .args([
+            "run",
+            "-q",
+            "--release",
+            "-p",
+            "powernode-initramfs",
+            "--",
+            "build",
+        ])
+        .arg("--init")
+        .arg(&init)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .context("running powernode-initramfs")?;
+    ensure!(status.success(), "powernode-initramfs build failed");
+    eprintln!("image built in {:?}: {}", t.elapsed(), out.display());
+    Ok(out.to_path_buf())
+}
+
+/// The server, stopped with SIGTERM (so it kills its VMs) even when the test fails;
+/// a QEMU it started is then killed by its pid if it is somehow still there.
+struct RealServer {
+    server: Option<Server>,
+    qemu_pid: Option<u32>,
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.guard.terminate(Duration::from_secs(10));
+        }
+        if let Some(pid) = self.qemu_pid.filter(|p| qemu_alive(*p)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn qemu_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.contains("(qemu-system") && !stat.contains(") Z ")
+}
+
+fn events(server: &Server, instance: &str) -> Result<Vec<Value>> {
+    let v = server.get(&format!(
+        "{}?limit=200&instance_id={instance}",
+        paths::ADMIN_EVENTS
+    ))?;
+    Ok(v["events"].as_array().cloned().unwrap_or_default())
+}
+
+/// Copies what the VM left (serial log, command, QEMU stderr) to `dest`.
+fn keep_vm_files(instance_dir: &Path, dest: &Path) {
+    for f in ["serial.log", "qemu-command.sh", "qemu.stderr"] {
+        let _ = std::fs::copy(instance_dir.join(f), dest.join(f));
+    }
+}
+
+struct Outcome {
+    instance_dir: Option<PathBuf>,
+}
+
+fn run(name: &str, lifecycle: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
+    let t0 = Instant::now();
+    let image = build_image(&out.join("build"))?;
+    let data = test_dir(name)?.join("data");
+    let mut rs = RealServer {
+        server: Some(Server::start(
+            &data,
+            ServerOptions {
+                heartbeat_interval_seconds: 2,
+                extra: vec![
+                    "--provider".into(),
+                    "real".into(),
+                    "--image-base".into(),
+                    image.to_string_lossy().into_owned(),
+                ],
+                ..ServerOptions::default()
+            },
+        )?),
+        qemu_pid: None,
+    };
+    let server = rs.server.as_ref().context("server")?;
+    let pubs = server.cli(&["list-disk-image-publications"])?;
+    ensure!(
+        pubs["publications"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "the image folder was not published: {pubs}"
+    );
+
+    let node = server.post(
+        paths::ADMIN_NODES,
+        &json!({"hostname": format!("vm-{lifecycle}"), "lifecycle_class": lifecycle}),
+    )?;
+    let node_id = str_at(&node, "/node/id")?;
+    let t_prov = Instant::now();
+    let prov = server.post(&paths::admin_provision(&node_id), &json!({}))?;
+    let inst = str_at(&prov, "/instance/id")?;
+    // A slow start (KVM canary, loaded host) answers `pending` and boots on.
+    let started = wait_for("the VM to start", Duration::from_secs(60), || {
+        let i = server.instance(&inst)?;
+        if i["status"] == "failed" {
+            bail!("provisioning failed: {}", i["failure"]);
+        }
+        Ok(events(server, &inst)?
+            .into_iter()
+            .find(|e| e["kind"] == "provider.provision"))
+    })?;
+    let pid = started["detail"]["pid"].as_u64().context("no VM pid")? as u32;
+    rs.qemu_pid = Some(pid);
+    let instance_dir = PathBuf::from(
+        started["detail"]["instance_dir"]
+            .as_str()
+            .context("no instance_dir")?,
+    );
+    outcome.instance_dir = Some(instance_dir.clone());
+    ensure!(qemu_alive(pid), "QEMU pid {pid} is not running");
+    if lifecycle == "persistent" {
+        ensure!(
+            instance_dir.join("persist.img").exists(),
+            "no persist disk in {}",
+            instance_dir.display()
+        );
+    }
+    wait_for("the serial log", Duration::from_secs(30), || {
+        Ok(std::fs::metadata(instance_dir.join("serial.log"))
+            .ok()
+            .filter(|m| m.len() > 0))
+    })?;
+
+    let running = wait_for("running", Duration::from_secs(120), || {
+        let i = server.instance(&inst)?;
+        match i["status"].as_str() {
+            Some("running") => Ok(Some(i)),
+            Some("failed") => bail!("instance failed: {}", i["failure"]),
+            _ => Ok(None),
+        }
+    })?;
+    let to_running = t_prov.elapsed();
+    println!("{name}: provision -> running in {to_running:?}");
+    println!("{name}: boot timeline (ms since kernel start):");
+    let timeline = running["boot_timeline"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for p in &timeline {
+        println!(
+            "  {:<16} {:>6}",
+            p["phase"].as_str().unwrap_or("?"),
+            p["at_ms"]
+        );
+    }
+    for phase in [
+        "kernel_start",
+        "init_start",
+        "network_up",
+        "enrolled",
+        "ready",
+    ] {
+        ensure!(
+            timeline.iter().any(|p| p["phase"] == phase),
+            "phase {phase} missing from the timeline {timeline:?}"
+        );
+    }
+    ensure!(
+        running["identity_source"] == "fw_cfg",
+        "identity source: {}",
+        running["identity_source"]
+    );
+
+    // Drain, then terminate.
+    let drain = server.post(
+        &paths::admin_drain(&inst),
+        &json!({"timeout_seconds": 60, "cordon_only": false}),
+    )?;
+    let drain_task = str_at(&drain, "/task_id")?;
+    wait_for("the drain", Duration::from_secs(60), || {
+        let t = server.task(&drain_task)?;
+        match t["status"].as_str() {
+            Some("succeeded") => Ok(Some(())),
+            Some("failed" | "cancelled") => bail!("drain ended {t}"),
+            _ => Ok(None),
+        }
+    })?;
+    let term = server.post(&paths::admin_terminate(&inst), &json!({"force": false}))?;
+    ensure!(term["status"] == "terminated", "{term}");
+    ensure!(
+        !qemu_alive(pid),
+        "QEMU pid {pid} survived terminate-instance"
+    );
+    let done = server.instance(&inst)?;
+    ensure!(done["status"] == "terminated", "{done}");
+    let evs = events(server, &inst)?;
+    let revoked: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "credentials.revoked")
+        .collect();
+    ensure!(
+        revoked.iter().any(|e| e["detail"]["certificates"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())),
+        "no certificate revoked: {evs:?}"
+    );
+    ensure!(
+        !evs.iter().any(|e| e["kind"] == "vm.exited"),
+        "the VM was destroyed, not exited on its own: {evs:?}"
+    );
+    println!("{name}: whole test {:?}", t0.elapsed());
+    Ok(())
+}
+
+fn vm_test(name: &str, lifecycle: &str) {
+    if !vm_tests_enabled(name) {
+        return;
+    }
+    let out = artifacts_dir(name).expect("artifacts dir");
+    let mut outcome = Outcome { instance_dir: None };
+    let result = run(name, lifecycle, &out, &mut outcome);
+    if let Some(dir) = &outcome.instance_dir {
+        keep_vm_files(dir, &out);
+    }
+    if let Err(e) = result {
+        let command = std::fs::read_to_string(out.join("qemu-command.sh")).unwrap_or_default();
+        let serial = std::fs::read_to_string(out.join("serial.log")).unwrap_or_default();
+        let tail: Vec<&str> = serial.lines().rev().take(30).collect();
+        eprintln!(
+            "QEMU command ({}):\n{command}",
+            out.join("qemu-command.sh").display()
+        );
+        eprintln!(
+            "serial log, last lines ({}):\n{}",
+            out.join("serial.log").display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        panic!("{name}: {e:#}");
+    }
+}
+
+#[test]
+fn ephemeral_vm_boots_to_running_drains_and_terminates() {
+    vm_test("vm_lifecycle_ephemeral", "ephemeral");
+}
+
+#[test]
+fn persistent_vm_boots_with_its_persist_disk_and_terminates() {
+    vm_test("vm_lifecycle_persistent", "persistent");
+}
