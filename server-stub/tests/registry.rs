@@ -438,6 +438,39 @@ async fn uploads_are_bounded() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    // An upload left open by a stopped server: its file goes at the next start, and
+    // the session is unknown.
+    let mut ts = ts;
+    let (s, h, _) = r
+        .send(r.req(Method::POST, "/v2/m/a/blobs/uploads/", true))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let loc = header(&h, "location").to_string();
+    let (s, _, _) = r
+        .send(r.req(Method::PATCH, &loc, true).body(vec![1u8; 500]))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(
+        std::fs::read_dir(ts.dir.path().join("registry/uploads"))
+            .unwrap()
+            .count(),
+        1
+    );
+    ts.restart().await;
+    assert_eq!(
+        std::fs::read_dir(ts.dir.path().join("registry/uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let r = Reg::new(&ts);
+    let (s, c) = r
+        .code(r.req(Method::PATCH, &loc, true).body(vec![1u8; 5]))
+        .await;
+    assert_eq!(
+        (s, c.as_str()),
+        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN")
+    );
 }
 
 /// Push throughput of the embedded registry (figures only, never fails on time).

@@ -69,8 +69,12 @@ pub fn valid_tag(tag: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// An upload nobody touched for this long is dropped (its file deleted).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 struct Upload {
     repo: String,
+    touched: std::time::Instant,
     path: PathBuf,
     hasher: Sha256,
     len: u64,
@@ -94,8 +98,14 @@ impl std::fmt::Debug for Storage {
 }
 
 impl Storage {
-    /// Directories are made on first write, so opening never fails.
+    /// Directories are made on first write, so opening never fails. Sessions live
+    /// in memory: files left in `uploads/` by an earlier process are orphans and go.
     pub fn new(root: PathBuf, max_blob: u64) -> Self {
+        if let Ok(rd) = std::fs::read_dir(root.join("uploads")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Self {
             root,
             max_blob,
@@ -132,10 +142,26 @@ impl Storage {
         let id = format!("{:032x}", rand::random::<u128>());
         let path = dir.join(&id);
         tokio::fs::File::create(&path).await.map_err(io(&path))?;
+        let stale: Vec<PathBuf> = {
+            let mut map = self.uploads.lock().expect("uploads lock");
+            let old: Vec<String> = map
+                .iter()
+                .filter(|(_, u)| u.touched.elapsed() > UPLOAD_IDLE)
+                .map(|(k, _)| k.clone())
+                .collect();
+            old.iter()
+                .filter_map(|k| map.remove(k))
+                .map(|u| u.path)
+                .collect()
+        };
+        for p in stale {
+            let _ = tokio::fs::remove_file(p).await;
+        }
         self.uploads.lock().expect("uploads lock").insert(
             id.clone(),
             Upload {
                 repo: repo.to_string(),
+                touched: std::time::Instant::now(),
                 path,
                 hasher: Sha256::new(),
                 len: 0,
@@ -201,6 +227,7 @@ impl Storage {
         match self.write_body(&mut u, body).await {
             Ok(()) => {
                 let len = u.len;
+                u.touched = std::time::Instant::now();
                 self.put_back(id, u);
                 Ok(len)
             }
