@@ -143,6 +143,35 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert_eq!(s, StatusCode::OK);
     assert!(body == big, "blob read back differs");
 
+    // Ranges (resuming a pull).
+    let (s, h, body) = r
+        .send(
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+                .header("range", "bytes=1000-1999"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        header(&h, "content-range"),
+        format!("bytes 1000-1999/{}", big.len())
+    );
+    assert!(body == big[1000..2000]);
+    let (s, _, body) = r
+        .send(
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+                .header("range", format!("bytes={}-", big.len() - 10)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert!(body == big[big.len() - 10..]);
+    let (s, _, _) = r
+        .send(
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+                .header("range", format!("bytes={}-", big.len())),
+        )
+        .await;
+    assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+
     // Digest mismatch: refused, nothing stored under either name.
     let (s, c) = r
         .code(
