@@ -252,3 +252,82 @@ fn bad_cmdline_identity_names_the_field_and_powers_off() {
     );
     assert!(boot.serial.contains("reboot: Power down"));
 }
+
+/// A persistent node keeps its key and certificate on the `/persist` disk (ext4 on
+/// vda): after a hard power loss the second boot reuses them (the bootstrap token is
+/// single use, so a fresh enrollment would be refused) and reports `ready` again.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
+    let dir = test_dir("agent_persist");
+    let stub = Stub::start(&dir);
+    let (instance_id, doc) = stub.provision_class("agent-persist-1", "persistent");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let disk = dir.join("persist.img");
+    powernode_qemu::make_persist_disk(&disk, 64).unwrap();
+    let boot_once = |name: &str| {
+        let mut spec = spec(&dir.join(name), &image.vmlinuz, &image.initramfs);
+        spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+        with_identity(&mut spec, &dir, &doc.to_string());
+        spec.devices
+            .push(powernode_qemu::Device::PersistDisk { path: disk.clone() });
+        let _ = std::fs::create_dir_all(dir.join(name));
+        let vm = Vm::spawn(&spec).expect("spawn QEMU");
+        (spec, vm)
+    };
+
+    // Boot 1: enrolls, state on /persist.
+    let (spec1, mut vm1) = boot_once("boot1");
+    let log1 = spec1.serial_log.clone();
+    let ctx1 = move || format!("serial: {}", log1.display());
+    let first = wait_until("first running", TO_RUNNING, &mut vm1, &ctx1, || {
+        let i = stub.instance(&instance_id);
+        (i["status"] == "running").then_some(i)
+    });
+    let enrolled1 = event(
+        &events(&vm1.serial(), "POWERNODE-INIT "),
+        "phase",
+        "enrolled",
+    )
+    .cloned()
+    .unwrap_or_else(|| panic!("no enrolled event\n{}", ctx1()));
+    assert_eq!(enrolled1["state_dir"], "/persist/powernode");
+    assert_eq!(enrolled1["reused_credentials"], false);
+    // Give ext4 its journal commit (5 s) so the credentials are on the disk image.
+    std::thread::sleep(Duration::from_secs(6));
+    vm1.kill();
+    drop(vm1);
+
+    // Boot 2, same disk: stored credentials, no enrollment, ready again.
+    let (spec2, mut vm2) = boot_once("boot2");
+    let log2 = spec2.serial_log.clone();
+    let ctx2 = move || format!("serial: {}", log2.display());
+    let first_ready = first["boot_timeline"].to_string();
+    let second = wait_until(
+        "second ready handshake",
+        TO_RUNNING,
+        &mut vm2,
+        &ctx2,
+        || {
+            let i = stub.instance(&instance_id);
+            (i["phase"] == "ready" && i["boot_timeline"].to_string() != first_ready).then_some(i)
+        },
+    );
+    assert_eq!(second["status"], "running", "{second}");
+    let enrolled2 = event(
+        &events(&vm2.serial(), "POWERNODE-INIT "),
+        "phase",
+        "enrolled",
+    )
+    .cloned()
+    .unwrap_or_else(|| panic!("no enrolled event\n{}", ctx2()));
+    assert_eq!(enrolled2["reused_credentials"], true, "{enrolled2}");
+    stub.cli(&["terminate-instance", &instance_id]);
+    let exit = vm2.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "{exit:?}\n{}",
+        ctx2()
+    );
+}

@@ -150,12 +150,17 @@ impl Stub {
     /// create-node + provision-instance (recorder provider); the identity document
     /// the provider would hand the VM.
     pub fn provision(&self, hostname: &str) -> (String, Value) {
+        self.provision_class(hostname, "ephemeral")
+    }
+
+    /// [`Stub::provision`] with a lifecycle class (`ephemeral`, `persistent`, `spot`).
+    pub fn provision_class(&self, hostname: &str, class: &str) -> (String, Value) {
         let node = self.cli(&[
             "create-node",
             "--hostname",
             hostname,
             "--lifecycle-class",
-            "ephemeral",
+            class,
         ]);
         let node_id = node["node"]["id"].as_str().expect("node id").to_string();
         let prov = self.cli(&["provision-instance", &node_id]);
