@@ -790,3 +790,114 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         .await;
     assert_eq!(v["publications"][0]["version"], "2.0.0", "newest first");
 }
+
+/// Writes an OCI image layout with `layers` (media type, bytes), bottom first.
+fn write_layout(dir: &std::path::Path, layers: &[(&str, Vec<u8>)], diff_ids: &[String]) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        std::fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {"Env": ["A=1"]},
+    }))
+    .unwrap();
+    let config_digest = put(&config);
+    let descs: Vec<Value> = layers
+        .iter()
+        .map(|(mt, b)| json!({"mediaType": mt, "digest": put(b), "size": b.len()}))
+        .collect();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descs,
+        "annotations": {"org.opencontainers.image.source": "test"},
+    }))
+    .unwrap();
+    let md = put(&manifest);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len()}]}))
+        .unwrap(),
+    )
+    .unwrap();
+    config_digest
+}
+
+#[tokio::test]
+async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
+    use powernode_modfmt::publish::{write_layer_tar, BuildOptions};
+    let ts = TestServer::start().await;
+    // Lower layer (gzip): two files; upper layer (plain tar): replaces one, deletes the other.
+    let lower = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(lower.path().join("etc")).unwrap();
+    std::fs::write(lower.path().join("etc/keep"), "lower\n").unwrap();
+    std::fs::write(lower.path().join("etc/gone"), "lower\n").unwrap();
+    let upper = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(upper.path().join("etc")).unwrap();
+    std::fs::write(upper.path().join("etc/keep"), "upper\n").unwrap();
+    std::fs::write(upper.path().join("etc/.wh.gone"), "").unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let store = powernode_modfmt::store::ObjectStore::open(scratch.path()).unwrap();
+    let built =
+        powernode_modfmt::publish::build_module(lower.path(), &BuildOptions::default(), &store)
+            .unwrap();
+    let upper_tar = write_layer_tar(upper.path(), &BuildOptions::default(), Vec::new()).unwrap();
+    let layers = vec![
+        (built.layer_media_type, built.layer.clone()),
+        ("application/vnd.oci.image.layer.v1.tar", upper_tar.clone()),
+    ];
+    let layout = tempfile::tempdir().unwrap();
+    let config_digest = write_layout(
+        layout.path(),
+        &layers,
+        &[built.diff_id.clone(), sha(&upper_tar)],
+    );
+
+    let (_, expected) = powernode_modfmt::publish::image_from_layers(
+        &store,
+        layers.iter().map(|(mt, b)| (*mt, &b[..])),
+    )
+    .unwrap();
+    let (_, lower_only) =
+        powernode_modfmt::publish::image_from_layers(&store, [(layers[0].0, &layers[0].1[..])])
+            .unwrap();
+    assert_ne!(expected, lower_only, "the upper layer changes the tree");
+
+    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::publish::PublishArgs {
+        source: layout.path().to_path_buf(),
+        name: "svc".into(),
+        version: "3".into(),
+        kind: "runtime".into(),
+        registry: None,
+    };
+    let out =
+        powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(&ts), &args)
+            .await
+            .unwrap();
+    let p = &out["publication"];
+    assert_eq!(p["composefs_digest"], expected.to_string());
+    assert_eq!(p["kind"], "runtime");
+    let r = Reg::new(&ts);
+    let (_, _, manifest) = r
+        .send(r.req(Method::GET, "/v2/modules/svc/manifests/3", false))
+        .await;
+    let m: Value = serde_json::from_slice(&manifest).unwrap();
+    // The image's own config, layers and annotations are kept; ours are added.
+    assert_eq!(m["config"]["digest"], config_digest.as_str());
+    assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(m["annotations"]["org.opencontainers.image.source"], "test");
+    assert_eq!(
+        m["annotations"][COMPOSEFS_DIGEST_ANNOTATION],
+        expected.to_string()
+    );
+    assert_eq!(sha(&manifest), p["digest"].as_str().unwrap());
+}
