@@ -323,7 +323,8 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     .cloned()
     .unwrap_or_else(|| panic!("no enrolled event\n{}", ctx2()));
     assert_eq!(enrolled2["reused_credentials"], true, "{enrolled2}");
-    stub.cli(&["terminate-instance", &instance_id]);
+    // Not drained: a persistent node's terminate must be forced.
+    stub.cli(&["terminate-instance", &instance_id, "--force"]);
     let exit = vm2.wait_timeout(TO_EXIT).expect("wait for QEMU");
     assert!(
         matches!(exit, Some(s) if s.success()),
