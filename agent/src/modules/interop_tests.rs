@@ -627,6 +627,30 @@ fn bench_pull_200mib_vs_oras() {
     let t0 = Instant::now();
     let r = pull(&reg, "mod/big", &d, &key.trust(), &store).unwrap();
     let ours = t0.elapsed();
+    // The fetch alone (HTTP + SHA-256 of the blob, to a sink), to see where time goes.
+    let repo: Repository = format!("{}/mod/big", reg.host()).parse().unwrap();
+    let c = client();
+    let m = c.manifest(&repo, &d, Some(&d)).unwrap();
+    let t0 = Instant::now();
+    std::io::copy(
+        &mut c.blob(&repo, &m.manifest.layers[0]).unwrap(),
+        &mut std::io::sink(),
+    )
+    .unwrap();
+    let fetch = t0.elapsed();
+    // Unpack + fs-verity + object writes + composefs, from memory, into a fresh store.
+    let t0 = Instant::now();
+    let s2 = ObjectStore::open(&w.join("store2")).unwrap();
+    super::install_image(&s2, &built.image_digest, 1, |_| {
+        Ok((built.layer_media_type.to_string(), &built.layer[..]))
+    })
+    .unwrap();
+    let unpack = t0.elapsed();
+    eprintln!(
+        "bench: parts: fetch+sha256 alone {:.2}s, unpack+verity+store+image from memory {:.2}s",
+        fetch.as_secs_f64(),
+        unpack.as_secs_f64()
+    );
     let out = w.join("oras-out");
     let t0 = Instant::now();
     run(Command::new(&t.oras)

@@ -409,7 +409,10 @@ impl RegistryClient {
         &self,
         repo: &Repository,
         desc: &Descriptor,
-    ) -> Result<DigestingReader<CountingReader<reqwest::blocking::Response>>, RegistryError> {
+    ) -> Result<
+        DigestingReader<CountingReader<io::BufReader<reqwest::blocking::Response>>>,
+        RegistryError,
+    > {
         if !desc.digest.starts_with("sha256:") {
             return Err(RegistryError::UnsupportedMediaType {
                 what: format!("blob {}", desc.digest),
@@ -421,7 +424,9 @@ impl RegistryClient {
         let resp = self.get(repo, &url, "*/*", &what, false)?;
         Ok(DigestingReader::new(
             CountingReader {
-                inner: resp,
+                // Large reads: each read of the blocking response is a channel hop to
+                // reqwest's runtime thread, and tar/store read in 512 B..1 MiB pieces.
+                inner: io::BufReader::with_capacity(1 << 20, resp),
                 count: self.received.clone(),
             },
             &desc.digest,
