@@ -249,7 +249,8 @@ pub fn ready_run(
                 .collect()
         })
         .unwrap_or_default();
-    stub.cli(&["terminate-instance", &instance_id]);
+    // Not drained: terminate must be forced.
+    stub.cli(&["terminate-instance", &instance_id, "--force"]);
     let t = std::time::Instant::now();
     match vm.wait_timeout(Duration::from_secs(60)) {
         Ok(Some(_)) => {}
