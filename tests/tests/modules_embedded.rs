@@ -191,3 +191,164 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEL/oFf882++LSob+Dsp9PCupI/gV9
 J65+OTyjKLSKCEcqGY7m5uKTmJO0zURyPvpKyCWij1TVzrKUv3iMaY3S2A==
 -----END PUBLIC KEY-----
 ";
+
+fn run_tool(bin: &Path, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Result<Output> {
+    Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
+}
+
+/// `oras push` of a tar layer into OUR registry, `cosign sign --key` with a fresh key
+/// into the same registry, then our agent pulls it and verifies that signature.
+#[test]
+fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
+    let oras = powernode_modfmt::testutil::test_tool("oras");
+    let cosign = powernode_modfmt::testutil::test_tool("cosign");
+    let (Some(oras), Some(cosign)) = (oras, cosign) else {
+        eprintln!("SKIPPED: oras or cosign could not be installed (scripts/tools)");
+        return Ok(());
+    };
+    let dir = test_dir("modules_embedded_oras")?;
+    let data = dir.join("data");
+    let server = Server::start(&data, ServerOptions::default())?;
+    let src = dir.join("src");
+    module_tree(&src)?;
+
+    // The layer and the composefs digest our publisher would record for it.
+    let scratch = powernode_modfmt::store::ObjectStore::open(&dir.join("scratch"))?;
+    let built = powernode_modfmt::publish::build_module(
+        &src,
+        &powernode_modfmt::publish::BuildOptions::default(),
+        &scratch,
+    )?;
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(work.join("layer.tar.gz"), &built.layer)?;
+
+    let ca = data.join("ca.pem");
+    let ca_s = ca.to_str().context("utf-8 path")?;
+    let token = std::fs::read_to_string(data.join("admin-token"))?
+        .trim()
+        .to_string();
+    let reference = format!("{}/modules/orasdemo:v1", server.addr);
+    let annotation = format!(
+        "{}={}",
+        powernode_tests::proto::node::COMPOSEFS_DIGEST_ANNOTATION,
+        built.image_digest
+    );
+    let layer_arg = format!("layer.tar.gz:{}", built.layer_media_type);
+    let out = run_tool(
+        &oras,
+        &[
+            "push",
+            "--ca-file",
+            ca_s,
+            "--username",
+            "x",
+            "--password",
+            &token,
+            "--annotation",
+            &annotation,
+            &reference,
+            &layer_arg,
+        ],
+        &[],
+        &work,
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "oras push: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Digest: "))
+        .with_context(|| format!("oras printed no digest: {stdout}"))?
+        .trim()
+        .to_string();
+
+    let out = run_tool(
+        &cosign,
+        &["generate-key-pair"],
+        &[("COSIGN_PASSWORD", "")],
+        &work,
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_digest = format!("{}/modules/orasdemo@{digest}", server.addr);
+    let repository = format!("{}/modules/orasdemo", server.addr);
+    let pull = |key: &Path, store: &Path| {
+        agent(&[
+            "module",
+            "pull",
+            "--repository",
+            &repository,
+            "--digest",
+            &digest,
+            "--trust-key",
+            key.to_str().unwrap_or_default(),
+            "--ca",
+            ca_s,
+            "--store",
+            store.to_str().unwrap_or_default(),
+        ])
+    };
+    // Before anyone signed it, the agent refuses it.
+    let out = pull(&work.join("cosign.pub"), &dir.join("store-unsigned"))?;
+    assert!(!out.status.success(), "an unsigned module was accepted");
+
+    let out = run_tool(
+        &cosign,
+        &[
+            "sign",
+            "--key",
+            "cosign.key",
+            "--tlog-upload=false",
+            "--yes",
+            "--registry-username",
+            "x",
+            "--registry-password",
+            &token,
+            &by_digest,
+        ],
+        &[("SSL_CERT_FILE", ca_s), ("COSIGN_PASSWORD", "")],
+        &work,
+    )?;
+    assert!(
+        out.status.success(),
+        "cosign sign: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = pull(&work.join("cosign.pub"), &dir.join("store"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "agent pull: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(&built.image_digest.to_string()),
+        "{stdout} vs {}",
+        built.image_digest
+    );
+    // The server's key did not sign this one.
+    let out = pull(&data.join("module-signing.pub"), &dir.join("store-other"))?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature_mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(server);
+    Ok(())
+}
