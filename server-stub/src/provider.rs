@@ -295,7 +295,9 @@ pub struct Real {
 impl Real {
     pub fn new(image_base: PathBuf) -> Self {
         Self {
-            image_base,
+            // Absolute, so the recorded folder (and the orphan check on QEMU's command
+            // line after a restart) does not depend on the server's working directory.
+            image_base: std::path::absolute(&image_base).unwrap_or(image_base),
             extra_args: env_extra_args(),
             vms: Mutex::new(Some(HashMap::new())),
         }
