@@ -125,9 +125,22 @@ impl AppState {
         store: Store,
         admin_token: &str,
     ) -> Result<Self, StoreError> {
+        let provider = crate::provider::from_mode(cfg.provider, cfg.image_base.clone());
+        Self::with_provider(cfg, public_url, clock, ca, store, admin_token, provider)
+    }
+
+    /// [`AppState::new`] with a given provider (tests use slow or failing ones).
+    pub fn with_provider(
+        cfg: Config,
+        public_url: String,
+        clock: Clock,
+        ca: Ca,
+        store: Store,
+        admin_token: &str,
+        provider: Box<dyn Provider>,
+    ) -> Result<Self, StoreError> {
         let mut mem = store.load()?;
         let publications = store.load_publications()?;
-        let provider = crate::provider::from_mode(cfg.provider, cfg.image_base.clone());
         let started_ms = clock.now_ms();
         let recovered = recover_lost_vms(&store, &mut mem, started_ms)?;
         if recovered > 0 {
@@ -2117,4 +2130,99 @@ fn recover_lost_vms(store: &Store, mem: &mut Mem, now: Millis) -> Result<usize, 
     let ops = std::mem::take(&mut mem.ops);
     store.apply_blocking(&ops)?;
     Ok(lost.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Recorder;
+    use std::time::{Duration, Instant};
+
+    /// The recorder, slowed down like a VM start.
+    #[derive(Debug)]
+    struct Slow(Recorder, Duration);
+
+    impl Provider for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn enabled(&self) -> bool {
+            true
+        }
+        fn provision(
+            &self,
+            spec: &ProvisionSpec,
+        ) -> Result<crate::provider::ProviderRecord, ProviderError> {
+            std::thread::sleep(self.1);
+            self.0.provision(spec)
+        }
+        fn destroy(&self, id: &str) -> Result<crate::provider::ProviderRecord, ProviderError> {
+            std::thread::sleep(self.1);
+            self.0.destroy(id)
+        }
+    }
+
+    fn state(dir: &std::path::Path, delay: Duration) -> AppState {
+        let cfg = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        AppState::with_provider(
+            cfg,
+            "https://127.0.0.1:1".into(),
+            Clock::default(),
+            Ca::load_or_create(dir).unwrap(),
+            Store::open(dir).unwrap(),
+            "admin",
+            Box::new(Slow(Recorder { image_base: None }, delay)),
+        )
+        .unwrap()
+    }
+
+    /// While a provider works (here 1.5 s), reads and other writes are not blocked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn providers_run_without_the_state_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path(), Duration::from_millis(1500));
+        let node = |h: &str| CreateNodeRequest {
+            hostname: h.into(),
+            template_id: crate::catalog::TEMPLATE_EDGE_BASE.into(),
+            lifecycle_class: powernode_proto::LifecycleClass::Ephemeral,
+            labels: Default::default(),
+        };
+        let n1 = st.create_node(node("a")).await.unwrap();
+        let bg = st.clone();
+        let id = n1.id.clone();
+        let t = Instant::now();
+        let prov =
+            tokio::spawn(async move { bg.provision(&id, ProvisionRequest::default()).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let quick = Instant::now();
+        let n2 = st.create_node(node("b")).await.unwrap();
+        assert_eq!(st.list_nodes().len(), 2);
+        st.get_node(&n2.id).unwrap();
+        assert!(
+            quick.elapsed() < Duration::from_millis(700),
+            "a write waited {:?} for the provider",
+            quick.elapsed()
+        );
+        let resp = prov.await.unwrap().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(1500));
+        assert_eq!(resp.instance.status, InstanceStatus::Provisioning);
+
+        // Terminate: the destroy runs without the lock too.
+        let st2 = st.clone();
+        let inst = resp.instance.id.clone();
+        let term =
+            tokio::spawn(
+                async move { st2.terminate(&inst, TerminateRequest { force: true }).await },
+            );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let quick = Instant::now();
+        assert_eq!(
+            st.get_instance(&resp.instance.id).unwrap().status,
+            InstanceStatus::Terminating
+        );
+        st.create_node(node("c")).await.unwrap();
+        assert!(quick.elapsed() < Duration::from_millis(700));
+        let done = term.await.unwrap().unwrap();
+        assert_eq!(done.status, InstanceStatus::Terminated);
+    }
 }
