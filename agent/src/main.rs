@@ -256,6 +256,40 @@ struct RunArgs {
     /// Seconds a task lease is asked for.
     #[arg(long, default_value_t = 30)]
     lease_seconds: u64,
+    /// Module object store. Default: `<state-dir>/store`.
+    #[arg(long)]
+    module_store: Option<PathBuf>,
+    /// Where runtime modules are mounted, one folder per module name.
+    #[arg(long, default_value = powernode_agent::modules::reconciler::RUNTIME_MODULES_DIR)]
+    modules_dir: PathBuf,
+}
+
+/// The live module runtime: desired runtime modules pulled from the registry (the
+/// embedded one is pinned to the control-plane CA the agent keeps in its state dir),
+/// verified, then mounted under `modules_dir`.
+fn module_runtime(
+    args: &RunArgs,
+) -> Result<Arc<powernode_agent::modules::reconciler::ModuleRuntime>, String> {
+    use powernode_agent::modules::{self, reconciler::ModuleRuntime};
+    let store_dir = args
+        .module_store
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("store"));
+    std::fs::create_dir_all(&store_dir)
+        .map_err(|e| format!("creating the module store {}: {e}", store_dir.display()))?;
+    let store = modules::store::ObjectStore::open(&store_dir)
+        .map_err(|e| format!("module store {}: {}", store_dir.display(), error_chain(&e)))?;
+    Ok(Arc::new(
+        ModuleRuntime::new(
+            store,
+            modules::registry::RegistryOptions::default(),
+            Arc::new(modules::mount::KernelMounter),
+            args.modules_dir.clone(),
+            Vec::new(),
+        )
+        .with_ca_file(args.state_dir.join(powernode_agent::state::CA_FILE))
+        .require_root(),
+    ))
 }
 
 #[derive(Debug, clap::Args)]
@@ -313,6 +347,14 @@ async fn run(args: RunArgs) -> i32 {
             return exit_code::IDENTITY;
         }
     };
+    let modules = match module_runtime(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "no module runtime");
+            eprintln!("powernode-agent: {e}");
+            return exit_code::FAILURE;
+        }
+    };
     let supervisor: Arc<dyn Supervisor> = if args.services.is_empty() {
         Arc::new(NoServices)
     } else {
@@ -322,7 +364,7 @@ async fn run(args: RunArgs) -> i32 {
     opts.lease_seconds = args.lease_seconds.max(3);
     let hooks = runtime::Hooks {
         supervisor,
-        ..runtime::Hooks::default()
+        reconciler: Arc::new(modules),
     };
     match runtime::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
         Ok(Exit::Stopped) => exit_code::STOPPED,

@@ -163,6 +163,11 @@ fn agent_pulls_a_published_module_from_the_embedded_registry() -> Result<()> {
         let link = std::fs::read_link(at.join("etc/config.toml"));
         let mode = std::fs::metadata(at.join("bin/hello")).map(|m| m.permissions().mode());
         let _ = Command::new("umount").arg("-R").arg(&at).status();
+        // The EROFS image stays mounted under the store; `module mount` put it there.
+        let hex = image.trim_start_matches("sha256:");
+        let _ = Command::new("umount")
+            .arg(store.join("mnt").join(hex))
+            .status();
         assert_eq!(cfg?, "answer = 42\n");
         assert_eq!(link?, Path::new("demo/config.toml"));
         assert_eq!(mode? & 0o777, 0o755);
@@ -349,6 +354,111 @@ fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(server);
+    Ok(())
+}
+
+/// The live agent (`powernode-agent run`) pulls, verifies and mounts a desired runtime
+/// module from the embedded registry, reports its digest in heartbeats, and the
+/// control plane sees no drift. Mounting needs root: skipped (loudly) otherwise.
+#[test]
+fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()> {
+    if !running_as_root() {
+        eprintln!("SKIPPED: live module mount needs root");
+        return Ok(());
+    }
+    let dir = test_dir("modules_embedded_live")?;
+    let data = dir.join("data");
+    let server = Server::start(&data, ServerOptions::default())?;
+    let src = dir.join("src");
+    module_tree(&src)?;
+    let published = stub(
+        &data,
+        &[
+            "publish-module",
+            src.to_str().context("utf-8 path")?,
+            "--name",
+            "demo",
+            "--version",
+            "1",
+            "--kind",
+            "runtime",
+        ],
+    )?;
+    let digest = str_at(&published, "/publication/digest")?;
+    stub(
+        &data,
+        &[
+            "set-template-modules",
+            "tmpl-edge-base",
+            "--runtime",
+            "demo",
+        ],
+    )?;
+
+    let (_node, instance) = server.create_and_provision("edge-modules")?;
+    let modules_dir = dir.join("modules");
+    let modules_arg = modules_dir.to_string_lossy().into_owned();
+    // Unmounts whatever the agent mounted, also when an assertion fails.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-R")
+                .arg(&self.0)
+                .stderr(Stdio::null())
+                .status();
+            if let Ok(entries) = std::fs::read_dir(&self.0) {
+                for e in entries.flatten() {
+                    let _ = Command::new("umount")
+                        .arg("-R")
+                        .arg(e.path())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(self.0.join(".images")) {
+                for e in entries.flatten() {
+                    let _ = Command::new("umount")
+                        .arg(e.path())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+    let _unmount = Unmount(modules_dir.clone());
+    let mut agent = powernode_tests::Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--modules-dir", &modules_arg],
+    )?;
+    let inst =
+        powernode_tests::wait_running(&server, &instance, std::time::Duration::from_secs(60))
+            .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
+    let reported = powernode_tests::wait_for(
+        "demo digest in heartbeat",
+        std::time::Duration::from_secs(30),
+        || {
+            let inst = server.instance(&instance)?;
+            let found = inst["modules"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["name"] == "demo" && m["digest"] == digest.as_str())
+            });
+            Ok(found.then_some(inst))
+        },
+    )
+    .with_context(|| format!("instance {inst}\nagent log:\n{}", agent.log_text()))?;
+    let drift = server.get(&powernode_tests::proto::paths::admin_drift(&instance))?;
+    assert_eq!(drift["drift"], false, "{drift}\n{reported}");
+    // The module's tree is mounted where the agent was told.
+    assert_eq!(
+        std::fs::read_to_string(modules_dir.join("demo/etc/demo/config.toml"))?,
+        "answer = 42\n"
+    );
+    assert!(agent.guard.is_running());
+    agent.guard.terminate(std::time::Duration::from_secs(10));
     drop(server);
     Ok(())
 }

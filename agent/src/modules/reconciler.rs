@@ -51,6 +51,14 @@ pub enum ModuleError {
     Kind { name: String, kind: String },
     #[error("the blocking pull task failed: {0}")]
     Join(String),
+    #[error("reading the registry CA {path}")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module {name}: mounting needs root (this agent runs as uid {uid})")]
+    NotRoot { name: String, uid: u32 },
 }
 
 impl ModuleErrorCode for ModuleError {
@@ -62,6 +70,8 @@ impl ModuleErrorCode for ModuleError {
             ModuleError::Registry(e) => e.code(),
             ModuleError::Kind { .. } => ErrorCode::BadRequest,
             ModuleError::Join(_) => ErrorCode::Internal,
+            ModuleError::Ca { .. } => ErrorCode::Internal,
+            ModuleError::NotRoot { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -139,6 +149,11 @@ pub struct ModuleRuntime {
     gc_keep: Option<Vec<VerityDigest>>,
     /// A module was swapped since the last collection.
     swaps: std::sync::atomic::AtomicBool,
+    /// CA PEM file read at each pull when `registry.ca_pem` is unset: the agent's
+    /// pinned control-plane CA, which only exists once enrollment wrote it.
+    ca_file: Option<PathBuf>,
+    /// Refuse to mount (with a coded error, before any pull) unless running as root.
+    require_root: bool,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -166,7 +181,36 @@ impl ModuleRuntime {
             root,
             gc_keep: None,
             swaps: Default::default(),
+            ca_file: None,
+            require_root: false,
         }
+    }
+
+    /// Pins the CA in `path` (read when a pull starts) unless a CA PEM was given.
+    pub fn with_ca_file(mut self, path: PathBuf) -> Self {
+        self.ca_file = Some(path);
+        self
+    }
+
+    /// Fails a reconcile that has something to mount when not running as root, rather
+    /// than letting the kernel refuse halfway.
+    pub fn require_root(mut self) -> Self {
+        self.require_root = true;
+        self
+    }
+
+    fn registry_options(&self) -> Result<RegistryOptions, ModuleError> {
+        let mut opts = self.registry.clone();
+        if opts.ca_pem.is_none() {
+            if let Some(path) = &self.ca_file {
+                let pem = std::fs::read_to_string(path).map_err(|source| ModuleError::Ca {
+                    path: path.clone(),
+                    source,
+                })?;
+                opts.ca_pem = Some(pem);
+            }
+        }
+        Ok(opts)
     }
 
     /// Turns on garbage collection; `root_images` are the composefs images of the root
@@ -219,9 +263,16 @@ impl ModuleRuntime {
                 .is_some_and(|cur| cur.module.digest == m.digest)
         };
         let todo: Vec<&DesiredModule> = runtime.iter().copied().filter(|m| !unchanged(m)).collect();
-        if !todo.is_empty() {
+        if let Some(first) = todo.first() {
+            let uid = rustix::process::geteuid().as_raw();
+            if self.require_root && uid != 0 {
+                return Err(ModuleError::NotRoot {
+                    name: first.name.clone(),
+                    uid,
+                });
+            }
             let keys = parse_trust_keys(&desired.trust_keys)?;
-            let client = RegistryClient::new(self.registry.clone())?;
+            let client = RegistryClient::new(self.registry_options()?)?;
             for m in todo {
                 // Names become paths: the same rule as repository components.
                 if m.name.is_empty()
