@@ -347,12 +347,13 @@ async fn run(args: RunArgs) -> i32 {
             return exit_code::IDENTITY;
         }
     };
-    let modules = match module_runtime(&args) {
-        Ok(m) => m,
+    // Without a usable store the agent still runs (heartbeats, tasks, drain); a
+    // reconcile that wants modules then fails with a clear report upstream.
+    let reconciler: Arc<dyn powernode_agent::reconcile::Reconciler> = match module_runtime(&args) {
+        Ok(m) => Arc::new(m),
         Err(e) => {
-            tracing::error!(error = %e, "no module runtime");
-            eprintln!("powernode-agent: {e}");
-            return exit_code::FAILURE;
+            tracing::error!(error = %e, "no module runtime; desired modules will fail to reconcile");
+            Arc::new(powernode_agent::reconcile::NoModules)
         }
     };
     let supervisor: Arc<dyn Supervisor> = if args.services.is_empty() {
@@ -364,7 +365,7 @@ async fn run(args: RunArgs) -> i32 {
     opts.lease_seconds = args.lease_seconds.max(3);
     let hooks = runtime::Hooks {
         supervisor,
-        reconciler: Arc::new(modules),
+        reconciler,
     };
     match runtime::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
         Ok(Exit::Stopped) => exit_code::STOPPED,

@@ -197,6 +197,22 @@ J65+OTyjKLSKCEcqGY7m5uKTmJO0zURyPvpKyCWij1TVzrKUv3iMaY3S2A==
 -----END PUBLIC KEY-----
 ";
 
+/// `scripts/tools` installs Go tools into `cache/root/usr/bin`, which is not on PATH:
+/// look there first (installing once if needed), then PATH.
+fn interop_tool(name: &str) -> Option<std::path::PathBuf> {
+    let cached = powernode_tests::workspace_root()
+        .join("cache/root/usr/bin")
+        .join(name);
+    if cached.is_file() {
+        return Some(cached);
+    }
+    let found = powernode_modfmt::testutil::test_tool(name);
+    if cached.is_file() {
+        return Some(cached);
+    }
+    found
+}
+
 fn run_tool(bin: &Path, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Result<Output> {
     Command::new(bin)
         .args(args)
@@ -211,8 +227,8 @@ fn run_tool(bin: &Path, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Resu
 /// into the same registry, then our agent pulls it and verifies that signature.
 #[test]
 fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
-    let oras = powernode_modfmt::testutil::test_tool("oras");
-    let cosign = powernode_modfmt::testutil::test_tool("cosign");
+    let oras = interop_tool("oras");
+    let cosign = interop_tool("cosign");
     let (Some(oras), Some(cosign)) = (oras, cosign) else {
         eprintln!("SKIPPED: oras or cosign could not be installed (scripts/tools)");
         return Ok(());
