@@ -371,3 +371,61 @@ impl Reconciler for Arc<ModuleRuntime> {
         })
     }
 }
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::*;
+    use crate::modules::mount::RecordingMounter;
+    use crate::reconcile::Reconciler as _;
+
+    fn desired() -> DesiredModulesResponse {
+        DesiredModulesResponse {
+            modules: vec![DesiredModule {
+                name: "demo".into(),
+                version: "1".into(),
+                repository: "127.0.0.1:1/modules/demo".into(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                kind: KIND_RUNTIME.into(),
+            }],
+            trust_keys: vec![],
+        }
+    }
+
+    fn runtime(dir: &Path) -> ModuleRuntime {
+        ModuleRuntime::new(
+            ObjectStore::open(&dir.join("store")).expect("store"),
+            RegistryOptions::default(),
+            Arc::new(RecordingMounter::default()),
+            dir.join("run"),
+            vec![],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_missing_pinned_ca_file_fails_the_reconcile_with_a_report() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = Arc::new(runtime(dir.path()).with_ca_file(dir.path().join("ca.pem")));
+        let err = rt.reconcile(&desired()).await.expect_err("no CA yet");
+        assert_eq!(err.phase, Phase::ModulesVerified);
+        assert!(err.message.contains("registry CA"), "{}", err.message);
+        assert!(rt.running().is_empty());
+        // Nothing desired: nothing to pull, the missing CA does not matter.
+        rt.reconcile(&DesiredModulesResponse::default())
+            .await
+            .expect("empty desired set");
+    }
+
+    #[tokio::test]
+    async fn require_root_refuses_before_pulling_when_not_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = Arc::new(runtime(dir.path()).require_root());
+        let err = rt.reconcile(&desired()).await.expect_err("fails");
+        if rustix::process::geteuid().is_root() {
+            // As root the pull runs and fails on the unreachable registry instead.
+            assert!(!err.message.contains("needs root"), "{}", err.message);
+        } else {
+            assert_eq!(err.code, ErrorCode::Internal);
+            assert!(err.message.contains("needs root"), "{}", err.message);
+        }
+    }
+}
