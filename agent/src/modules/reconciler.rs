@@ -376,7 +376,6 @@ impl Reconciler for Arc<ModuleRuntime> {
 mod runtime_tests {
     use super::*;
     use crate::modules::mount::RecordingMounter;
-    use crate::reconcile::Reconciler as _;
 
     fn desired() -> DesiredModulesResponse {
         DesiredModulesResponse {
