@@ -57,6 +57,9 @@ pub struct AgentOptions {
     pub lease_poll_every: u32,
     /// Where the facts about `/` reported at handshake come from.
     pub mountinfo: PathBuf,
+    /// Digests of the root modules composed into `/` (set by the init after
+    /// switch_root), reported with the root facts.
+    pub root_modules: Vec<String>,
 }
 
 impl AgentOptions {
@@ -72,6 +75,7 @@ impl AgentOptions {
             reconcile_every: 10,
             lease_poll_every: 5,
             mountinfo: PathBuf::from(crate::facts::MOUNTINFO),
+            root_modules: Vec::new(),
         }
     }
 }
@@ -316,7 +320,10 @@ pub async fn run(
         Some(&creds),
         opts.timeouts,
     )?;
-    let root = crate::facts::read_root_facts(&opts.mountinfo);
+    let mut root = crate::facts::read_root_facts(&opts.mountinfo);
+    if let Some(r) = root.as_mut() {
+        r.modules = opts.root_modules.clone();
+    }
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
     let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);

@@ -16,7 +16,7 @@ use powernode_agent::identity::Resolved;
 use powernode_agent::runtime::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
-use powernode_proto::node::{FailureReport, Phase, TimelineEntry};
+use powernode_proto::node::{FailureReport, Phase, RunningModule, TimelineEntry};
 use powernode_proto::{ErrorCode, IdentityDocument};
 
 /// Everything the bootstrap needs from the earlier phases.
@@ -99,7 +99,29 @@ pub trait AgentDriver {
     fn report_failure(&mut self, timeline: &[TimelineEntry], failure: FailureReport) -> bool;
     /// Runs the agent (heartbeats, tasks, drain) until it ends.
     fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd;
+    /// Fetches the desired modules; when they include `root` modules, pulls and
+    /// verifies them and mounts their union at `target`. `Ok(None)`: no root modules
+    /// (the initramfs stays the root). `Ok(Some(modules))`: the root modules composed
+    /// (name, version, pinned manifest digest), base first.
+    fn compose_root(&mut self, _target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
+        Ok(None)
+    }
 }
+
+/// Why the composed root could not be built; `code` is the wire code reported upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComposeError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What the init leaves in the state directory for itself in agent mode after
+/// switch_root: the boot timeline and the root modules composed into `/`.
+pub const HANDOFF_FILE: &str = "handoff.json";
+/// argv\[1\] of the init re-executed in the composed root: run the agent as PID 1.
+pub const AGENT_MODE: &str = "agent";
+/// Where the init copies itself before switch_root (`/run` is moved into the new root).
+pub const AGENT_MODE_BIN: &str = "/run/powernode/powernode-init";
 
 /// The real driver: the agent library on a current-thread runtime.
 #[derive(Default)]
@@ -257,6 +279,93 @@ impl AgentDriver for RealAgent {
         }
     }
 
+    fn compose_root(&mut self, target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
+        use powernode_agent::modules::{mount, reconciler, registry, store::ObjectStore};
+        let internal = |message: String| ComposeError {
+            code: ErrorCode::Internal,
+            message,
+        };
+        let Some(session) = &self.session else {
+            return Err(internal(
+                "compose_root before a successful bootstrap".into(),
+            ));
+        };
+        let client = session.client.clone();
+        let state_dir = session.state_dir.clone();
+        let rt = self
+            .runtime()
+            .map_err(|e| internal(format!("async runtime: {e}")))?;
+        let desired = rt
+            .block_on(client.get::<powernode_proto::node::DesiredModulesResponse>(
+                powernode_proto::paths::DESIRED_MODULES,
+            ))
+            .map_err(|e| ComposeError {
+                code: e.report_code(),
+                message: format!(
+                    "fetching the desired modules: {}",
+                    powernode_agent::error_chain(&e)
+                ),
+            })?;
+        let roots: Vec<RunningModule> = desired
+            .modules
+            .iter()
+            .filter(|m| m.kind == reconciler::KIND_ROOT)
+            .map(|m| RunningModule {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                digest: m.digest.clone(),
+            })
+            .collect();
+        if roots.is_empty() {
+            log::info!("no root modules desired; the initramfs stays the root");
+            return Ok(None);
+        }
+        // The embedded registry serves HTTPS with the control-plane CA kept at enrollment.
+        let ca_path = state_dir.join(powernode_agent::state::CA_FILE);
+        let ca_pem = std::fs::read_to_string(&ca_path)
+            .map_err(|e| internal(format!("reading {}: {e}", ca_path.display())))?;
+        let store_dir = state_dir.join("store");
+        std::fs::create_dir_all(&store_dir)
+            .map_err(|e| internal(format!("creating {}: {e}", store_dir.display())))?;
+        let store = ObjectStore::open(&store_dir).map_err(|e| {
+            internal(format!(
+                "module store {}: {}",
+                store_dir.display(),
+                powernode_agent::error_chain(&e)
+            ))
+        })?;
+        let opts = registry::RegistryOptions {
+            ca_pem: Some(ca_pem),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let work = state_dir.join("compose");
+        std::fs::create_dir_all(target).map_err(|e| internal(format!("creating {target}: {e}")))?;
+        let union = reconciler::compose_root(
+            &desired,
+            &store,
+            opts,
+            &LoopMounter,
+            &work,
+            &mount::Upper::Tmpfs,
+            std::path::Path::new(target),
+        )
+        .map_err(|e| {
+            use powernode_agent::modules::ModuleErrorCode;
+            ComposeError {
+                code: e.code(),
+                message: powernode_agent::error_chain(&e),
+            }
+        })?;
+        log::info!(
+            "composed root at {} from {} root module(s)",
+            union.target.display(),
+            roots.len()
+        );
+        Ok(Some(roots))
+    }
+
     fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd {
         let Some(session) = &self.session else {
             return AgentEnd::Failed {
@@ -266,8 +375,6 @@ impl AgentDriver for RealAgent {
         };
         let resolved = session.resolved.clone();
         let opts = AgentOptions::new(&session.state_dir);
-        let mut timeline = Timeline::from_entries(timeline.to_vec());
-        timeline.mark(Phase::AgentStarted);
         let rt = match self.runtime() {
             Ok(rt) => rt,
             Err(e) => {
@@ -277,14 +384,28 @@ impl AgentDriver for RealAgent {
                 }
             }
         };
+        run_on(rt, resolved, opts, Hooks::default(), timeline)
+    }
+}
+
+/// The agent runtime on `rt` with the SIGCHLD reaper (PID 1 inherits orphans).
+fn run_on(
+    rt: &tokio::runtime::Runtime,
+    resolved: Resolved,
+    opts: AgentOptions,
+    hooks: Hooks,
+    timeline: &[TimelineEntry],
+) -> AgentEnd {
+    let mut timeline = Timeline::from_entries(timeline.to_vec());
+    timeline.mark(Phase::AgentStarted);
+    {
         let ended = rt.block_on(async {
             let reaper = tokio::spawn(reap_children());
             // In the initramfs there are no module services yet (NoServices), so the
             // reaper's waitpid(-1) cannot steal a supervised child's status. A root
             // with services runs the agent under systemd or as a child (see
             // `boot::hand_off`).
-            let result =
-                runtime::run(resolved, opts, Hooks::default(), timeline, stop_signal()).await;
+            let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
             reaper.abort();
             result
         });
@@ -297,6 +418,116 @@ impl AgentDriver for RealAgent {
             },
         }
     }
+}
+
+/// The kernel mounter, with composefs image files put on a loop device first.
+struct LoopMounter;
+
+impl powernode_agent::modules::mount::Mounter for LoopMounter {
+    fn mount(
+        &self,
+        spec: &powernode_agent::modules::mount::MountSpec,
+    ) -> Result<(), powernode_agent::modules::mount::MountError> {
+        use powernode_agent::modules::mount::{KernelMounter, MountError};
+        let file = spec
+            .source
+            .as_ref()
+            .filter(|p| spec.fstype == "erofs" && p.is_file());
+        let Some(file) = file else {
+            return KernelMounter.mount(spec);
+        };
+        let dev = crate::sys::attach_loop(file).map_err(|e| MountError::Syscall {
+            step: "attach loop device",
+            fstype: spec.fstype,
+            target: spec.target.clone(),
+            kernel_log: String::new(),
+            source: e,
+        })?;
+        log::info!("{} on {}", file.display(), dev.display());
+        let mut on_loop = spec.clone();
+        on_loop.source = Some(dev);
+        // A read-only block device must be mounted read-only (else EACCES).
+        on_loop
+            .options
+            .push(powernode_agent::modules::mount::MountOpt::Flag("ro"));
+        KernelMounter.mount(&on_loop)
+    }
+
+    fn unmount(
+        &self,
+        target: &std::path::Path,
+    ) -> Result<(), powernode_agent::modules::mount::MountError> {
+        powernode_agent::modules::mount::KernelMounter.unmount(target)
+    }
+}
+
+/// Agent mode, PID 1 of the composed root: the identity and credentials come from
+/// `state_dir` (saved by the bootstrap before switch_root), the timeline and root
+/// module digests from [`HANDOFF_FILE`].
+pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
+    let failed = |message: String| AgentEnd::Failed {
+        code: ErrorCode::Internal,
+        message,
+    };
+    let state = match StateDir::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => return failed(format!("state dir: {}", powernode_agent::error_chain(&e))),
+    };
+    let document = match state.load_identity() {
+        Ok(Some(d)) => d,
+        Ok(None) => return failed(format!("no identity in {}", state_dir.display())),
+        Err(e) => return failed(format!("identity: {}", powernode_agent::error_chain(&e))),
+    };
+    let handoff_path = state_dir.join(HANDOFF_FILE);
+    let handoff: serde_json::Value = std::fs::read(&handoff_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let timeline: Vec<TimelineEntry> =
+        serde_json::from_value(handoff.get("timeline").cloned().unwrap_or_default())
+            .unwrap_or_default();
+    let root_modules: Vec<RunningModule> =
+        serde_json::from_value(handoff.get("root_modules").cloned().unwrap_or_default())
+            .unwrap_or_default();
+    let mut opts = AgentOptions::new(state_dir);
+    opts.root_modules = root_modules.iter().map(|m| m.digest.clone()).collect();
+    // Runtime modules mount under /run/powernode/modules; the root modules are
+    // reported as running (they are `/`), never touched.
+    let store = match powernode_agent::modules::store::ObjectStore::open(&state_dir.join("store")) {
+        Ok(s) => s,
+        Err(e) => {
+            return failed(format!(
+                "module store: {}",
+                powernode_agent::error_chain(&e)
+            ))
+        }
+    };
+    let modules = std::sync::Arc::new(
+        powernode_agent::modules::reconciler::ModuleRuntime::new(
+            store,
+            powernode_agent::modules::registry::RegistryOptions::default(),
+            std::sync::Arc::new(LoopMounter),
+            powernode_agent::modules::reconciler::RUNTIME_MODULES_DIR.into(),
+            root_modules,
+        )
+        .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE)),
+    );
+    let hooks = Hooks {
+        supervisor: std::sync::Arc::new(powernode_agent::supervisor::NoServices),
+        reconciler: std::sync::Arc::new(modules),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return failed(format!("cannot start the agent's async runtime: {e}")),
+    };
+    let resolved = Resolved {
+        document,
+        source: "state",
+    };
+    run_on(&rt, resolved, opts, hooks, &timeline)
 }
 
 /// SIGTERM or SIGINT (ctrl-alt-del with CAD disabled) to PID 1: stop the agent.

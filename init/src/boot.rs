@@ -314,8 +314,74 @@ impl<'a> Boot<'a> {
             log::info!("boot phases done; no agent to hand off to");
             return Outcome::Idle;
         }
-        // No signed modules yet: the composed root is the initramfs itself.
-        self.hand_off(ComposedRoot::Initramfs)
+        match self.compose_root() {
+            Ok(root) => self.hand_off(root),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Root modules from the desired set, composed at [`COMPOSED_ROOT`]: then the
+    /// hand-off is a switch_root into it, with a copy of this init (in `/run`, which
+    /// moves along) run there in agent mode. No root modules: the initramfs stays.
+    /// A failure (signature, digest, registry) goes upstream with its code and the
+    /// policy applies; the node never switches to an unverified root.
+    fn compose_root(&mut self) -> Result<ComposedRoot, Outcome> {
+        let mut attempt: u32 = 0;
+        let modules = loop {
+            attempt = attempt.saturating_add(1);
+            let Some(agent) = self.agent.as_deref_mut() else {
+                return Ok(ComposedRoot::Initramfs);
+            };
+            match agent.compose_root(COMPOSED_ROOT) {
+                Ok(None) => return Ok(ComposedRoot::Initramfs),
+                Ok(Some(d)) => break d,
+                Err(e) => {
+                    let error = PhaseError::Agent {
+                        code: e.code,
+                        message: e.message,
+                    };
+                    if let Some(outcome) = self.failed("switch_root", &error, attempt) {
+                        return Err(outcome);
+                    }
+                }
+            }
+        };
+        self.mark(Phase::RootMounted);
+        if let Err(error) = self.prepare_agent_mode(&modules) {
+            return Err(self
+                .failed("switch_root", &error, 1)
+                .unwrap_or(Outcome::Idle));
+        }
+        Ok(ComposedRoot::Mounted {
+            path: COMPOSED_ROOT.into(),
+            init: crate::agent::AGENT_MODE_BIN.into(),
+        })
+    }
+
+    /// Copies this init to [`crate::agent::AGENT_MODE_BIN`] and leaves the timeline
+    /// and root module digests for agent mode in the state directory.
+    fn prepare_agent_mode(
+        &mut self,
+        modules: &[powernode_proto::node::RunningModule],
+    ) -> Result<(), PhaseError> {
+        let state_dir = self.state_dir.clone().unwrap_or_default();
+        let me = self
+            .sys
+            .read_file("/proc/self/exe", 64 << 20)
+            .map_err(PhaseError::TestRoot)?;
+        ok_if_exists(self.sys.mkdir("/run/powernode", 0o700)).map_err(PhaseError::TestRoot)?;
+        self.sys
+            .create_file(crate::agent::AGENT_MODE_BIN, &me, 0o755)
+            .map_err(PhaseError::TestRoot)?;
+        let handoff = json!({"timeline": self.timeline, "root_modules": modules});
+        self.sys
+            .create_file(
+                &format!("{state_dir}/{}", crate::agent::HANDOFF_FILE),
+                handoff.to_string().as_bytes(),
+                0o600,
+            )
+            .map_err(PhaseError::TestRoot)?;
+        Ok(())
     }
 
     /// The hand-off seam. `Initramfs`: the init becomes the agent in place (PID 1,
@@ -329,8 +395,14 @@ impl<'a> Boot<'a> {
             ComposedRoot::Mounted { path, init } => {
                 let timeline = self.timeline.clone();
                 self.event(json!({"event": "switch_root", "new_root": path, "timeline": timeline}));
-                let error: PhaseError =
-                    switch_root::switch_root(self.sys, &path, &init, &[]).into();
+                let state_dir = self.state_dir.clone().unwrap_or_default();
+                let error: PhaseError = switch_root::switch_root(
+                    self.sys,
+                    &path,
+                    &init,
+                    &[crate::agent::AGENT_MODE, &state_dir],
+                )
+                .into();
                 match self.failed("switch_root", &error, 1) {
                     Some(outcome) => outcome,
                     None => self.run_agent(),
@@ -615,6 +687,9 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     }));
     Ok(())
 }
+
+/// Where the union of the root modules is mounted before switch_root.
+pub const COMPOSED_ROOT: &str = "/sysroot";
 
 /// Where the test root is mounted, and the flag its init gets.
 pub const TEST_ROOT: &str = "/sysroot";

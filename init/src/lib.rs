@@ -61,7 +61,30 @@ pub fn main() -> ! {
         log::warn!("switched-root check ended with {outcome:?}; parking");
         failure::park(&mut sys)
     }
+    if std::env::args().nth(1).as_deref() == Some(agent::AGENT_MODE) {
+        agent_mode()
+    }
     run()
+}
+
+/// PID 1 of the composed root (re-executed by the init after switch_root): runs the
+/// agent from the state directory given as argv\[2\], reaping orphans, and powers
+/// off when it ends. Never returns.
+fn agent_mode() -> ! {
+    let mut sys = sys::RealSys::new();
+    sys::Sys::start_logging(&mut sys);
+    failure::install_panic_hook();
+    failure::set_policy(cmdline::FailurePolicy::Poweroff);
+    let state_dir = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "/run/powernode".into());
+    log::info!("agent mode in the composed root; state dir {state_dir}");
+    let end = agent::run_in_composed_root(std::path::Path::new(&state_dir));
+    let fields = serde_json::json!({"event": "agent_stopped", "mode": "composed_root", "end": format!("{end:?}")});
+    sys::Sys::console(&mut sys, &format!("{}{fields}", boot::EVENT_PREFIX));
+    let outcome = failure::reset(&mut sys, sys::RebootKind::PowerOff);
+    log::warn!("agent mode ended with {outcome:?}; parking");
+    failure::park(&mut sys)
 }
 
 /// Runs the boot on the real kernel. Never returns.

@@ -53,7 +53,16 @@ pub fn switch_root(
 
 fn prepare(sys: &mut dyn Sys, new_root: &str, init: &str) -> Result<(), SwitchRootError> {
     let root = new_root.trim_end_matches('/');
-    let init_in_root = format!("{root}/{}", init.trim_start_matches('/'));
+    // An init under a mount that moves into the new root (a copy of this init in
+    // `/run`) is checked where it is now.
+    let moves = MOVED_MOUNTS
+        .iter()
+        .any(|m| init.starts_with(&format!("{m}/")));
+    let init_in_root = if moves {
+        init.to_string()
+    } else {
+        format!("{root}/{}", init.trim_start_matches('/'))
+    };
     if !sys.is_executable(&init_in_root) {
         return Err(SwitchRootError::NoInit { path: init_in_root });
     }
@@ -87,6 +96,23 @@ fn prepare(sys: &mut dyn Sys, new_root: &str, init: &str) -> Result<(), SwitchRo
 mod tests {
     use super::*;
     use crate::sys::fake::{Call, FakeSys};
+
+    #[test]
+    fn an_init_under_a_moved_mount_is_checked_where_it_is_now() {
+        let mut sys = FakeSys::default();
+        sys.executables
+            .insert("/run/powernode/powernode-init".into());
+        let err = switch_root(
+            &mut sys,
+            "/sysroot",
+            "/run/powernode/powernode-init",
+            &["agent"],
+        );
+        assert!(!matches!(err, SwitchRootError::NoInit { .. }), "{err:?}");
+        let mut sys = FakeSys::default();
+        let err = switch_root(&mut sys, "/sysroot", "/run/powernode/powernode-init", &[]);
+        assert!(matches!(err, SwitchRootError::NoInit { .. }), "{err:?}");
+    }
 
     #[test]
     fn the_exact_switch_root_sequence() {

@@ -5,8 +5,8 @@
 //! [`fake::FakeSys`] records every call so that tests can assert the exact boot
 //! sequence without root.
 //!
-//! No `unsafe` is needed today. Should one be added, it belongs here, with a
-//! `// SAFETY:` comment.
+//! The one `unsafe` is the loop-device ioctl in [`attach_loop`] (rustix has no safe
+//! wrapper for it), with a `// SAFETY:` comment.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -401,6 +401,45 @@ impl Sys for RealSys {
         let err = std::process::Command::new(path).args(args).exec();
         errno(err)
     }
+}
+
+/// Attaches `file` read-only to the first free `/dev/loopN` and returns that device:
+/// composefs EROFS images are files, and this kernel mounts EROFS from block devices
+/// only (no `EROFS_FS_BACKED_BY_FILE`).
+#[allow(unsafe_code)]
+pub fn attach_loop(file: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use rustix::fs::{open, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    const LOOP_SET_FD: rustix::ioctl::Opcode = 0x4C00;
+    let backing = open(file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let fd = usize::try_from(backing.as_raw_fd()).map_err(std::io::Error::other)?;
+    // The loop driver makes loop0..loop7 when it loads; more are not needed here.
+    for n in 0..64 {
+        let dev = format!("/dev/loop{n}");
+        let lo = match open(
+            dev.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(f) => f,
+            Err(Errno::NOENT) => break,
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: LOOP_SET_FD takes a file descriptor as its integer argument and
+        // reads or writes no memory of ours; `backing` outlives the call.
+        let r = unsafe {
+            rustix::ioctl::ioctl(
+                &lo,
+                rustix::ioctl::IntegerSetter::<LOOP_SET_FD>::new_usize(fd),
+            )
+        };
+        match r {
+            Ok(()) => return Ok(dev.into()),
+            Err(Errno::BUSY) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::other("no free loop device"))
 }
 
 #[cfg(test)]

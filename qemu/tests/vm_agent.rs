@@ -303,7 +303,7 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     let (spec2, mut vm2) = boot_once("boot2");
     let log2 = spec2.serial_log.clone();
     let ctx2 = move || format!("serial: {}", log2.display());
-    let first_ready = first["boot_timeline"].to_string();
+    let first_ready = first["boot_timeline"].clone();
     let second = wait_until(
         "second ready handshake",
         TO_RUNNING,
@@ -311,7 +311,7 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
         &ctx2,
         || {
             let i = stub.instance(&instance_id);
-            (i["phase"] == "ready" && i["boot_timeline"].to_string() != first_ready).then_some(i)
+            (i["phase"] == "ready" && i["boot_timeline"] != first_ready).then_some(i)
         },
     );
     assert_eq!(second["status"], "running", "{second}");
@@ -330,5 +330,212 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
         matches!(exit, Some(s) if s.success()),
         "{exit:?}\n{}",
         ctx2()
+    );
+}
+
+/// Debian bookworm's static busybox, fetched once into `cache/busybox/` with
+/// `apt-get download busybox-static` + `dpkg -x`.
+fn busybox() -> std::path::PathBuf {
+    let cache = workspace_root().join("cache/busybox");
+    let bin = cache.join("root/bin/busybox");
+    if bin.exists() {
+        return bin;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let run = |cmd: &mut std::process::Command| {
+        let st = cmd.current_dir(&cache).status().expect("run apt-get/dpkg");
+        assert!(st.success(), "{cmd:?}: {st}");
+    };
+    run(std::process::Command::new("apt-get").args(["download", "busybox-static"]));
+    let deb = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("busybox-static .deb");
+    run(std::process::Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg("root"));
+    assert!(bin.exists(), "{} missing after dpkg -x", bin.display());
+    bin
+}
+
+/// A minimal busybox root: `bin/busybox`, applet symlinks, `etc/` files and the
+/// mount points the init moves into it.
+fn busybox_root(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("base-root");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["bin", "etc", "dev", "proc", "sys", "run", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "ls", "cat", "mount"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/hostname"), "powernode-base\n").unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=powernode-base\nVERSION_ID=1\n",
+    )
+    .unwrap();
+    root
+}
+
+/// An ephemeral node whose template has a published busybox base as its root
+/// module: the init pulls and verifies it, mounts the union (composefs images under
+/// an overlay with a tmpfs upper), switch_roots into it and runs the agent there as
+/// PID 1. Asserted from get-instance: `root.fstype` is `overlay` and `root.modules`
+/// holds the published manifest digest (the agent reports manifest digests).
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn composed_root_from_a_published_base_module() {
+    let test = "agent_composed_root";
+    let dir = test_dir(test);
+    let stub = Stub::start(&dir);
+    let base = busybox_root(&dir);
+    let published = stub.cli(&[
+        "publish-module",
+        base.to_str().unwrap(),
+        "--name",
+        "base",
+        "--version",
+        "1.0.0",
+        "--kind",
+        "root",
+    ]);
+    eprintln!("published: {published}");
+    stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
+    let (instance_id, doc) = stub.provision("composed-root-1");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.attempts=2".into(),
+    ];
+    with_identity(&mut spec, &dir, &doc.to_string());
+    let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
+    let serial_log = spec.serial_log.clone();
+    let context = move || {
+        let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
+        let tail: Vec<&str> = serial.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "serial: {}\n--- serial tail:\n{}",
+            serial_log.display(),
+            tail.join("\n")
+        )
+    };
+    let started = Instant::now();
+    let running = wait_until("status running", TO_RUNNING, &mut vm, &context, || {
+        let inst = stub.instance(&instance_id);
+        assert!(
+            inst["status"] != "failed",
+            "instance failed: {inst}\n{}",
+            context()
+        );
+        (inst["status"] == "running").then_some(inst)
+    });
+    let to_running = started.elapsed();
+    let root = &running["root"];
+    assert_eq!(
+        root["fstype"],
+        "overlay",
+        "root facts: {running}\n{}",
+        context()
+    );
+    // The agent reports the root modules' manifest digests (as pinned in the
+    // desired set), not their composefs digests.
+    let digest = published["publication"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {published}"));
+    let modules: Vec<&str> = root["modules"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(modules, [digest], "root facts: {running}");
+    let drift = stub.cli(&["drift-report", &instance_id]);
+    assert_eq!(drift["drift"], false, "drift report: {drift}");
+
+    let drain = stub.cli(&["drain-instance", &instance_id, "--timeout-seconds", "10"]);
+    let task_id = drain["task_id"].as_str().unwrap().to_string();
+    wait_until(
+        "drain task succeeded",
+        Duration::from_secs(60),
+        &mut vm,
+        &context,
+        || {
+            let t = stub.cli(&["get-task", &task_id]);
+            let t = t.get("task").cloned().unwrap_or(t);
+            (t["status"] == "succeeded").then_some(t)
+        },
+    );
+    stub.cli(&["terminate-instance", &instance_id]);
+    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not exit cleanly after terminate: {exit:?}\n{}",
+        context()
+    );
+    let serial = vm.serial();
+    assert!(!serial.contains("Kernel panic"), "{}", context());
+    eprintln!(
+        "{test}: running after {to_running:?} (wall); whole runbook {:?}",
+        started.elapsed()
+    );
+}
+
+/// The base module's signature no longer verifies (the server's signing key was
+/// replaced after publishing, so the trust key it hands out is not the signer's):
+/// the init reports `signature_mismatch` upstream, never switches root, and the
+/// policy powers the VM off.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_root_module_signed_by_an_unknown_key_is_refused_before_switch_root() {
+    let dir = test_dir("agent_composed_root_bad_signature");
+    let base = busybox_root(&dir);
+    {
+        let stub = Stub::start(&dir);
+        stub.cli(&[
+            "publish-module",
+            base.to_str().unwrap(),
+            "--name",
+            "base",
+            "--version",
+            "1.0.0",
+            "--kind",
+            "root",
+        ]);
+        stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
+    }
+    // A new signing key on restart: the published signature is now a stranger's.
+    for f in ["module-signing.key", "module-signing.pub"] {
+        std::fs::remove_file(dir.join("server-data").join(f)).unwrap();
+    }
+    let stub = Stub::start(&dir);
+    let (instance_id, doc) = stub.provision("bad-signature-1");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.attempts=1".into(),
+    ];
+    with_identity(&mut spec, &dir, &doc.to_string());
+    let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
+    let exit = vm.wait_timeout(TO_RUNNING).expect("wait for QEMU");
+    let serial = vm.serial();
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not power off: {exit:?}\n{serial}"
+    );
+    let inst = stub.instance(&instance_id);
+    assert_eq!(inst["failure"]["code"], "signature_mismatch", "{inst}");
+    assert_ne!(inst["status"], "running", "{inst}");
+    assert!(!serial.contains("switch_root: freed"), "{serial}");
+    assert!(
+        !serial.contains("agent mode in the composed root"),
+        "{serial}"
     );
 }
