@@ -10,6 +10,7 @@
 //! running after a test.
 
 use std::io::{BufRead as _, BufReader, Read as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
@@ -25,6 +26,9 @@ pub use powernode_proto as proto;
 pub struct ProcessGuard {
     name: String,
     child: Option<Child>,
+    /// The child leads its own process group: kill the group, so whatever it spawned
+    /// (an agent's supervised services) cannot outlive it when it is SIGKILLed.
+    group: bool,
 }
 
 impl ProcessGuard {
@@ -32,7 +36,15 @@ impl ProcessGuard {
         Self {
             name: name.into(),
             child: Some(child),
+            group: false,
         }
+    }
+
+    /// For a child spawned with `process_group(0)`.
+    pub fn new_group(name: impl Into<String>, child: Child) -> Self {
+        let mut guard = Self::new(name, child);
+        guard.group = true;
+        guard
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -42,6 +54,13 @@ impl ProcessGuard {
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.group {
+                // The group id is the child's own pid (`process_group(0)`).
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -536,10 +555,11 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log_file(log)?)
             .stderr(log_file(log)?)
+            .process_group(0)
             .spawn()
             .context("spawning powernode-agent")?;
         Ok(Self {
-            guard: ProcessGuard::new("powernode-agent", child),
+            guard: ProcessGuard::new_group("powernode-agent", child),
             state_dir: state_dir.to_path_buf(),
             log: log.to_path_buf(),
         })
