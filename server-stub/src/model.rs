@@ -306,12 +306,17 @@ impl Mem {
 
     /// The Node as the API shows it: `status` is the live instance's status or
     /// `no_instance`.
-    pub fn node_view(&self, node: &NodeRec) -> admin::Node {
-        let status = node
-            .current_instance_id
+    /// The Node's current instance while it is live (holds resources or credentials).
+    pub fn live_instance(&self, node: &NodeRec) -> Option<&InstRec> {
+        node.current_instance_id
             .as_ref()
             .and_then(|id| self.instances.get(id))
             .filter(|i| i.status.is_live())
+    }
+
+    pub fn node_view(&self, node: &NodeRec) -> admin::Node {
+        let status = self
+            .live_instance(node)
             .map(|i| i.status.as_str().to_string())
             .unwrap_or_else(|| admin::NODE_NO_INSTANCE.to_string());
         admin::Node {

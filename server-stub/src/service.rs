@@ -353,12 +353,7 @@ impl AppState {
                 .nodes
                 .get(id)
                 .ok_or_else(|| AppError::not_found("node", id))?;
-            if let Some(inst) = node
-                .current_instance_id
-                .as_ref()
-                .and_then(|i| mem.instances.get(i))
-                .filter(|i| i.status.is_live())
-            {
+            if let Some(inst) = mem.live_instance(node) {
                 return Err(AppError::conflict(
                     ErrorCode::NodeHasLiveInstance,
                     format!(
@@ -407,12 +402,7 @@ impl AppState {
                     .get(node_id)
                     .ok_or_else(|| AppError::not_found("node", node_id))?
                     .clone();
-                if let Some(inst) = node
-                    .current_instance_id
-                    .as_ref()
-                    .and_then(|i| mem.instances.get(i))
-                    .filter(|i| i.status.is_live())
-                {
+                if let Some(inst) = mem.live_instance(&node) {
                     return Err(AppError::conflict(
                         ErrorCode::NodeAlreadyHasInstance,
                         format!(
