@@ -13,6 +13,7 @@ pub mod publish;
 pub mod store;
 #[doc(hidden)]
 pub mod testutil;
+pub mod toc;
 pub mod tree;
 pub mod unpack;
 pub mod verity;
@@ -75,6 +76,37 @@ where
     R: std::io::Read,
     F: FnMut(usize) -> Result<(String, R), unpack::CodedStreamError>,
 {
+    install_image_with(store, expected, layer_count, |i| {
+        open_layer(i).map(|(media_type, reader)| LayerInput::Stream { media_type, reader })
+    })
+}
+
+/// How a puller hands over one layer.
+#[derive(Debug)]
+pub enum LayerInput<R> {
+    /// The whole blob as a verified stream of this media type.
+    Stream { media_type: String, reader: R },
+    /// The layer's signed TOC; the puller already stored the objects the store lacked
+    /// (`fetched`), so the tree comes from the TOC alone.
+    Toc {
+        toc: toc::Toc,
+        /// Where the TOC starts in the blob (content ranges lie before it).
+        data_end: u64,
+        fetched: std::collections::HashSet<VerityDigest>,
+    },
+}
+
+/// [`install_image`] for pullers that can also hand over a layer as its TOC.
+pub fn install_image_with<R, F>(
+    store: &store::ObjectStore,
+    expected: &VerityDigest,
+    layer_count: usize,
+    mut open_layer: F,
+) -> Result<InstallReport, InstallError>
+where
+    R: std::io::Read,
+    F: FnMut(usize) -> Result<LayerInput<R>, unpack::CodedStreamError>,
+{
     let mut report = InstallReport {
         image: *expected,
         already_present: true,
@@ -86,11 +118,16 @@ where
     report.already_present = false;
     let mut unpacker = unpack::Unpacker::new(store);
     for index in 0..layer_count {
-        let (media_type, reader) =
-            open_layer(index).map_err(|source| InstallError::Fetch { index, source })?;
-        let s = unpacker
-            .apply_layer(&media_type, reader)
-            .map_err(|source| InstallError::Unpack { index, source })?;
+        let input = open_layer(index).map_err(|source| InstallError::Fetch { index, source })?;
+        let s = match input {
+            LayerInput::Stream { media_type, reader } => unpacker.apply_layer(&media_type, reader),
+            LayerInput::Toc {
+                toc,
+                data_end,
+                fetched,
+            } => unpacker.apply_toc(&toc, data_end, &fetched),
+        }
+        .map_err(|source| InstallError::Unpack { index, source })?;
         report.layers.entries += s.entries;
         report.layers.files += s.files;
         report.layers.new_objects += s.new_objects;

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::composefs::{self, ImageError};
 use crate::store::ObjectStore;
+use crate::toc::{self, TocLocation};
 use crate::unpack::{UnpackError, Unpacker};
 use crate::verity::{self, VerityDigest};
 
@@ -28,7 +29,8 @@ pub const MEDIA_TYPE_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gz
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LayerCompression {
     None,
-    /// gzip with a zero header time and no file name, so the same tar gives the same blob.
+    /// gzip with a zero header time and no file name, so the same tar gives the same
+    /// blob; one member per file and a table of contents ([`crate::toc`]).
     #[default]
     Gzip,
 }
@@ -78,6 +80,9 @@ pub struct BuiltModule {
     pub image: Vec<u8>,
     /// Its fs-verity digest: the value of `COMPOSEFS_DIGEST_ANNOTATION`.
     pub image_digest: VerityDigest,
+    /// Where the layer's table of contents is (gzip layers): its
+    /// [`annotations`](TocLocation::annotations) go on the layer descriptor.
+    pub toc: Option<TocLocation>,
 }
 
 fn sha256_prefixed(data: &[u8]) -> String {
@@ -94,16 +99,12 @@ pub fn build_module(
 ) -> Result<BuiltModule, PublishError> {
     let tar = write_layer_tar(dir, opts, Vec::new())?;
     let diff_id = sha256_prefixed(&tar);
-    let (layer, media_type) = match opts.compression {
-        LayerCompression::None => (tar, MEDIA_TYPE_TAR),
+    let (layer, media_type, toc) = match opts.compression {
+        LayerCompression::None => (tar, MEDIA_TYPE_TAR, None),
         LayerCompression::Gzip => {
-            // `GzEncoder::new` writes mtime 0, no name, OS 255: deterministic.
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            gz.write_all(&tar).map_err(PublishError::Write)?;
-            (
-                gz.finish().map_err(PublishError::Write)?,
-                MEDIA_TYPE_TAR_GZIP,
-            )
+            // One gzip member per file plus the TOC, so nodes can fetch single files.
+            let chunked = toc::chunked_gzip_layer(&tar).map_err(PublishError::Write)?;
+            (chunked.blob, MEDIA_TYPE_TAR_GZIP, chunked.toc)
         }
     };
     let (image, image_digest) = image_from_layers(scratch, [(media_type, &layer[..])])?;
@@ -114,6 +115,7 @@ pub fn build_module(
         diff_id,
         image,
         image_digest,
+        toc,
     })
 }
 

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 use crate::composefs::encode_dev;
 use crate::store::{ObjectStore, StoreError};
 use crate::tree::{FsTree, Inode, Kind, Meta, TreeError, PERM_MASK};
+use crate::verity::VerityDigest;
 use crate::ModuleErrorCode;
 
 /// Layer compression, from the (signed) manifest's media type.
@@ -309,83 +310,9 @@ impl<'a> Unpacker<'a> {
         Ok(stats)
     }
 
-    fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta, UnpackError> {
-        let bad = |source| UnpackError::BadHeader {
-            entry: name.to_string(),
-            source,
-        };
-        let h = entry.header();
-        let perm = h.mode().map_err(bad)? & PERM_MASK;
-        let mut uid = h.uid().map_err(bad)?;
-        let mut gid = h.gid().map_err(bad)?;
-        let mut mtime = h.mtime().map_err(bad)?;
-        let mut mtime_nsec = 0u32;
-        let mut meta_xattrs = std::collections::BTreeMap::new();
-        if let Some(exts) = entry.pax_extensions().map_err(bad)? {
-            for ext in exts {
-                let ext = ext.map_err(bad)?;
-                let Ok(key) = ext.key() else { continue };
-                let value = ext.value_bytes();
-                let num = || {
-                    std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .ok_or_else(|| bad(io::Error::other(format!("PAX {key} is not a number"))))
-                };
-                match key {
-                    "uid" => uid = num()?,
-                    "gid" => gid = num()?,
-                    "mtime" => {
-                        let v = std::str::from_utf8(value).unwrap_or("");
-                        let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
-                        // Negative (pre-1970) times clamp to 0; EROFS times are unsigned.
-                        mtime = secs.parse::<u64>().unwrap_or(0);
-                        let digits: String = frac.chars().take(9).collect();
-                        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-                            mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
-                        }
-                    }
-                    k if k.starts_with(PAX_XATTR_PREFIX) => {
-                        let xname = &k.as_bytes()[PAX_XATTR_PREFIX.len()..];
-                        let stored = if xname.starts_with(OVERLAY_XATTR_PREFIX) {
-                            // Escaped: overlayfs unescapes one level and shows the
-                            // original name, but never acts on it.
-                            [
-                                b"trusted.overlay.overlay.",
-                                &xname[OVERLAY_XATTR_PREFIX.len()..],
-                            ]
-                            .concat()
-                        } else {
-                            xname.to_vec()
-                        };
-                        if !(stored.starts_with(b"user.")
-                            || stored.starts_with(b"trusted.")
-                            || stored.starts_with(b"security."))
-                        {
-                            return Err(UnpackError::UnsupportedEntry {
-                                entry: name.to_string(),
-                                kind: format!("xattr {}", lossy(xname)),
-                            });
-                        }
-                        meta_xattrs.insert(stored, value.to_vec());
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let to32 = |v: u64, what: &str| {
-            u32::try_from(v).map_err(|_| bad(io::Error::other(format!("{what} exceeds 32 bits"))))
-        };
-        Ok(Meta {
-            perm,
-            uid: to32(uid, "uid")?,
-            gid: to32(gid, "gid")?,
-            mtime,
-            mtime_nsec,
-            xattrs: meta_xattrs,
-        })
-    }
-
+    /// Applies one tar entry: the tar-specific part (extension headers, reading the
+    /// header and the content stream), then [`Self::apply_node`], which a TOC record
+    /// goes through as well.
     fn apply_entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -402,54 +329,106 @@ impl<'a> Unpacker<'a> {
             return Ok(());
         }
         let path = components(&name, &raw_path)?;
-        let layer = self.layer;
-
-        // Whiteouts act on the tree and add nothing.
-        if let Some((last, parent_path)) = path.split_last() {
-            if *last == OPAQUE_MARKER {
-                let dir = self
-                    .tree
-                    .ensure_dir(parent_path, layer)
-                    .map_err(|e| tree_err(&name, e))?;
-                self.tree.clear_lower(dir, layer);
-                return Ok(());
-            }
-            if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
-                if hidden.starts_with(WHITEOUT_PREFIX) || hidden.is_empty() {
-                    // Other `.wh..wh.` metadata (aufs) carries nothing we use.
-                    return Ok(());
-                }
-                if hidden == b"." || hidden == b".." {
-                    return Err(UnpackError::UnsafePath {
-                        entry: name,
-                        reason: "whiteout of `.` or `..`".into(),
-                    });
-                }
-                let parent = match self.tree.lookup(parent_path) {
-                    Ok(Some(p)) => p,
-                    Ok(None) | Err(TreeError::NotFound { .. }) => return Ok(()),
-                    Err(e) => return Err(tree_err(&name, e)),
-                };
-                if !matches!(self.tree.inode(parent).kind, Kind::Dir(_)) {
-                    return Ok(());
-                }
-                if self
-                    .tree
-                    .entry_layer(parent, hidden)
-                    .is_some_and(|l| l < layer)
-                {
-                    self.tree.unlink(parent, hidden);
-                }
-                return Ok(());
-            }
+        if self.apply_whiteout(&name, &path)? {
+            return Ok(());
         }
+        let raw = raw_meta_of(entry, &name)?;
+        let kind = kind_of(entry, &name)?;
+        self.apply_node(&name, &path, &raw, kind, Content::Stream(entry), stats)
+    }
 
-        let meta = Self::meta_of(entry, &name)?;
+    /// Applies one TOC record whose content (if any) is already in the store.
+    /// `fresh` are the objects this pull fetched: the first reference to one counts as
+    /// new, every other as deduplicated (as a tar layer would count them).
+    pub(crate) fn apply_record(
+        &mut self,
+        raw_path: &[u8],
+        raw: &RawMeta,
+        kind: EntryKind,
+        digest: Option<VerityDigest>,
+        fresh: &mut std::collections::HashSet<VerityDigest>,
+        stats: &mut LayerStats,
+    ) -> Result<(), UnpackError> {
+        stats.entries += 1;
+        let name = lossy(raw_path);
+        let path = components(&name, raw_path)?;
+        if self.apply_whiteout(&name, &path)? {
+            return Ok(());
+        }
+        let content = match digest {
+            Some(d) => Content::Stored(d, fresh.remove(&d)),
+            None => Content::Empty,
+        };
+        self.apply_node(&name, &path, raw, kind, content, stats)
+    }
+
+    pub(crate) fn start_layer(&mut self) {
+        self.layer += 1;
+    }
+
+    /// Whiteouts act on the tree and add nothing; true when `path` was one.
+    fn apply_whiteout(&mut self, name: &str, path: &[&[u8]]) -> Result<bool, UnpackError> {
+        let layer = self.layer;
+        let Some((last, parent_path)) = path.split_last() else {
+            return Ok(false);
+        };
+        if *last == OPAQUE_MARKER {
+            let dir = self
+                .tree
+                .ensure_dir(parent_path, layer)
+                .map_err(|e| tree_err(name, e))?;
+            self.tree.clear_lower(dir, layer);
+            return Ok(true);
+        }
+        let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) else {
+            return Ok(false);
+        };
+        if hidden.starts_with(WHITEOUT_PREFIX) || hidden.is_empty() {
+            // Other `.wh..wh.` metadata (aufs) carries nothing we use.
+            return Ok(true);
+        }
+        if hidden == b"." || hidden == b".." {
+            return Err(UnpackError::UnsafePath {
+                entry: name.to_string(),
+                reason: "whiteout of `.` or `..`".into(),
+            });
+        }
+        let parent = match self.tree.lookup(parent_path) {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(TreeError::NotFound { .. }) => return Ok(true),
+            Err(e) => return Err(tree_err(name, e)),
+        };
+        if !matches!(self.tree.inode(parent).kind, Kind::Dir(_)) {
+            return Ok(true);
+        }
+        if self
+            .tree
+            .entry_layer(parent, hidden)
+            .is_some_and(|l| l < layer)
+        {
+            self.tree.unlink(parent, hidden);
+        }
+        Ok(true)
+    }
+
+    /// The one definition of what an entry does to the tree, for tar entries and TOC
+    /// records alike.
+    fn apply_node(
+        &mut self,
+        name: &str,
+        path: &[&[u8]],
+        raw: &RawMeta,
+        kind: EntryKind,
+        content: Content<'_>,
+        stats: &mut LayerStats,
+    ) -> Result<(), UnpackError> {
+        let layer = self.layer;
+        let meta = raw.to_meta(name)?;
         let Some((last, parent_path)) = path.split_last() else {
             // The root itself (`./`): only a directory may describe it.
-            if etype != T::Directory {
+            if kind != EntryKind::Dir {
                 return Err(UnpackError::UnsafePath {
-                    entry: name,
+                    entry: name.to_string(),
                     reason: "the archive root is not a directory".into(),
                 });
             }
@@ -459,11 +438,11 @@ impl<'a> Unpacker<'a> {
         let parent = self
             .tree
             .ensure_dir(parent_path, layer)
-            .map_err(|e| tree_err(&name, e))?;
+            .map_err(|e| tree_err(name, e))?;
 
-        let kind = match etype {
-            T::Directory => {
-                let existing = self.tree.lookup(&path).map_err(|e| tree_err(&name, e))?;
+        let kind = match kind {
+            EntryKind::Dir => {
+                let existing = self.tree.lookup(path).map_err(|e| tree_err(name, e))?;
                 if let Some(id) = existing {
                     if matches!(self.tree.inode(id).kind, Kind::Dir(_)) {
                         // A directory entry over a directory updates its metadata and
@@ -475,60 +454,73 @@ impl<'a> Unpacker<'a> {
                 }
                 Kind::Dir(Default::default())
             }
-            T::Regular | T::Continuous => {
+            EntryKind::File { size } => {
                 stats.files += 1;
-                let size = entry.size();
-                if size == 0 {
-                    Kind::File { size, digest: None }
-                } else {
-                    let ins = self.store.insert(&mut *entry, None)?;
-                    if ins.size != size {
+                match content {
+                    _ if size == 0 => Kind::File { size, digest: None },
+                    Content::Stream(reader) => {
+                        let ins = self.store.insert(reader, None)?;
+                        if ins.size != size {
+                            return Err(UnpackError::BadHeader {
+                                entry: name.to_string(),
+                                source: io::Error::other("entry shorter than its header says"),
+                            });
+                        }
+                        if ins.new {
+                            stats.new_objects += 1;
+                            stats.new_bytes += ins.size;
+                        } else {
+                            stats.deduplicated_objects += 1;
+                        }
+                        Kind::File {
+                            size,
+                            digest: Some(ins.digest),
+                        }
+                    }
+                    Content::Stored(digest, fresh) => {
+                        if !self.store.contains(&digest) {
+                            return Err(StoreError::Missing(digest).into());
+                        }
+                        if fresh {
+                            stats.new_objects += 1;
+                            stats.new_bytes += size;
+                        } else {
+                            stats.deduplicated_objects += 1;
+                        }
+                        Kind::File {
+                            size,
+                            digest: Some(digest),
+                        }
+                    }
+                    Content::Empty => {
                         return Err(UnpackError::BadHeader {
-                            entry: name,
-                            source: io::Error::other("entry shorter than its header says"),
-                        });
-                    }
-                    if ins.new {
-                        stats.new_objects += 1;
-                        stats.new_bytes += ins.size;
-                    } else {
-                        stats.deduplicated_objects += 1;
-                    }
-                    Kind::File {
-                        size,
-                        digest: Some(ins.digest),
+                            entry: name.to_string(),
+                            source: io::Error::other("a non-empty file without content"),
+                        })
                     }
                 }
             }
-            T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+            EntryKind::Symlink(target) => {
                 if target.is_empty() || target.contains(&0) {
                     return Err(UnpackError::BadHeader {
-                        entry: name,
+                        entry: name.to_string(),
                         source: io::Error::other("symlink target empty or with a NUL byte"),
                     });
                 }
                 Kind::Symlink(target)
             }
-            T::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+            EntryKind::Hardlink(target) => {
                 if target.first() == Some(&b'/') {
                     return Err(UnpackError::UnsafePath {
-                        entry: name,
+                        entry: name.to_string(),
                         reason: format!("hardlink to absolute path {:?}", lossy(&target)),
                     });
                 }
-                let tpath = components(&name, &target)?;
-                let found = self.tree.lookup(&tpath).map_err(|e| tree_err(&name, e))?;
+                let tpath = components(name, &target)?;
+                let found = self.tree.lookup(&tpath).map_err(|e| tree_err(name, e))?;
                 let Some(id) = found.filter(|_| !tpath.is_empty()) else {
                     return Err(UnpackError::UnsafePath {
-                        entry: name,
+                        entry: name.to_string(),
                         reason: format!(
                             "hardlink target {:?} is not in the layer tree",
                             lossy(&target)
@@ -537,42 +529,215 @@ impl<'a> Unpacker<'a> {
                 };
                 if matches!(self.tree.inode(id).kind, Kind::Dir(_)) {
                     return Err(UnpackError::UnsafePath {
-                        entry: name,
+                        entry: name.to_string(),
                         reason: "hardlink to a directory".into(),
                     });
                 }
                 self.tree.link(parent, last, id, layer);
                 return Ok(());
             }
-            T::Char | T::Block => {
-                let bad = |source| UnpackError::BadHeader {
-                    entry: name.clone(),
-                    source,
-                };
-                let h = entry.header();
-                let major = h.device_major().map_err(bad)?.unwrap_or(0);
-                let minor = h.device_minor().map_err(bad)?.unwrap_or(0);
+            EntryKind::CharDev { major, minor } | EntryKind::BlockDev { major, minor } => {
                 // Linux device numbers: 12-bit major, 20-bit minor.
                 if major > 0xfff || minor > 0xf_ffff {
-                    return Err(bad(io::Error::other("device number out of range")));
+                    return Err(UnpackError::BadHeader {
+                        entry: name.to_string(),
+                        source: io::Error::other("device number out of range"),
+                    });
                 }
                 let dev = encode_dev(major, minor);
-                if etype == T::Char {
+                if matches!(kind, EntryKind::CharDev { .. }) {
                     Kind::CharDev(dev)
                 } else {
                     Kind::BlockDev(dev)
                 }
             }
-            T::Fifo => Kind::Fifo,
-            other => {
-                return Err(UnpackError::UnsupportedEntry {
-                    entry: name,
-                    kind: format!("{other:?}"),
-                })
-            }
+            EntryKind::Fifo => Kind::Fifo,
         };
         let id = self.tree.add_inode(Inode { meta, kind });
         self.tree.link(parent, last, id, layer);
         Ok(())
     }
+}
+
+/// Where a regular file's content comes from.
+enum Content<'r> {
+    /// The tar entry itself: stored (and hashed) while read.
+    Stream(&'r mut dyn Read),
+    /// Already in the store under this digest (a TOC record); true when this pull
+    /// fetched it.
+    Stored(VerityDigest, bool),
+    /// Nothing (a TOC record without a digest).
+    Empty,
+}
+
+/// An entry's metadata as the archive states it: xattr names not yet escaped, ids not
+/// yet narrowed. [`RawMeta::to_meta`] is the check both tar entries and TOC records
+/// pass through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RawMeta {
+    /// Mode bits from the header (only [`PERM_MASK`] survives).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    pub mtime_nsec: u32,
+    pub xattrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl RawMeta {
+    fn to_meta(&self, name: &str) -> Result<Meta, UnpackError> {
+        let mut xattrs = std::collections::BTreeMap::new();
+        for (xname, value) in &self.xattrs {
+            let stored = if xname.starts_with(OVERLAY_XATTR_PREFIX) {
+                // Escaped: overlayfs unescapes one level and shows the original name,
+                // but never acts on it.
+                [
+                    b"trusted.overlay.overlay.",
+                    &xname[OVERLAY_XATTR_PREFIX.len()..],
+                ]
+                .concat()
+            } else {
+                xname.clone()
+            };
+            if !(stored.starts_with(b"user.")
+                || stored.starts_with(b"trusted.")
+                || stored.starts_with(b"security."))
+            {
+                return Err(UnpackError::UnsupportedEntry {
+                    entry: name.to_string(),
+                    kind: format!("xattr {}", lossy(xname)),
+                });
+            }
+            xattrs.insert(stored, value.clone());
+        }
+        let to32 = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| UnpackError::BadHeader {
+                entry: name.to_string(),
+                source: io::Error::other(format!("{what} exceeds 32 bits")),
+            })
+        };
+        Ok(Meta {
+            perm: self.mode & PERM_MASK,
+            uid: to32(self.uid, "uid")?,
+            gid: to32(self.gid, "gid")?,
+            mtime: self.mtime,
+            mtime_nsec: self.mtime_nsec,
+            xattrs,
+        })
+    }
+}
+
+/// What kind of node an entry makes (contents aside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File {
+        size: u64,
+    },
+    Symlink(Vec<u8>),
+    /// Target path, as stored (checked when applied).
+    Hardlink(Vec<u8>),
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// The header and PAX records of a tar entry.
+pub(crate) fn raw_meta_of<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+) -> Result<RawMeta, UnpackError> {
+    let bad = |source| UnpackError::BadHeader {
+        entry: name.to_string(),
+        source,
+    };
+    let h = entry.header();
+    let mut raw = RawMeta {
+        mode: h.mode().map_err(bad)?,
+        uid: h.uid().map_err(bad)?,
+        gid: h.gid().map_err(bad)?,
+        mtime: h.mtime().map_err(bad)?,
+        mtime_nsec: 0,
+        xattrs: Default::default(),
+    };
+    if let Some(exts) = entry.pax_extensions().map_err(bad)? {
+        for ext in exts {
+            let ext = ext.map_err(bad)?;
+            let Ok(key) = ext.key() else { continue };
+            let value = ext.value_bytes();
+            let num = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| bad(io::Error::other(format!("PAX {key} is not a number"))))
+            };
+            match key {
+                "uid" => raw.uid = num()?,
+                "gid" => raw.gid = num()?,
+                "mtime" => {
+                    let v = std::str::from_utf8(value).unwrap_or("");
+                    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+                    // Negative (pre-1970) times clamp to 0; EROFS times are unsigned.
+                    raw.mtime = secs.parse::<u64>().unwrap_or(0);
+                    let digits: String = frac.chars().take(9).collect();
+                    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                        raw.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
+                    }
+                }
+                k if k.starts_with(PAX_XATTR_PREFIX) => {
+                    let xname = &k.as_bytes()[PAX_XATTR_PREFIX.len()..];
+                    raw.xattrs.insert(xname.to_vec(), value.to_vec());
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(raw)
+}
+
+/// The node kind of a tar entry (extension headers excluded by the caller).
+pub(crate) fn kind_of<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    name: &str,
+) -> Result<EntryKind, UnpackError> {
+    use tar::EntryType as T;
+    let h = entry.header();
+    let link = || {
+        entry
+            .link_name_bytes()
+            .map(|t| t.into_owned())
+            .unwrap_or_default()
+    };
+    Ok(match h.entry_type() {
+        T::Directory => EntryKind::Dir,
+        T::Regular | T::Continuous => EntryKind::File { size: entry.size() },
+        T::Symlink => EntryKind::Symlink(link()),
+        T::Link => EntryKind::Hardlink(link()),
+        t @ (T::Char | T::Block) => {
+            let bad = |source| UnpackError::BadHeader {
+                entry: name.to_string(),
+                source,
+            };
+            let major = h.device_major().map_err(bad)?.unwrap_or(0);
+            let minor = h.device_minor().map_err(bad)?.unwrap_or(0);
+            if t == T::Char {
+                EntryKind::CharDev { major, minor }
+            } else {
+                EntryKind::BlockDev { major, minor }
+            }
+        }
+        T::Fifo => EntryKind::Fifo,
+        other => {
+            return Err(UnpackError::UnsupportedEntry {
+                entry: name.to_string(),
+                kind: format!("{other:?}"),
+            })
+        }
+    })
 }
