@@ -180,7 +180,7 @@ pub fn verify_deb(pin: &KernelPin, deb: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn run(mut cmd: Command) -> Result<(), KernelError> {
+pub(crate) fn run(mut cmd: Command) -> Result<(), KernelError> {
     let command = format!("{cmd:?}");
     let out = cmd.output().map_err(|source| KernelError::Spawn {
         command: command.clone(),

@@ -1,9 +1,13 @@
-//! `powernode-initramfs build --init PATH [--agent PATH] [--out build] [--cache cache]`
+//! `powernode-initramfs build --init PATH [--agent PATH] [--out build] [--cache cache]
+//! [--no-disk] [--disk-cmdline ARG]... [--disk-min-mib N]`
+//! `powernode-initramfs disk [--image build] [--out FILE] [--cmdline ARG]... [--min-mib N]`
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use powernode_initramfs::disk::{build_disk, DiskManifest, DiskOptions};
+use powernode_initramfs::stub::{ensure_stub, StubPin, DEFAULT_STUB_PIN};
 use powernode_initramfs::{build, BuildOptions, Compression, KernelPin};
 
 #[derive(Parser)]
@@ -15,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fetch the pinned kernel and write vmlinuz, initramfs.img, cmdline, manifest.json.
+    /// Fetch the pinned kernel and write vmlinuz, initramfs.img, cmdline, manifest.json
+    /// and (unless --no-disk) the UEFI disk image disk.raw.
     Build {
         /// The static init (built for x86_64-unknown-linux-musl).
         #[arg(long)]
@@ -35,7 +40,61 @@ enum Command {
         debs: PathBuf,
         #[arg(long, value_enum, default_value_t = Compression::Zstd)]
         compression: Compression,
+        /// Skip the UEFI disk image.
+        #[arg(long)]
+        no_disk: bool,
+        /// Kernel arguments baked into the disk image's UKI (after the base ones).
+        #[arg(long = "disk-cmdline")]
+        disk_cmdline: Vec<String>,
+        /// Pad the disk image to at least this many MiB (GCE wants whole GiB).
+        #[arg(long, default_value_t = 0)]
+        disk_min_mib: u64,
     },
+    /// Build the UEFI disk image from an already built image folder.
+    Disk {
+        /// The folder `build` wrote.
+        #[arg(long, default_value = "build")]
+        image: PathBuf,
+        /// Output file; default IMAGE/disk.raw (then recorded in IMAGE/manifest.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Kernel arguments baked into the UKI (after the base ones).
+        #[arg(long)]
+        cmdline: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        min_mib: u64,
+        #[arg(long, env = "POWERNODE_CACHE", default_value = "cache")]
+        cache: PathBuf,
+        #[arg(long, default_value = "scripts/debs")]
+        debs: PathBuf,
+    },
+}
+
+fn disk(
+    image: PathBuf,
+    out: Option<PathBuf>,
+    cmdline: Vec<String>,
+    min_mib: u64,
+    cache: &std::path::Path,
+    debs: &std::path::Path,
+) -> anyhow::Result<DiskManifest> {
+    let pin = StubPin::parse(DEFAULT_STUB_PIN).context("stub pin")?;
+    let stub = ensure_stub(&pin, cache, debs).context("fetching the EFI stub")?;
+    let record = out.is_none();
+    let m = build_disk(&DiskOptions {
+        image_dir: image,
+        stub,
+        extra_cmdline: cmdline,
+        out,
+        min_mib,
+        record_in_manifest: record,
+    })
+    .context("building the disk image")?;
+    println!(
+        "{}: {} bytes ({} {} {}), UKI {} bytes, cmdline {:?}",
+        m.file, m.bytes, m.format, m.partition_table, m.boot, m.uki_bytes, m.cmdline
+    );
+    Ok(m)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +107,9 @@ fn main() -> anyhow::Result<()> {
             kernel_pin,
             debs,
             compression,
+            no_disk,
+            disk_cmdline,
+            disk_min_mib,
         } => {
             let pin_text = match &kernel_pin {
                 Some(p) => std::fs::read_to_string(p)
@@ -60,9 +122,9 @@ fn main() -> anyhow::Result<()> {
             let built = build(&BuildOptions {
                 init,
                 agent,
-                out,
-                cache,
-                debs_script: debs,
+                out: out.clone(),
+                cache: cache.clone(),
+                debs_script: debs.clone(),
                 pin,
                 compression,
             })
@@ -78,7 +140,21 @@ fn main() -> anyhow::Result<()> {
                 m.compression,
                 m.init_bytes
             );
+            if !no_disk {
+                disk(out, None, disk_cmdline, disk_min_mib, &cache, &debs)?;
+            }
             Ok(())
+        }
+        Command::Disk {
+            image,
+            out,
+            cmdline,
+            min_mib,
+            cache,
+            debs,
+        } => {
+            let cache = std::path::absolute(&cache).context("cache path")?;
+            disk(image, out, cmdline, min_mib, &cache, &debs).map(|_| ())
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Boots Powernode VMs: a pure `VmSpec -> argv` builder, KVM detection, the `/persist`
-//! disk helper and a process guard that kills QEMU on drop.
+//! Boots Powernode VMs: a pure `VmSpec -> argv` builder (direct kernel boot, or OVMF
+//! booting the published disk image), KVM detection, the `/persist` disk helper and
+//! a process guard that kills QEMU on drop.
 //!
 //! It must never leave a QEMU process behind (every [`Vm`] kills its own pid on drop)
 //! and never guess about KVM: it is used only after a real `KVM_CREATE_VM` worked.
@@ -12,5 +13,5 @@ pub mod vm;
 
 pub use accel::Accel;
 pub use disk::make_persist_disk;
-pub use spec::{Device, VmSpec};
-pub use vm::{Vm, VmError};
+pub use spec::{Device, Firmware, GuestForward, VmSpec};
+pub use vm::{ovmf_firmware, Vm, VmError};

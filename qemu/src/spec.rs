@@ -2,7 +2,13 @@
 //! Each [`Device`] contributes both its QEMU arguments and the kernel arguments that
 //! tell the guest about it (e.g. the fw_cfg identity pins
 //! `powernode.identity_source=fw_cfg`, so the node never probes a metadata address).
+//!
+//! Two ways to boot: direct kernel (`-kernel`/`-initrd`/`-append`, the netboot
+//! path) or, with a [`Device::BootDisk`], UEFI firmware ([`Device::Firmware`], OVMF)
+//! booting the published disk image, whose command line is baked into its unified
+//! kernel image (so device kernel arguments do not reach the guest then).
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
@@ -13,6 +19,29 @@ pub const IDENTITY_FW_CFG_NAME: &str = "opt/org.powernode/identity";
 pub const HOST_FROM_GUEST: &str = "10.0.2.2";
 /// Kernel arguments every boot gets (unless the caller already set the same key).
 pub const BASE_KERNEL_ARGS: &[&str] = &["console=ttyS0", "panic=-1"];
+/// The cloud metadata address (AWS, GCP, Azure, OpenStack, Hetzner, ...).
+pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The user network that can reach [`METADATA_ADDR`]: libslirp only forwards guest
+/// addresses inside the virtual network, so a metadata VM lives in link-local space
+/// like a cloud instance's metadata path does.
+pub const METADATA_NET: &str = "169.254.0.0/16";
+/// Where the guest reaches the host's loopback on [`METADATA_NET`] (slirp's `.2`).
+pub const HOST_FROM_GUEST_METADATA_NET: &str = "169.254.0.2";
+
+/// One `guestfwd`: the guest's TCP connections to `guest` go to `127.0.0.1:host_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestForward {
+    pub guest: SocketAddrV4,
+    pub host_port: u16,
+}
+
+/// UEFI firmware as two pflash drives: the code read-only, the variable store a
+/// per-VM copy (the firmware writes boot entries into it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firmware {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
@@ -25,6 +54,19 @@ pub enum Device {
     /// The `/persist` disk: raw image on virtio-blk (the guest's `/dev/vda` when it
     /// is the only disk).
     PersistDisk { path: PathBuf },
+    /// User-mode networking with a chosen virtual network (`net=`, slirp's default
+    /// 10.0.2.0/24 when `None`) and guest forwards (see [`Device::metadata_net`]).
+    UserNetWith {
+        id: String,
+        net: Option<String>,
+        guestfwd: Vec<GuestForward>,
+    },
+    /// UEFI firmware (OVMF); needed by [`Device::BootDisk`].
+    Firmware(Firmware),
+    /// The disk the firmware boots (read-only raw image). It sits on the q35's
+    /// built-in AHCI controller, not virtio-blk, so the `/persist` disk stays
+    /// `/dev/vda`; the kernel never reads it (the firmware loads the UKI).
+    BootDisk { path: PathBuf },
 }
 
 /// Escapes a value inside a QEMU `-opt key=value,...` list (`,` doubles).
@@ -37,6 +79,19 @@ fn path_str(path: &Path) -> String {
 }
 
 impl Device {
+    /// User networking on [`METADATA_NET`] with [`METADATA_ADDR`]`:80` forwarded to
+    /// the host's `127.0.0.1:host_port` (a mock metadata service in tests).
+    pub fn metadata_net(id: &str, host_port: u16) -> Self {
+        Self::UserNetWith {
+            id: id.to_string(),
+            net: Some(METADATA_NET.to_string()),
+            guestfwd: vec![GuestForward {
+                guest: SocketAddrV4::new(METADATA_ADDR, 80),
+                host_port,
+            }],
+        }
+    }
+
     /// The identity document as QEMU fw_cfg.
     pub fn identity(path: impl Into<PathBuf>) -> Self {
         Self::FwCfgFile {
@@ -66,6 +121,44 @@ impl Device {
                 ),
                 "-device".into(),
                 "virtio-blk-pci,drive=persist,serial=persist".into(),
+            ],
+            Device::UserNetWith { id, net, guestfwd } => {
+                let mut netdev = format!("user,id={}", qemu_escape(id));
+                if let Some(net) = net {
+                    netdev.push_str(&format!(",net={}", qemu_escape(net)));
+                }
+                for f in guestfwd {
+                    netdev.push_str(&format!(
+                        ",guestfwd=tcp:{}:{}-tcp:127.0.0.1:{}",
+                        f.guest.ip(),
+                        f.guest.port(),
+                        f.host_port
+                    ));
+                }
+                vec![
+                    "-netdev".into(),
+                    netdev,
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev={}", qemu_escape(id)),
+                ]
+            }
+            Device::Firmware(fw) => vec![
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    path_str(&fw.code)
+                ),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", path_str(&fw.vars)),
+            ],
+            Device::BootDisk { path } => vec![
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=boot,readonly=on",
+                    path_str(path)
+                ),
+                "-device".into(),
+                "ide-hd,drive=boot,bus=ide.0,bootindex=0".into(),
             ],
         }
     }
@@ -117,6 +210,26 @@ impl VmSpec {
         }
     }
 
+    /// A spec that boots `disk` with `firmware` (no `-kernel`), with the usual
+    /// devices (user network, virtio-rng), 512 MiB, 1 CPU.
+    pub fn disk(
+        firmware: Firmware,
+        disk: impl Into<PathBuf>,
+        serial_log: impl Into<PathBuf>,
+    ) -> Self {
+        let mut spec = Self::new("", "", serial_log);
+        spec.devices.push(Device::Firmware(firmware));
+        spec.devices.push(Device::BootDisk { path: disk.into() });
+        spec
+    }
+
+    /// Whether the firmware boots a disk (no direct kernel boot).
+    pub fn boots_disk(&self) -> bool {
+        self.devices
+            .iter()
+            .any(|d| matches!(d, Device::BootDisk { .. }))
+    }
+
     /// The kernel command line: base arguments (unless overridden by key), then the
     /// caller's, then each device's, in order.
     pub fn kernel_cmdline(&self) -> String {
@@ -154,11 +267,13 @@ impl VmSpec {
         push(&["-display", "none", "-monitor", "none", "-parallel", "none"]);
         let serial = format!("file:{}", self.serial_log.to_string_lossy());
         push(&["-serial", &serial]);
-        let kernel = self.kernel.to_string_lossy();
-        let initrd = self.initrd.to_string_lossy();
-        push(&["-kernel", &kernel, "-initrd", &initrd]);
-        let cmdline = self.kernel_cmdline();
-        push(&["-append", &cmdline]);
+        if !self.boots_disk() {
+            let kernel = self.kernel.to_string_lossy();
+            let initrd = self.initrd.to_string_lossy();
+            push(&["-kernel", &kernel, "-initrd", &initrd]);
+            let cmdline = self.kernel_cmdline();
+            push(&["-append", &cmdline]);
+        }
         for device in &self.devices {
             argv.extend(device.qemu_args());
         }
@@ -263,6 +378,69 @@ mod tests {
             s.kernel_cmdline(),
             "console=ttyS0 panic=5 powernode.identity_source=fw_cfg"
         );
+    }
+
+    #[test]
+    fn disk_boot_has_firmware_and_no_direct_kernel() {
+        let fw = Firmware {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars: "/out/vars,1.fd".into(),
+        };
+        let mut s = VmSpec::disk(fw, "/img/disk.raw", "/out/serial.log");
+        s.devices[0] = Device::metadata_net("n0", 41234);
+        s.devices.push(Device::PersistDisk {
+            path: "/out/persist.img".into(),
+        });
+        assert!(s.boots_disk());
+        let argv = s.argv();
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(!argv.iter().any(|a| a == flag), "{flag} in {argv:?}");
+        }
+        assert_eq!(
+            window(&argv, "-drive"),
+            [
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "if=pflash,format=raw,unit=1,file=/out/vars,,1.fd",
+                "file=/img/disk.raw,format=raw,if=none,id=boot,readonly=on",
+                "file=/out/persist.img,format=raw,if=none,id=persist,cache=unsafe",
+            ]
+        );
+        assert_eq!(
+            window(&argv, "-netdev"),
+            ["user,id=n0,net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:41234"]
+        );
+        assert_eq!(
+            window(&argv, "-device"),
+            [
+                "virtio-net-pci,netdev=n0",
+                "virtio-rng-pci",
+                "ide-hd,drive=boot,bus=ide.0,bootindex=0",
+                "virtio-blk-pci,drive=persist,serial=persist"
+            ]
+        );
+        // The direct-kernel spec is unchanged by the new devices' existence.
+        assert!(!spec().boots_disk());
+        let plain = VmSpec::new("/k", "/i", "/s").argv();
+        assert_eq!(window(&plain, "-netdev"), ["user,id=n0"]);
+    }
+
+    #[test]
+    fn user_net_with_defaults_is_plain_user_net() {
+        let d = Device::UserNetWith {
+            id: "a,b".into(),
+            net: None,
+            guestfwd: vec![],
+        };
+        assert_eq!(
+            d.qemu_args(),
+            [
+                "-netdev",
+                "user,id=a,,b",
+                "-device",
+                "virtio-net-pci,netdev=a,,b"
+            ]
+        );
+        assert!(d.kernel_args().is_empty());
     }
 
     #[test]

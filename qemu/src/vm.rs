@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::spec::{shell_quote, VmSpec};
+use crate::spec::{shell_quote, Firmware, VmSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -28,6 +28,42 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no OVMF firmware (install Debian's `ovmf`); looked for {}", searched.join(", "))]
+    NoFirmware { searched: Vec<String> },
+}
+
+/// OVMF builds to try, in order (Debian's `ovmf`: the 4 MiB build is q35's default).
+/// No secure-boot variant: the UKI is not signed.
+pub const OVMF_CANDIDATES: &[(&str, &str)] = &[
+    ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+    ("OVMF_CODE.fd", "OVMF_VARS.fd"),
+];
+/// Where Debian installs them; `POWERNODE_OVMF_DIR` overrides.
+pub const OVMF_DIR: &str = "/usr/share/OVMF";
+
+/// Finds OVMF and copies its variable store to `dir/ovmf-vars.fd` (a fresh copy each
+/// call: every VM gets its own, as every machine has its own NVRAM).
+pub fn ovmf_firmware(dir: &Path) -> Result<Firmware, VmError> {
+    let base = std::env::var_os("POWERNODE_OVMF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(OVMF_DIR));
+    ovmf_firmware_from(&base, dir)
+}
+
+/// [`ovmf_firmware`] with OVMF looked up in `base`.
+pub fn ovmf_firmware_from(base: &Path, dir: &Path) -> Result<Firmware, VmError> {
+    let mut searched = Vec::new();
+    for (code, vars) in OVMF_CANDIDATES {
+        let (code, vars) = (base.join(code), base.join(vars));
+        if code.is_file() && vars.is_file() {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+            let copy = dir.join("ovmf-vars.fd");
+            fs::copy(&vars, &copy).map_err(io(&copy))?;
+            return Ok(Firmware { code, vars: copy });
+        }
+        searched.push(code.display().to_string());
+    }
+    Err(VmError::NoFirmware { searched })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
@@ -200,6 +236,23 @@ mod tests {
         let mut vm = Vm::spawn(&spec).unwrap();
         let status = vm.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
         assert!(!status.success());
+    }
+
+    #[test]
+    fn ovmf_vars_are_copied_per_vm_and_absence_is_named() {
+        let fake = tempfile::tempdir().unwrap();
+        fs::write(fake.path().join("OVMF_CODE_4M.fd"), b"code").unwrap();
+        fs::write(fake.path().join("OVMF_VARS_4M.fd"), b"vars").unwrap();
+        let vm_dir = tempfile::tempdir().unwrap();
+        let fw = ovmf_firmware_from(fake.path(), vm_dir.path()).unwrap();
+        assert_eq!(fw.code, fake.path().join("OVMF_CODE_4M.fd"));
+        assert_eq!(fw.vars, vm_dir.path().join("ovmf-vars.fd"));
+        assert_eq!(fs::read(&fw.vars).unwrap(), b"vars");
+        let err = ovmf_firmware_from(&vm_dir.path().join("none"), vm_dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, VmError::NoFirmware { searched } if searched.len() == 2),
+            "{err}"
+        );
     }
 
     #[test]
