@@ -199,9 +199,66 @@ pub struct Task {
     /// How many times the task was leased (a lease that expired requeues it).
     #[serde(default)]
     pub attempts: u32,
+    /// Earlier attempts that ended without completing (a lease that expired because
+    /// the agent died), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<TaskAttempt>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
+
+/// One attempt of a node-side task that did not finish it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    pub attempt: u32,
+    pub leased_at: Timestamp,
+    pub ended_at: Timestamp,
+    /// `lease_expired` (the agent stopped renewing) or `superseded`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: serde_json::Value,
+}
+
+/// `POST` `/instances/{id}/reboot` (`system_reboot_instance`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootRequest {
+    /// Free text for the audit trail; default `operator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long the agent may take to stop services before rebooting.
+    #[serde(default = "default_reboot_drain_timeout")]
+    pub drain_timeout_seconds: u64,
+}
+
+pub fn default_reboot_drain_timeout() -> u64 {
+    60
+}
+
+/// `POST` `/instances/{id}/collect_diagnostics` (`system_collect_diagnostics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectDiagnosticsRequest {
+    /// Last log lines per source the agent includes.
+    #[serde(default = "default_log_lines")]
+    pub log_lines: u32,
+}
+
+impl Default for CollectDiagnosticsRequest {
+    fn default() -> Self {
+        Self {
+            log_lines: default_log_lines(),
+        }
+    }
+}
+
+pub fn default_log_lines() -> u32 {
+    100
+}
+
+/// Largest task result the server keeps, as serialized JSON; a larger one is replaced
+/// by `{"truncated": true, "original_bytes": N, "preview": "..."}`.
+pub const MAX_TASK_RESULT_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResponse {
@@ -246,6 +303,12 @@ pub struct DriftItem {
     pub desired_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_digest: Option<String>,
+    /// `root` (composed into `/`) or `runtime`; absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A root module change is applied by a reboot, never live.
+    #[serde(default)]
+    pub reboot_required: bool,
 }
 
 /// `system_drift_report`: `{drift: false}` when desired equals running.
@@ -255,6 +318,61 @@ pub struct DriftReport {
     pub instance_id: String,
     #[serde(default)]
     pub items: Vec<DriftItem>,
+    /// Some item concerns a root module: only a reboot applies it.
+    #[serde(default)]
+    pub reboot_required: bool,
+    /// What to do, e.g. `reboot-instance ID`; absent without drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<String>,
+}
+
+/// `attribute-failure`: what went wrong, when, and the changes that could explain it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailureAttribution {
+    pub instance_id: String,
+    pub failure: AttributedFailure,
+    pub lookback_hours: u64,
+    /// Start of the window searched (`failure.at` minus the lookback).
+    pub window_start: Timestamp,
+    /// Best explanation first.
+    pub candidates: Vec<AttributionCandidate>,
+}
+
+/// The failure being explained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttributedFailure {
+    pub at: Timestamp,
+    pub status: InstanceStatus,
+    /// `failure_report`, `stuck`, `silent`, `failed_task` or `none` (nothing wrong yet:
+    /// the window ends now).
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<crate::ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One change in the window, with why it may (or may not) explain the failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttributionCandidate {
+    pub rank: u32,
+    /// 0..=100, higher is likelier.
+    pub score: u32,
+    /// `module_published`, `template_modules_changed`, `module_update_task`,
+    /// `drift_detected`, `reboot_task`.
+    pub change: String,
+    pub at: Timestamp,
+    pub minutes_before_failure: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// `root` or `runtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub reasoning: String,
 }
 
 /// A sensor finding (`system_recent_signals`).

@@ -52,3 +52,16 @@ pub fn admin_task(task_id: &str) -> String {
 pub fn admin_cancel_task(task_id: &str) -> String {
     format!("/api/v1/system/tasks/{task_id}/cancel")
 }
+pub fn admin_reboot(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/reboot")
+}
+pub fn admin_collect_diagnostics(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/collect_diagnostics")
+}
+pub fn admin_module_update(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/module_update")
+}
+/// `?lookback_hours=N`
+pub fn admin_attribute_failure(instance_id: &str) -> String {
+    format!("/api/v1/system/instances/{instance_id}/attribute_failure")
+}

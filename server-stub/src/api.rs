@@ -65,6 +65,19 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/system/instances/{id}/drain", post(drain))
         .route("/api/v1/system/instances/{id}/terminate", post(terminate))
         .route("/api/v1/system/instances/{id}/drift", get(drift))
+        .route("/api/v1/system/instances/{id}/reboot", post(reboot))
+        .route(
+            "/api/v1/system/instances/{id}/collect_diagnostics",
+            post(collect_diagnostics),
+        )
+        .route(
+            "/api/v1/system/instances/{id}/module_update",
+            post(module_update),
+        )
+        .route(
+            "/api/v1/system/instances/{id}/attribute_failure",
+            get(attribute_failure),
+        )
         .route("/api/v1/system/tasks/{id}", get(get_task))
         .route("/api/v1/system/tasks/{id}/cancel", post(cancel_task))
         .route(paths::ADMIN_SIGNALS, get(recent_signals))
@@ -345,6 +358,67 @@ async fn drift(
     Ok(axum::Json(st.drift_report(&id)?))
 }
 
+async fn reboot(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<powernode_proto::admin::RebootRequest>,
+) -> JsonOut<powernode_proto::admin::InstanceActionResponse> {
+    let params = serde_json::json!({
+        "reason": req.reason.unwrap_or_else(|| "operator".into()),
+        "drain_timeout_seconds": req.drain_timeout_seconds,
+    });
+    Ok(axum::Json(
+        st.node_task(&id, powernode_proto::TaskKind::Reboot, params)
+            .await?,
+    ))
+}
+
+async fn collect_diagnostics(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<powernode_proto::admin::CollectDiagnosticsRequest>,
+) -> JsonOut<powernode_proto::admin::InstanceActionResponse> {
+    let params = serde_json::json!({
+        "log_lines": req.log_lines.min(10_000),
+        "max_bytes": powernode_proto::admin::MAX_TASK_RESULT_BYTES,
+    });
+    Ok(axum::Json(
+        st.node_task(&id, powernode_proto::TaskKind::CollectDiagnostics, params)
+            .await?,
+    ))
+}
+
+async fn module_update(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> JsonOut<powernode_proto::admin::InstanceActionResponse> {
+    Ok(axum::Json(
+        st.node_task(
+            &id,
+            powernode_proto::TaskKind::ModuleUpdate,
+            serde_json::Value::Null,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct AttributionQuery {
+    lookback_hours: Option<u64>,
+}
+
+async fn attribute_failure(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<AttributionQuery>, QueryRejection>,
+) -> JsonOut<powernode_proto::admin::FailureAttribution> {
+    let Query(q) = q.map_err(|e| AppError::bad_request(e.body_text()))?;
+    Ok(axum::Json(
+        st.attribute_failure(&id, q.lookback_hours.unwrap_or(24))
+            .await?,
+    ))
+}
+
 async fn get_task(State(st): State<AppState>, Path(id): Path<String>) -> JsonOut<TaskResponse> {
     Ok(axum::Json(TaskResponse {
         task: st.get_task(&id)?,
@@ -391,7 +465,10 @@ async fn handshake(
     NodeCert(id): NodeCert,
     Json(req): Json<HandshakeRequest>,
 ) -> JsonOut<powernode_proto::node::HandshakeResponse> {
-    Ok(axum::Json(st.handshake(&id, req).await?))
+    let r = st.handshake(&id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, paths::HANDSHAKE, r).await?,
+    ))
 }
 
 async fn heartbeat(
@@ -399,14 +476,20 @@ async fn heartbeat(
     NodeCert(id): NodeCert,
     Json(req): Json<HeartbeatRequest>,
 ) -> JsonOut<powernode_proto::node::HeartbeatResponse> {
-    Ok(axum::Json(st.heartbeat(&id, req).await?))
+    let r = st.heartbeat(&id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, paths::HEARTBEAT, r).await?,
+    ))
 }
 
 async fn desired_modules(
     State(st): State<AppState>,
     NodeCert(id): NodeCert,
 ) -> JsonOut<powernode_proto::node::DesiredModulesResponse> {
-    Ok(axum::Json(st.desired_modules(&id)?))
+    let r = st.desired_modules(&id);
+    Ok(axum::Json(
+        st.note_node_error(&id, paths::DESIRED_MODULES, r).await?,
+    ))
 }
 
 async fn renew_certificate(
@@ -414,7 +497,10 @@ async fn renew_certificate(
     NodeCert(id): NodeCert,
     Json(req): Json<RenewRequest>,
 ) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
-    Ok(axum::Json(st.renew_certificate(&id, req).await?))
+    let r = st.renew_certificate(&id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, paths::CERTIFICATE_RENEW, r).await?,
+    ))
 }
 
 async fn lease(
@@ -422,7 +508,10 @@ async fn lease(
     NodeCert(id): NodeCert,
     Json(req): Json<LeaseRequest>,
 ) -> JsonOut<powernode_proto::node::LeaseResponse> {
-    Ok(axum::Json(st.lease(&id, req).await?))
+    let r = st.lease(&id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, paths::TASK_LEASE, r).await?,
+    ))
 }
 
 async fn renew_lease(
@@ -431,7 +520,10 @@ async fn renew_lease(
     Path(task_id): Path<String>,
     Json(req): Json<RenewLeaseRequest>,
 ) -> JsonOut<powernode_proto::node::RenewLeaseResponse> {
-    Ok(axum::Json(st.renew_lease(&id, &task_id, req).await?))
+    let r = st.renew_lease(&id, &task_id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, "worker_api/tasks/renew", r).await?,
+    ))
 }
 
 async fn complete_task(
@@ -440,7 +532,11 @@ async fn complete_task(
     Path(task_id): Path<String>,
     Json(req): Json<CompleteTaskRequest>,
 ) -> JsonOut<powernode_proto::node::CompleteTaskResponse> {
-    Ok(axum::Json(st.complete_task(&id, &task_id, req).await?))
+    let r = st.complete_task(&id, &task_id, req).await;
+    Ok(axum::Json(
+        st.note_node_error(&id, "worker_api/tasks/complete", r)
+            .await?,
+    ))
 }
 
 #[cfg(test)]

@@ -190,6 +190,33 @@ pub enum Cmd {
     },
     /// Desired vs running modules of an instance.
     DriftReport { id: String },
+    /// Reboot an instance through its agent (a `reboot` task): how root-module
+    /// changes are applied.
+    RebootInstance {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Seconds the agent may take to stop services first.
+        #[arg(long, default_value_t = 60)]
+        drain_timeout_seconds: u64,
+    },
+    /// Ask the agent for diagnostics (a `collect_diagnostics` task; read the result
+    /// with get-task).
+    CollectDiagnostics {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        log_lines: u32,
+    },
+    /// Ask the agent to reconcile its modules now (a `module_update` task with the
+    /// current drift).
+    UpdateModules { id: String },
+    /// The module and version changes before an instance's failure that could
+    /// explain it, ranked, with the reasoning.
+    AttributeFailure {
+        id: String,
+        #[arg(long, default_value_t = 24)]
+        lookback_hours: u64,
+    },
     /// Recent sensor findings (silent, stuck, drift, bootstrap failures).
     RecentSignals {
         #[arg(long, default_value_t = 50)]
@@ -325,6 +352,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
     if json || matches!(cmd, Cmd::InstanceIdentity { .. }) {
         println!("{}", text.trim_end());
+    } else if matches!(cmd, Cmd::AttributeFailure { .. }) {
+        print!("{}", render_attribution(&value));
     } else {
         print!("{}", render_table(&value));
     }
@@ -418,6 +447,33 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             Some(json!({ "force": force })),
         ),
         Cmd::DriftReport { id } => (Method::GET, paths::admin_drift(id), None),
+        Cmd::RebootInstance {
+            id,
+            reason,
+            drain_timeout_seconds,
+        } => (
+            Method::POST,
+            paths::admin_reboot(id),
+            Some(json!({"reason": reason, "drain_timeout_seconds": drain_timeout_seconds})),
+        ),
+        Cmd::CollectDiagnostics { id, log_lines } => (
+            Method::POST,
+            paths::admin_collect_diagnostics(id),
+            Some(json!({ "log_lines": log_lines })),
+        ),
+        Cmd::UpdateModules { id } => (
+            Method::POST,
+            paths::admin_module_update(id),
+            Some(json!({})),
+        ),
+        Cmd::AttributeFailure { id, lookback_hours } => (
+            Method::GET,
+            format!(
+                "{}?lookback_hours={lookback_hours}",
+                paths::admin_attribute_failure(id)
+            ),
+            None,
+        ),
         Cmd::RecentSignals { limit, instance } => (
             Method::GET,
             list_path(paths::ADMIN_SIGNALS, *limit, instance.as_deref()),
@@ -565,6 +621,56 @@ pub fn render_table(v: &Value) -> String {
             }
         }
         other => out.push_str(&format!("{}\n", scalar(other))),
+    }
+    out
+}
+
+/// attribute-failure as a table: the failure, then one row per candidate with its
+/// reasoning in full underneath (it is the point of the command).
+pub fn render_attribution(v: &Value) -> String {
+    let f = &v["failure"];
+    let mut out = format!(
+        "instance {}: {} at {} (source {}{}{})\nwindow: {} h back to {}\n",
+        scalar(&v["instance_id"]),
+        scalar(&f["status"]),
+        scalar(&f["at"]),
+        scalar(&f["source"]),
+        f["code"]
+            .as_str()
+            .map(|c| format!(", code {c}"))
+            .unwrap_or_default(),
+        f["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default(),
+        scalar(&v["lookback_hours"]),
+        scalar(&v["window_start"]),
+    );
+    let cands = v["candidates"].as_array().cloned().unwrap_or_default();
+    if cands.is_empty() {
+        out.push_str("no module or version change in the window\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:>4} {:>5}  {:<25} {:<21} {:>7}  {:<8} MODULE\n",
+        "RANK", "SCORE", "CHANGE", "AT", "MIN", "KIND"
+    ));
+    for c in &cands {
+        out.push_str(&format!(
+            "{:>4} {:>5}  {:<25} {:<21} {:>7}  {:<8} {}{}\n      {}\n",
+            scalar(&c["rank"]),
+            scalar(&c["score"]),
+            scalar(&c["change"]),
+            scalar(&c["at"]),
+            scalar(&c["minutes_before_failure"]),
+            c["kind"].as_str().unwrap_or("-"),
+            c["module"].as_str().unwrap_or("-"),
+            c["version"]
+                .as_str()
+                .map(|v| format!(" {v}"))
+                .unwrap_or_default(),
+            scalar(&c["reasoning"]),
+        ));
     }
     out
 }

@@ -4,7 +4,8 @@
 //!
 //! It never links the agent: the two meet only on the wire types of
 //! `powernode-proto`. It must never hand out a certificate without a valid,
-//! unused bootstrap token, never store a bootstrap token in clear in its own
+//! unused bootstrap token (the one exception: a reboot task it handed out re-opens
+//! the instance's token for one more enrollment, for a short window), never store a bootstrap token in clear in its own
 //! tables, and never answer a node call without checking the certificate against
 //! revocation and the instance it names.
 //!
@@ -18,6 +19,7 @@ pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod images;
 pub mod model;

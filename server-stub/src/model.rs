@@ -76,6 +76,13 @@ pub struct InstRec {
     pub drift_signal: Option<i64>,
     #[serde(default)]
     pub bootstrap_failed_signal: Option<i64>,
+    /// [`crate::drift::key`] of the drift the active drift signal reported.
+    #[serde(default)]
+    pub drift_key: String,
+    /// Last time a call with this instance's withdrawn credentials was refused (the
+    /// `instance.refused` signal fires at most once a minute).
+    #[serde(default)]
+    pub last_refused_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,8 +100,43 @@ pub struct TaskRec {
     pub lease_expires_ms: Option<Millis>,
     #[serde(default)]
     pub attempts: u32,
+    /// When the current lease was granted.
+    #[serde(default)]
+    pub leased_ms: Option<Millis>,
+    /// Attempts that ended without completing the task, oldest first.
+    #[serde(default)]
+    pub history: Vec<admin::TaskAttempt>,
     pub created_ms: Millis,
     pub updated_ms: Millis,
+}
+
+impl TaskRec {
+    /// A fresh task record (`pending` for node-side kinds until leased).
+    pub fn new(
+        id: String,
+        instance_id: &str,
+        kind: TaskKind,
+        status: TaskStatus,
+        params: serde_json::Value,
+        now: Millis,
+    ) -> Self {
+        Self {
+            id,
+            instance_id: instance_id.to_string(),
+            kind,
+            status,
+            params,
+            result: serde_json::Value::Null,
+            progress: None,
+            lease_token: None,
+            lease_expires_ms: None,
+            attempts: u32::from(status == TaskStatus::Running),
+            leased_ms: None,
+            history: Vec::new(),
+            created_ms: now,
+            updated_ms: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,6 +150,10 @@ pub struct TokenRec {
     /// Expired early (the instance was terminated or its provision cancelled).
     #[serde(default)]
     pub revoked: bool,
+    /// A leased reboot task lets the used token enroll once more until then (an
+    /// ephemeral node has no credentials left after a reboot).
+    #[serde(default)]
+    pub reenroll_until_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,6 +379,27 @@ impl Mem {
         }
     }
 
+    /// The drain that drives a `draining` instance: its timeout and state.
+    pub fn drain_state(&self, inst: &InstRec) -> Option<DrainState> {
+        if inst.status != InstanceStatus::Draining {
+            return None;
+        }
+        let t = inst
+            .task_ids
+            .iter()
+            .rev()
+            .filter_map(|id| self.tasks.get(id))
+            .find(|t| t.kind == TaskKind::Drain)?;
+        Some(DrainState {
+            task_id: t.id.clone(),
+            timeout_seconds: t.params["timeout_seconds"]
+                .as_u64()
+                .unwrap_or_else(admin::default_drain_timeout),
+            created_ms: t.created_ms,
+            status: t.status,
+        })
+    }
+
     /// Open node-side tasks of an instance waiting for a lease.
     pub fn has_pending_node_task(&self, inst: &InstRec) -> bool {
         inst.task_ids.iter().any(|id| {
@@ -343,12 +410,26 @@ impl Mem {
     }
 }
 
+/// What [`stuck_info`] needs to know about the drain of a `draining` instance.
+#[derive(Debug, Clone)]
+pub struct DrainState {
+    pub task_id: String,
+    pub timeout_seconds: u64,
+    pub created_ms: Millis,
+    pub status: TaskStatus,
+}
+
+/// Slack past a drain's own timeout before the server calls it stuck: the agent
+/// reports its outcome right at the deadline.
+pub const DRAIN_TIMEOUT_GRACE_MS: Millis = 5_000;
+
 /// `serving_since`: when this server process started (see [`stuck_info`]).
 pub fn instance_view(
     inst: &InstRec,
     now: Millis,
     serving_since: Millis,
     thresholds: &StuckThresholds,
+    drain: Option<&DrainState>,
 ) -> admin::Instance {
     admin::Instance {
         id: inst.id.clone(),
@@ -371,7 +452,7 @@ pub fn instance_view(
         modules: inst.modules.clone(),
         services: inst.services.clone(),
         cordoned: inst.cordoned,
-        stuck: stuck_info(inst, now, serving_since, thresholds),
+        stuck: stuck_info(inst, now, serving_since, thresholds, drain),
         status_changed_at: format_ts(inst.status_changed_ms),
         created_at: format_ts(inst.created_ms),
         terminated_at: inst.terminated_ms.map(format_ts),
@@ -389,6 +470,7 @@ pub fn task_view(t: &TaskRec) -> admin::Task {
         progress: t.progress.clone(),
         lease_expires_at: t.lease_expires_ms.map(format_ts),
         attempts: t.attempts,
+        history: t.history.clone(),
         created_at: format_ts(t.created_ms),
         updated_at: format_ts(t.updated_ms),
     }
@@ -402,7 +484,33 @@ pub fn stuck_info(
     now: Millis,
     serving_since: Millis,
     t: &StuckThresholds,
+    drain: Option<&DrainState>,
 ) -> Option<StuckInfo> {
+    // A drain that outlived its own --timeout-seconds is stuck before the generic
+    // draining threshold: the operator asked for that bound.
+    if let Some(d) = drain.filter(|d| {
+        inst.status == InstanceStatus::Draining
+            && d.status != TaskStatus::Succeeded
+            && now - d.created_ms
+                > (d.timeout_seconds as i64).saturating_mul(1000) + DRAIN_TIMEOUT_GRACE_MS
+    }) {
+        return Some(StuckInfo {
+            status: inst.status,
+            for_seconds: u64::try_from((now - d.created_ms).max(0) / 1000).unwrap_or(0),
+            threshold_seconds: d.timeout_seconds,
+            reason: "drain_timeout".to_string(),
+            recovery: format!(
+                "the drain (task {}, {}) did not finish within its {} s timeout: a service \
+                 would not stop; terminate-instance {} --force ends it (or cancel-task {} to \
+                 uncordon)",
+                d.task_id,
+                d.status.as_str(),
+                d.timeout_seconds,
+                inst.id,
+                d.task_id
+            ),
+        });
+    }
     let threshold = t.for_status(inst.status)?;
     let since = match inst.status {
         InstanceStatus::Bootstrapping => inst.enrolled_ms.unwrap_or(inst.status_changed_ms),
@@ -436,6 +544,10 @@ pub fn stuck_info(
         InstanceStatus::Running => (
             "running_without_heartbeat",
             "no heartbeat: check the VM and its network; drain-instance then terminate-instance, or terminate-instance --force".to_string(),
+        ),
+        InstanceStatus::Draining if drain.is_some_and(|d| d.status == TaskStatus::Succeeded) => (
+            "draining_too_long",
+            format!("drained and waiting: terminate-instance {}", inst.id),
         ),
         InstanceStatus::Draining => (
             "draining_too_long",
@@ -490,6 +602,8 @@ mod tests {
             stuck_signal: None,
             drift_signal: None,
             bootstrap_failed_signal: None,
+            drift_key: String::new(),
+            last_refused_ms: None,
         }
     }
 
@@ -537,10 +651,11 @@ mod tests {
         for (status, secs, reason, recovery) in cases {
             let i = inst(status);
             assert!(
-                stuck_info(&i, secs * 1000, 0, &t).is_none(),
+                stuck_info(&i, secs * 1000, 0, &t, None).is_none(),
                 "{status} at threshold"
             );
-            let s = stuck_info(&i, (secs + 1) * 1000, 0, &t).unwrap_or_else(|| panic!("{status}"));
+            let s = stuck_info(&i, (secs + 1) * 1000, 0, &t, None)
+                .unwrap_or_else(|| panic!("{status}"));
             assert_eq!(s.reason, reason);
             assert_eq!(
                 (s.threshold_seconds, s.for_seconds),
@@ -549,7 +664,7 @@ mod tests {
             assert!(s.recovery.contains(recovery), "{status}: {}", s.recovery);
         }
         for status in [InstanceStatus::Terminated, InstanceStatus::Failed] {
-            assert!(stuck_info(&inst(status), i64::MAX / 2, 0, &t).is_none());
+            assert!(stuck_info(&inst(status), i64::MAX / 2, 0, &t, None).is_none());
         }
     }
 
@@ -558,15 +673,15 @@ mod tests {
         let t = StuckThresholds::default();
         let mut i = inst(InstanceStatus::Running);
         i.last_heartbeat_ms = Some(1_000_000);
-        assert!(stuck_info(&i, 1_000_000 + 300_000, 0, &t).is_none());
-        assert!(stuck_info(&i, 1_000_000 + 301_000, 0, &t).is_some());
+        assert!(stuck_info(&i, 1_000_000 + 300_000, 0, &t, None).is_none());
+        assert!(stuck_info(&i, 1_000_000 + 301_000, 0, &t, None).is_some());
         // Not while the server itself has only just come back.
-        assert!(stuck_info(&i, 1_000_000 + 301_000, 1_200_000, &t).is_none());
+        assert!(stuck_info(&i, 1_000_000 + 301_000, 1_200_000, &t, None).is_none());
         let mut b = inst(InstanceStatus::Bootstrapping);
         b.enrolled_ms = Some(500_000);
-        assert!(stuck_info(&b, 500_000 + 300_000, 0, &t).is_none());
+        assert!(stuck_info(&b, 500_000 + 300_000, 0, &t, None).is_none());
         assert_eq!(
-            stuck_info(&b, 500_000 + 301_000, 0, &t).map(|s| s.for_seconds),
+            stuck_info(&b, 500_000 + 301_000, 0, &t, None).map(|s| s.for_seconds),
             Some(301)
         );
     }

@@ -8,7 +8,6 @@
 //! the order memory saw them. Routine heartbeats skip both: they update memory and
 //! mark the instance dirty for the batch flusher.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::http::StatusCode;
@@ -38,6 +37,9 @@ use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 use crate::provider::{Provider, ProviderError, ProviderRecord, ProvisionSpec};
 use crate::store::{Store, StoreError};
 
+mod attribution;
+mod tasks;
+
 /// How long a provision call waits for the provider before answering `pending`.
 const PROVISION_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -64,7 +66,37 @@ pub struct Shared {
     publish_lock: tokio::sync::Mutex<()>,
     /// Why the image folder could not be published last time (for the 422 answer).
     last_image_error: Mutex<Option<String>>,
+    /// What the sensor last saw of module publications and template module lists,
+    /// to notice changes made through the module admin routes.
+    module_watch: Mutex<ModuleWatch>,
 }
+
+/// Module lists per template, `(root, runtime)`.
+type TemplateLists = std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>;
+
+#[derive(Debug, Default)]
+struct ModuleWatch {
+    publications: usize,
+    templates: TemplateLists,
+}
+
+/// A module change the sensor noticed.
+#[derive(Debug)]
+enum ModuleChange {
+    Published(crate::publish::ModulePublication),
+    TemplateChanged {
+        template_id: String,
+        before: (Vec<String>, Vec<String>),
+        after: (Vec<String>, Vec<String>),
+    },
+}
+
+/// How long after a reboot task was leased the node may enroll again with its
+/// (already used) bootstrap token.
+const REENROLL_WINDOW_MS: Millis = 10 * 60 * 1000;
+
+/// At most one `instance.refused` signal per instance in this period.
+const REFUSAL_SIGNAL_EVERY_MS: Millis = 60 * 1000;
 
 /// Cheap to clone; shared by every handler and background task.
 #[derive(Clone)]
@@ -151,6 +183,11 @@ impl AppState {
         }
         let modules =
             crate::publish::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
+        let catalog = crate::catalog::catalog();
+        let module_watch = ModuleWatch {
+            publications: modules.publications().len(),
+            templates: template_lists(&modules, &catalog),
+        };
         Ok(Self(Arc::new(Shared {
             cfg,
             public_url,
@@ -158,7 +195,7 @@ impl AppState {
             ca,
             store,
             provider,
-            catalog: crate::catalog::catalog(),
+            catalog,
             modules,
             admin_token_hash: sha256(admin_token.as_bytes()),
             started_ms,
@@ -167,10 +204,11 @@ impl AppState {
             publications: Mutex::new(publications),
             publish_lock: tokio::sync::Mutex::new(()),
             last_image_error: Mutex::new(None),
+            module_watch: Mutex::new(module_watch),
         })))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Mem> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Mem> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -508,6 +546,8 @@ impl AppState {
                     stuck_signal: None,
                     drift_signal: None,
                     bootstrap_failed_signal: None,
+                    drift_key: String::new(),
+                    last_refused_ms: None,
                 };
                 mem.instances.insert(instance_id.clone(), inst);
                 mem.save_instance(&instance_id);
@@ -524,6 +564,8 @@ impl AppState {
                         lease_token: None,
                         lease_expires_ms: None,
                         attempts: 1,
+                        leased_ms: None,
+                        history: Vec::new(),
                         created_ms: now,
                         updated_ms: now,
                     },
@@ -536,6 +578,7 @@ impl AppState {
                     created_ms: now,
                     used_ms: None,
                     revoked: false,
+                    reenroll_until_ms: None,
                 };
                 mem.ops.push(Op::Token(tok.clone()));
                 mem.tokens.insert(tok.hash.clone(), tok);
@@ -678,11 +721,13 @@ impl AppState {
                         return Err(AppError::new(status, code, message));
                     }
                 }
+                let inst = &mem.instances[&instance_id];
                 let inst = model::instance_view(
-                    &mem.instances[&instance_id],
+                    inst,
                     now,
                     self.started_ms,
                     &thresholds,
+                    mem.drain_state(inst).as_ref(),
                 );
                 Ok((
                     ProvisionResponse {
@@ -712,6 +757,7 @@ impl AppState {
             now,
             self.started_ms,
             &self.cfg.stuck,
+            mem.drain_state(inst).as_ref(),
         ))
     }
 
@@ -757,6 +803,8 @@ impl AppState {
                     lease_token: None,
                     lease_expires_ms: None,
                     attempts: 0,
+                    leased_ms: None,
+                    history: Vec::new(),
                     created_ms: now,
                     updated_ms: now,
                 },
@@ -845,6 +893,8 @@ impl AppState {
                         lease_token: None,
                         lease_expires_ms: None,
                         attempts: 1,
+                        leased_ms: None,
+                        history: Vec::new(),
                         created_ms: now,
                         updated_ms: now,
                     },
@@ -926,78 +976,47 @@ impl AppState {
             .get(id)
             .ok_or_else(|| AppError::not_found("instance", id))?;
         let items = self.drift_items(&mem, inst);
+        let reboot_required = items.iter().any(|i| i.reboot_required);
+        let recovery = match (items.is_empty(), reboot_required) {
+            (true, _) => None,
+            (false, true) => Some(format!(
+                "root modules change only at boot: reboot-instance {id} (runtime modules are \
+                 reconciled live by the agent)"
+            )),
+            (false, false) => Some(format!(
+                "the agent reconciles runtime modules live; update-modules {id} asks it now"
+            )),
+        };
         Ok(DriftReport {
             drift: !items.is_empty(),
             instance_id: id.to_string(),
             items,
+            reboot_required,
+            recovery,
         })
+    }
+
+    /// What the template of `node_id` wants, with pinned digests.
+    pub(crate) fn desired_set(&self, template_id: &str) -> Option<crate::drift::DesiredSet> {
+        let mut t = self.template(template_id)?.clone();
+        self.modules.apply_to_template(&mut t);
+        let pinned = self
+            .modules
+            .desired(&t, "")
+            .into_iter()
+            .map(|m| (m.name, m.digest))
+            .collect();
+        Some(crate::drift::DesiredSet::new(&t, pinned))
     }
 
     /// Desired modules (the node's template) against what the last heartbeat said
     /// is running.
-    fn drift_items(&self, mem: &Mem, inst: &InstRec) -> Vec<DriftItem> {
-        let template = mem
-            .nodes
+    pub(crate) fn drift_items(&self, mem: &Mem, inst: &InstRec) -> Vec<DriftItem> {
+        mem.nodes
             .get(&inst.node_id)
-            .and_then(|n| self.template(&n.template_id))
-            .cloned()
-            .map(|mut t| {
-                self.modules.apply_to_template(&mut t);
-                t
-            });
-        let desired: BTreeSet<String> = template
-            .as_ref()
-            .map(|t| {
-                t.root_modules
-                    .iter()
-                    .chain(t.runtime_modules.iter())
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Pinned digests of the latest publications (absent: never published).
-        let pinned: std::collections::BTreeMap<String, String> = template
-            .as_ref()
-            .map(|t| {
-                self.modules
-                    .desired(t, "")
-                    .into_iter()
-                    .map(|m| (m.name, m.digest))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut items = Vec::new();
-        for name in &desired {
-            match inst.modules.iter().find(|m| &m.name == name) {
-                None => items.push(DriftItem {
-                    module: name.clone(),
-                    action: "attach".to_string(),
-                    desired_digest: pinned.get(name).cloned(),
-                    running_digest: None,
-                }),
-                Some(m) => {
-                    if let Some(want) = pinned.get(name).filter(|d| **d != m.digest) {
-                        items.push(DriftItem {
-                            module: name.clone(),
-                            action: "update".to_string(),
-                            desired_digest: Some(want.clone()),
-                            running_digest: Some(m.digest.clone()),
-                        });
-                    }
-                }
-            }
-        }
-        for m in &inst.modules {
-            if !desired.contains(&m.name) {
-                items.push(DriftItem {
-                    module: m.name.clone(),
-                    action: "detach".to_string(),
-                    desired_digest: None,
-                    running_digest: Some(m.digest.clone()),
-                });
-            }
-        }
-        items
+            .and_then(|n| self.desired_set(&n.template_id))
+            .map(|set| crate::drift::items(&set, inst))
+            .unwrap_or_default()
     }
 
     // ----- admin: tasks, signals, events ---------------------------------------------
@@ -1211,6 +1230,7 @@ impl AppState {
             initramfs_sha256: facts.initramfs_sha256,
             path: facts.path,
             cmdline: facts.cmdline,
+            disk_image: facts.disk_image,
             created_at: format_ts(now),
             created_ms: now,
         };
@@ -1238,13 +1258,55 @@ impl AppState {
             let tok = mem.tokens.get(&hash).cloned().ok_or_else(|| {
                 AppError::unauthorized(ErrorCode::BootstrapTokenInvalid, "unknown bootstrap token")
             })?;
-            if tok.used_ms.is_some() {
-                return Err(AppError::unauthorized(
+            // A decommissioned node trying again is refused, and the refusal is
+            // recorded where the operator looks (signals), not only in its log.
+            let refuse = |mem: &mut Mem, code: ErrorCode, message: &str| {
+                let withdrawn = mem.instances.get_mut(&tok.instance_id).filter(|i| {
+                    !i.status.is_live()
+                        && i
+                            .last_refused_ms
+                            .is_none_or(|t| now - t >= REFUSAL_SIGNAL_EVERY_MS)
+                });
+                if let Some(inst) = withdrawn {
+                    inst.last_refused_ms = Some(now);
+                    mem.save_instance(&tok.instance_id);
+                    mem.signal(
+                        now,
+                        "instance.refused",
+                        &tok.instance_id,
+                        false,
+                        json!({
+                            "code": code, "path": powernode_proto::paths::ENROLLMENT,
+                            "reason": "a node enrolled with the bootstrap token of an instance that is no longer live",
+                        }),
+                    );
+                }
+                AppError::unauthorized(code, message)
+            };
+            // One more enrollment after a reboot task (ephemeral nodes come back with
+            // nothing but their identity document).
+            let reenroll = tok.used_ms.is_some()
+                && !tok.revoked
+                && tok.reenroll_until_ms.is_some_and(|u| now <= u)
+                && mem
+                    .instances
+                    .get(&tok.instance_id)
+                    .is_some_and(|i| matches!(i.status, InstanceStatus::Running | InstanceStatus::Bootstrapping));
+            if tok.used_ms.is_some() && !reenroll {
+                return Err(refuse(
+                    mem,
                     ErrorCode::BootstrapTokenUsed,
                     "bootstrap token was already used",
                 ));
             }
-            if tok.revoked || now - tok.created_ms > ttl_ms {
+            if tok.revoked {
+                return Err(refuse(
+                    mem,
+                    ErrorCode::BootstrapTokenExpired,
+                    "bootstrap token has expired (its instance was terminated or cancelled)",
+                ));
+            }
+            if now - tok.created_ms > ttl_ms && !reenroll {
                 return Err(AppError::unauthorized(
                     ErrorCode::BootstrapTokenExpired,
                     "bootstrap token has expired",
@@ -1259,7 +1321,7 @@ impl AppState {
             let inst = mem.instances.get(&tok.instance_id).ok_or_else(|| {
                 AppError::unauthorized(ErrorCode::BootstrapTokenInvalid, "token's instance is gone")
             })?;
-            if !inst.status.can_transition_to(InstanceStatus::Bootstrapping) {
+            if !reenroll && !inst.status.can_transition_to(InstanceStatus::Bootstrapping) {
                 return Err(invalid_transition(format!(
                     "instance is {}, not provisioning",
                     inst.status
@@ -1274,8 +1336,32 @@ impl AppState {
                     self.cfg.cert_ttl_seconds,
                 )
                 .map_err(csr_error)?;
+            if reenroll {
+                // The old key is gone with the reboot: its certificates go too.
+                let old: Vec<String> = mem
+                    .certs
+                    .values()
+                    .filter(|c| c.instance_id == tok.instance_id && !c.revoked)
+                    .map(|c| c.serial.clone())
+                    .collect();
+                for serial in &old {
+                    if let Some(c) = mem.certs.get_mut(serial) {
+                        c.revoked = true;
+                        mem.ops.push(Op::Cert(c.clone()));
+                    }
+                }
+                mem.event(
+                    now,
+                    "instance.re_enrolled",
+                    Some(&tok.node_id),
+                    Some(&tok.instance_id),
+                    json!({"reason": "reboot", "revoked_certificates": old}),
+                );
+                finish_reboot_tasks(mem, now, &tok.instance_id, "re_enrolled");
+            }
             if let Some(t) = mem.tokens.get_mut(&hash) {
                 t.used_ms = Some(now);
+                t.reenroll_until_ms = None;
                 let t = t.clone();
                 mem.ops.push(Op::Token(t));
             }
@@ -1308,7 +1394,9 @@ impl AppState {
                     "serial": issued.serial,
                 }),
             );
-            mem.set_status(now, &tok.instance_id, InstanceStatus::Bootstrapping);
+            if !reenroll {
+                mem.set_status(now, &tok.instance_id, InstanceStatus::Bootstrapping);
+            }
             Ok(EnrollmentResponse {
                 certificate_pem: issued.pem,
                 ca_pem: self.ca.cert_pem().to_string(),
@@ -1425,6 +1513,8 @@ impl AppState {
             if req.phase == Phase::Ready && status == InstanceStatus::Bootstrapping {
                 mark_running(mem, now, id);
             }
+            // A handshake comes at boot: a leased reboot task has done its work.
+            finish_reboot_tasks(mem, now, id, "came_back");
             mem.save_instance(id);
             Ok(HandshakeResponse {
                 instance_status: mem.instances[id].status,
@@ -1548,8 +1638,10 @@ impl AppState {
             t.status = TaskStatus::Running;
             t.lease_token = Some(token.clone());
             t.lease_expires_ms = Some(expires);
+            t.leased_ms = Some(now);
             t.attempts += 1;
             t.updated_ms = now;
+            let kind = t.kind;
             let leased = LeasedTask {
                 task_id: t.id.clone(),
                 kind: t.kind,
@@ -1559,13 +1651,18 @@ impl AppState {
             };
             let attempts = t.attempts;
             mem.save_task(&task_id);
+            if kind == TaskKind::Reboot {
+                // The node may come back without credentials (ephemeral): its used
+                // bootstrap token may enroll once more for a while.
+                open_reenroll_window(mem, &id, expires + REENROLL_WINDOW_MS);
+            }
             let node_id = mem.instances[&id].node_id.clone();
             mem.event(
                 now,
                 "task.leased",
                 Some(&node_id),
                 Some(&id),
-                json!({"task_id": task_id, "attempt": attempts}),
+                json!({"task_id": task_id, "kind": kind, "attempt": attempts}),
             );
             Ok(LeaseResponse { task: Some(leased) })
         })
@@ -1635,11 +1732,25 @@ impl AppState {
             let t = leased_task(mem, ident, task_id, &req.lease_token)?;
             let id = ident.instance_id.clone();
             let node_id = mem.instances[&id].node_id.clone();
+            let result = tasks::bound_result(req.result.clone());
             match t.status {
-                // Cancelled by the operator meanwhile: the agent's stop is the answer.
-                TaskStatus::Cancelled => {}
+                // Cancelled by the operator meanwhile: the agent's stop is the answer;
+                // what it reported is kept beside the cancellation.
+                TaskStatus::Cancelled => {
+                    if let Some(t) = mem.tasks.get_mut(task_id) {
+                        if let Some(obj) = t.result.as_object_mut() {
+                            obj.insert("agent_status".into(), json!(req.status));
+                            obj.insert("agent_result".into(), result);
+                        }
+                        t.updated_ms = now;
+                    }
+                    mem.save_task(task_id);
+                }
                 TaskStatus::Running => {
-                    finish_task(mem, now, task_id, req.status, req.result.clone());
+                    if t.kind == TaskKind::Reboot && req.status == TaskStatus::Succeeded {
+                        open_reenroll_window(mem, &id, now + REENROLL_WINDOW_MS);
+                    }
+                    finish_task(mem, now, task_id, req.status, result);
                     if t.kind == TaskKind::Drain {
                         let kind = match req.status {
                             TaskStatus::Succeeded => "instance.drained",
@@ -1678,8 +1789,14 @@ impl AppState {
     pub async fn sense(&self) -> AppResult<()> {
         let silent_ms = (self.cfg.silent_after_seconds as i64).saturating_mul(1000);
         let thresholds = self.cfg.stuck;
+        let module_changes = self.module_changes();
         self.mutate(|mem, now| {
             requeue_expired(mem, now, None);
+            if !module_changes.is_empty() {
+                self.apply_module_changes(mem, now, module_changes);
+            }
+            let mut sets: std::collections::HashMap<String, Option<crate::drift::DesiredSet>> =
+                std::collections::HashMap::new();
             let mut changes: Vec<SensorChange> = Vec::new();
             for inst in mem.instances.values() {
                 let has_signal = inst.silent_signal.is_some()
@@ -1699,12 +1816,31 @@ impl AppState {
                         .max(self.started_ms);
                 let silent = watched && since_hb > silent_ms;
                 let silent_change = (silent != inst.silent_signal.is_some()).then_some(silent);
-                let stuck = model::stuck_info(inst, now, self.started_ms, &thresholds);
+                let stuck = model::stuck_info(
+                    inst,
+                    now,
+                    self.started_ms,
+                    &thresholds,
+                    mem.drain_state(inst).as_ref(),
+                );
                 let stuck_change = (stuck.as_ref().map(|s| s.reason.as_str())
                     != inst.stuck_signal.as_ref().map(|(r, _)| r.as_str()))
                 .then_some(stuck);
-                let drifting = inst.status == InstanceStatus::Running && self.has_drift(mem, inst);
-                let drift_change = (drifting != inst.drift_signal.is_some()).then_some(drifting);
+                let set = match mem.nodes.get(&inst.node_id) {
+                    Some(n) if inst.status == InstanceStatus::Running => sets
+                        .entry(n.template_id.clone())
+                        .or_insert_with(|| self.desired_set(&n.template_id))
+                        .as_ref(),
+                    _ => None,
+                };
+                let drift_change = match set.filter(|s| crate::drift::has_drift(s, inst)) {
+                    Some(set) => {
+                        let items = crate::drift::items(set, inst);
+                        (inst.drift_signal.is_none() || crate::drift::key(&items) != inst.drift_key)
+                            .then_some(Some(items))
+                    }
+                    None => inst.drift_signal.is_some().then_some(None),
+                };
                 if silent_change.is_some() || stuck_change.is_some() || drift_change.is_some() {
                     changes.push(SensorChange {
                         id: inst.id.clone(),
@@ -1721,27 +1857,6 @@ impl AppState {
             Ok(())
         })
         .await
-    }
-
-    /// Whether running modules differ from desired ones, without allocating.
-    fn has_drift(&self, mem: &Mem, inst: &InstRec) -> bool {
-        let template = mem
-            .nodes
-            .get(&inst.node_id)
-            .and_then(|n| self.template(&n.template_id));
-        let desired = |name: &str| {
-            template.is_some_and(|t| {
-                t.root_modules.iter().any(|m| m == name)
-                    || t.runtime_modules.iter().any(|m| m == name)
-            })
-        };
-        let missing = template.is_some_and(|t| {
-            t.root_modules
-                .iter()
-                .chain(t.runtime_modules.iter())
-                .any(|d| !inst.modules.iter().any(|m| &m.name == d))
-        });
-        missing || inst.modules.iter().any(|m| !desired(&m.name))
     }
 
     fn apply_sensor_change(&self, mem: &mut Mem, now: Millis, silent_ms: i64, c: SensorChange) {
@@ -1806,30 +1921,43 @@ impl AppState {
                 )
             });
         }
-        match (c.drift, inst.drift_signal) {
-            (Some(true), None) => {
-                let items = self.drift_items(mem, &inst);
+        let mut drift_key = inst.drift_key.clone();
+        if let Some(drift) = c.drift {
+            // A drift that changed (a new publication meanwhile) ends the old signal
+            // and fires a fresh one with the new verbs.
+            if let Some(sig) = inst.drift_signal {
+                mem.ops.push(Op::SignalActive {
+                    id: sig,
+                    active: false,
+                });
+            }
+            drift_signal = None;
+            drift_key.clear();
+            if let Some(items) = drift {
+                drift_key = crate::drift::key(&items);
+                let reboot_required = items.iter().any(|i| i.reboot_required);
+                let verbs: Vec<String> = items
+                    .iter()
+                    .map(|i| format!("{} {}", i.action, i.module))
+                    .collect();
                 drift_signal = Some(mem.signal(
                     now,
                     "module.drift_detected",
                     id,
                     true,
-                    json!({ "items": items }),
+                    json!({
+                        "items": items,
+                        "summary": verbs.join(", "),
+                        "reboot_required": reboot_required,
+                    }),
                 ));
             }
-            (Some(false), Some(sig)) => {
-                mem.ops.push(Op::SignalActive {
-                    id: sig,
-                    active: false,
-                });
-                drift_signal = None;
-            }
-            _ => {}
         }
         if let Some(slot) = mem.instances.get_mut(id) {
             slot.silent_signal = silent_signal;
             slot.stuck_signal = stuck_signal;
             slot.drift_signal = drift_signal;
+            slot.drift_key = drift_key;
         }
         mem.save_instance(id);
     }
@@ -1857,7 +1985,20 @@ struct SensorChange {
     since_hb: Millis,
     silent: Option<bool>,
     stuck: Option<Option<admin::StuckInfo>>,
-    drift: Option<bool>,
+    /// `Some(Some(items))`: drift started or changed; `Some(None)`: it ended.
+    drift: Option<Option<Vec<DriftItem>>>,
+}
+
+fn template_lists(modules: &crate::publish::Modules, catalog: &Catalog) -> TemplateLists {
+    catalog
+        .templates
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            modules.apply_to_template(&mut t);
+            (t.id, (t.root_modules, t.runtime_modules))
+        })
+        .collect()
 }
 
 fn csr_error(e: CsrError) -> AppError {
@@ -1954,7 +2095,7 @@ fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
     mem.set_status(now, id, InstanceStatus::Running);
 }
 
-fn finish_task(
+pub(crate) fn finish_task(
     mem: &mut Mem,
     now: Millis,
     id: &str,
@@ -2030,6 +2171,45 @@ fn leased_task(
     }
 }
 
+/// Lets the instance's used, unrevoked bootstrap tokens enroll once more until
+/// `until` (a reboot is under way).
+fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Millis) {
+    let hashes: Vec<String> = mem
+        .tokens
+        .values()
+        .filter(|t| t.instance_id == instance_id && !t.revoked && t.used_ms.is_some())
+        .map(|t| t.hash.clone())
+        .collect();
+    for h in hashes {
+        if let Some(t) = mem.tokens.get_mut(&h) {
+            t.reenroll_until_ms = Some(until.max(t.reenroll_until_ms.unwrap_or(0)));
+            mem.ops.push(Op::Token(t.clone()));
+        }
+    }
+}
+
+/// A node that booted again while a reboot task was open: the reboot happened.
+fn finish_reboot_tasks(mem: &mut Mem, now: Millis, instance_id: &str, how: &str) {
+    let open: Vec<String> = mem
+        .instances
+        .get(instance_id)
+        .map(|i| {
+            i.task_ids
+                .iter()
+                .filter(|t| {
+                    mem.tasks.get(*t).is_some_and(|t| {
+                        t.kind == TaskKind::Reboot && t.status == TaskStatus::Running
+                    })
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in open {
+        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({ how: true }));
+    }
+}
+
 /// Puts node-side tasks whose lease ran out back to `pending`.
 fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&str>) {
     let expired: Vec<String> = mem
@@ -2047,9 +2227,19 @@ fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&str>) {
         let Some(t) = mem.tasks.get_mut(&id) else {
             continue;
         };
+        // The attempt that died is kept: when it was leased, how far it got.
+        t.history.push(admin::TaskAttempt {
+            attempt: t.attempts,
+            leased_at: format_ts(t.leased_ms.unwrap_or(t.updated_ms)),
+            ended_at: format_ts(now),
+            outcome: "lease_expired".to_string(),
+            progress: t.progress.take(),
+            result: std::mem::take(&mut t.result),
+        });
         t.status = TaskStatus::Pending;
         t.lease_token = None;
         t.lease_expires_ms = None;
+        t.leased_ms = None;
         t.updated_ms = now;
         let (inst, attempts) = (t.instance_id.clone(), t.attempts);
         mem.save_task(&id);

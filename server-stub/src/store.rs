@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, instance_id TEXT NOT 
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
     node_id TEXT, instance_id TEXT, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_instance ON events (instance_id, id);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, at_ms);
 CREATE TABLE IF NOT EXISTS signals (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
     instance_id TEXT NOT NULL, active INTEGER NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS signals_instance ON signals (instance_id, id);
@@ -187,6 +188,43 @@ impl Store {
                     instance_id,
                     detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
                 });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// `(at_ms, detail)` of the events (`signals: false`) or signals of one kind in
+    /// `[since_ms, until_ms]`, optionally of one instance, oldest first.
+    pub async fn kind_between(
+        &self,
+        signals: bool,
+        kind: &'static str,
+        instance_id: Option<String>,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(i64, serde_json::Value)>, StoreError> {
+        self.blocking(move |conn| {
+            let sql = if signals {
+                "SELECT at_ms, detail FROM signals WHERE kind = ?1
+                 AND (?2 IS NULL OR instance_id = ?2) AND at_ms BETWEEN ?3 AND ?4
+                 ORDER BY id LIMIT 10000"
+            } else {
+                "SELECT at_ms, detail FROM events WHERE kind = ?1
+                 AND (?2 IS NULL OR instance_id = ?2) AND at_ms BETWEEN ?3 AND ?4
+                 ORDER BY id LIMIT 10000"
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params![kind, instance_id, since_ms, until_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (at, detail) = row?;
+                out.push((
+                    at,
+                    serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                ));
             }
             Ok(out)
         })

@@ -60,7 +60,10 @@ async fn full_lifecycle_with_a_fake_node() {
     assert!(i["instance"]["last_heartbeat_at"].is_string());
     assert_eq!(i["instance"]["boot_timeline"][1]["at_ms"], 1234);
     let d = ts.ok(Method::GET, &paths::admin_drift(&inst), None).await;
-    assert_eq!(d, json!({"drift": false, "instance_id": inst, "items": []}));
+    assert_eq!(
+        d,
+        json!({"drift": false, "instance_id": inst, "items": [], "reboot_required": false})
+    );
     let (s, v) = fake.get(paths::DESIRED_MODULES).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["modules"], json!([]));

@@ -1,0 +1,381 @@
+//! Node-side tasks the operator or the server creates (reboot, collect diagnostics,
+//! module update), module changes noticed by the sensor, bounded task results, and
+//! the record of calls refused after decommission.
+
+use powernode_proto::admin::{self, InstanceActionResponse, MAX_TASK_RESULT_BYTES};
+use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
+use serde_json::{json, Value};
+
+use super::{
+    invalid_transition, new_id, template_lists, AppState, ModuleChange, REFUSAL_SIGNAL_EVERY_MS,
+};
+use crate::ca::ClientIdentity;
+use crate::clock::Millis;
+use crate::error::{AppError, AppResult};
+use crate::model::{Mem, TaskRec};
+
+/// Bytes of a too-large result kept as a preview.
+const RESULT_PREVIEW_BYTES: usize = 4096;
+
+/// Which instance states can take a node-side task of `kind` (an agent must be there
+/// to lease it).
+fn accepts(kind: TaskKind, status: InstanceStatus) -> bool {
+    use InstanceStatus::*;
+    match kind {
+        TaskKind::Reboot => status == Running,
+        TaskKind::ModuleUpdate => matches!(status, Running | Bootstrapping),
+        TaskKind::CollectDiagnostics => matches!(status, Running | Bootstrapping | Draining),
+        TaskKind::Drain | TaskKind::Provision | TaskKind::Terminate => false,
+    }
+}
+
+/// Adds a `pending` node-side task to an instance, with an event.
+pub(super) fn create_task(
+    mem: &mut Mem,
+    now: Millis,
+    instance_id: &str,
+    kind: TaskKind,
+    params: Value,
+) -> String {
+    let id = new_id("task");
+    mem.tasks.insert(
+        id.clone(),
+        TaskRec::new(
+            id.clone(),
+            instance_id,
+            kind,
+            TaskStatus::Pending,
+            params.clone(),
+            now,
+        ),
+    );
+    mem.save_task(&id);
+    let node_id = mem.instances.get_mut(instance_id).map(|i| {
+        i.task_ids.push(id.clone());
+        i.node_id.clone()
+    });
+    mem.save_instance(instance_id);
+    mem.event(
+        now,
+        "task.created",
+        node_id.as_deref(),
+        Some(instance_id),
+        json!({"task_id": id, "kind": kind, "params": params}),
+    );
+    id
+}
+
+/// An open (pending or leased) task of `kind` on the instance, newest first.
+fn open_task(mem: &Mem, instance_id: &str, kind: TaskKind) -> Option<TaskRec> {
+    let inst = mem.instances.get(instance_id)?;
+    inst.task_ids
+        .iter()
+        .rev()
+        .filter_map(|t| mem.tasks.get(t))
+        .find(|t| t.kind == kind && !t.status.is_final())
+        .cloned()
+}
+
+/// Keeps results small enough for SQLite rows and admin answers: a result above
+/// [`MAX_TASK_RESULT_BYTES`] is replaced by a marked preview.
+pub(super) fn bound_result(result: Value) -> Value {
+    let text = result.to_string();
+    if text.len() <= MAX_TASK_RESULT_BYTES {
+        return result;
+    }
+    let mut cut = RESULT_PREVIEW_BYTES.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    json!({
+        "truncated": true,
+        "original_bytes": text.len(),
+        "limit_bytes": MAX_TASK_RESULT_BYTES,
+        "preview": &text[..cut],
+    })
+}
+
+impl AppState {
+    /// Creates a node-side task on an instance (reboot, collect diagnostics, module
+    /// update); the agent leases it through the worker API.
+    pub async fn node_task(
+        &self,
+        instance_id: &str,
+        kind: TaskKind,
+        params: Value,
+    ) -> AppResult<InstanceActionResponse> {
+        let drift = if kind == TaskKind::ModuleUpdate {
+            let mem = self.lock();
+            let inst = mem
+                .instances
+                .get(instance_id)
+                .ok_or_else(|| AppError::not_found("instance", instance_id))?;
+            Some(self.drift_items(&mem, inst))
+        } else {
+            None
+        };
+        self.mutate(|mem, now| {
+            let inst = mem
+                .instances
+                .get(instance_id)
+                .ok_or_else(|| AppError::not_found("instance", instance_id))?;
+            let status = inst.status;
+            if !accepts(kind, status) {
+                return Err(invalid_transition(format!(
+                    "instance is {status}: a {} task needs a {} instance",
+                    kind.as_str(),
+                    match kind {
+                        TaskKind::Reboot => "running",
+                        TaskKind::ModuleUpdate => "bootstrapping or running",
+                        _ => "bootstrapping, running or draining",
+                    }
+                )));
+            }
+            if let Some(open) = open_task(mem, instance_id, kind) {
+                return Err(invalid_transition(format!(
+                    "{} task {} is already {}: cancel-task it first or wait",
+                    kind.as_str(),
+                    open.id,
+                    open.status.as_str()
+                )));
+            }
+            let params = match (kind, drift) {
+                (TaskKind::ModuleUpdate, Some(items)) => module_update_params("operator", items),
+                _ => params,
+            };
+            let task_id = create_task(mem, now, instance_id, kind, params);
+            Ok(InstanceActionResponse { task_id, status })
+        })
+        .await
+    }
+
+    /// Module publications and template module lists that changed since the last
+    /// sensor pass (they are changed through the module admin routes).
+    pub(super) fn module_changes(&self) -> Vec<ModuleChange> {
+        let mut watch = self.module_watch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let pubs = self.modules.publications();
+        if pubs.len() > watch.publications {
+            out.extend(
+                pubs[watch.publications..]
+                    .iter()
+                    .cloned()
+                    .map(ModuleChange::Published),
+            );
+        }
+        watch.publications = pubs.len();
+        let now = template_lists(&self.modules, &self.catalog);
+        for (id, after) in &now {
+            let before = watch.templates.get(id).cloned().unwrap_or_default();
+            if &before != after {
+                out.push(ModuleChange::TemplateChanged {
+                    template_id: id.clone(),
+                    before,
+                    after: after.clone(),
+                });
+            }
+        }
+        watch.templates = now;
+        out
+    }
+
+    /// Records module changes and gives each affected live instance a
+    /// `module_update` task describing what now differs.
+    pub(super) fn apply_module_changes(
+        &self,
+        mem: &mut Mem,
+        now: Millis,
+        changes: Vec<ModuleChange>,
+    ) {
+        // template id -> trigger
+        let mut affected: Vec<(String, &'static str)> = Vec::new();
+        for c in changes {
+            match c {
+                ModuleChange::Published(p) => {
+                    mem.event(
+                        now,
+                        "module.published",
+                        None,
+                        None,
+                        json!({
+                            "publication_id": p.id, "name": p.name, "version": p.version,
+                            "kind": p.kind, "digest": p.digest, "at_ms": p.created_ms,
+                        }),
+                    );
+                    for t in &self.catalog.templates {
+                        let mut t = t.clone();
+                        self.modules.apply_to_template(&mut t);
+                        if t.root_modules.contains(&p.name) || t.runtime_modules.contains(&p.name) {
+                            affected.push((t.id, "module_published"));
+                        }
+                    }
+                }
+                ModuleChange::TemplateChanged {
+                    template_id,
+                    before,
+                    after,
+                } => {
+                    mem.event(
+                        now,
+                        "template.modules_changed",
+                        None,
+                        None,
+                        json!({
+                            "template_id": template_id,
+                            "before": {"root_modules": before.0, "runtime_modules": before.1},
+                            "after": {"root_modules": after.0, "runtime_modules": after.1},
+                        }),
+                    );
+                    affected.push((template_id, "template_modules_changed"));
+                }
+            }
+        }
+        affected.sort();
+        affected.dedup_by(|a, b| a.0 == b.0);
+        for (template_id, trigger) in affected {
+            let Some(set) = self.desired_set(&template_id) else {
+                continue;
+            };
+            let targets: Vec<(String, Vec<admin::DriftItem>)> = mem
+                .instances
+                .values()
+                .filter(|i| {
+                    matches!(
+                        i.status,
+                        InstanceStatus::Running | InstanceStatus::Bootstrapping
+                    )
+                })
+                .filter(|i| {
+                    mem.nodes
+                        .get(&i.node_id)
+                        .is_some_and(|n| n.template_id == template_id)
+                })
+                .map(|i| (i.id.clone(), crate::drift::items(&set, i)))
+                .filter(|(_, items)| !items.is_empty())
+                .collect();
+            for (inst_id, items) in targets {
+                let params = module_update_params(trigger, items);
+                match open_task(mem, &inst_id, TaskKind::ModuleUpdate) {
+                    // Not leased yet: it describes the newest state instead.
+                    Some(t) if t.status == TaskStatus::Pending => {
+                        if let Some(t) = mem.tasks.get_mut(&t.id) {
+                            t.params = params;
+                            t.updated_ms = now;
+                        }
+                        mem.save_task(&t.id);
+                    }
+                    // Leased: the agent re-reads desired modules anyway; a fresh task
+                    // follows once it is done (next change or update-modules).
+                    Some(_) => {}
+                    None => {
+                        create_task(mem, now, &inst_id, TaskKind::ModuleUpdate, params);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Notes a call refused because the instance's credentials were withdrawn
+    /// (decommissioned node coming back): an `instance.refused` signal, at most one
+    /// a minute per instance, so an operator sees it without reading node logs.
+    pub async fn record_refusal(
+        &self,
+        instance_id: &str,
+        serial: &str,
+        code: ErrorCode,
+        path: &str,
+    ) {
+        let res = self
+            .mutate(|mem, now| {
+                let Some(inst) = mem.instances.get_mut(instance_id) else {
+                    return Ok(());
+                };
+                if inst
+                    .last_refused_ms
+                    .is_some_and(|t| now - t < REFUSAL_SIGNAL_EVERY_MS)
+                {
+                    return Ok(());
+                }
+                inst.last_refused_ms = Some(now);
+                let status = inst.status;
+                mem.save_instance(instance_id);
+                mem.signal(
+                    now,
+                    "instance.refused",
+                    instance_id,
+                    false,
+                    json!({
+                        "code": code, "path": path, "serial": serial, "instance_status": status,
+                        "reason": "a node presented credentials withdrawn at decommission; it was refused",
+                    }),
+                );
+                Ok(())
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not record a refused call");
+        }
+    }
+
+    /// [`AppState::record_refusal`] for a node API answer, when it is a refusal.
+    pub async fn note_node_error<T>(
+        &self,
+        ident: &ClientIdentity,
+        path: &str,
+        res: AppResult<T>,
+    ) -> AppResult<T> {
+        if let Err(e) = &res {
+            if matches!(
+                e.code,
+                ErrorCode::CertificateRevoked | ErrorCode::InstanceTerminated
+            ) {
+                self.record_refusal(&ident.instance_id, &ident.serial, e.code, path)
+                    .await;
+            }
+        }
+        res
+    }
+}
+
+fn module_update_params(trigger: &str, items: Vec<admin::DriftItem>) -> Value {
+    let reboot_required = items.iter().any(|i| i.reboot_required);
+    json!({"trigger": trigger, "changes": items, "reboot_required": reboot_required})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_results_pass_and_large_ones_become_a_marked_preview() {
+        let small = json!({"ok": true, "lines": ["a", "b"]});
+        assert_eq!(bound_result(small.clone()), small);
+        let big = json!({"log": "é".repeat(MAX_TASK_RESULT_BYTES)});
+        let b = bound_result(big);
+        assert_eq!(b["truncated"], true);
+        assert!(b["original_bytes"].as_u64().unwrap() > MAX_TASK_RESULT_BYTES as u64);
+        let preview = b["preview"].as_str().unwrap();
+        assert!(preview.len() <= RESULT_PREVIEW_BYTES && preview.starts_with("{\"log\""));
+        assert!(b.to_string().len() < MAX_TASK_RESULT_BYTES);
+    }
+
+    #[test]
+    fn task_kinds_need_an_agent_in_the_right_state() {
+        assert!(accepts(TaskKind::Reboot, InstanceStatus::Running));
+        assert!(!accepts(TaskKind::Reboot, InstanceStatus::Draining));
+        assert!(accepts(
+            TaskKind::CollectDiagnostics,
+            InstanceStatus::Draining
+        ));
+        assert!(!accepts(
+            TaskKind::CollectDiagnostics,
+            InstanceStatus::Provisioning
+        ));
+        assert!(accepts(
+            TaskKind::ModuleUpdate,
+            InstanceStatus::Bootstrapping
+        ));
+        assert!(!accepts(TaskKind::ModuleUpdate, InstanceStatus::Terminated));
+        assert!(!accepts(TaskKind::Drain, InstanceStatus::Running));
+    }
+}
