@@ -40,6 +40,10 @@ fn run(mut cmd: Command) -> Result<(), DiskError> {
 
 /// Creates `path` (`size_mib` MiB, raw) with an ext4 file system labelled `persist`
 /// that has the verity feature. Refuses to overwrite an existing file.
+///
+/// The block size is pinned to 4096: mke2fs picks 1024 for small disks, and the
+/// node enables fs-verity with 4096-byte Merkle blocks (its objects are named by
+/// those digests); older kernels accept that only when it equals the fs block size.
 pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
     if path.exists() {
         return Err(DiskError::Exists(path.to_path_buf()));
@@ -50,7 +54,7 @@ pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
         .arg(format!("{size_mib}M"));
     run(img)?;
     let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-O", "verity", "-L", "persist"])
+    mkfs.args(["-q", "-F", "-b", "4096", "-O", "verity", "-L", "persist"])
         .arg(path);
     run(mkfs)
 }
@@ -77,6 +81,11 @@ mod tests {
             .unwrap_or_default();
         assert!(features.contains("verity"), "{text}");
         assert!(text.contains("persist"), "label: {text}");
+        let block = text
+            .lines()
+            .find(|l| l.starts_with("Block size:"))
+            .unwrap_or_default();
+        assert!(block.ends_with(" 4096"), "{block}");
         assert!(matches!(
             make_persist_disk(&path, 32),
             Err(DiskError::Exists(_))
