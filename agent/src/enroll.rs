@@ -33,6 +33,17 @@ pub async fn enroll(
     source: &str,
     timeouts: Timeouts,
 ) -> Result<(Credentials, EnrollmentResponse), EnrollError> {
+    enroll_with_provider(identity, source, None, timeouts).await
+}
+
+/// One enrollment attempt that also reports what the cloud's metadata said about
+/// the machine (instance id, region, addresses; see `identity::cloud`).
+pub async fn enroll_with_provider(
+    identity: &IdentityDocument,
+    source: &str,
+    provider: Option<powernode_proto::node::ProviderFacts>,
+    timeouts: Timeouts,
+) -> Result<(Credentials, EnrollmentResponse), EnrollError> {
     let key = NodeKey::generate()?;
     let csr_pem = key.csr_pem(&identity.instance_id)?;
     let client = ApiClient::new(
@@ -48,7 +59,7 @@ pub async fn enroll(
         csr_pem,
         identity_source: source.to_string(),
         agent_version: crate::AGENT_VERSION.to_string(),
-        provider: None,
+        provider,
     };
     let resp: EnrollmentResponse = client.post(paths::ENROLLMENT, &req).await?;
     // Keep pinning what the (already pinned) server says is its CA chain; fall back

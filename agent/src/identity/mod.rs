@@ -11,6 +11,7 @@
 //! Adding a cloud is one new file implementing [`IdentitySource`], one line in
 //! [`Selector::standard`]. The trait is async so network sources fit unchanged.
 
+pub mod cloud;
 pub mod cmdline;
 pub mod file;
 pub mod fw_cfg;
@@ -68,6 +69,30 @@ pub enum SourceErrorKind {
     Parameter { key: String, reason: String },
     #[error("invalid identity document")]
     Document(#[source] IdentityError),
+    /// A metadata endpoint answered a status that is neither success, absence
+    /// (404) nor retryable (5xx): a refused token, a missing header, a forbidden path.
+    #[error("{method} {url} answered HTTP {status}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    HttpStatus {
+        method: &'static str,
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    /// Retries ran out (5xx or connection errors) within the bounded wait.
+    #[error("{method} {url} gave up after {attempts} attempts in {waited_ms} ms (last: {last})")]
+    GaveUp {
+        method: &'static str,
+        url: String,
+        attempts: u32,
+        waited_ms: u64,
+        last: String,
+    },
+    /// The provider's own metadata is malformed; `field` names where.
+    #[error("metadata field `{field}` {reason}")]
+    Metadata { field: String, reason: String },
+    /// A URL or TLS setting the source was given cannot be used.
+    #[error("{what}: {reason}")]
+    Config { what: String, reason: String },
 }
 
 /// Why no identity could be selected.
