@@ -1,6 +1,9 @@
 //! Netboot image publications: a folder written by `powernode-initramfs build`
 //! (`vmlinuz`, `initramfs.img`, `cmdline`, `manifest.json`) becomes a publication
 //! (platform, arch, kernel version, digests, path) that `real` provisioning boots.
+//! When the builder also wrote the UEFI disk image (`disk.raw`, the manifest's
+//! `disk_image`), the publication lists it too: kind `uefi_disk`, format `raw`, its
+//! digest and the command line baked into it, the file a cloud imports.
 //!
 //! A publication is only recorded when the files on disk hash to what the manifest
 //! says, so a half-rebuilt folder is refused rather than booted.
@@ -30,6 +33,56 @@ pub struct Publication {
     pub cmdline: String,
     pub created_at: String,
     pub created_ms: i64,
+    /// The UEFI disk image built from the same kernel and initramfs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<DiskImage>,
+}
+
+/// Kind of a published disk image: GPT + EFI system partition booting a UKI.
+pub const DISK_KIND_UEFI: &str = "uefi_disk";
+
+/// A published disk image, as data: what it is, where, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    /// `uefi_disk`.
+    pub kind: String,
+    /// Container format clouds import: `raw`.
+    pub format: String,
+    #[serde(default)]
+    pub partition_table: String,
+    #[serde(default)]
+    pub firmware: String,
+    /// How the ESP boots: `uki`.
+    #[serde(default)]
+    pub boot: String,
+    /// The file (absolute).
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+    #[serde(default)]
+    pub uki_sha256: String,
+    /// The kernel command line baked into the image.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// The builder's `disk_image` manifest entry (fields as `powernode-initramfs` writes).
+#[derive(Debug, Deserialize)]
+struct DiskManifest {
+    file: String,
+    format: String,
+    #[serde(default)]
+    partition_table: String,
+    #[serde(default)]
+    firmware: String,
+    #[serde(default)]
+    boot: String,
+    bytes: u64,
+    sha256: String,
+    #[serde(default)]
+    uki_sha256: String,
+    #[serde(default)]
+    cmdline: String,
 }
 
 /// What the image folder says about itself, checked against its files.
@@ -43,6 +96,7 @@ pub struct ImageFacts {
     pub initramfs_sha256: String,
     pub path: PathBuf,
     pub cmdline: String,
+    pub disk_image: Option<DiskImage>,
 }
 
 /// The manifest fields a publication needs (the builder writes more).
@@ -62,6 +116,8 @@ struct Manifest {
     platform: Option<String>,
     #[serde(default)]
     arch: Option<String>,
+    #[serde(default)]
+    disk_image: Option<DiskManifest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +142,8 @@ pub enum ImageError {
     },
     #[error("cannot tell the architecture of kernel {0:?} (add \"arch\" to the manifest)")]
     UnknownArch(String),
+    #[error("disk image file name {0:?} must be a plain name inside the image folder")]
+    BadDiskFile(String),
 }
 
 fn sha256_file(path: &Path) -> Result<String, ImageError> {
@@ -149,6 +207,37 @@ pub fn read_image_dir(dir: &Path) -> Result<ImageFacts, ImageError> {
     let cmdline = std::fs::read_to_string(dir.join("cmdline"))
         .map(|s| s.trim().to_string())
         .unwrap_or(m.cmdline);
+    let disk_image = match m.disk_image {
+        None => None,
+        Some(d) => {
+            let plain =
+                !d.file.is_empty() && !d.file.contains('/') && d.file != "." && d.file != "..";
+            if !plain {
+                return Err(ImageError::BadDiskFile(d.file));
+            }
+            let path = dir.join(&d.file);
+            let actual = sha256_file(&path)?;
+            if actual != d.sha256 {
+                return Err(ImageError::DigestMismatch {
+                    file: path,
+                    expected: d.sha256,
+                    actual,
+                });
+            }
+            Some(DiskImage {
+                kind: DISK_KIND_UEFI.to_string(),
+                format: d.format,
+                partition_table: d.partition_table,
+                firmware: d.firmware,
+                boot: d.boot,
+                path,
+                bytes: d.bytes,
+                sha256: d.sha256,
+                uki_sha256: d.uki_sha256,
+                cmdline: d.cmdline,
+            })
+        }
+    };
     Ok(ImageFacts {
         platform: m.platform.unwrap_or_else(|| PLATFORM_NETBOOT.to_string()),
         arch,
@@ -158,6 +247,7 @@ pub fn read_image_dir(dir: &Path) -> Result<ImageFacts, ImageError> {
         initramfs_sha256: m.initramfs_sha256,
         path: dir,
         cmdline,
+        disk_image,
     })
 }
 
@@ -170,6 +260,7 @@ impl Publication {
             && self.vmlinuz_sha256 == f.vmlinuz_sha256
             && self.initramfs_sha256 == f.initramfs_sha256
             && self.cmdline == f.cmdline
+            && self.disk_image == f.disk_image
     }
 
     pub fn image_ref(&self) -> crate::provider::ImageRef {
@@ -241,6 +332,65 @@ mod tests {
         assert!(matches!(
             read_image_dir(empty.path()),
             Err(ImageError::Io { .. })
+        ));
+    }
+
+    fn disk_entry(file: &str, data: &[u8]) -> serde_json::Value {
+        serde_json::json!({"disk_image": {
+            "file": file, "format": "raw", "partition_table": "gpt", "firmware": "uefi",
+            "boot": "uki", "bytes": data.len(), "sha256": hex::encode(Sha256::digest(data)),
+            "uki_sha256": "ab", "cmdline": "console=ttyS0 panic=-1",
+        }})
+    }
+
+    #[test]
+    fn a_disk_image_in_the_manifest_is_listed_as_data_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("disk.raw"), b"disk").unwrap();
+        let f = read_image_dir(&folder(tmp.path(), disk_entry("disk.raw", b"disk"))).unwrap();
+        let d = f.disk_image.clone().unwrap();
+        assert_eq!(
+            (d.kind.as_str(), d.format.as_str()),
+            (DISK_KIND_UEFI, "raw")
+        );
+        assert_eq!(d.path, f.path.join("disk.raw"));
+        assert_eq!(d.bytes, 4);
+        assert_eq!(d.cmdline, "console=ttyS0 panic=-1");
+        let p = Publication {
+            id: "pub-1".into(),
+            platform: f.platform.clone(),
+            arch: f.arch.clone(),
+            kernel_version: f.kernel_version.clone(),
+            kernel_release: f.kernel_release.clone(),
+            vmlinuz_sha256: f.vmlinuz_sha256.clone(),
+            initramfs_sha256: f.initramfs_sha256.clone(),
+            path: f.path.clone(),
+            cmdline: f.cmdline.clone(),
+            created_at: "t".into(),
+            created_ms: 0,
+            disk_image: f.disk_image.clone(),
+        };
+        assert!(p.same_as(&f));
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["disk_image"]["kind"], "uefi_disk");
+        // A publication stored before disk images existed still loads.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("disk_image");
+        let old: Publication = serde_json::from_value(old).unwrap();
+        assert_eq!(old.disk_image, None);
+        assert!(!old.same_as(&f), "a new disk image is a new publication");
+
+        // Rebuilt disk, stale manifest: refused. A path outside the folder: refused.
+        std::fs::write(tmp.path().join("disk.raw"), b"other").unwrap();
+        assert!(matches!(
+            read_image_dir(tmp.path()),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = folder(tmp.path(), disk_entry("../disk.raw", b"disk"));
+        assert!(matches!(
+            read_image_dir(&dir),
+            Err(ImageError::BadDiskFile(_))
         ));
     }
 }
