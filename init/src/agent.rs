@@ -25,6 +25,8 @@ pub struct BootstrapInput {
     pub identity: IdentityDocument,
     /// Which source gave the identity (`fw_cfg`, `cmdline`), reported at enrollment.
     pub source: &'static str,
+    /// What a cloud's metadata said about the machine, reported at enrollment.
+    pub provider: Option<powernode_proto::node::ProviderFacts>,
     /// The agent's state directory (already created by the init).
     pub state_dir: PathBuf,
     /// The init's boot timeline so far.
@@ -198,8 +200,13 @@ impl AgentDriver for RealAgent {
                     c
                 }
                 None => {
-                    let (creds, _resp) =
-                        powernode_agent::enroll::enroll(&identity, input.source, timeouts).await?;
+                    let (creds, _resp) = powernode_agent::enroll::enroll_with_provider(
+                        &identity,
+                        input.source,
+                        input.provider.clone(),
+                        timeouts,
+                    )
+                    .await?;
                     state.save_credentials(&creds)?;
                     creds
                 }

@@ -37,7 +37,7 @@ pub enum PhaseError {
     Modules(#[from] ModuleError),
     #[error(transparent)]
     Identity(#[from] IdentityProbeError),
-    #[error("no identity: neither powernode.identity= on the command line nor the fw_cfg entry")]
+    #[error("no identity: not on the command line (powernode.identity=), not in fw_cfg, not from cloud metadata")]
     IdentityMissing,
     #[error(transparent)]
     Network(#[from] NetError),
@@ -134,13 +134,19 @@ pub const PHASES: &[NamedPhase] = &[
     },
     NamedPhase {
         name: "identity",
-        marks: Some(Phase::IdentityFound),
+        // Marks `identity_found` itself: a cloud identity is only found after DHCP.
+        marks: None,
         run: find_identity,
     },
     NamedPhase {
         name: "network",
         marks: Some(Phase::NetworkUp),
         run: bring_up_network,
+    },
+    NamedPhase {
+        name: "cloud_identity",
+        marks: None,
+        run: crate::cloud::find_cloud_identity,
     },
     NamedPhase {
         name: "bootstrap",
@@ -462,7 +468,7 @@ pub enum ComposedRoot {
 pub fn upstream_phase(name: &str) -> Phase {
     match name {
         "modules" => Phase::ModulesLoaded,
-        "identity" => Phase::IdentityFound,
+        "identity" | "cloud_identity" => Phase::IdentityFound,
         "network" => Phase::NetworkUp,
         "bootstrap" => Phase::Enrolled,
         "switch_root" => Phase::RootMounted,
@@ -533,7 +539,13 @@ fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
 
 fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let cmdline = boot.cmdline.clone();
-    let found = identity::probe(boot.sys, &cmdline)?.ok_or(PhaseError::IdentityMissing)?;
+    let Some(found) = identity::probe(boot.sys, &cmdline)? else {
+        if crate::cloud::may_probe(&cmdline) {
+            log::info!("no identity on the command line or in fw_cfg: cloud metadata after DHCP");
+            return Ok(());
+        }
+        return Err(PhaseError::IdentityMissing);
+    };
     let doc = &found.document;
     log::info!(
         "identity from {}: node {} instance {} ({})",
@@ -663,6 +675,7 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let input = BootstrapInput {
         identity: found.document,
         source: found.source,
+        provider: found.provider,
         state_dir: state_dir.clone().into(),
         timeline: boot.timeline.clone(),
     };
@@ -983,7 +996,10 @@ mod tests {
     #[test]
     fn missing_identity_is_identity_missing() {
         let mut sys = FakeSys::default()
-            .with_file("/proc/cmdline", "powernode.on_failure=poweroff")
+            .with_file(
+                "/proc/cmdline",
+                "powernode.on_failure=poweroff powernode.identity_source=fw_cfg",
+            )
             .with_file(layout::MODULE_LOAD_ORDER, "");
         assert_eq!(
             Boot::new(&mut sys).run(),
@@ -995,6 +1011,28 @@ mod tests {
             .unwrap();
         assert_eq!(failed["phase"], "identity");
         assert_eq!(failed["code"], "identity_missing");
+    }
+
+    #[test]
+    fn without_a_local_identity_the_network_comes_first_for_cloud_metadata() {
+        // No pin, no cmdline or fw_cfg identity: the identity phase defers, so the
+        // first failure here is the network (this fake machine has no NIC).
+        let mut sys = FakeSys::default()
+            .with_file("/proc/cmdline", "powernode.on_failure=poweroff")
+            .with_file(layout::MODULE_LOAD_ORDER, "");
+        Boot::new(&mut sys).run();
+        let events = events(&sys);
+        let failed = events
+            .iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["phase"], "network");
+        assert!(!events.iter().any(|e| e["phase"] == "identity_found"));
+        assert_eq!(upstream_phase("cloud_identity"), Phase::IdentityFound);
+        let names: Vec<&str> = PHASES.iter().map(|p| p.name).collect();
+        let pos = |n| names.iter().position(|x| *x == n).unwrap();
+        assert!(pos("network") < pos("cloud_identity"));
+        assert!(pos("cloud_identity") < pos("bootstrap"));
     }
 
     use crate::agent::fake::FakeAgent;

@@ -1,10 +1,11 @@
-//! The init's own identity probe, until the agent library's bootstrap takes over the
-//! whole chain (command line, fw_cfg, cloud metadata). It reads the two sources a
-//! QEMU boot uses, in the design's order: `powernode.identity=` on the command line,
-//! then the fw_cfg entry. A missing source is `Ok(None)`; a present but broken one is
-//! an error naming the source, never skipped.
+//! The init's own identity probe for the local sources, in the design's order:
+//! `powernode.identity=` on the command line, then the fw_cfg entry. A missing source
+//! is `Ok(None)`; a present but broken one is an error naming the source, never
+//! skipped. Cloud metadata needs the network, so it comes later ([`crate::cloud`]):
+//! a pin naming a cloud source skips both local sources.
 
 use powernode_proto::identity::{IdentityDocument, IdentityError, MAX_IDENTITY_BYTES};
+use powernode_proto::node::ProviderFacts;
 
 use crate::cmdline;
 use crate::sys::{Errno, Sys};
@@ -27,8 +28,13 @@ pub enum IdentityProbeError {
     TooLarge { size: usize, max: usize },
     #[error("fw_cfg: read {got} bytes of an entry of {size}")]
     Short { got: usize, size: usize },
-    #[error("powernode.identity_source={0} is not a source the init can read (cmdline, fw_cfg)")]
+    #[error("powernode.identity_source={0} is not a known source (cmdline, fw_cfg, or a cloud: {clouds})", clouds = powernode_agent::identity::cloud::NAMES.join(", "))]
     UnknownPin(String),
+    #[error("cloud metadata source `{strategy}` is present but unusable: {message}")]
+    Cloud {
+        strategy: &'static str,
+        message: String,
+    },
     #[error("{source_name}: bad identity document")]
     Document {
         source_name: &'static str,
@@ -42,6 +48,8 @@ pub enum IdentityProbeError {
 pub struct Found {
     pub source: &'static str,
     pub document: IdentityDocument,
+    /// What a cloud's metadata said about the machine (cloud sources only).
+    pub provider: Option<ProviderFacts>,
 }
 
 /// `powernode.identity=<base64url JSON>` on the command line.
@@ -57,6 +65,7 @@ pub fn from_cmdline(cmdline_text: &str) -> Result<Option<Found>, IdentityProbeEr
             return Ok(Some(Found {
                 source: "cmdline",
                 document,
+                provider: None,
             }));
         }
     }
@@ -108,6 +117,7 @@ pub fn from_fw_cfg(sys: &mut dyn Sys) -> Result<Option<Found>, IdentityProbeErro
     Ok(Some(Found {
         source: "fw_cfg",
         document,
+        provider: None,
     }))
 }
 
@@ -123,12 +133,14 @@ pub fn pinned_source(cmdline_text: &str) -> Option<String> {
 }
 
 /// Command line first, then fw_cfg; `powernode.identity_source=` pins one of them
-/// and skips the other.
+/// and skips the other, or pins a cloud source and skips both (`Ok(None)`: the
+/// cloud phase asks after DHCP).
 pub fn probe(sys: &mut dyn Sys, cmdline_text: &str) -> Result<Option<Found>, IdentityProbeError> {
     match pinned_source(cmdline_text).as_deref() {
-        None => {}
+        None | Some("auto") => {}
         Some("cmdline") => return from_cmdline(cmdline_text),
         Some("fw_cfg") => return from_fw_cfg(sys),
+        Some(cloud) if crate::cloud::is_cloud_source(cloud) => return Ok(None),
         Some(other) => return Err(IdentityProbeError::UnknownPin(other.to_string())),
     }
     if let Some(found) = from_cmdline(cmdline_text)? {
@@ -243,9 +255,15 @@ pub(crate) mod tests {
         );
         assert!(sys.calls.is_empty());
         assert_eq!(
-            probe(&mut sys, "powernode.identity_source=aws").unwrap_err(),
-            IdentityProbeError::UnknownPin("aws".into())
+            probe(&mut sys, "powernode.identity_source=nonesuch").unwrap_err(),
+            IdentityProbeError::UnknownPin("nonesuch".into())
         );
+        // A cloud pin skips both local sources: the cloud phase asks after DHCP.
+        assert_eq!(
+            probe(&mut sys, "powernode.identity_source=aws").unwrap(),
+            None
+        );
+        assert!(sys.calls.is_empty());
     }
 
     #[test]

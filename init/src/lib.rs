@@ -37,6 +37,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod cloud;
 pub mod cmdline;
 pub mod dhcp;
 pub mod failure;

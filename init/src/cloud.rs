@@ -1,0 +1,260 @@
+//! Cloud metadata identity in the init: when neither the command line nor fw_cfg
+//! holds an identity (and none is pinned to them), the `identity` phase defers, the
+//! network comes up by DHCP, and then this phase (`cloud_identity`) asks the cloud
+//! metadata strategies of the agent library (`powernode_agent::identity::cloud`:
+//! AWS IMDSv2, the generic `powernode.identity_url=`, ...). The provider's facts
+//! (its instance id, region, addresses) go to enrollment with the document.
+//!
+//! A provider that is present but broken is an error naming it and the field; the
+//! probe is bounded by one deadline (`powernode.cloud_deadline_s=`, default 30 s).
+
+use std::time::Duration;
+
+use powernode_agent::identity::cloud::{self, CloudIdentity, CloudOptions};
+use powernode_agent::identity::SourceError;
+use powernode_proto::node::Phase;
+use serde_json::json;
+
+use crate::boot::{Boot, PhaseError};
+use crate::cmdline;
+use crate::identity::{self, Found, IdentityProbeError};
+
+/// Sources the init reads itself; any other pin is the cloud probe's business.
+pub const LOCAL_SOURCES: &[&str] = &["cmdline", "fw_cfg"];
+
+/// Whether an identity may still come from cloud metadata once the network is up:
+/// no pin, `auto`, or a pin naming a cloud source.
+pub fn may_probe(cmdline_text: &str) -> bool {
+    match identity::pinned_source(cmdline_text).as_deref() {
+        None | Some("auto") => true,
+        Some(name) => is_cloud_source(name),
+    }
+}
+
+/// A name the cloud probe answers to (`aws`, `url`, ...).
+pub fn is_cloud_source(name: &str) -> bool {
+    cloud::NAMES.contains(&name)
+}
+
+/// `powernode.cloud_deadline_s=N` (1..=600), else the library's default.
+pub fn deadline(cmdline_text: &str) -> Duration {
+    cmdline::words(cmdline_text)
+        .iter()
+        .filter_map(|w| w.strip_prefix("powernode.cloud_deadline_s="))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .filter(|s| (1..=600).contains(s))
+        .map(Duration::from_secs)
+        .next_back()
+        .unwrap_or(cloud::DEFAULT_DEADLINE)
+}
+
+/// The probe's options for this command line.
+pub fn options(cmdline_text: &str) -> CloudOptions {
+    CloudOptions {
+        pinned: identity::pinned_source(cmdline_text),
+        deadline: deadline(cmdline_text),
+        cmdline: Some(cmdline_text.to_string()),
+        ..CloudOptions::default()
+    }
+}
+
+/// The probe itself, as a function so tests can run the phase against a mock
+/// metadata server on 127.0.0.1.
+pub type Prober = dyn Fn(&CloudOptions) -> Result<Option<CloudIdentity>, SourceError>;
+
+/// The real probe on a current-thread runtime of its own (PID 1 stays one thread).
+pub fn real_probe(opts: &CloudOptions) -> Result<Option<CloudIdentity>, SourceError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            SourceError::new(
+                "cloud",
+                powernode_agent::identity::SourceErrorKind::Io {
+                    path: "tokio runtime".into(),
+                    source: e,
+                },
+            )
+        })?;
+    rt.block_on(cloud::probe(opts))
+}
+
+/// The `cloud_identity` phase: nothing to do when an identity was already found.
+pub fn find_cloud_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
+    find_cloud_identity_with(boot, &real_probe)
+}
+
+/// [`find_cloud_identity`] with a given prober.
+pub fn find_cloud_identity_with(boot: &mut Boot<'_>, probe: &Prober) -> Result<(), PhaseError> {
+    if boot.identity.is_some() {
+        return Ok(());
+    }
+    let opts = options(&boot.cmdline);
+    log::info!(
+        "no identity on the command line or fw_cfg: asking cloud metadata (pin {}, deadline {} s)",
+        opts.pinned.as_deref().unwrap_or("none"),
+        opts.deadline.as_secs()
+    );
+    let started = boot.sys.boot_ms();
+    let found = match probe(&opts) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Err(PhaseError::IdentityMissing),
+        Err(error) => {
+            return Err(PhaseError::Identity(IdentityProbeError::Cloud {
+                strategy: error.strategy,
+                message: powernode_agent::error_chain(&error),
+            }))
+        }
+    };
+    let CloudIdentity {
+        source,
+        document,
+        facts,
+    } = found;
+    log::info!(
+        "identity from {source}: node {} instance {} ({}); provider instance {} region {}",
+        document.node_id,
+        document.instance_id,
+        document.hostname,
+        facts.instance_id.as_deref().unwrap_or("-"),
+        facts.region.as_deref().unwrap_or("-"),
+    );
+    let at_ms = boot.mark(Phase::IdentityFound);
+    let timeline = boot.timeline.clone();
+    boot.event(json!({
+        "event": "phase",
+        "phase": Phase::IdentityFound,
+        "phase_at_ms": at_ms,
+        "source": source,
+        "node_id": document.node_id,
+        "instance_id": document.instance_id,
+        "hostname": document.hostname,
+        "control_plane_url": document.control_plane_url,
+        "provider": facts,
+        "probe_ms": at_ms.saturating_sub(started),
+        "timeline": timeline,
+    }));
+    boot.identity = Some(Found {
+        source,
+        document,
+        provider: Some(facts),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::tests::doc_json;
+    use crate::sys::fake::FakeSys;
+    use powernode_proto::node::ProviderFacts;
+    use powernode_proto::IdentityDocument;
+
+    fn aws_identity() -> CloudIdentity {
+        CloudIdentity {
+            source: "aws",
+            document: IdentityDocument::parse(doc_json().as_bytes()).unwrap(),
+            facts: ProviderFacts {
+                provider: "aws".into(),
+                instance_id: Some("i-0abc".into()),
+                region: Some("eu-west-1".into()),
+                addresses: vec!["10.1.2.3".into()],
+            },
+        }
+    }
+
+    #[test]
+    fn pins_and_deadlines_from_the_command_line() {
+        assert!(may_probe("console=ttyS0"));
+        assert!(may_probe("powernode.identity_source=auto"));
+        assert!(may_probe("powernode.identity_source=aws"));
+        assert!(!may_probe("powernode.identity_source=fw_cfg"));
+        assert!(!may_probe("powernode.identity_source=cmdline"));
+        assert!(!may_probe("powernode.identity_source=nonesuch"));
+        assert_eq!(deadline(""), cloud::DEFAULT_DEADLINE);
+        assert_eq!(
+            deadline("powernode.cloud_deadline_s=7"),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            deadline("powernode.cloud_deadline_s=0"),
+            cloud::DEFAULT_DEADLINE
+        );
+        let o = options("powernode.identity_source=aws powernode.cloud_deadline_s=9");
+        assert_eq!(o.pinned.as_deref(), Some("aws"));
+        assert_eq!(o.deadline, Duration::from_secs(9));
+        assert!(o.cmdline.unwrap().contains("cloud_deadline_s"));
+    }
+
+    #[test]
+    fn a_found_cloud_identity_is_marked_and_kept_with_its_facts() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        boot.cmdline = "console=ttyS0".into();
+        find_cloud_identity_with(&mut boot, &|o: &CloudOptions| {
+            assert_eq!(o.pinned, None);
+            Ok(Some(aws_identity()))
+        })
+        .unwrap();
+        let found = boot.identity.clone().unwrap();
+        assert_eq!(found.source, "aws");
+        assert_eq!(
+            found.provider.unwrap().instance_id.as_deref(),
+            Some("i-0abc")
+        );
+        assert!(boot
+            .timeline
+            .iter()
+            .any(|e| e.phase == Phase::IdentityFound));
+        drop(boot);
+        let line = sys
+            .console_lines()
+            .into_iter()
+            .find(|l| l.contains("identity_found"))
+            .unwrap();
+        assert!(
+            line.contains("\"provider\":{\"addresses\":[\"10.1.2.3\"]"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn absent_and_broken_metadata_are_distinct_errors() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| Ok(None)).unwrap_err();
+        assert!(matches!(err, PhaseError::IdentityMissing), "{err}");
+        assert_eq!(err.code(), powernode_proto::ErrorCode::IdentityMissing);
+        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
+            Err(SourceError::new(
+                "aws",
+                powernode_agent::identity::SourceErrorKind::Parameter {
+                    key: "instance-id".into(),
+                    reason: "is empty".into(),
+                },
+            ))
+        })
+        .unwrap_err();
+        assert_eq!(err.code(), powernode_proto::ErrorCode::IdentityInvalid);
+        let text = err.chain();
+        assert!(
+            text.contains("aws") && text.contains("instance-id"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_identity_already_found_skips_the_probe() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        boot.identity = Some(Found {
+            source: "fw_cfg",
+            document: IdentityDocument::parse(doc_json().as_bytes()).unwrap(),
+            provider: None,
+        });
+        find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
+            panic!("probed although an identity was found")
+        })
+        .unwrap();
+    }
+}
