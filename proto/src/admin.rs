@@ -356,7 +356,7 @@ pub struct AttributedFailure {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttributionCandidate {
     pub rank: u32,
-    /// 0..=100, higher is likelier.
+    /// 0..=100, higher is likelier (ranks follow the unclamped score).
     pub score: u32,
     /// `module_published`, `template_modules_changed`, `module_update_task`,
     /// `drift_detected`, `reboot_task`.

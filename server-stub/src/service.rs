@@ -2356,6 +2356,138 @@ mod tests {
         .unwrap()
     }
 
+    /// A provider whose destroy fails: the instance stays `terminating`.
+    #[derive(Debug)]
+    struct NoDestroy(Recorder);
+
+    impl Provider for NoDestroy {
+        fn name(&self) -> &'static str {
+            "nodestroy"
+        }
+        fn enabled(&self) -> bool {
+            true
+        }
+        fn provision(
+            &self,
+            spec: &ProvisionSpec,
+        ) -> Result<crate::provider::ProviderRecord, ProviderError> {
+            self.0.provision(spec)
+        }
+        fn destroy(&self, _id: &str) -> Result<crate::provider::ProviderRecord, ProviderError> {
+            Err(ProviderError::Failed(
+                "the hypervisor does not answer".into(),
+            ))
+        }
+    }
+
+    fn state_with(dir: &std::path::Path, clock: Clock, provider: Box<dyn Provider>) -> AppState {
+        let cfg = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        AppState::with_provider(
+            cfg,
+            "https://127.0.0.1:1".into(),
+            clock,
+            Ca::load_or_create(dir).unwrap(),
+            Store::open(dir).unwrap(),
+            "admin",
+            provider,
+        )
+        .unwrap()
+    }
+
+    fn edge(h: &str) -> CreateNodeRequest {
+        CreateNodeRequest {
+            hostname: h.into(),
+            template_id: crate::catalog::TEMPLATE_EDGE_BASE.into(),
+            lifecycle_class: powernode_proto::LifecycleClass::Ephemeral,
+            labels: Default::default(),
+        }
+    }
+
+    async fn stuck_signal(st: &AppState, inst: &str) -> admin::Signal {
+        st.recent_signals(100, Some(inst.to_string()))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.kind == "instance.stuck" && s.active)
+            .expect("an active instance.stuck signal")
+    }
+
+    /// The `pending` row: the provider has not answered yet (a boot that hangs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_provider_that_never_answers_leaves_pending_stuck_with_cancel_as_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::default();
+        let st = state_with(
+            dir.path(),
+            clock.clone(),
+            Box::new(Slow(Recorder { image_base: None }, Duration::from_secs(3))),
+        );
+        let n = st.create_node(edge("p")).await.unwrap();
+        let bg = st.clone();
+        let id = n.id.clone();
+        let prov =
+            tokio::spawn(async move { bg.provision(&id, ProvisionRequest::default()).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let inst_id = st.get_node(&n.id).unwrap().current_instance_id.unwrap();
+        assert_eq!(
+            st.get_instance(&inst_id).unwrap().status,
+            InstanceStatus::Pending
+        );
+        clock.advance_secs(301);
+        st.sense().await.unwrap();
+        let i = st.get_instance(&inst_id).unwrap();
+        let stuck = i.stuck.expect("stuck");
+        assert_eq!(stuck.reason, "pending_too_long");
+        let task = i.task_id.unwrap();
+        assert!(stuck.recovery.contains(&format!("cancel-task {task}")));
+        let sig = stuck_signal(&st, &inst_id).await;
+        assert_eq!(sig.detail["reason"], "pending_too_long");
+        // The recovery works: cancel, the late VM is destroyed, the node is free.
+        st.cancel_task(&task).await.unwrap();
+        let _ = prov.await.unwrap();
+        assert_eq!(
+            st.get_instance(&inst_id).unwrap().status,
+            InstanceStatus::Failed
+        );
+        st.provision(&n.id, ProvisionRequest::default())
+            .await
+            .unwrap();
+    }
+
+    /// The `terminating` row: the provider cannot destroy the VM.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destroy_that_fails_leaves_terminating_stuck_with_retry_as_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::default();
+        let st = state_with(
+            dir.path(),
+            clock.clone(),
+            Box::new(NoDestroy(Recorder { image_base: None })),
+        );
+        let n = st.create_node(edge("t")).await.unwrap();
+        let p = st
+            .provision(&n.id, ProvisionRequest::default())
+            .await
+            .unwrap();
+        let err = st
+            .terminate(&p.instance.id, TerminateRequest { force: true })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProviderFailed);
+        assert!(err.message.contains("run terminate-instance again"));
+        clock.advance_secs(301);
+        st.sense().await.unwrap();
+        let i = st.get_instance(&p.instance.id).unwrap();
+        assert_eq!(i.status, InstanceStatus::Terminating);
+        let stuck = i.stuck.expect("stuck");
+        assert_eq!(stuck.reason, "terminating_too_long");
+        assert!(stuck.recovery.contains("terminate-instance again"));
+        assert_eq!(
+            stuck_signal(&st, &p.instance.id).await.detail["reason"],
+            "terminating_too_long"
+        );
+    }
+
     /// While a provider works (here 1.5 s), reads and other writes are not blocked.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn providers_run_without_the_state_lock() {

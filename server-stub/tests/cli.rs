@@ -572,3 +572,91 @@ fn line_port(line: &str) -> String {
         .unwrap()
         .to_string()
 }
+
+/// The runtime commands through the binary: reboot-instance, collect-diagnostics,
+/// update-modules, get-task with the result, cancel-task, attribute-failure (JSON and
+/// table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_task_and_attribution_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let server = ServerProc::start(dir);
+    let n = cli_json(
+        dir,
+        &[
+            "create-node",
+            "--hostname",
+            "cli-rt",
+            "--lifecycle-class",
+            "ephemeral",
+        ],
+    );
+    let node = n["node"]["id"].as_str().unwrap().to_string();
+    let p = cli_json(dir, &["provision-instance", &node]);
+    let inst = p["instance"]["id"].as_str().unwrap().to_string();
+    // Not running yet: refused with the reason.
+    let e = cli_err(dir, &["reboot-instance", &inst]);
+    assert_eq!(e["error"]["code"], "invalid_transition");
+    let doc = IdentityDocument::from_value(cli_json(dir, &["instance-identity", &inst])).unwrap();
+    let mut fake = FakeNode::new(doc, &format!("https://{}", server.addr));
+    fake.enroll().await;
+    let (s, _) = fake.heartbeat("ready").await;
+    assert_eq!(s, StatusCode::OK);
+
+    let r = cli_json(dir, &["reboot-instance", &inst, "--reason", "kernel"]);
+    let reboot = r["task_id"].as_str().unwrap().to_string();
+    let t = cli_json(dir, &["get-task", &reboot]);
+    assert_eq!(
+        (&t["task"]["kind"], &t["task"]["params"]["reason"]),
+        (&Value::from("reboot"), &Value::from("kernel"))
+    );
+    let c = cli_json(dir, &["cancel-task", &reboot]);
+    assert_eq!(c["task"]["status"], "cancelled");
+    let e = cli_err(dir, &["cancel-task", &reboot]);
+    assert_eq!(e["error"]["code"], "invalid_transition");
+
+    let d = cli_json(dir, &["collect-diagnostics", &inst, "--log-lines", "5"]);
+    let diag = d["task_id"].as_str().unwrap().to_string();
+    let (s, v) = fake
+        .post(
+            powernode_proto::paths::TASK_LEASE,
+            serde_json::json!({"instance_id": fake.doc.instance_id, "lease_seconds": 30}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["task"]["params"]["log_lines"], 5);
+    let (s, _) = fake
+        .post(
+            &powernode_proto::paths::task_complete(&diag),
+            serde_json::json!({"instance_id": fake.doc.instance_id,
+                "lease_token": v["task"]["lease_token"], "status": "succeeded",
+                "result": {"versions": {"agent": "test-0.1"}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let t = cli_json(dir, &["get-task", &diag]);
+    assert_eq!(t["task"]["result"]["versions"]["agent"], "test-0.1");
+    let u = cli_json(dir, &["update-modules", &inst]);
+    assert_eq!(u["status"], "running");
+
+    let a = cli_json(dir, &["attribute-failure", &inst, "--lookback-hours", "3"]);
+    assert_eq!(a["lookback_hours"], 3);
+    assert_eq!(a["failure"]["source"], "none");
+    let (ok, table, err) = cli(dir, &["attribute-failure", &inst, "--lookback-hours", "3"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains(&format!("instance {inst}: running")),
+        "{table}"
+    );
+    // Nothing failed yet: the window ends now and holds the tasks just made.
+    assert!(
+        table.contains("RANK")
+            && table.contains("module_update_task")
+            && table.contains("reboot_task"),
+        "{table}"
+    );
+    assert!(
+        table.contains("reboot task"),
+        "reasoning printed in full: {table}"
+    );
+}

@@ -106,10 +106,16 @@ impl AppState {
         let ran = |name: &str| inst.modules.iter().any(|m| m.name == name);
 
         let mut changes: Vec<Change> = Vec::new();
-        for p in self.modules.publications() {
+        let pubs = self.modules.publications();
+        for (i, p) in pubs.iter().enumerate() {
             if p.created_ms < start || p.created_ms > fail_at {
                 continue;
             }
+            let p = p.clone();
+            // A newer publication of the same module before the failure replaced it.
+            let newer = pubs[i + 1..]
+                .iter()
+                .find(|q| q.name == p.name && q.created_ms <= fail_at);
             let kind = kind_of(&p.name);
             if kind.is_none() && !ran(&p.name) {
                 continue; // a module this instance neither wants nor runs
@@ -118,6 +124,12 @@ impl AppState {
             let mut notes = Vec::new();
             if inst.modules.iter().any(|m| m.digest == p.digest) {
                 notes.push((10, "the instance was running that digest".to_string()));
+            }
+            if let Some(q) = newer {
+                notes.push((
+                    -20,
+                    format!("superseded by {} {} before the failure", q.name, q.version),
+                ));
             }
             changes.push(Change {
                 change: "module_published",
@@ -314,7 +326,7 @@ impl AppState {
                 }
                 // Closer to the failure is likelier (up to 20 points).
                 score += 20 * (window_ms - (fail_at - c.at)) / window_ms;
-                (score.clamp(0, 100), Change { what: why.join("; "), ..c })
+                (score, Change { what: why.join("; "), ..c })
             })
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.at.cmp(&a.1.at)));
@@ -328,7 +340,7 @@ impl AppState {
                 .enumerate()
                 .map(|(i, (score, c))| AttributionCandidate {
                     rank: u32::try_from(i + 1).unwrap_or(u32::MAX),
-                    score: u32::try_from(score).unwrap_or(0),
+                    score: u32::try_from(score.clamp(0, 100)).unwrap_or(0),
                     change: c.change.to_string(),
                     at: format_ts(c.at),
                     minutes_before_failure: minutes(fail_at - c.at),

@@ -230,7 +230,8 @@ impl AppState {
                 }
             }
         }
-        affected.sort();
+        // One task per template; a changed module list says more than a publication.
+        affected.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)));
         affected.dedup_by(|a, b| a.0 == b.0);
         for (template_id, trigger) in affected {
             let Some(set) = self.desired_set(&template_id) else {
@@ -306,7 +307,7 @@ impl AppState {
                     false,
                     json!({
                         "code": code, "path": path, "serial": serial, "instance_status": status,
-                        "reason": "a node presented credentials withdrawn at decommission; it was refused",
+                        "reason": "a node presented withdrawn credentials (a revoked certificate or a terminated instance's); it was refused",
                     }),
                 );
                 Ok(())
