@@ -10,7 +10,7 @@
 //! After the tar's members come the TOC members: empty gzip members (they decompress to
 //! nothing, so the tar stream is unchanged) whose FEXTRA subfields (`PN`, RFC 1952)
 //! carry the gzip-compressed JSON TOC: every tar entry's path, type, metadata and, for
-//! regular files, size, fs-verity digest, sha256 and compressed range. The layer
+//! regular files, size, fs-verity digest and compressed range. The layer
 //! descriptor's annotations name the TOC's range and the sha256 of those bytes; the
 //! manifest is signed, so the TOC is trusted once its bytes match.
 //!
@@ -19,6 +19,10 @@
 //! and builds the tree from the TOC records through the same [`Unpacker`] code a tar
 //! entry goes through; the composefs image it yields is still checked against the
 //! signed digest, so a TOC that lies about metadata is caught there.
+//!
+//! No per-file sha256: the fs-verity digest is what names and checks an object, and a
+//! second 32-byte random string per file would grow the TOC by 70% (53 -> 91 KB for
+//! 1,000 files).
 //!
 //! It must never store a fetched byte under a digest it does not hash to, nor trust a
 //! TOC whose bytes do not match the signed annotation.
@@ -193,9 +197,6 @@ pub struct TocEntry {
     /// fs-verity digest of the content (regular files with content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// `sha256:HEX` of the content, for tools that speak sha256.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
     /// The content's gzip member in the layer blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
@@ -432,7 +433,6 @@ fn describe(tar: &[u8]) -> Option<Toc> {
             major: 0,
             minor: 0,
             digest: None,
-            sha256: None,
             offset: None,
             length: None,
         };
@@ -445,7 +445,6 @@ fn describe(tar: &[u8]) -> Option<Toc> {
                     let pos = entry.raw_file_position();
                     let content = tar.get(pos as usize..(pos + size) as usize)?;
                     e.digest = Some(verity::digest_bytes(content).to_string());
-                    e.sha256 = Some(format!("sha256:{}", hex::encode(Sha256::digest(content))));
                     e.offset = Some(pos);
                 }
             }

@@ -461,6 +461,16 @@ pub fn image_from_folder(dir: &Path, name: &str, version: &str) -> anyhow::Resul
         "config": {},
     }))?;
     let config_digest = sha256_digest(&config);
+    let mut layer_descriptor = json!({
+        "mediaType": m.layer_media_type,
+        "digest": m.layer_digest,
+        "size": m.layer.len(),
+    });
+    if let Some(toc) = &m.toc {
+        // The layer's table of contents (signed with the manifest): nodes fetch only
+        // the files they lack.
+        layer_descriptor["annotations"] = json!(toc.annotations());
+    }
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -469,11 +479,7 @@ pub fn image_from_folder(dir: &Path, name: &str, version: &str) -> anyhow::Resul
             "digest": config_digest,
             "size": config.len(),
         },
-        "layers": [{
-            "mediaType": m.layer_media_type,
-            "digest": m.layer_digest,
-            "size": m.layer.len(),
-        }],
+        "layers": [layer_descriptor],
         "annotations": annotations(name, version, &composefs),
     }))?;
     Ok(ModuleImage {

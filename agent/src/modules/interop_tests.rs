@@ -224,11 +224,35 @@ fn push(
     config: Option<(&str, &str)>,
     annotations: &[(&str, String)],
 ) -> String {
+    push_annotated(t, reference, dir, layers, config, annotations, None)
+}
+
+/// [`push`], plus annotations on one layer's descriptor (an oras annotation file).
+fn push_annotated(
+    t: &Tools,
+    reference: &str,
+    dir: &Path,
+    layers: &[(&str, &str)],
+    config: Option<(&str, &str)>,
+    annotations: &[(&str, String)],
+    layer_annotations: Option<(&str, std::collections::BTreeMap<String, String>)>,
+) -> String {
     let mut cmd = Command::new(&t.oras);
     cmd.args(["push", "--plain-http", "--format", "json"])
         .current_dir(dir);
-    for (k, v) in annotations {
-        cmd.arg("--annotation").arg(format!("{k}={v}"));
+    if let Some((file, ann)) = layer_annotations {
+        let manifest: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.clone())))
+            .collect();
+        let doc = serde_json::json!({ "$manifest": manifest, file: ann });
+        let path = dir.join(format!("{file}.annotations.json"));
+        std::fs::write(&path, doc.to_string()).unwrap();
+        cmd.arg("--annotation-file").arg(path);
+    } else {
+        for (k, v) in annotations {
+            cmd.arg("--annotation").arg(format!("{k}={v}"));
+        }
     }
     if let Some((file, mt)) = config {
         cmd.arg("--config").arg(format!("{file}:{mt}"));
@@ -300,13 +324,17 @@ fn publish_dir(
         )
         .unwrap();
     }
-    let digest = push(
+    let digest = push_annotated(
         t,
         &format!("{}/{repo}:{tag}", reg.host()),
         work,
         &[(&layer_name, built.layer_media_type)],
         config.then_some((&cfg_name, "application/vnd.oci.image.config.v1+json")),
         &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+        built
+            .toc
+            .as_ref()
+            .map(|toc| (layer_name.as_str(), toc.annotations())),
     );
     (digest, built)
 }
@@ -536,6 +564,84 @@ fn registry_interop_and_tamper_matrix() {
     );
 }
 
+/// A loopback TCP proxy to `upstream` that counts the bytes the upstream sent (what
+/// the registry served, headers included). With `refuse_ranges`, request headers
+/// named `Range` are renamed (same length) so the registry answers whole blobs.
+struct CountingProxy {
+    port: u16,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    fn start(upstream: u16, refuse_ranges: bool) -> CountingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = c2.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if refuse_ranges {
+                            for at in 0..n.saturating_sub(8) {
+                                let w = &mut buf[at..at + 8];
+                                if w.eq_ignore_ascii_case(b"\r\nrange:") {
+                                    w[2] = b'x';
+                                }
+                            }
+                        }
+                        if s2.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s2.shutdown(std::net::Shutdown::Write);
+                });
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CountingProxy { port, served }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn pull(
+        &self,
+        repo: &str,
+        digest: &str,
+        keys: &[TrustKey],
+        store: &ObjectStore,
+    ) -> Result<PullReport, PullError> {
+        let repo: Repository = format!("127.0.0.1:{}/{repo}", self.port).parse().unwrap();
+        pull_module(&client(), &repo, digest, keys, store)
+    }
+}
+
 #[test]
 fn dedup_v1_then_v2_moves_only_the_change() {
     let Some(t) = tools() else { return };
@@ -552,24 +658,35 @@ fn dedup_v1_then_v2_moves_only_the_change() {
         )
         .unwrap();
     }
-    let (v1, _) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v1", true);
+    let (v1, b1) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v1", true);
     sign(&t, &key, &format!("{}/mod/dedup@{v1}", reg.host()));
     let changed = pseudo_random(3000, 99_999);
     std::fs::write(src.join("f/500"), &changed).unwrap();
     let (v2, b2) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v2", true);
     sign(&t, &key, &format!("{}/mod/dedup@{v2}", reg.host()));
+    assert!(b1.toc.is_some() && b2.toc.is_some());
 
+    let proxy = CountingProxy::start(reg.port, false);
     let store = ObjectStore::open(&w.join("store")).unwrap();
-    let r1 = pull(&reg, "mod/dedup", &v1, &key.trust(), &store).unwrap();
-    let r2 = pull(&reg, "mod/dedup", &v2, &key.trust(), &store).unwrap();
+    let r1 = proxy.pull("mod/dedup", &v1, &key.trust(), &store).unwrap();
+    let served1 = proxy.served();
+    // A first pull into an empty store takes the layer whole (one request).
+    assert_eq!(r1.ranged.toc_layers, 0);
+    let r2 = proxy.pull("mod/dedup", &v2, &key.trust(), &store).unwrap();
+    let served2 = proxy.served() - served1;
+    let toc_size = b2.toc.as_ref().unwrap().size;
     eprintln!(
-        "dedup: v1 received {} B, stored {} objects / {} B; v2 received {} B \
-         (layer {} B), stored {} new objects / {} B (the changed file is {} B)",
+        "dedup: v1 received {} B (registry served {served1} B), stored {} objects / {} B; \
+         v2 received {} B (registry served {served2} B, TOC {toc_size} B, {} ranged reads) \
+         vs layer {} B: {:.1}% of the whole-layer pull; stored {} new objects / {} B \
+         (the changed file is {} B)",
         r1.bytes_received,
         r1.install.layers.new_objects,
         r1.install.layers.new_bytes,
         r2.bytes_received,
+        r2.ranged.range_requests,
         b2.layer.len(),
+        100.0 * served2 as f64 / b2.layer.len() as f64,
         r2.install.layers.new_objects,
         r2.install.layers.new_bytes,
         changed.len()
@@ -578,13 +695,80 @@ fn dedup_v1_then_v2_moves_only_the_change() {
     assert_eq!(r2.install.layers.new_objects, 1);
     assert_eq!(r2.install.layers.new_bytes, changed.len() as u64);
     assert_eq!(r2.install.layers.deduplicated_objects, 999);
-    // On the wire an OCI layer is the unit: v2's single layer is fetched whole.
-    // (Metadata = manifests + signature + config, a few KiB.)
-    assert!(r2.bytes_received <= b2.layer.len() as u64 + 16 * 1024);
+    // On the wire: the TOC and one range (the changed file's member), plus manifests,
+    // signature and config; never the layer.
+    assert_eq!(r2.ranged.toc_layers, 1);
+    assert_eq!(r2.ranged.range_requests, 2, "TOC + one coalesced range");
+    let budget = toc_size + changed.len() as u64 + 24 * 1024;
+    assert!(
+        r2.bytes_received <= budget,
+        "{} > {budget}",
+        r2.bytes_received
+    );
+    assert!(
+        served2 <= budget + 8 * 1024,
+        "{served2} > {budget} + headers"
+    );
+    assert!(
+        served2 * 5 < b2.layer.len() as u64,
+        "{served2} vs {}",
+        b2.layer.len()
+    );
     // An unchanged module set fetches no layer at all.
-    let r3 = pull(&reg, "mod/dedup", &v2, &key.trust(), &store).unwrap();
+    let before = proxy.served();
+    let r3 = proxy.pull("mod/dedup", &v2, &key.trust(), &store).unwrap();
     assert!(r3.install.already_present);
     assert!(r3.bytes_received < 4096, "{}", r3.bytes_received);
+    assert!(proxy.served() - before < 8192);
+
+    // A registry that will not serve ranges: the layer comes whole, still verified.
+    let refusing = CountingProxy::start(reg.port, true);
+    let store_b = ObjectStore::open(&w.join("store-b")).unwrap();
+    refusing
+        .pull("mod/dedup", &v1, &key.trust(), &store_b)
+        .unwrap();
+    let r = refusing
+        .pull("mod/dedup", &v2, &key.trust(), &store_b)
+        .unwrap();
+    assert_eq!(
+        (r.ranged.toc_layers, r.ranged.fallbacks),
+        (0, 1),
+        "{:?}",
+        r.ranged
+    );
+    assert_eq!(r.install.layers.new_objects, 1);
+    assert!(r.bytes_received > b2.layer.len() as u64);
+
+    // The changed file's member flipped in the registry: the ranged read is refused
+    // by its fs-verity digest (or does not decompress), never stored.
+    let loc = b2.toc.clone().unwrap();
+    let toc = powernode_modfmt::toc::decode_toc(&b2.layer[loc.offset as usize..], &loc).unwrap();
+    let member = toc.entries.iter().find(|e| e.path == "f/500").unwrap();
+    reg.flip(
+        &b2.layer_digest,
+        (member.offset.unwrap() + member.length.unwrap() / 2) as usize,
+    );
+    let store_c = ObjectStore::open(&w.join("store-c")).unwrap();
+    proxy
+        .pull("mod/dedup", &v1, &key.trust(), &store_c)
+        .unwrap();
+    let e = proxy
+        .pull("mod/dedup", &v2, &key.trust(), &store_c)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            ErrorCode::VerityMismatch | ErrorCode::DigestMismatch
+        ),
+        "{}",
+        crate::error_chain(&e)
+    );
+    assert!(!store_c.contains(&member.digest.as_ref().unwrap().parse().unwrap()));
+    eprintln!(
+        "tamper matrix: {:<46} -> {}",
+        "byte flipped in a ranged member",
+        e.code().as_str()
+    );
 }
 
 /// `cargo test -p powernode-agent --release -- --ignored bench_pull --nocapture`

@@ -3,6 +3,11 @@
 //! layers streamed through their digests into [`install_image`], which rebuilds the
 //! composefs image and refuses it unless it is the signed one.
 //!
+//! A layer whose (signed) descriptor names a table of contents is fetched by ranges
+//! when the store already has most of it: only the missing files move (see
+//! `powernode_modfmt::toc`); otherwise, and for layers without one, the blob is
+//! streamed whole.
+//!
 //! Order matters: nothing from a layer is read before the manifest matched its pin and
 //! its signature verified, since the signature covers the manifest and so the layer
 //! digests and the composefs digest annotation.
@@ -10,11 +15,16 @@
 use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
 use powernode_proto::ErrorCode;
 
-use super::registry::{RegistryClient, RegistryError, Repository};
+use std::collections::HashSet;
+
+use powernode_modfmt::toc::{decode_toc, TocLocation};
+use powernode_modfmt::{install_image_with, LayerInput};
+
+use super::registry::{Descriptor, RangeRead, RegistryClient, RegistryError, Repository};
 use super::signature::{verify_signature, SignatureError, TrustKey};
 use super::store::ObjectStore;
-use super::unpack::CodedStreamError;
-use super::{install_image, InstallError, InstallReport, ModuleErrorCode};
+use super::unpack::{CodedStreamError, Compression};
+use super::{InstallError, InstallReport, ModuleErrorCode};
 use crate::verity::VerityDigest;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +63,7 @@ pub struct PullReport {
     pub install: InstallReport,
     /// Body bytes this pull received (manifests, signature, config, layers).
     pub bytes_received: u64,
+    pub ranged: RangedStats,
 }
 
 impl PullReport {
@@ -94,13 +105,17 @@ pub fn pull_module(
     if !store.has_image(&image) {
         client.check_config(repo, m)?;
     }
-    let install = install_image(store, &image, m.layers.len(), |i| {
+    let mut ranged = RangedStats::default();
+    let install = install_image_with(store, &image, m.layers.len(), |i| {
         let desc = &m.layers[i];
-        let reader = client.blob(repo, desc).map_err(|e| CodedStreamError {
-            code: e.code(),
-            message: crate::error_chain(&e),
-        })?;
-        Ok((desc.media_type.clone(), reader))
+        if let Some(input) = ranged_layer(client, repo, desc, store, &mut ranged)? {
+            return Ok(input);
+        }
+        let reader = client.blob(repo, desc).map_err(|e| coded(&e))?;
+        Ok(LayerInput::Stream {
+            media_type: desc.media_type.clone(),
+            reader,
+        })
     })
     .map_err(|source| PullError::Install {
         digest: fetched.digest.clone(),
@@ -110,5 +125,116 @@ pub fn pull_module(
         manifest_digest: fetched.digest.clone(),
         install,
         bytes_received: client.bytes_received() - start,
+        ranged,
     })
+}
+
+/// How the layers of a pull were fetched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangedStats {
+    /// Layers built from their TOC (only missing objects fetched).
+    pub toc_layers: u64,
+    /// Ranged reads made (TOCs included).
+    pub range_requests: u64,
+    /// Layers with a TOC fetched whole anyway (most content missing, or the registry
+    /// would not serve the range).
+    pub fallbacks: u64,
+}
+
+/// Members closer than this share one ranged read.
+const MAX_GAP: u64 = 16 << 10;
+/// One ranged read is held in memory; more goes into the next read.
+const MAX_RANGE: u64 = 16 << 20;
+
+fn coded(e: &(impl ModuleErrorCode + std::error::Error + 'static)) -> CodedStreamError {
+    CodedStreamError {
+        code: e.code(),
+        message: crate::error_chain(e),
+    }
+}
+
+/// True when the store holds at least one object (a first pull fetches layers whole:
+/// one request beats a TOC plus ranges when everything is missing).
+fn store_has_objects(store: &ObjectStore) -> bool {
+    std::fs::read_dir(store.objects_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| {
+            std::fs::read_dir(d.path())
+                .map(|mut e| e.next().is_some())
+                .unwrap_or(false)
+        })
+}
+
+/// The layer through its TOC, when it has one (a signed layer annotation), the store
+/// already has objects, and less than half the blob is missing: the TOC and the missing
+/// members are range-read, each object checked against its fs-verity digest as it is
+/// stored. `None`: fetch the blob whole (also when the registry refuses a range).
+fn ranged_layer<R>(
+    client: &RegistryClient,
+    repo: &Repository,
+    desc: &Descriptor,
+    store: &ObjectStore,
+    stats: &mut RangedStats,
+) -> Result<Option<LayerInput<R>>, CodedStreamError> {
+    if Compression::from_media_type(&desc.media_type).ok() != Some(Compression::Gzip) {
+        return Ok(None);
+    }
+    let loc = match TocLocation::from_annotations(&desc.annotations, desc.size) {
+        Ok(Some(loc)) => loc,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            // Signed but unusable: the whole blob is still checked by its digest.
+            tracing::warn!(layer = %desc.digest, error = %e, "layer TOC annotation unusable; fetching the layer whole");
+            return Ok(None);
+        }
+    };
+    if !store_has_objects(store) {
+        return Ok(None);
+    }
+    let fallback = |stats: &mut RangedStats, status: u16| {
+        tracing::info!(layer = %desc.digest, status, "registry refused a range; fetching the layer whole");
+        stats.fallbacks += 1;
+        Ok(None)
+    };
+    stats.range_requests += 1;
+    let toc_bytes = match client
+        .blob_range(repo, desc, loc.offset, loc.offset + loc.size)
+        .map_err(|e| coded(&e))?
+    {
+        RangeRead::Bytes(b) => b,
+        RangeRead::Unsupported { status } => return fallback(stats, status),
+    };
+    let toc = decode_toc(&toc_bytes, &loc).map_err(|e| coded(&e))?;
+    let plan = toc
+        .plan(|d| store.contains(d), MAX_GAP, MAX_RANGE, loc.offset)
+        .map_err(|e| coded(&e))?;
+    if plan.range_bytes > desc.size / 2 {
+        stats.fallbacks += 1;
+        return Ok(None);
+    }
+    let mut fetched = HashSet::new();
+    for range in &plan.ranges {
+        stats.range_requests += 1;
+        let bytes = match client
+            .blob_range(repo, desc, range.start, range.end)
+            .map_err(|e| coded(&e))?
+        {
+            RangeRead::Bytes(b) => b,
+            // Objects stored so far are verified and stay; the blob fills the rest.
+            RangeRead::Unsupported { status } => return fallback(stats, status),
+        };
+        fetched.extend(
+            toc.store_range(store, range, &bytes, loc.offset)
+                .map_err(|e| coded(&e))?,
+        );
+    }
+    stats.toc_layers += 1;
+    tracing::debug!(layer = %desc.digest, objects = plan.missing_objects, bytes = plan.range_bytes, ranges = plan.ranges.len(), "layer fetched by TOC");
+    Ok(Some(LayerInput::Toc {
+        toc,
+        data_end: loc.offset,
+        fetched,
+    }))
 }

@@ -250,10 +250,28 @@ impl RegistryClient {
         what: &str,
         whole_timeout: bool,
     ) -> Result<reqwest::blocking::Response, RegistryError> {
+        self.get_range(repo, url, accept, what, whole_timeout, None)
+    }
+
+    /// GET, answering a bearer challenge once. Success is 200, or 206 as well when a
+    /// byte range `[start, end)` is asked for; a 416 comes back as a response too, so
+    /// the caller can fall back.
+    fn get_range(
+        &self,
+        repo: &Repository,
+        url: &str,
+        accept: &str,
+        what: &str,
+        whole_timeout: bool,
+        range: Option<(u64, u64)>,
+    ) -> Result<reqwest::blocking::Response, RegistryError> {
         let scope = format!("repository:{}:pull", repo.name);
         let mut retried = false;
         loop {
             let mut req = self.http.get(url).header("Accept", accept);
+            if let Some((start, end)) = range {
+                req = req.header("Range", format!("bytes={start}-{}", end - 1));
+            }
             if whole_timeout {
                 req = req.timeout(self.opts.read_timeout.unwrap_or(Duration::from_secs(60)));
             }
@@ -266,6 +284,7 @@ impl RegistryClient {
             })?;
             match resp.status().as_u16() {
                 200 => return Ok(resp),
+                206 | 416 if range.is_some() => return Ok(resp),
                 404 => return Err(RegistryError::NotFound { what: what.into() }),
                 401 if !retried => {
                     retried = true;
@@ -434,6 +453,42 @@ impl RegistryClient {
         ))
     }
 
+    /// Bytes `[start, end)` of a blob, or `Unsupported` when the registry will not
+    /// serve that range as asked (no range support, a multi-part or other range, 416):
+    /// the caller then fetches the blob whole. The bytes are NOT checked here: the
+    /// caller checks them against what the signed manifest says about them.
+    pub fn blob_range(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        start: u64,
+        end: u64,
+    ) -> Result<RangeRead, RegistryError> {
+        let what = format!("blob {}@{} bytes {start}..{end}", repo.name, desc.digest);
+        if !desc.digest.starts_with("sha256:") || start >= end || end > desc.size {
+            return Err(RegistryError::Malformed {
+                what,
+                reason: "range outside the blob".into(),
+            });
+        }
+        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
+        let resp = self.get_range(repo, &url, "*/*", &what, false, Some((start, end)))?;
+        let status = resp.status().as_u16();
+        let content_range = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if status != 206 || !content_range.starts_with(&format!("bytes {start}-{}/", end - 1)) {
+            // Dropping the response closes its connection unread: a 200 would be the
+            // whole blob.
+            return Ok(RangeRead::Unsupported { status });
+        }
+        let body = self.read_limited(resp, end - start, &what)?;
+        Ok(RangeRead::Bytes(body))
+    }
+
     /// A small blob (config, signature payload) read whole and checked.
     pub fn small_blob(
         &self,
@@ -467,6 +522,13 @@ impl RegistryClient {
         self.small_blob(repo, &manifest.config, MAX_CONFIG)
             .map(drop)
     }
+}
+
+/// What [`RegistryClient::blob_range`] got.
+#[derive(Debug)]
+pub enum RangeRead {
+    Bytes(Vec<u8>),
+    Unsupported { status: u16 },
 }
 
 /// Counts body bytes into the client's total as they stream.

@@ -466,7 +466,11 @@ async fn get_blob(reg: &Reg, digest: &str, hex: &str, range: Option<&HeaderValue
                     source,
                 })?;
             let n = end - start + 1;
-            let stream = tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024);
+            let counted = Counted {
+                inner: file.take(n),
+                count: reg.storage.served_counter(),
+            };
+            let stream = tokio_util::io::ReaderStream::with_capacity(counted, 256 * 1024);
             return Response::builder()
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, n)
@@ -479,7 +483,11 @@ async fn get_blob(reg: &Reg, digest: &str, hex: &str, range: Option<&HeaderValue
                 });
         }
     }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+    let counted = Counted {
+        inner: file,
+        count: reg.storage.served_counter(),
+    };
+    let stream = tokio_util::io::ReaderStream::with_capacity(counted, 256 * 1024);
     Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
         .status(StatusCode::OK)
@@ -489,6 +497,30 @@ async fn get_blob(reg: &Reg, digest: &str, hex: &str, range: Option<&HeaderValue
         .header(header::ETAG, format!("\"{digest}\""))
         .body(Body::from_stream(stream))
         .map_err(|e| RegError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))
+}
+
+/// A blob body that counts what it hands to the connection into the storage's total
+/// (a HEAD answer drops its body unread, so it counts nothing).
+struct Counted<R> {
+    inner: R,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = r {
+            let n = (buf.filled().len() - before) as u64;
+            self.count
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
 }
 
 fn content_range_start(h: &HeaderMap) -> Result<Option<u64>, RegError> {

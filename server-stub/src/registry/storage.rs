@@ -86,6 +86,8 @@ pub struct Storage {
     root: PathBuf,
     max_blob: u64,
     uploads: Arc<Mutex<HashMap<String, Upload>>>,
+    /// Blob body bytes served (GET, whole or ranged): what a pull cost the registry.
+    served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -100,6 +102,15 @@ impl std::fmt::Debug for Storage {
 impl Storage {
     /// Directories are made on first write, so opening never fails. Sessions live
     /// in memory: files left in `uploads/` by an earlier process are orphans and go.
+    /// Blob body bytes served so far (the dedup test and bench read it).
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn served_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.served.clone()
+    }
+
     pub fn new(root: PathBuf, max_blob: u64) -> Self {
         if let Ok(rd) = std::fs::read_dir(root.join("uploads")) {
             for e in rd.flatten() {
@@ -110,6 +121,7 @@ impl Storage {
             root,
             max_blob,
             uploads: Arc::default(),
+            served: Arc::default(),
         }
     }
 
