@@ -1,0 +1,520 @@
+//! VM tier, failure paths of the runtime: a killed QEMU, a network partition, stuck
+//! bootstrapping, and a decommissioned persistent node booted again. Every injected
+//! failure is asserted from the server's API alone (status, signals, stuck reason and
+//! recovery step, refusal code): never from the console.
+//!
+//! The server is a real `powernode-stub serve` on the host loopback with short
+//! sensor windows; the guest reaches it at 10.0.2.2 through QEMU user networking, in
+//! the partition test through a TCP proxy on the host that the test can cut.
+//! Ignored unless built with `POWERNODE_VM_TESTS=1`; files under
+//! `target/vm-tests/<test>/` (serial log, server log, server data).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::stub::stub_binary;
+use common::*;
+use powernode_initramfs::Compression;
+use powernode_qemu::Vm;
+use serde_json::{json, Value};
+
+const TO_RUNNING: Duration = Duration::from_secs(120);
+/// `--silent-after-seconds` of these tests.
+const SILENT_AFTER: u64 = 5;
+
+/// `powernode-stub serve` with the sensor settings of a test, killed by its pid on
+/// drop.
+struct Server {
+    child: Child,
+    bin: PathBuf,
+    data: PathBuf,
+    url: String,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// `public_port`: the port the guest dials at 10.0.2.2 (a proxy's, or the
+    /// server's own when `None`).
+    fn start(dir: &Path, public_port: Option<u16>, extra: &[&str]) -> Server {
+        let bin = stub_binary();
+        let data = dir.join("server-data");
+        let log = dir.join("server.log");
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("bind 127.0.0.1:0");
+            let public = public_port.unwrap_or(port);
+            let mut child = Command::new(&bin)
+                .arg("serve")
+                .arg("--data")
+                .arg(&data)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--public-url", &format!("https://10.0.2.2:{public}")])
+                .args(["--heartbeat-interval-seconds", "1"])
+                .args(["--silent-after-seconds", &SILENT_AFTER.to_string()])
+                .args(["--sensor-interval-ms", "200"])
+                .args(["--provider", "recorder"])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawn powernode-stub");
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stdout);
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let _ = tx.send(line);
+                let mut sink = Vec::new();
+                let _ = r.read_to_end(&mut sink);
+            });
+            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+            if let Some(addr) = serde_json::from_str::<Value>(line.trim())
+                .ok()
+                .and_then(|v| v["listening"].as_str().map(str::to_string))
+            {
+                return Server {
+                    child,
+                    bin,
+                    data,
+                    url: format!("https://{addr}"),
+                    log,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("powernode-stub did not start; see {}", log.display());
+    }
+
+    fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// The admin CLI with `--json`; `Err(stderr)` on a non-2xx answer.
+    fn try_cli(&self, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--server", &self.url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run powernode-stub CLI");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("powernode-stub {args:?}: {e}"))
+    }
+
+    fn instance(&self, id: &str) -> Value {
+        self.cli(&["get-instance", id])["instance"].clone()
+    }
+
+    fn signals(&self, id: &str) -> Vec<Value> {
+        self.cli(&["recent-signals", "--instance", id, "--limit", "200"])["signals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn provision(&self, host: &str, class: &str) -> (String, Value) {
+        let n = self.cli(&[
+            "create-node",
+            "--hostname",
+            host,
+            "--lifecycle-class",
+            class,
+        ]);
+        let node = n["node"]["id"].as_str().unwrap().to_string();
+        let p = self.cli(&["provision-instance", &node]);
+        let inst = p["instance"]["id"].as_str().unwrap().to_string();
+        let doc = self.cli(&["instance-identity", &inst]);
+        (inst, doc)
+    }
+}
+
+/// A TCP proxy on the host loopback that the test can cut (every connection
+/// dropped, new ones refused) and heal.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(listener: TcpListener, target: u16) -> Proxy {
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, s, k) = (cut.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(down) = down else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let mut reg = k.lock().unwrap();
+                for (from, to) in [(&down, &up), (&up, &down)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+                reg.push(down);
+                reg.push(up);
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            stop,
+            conns,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Boots the netboot image with `doc` by fw_cfg (and a persist disk if given).
+fn boot(dir: &Path, name: &str, doc: &Value, persist: Option<&Path>) -> (Vm, PathBuf) {
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let vm_dir = dir.join(name);
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+    with_identity(&mut spec, &vm_dir, &doc.to_string());
+    if let Some(p) = persist {
+        spec.devices.push(powernode_qemu::Device::PersistDisk {
+            path: p.to_path_buf(),
+        });
+    }
+    let vm = Vm::spawn(&spec).expect("spawn QEMU");
+    std::fs::write(vm_dir.join("qemu-command.sh"), &vm.command).unwrap();
+    (vm, spec.serial_log)
+}
+
+/// Polls `f` every 200 ms; panics with `context` after `timeout`.
+fn wait<T>(what: &str, timeout: Duration, context: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no {what} after {timeout:?}; {context}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn running(server: &Server, inst: &str, vm: &mut Vm, ctx: &str) -> Value {
+    wait("status running", TO_RUNNING, ctx, || {
+        if let Ok(Some(s)) = vm.try_wait() {
+            panic!("QEMU exited ({s}) before running; {ctx}");
+        }
+        let i = server.instance(inst);
+        (i["status"] == "running" && i["last_heartbeat_at"].is_string()).then_some(i)
+    })
+}
+
+fn ctx(serial: &Path, server: &Server) -> String {
+    format!(
+        "serial {}, server log {}",
+        serial.display(),
+        server.log.display()
+    )
+}
+
+fn find<'a>(sigs: &'a [Value], kind: &str, active: bool) -> Option<&'a Value> {
+    sigs.iter()
+        .find(|s| s["kind"] == kind && s["active"] == active)
+}
+
+/// Killing QEMU (no drain, no goodbye): `instance.silent` fires within the configured
+/// window, then the `running` stuck row with its recovery step.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn killed_qemu_raises_instance_silent_within_the_window() {
+    let dir = test_dir("failures_killed_qemu");
+    let server = Server::start(&dir, None, &["--stuck-thresholds", "running=8"]);
+    let (inst, doc) = server.provision("killed-1", "ephemeral");
+    let (mut vm, serial) = boot(&dir, "vm", &doc, None);
+    let c = ctx(&serial, &server);
+    running(&server, &inst, &mut vm, &c);
+    // A couple of heartbeats, then the machine vanishes.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(find(&server.signals(&inst), "instance.silent", true).is_none());
+    vm.kill();
+    let killed = Instant::now();
+    let silent = wait("instance.silent", Duration::from_secs(30), &c, || {
+        find(&server.signals(&inst), "instance.silent", true).cloned()
+    });
+    let took = killed.elapsed();
+    println!("killed_qemu: instance.silent {took:?} after the kill (window {SILENT_AFTER} s)");
+    // The last heartbeat came within a second before the kill (interval 1 s).
+    assert!(
+        took <= Duration::from_secs(SILENT_AFTER + 3),
+        "silent only after {took:?}"
+    );
+    assert!(took >= Duration::from_secs(SILENT_AFTER - 2), "{took:?}");
+    assert_eq!(silent["detail"]["threshold_seconds"], SILENT_AFTER);
+    assert!(silent["detail"]["silent_for_seconds"].as_u64().unwrap() >= SILENT_AFTER);
+    // The stuck row follows, with what to do about it.
+    let i = wait("stuck running", Duration::from_secs(30), &c, || {
+        let i = server.instance(&inst);
+        (i["stuck"]["reason"] == "running_without_heartbeat").then_some(i)
+    });
+    assert_eq!(i["status"], "running");
+    assert!(i["stuck"]["recovery"]
+        .as_str()
+        .unwrap()
+        .contains("terminate-instance --force"));
+    let sig = server.signals(&inst);
+    let stuck = find(&sig, "instance.stuck", true).expect("stuck signal");
+    assert_eq!(stuck["detail"]["reason"], "running_without_heartbeat");
+    // The recovery ends it.
+    server.cli(&["terminate-instance", &inst, "--force"]);
+    assert_eq!(server.instance(&inst)["status"], "terminated");
+}
+
+/// A partition between guest and server (a proxy the test cuts), then healed:
+/// `instance.silent` fires during the cut, heartbeats resume after it and the
+/// signal is cleared.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn partition_raises_silent_and_healing_clears_it() {
+    let dir = test_dir("failures_partition");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let public = listener.local_addr().unwrap().port();
+    let server = Server::start(&dir, Some(public), &[]);
+    let proxy = Proxy::start(listener, server.port());
+    let (inst, doc) = server.provision("partition-1", "ephemeral");
+    assert!(doc["control_plane_url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{public}")));
+    let (mut vm, serial) = boot(&dir, "vm", &doc, None);
+    let c = ctx(&serial, &server);
+    running(&server, &inst, &mut vm, &c);
+    std::thread::sleep(Duration::from_secs(2));
+
+    proxy.cut();
+    let cut = Instant::now();
+    let silent = wait("instance.silent", Duration::from_secs(30), &c, || {
+        find(&server.signals(&inst), "instance.silent", true).cloned()
+    });
+    println!(
+        "partition: instance.silent {:?} after the cut",
+        cut.elapsed()
+    );
+    let before = server.instance(&inst)["last_heartbeat_at"].clone();
+    assert_eq!(silent["detail"]["last_heartbeat_at"], before);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        server.instance(&inst)["last_heartbeat_at"],
+        before,
+        "a heartbeat crossed the cut"
+    );
+
+    proxy.heal();
+    let healed = Instant::now();
+    let cleared = wait(
+        "instance.silent_cleared",
+        Duration::from_secs(90),
+        &c,
+        || find(&server.signals(&inst), "instance.silent_cleared", false).cloned(),
+    );
+    println!(
+        "partition: heartbeats resumed, silent cleared {:?} after healing",
+        healed.elapsed()
+    );
+    assert_eq!(cleared["detail"]["silent_signal_id"], silent["id"]);
+    let sig = server.signals(&inst);
+    assert!(find(&sig, "instance.silent", true).is_none(), "{sig:?}");
+    let i = server.instance(&inst);
+    assert_eq!(i["status"], "running");
+    assert_ne!(i["last_heartbeat_at"], before);
+    assert!(i.get("stuck").is_none(), "{i}");
+    server.cli(&["terminate-instance", &inst, "--force"]);
+    drop(proxy);
+}
+
+/// A root module whose registry cannot be reached: the node enrolls but never gets
+/// ready. The server shows the `bootstrapping` stuck row with its recovery, the
+/// failure the node reported, and attribute-failure names the publication.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
+    let dir = test_dir("failures_stuck_bootstrapping");
+    let server = Server::start(&dir, None, &["--stuck-thresholds", "bootstrapping=10"]);
+    // A publication on an external registry nobody listens on (port 9, discard).
+    let sha = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let token = std::fs::read_to_string(server.data.join("admin-token")).unwrap();
+    let ca = server.data.join("ca.pem");
+    let record = json!({"name": "ghost", "version": "1.0.0", "kind": "root",
+        "registry": "10.0.2.2:9", "repository": "modules/ghost", "digest": sha('a'),
+        "composefs_digest": sha('b'), "signature_digest": sha('c')});
+    let curl = |method: &str, path: &str, body: &Value| {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--cacert"])
+            .arg(&ca)
+            .args(["-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+            ])
+            .arg(format!("{}{path}", server.url))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    curl("POST", "/api/v1/system/module_publications", &record);
+    server.cli(&["set-template-modules", "tmpl-edge-base", "--root", "ghost"]);
+    let (inst, doc) = server.provision("stuck-boot-1", "ephemeral");
+    let (_vm, serial) = boot(&dir, "vm", &doc, None);
+    let c = ctx(&serial, &server);
+    let i = wait("stuck bootstrapping", TO_RUNNING, &c, || {
+        let i = server.instance(&inst);
+        (i["stuck"]["reason"] == "bootstrapping_too_long").then_some(i)
+    });
+    assert_eq!(i["status"], "bootstrapping");
+    assert!(i["stuck"]["recovery"]
+        .as_str()
+        .unwrap()
+        .contains("terminate-instance --force"));
+    let failure = wait("a failure report", Duration::from_secs(60), &c, || {
+        let i = server.instance(&inst);
+        i["failure"].is_object().then(|| i["failure"].clone())
+    });
+    println!("stuck bootstrapping: node reported {failure}");
+    let sig = server.signals(&inst);
+    assert!(find(&sig, "bootstrap.failed", true).is_some(), "{sig:?}");
+    assert_eq!(
+        find(&sig, "instance.stuck", true).expect("stuck signal")["detail"]["reason"],
+        "bootstrapping_too_long"
+    );
+    let a = server.cli(&["attribute-failure", &inst, "--lookback-hours", "1"]);
+    assert_eq!(a["failure"]["source"], "failure_report");
+    let top = &a["candidates"][0];
+    assert_eq!(
+        (&top["change"], &top["module"], &top["kind"]),
+        (&json!("module_published"), &json!("ghost"), &json!("root")),
+        "{a}"
+    );
+    println!("attribution: {}", top["reasoning"]);
+    server.cli(&["terminate-instance", &inst, "--force"]);
+}
+
+/// Decommission on a real VM: a persistent node is terminated (its certificate
+/// revoked), then its /persist disk is booted again. The node comes back with its old
+/// credentials and is refused with a stable code, visible in recent-signals.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn decommissioned_persistent_node_booted_again_is_refused() {
+    let dir = test_dir("failures_decommission");
+    let server = Server::start(&dir, None, &[]);
+    let (inst, doc) = server.provision("decom-1", "persistent");
+    let disk = dir.join("persist.img");
+    powernode_qemu::make_persist_disk(&disk, 64).unwrap();
+    let (mut vm, serial) = boot(&dir, "boot1", &doc, Some(&disk));
+    let c = ctx(&serial, &server);
+    running(&server, &inst, &mut vm, &c);
+    // ext4 commits its journal every 5 s: let the credentials reach the image.
+    std::thread::sleep(Duration::from_secs(6));
+    let t = server.cli(&["terminate-instance", &inst, "--force"]);
+    assert_eq!(t["status"], "terminated");
+    // The recorder provider does not own this VM: the node learns on its next call
+    // (certificate_revoked) and powers off.
+    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("wait QEMU");
+    assert!(exit.is_some(), "the terminated node kept running; {c}");
+    let first: Vec<Value> = server
+        .signals(&inst)
+        .into_iter()
+        .filter(|s| s["kind"] == "instance.refused")
+        .collect();
+
+    // The same disk again, a minute later (one refusal signal a minute).
+    std::thread::sleep(Duration::from_secs(61));
+    let (mut vm2, serial2) = boot(&dir, "boot2", &doc, Some(&disk));
+    let c2 = ctx(&serial2, &server);
+    let refused = wait("instance.refused", TO_RUNNING, &c2, || {
+        server
+            .signals(&inst)
+            .into_iter()
+            .find(|s| s["kind"] == "instance.refused" && !first.iter().any(|f| f["id"] == s["id"]))
+    });
+    println!("decommission: second boot refused: {}", refused["detail"]);
+    assert_eq!(refused["detail"]["code"], "certificate_revoked");
+    assert_eq!(refused["detail"]["instance_status"], "terminated");
+    let exit = vm2
+        .wait_timeout(Duration::from_secs(60))
+        .expect("wait QEMU");
+    assert!(exit.is_some(), "a refused node must stop; {c2}");
+    let i = server.instance(&inst);
+    assert_eq!(i["status"], "terminated");
+    // The Node row is kept, with no live instance.
+    let n = server.cli(&["get-node", i["node_id"].as_str().unwrap()]);
+    assert_eq!(n["node"]["status"], "no_instance");
+}
