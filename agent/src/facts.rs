@@ -67,6 +67,7 @@ pub fn root_facts(mountinfo: &str) -> Option<RootFacts> {
             fstype: fstype.to_string(),
             options: options.join(","),
             modules: Vec::new(),
+            ..RootFacts::default()
         });
     }
     found

@@ -60,6 +60,9 @@ pub struct AgentOptions {
     /// Digests of the root modules composed into `/` (set by the init after
     /// switch_root), reported with the root facts.
     pub root_modules: Vec<String>,
+    /// What the init composed `/` on (store, verity mode, upper, compose cost),
+    /// merged into the root facts read from mountinfo.
+    pub root_facts: Option<powernode_proto::node::RootFacts>,
 }
 
 impl AgentOptions {
@@ -76,6 +79,7 @@ impl AgentOptions {
             lease_poll_every: 5,
             mountinfo: PathBuf::from(crate::facts::MOUNTINFO),
             root_modules: Vec::new(),
+            root_facts: None,
         }
     }
 }
@@ -323,6 +327,12 @@ pub async fn run(
     let mut root = crate::facts::read_root_facts(&opts.mountinfo);
     if let Some(r) = root.as_mut() {
         r.modules = opts.root_modules.clone();
+        if let Some(init) = &opts.root_facts {
+            r.verity = init.verity.clone();
+            r.store = init.store.clone();
+            r.upper = init.upper.clone();
+            r.compose = init.compose.clone();
+        }
     }
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.

@@ -16,7 +16,9 @@ use powernode_agent::identity::Resolved;
 use powernode_agent::runtime::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
-use powernode_proto::node::{FailureReport, Phase, RunningModule, TimelineEntry};
+use powernode_proto::node::{
+    ComposeStats, FailureReport, Phase, RootFacts, RunningModule, TimelineEntry,
+};
 use powernode_proto::{ErrorCode, IdentityDocument};
 
 /// Everything the bootstrap needs from the earlier phases.
@@ -108,6 +110,11 @@ pub trait AgentDriver {
     fn compose_root(&mut self, _target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
         Ok(None)
     }
+    /// What the last successful [`compose_root`](Self::compose_root) built the root
+    /// on: store, verity mode, upper layer, and what it cost (for the root facts).
+    fn root_facts(&self) -> Option<RootFacts> {
+        None
+    }
 }
 
 /// Why the composed root could not be built; `code` is the wire code reported upstream.
@@ -131,6 +138,8 @@ pub struct RealAgent {
     rt: Option<tokio::runtime::Runtime>,
     /// Set by a successful bootstrap.
     session: Option<Session>,
+    /// Set by a successful compose_root.
+    composed: Option<RootFacts>,
 }
 
 impl std::fmt::Debug for RealAgent {
@@ -349,13 +358,20 @@ impl AgentDriver for RealAgent {
         };
         let work = state_dir.join("compose");
         std::fs::create_dir_all(target).map_err(|e| internal(format!("creating {target}: {e}")))?;
+        // A persistent node keeps the root's writes on /persist, next to its store.
+        let upper = if state_dir.starts_with(crate::boot::PERSIST_MOUNT) {
+            mount::Upper::Dir(state_dir.join("root"))
+        } else {
+            mount::Upper::Tmpfs
+        };
+        let started = std::time::Instant::now();
         let union = reconciler::compose_root(
             &desired,
             &store,
             opts,
             &LoopMounter,
             &work,
-            &mount::Upper::Tmpfs,
+            &upper,
             std::path::Path::new(target),
         )
         .map_err(|e| {
@@ -365,11 +381,44 @@ impl AgentDriver for RealAgent {
                 message: powernode_agent::error_chain(&e),
             }
         })?;
+        let stats = store.stats();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let facts = RootFacts {
+            verity: match store.verity_mode() {
+                powernode_agent::modules::store::VerityMode::Kernel => "require",
+                powernode_agent::modules::store::VerityMode::Userspace => "userspace",
+            }
+            .into(),
+            store: store_dir.display().to_string(),
+            upper: match &upper {
+                mount::Upper::Tmpfs => "tmpfs".into(),
+                mount::Upper::Dir(d) => d.display().to_string(),
+            },
+            compose: Some(ComposeStats {
+                bytes_fetched: union.fetched_bytes,
+                objects_added: stats.objects_added,
+                bytes_added: stats.bytes_added,
+                verity_enabled: stats.verity_enabled,
+                verity_enable_ms: ms(Duration::from_nanos(stats.verity_enable_ns)),
+                compose_ms: ms(started.elapsed()),
+                checked: Vec::new(),
+            }),
+            ..RootFacts::default()
+        };
         log::info!(
-            "composed root at {} from {} root module(s)",
+            "composed root at {} from {} root module(s): store {} (verity {}), upper {}, \
+             {} bytes fetched, {} objects added, fs-verity enabled on {} in {} ms",
             union.target.display(),
-            roots.len()
+            roots.len(),
+            facts.store,
+            facts.verity,
+            facts.upper,
+            union.fetched_bytes,
+            stats.objects_added,
+            stats.verity_enabled,
+            stats.verity_enable_ns / 1_000_000
         );
+        self.composed = Some(facts);
         Ok(Some(roots))
     }
 
@@ -392,6 +441,10 @@ impl AgentDriver for RealAgent {
             }
         };
         run_on(rt, resolved, opts, Hooks::default(), timeline)
+    }
+
+    fn root_facts(&self) -> Option<RootFacts> {
+        self.composed.clone()
     }
 }
 
@@ -498,6 +551,11 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
             .unwrap_or_default();
     let mut opts = AgentOptions::new(state_dir);
     opts.root_modules = root_modules.iter().map(|m| m.digest.clone()).collect();
+    // Store, verity mode, upper and compose cost, as the init saw them.
+    opts.root_facts = handoff
+        .get("root_facts")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok());
     // Runtime modules mount under /run/powernode/modules; the root modules are
     // reported as running (they are `/`), never touched.
     let store = match powernode_agent::modules::store::ObjectStore::open(&state_dir.join("store")) {

@@ -55,6 +55,16 @@ pub enum PhaseError {
     Bootstrap(#[from] BootstrapError),
     #[error("the agent failed: {message}")]
     Agent { code: ErrorCode, message: String },
+    /// A file of the composed root could not be read in full before switch_root.
+    /// `EIO` under `verity=require` is the kernel refusing a block whose content
+    /// does not match the object's fs-verity digest.
+    #[error("reading {path} in the composed root{}", if *verity { " (fs-verity required)" } else { "" })]
+    RootRead {
+        path: String,
+        verity: bool,
+        #[source]
+        errno: Errno,
+    },
 }
 
 impl PhaseError {
@@ -66,7 +76,13 @@ impl PhaseError {
             Self::Network(_) => ErrorCode::Network,
             Self::Bootstrap(e) => e.code(),
             Self::Agent { code, .. } => *code,
-            Self::Mount(_)
+            Self::RootRead {
+                verity: true,
+                errno: Errno::IO,
+                ..
+            } => ErrorCode::VerityMismatch,
+            Self::RootRead { .. }
+            | Self::Mount(_)
             | Self::StateDir { .. }
             | Self::Cmdline(_)
             | Self::Modules(_)
@@ -353,7 +369,21 @@ impl<'a> Boot<'a> {
             }
         };
         self.mark(Phase::RootMounted);
-        if let Err(error) = self.prepare_agent_mode(&modules) {
+        let mut facts = self.agent.as_deref().and_then(|a| a.root_facts());
+        let verity = facts.as_ref().is_some_and(|f| f.verity == "require");
+        let checked = match check_root(self.sys, COMPOSED_ROOT, verity) {
+            Ok(c) => c,
+            Err(error) => {
+                return Err(self
+                    .failed("switch_root", &error, 1)
+                    .unwrap_or(Outcome::Idle))
+            }
+        };
+        if let Some(c) = facts.as_mut().and_then(|f| f.compose.as_mut()) {
+            c.checked = checked;
+        }
+        self.event(json!({"event": "root_composed", "root": facts}));
+        if let Err(error) = self.prepare_agent_mode(&modules, facts.as_ref()) {
             return Err(self
                 .failed("switch_root", &error, 1)
                 .unwrap_or(Outcome::Idle));
@@ -369,6 +399,7 @@ impl<'a> Boot<'a> {
     fn prepare_agent_mode(
         &mut self,
         modules: &[powernode_proto::node::RunningModule],
+        facts: Option<&powernode_proto::node::RootFacts>,
     ) -> Result<(), PhaseError> {
         let state_dir = self.state_dir.clone().unwrap_or_default();
         let me = self
@@ -379,7 +410,11 @@ impl<'a> Boot<'a> {
         self.sys
             .create_file(crate::agent::AGENT_MODE_BIN, &me, 0o755)
             .map_err(PhaseError::TestRoot)?;
-        let handoff = json!({"timeline": self.timeline, "root_modules": modules});
+        let handoff = json!({
+            "timeline": self.timeline,
+            "root_modules": modules,
+            "root_facts": facts,
+        });
         self.sys
             .create_file(
                 &format!("{state_dir}/{}", crate::agent::HANDOFF_FILE),
@@ -402,11 +437,18 @@ impl<'a> Boot<'a> {
                 let timeline = self.timeline.clone();
                 self.event(json!({"event": "switch_root", "new_root": path, "timeline": timeline}));
                 let state_dir = self.state_dir.clone().unwrap_or_default();
-                let error: PhaseError = switch_root::switch_root(
+                // The agent's state and the store the root reads from live on /persist.
+                let extra: &[&str] = if state_dir.starts_with(PERSIST_MOUNT) {
+                    &[PERSIST_MOUNT]
+                } else {
+                    &[]
+                };
+                let error: PhaseError = switch_root::switch_root_moving(
                     self.sys,
                     &path,
                     &init,
                     &[crate::agent::AGENT_MODE, &state_dir],
+                    extra,
                 )
                 .into();
                 match self.failed("switch_root", &error, 1) {
@@ -703,6 +745,35 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
 
 /// Where the union of the root modules is mounted before switch_root.
 pub const COMPOSED_ROOT: &str = "/sysroot";
+
+/// Files of the composed root read in full before switch_root, where present: what
+/// a systemd hand-off would exec, and the shell. The kernel checks every page of an
+/// fs-verity object as it is read, so a corrupt object fails the boot here, reported
+/// upstream with its path, instead of as a random `EIO` once the node is running.
+pub const ROOT_CHECKS: &[&str] = &["/sbin/init", "/bin/sh"];
+
+/// Reads each of [`ROOT_CHECKS`] that exists (resolved inside `root`); returns the
+/// paths read.
+fn check_root(sys: &mut dyn Sys, root: &str, verity: bool) -> Result<Vec<String>, PhaseError> {
+    let mut checked = Vec::new();
+    for path in ROOT_CHECKS {
+        match sys.read_through(root, path) {
+            Ok(bytes) => {
+                log::info!("composed root: read {path} in full ({bytes} bytes)");
+                checked.push((*path).to_string());
+            }
+            Err(Errno::NOENT) => {}
+            Err(errno) => {
+                return Err(PhaseError::RootRead {
+                    path: (*path).to_string(),
+                    verity,
+                    errno,
+                })
+            }
+        }
+    }
+    Ok(checked)
+}
 
 /// Where the test root is mounted, and the flag its init gets.
 pub const TEST_ROOT: &str = "/sysroot";
@@ -1146,6 +1217,153 @@ mod tests {
             .find(|e| e["event"] == "phase_failed")
             .unwrap();
         assert_eq!(failed["reported_upstream"], true);
+    }
+
+    #[test]
+    fn the_root_check_reads_what_exists_and_names_a_corrupt_file() {
+        let mut sys = FakeSys::default().with_file("/sysroot/bin/sh", vec![0u8; 4096]);
+        assert_eq!(
+            check_root(&mut sys, COMPOSED_ROOT, true).unwrap(),
+            ["/bin/sh"]
+        );
+        assert_eq!(
+            sys.calls,
+            [
+                Call::ReadThrough("/sysroot/sbin/init".into()),
+                Call::ReadThrough("/sysroot/bin/sh".into())
+            ]
+        );
+
+        // EIO under verity=require: the kernel refused a block that does not match.
+        sys.read_errors.insert("/sysroot/bin/sh".into(), Errno::IO);
+        let err = check_root(&mut sys, COMPOSED_ROOT, true).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::VerityMismatch);
+        assert!(!err.retryable());
+        let text = err.chain();
+        assert!(text.contains("/bin/sh"), "{text}");
+        assert!(text.contains("fs-verity"), "{text}");
+        // Without kernel verity an EIO is a plain read error, not a verity verdict.
+        let err = check_root(&mut sys, COMPOSED_ROOT, false).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Internal);
+        // Another errno is never called a verity mismatch.
+        sys.read_errors
+            .insert("/sysroot/bin/sh".into(), Errno::ACCESS);
+        let err = check_root(&mut sys, COMPOSED_ROOT, true).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Internal);
+    }
+
+    /// A driver whose desired set has one root module, composed on a store with
+    /// kernel fs-verity (what the real driver reports on /persist).
+    #[derive(Default)]
+    struct ComposingAgent {
+        reports: Vec<powernode_proto::node::FailureReport>,
+    }
+
+    impl crate::agent::AgentDriver for ComposingAgent {
+        fn bootstrap(
+            &mut self,
+            _input: &BootstrapInput,
+        ) -> Result<crate::agent::Bootstrapped, BootstrapError> {
+            Ok(crate::agent::Bootstrapped {
+                reused_credentials: true,
+                enrolled_at_ms: 10,
+                entropy_wait_ms: None,
+            })
+        }
+        fn report_failure(
+            &mut self,
+            _timeline: &[TimelineEntry],
+            failure: powernode_proto::node::FailureReport,
+        ) -> bool {
+            self.reports.push(failure);
+            true
+        }
+        fn run(&mut self, _timeline: &[TimelineEntry]) -> AgentEnd {
+            AgentEnd::Stopped
+        }
+        fn compose_root(
+            &mut self,
+            _target: &str,
+        ) -> Result<Option<Vec<powernode_proto::node::RunningModule>>, crate::agent::ComposeError>
+        {
+            Ok(Some(vec![powernode_proto::node::RunningModule {
+                name: "base".into(),
+                version: "1".into(),
+                digest: "sha256:aa".into(),
+            }]))
+        }
+        fn root_facts(&self) -> Option<powernode_proto::node::RootFacts> {
+            Some(powernode_proto::node::RootFacts {
+                verity: "require".into(),
+                store: "/persist/powernode/store".into(),
+                upper: "/persist/powernode/root".into(),
+                compose: Some(Default::default()),
+                ..Default::default()
+            })
+        }
+    }
+
+    fn persistent_machine() -> FakeSys {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=1")
+            .with_file(PERSIST_SYSFS, "254:0\n")
+            .with_file("/proc/self/exe", "INIT")
+            .with_file("/sysroot/bin/sh", vec![1u8; 100]);
+        sys.executables.insert(crate::agent::AGENT_MODE_BIN.into());
+        sys
+    }
+
+    #[test]
+    fn a_persistent_root_is_checked_then_persist_moves_into_it() {
+        let mut sys = persistent_machine();
+        let mut agent = ComposingAgent::default();
+        // The fake exec fails, so the policy powers off after the whole sequence.
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        let handoff = sys
+            .calls
+            .iter()
+            .find_map(|c| match c {
+                Call::Create(p, body) if p == "/persist/powernode/handoff.json" => Some(body),
+                _ => None,
+            })
+            .expect("handoff.json on /persist");
+        let handoff: Value = serde_json::from_str(handoff).unwrap();
+        assert_eq!(handoff["root_facts"]["verity"], "require");
+        assert_eq!(handoff["root_facts"]["store"], "/persist/powernode/store");
+        assert_eq!(
+            handoff["root_facts"]["compose"]["checked"],
+            json!(["/bin/sh"])
+        );
+        let pos = |c: &Call| sys.calls.iter().position(|x| x == c);
+        let check = pos(&Call::ReadThrough("/sysroot/bin/sh".into())).unwrap();
+        let moved = pos(&Call::MoveMount(
+            "/persist".into(),
+            "/sysroot/persist".into(),
+        ))
+        .expect("/persist moved into the new root");
+        assert!(check < moved);
+        assert!(moved < pos(&Call::FreeInitramfs).unwrap());
+        assert!(sys.calls.contains(&Call::Exec(
+            crate::agent::AGENT_MODE_BIN.into(),
+            vec!["agent".into(), PERSIST_STATE_DIR.into()]
+        )));
+    }
+
+    #[test]
+    fn a_corrupt_root_file_is_reported_as_verity_mismatch_and_never_switched_to() {
+        let mut sys = persistent_machine();
+        sys.read_errors.insert("/sysroot/bin/sh".into(), Errno::IO);
+        let mut agent = ComposingAgent::default();
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        assert_eq!(agent.reports.len(), 1);
+        let report = &agent.reports[0];
+        assert_eq!(report.code, ErrorCode::VerityMismatch);
+        assert_eq!(report.phase, Phase::RootMounted);
+        assert!(report.message.contains("/bin/sh"), "{}", report.message);
+        assert!(!sys.calls.iter().any(|c| matches!(
+            c,
+            Call::FreeInitramfs | Call::MoveMount(..) | Call::Exec(..)
+        )));
     }
 
     #[test]

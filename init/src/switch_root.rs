@@ -2,7 +2,8 @@
 //!
 //! `pivot_root(2)` does not work here: the initramfs is the kernel's `rootfs`, which
 //! can never be unmounted or pivoted away from. So this is the switch_root pattern
-//! (busybox, systemd, u-root): move `/dev /proc /sys /run` into the new root, chdir
+//! (busybox, systemd, u-root): move `/dev /proc /sys /run` (and `/persist` on a
+//! persistent node) into the new root, chdir
 //! there, delete the initramfs's files (they would pin RAM forever; only files on the
 //! rootfs device are touched, never other mounts), move the new root onto `/`,
 //! chroot into it, and exec its init. Deleting is refused unless `/` really is a
@@ -40,7 +41,20 @@ pub fn switch_root(
     init: &str,
     args: &[&str],
 ) -> SwitchRootError {
-    match prepare(sys, new_root, init) {
+    switch_root_moving(sys, new_root, init, args, &[])
+}
+
+/// [`switch_root`] that also moves the mounts in `extra` (after [`MOVED_MOUNTS`]):
+/// the `/persist` disk of a persistent node, which holds the agent's state and
+/// the object store the composed root reads from.
+pub fn switch_root_moving(
+    sys: &mut dyn Sys,
+    new_root: &str,
+    init: &str,
+    args: &[&str],
+    extra: &[&str],
+) -> SwitchRootError {
+    match prepare(sys, new_root, init, extra) {
         Ok(()) => {}
         Err(e) => return e,
     }
@@ -51,7 +65,12 @@ pub fn switch_root(
     }
 }
 
-fn prepare(sys: &mut dyn Sys, new_root: &str, init: &str) -> Result<(), SwitchRootError> {
+fn prepare(
+    sys: &mut dyn Sys,
+    new_root: &str,
+    init: &str,
+    extra: &[&str],
+) -> Result<(), SwitchRootError> {
     let root = new_root.trim_end_matches('/');
     // An init under a mount that moves into the new root (a copy of this init in
     // `/run`) is checked where it is now.
@@ -72,7 +91,7 @@ fn prepare(sys: &mut dyn Sys, new_root: &str, init: &str) -> Result<(), SwitchRo
     {
         return Err(SwitchRootError::NotInitramfs);
     }
-    for m in MOVED_MOUNTS {
+    for m in MOVED_MOUNTS.iter().chain(extra) {
         let target = format!("{root}{m}");
         sys.mkdir(&target, 0o755)
             .map_err(sys_err(format!("mkdir {target}")))?;
@@ -144,6 +163,35 @@ mod tests {
             Call::Exec("/sbin/init".into(), vec!["--x".into()]),
         ];
         assert_eq!(sys.calls, want);
+    }
+
+    #[test]
+    fn persist_moves_along_before_the_initramfs_is_freed() {
+        let mut sys = FakeSys::default();
+        sys.executables
+            .insert("/run/powernode/powernode-init".into());
+        switch_root_moving(
+            &mut sys,
+            "/sysroot",
+            "/run/powernode/powernode-init",
+            &["agent", "/persist/powernode"],
+            &["/persist"],
+        );
+        let pos = |c: &Call| sys.calls.iter().position(|x| x == c).unwrap();
+        let moved = pos(&Call::MoveMount(
+            "/persist".into(),
+            "/sysroot/persist".into(),
+        ));
+        assert_eq!(sys.calls[moved - 1], Call::Mkdir("/sysroot/persist".into()));
+        assert!(pos(&Call::MoveMount("/run".into(), "/sysroot/run".into())) < moved);
+        assert!(moved < pos(&Call::FreeInitramfs));
+        assert_eq!(
+            sys.calls.last(),
+            Some(&Call::Exec(
+                "/run/powernode/powernode-init".into(),
+                vec!["agent".into(), "/persist/powernode".into()]
+            ))
+        );
     }
 
     #[test]

@@ -86,6 +86,11 @@ pub trait Sys {
     fn is_executable(&mut self, path: &str) -> bool;
     /// Replaces this process; returns only the error.
     fn exec(&mut self, path: &str, args: &[&str]) -> Errno;
+    /// Reads `path` to its end, resolved inside `root` as if `root` were `/` (an
+    /// absolute symlink in the composed root stays in it), discarding the bytes;
+    /// returns how many were read. On fs-verity files every page read is checked
+    /// by the kernel, so a corrupt block is `EIO` here.
+    fn read_through(&mut self, root: &str, path: &str) -> Result<u64, Errno>;
 }
 
 /// The real kernel.
@@ -396,6 +401,32 @@ impl Sys for RealSys {
             && std::fs::metadata(path).is_ok_and(|m| m.is_file())
     }
 
+    fn read_through(&mut self, root: &str, path: &str) -> Result<u64, Errno> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+        let dir = rustix::fs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let file = openat2(
+            &dir,
+            path.trim_start_matches('/'),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT,
+        )?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total: u64 = 0;
+        loop {
+            match rustix::io::read(&file, &mut buf[..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total = total.saturating_add(n as u64),
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn exec(&mut self, path: &str, args: &[&str]) -> Errno {
         use std::os::unix::process::CommandExt;
         let err = std::process::Command::new(path).args(args).exec();
@@ -480,6 +511,8 @@ pub mod fake {
         Chroot(String),
         FreeInitramfs,
         Exec(String, Vec<String>),
+        /// `read_through(root, path)`, recorded as `root` + `path`.
+        ReadThrough(String),
     }
 
     #[derive(Debug, Default)]
@@ -498,6 +531,8 @@ pub mod fake {
         pub dhcp_answers: std::collections::VecDeque<Option<u8>>,
         pub executables: std::collections::BTreeSet<String>,
         pub root_not_initramfs: bool,
+        /// `read_through` of these full paths fails with this errno.
+        pub read_errors: BTreeMap<String, Errno>,
     }
 
     impl FakeSys {
@@ -712,6 +747,20 @@ pub mod fake {
 
         fn is_executable(&mut self, path: &str) -> bool {
             self.executables.contains(path)
+        }
+
+        fn read_through(&mut self, root: &str, path: &str) -> Result<u64, Errno> {
+            let full = format!(
+                "{}/{}",
+                root.trim_end_matches('/'),
+                path.trim_start_matches('/')
+            );
+            self.calls.push(Call::ReadThrough(full.clone()));
+            if let Some(e) = self.read_errors.get(&full) {
+                return Err(*e);
+            }
+            let data = self.files.get(&full).ok_or(Errno::NOENT)?;
+            Ok(data.len() as u64)
         }
 
         fn exec(&mut self, path: &str, args: &[&str]) -> Errno {

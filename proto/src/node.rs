@@ -115,6 +115,49 @@ pub struct RootFacts {
     /// Digests of the root modules composed into `/`.
     #[serde(default)]
     pub modules: Vec<String>,
+    /// How the root's objects are protected: `require` (kernel fs-verity on every
+    /// object, overlay `verity=require`) or `userspace` (re-hashed before mounting).
+    /// Empty when `/` is not a composed root.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub verity: String,
+    /// The object store under the root (`/persist/powernode/store` on a persistent
+    /// node, `/run/powernode/store` on tmpfs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store: String,
+    /// Where writes to `/` go: `tmpfs`, or the directory on `/persist` holding the
+    /// overlay's upper and work directories.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub upper: String,
+    /// What composing the root cost on this boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compose: Option<ComposeStats>,
+}
+
+/// What the init did to compose the root on one boot: a second boot of a persistent
+/// node with the same modules adds no object (only the signed manifests are fetched
+/// again to re-check their signatures).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComposeStats {
+    /// Bytes received from registries (manifests, signatures, layers).
+    #[serde(default)]
+    pub bytes_fetched: u64,
+    /// Objects (file contents, composefs images) written into the store.
+    #[serde(default)]
+    pub objects_added: u64,
+    #[serde(default)]
+    pub bytes_added: u64,
+    /// Objects on which fs-verity was enabled, and the time those ioctls took.
+    #[serde(default)]
+    pub verity_enabled: u64,
+    #[serde(default)]
+    pub verity_enable_ms: u64,
+    /// Pull, verify and mount of the root modules, wall time.
+    #[serde(default)]
+    pub compose_ms: u64,
+    /// Files of the composed root read in full before switch_root (each read is
+    /// checked by the kernel when fs-verity is on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checked: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 //! the layers one by one as `lowerdir+`/`datadir+`, Linux >= 6.8, because `fsconfig`
 //! caps a string value at 256 bytes and three store paths exceed it),
 //! `metacopy=on,redirect_dir=on`, plus `verity=require` when the store has kernel
-//! fs-verity. A union root adds a tmpfs upper layer: writable, lowers untouched.
+//! fs-verity. A union root adds an upper layer: a tmpfs (ephemeral nodes) or a
+//! directory on `/persist` (persistent nodes); writable, lowers untouched.
 //!
 //! Every mount goes through the [`Mounter`] seam; [`KernelMounter`] issues the
 //! syscalls (new mount API) and [`RecordingMounter`] records them, so the exact mount
@@ -345,6 +346,10 @@ pub struct UnionRoot {
     pub upper: PathBuf,
     /// Whether `upper` is a tmpfs this module mounted.
     pub upper_is_tmpfs: bool,
+    /// Bytes received from registries to compose it (set by
+    /// `reconciler::compose_root`; 0 when every module was already in the store
+    /// apart from its re-checked manifest and signature).
+    pub fetched_bytes: u64,
 }
 
 impl UnionRoot {
@@ -445,5 +450,6 @@ pub fn mount_union(
         image_mounts: mounted[..images.len()].to_vec(),
         upper,
         upper_is_tmpfs,
+        fetched_bytes: 0,
     })
 }

@@ -120,10 +120,15 @@ pub fn compose_root(
     }
     // mount_union wants the top first.
     images.reverse();
-    mount_union(mounter, store, &images, work, upper, target).map_err(|source| ModuleError::Mount {
-        name: "root".into(),
-        source,
-    })
+    let mut union =
+        mount_union(mounter, store, &images, work, upper, target).map_err(|source| {
+            ModuleError::Mount {
+                name: "root".into(),
+                source,
+            }
+        })?;
+    union.fetched_bytes = client.bytes_received();
+    Ok(union)
 }
 
 #[derive(Debug, Clone)]

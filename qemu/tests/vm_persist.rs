@@ -1,0 +1,310 @@
+//! VM tier: a persistent node. Its `/persist` disk (ext4 with the verity feature)
+//! holds the agent's state, the object store (fs-verity enabled on every object,
+//! the root overlay mounted with `verity=require`) and the root's upper layer.
+//!
+//! One test, three boots on one disk:
+//! 1. the node pulls its root module into the store on `/persist` and runs;
+//! 2. with the module set unchanged it adds no object (only the signed manifest is
+//!    fetched again, to re-check its signature) and runs again;
+//! 3. after one byte of the busybox object is flipped in the disk image from the
+//!    host, the kernel refuses the read (fs-verity `EIO`) and the failure reaches the
+//!    server as `verity_mismatch` in phase `root_mounted`, naming the file.
+//!
+//! Everything about the node is asserted from get-instance and recent-signals, never
+//! from the console. Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
+//! `target/vm-tests/persist_verity/`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::stub::Stub;
+use common::*;
+use powernode_initramfs::Compression;
+use powernode_qemu::{Device, Vm, VmSpec};
+use serde_json::Value;
+
+const TO_RUNNING: Duration = Duration::from_secs(180);
+const TO_EXIT: Duration = Duration::from_secs(180);
+
+/// Polls `check` every 250 ms until it returns `Some`; panics with the serial log's
+/// path when QEMU exits first or time runs out.
+fn wait_until<T>(
+    what: &str,
+    vm: &mut Vm,
+    serial: &Path,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "QEMU exited ({status}) while waiting for {what}; serial: {}",
+                serial.display()
+            );
+        }
+        if start.elapsed() > TO_RUNNING {
+            panic!(
+                "no {what} after {TO_RUNNING:?}; serial: {}",
+                serial.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The object's path inside the `/persist` file system: the store lives at
+/// `/persist/powernode/store`, objects named by their fs-verity digest (computed
+/// here by fsverity-utils, a tool we did not write).
+fn object_path_on_disk(content: &Path) -> String {
+    let out = run_ok(Command::new("fsverity").arg("digest").arg(content));
+    // `sha256:HEX PATH`
+    let hex = out
+        .split_whitespace()
+        .next()
+        .and_then(|d| d.strip_prefix("sha256:"))
+        .unwrap_or_else(|| panic!("fsverity digest said {out:?}"))
+        .to_string();
+    format!("/powernode/store/objects/{}/{}", &hex[..2], &hex[2..])
+}
+
+/// Replays the journal (the guest was powered off hard), then flips one byte of
+/// the first data block of `path` in the ext4 image. Returns the inode flags
+/// debugfs reported for the file (fs-verity is `0x100000`).
+fn corrupt_object(disk: &Path, path: &str) -> u64 {
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(disk)
+        .output()
+        .expect("run e2fsck");
+    // 0: clean, 1: errors corrected (a replayed journal counts).
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "e2fsck: {}\n{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let stat = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(disk),
+    );
+    let flags = stat
+        .split_whitespace()
+        .skip_while(|w| *w != "Flags:")
+        .nth(1)
+        .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no Flags in debugfs stat {path}:\n{stat}"));
+    let blocks = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("blocks {path}"))
+            .arg(disk),
+    );
+    let first: u64 = blocks
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("no blocks for {path}: {blocks:?}"));
+    let offset = first * 4096 + 777;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    byte[0] ^= 0xff;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&byte).unwrap();
+    f.sync_all().unwrap();
+    eprintln!("flipped the byte at {offset} (block {first}) of {path}");
+    flags
+}
+
+fn compose(inst: &Value) -> &Value {
+    &inst["root"]["compose"]
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
+    let dir = test_dir("persist_verity");
+    let stub = Stub::start(&dir);
+    let base = rootfs::busybox_root(&dir);
+    let busybox_size = std::fs::metadata(base.join("bin/busybox")).unwrap().len();
+    let published = stub.cli(&[
+        "publish-module",
+        base.to_str().unwrap(),
+        "--name",
+        "base",
+        "--version",
+        "1.0.0",
+        "--kind",
+        "root",
+    ]);
+    let digest = published["publication"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {published}"))
+        .to_string();
+    stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
+    let (instance_id, doc) = stub.provision_class("persist-verity-1", "persistent");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let disk = dir.join("persist.img");
+    powernode_qemu::make_persist_disk(&disk, 128).unwrap();
+    let boot_spec = |name: &str| -> VmSpec {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut spec = spec(&d, &image.vmlinuz, &image.initramfs);
+        spec.kernel_args = vec![
+            "powernode.on_failure=poweroff".into(),
+            "powernode.attempts=1".into(),
+        ];
+        with_identity(&mut spec, &d, &doc.to_string());
+        spec.devices
+            .push(Device::PersistDisk { path: disk.clone() });
+        spec
+    };
+
+    // Boot 1: pull into the store on /persist, fs-verity on every new object.
+    let spec1 = boot_spec("boot1");
+    let started = Instant::now();
+    let mut vm1 = Vm::spawn(&spec1).expect("spawn QEMU");
+    let first = wait_until("first running", &mut vm1, &spec1.serial_log, || {
+        let i = stub.instance(&instance_id);
+        assert_ne!(i["status"], "failed", "{i}");
+        (i["status"] == "running" && i["root"]["fstype"] == "overlay").then_some(i)
+    });
+    let wall1 = started.elapsed();
+    let root = &first["root"];
+    assert_eq!(root["modules"], serde_json::json!([digest]), "{first}");
+    assert_eq!(root["verity"], "require", "{first}");
+    assert_eq!(root["store"], "/persist/powernode/store", "{first}");
+    assert_eq!(root["upper"], "/persist/powernode/root", "{first}");
+    // The kernel's own account of `/` (mountinfo) agrees.
+    let options = root["options"].as_str().unwrap_or_default();
+    assert!(options.contains("verity=require"), "{options}");
+    assert!(
+        options.contains("upperdir=/persist/powernode/root/upper"),
+        "{options}"
+    );
+    let c1 = compose(&first).clone();
+    assert!(u(&c1["objects_added"]) >= 2, "{c1}");
+    assert_eq!(c1["verity_enabled"], c1["objects_added"], "{c1}");
+    assert!(u(&c1["bytes_fetched"]) > busybox_size / 4, "{c1}");
+    assert_eq!(c1["checked"], serde_json::json!(["/bin/sh"]), "{c1}");
+    // ext4 commits its journal every 5 s; the store was synced by the node itself.
+    std::thread::sleep(Duration::from_secs(6));
+    vm1.kill();
+    drop(vm1);
+
+    // Boot 2, same disk, same modules: nothing added, only the manifest re-checked.
+    let spec2 = boot_spec("boot2");
+    let started = Instant::now();
+    let mut vm2 = Vm::spawn(&spec2).expect("spawn QEMU");
+    let first_timeline = first["boot_timeline"].clone();
+    let second = wait_until("second ready", &mut vm2, &spec2.serial_log, || {
+        let i = stub.instance(&instance_id);
+        (i["phase"] == "ready"
+            && i["boot_timeline"] != first_timeline
+            && i["root"]["fstype"] == "overlay")
+            .then_some(i)
+    });
+    let wall2 = started.elapsed();
+    assert_eq!(second["status"], "running", "{second}");
+    let c2 = compose(&second).clone();
+    assert_eq!(c2["objects_added"], 0, "{c2}");
+    assert_eq!(c2["bytes_added"], 0, "{c2}");
+    assert_eq!(c2["verity_enabled"], 0, "{c2}");
+    // Manifest + signature only: far below one layer.
+    assert!(u(&c2["bytes_fetched"]) < 64 * 1024, "{c2}");
+    assert!(
+        u(&c2["bytes_fetched"]) * 20 < u(&c1["bytes_fetched"]),
+        "{c1} {c2}"
+    );
+    assert_eq!(second["root"]["verity"], "require", "{second}");
+    std::thread::sleep(Duration::from_secs(6));
+    vm2.kill();
+    drop(vm2);
+
+    // Host: flip one byte of the busybox object in the disk image.
+    let object = object_path_on_disk(&base.join("bin/busybox"));
+    let flags = corrupt_object(&disk, &object);
+    assert_ne!(
+        flags & 0x0010_0000,
+        0,
+        "no fs-verity flag on {object}: {flags:#x}"
+    );
+
+    // Boot 3: the kernel refuses the read; the server hears why.
+    let spec3 = boot_spec("boot3");
+    let mut vm3 = Vm::spawn(&spec3).expect("spawn QEMU");
+    let exit = vm3.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not power off: {exit:?}; serial: {}",
+        spec3.serial_log.display()
+    );
+    let inst = stub.instance(&instance_id);
+    let failure = &inst["failure"];
+    assert_eq!(failure["code"], "verity_mismatch", "{inst}");
+    assert_eq!(failure["phase"], "root_mounted", "{inst}");
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/bin/sh"), "{message}");
+    let signals = stub.cli(&["recent-signals", "--instance", &instance_id]);
+    let failed = signals["signals"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["kind"] == "bootstrap.failed"))
+        .unwrap_or_else(|| panic!("no bootstrap.failed signal: {signals}"));
+    assert_eq!(failed["detail"]["code"], "verity_mismatch", "{failed}");
+
+    let timeline_at = |inst: &Value, phase: &str| {
+        inst["boot_timeline"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["phase"] == phase))
+            .map(|e| u(&e["at_ms"]))
+    };
+    eprintln!(
+        "persist_verity figures:\n  boot 1: running after {wall1:?} wall; root_mounted at {:?} ms, \
+         ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects ({} bytes) added, \
+         fs-verity enabled on {} objects in {} ms\n  boot 2: ready after {wall2:?} wall; \
+         root_mounted at {:?} ms, ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects added",
+        timeline_at(&first, "root_mounted"),
+        timeline_at(&first, "ready"),
+        c1["compose_ms"],
+        c1["bytes_fetched"],
+        c1["objects_added"],
+        c1["bytes_added"],
+        c1["verity_enabled"],
+        c1["verity_enable_ms"],
+        timeline_at(&second, "root_mounted"),
+        timeline_at(&second, "ready"),
+        c2["compose_ms"],
+        c2["bytes_fetched"],
+        c2["objects_added"],
+    );
+}
