@@ -366,6 +366,8 @@ async fn reboot(
     let params = serde_json::json!({
         "reason": req.reason.unwrap_or_else(|| "operator".into()),
         "drain_timeout_seconds": req.drain_timeout_seconds,
+        // The agent's name for the same budget.
+        "timeout_seconds": req.drain_timeout_seconds,
     });
     Ok(axum::Json(
         st.node_task(&id, powernode_proto::TaskKind::Reboot, params)

@@ -488,11 +488,14 @@ pub fn stuck_info(
 ) -> Option<StuckInfo> {
     // A drain that outlived its own --timeout-seconds is stuck before the generic
     // draining threshold: the operator asked for that bound.
+    // A drain the agent gave up on (`failed`: a service would not stop in time) is
+    // stuck at once.
     if let Some(d) = drain.filter(|d| {
         inst.status == InstanceStatus::Draining
-            && d.status != TaskStatus::Succeeded
-            && now - d.created_ms
-                > (d.timeout_seconds as i64).saturating_mul(1000) + DRAIN_TIMEOUT_GRACE_MS
+            && (d.status == TaskStatus::Failed
+                || (d.status != TaskStatus::Succeeded
+                    && now - d.created_ms
+                        > (d.timeout_seconds as i64).saturating_mul(1000) + DRAIN_TIMEOUT_GRACE_MS))
     }) {
         return Some(StuckInfo {
             status: inst.status,
@@ -666,6 +669,36 @@ mod tests {
         for status in [InstanceStatus::Terminated, InstanceStatus::Failed] {
             assert!(stuck_info(&inst(status), i64::MAX / 2, 0, &t, None).is_none());
         }
+    }
+
+    #[test]
+    fn a_drain_past_its_own_timeout_or_failed_is_drain_timeout() {
+        let t = StuckThresholds::default();
+        let i = inst(InstanceStatus::Draining);
+        let mut d = DrainState {
+            task_id: "task-d".into(),
+            timeout_seconds: 60,
+            created_ms: 0,
+            status: TaskStatus::Running,
+        };
+        assert!(stuck_info(&i, 65_000, 0, &t, Some(&d)).is_none(), "grace");
+        let s = stuck_info(&i, 65_001, 0, &t, Some(&d)).expect("past timeout + grace");
+        assert_eq!(
+            (s.reason.as_str(), s.threshold_seconds),
+            ("drain_timeout", 60)
+        );
+        assert!(s.recovery.contains("terminate-instance inst-1 --force"));
+        d.status = TaskStatus::Failed;
+        assert_eq!(
+            stuck_info(&i, 1_000, 0, &t, Some(&d)).map(|s| s.reason),
+            Some("drain_timeout".to_string())
+        );
+        d.status = TaskStatus::Succeeded;
+        assert!(stuck_info(&i, 65_001, 0, &t, Some(&d)).is_none());
+        let s = stuck_info(&i, 1_801_000, 0, &t, Some(&d)).expect("waiting too long");
+        assert!(s
+            .recovery
+            .contains("drained and waiting: terminate-instance inst-1"));
     }
 
     #[test]

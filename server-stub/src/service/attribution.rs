@@ -407,10 +407,13 @@ impl AppState {
             .filter(|t| t.status == TaskStatus::Failed && t.kind.is_node_side())
             .max_by_key(|t| t.updated_ms)
         {
+            // The agent says `{"error": "code", "message"}` or `{"error": {"code", "message"}}`.
             let err = &t.result["error"];
-            let code = err["code"]
+            let code = err
                 .as_str()
-                .and_then(|c| serde_json::from_value::<ErrorCode>(Value::String(c.into())).ok());
+                .or_else(|| err["code"].as_str())
+                .and_then(|c| serde_json::from_value::<ErrorCode>(Value::String(c.into())).ok())
+                .filter(|c| *c != ErrorCode::Unknown);
             return Ok((
                 t.updated_ms,
                 AttributedFailure {
@@ -421,6 +424,7 @@ impl AppState {
                         t.id,
                         err["message"]
                             .as_str()
+                            .or_else(|| t.result["message"].as_str())
                             .map(String::from)
                             .unwrap_or_else(|| t.result.to_string())
                     )),
