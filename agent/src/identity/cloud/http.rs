@@ -212,6 +212,31 @@ impl Fetcher {
         headers: &[(&str, &str)],
         max: usize,
     ) -> Result<Option<Vec<u8>>, SourceError> {
+        self.send_with(method, url, headers, max, None).await
+    }
+
+    /// A GET sent from a local port in `ports` (Scaleway serves user data only to
+    /// privileged source ports, which reqwest cannot bind), with the same retry
+    /// policy and status rules as [`Self::send`]. Plain HTTP/1.0, IP-literal hosts.
+    pub async fn get_from_ports(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        max: usize,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        self.send_with(Method::Get, url, headers, max, Some(ports))
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        max: usize,
+        ports: Option<std::ops::RangeInclusive<u16>>,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(self.policy.base, self.policy.cap);
         let max_attempts = self.policy.max_attempts.max(1);
@@ -227,12 +252,13 @@ impl Fetcher {
         };
         loop {
             attempts += 1;
-            let last = match tokio::time::timeout_at(
-                self.deadline,
-                self.attempt(method, url, headers, max),
-            )
-            .await
-            {
+            let attempt = async {
+                match &ports {
+                    None => self.attempt(method, url, headers, max).await,
+                    Some(p) => self.raw_attempt(url, headers, max, p.clone()).await,
+                }
+            };
+            let last = match tokio::time::timeout_at(self.deadline, attempt).await {
                 Err(_) => return Err(gave_up(attempts, "the probe's deadline passed".into())),
                 Ok(Attempt::Done(body)) => {
                     // Only a success proves the provider is here: another cloud's
@@ -319,20 +345,189 @@ impl Fetcher {
                 }
             }
         }
-        match status {
-            200..=299 => Attempt::Done(Some(body)),
-            404 => Attempt::Done(None),
-            500..=599 => Attempt::Retry {
-                connection: false,
-                reason: format!("HTTP {status}"),
-            },
-            _ => Attempt::Fatal(SourceErrorKind::HttpStatus {
-                method: method.as_str(),
-                url: url.to_string(),
-                status,
-                detail: snippet(&body),
-            }),
+        classify(method, url, status, body)
+    }
+
+    async fn raw_attempt(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        max: usize,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> Attempt {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let bad_url = |reason: &str| {
+            Attempt::Fatal(SourceErrorKind::Config {
+                what: url.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        let Ok(parsed) = reqwest::Url::parse(url) else {
+            return bad_url("is not a URL");
+        };
+        let Some(ip) = parsed
+            .host_str()
+            .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        else {
+            return bad_url("needs an IP address as host");
+        };
+        if parsed.scheme() != "http" {
+            return bad_url("must be http://");
         }
+        let peer = std::net::SocketAddr::new(ip, parsed.port().unwrap_or(80));
+        let (lo, hi) = (*ports.start(), *ports.end());
+        if lo == 0 || lo > hi {
+            return bad_url("has an empty source port range");
+        }
+        // Start at a random port so two probes do not fight over the same one.
+        let span = u32::from(hi - lo) + 1;
+        let offset = (crate::entropy::unit_random() * f64::from(span)) as u32;
+        let mut stream = None;
+        let mut last = String::from("no source port free");
+        for i in 0..span.min(64) {
+            let port = lo + ((offset + i) % span) as u16;
+            let socket = match if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            } {
+                Ok(s) => s,
+                Err(e) => return bad_url(&format!("socket: {e}")),
+            };
+            let local = std::net::SocketAddr::new(
+                if ip.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                },
+                port,
+            );
+            match socket.bind(local) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last = format!("source port {port}: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    return Attempt::Fatal(SourceErrorKind::Config {
+                        what: format!("binding source port {port} for {url}"),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            match tokio::time::timeout(self.policy.connect_timeout, socket.connect(peer)).await {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last = format!("source port {port}: {e}");
+                }
+                Ok(Err(e)) => {
+                    return Attempt::Retry {
+                        connection: true,
+                        reason: format!("connecting to {peer}: {e}"),
+                    }
+                }
+                Err(_) => {
+                    return Attempt::Retry {
+                        connection: true,
+                        reason: format!("connecting to {peer}: timed out"),
+                    }
+                }
+            }
+        }
+        let Some(mut stream) = stream else {
+            return Attempt::Retry {
+                connection: true,
+                reason: last,
+            };
+        };
+        let mut target = parsed.path().to_string();
+        if let Some(q) = parsed.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let mut request = format!(
+            "GET {target} HTTP/1.0\r\nHost: {}\r\nUser-Agent: powernode-agent/{}\r\n",
+            parsed.host_str().unwrap_or_default(),
+            env!("CARGO_PKG_VERSION")
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        let exchange = async {
+            stream.write_all(request.as_bytes()).await?;
+            let mut raw = Vec::new();
+            // Head plus body, bounded: one byte past the limit is enough to refuse.
+            (&mut stream)
+                .take((max + 64 * 1024 + 1) as u64)
+                .read_to_end(&mut raw)
+                .await?;
+            Ok::<_, std::io::Error>(raw)
+        };
+        let raw = match tokio::time::timeout(self.policy.request_timeout, exchange).await {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(e)) => {
+                return Attempt::Retry {
+                    connection: false,
+                    reason: format!("GET {url}: {e}"),
+                }
+            }
+            Err(_) => {
+                return Attempt::Retry {
+                    connection: false,
+                    reason: format!("GET {url}: timed out"),
+                }
+            }
+        };
+        let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Attempt::Retry {
+                connection: false,
+                reason: format!("GET {url}: no complete HTTP response"),
+            };
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]);
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u16>().ok());
+        let Some(status) = status else {
+            return Attempt::Retry {
+                connection: false,
+                reason: format!("GET {url}: bad status line"),
+            };
+        };
+        let body = raw[head_end + 4..].to_vec();
+        if body.len() > max {
+            return Attempt::Fatal(SourceErrorKind::TooLarge {
+                size: body.len() as u64,
+                max,
+            });
+        }
+        classify(Method::Get, url, status, body)
+    }
+}
+
+/// The status rules every request follows.
+fn classify(method: Method, url: &str, status: u16, body: Vec<u8>) -> Attempt {
+    match status {
+        200..=299 => Attempt::Done(Some(body)),
+        404 => Attempt::Done(None),
+        // 429: throttled (Azure IMDS); 410: Azure's "not ready yet, retry"
+        // while the VM is still being provisioned.
+        410 | 429 | 500..=599 => Attempt::Retry {
+            connection: false,
+            reason: format!("HTTP {status}"),
+        },
+        _ => Attempt::Fatal(SourceErrorKind::HttpStatus {
+            method: method.as_str(),
+            url: url.to_string(),
+            status,
+            detail: snippet(&body),
+        }),
     }
 }
 

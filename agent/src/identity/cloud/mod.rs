@@ -22,9 +22,17 @@
 //! default), so tests point it at a mock server on 127.0.0.1.
 
 pub mod aws;
+pub mod azure;
+pub mod digitalocean;
 pub mod dmi;
+pub mod gcp;
+pub mod hetzner;
 pub mod http;
+pub mod openstack;
+pub mod oracle;
+pub mod scaleway;
 pub mod url;
+pub mod vultr;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -96,6 +104,8 @@ pub struct CloudOptions {
     pub cmdline: Option<String>,
     /// `/sys/class/dmi/id`.
     pub dmi_root: PathBuf,
+    /// Where an OpenStack config drive is looked for.
+    pub config_drive: openstack::ConfigDrive,
 }
 
 impl Default for CloudOptions {
@@ -106,6 +116,7 @@ impl Default for CloudOptions {
             retry: RetryPolicy::default(),
             cmdline: None,
             dmi_root: PathBuf::from(dmi::DEFAULT_ROOT),
+            config_drive: openstack::ConfigDrive::default(),
         }
     }
 }
@@ -128,17 +139,41 @@ impl CloudOptions {
 }
 
 /// Every provider at its real address, in probe order: the explicit URL first,
-/// then the config drive (local, instant), then the clouds.
+/// then OpenStack (its config drive is local and instant), then the clouds. AWS
+/// leads the 169.254.169.254 services: its first request (the IMDSv2 token PUT)
+/// is the most specific, so other clouds refuse it quickly.
 pub fn standard_providers(opts: &CloudOptions) -> Result<Vec<Box<dyn CloudProvider>>, SourceError> {
     let cmdline = opts.cmdline_text()?;
     Ok(vec![
         Box::new(url::UrlSource::from_cmdline(&cmdline)?),
+        Box::new(openstack::OpenStack::new(
+            openstack::DEFAULT_BASE,
+            opts.config_drive.clone(),
+        )),
         Box::new(aws::Aws::default()),
+        Box::new(gcp::Gcp::default()),
+        Box::new(azure::Azure::default()),
+        Box::new(oracle::Oracle::default()),
+        Box::new(digitalocean::DigitalOcean::default()),
+        Box::new(hetzner::Hetzner::default()),
+        Box::new(vultr::Vultr::default()),
+        Box::new(scaleway::Scaleway::default()),
     ])
 }
 
 /// The names of the cloud sources, for pins and error messages.
-pub const NAMES: &[&str] = &[url::NAME, aws::NAME];
+pub const NAMES: &[&str] = &[
+    url::NAME,
+    openstack::NAME,
+    aws::NAME,
+    gcp::NAME,
+    azure::NAME,
+    oracle::NAME,
+    digitalocean::NAME,
+    hetzner::NAME,
+    vultr::NAME,
+    scaleway::NAME,
+];
 
 /// Probes the standard providers (see the module doc for which are asked).
 /// `Ok(None)`: no cloud identity (or the pin names a non-cloud source).

@@ -6,7 +6,7 @@
 //! failure is an error, 404 included (the operator named a document that is not
 //! there). Redirects are followed (at most 5).
 //!
-//! Trust for `https://` (decided here, documented in `agent/README.md`):
+//! Trust for `https://` (the decision, stated once here):
 //! - `powernode.identity_url_ca_b64=<base64url PEM>` pins that CA and trusts
 //!   nothing else, like the control-plane client does with the document's CA;
 //! - without it, the system bundle (`/etc/ssl/certs/ca-certificates.crt`) when the

@@ -1,0 +1,108 @@
+//! DigitalOcean: the droplet metadata service at
+//! `http://169.254.169.254/metadata/v1.json`, one JSON document: the identity is
+//! `user_data` (absent when unset), the facts `droplet_id`, `region` and the
+//! public and private interfaces' IPv4 and IPv6 `ip_address`.
+
+use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
+
+pub const NAME: &str = "digitalocean";
+pub const DEFAULT_BASE: &str = "http://169.254.169.254";
+
+#[derive(Debug, Clone)]
+pub struct DigitalOcean {
+    base: String,
+}
+
+impl Default for DigitalOcean {
+    fn default() -> Self {
+        Self::new(DEFAULT_BASE)
+    }
+}
+
+impl DigitalOcean {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+        }
+    }
+
+    async fn read(
+        &self,
+        http: &Fetcher,
+    ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
+        let url = format!("{}/metadata/v1.json", self.base);
+        let Some(bytes) = http.get(&url, &[], MAX_METADATA_BYTES).await? else {
+            return Ok(None);
+        };
+        let meta = super::parse_json(http, "v1.json", &bytes)?;
+        let user_data = match meta.get("user_data") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.as_bytes(),
+            Some(_) => return Err(http.field_error("v1.json.user_data", "must be a string")),
+        };
+        let Some(document) = super::parse_user_data(NAME, user_data)? else {
+            return Ok(None);
+        };
+        let id = super::json_str(http, "v1.json", &meta, "droplet_id")?
+            .ok_or_else(|| http.field_error("v1.json.droplet_id", "is missing"))?;
+        let region = super::json_str(http, "v1.json", &meta, "region")?;
+        let mut addresses = Vec::new();
+        match meta.get("interfaces") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(kinds)) => {
+                for kind in ["public", "private"] {
+                    let list = match kinds.get(kind) {
+                        None | Some(serde_json::Value::Null) => continue,
+                        Some(serde_json::Value::Array(l)) => l,
+                        Some(_) => {
+                            return Err(http.field_error(
+                                format!("v1.json.interfaces.{kind}"),
+                                "must be a list",
+                            ))
+                        }
+                    };
+                    for (i, nic) in list.iter().enumerate() {
+                        for family in ["ipv4", "ipv6"] {
+                            let Some(f) = nic.get(family).filter(|f| !f.is_null()) else {
+                                continue;
+                            };
+                            let at = format!("v1.json.interfaces.{kind}[{i}].{family}");
+                            let ip = super::json_str(http, &at, f, "ip_address")?;
+                            super::push_address(
+                                http,
+                                &format!("{at}.ip_address"),
+                                ip,
+                                &mut addresses,
+                            )?;
+                        }
+                    }
+                }
+            }
+            Some(_) => return Err(http.field_error("v1.json.interfaces", "must be an object")),
+        }
+        Ok(Some((
+            document,
+            ProviderFacts {
+                provider: NAME.to_string(),
+                instance_id: Some(id),
+                region,
+                addresses,
+            },
+        )))
+    }
+}
+
+impl CloudProvider for DigitalOcean {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn detect(&self, dmi: &Dmi) -> bool {
+        dmi.sys_vendor == "DigitalOcean"
+    }
+
+    fn fetch<'a>(&'a self, http: &'a Fetcher) -> CloudFuture<'a> {
+        Box::pin(self.read(http))
+    }
+}
