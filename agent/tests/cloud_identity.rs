@@ -1562,3 +1562,49 @@ async fn pinned_names_and_standard_list() {
     let providers: Vec<Box<dyn CloudProvider>> = vec![Box::new(Aws::new(dead_base().await))];
     assert_eq!(cloud::probe_with(&providers, &o).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_server_that_hangs_is_bounded_by_the_deadline() {
+    // Accepts connections and never answers (a black-holed metadata address).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let (mut o, _d) = opts(Some("aws"));
+    o.deadline = Duration::from_millis(400);
+    let started = Instant::now();
+    let err = run(Aws::new(&base), &o).await.unwrap_err();
+    let waited = started.elapsed();
+    hold.abort();
+    assert!(waited >= Duration::from_millis(350), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    assert!(
+        matches!(err.kind, SourceErrorKind::GaveUp { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_user_data_is_refused() {
+    let mut routes = aws_routes(&doc_json("x"));
+    routes.insert(
+        "/latest/user-data",
+        ok(vec![
+            b' ';
+            powernode_proto::identity::MAX_IDENTITY_BYTES + 1
+        ]),
+    );
+    let mock = Mock::start(imds(routes)).await;
+    let (o, _d) = opts(Some("aws"));
+    let err = run(Aws::new(&mock.base), &o).await.unwrap_err();
+    assert!(
+        matches!(err.kind, SourceErrorKind::TooLarge { .. }),
+        "{err:?}"
+    );
+    // Refused at once, not retried.
+    assert_eq!(mock.count("/latest/user-data"), 1);
+}
