@@ -1608,3 +1608,51 @@ async fn oversize_user_data_is_refused() {
     // Refused at once, not retried.
     assert_eq!(mock.count("/latest/user-data"), 1);
 }
+
+#[tokio::test]
+async fn the_agent_resolves_a_cloud_pin() {
+    use powernode_agent::identity::{resolve_standard_with_cloud, SelectError, SourcePaths};
+    let dir = tempfile::tempdir().unwrap();
+    let cmdline = dir.path().join("cmdline");
+    let body = doc_json("inst-via-url");
+    let url_mock = Mock::start(move |_: &Req| json(&body)).await;
+    std::fs::write(
+        &cmdline,
+        format!(
+            "quiet powernode.identity_source=url powernode.identity_url={}/id",
+            url_mock.base
+        ),
+    )
+    .unwrap();
+    let paths = SourcePaths {
+        cmdline: cmdline.clone(),
+        fw_cfg_root: dir.path().join("no-fw-cfg"),
+        file: None,
+        state: None,
+    };
+    let (o, _d) = opts(None);
+    let o = CloudOptions { cmdline: None, ..o };
+    // The command line pins `url`, and its URL comes from the same command line.
+    let r = resolve_standard_with_cloud(&paths, None, &o).await.unwrap();
+    assert_eq!(
+        (r.source, r.document.instance_id.as_str()),
+        ("url", "inst-via-url")
+    );
+    // Pinned to `url` without a URL: not found, naming it (and no network).
+    std::fs::write(&cmdline, "powernode.identity_source=url").unwrap();
+    let err = resolve_standard_with_cloud(&paths, None, &o)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SelectError::NotFound { tried } if tried == &vec!["url"]),
+        "{err:?}"
+    );
+    // A CLI override still wins over the command line.
+    std::fs::write(&cmdline, "powernode.identity_source=url").unwrap();
+    assert!(matches!(
+        resolve_standard_with_cloud(&paths, Some("fw_cfg"), &o)
+            .await
+            .unwrap_err(),
+        SelectError::NotFound { tried } if tried == vec!["fw_cfg"]
+    ));
+}

@@ -111,6 +111,11 @@ pub fn read_pin(path: &Path) -> Result<Option<String>, SourceError> {
     Ok(read(path)?.and_then(|text| parse_pin(&text)))
 }
 
+/// The command line's text; a missing file means none.
+pub fn read_text(path: &Path) -> Result<Option<String>, SourceError> {
+    read(path)
+}
+
 fn read(path: &Path) -> Result<Option<String>, SourceError> {
     let bytes = super::read_bounded(path, MAX_CMDLINE_BYTES)
         .map_err(|kind| SourceError::new(NAME, kind))?;

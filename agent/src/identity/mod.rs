@@ -217,14 +217,46 @@ impl Selector {
 
 /// Resolves with the standard sources. The pin comes from `pin_override` (a CLI
 /// flag) or else from `powernode.identity_source=` on the command line.
+///
+/// A pin naming a cloud source (`aws`, `url`, ... see [`cloud::NAMES`]) asks that
+/// provider's metadata service, so `powernode-agent identity --identity-source aws`
+/// shows what a cloud instance would boot with. Unpinned, the agent never probes
+/// metadata addresses: that is the init's job once the network is up.
 pub async fn resolve_standard(
     paths: &SourcePaths,
     pin_override: Option<&str>,
+) -> Result<Resolved, SelectError> {
+    resolve_standard_with_cloud(paths, pin_override, &cloud::CloudOptions::default()).await
+}
+
+/// [`resolve_standard`] with the cloud probe's options (tests point it at a mock;
+/// `pinned` and `cmdline` are filled in here).
+pub async fn resolve_standard_with_cloud(
+    paths: &SourcePaths,
+    pin_override: Option<&str>,
+    cloud_opts: &cloud::CloudOptions,
 ) -> Result<Resolved, SelectError> {
     let pin = match pin_override {
         Some(p) => Some(p.to_string()),
         None => cmdline::read_pin(&paths.cmdline)?,
     };
+    if let Some(name) = pin
+        .as_deref()
+        .and_then(|p| cloud::NAMES.iter().find(|n| **n == p))
+    {
+        let mut opts = cloud_opts.clone();
+        opts.pinned = Some((*name).to_string());
+        if opts.cmdline.is_none() {
+            opts.cmdline = Some(cmdline::read_text(&paths.cmdline)?.unwrap_or_default());
+        }
+        return match cloud::probe(&opts).await? {
+            Some(found) => Ok(Resolved {
+                document: found.document,
+                source: found.source,
+            }),
+            None => Err(SelectError::NotFound { tried: vec![name] }),
+        };
+    }
     Selector::standard(paths).resolve(pin.as_deref()).await
 }
 
