@@ -324,8 +324,9 @@ fn killed_qemu_raises_instance_silent_within_the_window() {
         .as_str()
         .unwrap()
         .contains("terminate-instance --force"));
-    let sig = server.signals(&inst);
-    let stuck = find(&sig, "instance.stuck", true).expect("stuck signal");
+    let stuck = wait("the stuck signal", Duration::from_secs(10), &c, || {
+        find(&server.signals(&inst), "instance.stuck", true).cloned()
+    });
     assert_eq!(stuck["detail"]["reason"], "running_without_heartbeat");
     // The recovery ends it.
     server.cli(&["terminate-instance", &inst, "--force"]);
@@ -449,10 +450,15 @@ fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
         i["failure"].is_object().then(|| i["failure"].clone())
     });
     println!("stuck bootstrapping: node reported {failure}");
-    let sig = server.signals(&inst);
+    // get-instance computes `stuck` when asked; the signal comes with the next
+    // sensor pass.
+    let sig = wait("the stuck signal", Duration::from_secs(10), &c, || {
+        let sig = server.signals(&inst);
+        find(&sig, "instance.stuck", true).is_some().then_some(sig)
+    });
     assert!(find(&sig, "bootstrap.failed", true).is_some(), "{sig:?}");
     assert_eq!(
-        find(&sig, "instance.stuck", true).expect("stuck signal")["detail"]["reason"],
+        find(&sig, "instance.stuck", true).unwrap()["detail"]["reason"],
         "bootstrapping_too_long"
     );
     let a = server.cli(&["attribute-failure", &inst, "--lookback-hours", "1"]);

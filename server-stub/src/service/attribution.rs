@@ -304,7 +304,13 @@ impl AppState {
                     None => {}
                 }
                 if let Some(code) = code {
-                    if c.module.is_some() && is_module_code(code) {
+                    if code == ErrorCode::RegistryUnreachable && c.change == "module_published" {
+                        // A publication names the registry the node fetches from.
+                        score += 20;
+                        why.push(format!(
+                            "the failure code {code} concerns the registry this publication points the node at"
+                        ));
+                    } else if c.module.is_some() && is_module_code(code) {
                         score += 25;
                         why.push(format!(
                             "the failure code {code} concerns module content, which this change touches"
