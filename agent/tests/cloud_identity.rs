@@ -548,9 +548,10 @@ async fn dmi_evidence_makes_a_broken_provider_an_error() {
         }
     })
     .await;
-    // No evidence: a guess that never succeeded is skipped.
+    // No evidence: a guess that never succeeded is skipped, without retries.
     let (o, dmi) = opts(None);
     assert_eq!(run(Aws::new(&mock.base), &o).await.unwrap(), None);
+    assert_eq!(mock.count("/latest/api/token"), 1);
     // The firmware says EC2: the same failure must surface.
     std::fs::write(dmi.path().join("sys_vendor"), "Amazon EC2\n").unwrap();
     let err = run(Aws::new(&mock.base), &o).await.unwrap_err();

@@ -144,7 +144,7 @@ impl Fetcher {
         self.strategy
     }
 
-    /// Pinned or detected: failures are errors, connection errors are retried.
+    /// Pinned or detected: failures are errors, 5xx and connection errors are retried.
     pub fn is_patient(&self) -> bool {
         self.patient
     }
@@ -269,10 +269,11 @@ impl Fetcher {
                     return Ok(body);
                 }
                 Ok(Attempt::Fatal(kind)) => return Err(self.error(kind)),
-                Ok(Attempt::Retry { reason, connection }) => {
-                    // A guess that cannot even connect is not this cloud: do not
+                Ok(Attempt::Retry(reason)) => {
+                    // A guess that has not had one success yet is not this cloud
+                    // (nothing listens, or another service answers 5xx): do not
                     // spend the shared deadline retrying it.
-                    if connection && !self.patient && !self.confirmed() {
+                    if !self.patient && !self.confirmed() {
                         return Err(gave_up(attempts, reason));
                     }
                     reason
@@ -316,12 +317,7 @@ impl Fetcher {
         }
         let mut resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => {
-                return Attempt::Retry {
-                    connection: e.is_connect() || e.is_timeout(),
-                    reason: crate::error_chain(&e),
-                }
-            }
+            Err(e) => return Attempt::Retry(crate::error_chain(&e)),
         };
         let status = resp.status().as_u16();
         let mut body = Vec::new();
@@ -338,10 +334,7 @@ impl Fetcher {
                     body.extend_from_slice(&chunk);
                 }
                 Err(e) => {
-                    return Attempt::Retry {
-                        connection: false,
-                        reason: format!("reading the body: {}", crate::error_chain(&e)),
-                    }
+                    return Attempt::Retry(format!("reading the body: {}", crate::error_chain(&e)))
                 }
             }
         }
@@ -423,25 +416,12 @@ impl Fetcher {
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     last = format!("source port {port}: {e}");
                 }
-                Ok(Err(e)) => {
-                    return Attempt::Retry {
-                        connection: true,
-                        reason: format!("connecting to {peer}: {e}"),
-                    }
-                }
-                Err(_) => {
-                    return Attempt::Retry {
-                        connection: true,
-                        reason: format!("connecting to {peer}: timed out"),
-                    }
-                }
+                Ok(Err(e)) => return Attempt::Retry(format!("connecting to {peer}: {e}")),
+                Err(_) => return Attempt::Retry(format!("connecting to {peer}: timed out")),
             }
         }
         let Some(mut stream) = stream else {
-            return Attempt::Retry {
-                connection: true,
-                reason: last,
-            };
+            return Attempt::Retry(last);
         };
         let mut target = parsed.path().to_string();
         if let Some(q) = parsed.query() {
@@ -469,24 +449,11 @@ impl Fetcher {
         };
         let raw = match tokio::time::timeout(self.policy.request_timeout, exchange).await {
             Ok(Ok(raw)) => raw,
-            Ok(Err(e)) => {
-                return Attempt::Retry {
-                    connection: false,
-                    reason: format!("GET {url}: {e}"),
-                }
-            }
-            Err(_) => {
-                return Attempt::Retry {
-                    connection: false,
-                    reason: format!("GET {url}: timed out"),
-                }
-            }
+            Ok(Err(e)) => return Attempt::Retry(format!("GET {url}: {e}")),
+            Err(_) => return Attempt::Retry(format!("GET {url}: timed out")),
         };
         let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-            return Attempt::Retry {
-                connection: false,
-                reason: format!("GET {url}: no complete HTTP response"),
-            };
+            return Attempt::Retry(format!("GET {url}: no complete HTTP response"));
         };
         let head = String::from_utf8_lossy(&raw[..head_end]);
         let status = head
@@ -495,10 +462,7 @@ impl Fetcher {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|s| s.parse::<u16>().ok());
         let Some(status) = status else {
-            return Attempt::Retry {
-                connection: false,
-                reason: format!("GET {url}: bad status line"),
-            };
+            return Attempt::Retry(format!("GET {url}: bad status line"));
         };
         let body = raw[head_end + 4..].to_vec();
         if body.len() > max {
@@ -518,10 +482,7 @@ fn classify(method: Method, url: &str, status: u16, body: Vec<u8>) -> Attempt {
         404 => Attempt::Done(None),
         // 429: throttled (Azure IMDS); 410: Azure's "not ready yet, retry"
         // while the VM is still being provisioned.
-        410 | 429 | 500..=599 => Attempt::Retry {
-            connection: false,
-            reason: format!("HTTP {status}"),
-        },
+        410 | 429 | 500..=599 => Attempt::Retry(format!("HTTP {status}")),
         _ => Attempt::Fatal(SourceErrorKind::HttpStatus {
             method: method.as_str(),
             url: url.to_string(),
@@ -533,7 +494,7 @@ fn classify(method: Method, url: &str, status: u16, body: Vec<u8>) -> Attempt {
 
 enum Attempt {
     Done(Option<Vec<u8>>),
-    Retry { reason: String, connection: bool },
+    Retry(String),
     Fatal(SourceErrorKind),
 }
 
