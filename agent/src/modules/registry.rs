@@ -423,15 +423,11 @@ impl RegistryClient {
         Ok(FetchedManifest { digest, manifest })
     }
 
-    /// A blob as a stream checked against `desc` (size cap and digest at EOF).
-    pub fn blob(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-    ) -> Result<
-        DigestingReader<CountingReader<io::BufReader<reqwest::blocking::Response>>>,
-        RegistryError,
-    > {
+    /// A blob as a stream checked against `desc` (size cap and digest at EOF). The
+    /// network reads, the byte count and the SHA-256 run ahead on their own thread
+    /// ([`BlobReader`]), so they overlap with whatever the caller does with the bytes
+    /// (unpacking, fs-verity, writing objects) instead of taking turns with it.
+    pub fn blob(&self, repo: &Repository, desc: &Descriptor) -> Result<BlobReader, RegistryError> {
         if !desc.digest.starts_with("sha256:") {
             return Err(RegistryError::UnsupportedMediaType {
                 what: format!("blob {}", desc.digest),
@@ -441,16 +437,15 @@ impl RegistryClient {
         let what = format!("blob {}@{}", repo.name, desc.digest);
         let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
         let resp = self.get(repo, &url, "*/*", &what, false)?;
-        Ok(DigestingReader::new(
+        let reader = DigestingReader::new(
             CountingReader {
-                // Large reads: each read of the blocking response is a channel hop to
-                // reqwest's runtime thread, and tar/store read in 512 B..1 MiB pieces.
-                inner: io::BufReader::with_capacity(1 << 20, resp),
+                inner: resp,
                 count: self.received.clone(),
             },
             &desc.digest,
             desc.size,
-        ))
+        );
+        BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
     }
 
     /// Bytes `[start, end)` of a blob, or `Unsupported` when the registry will not
@@ -524,6 +519,92 @@ impl RegistryClient {
     }
 }
 
+/// Read-ahead chunk size and how many chunks may wait: enough to keep the network
+/// busy while a large file is hashed and written, little enough to stay small.
+const READ_AHEAD_CHUNK: usize = 1 << 20;
+const READ_AHEAD_CHUNKS: usize = 8;
+
+/// A blob stream read ahead by a thread (network, count, SHA-256 check), handed over
+/// in chunks. EOF comes only after the digest matched; a mismatch or a broken
+/// connection arrives as the error the inner reader raised (its code intact). Dropping
+/// the reader stops the thread at its next chunk and closes the connection.
+#[derive(Debug)]
+pub struct BlobReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl BlobReader {
+    fn spawn<R: Read + Send + 'static>(mut inner: R) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+        std::thread::Builder::new()
+            .name("blob-read-ahead".into())
+            .spawn(move || loop {
+                let mut chunk = vec![0u8; READ_AHEAD_CHUNK];
+                let mut filled = 0;
+                while filled < chunk.len() {
+                    match inner.read(&mut chunk[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                chunk.truncate(filled);
+                // An empty chunk is EOF, sent once the digest checked out.
+                let eof = filled == 0;
+                if tx.send(Ok(chunk)).is_err() || eof {
+                    return;
+                }
+            })?;
+        Ok(Self {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        })
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.pos < self.chunk.len() {
+                let n = buf.len().min(self.chunk.len() - self.pos);
+                buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.done = true,
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other(CodedStreamError {
+                        code: ErrorCode::RegistryUnreachable,
+                        message: "blob read-ahead thread ended early".into(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
 /// What [`RegistryClient::blob_range`] got.
 #[derive(Debug)]
 pub enum RangeRead {
@@ -580,6 +661,45 @@ mod tests {
         ] {
             assert!(bad.parse::<Repository>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn read_ahead_hands_over_the_blob_and_the_digest_verdict() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let good = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let mut r = BlobReader::spawn(DigestingReader::new(
+            std::io::Cursor::new(data.clone()),
+            &good,
+            1 << 30,
+        ))
+        .unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0, "EOF stays EOF");
+
+        // A mismatch surfaces at the end, with its code.
+        let bad = format!("sha256:{}", "0".repeat(64));
+        let owned = data.clone();
+        let mut r = BlobReader::spawn(DigestingReader::new(
+            std::io::Cursor::new(owned),
+            &bad,
+            1 << 30,
+        ))
+        .unwrap();
+        let e = r.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(
+            super::super::unpack::stream_error_code(&e),
+            ErrorCode::DigestMismatch
+        );
+
+        // Dropped half way: the thread notices and ends (no hang, no panic).
+        let owned = data.clone();
+        let mut r = BlobReader::spawn(std::io::Cursor::new(owned)).unwrap();
+        let mut first = [0u8; 10];
+        r.read_exact(&mut first).unwrap();
+        assert_eq!(&first[..], &data[..10]);
+        drop(r);
     }
 
     #[test]
