@@ -9,9 +9,11 @@
 //!   `Amazon EC2`, `Google Compute Engine`, ...), plus the generic URL when the
 //!   command line gives one, plus an OpenStack config drive when one is attached,
 //!   all patiently;
-//! - else every provider in turn, as a guess: one that cannot connect, or refuses
-//!   its first request, is "not this cloud", so a machine elsewhere does not wait
-//!   out retries on nine metadata addresses.
+//! - else every provider in turn, as a guess: until one request of a provider has
+//!   succeeded, any failure (no connection, a refusal, a 5xx) means "not this
+//!   cloud" and is not retried, so a machine elsewhere does not wait out retries on
+//!   nine metadata addresses. Once a guess has had a success it is held to the
+//!   patient rules.
 //!
 //! Patient means: 404 is absent, 5xx and connection errors are retried within the
 //! one deadline shared by the whole probe, and any other failure is an error naming
