@@ -1,7 +1,8 @@
 //! Module format shared by the publisher (server) and the node agent: fs-verity
 //! digests, the in-memory file tree, OCI layer unpacking into a content-addressed object
-//! store, the composefs EROFS image (byte-identical on both sides), and the publisher's
-//! entry point that builds a module (image + reproducible tar layer) from a folder.
+//! store, the composefs EROFS image (byte-identical on both sides), the publisher's
+//! entry point that builds a module (image + reproducible tar layer) from a folder, and
+//! the layer table of contents ([`toc`]) that lets a node fetch only the files it lacks.
 //!
 //! It must never touch the network or mount anything: pulling lives in the agent's
 //! `modules` (registry client, signatures) and mounting in `modules::mount`. It must

@@ -665,6 +665,24 @@ fn dedup_v1_then_v2_moves_only_the_change() {
     let (v2, b2) = publish_dir(&t, &reg, w, &src, "mod/dedup", "v2", true);
     sign(&t, &key, &format!("{}/mod/dedup@{v2}", reg.host()));
     assert!(b1.toc.is_some() && b2.toc.is_some());
+    // The chunked layer is an ordinary layer for oras and tar.
+    let out = w.join("oras-pulled");
+    run(Command::new(&t.oras)
+        .args(["pull", "--plain-http", "-o"])
+        .arg(&out)
+        .arg(format!("{}/mod/dedup@{v2}", reg.host())));
+    let x = w.join("tar-x");
+    std::fs::create_dir_all(&x).unwrap();
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(out.join("mod_dedup-v2.tar.gz"))
+        .arg("-C")
+        .arg(&x));
+    assert_eq!(std::fs::read(x.join("f/500")).unwrap(), changed);
+    assert_eq!(
+        std::fs::read(x.join("f/7")).unwrap(),
+        pseudo_random(2007, 7)
+    );
 
     let proxy = CountingProxy::start(reg.port, false);
     let store = ObjectStore::open(&w.join("store")).unwrap();
