@@ -1826,11 +1826,14 @@ impl AppState {
                 let stuck_change = (stuck.as_ref().map(|s| s.reason.as_str())
                     != inst.stuck_signal.as_ref().map(|(r, _)| r.as_str()))
                 .then_some(stuck);
+                // Each template's desired set once per pass (a fleet shares few).
                 let set = match mem.nodes.get(&inst.node_id) {
-                    Some(n) if inst.status == InstanceStatus::Running => sets
-                        .entry(n.template_id.clone())
-                        .or_insert_with(|| self.desired_set(&n.template_id))
-                        .as_ref(),
+                    Some(n) if inst.status == InstanceStatus::Running => {
+                        if !sets.contains_key(&n.template_id) {
+                            sets.insert(n.template_id.clone(), self.desired_set(&n.template_id));
+                        }
+                        sets.get(&n.template_id).and_then(Option::as_ref)
+                    }
                     _ => None,
                 };
                 let drift_change = match set.filter(|s| crate::drift::has_drift(s, inst)) {
