@@ -25,8 +25,9 @@ pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// addresses inside the virtual network, so a metadata VM lives in link-local space
 /// like a cloud instance's metadata path does.
 pub const METADATA_NET: &str = "169.254.0.0/16";
-/// Where the guest reaches the host's loopback on [`METADATA_NET`] (slirp's `.2`).
-pub const HOST_FROM_GUEST_METADATA_NET: &str = "169.254.0.2";
+/// Where the guest reaches the host's loopback on [`METADATA_NET`]: QEMU puts the
+/// host at the network address plus 0.0.2.2 (10.0.2.2 on the default network).
+pub const HOST_FROM_GUEST_METADATA_NET: &str = "169.254.2.2";
 
 /// One `guestfwd`: the guest's TCP connections to `guest` go to `127.0.0.1:host_port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +64,8 @@ pub enum Device {
     },
     /// UEFI firmware (OVMF); needed by [`Device::BootDisk`].
     Firmware(Firmware),
-    /// The disk the firmware boots (read-only raw image). It sits on the q35's
+    /// The disk the firmware boots (raw image, `snapshot=on`: guest writes never reach
+    /// the published file). It sits on the q35's
     /// built-in AHCI controller, not virtio-blk, so the `/persist` disk stays
     /// `/dev/vda`; the kernel never reads it (the firmware loads the UKI).
     BootDisk { path: PathBuf },
@@ -154,7 +156,7 @@ impl Device {
             Device::BootDisk { path } => vec![
                 "-drive".into(),
                 format!(
-                    "file={},format=raw,if=none,id=boot,readonly=on",
+                    "file={},format=raw,if=none,id=boot,snapshot=on",
                     path_str(path)
                 ),
                 "-device".into(),
@@ -401,7 +403,7 @@ mod tests {
             [
                 "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
                 "if=pflash,format=raw,unit=1,file=/out/vars,,1.fd",
-                "file=/img/disk.raw,format=raw,if=none,id=boot,readonly=on",
+                "file=/img/disk.raw,format=raw,if=none,id=boot,snapshot=on",
                 "file=/out/persist.img,format=raw,if=none,id=persist,cache=unsafe",
             ]
         );

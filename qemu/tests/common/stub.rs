@@ -61,6 +61,12 @@ fn free_port() -> u16 {
 
 impl Stub {
     pub fn start(dir: &Path) -> Stub {
+        Self::start_reachable_at(dir, "10.0.2.2")
+    }
+
+    /// [`Stub::start`] for guests that reach the host at `guest_host` (e.g.
+    /// 169.254.2.2 on the metadata network of `Device::metadata_net`).
+    pub fn start_reachable_at(dir: &Path, guest_host: &str) -> Stub {
         let bin = stub_binary();
         let data = dir.join("server-data");
         let mut last = String::new();
@@ -73,7 +79,7 @@ impl Stub {
                 .arg("--data")
                 .arg(&data)
                 .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--public-url", &format!("https://10.0.2.2:{port}")])
+                .args(["--public-url", &format!("https://{guest_host}:{port}")])
                 .args(["--heartbeat-interval-seconds", "2"])
                 .args(["--provider", "recorder"])
                 .env("RUST_LOG", "info")
