@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use powernode_agent::identity::{self, SourcePaths};
 use powernode_agent::runtime::{self, AgentOptions, Exit};
-use powernode_agent::supervisor::{NoServices, ProcessSupervisor, ServiceSpec, Supervisor};
+use powernode_agent::supervisor::{ServiceSpec, ServiceSupervisor};
 use powernode_agent::timeline::Timeline;
 use powernode_agent::{error_chain, exit_code};
 
@@ -269,6 +269,7 @@ struct RunArgs {
 /// verified, then mounted under `modules_dir`.
 fn module_runtime(
     args: &RunArgs,
+    services: Arc<ServiceSupervisor>,
 ) -> Result<Arc<powernode_agent::modules::reconciler::ModuleRuntime>, String> {
     use powernode_agent::modules::{self, reconciler::ModuleRuntime};
     let store_dir = args
@@ -288,6 +289,8 @@ fn module_runtime(
             Vec::new(),
         )
         .with_ca_file(args.state_dir.join(powernode_agent::state::CA_FILE))
+        .with_services(services)
+        .expose_mountpoints()
         .require_root(),
     ))
 }
@@ -349,17 +352,18 @@ async fn run(args: RunArgs) -> i32 {
     };
     // Without a usable store the agent still runs (heartbeats, tasks, drain); a
     // reconcile that wants modules then fails with a clear report upstream.
-    let reconciler: Arc<dyn powernode_agent::reconcile::Reconciler> = match module_runtime(&args) {
+    // Command-line services and the services of attached modules share one
+    // supervisor: a drain stops them all.
+    let supervisor = Arc::new(ServiceSupervisor::start(args.services.clone()));
+    let reconciler: Arc<dyn powernode_agent::reconcile::Reconciler> = match module_runtime(
+        &args,
+        supervisor.clone(),
+    ) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::error!(error = %e, "no module runtime; desired modules will fail to reconcile");
             Arc::new(powernode_agent::reconcile::NoModules)
         }
-    };
-    let supervisor: Arc<dyn Supervisor> = if args.services.is_empty() {
-        Arc::new(NoServices)
-    } else {
-        Arc::new(ProcessSupervisor::start(args.services))
     };
     let mut opts = AgentOptions::new(&args.state_dir);
     opts.lease_seconds = args.lease_seconds.max(3);
@@ -369,6 +373,8 @@ async fn run(args: RunArgs) -> i32 {
     };
     match runtime::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
         Ok(Exit::Stopped) => exit_code::STOPPED,
+        // Not PID 1 (`can_reboot` is off): a reboot task fails before this.
+        Ok(Exit::Reboot) => exit_code::STOPPED,
         Ok(Exit::Terminal { code, message }) => {
             tracing::error!(code = %code, message = %message, "the control plane refused this node for good; stopping");
             eprintln!(

@@ -10,13 +10,43 @@ use std::pin::Pin;
 use powernode_proto::node::{DesiredModulesResponse, FailureReport, Phase, RunningModule};
 use powernode_proto::ErrorCode;
 
-pub type ReconcileFuture<'a> = Pin<Box<dyn Future<Output = Result<(), FailureReport>> + Send + 'a>>;
+/// One module a reconcile changed; `from` is the digest it replaced (an update).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleChange {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// What a reconcile did (the result of a `module_update` task).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileOutcome {
+    pub attached: Vec<ModuleChange>,
+    pub updated: Vec<ModuleChange>,
+    pub detached: Vec<ModuleChange>,
+    /// Runtime modules already at their desired digest.
+    pub unchanged: Vec<String>,
+    /// Root modules whose change waits for a reboot (never applied live).
+    pub reboot_required: Vec<String>,
+}
+
+impl ReconcileOutcome {
+    pub fn changed(&self) -> bool {
+        !(self.attached.is_empty() && self.updated.is_empty() && self.detached.is_empty())
+    }
+}
+
+pub type ReconcileFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ReconcileOutcome, FailureReport>> + Send + 'a>>;
 
 pub trait Reconciler: Send + Sync {
     /// Modules running now, as heartbeats report them.
     fn running(&self) -> Vec<RunningModule>;
-    /// Brings the node to `desired`; `Err` carries the machine-readable reason that
-    /// goes upstream (signature mismatch, OCI 404, digest mismatch...).
+    /// Brings the node to `desired` and says what changed; `Err` carries the
+    /// machine-readable reason that goes upstream (signature mismatch, OCI 404,
+    /// digest mismatch...).
     fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a>;
 }
 
@@ -33,7 +63,7 @@ impl Reconciler for NoModules {
     fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a> {
         Box::pin(async move {
             if desired.modules.is_empty() {
-                return Ok(());
+                return Ok(ReconcileOutcome::default());
             }
             let names: Vec<&str> = desired.modules.iter().map(|m| m.name.as_str()).collect();
             Err(FailureReport {

@@ -63,6 +63,12 @@ pub struct AgentOptions {
     /// What the init composed `/` on (store, verity mode, upper, compose cost),
     /// merged into the root facts read from mountinfo.
     pub root_facts: Option<powernode_proto::node::RootFacts>,
+    /// The agent may reboot the machine (it is PID 1): a `reboot` task ends the run
+    /// with [`Exit::Reboot`]. Elsewhere reboot tasks fail as unsupported.
+    pub can_reboot: bool,
+    /// Collect-diagnostics includes the last kernel log lines (`/dev/kmsg`, where the
+    /// init logs).
+    pub kmsg_log: bool,
 }
 
 impl AgentOptions {
@@ -80,6 +86,8 @@ impl AgentOptions {
             mountinfo: PathBuf::from(crate::facts::MOUNTINFO),
             root_modules: Vec::new(),
             root_facts: None,
+            can_reboot: false,
+            kmsg_log: false,
         }
     }
 }
@@ -113,6 +121,9 @@ pub enum Exit {
     Stopped,
     /// The control plane refused this node for good; `code` says why.
     Terminal { code: ErrorCode, message: String },
+    /// A reboot task completed: services are stopped, the caller (PID 1) syncs and
+    /// reboots.
+    Reboot,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +155,8 @@ struct Shared {
     supervisor: Arc<dyn Supervisor>,
     reconciler: Arc<dyn Reconciler>,
     last_reconcile: Mutex<Option<ReconcileResult>>,
+    /// What `/` is, as reported at handshake (for diagnostics).
+    root: Option<powernode_proto::node::RootFacts>,
     wake_lease: Notify,
     wake_heartbeat: Notify,
     exit: mpsc::Sender<Exit>,
@@ -351,7 +364,7 @@ pub async fn run(
             Err(exit) => return Ok(exit),
         };
         match hooks.reconciler.reconcile(&desired).await {
-            Ok(()) => break reconcile_result(None),
+            Ok(outcome) => break reconcile_result(None, outcome.reboot_required),
             Err(mut failure) => {
                 failure.attempt = backoff.attempt().saturating_add(1);
                 tracing::error!(code = %failure.code, attempt = failure.attempt,
@@ -425,6 +438,7 @@ pub async fn run(
         supervisor: hooks.supervisor,
         reconciler: hooks.reconciler,
         last_reconcile: Mutex::new(Some(first_reconcile)),
+        root: root.clone(),
         wake_lease: Notify::new(),
         wake_heartbeat: Notify::new(),
         exit: exit_tx,
@@ -443,7 +457,10 @@ pub async fn run(
     heartbeat.abort();
     leases.abort();
     reconciles.abort();
-    let report = shared.supervisor.stop_all(shared.opts.stop_grace).await;
+    let report = shared
+        .supervisor
+        .stop_all(shared.opts.stop_grace, true)
+        .await;
     tracing::info!(stopped = ?report.stopped, killed = ?report.killed, "agent stopped its services");
     Ok(exit)
 }
@@ -636,12 +653,30 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn reconcile_result(error: Option<FailureReport>) -> ReconcileResult {
+fn reconcile_result(error: Option<FailureReport>, reboot_required: Vec<String>) -> ReconcileResult {
     ReconcileResult {
         at: now_rfc3339(),
         ok: error.is_none(),
         error,
+        reboot_required,
     }
+}
+
+/// Records a reconcile's result for the heartbeats; a failure keeps the last known
+/// reboot_required.
+fn record_reconcile(
+    shared: &Shared,
+    result: &Result<crate::reconcile::ReconcileOutcome, FailureReport>,
+) {
+    let mut last = lock(&shared.last_reconcile);
+    let previous = last
+        .as_ref()
+        .map(|r| r.reboot_required.clone())
+        .unwrap_or_default();
+    *last = Some(match result {
+        Ok(outcome) => reconcile_result(None, outcome.reboot_required.clone()),
+        Err(failure) => reconcile_result(Some(failure.clone()), previous),
+    });
 }
 
 /// Reconciles every `reconcile_every` heartbeat intervals; the result rides on the
@@ -663,14 +698,18 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 continue;
             }
         };
-        let result = match shared.reconciler.reconcile(&desired).await {
-            Ok(()) => reconcile_result(None),
-            Err(failure) => {
-                tracing::warn!(code = %failure.code, message = %failure.message, "module reconcile failed");
-                reconcile_result(Some(failure))
+        let result = shared.reconciler.reconcile(&desired).await;
+        match &result {
+            Ok(o) if o.changed() => {
+                tracing::info!(attached = o.attached.len(), updated = o.updated.len(),
+                detached = o.detached.len(), reboot_required = ?o.reboot_required, "modules reconciled")
             }
-        };
-        *lock(&shared.last_reconcile) = Some(result);
+            Ok(_) => {}
+            Err(failure) => {
+                tracing::warn!(code = %failure.code, message = %failure.message, "module reconcile failed")
+            }
+        }
+        record_reconcile(&shared, &result);
     }
 }
 
@@ -686,24 +725,226 @@ struct DrainParams {
 /// Runs one leased task to completion. `Break` means the agent must stop.
 async fn run_task(shared: &Shared, task: LeasedTask) -> ControlFlow<()> {
     tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params, "task leased");
-    let (status, result) = match task.kind {
-        TaskKind::Drain => match drain(shared, &task).await {
-            Ok(outcome) => outcome,
-            Err(TaskAbort::Stop) => return ControlFlow::Break(()),
-        },
-        TaskKind::CollectDiagnostics => (TaskStatus::Succeeded, diagnostics(shared)),
-        other if shared.status().cordoned => (
+    let outcome = match task.kind {
+        TaskKind::Drain => drain(shared, &task).await,
+        TaskKind::CollectDiagnostics => collect_diagnostics(shared, &task).await,
+        TaskKind::ModuleUpdate => module_update(shared, &task).await,
+        TaskKind::Reboot => reboot(shared, &task).await,
+        other if shared.status().cordoned => Ok((
             TaskStatus::Failed,
             serde_json::json!({"error": "cordoned",
                 "message": format!("the node is cordoned and takes no `{}` work", other.as_str())}),
-        ),
-        other => (
+        )),
+        other => Ok((
             TaskStatus::Failed,
             serde_json::json!({"error": "unsupported",
                 "message": format!("this agent does not run `{}` tasks yet", other.as_str())}),
-        ),
+        )),
     };
-    complete(shared, &task, status, result).await
+    let (status, result) = match outcome {
+        Ok(v) => v,
+        Err(TaskAbort::Stop) => return ControlFlow::Break(()),
+    };
+    let rebooting = task.kind == TaskKind::Reboot && status == TaskStatus::Succeeded;
+    let flow = complete(shared, &task, status, result).await;
+    if rebooting && flow.is_continue() {
+        let _ = shared.exit.send(Exit::Reboot).await;
+        return ControlFlow::Break(());
+    }
+    flow
+}
+
+/// Task parameters as JSON; `null` is `{}`.
+fn params<T: serde::de::DeserializeOwned>(task: &LeasedTask) -> Result<T, serde_json::Value> {
+    let v = match &task.params {
+        serde_json::Value::Null => serde_json::json!({}),
+        v => v.clone(),
+    };
+    serde_json::from_value(v)
+        .map_err(|e| serde_json::json!({"error": "bad_params", "message": e.to_string()}))
+}
+
+type TaskOutcome = Result<(TaskStatus, serde_json::Value), TaskAbort>;
+
+/// How a piece of task work under lease ended.
+enum Leased<T> {
+    Done(T),
+    Cancelled,
+}
+
+/// Runs `work` while renewing the task's lease every third of it; a renewal that
+/// says `cancelled` drops `work` (the caller undoes what it must).
+async fn while_leased<T>(
+    shared: &Shared,
+    task: &LeasedTask,
+    progress: &str,
+    work: impl Future<Output = T>,
+) -> Result<Leased<T>, TaskAbort> {
+    let mut work = std::pin::pin!(work);
+    let renew_every = Duration::from_secs((shared.opts.lease_seconds / 3).max(1));
+    loop {
+        tokio::select! {
+            v = &mut work => return Ok(Leased::Done(v)),
+            _ = tokio::time::sleep(renew_every) => {
+                if renew_lease(shared, task, progress).await? {
+                    return Ok(Leased::Cancelled);
+                }
+            }
+        }
+    }
+}
+
+fn cancelled_result(what: &str) -> (TaskStatus, serde_json::Value) {
+    (
+        TaskStatus::Cancelled,
+        serde_json::json!({"cancelled": true, "message": format!("cancelled {what}")}),
+    )
+}
+
+/// Fetches the desired modules and reconciles now; the result says what changed.
+/// The task's params (the server's view of the drift) are informative only: the
+/// desired set, fetched now, decides.
+async fn module_update(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+    if renew_lease(shared, task, "fetching desired modules").await? {
+        return Ok(cancelled_result("before any change"));
+    }
+    let desired = match shared
+        .client()
+        .get::<DesiredModulesResponse>(paths::DESIRED_MODULES)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) if shared.stop_if_terminal(&e).await => return Err(TaskAbort::Stop),
+        Err(e) => {
+            return Ok((
+                TaskStatus::Failed,
+                serde_json::json!({"error": e.report_code(), "message": crate::error_chain(&e)}),
+            ))
+        }
+    };
+    let result = match while_leased(
+        shared,
+        task,
+        "reconciling modules",
+        shared.reconciler.reconcile(&desired),
+    )
+    .await?
+    {
+        Leased::Done(r) => r,
+        Leased::Cancelled => return Ok(cancelled_result("while reconciling")),
+    };
+    record_reconcile(shared, &result);
+    shared.wake_heartbeat.notify_one();
+    Ok(match result {
+        Ok(outcome) => {
+            tracing::info!(task_id = %task.task_id, ?outcome, "module update applied");
+            (
+                TaskStatus::Succeeded,
+                serde_json::to_value(&outcome).unwrap_or_default(),
+            )
+        }
+        Err(failure) => (
+            TaskStatus::Failed,
+            serde_json::json!({"error": failure.code, "message": failure.message}),
+        ),
+    })
+}
+
+/// `reboot` parameters: the budget to stop services first, under either name the
+/// server may send (`timeout_seconds`, `drain_timeout_seconds`).
+#[derive(Debug, serde::Deserialize)]
+struct RebootParams {
+    #[serde(default)]
+    timeout_seconds: Option<u64>,
+    #[serde(default)]
+    drain_timeout_seconds: Option<u64>,
+}
+
+impl RebootParams {
+    fn budget(&self) -> Duration {
+        let secs = self
+            .timeout_seconds
+            .or(self.drain_timeout_seconds)
+            .unwrap_or(60);
+        Duration::from_secs(secs.clamp(1, 3600))
+    }
+}
+
+/// Cordons, stops the services (killing what outlives the budget) and completes
+/// the task; the run then ends with [`Exit::Reboot`] for PID 1 to sync and reboot.
+async fn reboot(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+    if !shared.opts.can_reboot {
+        return Ok((
+            TaskStatus::Failed,
+            serde_json::json!({"error": "unsupported",
+                "message": "this agent is not PID 1 and does not reboot the machine"}),
+        ));
+    }
+    let p: RebootParams = match params(task) {
+        Ok(p) => p,
+        Err(bad) => return Ok((TaskStatus::Failed, bad)),
+    };
+    if renew_lease(shared, task, "stopping services for reboot").await? {
+        return Ok(cancelled_result("before the reboot"));
+    }
+    let was_cordoned = shared.status().cordoned;
+    shared.set_status(|s| s.cordoned = true);
+    let budget = p.budget();
+    let stop = shared.supervisor.stop_all(budget, true);
+    let undo = |shared: &Shared| {
+        let restarted = shared.supervisor.start_all();
+        shared.set_status(|s| s.cordoned = was_cordoned);
+        (
+            TaskStatus::Cancelled,
+            serde_json::json!({"cancelled": true, "services_restarted": restarted}),
+        )
+    };
+    let report = match while_leased(shared, task, "stopping services for reboot", stop).await? {
+        Leased::Done(r) => r,
+        Leased::Cancelled => return Ok(undo(shared)),
+    };
+    // The last chance to cancel: after this the node goes down.
+    if renew_lease(shared, task, "rebooting").await? {
+        return Ok(undo(shared));
+    }
+    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, killed = ?report.killed, "rebooting");
+    Ok((
+        TaskStatus::Succeeded,
+        serde_json::json!({
+            "rebooting": true,
+            "services_stopped": report.stopped,
+            "services_killed": report.killed,
+        }),
+    ))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DiagnosticsParams {
+    #[serde(default = "default_log_lines")]
+    log_lines: usize,
+}
+
+fn default_log_lines() -> usize {
+    50
+}
+
+/// Upper bounds of a diagnostics result.
+const MAX_LOG_LINES: usize = 200;
+const MAX_DIAGNOSTICS_BYTES: usize = 64 * 1024;
+const MAX_MOUNTS: usize = 100;
+
+async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+    let p: DiagnosticsParams = match params(task) {
+        Ok(p) => p,
+        Err(bad) => return Ok((TaskStatus::Failed, bad)),
+    };
+    if renew_lease(shared, task, "collecting diagnostics").await? {
+        return Ok(cancelled_result("before collecting"));
+    }
+    Ok((
+        TaskStatus::Succeeded,
+        diagnostics(shared, p.log_lines.min(MAX_LOG_LINES)),
+    ))
 }
 
 enum TaskAbort {
@@ -738,21 +979,10 @@ async fn renew_lease(
     }
 }
 
-async fn drain(
-    shared: &Shared,
-    task: &LeasedTask,
-) -> Result<(TaskStatus, serde_json::Value), TaskAbort> {
-    let params: DrainParams = match serde_json::from_value(match &task.params {
-        serde_json::Value::Null => serde_json::json!({}),
-        v => v.clone(),
-    }) {
+async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+    let params: DrainParams = match params(task) {
         Ok(p) => p,
-        Err(e) => {
-            return Ok((
-                TaskStatus::Failed,
-                serde_json::json!({"error": "bad_params", "message": e.to_string()}),
-            ))
-        }
+        Err(bad) => return Ok((TaskStatus::Failed, bad)),
     };
     // Stop taking work first, so nothing new lands while services stop.
     shared.set_status(|s| s.cordoned = true);
@@ -768,23 +998,33 @@ async fn drain(
     if renew_lease(shared, task, "stopping services").await? {
         return Ok(cancelled(shared, task));
     }
-    let grace = Duration::from_secs(params.timeout_seconds.max(1));
-    let stop = shared.supervisor.stop_all(grace);
-    let mut stop = std::pin::pin!(stop);
-    let renew_every = Duration::from_secs((shared.opts.lease_seconds / 3).max(1));
-    let report = loop {
-        tokio::select! {
-            report = &mut stop => break report,
-            _ = tokio::time::sleep(renew_every) => {
-                if renew_lease(shared, task, "stopping services").await? {
-                    // Dropping the stop future abandons it; start_all undoes it.
-                    return Ok(cancelled(shared, task));
-                }
-            }
-        }
+    // The drain's budget is the operator's: a service still running at its end is
+    // not killed but reported, and the node stays draining (stuck) for the operator
+    // to decide (terminate --force, or cancel).
+    let budget = Duration::from_secs(params.timeout_seconds.max(1));
+    let stop = shared.supervisor.stop_all(budget, false);
+    let report = match while_leased(shared, task, "stopping services", stop).await? {
+        Leased::Done(r) => r,
+        // Dropping the stop future abandons it; start_all undoes it.
+        Leased::Cancelled => return Ok(cancelled(shared, task)),
     };
+    if !report.stuck.is_empty() {
+        tracing::warn!(task_id = %task.task_id, stuck = ?report.stuck, timeout_seconds = params.timeout_seconds,
+            "drain timed out: services still running");
+        return Ok((
+            TaskStatus::Failed,
+            serde_json::json!({
+                "error": "drain_timeout",
+                "message": format!("{} service(s) still running after {} s: {}",
+                    report.stuck.len(), params.timeout_seconds, report.stuck.join(", ")),
+                "timeout_seconds": params.timeout_seconds,
+                "services_stopped": report.stopped,
+                "services_stuck": report.stuck,
+            }),
+        ));
+    }
     shared.set_status(|s| s.phase = Phase::Drained);
-    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, killed = ?report.killed, "node drained");
+    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, "node drained");
     Ok((
         TaskStatus::Succeeded,
         serde_json::json!({
@@ -810,17 +1050,107 @@ fn cancelled(shared: &Shared, task: &LeasedTask) -> (TaskStatus, serde_json::Val
     )
 }
 
-fn diagnostics(shared: &Shared) -> serde_json::Value {
+/// What an operator needs to see without SSH, bounded to [`MAX_DIAGNOSTICS_BYTES`]:
+/// versions, what `/` is, modules, mounts, services, certificate, last log lines.
+fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
     let status = shared.status();
     let cert = lock(&shared.cert).clone();
-    serde_json::json!({
-        "agent_version": crate::AGENT_VERSION,
-        "uptime_ms": crate::timeline::boot_ms(),
-        "phase": status.phase,
-        "cordoned": status.cordoned,
-        "services": shared.supervisor.services(),
-        "certificate": {"serial": cert.serial, "not_before": cert.not_before, "not_after": cert.not_after},
-    })
+    let uname = rustix::system::uname();
+    let mounts = read_mounts(&shared.opts.mountinfo, MAX_MOUNTS);
+    let (log_source, mut log) = if shared.opts.kmsg_log {
+        (
+            "kmsg",
+            kmsg_tail(std::path::Path::new("/dev/kmsg"), log_lines),
+        )
+    } else {
+        ("none", Vec::new())
+    };
+    let mut truncated = false;
+    loop {
+        let v = serde_json::json!({
+            "agent_version": crate::AGENT_VERSION,
+            "kernel": uname.release().to_string_lossy(),
+            "uptime_ms": crate::timeline::boot_ms(),
+            "phase": status.phase,
+            "cordoned": status.cordoned,
+            "root": shared.root,
+            "modules": shared.reconciler.running(),
+            "last_reconcile": lock(&shared.last_reconcile).clone(),
+            "mounts": mounts,
+            "services": shared.supervisor.services(),
+            "certificate": {"serial": cert.serial, "not_before": cert.not_before, "not_after": cert.not_after},
+            "log_source": log_source,
+            "log": log,
+            "truncated": truncated,
+        });
+        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
+        if size <= MAX_DIAGNOSTICS_BYTES || log.is_empty() {
+            return v;
+        }
+        // Drop the oldest half of the log until it fits.
+        let keep = log.len() / 2;
+        log.drain(..log.len() - keep);
+        truncated = true;
+    }
+}
+
+/// Mount points from mountinfo: `{target, fstype, source}`, at most `max`.
+fn read_mounts(mountinfo: &std::path::Path, max: usize) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let target = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?;
+            let source = post.next().unwrap_or("");
+            Some(serde_json::json!({"target": target, "fstype": fstype, "source": source}))
+        })
+        .take(max)
+        .collect()
+}
+
+/// The last `n` messages of the kernel log (where the init logs), read without
+/// blocking; each record is `prio,seq,usec,flags;message`.
+fn kmsg_tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    use rustix::fs::{Mode, OFlags};
+    let mut out = std::collections::VecDeque::with_capacity(n + 1);
+    if n == 0 {
+        return Vec::new();
+    }
+    let Ok(fd) = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Vec::new();
+    };
+    let mut buf = vec![0u8; 8192];
+    // Bounded: the ring holds a finite number of records.
+    for _ in 0..100_000 {
+        match rustix::io::read(&fd, &mut buf) {
+            Ok(0) => break,
+            Ok(len) => {
+                let rec = String::from_utf8_lossy(&buf[..len]);
+                let msg = rec
+                    .split_once(';')
+                    .map(|(_, m)| m)
+                    .unwrap_or(&rec)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                out.push_back(msg);
+                if out.len() > n {
+                    out.pop_front();
+                }
+            }
+            // Records overwritten while reading: go on from the next one.
+            Err(rustix::io::Errno::PIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    out.into()
 }
 
 /// Completes a task, retrying transient failures a few times.
@@ -885,23 +1215,89 @@ mod tests {
 
     #[test]
     fn reconcile_results_are_stamped_rfc3339() {
-        let ok = reconcile_result(None);
+        let ok = reconcile_result(None, vec![]);
         assert!(ok.ok && ok.error.is_none());
         let at =
             time::OffsetDateTime::parse(&ok.at, &time::format_description::well_known::Rfc3339)
                 .unwrap();
         assert!((time::OffsetDateTime::now_utc() - at).whole_seconds().abs() < 5);
-        let failed = reconcile_result(Some(FailureReport {
-            phase: Phase::ModulesVerified,
-            code: ErrorCode::DigestMismatch,
-            message: "x".into(),
-            attempt: 1,
-        }));
+        let failed = reconcile_result(
+            Some(FailureReport {
+                phase: Phase::ModulesVerified,
+                code: ErrorCode::DigestMismatch,
+                message: "x".into(),
+                attempt: 1,
+            }),
+            vec!["base".into()],
+        );
         assert!(!failed.ok);
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap()["reboot_required"],
+            serde_json::json!(["base"])
+        );
+        assert!(serde_json::to_value(&ok)
+            .unwrap()
+            .get("reboot_required")
+            .is_none());
         assert_eq!(
             serde_json::to_value(&failed).unwrap()["error"]["code"],
             "digest_mismatch"
         );
+    }
+
+    fn leased(params: serde_json::Value) -> LeasedTask {
+        LeasedTask {
+            task_id: "t".into(),
+            kind: TaskKind::Reboot,
+            params,
+            lease_expires_at: String::new(),
+            lease_token: "x".into(),
+        }
+    }
+
+    #[test]
+    fn task_params_take_the_servers_names_and_refuse_junk() {
+        let p: RebootParams = params(&leased(
+            serde_json::json!({"reason": "x", "drain_timeout_seconds": 7}),
+        ))
+        .unwrap();
+        assert_eq!(p.budget(), Duration::from_secs(7));
+        // The server sends both names.
+        let p: RebootParams = params(&leased(
+            serde_json::json!({"drain_timeout_seconds": 7, "timeout_seconds": 9}),
+        ))
+        .unwrap();
+        assert_eq!(p.budget(), Duration::from_secs(9));
+        let p: RebootParams = params(&leased(serde_json::Value::Null)).unwrap();
+        assert_eq!(p.budget(), Duration::from_secs(60));
+        let p: DiagnosticsParams = params(&leased(serde_json::json!({"log_lines": 5}))).unwrap();
+        assert_eq!(p.log_lines, 5);
+        let bad =
+            params::<DiagnosticsParams>(&leased(serde_json::json!({"log_lines": -1}))).unwrap_err();
+        assert_eq!(bad["error"], "bad_params");
+    }
+
+    #[test]
+    fn mounts_come_from_mountinfo_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mountinfo");
+        std::fs::write(
+            &path,
+            "22 1 0:21 / / rw,relatime - overlay overlay rw,lowerdir=/a\n\
+             23 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n\
+             garbage line\n\
+             24 22 7:0 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n",
+        )
+        .unwrap();
+        let m = read_mounts(&path, 10);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m[0]["target"], "/");
+        assert_eq!(m[2]["target"], "/run/powernode/modules/demo");
+        assert_eq!(m[2]["source"], "composefs:ab");
+        assert_eq!(read_mounts(&path, 1).len(), 1);
+        assert!(read_mounts(&dir.path().join("missing"), 10).is_empty());
+        // A missing kernel log is no log, not an error.
+        assert!(kmsg_tail(&dir.path().join("missing"), 10).is_empty());
     }
 
     #[test]

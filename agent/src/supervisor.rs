@@ -1,33 +1,54 @@
-//! Service supervision, as much as drain needs for now: list the services and their
-//! state, and stop them all within a grace period (SIGTERM, then SIGKILL).
-//! Module services plug in here when the module runtime lands.
+//! Service supervision: the processes a node runs for its modules (declared in a
+//! module's OCI config, see `crate::modules::config`) and the ones given on the
+//! command line. Each service has a monitor task that starts it, restarts it after a
+//! crash by its restart policy with a capped exponential backoff, and stops it on
+//! request: SIGTERM to its process group, then SIGKILL after a timeout, or (for a
+//! drain) left running and reported stuck so the operator decides.
+//!
+//! Services start in the order they were added and stop in reverse order. After
+//! [`Supervisor::stop_all`] (drain, reboot) the supervisor is *held*: services added
+//! later are declared but not started until [`Supervisor::start_all`].
+//!
+//! PID 1 reaps orphans; it must never reap a supervised child, or the monitor loses
+//! the exit status. Every spawn registers its pid under one lock
+//! ([`with_supervised`]) that the reaper takes too.
+//!
+//! It must never panic on a bad service declaration: a spawn failure is a `failed`
+//! service, not an error that stops the agent.
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use powernode_proto::node::ServiceState;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-/// What a stop did.
+/// What a stop did, by service name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StopReport {
-    /// Stopped within the grace period.
+    /// Exited within their time after SIGTERM (or were not running).
     pub stopped: Vec<String>,
-    /// Killed after the grace period.
+    /// Killed (SIGKILL) after their time ran out.
     pub killed: Vec<String>,
+    /// Still running when the time ran out and not killed (a drain): state `stopping`.
+    pub stuck: Vec<String>,
 }
 
 pub type StopFuture<'a> = Pin<Box<dyn Future<Output = StopReport> + Send + 'a>>;
 
 pub trait Supervisor: Send + Sync {
     fn services(&self) -> Vec<ServiceState>;
-    /// Stops every running service; each gets `grace` to exit after SIGTERM.
+    /// Holds the supervisor and stops every service in reverse start order within
+    /// `budget` overall: SIGTERM, then SIGKILL when `kill`, else reported `stuck`.
     /// Dropping the future part way (a cancelled drain) leaves the services it had
-    /// not finished stopping marked `stopping`, for [`Supervisor::start_all`].
-    fn stop_all(&self, grace: Duration) -> StopFuture<'_>;
-    /// Starts again every service that was stopped (a cancelled drain); returns
-    /// their names.
+    /// not finished stopping `stopping`, for [`Supervisor::start_all`].
+    fn stop_all(&self, budget: Duration, kill: bool) -> StopFuture<'_>;
+    /// Releases the hold and starts again every service that was stopped, stopping
+    /// or held (a cancelled drain); returns their names.
     fn start_all(&self) -> Vec<String>;
 }
 
@@ -39,7 +60,7 @@ impl Supervisor for NoServices {
     fn services(&self) -> Vec<ServiceState> {
         Vec::new()
     }
-    fn stop_all(&self, _grace: Duration) -> StopFuture<'_> {
+    fn stop_all(&self, _budget: Duration, _kill: bool) -> StopFuture<'_> {
         Box::pin(async { StopReport::default() })
     }
     fn start_all(&self) -> Vec<String> {
@@ -47,12 +68,71 @@ impl Supervisor for NoServices {
     }
 }
 
-/// A service to run: a name, the module it belongs to, and an argv (no shell).
+/// When a service that exited is started again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After any exit.
+    Always,
+    /// After a non-zero exit or a signal.
+    #[default]
+    OnFailure,
+    /// Never: an exit is final (`stopped` or `failed`).
+    Never,
+}
+
+impl RestartPolicy {
+    fn restarts(self, success: bool) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "on-failure" => Ok(Self::OnFailure),
+            "never" | "no" => Ok(Self::Never),
+            other => Err(format!(
+                "restart policy {other:?} is not always, on-failure or never"
+            )),
+        }
+    }
+}
+
+/// Default time a service gets between SIGTERM and SIGKILL.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A service to run: a name, the module it belongs to, an argv (no shell), extra
+/// environment, working directory, restart policy and stop timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
     pub module: String,
     pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub restart: RestartPolicy,
+    pub stop_timeout: Duration,
+}
+
+impl ServiceSpec {
+    pub fn new(name: impl Into<String>, module: impl Into<String>, argv: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            module: module.into(),
+            argv,
+            env: Vec::new(),
+            cwd: None,
+            restart: RestartPolicy::default(),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+        }
+    }
 }
 
 impl std::str::FromStr for ServiceSpec {
@@ -66,164 +146,496 @@ impl std::str::FromStr for ServiceSpec {
         if name.is_empty() || argv.is_empty() {
             return Err(format!("service {s:?} needs a name and a command"));
         }
-        Ok(Self {
-            name: name.to_string(),
-            module: String::new(),
-            argv,
-        })
+        Ok(Self::new(name, "", argv))
     }
 }
 
-struct Service {
-    spec: ServiceSpec,
-    child: Option<tokio::process::Child>,
-    state: &'static str,
+/// Restart backoff: `base` doubling to `cap`; a process that ran `reset_after`
+/// resets it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartBackoff {
+    pub base: Duration,
+    pub cap: Duration,
+    pub reset_after: Duration,
 }
 
-/// Spawns the service's process; the child is killed if its handle is dropped.
-fn spawn(s: &mut Service) {
-    let Some((program, args)) = s.spec.argv.split_first() else {
-        s.state = "failed";
-        return;
-    };
-    match tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-    {
-        Ok(child) => {
-            tracing::info!(service = %s.spec.name, pid = child.id(), "service started");
-            s.child = Some(child);
-            s.state = "running";
-        }
-        Err(e) => {
-            tracing::error!(service = %s.spec.name, error = %e, "service failed to start");
-            s.state = "failed";
-        }
-    }
-}
-
-/// Runs plain processes. No restart policy yet: a service that exits on its own is
-/// reported `failed` (non-zero) or `stopped` (zero).
-pub struct ProcessSupervisor {
-    services: Mutex<Vec<Service>>,
-}
-
-impl std::fmt::Debug for ProcessSupervisor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessSupervisor").finish_non_exhaustive()
-    }
-}
-
-impl ProcessSupervisor {
-    /// Starts every service; a service that cannot start is reported `failed`.
-    pub fn start(specs: Vec<ServiceSpec>) -> Self {
-        let services = specs
-            .into_iter()
-            .map(|spec| {
-                let mut s = Service {
-                    spec,
-                    child: None,
-                    state: "stopped",
-                };
-                spawn(&mut s);
-                s
-            })
-            .collect();
+impl Default for RestartBackoff {
+    fn default() -> Self {
         Self {
-            services: Mutex::new(services),
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(30),
+            reset_after: Duration::from_secs(10),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Service>> {
-        // A panic while holding the lock cannot leave the list inconsistent.
-        self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl Supervisor for ProcessSupervisor {
-    fn services(&self) -> Vec<ServiceState> {
-        let mut services = self.lock();
-        services
-            .iter_mut()
-            .map(|s| {
-                if let Some(child) = s.child.as_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        s.state = if status.success() {
-                            "stopped"
-                        } else {
-                            "failed"
-                        };
-                        s.child = None;
+static SUPERVISED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn supervised() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    SUPERVISED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` with the set of supervised pids locked: no service can be spawned (and
+/// so no new supervised pid appear) until it returns. PID 1's reaper checks and
+/// reaps inside it.
+pub fn with_supervised<R>(f: impl FnOnce(&BTreeSet<u32>) -> R) -> R {
+    f(&supervised())
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Spawns the service in its own process group, registering its pid under the lock.
+fn spawn_child(spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("empty command"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut reg = supervised();
+    let child = cmd.spawn()?;
+    if let Some(pid) = child.id() {
+        reg.insert(pid);
+    }
+    Ok(child)
+}
+
+fn signal_group(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        // The group may be gone already; the process may have left it: signal both.
+        let _ = rustix::process::kill_process_group(p, sig);
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Status {
+    state: &'static str,
+    pid: Option<u32>,
+    restarts: u32,
+    last_exit: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopOutcome {
+    Stopped,
+    Killed,
+    Stuck,
+}
+
+enum Cmd {
+    Start,
+    Stop {
+        grace: Duration,
+        kill: bool,
+        reply: oneshot::Sender<StopOutcome>,
+    },
+}
+
+struct Handle {
+    spec: ServiceSpec,
+    status: Arc<Mutex<Status>>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Handle {
+    fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Asks the monitor to stop; `None` when the monitor is gone.
+    async fn stop(&self, grace: Duration, kill: bool) -> StopOutcome {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .cmds
+            .send(Cmd::Stop {
+                grace,
+                kill,
+                reply: tx,
+            })
+            .is_err()
+        {
+            return StopOutcome::Stopped;
+        }
+        rx.await.unwrap_or(StopOutcome::Stopped)
+    }
+}
+
+/// The monitor of one service: owns its process, applies the restart policy and
+/// answers stop/start commands. Ends (killing the process group) when its handle
+/// is dropped.
+struct Monitor {
+    spec: ServiceSpec,
+    status: Arc<Mutex<Status>>,
+    backoff: RestartBackoff,
+}
+
+impl Monitor {
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>, start: bool) {
+        let name = self.spec.name.clone();
+        let mut child: Option<(tokio::process::Child, u32, Instant)> = None;
+        let mut next_start: Option<Instant> = start.then(Instant::now);
+        let mut delay = self.backoff.base;
+        // A stop in progress: its deadline, whether to kill at it, who waits.
+        let mut stopping: Option<(Option<Instant>, bool, Option<oneshot::Sender<StopOutcome>>)> =
+            None;
+        let mut killed = false;
+        // Restart at once when the current process exits (a cancelled drain).
+        let mut respawn = false;
+        loop {
+            let deadline = stopping.as_ref().and_then(|s| s.0);
+            let idle = child.is_none();
+            tokio::select! {
+                exit = async { match child.as_mut() { Some((c, _, _)) => c.wait().await, None => std::future::pending().await } } => {
+                    let Some((_, pid, started)) = child.take() else { continue };
+                    supervised().remove(&pid);
+                    let (desc, success) = match &exit {
+                        Ok(s) => (describe_exit(s), s.success()),
+                        Err(e) => (format!("wait failed: {e}"), false),
+                    };
+                    tracing::info!(service = %name, pid, exit = %desc, "service exited");
+                    if let Some((_, _, reply)) = stopping.take() {
+                        let outcome = if killed { StopOutcome::Killed } else { StopOutcome::Stopped };
+                        if let Some(r) = reply { let _ = r.send(outcome); }
+                        killed = false;
+                        self.set(|s| { s.state = "stopped"; s.pid = None; s.last_exit = Some(desc); });
+                        if respawn {
+                            respawn = false;
+                            next_start = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    if self.spec.restart.restarts(success) {
+                        if started.elapsed() >= self.backoff.reset_after {
+                            delay = self.backoff.base;
+                        }
+                        next_start = Some(Instant::now() + delay);
+                        tracing::warn!(service = %name, exit = %desc, retry_in_ms = delay.as_millis() as u64, "service exited; restarting after backoff");
+                        delay = (delay * 2).min(self.backoff.cap);
+                        self.set(|s| { s.state = "backoff"; s.pid = None; s.restarts += 1; s.last_exit = Some(desc); });
+                    } else {
+                        self.set(|s| {
+                            s.state = if success { "stopped" } else { "failed" };
+                            s.pid = None;
+                            s.last_exit = Some(desc);
+                        });
                     }
                 }
+                _ = async { match next_start { Some(t) if idle => tokio::time::sleep_until(t).await, _ => std::future::pending().await } } => {
+                    next_start = None;
+                    match spawn_child(&self.spec) {
+                        Ok(c) => {
+                            let pid = c.id().unwrap_or(0);
+                            tracing::info!(service = %name, module = %self.spec.module, pid, "service started");
+                            self.set(|s| { s.state = "running"; s.pid = Some(pid); });
+                            child = Some((c, pid, Instant::now()));
+                        }
+                        Err(e) => {
+                            // A missing program will not appear by retrying.
+                            tracing::error!(service = %name, error = %e, "service failed to start");
+                            self.set(|s| { s.state = "failed"; s.pid = None; s.last_exit = Some(format!("spawn: {e}")); });
+                        }
+                    }
+                }
+                _ = async { match deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    let pid = child.as_ref().map(|c| c.1).unwrap_or(0);
+                    if let Some(stop) = stopping.as_mut() {
+                        stop.0 = None;
+                        if stop.1 {
+                            tracing::warn!(service = %name, pid, "service ignored SIGTERM; killing it");
+                            signal_group(pid, rustix::process::Signal::KILL);
+                            killed = true;
+                        } else {
+                            tracing::warn!(service = %name, pid, "service still running after its stop time; leaving it stopping");
+                            if let Some(r) = stop.2.take() {
+                                let _ = r.send(StopOutcome::Stuck);
+                            }
+                        }
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    None => {
+                        if let Some((mut c, pid, _)) = child.take() {
+                            signal_group(pid, rustix::process::Signal::KILL);
+                            let _ = c.wait().await;
+                            supervised().remove(&pid);
+                        }
+                        return;
+                    }
+                    Some(Cmd::Start) => {
+                        delay = self.backoff.base;
+                        match (&child, stopping.is_some()) {
+                            (Some((_, pid, _)), true) => {
+                                // An abandoned stop: end the old process, then start anew.
+                                if let Some((_, _, Some(r))) = stopping.take() {
+                                    let _ = r.send(StopOutcome::Stuck);
+                                }
+                                stopping = Some((None, true, None));
+                                signal_group(*pid, rustix::process::Signal::KILL);
+                                respawn = true;
+                            }
+                            (Some(_), false) => {}
+                            (None, _) => next_start = Some(Instant::now()),
+                        }
+                    }
+                    Some(Cmd::Stop { grace, kill, reply }) => {
+                        next_start = None;
+                        respawn = false;
+                        match &child {
+                            None => {
+                                self.set(|s| if s.state != "failed" { s.state = "stopped" });
+                                let _ = reply.send(StopOutcome::Stopped);
+                            }
+                            Some((_, pid, _)) => {
+                                if stopping.is_none() {
+                                    tracing::info!(service = %name, pid, "stopping service (SIGTERM)");
+                                    signal_group(*pid, rustix::process::Signal::TERM);
+                                    self.set(|s| s.state = "stopping");
+                                }
+                                if let Some((_, _, Some(old))) = stopping.take() {
+                                    let _ = old.send(StopOutcome::Stuck);
+                                }
+                                stopping = Some((Some(Instant::now() + grace), kill, Some(reply)));
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Runs services: per-service monitors, restart policy, ordered stops.
+pub struct ServiceSupervisor {
+    inner: Mutex<Inner>,
+    backoff: RestartBackoff,
+}
+
+#[derive(Default)]
+struct Inner {
+    services: Vec<Handle>,
+    /// Stopped for a drain or reboot: new services are declared, not started.
+    held: bool,
+}
+
+impl std::fmt::Debug for ServiceSupervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceSupervisor").finish_non_exhaustive()
+    }
+}
+
+impl Default for ServiceSupervisor {
+    fn default() -> Self {
+        Self::new(RestartBackoff::default())
+    }
+}
+
+impl ServiceSupervisor {
+    pub fn new(backoff: RestartBackoff) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            backoff,
+        }
+    }
+
+    /// A supervisor running `specs` (needs a tokio runtime).
+    pub fn start(specs: Vec<ServiceSpec>) -> Self {
+        let s = Self::default();
+        s.add(specs);
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Declares services and starts them (unless held). Needs a tokio runtime.
+    pub fn add(&self, specs: Vec<ServiceSpec>) {
+        let mut inner = self.lock();
+        let start = !inner.held;
+        for spec in specs {
+            let status = Arc::new(Mutex::new(Status {
+                state: if start { "stopped" } else { "held" },
+                ..Status::default()
+            }));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let monitor = Monitor {
+                spec: spec.clone(),
+                status: status.clone(),
+                backoff: self.backoff,
+            };
+            tokio::spawn(monitor.run(rx, start));
+            inner.services.push(Handle {
+                spec,
+                status,
+                cmds: tx,
+            });
+        }
+    }
+
+    /// Stops (SIGTERM, SIGKILL after each one's stop timeout) and forgets a
+    /// module's services, in reverse start order.
+    pub async fn remove_module(&self, module: &str) -> StopReport {
+        let handles: Vec<Handle> = {
+            let mut inner = self.lock();
+            let (gone, keep) = std::mem::take(&mut inner.services)
+                .into_iter()
+                .partition(|h| h.spec.module == module);
+            inner.services = keep;
+            gone
+        };
+        let mut report = StopReport::default();
+        for h in handles.iter().rev() {
+            let outcome = h.stop(h.spec.stop_timeout, true).await;
+            record(&mut report, &h.spec.name, outcome);
+        }
+        report
+    }
+
+    /// Names of a module's services, in start order.
+    pub fn module_services(&self, module: &str) -> Vec<String> {
+        self.lock()
+            .services
+            .iter()
+            .filter(|h| h.spec.module == module)
+            .map(|h| h.spec.name.clone())
+            .collect()
+    }
+}
+
+fn record(report: &mut StopReport, name: &str, outcome: StopOutcome) {
+    let list = match outcome {
+        StopOutcome::Stopped => &mut report.stopped,
+        StopOutcome::Killed => &mut report.killed,
+        StopOutcome::Stuck => &mut report.stuck,
+    };
+    list.push(name.to_string());
+}
+
+/// The least time a service gets after SIGTERM, even past the overall budget.
+const MIN_GRACE: Duration = Duration::from_millis(500);
+
+impl Supervisor for ServiceSupervisor {
+    fn services(&self) -> Vec<ServiceState> {
+        self.lock()
+            .services
+            .iter()
+            .map(|h| {
+                let s = h.status();
                 ServiceState {
-                    name: s.spec.name.clone(),
-                    module: s.spec.module.clone(),
+                    name: h.spec.name.clone(),
+                    module: h.spec.module.clone(),
                     state: s.state.to_string(),
-                    restarts: 0,
+                    restarts: s.restarts,
+                    pid: s.pid,
+                    last_exit: s.last_exit,
                 }
             })
             .collect()
     }
 
-    fn stop_all(&self, grace: Duration) -> StopFuture<'_> {
-        // Take the children out so no lock is held across awaits.
-        let children: Vec<(String, tokio::process::Child)> = self
-            .lock()
-            .iter_mut()
-            .filter_map(|s| {
-                let child = s.child.take()?;
-                s.state = "stopping";
-                Some((s.spec.name.clone(), child))
-            })
-            .collect();
+    fn stop_all(&self, budget: Duration, kill: bool) -> StopFuture<'_> {
+        let order: Vec<(String, Duration, mpsc::UnboundedSender<Cmd>)> = {
+            let mut inner = self.lock();
+            inner.held = true;
+            inner
+                .services
+                .iter()
+                .rev()
+                .map(|h| (h.spec.name.clone(), h.spec.stop_timeout, h.cmds.clone()))
+                .collect()
+        };
         Box::pin(async move {
-            // TERM everything first, then wait against one shared deadline, so the
-            // services stop in parallel without spawning tasks: dropping this future
-            // drops the children, and `kill_on_drop` ends them.
-            for (_, child) in &children {
-                if let Some(pid) = child
-                    .id()
-                    .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-                {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-                }
-            }
-            let deadline = tokio::time::Instant::now() + grace;
+            let deadline = Instant::now() + budget;
             let mut report = StopReport::default();
-            for (name, mut child) in children {
-                let killed = match tokio::time::timeout_at(deadline, child.wait()).await {
-                    Ok(_) => false,
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        true
-                    }
-                };
-                tracing::info!(service = %name, killed, "service stopped");
-                if let Some(s) = self.lock().iter_mut().find(|s| s.spec.name == name) {
-                    s.state = "stopped";
-                }
-                if killed {
-                    report.killed.push(name);
+            for (name, stop_timeout, cmds) in order {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // A kill stop honours each service's own timeout within the budget; a
+                // drain gives each what is left of the budget.
+                let grace = if kill { stop_timeout.min(left) } else { left }.max(MIN_GRACE);
+                let (tx, rx) = oneshot::channel();
+                let outcome = if cmds
+                    .send(Cmd::Stop {
+                        grace,
+                        kill,
+                        reply: tx,
+                    })
+                    .is_err()
+                {
+                    StopOutcome::Stopped
                 } else {
-                    report.stopped.push(name);
-                }
+                    rx.await.unwrap_or(StopOutcome::Stopped)
+                };
+                record(&mut report, &name, outcome);
             }
             report
         })
     }
 
     fn start_all(&self) -> Vec<String> {
+        let mut inner = self.lock();
+        inner.held = false;
         let mut started = Vec::new();
-        for s in self.lock().iter_mut() {
-            if s.child.is_none() && matches!(s.state, "stopping" | "stopped") {
-                spawn(s);
-                started.push(s.spec.name.clone());
+        for h in &inner.services {
+            if matches!(h.status().state, "stopping" | "stopped" | "held")
+                && h.cmds.send(Cmd::Start).is_ok()
+            {
+                started.push(h.spec.name.clone());
             }
         }
         started
+    }
+}
+
+impl Drop for ServiceSupervisor {
+    fn drop(&mut self) {
+        // Dropping the handles closes the monitors' channels: they kill their groups.
+        self.lock().services.clear();
+    }
+}
+
+/// The supervisor is shared between the runtime (drain) and the module runtime
+/// (services of attached modules).
+impl Supervisor for Arc<ServiceSupervisor> {
+    fn services(&self) -> Vec<ServiceState> {
+        (**self).services()
+    }
+    fn stop_all(&self, budget: Duration, kill: bool) -> StopFuture<'_> {
+        (**self).stop_all(budget, kill)
+    }
+    fn start_all(&self) -> Vec<String> {
+        (**self).start_all()
     }
 }
 
@@ -231,84 +643,204 @@ impl Supervisor for ProcessSupervisor {
 mod tests {
     use super::*;
 
+    fn sh(name: &str, script: &str) -> ServiceSpec {
+        ServiceSpec::new(name, "m", vec!["sh".into(), "-c".into(), script.into()])
+    }
+
+    fn fast() -> RestartBackoff {
+        RestartBackoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(400),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+
+    async fn wait_for(sup: &ServiceSupervisor, what: &str, f: impl Fn(&[ServiceState]) -> bool) {
+        let start = std::time::Instant::now();
+        loop {
+            let s = sup.services();
+            if f(&s) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn states(sup: &ServiceSupervisor) -> Vec<String> {
+        sup.services().into_iter().map(|s| s.state).collect()
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+    }
+
     #[test]
     fn spec_parsing() {
         let s: ServiceSpec = "web=sleep 100".parse().unwrap();
         assert_eq!(s.name, "web");
         assert_eq!(s.argv, vec!["sleep", "100"]);
+        assert_eq!(s.restart, RestartPolicy::OnFailure);
         assert!("nocommand".parse::<ServiceSpec>().is_err());
         assert!("x=  ".parse::<ServiceSpec>().is_err());
         assert!("=sleep 1".parse::<ServiceSpec>().is_err());
+        assert_eq!("always".parse::<RestartPolicy>(), Ok(RestartPolicy::Always));
+        assert!("sometimes".parse::<RestartPolicy>().is_err());
     }
 
     #[tokio::test]
-    async fn stop_all_terms_then_kills() {
-        let sup = ProcessSupervisor::start(vec![
-            "polite=sleep 100".parse().unwrap(),
-            // Ignores SIGTERM, so it must be killed after the grace period.
-            ServiceSpec {
-                name: "stubborn".into(),
-                module: "m".into(),
-                argv: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "trap '' TERM; while :; do sleep 0.1; done".into(),
-                ],
-            },
-            "missing=/nonexistent/binary".parse().unwrap(),
-        ]);
-        // Give the shell time to install its trap.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let states: Vec<_> = sup.services().into_iter().map(|s| s.state).collect();
-        assert_eq!(states, vec!["running", "running", "failed"]);
-        let report = sup.stop_all(Duration::from_millis(300)).await;
-        assert_eq!(report.stopped, vec!["polite"]);
-        assert_eq!(report.killed, vec!["stubborn"]);
-        let states: Vec<_> = sup.services().into_iter().map(|s| s.state).collect();
-        assert_eq!(states, vec!["stopped", "stopped", "failed"]);
-        // Stopping again is a no-op.
-        assert_eq!(
-            sup.stop_all(Duration::from_millis(10)).await,
-            StopReport::default()
+    async fn stop_all_terms_in_reverse_order_then_kills() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let polite = sh(
+            "polite",
+            &format!(
+                "trap 'echo polite >> {l}; exit 0' TERM; while :; do sleep 0.05; done",
+                l = log.display()
+            ),
         );
-        // Starting again brings back what was stopped, not what failed to start.
-        assert_eq!(sup.start_all(), vec!["polite", "stubborn"]);
-        let states: Vec<_> = sup.services().into_iter().map(|s| s.state).collect();
-        assert_eq!(states, vec!["running", "running", "failed"]);
-        sup.stop_all(Duration::from_millis(10)).await;
+        let second = sh(
+            "second",
+            &format!(
+                "trap 'echo second >> {l}; exit 0' TERM; while :; do sleep 0.05; done",
+                l = log.display()
+            ),
+        );
+        let stubborn = sh("stubborn", "trap '' TERM; while :; do sleep 0.1; done");
+        let missing = ServiceSpec::new("missing", "m", vec!["/nonexistent/binary".into()]);
+        let sup = ServiceSupervisor::new(fast());
+        sup.add(vec![polite, second, stubborn, missing]);
+        wait_for(&sup, "started", |s| {
+            s.iter().map(|s| s.state.as_str()).collect::<Vec<_>>()
+                == ["running", "running", "running", "failed"]
+        })
+        .await;
+        // Give the shells time to install their traps.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stubborn_pid = sup.services()[2].pid.unwrap();
+        let report = sup.stop_all(Duration::from_millis(600), true).await;
+        assert_eq!(report.stopped, vec!["missing", "second", "polite"]);
+        assert_eq!(report.killed, vec!["stubborn"]);
+        assert!(report.stuck.is_empty());
+        // Reverse start order: `second` got its SIGTERM before `polite`.
+        let order = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(order, "second\npolite\n");
+        assert!(!alive(stubborn_pid));
+        assert_eq!(
+            states(&sup),
+            vec!["stopped", "stopped", "stopped", "failed"]
+        );
+        // Held: a service added now waits for start_all.
+        sup.add(vec![sh("late", "sleep 100")]);
+        assert_eq!(states(&sup)[4], "held");
+        assert_eq!(
+            sup.start_all(),
+            vec!["polite", "second", "stubborn", "late"]
+        );
+        wait_for(&sup, "restarted", |s| {
+            s.iter().filter(|s| s.state == "running").count() == 4
+        })
+        .await;
+        sup.stop_all(Duration::from_millis(10), true).await;
     }
 
     #[tokio::test]
-    async fn an_abandoned_stop_can_be_undone() {
-        let sup = ProcessSupervisor::start(vec![ServiceSpec {
-            name: "stubborn".into(),
-            module: String::new(),
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "trap '' TERM; while :; do sleep 0.1; done".into(),
-            ],
-        }]);
+    async fn a_drain_stop_leaves_a_stubborn_service_stuck_and_an_abandoned_stop_can_be_undone() {
+        let sup = ServiceSupervisor::new(fast());
+        sup.add(vec![sh(
+            "stubborn",
+            "trap '' TERM; while :; do sleep 0.1; done",
+        )]);
+        wait_for(&sup, "running", |s| s[0].state == "running").await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // A cancelled drain drops the stop part way through.
-        let stop = sup.stop_all(Duration::from_secs(30));
-        assert!(tokio::time::timeout(Duration::from_millis(300), stop)
-            .await
-            .is_err());
+        let pid = sup.services()[0].pid.unwrap();
+        let report = sup.stop_all(Duration::from_millis(300), false).await;
+        assert_eq!(report.stuck, vec!["stubborn"]);
         assert_eq!(sup.services()[0].state, "stopping");
+        assert!(alive(pid), "a drain must not kill");
+        // A cancelled drain: the old process is killed and a new one started.
         assert_eq!(sup.start_all(), vec!["stubborn"]);
-        // The abandoned process is gone (killed on drop), only the new one runs.
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", "-c", "trap '' TERM; while"])
-            .output();
-        if let Ok(out) = out {
-            let n: u32 = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            assert!(n <= 1, "{n} copies running");
+        wait_for(&sup, "new process", |s| {
+            s[0].state == "running" && s[0].pid != Some(pid)
+        })
+        .await;
+        assert!(!alive(pid));
+        assert_eq!(sup.services()[0].restarts, 0, "not a crash");
+        sup.stop_all(Duration::from_millis(10), true).await;
+    }
+
+    #[tokio::test]
+    async fn crashes_restart_with_backoff_by_policy() {
+        let sup = ServiceSupervisor::new(fast());
+        sup.add(vec![
+            sh("crasher", "sleep 0.05; exit 3"),
+            {
+                let mut s = sh("once", "exit 4");
+                s.restart = RestartPolicy::Never;
+                s
+            },
+            {
+                let mut s = sh("clean", "exit 0");
+                s.restart = RestartPolicy::OnFailure;
+                s
+            },
+        ]);
+        wait_for(&sup, "three restarts", |s| s[0].restarts >= 3).await;
+        let s = sup.services();
+        assert_eq!(s[0].last_exit.as_deref(), Some("exit 3"));
+        assert_eq!((s[1].state.as_str(), s[1].restarts), ("failed", 0));
+        assert_eq!(s[1].last_exit.as_deref(), Some("exit 4"));
+        assert_eq!((s[2].state.as_str(), s[2].restarts), ("stopped", 0));
+        // Capped: 100, 200, 400, 400 ms... so 3 restarts take at least 700 ms.
+        let t = std::time::Instant::now();
+        let before = sup.services()[0].restarts;
+        wait_for(&sup, "two more", |s| s[0].restarts >= before + 2).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // A stop ends the restart loop.
+        sup.stop_all(Duration::from_millis(500), true).await;
+        let n = sup.services()[0].restarts;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(sup.services()[0].restarts, n);
+        assert_eq!(sup.services()[0].state, "stopped");
+    }
+
+    #[tokio::test]
+    async fn remove_module_stops_only_that_module_and_registers_pids() {
+        let sup = ServiceSupervisor::new(fast());
+        let mut a = ServiceSpec::new("a", "one", vec!["sleep".into(), "100".into()]);
+        a.env.push(("X".into(), "1".into()));
+        let b = ServiceSpec::new("b", "two", vec!["sleep".into(), "100".into()]);
+        sup.add(vec![a, b]);
+        wait_for(&sup, "running", |s| s.iter().all(|s| s.state == "running")).await;
+        let pid_a = sup.services()[0].pid.unwrap();
+        assert!(with_supervised(|set| set.contains(&pid_a)));
+        let environ = std::fs::read(format!("/proc/{pid_a}/environ")).unwrap();
+        assert!(environ.split(|b| *b == 0).any(|kv| kv == b"X=1"));
+        let report = sup.remove_module("one").await;
+        assert_eq!(report.stopped, vec!["a"]);
+        assert_eq!(sup.module_services("one"), Vec::<String>::new());
+        assert_eq!(sup.module_services("two"), vec!["b"]);
+        assert!(!with_supervised(|set| set.contains(&pid_a)));
+        assert!(!alive(pid_a));
+        let pid_b = sup.services()[0].pid.unwrap();
+        drop(sup);
+        // Dropping the supervisor kills what it ran.
+        let start = std::time::Instant::now();
+        while alive(pid_b) && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(sup.services()[0].state, "running");
-        sup.stop_all(Duration::from_millis(10)).await;
+        assert!(!alive(pid_b));
     }
 }

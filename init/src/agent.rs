@@ -91,6 +91,8 @@ pub enum AgentEnd {
     Refused { code: ErrorCode, message: String },
     /// A local failure (state directory, TLS setup): the failure policy applies.
     Failed { code: ErrorCode, message: String },
+    /// A reboot task completed (services stopped): sync and reboot.
+    Reboot,
 }
 
 /// The agent library as the boot sees it.
@@ -430,7 +432,10 @@ impl AgentDriver for RealAgent {
             };
         };
         let resolved = session.resolved.clone();
-        let opts = AgentOptions::new(&session.state_dir);
+        let state_dir = session.state_dir.clone();
+        let mut opts = AgentOptions::new(&state_dir);
+        opts.can_reboot = true;
+        opts.kmsg_log = true;
         let rt = match self.runtime() {
             Ok(rt) => rt,
             Err(e) => {
@@ -440,7 +445,17 @@ impl AgentDriver for RealAgent {
                 }
             }
         };
-        run_on(rt, resolved, opts, Hooks::default(), timeline)
+        // The initramfs is the root: runtime modules (and their services) only.
+        let hooks = match rt.block_on(async { node_hooks(&state_dir, Vec::new()) }) {
+            Ok(h) => h,
+            Err(message) => {
+                return AgentEnd::Failed {
+                    code: ErrorCode::Internal,
+                    message,
+                }
+            }
+        };
+        run_on(rt, resolved, opts, hooks, timeline)
     }
 
     fn root_facts(&self) -> Option<RootFacts> {
@@ -448,7 +463,49 @@ impl AgentDriver for RealAgent {
     }
 }
 
-/// The agent runtime on `rt` with the SIGCHLD reaper (PID 1 inherits orphans).
+/// What the agent drives on a node: one service supervisor, shared by the drain and
+/// by the live module runtime (runtime modules under `/run/powernode/modules`, exposed
+/// at their mount points, their services supervised). `root_modules` are the modules
+/// composed into `/`: reported as running, never swapped live. Call inside the
+/// runtime (the supervisor spawns its monitors there).
+fn node_hooks(
+    state_dir: &std::path::Path,
+    root_modules: Vec<RunningModule>,
+) -> Result<Hooks, String> {
+    use powernode_agent::modules::{reconciler, registry, store::ObjectStore};
+    use powernode_agent::supervisor::ServiceSupervisor;
+    use std::sync::Arc;
+    let store_dir = state_dir.join("store");
+    std::fs::create_dir_all(&store_dir)
+        .map_err(|e| format!("creating the module store {}: {e}", store_dir.display()))?;
+    let store = ObjectStore::open(&store_dir).map_err(|e| {
+        format!(
+            "module store {}: {}",
+            store_dir.display(),
+            powernode_agent::error_chain(&e)
+        )
+    })?;
+    let services = Arc::new(ServiceSupervisor::default());
+    let modules = Arc::new(
+        reconciler::ModuleRuntime::new(
+            store,
+            registry::RegistryOptions::default(),
+            Arc::new(LoopMounter),
+            reconciler::RUNTIME_MODULES_DIR.into(),
+            root_modules,
+        )
+        .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
+        .with_services(services.clone())
+        .expose_mountpoints(),
+    );
+    Ok(Hooks {
+        supervisor: services,
+        reconciler: Arc::new(modules),
+    })
+}
+
+/// The agent runtime on `rt` with the orphan reaper (PID 1 inherits orphans; the
+/// reaper leaves supervised services to their monitors).
 fn run_on(
     rt: &tokio::runtime::Runtime,
     resolved: Resolved,
@@ -458,25 +515,20 @@ fn run_on(
 ) -> AgentEnd {
     let mut timeline = Timeline::from_entries(timeline.to_vec());
     timeline.mark(Phase::AgentStarted);
-    {
-        let ended = rt.block_on(async {
-            let reaper = tokio::spawn(reap_children());
-            // In the initramfs there are no module services yet (NoServices), so the
-            // reaper's waitpid(-1) cannot steal a supervised child's status. A root
-            // with services runs the agent under systemd or as a child (see
-            // `boot::hand_off`).
-            let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
-            reaper.abort();
-            result
-        });
-        match ended {
-            Ok(Exit::Stopped) => AgentEnd::Stopped,
-            Ok(Exit::Terminal { code, message }) => AgentEnd::Refused { code, message },
-            Err(e) => AgentEnd::Failed {
-                code: ErrorCode::Internal,
-                message: powernode_agent::error_chain(&e),
-            },
-        }
+    let ended = rt.block_on(async {
+        let reaper = tokio::spawn(reap_children());
+        let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
+        reaper.abort();
+        result
+    });
+    match ended {
+        Ok(Exit::Stopped) => AgentEnd::Stopped,
+        Ok(Exit::Reboot) => AgentEnd::Reboot,
+        Ok(Exit::Terminal { code, message }) => AgentEnd::Refused { code, message },
+        Err(e) => AgentEnd::Failed {
+            code: ErrorCode::Internal,
+            message: powernode_agent::error_chain(&e),
+        },
     }
 }
 
@@ -556,31 +608,8 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
         .get("root_facts")
         .cloned()
         .and_then(|v| serde_json::from_value(v).ok());
-    // Runtime modules mount under /run/powernode/modules; the root modules are
-    // reported as running (they are `/`), never touched.
-    let store = match powernode_agent::modules::store::ObjectStore::open(&state_dir.join("store")) {
-        Ok(s) => s,
-        Err(e) => {
-            return failed(format!(
-                "module store: {}",
-                powernode_agent::error_chain(&e)
-            ))
-        }
-    };
-    let modules = std::sync::Arc::new(
-        powernode_agent::modules::reconciler::ModuleRuntime::new(
-            store,
-            powernode_agent::modules::registry::RegistryOptions::default(),
-            std::sync::Arc::new(LoopMounter),
-            powernode_agent::modules::reconciler::RUNTIME_MODULES_DIR.into(),
-            root_modules,
-        )
-        .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE)),
-    );
-    let hooks = Hooks {
-        supervisor: std::sync::Arc::new(powernode_agent::supervisor::NoServices),
-        reconciler: std::sync::Arc::new(modules),
-    };
+    opts.can_reboot = true;
+    opts.kmsg_log = true;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -591,6 +620,12 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
     let resolved = Resolved {
         document,
         source: "state",
+    };
+    // Runtime modules mount under /run/powernode/modules; the root modules are
+    // reported as running (they are `/`), never touched.
+    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules) }) {
+        Ok(h) => h,
+        Err(message) => return failed(message),
     };
     run_on(&rt, resolved, opts, hooks, &timeline)
 }
@@ -641,15 +676,65 @@ async fn reap_children() {
     }
 }
 
-/// Reaps every exited child without blocking.
+/// Reaps every exited child of this process that no service monitor waits for,
+/// without blocking. Never `waitpid(-1)`: that would steal a supervised service's
+/// exit status from its monitor (which then could not apply its restart policy).
+/// The supervised set stays locked while reaping, so no service can start (and be
+/// mistaken for an orphan) in between.
 pub fn reap_all() -> usize {
-    let mut reaped = 0;
-    while let Ok(Some((pid, status))) = rustix::process::wait(rustix::process::WaitOptions::NOHANG)
-    {
-        log::debug!("reaped child {pid:?} ({status:?})");
-        reaped += 1;
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let zombies = zombie_children(std::path::Path::new("/proc"), me);
+    if zombies.is_empty() {
+        return 0;
     }
-    reaped
+    powernode_agent::supervisor::with_supervised(|supervised| {
+        let mut reaped = 0;
+        for pid in zombies {
+            if supervised.contains(&pid) {
+                continue;
+            }
+            let Some(p) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            else {
+                continue;
+            };
+            if let Ok(Some(status)) =
+                rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG)
+            {
+                log::debug!("reaped orphan {pid} ({status:?})");
+                reaped += 1;
+            }
+        }
+        reaped
+    })
+}
+
+/// Children of `parent` that have exited and wait to be reaped (state `Z` in
+/// `/proc/PID/stat`).
+pub fn zombie_children(proc_root: &std::path::Path, parent: i32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
+                .ok()
+                .and_then(|stat| parse_stat(&stat))
+                .is_some_and(|(state, ppid)| state == 'Z' && ppid == parent)
+        })
+        .collect()
+}
+
+/// `(state, ppid)` from a `/proc/PID/stat` line; the command name may hold spaces
+/// and parentheses, so fields are counted after its last `)`.
+fn parse_stat(stat: &str) -> Option<(char, i32)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
 }
 
 #[cfg(test)]
@@ -695,5 +780,84 @@ pub mod fake {
                 self.ends.remove(0)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod reaper_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        assert_eq!(parse_stat("12 (a) b) Z 1 12 12 0"), Some(('Z', 1)));
+        assert_eq!(parse_stat("7 (sleep) S 42 7"), Some(('S', 42)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) Z notanumber"), None);
+    }
+
+    #[test]
+    fn zombie_children_of_a_parent_from_a_proc_tree() {
+        let dir = std::env::temp_dir().join(format!("reaper-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (pid, stat) in [
+            ("10", "10 (x) Z 5 10"),
+            ("11", "11 (y) S 5 11"),
+            ("12", "12 (z z) Z 6 12"),
+            ("self", "1 (me) R 0 1"),
+        ] {
+            std::fs::create_dir_all(dir.join(pid)).unwrap();
+            std::fs::write(dir.join(pid).join("stat"), stat).unwrap();
+        }
+        assert_eq!(zombie_children(&dir, 5), vec![10]);
+        assert_eq!(zombie_children(&dir, 6), vec![12]);
+        assert!(zombie_children(&dir.join("missing"), 5).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The fix for PID 1's waitpid(-1): an orphan is reaped, a supervised service's
+    /// exit is left to its monitor, which still sees its status and applies its
+    /// restart policy.
+    #[test]
+    fn reaping_leaves_supervised_children_to_their_monitor() {
+        use powernode_agent::supervisor::{
+            RestartPolicy, ServiceSpec, ServiceSupervisor, Supervisor,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let orphan = std::process::Command::new("true").spawn().unwrap();
+            let orphan_pid = orphan.id();
+            std::mem::forget(orphan);
+            let sup = ServiceSupervisor::default();
+            let mut spec = ServiceSpec::new(
+                "crasher",
+                "m",
+                vec!["sh".into(), "-c".into(), "sleep 0.3; exit 3".into()],
+            );
+            spec.restart = RestartPolicy::Never;
+            sup.add(vec![spec]);
+            // Reap as eagerly as a SIGCHLD storm would, while the service runs and exits.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                reap_all();
+                let s = sup.services();
+                if s[0].state == "failed"
+                    && !std::path::Path::new(&format!("/proc/{orphan_pid}")).exists()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let s = sup.services();
+            assert_eq!(s[0].state, "failed", "{s:?}");
+            assert_eq!(s[0].last_exit.as_deref(), Some("exit 3"), "{s:?}");
+            assert!(
+                !std::path::Path::new(&format!("/proc/{orphan_pid}")).exists(),
+                "the orphan {orphan_pid} was not reaped"
+            );
+        });
     }
 }

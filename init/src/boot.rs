@@ -475,6 +475,11 @@ impl<'a> Boot<'a> {
                     self.event(json!({"event": "agent_stopped", "reason": "signal"}));
                     return failure::reset(self.sys, RebootKind::PowerOff);
                 }
+                AgentEnd::Reboot => {
+                    // A reboot task: services are stopped; netboot brings the node back.
+                    self.event(json!({"event": "agent_stopped", "reason": "reboot"}));
+                    return failure::reset(self.sys, RebootKind::Restart);
+                }
                 AgentEnd::Refused { code, message } => {
                     log::warn!("the control plane refused this node for good ({code}): {message}; powering off");
                     self.event(json!({

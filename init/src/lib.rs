@@ -83,7 +83,14 @@ fn agent_mode() -> ! {
     let end = agent::run_in_composed_root(std::path::Path::new(&state_dir));
     let fields = serde_json::json!({"event": "agent_stopped", "mode": "composed_root", "end": format!("{end:?}")});
     sys::Sys::console(&mut sys, &format!("{}{fields}", boot::EVENT_PREFIX));
-    let outcome = failure::reset(&mut sys, sys::RebootKind::PowerOff);
+    // A reboot task ends in a reboot (netboot brings the node back); anything else
+    // powers off.
+    let kind = if end == agent::AgentEnd::Reboot {
+        sys::RebootKind::Restart
+    } else {
+        sys::RebootKind::PowerOff
+    };
+    let outcome = failure::reset(&mut sys, kind);
     log::warn!("agent mode ended with {outcome:?}; parking");
     failure::park(&mut sys)
 }

@@ -180,10 +180,19 @@ pub struct RunningModule {
 pub struct ServiceState {
     pub name: String,
     pub module: String,
-    /// `running`, `stopped`, `backoff`, `failed`.
+    /// `running`, `backoff` (crashed, waiting to restart), `stopping` (TERM sent),
+    /// `stopped`, `failed` (could not start, or the restart policy gave up), `held`
+    /// (declared while the node is drained: not started).
     pub state: String,
+    /// Crash restarts since the service was declared.
     #[serde(default)]
     pub restarts: u32,
+    /// The running process, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// How the last process ended (`exit 1`, `signal 9`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// Result of the node's last reconcile pass.
@@ -193,6 +202,11 @@ pub struct ReconcileResult {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<FailureReport>,
+    /// Root modules whose desired digest differs from what `/` was composed from
+    /// (or that are desired while the initramfs is the root): applied by a reboot,
+    /// never live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reboot_required: Vec<String>,
 }
 
 /// `POST` [`crate::paths::HEARTBEAT`].

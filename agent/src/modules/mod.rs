@@ -14,6 +14,7 @@
 //! re-hashed against their names (or kernel-verified with fs-verity), archive paths
 //! that escape are refused, and nothing from an archive is ever followed.
 
+pub mod config;
 pub mod mount;
 pub mod pull;
 pub mod reconciler;

@@ -2,7 +2,10 @@
 //! mounts desired `runtime` modules under `/run/powernode/modules/NAME` (swapping a
 //! changed one), unmounts ones no longer desired, and reports what runs. `root` modules
 //! are the init's: [`compose_root`] pulls them and builds the union root before
-//! switch_root; a change to them needs a reboot, so the reconciler leaves them alone.
+//! switch_root; a change to them needs a reboot, so the reconciler only reports it
+//! (`reboot_required`). A runtime module's config may name a mount point where it is
+//! bind-mounted too, and services the supervisor runs while it is attached: they are
+//! stopped before its mounts change and started after (see [`super::config`]).
 //!
 //! It must never mount a module whose signature and composefs digest did not verify:
 //! everything goes through [`pull_module`] first.
@@ -16,13 +19,15 @@ use powernode_proto::node::{
 };
 use powernode_proto::ErrorCode;
 
+use super::config::{self, ConfigError, ModuleConfig};
 use super::mount::{mount_module, mount_union, MountError, Mounter, UnionRoot, Upper};
 use super::pull::{pull_module, PullError};
 use super::registry::{RegistryClient, RegistryError, RegistryOptions, Repository};
 use super::signature::{parse_trust_keys, SignatureError, TrustKey};
 use super::store::ObjectStore;
 use super::ModuleErrorCode;
-use crate::reconcile::{ReconcileFuture, Reconciler};
+use crate::reconcile::{ModuleChange, ReconcileFuture, ReconcileOutcome, Reconciler};
+use crate::supervisor::ServiceSupervisor;
 use crate::verity::VerityDigest;
 
 pub const RUNTIME_MODULES_DIR: &str = "/run/powernode/modules";
@@ -59,6 +64,19 @@ pub enum ModuleError {
     },
     #[error("module {name}: mounting needs root (this agent runs as uid {uid})")]
     NotRoot { name: String, uid: u32 },
+    #[error("module {name}: config")]
+    Config {
+        name: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("module {name}: exposing it at {}", at.display())]
+    Expose {
+        name: String,
+        at: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ModuleErrorCode for ModuleError {
@@ -72,6 +90,8 @@ impl ModuleErrorCode for ModuleError {
             ModuleError::Join(_) => ErrorCode::Internal,
             ModuleError::Ca { .. } => ErrorCode::Internal,
             ModuleError::NotRoot { .. } => ErrorCode::Internal,
+            ModuleError::Config { .. } => ErrorCode::BadRequest,
+            ModuleError::Expose { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -137,9 +157,19 @@ struct Mounted {
     image: VerityDigest,
     image_mnt: PathBuf,
     target: PathBuf,
+    /// Where the module is bind-mounted too (its mount point label), when it is.
+    exposed: Option<PathBuf>,
 }
 
-/// Runtime modules, mounted under [`RUNTIME_MODULES_DIR`] (or another dir, for tests).
+/// A module pulled and verified, ready to be mounted.
+struct Prepared {
+    desired: DesiredModule,
+    image: VerityDigest,
+    config: ModuleConfig,
+}
+
+/// Runtime modules, mounted under [`RUNTIME_MODULES_DIR`] (or another dir, for tests),
+/// exposed at their mount points, with their services run by the supervisor.
 pub struct ModuleRuntime {
     store: Arc<ObjectStore>,
     registry: RegistryOptions,
@@ -159,6 +189,12 @@ pub struct ModuleRuntime {
     ca_file: Option<PathBuf>,
     /// Refuse to mount (with a coded error, before any pull) unless running as root.
     require_root: bool,
+    /// Runs the services modules declare.
+    services: Option<Arc<ServiceSupervisor>>,
+    /// Bind-mount modules at their mount point label (needs the real kernel).
+    expose: bool,
+    /// One reconcile at a time (the periodic one and a module_update task).
+    op: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -188,6 +224,9 @@ impl ModuleRuntime {
             swaps: Default::default(),
             ca_file: None,
             require_root: false,
+            services: None,
+            expose: false,
+            op: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -201,6 +240,18 @@ impl ModuleRuntime {
     /// than letting the kernel refuse halfway.
     pub fn require_root(mut self) -> Self {
         self.require_root = true;
+        self
+    }
+
+    /// Runs the services modules declare (`org.powernode.services`) on `supervisor`.
+    pub fn with_services(mut self, supervisor: Arc<ServiceSupervisor>) -> Self {
+        self.services = Some(supervisor);
+        self
+    }
+
+    /// Bind-mounts each module at its `org.powernode.mountpoint`, if it has one.
+    pub fn expose_mountpoints(mut self) -> Self {
+        self.expose = true;
         self
     }
 
@@ -240,101 +291,237 @@ impl ModuleRuntime {
     }
 
     fn unmount(&self, m: &Mounted) {
-        for p in [&m.target, &m.image_mnt] {
+        let paths = m.exposed.iter().chain([&m.target, &m.image_mnt]);
+        for p in paths {
             if let Err(e) = self.mounter.unmount(p) {
                 tracing::warn!(path = %p.display(), error = %crate::error_chain(&e), "unmount failed");
             }
         }
     }
 
-    /// The blocking part of a reconcile: pull what changed, swap mounts, drop the rest.
-    fn apply(&self, desired: &DesiredModulesResponse) -> Result<(), ModuleError> {
-        let runtime: Vec<&DesiredModule> = desired
+    /// Root modules whose desired digest differs from what `/` was composed from, or
+    /// that were added or dropped: only a reboot applies them.
+    fn reboot_required(&self, desired: &DesiredModulesResponse) -> Vec<String> {
+        let wanted: Vec<&DesiredModule> = desired
             .modules
             .iter()
-            .filter(|m| m.kind != KIND_ROOT)
+            .filter(|m| m.kind == KIND_ROOT)
             .collect();
-        for m in &runtime {
+        let mut names: Vec<String> = wanted
+            .iter()
+            .filter(|m| {
+                !self
+                    .root
+                    .iter()
+                    .any(|r| r.name == m.name && r.digest == m.digest)
+            })
+            .map(|m| m.name.clone())
+            .collect();
+        names.extend(
+            self.root
+                .iter()
+                .filter(|r| !wanted.iter().any(|m| m.name == r.name))
+                .map(|r| r.name.clone()),
+        );
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Checks kinds and names; returns the runtime modules desired.
+    fn runtime_modules(
+        desired: &DesiredModulesResponse,
+    ) -> Result<Vec<DesiredModule>, ModuleError> {
+        let mut out = Vec::new();
+        for m in desired.modules.iter().filter(|m| m.kind != KIND_ROOT) {
             if m.kind != KIND_RUNTIME {
                 return Err(ModuleError::Kind {
                     name: m.name.clone(),
                     kind: m.kind.clone(),
                 });
             }
-        }
-        let unchanged = |m: &DesiredModule| {
-            self.mounted()
-                .get(&m.name)
-                .is_some_and(|cur| cur.module.digest == m.digest)
-        };
-        let todo: Vec<&DesiredModule> = runtime.iter().copied().filter(|m| !unchanged(m)).collect();
-        if let Some(first) = todo.first() {
-            let uid = rustix::process::geteuid().as_raw();
-            if self.require_root && uid != 0 {
-                return Err(ModuleError::NotRoot {
-                    name: first.name.clone(),
-                    uid,
+            // Names become paths: the same rule as repository components.
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                || m.name.starts_with('.')
+            {
+                return Err(ModuleError::Kind {
+                    name: m.name.clone(),
+                    kind: "(name is not a safe path component)".into(),
                 });
             }
-            let keys = parse_trust_keys(&desired.trust_keys)?;
-            let client = RegistryClient::new(self.registry_options()?)?;
-            for m in todo {
-                // Names become paths: the same rule as repository components.
-                if m.name.is_empty()
-                    || !m
-                        .name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                    || m.name.starts_with('.')
-                {
-                    return Err(ModuleError::Kind {
-                        name: m.name.clone(),
-                        kind: "(name is not a safe path component)".into(),
-                    });
-                }
-                let image = pull_one(&client, m, &keys, &self.store)?;
-                let next = Mounted {
-                    module: RunningModule {
-                        name: m.name.clone(),
-                        version: m.version.clone(),
-                        digest: m.digest.clone(),
-                    },
-                    image,
-                    image_mnt: self.dir.join(".images").join(image.to_hex()),
-                    target: self.dir.join(&m.name),
-                };
-                if let Some(old) = self.mounted().remove(&m.name) {
-                    self.unmount(&old);
-                    self.swaps.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                mount_module(
-                    &*self.mounter,
-                    &self.store,
-                    &image,
-                    &next.image_mnt,
-                    &next.target,
-                )
-                .map_err(|source| ModuleError::Mount {
+            out.push(m.clone());
+        }
+        Ok(out)
+    }
+
+    /// The blocking part: pull and verify what changed, and read each one's config.
+    fn prepare(
+        &self,
+        todo: Vec<DesiredModule>,
+        trust_keys: &[String],
+    ) -> Result<Vec<Prepared>, ModuleError> {
+        let Some(first) = todo.first() else {
+            return Ok(Vec::new());
+        };
+        let uid = rustix::process::geteuid().as_raw();
+        if self.require_root && uid != 0 {
+            return Err(ModuleError::NotRoot {
+                name: first.name.clone(),
+                uid,
+            });
+        }
+        let keys = parse_trust_keys(trust_keys)?;
+        let client = RegistryClient::new(self.registry_options()?)?;
+        let mut out = Vec::new();
+        for m in todo {
+            let image = pull_one(&client, &m, &keys, &self.store)?;
+            let config = module_config(&client, &m)?;
+            out.push(Prepared {
+                desired: m,
+                image,
+                config,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Mounts a prepared module (replacing `old`, already stopped) and exposes it.
+    fn mount(&self, p: &Prepared, old: Option<Mounted>) -> Result<Mounted, ModuleError> {
+        let m = &p.desired;
+        let next = Mounted {
+            module: RunningModule {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                digest: m.digest.clone(),
+            },
+            image: p.image,
+            image_mnt: self.dir.join(".images").join(p.image.to_hex()),
+            target: self.dir.join(&m.name),
+            exposed: None,
+        };
+        if let Some(old) = old {
+            self.unmount(&old);
+            self.swaps.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        mount_module(
+            &*self.mounter,
+            &self.store,
+            &p.image,
+            &next.image_mnt,
+            &next.target,
+        )
+        .map_err(|source| ModuleError::Mount {
+            name: m.name.clone(),
+            source,
+        })?;
+        let mut next = next;
+        if let (true, Some(at)) = (self.expose, &p.config.mountpoint) {
+            if let Err(source) = bind(&next.target, at) {
+                self.unmount(&next);
+                return Err(ModuleError::Expose {
                     name: m.name.clone(),
+                    at: at.clone(),
                     source,
-                })?;
-                self.mounted().insert(m.name.clone(), next);
+                });
+            }
+            tracing::info!(module = %m.name, at = %at.display(), "module exposed at its mount point");
+            next.exposed = Some(at.clone());
+        }
+        Ok(next)
+    }
+
+    async fn stop_services(&self, name: &str) {
+        if let Some(sup) = &self.services {
+            let report = sup.remove_module(name).await;
+            if !report.stopped.is_empty() || !report.killed.is_empty() {
+                tracing::info!(module = %name, stopped = ?report.stopped, killed = ?report.killed, "module services stopped");
             }
         }
-        let gone: Vec<Mounted> = {
-            let mut cur = self.mounted();
-            let names: Vec<String> = cur
-                .keys()
-                .filter(|n| !runtime.iter().any(|m| &m.name == *n))
-                .cloned()
-                .collect();
-            names.iter().filter_map(|n| cur.remove(n)).collect()
+    }
+
+    fn start_services(&self, mounted: &Mounted, config: &ModuleConfig) {
+        if let Some(sup) = &self.services {
+            let dir = mounted.exposed.as_ref().unwrap_or(&mounted.target);
+            let specs = config.service_specs(&mounted.module.name, dir);
+            if !specs.is_empty() {
+                tracing::info!(module = %mounted.module.name, services = specs.len(), "starting module services");
+                sup.add(specs);
+            }
+        }
+    }
+
+    /// Pulls what changed (blocking, off the async thread), then per module: stop its
+    /// services, swap the mounts, start the new services; then drops what is no
+    /// longer desired (services first, then mounts).
+    async fn apply(
+        self: Arc<Self>,
+        desired: DesiredModulesResponse,
+    ) -> Result<ReconcileOutcome, ModuleError> {
+        let _one_at_a_time = self.op.lock().await;
+        let mut outcome = ReconcileOutcome {
+            reboot_required: self.reboot_required(&desired),
+            ..Default::default()
         };
-        for m in &gone {
-            self.unmount(m);
+        let runtime = Self::runtime_modules(&desired)?;
+        let (todo, unchanged): (Vec<DesiredModule>, Vec<DesiredModule>) =
+            runtime.iter().cloned().partition(|m| {
+                self.mounted()
+                    .get(&m.name)
+                    .is_none_or(|cur| cur.module.digest != m.digest)
+            });
+        outcome.unchanged = unchanged.into_iter().map(|m| m.name).collect();
+        let this = Arc::clone(&self);
+        let keys = desired.trust_keys.clone();
+        let prepared = tokio::task::spawn_blocking(move || this.prepare(todo, &keys))
+            .await
+            .map_err(|e| ModuleError::Join(e.to_string()))??;
+        for p in &prepared {
+            let name = p.desired.name.clone();
+            let old = self.mounted().remove(&name);
+            if old.is_some() {
+                self.stop_services(&name).await;
+            }
+            let change = ModuleChange {
+                name: name.clone(),
+                version: p.desired.version.clone(),
+                digest: p.desired.digest.clone(),
+                from: old.as_ref().map(|o| o.module.digest.clone()),
+            };
+            let mounted = self.mount(p, old)?;
+            self.start_services(&mounted, &p.config);
+            self.mounted().insert(name, mounted);
+            if change.from.is_some() {
+                outcome.updated.push(change);
+            } else {
+                outcome.attached.push(change);
+            }
+        }
+        let gone: Vec<String> = self
+            .mounted()
+            .keys()
+            .filter(|n| !runtime.iter().any(|m| &m.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.stop_services(&name).await;
+            if let Some(m) = self.mounted().remove(&name) {
+                self.unmount(&m);
+                tracing::info!(module = %name, "module detached");
+                outcome.detached.push(ModuleChange {
+                    name: m.module.name,
+                    version: m.module.version,
+                    digest: m.module.digest,
+                    from: None,
+                });
+            }
         }
         if let Some(keep) = &self.gc_keep {
-            if self.swapped_or_dropped(&gone) {
+            let dropped = !outcome.detached.is_empty();
+            if dropped || self.swaps.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 let mut live = keep.clone();
                 live.extend(self.live_images());
                 match self.store.gc(&live) {
@@ -344,12 +531,41 @@ impl ModuleRuntime {
                 }
             }
         }
-        Ok(())
+        Ok(outcome)
     }
+}
 
-    fn swapped_or_dropped(&self, gone: &[Mounted]) -> bool {
-        !gone.is_empty() || self.swaps.swap(false, std::sync::atomic::Ordering::Relaxed)
-    }
+/// The module's image config, read by the manifest digest the control plane pinned
+/// (so the signature checked by the pull covers it).
+fn module_config(client: &RegistryClient, m: &DesiredModule) -> Result<ModuleConfig, ModuleError> {
+    let pull_err = |source: PullError| ModuleError::Pull {
+        name: m.name.clone(),
+        source: Box::new(source),
+    };
+    let repo: Repository = m
+        .repository
+        .parse()
+        .map_err(|e: RegistryError| pull_err(e.into()))?;
+    let fetched = client
+        .manifest(&repo, &m.digest, Some(&m.digest))
+        .map_err(|e| pull_err(e.into()))?;
+    let bytes = client
+        .small_blob(&repo, &fetched.manifest.config, MAX_CONFIG_BYTES)
+        .map_err(|e| pull_err(e.into()))?;
+    config::parse(&bytes).map_err(|source| ModuleError::Config {
+        name: m.name.clone(),
+        source,
+    })
+}
+
+/// Image configs are small; one this big is not one.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Bind-mounts `from` at `at` (created if missing).
+fn bind(from: &Path, at: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(at)?;
+    rustix::mount::mount_bind(from, at)?;
+    Ok(())
 }
 
 impl Reconciler for Arc<ModuleRuntime> {
@@ -363,11 +579,7 @@ impl Reconciler for Arc<ModuleRuntime> {
         let this = Arc::clone(self);
         let desired = desired.clone();
         Box::pin(async move {
-            let r = tokio::task::spawn_blocking(move || this.apply(&desired))
-                .await
-                .map_err(|e| ModuleError::Join(e.to_string()))
-                .and_then(|r| r);
-            r.map_err(|e| FailureReport {
+            this.apply(desired).await.map_err(|e| FailureReport {
                 phase: Phase::ModulesVerified,
                 code: e.code(),
                 message: crate::error_chain(&e),

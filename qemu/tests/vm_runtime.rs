@@ -1,0 +1,860 @@
+//! VM tier, runtime (issue 5): live module reconcile, module services, task lease,
+//! drain and decommission on real VMs, asserted from the server's API only
+//! (get-instance, get-task, drift-report): no console reading.
+//!
+//! Test modules are OCI image layouts built here (a tar layer with a static busybox,
+//! an image config whose labels declare the mount point and the services, see
+//! `agent/src/modules/config.rs`) and published with `powernode-stub
+//! publish-module`. Ignored unless built with `POWERNODE_VM_TESTS=1`; each test keeps
+//! `serial.log`, `qemu-command.sh`, `server.log` and the server's data under
+//! `target/vm-tests/<test>/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::stub::Stub;
+use common::*;
+use powernode_initramfs::Compression;
+use powernode_qemu::Vm;
+use serde_json::{json, Value};
+
+const TO_RUNNING: Duration = Duration::from_secs(180);
+const TO_CHANGE: Duration = Duration::from_secs(90);
+const TO_EXIT: Duration = Duration::from_secs(60);
+
+/// Polls `check` every 250 ms until it returns `Some` or `timeout`; panics with
+/// `context()` if QEMU exits or time runs out.
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    vm: &mut Vm,
+    context: &dyn Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "QEMU exited ({status}) while waiting for {what}\n{}",
+                context()
+            );
+        }
+        if start.elapsed() > timeout {
+            panic!("no {what} after {timeout:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Debian bookworm's static busybox (the same cache `vm_agent` uses).
+fn busybox() -> PathBuf {
+    let cache = workspace_root().join("cache/busybox");
+    let bin = cache.join("root/bin/busybox");
+    if bin.exists() {
+        return bin;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let run = |cmd: &mut Command| {
+        let st = cmd.current_dir(&cache).status().expect("run apt-get/dpkg");
+        assert!(st.success(), "{cmd:?}: {st}");
+    };
+    run(Command::new("apt-get").args(["download", "busybox-static"]));
+    let deb = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("busybox-static .deb");
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg("root"));
+    assert!(bin.exists(), "{} missing after dpkg -x", bin.display());
+    bin
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes `bytes` as a blob of `layout`; returns its descriptor.
+fn blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Value {
+    let tmp = layout.join("blob.tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    let hex = sha256_hex(&tmp);
+    std::fs::rename(&tmp, layout.join("blobs/sha256").join(&hex)).unwrap();
+    json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+}
+
+/// A runtime module tree: `bin/busybox` with `sh` and `sleep` applets, plus
+/// `version`; as an OCI image layout whose config carries `labels`.
+fn module_layout(dir: &Path, name: &str, version: &str, labels: Value) -> PathBuf {
+    let tree = dir.join(format!("{name}-{version}-tree"));
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::copy(busybox(), tree.join("bin/busybox")).unwrap();
+    for applet in ["sh", "sleep"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(tree.join("version"), format!("{name} {version}\n")).unwrap();
+    let layout = dir.join(format!("{name}-{version}-oci"));
+    let _ = std::fs::remove_dir_all(&layout);
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let layer = layout.join("layer.tar");
+    let st = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "--format=gnu",
+            "-C",
+        ])
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&layer)
+        .args(["bin", "version"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar: {st}");
+    let layer_bytes = std::fs::read(&layer).unwrap();
+    std::fs::remove_file(&layer).unwrap();
+    let layer_desc = blob(
+        &layout,
+        "application/vnd.oci.image.layer.v1.tar",
+        &layer_bytes,
+    );
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": labels},
+    });
+    let config_desc = blob(
+        &layout,
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config).unwrap(),
+    );
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_desc,
+        "layers": [layer_desc],
+    });
+    let manifest_desc = blob(
+        &layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    layout
+}
+
+/// A service entry of the `org.powernode.services` label running a busybox shell
+/// script from the module (relative argv\[0\]: the module's own tree).
+fn sh_service(name: &str, script: &str, restart: &str) -> Value {
+    json!({"name": name, "command": ["bin/busybox", "sh", "-c", script], "restart": restart,
+           "stop_timeout_seconds": 3})
+}
+
+fn labels(mountpoint: Option<&str>, services: &[Value]) -> Value {
+    let mut l = json!({"org.powernode.services": Value::Array(services.to_vec()).to_string()});
+    if let Some(m) = mountpoint {
+        l["org.powernode.mountpoint"] = json!(m);
+    }
+    l
+}
+
+/// Publishes a runtime module layout; returns its pinned manifest digest.
+fn publish_runtime(stub: &Stub, dir: &Path, name: &str, version: &str, labels: Value) -> String {
+    let layout = module_layout(dir, name, version, labels);
+    let p = stub.cli(&[
+        "publish-module",
+        layout.to_str().unwrap(),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--kind",
+        "runtime",
+    ]);
+    p["publication"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {p}"))
+        .to_string()
+}
+
+fn task(stub: &Stub, id: &str) -> Value {
+    let t = stub.cli(&["get-task", id]);
+    t.get("task").cloned().unwrap_or(t)
+}
+
+fn task_id(v: &Value) -> String {
+    v["task_id"]
+        .as_str()
+        .or_else(|| v["task"]["id"].as_str())
+        .unwrap_or_else(|| panic!("no task id in {v}"))
+        .to_string()
+}
+
+fn module_digest<'a>(inst: &'a Value, name: &str) -> Option<&'a str> {
+    inst["modules"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?["digest"]
+        .as_str()
+}
+
+fn service<'a>(inst: &'a Value, name: &str) -> Option<&'a Value> {
+    inst["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+}
+
+/// A VM booted against `stub` for a provisioned instance.
+struct Node {
+    instance_id: String,
+    vm: Vm,
+    serial_log: PathBuf,
+    server_log: PathBuf,
+    command: String,
+}
+
+impl Node {
+    fn context(&self) -> impl Fn() -> String {
+        let serial_log = self.serial_log.clone();
+        let server_log = self.server_log.clone();
+        let command = self.command.clone();
+        move || {
+            let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
+            let tail: Vec<&str> = serial.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "command: {command}\nserial: {}\nserver log: {}\n--- serial tail:\n{}",
+                serial_log.display(),
+                server_log.display(),
+                tail.join("\n")
+            )
+        }
+    }
+
+    /// Waits until get-instance satisfies `f`.
+    fn wait(
+        &mut self,
+        stub: &Stub,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let ctx = self.context();
+        let id = self.instance_id.clone();
+        wait_until(what, timeout, &mut self.vm, &ctx, || {
+            let i = stub.instance(&id);
+            assert_ne!(i["status"], "failed", "instance failed: {i}\n{}", ctx());
+            f(&i).then_some(i)
+        })
+    }
+
+    /// Waits until the task reaches a final state.
+    fn wait_task(&mut self, stub: &Stub, id: &str, timeout: Duration) -> Value {
+        let ctx = self.context();
+        wait_until(
+            &format!("task {id} done"),
+            timeout,
+            &mut self.vm,
+            &ctx,
+            || {
+                let t = task(stub, id);
+                matches!(
+                    t["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                )
+                .then_some(t)
+            },
+        )
+    }
+}
+
+/// Provisions an instance and boots a VM for it (identity by fw_cfg).
+fn boot(stub: &Stub, dir: &Path, hostname: &str, sub: &str) -> Node {
+    let (instance_id, doc) = stub.provision(hostname);
+    boot_instance(dir, instance_id, &doc, sub)
+}
+
+fn boot_instance(dir: &Path, instance_id: String, doc: &Value, sub: &str) -> Node {
+    let (init, _) = musl_inits();
+    let built = image(&dir.join("image"), &init, Compression::Zstd);
+    let vm_dir = dir.join(sub);
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let mut spec = spec(&vm_dir, &built.vmlinuz, &built.initramfs);
+    spec.kernel_args = vec![
+        "powernode.on_failure=poweroff".into(),
+        "powernode.attempts=3".into(),
+    ];
+    with_identity(&mut spec, &vm_dir, &doc.to_string());
+    let vm = Vm::spawn(&spec).expect("spawn QEMU");
+    Node {
+        instance_id,
+        command: vm.command.clone(),
+        vm,
+        serial_log: spec.serial_log.clone(),
+        server_log: dir.join("server.log"),
+    }
+}
+
+/// Phases 1-6 on ONE VM, the initramfs as root (the init is PID 1 and runs the agent):
+/// create + provision + bootstrap to running; a runtime module with a service is
+/// attached live (exposed at its mount point), updated (new digest, new process, a
+/// crashing service restarted with backoff), diagnostics collected, then detached;
+/// drain stops the remaining service; terminate powers the VM off.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn runtime_phases_1_to_6_on_one_vm() {
+    let test = "runtime_phases";
+    let dir = test_dir(test);
+    let stub = Stub::start(&dir);
+    // Phases 1-3: nothing desired yet.
+    let mut node = boot(&stub, &dir, "runtime-phases-1", "vm");
+    let started = Instant::now();
+    let running = node.wait(&stub, "status running", TO_RUNNING, |i| {
+        i["status"] == "running"
+    });
+    assert!(
+        running["modules"].as_array().is_none_or(Vec::is_empty),
+        "{running}"
+    );
+    let to_running = started.elapsed();
+
+    // Phase 4: attach `demo` (exposed at /opt/demo, service `web` run through the
+    // mount point) and `aux` (service `keeper`) live.
+    let web = json!({"name": "web",
+        "command": ["/opt/demo/bin/busybox", "sh", "-c", "while :; do sleep 1; done"],
+        "env": ["PATH=/opt/demo/bin"], "restart": "always", "stop_timeout_seconds": 3});
+    let demo1 = publish_runtime(
+        &stub,
+        &dir,
+        "demo",
+        "1.0.0",
+        labels(Some("/opt/demo"), std::slice::from_ref(&web)),
+    );
+    let aux1 = publish_runtime(
+        &stub,
+        &dir,
+        "aux",
+        "1.0.0",
+        labels(
+            None,
+            &[sh_service(
+                "keeper",
+                "while :; do sleep 1; done",
+                "on-failure",
+            )],
+        ),
+    );
+    let t = Instant::now();
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "demo",
+        "--runtime",
+        "aux",
+    ]);
+    let attached = node.wait(
+        &stub,
+        "demo and aux attached, services running",
+        TO_CHANGE,
+        |i| {
+            module_digest(i, "demo") == Some(&demo1)
+                && module_digest(i, "aux") == Some(&aux1)
+                && service(i, "web").is_some_and(|s| s["state"] == "running")
+                && service(i, "keeper").is_some_and(|s| s["state"] == "running")
+        },
+    );
+    let attach_time = t.elapsed();
+    assert_eq!(attached["status"], "running", "{attached}");
+    let web_pid = service(&attached, "web").unwrap()["pid"].clone();
+    assert!(web_pid.is_u64(), "{attached}");
+    let drift = stub.cli(&["drift-report", &node.instance_id]);
+    assert_eq!(drift["drift"], false, "drift after attach: {drift}");
+
+    // Update demo live: a new digest, `web` restarted as a new process, and a
+    // `crasher` that the supervisor restarts with backoff.
+    let demo2 = publish_runtime(
+        &stub,
+        &dir,
+        "demo",
+        "2.0.0",
+        labels(
+            Some("/opt/demo"),
+            &[web, sh_service("crasher", "sleep 1; exit 7", "on-failure")],
+        ),
+    );
+    assert_ne!(demo1, demo2);
+    let t = Instant::now();
+    let updated = node.wait(&stub, "demo updated", TO_CHANGE, |i| {
+        module_digest(i, "demo") == Some(&demo2)
+            && service(i, "web").is_some_and(|s| s["state"] == "running" && s["pid"] != web_pid)
+    });
+    let update_time = t.elapsed();
+    assert_eq!(
+        module_digest(&updated, "aux"),
+        Some(aux1.as_str()),
+        "{updated}"
+    );
+    let crashed = node.wait(&stub, "crasher restarted twice", TO_CHANGE, |i| {
+        service(i, "crasher").is_some_and(|s| s["restarts"].as_u64().unwrap_or(0) >= 2)
+    });
+    let crasher = service(&crashed, "crasher").unwrap();
+    assert_eq!(crasher["last_exit"], "exit 7", "{crashed}");
+    assert_eq!(crasher["module"], "demo", "{crashed}");
+    // The keeper of the untouched module kept its process.
+    assert_eq!(
+        service(&crashed, "keeper").unwrap()["pid"],
+        service(&attached, "keeper").unwrap()["pid"],
+        "{crashed}"
+    );
+
+    // Diagnostics: a bounded result readable from get-task.
+    let d = stub.cli(&[
+        "collect-diagnostics",
+        &node.instance_id,
+        "--log-lines",
+        "40",
+    ]);
+    let diag = node.wait_task(&stub, &task_id(&d), TO_CHANGE);
+    assert_eq!(diag["status"], "succeeded", "{diag}");
+    let r = &diag["result"];
+    assert!(
+        r["kernel"].as_str().is_some_and(|k| k.starts_with("6.")),
+        "{r}"
+    );
+    assert_eq!(r["agent_version"], running["agent_version"], "{r}");
+    let mounts: Vec<&str> = r["mounts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["target"].as_str()).collect())
+        .unwrap_or_default();
+    for m in [
+        "/run/powernode/modules/demo",
+        "/opt/demo",
+        "/run/powernode/modules/aux",
+    ] {
+        assert!(mounts.contains(&m), "{m} not in {mounts:?}");
+    }
+    assert!(
+        r["modules"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["digest"] == demo2.as_str())),
+        "{r}"
+    );
+    let log = r["log"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(log > 0 && log <= 40, "{log} log lines: {r}");
+    assert!(serde_json::to_vec(r).unwrap().len() <= 64 * 1024);
+
+    // Detach demo: its services stop, its mounts go; aux stays.
+    let t = Instant::now();
+    stub.cli(&["set-template-modules", "tmpl-edge-base", "--runtime", "aux"]);
+    let detached = node.wait(&stub, "demo detached", TO_CHANGE, |i| {
+        module_digest(i, "demo").is_none()
+            && service(i, "web").is_none()
+            && service(i, "crasher").is_none()
+            && module_digest(i, "aux").is_some()
+    });
+    let detach_time = t.elapsed();
+    assert_eq!(
+        service(&detached, "keeper").unwrap()["state"],
+        "running",
+        "{detached}"
+    );
+    let drift = stub.cli(&["drift-report", &node.instance_id]);
+    assert_eq!(drift["drift"], false, "drift after detach: {drift}");
+
+    // Phase 5: drain stops the remaining service.
+    let drain = stub.cli(&[
+        "drain-instance",
+        &node.instance_id,
+        "--timeout-seconds",
+        "20",
+    ]);
+    let drain_task = node.wait_task(&stub, &task_id(&drain), TO_CHANGE);
+    assert_eq!(drain_task["status"], "succeeded", "{drain_task}");
+    assert_eq!(
+        drain_task["result"]["services_stopped"],
+        json!(["keeper"]),
+        "{drain_task}"
+    );
+    let drained = node.wait(&stub, "phase drained, keeper stopped", TO_CHANGE, |i| {
+        i["phase"] == "drained" && service(i, "keeper").is_some_and(|s| s["state"] == "stopped")
+    });
+    assert_eq!(drained["status"], "draining", "{drained}");
+    assert_eq!(drained["cordoned"], true, "{drained}");
+
+    // Phase 6: terminate; the agent is refused and the VM powers off.
+    stub.cli(&["terminate-instance", &node.instance_id]);
+    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not exit after terminate: {exit:?}\n{}",
+        node.context()()
+    );
+    assert_eq!(stub.instance(&node.instance_id)["status"], "terminated");
+    eprintln!(
+        "{test}: running after {to_running:?}; attach {attach_time:?}, update {update_time:?}, \
+         detach {detach_time:?} (server view, 2 s heartbeats); whole runbook {:?}",
+        started.elapsed()
+    );
+}
+
+/// A service that ignores SIGTERM outlives the drain's --timeout-seconds: the drain
+/// task fails with `drain_timeout` naming it, the instance stays `draining` with
+/// the stuck signal and its recovery step, and `terminate-instance --force` ends it
+/// (the agent kills what is left and the VM powers off).
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_drain_past_its_timeout_stays_draining_until_forced() {
+    let dir = test_dir("runtime_drain_stuck");
+    let stub = Stub::start(&dir);
+    publish_runtime(
+        &stub,
+        &dir,
+        "stubborn",
+        "1.0.0",
+        labels(
+            None,
+            &[sh_service(
+                "stubborn",
+                "trap '' TERM; while :; do sleep 1; done",
+                "always",
+            )],
+        ),
+    );
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "stubborn",
+    ]);
+    let mut node = boot(&stub, &dir, "drain-stuck-1", "vm");
+    node.wait(
+        &stub,
+        "running with the stubborn service",
+        TO_RUNNING,
+        |i| {
+            i["status"] == "running"
+                && service(i, "stubborn").is_some_and(|s| s["state"] == "running")
+        },
+    );
+    let drain = stub.cli(&[
+        "drain-instance",
+        &node.instance_id,
+        "--timeout-seconds",
+        "4",
+    ]);
+    let id = task_id(&drain);
+    let t = node.wait_task(&stub, &id, TO_CHANGE);
+    assert_eq!(t["status"], "failed", "{t}");
+    assert_eq!(t["result"]["error"], "drain_timeout", "{t}");
+    assert_eq!(t["result"]["services_stuck"], json!(["stubborn"]), "{t}");
+    let stuck = node.wait(&stub, "stuck signal drain_timeout", TO_CHANGE, |i| {
+        i["stuck"]["reason"] == "drain_timeout"
+    });
+    assert_eq!(stuck["status"], "draining", "{stuck}");
+    assert!(
+        stuck["stuck"]["recovery"]
+            .as_str()
+            .is_some_and(|r| r.contains("--force")),
+        "{stuck}"
+    );
+    assert_eq!(
+        service(&stuck, "stubborn").unwrap()["state"],
+        "stopping",
+        "{stuck}"
+    );
+    assert_ne!(stuck["phase"], "drained", "{stuck}");
+
+    stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
+    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not exit after a forced terminate: {exit:?}\n{}",
+        node.context()()
+    );
+    assert_eq!(stub.instance(&node.instance_id)["status"], "terminated");
+}
+
+/// The agent dies mid-task (QEMU killed while a drain waits on a stubborn service):
+/// the lease runs out and the server puts the task back to `pending`, as get-task
+/// shows, with the first attempt kept.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
+    let dir = test_dir("runtime_lease_requeue");
+    let stub = Stub::start(&dir);
+    publish_runtime(
+        &stub,
+        &dir,
+        "stubborn",
+        "1.0.0",
+        labels(
+            None,
+            &[sh_service(
+                "stubborn",
+                "trap '' TERM; while :; do sleep 1; done",
+                "always",
+            )],
+        ),
+    );
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "stubborn",
+    ]);
+    let mut node = boot(&stub, &dir, "lease-requeue-1", "vm");
+    node.wait(
+        &stub,
+        "running with the stubborn service",
+        TO_RUNNING,
+        |i| {
+            i["status"] == "running"
+                && service(i, "stubborn").is_some_and(|s| s["state"] == "running")
+        },
+    );
+    let drain = stub.cli(&[
+        "drain-instance",
+        &node.instance_id,
+        "--timeout-seconds",
+        "600",
+    ]);
+    let id = task_id(&drain);
+    let ctx = node.context();
+    let leased = wait_until("drain leased", TO_CHANGE, &mut node.vm, &ctx, || {
+        let t = task(&stub, &id);
+        (t["status"] == "running" && t["lease_expires_at"].is_string()).then_some(t)
+    });
+    // The agent renews while it waits on the service.
+    let renewed = wait_until("lease renewed", TO_CHANGE, &mut node.vm, &ctx, || {
+        let t = task(&stub, &id);
+        (t["lease_expires_at"] != leased["lease_expires_at"]).then_some(t)
+    });
+    assert_eq!(renewed["status"], "running", "{renewed}");
+    node.vm.kill();
+    let killed_at = Instant::now();
+    let requeued = loop {
+        let t = task(&stub, &id);
+        if t["status"] == "pending" {
+            break t;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(120),
+            "not requeued 120 s after the agent died: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "lease_requeue: requeued {:?} after the VM was killed: {requeued}",
+        killed_at.elapsed()
+    );
+    assert!(
+        requeued["attempts"].as_u64().unwrap_or(0) >= 1,
+        "{requeued}"
+    );
+    stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
+}
+
+/// A minimal busybox root for a root module (`bin/sh` and friends, mount points).
+fn busybox_root(dir: &Path, version: &str) -> PathBuf {
+    let root = dir.join(format!("base-root-{version}"));
+    let _ = std::fs::remove_dir_all(&root);
+    for d in [
+        "bin", "etc", "dev", "proc", "sys", "run", "tmp", "opt", "persist",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "ls", "cat", "mount", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/hostname"), "powernode-base\n").unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    std::fs::write(
+        root.join("etc/os-release"),
+        format!("ID=powernode-base\nVERSION_ID={version}\n"),
+    )
+    .unwrap();
+    root
+}
+
+fn publish_root(stub: &Stub, dir: &Path, version: &str) -> String {
+    let tree = busybox_root(dir, version);
+    let p = stub.cli(&[
+        "publish-module",
+        tree.to_str().unwrap(),
+        "--name",
+        "base",
+        "--version",
+        version,
+        "--kind",
+        "root",
+    ]);
+    p["publication"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {p}"))
+        .to_string()
+}
+
+fn root_modules(inst: &Value) -> Vec<String> {
+    inst["root"]["modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The agent as PID 1 of a composed root (agent mode after switch_root): a runtime
+/// module with a service is attached live on top of the busybox base; a new version
+/// of the ROOT module is reported as needing a reboot (never swapped live) and
+/// applied by a reboot task: the agent stops the services and reboots, the VM comes
+/// back by netboot (QEMU runs with -no-reboot, so the test boots it again with the
+/// same identity, as a provider would), re-enrolls in the server's window after the
+/// reboot task, and runs on the new root with its runtime module re-attached.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn composed_root_runs_runtime_modules_and_a_reboot_applies_a_root_change() {
+    let test = "runtime_composed_reboot";
+    let dir = test_dir(test);
+    let stub = Stub::start(&dir);
+    let base1 = publish_root(&stub, &dir, "1.0.0");
+    stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
+    let (instance_id, doc) = stub.provision("composed-reboot-1");
+    let mut node = boot_instance(&dir, instance_id.clone(), &doc, "boot1");
+    let running = node.wait(&stub, "running on the composed root", TO_RUNNING, |i| {
+        i["status"] == "running"
+    });
+    assert_eq!(running["root"]["fstype"], "overlay", "{running}");
+    assert_eq!(root_modules(&running), [base1.clone()], "{running}");
+
+    // A runtime module attached live in agent mode.
+    let web = json!({"name": "web",
+        "command": ["/opt/demo/bin/busybox", "sh", "-c", "while :; do sleep 1; done"],
+        "restart": "always", "stop_timeout_seconds": 3});
+    let demo = publish_runtime(
+        &stub,
+        &dir,
+        "demo",
+        "1.0.0",
+        labels(Some("/opt/demo"), &[web]),
+    );
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--root",
+        "base",
+        "--runtime",
+        "demo",
+    ]);
+    node.wait(
+        &stub,
+        "demo attached in the composed root",
+        TO_CHANGE,
+        |i| {
+            module_digest(i, "demo") == Some(&demo)
+                && service(i, "web").is_some_and(|s| s["state"] == "running")
+        },
+    );
+
+    // A root change: reported, not applied live.
+    let base2 = publish_root(&stub, &dir, "2.0.0");
+    let ctx = node.context();
+    let drift = wait_until(
+        "reboot_required drift",
+        TO_CHANGE,
+        &mut node.vm,
+        &ctx,
+        || {
+            let d = stub.cli(&["drift-report", &instance_id]);
+            (d["reboot_required"] == true).then_some(d)
+        },
+    );
+    eprintln!("{test}: drift after the root change: {drift}");
+    std::thread::sleep(Duration::from_secs(5));
+    let still = stub.instance(&instance_id);
+    assert_eq!(
+        root_modules(&still),
+        [base1.clone()],
+        "applied live? {still}"
+    );
+
+    let reboot = stub.cli(&[
+        "reboot-instance",
+        &instance_id,
+        "--drain-timeout-seconds",
+        "10",
+    ]);
+    let reboot_id = task_id(&reboot);
+    // The guest reboots; with -no-reboot QEMU exits.
+    let exit = node
+        .vm
+        .wait_timeout(Duration::from_secs(120))
+        .expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "{exit:?}\n{}",
+        node.context()()
+    );
+    let t = task(&stub, &reboot_id);
+    assert_ne!(t["status"], "failed", "{t}");
+    if t["status"] == "succeeded" {
+        assert!(
+            t["result"]["rebooting"] == true || t["result"]["re_enrolled"] == true,
+            "{t}"
+        );
+        if t["result"]["rebooting"] == true {
+            assert_eq!(t["result"]["services_stopped"], json!(["web"]), "{t}");
+        }
+    }
+
+    // Netboot again: same identity document.
+    let mut node = boot_instance(&dir, instance_id.clone(), &doc, "boot2");
+    let back = node.wait(&stub, "running on the new root", TO_RUNNING, |i| {
+        i["status"] == "running" && root_modules(i) == [base2.clone()]
+    });
+    node.wait(&stub, "demo re-attached after the reboot", TO_CHANGE, |i| {
+        module_digest(i, "demo") == Some(&demo)
+            && service(i, "web").is_some_and(|s| s["state"] == "running")
+    });
+    let t = task(&stub, &reboot_id);
+    assert_eq!(t["status"], "succeeded", "{t}");
+    let drift = stub.cli(&["drift-report", &instance_id]);
+    assert_eq!(drift["drift"], false, "{drift}");
+    eprintln!("{test}: back on {:?}", back["root"]);
+    stub.cli(&["terminate-instance", &instance_id, "--force"]);
+    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "{exit:?}\n{}",
+        node.context()()
+    );
+}
