@@ -452,6 +452,130 @@ fn cancelled_drain_uncordons_and_restarts_services() -> Result<()> {
     Ok(())
 }
 
+/// A service that ignores SIGTERM outlives `--timeout-seconds`: the instance stays
+/// `draining` with the `drain_timeout` stuck row and its recovery step, and
+/// `terminate-instance --force` ends it (the agent is refused and exits).
+#[test]
+fn drain_past_its_timeout_is_stuck_until_a_forced_terminate() -> Result<()> {
+    let dir = test_dir("drain-timeout")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_node, instance) = server.create_and_provision("edge-drain-timeout")?;
+    let script = dir.join("stubborn.sh");
+    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    let service = format!("stubborn=sh {}", script.display());
+    let mut agent = Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--service", &service, "--lease-seconds", "3"],
+    )?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "3"])?;
+    let task_id = str_at(&drain, "/task_id")?;
+    let inst = wait_for("the drain_timeout stuck row", RUNNING, || {
+        let i = server.instance(&instance)?;
+        Ok((i["stuck"]["reason"] == "drain_timeout").then_some(i))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(inst["status"], "draining", "{inst}");
+    let recovery = inst["stuck"]["recovery"].as_str().unwrap_or_default();
+    ensure!(
+        recovery.contains(&format!("terminate-instance {instance} --force")),
+        "{recovery}"
+    );
+    let signal = wait_for("the stuck signal", RUNNING, || {
+        Ok(server.signals()?.into_iter().find(|s| {
+            s["kind"] == "instance.stuck"
+                && s["instance_id"] == instance.as_str()
+                && s["active"] == true
+        }))
+    })?;
+    assert_eq!(signal["detail"]["reason"], "drain_timeout", "{signal}");
+    // Refused without --force (not drained), then forced.
+    ensure!(server.cli(&["terminate-instance", &instance]).is_err());
+    let t = server.cli(&["terminate-instance", &instance, "--force"])?;
+    assert_eq!(t["status"], "terminated", "{t}");
+    let status = agent.guard.wait_timeout(EXIT)?;
+    assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", agent.log_text());
+    let task = server.task(&task_id)?;
+    ensure!(
+        task["status"] == "failed" || task["status"] == "cancelled",
+        "{task}"
+    );
+    Ok(())
+}
+
+/// collect-diagnostics through the real agent: the result is read back from
+/// get-task; an agent killed while it holds a task's lease leaves the task to be
+/// requeued, its first attempt kept in the history.
+#[test]
+fn diagnostics_result_and_requeue_after_the_agent_dies() -> Result<()> {
+    let dir = test_dir("diagnostics")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_node, instance) = server.create_and_provision("edge-diag")?;
+    let identity = server.identity(&instance)?;
+    let script = dir.join("stubborn.sh");
+    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    let service = format!("stubborn=sh {}", script.display());
+    let mut agent = Agent::with_identity(
+        &dir,
+        "agent",
+        &identity,
+        &["--service", &service, "--lease-seconds", "3"],
+    )?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let d = server.cli(&["collect-diagnostics", &instance, "--log-lines", "10"])?;
+    let diag = str_at(&d, "/task_id")?;
+    let task = wait_for("diagnostics done", RUNNING, || {
+        let t = server.task(&diag)?;
+        Ok(t["status"]
+            .as_str()
+            .is_some_and(|s| s != "pending" && s != "running")
+            .then_some(t))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(task["status"], "succeeded", "{task}");
+    ensure!(task["result"].is_object(), "{task}");
+    ensure!(task["result"].to_string().len() <= 64 * 1024, "{task}");
+
+    // A drain the stubborn service keeps busy; the agent dies holding its lease.
+    let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "600"])?;
+    let drain_id = str_at(&drain, "/task_id")?;
+    wait_for("the drain leased", RUNNING, || {
+        let t = server.task(&drain_id)?;
+        Ok((t["status"] == "running").then_some(t))
+    })
+    .with_context(|| agent.log_text())?;
+    agent.guard.kill();
+    let t = wait_for("the lease to expire", RUNNING, || {
+        let t = server.task(&drain_id)?;
+        Ok((t["status"] == "pending").then_some(t))
+    })?;
+    assert_eq!(t["attempts"], 1, "{t}");
+    assert_eq!(t["history"][0]["outcome"], "lease_expired", "{t}");
+    // A fresh agent with the same state leases it again (attempt 2).
+    let agent2 = Agent::start(
+        &dir.join("agent-state"),
+        &dir.join("agent2.log"),
+        &[
+            "--identity",
+            &dir.join("agent-identity.json").to_string_lossy(),
+            "--service",
+            &service,
+            "--lease-seconds",
+            "3",
+        ],
+    )?;
+    let t = wait_for("attempt 2", RUNNING, || {
+        let t = server.task(&drain_id)?;
+        Ok((t["attempts"] == 2).then_some(t))
+    })
+    .with_context(|| agent2.log_text())?;
+    assert_eq!(t["history"].as_array().map(Vec::len), Some(1), "{t}");
+    server.cli(&["terminate-instance", &instance, "--force"])?;
+    Ok(())
+}
+
 fn fake_identity(instance: &str) -> Value {
     json!({
         "version": 1,
