@@ -69,6 +69,9 @@ pub enum Device {
     /// built-in AHCI controller, not virtio-blk, so the `/persist` disk stays
     /// `/dev/vda`; the kernel never reads it (the firmware loads the UKI).
     BootDisk { path: PathBuf },
+    /// SMBIOS system information (type 1): what a cloud's firmware tells the guest
+    /// in `/sys/class/dmi/id` (`manufacturer` is `sys_vendor`, e.g. `Amazon EC2`).
+    SmbiosSystem { fields: Vec<(String, String)> },
 }
 
 /// Escapes a value inside a QEMU `-opt key=value,...` list (`,` doubles).
@@ -153,6 +156,13 @@ impl Device {
                 "-drive".into(),
                 format!("if=pflash,format=raw,unit=1,file={}", path_str(&fw.vars)),
             ],
+            Device::SmbiosSystem { fields } => {
+                let mut arg = "type=1".to_string();
+                for (k, v) in fields {
+                    arg.push_str(&format!(",{}={}", qemu_escape(k), qemu_escape(v)));
+                }
+                vec!["-smbios".into(), arg]
+            }
             Device::BootDisk { path } => vec![
                 "-drive".into(),
                 format!(
@@ -424,6 +434,23 @@ mod tests {
         assert!(!spec().boots_disk());
         let plain = VmSpec::new("/k", "/i", "/s").argv();
         assert_eq!(window(&plain, "-netdev"), ["user,id=n0"]);
+    }
+
+    #[test]
+    fn smbios_system_fields_are_escaped() {
+        let d = Device::SmbiosSystem {
+            fields: vec![
+                ("manufacturer".into(), "Amazon EC2".into()),
+                ("product".into(), "t3.micro,x".into()),
+            ],
+        };
+        assert_eq!(
+            d.qemu_args(),
+            [
+                "-smbios",
+                "type=1,manufacturer=Amazon EC2,product=t3.micro,,x"
+            ]
+        );
     }
 
     #[test]

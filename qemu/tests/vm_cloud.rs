@@ -167,10 +167,16 @@ const AWS_TOKEN: &str = "AQAEAMockTokenForPowernodeVmTests==";
 const AWS_INSTANCE: &str = "i-0a1b2c3d4e5f60718";
 
 /// AWS IMDSv2 as documented: a session token from `PUT /latest/api/token` (with the
-/// TTL header), then every GET with `X-aws-ec2-metadata-token`; 401 without it.
+/// TTL header), then every GET with `X-aws-ec2-metadata-token`; 401 without it. The
+/// first token request gets a 503, as a metadata service still starting does: the
+/// node, which knows from DMI that it is on EC2, must retry it.
 fn aws_routes(user_data: String) -> Box<Route> {
+    let first_token = AtomicBool::new(true);
     Box::new(move |method, path, headers| {
         let has = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name));
+        if path == "/latest/api/token" && first_token.swap(false, Ordering::SeqCst) {
+            return (503, String::new());
+        }
         if path == "/latest/api/token" {
             return match (method, has("x-aws-ec2-metadata-token-ttl-seconds")) {
                 ("PUT", Some(_)) => (200, AWS_TOKEN.to_string()),
@@ -310,6 +316,7 @@ fn timeline(inst: &Value) -> Vec<(String, u64)> {
 fn boot_disk_with_metadata(
     test: &str,
     route: impl FnOnce(String) -> Box<Route>,
+    smbios: Option<Device>,
     check: impl FnOnce(&Value, &[Seen]),
 ) -> Value {
     let dir = test_dir(test);
@@ -325,6 +332,7 @@ fn boot_disk_with_metadata(
     let firmware = ovmf_firmware(&dir).expect("OVMF (scripts/setup installs ovmf)");
     let mut spec = VmSpec::disk(firmware, &disk, dir.join("serial.log"));
     spec.devices[0] = Device::metadata_net("n0", mock.port);
+    spec.devices.extend(smbios);
     spec.accel = Accel::detect_for_kernel(&spec.qemu, &dir.join("image/vmlinuz"));
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
     let (running, wall) = wait_running(&stub, &instance_id, &mut vm, &dir);
@@ -357,7 +365,14 @@ fn boot_disk_with_metadata(
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: set POWERNODE_VM_TESTS=1")]
 fn uefi_disk_image_with_aws_imdsv2_reaches_running() {
-    boot_disk_with_metadata("cloud_aws", aws_routes, |inst, seen| {
+    // EC2's DMI, so the node asks AWS patiently (and retries the 503).
+    let ec2 = Device::SmbiosSystem {
+        fields: vec![
+            ("manufacturer".into(), "Amazon EC2".into()),
+            ("product".into(), "t3.micro".into()),
+        ],
+    };
+    boot_disk_with_metadata("cloud_aws", aws_routes, Some(ec2), |inst, seen| {
         assert_eq!(inst["identity_source"], "aws", "{inst}");
         let facts = &inst["provider_facts"];
         assert_eq!(facts["provider"], "aws", "{inst}");
@@ -365,15 +380,19 @@ fn uefi_disk_image_with_aws_imdsv2_reaches_running() {
         assert_eq!(facts["region"], "eu-central-1", "{inst}");
         // IMDSv2: the token first, then user data with the token. (Providers probed
         // earlier in guess order, e.g. OpenStack's paths, were refused.)
-        let first = seen
-            .iter()
-            .find(|s| s.path.starts_with("/latest/"))
-            .expect("the mock saw no AWS request");
-        assert_eq!(
-            (first.method.as_str(), first.path.as_str()),
-            ("PUT", "/latest/api/token")
+        // Detected by DMI, AWS is the only provider asked: no guessing at others.
+        assert!(
+            seen.iter().all(|s| s.path.starts_with("/latest/")),
+            "{seen:?}"
         );
-        assert!(first
+        let tokens: Vec<u16> = seen
+            .iter()
+            .take_while(|s| s.path == "/latest/api/token")
+            .map(|s| s.status)
+            .collect();
+        assert_eq!(tokens, [503, 200], "{seen:?}");
+        assert!(seen[0].method == "PUT");
+        assert!(seen[0]
             .header("x-aws-ec2-metadata-token-ttl-seconds")
             .is_some());
         let ud = seen
@@ -388,7 +407,9 @@ fn uefi_disk_image_with_aws_imdsv2_reaches_running() {
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: set POWERNODE_VM_TESTS=1")]
 fn uefi_disk_image_with_gcp_metadata_reaches_running() {
-    boot_disk_with_metadata("cloud_gcp", gcp_routes, |inst, seen| {
+    // QEMU's own DMI: nothing says GCE, so the node guesses (OpenStack and AWS are
+    // refused with 403 first, as GCE refuses requests without its header).
+    boot_disk_with_metadata("cloud_gcp", gcp_routes, None, |inst, seen| {
         assert_eq!(inst["identity_source"], "gcp", "{inst}");
         let facts = &inst["provider_facts"];
         assert_eq!(facts["provider"], "gcp", "{inst}");
