@@ -36,7 +36,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::store::{ObjectStore, StoreError};
 use crate::unpack::{
-    kind_of, raw_meta_of, BlobDigestMismatch, EntryKind, LayerStats, RawMeta, UnpackError, Unpacker,
+    kind_of, raw_meta_of, BlobDigestMismatch, CodedStreamError, EntryKind, LayerStats, RawMeta,
+    UnpackError, Unpacker,
 };
 use crate::verity::{self, VerityDigest};
 use crate::ModuleErrorCode;
@@ -66,6 +67,8 @@ pub enum TocError {
     Malformed(String),
     #[error("range {start}..{end} of the layer: {got} bytes received")]
     ShortRange { start: u64, end: u64, got: u64 },
+    #[error("reading a ranged response")]
+    Stream(#[source] io::Error),
     #[error("{path}: fetched content")]
     Object {
         path: String,
@@ -82,6 +85,7 @@ impl ModuleErrorCode for TocError {
                 ErrorCode::DigestMismatch
             }
             TocError::Object { source, .. } => source.code(),
+            TocError::Stream(e) => crate::unpack::stream_error_code(e),
         }
     }
 }
@@ -569,23 +573,25 @@ impl Toc {
         Ok(plan)
     }
 
-    /// Stores the objects of `range` from its fetched `bytes`: each member is
-    /// decompressed straight into the store under the digest the TOC names (refused,
-    /// `verity_mismatch`, if it hashes otherwise). Returns the digests stored.
-    pub fn store_range(
+    /// Stores the objects of `range` as its bytes stream in (`body`: the response to
+    /// a ranged read): gaps are skipped, each member is decompressed straight into the
+    /// store under the digest the TOC names (refused, `verity_mismatch`, if it hashes
+    /// otherwise). Memory stays bounded whatever the range's size. Returns the digests
+    /// stored.
+    pub fn store_range<R: Read>(
         &self,
         store: &ObjectStore,
         range: &FetchRange,
-        bytes: &[u8],
+        body: R,
         data_end: u64,
     ) -> Result<Vec<VerityDigest>, TocError> {
-        if bytes.len() as u64 != range.end - range.start {
-            return Err(TocError::ShortRange {
-                start: range.start,
-                end: range.end,
-                got: bytes.len() as u64,
-            });
-        }
+        let mut body = body.take(range.end - range.start);
+        let mut pos = range.start;
+        let short = |got: u64| TocError::ShortRange {
+            start: range.start,
+            end: range.end,
+            got,
+        };
         let mut stored = Vec::new();
         for &i in &range.entries {
             let entry = self
@@ -596,13 +602,18 @@ impl Toc {
             let (Some(digest), Some((off, len))) = (r.digest, r.range) else {
                 return Err(malformed("range names an entry without content"));
             };
-            let at =
-                off.checked_sub(range.start)
-                    .filter(|a| a + len <= range.end - range.start)
-                    .ok_or_else(|| malformed("member outside its range"))? as usize;
-            let member = &bytes[at..at + len as usize];
+            if off < pos || off + len > range.end {
+                return Err(malformed("members out of order or outside their range"));
+            }
+            let gap = off - pos;
+            let skipped =
+                io::copy(&mut (&mut body).take(gap), &mut io::sink()).map_err(TocError::Stream)?;
+            if skipped != gap {
+                return Err(short(pos + skipped - range.start));
+            }
+            let mut member = (&mut body).take(len);
             let reader = Undecodable(
-                flate2::read::GzDecoder::new(member).take(entry.size + 1),
+                flate2::read::GzDecoder::new(&mut member).take(entry.size + 1),
                 digest,
             );
             let object = |source| TocError::Object {
@@ -618,6 +629,12 @@ impl Toc {
                     actual: ins.digest,
                 }));
             }
+            // The decoder may stop before the member's trailer: consume the rest.
+            io::copy(&mut member, &mut io::sink()).map_err(TocError::Stream)?;
+            if member.limit() > 0 {
+                return Err(short(off + len - member.limit() - range.start));
+            }
+            pos = off + len;
             stored.push(digest);
         }
         Ok(stored)
@@ -631,6 +648,10 @@ struct Undecodable<R>(R, VerityDigest);
 impl<R: Read> Read for Undecodable<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf).map_err(|e| {
+            // The puller's own errors (a broken connection) keep their code.
+            if e.get_ref().is_some_and(|i| i.is::<CodedStreamError>()) {
+                return e;
+            }
             io::Error::other(BlobDigestMismatch {
                 expected: self.1.to_string(),
                 actual: format!("<member does not decompress: {e}>"),
@@ -727,7 +748,7 @@ mod tests {
         let plan = toc.plan(|d| store.contains(d), 4096, 1 << 20, loc.offset)?;
         let mut fetched = HashSet::new();
         for r in &plan.ranges {
-            fetched.extend(toc.store_range(store, r, &fetch(r), loc.offset)?);
+            fetched.extend(toc.store_range(store, r, &fetch(r)[..], loc.offset)?);
         }
         Ok((
             LayerInput::Toc {
@@ -879,7 +900,7 @@ mod tests {
             .find(|r| r.entries.iter().any(|&i| lying.entries[i].path == "f/5"))
             .unwrap();
         let e = lying
-            .store_range(&node, r, &slice(&m)(r), loc.offset)
+            .store_range(&node, r, &slice(&m)(r)[..], loc.offset)
             .unwrap_err();
         assert_eq!(e.code(), ErrorCode::VerityMismatch, "{e}");
 
@@ -900,7 +921,7 @@ mod tests {
         {
             fetched.extend(
                 lying
-                    .store_range(&node, r, &slice(&m)(r), loc.offset)
+                    .store_range(&node, r, &slice(&m)(r)[..], loc.offset)
                     .unwrap(),
             );
         }

@@ -16,6 +16,7 @@ use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
 use powernode_proto::ErrorCode;
 
 use std::collections::HashSet;
+use std::io::Read as _;
 
 use powernode_modfmt::toc::{decode_toc, TocLocation};
 use powernode_modfmt::{install_image_with, LayerInput};
@@ -143,8 +144,8 @@ pub struct RangedStats {
 
 /// Members closer than this share one ranged read.
 const MAX_GAP: u64 = 16 << 10;
-/// One ranged read is held in memory; more goes into the next read.
-const MAX_RANGE: u64 = 16 << 20;
+/// Ranged reads stream, so this only bounds how much one request carries.
+const MAX_RANGE: u64 = 64 << 20;
 
 fn coded(e: &(impl ModuleErrorCode + std::error::Error + 'static)) -> CodedStreamError {
     CodedStreamError {
@@ -199,11 +200,18 @@ fn ranged_layer<R>(
         Ok(None)
     };
     stats.range_requests += 1;
-    let toc_bytes = match client
+    let mut toc_bytes = Vec::new();
+    match client
         .blob_range(repo, desc, loc.offset, loc.offset + loc.size)
         .map_err(|e| coded(&e))?
     {
-        RangeRead::Bytes(b) => b,
+        // At most `loc.size` (<= MAX_TOC_SIZE) bytes; a short body fails the digest.
+        RangeRead::Body(mut body) => body.read_to_end(&mut toc_bytes).map_err(|e| {
+            coded(&RegistryError::Read {
+                what: format!("TOC of {}", desc.digest),
+                source: e,
+            })
+        })?,
         RangeRead::Unsupported { status } => return fallback(stats, status),
     };
     let toc = decode_toc(&toc_bytes, &loc).map_err(|e| coded(&e))?;
@@ -217,16 +225,16 @@ fn ranged_layer<R>(
     let mut fetched = HashSet::new();
     for range in &plan.ranges {
         stats.range_requests += 1;
-        let bytes = match client
+        let body = match client
             .blob_range(repo, desc, range.start, range.end)
             .map_err(|e| coded(&e))?
         {
-            RangeRead::Bytes(b) => b,
+            RangeRead::Body(body) => body,
             // Objects stored so far are verified and stay; the blob fills the rest.
             RangeRead::Unsupported { status } => return fallback(stats, status),
         };
         fetched.extend(
-            toc.store_range(store, range, &bytes, loc.offset)
+            toc.store_range(store, range, body, loc.offset)
                 .map_err(|e| coded(&e))?,
         );
     }

@@ -448,10 +448,11 @@ impl RegistryClient {
         BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
     }
 
-    /// Bytes `[start, end)` of a blob, or `Unsupported` when the registry will not
-    /// serve that range as asked (no range support, a multi-part or other range, 416):
-    /// the caller then fetches the blob whole. The bytes are NOT checked here: the
-    /// caller checks them against what the signed manifest says about them.
+    /// Bytes `[start, end)` of a blob as a stream (at most that many bytes), or
+    /// `Unsupported` when the registry will not serve that range as asked (no range
+    /// support, a multi-part or other range, 416): the caller then fetches the blob
+    /// whole. The bytes are NOT checked here: the caller checks them against what the
+    /// signed manifest says about them (and notices a short body).
     pub fn blob_range(
         &self,
         repo: &Repository,
@@ -480,8 +481,13 @@ impl RegistryClient {
             // whole blob.
             return Ok(RangeRead::Unsupported { status });
         }
-        let body = self.read_limited(resp, end - start, &what)?;
-        Ok(RangeRead::Bytes(body))
+        Ok(RangeRead::Body(
+            CountingReader {
+                inner: resp,
+                count: self.received.clone(),
+            }
+            .take(end - start),
+        ))
     }
 
     /// A small blob (config, signature payload) read whole and checked.
@@ -608,7 +614,7 @@ impl Read for BlobReader {
 /// What [`RegistryClient::blob_range`] got.
 #[derive(Debug)]
 pub enum RangeRead {
-    Bytes(Vec<u8>),
+    Body(io::Take<CountingReader<reqwest::blocking::Response>>),
     Unsupported { status: u16 },
 }
 
