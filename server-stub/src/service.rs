@@ -789,6 +789,28 @@ impl AppState {
                     inst.status
                 )));
             }
+            // A cordoned node takes no new work: module updates and reboots that were
+            // not leased yet are moot.
+            let moot: Vec<String> = inst
+                .task_ids
+                .iter()
+                .filter(|t| {
+                    mem.tasks.get(*t).is_some_and(|t| {
+                        matches!(t.kind, TaskKind::ModuleUpdate | TaskKind::Reboot)
+                            && t.status == TaskStatus::Pending
+                    })
+                })
+                .cloned()
+                .collect();
+            for t in &moot {
+                finish_task(
+                    mem,
+                    now,
+                    t,
+                    TaskStatus::Cancelled,
+                    json!({"reason": "the instance is draining: a cordoned node takes no new work"}),
+                );
+            }
             let task_id = new_id("task");
             mem.tasks.insert(
                 task_id.clone(),

@@ -181,6 +181,11 @@ async fn node_tasks_of_every_kind_lease_cancel_and_keep_bounded_results() {
     assert_eq!(t["status"], "cancelled");
     assert_eq!(t["result"]["agent_result"]["stopped"], "at step 2");
 
+    // A drain cancels what a cordoned node will not take: a pending reboot.
+    let v = ts
+        .ok(Method::POST, &paths::admin_reboot(&inst), Some(json!({})))
+        .await;
+    let moot = v["task_id"].as_str().unwrap().to_string();
     // Kinds need an agent in the right state: no reboot while draining.
     ts.ok(
         Method::POST,
@@ -188,6 +193,9 @@ async fn node_tasks_of_every_kind_lease_cancel_and_keep_bounded_results() {
         Some(json!({"timeout_seconds": 600})),
     )
     .await;
+    let t = task(&ts, &moot).await;
+    assert_eq!(t["status"], "cancelled");
+    assert!(t["result"]["reason"].as_str().unwrap().contains("draining"));
     let (s, v) = ts
         .call(Method::POST, &paths::admin_reboot(&inst), Some(json!({})))
         .await;
