@@ -822,16 +822,26 @@ async fn module_update(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
             ))
         }
     };
-    let result = match while_leased(
-        shared,
-        task,
-        "reconciling modules",
-        shared.reconciler.reconcile(&desired),
-    )
-    .await?
-    {
-        Leased::Done(r) => r,
-        Leased::Cancelled => return Ok(cancelled_result("while reconciling")),
+    // The reconcile runs as its own task: a cancel stops the waiting, never a module
+    // half way through its swap (services stopped, mounts changing).
+    let reconciler = shared.reconciler.clone();
+    let work = tokio::spawn(async move { reconciler.reconcile(&desired).await });
+    let result = match while_leased(shared, task, "reconciling modules", work).await? {
+        Leased::Done(Ok(r)) => r,
+        Leased::Done(Err(e)) => Err(FailureReport {
+            phase: Phase::ModulesVerified,
+            code: ErrorCode::Internal,
+            message: format!("the reconcile task failed: {e}"),
+            attempt: 0,
+        }),
+        Leased::Cancelled => {
+            return Ok((
+                TaskStatus::Cancelled,
+                serde_json::json!({"cancelled": true,
+                    "message": "cancelled while reconciling: the reconcile in flight completes \
+                                (no module is left half swapped); heartbeats report the result"}),
+            ))
+        }
     };
     record_reconcile(shared, &result);
     shared.wake_heartbeat.notify_one();

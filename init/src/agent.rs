@@ -117,6 +117,12 @@ pub trait AgentDriver {
     fn root_facts(&self) -> Option<RootFacts> {
         None
     }
+    /// After a read of the composed root failed: reads every object of the root's
+    /// images in full and moves the corrupt ones out of the store, so the next boot
+    /// fetches them again. Returns their digests.
+    fn repair_root(&mut self) -> Result<Vec<String>, ComposeError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Why the composed root could not be built; `code` is the wire code reported upstream.
@@ -142,6 +148,8 @@ pub struct RealAgent {
     session: Option<Session>,
     /// Set by a successful compose_root.
     composed: Option<RootFacts>,
+    /// The store and the root's images, for [`AgentDriver::repair_root`].
+    composed_images: Option<(PathBuf, Vec<powernode_agent::verity::VerityDigest>)>,
 }
 
 impl std::fmt::Debug for RealAgent {
@@ -421,6 +429,13 @@ impl AgentDriver for RealAgent {
             stats.verity_enable_ns / 1_000_000
         );
         self.composed = Some(facts);
+        // Image mounts are `work/images/<hex>`.
+        let images = union
+            .image_mounts
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.parse().ok())
+            .collect();
+        self.composed_images = Some((store_dir.clone(), images));
         Ok(Some(roots))
     }
 
@@ -460,6 +475,30 @@ impl AgentDriver for RealAgent {
 
     fn root_facts(&self) -> Option<RootFacts> {
         self.composed.clone()
+    }
+
+    fn repair_root(&mut self) -> Result<Vec<String>, ComposeError> {
+        use powernode_agent::modules::store::ObjectStore;
+        let Some((store_dir, images)) = &self.composed_images else {
+            return Ok(Vec::new());
+        };
+        let fail = |e: powernode_agent::modules::store::StoreError| ComposeError {
+            code: ErrorCode::Internal,
+            message: format!(
+                "scrubbing the store {}: {}",
+                store_dir.display(),
+                powernode_agent::error_chain(&e)
+            ),
+        };
+        let store = ObjectStore::open(store_dir).map_err(fail)?;
+        let mut moved = Vec::new();
+        for image in images {
+            for d in store.scrub_image(image).map_err(fail)? {
+                log::warn!("store: object {d} is corrupt; moved out, fetched again next boot");
+                moved.push(d.to_string());
+            }
+        }
+        Ok(moved)
     }
 }
 
@@ -569,8 +608,33 @@ impl powernode_agent::modules::mount::Mounter for LoopMounter {
         &self,
         target: &std::path::Path,
     ) -> Result<(), powernode_agent::modules::mount::MountError> {
-        powernode_agent::modules::mount::KernelMounter.unmount(target)
+        // An EROFS image on a loop device: free the device too (live swaps would
+        // otherwise use up the driver's few loop devices).
+        let loop_dev = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| loop_source(&m, target));
+        powernode_agent::modules::mount::KernelMounter.unmount(target)?;
+        if let Some(dev) = loop_dev {
+            match crate::sys::detach_loop(&dev) {
+                Ok(()) => log::info!("{} detached from {}", dev.display(), target.display()),
+                Err(e) => log::warn!("detaching {}: {e}", dev.display()),
+            }
+        }
+        Ok(())
     }
+}
+
+/// The loop device under the topmost EROFS mount at `target`, from mountinfo text.
+fn loop_source(mountinfo: &str, target: &std::path::Path) -> Option<PathBuf> {
+    let target = target.to_str()?;
+    mountinfo.lines().rev().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let at = pre.split(' ').nth(4)?;
+        let mut post = post.split(' ');
+        let (fstype, source) = (post.next()?, post.next()?);
+        (at == target && fstype == "erofs" && source.starts_with("/dev/loop"))
+            .then(|| PathBuf::from(source))
+    })
 }
 
 /// Agent mode, PID 1 of the composed root: the identity and credentials come from
@@ -787,6 +851,25 @@ pub mod fake {
 mod reaper_tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_loop_device_under_an_erofs_mount_is_found() {
+        let info = "30 22 7:0 / /run/powernode/modules/.images/ab ro - erofs /dev/loop3 ro\n\
+                    31 22 0:40 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n\
+                    32 22 7:1 / /elsewhere ro - erofs /dev/loop4 ro\n";
+        assert_eq!(
+            loop_source(
+                info,
+                std::path::Path::new("/run/powernode/modules/.images/ab")
+            ),
+            Some(PathBuf::from("/dev/loop3"))
+        );
+        assert_eq!(
+            loop_source(info, std::path::Path::new("/run/powernode/modules/demo")),
+            None
+        );
+        assert_eq!(loop_source(info, std::path::Path::new("/nowhere")), None);
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {

@@ -473,6 +473,20 @@ pub fn attach_loop(file: &std::path::Path) -> std::io::Result<std::path::PathBuf
     Err(std::io::Error::other("no free loop device"))
 }
 
+/// Detaches a loop device from its file (LOOP_CLR_FD) once its filesystem is
+/// unmounted, so live module swaps do not use up the driver's few devices. On a
+/// device still in use (a lazily unmounted filesystem) the kernel sets autoclear
+/// instead: it is freed when its last user goes.
+#[allow(unsafe_code)]
+pub fn detach_loop(dev: &std::path::Path) -> std::io::Result<()> {
+    use rustix::fs::{open, Mode, OFlags};
+    const LOOP_CLR_FD: rustix::ioctl::Opcode = 0x4C01;
+    let lo = open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    // SAFETY: LOOP_CLR_FD takes no argument and touches no memory of ours.
+    unsafe { rustix::ioctl::ioctl(&lo, rustix::ioctl::NoArg::<LOOP_CLR_FD>::new()) }?;
+    Ok(())
+}
+
 #[cfg(test)]
 pub mod fake {
     //! A recording fake of the kernel: files are a map, every call is recorded, and
