@@ -58,10 +58,14 @@ pub enum PhaseError {
     /// A file of the composed root could not be read in full before switch_root.
     /// `EIO` under `verity=require` is the kernel refusing a block whose content
     /// does not match the object's fs-verity digest.
-    #[error("reading {path} in the composed root{}", if *verity { " (fs-verity required)" } else { "" })]
+    #[error("reading {path} in the composed root{}{}",
+        if *verity { " (fs-verity required)" } else { "" },
+        repaired_note(moved))]
     RootRead {
         path: String,
         verity: bool,
+        /// Corrupt objects moved out of the store (fetched again next boot).
+        moved: Vec<String>,
         #[source]
         errno: Errno,
     },
@@ -373,10 +377,22 @@ impl<'a> Boot<'a> {
         let verity = facts.as_ref().is_some_and(|f| f.verity == "require");
         let checked = match check_root(self.sys, COMPOSED_ROOT, verity) {
             Ok(c) => c,
-            Err(error) => {
+            Err(mut error) => {
+                // The kernel refused a block: find the corrupt objects and move them
+                // out of the store, so the next boot (reboot or retry policy) heals.
+                if error.code() == ErrorCode::VerityMismatch {
+                    if let (PhaseError::RootRead { moved, .. }, Some(agent)) =
+                        (&mut error, self.agent.as_deref_mut())
+                    {
+                        match agent.repair_root() {
+                            Ok(m) => *moved = m,
+                            Err(e) => log::error!("scrubbing the store failed: {}", e.message),
+                        }
+                    }
+                }
                 return Err(self
                     .failed("switch_root", &error, 1)
-                    .unwrap_or(Outcome::Idle))
+                    .unwrap_or(Outcome::Idle));
             }
         };
         if let Some(c) = facts.as_mut().and_then(|f| f.compose.as_mut()) {
@@ -508,6 +524,17 @@ pub enum ComposedRoot {
     Initramfs,
     /// A composed root mounted at `path`, whose `init` takes over as PID 1.
     Mounted { path: String, init: String },
+}
+
+fn repaired_note(moved: &[String]) -> String {
+    match moved {
+        [] => String::new(),
+        [one] => format!("; corrupt object {one} moved out of the store, fetched again next boot"),
+        more => format!(
+            "; {} corrupt objects moved out of the store, fetched again next boot",
+            more.len()
+        ),
+    }
 }
 
 /// The proto phase a failure of the init's phase `name` is reported under: the
@@ -772,6 +799,7 @@ fn check_root(sys: &mut dyn Sys, root: &str, verity: bool) -> Result<Vec<String>
                 return Err(PhaseError::RootRead {
                     path: (*path).to_string(),
                     verity,
+                    moved: Vec::new(),
                     errno,
                 })
             }
@@ -1262,6 +1290,7 @@ mod tests {
     #[derive(Default)]
     struct ComposingAgent {
         reports: Vec<powernode_proto::node::FailureReport>,
+        repairs: u32,
     }
 
     impl crate::agent::AgentDriver for ComposingAgent {
@@ -1296,6 +1325,10 @@ mod tests {
                 version: "1".into(),
                 digest: "sha256:aa".into(),
             }]))
+        }
+        fn repair_root(&mut self) -> Result<Vec<String>, crate::agent::ComposeError> {
+            self.repairs += 1;
+            Ok(vec!["sha256:bb".into()])
         }
         fn root_facts(&self) -> Option<powernode_proto::node::RootFacts> {
             Some(powernode_proto::node::RootFacts {
@@ -1351,6 +1384,7 @@ mod tests {
             crate::agent::AGENT_MODE_BIN.into(),
             vec!["agent".into(), PERSIST_STATE_DIR.into()]
         )));
+        assert_eq!(agent.repairs, 0);
     }
 
     #[test]
@@ -1365,6 +1399,15 @@ mod tests {
         assert_eq!(report.code, ErrorCode::VerityMismatch);
         assert_eq!(report.phase, Phase::RootMounted);
         assert!(report.message.contains("/bin/sh"), "{}", report.message);
+        // The corrupt object was moved out of the store before the report.
+        assert_eq!(agent.repairs, 1);
+        assert!(
+            report
+                .message
+                .contains("corrupt object sha256:bb moved out of the store"),
+            "{}",
+            report.message
+        );
         assert!(!sys.calls.iter().any(|c| matches!(
             c,
             Call::FreeInitramfs | Call::MoveMount(..) | Call::Exec(..)

@@ -383,6 +383,51 @@ impl ObjectStore {
         Ok(())
     }
 
+    /// Reads the image and every object it references in full and moves each one
+    /// whose content does not match its name out of the store: with kernel
+    /// fs-verity the read itself fails (`EIO`); in userspace mode the re-hash
+    /// differs. If any object went, the image's reference list goes too, so
+    /// [`has_image`](Self::has_image) is false and the next pull installs the image
+    /// again, fetching only what is missing. Returns the objects moved away.
+    ///
+    /// For after a read of the mounted root failed: unlike [`verify`](Self::verify)
+    /// in kernel mode (a measure, which never reads the data), this finds a corrupt
+    /// block.
+    pub fn scrub_image(&self, image: &VerityDigest) -> Result<Vec<VerityDigest>, StoreError> {
+        let mut objects = self.image_objects(image)?;
+        objects.push(*image);
+        let mut bad = Vec::new();
+        for d in objects {
+            let path = self.object_path(&d);
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            let intact = match verity::digest_reader(f, Threads::Auto) {
+                Ok(actual) => actual == d,
+                // fs-verity refused a block (EIO), or the object went bad another way.
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => false,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            if !intact {
+                let away = self.tmp.join(format!("corrupt-{}", d.to_hex()));
+                fs::rename(&path, &away).map_err(io_err(&path))?;
+                bad.push(d);
+            }
+        }
+        if !bad.is_empty() {
+            let refs = self.refs_path(image);
+            match fs::remove_file(&refs) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&refs)(e)),
+            }
+            self.sync()?;
+        }
+        Ok(bad)
+    }
+
     fn refs_path(&self, image: &VerityDigest) -> PathBuf {
         self.images.join(image.to_hex())
     }
@@ -563,6 +608,49 @@ mod tests {
             store.verify(&ins.digest),
             Err(StoreError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn scrub_moves_a_corrupt_object_away_and_forgets_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let big: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let mut layer = tar::Builder::new(Vec::new());
+        for (name, data) in [("bin/busybox", big.clone()), ("etc/blob", vec![9u8; 9_000])] {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            layer.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let layer = layer.into_inner().unwrap();
+        let mut unpacker = crate::unpack::Unpacker::new(&store);
+        unpacker
+            .apply_layer("application/vnd.oci.image.layer.v1.tar", &layer[..])
+            .unwrap();
+        let tree = unpacker.tree().clone();
+        let a = verity::digest_bytes(&big);
+        let b = verity::digest_bytes(&[9u8; 9_000]);
+        let image = store.commit_image(&tree).unwrap();
+        assert!(store.has_image(&image));
+        assert!(store.scrub_image(&image).unwrap().is_empty());
+        assert!(store.has_image(&image));
+
+        let path = store.object_path(&a);
+        let mut bad = big.clone();
+        bad[40_000] ^= 0x80;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, &bad).unwrap();
+        assert_eq!(store.scrub_image(&image).unwrap(), [a]);
+        assert!(!store.contains(&a));
+        assert!(store.contains(&b), "intact objects stay");
+        assert!(!store.has_image(&image), "the next pull installs it again");
+        // Re-inserting the good content heals the store.
+        assert!(store.insert_bytes(&big).unwrap().new);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!    fetched again, to re-check its signature) and runs again;
 //! 3. after one byte of the busybox object is flipped in the disk image from the
 //!    host, the kernel refuses the read (fs-verity `EIO`) and the failure reaches the
-//!    server as `verity_mismatch` in phase `root_mounted`, naming the file.
+//!    server as `verity_mismatch` in phase `root_mounted`, naming the file; the init
+//!    moves the corrupt object out of the store;
+//! 4. the next boot fetches exactly that object again and runs.
 //!
 //! Everything about the node is asserted from get-instance and recent-signals, never
 //! from the console. Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
@@ -281,6 +283,29 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         .and_then(|a| a.iter().find(|s| s["kind"] == "bootstrap.failed"))
         .unwrap_or_else(|| panic!("no bootstrap.failed signal: {signals}"));
     assert_eq!(failed["detail"]["code"], "verity_mismatch", "{failed}");
+    // The init found the corrupt object and moved it out of the store.
+    assert!(message.contains("moved out of the store"), "{message}");
+
+    // Boot 4: the store heals: exactly the corrupt object is fetched and added again.
+    let spec4 = boot_spec("boot4");
+    let mut vm4 = Vm::spawn(&spec4).expect("spawn QEMU");
+    let second_timeline = second["boot_timeline"].clone();
+    let healed = wait_until("healed ready", &mut vm4, &spec4.serial_log, || {
+        let i = stub.instance(&instance_id);
+        (i["phase"] == "ready"
+            && i["boot_timeline"] != second_timeline
+            && i["root"]["fstype"] == "overlay"
+            && compose(&i).is_object())
+        .then_some(i)
+    });
+    let c4 = compose(&healed).clone();
+    assert_eq!(c4["objects_added"], 1, "{c4}");
+    assert_eq!(u(&c4["bytes_added"]), busybox_size, "{c4}");
+    assert_eq!(c4["verity_enabled"], 1, "{c4}");
+    assert_eq!(c4["checked"], serde_json::json!(["/bin/sh"]), "{c4}");
+    assert_eq!(healed["root"]["verity"], "require", "{healed}");
+    vm4.kill();
+    drop(vm4);
 
     let timeline_at = |inst: &Value, phase: &str| {
         inst["boot_timeline"]
@@ -292,7 +317,8 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         "persist_verity figures:\n  boot 1: running after {wall1:?} wall; root_mounted at {:?} ms, \
          ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects ({} bytes) added, \
          fs-verity enabled on {} objects in {} ms\n  boot 2: ready after {wall2:?} wall; \
-         root_mounted at {:?} ms, ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects added",
+         root_mounted at {:?} ms, ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects added\n  \
+         boot 4 (healed): compose {} ms, {} bytes fetched, {} objects ({} bytes) added",
         timeline_at(&first, "root_mounted"),
         timeline_at(&first, "ready"),
         c1["compose_ms"],
@@ -306,5 +332,9 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         c2["compose_ms"],
         c2["bytes_fetched"],
         c2["objects_added"],
+        c4["compose_ms"],
+        c4["bytes_fetched"],
+        c4["objects_added"],
+        c4["bytes_added"],
     );
 }
