@@ -117,6 +117,7 @@ where
         return Ok(report);
     }
     report.already_present = false;
+    let writeback = EarlyWriteback::start(store.root());
     let mut unpacker = unpack::Unpacker::new(store);
     for index in 0..layer_count {
         let input = open_layer(index).map_err(|source| InstallError::Fetch { index, source })?;
@@ -135,8 +136,53 @@ where
         report.layers.new_bytes += s.new_bytes;
         report.layers.deduplicated_objects += s.deduplicated_objects;
     }
+    drop(writeback);
     store.commit_image_checked(unpacker.tree(), Some(expected))?;
     Ok(report)
+}
+
+/// While layers unpack, a thread flushes the store's filesystem every 200 ms, so the
+/// disk writes objects back while later ones are still being fetched and hashed, and
+/// the one `syncfs` before the image is recorded finds little left to do. Installing a
+/// 200 MiB layer into a store on ext4 here: 0.77 s mean with it vs 0.98 s without
+/// (nine runs each, a loaded 2-core machine). Durability still rests on that
+/// final `syncfs`; these are only early starts. On tmpfs each call returns at once.
+struct EarlyWriteback {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EarlyWriteback {
+    const PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+
+    fn start(root: &std::path::Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        // Without a handle on the directory (or a thread) there is just no early flush.
+        let thread = std::fs::File::open(root).ok().and_then(|dir| {
+            std::thread::Builder::new()
+                .name("store-writeback".into())
+                .spawn(move || loop {
+                    std::thread::park_timeout(Self::PERIOD);
+                    if flag.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    let _ = rustix::fs::syncfs(&dir);
+                })
+                .ok()
+        });
+        Self { stop, thread }
+    }
+}
+
+impl Drop for EarlyWriteback {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 /// Every error of this module tree maps to a stable wire code the agent reports.

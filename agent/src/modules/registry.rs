@@ -537,6 +537,8 @@ const READ_AHEAD_CHUNKS: usize = 8;
 #[derive(Debug)]
 pub struct BlobReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Used chunks go back to the thread: no fresh (zeroed, page-faulted) MiB per MiB.
+    spent: std::sync::mpsc::Sender<Vec<u8>>,
     chunk: Vec<u8>,
     pos: usize,
     done: bool,
@@ -545,10 +547,12 @@ pub struct BlobReader {
 impl BlobReader {
     fn spawn<R: Read + Send + 'static>(mut inner: R) -> io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+        let (spent, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::Builder::new()
             .name("blob-read-ahead".into())
             .spawn(move || loop {
-                let mut chunk = vec![0u8; READ_AHEAD_CHUNK];
+                let mut chunk = recycled.try_recv().unwrap_or_default();
+                chunk.resize(READ_AHEAD_CHUNK, 0);
                 let mut filled = 0;
                 while filled < chunk.len() {
                     match inner.read(&mut chunk[filled..]) {
@@ -570,6 +574,7 @@ impl BlobReader {
             })?;
         Ok(Self {
             rx,
+            spent,
             chunk: Vec::new(),
             pos: 0,
             done: false,
@@ -592,7 +597,11 @@ impl Read for BlobReader {
             match self.rx.recv() {
                 Ok(Ok(chunk)) if chunk.is_empty() => self.done = true,
                 Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
+                    let spent = std::mem::replace(&mut self.chunk, chunk);
+                    if spent.capacity() > 0 {
+                        // The thread may have ended (EOF, error): then it is just freed.
+                        let _ = self.spent.send(spent);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
