@@ -66,7 +66,9 @@ fn real_stub_takes_the_sections_and_the_disk_is_reproducible() {
         .map(|s| s.name().unwrap().to_string())
         .collect();
     assert_eq!(names[0], ".text");
-    for n in [".sdmagic", ".osrel", ".cmdline", ".uname", ".initrd", ".linux"] {
+    for n in [
+        ".sdmagic", ".osrel", ".cmdline", ".uname", ".initrd", ".linux",
+    ] {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
     // binutils agrees it is a valid PE with those sections, when installed.
@@ -77,7 +79,10 @@ fn real_stub_takes_the_sections_and_the_disk_is_reproducible() {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.contains("pei-x86-64"), "{text}");
-            assert!(text.contains(".linux") && text.contains(".initrd"), "{text}");
+            assert!(
+                text.contains(".linux") && text.contains(".initrd"),
+                "{text}"
+            );
         }
         _ => eprintln!("note: objdump not available; PE checked with the object crate only"),
     }
