@@ -17,6 +17,7 @@ pub mod enroll;
 pub mod entropy;
 pub mod facts;
 pub mod identity;
+pub mod logring;
 pub mod modules;
 pub mod reconcile;
 pub mod runtime;

@@ -310,7 +310,8 @@ fn init_logging(format: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        // A copy of each line stays in memory for collect_diagnostics.
+        .with_writer(powernode_agent::logring::TeeStderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -1073,7 +1073,7 @@ fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
             kmsg_tail(std::path::Path::new("/dev/kmsg"), log_lines),
         )
     } else {
-        ("none", Vec::new())
+        ("agent", crate::logring::tail(log_lines))
     };
     let mut truncated = false;
     loop {
