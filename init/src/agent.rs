@@ -525,18 +525,24 @@ fn node_hooks(
         )
     })?;
     let services = Arc::new(ServiceSupervisor::default());
-    let modules = Arc::new(
-        reconciler::ModuleRuntime::new(
-            store,
-            registry::RegistryOptions::default(),
-            Arc::new(LoopMounter),
-            reconciler::RUNTIME_MODULES_DIR.into(),
-            root_modules,
-        )
-        .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
-        .with_services(services.clone())
-        .expose_mountpoints(),
-    );
+    // With the initramfs as root the store holds runtime modules only: what a swap
+    // or detach leaves unreferenced is collected. A composed root's objects live in
+    // the same store under images this runtime does not know, so no collection there.
+    let collect = root_modules.is_empty();
+    let mut modules = reconciler::ModuleRuntime::new(
+        store,
+        registry::RegistryOptions::default(),
+        Arc::new(LoopMounter),
+        reconciler::RUNTIME_MODULES_DIR.into(),
+        root_modules,
+    )
+    .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
+    .with_services(services.clone())
+    .expose_mountpoints();
+    if collect {
+        modules = modules.with_gc(Vec::new());
+    }
+    let modules = Arc::new(modules);
     Ok(Hooks {
         supervisor: services,
         reconciler: Arc::new(modules),
