@@ -312,3 +312,102 @@ fn ephemeral_vm_boots_to_running_drains_and_terminates() {
 fn persistent_vm_boots_with_its_persist_disk_and_terminates() {
     vm_test("vm_lifecycle_persistent", "persistent");
 }
+
+/// With `--provider real` the server owns the VM: a QEMU killed behind its back is
+/// noticed by the exit watcher, and the instance fails with `provider_failed` and the
+/// last console lines, as get-instance and the events say (no console reading).
+fn run_killed(name: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
+    let image = build_image(&out.join("build"))?;
+    let data = test_dir(name)?.join("data");
+    let mut rs = RealServer {
+        server: Some(Server::start(
+            &data,
+            ServerOptions {
+                heartbeat_interval_seconds: 2,
+                extra: vec![
+                    "--provider".into(),
+                    "real".into(),
+                    "--image-base".into(),
+                    image.to_string_lossy().into_owned(),
+                ],
+                ..ServerOptions::default()
+            },
+        )?),
+        qemu_pid: None,
+    };
+    let server = rs.server.as_ref().context("server")?;
+    let (_node, inst) = server.create_and_provision("vm-killed")?;
+    let started = wait_for("the VM to start", Duration::from_secs(60), || {
+        Ok(events(server, &inst)?
+            .into_iter()
+            .find(|e| e["kind"] == "provider.provision"))
+    })?;
+    let pid = started["detail"]["pid"].as_u64().context("no VM pid")? as u32;
+    rs.qemu_pid = Some(pid);
+    outcome.instance_dir = started["detail"]["instance_dir"]
+        .as_str()
+        .map(PathBuf::from);
+    wait_for("running", Duration::from_secs(120), || {
+        let i = server.instance(&inst)?;
+        match i["status"].as_str() {
+            Some("running") => Ok(Some(i)),
+            Some("failed") => bail!("instance failed: {}", i["failure"]),
+            _ => Ok(None),
+        }
+    })?;
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -KILL {pid}");
+    let t = Instant::now();
+    let failed = wait_for("failed", Duration::from_secs(20), || {
+        let i = server.instance(&inst)?;
+        Ok((i["status"] == "failed").then_some(i))
+    })?;
+    println!(
+        "{name}: the server failed the instance {:?} after the kill",
+        t.elapsed()
+    );
+    ensure!(
+        failed["failure"]["code"] == "provider_failed",
+        "{}",
+        failed["failure"]
+    );
+    let msg = failed["failure"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        msg.contains("exited on its own") && msg.contains(&pid.to_string()),
+        "{msg}"
+    );
+    let evs = events(server, &inst)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e["kind"] == "vm.exited" && e["detail"]["pid"] == pid),
+        "{evs:?}"
+    );
+    let a = server.cli(&["attribute-failure", &inst, "--lookback-hours", "1"])?;
+    ensure!(
+        a["failure"]["source"] == "failure_report" && a["failure"]["code"] == "provider_failed",
+        "{a}"
+    );
+    // A failed instance is terminated without --force; its credentials go.
+    let term = server.post(&paths::admin_terminate(&inst), &json!({"force": false}))?;
+    ensure!(term["status"] == "terminated", "{term}");
+    Ok(())
+}
+
+#[test]
+fn real_vm_killed_behind_the_servers_back_fails_with_the_reason() {
+    let name = "vm_lifecycle_killed";
+    if !vm_tests_enabled(name) {
+        return;
+    }
+    let out = artifacts_dir(name).expect("artifacts dir");
+    let mut outcome = Outcome { instance_dir: None };
+    let result = run_killed(name, &out, &mut outcome);
+    if let Some(dir) = &outcome.instance_dir {
+        keep_vm_files(dir, &out);
+    }
+    if let Err(e) = result {
+        panic!("{name}: {e:#}");
+    }
+}
