@@ -161,6 +161,10 @@ pub struct Instance {
     pub services: Vec<crate::node::ServiceState>,
     #[serde(default)]
     pub cordoned: bool,
+    /// The node's last reconcile pass, as its last heartbeat reported it (root modules
+    /// waiting for a reboot in `reboot_required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<crate::node::ReconcileResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stuck: Option<StuckInfo>,
     pub status_changed_at: Timestamp,

@@ -59,6 +59,8 @@ pub struct InstRec {
     #[serde(default)]
     pub cordoned: bool,
     #[serde(default)]
+    pub last_reconcile: Option<powernode_proto::node::ReconcileResult>,
+    #[serde(default)]
     pub uptime_seconds: u64,
     pub status_changed_ms: Millis,
     pub created_ms: Millis,
@@ -452,6 +454,7 @@ pub fn instance_view(
         modules: inst.modules.clone(),
         services: inst.services.clone(),
         cordoned: inst.cordoned,
+        last_reconcile: inst.last_reconcile.clone(),
         stuck: stuck_info(inst, now, serving_since, thresholds, drain),
         status_changed_at: format_ts(inst.status_changed_ms),
         created_at: format_ts(inst.created_ms),
@@ -596,6 +599,7 @@ mod tests {
             modules: Vec::new(),
             services: Vec::new(),
             cordoned: false,
+            last_reconcile: None,
             uptime_seconds: 0,
             status_changed_ms: 0,
             created_ms: 0,

@@ -537,6 +537,7 @@ impl AppState {
                     modules: Vec::new(),
                     services: Vec::new(),
                     cordoned: false,
+                    last_reconcile: None,
                     uptime_seconds: 0,
                     status_changed_ms: now,
                     created_ms: now,
@@ -998,8 +999,13 @@ impl AppState {
             .get(id)
             .ok_or_else(|| AppError::not_found("instance", id))?;
         let items = self.drift_items(&mem, inst);
-        let reboot_required = items.iter().any(|i| i.reboot_required);
-        let recovery = match (items.is_empty(), reboot_required) {
+        // The agent's own word counts too (it knows what `/` was composed from).
+        let reboot_required = items.iter().any(|i| i.reboot_required)
+            || inst
+                .last_reconcile
+                .as_ref()
+                .is_some_and(|r| !r.reboot_required.is_empty());
+        let recovery = match (items.is_empty() && !reboot_required, reboot_required) {
             (true, _) => None,
             (false, true) => Some(format!(
                 "root modules change only at boot: reboot-instance {id} (runtime modules are \
@@ -2094,6 +2100,9 @@ fn apply_heartbeat(mem: &mut Mem, id: &str, req: &HeartbeatRequest, now: Millis)
         }
         if inst.services != req.services {
             inst.services = req.services.clone();
+        }
+        if req.last_reconcile.is_some() && inst.last_reconcile != req.last_reconcile {
+            inst.last_reconcile = req.last_reconcile.clone();
         }
         if inst.status == InstanceStatus::Draining || req.cordoned {
             inst.cordoned = inst.cordoned || req.cordoned;

@@ -639,6 +639,25 @@ async fn module_changes_make_update_tasks_drift_verbs_and_an_attribution() {
     assert_eq!(drift["detail"]["summary"], "update base, update svc");
     assert_eq!(drift["detail"]["reboot_required"], true);
 
+    // The agent's last reconcile is shown, with the root modules awaiting a reboot.
+    let (s, v) = fake
+        .post(
+            paths::HEARTBEAT,
+            json!({"instance_id": fake.doc.instance_id, "phase": "ready", "uptime_seconds": 9,
+                   "agent_version": "t", "modules": [m(&base1), m(&svc2), m(&extra)],
+                   "last_reconcile": {"at": "2026-01-01T00:00:00Z", "ok": true,
+                                      "reboot_required": ["base"]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let i = instance(&ts, &inst).await;
+    assert_eq!(i["last_reconcile"]["reboot_required"], json!(["base"]));
+    let d = ts.ok(Method::GET, &paths::admin_drift(&inst), None).await;
+    assert_eq!(
+        (&d["reboot_required"], d["items"].as_array().unwrap().len()),
+        (&json!(true), 1)
+    );
+
     // A detach: the template drops extra.
     ts.ok(
         Method::PUT,
