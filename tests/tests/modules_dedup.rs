@@ -133,7 +133,10 @@ fn v2_after_v1_moves_only_the_changed_file() -> Result<()> {
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
-            bail!("pull failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pull failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok((stdout, served.load(Ordering::Relaxed) - before))
     };
