@@ -754,7 +754,11 @@ fn composed_root_runs_runtime_modules_and_a_reboot_applies_a_root_change() {
         i["status"] == "running"
     });
     assert_eq!(running["root"]["fstype"], "overlay", "{running}");
-    assert_eq!(root_modules(&running), [base1.clone()], "{running}");
+    assert_eq!(
+        root_modules(&running),
+        std::slice::from_ref(&base1),
+        "{running}"
+    );
 
     // A runtime module attached live in agent mode.
     let web = json!({"name": "web",
@@ -803,7 +807,7 @@ fn composed_root_runs_runtime_modules_and_a_reboot_applies_a_root_change() {
     let still = stub.instance(&instance_id);
     assert_eq!(
         root_modules(&still),
-        [base1.clone()],
+        std::slice::from_ref(&base1),
         "applied live? {still}"
     );
 
