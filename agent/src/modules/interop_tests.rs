@@ -900,11 +900,11 @@ fn bench_pull_200mib_vs_oras() {
     }
     // Repeated, each run after a `sync`: the store's final syncfs flushes the whole
     // filesystem, so on a shared disk it also pays for whatever others left dirty (the
-    // registry's own blobs, builds). Medians of three, disk and tmpfs stores.
+    // registry's own blobs, builds). Medians of five, disk and tmpfs stores.
     let mut disk = Vec::new();
     let mut mem = Vec::new();
     let mut peer = Vec::new();
-    for round in 0..3 {
+    for round in 0..5 {
         let timed = |f: &mut dyn FnMut()| {
             run(&mut Command::new("sync"));
             let t0 = Instant::now();
@@ -938,7 +938,7 @@ fn bench_pull_200mib_vs_oras() {
     };
     let (disk_m, mem_m, peer_m) = (median(&mut disk), median(&mut mem), median(&mut peer));
     eprintln!(
-        "bench: after sync, median of 3: agent pull into a disk store {disk_m:.2}s ({:.2}x), \
+        "bench: after sync, median of 5: agent pull into a disk store {disk_m:.2}s ({:.2}x), \
          into a tmpfs store {mem_m:.2}s ({:.2}x), oras pull {peer_m:.2}s \
          (runs: disk {disk:.2?}, tmpfs {mem:.2?}, oras {peer:.2?})",
         peer_m / disk_m,

@@ -103,16 +103,31 @@ pub fn pull_module(
         .ok_or_else(|| annotation("missing"))?
         .parse()
         .map_err(|_| annotation("is not sha256:HEX"))?;
-    if !store.has_image(&image) {
+    // The config is checked before any layer byte is used. With a streamed first
+    // layer it is fetched once that layer's request is out, so the layer's read-ahead
+    // fills during the config round trip instead of after it.
+    let mut config_unchecked = !store.has_image(&image);
+    if config_unchecked && m.layers.is_empty() {
         client.check_config(repo, m)?;
+        config_unchecked = false;
     }
+    let check_config = |unchecked: &mut bool| {
+        if std::mem::take(unchecked) {
+            client.check_config(repo, m).map_err(|e| coded(&e))?;
+        }
+        Ok::<(), CodedStreamError>(())
+    };
     let mut ranged = RangedStats::default();
     let install = install_image_with(store, &image, m.layers.len(), |i| {
         let desc = &m.layers[i];
+        if has_toc(desc) {
+            check_config(&mut config_unchecked)?;
+        }
         if let Some(input) = ranged_layer(client, repo, desc, store, &mut ranged)? {
             return Ok(input);
         }
         let reader = client.blob(repo, desc).map_err(|e| coded(&e))?;
+        check_config(&mut config_unchecked)?;
         Ok(LayerInput::Stream {
             media_type: desc.media_type.clone(),
             reader,
@@ -166,6 +181,14 @@ fn store_has_objects(store: &ObjectStore) -> bool {
                 .map(|mut e| e.next().is_some())
                 .unwrap_or(false)
         })
+}
+
+/// True when the layer's (signed) descriptor names a TOC: it may be range-read.
+fn has_toc(desc: &Descriptor) -> bool {
+    !matches!(
+        TocLocation::from_annotations(&desc.annotations, desc.size),
+        Ok(None)
+    )
 }
 
 /// The layer through its TOC, when it has one (a signed layer annotation), the store

@@ -428,6 +428,18 @@ impl RegistryClient {
     /// ([`BlobReader`]), so they overlap with whatever the caller does with the bytes
     /// (unpacking, fs-verity, writing objects) instead of taking turns with it.
     pub fn blob(&self, repo: &Repository, desc: &Descriptor) -> Result<BlobReader, RegistryError> {
+        let what = format!("blob {}@{}", repo.name, desc.digest);
+        let reader = self.blob_direct(repo, desc)?;
+        BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
+    }
+
+    /// The same check without the read-ahead thread: for small blobs, where a thread
+    /// and its 1 MiB chunk would cost more than the transfer.
+    fn blob_direct(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+    ) -> Result<DigestingReader<CountingReader<reqwest::blocking::Response>>, RegistryError> {
         if !desc.digest.starts_with("sha256:") {
             return Err(RegistryError::UnsupportedMediaType {
                 what: format!("blob {}", desc.digest),
@@ -437,15 +449,14 @@ impl RegistryClient {
         let what = format!("blob {}@{}", repo.name, desc.digest);
         let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
         let resp = self.get(repo, &url, "*/*", &what, false)?;
-        let reader = DigestingReader::new(
+        Ok(DigestingReader::new(
             CountingReader {
                 inner: resp,
                 count: self.received.clone(),
             },
             &desc.digest,
             desc.size,
-        );
-        BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
+        ))
     }
 
     /// Bytes `[start, end)` of a blob as a stream (at most that many bytes), or
@@ -501,7 +512,7 @@ impl RegistryClient {
         if desc.size > limit {
             return Err(RegistryError::TooLarge { what, limit });
         }
-        let mut r = self.blob(repo, desc)?;
+        let mut r = self.blob_direct(repo, desc)?;
         let mut out = Vec::new();
         r.read_to_end(&mut out)
             .map_err(|source| RegistryError::Read { what, source })?;
