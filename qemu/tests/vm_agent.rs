@@ -333,55 +333,6 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     );
 }
 
-/// Debian bookworm's static busybox, fetched once into `cache/busybox/` with
-/// `apt-get download busybox-static` + `dpkg -x`.
-fn busybox() -> std::path::PathBuf {
-    let cache = workspace_root().join("cache/busybox");
-    let bin = cache.join("root/bin/busybox");
-    if bin.exists() {
-        return bin;
-    }
-    std::fs::create_dir_all(&cache).unwrap();
-    let run = |cmd: &mut std::process::Command| {
-        let st = cmd.current_dir(&cache).status().expect("run apt-get/dpkg");
-        assert!(st.success(), "{cmd:?}: {st}");
-    };
-    run(std::process::Command::new("apt-get").args(["download", "busybox-static"]));
-    let deb = std::fs::read_dir(&cache)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("busybox-static .deb");
-    run(std::process::Command::new("dpkg")
-        .arg("-x")
-        .arg(&deb)
-        .arg("root"));
-    assert!(bin.exists(), "{} missing after dpkg -x", bin.display());
-    bin
-}
-
-/// A minimal busybox root: `bin/busybox`, applet symlinks, `etc/` files and the
-/// mount points the init moves into it.
-fn busybox_root(dir: &std::path::Path) -> std::path::PathBuf {
-    let root = dir.join("base-root");
-    let _ = std::fs::remove_dir_all(&root);
-    for d in ["bin", "etc", "dev", "proc", "sys", "run", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "ls", "cat", "mount"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("etc/hostname"), "powernode-base\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(
-        root.join("etc/os-release"),
-        "ID=powernode-base\nVERSION_ID=1\n",
-    )
-    .unwrap();
-    root
-}
-
 /// An ephemeral node whose template has a published busybox base as its root
 /// module: the init pulls and verifies it, mounts the union (composefs images under
 /// an overlay with a tmpfs upper), switch_roots into it and runs the agent there as
@@ -393,7 +344,7 @@ fn composed_root_from_a_published_base_module() {
     let test = "agent_composed_root";
     let dir = test_dir(test);
     let stub = Stub::start(&dir);
-    let base = busybox_root(&dir);
+    let base = rootfs::busybox_root(&dir, "1");
     let published = stub.cli(&[
         "publish-module",
         base.to_str().unwrap(),
@@ -494,7 +445,7 @@ fn composed_root_from_a_published_base_module() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn a_root_module_signed_by_an_unknown_key_is_refused_before_switch_root() {
     let dir = test_dir("agent_composed_root_bad_signature");
-    let base = busybox_root(&dir);
+    let base = rootfs::busybox_root(&dir, "1");
     {
         let stub = Stub::start(&dir);
         stub.cli(&[

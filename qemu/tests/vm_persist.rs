@@ -156,7 +156,7 @@ fn u(v: &Value) -> u64 {
 fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     let dir = test_dir("persist_verity");
     let stub = Stub::start(&dir);
-    let base = rootfs::busybox_root(&dir);
+    let base = rootfs::busybox_root(&dir, "1");
     let busybox_size = std::fs::metadata(base.join("bin/busybox")).unwrap().len();
     let published = stub.cli(&[
         "publish-module",

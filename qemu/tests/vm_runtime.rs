@@ -52,29 +52,6 @@ fn wait_until<T>(
     }
 }
 
-/// Debian bookworm's static busybox (the same cache `vm_agent` uses).
-fn busybox() -> PathBuf {
-    let cache = workspace_root().join("cache/busybox");
-    let bin = cache.join("root/bin/busybox");
-    if bin.exists() {
-        return bin;
-    }
-    std::fs::create_dir_all(&cache).unwrap();
-    let run = |cmd: &mut Command| {
-        let st = cmd.current_dir(&cache).status().expect("run apt-get/dpkg");
-        assert!(st.success(), "{cmd:?}: {st}");
-    };
-    run(Command::new("apt-get").args(["download", "busybox-static"]));
-    let deb = std::fs::read_dir(&cache)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("busybox-static .deb");
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg("root"));
-    assert!(bin.exists(), "{} missing after dpkg -x", bin.display());
-    bin
-}
-
 fn sha256_hex(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     assert!(out.status.success());
@@ -100,7 +77,7 @@ fn module_layout(dir: &Path, name: &str, version: &str, labels: Value) -> PathBu
     let tree = dir.join(format!("{name}-{version}-tree"));
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(tree.join("bin")).unwrap();
-    std::fs::copy(busybox(), tree.join("bin/busybox")).unwrap();
+    std::fs::copy(rootfs::busybox(), tree.join("bin/busybox")).unwrap();
     for applet in ["sh", "sleep"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -681,31 +658,8 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
     stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
 }
 
-/// A minimal busybox root for a root module (`bin/sh` and friends, mount points).
-fn busybox_root(dir: &Path, version: &str) -> PathBuf {
-    let root = dir.join(format!("base-root-{version}"));
-    let _ = std::fs::remove_dir_all(&root);
-    for d in [
-        "bin", "etc", "dev", "proc", "sys", "run", "tmp", "opt", "persist",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "ls", "cat", "mount", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("etc/hostname"), "powernode-base\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(
-        root.join("etc/os-release"),
-        format!("ID=powernode-base\nVERSION_ID={version}\n"),
-    )
-    .unwrap();
-    root
-}
-
 fn publish_root(stub: &Stub, dir: &Path, version: &str) -> String {
-    let tree = busybox_root(dir, version);
+    let tree = rootfs::busybox_root(dir, version);
     let p = stub.cli(&[
         "publish-module",
         tree.to_str().unwrap(),

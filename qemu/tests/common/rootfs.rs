@@ -31,23 +31,26 @@ pub fn busybox() -> PathBuf {
     bin
 }
 
-/// A minimal busybox root under `dir/base-root`: `bin/busybox`, applet symlinks
-/// (`bin/sh` among them), `etc/` files and the mount points the init moves into it.
-pub fn busybox_root(dir: &Path) -> PathBuf {
-    let root = dir.join("base-root");
+/// A minimal busybox root under `dir/base-root-VERSION`: `bin/busybox`, applet
+/// symlinks (`bin/sh` among them), `etc/` files (`os-release` names `version`) and the
+/// mount points the init and the runtime tests use.
+pub fn busybox_root(dir: &Path, version: &str) -> PathBuf {
+    let root = dir.join(format!("base-root-{version}"));
     let _ = std::fs::remove_dir_all(&root);
-    for d in ["bin", "etc", "dev", "proc", "sys", "run", "tmp"] {
+    for d in [
+        "bin", "etc", "dev", "proc", "sys", "run", "tmp", "opt", "persist",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "ls", "cat", "mount"] {
+    for applet in ["sh", "ls", "cat", "mount", "sleep"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(root.join("etc/hostname"), "powernode-base\n").unwrap();
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
     std::fs::write(
         root.join("etc/os-release"),
-        "ID=powernode-base\nVERSION_ID=1\n",
+        format!("ID=powernode-base\nVERSION_ID={version}\n"),
     )
     .unwrap();
     root
