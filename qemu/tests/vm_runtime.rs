@@ -651,8 +651,11 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
         "lease_requeue: requeued {:?} after the VM was killed: {requeued}",
         killed_at.elapsed()
     );
-    assert!(
-        requeued["attempts"].as_u64().unwrap_or(0) >= 1,
+    // Requeued because the lease ran out, not cancelled or failed: the dead attempt
+    // is kept as history.
+    assert_eq!(requeued["attempts"], 1, "{requeued}");
+    assert_eq!(
+        requeued["history"][0]["outcome"], "lease_expired",
         "{requeued}"
     );
     stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
