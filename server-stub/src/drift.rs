@@ -43,6 +43,18 @@ impl DesiredSet {
     }
 }
 
+/// A desired root module that `/` was composed from, by the root facts of the
+/// handshake: those arrive before the first heartbeat lists the running modules,
+/// and they are the authority on what the root holds.
+fn composed_into_root(set: &DesiredSet, name: &str, inst: &InstRec) -> bool {
+    set.kind_of(name) == Some("root")
+        && set.pinned.get(name).is_some_and(|want| {
+            inst.root
+                .as_ref()
+                .is_some_and(|r| r.modules.iter().any(|d| d == want))
+        })
+}
+
 fn item(
     module: &str,
     action: &str,
@@ -68,6 +80,7 @@ pub fn items(set: &DesiredSet, inst: &InstRec) -> Vec<DriftItem> {
     for name in set.names() {
         let kind = set.kind_of(name).unwrap_or("runtime");
         match inst.modules.iter().find(|m| &m.name == name) {
+            None if composed_into_root(set, name, inst) => {}
             None => out.push(item(
                 name,
                 "attach",
@@ -106,7 +119,7 @@ pub fn items(set: &DesiredSet, inst: &InstRec) -> Vec<DriftItem> {
 pub fn has_drift(set: &DesiredSet, inst: &InstRec) -> bool {
     set.names()
         .any(|name| match inst.modules.iter().find(|m| &m.name == name) {
-            None => true,
+            None => !composed_into_root(set, name, inst),
             Some(m) => set.pinned.get(name).is_some_and(|d| *d != m.digest),
         })
         || inst.modules.iter().any(|m| set.kind_of(&m.name).is_none())
@@ -226,6 +239,24 @@ mod tests {
         assert_eq!(
             (it[0].action.as_str(), it[0].desired_digest.as_deref()),
             ("attach", None)
+        );
+    }
+
+    #[test]
+    fn root_facts_before_the_first_heartbeat_count_as_attached() {
+        let mut s = set();
+        s.runtime.clear();
+        // Handshake done (root composed from the pinned base), no heartbeat yet.
+        let i = inst(&[], &["sha256:b2"]);
+        assert!(!has_drift(&s, &i));
+        assert!(items(&s, &i).is_empty());
+        // Composed from an older base: that is still drift, and needs a reboot.
+        let i = inst(&[], &["sha256:b1"]);
+        assert!(has_drift(&s, &i));
+        let it = items(&s, &i);
+        assert_eq!(
+            (it[0].action.as_str(), it[0].reboot_required),
+            ("attach", true)
         );
     }
 }
