@@ -20,49 +20,6 @@ use serde_json::Value;
 const TO_RUNNING: Duration = Duration::from_secs(120);
 const TO_EXIT: Duration = Duration::from_secs(60);
 
-/// Polls `check` every 250 ms until it returns `Some` or `timeout`; panics with
-/// `context()` if QEMU exits or time runs out.
-fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    vm: &mut Vm,
-    context: &dyn Fn() -> String,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Ok(Some(status)) = vm.try_wait() {
-            panic!(
-                "QEMU exited ({status}) while waiting for {what}\n{}",
-                context()
-            );
-        }
-        if start.elapsed() > timeout {
-            panic!("no {what} after {timeout:?}\n{}", context());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn phases(inst: &Value) -> Vec<(String, u64)> {
-    inst["boot_timeline"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    (
-                        e["phase"].as_str().unwrap_or("").to_string(),
-                        e["at_ms"].as_u64().unwrap_or(u64::MAX),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The whole runbook against one VM: boot to `running`, drain, terminate, QEMU
 /// exits on its own. Returns the instance as seen when it was running.
 fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
@@ -87,20 +44,7 @@ fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
         "fw_cfg"
     };
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
-    let serial_log = spec.serial_log.clone();
-    let command = vm.command.clone();
-    let server_log = dir.join("server.log");
-    let context = move || {
-        let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
-        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "command: {command}\nserial: {}\nserver log: {}\n--- serial tail:\n{}",
-            serial_log.display(),
-            server_log.display(),
-            tail.join("\n")
-        )
-    };
+    let context = vm_context(&vm, Some(stub.log()));
 
     let started = Instant::now();
     let running = wait_until("status running", TO_RUNNING, &mut vm, &context, || {
@@ -111,7 +55,7 @@ fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
 
     // The node's own account, as the server recorded it.
     assert_eq!(running["identity_source"], expected_source, "{running}");
-    let timeline = phases(&running);
+    let timeline = boot_timeline(&running);
     let names: Vec<&str> = timeline.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
         names,
@@ -278,9 +222,8 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     };
 
     // Boot 1: enrolls, state on /persist.
-    let (spec1, mut vm1) = boot_once("boot1");
-    let log1 = spec1.serial_log.clone();
-    let ctx1 = move || format!("serial: {}", log1.display());
+    let (_spec1, mut vm1) = boot_once("boot1");
+    let ctx1 = vm_context(&vm1, Some(stub.log()));
     let first = wait_until("first running", TO_RUNNING, &mut vm1, &ctx1, || {
         let i = stub.instance(&instance_id);
         (i["status"] == "running").then_some(i)
@@ -294,15 +237,15 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     .unwrap_or_else(|| panic!("no enrolled event\n{}", ctx1()));
     assert_eq!(enrolled1["state_dir"], "/persist/powernode");
     assert_eq!(enrolled1["reused_credentials"], false);
-    // Give ext4 its journal commit (5 s) so the credentials are on the disk image.
-    std::thread::sleep(Duration::from_secs(6));
+    // The credentials must be on the disk image before the power goes (ext4
+    // commits its journal every 5 s of guest time): waited for, not slept.
+    wait_credentials_persisted(&disk, &mut vm1, &ctx1);
     vm1.kill();
     drop(vm1);
 
     // Boot 2, same disk: stored credentials, no enrollment, ready again.
-    let (spec2, mut vm2) = boot_once("boot2");
-    let log2 = spec2.serial_log.clone();
-    let ctx2 = move || format!("serial: {}", log2.display());
+    let (_spec2, mut vm2) = boot_once("boot2");
+    let ctx2 = vm_context(&vm2, Some(stub.log()));
     let first_ready = first["boot_timeline"].clone();
     let second = wait_until(
         "second ready handshake",
@@ -345,17 +288,8 @@ fn composed_root_from_a_published_base_module() {
     let dir = test_dir(test);
     let stub = Stub::start(&dir);
     let base = rootfs::busybox_root(&dir, "1");
-    let published = stub.cli(&[
-        "publish-module",
-        base.to_str().unwrap(),
-        "--name",
-        "base",
-        "--version",
-        "1.0.0",
-        "--kind",
-        "root",
-    ]);
-    eprintln!("published: {published}");
+    let digest = stub.publish_module(&base, "base", "1.0.0", "root");
+    eprintln!("published: {digest}");
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision("composed-root-1");
     let (init, _) = musl_inits();
@@ -367,17 +301,7 @@ fn composed_root_from_a_published_base_module() {
     ];
     with_identity(&mut spec, &dir, &doc.to_string());
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
-    let serial_log = spec.serial_log.clone();
-    let context = move || {
-        let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
-        let tail: Vec<&str> = serial.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "serial: {}\n--- serial tail:\n{}",
-            serial_log.display(),
-            tail.join("\n")
-        )
-    };
+    let context = vm_context(&vm, Some(stub.log()));
     let started = Instant::now();
     let running = wait_until("status running", TO_RUNNING, &mut vm, &context, || {
         let inst = stub.instance(&instance_id);
@@ -398,14 +322,11 @@ fn composed_root_from_a_published_base_module() {
     );
     // The agent reports the root modules' manifest digests (as pinned in the
     // desired set), not their composefs digests.
-    let digest = published["publication"]["digest"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no digest in {published}"));
     let modules: Vec<&str> = root["modules"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(modules, [digest], "root facts: {running}");
+    assert_eq!(modules, [digest.as_str()], "root facts: {running}");
     let drift = stub.cli(&["drift-report", &instance_id]);
     assert_eq!(drift["drift"], false, "drift report: {drift}");
 
@@ -448,16 +369,7 @@ fn a_root_module_signed_by_an_unknown_key_is_refused_before_switch_root() {
     let base = rootfs::busybox_root(&dir, "1");
     {
         let stub = Stub::start(&dir);
-        stub.cli(&[
-            "publish-module",
-            base.to_str().unwrap(),
-            "--name",
-            "base",
-            "--version",
-            "1.0.0",
-            "--kind",
-            "root",
-        ]);
+        stub.publish_module(&base, "base", "1.0.0", "root");
         stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     }
     // A new signing key on restart: the published signature is now a stranger's.

@@ -266,49 +266,15 @@ fn test_cmdline() -> Vec<String> {
     TEST_CMDLINE.iter().map(|s| s.to_string()).collect()
 }
 
-fn wait_running(stub: &Stub, id: &str, vm: &mut Vm, dir: &Path) -> (Value, Duration) {
-    let dir = vm.serial_log.parent().unwrap_or(dir).to_path_buf();
+fn wait_running(stub: &Stub, id: &str, vm: &mut Vm) -> (Value, Duration) {
+    let context = vm_context(vm, Some(stub.log()));
+    let explain = || format!("instance: {}\n{}", stub.instance(id), context());
     let start = Instant::now();
-    loop {
+    let inst = wait_until("status running", TO_RUNNING, vm, &explain, || {
         let inst = stub.instance(id);
-        if inst["status"] == "running" {
-            return (inst, start.elapsed());
-        }
-        let context = |vm: &Vm| {
-            let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
-            let tail: Vec<&str> = serial.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!(
-                "instance: {inst}\nrerun: sh {}\nqemu stderr: {}\n--- serial tail:\n{}",
-                vm.command_file.display(),
-                vm.stderr(),
-                tail.join("\n")
-            )
-        };
-        if let Ok(Some(status)) = vm.try_wait() {
-            panic!("QEMU exited ({status}) before running\n{}", context(vm));
-        }
-        if start.elapsed() > TO_RUNNING {
-            panic!("not running after {TO_RUNNING:?}\n{}", context(vm));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn timeline(inst: &Value) -> Vec<(String, u64)> {
-    inst["boot_timeline"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    (
-                        e["phase"].as_str().unwrap_or("").to_string(),
-                        e["at_ms"].as_u64().unwrap_or(u64::MAX),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+        (inst["status"] == "running").then_some(inst)
+    });
+    (inst, start.elapsed())
 }
 
 /// Boots the disk image on OVMF with the metadata network to `running`, checks the
@@ -335,8 +301,8 @@ fn boot_disk_with_metadata(
     spec.devices.extend(smbios);
     spec.accel = Accel::detect_for_kernel(&spec.qemu, &dir.join("image/vmlinuz"));
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
-    let (running, wall) = wait_running(&stub, &instance_id, &mut vm, &dir);
-    let tl = timeline(&running);
+    let (running, wall) = wait_running(&stub, &instance_id, &mut vm);
+    let tl = boot_timeline(&running);
     eprintln!(
         "{test}: running after {:.1} s wall (QEMU start), timeline {tl:?}",
         wall.as_secs_f64()
@@ -462,9 +428,9 @@ fn uefi_disk_vs_direct_kernel_boot_to_running() {
     let mut uefi = VmSpec::disk(firmware, &disk, uefi_dir.join("serial.log"));
     uefi.accel = direct.accel;
     let mut vm = Vm::spawn(&uefi).expect("spawn QEMU");
-    let (running, wall) = wait_running(&stub, &instance_id, &mut vm, &uefi_dir);
+    let (running, wall) = wait_running(&stub, &instance_id, &mut vm);
     assert_eq!(running["identity_source"], "cmdline", "{running}");
-    let tl = timeline(&running);
+    let tl = boot_timeline(&running);
     stub.cli(&["terminate-instance", &instance_id, "--force"]);
     assert!(matches!(vm.wait_timeout(TO_EXIT), Ok(Some(_))));
 

@@ -31,35 +31,6 @@ use serde_json::Value;
 const TO_RUNNING: Duration = Duration::from_secs(180);
 const TO_EXIT: Duration = Duration::from_secs(180);
 
-/// Polls `check` every 250 ms until it returns `Some`; panics with the serial log's
-/// path when QEMU exits first or time runs out.
-fn wait_until<T>(
-    what: &str,
-    vm: &mut Vm,
-    serial: &Path,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Ok(Some(status)) = vm.try_wait() {
-            panic!(
-                "QEMU exited ({status}) while waiting for {what}; serial: {}",
-                serial.display()
-            );
-        }
-        if start.elapsed() > TO_RUNNING {
-            panic!(
-                "no {what} after {TO_RUNNING:?}; serial: {}",
-                serial.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -158,20 +129,7 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     let stub = Stub::start(&dir);
     let base = rootfs::busybox_root(&dir, "1");
     let busybox_size = std::fs::metadata(base.join("bin/busybox")).unwrap().len();
-    let published = stub.cli(&[
-        "publish-module",
-        base.to_str().unwrap(),
-        "--name",
-        "base",
-        "--version",
-        "1.0.0",
-        "--kind",
-        "root",
-    ]);
-    let digest = published["publication"]["digest"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no digest in {published}"))
-        .to_string();
+    let digest = stub.publish_module(&base, "base", "1.0.0", "root");
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision_class("persist-verity-1", "persistent");
     let (init, _) = musl_inits();
@@ -196,7 +154,8 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     let spec1 = boot_spec("boot1");
     let started = Instant::now();
     let mut vm1 = Vm::spawn(&spec1).expect("spawn QEMU");
-    let first = wait_until("first running", &mut vm1, &spec1.serial_log, || {
+    let ctx1 = vm_context(&vm1, Some(stub.log()));
+    let first = wait_until("first running", TO_RUNNING, &mut vm1, &ctx1, || {
         let i = stub.instance(&instance_id);
         assert_ne!(i["status"], "failed", "{i}");
         (i["status"] == "running" && i["root"]["fstype"] == "overlay").then_some(i)
@@ -219,8 +178,9 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     assert_eq!(c1["verity_enabled"], c1["objects_added"], "{c1}");
     assert!(u(&c1["bytes_fetched"]) > busybox_size / 4, "{c1}");
     assert_eq!(c1["checked"], serde_json::json!(["/bin/sh"]), "{c1}");
-    // ext4 commits its journal every 5 s; the store was synced by the node itself.
-    std::thread::sleep(Duration::from_secs(6));
+    // The store was synced by the node itself; the credentials reach the image with
+    // a journal commit (every 5 s of guest time): waited for, not slept.
+    wait_credentials_persisted(&disk, &mut vm1, &ctx1);
     vm1.kill();
     drop(vm1);
 
@@ -228,8 +188,9 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     let spec2 = boot_spec("boot2");
     let started = Instant::now();
     let mut vm2 = Vm::spawn(&spec2).expect("spawn QEMU");
+    let ctx2 = vm_context(&vm2, Some(stub.log()));
     let first_timeline = first["boot_timeline"].clone();
-    let second = wait_until("second ready", &mut vm2, &spec2.serial_log, || {
+    let second = wait_until("second ready", TO_RUNNING, &mut vm2, &ctx2, || {
         let i = stub.instance(&instance_id);
         (i["phase"] == "ready"
             && i["boot_timeline"] != first_timeline
@@ -249,7 +210,7 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         "{c1} {c2}"
     );
     assert_eq!(second["root"]["verity"], "require", "{second}");
-    std::thread::sleep(Duration::from_secs(6));
+    wait_credentials_persisted(&disk, &mut vm2, &ctx2);
     vm2.kill();
     drop(vm2);
 
@@ -289,8 +250,9 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     // Boot 4: the store heals: exactly the corrupt object is fetched and added again.
     let spec4 = boot_spec("boot4");
     let mut vm4 = Vm::spawn(&spec4).expect("spawn QEMU");
+    let ctx4 = vm_context(&vm4, Some(stub.log()));
     let second_timeline = second["boot_timeline"].clone();
-    let healed = wait_until("healed ready", &mut vm4, &spec4.serial_log, || {
+    let healed = wait_until("healed ready", TO_RUNNING, &mut vm4, &ctx4, || {
         let i = stub.instance(&instance_id);
         (i["phase"] == "ready"
             && i["boot_timeline"] != second_timeline

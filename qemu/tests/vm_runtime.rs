@@ -25,33 +25,6 @@ const TO_RUNNING: Duration = Duration::from_secs(180);
 const TO_CHANGE: Duration = Duration::from_secs(90);
 const TO_EXIT: Duration = Duration::from_secs(60);
 
-/// Polls `check` every 250 ms until it returns `Some` or `timeout`; panics with
-/// `context()` if QEMU exits or time runs out.
-fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    vm: &mut Vm,
-    context: &dyn Fn() -> String,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if let Ok(Some(status)) = vm.try_wait() {
-            panic!(
-                "QEMU exited ({status}) while waiting for {what}\n{}",
-                context()
-            );
-        }
-        if start.elapsed() > timeout {
-            panic!("no {what} after {timeout:?}\n{}", context());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn sha256_hex(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     assert!(out.status.success());
@@ -163,20 +136,7 @@ fn labels(mountpoint: Option<&str>, services: &[Value]) -> Value {
 /// Publishes a runtime module layout; returns its pinned manifest digest.
 fn publish_runtime(stub: &Stub, dir: &Path, name: &str, version: &str, labels: Value) -> String {
     let layout = module_layout(dir, name, version, labels);
-    let p = stub.cli(&[
-        "publish-module",
-        layout.to_str().unwrap(),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--kind",
-        "runtime",
-    ]);
-    p["publication"]["digest"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no digest in {p}"))
-        .to_string()
+    stub.publish_module(&layout, name, version, "runtime")
 }
 
 fn task(stub: &Stub, id: &str) -> Value {
@@ -211,27 +171,12 @@ fn service<'a>(inst: &'a Value, name: &str) -> Option<&'a Value> {
 struct Node {
     instance_id: String,
     vm: Vm,
-    serial_log: PathBuf,
     server_log: PathBuf,
-    command: String,
 }
 
 impl Node {
     fn context(&self) -> impl Fn() -> String {
-        let serial_log = self.serial_log.clone();
-        let server_log = self.server_log.clone();
-        let command = self.command.clone();
-        move || {
-            let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
-            let tail: Vec<&str> = serial.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!(
-                "command: {command}\nserial: {}\nserver log: {}\n--- serial tail:\n{}",
-                serial_log.display(),
-                server_log.display(),
-                tail.join("\n")
-            )
-        }
+        vm_context(&self.vm, Some(&self.server_log))
     }
 
     /// Waits until get-instance satisfies `f`.
@@ -291,9 +236,7 @@ fn boot_instance(dir: &Path, instance_id: String, doc: &Value, sub: &str) -> Nod
     let vm = Vm::spawn(&spec).expect("spawn QEMU");
     Node {
         instance_id,
-        command: vm.command.clone(),
         vm,
-        serial_log: spec.serial_log.clone(),
         server_log: dir.join("server.log"),
     }
 }
@@ -551,19 +494,22 @@ fn a_drain_past_its_timeout_stays_draining_until_forced() {
     assert_eq!(t["status"], "failed", "{t}");
     assert_eq!(t["result"]["error"], "drain_timeout", "{t}");
     assert_eq!(t["result"]["services_stuck"], json!(["stubborn"]), "{t}");
-    let stuck = node.wait(&stub, "stuck signal drain_timeout", TO_CHANGE, |i| {
-        i["stuck"]["reason"] == "drain_timeout"
-    });
+    // The stuck row follows the task's result; the service's `stopping` state comes
+    // with a heartbeat, which may land after it: wait for both.
+    let stuck = node.wait(
+        &stub,
+        "stuck drain_timeout with the service stopping",
+        TO_CHANGE,
+        |i| {
+            i["stuck"]["reason"] == "drain_timeout"
+                && service(i, "stubborn").is_some_and(|s| s["state"] == "stopping")
+        },
+    );
     assert_eq!(stuck["status"], "draining", "{stuck}");
     assert!(
         stuck["stuck"]["recovery"]
             .as_str()
             .is_some_and(|r| r.contains("--force")),
-        "{stuck}"
-    );
-    assert_eq!(
-        service(&stuck, "stubborn").unwrap()["state"],
-        "stopping",
         "{stuck}"
     );
     assert_ne!(stuck["phase"], "drained", "{stuck}");
@@ -636,17 +582,15 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
     assert_eq!(renewed["status"], "running", "{renewed}");
     node.vm.kill();
     let killed_at = Instant::now();
-    let requeued = loop {
-        let t = task(&stub, &id);
-        if t["status"] == "pending" {
-            break t;
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(120),
-            "not requeued 120 s after the agent died: {t}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let requeued = poll_until(
+        "the task requeued after the agent died",
+        Duration::from_secs(120),
+        &|| format!("task: {}", task(&stub, &id)),
+        || {
+            let t = task(&stub, &id);
+            (t["status"] == "pending").then_some(t)
+        },
+    );
     eprintln!(
         "lease_requeue: requeued {:?} after the VM was killed: {requeued}",
         killed_at.elapsed()
@@ -662,21 +606,7 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
 }
 
 fn publish_root(stub: &Stub, dir: &Path, version: &str) -> String {
-    let tree = rootfs::busybox_root(dir, version);
-    let p = stub.cli(&[
-        "publish-module",
-        tree.to_str().unwrap(),
-        "--name",
-        "base",
-        "--version",
-        version,
-        "--kind",
-        "root",
-    ]);
-    p["publication"]["digest"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no digest in {p}"))
-        .to_string()
+    stub.publish_module(&rootfs::busybox_root(dir, version), "base", version, "root")
 }
 
 fn root_modules(inst: &Value) -> Vec<String> {

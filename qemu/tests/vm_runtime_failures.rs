@@ -11,15 +11,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::stub::stub_binary;
+use common::stub::{Stub, StubOptions};
 use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
@@ -29,132 +28,29 @@ const TO_RUNNING: Duration = Duration::from_secs(120);
 /// `--silent-after-seconds` of these tests.
 const SILENT_AFTER: u64 = 5;
 
-/// `powernode-stub serve` with the sensor settings of a test, killed by its pid on
-/// drop.
-struct Server {
-    child: Child,
-    bin: PathBuf,
-    data: PathBuf,
-    url: String,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// `public_port`: the port the guest dials at 10.0.2.2 (a proxy's, or the
-    /// server's own when `None`).
-    fn start(dir: &Path, public_port: Option<u16>, extra: &[&str]) -> Server {
-        let bin = stub_binary();
-        let data = dir.join("server-data");
-        let log = dir.join("server.log");
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("bind 127.0.0.1:0");
-            let public = public_port.unwrap_or(port);
-            let mut child = Command::new(&bin)
-                .arg("serve")
-                .arg("--data")
-                .arg(&data)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--public-url", &format!("https://10.0.2.2:{public}")])
-                .args(["--heartbeat-interval-seconds", "1"])
-                .args(["--silent-after-seconds", &SILENT_AFTER.to_string()])
-                .args(["--sensor-interval-ms", "200"])
-                .args(["--provider", "recorder"])
-                .args(extra)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("spawn powernode-stub");
-            let stdout = child.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(stdout);
-                let mut line = String::new();
-                let _ = r.read_line(&mut line);
-                let _ = tx.send(line);
-                let mut sink = Vec::new();
-                let _ = r.read_to_end(&mut sink);
-            });
-            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-            if let Some(addr) = serde_json::from_str::<Value>(line.trim())
-                .ok()
-                .and_then(|v| v["listening"].as_str().map(str::to_string))
-            {
-                return Server {
-                    child,
-                    bin,
-                    data,
-                    url: format!("https://{addr}"),
-                    log,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("powernode-stub did not start; see {}", log.display());
-    }
-
-    fn port(&self) -> u16 {
-        self.url.rsplit(':').next().unwrap().parse().unwrap()
-    }
-
-    /// The admin CLI with `--json`; `Err(stderr)` on a non-2xx answer.
-    fn try_cli(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .arg("--data")
-            .arg(&self.data)
-            .args(["--server", &self.url, "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run powernode-stub CLI");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-    }
-
-    fn cli(&self, args: &[&str]) -> Value {
-        self.try_cli(args)
-            .unwrap_or_else(|e| panic!("powernode-stub {args:?}: {e}"))
-    }
-
-    fn instance(&self, id: &str) -> Value {
-        self.cli(&["get-instance", id])["instance"].clone()
-    }
-
-    fn signals(&self, id: &str) -> Vec<Value> {
-        self.cli(&["recent-signals", "--instance", id, "--limit", "200"])["signals"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn provision(&self, host: &str, class: &str) -> (String, Value) {
-        let n = self.cli(&[
-            "create-node",
-            "--hostname",
-            host,
-            "--lifecycle-class",
-            class,
-        ]);
-        let node = n["node"]["id"].as_str().unwrap().to_string();
-        let p = self.cli(&["provision-instance", &node]);
-        let inst = p["instance"]["id"].as_str().unwrap().to_string();
-        let doc = self.cli(&["instance-identity", &inst]);
-        (inst, doc)
-    }
+/// `powernode-stub serve` with the short sensor windows of these tests.
+/// `public_port`: the port the guest dials at 10.0.2.2 (a proxy's, or the server's
+/// own when `None`).
+fn start_server(dir: &Path, public_port: Option<u16>, extra: &[&str]) -> Stub {
+    let mut flags: Vec<String> = [
+        "--silent-after-seconds",
+        &SILENT_AFTER.to_string(),
+        "--sensor-interval-ms",
+        "200",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    Stub::start_with(
+        dir,
+        StubOptions {
+            public_port,
+            heartbeat_interval_seconds: 1,
+            extra: flags,
+            ..StubOptions::default()
+        },
+    )
 }
 
 /// A TCP proxy on the host loopback that the test can cut (every connection
@@ -247,36 +143,29 @@ fn boot(dir: &Path, name: &str, doc: &Value, persist: Option<&Path>) -> (Vm, Pat
     (vm, spec.serial_log)
 }
 
-/// Polls `f` every 200 ms; panics with `context` after `timeout`.
-fn wait<T>(what: &str, timeout: Duration, context: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "no {what} after {timeout:?}; {context}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// [`poll_until`] with a fixed context line.
+fn wait<T>(what: &str, timeout: Duration, context: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(what, timeout, &|| context.to_string(), f)
 }
 
-fn running(server: &Server, inst: &str, vm: &mut Vm, ctx: &str) -> Value {
-    wait("status running", TO_RUNNING, ctx, || {
-        if let Ok(Some(s)) = vm.try_wait() {
-            panic!("QEMU exited ({s}) before running; {ctx}");
-        }
-        let i = server.instance(inst);
-        (i["status"] == "running" && i["last_heartbeat_at"].is_string()).then_some(i)
-    })
+fn running(server: &Stub, inst: &str, vm: &mut Vm, ctx: &str) -> Value {
+    wait_until(
+        "status running",
+        TO_RUNNING,
+        vm,
+        &|| ctx.to_string(),
+        || {
+            let i = server.instance(inst);
+            (i["status"] == "running" && i["last_heartbeat_at"].is_string()).then_some(i)
+        },
+    )
 }
 
-fn ctx(serial: &Path, server: &Server) -> String {
+fn ctx(serial: &Path, server: &Stub) -> String {
     format!(
         "serial {}, server log {}",
         serial.display(),
-        server.log.display()
+        server.log().display()
     )
 }
 
@@ -291,8 +180,8 @@ fn find<'a>(sigs: &'a [Value], kind: &str, active: bool) -> Option<&'a Value> {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn killed_qemu_raises_instance_silent_within_the_window() {
     let dir = test_dir("failures_killed_qemu");
-    let server = Server::start(&dir, None, &["--stuck-thresholds", "running=8"]);
-    let (inst, doc) = server.provision("killed-1", "ephemeral");
+    let server = start_server(&dir, None, &["--stuck-thresholds", "running=8"]);
+    let (inst, doc) = server.provision_class("killed-1", "ephemeral");
     let (mut vm, serial) = boot(&dir, "vm", &doc, None);
     let c = ctx(&serial, &server);
     running(&server, &inst, &mut vm, &c);
@@ -337,9 +226,9 @@ fn partition_raises_silent_and_healing_clears_it() {
     let dir = test_dir("failures_partition");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
     let public = listener.local_addr().unwrap().port();
-    let server = Server::start(&dir, Some(public), &[]);
+    let server = start_server(&dir, Some(public), &[]);
     let proxy = Proxy::start(listener, server.port());
-    let (inst, doc) = server.provision("partition-1", "ephemeral");
+    let (inst, doc) = server.provision_class("partition-1", "ephemeral");
     assert!(doc["control_plane_url"]
         .as_str()
         .unwrap()
@@ -397,11 +286,11 @@ fn partition_raises_silent_and_healing_clears_it() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
     let dir = test_dir("failures_stuck_bootstrapping");
-    let server = Server::start(&dir, None, &["--stuck-thresholds", "bootstrapping=10"]);
+    let server = start_server(&dir, None, &["--stuck-thresholds", "bootstrapping=10"]);
     // A publication on an external registry nobody listens on (port 9, discard).
     let sha = |c: char| format!("sha256:{}", c.to_string().repeat(64));
-    let token = std::fs::read_to_string(server.data.join("admin-token")).unwrap();
-    let ca = server.data.join("ca.pem");
+    let token = std::fs::read_to_string(server.data().join("admin-token")).unwrap();
+    let ca = server.data().join("ca.pem");
     let record = json!({"name": "ghost", "version": "1.0.0", "kind": "root",
         "registry": "10.0.2.2:9", "repository": "modules/ghost", "digest": sha('a'),
         "composefs_digest": sha('b'), "signature_digest": sha('c')});
@@ -417,7 +306,7 @@ fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
                 "-d",
                 &body.to_string(),
             ])
-            .arg(format!("{}{path}", server.url))
+            .arg(format!("{}{path}", server.url()))
             .output()
             .expect("run curl");
         assert!(
@@ -428,7 +317,7 @@ fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
     };
     curl("POST", "/api/v1/system/module_publications", &record);
     server.cli(&["set-template-modules", "tmpl-edge-base", "--root", "ghost"]);
-    let (inst, doc) = server.provision("stuck-boot-1", "ephemeral");
+    let (inst, doc) = server.provision_class("stuck-boot-1", "ephemeral");
     let (_vm, serial) = boot(&dir, "vm", &doc, None);
     let c = ctx(&serial, &server);
     let i = wait("stuck bootstrapping", TO_RUNNING, &c, || {
@@ -475,15 +364,16 @@ fn unreachable_root_module_leaves_bootstrapping_stuck_and_attributed() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn decommissioned_persistent_node_booted_again_is_refused() {
     let dir = test_dir("failures_decommission");
-    let server = Server::start(&dir, None, &[]);
-    let (inst, doc) = server.provision("decom-1", "persistent");
+    let server = start_server(&dir, None, &[]);
+    let (inst, doc) = server.provision_class("decom-1", "persistent");
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 64).unwrap();
     let (mut vm, serial) = boot(&dir, "boot1", &doc, Some(&disk));
     let c = ctx(&serial, &server);
     running(&server, &inst, &mut vm, &c);
-    // ext4 commits its journal every 5 s: let the credentials reach the image.
-    std::thread::sleep(Duration::from_secs(6));
+    // The credentials must reach the image (ext4 commits its journal every 5 s of
+    // guest time): waited for, not slept.
+    wait_credentials_persisted(&disk, &mut vm, &|| c.clone());
     let t = server.cli(&["terminate-instance", &inst, "--force"]);
     assert_eq!(t["status"], "terminated");
     // The recorder provider does not own this VM: the node learns on its next call

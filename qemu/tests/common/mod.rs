@@ -98,6 +98,7 @@ pub fn baseline_initrd(out: &Path, baseline_init: &Path) -> PathBuf {
             modules: Vec::new(),
             builtin: Vec::new(),
         },
+        &[],
     )
     .unwrap();
     let archive = cpio::write_newc(&spec).unwrap();
@@ -205,4 +206,151 @@ pub fn events(serial: &str, prefix: &str) -> Vec<Value> {
 
 pub fn event<'a>(events: &'a [Value], key: &str, value: &str) -> Option<&'a Value> {
     events.iter().find(|e| e[key] == value)
+}
+
+/// Polls `check` every 250 ms until it returns `Some`; panics with `context()` when
+/// QEMU exits first or `timeout` passes. The one wait of the VM tests: a condition
+/// the server reports is waited for, never assumed after another one.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    vm: &mut Vm,
+    context: &dyn Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    poll_until(what, timeout, context, || {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "QEMU exited ({status}) while waiting for {what}\n{}",
+                context()
+            );
+        }
+        None
+    })
+}
+
+/// [`wait_until`] with no VM to watch (it was killed, or its exit is expected).
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    context: &dyn Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("no {what} after {timeout:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What a failed VM test prints: the QEMU command, its stderr, the server log's
+/// path and the serial tail, read when asked (the closure owns copies of the paths).
+pub fn vm_context(vm: &Vm, server_log: Option<&Path>) -> impl Fn() -> String {
+    let command_file = vm.command_file.clone();
+    let stderr_log = vm.stderr_log.clone();
+    let serial_log = vm.serial_log.clone();
+    let server_log = server_log.map(Path::to_path_buf);
+    move || {
+        let serial = std::fs::read_to_string(&serial_log).unwrap_or_default();
+        let tail: Vec<&str> = serial.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let server = server_log
+            .as_ref()
+            .map(|p| format!("\nserver log: {}", p.display()))
+            .unwrap_or_default();
+        format!(
+            "rerun: sh {}\nqemu stderr: {}\nserial: {}{server}\n--- serial tail:\n{}",
+            command_file.display(),
+            std::fs::read_to_string(&stderr_log).unwrap_or_default(),
+            serial_log.display(),
+            tail.join("\n")
+        )
+    }
+}
+
+/// The agent's credential files under `/persist` (the state dir `/persist/powernode`).
+const PERSISTED_CREDENTIALS: &[&str] = &["/powernode/node.key", "/powernode/node.crt"];
+
+/// Waits (up to 60 s) until the ext4 image `disk`, as a hard power loss would leave
+/// it now (a copy, its journal replayed by e2fsck), holds the agent's key and
+/// certificate. Replaces a fixed sleep for the guest's journal commit (every 5 s of
+/// guest time, which a loaded host can stretch). Panics with `context()` otherwise.
+pub fn wait_credentials_persisted(disk: &Path, vm: &mut Vm, context: &dyn Fn() -> String) {
+    let (what, files, timeout) = (
+        "the credentials on the persist disk",
+        PERSISTED_CREDENTIALS,
+        Duration::from_secs(60),
+    );
+    let copy = disk.with_extension("probe.img");
+    let missing = |copy: &Path| -> Vec<String> {
+        if std::fs::copy(disk, copy).is_err() {
+            return vec![format!("(cannot copy {})", disk.display())];
+        }
+        // 0 clean, 1 corrected (a replayed journal), 2 corrected, reboot wanted.
+        let fsck = Command::new("e2fsck").args(["-f", "-y"]).arg(copy).output();
+        if !fsck.is_ok_and(|o| matches!(o.status.code(), Some(0..=2))) {
+            return vec!["(e2fsck failed on the copy)".into()];
+        }
+        files
+            .iter()
+            .filter(|f| {
+                let stat = Command::new("debugfs")
+                    .arg("-R")
+                    .arg(format!("stat {f}"))
+                    .arg(copy)
+                    .output();
+                let text = stat
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                // `Size: N` of a regular file that exists.
+                text.split_whitespace()
+                    .skip_while(|w| *w != "Size:")
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_none_or(|n| n == 0)
+            })
+            .map(|f| f.to_string())
+            .collect()
+    };
+    let last = std::cell::RefCell::new(Vec::new());
+    let explain = || {
+        format!(
+            "still missing {:?} (checked on a copy of {})\n{}",
+            last.borrow(),
+            disk.display(),
+            context()
+        )
+    };
+    wait_until(what, timeout, vm, &explain, || {
+        let m = missing(&copy);
+        let done = m.is_empty();
+        *last.borrow_mut() = m;
+        done.then_some(())
+    });
+    let _ = std::fs::remove_file(&copy);
+}
+
+/// The server's `boot_timeline` of an instance: (phase, ms since kernel start).
+pub fn boot_timeline(inst: &Value) -> Vec<(String, u64)> {
+    inst["boot_timeline"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["phase"].as_str().unwrap_or("").to_string(),
+                        e["at_ms"].as_u64().unwrap_or(u64::MAX),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

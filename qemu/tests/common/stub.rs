@@ -41,6 +41,7 @@ pub struct Stub {
     bin: PathBuf,
     data: PathBuf,
     url: String,
+    log: PathBuf,
 }
 
 impl Drop for Stub {
@@ -59,33 +60,74 @@ fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// How a test's server is started.
+#[derive(Debug, Clone)]
+pub struct StubOptions {
+    /// The host as the guest reaches it (10.0.2.2 on QEMU's user network).
+    pub guest_host: String,
+    /// The port the guest dials (a proxy's); the server's own when `None`.
+    pub public_port: Option<u16>,
+    pub heartbeat_interval_seconds: u64,
+    /// More `serve` flags (sensor windows, stuck thresholds).
+    pub extra: Vec<String>,
+}
+
+impl Default for StubOptions {
+    fn default() -> Self {
+        Self {
+            guest_host: "10.0.2.2".into(),
+            public_port: None,
+            heartbeat_interval_seconds: 2,
+            extra: Vec::new(),
+        }
+    }
+}
+
 impl Stub {
     pub fn start(dir: &Path) -> Stub {
-        Self::start_reachable_at(dir, "10.0.2.2")
+        Self::start_with(dir, StubOptions::default())
     }
 
     /// [`Stub::start`] for guests that reach the host at `guest_host` (e.g.
     /// 169.254.2.2 on the metadata network of `Device::metadata_net`).
     pub fn start_reachable_at(dir: &Path, guest_host: &str) -> Stub {
+        Self::start_with(
+            dir,
+            StubOptions {
+                guest_host: guest_host.into(),
+                ..StubOptions::default()
+            },
+        )
+    }
+
+    pub fn start_with(dir: &Path, opts: StubOptions) -> Stub {
         let bin = stub_binary();
         let data = dir.join("server-data");
+        let log = dir.join("server.log");
         let mut last = String::new();
         // The free port may be taken between probe and bind: try a few.
         for _ in 0..5 {
             let port = free_port();
-            let log = std::fs::File::create(dir.join("server.log")).unwrap();
+            let public = opts.public_port.unwrap_or(port);
             let mut child = Command::new(&bin)
                 .arg("serve")
                 .arg("--data")
                 .arg(&data)
                 .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--public-url", &format!("https://{guest_host}:{port}")])
-                .args(["--heartbeat-interval-seconds", "2"])
+                .args([
+                    "--public-url",
+                    &format!("https://{}:{public}", opts.guest_host),
+                ])
+                .args([
+                    "--heartbeat-interval-seconds",
+                    &opts.heartbeat_interval_seconds.to_string(),
+                ])
                 .args(["--provider", "recorder"])
+                .args(&opts.extra)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(log)
+                .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .expect("spawn powernode-stub");
             let stdout = child.stdout.take().unwrap();
@@ -109,6 +151,7 @@ impl Stub {
                         bin,
                         data,
                         url: format!("https://{addr}"),
+                        log,
                     }
                 }
                 None => {
@@ -120,12 +163,36 @@ impl Stub {
         }
         panic!(
             "powernode-stub did not start (last stdout {last:?}); see {}",
-            dir.join("server.log").display()
+            log.display()
         );
     }
 
-    /// Runs the admin CLI with `--json` and parses its answer.
-    pub fn cli(&self, args: &[&str]) -> Value {
+    /// The server's data folder (admin token, CA).
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// `https://127.0.0.1:PORT`, as the host reaches it.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {}", self.url))
+    }
+
+    /// The server's stderr log.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The admin CLI with `--json`; `Err(stderr)` on a failed call.
+    pub fn try_cli(&self, args: &[&str]) -> Result<Value, String> {
         let out = Command::new(&self.bin)
             .args(args)
             .arg("--data")
@@ -134,18 +201,59 @@ impl Stub {
             .stdin(Stdio::null())
             .output()
             .expect("run powernode-stub CLI");
-        assert!(
-            out.status.success(),
-            "powernode-stub {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "powernode-stub {args:?} printed non-JSON ({e}): {}",
+        if !out.status.success() {
+            return Err(format!(
+                "{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "printed non-JSON ({e}): {}",
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// The instance's signals, newest first (up to 200).
+    pub fn signals(&self, instance_id: &str) -> Vec<Value> {
+        self.cli(&[
+            "recent-signals",
+            "--instance",
+            instance_id,
+            "--limit",
+            "200",
+        ])["signals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Runs the admin CLI with `--json` and parses its answer; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> Value {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("powernode-stub {args:?}: {e}"))
+    }
+
+    /// `publish-module` of an OCI layout or a root tree; returns the pinned manifest
+    /// digest of the publication.
+    pub fn publish_module(&self, source: &Path, name: &str, version: &str, kind: &str) -> String {
+        let source = source.to_str().expect("a UTF-8 path");
+        let p = self.cli(&[
+            "publish-module",
+            source,
+            "--name",
+            name,
+            "--version",
+            version,
+            "--kind",
+            kind,
+        ]);
+        p["publication"]["digest"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no digest in {p}"))
+            .to_string()
     }
 
     pub fn instance(&self, id: &str) -> Value {
@@ -242,19 +350,7 @@ pub fn ready_run(
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall_to_running = start.elapsed();
-    let timeline = running["boot_timeline"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    (
-                        e["phase"].as_str().unwrap_or("").to_string(),
-                        e["at_ms"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let timeline = super::boot_timeline(&running);
     // Not drained: terminate must be forced.
     stub.cli(&["terminate-instance", &instance_id, "--force"]);
     let t = std::time::Instant::now();
