@@ -167,8 +167,85 @@ fn sha256_file(path: &Path) -> Result<String, ImageError> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Reads `dir/manifest.json` and checks `vmlinuz` and `initramfs.img` against it.
+/// What identifies one version of a file without reading it: a rewrite or a
+/// replacement (rename over it) changes the size, a time or the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<Self, ImageError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// SHA-256 digests of image files, kept while the file is unchanged (same size,
+/// times and inode): provisioning re-reads the image folder on every call, and
+/// hashing a disk image of hundreds of MiB each time is the slow part.
+#[derive(Debug, Default)]
+pub struct DigestCache {
+    entries: std::sync::Mutex<std::collections::HashMap<PathBuf, (FileStamp, String)>>,
+    hashed: std::sync::atomic::AtomicU64,
+}
+
+impl DigestCache {
+    /// The file's SHA-256 (hex), read only when the cache has no digest for this
+    /// version of it.
+    pub fn sha256(&self, path: &Path) -> Result<String, ImageError> {
+        let before = FileStamp::of(path)?;
+        if let Some((stamp, digest)) = self.lock().get(path) {
+            if *stamp == before {
+                return Ok(digest.clone());
+            }
+        }
+        let digest = sha256_file(path)?;
+        self.hashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Changed while being read: answer this digest but do not keep it.
+        if FileStamp::of(path)? == before {
+            self.lock()
+                .insert(path.to_path_buf(), (before, digest.clone()));
+        }
+        Ok(digest)
+    }
+
+    /// Files read and hashed so far (cache misses).
+    pub fn files_hashed(&self) -> u64 {
+        self.hashed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PathBuf, (FileStamp, String)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// [`read_image_dir_cached`] without a cache: every file is hashed.
 pub fn read_image_dir(dir: &Path) -> Result<ImageFacts, ImageError> {
+    read_image_dir_cached(dir, &DigestCache::default())
+}
+
+/// Reads `dir/manifest.json` and checks `vmlinuz`, `initramfs.img` and the disk
+/// image against it; digests of unchanged files come from `digests`.
+pub fn read_image_dir_cached(dir: &Path, digests: &DigestCache) -> Result<ImageFacts, ImageError> {
     let dir = std::path::absolute(dir).map_err(|source| ImageError::Io {
         path: dir.to_path_buf(),
         source,
@@ -187,7 +264,7 @@ pub fn read_image_dir(dir: &Path) -> Result<ImageFacts, ImageError> {
         ("initramfs.img", &m.initramfs_sha256),
     ] {
         let path = dir.join(file);
-        let actual = sha256_file(&path)?;
+        let actual = digests.sha256(&path)?;
         if &actual != expected {
             return Err(ImageError::DigestMismatch {
                 file: path,
@@ -216,7 +293,7 @@ pub fn read_image_dir(dir: &Path) -> Result<ImageFacts, ImageError> {
                 return Err(ImageError::BadDiskFile(d.file));
             }
             let path = dir.join(&d.file);
-            let actual = sha256_file(&path)?;
+            let actual = digests.sha256(&path)?;
             if actual != d.sha256 {
                 return Err(ImageError::DigestMismatch {
                     file: path,
@@ -392,5 +469,47 @@ mod tests {
             read_image_dir(&dir),
             Err(ImageError::BadDiskFile(_))
         ));
+    }
+
+    /// Provisioning reads the folder each time: unchanged files are not hashed
+    /// again; a rewritten one (other size, or same size and a new mtime) is, and a
+    /// stale manifest is still refused.
+    #[test]
+    fn unchanged_files_are_hashed_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("disk.raw"), b"disk").unwrap();
+        let dir = folder(tmp.path(), disk_entry("disk.raw", b"disk"));
+        let cache = DigestCache::default();
+        let first = read_image_dir_cached(&dir, &cache).unwrap();
+        assert_eq!(cache.files_hashed(), 3);
+        for _ in 0..3 {
+            assert_eq!(read_image_dir_cached(&dir, &cache).unwrap(), first);
+        }
+        assert_eq!(cache.files_hashed(), 3, "unchanged files hashed again");
+
+        std::fs::write(dir.join("disk.raw"), b"other").unwrap();
+        assert!(matches!(
+            read_image_dir_cached(&dir, &cache),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+        assert_eq!(cache.files_hashed(), 4);
+        // Same size, same content length: only the times tell it changed.
+        std::fs::write(dir.join("disk.raw"), b"disk").unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join("disk.raw"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+            .unwrap();
+        assert_eq!(read_image_dir_cached(&dir, &cache).unwrap(), first);
+        assert_eq!(cache.files_hashed(), 5);
+        std::fs::write(dir.join("disk.raw"), b"DISK").unwrap();
+        assert!(
+            matches!(
+                read_image_dir_cached(&dir, &cache),
+                Err(ImageError::DigestMismatch { .. })
+            ),
+            "a same-size rewrite was served from the cache"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context as _};
@@ -75,6 +76,9 @@ pub struct Modules {
     signing: Result<SigningKey, String>,
     publications: Mutex<Vec<ModulePublication>>,
     templates: Mutex<BTreeMap<String, TemplateModules>>,
+    /// Bumped by every publication and template change, so the sensor's safety-net
+    /// sweep costs one load when nothing changed.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Modules {
@@ -101,6 +105,7 @@ impl Modules {
             signing,
             publications: Mutex::new(store.load_module_publications()?),
             templates: Mutex::new(templates),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -116,6 +121,27 @@ impl Modules {
             .as_ref()
             .map(|k| vec![k.public_pem().to_string()])
             .unwrap_or_default()
+    }
+
+    /// Changes so far (publications and template module lists).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn push_publication(&self, p: ModulePublication) {
+        self.publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(p);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn set_template(&self, t: TemplateModules) {
+        self.templates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t.template_id.clone(), t);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn publications(&self) -> Vec<ModulePublication> {
@@ -319,12 +345,10 @@ async fn record_publication(
         created_ms: now,
     };
     st.store.insert_module_publication(p.clone()).await?;
-    st.modules
-        .publications
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(p.clone());
+    st.modules.push_publication(p.clone());
     tracing::info!(name = %p.name, version = %p.version, digest = %p.digest, "module published");
+    // Affected nodes get their module_update task now, not at the next sensor pass.
+    st.schedule_module_changes().await;
     Ok((StatusCode::CREATED, axum::Json(json!({ "publication": p }))))
 }
 
@@ -405,12 +429,9 @@ async fn set_template_modules(
         runtime_modules: req.runtime_modules,
     };
     st.store.save_template_modules(t.clone()).await?;
-    st.modules
-        .templates
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, t);
+    st.modules.set_template(t);
     st.modules.apply_to_template(&mut template);
+    st.schedule_module_changes().await;
     Ok(axum::Json(json!({ "template": template })))
 }
 

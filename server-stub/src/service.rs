@@ -32,7 +32,7 @@ use crate::ca::{Ca, ClientIdentity, CsrError};
 use crate::clock::{format_ts, Clock, Millis};
 use crate::config::Config;
 use crate::error::{AppError, AppResult};
-use crate::images::{read_image_dir, Publication};
+use crate::images::{read_image_dir_cached, DigestCache, Publication};
 use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 use crate::provider::{Provider, ProviderError, ProviderRecord, ProvisionSpec};
 use crate::store::{Store, StoreError};
@@ -66,6 +66,8 @@ pub struct Shared {
     publish_lock: tokio::sync::Mutex<()>,
     /// Why the image folder could not be published last time (for the 422 answer).
     last_image_error: Mutex<Option<String>>,
+    /// Digests of the image folder's files, so a provision does not re-hash them.
+    image_digests: Arc<DigestCache>,
     /// What the sensor last saw of module publications and template module lists,
     /// to notice changes made through the module admin routes.
     module_watch: Mutex<ModuleWatch>,
@@ -76,6 +78,8 @@ type TemplateLists = std::collections::BTreeMap<String, (Vec<String>, Vec<String
 
 #[derive(Debug, Default)]
 struct ModuleWatch {
+    /// `Modules::generation` when last compared.
+    generation: u64,
     publications: usize,
     templates: TemplateLists,
 }
@@ -185,6 +189,7 @@ impl AppState {
             crate::publish::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
         let catalog = crate::catalog::catalog();
         let module_watch = ModuleWatch {
+            generation: modules.generation(),
             publications: modules.publications().len(),
             templates: template_lists(&modules, &catalog),
         };
@@ -204,6 +209,7 @@ impl AppState {
             publications: Mutex::new(publications),
             publish_lock: tokio::sync::Mutex::new(()),
             last_image_error: Mutex::new(None),
+            image_digests: Arc::default(),
             module_watch: Mutex::new(module_watch),
         })))
     }
@@ -1212,7 +1218,8 @@ impl AppState {
                 "no image folder: pass image_base or start the server with --image-base",
             )
         })?;
-        let facts = tokio::task::spawn_blocking(move || read_image_dir(&dir))
+        let digests = self.image_digests.clone();
+        let facts = tokio::task::spawn_blocking(move || read_image_dir_cached(&dir, &digests))
             .await
             .map_err(|e| AppError::internal(&e))?;
         let facts = match facts {
@@ -2520,6 +2527,50 @@ mod tests {
             stuck_signal(&st, &p.instance.id).await.detail["reason"],
             "terminating_too_long"
         );
+    }
+
+    /// A refused node retrying within the signal period is answered without the
+    /// write lock (held here by another writer) and records nothing more; after the
+    /// period the next refusal is a fresh signal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeated_refusal_takes_no_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::default();
+        let st = state_with(
+            dir.path(),
+            clock.clone(),
+            Box::new(Recorder { image_base: None }),
+        );
+        let n = st.create_node(edge("r")).await.unwrap();
+        let p = st
+            .provision(&n.id, ProvisionRequest::default())
+            .await
+            .unwrap();
+        let inst = p.instance.id.clone();
+        st.terminate(&inst, TerminateRequest { force: true })
+            .await
+            .unwrap();
+        let refuse = || st.record_refusal(&inst, "01", ErrorCode::CertificateRevoked, "hb");
+        let refused = || async {
+            st.recent_signals(100, Some(inst.clone()))
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.kind == "instance.refused")
+                .count()
+        };
+        refuse().await;
+        assert_eq!(refused().await, 1);
+        {
+            let _writer = st.write_lock.lock().await;
+            tokio::time::timeout(Duration::from_secs(2), refuse())
+                .await
+                .expect("a repeated refusal waited for the write lock");
+        }
+        assert_eq!(refused().await, 1);
+        clock.advance_secs(61);
+        refuse().await;
+        assert_eq!(refused().await, 2);
     }
 
     /// While a provider works (here 1.5 s), reads and other writes are not blocked.

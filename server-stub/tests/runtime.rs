@@ -735,3 +735,54 @@ async fn module_changes_make_update_tasks_drift_verbs_and_an_attribution() {
         .await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
 }
+
+/// A publication or a template change schedules the affected nodes' module_update
+/// task at once: the agent can lease it before any sensor pass (the sensor timer is
+/// an hour in these tests and `sense()` is never called here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_changes_schedule_update_tasks_without_a_sensor_pass() {
+    let ts = TestServer::start().await;
+    let svc1 = publish(&ts, "svc", "1.0.0", "runtime").await;
+    let (_, inst, fake) = running(&ts, "edge-now").await;
+    let m = |p: &Value| json!({"name": p["name"], "version": p["version"], "digest": p["digest"]});
+    assert!(lease(&fake, 30).await.is_null(), "nothing desired yet");
+
+    // Template change: attach svc.
+    ts.ok(
+        Method::PUT,
+        "/api/v1/system/templates/tmpl-edge-base/modules",
+        Some(json!({"root_modules": [], "runtime_modules": ["svc"]})),
+    )
+    .await;
+    let t = lease(&fake, 30).await;
+    assert_eq!(t["kind"], "module_update", "{t}");
+    assert_eq!(t["params"]["trigger"], "template_modules_changed", "{t}");
+    assert_eq!(t["params"]["changes"][0]["action"], "attach", "{t}");
+    heartbeat_modules(&fake, json!([m(&svc1)])).await;
+    let (s, v) = complete(&fake, &t, "succeeded", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Publication: update svc.
+    let svc2 = publish(&ts, "svc", "2.0.0", "runtime").await;
+    let t = lease(&fake, 30).await;
+    assert_eq!(t["kind"], "module_update", "{t}");
+    assert_eq!(t["params"]["trigger"], "module_published", "{t}");
+    assert_eq!(
+        t["params"]["changes"][0]["desired_digest"], svc2["digest"],
+        "{t}"
+    );
+    let events = ts
+        .ok(
+            Method::GET,
+            &format!("{}?limit=200&instance_id={inst}", paths::ADMIN_EVENTS),
+            None,
+        )
+        .await;
+    let created = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "task.created" && e["detail"]["kind"] == "module_update")
+        .count();
+    assert_eq!(created, 2, "{events}");
+}

@@ -149,10 +149,18 @@ impl AppState {
         .await
     }
 
-    /// Module publications and template module lists that changed since the last
-    /// sensor pass (they are changed through the module admin routes).
+    /// Module publications and template module lists that changed since they were
+    /// last looked at (they are changed through the module admin routes). Nothing
+    /// to compare when the modules' generation has not moved.
     pub(super) fn module_changes(&self) -> Vec<ModuleChange> {
         let mut watch = self.module_watch.lock().unwrap_or_else(|p| p.into_inner());
+        // Read before the lists: a change landing meanwhile bumps it again and is
+        // picked up by the next call (the lists are diffed, never replayed).
+        let generation = self.modules.generation();
+        if generation == watch.generation {
+            return Vec::new();
+        }
+        watch.generation = generation;
         let mut out = Vec::new();
         let pubs = self.modules.publications();
         if pubs.len() > watch.publications {
@@ -177,6 +185,26 @@ impl AppState {
         }
         watch.templates = now;
         out
+    }
+
+    /// Schedules the `module_update` tasks of a module change right away (called by
+    /// the module admin routes after a publication or a template change); the
+    /// sensor pass only sweeps up what this missed. A failed write is logged: the
+    /// change itself is already recorded.
+    pub async fn schedule_module_changes(&self) {
+        let changes = self.module_changes();
+        if changes.is_empty() {
+            return;
+        }
+        let res = self
+            .mutate(|mem, now| {
+                self.apply_module_changes(mem, now, changes);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e.message, "module_update tasks not scheduled");
+        }
     }
 
     /// Records module changes and gives each affected live instance a
@@ -286,6 +314,11 @@ impl AppState {
         code: ErrorCode,
         path: &str,
     ) {
+        // A refused node retries every few seconds; within the signal period there
+        // is nothing to record, so that answer takes no write lock and writes nothing.
+        if !self.refusal_signal_due(instance_id) {
+            return;
+        }
         let res = self
             .mutate(|mem, now| {
                 let Some(inst) = mem.instances.get_mut(instance_id) else {
@@ -316,6 +349,16 @@ impl AppState {
         if let Err(e) = res {
             tracing::warn!(error = %e, "could not record a refused call");
         }
+    }
+
+    /// Whether a refusal of `instance_id` now would fire a signal (read under the
+    /// state mutex only; `record_refusal` checks again under the write lock).
+    fn refusal_signal_due(&self, instance_id: &str) -> bool {
+        let now = self.clock.now_ms();
+        self.lock().instances.get(instance_id).is_some_and(|i| {
+            i.last_refused_ms
+                .is_none_or(|t| now - t >= REFUSAL_SIGNAL_EVERY_MS)
+        })
     }
 
     /// [`AppState::record_refusal`] for a node API answer, when it is a refusal.
