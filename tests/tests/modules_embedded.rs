@@ -140,8 +140,9 @@ fn agent_pulls_a_published_module_from_the_embedded_registry() -> Result<()> {
     assert!(!out.status.success(), "pull with a foreign key succeeded");
     assert!(stderr.contains("signature_mismatch"), "{stderr}");
 
-    // Mounting needs root (composefs / overlayfs); compare the tree when we can.
-    if running_as_root() {
+    // Mounting needs root (composefs / overlayfs): the mounted tree is compared too.
+    require_root("the mount comparison");
+    {
         let at = dir.join("mnt");
         std::fs::create_dir_all(&at)?;
         let out = agent(&[
@@ -171,8 +172,6 @@ fn agent_pulls_a_published_module_from_the_embedded_registry() -> Result<()> {
         assert_eq!(cfg?, "answer = 42\n");
         assert_eq!(link?, Path::new("demo/config.toml"));
         assert_eq!(mode? & 0o777, 0o755);
-    } else {
-        eprintln!("SKIP mount comparison: not root");
     }
     drop(server);
     Ok(())
@@ -198,19 +197,31 @@ J65+OTyjKLSKCEcqGY7m5uKTmJO0zURyPvpKyCWij1TVzrKUv3iMaY3S2A==
 ";
 
 /// `scripts/tools` installs Go tools into `cache/root/usr/bin`, which is not on PATH:
-/// look there first (installing once if needed), then PATH.
-fn interop_tool(name: &str) -> Option<std::path::PathBuf> {
+/// look there first (installing once if needed), then PATH. A tool that cannot be
+/// had fails the test, naming it: `scripts/tools` fetches it, so CI always has it.
+fn interop_tool(name: &str) -> std::path::PathBuf {
     let cached = powernode_tests::workspace_root()
         .join("cache/root/usr/bin")
         .join(name);
     if cached.is_file() {
-        return Some(cached);
+        return cached;
     }
     let found = powernode_modfmt::testutil::test_tool(name);
     if cached.is_file() {
-        return Some(cached);
+        return cached;
     }
-    found
+    found.unwrap_or_else(|| {
+        panic!("`{name}` is missing and scripts/tools could not fetch it (run scripts/tools)")
+    })
+}
+
+/// Mounting (composefs, overlayfs) needs root; the test command runs as root, so a
+/// non-root run fails here, naming the reason, instead of passing unchecked.
+fn require_root(what: &str) {
+    assert!(
+        running_as_root(),
+        "{what} needs root (mounts); run the tests as root, as scripts/test does"
+    );
 }
 
 fn run_tool(bin: &Path, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Result<Output> {
@@ -229,10 +240,6 @@ fn run_tool(bin: &Path, args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Resu
 fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
     let oras = interop_tool("oras");
     let cosign = interop_tool("cosign");
-    let (Some(oras), Some(cosign)) = (oras, cosign) else {
-        eprintln!("SKIPPED: oras or cosign could not be installed (scripts/tools)");
-        return Ok(());
-    };
     let dir = test_dir("modules_embedded_oras")?;
     let data = dir.join("data");
     let server = Server::start(&data, ServerOptions::default())?;
@@ -376,13 +383,10 @@ fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
 
 /// The live agent (`powernode-agent run`) pulls, verifies and mounts a desired runtime
 /// module from the embedded registry, reports its digest in heartbeats, and the
-/// control plane sees no drift. Mounting needs root: skipped (loudly) otherwise.
+/// control plane sees no drift. Mounting needs root: fails, naming it, otherwise.
 #[test]
 fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()> {
-    if !running_as_root() {
-        eprintln!("SKIPPED: live module mount needs root");
-        return Ok(());
-    }
+    require_root("the live module mount");
     let dir = test_dir("modules_embedded_live")?;
     let data = dir.join("data");
     let server = Server::start(&data, ServerOptions::default())?;

@@ -3,7 +3,7 @@
 //! fw_cfg); the node enrolls over user networking and reaches `running`; then it is
 //! drained and terminated, and the QEMU process must be gone.
 //!
-//! Runs only with `POWERNODE_VM_TESTS=1` (it builds the musl init and the image,
+//! Ignored unless built with `POWERNODE_VM_TESTS=1` (it builds the musl init and the image,
 //! and boots under TCG). The VM's serial log and QEMU command line are copied to
 //! `target/vm-tests/<test>/`, and the command is printed when the test fails.
 
@@ -14,14 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server, ServerOptions};
 use serde_json::{json, Value};
-
-fn vm_tests_enabled(test: &str) -> bool {
-    if std::env::var("POWERNODE_VM_TESTS").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!("{test}: skipped (set POWERNODE_VM_TESTS=1 to boot a VM under QEMU)");
-    false
-}
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -277,9 +269,6 @@ fn run(name: &str, lifecycle: &str, out: &Path, outcome: &mut Outcome) -> Result
 }
 
 fn vm_test(name: &str, lifecycle: &str) {
-    if !vm_tests_enabled(name) {
-        return;
-    }
     let out = artifacts_dir(name).expect("artifacts dir");
     let mut outcome = Outcome { instance_dir: None };
     let result = run(name, lifecycle, &out, &mut outcome);
@@ -304,11 +293,13 @@ fn vm_test(name: &str, lifecycle: &str) {
 }
 
 #[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn ephemeral_vm_boots_to_running_drains_and_terminates() {
     vm_test("vm_lifecycle_ephemeral", "ephemeral");
 }
 
 #[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn persistent_vm_boots_with_its_persist_disk_and_terminates() {
     vm_test("vm_lifecycle_persistent", "persistent");
 }
@@ -396,11 +387,9 @@ fn run_killed(name: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn real_vm_killed_behind_the_servers_back_fails_with_the_reason() {
     let name = "vm_lifecycle_killed";
-    if !vm_tests_enabled(name) {
-        return;
-    }
     let out = artifacts_dir(name).expect("artifacts dir");
     let mut outcome = Outcome { instance_dir: None };
     let result = run_killed(name, &out, &mut outcome);
