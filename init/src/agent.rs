@@ -451,6 +451,8 @@ impl AgentDriver for RealAgent {
         let mut opts = AgentOptions::new(&state_dir);
         opts.can_reboot = true;
         opts.kmsg_log = true;
+        // Same process, same runtime: the bootstrap's connection is still open.
+        opts.client = Some(session.client.clone());
         let rt = match self.runtime() {
             Ok(rt) => rt,
             Err(e) => {
@@ -580,12 +582,48 @@ fn run_on(
 /// The kernel mounter, with composefs image files put on a loop device first.
 struct LoopMounter;
 
+/// Set once the composefs modules are in the kernel.
+static COMPOSEFS_LOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Loads [`crate::layout::COMPOSEFS_MODULES`] before the first module mount (the
+/// boot leaves them out: a node without modules never needs them).
+fn ensure_composefs_modules(
+    spec: &powernode_agent::modules::mount::MountSpec,
+) -> Result<(), powernode_agent::modules::mount::MountError> {
+    use std::sync::atomic::Ordering;
+    if COMPOSEFS_LOADED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let mut sys = crate::sys::RealSys::new();
+    let report =
+        crate::modules::load_demand(&mut sys, crate::layout::COMPOSEFS_MODULES).map_err(|e| {
+            powernode_agent::modules::mount::MountError::Syscall {
+                step: "loading the composefs kernel modules",
+                fstype: spec.fstype,
+                target: spec.target.clone(),
+                kernel_log: powernode_agent::error_chain(&e),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    if !report.ms.is_empty() {
+        let timing: Vec<String> = report
+            .ms
+            .iter()
+            .map(|(n, ms)| format!("{n}={ms}ms"))
+            .collect();
+        log::info!("composefs kernel modules loaded: {}", timing.join(" "));
+    }
+    COMPOSEFS_LOADED.store(true, Ordering::Release);
+    Ok(())
+}
+
 impl powernode_agent::modules::mount::Mounter for LoopMounter {
     fn mount(
         &self,
         spec: &powernode_agent::modules::mount::MountSpec,
     ) -> Result<(), powernode_agent::modules::mount::MountError> {
         use powernode_agent::modules::mount::{KernelMounter, MountError};
+        ensure_composefs_modules(spec)?;
         let file = spec
             .source
             .as_ref()

@@ -15,3 +15,6 @@ pub const CONSOLE: &str = "/dev/console";
 pub const CONSOLE_DEV: (u32, u32) = (5, 1);
 /// Folders that must exist before the early mounts (mount points).
 pub const MOUNT_POINTS: &[&str] = &["/dev", "/proc", "/sys", "/run", "/tmp"];
+/// Kernel modules a composefs mount needs (EROFS image on a loop device under an
+/// overlay): loaded on demand before the first such mount, not at boot.
+pub const COMPOSEFS_MODULES: &[&str] = &["erofs", "overlay", "loop"];

@@ -6,12 +6,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use powernode_init::layout;
+use powernode_init::modules::{device_bus, LoadEntry, When};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::compress::{compress, Compression};
 use crate::kernel::{self, KernelError, KernelPin};
-use crate::modules::{Closure, ModuleError, ModuleTree};
+use crate::modules::{normalize, Closure, ModuleError, ModuleTree};
 use crate::spec::{Spec, SpecError};
 use crate::{cpio, elf};
 
@@ -69,6 +70,8 @@ pub struct Manifest {
     pub compression: Compression,
     /// Load order, dependencies first.
     pub modules: Vec<String>,
+    /// The lines of the init's load-order file (when each module is loaded).
+    pub load_order: Vec<String>,
     /// Requested modules that this kernel has built in.
     pub builtin: Vec<String>,
     pub init_sha256: String,
@@ -93,11 +96,48 @@ fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// The init's load order for `closure`: requested modules named in `on_demand`
+/// wait to be asked for; other requested modules with device aliases load only when
+/// such a device is present; other requested modules load at boot; dependencies load
+/// with whatever needs them.
+pub fn load_entries(closure: &Closure, on_demand: &[String]) -> Vec<LoadEntry> {
+    closure
+        .modules
+        .iter()
+        .map(|m| {
+            let matches: Vec<String> = m
+                .aliases
+                .iter()
+                .filter(|a| device_bus(a).is_some())
+                .cloned()
+                .collect();
+            let when = if !m.requested || on_demand.iter().any(|d| normalize(d) == m.name) {
+                When::Demand
+            } else if !matches.is_empty() {
+                When::Device
+            } else {
+                When::Boot
+            };
+            LoadEntry {
+                name: m.name.clone(),
+                when,
+                deps: m.deps.clone(),
+                matches: if when == When::Device {
+                    matches
+                } else {
+                    Vec::new()
+                },
+            }
+        })
+        .collect()
+}
+
 /// The initramfs contents, from bytes only (so it is testable without a kernel).
 pub fn initramfs_spec(
     init: &[u8],
     agent: Option<&[u8]>,
     closure: &Closure,
+    on_demand: &[String],
 ) -> Result<Spec, SpecError> {
     let mut spec = Spec::new();
     for dir in layout::MOUNT_POINTS {
@@ -110,15 +150,14 @@ pub fn initramfs_spec(
         spec.file(layout::AGENT, 0o755, agent.to_vec())?;
     }
     spec.dir(layout::MODULE_DIR, 0o755)?;
-    let mut order = String::new();
-    for module in &closure.modules {
-        let file = format!("{}.ko", module.name);
+    let mut order = String::from("# NAME.ko when=boot|device|demand [deps=A,B] [match=ALIAS]...\n");
+    for (module, entry) in closure.modules.iter().zip(load_entries(closure, on_demand)) {
         spec.file(
-            &format!("{}/{file}", layout::MODULE_DIR),
+            &format!("{}/{}", layout::MODULE_DIR, entry.file()),
             0o644,
             module.elf.clone(),
         )?;
-        order.push_str(&file);
+        order.push_str(&entry.to_string());
         order.push('\n');
     }
     spec.file(layout::MODULE_LOAD_ORDER, 0o644, order.into_bytes())?;
@@ -156,7 +195,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
     let tree = kernel::ensure_kernel(&opts.pin, &opts.cache, &opts.debs_script)?;
     let modules = ModuleTree::open(&tree.modules_dir(), &opts.pin.release)?;
     let closure = modules.closure(&opts.pin.modules)?;
-    let spec = initramfs_spec(&init, agent.as_deref(), &closure)?;
+    let spec = initramfs_spec(&init, agent.as_deref(), &closure, &opts.pin.on_demand)?;
     let archive = cpio::write_newc(&spec)?;
     let compressed = compress(&archive, opts.compression).map_err(BuildError::Compress)?;
     let vmlinuz_src = tree.vmlinuz();
@@ -174,6 +213,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
             kernel_deb_sha256: opts.pin.deb_sha256.clone(),
             compression: opts.compression,
             modules: closure.modules.iter().map(|m| m.name.clone()).collect(),
+            load_order: load_entries(&closure, &opts.pin.on_demand)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             builtin: closure.builtin.clone(),
             init_sha256: sha256(&init),
             init_bytes: init.len() as u64,
@@ -209,11 +252,33 @@ mod tests {
                     name: "failover".into(),
                     source: "kernel/net/core/failover.ko.xz".into(),
                     elf: b"\x7fELF-failover".to_vec(),
+                    deps: Vec::new(),
+                    aliases: Vec::new(),
+                    requested: false,
                 },
                 ResolvedModule {
                     name: "virtio_net".into(),
                     source: "kernel/drivers/net/virtio_net.ko.xz".into(),
                     elf: b"\x7fELF-virtio_net".to_vec(),
+                    deps: vec!["failover".into()],
+                    aliases: vec!["virtio:d00000001v*".into()],
+                    requested: true,
+                },
+                ResolvedModule {
+                    name: "overlay".into(),
+                    source: "kernel/fs/overlayfs/overlay.ko.xz".into(),
+                    elf: b"\x7fELF-overlay".to_vec(),
+                    deps: Vec::new(),
+                    aliases: vec!["fs-overlay".into()],
+                    requested: true,
+                },
+                ResolvedModule {
+                    name: "loop".into(),
+                    source: "kernel/drivers/block/loop.ko.xz".into(),
+                    elf: b"\x7fELF-loop".to_vec(),
+                    deps: Vec::new(),
+                    aliases: vec!["devname:loop-control".into()],
+                    requested: true,
                 },
             ],
             builtin: vec!["ext4".into()],
@@ -222,7 +287,8 @@ mod tests {
 
     #[test]
     fn spec_has_init_console_modules_and_load_order() {
-        let spec = initramfs_spec(b"INIT", Some(b"AGENT"), &closure()).unwrap();
+        let spec =
+            initramfs_spec(b"INIT", Some(b"AGENT"), &closure(), &["overlay".into()]).unwrap();
         let archive = cpio::write_newc(&spec).unwrap();
         let members = cpio::read_newc(&archive).unwrap();
         let by = |n: &str| {
@@ -237,8 +303,19 @@ mod tests {
         assert_eq!(by("dev/console").rdev, (5, 1));
         assert_eq!(
             by("lib/modules/load-order").data,
-            b"failover.ko\nvirtio_net.ko\n"
+            "# NAME.ko when=boot|device|demand [deps=A,B] [match=ALIAS]...\n\
+             failover.ko when=demand\n\
+             virtio_net.ko when=device deps=failover match=virtio:d00000001v*\n\
+             overlay.ko when=demand\n\
+             loop.ko when=boot\n"
+                .as_bytes()
         );
+        // What the init reads back.
+        let entries = powernode_init::modules::parse_load_order(
+            std::str::from_utf8(&by("lib/modules/load-order").data).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(entries, load_entries(&closure(), &["overlay".into()]));
         assert_eq!(by("lib/modules/virtio_net.ko").data, b"\x7fELF-virtio_net");
         for dir in ["proc", "sys", "run", "tmp", "dev"] {
             assert_eq!(by(dir).mode & 0o170000, 0o040000, "{dir}");
@@ -247,8 +324,8 @@ mod tests {
 
     #[test]
     fn same_inputs_same_compressed_bytes() {
-        let a = initramfs_spec(b"INIT", None, &closure()).unwrap();
-        let b = initramfs_spec(b"INIT", None, &closure()).unwrap();
+        let a = initramfs_spec(b"INIT", None, &closure(), &[]).unwrap();
+        let b = initramfs_spec(b"INIT", None, &closure(), &[]).unwrap();
         for how in [Compression::Zstd, Compression::Gzip] {
             let ca = compress(&cpio::write_newc(&a).unwrap(), how).unwrap();
             let cb = compress(&cpio::write_newc(&b).unwrap(), how).unwrap();

@@ -72,8 +72,13 @@ pub struct KernelPin {
     pub release: String,
     /// Lowercase hex sha256 of the `.deb`.
     pub deb_sha256: String,
-    /// Modules the init loads (the closure is added at build time).
+    /// Modules the init loads (the closure is added at build time). One with
+    /// device aliases is loaded only when such a device is present.
     pub modules: Vec<String>,
+    /// Of `modules`, those loaded only when asked for (the composefs filesystems,
+    /// before the first EROFS mount), not at boot.
+    #[serde(default)]
+    pub on_demand: Vec<String>,
 }
 
 impl KernelPin {
@@ -118,6 +123,12 @@ impl KernelPin {
             return Err(KernelError::PinField {
                 field: "release",
                 reason: format!("package {} does not end with it", self.package),
+            });
+        }
+        if let Some(m) = self.on_demand.iter().find(|m| !self.modules.contains(m)) {
+            return Err(KernelError::PinField {
+                field: "on_demand",
+                reason: format!("{m} is not one of `modules`"),
             });
         }
         if self.modules.is_empty() {

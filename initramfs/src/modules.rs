@@ -108,6 +108,9 @@ pub struct ModInfo {
     pub name: Option<String>,
     pub depends: Vec<String>,
     pub vermagic: Option<String>,
+    /// `alias=` fields: the device (or filesystem, device node) patterns the
+    /// module serves.
+    pub aliases: Vec<String>,
 }
 
 /// Reads `.modinfo` (NUL-separated `key=value` strings) from a module's ELF image.
@@ -125,6 +128,7 @@ pub fn read_modinfo(elf: &[u8]) -> Result<ModInfo, String> {
         match field.split_once('=') {
             Some(("name", v)) => info.name = Some(v.to_string()),
             Some(("vermagic", v)) => info.vermagic = Some(v.to_string()),
+            Some(("alias", v)) => info.aliases.push(v.to_string()),
             Some(("depends", v)) => {
                 info.depends = v
                     .split(',')
@@ -180,6 +184,12 @@ pub struct ResolvedModule {
     /// Path in the kernel tree, relative to the modules folder.
     pub source: String,
     pub elf: Vec<u8>,
+    /// Dependencies that are modules of the closure (built-in ones left out).
+    pub deps: Vec<String>,
+    /// The module's `alias=` fields.
+    pub aliases: Vec<String>,
+    /// Named in the request (not only pulled in as a dependency).
+    pub requested: bool,
 }
 
 /// The closure in load order, plus requested names the kernel has built in.
@@ -271,6 +281,9 @@ impl ModuleTree {
                 return Err(ModuleError::NotFound(name));
             }
             self.visit(&name, &mut state, &mut modules)?;
+            if let Some(m) = modules.iter_mut().find(|m| m.name == name) {
+                m.requested = true;
+            }
         }
         Ok(Closure { modules, builtin })
     }
@@ -292,6 +305,7 @@ impl ModuleTree {
             Some(dep) => dep.get(name).cloned().unwrap_or_default(),
             None => info.depends.clone(),
         };
+        let mut module_deps = Vec::new();
         for dep in deps {
             if !self.paths.contains_key(&dep) {
                 if self.is_builtin(&dep) {
@@ -303,12 +317,16 @@ impl ModuleTree {
                 });
             }
             self.visit(&dep, state, out)?;
+            module_deps.push(dep);
         }
         state.insert(name.to_string(), true);
         out.push(ResolvedModule {
             name: name.to_string(),
             source,
             elf,
+            deps: module_deps,
+            aliases: info.aliases,
+            requested: false,
         });
         Ok(())
     }

@@ -105,8 +105,13 @@ fn real_closure_archive_is_deterministic() {
     let tree = ModuleTree::open(&kernel.modules_dir(), &kernel.pin.release).unwrap();
     let build = || {
         let closure = tree.closure(&kernel.pin.modules).unwrap();
-        let spec =
-            powernode_initramfs::build::initramfs_spec(b"\x7fELF-init", None, &closure).unwrap();
+        let spec = powernode_initramfs::build::initramfs_spec(
+            b"\x7fELF-init",
+            None,
+            &closure,
+            &kernel.pin.on_demand,
+        )
+        .unwrap();
         let archive = cpio::write_newc(&spec).unwrap();
         powernode_initramfs::compress::compress(&archive, powernode_initramfs::Compression::Zstd)
             .unwrap()
@@ -121,8 +126,25 @@ fn real_closure_archive_is_deterministic() {
         .iter()
         .find(|m| m.name == "lib/modules/load-order")
         .unwrap();
-    let listed: Vec<&str> = std::str::from_utf8(&order.data).unwrap().lines().collect();
-    assert!(listed.contains(&"qemu_fw_cfg.ko") && listed.contains(&"virtio_net.ko"));
+    let entries =
+        powernode_init::modules::parse_load_order(std::str::from_utf8(&order.data).unwrap())
+            .unwrap();
+    let when = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.when)
+            .unwrap_or_else(|| panic!("{name} not in the load order: {entries:?}"))
+    };
+    use powernode_init::modules::When;
+    // Drivers wait for their device; the composefs filesystems for a mount.
+    for name in ["qemu_fw_cfg", "virtio_net", "virtio_blk", "virtio_rng"] {
+        assert_eq!(when(name), When::Device, "{name}");
+    }
+    for name in ["erofs", "overlay", "loop", "libcrc32c", "failover"] {
+        assert_eq!(when(name), When::Demand, "{name}");
+    }
+    let listed: Vec<String> = entries.iter().map(|e| e.file()).collect();
     for file in listed {
         let m = members
             .iter()
