@@ -129,7 +129,23 @@ pub struct ObjectStore {
     tmp: PathBuf,
     mode: VerityMode,
     counters: Counters,
+    /// While an install runs on a disk store: where placed objects go to have their
+    /// writeback started early (see [`Writeback`]).
+    writeback: std::sync::Mutex<Option<std::sync::mpsc::Sender<Kick>>>,
 }
+
+/// What an insert tells the early-writeback thread.
+#[derive(Debug)]
+pub(crate) enum Kick {
+    /// A large object just placed: start writing it back now.
+    Object(File),
+    /// Small objects were placed: the next periodic flush has something to do.
+    Small,
+}
+
+/// Objects at least this large get their own early writeback; smaller ones are left
+/// to a periodic flush (one call per tiny file would cost more than it saves).
+const KICK_MIN: u64 = 128 << 10;
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 thread_local! {
@@ -168,6 +184,7 @@ impl ObjectStore {
             tmp,
             mode,
             counters: Counters::default(),
+            writeback: std::sync::Mutex::new(None),
         })
     }
 
@@ -261,14 +278,25 @@ impl ObjectStore {
                 // fresh zeroed MiB for each would cost more than hashing them.
                 buf.resize(COPY_BUF, 0);
                 loop {
-                    let n = match reader.read(buf) {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(StoreError::Stream(e)),
-                    };
+                    // Whole buffers: large writes, and leaf hashing that can split
+                    // over threads (a stream hands over what it has, often less).
+                    let mut n = 0;
+                    while n < buf.len() {
+                        match reader.read(&mut buf[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(StoreError::Stream(e)),
+                        }
+                    }
+                    if n == 0 {
+                        return Ok(());
+                    }
                     hasher.update(&buf[..n]);
                     file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
+                    if n < buf.len() {
+                        return Ok(());
+                    }
                 }
             })?;
             let size = hasher.data_size();
@@ -307,20 +335,28 @@ impl ObjectStore {
             // No fsync per object (thousands per module): `commit_image` syncs the
             // filesystem once before it records an image, and objects are checked
             // against their names before use.
-            drop(file);
-            fs::set_permissions(&tmp_path, fs::Permissions::from_mode(0o444))
+            file.set_permissions(fs::Permissions::from_mode(0o444))
                 .map_err(io_err(&tmp_path))?;
-            if self.mode == VerityMode::Kernel {
+            let file = if self.mode == VerityMode::Kernel {
+                // fs-verity refuses a file that is still open for writing.
+                drop(file);
                 let ro = File::open(&tmp_path).map_err(io_err(&tmp_path))?;
                 self.enable_verity(&ro, &tmp_path)?;
-            }
+                ro
+            } else {
+                file
+            };
             let parent = final_path.parent().unwrap_or(&self.objects);
             fs::create_dir_all(parent).map_err(io_err(parent))?;
-            fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))
+            fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+            Ok(file)
         })();
-        if let Err(e) = placed {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(e);
+        match placed {
+            Ok(file) => self.kick(file, size),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
         }
         self.counters.objects_added.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_added.fetch_add(size, Ordering::Relaxed);
@@ -329,6 +365,36 @@ impl ObjectStore {
             size,
             new: true,
         })
+    }
+
+    /// Hands a placed object to the early-writeback thread, if one runs.
+    fn kick(&self, file: File, size: u64) {
+        let Ok(guard) = self.writeback.lock() else {
+            return;
+        };
+        if let Some(tx) = guard.as_ref() {
+            let _ = tx.send(if size >= KICK_MIN {
+                Kick::Object(file)
+            } else {
+                Kick::Small
+            });
+        }
+    }
+
+    /// Installs (or with `None` removes) the early-writeback channel.
+    pub(crate) fn set_writeback(&self, tx: Option<std::sync::mpsc::Sender<Kick>>) {
+        if let Ok(mut guard) = self.writeback.lock() {
+            *guard = tx;
+        }
+    }
+
+    /// True when the store lives on tmpfs: nothing to write back, ever.
+    pub(crate) fn on_tmpfs(&self) -> bool {
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        File::open(&self.root)
+            .ok()
+            .and_then(|d| rustix::fs::fstatfs(&d).ok())
+            .is_some_and(|s| s.f_type as u64 == TMPFS_MAGIC)
     }
 
     pub fn insert_bytes(&self, data: &[u8]) -> Result<Inserted, StoreError> {

@@ -1193,3 +1193,204 @@ fn pulled_module_mounts_with_the_kernel() {
     union.unmount(&m).unwrap();
     guard.0.remove(0);
 }
+
+/// Scratch: where the pull's time and CPU go (temporary exploration harness).
+#[test]
+#[ignore = "exploration"]
+fn bench_pull_explore() {
+    let Some(t) = tools() else { return };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key"));
+    let src = w.join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..50u64 {
+        std::fs::write(src.join(format!("blob{i}")), pseudo_random(4 << 20, i + 1)).unwrap();
+    }
+    let scratch = ObjectStore::open(&w.join("scratch")).unwrap();
+    let built = build_module(
+        &src,
+        &BuildOptions {
+            compression: LayerCompression::None,
+            ..Default::default()
+        },
+        &scratch,
+    )
+    .unwrap();
+    std::fs::write(w.join("big.tar"), &built.layer).unwrap();
+    let d = push(
+        &t,
+        &format!("{}/mod/big:v1", reg.host()),
+        w,
+        &[("big.tar", built.layer_media_type)],
+        None,
+        &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
+    );
+    sign(&t, &key, &format!("{}/mod/big@{d}", reg.host()));
+    let repo: Repository = format!("{}/mod/big", reg.host()).parse().unwrap();
+    let c = client();
+    let m = c.manifest(&repo, &d, Some(&d)).unwrap();
+    let layer = m.manifest.layers[0].clone();
+    let url = format!("http://{}/v2/mod/big/blobs/{}", reg.host(), layer.digest);
+    let ticks = |pid: &str| -> (u64, u64) {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let n = |i: usize| f[i].parse::<u64>().unwrap();
+        // utime+stime, cutime+cstime (fields 14..17 -> index 11..14 after the comm)
+        (n(11) + n(12), n(13) + n(14))
+    };
+    let reg_pid = reg.child.id().to_string();
+    let shm = Path::new("/dev/shm");
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let only = std::env::var("ONLY").unwrap_or_default();
+    let case = |name: &str, f: &mut dyn FnMut(usize)| {
+        if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o)) {
+            return;
+        }
+        let mut times = Vec::new();
+        let (s0, c0) = ticks("self");
+        let (r0, _) = ticks(&reg_pid);
+        for i in 0..rounds {
+            run(&mut Command::new("sync"));
+            let t0 = Instant::now();
+            f(i);
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        let (s1, c1) = ticks("self");
+        let (r1, _) = ticks(&reg_pid);
+        times.sort_by(f64::total_cmp);
+        let per = |a: u64, b: u64| (b - a) as f64 * 10.0 / rounds as f64;
+        eprintln!(
+            "explore: {name:<28} median {:.3}s  min {:.3}s  cpu/run: self {:.0}ms children {:.0}ms registry {:.0}ms",
+            times[times.len() / 2],
+            times[0],
+            per(s0, s1),
+            per(c0, c1),
+            per(r0, r1)
+        );
+    };
+    case("reqwest-sink-nosha", &mut |_| {
+        let mut r = c.http().get(&url).send().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        loop {
+            let k = std::io::Read::read(&mut r, &mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n as u64, layer.size);
+    });
+    case("curl-devnull", &mut |_| {
+        run(Command::new("curl").args(["-s", "-o", "/dev/null", &url]));
+    });
+    case("blob-direct-sha-sink", &mut |_| {
+        let mut r = c.blob_direct(&repo, &layer).unwrap();
+        std::io::copy(&mut r, &mut std::io::sink()).unwrap();
+    });
+    case("blob-readahead-sink", &mut |_| {
+        std::io::copy(&mut c.blob(&repo, &layer).unwrap(), &mut std::io::sink()).unwrap();
+    });
+    case("unpack-mem-tmpfs", &mut |_| {
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let s = ObjectStore::open(dir.path()).unwrap();
+        super::install_image(&s, &built.image_digest, 1, |_| {
+            Ok((built.layer_media_type.to_string(), &built.layer[..]))
+        })
+        .unwrap();
+    });
+    case("unpack-mem-disk", &mut |i| {
+        let p = w.join(format!("um{i}"));
+        let s = ObjectStore::open(&p).unwrap();
+        super::install_image(&s, &built.image_digest, 1, |_| {
+            Ok((built.layer_media_type.to_string(), &built.layer[..]))
+        })
+        .unwrap();
+        drop(s);
+        let _ = std::fs::remove_dir_all(p);
+    });
+    let show = |r: &PullReport| {
+        eprintln!(
+            "explore:     verify {:.1}ms unpack {:.1}ms commit {:.1}ms",
+            r.verify_time.as_secs_f64() * 1e3,
+            r.install.unpack_time.as_secs_f64() * 1e3,
+            r.install.commit_time.as_secs_f64() * 1e3
+        )
+    };
+    for blocking in [false, true, false, true] {
+        super::registry::FORCE_BLOCKING.store(blocking, std::sync::atomic::Ordering::Relaxed);
+        case(
+            if blocking {
+                "pull-tmpfs-blocking"
+            } else {
+                "pull-tmpfs"
+            },
+            &mut |_| {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let p = shm.join(format!(
+                    "explore-{}",
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                let s = ObjectStore::open(&p).unwrap();
+                show(&pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap());
+            },
+        );
+    }
+    super::registry::FORCE_BLOCKING.store(false, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..rounds * 4 {
+        let _ = std::fs::remove_dir_all(shm.join(format!("explore-{i}")));
+    }
+    case("pull-disk", &mut |i| {
+        let p = w.join(format!("pd{i}"));
+        let s = ObjectStore::open(&p).unwrap();
+        show(&pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap());
+        drop(s);
+        let _ = std::fs::remove_dir_all(p);
+    });
+    case("oras", &mut |i| {
+        let out = w.join(format!("oras-out{i}"));
+        run(Command::new(&t.oras)
+            .args(["pull", "--plain-http", "-o"])
+            .arg(&out)
+            .arg(format!("{}/mod/big@{d}", reg.host())));
+        let _ = std::fs::remove_dir_all(&out);
+    });
+    if std::env::var("HOLD").is_ok() {
+        eprintln!("explore: holding; registry {} digest {d}", reg.host());
+        std::thread::sleep(Duration::from_secs(600));
+    }
+}
+
+#[test]
+#[ignore = "exploration"]
+fn explore_sha_speed() {
+    use sha2::Digest as _;
+    let data = pseudo_random(200 << 20, 9);
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let mut h = sha2::Sha256::new();
+        for c in data.chunks(64 << 10) {
+            h.update(c);
+        }
+        let a = h.finalize();
+        let t_sha2 = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut r = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in data.chunks(64 << 10) {
+            r.update(c);
+        }
+        let b = r.finish();
+        let t_ring = t0.elapsed().as_secs_f64();
+        assert_eq!(&a[..], b.as_ref());
+        eprintln!(
+            "explore: sha2 {:.0} MiB/s ring {:.0} MiB/s",
+            200.0 / t_sha2,
+            200.0 / t_ring
+        );
+    }
+}

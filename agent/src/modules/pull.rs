@@ -65,6 +65,8 @@ pub struct PullReport {
     /// Body bytes this pull received (manifests, signature, config, layers).
     pub bytes_received: u64,
     pub ranged: RangedStats,
+    /// From the call to the manifest and its signature verified.
+    pub verify_time: std::time::Duration,
 }
 
 impl PullReport {
@@ -90,8 +92,10 @@ pub fn pull_module(
         return Err(PullError::BadPin(pinned.into()));
     }
     let start = client.bytes_received();
+    let started = std::time::Instant::now();
     let fetched = client.manifest(repo, pinned, Some(pinned))?;
     verify_signature(client, repo, &fetched.digest, keys)?;
+    let verify_time = started.elapsed();
     let m = &fetched.manifest;
     let annotation = |reason: &str| PullError::Annotation {
         digest: fetched.digest.clone(),
@@ -142,6 +146,7 @@ pub fn pull_module(
         install,
         bytes_received: client.bytes_received() - start,
         ranged,
+        verify_time,
     })
 }
 

@@ -171,6 +171,10 @@ pub struct RegistryOptions {
 
 pub struct RegistryClient {
     http: reqwest::blocking::Client,
+    /// The same client, async, for blob bodies: each blob is received, counted and
+    /// hashed on its own read-ahead thread ([`BlobReader`]) under a runtime of that
+    /// thread, so the bytes never hop through the blocking client's runtime thread.
+    stream_http: reqwest::Client,
     opts: RegistryOptions,
     /// Bearer token per repository scope, from a 401 challenge.
     tokens: Mutex<std::collections::HashMap<String, String>>,
@@ -217,14 +221,29 @@ impl RegistryClient {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
         };
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            // Each blob runs on its own thread's runtime: an idle pooled connection
+            // would outlive the runtime it was made on.
+            .pool_max_idle_per_host(0)
+            .use_preconfigured_tls(tls.clone())
+            .build()
+            .map_err(|e| RegistryError::Tls(e.to_string()))?;
         b = b.use_preconfigured_tls(tls);
         let http = b.build().map_err(|e| RegistryError::Tls(e.to_string()))?;
         Ok(Self {
             http,
+            stream_http,
             opts,
             tokens: Mutex::new(Default::default()),
             received: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
     }
 
     /// Body bytes received so far (manifests and blobs), for the dedup test and logs.
@@ -429,13 +448,30 @@ impl RegistryClient {
     /// (unpacking, fs-verity, writing objects) instead of taking turns with it.
     pub fn blob(&self, repo: &Repository, desc: &Descriptor) -> Result<BlobReader, RegistryError> {
         let what = format!("blob {}@{}", repo.name, desc.digest);
+        if desc.digest.starts_with("sha256:") && !FORCE_BLOCKING.load(Ordering::Relaxed) {
+            let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
+            let scope = format!("repository:{}:pull", repo.name);
+            let mut req = self.stream_http.get(&url).header("Accept", "*/*");
+            if let Some(t) = self.tokens.lock().ok().and_then(|m| m.get(&scope).cloned()) {
+                req = req.bearer_auth(t);
+            }
+            match BlobReader::stream(req, desc, self.received.clone()) {
+                Streamed::Ok(reader) => return Ok(reader),
+                Streamed::Unreachable(source) => {
+                    return Err(RegistryError::Unreachable { url, source })
+                }
+                // Anything but a 200 (a bearer challenge, 404...): the blocking path
+                // answers it with its usual typed error or token dance.
+                Streamed::NotOk => {}
+            }
+        }
         let reader = self.blob_direct(repo, desc)?;
         BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
     }
 
     /// The same check without the read-ahead thread: for small blobs, where a thread
     /// and its 1 MiB chunk would cost more than the transfer.
-    fn blob_direct(
+    pub(super) fn blob_direct(
         &self,
         repo: &Repository,
         desc: &Descriptor,
@@ -536,34 +572,163 @@ impl RegistryClient {
     }
 }
 
-/// Read-ahead chunk size and how many chunks may wait: enough to keep the network
+#[cfg(test)]
+pub(super) static FORCE_BLOCKING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+#[cfg(not(test))]
+static FORCE_BLOCKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Read-ahead batch size and how many batches may wait: enough to keep the network
 /// busy while a large file is hashed and written, little enough to stay small.
 const READ_AHEAD_CHUNK: usize = 1 << 20;
 const READ_AHEAD_CHUNKS: usize = 8;
 
+/// Received bytes as they came (hyper's buffers, or a filled `Vec`), never copied on
+/// the way to the reader.
+type Chunk = Box<dyn AsRef<[u8]> + Send>;
+
+/// What starting a streamed blob gave.
+enum Streamed {
+    Ok(BlobReader),
+    /// The registry answered, but not 200.
+    NotOk,
+    Unreachable(reqwest::Error),
+}
+
 /// A blob stream read ahead by a thread (network, count, SHA-256 check), handed over
-/// in chunks. EOF comes only after the digest matched; a mismatch or a broken
-/// connection arrives as the error the inner reader raised (its code intact). Dropping
-/// the reader stops the thread at its next chunk and closes the connection.
-#[derive(Debug)]
+/// in batches of received buffers. EOF comes only after the digest matched; a
+/// mismatch or a broken connection arrives as an error with its code. Dropping the
+/// reader stops the thread at its next batch and closes the connection.
 pub struct BlobReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    /// Used chunks go back to the thread: no fresh (zeroed, page-faulted) MiB per MiB.
-    spent: std::sync::mpsc::Sender<Vec<u8>>,
-    chunk: Vec<u8>,
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<Chunk>>>,
+    batch: std::vec::IntoIter<Chunk>,
+    chunk: Option<Chunk>,
     pos: usize,
     done: bool,
 }
 
+impl std::fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobReader")
+            .field("pos", &self.pos)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+fn blob_mismatch(expected: &str, actual: String) -> io::Error {
+    io::Error::other(super::unpack::BlobDigestMismatch {
+        expected: expected.to_string(),
+        actual,
+    })
+}
+
 impl BlobReader {
+    fn new(rx: std::sync::mpsc::Receiver<io::Result<Vec<Chunk>>>) -> Self {
+        Self {
+            rx,
+            batch: Vec::new().into_iter(),
+            chunk: None,
+            pos: 0,
+            done: false,
+        }
+    }
+
+    /// Sends `req` from a new thread with its own single-threaded runtime and streams
+    /// the body there: each buffer hyper receives is counted, hashed and handed over
+    /// as is (no copy, no hop through another runtime thread). The caller waits only
+    /// for the response head.
+    fn stream(req: reqwest::RequestBuilder, desc: &Descriptor, count: Arc<AtomicU64>) -> Streamed {
+        let (head_tx, head_rx) = std::sync::mpsc::sync_channel::<Result<bool, reqwest::Error>>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+        let expected = desc.digest.clone();
+        let size = desc.size;
+        let spawned = std::thread::Builder::new()
+            .name("blob-read-ahead".into())
+            .spawn(move || {
+                // Without a runtime the head channel just closes: the caller falls back.
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let mut resp = match req.send().await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = head_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let ok = resp.status().as_u16() == 200;
+                    if head_tx.send(Ok(ok)).is_err() || !ok {
+                        return;
+                    }
+                    let mut hasher = Sha256::new();
+                    let mut read = 0u64;
+                    let mut batch: Vec<Chunk> = Vec::new();
+                    let mut batched = 0;
+                    loop {
+                        let bytes = match resp.chunk().await {
+                            Ok(Some(b)) => b,
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = tx.send(Err(io::Error::other(CodedStreamError {
+                                    code: ErrorCode::RegistryUnreachable,
+                                    message: format!("blob stream broke: {e}"),
+                                })));
+                                return;
+                            }
+                        };
+                        read += bytes.len() as u64;
+                        count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        if read > size {
+                            let _ = tx.send(Err(blob_mismatch(
+                                &expected,
+                                format!("<more than {size} bytes>"),
+                            )));
+                            return;
+                        }
+                        hasher.update(&bytes);
+                        batched += bytes.len();
+                        batch.push(Box::new(bytes));
+                        if batched >= READ_AHEAD_CHUNK {
+                            batched = 0;
+                            if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
+                        return;
+                    }
+                    let actual = hex::encode(hasher.finalize());
+                    // An empty batch is EOF, sent once the digest checked out.
+                    let _ = if expected.strip_prefix("sha256:") == Some(actual.as_str()) {
+                        tx.send(Ok(Vec::new()))
+                    } else {
+                        tx.send(Err(blob_mismatch(&expected, actual)))
+                    };
+                });
+            });
+        if spawned.is_err() {
+            return Streamed::NotOk;
+        }
+        match head_rx.recv() {
+            Ok(Ok(true)) => Streamed::Ok(Self::new(rx)),
+            Ok(Err(e)) => Streamed::Unreachable(e),
+            Ok(Ok(false)) | Err(_) => Streamed::NotOk,
+        }
+    }
+
+    /// The same over any verified reader (filled 1 MiB buffers).
     fn spawn<R: Read + Send + 'static>(mut inner: R) -> io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
-        let (spent, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::Builder::new()
             .name("blob-read-ahead".into())
             .spawn(move || loop {
-                let mut chunk = recycled.try_recv().unwrap_or_default();
-                chunk.resize(READ_AHEAD_CHUNK, 0);
+                let mut chunk = vec![0u8; READ_AHEAD_CHUNK];
                 let mut filled = 0;
                 while filled < chunk.len() {
                     match inner.read(&mut chunk[filled..]) {
@@ -577,44 +742,40 @@ impl BlobReader {
                     }
                 }
                 chunk.truncate(filled);
-                // An empty chunk is EOF, sent once the digest checked out.
-                let eof = filled == 0;
-                if tx.send(Ok(chunk)).is_err() || eof {
+                // An empty batch is EOF, sent once the digest checked out.
+                let batch: Vec<Chunk> = if filled == 0 {
+                    Vec::new()
+                } else {
+                    vec![Box::new(chunk)]
+                };
+                if tx.send(Ok(batch)).is_err() || filled == 0 {
                     return;
                 }
             })?;
-        Ok(Self {
-            rx,
-            spent,
-            chunk: Vec::new(),
-            pos: 0,
-            done: false,
-        })
+        Ok(Self::new(rx))
     }
-}
 
-impl Read for BlobReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// The current buffer's unread bytes, receiving the next batch when it is used up;
+    /// empty at EOF.
+    fn current(&mut self) -> io::Result<&[u8]> {
         loop {
-            if self.pos < self.chunk.len() {
-                let n = buf.len().min(self.chunk.len() - self.pos);
-                buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-                self.pos += n;
-                return Ok(n);
+            let len = self.chunk.as_ref().map_or(0, |c| (**c).as_ref().len());
+            if self.pos < len {
+                break;
             }
-            if self.done || buf.is_empty() {
-                return Ok(0);
+            if let Some(next) = self.batch.next() {
+                self.chunk = Some(next);
+                self.pos = 0;
+                continue;
+            }
+            self.chunk = None;
+            self.pos = 0;
+            if self.done {
+                return Ok(&[]);
             }
             match self.rx.recv() {
-                Ok(Ok(chunk)) if chunk.is_empty() => self.done = true,
-                Ok(Ok(chunk)) => {
-                    let spent = std::mem::replace(&mut self.chunk, chunk);
-                    if spent.capacity() > 0 {
-                        // The thread may have ended (EOF, error): then it is just freed.
-                        let _ = self.spent.send(spent);
-                    }
-                    self.pos = 0;
-                }
+                Ok(Ok(batch)) if batch.is_empty() => self.done = true,
+                Ok(Ok(batch)) => self.batch = batch.into_iter(),
                 Ok(Err(e)) => {
                     self.done = true;
                     return Err(e);
@@ -628,6 +789,32 @@ impl Read for BlobReader {
                 }
             }
         }
+        Ok(self
+            .chunk
+            .as_ref()
+            .map_or(&[][..], |c| &(**c).as_ref()[self.pos..]))
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let src = self.current()?;
+        let n = buf.len().min(src.len());
+        buf[..n].copy_from_slice(&src[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl io::BufRead for BlobReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.current()
+    }
+    fn consume(&mut self, amt: usize) {
+        self.pos += amt;
     }
 }
 
@@ -824,6 +1011,85 @@ mod auth_tests {
         let other = format!("sha256:{}", "1".repeat(64));
         let e = c.manifest(&repo, &other, Some(&other)).unwrap_err();
         assert_eq!(e.code(), ErrorCode::DigestMismatch);
+    }
+
+    #[test]
+    fn streamed_blobs_are_checked_and_non_200_answers_take_the_blocking_path() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let mut flipped = data.clone();
+        flipped[2_999_000] ^= 1;
+        let port_cell = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+        let pc = port_cell.clone();
+        let hits = std::sync::Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let served = data.clone();
+        let port = serve(move |line, auth| {
+            h.fetch_add(1, Ordering::Relaxed);
+            let path = line.split(' ').nth(1).unwrap_or_default();
+            if path.starts_with("/token?") {
+                return (200, vec![], br#"{"token":"t0k"}"#.to_vec());
+            }
+            if path.starts_with("/v2/auth/") && auth != Some("Bearer t0k") {
+                let realm = format!("http://127.0.0.1:{}/token", pc.get().unwrap());
+                let challenge = format!(r#"Bearer realm="{realm}",service="reg""#);
+                return (401, vec![("www-authenticate".into(), challenge)], vec![]);
+            }
+            match path.split('/').nth(2) {
+                Some("good" | "auth") => (200, vec![], served.clone()),
+                Some("flipped") => (200, vec![], flipped.clone()),
+                _ => (404, vec![], vec![]),
+            }
+        });
+        port_cell.set(port).unwrap();
+        let c = RegistryClient::new(RegistryOptions {
+            allow_http_loopback: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let desc = |size| Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: digest.clone(),
+            size,
+            annotations: Default::default(),
+        };
+        let repo =
+            |name: &str| -> Repository { format!("127.0.0.1:{port}/{name}/x").parse().unwrap() };
+        let read = |name: &str, size| {
+            let mut out = Vec::new();
+            c.blob(&repo(name), &desc(size))?
+                .read_to_end(&mut out)
+                .map_err(|source| RegistryError::Read {
+                    what: name.into(),
+                    source,
+                })
+                .map(|_| out)
+        };
+        let before = c.bytes_received();
+        assert!(read("good", 3_000_000).unwrap() == data);
+        assert_eq!(c.bytes_received() - before, 3_000_000);
+        assert_eq!(hits.load(Ordering::Relaxed), 1, "one request, streamed");
+        let code = |r: Result<Vec<u8>, RegistryError>| r.map(|_| ()).unwrap_err().code();
+        assert_eq!(code(read("flipped", 3_000_000)), ErrorCode::DigestMismatch);
+        // More bytes than the descriptor says: refused as soon as they exceed it.
+        assert_eq!(code(read("good", 2_999_999)), ErrorCode::DigestMismatch);
+        assert_eq!(code(read("missing", 3_000_000)), ErrorCode::OciNotFound);
+        // A challenge: the blocking path answers it, and the token is then reused.
+        assert!(read("auth", 3_000_000).unwrap() == data);
+        let n = hits.load(Ordering::Relaxed);
+        assert!(read("auth", 3_000_000).unwrap() == data);
+        assert_eq!(
+            hits.load(Ordering::Relaxed),
+            n + 1,
+            "token reused, streamed"
+        );
+        // Registry down.
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let gone: Repository = format!("127.0.0.1:{dead_port}/mod/x").parse().unwrap();
+        let e = c.blob(&gone, &desc(3_000_000)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnreachable, "{e}");
     }
 
     #[test]
