@@ -123,6 +123,9 @@ pub trait AgentDriver {
     fn repair_root(&mut self) -> Result<Vec<String>, ComposeError> {
         Ok(Vec::new())
     }
+    /// Takes down what the last [`compose_root`](Self::compose_root) mounted, before
+    /// a retry (best effort: failures are logged).
+    fn undo_compose(&mut self) {}
 }
 
 /// Why the composed root could not be built; `code` is the wire code reported upstream.
@@ -135,6 +138,15 @@ pub struct ComposeError {
 /// What the init leaves in the state directory for itself in agent mode after
 /// switch_root: the boot timeline and the root modules composed into `/`.
 pub const HANDOFF_FILE: &str = "handoff.json";
+
+/// The contents of [`HANDOFF_FILE`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Handoff {
+    pub timeline: Vec<TimelineEntry>,
+    pub root_modules: Vec<RunningModule>,
+    /// Store, verity mode, upper and compose cost, as the init saw them.
+    pub root_facts: Option<RootFacts>,
+}
 /// argv\[1\] of the init re-executed in the composed root: run the agent as PID 1.
 pub const AGENT_MODE: &str = "agent";
 /// Where the init copies itself before switch_root (`/run` is moved into the new root).
@@ -150,6 +162,8 @@ pub struct RealAgent {
     composed: Option<RootFacts>,
     /// The store and the root's images, for [`AgentDriver::repair_root`].
     composed_images: Option<(PathBuf, Vec<powernode_agent::verity::VerityDigest>)>,
+    /// What the last compose_root mounted, for [`AgentDriver::undo_compose`].
+    union: Option<powernode_agent::modules::mount::UnionRoot>,
 }
 
 impl std::fmt::Debug for RealAgent {
@@ -436,7 +450,23 @@ impl AgentDriver for RealAgent {
             .filter_map(|p| p.file_name()?.to_str()?.parse().ok())
             .collect();
         self.composed_images = Some((store_dir.clone(), images));
+        self.union = Some(union);
         Ok(Some(roots))
+    }
+
+    fn undo_compose(&mut self) {
+        self.composed = None;
+        self.composed_images = None;
+        if let Some(union) = self.union.take() {
+            match union.unmount(&LoopMounter) {
+                Ok(()) => log::info!("composed root at {} taken down", union.target.display()),
+                Err(e) => log::warn!(
+                    "taking down the composed root at {}: {}",
+                    union.target.display(),
+                    powernode_agent::error_chain(&e)
+                ),
+            }
+        }
     }
 
     fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd {
@@ -698,24 +728,23 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
         Ok(None) => return failed(format!("no identity in {}", state_dir.display())),
         Err(e) => return failed(format!("identity: {}", powernode_agent::error_chain(&e))),
     };
+    // Without it the agent would report a root it knows nothing about.
     let handoff_path = state_dir.join(HANDOFF_FILE);
-    let handoff: serde_json::Value = std::fs::read(&handoff_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let timeline: Vec<TimelineEntry> =
-        serde_json::from_value(handoff.get("timeline").cloned().unwrap_or_default())
-            .unwrap_or_default();
-    let root_modules: Vec<RunningModule> =
-        serde_json::from_value(handoff.get("root_modules").cloned().unwrap_or_default())
-            .unwrap_or_default();
+    let handoff: Handoff = match std::fs::read(&handoff_path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(h) => h,
+            Err(e) => return failed(format!("{} is corrupt: {e}", handoff_path.display())),
+        },
+        Err(e) => return failed(format!("reading {}: {e}", handoff_path.display())),
+    };
+    let Handoff {
+        timeline,
+        root_modules,
+        root_facts,
+    } = handoff;
     let mut opts = AgentOptions::new(state_dir);
     opts.root_modules = root_modules.iter().map(|m| m.digest.clone()).collect();
-    // Store, verity mode, upper and compose cost, as the init saw them.
-    opts.root_facts = handoff
-        .get("root_facts")
-        .cloned()
-        .and_then(|v| serde_json::from_value(v).ok());
+    opts.root_facts = root_facts;
     opts.can_reboot = true;
     opts.kmsg_log = true;
     let rt = match tokio::runtime::Builder::new_current_thread()

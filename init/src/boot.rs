@@ -24,6 +24,8 @@ use crate::sys::{Errno, RebootKind, Sys};
 /// Prefix of the init's structured console lines.
 pub const EVENT_PREFIX: &str = "POWERNODE-INIT ";
 const CMDLINE_PATH: &str = "/proc/cmdline";
+/// This init's own binary, copied for agent mode.
+const SELF_EXE: &str = "/proc/self/exe";
 /// Unlimited userspace writes to `/dev/kmsg` (the default rate limit drops lines).
 const PRINTK_DEVKMSG: &str = "/proc/sys/kernel/printk_devkmsg";
 
@@ -45,6 +47,14 @@ pub enum PhaseError {
     SwitchRoot(#[from] SwitchRootError),
     #[error("preparing the test root")]
     TestRoot(#[source] Errno),
+    /// Leaving what agent mode needs before switch_root.
+    #[error("hand-off to the composed root: {step} {path}")]
+    HandOff {
+        step: &'static str,
+        path: String,
+        #[source]
+        errno: Errno,
+    },
     #[error("preparing the agent state directory {path}")]
     StateDir {
         path: String,
@@ -91,7 +101,8 @@ impl PhaseError {
             | Self::Cmdline(_)
             | Self::Modules(_)
             | Self::SwitchRoot(_)
-            | Self::TestRoot(_) => ErrorCode::Internal,
+            | Self::TestRoot(_)
+            | Self::HandOff { .. } => ErrorCode::Internal,
         }
     }
 
@@ -351,61 +362,65 @@ impl<'a> Boot<'a> {
     /// Root modules from the desired set, composed at [`COMPOSED_ROOT`]: then the
     /// hand-off is a switch_root into it, with a copy of this init (in `/run`, which
     /// moves along) run there in agent mode. No root modules: the initramfs stays.
-    /// A failure (signature, digest, registry) goes upstream with its code and the
-    /// policy applies; the node never switches to an unverified root.
+    /// A failure (signature, digest, registry, a corrupt file, the hand-off files)
+    /// goes upstream with its code and the policy applies; a retry starts again from
+    /// nothing mounted. The node never switches to an unverified root.
     fn compose_root(&mut self) -> Result<ComposedRoot, Outcome> {
         let mut attempt: u32 = 0;
-        let modules = loop {
+        loop {
             attempt = attempt.saturating_add(1);
-            let Some(agent) = self.agent.as_deref_mut() else {
-                return Ok(ComposedRoot::Initramfs);
-            };
-            match agent.compose_root(COMPOSED_ROOT) {
-                Ok(None) => return Ok(ComposedRoot::Initramfs),
-                Ok(Some(d)) => break d,
-                Err(e) => {
-                    let error = PhaseError::Agent {
-                        code: e.code,
-                        message: e.message,
-                    };
+            match self.try_compose_root() {
+                Ok(root) => return Ok(root),
+                Err(error) => {
                     if let Some(outcome) = self.failed("switch_root", &error, attempt) {
                         return Err(outcome);
                     }
+                    if let Some(agent) = self.agent.as_deref_mut() {
+                        agent.undo_compose();
+                    }
                 }
             }
+        }
+    }
+
+    fn try_compose_root(&mut self) -> Result<ComposedRoot, PhaseError> {
+        let Some(agent) = self.agent.as_deref_mut() else {
+            return Ok(ComposedRoot::Initramfs);
         };
-        self.mark(Phase::RootMounted);
-        let mut facts = self.agent.as_deref().and_then(|a| a.root_facts());
+        let modules = match agent.compose_root(COMPOSED_ROOT) {
+            Ok(None) => return Ok(ComposedRoot::Initramfs),
+            Ok(Some(m)) => m,
+            Err(e) => {
+                return Err(PhaseError::Agent {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+        };
+        let mut facts = agent.root_facts();
         let verity = facts.as_ref().is_some_and(|f| f.verity == "require");
         let checked = match check_root(self.sys, COMPOSED_ROOT, verity) {
             Ok(c) => c,
             Err(mut error) => {
                 // The kernel refused a block: find the corrupt objects and move them
-                // out of the store, so the next boot (reboot or retry policy) heals.
+                // out of the store, so the next attempt (or boot) fetches them again.
                 if error.code() == ErrorCode::VerityMismatch {
-                    if let (PhaseError::RootRead { moved, .. }, Some(agent)) =
-                        (&mut error, self.agent.as_deref_mut())
-                    {
+                    if let PhaseError::RootRead { moved, .. } = &mut error {
                         match agent.repair_root() {
                             Ok(m) => *moved = m,
                             Err(e) => log::error!("scrubbing the store failed: {}", e.message),
                         }
                     }
                 }
-                return Err(self
-                    .failed("switch_root", &error, 1)
-                    .unwrap_or(Outcome::Idle));
+                return Err(error);
             }
         };
+        self.mark(Phase::RootMounted);
         if let Some(c) = facts.as_mut().and_then(|f| f.compose.as_mut()) {
             c.checked = checked;
         }
         self.event(json!({"event": "root_composed", "root": facts}));
-        if let Err(error) = self.prepare_agent_mode(&modules, facts.as_ref()) {
-            return Err(self
-                .failed("switch_root", &error, 1)
-                .unwrap_or(Outcome::Idle));
-        }
+        self.prepare_agent_mode(&modules, facts.as_ref())?;
         Ok(ComposedRoot::Mounted {
             path: COMPOSED_ROOT.into(),
             init: crate::agent::AGENT_MODE_BIN.into(),
@@ -419,27 +434,33 @@ impl<'a> Boot<'a> {
         modules: &[powernode_proto::node::RunningModule],
         facts: Option<&powernode_proto::node::RootFacts>,
     ) -> Result<(), PhaseError> {
-        let state_dir = self.state_dir.clone().unwrap_or_default();
-        let me = self
-            .sys
-            .read_file("/proc/self/exe", 64 << 20)
-            .map_err(PhaseError::TestRoot)?;
-        ok_if_exists(self.sys.mkdir("/run/powernode", 0o700)).map_err(PhaseError::TestRoot)?;
+        let handoff_err = |step: &'static str, path: &str| {
+            let path = path.to_string();
+            move |errno| PhaseError::HandOff { step, path, errno }
+        };
+        let state_dir = self
+            .state_dir
+            .clone()
+            .ok_or_else(|| handoff_err("finding the state directory", "(none)")(Errno::NOENT))?;
+        ok_if_exists(self.sys.mkdir(RUN_STATE_DIR, 0o700))
+            .map_err(handoff_err("creating", RUN_STATE_DIR))?;
         self.sys
-            .create_file(crate::agent::AGENT_MODE_BIN, &me, 0o755)
-            .map_err(PhaseError::TestRoot)?;
-        let handoff = json!({
-            "timeline": self.timeline,
-            "root_modules": modules,
-            "root_facts": facts,
-        });
+            .copy_file(SELF_EXE, crate::agent::AGENT_MODE_BIN, 0o755)
+            .map_err(handoff_err(
+                "copying the init to",
+                crate::agent::AGENT_MODE_BIN,
+            ))?;
+        let handoff = crate::agent::Handoff {
+            timeline: self.timeline.clone(),
+            root_modules: modules.to_vec(),
+            root_facts: facts.cloned(),
+        };
+        let path = format!("{state_dir}/{}", crate::agent::HANDOFF_FILE);
+        let body = serde_json::to_vec(&handoff)
+            .map_err(|_| handoff_err("encoding", &path)(Errno::INVAL))?;
         self.sys
-            .create_file(
-                &format!("{state_dir}/{}", crate::agent::HANDOFF_FILE),
-                handoff.to_string().as_bytes(),
-                0o600,
-            )
-            .map_err(PhaseError::TestRoot)?;
+            .create_file(&path, &body, 0o600)
+            .map_err(handoff_err("writing", &path))?;
         Ok(())
     }
 
@@ -1294,6 +1315,8 @@ mod tests {
     struct ComposingAgent {
         reports: Vec<powernode_proto::node::FailureReport>,
         repairs: u32,
+        composes: u32,
+        undos: u32,
     }
 
     impl crate::agent::AgentDriver for ComposingAgent {
@@ -1323,6 +1346,7 @@ mod tests {
             _target: &str,
         ) -> Result<Option<Vec<powernode_proto::node::RunningModule>>, crate::agent::ComposeError>
         {
+            self.composes += 1;
             Ok(Some(vec![powernode_proto::node::RunningModule {
                 name: "base".into(),
                 version: "1".into(),
@@ -1332,6 +1356,9 @@ mod tests {
         fn repair_root(&mut self) -> Result<Vec<String>, crate::agent::ComposeError> {
             self.repairs += 1;
             Ok(vec!["sha256:bb".into()])
+        }
+        fn undo_compose(&mut self) {
+            self.undos += 1;
         }
         fn root_facts(&self) -> Option<powernode_proto::node::RootFacts> {
             Some(powernode_proto::node::RootFacts {
@@ -1415,6 +1442,74 @@ mod tests {
             c,
             Call::FreeInitramfs | Call::MoveMount(..) | Call::Exec(..)
         )));
+    }
+
+    #[test]
+    fn under_retry_a_corrupt_root_is_taken_down_repaired_and_composed_again() {
+        let mut sys = persistent_machine();
+        sys.files.insert(
+            "/proc/cmdline".into(),
+            b"powernode.on_failure=retry".to_vec(),
+        );
+        sys.read_errors_once
+            .insert("/sysroot/bin/sh".into(), Errno::IO);
+        let mut agent = ComposingAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(agent.reports[0].code, ErrorCode::VerityMismatch);
+        assert_eq!(
+            (agent.repairs, agent.undos, agent.composes),
+            (1, 1, 2),
+            "repaired, taken down, composed again"
+        );
+        // The second attempt passed the check and went on to switch_root.
+        assert!(sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::Create(p, _) if p == "/persist/powernode/handoff.json")));
+        assert!(sys.calls.iter().any(|c| matches!(c, Call::Exec(..))));
+    }
+
+    #[test]
+    fn a_hand_off_that_cannot_copy_the_init_names_the_file_and_never_switches() {
+        let mut sys = persistent_machine();
+        sys.files.remove("/proc/self/exe");
+        let mut agent = ComposingAgent::default();
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        let report = &agent.reports[0];
+        assert_eq!(report.code, ErrorCode::Internal);
+        assert!(
+            report
+                .message
+                .contains("copying the init to /run/powernode/powernode-init"),
+            "{}",
+            report.message
+        );
+        assert!(!sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::MoveMount(..) | Call::Exec(..))));
+    }
+
+    #[test]
+    fn the_handoff_file_round_trips() {
+        let h = crate::agent::Handoff {
+            timeline: vec![TimelineEntry {
+                phase: Phase::RootMounted,
+                at_ms: 7,
+            }],
+            root_modules: vec![powernode_proto::node::RunningModule {
+                name: "base".into(),
+                version: "1".into(),
+                digest: "sha256:aa".into(),
+            }],
+            root_facts: None,
+        };
+        let text = serde_json::to_string(&h).unwrap();
+        assert_eq!(
+            serde_json::from_str::<crate::agent::Handoff>(&text).unwrap(),
+            h
+        );
     }
 
     #[test]

@@ -410,7 +410,10 @@ always.ko
         assert_eq!(entries[3].deps, ["net_failover"]);
         assert_eq!(entries[9].when, When::Boot);
         for e in &entries {
-            assert_eq!(parse_load_order(&e.to_string()).unwrap(), std::slice::from_ref(e));
+            assert_eq!(
+                parse_load_order(&e.to_string()).unwrap(),
+                std::slice::from_ref(e)
+            );
         }
         // The old format (bare names) is `boot`.
         let old = parse_load_order("failover.ko\nvirtio_net.ko\n").unwrap();

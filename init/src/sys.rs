@@ -60,6 +60,9 @@ pub trait Sys {
     fn create_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), Errno>;
     /// Names in a folder (unsorted).
     fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno>;
+    /// Copies `from` to a new `to` with `mode` (in the kernel where it can:
+    /// `copy_file_range`); returns the bytes copied.
+    fn copy_file(&mut self, from: &str, to: &str, mode: u32) -> Result<u64, Errno>;
     /// Interface index of a network device.
     fn if_index(&mut self, name: &str) -> Result<u32, Errno>;
     /// Sends one rtnetlink request and waits for the kernel's ack for `seq`.
@@ -235,6 +238,13 @@ impl Sys for RealSys {
             .open(path)
             .map_err(errno)?;
         file.write_all(data).map_err(errno)
+    }
+
+    fn copy_file(&mut self, from: &str, to: &str, mode: u32) -> Result<u64, Errno> {
+        use std::os::unix::fs::PermissionsExt;
+        let n = std::fs::copy(from, to).map_err(errno)?;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode)).map_err(errno)?;
+        Ok(n)
     }
 
     fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno> {
@@ -514,6 +524,7 @@ pub mod fake {
         Sleep(Duration),
         StartLogging,
         Create(String, String),
+        Copy(String, String),
         ListDir(String),
         Netlink(Vec<u8>),
         Dhcp {
@@ -547,6 +558,8 @@ pub mod fake {
         pub root_not_initramfs: bool,
         /// `read_through` of these full paths fails with this errno.
         pub read_errors: BTreeMap<String, Errno>,
+        /// Like `read_errors`, for the first read only (a transient fault).
+        pub read_errors_once: BTreeMap<String, Errno>,
     }
 
     impl FakeSys {
@@ -686,6 +699,15 @@ pub mod fake {
             Ok(())
         }
 
+        fn copy_file(&mut self, from: &str, to: &str, _mode: u32) -> Result<u64, Errno> {
+            self.calls
+                .push(Call::Copy(from.to_string(), to.to_string()));
+            let data = self.files.get(from).cloned().ok_or(Errno::NOENT)?;
+            let n = data.len() as u64;
+            self.files.insert(to.to_string(), data);
+            Ok(n)
+        }
+
         fn list_dir(&mut self, path: &str) -> Result<Vec<String>, Errno> {
             self.calls.push(Call::ListDir(path.to_string()));
             self.dirs.get(path).cloned().ok_or(Errno::NOENT)
@@ -770,6 +792,9 @@ pub mod fake {
                 path.trim_start_matches('/')
             );
             self.calls.push(Call::ReadThrough(full.clone()));
+            if let Some(e) = self.read_errors_once.remove(&full) {
+                return Err(e);
+            }
             if let Some(e) = self.read_errors.get(&full) {
                 return Err(*e);
             }
