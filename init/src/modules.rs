@@ -198,52 +198,79 @@ pub fn parse_load_order(text: &str) -> Result<Vec<LoadEntry>, ModuleError> {
     Ok(out)
 }
 
+/// Buses in scan order (few devices first), with the alias prefixes their devices'
+/// modaliases start with.
+const BUSES: &[(&str, &str)] = &[
+    ("virtio:", "virtio"),
+    ("vmbus:", "vmbus"),
+    ("xen:", "xen"),
+    ("pci:", "pci"),
+    ("usb:", "usb"),
+    ("acpi", "acpi"),
+    ("of:", "platform"),
+    ("platform:", "platform"),
+];
+
 /// The `/sys/bus` folder whose devices can carry a modalias of this shape; `None`
 /// for aliases that name no device (`fs-erofs`, `char-major-10-237`, `devname:`).
 pub fn device_bus(pattern: &str) -> Option<&'static str> {
-    const BUSES: &[(&str, &str)] = &[
-        ("virtio:", "virtio"),
-        ("pci:", "pci"),
-        ("acpi", "acpi"),
-        ("of:", "platform"),
-        ("platform:", "platform"),
-        ("usb:", "usb"),
-        ("vmbus:", "vmbus"),
-        ("xen:", "xen"),
-    ];
     BUSES
         .iter()
         .find(|(prefix, _)| pattern.starts_with(prefix))
         .map(|(_, bus)| *bus)
 }
 
-/// The modaliases of the devices present on `buses`. A bus the kernel does not
-/// have (no folder) has no devices; an unreadable modalias is skipped (a device
-/// without one has no driver to load).
-pub fn present_modaliases(sys: &mut dyn Sys, buses: &BTreeSet<&str>) -> Vec<String> {
-    let mut out = Vec::new();
+/// Decides the `device` entries: those a present device matches, and those none
+/// does. Reads modaliases bus by bus (only buses some undecided entry names) and
+/// stops as soon as every entry is decided. A bus the kernel does not have (no
+/// folder) has no devices; an unreadable modalias is skipped (a device without one
+/// has no driver to load). Returns (matched, unmatched, modaliases read).
+pub fn coldplug<'e>(
+    sys: &mut dyn Sys,
+    devices: Vec<&'e LoadEntry>,
+) -> (Vec<&'e LoadEntry>, Vec<&'e LoadEntry>, usize) {
+    let patterns = |e: &LoadEntry| -> Vec<glob::Pattern> {
+        // Patterns were checked when the file was parsed.
+        e.matches
+            .iter()
+            .filter_map(|p| glob::Pattern::new(p).ok())
+            .collect()
+    };
+    let mut pending: Vec<(&LoadEntry, Vec<glob::Pattern>)> =
+        devices.into_iter().map(|e| (e, patterns(e))).collect();
+    let mut matched = Vec::new();
+    let mut read = 0;
+    let mut buses: Vec<&str> = BUSES.iter().map(|(_, bus)| *bus).collect();
+    buses.dedup();
     for bus in buses {
+        let on_bus = |p: &(&LoadEntry, Vec<glob::Pattern>)| {
+            p.0.matches.iter().any(|m| device_bus(m) == Some(bus))
+        };
+        if !pending.iter().any(on_bus) {
+            continue;
+        }
         let dir = format!("{SYS_BUS}/{bus}/devices");
-        let Ok(devices) = sys.list_dir(&dir) else {
+        let Ok(names) = sys.list_dir(&dir) else {
             continue;
         };
-        for device in devices {
-            if let Ok(alias) = sys.read_file(&format!("{dir}/{device}/modalias"), MAX_MODALIAS) {
-                let alias = String::from_utf8_lossy(&alias).trim().to_string();
-                if !alias.is_empty() {
-                    out.push(alias);
-                }
+        for device in names {
+            let Ok(alias) = sys.read_file(&format!("{dir}/{device}/modalias"), MAX_MODALIAS) else {
+                continue;
+            };
+            read += 1;
+            let alias = String::from_utf8_lossy(&alias);
+            let alias = alias.trim();
+            let (hit, rest): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|(_, pats)| pats.iter().any(|p| p.matches(alias)));
+            matched.extend(hit.into_iter().map(|(e, _)| e));
+            pending = rest;
+            if !pending.iter().any(on_bus) {
+                break;
             }
         }
     }
-    out
-}
-
-fn matches_any(entry: &LoadEntry, aliases: &[String]) -> bool {
-    entry.matches.iter().any(|p| {
-        // Patterns were checked when the file was parsed.
-        glob::Pattern::new(p).is_ok_and(|p| aliases.iter().any(|a| p.matches(a)))
-    })
+    (matched, pending.into_iter().map(|(e, _)| e).collect(), read)
 }
 
 /// `names` and everything they depend on, as a set of names present in `entries`.
@@ -318,27 +345,20 @@ fn load_set(
 /// matches, with their dependencies, in load order.
 pub fn load_boot(sys: &mut dyn Sys) -> Result<LoadReport, ModuleError> {
     let entries = read_load_order(sys)?;
-    let buses: BTreeSet<&str> = entries
-        .iter()
-        .filter(|e| e.when == When::Device)
-        .flat_map(|e| e.matches.iter().filter_map(|p| device_bus(p)))
-        .collect();
     let start = sys.boot_ms();
-    let aliases = present_modaliases(sys, &buses);
+    let devices = entries.iter().filter(|e| e.when == When::Device).collect();
+    let (present, absent, scanned) = coldplug(sys, devices);
     let mut report = LoadReport {
         scan_ms: sys.boot_ms().saturating_sub(start),
-        scanned: aliases.len(),
+        scanned,
+        no_device: absent.iter().map(|e| e.name.clone()).collect(),
         ..LoadReport::default()
     };
-    let mut roots = Vec::new();
-    for entry in &entries {
-        match entry.when {
-            When::Boot => roots.push(entry.name.clone()),
-            When::Device if matches_any(entry, &aliases) => roots.push(entry.name.clone()),
-            When::Device => report.no_device.push(entry.name.clone()),
-            When::Demand => {}
-        }
-    }
+    let roots = entries
+        .iter()
+        .filter(|e| e.when == When::Boot)
+        .chain(present)
+        .map(|e| e.name.clone());
     let wanted = with_deps(&entries, roots);
     load_set(sys, &entries, &wanted, &mut report)?;
     Ok(report)
@@ -456,11 +476,23 @@ always.ko
             ]
         );
         assert_eq!(report.no_device, ["virtio_blk"]);
-        // Only the buses the patterns name were scanned.
-        assert!(!sys
-            .calls
-            .iter()
-            .any(|c| matches!(c, crate::sys::fake::Call::ListDir(d) if d.contains("/pci/"))));
+        // Only the buses the patterns name were scanned, and each only until every
+        // entry on it was decided: fw_cfg matched on acpi, so neither the rest of
+        // acpi nor the platform bus was read.
+        let touched = |needle: &str| {
+            sys.calls.iter().any(|c| match c {
+                crate::sys::fake::Call::ListDir(p) | crate::sys::fake::Call::Read(p) => {
+                    p.contains(needle)
+                }
+                _ => false,
+            })
+        };
+        assert!(touched("/sys/bus/virtio/devices/virtio0/modalias"));
+        assert!(touched("/sys/bus/acpi/devices/QEMU0002:00/modalias"));
+        assert!(!touched("PNP0A08"));
+        assert!(!touched("/sys/bus/pci/"));
+        assert!(!touched("/sys/bus/platform/"));
+        assert_eq!(report.scanned, 2);
 
         // Later, composefs: erofs with its dependency, overlay, loop; asking again
         // loads nothing more.
