@@ -74,6 +74,9 @@ pub struct AgentOptions {
     /// way to `ready`. Used only when the stored credentials are reused and it talks
     /// to the identity's control plane.
     pub client: Option<ApiClient>,
+    /// The desired set the init fetched a moment ago (to decide on root modules):
+    /// it serves the first reconcile instead of asking again.
+    pub first_desired: Option<DesiredModulesResponse>,
 }
 
 impl AgentOptions {
@@ -94,6 +97,7 @@ impl AgentOptions {
             can_reboot: false,
             kmsg_log: false,
             client: None,
+            first_desired: None,
         }
     }
 }
@@ -364,15 +368,21 @@ pub async fn run(
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
     let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
+    let mut prefetched = opts.first_desired.clone();
     let first_reconcile = loop {
-        let desired = with_retry(
-            "desired modules",
-            Backoff::new(opts.backoff_base, opts.backoff_cap),
-            &mut shutdown,
-            ClientError::terminal_code,
-            || client.get::<DesiredModulesResponse>(paths::DESIRED_MODULES),
-        )
-        .await;
+        let desired = match prefetched.take() {
+            Some(d) => Ok(d),
+            None => {
+                with_retry(
+                    "desired modules",
+                    Backoff::new(opts.backoff_base, opts.backoff_cap),
+                    &mut shutdown,
+                    ClientError::terminal_code,
+                    || client.get::<DesiredModulesResponse>(paths::DESIRED_MODULES),
+                )
+                .await
+            }
+        };
         let desired = match desired {
             Ok(d) => d,
             Err(exit) => return Ok(exit),

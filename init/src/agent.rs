@@ -164,6 +164,9 @@ pub struct RealAgent {
     composed_images: Option<(PathBuf, Vec<powernode_agent::verity::VerityDigest>)>,
     /// What the last compose_root mounted, for [`AgentDriver::undo_compose`].
     union: Option<powernode_agent::modules::mount::UnionRoot>,
+    /// The desired set compose_root fetched when it named no root module: the
+    /// agent's first reconcile uses it.
+    desired: Option<powernode_proto::node::DesiredModulesResponse>,
 }
 
 impl std::fmt::Debug for RealAgent {
@@ -358,6 +361,7 @@ impl AgentDriver for RealAgent {
             .collect();
         if roots.is_empty() {
             log::info!("no root modules desired; the initramfs stays the root");
+            self.desired = Some(desired);
             return Ok(None);
         }
         // The embedded registry serves HTTPS with the control-plane CA kept at enrollment.
@@ -483,6 +487,7 @@ impl AgentDriver for RealAgent {
         opts.kmsg_log = true;
         // Same process, same runtime: the bootstrap's connection is still open.
         opts.client = Some(session.client.clone());
+        opts.first_desired = self.desired.take();
         let rt = match self.runtime() {
             Ok(rt) => rt,
             Err(e) => {
