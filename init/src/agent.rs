@@ -126,6 +126,10 @@ pub trait AgentDriver {
     /// Takes down what the last [`compose_root`](Self::compose_root) mounted, before
     /// a retry (best effort: failures are logged).
     fn undo_compose(&mut self) {}
+    /// The composefs images (fs-verity digests) of the last composed root.
+    fn root_images(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Why the composed root could not be built; `code` is the wire code reported upstream.
@@ -146,6 +150,10 @@ pub struct Handoff {
     pub root_modules: Vec<RunningModule>,
     /// Store, verity mode, upper and compose cost, as the init saw them.
     pub root_facts: Option<RootFacts>,
+    /// The composefs images (fs-verity digests) the root was composed from: the
+    /// store collection keeps them. Empty (an older init): nothing is collected.
+    #[serde(default)]
+    pub root_images: Vec<String>,
 }
 /// argv\[1\] of the init re-executed in the composed root: run the agent as PID 1.
 pub const AGENT_MODE: &str = "agent";
@@ -458,6 +466,13 @@ impl AgentDriver for RealAgent {
         Ok(Some(roots))
     }
 
+    fn root_images(&self) -> Vec<String> {
+        self.composed_images
+            .as_ref()
+            .map(|(_, images)| images.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
     fn undo_compose(&mut self) {
         self.composed = None;
         self.composed_images = None;
@@ -498,7 +513,7 @@ impl AgentDriver for RealAgent {
             }
         };
         // The initramfs is the root: runtime modules (and their services) only.
-        let hooks = match rt.block_on(async { node_hooks(&state_dir, Vec::new()) }) {
+        let hooks = match rt.block_on(async { node_hooks(&state_dir, Vec::new(), None) }) {
             Ok(h) => h,
             Err(message) => {
                 return AgentEnd::Failed {
@@ -547,6 +562,7 @@ impl AgentDriver for RealAgent {
 fn node_hooks(
     state_dir: &std::path::Path,
     root_modules: Vec<RunningModule>,
+    root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
 ) -> Result<Hooks, String> {
     use powernode_agent::modules::{reconciler, registry, store::ObjectStore};
     use powernode_agent::supervisor::ServiceSupervisor;
@@ -562,10 +578,16 @@ fn node_hooks(
         )
     })?;
     let services = Arc::new(ServiceSupervisor::default());
-    // With the initramfs as root the store holds runtime modules only: what a swap
-    // or detach leaves unreferenced is collected. A composed root's objects live in
-    // the same store under images this runtime does not know, so no collection there.
-    let collect = root_modules.is_empty();
+    // What a swap or detach leaves unreferenced is collected, and what earlier boots
+    // left at the first reconcile, keeping the root's images. With the initramfs as
+    // root there are none; a composed root's must be known exactly (from the
+    // hand-off), else nothing is collected: deleting an object the running root
+    // reads would break it.
+    let collect = match root_images {
+        Some(images) => Some(images),
+        None if root_modules.is_empty() => Some(Vec::new()),
+        None => None,
+    };
     let mut modules = reconciler::ModuleRuntime::new(
         store,
         registry::RegistryOptions::default(),
@@ -576,8 +598,8 @@ fn node_hooks(
     .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
     .with_services(services.clone())
     .expose_mountpoints();
-    if collect {
-        modules = modules.with_gc(Vec::new());
+    if let Some(keep) = collect {
+        modules = modules.with_gc(keep);
     }
     let modules = Arc::new(modules);
     Ok(Hooks {
@@ -746,6 +768,7 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
         timeline,
         root_modules,
         root_facts,
+        root_images,
     } = handoff;
     let mut opts = AgentOptions::new(state_dir);
     opts.root_modules = root_modules.iter().map(|m| m.digest.clone()).collect();
@@ -765,7 +788,21 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
     };
     // Runtime modules mount under /run/powernode/modules; the root modules are
     // reported as running (they are `/`), never touched.
-    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules) }) {
+    let root_images = match root_images
+        .iter()
+        .map(|d| d.parse())
+        .collect::<Result<Vec<powernode_agent::verity::VerityDigest>, _>>()
+    {
+        Ok(images) if !images.is_empty() => Some(images),
+        Ok(_) => None,
+        Err(e) => {
+            return failed(format!(
+                "{}: a root image digest: {e}",
+                handoff_path.display()
+            ))
+        }
+    };
+    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules, root_images) }) {
         Ok(h) => h,
         Err(message) => return failed(message),
     };

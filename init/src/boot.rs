@@ -454,6 +454,11 @@ impl<'a> Boot<'a> {
             timeline: self.timeline.clone(),
             root_modules: modules.to_vec(),
             root_facts: facts.cloned(),
+            root_images: self
+                .agent
+                .as_deref()
+                .map(|a| a.root_images())
+                .unwrap_or_default(),
         };
         let path = format!("{state_dir}/{}", crate::agent::HANDOFF_FILE);
         let body = serde_json::to_vec(&handoff)
@@ -1360,6 +1365,9 @@ mod tests {
         fn undo_compose(&mut self) {
             self.undos += 1;
         }
+        fn root_images(&self) -> Vec<String> {
+            vec![format!("sha256:{}", "cd".repeat(32))]
+        }
         fn root_facts(&self) -> Option<powernode_proto::node::RootFacts> {
             Some(powernode_proto::node::RootFacts {
                 verity: "require".into(),
@@ -1400,6 +1408,11 @@ mod tests {
         assert_eq!(
             handoff["root_facts"]["compose"]["checked"],
             json!(["/bin/sh"])
+        );
+        // The store collection in agent mode keeps exactly these.
+        assert_eq!(
+            handoff["root_images"],
+            json!([format!("sha256:{}", "cd".repeat(32))])
         );
         let pos = |c: &Call| sys.calls.iter().position(|x| x == c);
         let check = pos(&Call::ReadThrough("/sysroot/bin/sh".into())).unwrap();
@@ -1504,6 +1517,7 @@ mod tests {
                 digest: "sha256:aa".into(),
             }],
             root_facts: None,
+            root_images: vec![format!("sha256:{}", "ab".repeat(32))],
         };
         let text = serde_json::to_string(&h).unwrap();
         assert_eq!(

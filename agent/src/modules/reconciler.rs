@@ -271,8 +271,11 @@ impl ModuleRuntime {
 
     /// Turns on garbage collection; `root_images` are the composefs images of the root
     /// modules in use (they share the store), kept along with the mounted modules'.
+    /// The first reconcile collects too: a store that outlives boots (`/persist`)
+    /// sheds what earlier root and runtime versions left there.
     pub fn with_gc(mut self, root_images: Vec<VerityDigest>) -> Self {
         self.gc_keep = Some(root_images);
+        self.swaps = std::sync::atomic::AtomicBool::new(true);
         self
     }
 
@@ -629,6 +632,39 @@ mod runtime_tests {
         rt.reconcile(&DesiredModulesResponse::default())
             .await
             .expect("empty desired set");
+    }
+
+    #[tokio::test]
+    async fn the_first_reconcile_collects_what_earlier_boots_left_and_keeps_the_root() {
+        use powernode_modfmt::publish::{build_module, BuildOptions};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ObjectStore::open(&dir.path().join("store")).expect("store");
+        let tree = |name: &str, body: &[u8]| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+            std::fs::write(d.join("etc/os-release"), body).expect("write");
+            std::fs::write(d.join("shared"), b"same in both\n").expect("write");
+            let built = build_module(&d, &BuildOptions::default(), &store).expect("build");
+            powernode_modfmt::install_image(&store, &built.image_digest, 1, |_| {
+                Ok((built.layer_media_type.to_string(), &built.layer[..]))
+            })
+            .expect("install");
+            built
+        };
+        let root = tree("root-v2", b"v2\n");
+        let old = tree("root-v1", b"v1\n");
+        assert!(store.has_image(&old.image_digest));
+        drop(store);
+        let rt = Arc::new(runtime(dir.path()).with_gc(vec![root.image_digest]));
+        rt.reconcile(&DesiredModulesResponse::default())
+            .await
+            .expect("empty desired set");
+        assert!(!rt.store().has_image(&old.image_digest));
+        assert!(rt.store().has_image(&root.image_digest));
+        // Every object of the running root is still there, shared ones included.
+        rt.store()
+            .verify_image(&root.image_digest)
+            .expect("root intact");
     }
 
     #[tokio::test]
