@@ -53,6 +53,10 @@ pub enum InstallError {
     },
     #[error("recording the module image")]
     Store(#[from] store::StoreError),
+    /// The caller's last check before the image is recorded failed (e.g. the
+    /// signature, checked while the layers streamed).
+    #[error("refused before the image was recorded")]
+    Refused(#[source] unpack::CodedStreamError),
 }
 
 impl ModuleErrorCode for InstallError {
@@ -61,6 +65,7 @@ impl ModuleErrorCode for InstallError {
             InstallError::Fetch { source, .. } => source.code,
             InstallError::Unpack { source, .. } => source.code(),
             InstallError::Store(e) => e.code(),
+            InstallError::Refused(source) => source.code,
         }
     }
 }
@@ -82,7 +87,10 @@ where
     F: FnMut(usize) -> Result<(String, R), unpack::CodedStreamError>,
 {
     install_image_with(store, expected, layer_count, |i| {
-        open_layer(i).map(|(media_type, reader)| LayerInput::Stream { media_type, reader })
+        open_layer(i).map(|(media_type, reader)| LayerInput::Stream {
+            media_type,
+            reader: std::io::BufReader::with_capacity(1 << 20, reader),
+        })
     })
 }
 
@@ -101,16 +109,38 @@ pub enum LayerInput<R> {
     },
 }
 
-/// [`install_image`] for pullers that can also hand over a layer as its TOC.
+/// [`install_image`] for pullers that can also hand over a layer as its TOC, and
+/// whose streams have buffers of their own (file contents go from them to the store
+/// uncopied).
 pub fn install_image_with<R, F>(
     store: &store::ObjectStore,
     expected: &VerityDigest,
     layer_count: usize,
-    mut open_layer: F,
+    open_layer: F,
 ) -> Result<InstallReport, InstallError>
 where
-    R: std::io::Read,
+    R: std::io::BufRead,
     F: FnMut(usize) -> Result<LayerInput<R>, unpack::CodedStreamError>,
+{
+    install_image_gated(store, expected, layer_count, open_layer, || Ok(()))
+}
+
+/// [`install_image_with`], with `gate` run once every layer is applied (or the image
+/// found already stored) and before anything is recorded or reported: a puller that
+/// checks the signature while the layers stream joins that check here. Objects
+/// written before a failing gate stay unreferenced (gc collects them); the image is
+/// not recorded.
+pub fn install_image_gated<R, F, G>(
+    store: &store::ObjectStore,
+    expected: &VerityDigest,
+    layer_count: usize,
+    mut open_layer: F,
+    gate: G,
+) -> Result<InstallReport, InstallError>
+where
+    R: std::io::BufRead,
+    F: FnMut(usize) -> Result<LayerInput<R>, unpack::CodedStreamError>,
+    G: FnOnce() -> Result<(), unpack::CodedStreamError>,
 {
     let mut report = InstallReport {
         image: *expected,
@@ -120,6 +150,7 @@ where
         commit_time: std::time::Duration::ZERO,
     };
     if store.has_image(expected) {
+        gate().map_err(InstallError::Refused)?;
         return Ok(report);
     }
     report.already_present = false;
@@ -129,7 +160,9 @@ where
     for index in 0..layer_count {
         let input = open_layer(index).map_err(|source| InstallError::Fetch { index, source })?;
         let s = match input {
-            LayerInput::Stream { media_type, reader } => unpacker.apply_layer(&media_type, reader),
+            LayerInput::Stream { media_type, reader } => {
+                unpacker.apply_layer_buffered(&media_type, reader)
+            }
             LayerInput::Toc {
                 toc,
                 data_end,
@@ -145,6 +178,7 @@ where
     }
     drop(writeback);
     report.unpack_time = started.elapsed();
+    gate().map_err(InstallError::Refused)?;
     let started = std::time::Instant::now();
     store.commit_image_checked(unpacker.tree(), Some(expected))?;
     report.commit_time = started.elapsed();

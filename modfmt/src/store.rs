@@ -271,34 +271,72 @@ impl ObjectStore {
         expected: Option<&VerityDigest>,
     ) -> Result<Inserted, StoreError> {
         let (tmp_path, mut file) = self.temp_file()?;
-        let result = (|| {
+        let written = COPY_BUFFER.with_borrow_mut(|buf| {
+            // One buffer per thread: a module has thousands of small files, and a
+            // fresh zeroed MiB for each would cost more than hashing them.
+            buf.resize(COPY_BUF, 0);
             let mut hasher = VerityHasher::with_threads(Threads::Auto);
-            COPY_BUFFER.with_borrow_mut(|buf| {
-                // One buffer per thread: a module has thousands of small files, and a
-                // fresh zeroed MiB for each would cost more than hashing them.
-                buf.resize(COPY_BUF, 0);
-                loop {
-                    // Whole buffers: large writes, and leaf hashing that can split
-                    // over threads (a stream hands over what it has, often less).
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match reader.read(&mut buf[n..]) {
-                            Ok(0) => break,
-                            Ok(k) => n += k,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(StoreError::Stream(e)),
-                        }
-                    }
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
-                    if n < buf.len() {
-                        return Ok(());
+            loop {
+                // Whole buffers: large writes, and leaf hashing that can split over
+                // threads (a stream hands over what it has, often less).
+                let mut n = 0;
+                while n < buf.len() {
+                    match reader.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(StoreError::Stream(e)),
                     }
                 }
-            })?;
+                if n == 0 {
+                    return Ok(hasher);
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io_err(&tmp_path))?;
+                if n < buf.len() {
+                    return Ok(hasher);
+                }
+            }
+        });
+        self.place(tmp_path, file, written, expected)
+    }
+
+    /// [`insert`](Self::insert) from a reader's own buffers: each slice it hands over
+    /// is hashed and written where it lies, never copied in userspace.
+    pub fn insert_buffered(
+        &self,
+        reader: &mut dyn io::BufRead,
+        expected: Option<&VerityDigest>,
+    ) -> Result<Inserted, StoreError> {
+        let (tmp_path, mut file) = self.temp_file()?;
+        let mut hasher = VerityHasher::with_threads(Threads::Auto);
+        let written = loop {
+            let buf = match reader.fill_buf() {
+                Ok([]) => break Ok(hasher),
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(StoreError::Stream(e)),
+            };
+            let n = buf.len();
+            hasher.update(buf);
+            if let Err(e) = file.write_all(buf) {
+                break Err(io_err(&tmp_path)(e));
+            }
+            reader.consume(n);
+        };
+        self.place(tmp_path, file, written, expected)
+    }
+
+    /// Names a written temp file by its digest: moves it into place (or drops it when
+    /// the object is already there), or removes it on any failure.
+    fn place(
+        &self,
+        tmp_path: PathBuf,
+        file: File,
+        written: Result<VerityHasher, StoreError>,
+        expected: Option<&VerityDigest>,
+    ) -> Result<Inserted, StoreError> {
+        let result = written.and_then(|hasher| {
             let size = hasher.data_size();
             let digest = hasher.finalize();
             if let Some(exp) = expected {
@@ -310,7 +348,7 @@ impl ObjectStore {
                 }
             }
             Ok((digest, size))
-        })();
+        });
         let (digest, size) = match result {
             Ok(v) => v,
             Err(e) => {

@@ -384,26 +384,25 @@ fn registry_interop_and_tamper_matrix() {
         "byte flipped in a stored object"
     );
 
-    // Signature by another key; several keys none of which signed.
+    // Signature by another key; several keys none of which signed. The layers stream
+    // while the signature is checked, but the image is never recorded.
+    let refused = fresh("other");
     expect_code(
-        pull(&reg, "mod/good", &good, &other.trust(), &fresh("other")),
+        pull(&reg, "mod/good", &good, &other.trust(), &refused),
         ErrorCode::SignatureMismatch,
         "signature by another key",
     );
+    assert!(!refused.has_image(&built.image_digest));
 
     // No signature at all.
-    let (unsigned, _) = publish_dir(&t, &reg, w, &src, "mod/unsigned", "v1", false);
+    let (unsigned, unsigned_built) = publish_dir(&t, &reg, w, &src, "mod/unsigned", "v1", false);
+    let refused = fresh("unsigned");
     expect_code(
-        pull(
-            &reg,
-            "mod/unsigned",
-            &unsigned,
-            &key.trust(),
-            &fresh("unsigned"),
-        ),
+        pull(&reg, "mod/unsigned", &unsigned, &key.trust(), &refused),
         ErrorCode::SignatureMissing,
         "no signature",
     );
+    assert!(!refused.has_image(&unsigned_built.image_digest));
 
     // The composefs annotation names another image (signed as such by the publisher).
     let layer_name = "mod_good-v1.tar.gz";

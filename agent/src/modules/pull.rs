@@ -8,9 +8,10 @@
 //! `powernode_modfmt::toc`); otherwise, and for layers without one, the blob is
 //! streamed whole.
 //!
-//! Order matters: nothing from a layer is read before the manifest matched its pin and
-//! its signature verified, since the signature covers the manifest and so the layer
-//! digests and the composefs digest annotation.
+//! Order matters: nothing from a layer is read before the manifest matched its pin
+//! (which fixes the layer digests and the composefs digest annotation), and nothing is
+//! recorded as installed before the signature over that manifest verified; the
+//! signature is checked on a second thread meanwhile (see [`pull_module`]).
 
 use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
 use powernode_proto::ErrorCode;
@@ -19,9 +20,12 @@ use std::collections::HashSet;
 use std::io::Read as _;
 
 use powernode_modfmt::toc::{decode_toc, TocLocation};
-use powernode_modfmt::{install_image_with, LayerInput};
+use powernode_modfmt::{install_image_gated, LayerInput};
+use std::time::{Duration, Instant};
 
-use super::registry::{Descriptor, RangeRead, RegistryClient, RegistryError, Repository};
+use super::registry::{
+    Descriptor, FetchedManifest, RangeRead, RegistryClient, RegistryError, Repository,
+};
 use super::signature::{verify_signature, SignatureError, TrustKey};
 use super::store::ObjectStore;
 use super::unpack::{CodedStreamError, Compression};
@@ -65,8 +69,9 @@ pub struct PullReport {
     /// Body bytes this pull received (manifests, signature, config, layers).
     pub bytes_received: u64,
     pub ranged: RangedStats,
-    /// From the call to the manifest and its signature verified.
-    pub verify_time: std::time::Duration,
+    /// From the call to the signature verified (it runs while the manifest and the
+    /// layers arrive).
+    pub verify_time: Duration,
 }
 
 impl PullReport {
@@ -80,7 +85,51 @@ fn valid_pin(d: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The signature check, running on its own thread while the manifest and the layers
+/// arrive; joined once, its verdict kept.
+struct PendingSignature<'s> {
+    handle: Option<std::thread::ScopedJoinHandle<'s, (Result<(), SignatureError>, Duration)>>,
+    verdict: Option<Result<(), SignatureError>>,
+    took: Duration,
+}
+
+impl PendingSignature<'_> {
+    /// Waits for the check; true when the signature verified.
+    fn verified(&mut self) -> bool {
+        if let Some(h) = self.handle.take() {
+            let (verdict, took) = h.join().unwrap_or_else(|_| {
+                let e = SignatureError::Mismatch {
+                    digest: String::new(),
+                    reason: "the signature check panicked".into(),
+                };
+                (Err(e), Duration::ZERO)
+            });
+            self.verdict = Some(verdict);
+            self.took = took;
+        }
+        matches!(self.verdict, Some(Ok(())))
+    }
+
+    /// The failure, once [`verified`](Self::verified) said false.
+    fn error(&mut self) -> Option<SignatureError> {
+        match self.verdict.take() {
+            Some(Err(e)) => Some(e),
+            other => {
+                self.verdict = other;
+                None
+            }
+        }
+    }
+}
+
 /// Pulls, verifies and stores the module `repo@pinned`.
+///
+/// The signature names the pinned digest, so it is fetched and checked on a second
+/// thread while the manifest (checked against the pin) and the layers (checked
+/// against the manifest) stream: layer objects may land in the store before the
+/// signature verified, but the image is recorded, and the module reported, only after
+/// it did. Any failure after the pin check is reported as the signature's when the
+/// signature failed too (an unsigned module's other faults are not worth naming).
 pub fn pull_module(
     client: &RegistryClient,
     repo: &Repository,
@@ -92,10 +141,54 @@ pub fn pull_module(
         return Err(PullError::BadPin(pinned.into()));
     }
     let start = client.bytes_received();
-    let started = std::time::Instant::now();
-    let fetched = client.manifest(repo, pinned, Some(pinned))?;
-    verify_signature(client, repo, &fetched.digest, keys)?;
-    let verify_time = started.elapsed();
+    let started = Instant::now();
+    // The manifest's digest is the pin once it matched (lower-case hex).
+    let signed = pinned.to_ascii_lowercase();
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("module-signature".into())
+            .spawn_scoped(s, || {
+                let verdict = verify_signature(client, repo, &signed, keys);
+                (verdict, started.elapsed())
+            });
+        let mut pending = match handle {
+            Ok(h) => PendingSignature {
+                handle: Some(h),
+                verdict: None,
+                took: Duration::ZERO,
+            },
+            Err(_) => PendingSignature {
+                handle: None,
+                verdict: Some(verify_signature(client, repo, &signed, keys)),
+                took: started.elapsed(),
+            },
+        };
+        let fetched = client.manifest(repo, pinned, Some(pinned))?;
+        let result = pull_pinned(client, repo, &fetched, store, &mut pending);
+        if !pending.verified() {
+            if let Some(e) = pending.error() {
+                return Err(PullError::Signature(e));
+            }
+        }
+        let (install, ranged) = result?;
+        Ok(PullReport {
+            manifest_digest: fetched.digest.clone(),
+            install,
+            bytes_received: client.bytes_received() - start,
+            ranged,
+            verify_time: pending.took,
+        })
+    })
+}
+
+/// The part of [`pull_module`] after the manifest matched its pin.
+fn pull_pinned(
+    client: &RegistryClient,
+    repo: &Repository,
+    fetched: &FetchedManifest,
+    store: &ObjectStore,
+    pending: &mut PendingSignature<'_>,
+) -> Result<(InstallReport, RangedStats), PullError> {
     let m = &fetched.manifest;
     let annotation = |reason: &str| PullError::Annotation {
         digest: fetched.digest.clone(),
@@ -122,32 +215,40 @@ pub fn pull_module(
         Ok::<(), CodedStreamError>(())
     };
     let mut ranged = RangedStats::default();
-    let install = install_image_with(store, &image, m.layers.len(), |i| {
-        let desc = &m.layers[i];
-        if has_toc(desc) {
+    let install = install_image_gated(
+        store,
+        &image,
+        m.layers.len(),
+        |i| {
+            let desc = &m.layers[i];
+            if has_toc(desc) {
+                check_config(&mut config_unchecked)?;
+            }
+            if let Some(input) = ranged_layer(client, repo, desc, store, &mut ranged)? {
+                return Ok(input);
+            }
+            let reader = client.blob(repo, desc).map_err(|e| coded(&e))?;
             check_config(&mut config_unchecked)?;
-        }
-        if let Some(input) = ranged_layer(client, repo, desc, store, &mut ranged)? {
-            return Ok(input);
-        }
-        let reader = client.blob(repo, desc).map_err(|e| coded(&e))?;
-        check_config(&mut config_unchecked)?;
-        Ok(LayerInput::Stream {
-            media_type: desc.media_type.clone(),
-            reader,
-        })
-    })
+            Ok(LayerInput::Stream {
+                media_type: desc.media_type.clone(),
+                reader,
+            })
+        },
+        // Nothing is recorded before the signature verified (its error is reported
+        // by the caller).
+        || match pending.verified() {
+            true => Ok(()),
+            false => Err(CodedStreamError {
+                code: ErrorCode::SignatureMismatch,
+                message: "signature not verified".into(),
+            }),
+        },
+    )
     .map_err(|source| PullError::Install {
         digest: fetched.digest.clone(),
         source,
     })?;
-    Ok(PullReport {
-        manifest_digest: fetched.digest.clone(),
-        install,
-        bytes_received: client.bytes_received() - start,
-        ranged,
-        verify_time,
-    })
+    Ok((install, ranged))
 }
 
 /// How the layers of a pull were fetched.
