@@ -48,6 +48,7 @@ fn boot_time_vs_bare_kernel() {
     let (init, baseline_init) = musl_inits();
     let image = image(&dir.join("image"), &init, Compression::Zstd);
     let gz = common::image(&dir.join("image-gzip"), &init, Compression::Gzip);
+    let raw = common::image(&dir.join("image-none"), &init, Compression::None);
     let baseline_initrd = baseline_initrd(&dir, &baseline_init);
 
     let mut ours_spec = spec(&dir.join("ours"), &image.vmlinuz, &image.initramfs);
@@ -61,6 +62,9 @@ fn boot_time_vs_bare_kernel() {
     let mut gz_spec = ours_spec.clone();
     gz_spec.initrd = gz.initramfs.clone();
     gz_spec.serial_log = dir.join("gzip").join("serial.log");
+    let mut raw_spec = ours_spec.clone();
+    raw_spec.initrd = raw.initramfs.clone();
+    raw_spec.serial_log = dir.join("none").join("serial.log");
 
     // The same pair with `quiet`: under TCG every console byte is an emulated UART
     // write, so this shows what the kernel's own boot chatter costs.
@@ -78,6 +82,7 @@ fn boot_time_vs_bare_kernel() {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
 
     let (mut wall_ours, mut wall_base, mut wall_gz) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut wall_raw, mut done_raw, mut start_raw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut init_start, mut modules, mut identity, mut done_at, mut base_start) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut network = Vec::new();
@@ -103,6 +108,13 @@ fn boot_time_vs_bare_kernel() {
 
         let g = boot(&gz_spec, DEADLINE);
         wall_gz.push(g.elapsed.as_millis() as u64);
+
+        let r = boot(&raw_spec, DEADLINE);
+        wall_raw.push(r.elapsed.as_millis() as u64);
+        let ev = events(&r.serial, "POWERNODE-INIT ");
+        let done = event(&ev, "event", "init_done").expect("init_done");
+        start_raw.push(phase_ms(done, "init_start").unwrap_or(0));
+        done_raw.push(done["at_ms"].as_u64().unwrap_or(0));
 
         let b = boot(&base_quiet_spec, DEADLINE);
         wall_base_q.push(b.elapsed.as_millis() as u64);
@@ -170,6 +182,11 @@ fn boot_time_vs_bare_kernel() {
         "  powernode-init (gzip initrd)   {wg:>6} ms   ratio {:.2}x",
         wg as f64 / wb.max(1) as f64
     );
+    let wr = median(wall_raw);
+    println!(
+        "  powernode-init (uncompressed)  {wr:>6} ms   ratio {:.2}x",
+        wr as f64 / wb.max(1) as f64
+    );
     println!("in-guest CLOCK_BOOTTIME, ms since kernel start:");
     println!("  baseline init_start            {bs:>6}");
     println!("  ours init_start                {is:>6}");
@@ -184,6 +201,11 @@ fn boot_time_vs_bare_kernel() {
     println!(
         "  ours init_done                 {d:>6}   ratio to baseline init_start {:.2}x",
         d as f64 / bs.max(1) as f64
+    );
+    let (sr, dr) = (median(start_raw), median(done_raw));
+    println!(
+        "  uncompressed initrd: init_start {sr:>6}, init_done {dr:>6}   ratio {:.2}x",
+        dr as f64 / bs.max(1) as f64
     );
     if ready_runs.is_empty() {
         println!("boot to ready: no successful run");
@@ -263,6 +285,10 @@ fn boot_time_vs_bare_kernel() {
     println!(
         "  initramfs.img gzip             {}",
         kib(gz.manifest.initramfs_bytes)
+    );
+    println!(
+        "  initramfs.img uncompressed     {}",
+        kib(raw.manifest.initramfs_bytes)
     );
     println!(
         "  baseline initramfs zstd        {}",
