@@ -55,6 +55,15 @@ pub enum PhaseError {
         #[source]
         errno: Errno,
     },
+    #[error("powernode.persist={0:?} is not a block device path of the form /dev/NAME")]
+    PersistSpec(String),
+    /// The named disk is not there (not attached, or its driver found no device).
+    #[error("the /persist disk {device} (powernode.persist=) is not present")]
+    PersistMissing {
+        device: String,
+        #[source]
+        errno: Errno,
+    },
     #[error("preparing the agent state directory {path}")]
     StateDir {
         path: String,
@@ -98,6 +107,8 @@ impl PhaseError {
             Self::RootRead { .. }
             | Self::Mount(_)
             | Self::StateDir { .. }
+            | Self::PersistSpec(_)
+            | Self::PersistMissing { .. }
             | Self::Cmdline(_)
             | Self::Modules(_)
             | Self::SwitchRoot(_)
@@ -111,7 +122,10 @@ impl PhaseError {
     /// the failure policy at once, except `retry` which always retries.
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Network(_) | Self::Agent { .. } | Self::StateDir { .. } => true,
+            Self::Network(_)
+            | Self::Agent { .. }
+            | Self::StateDir { .. }
+            | Self::PersistMissing { .. } => true,
             Self::Bootstrap(e) => e.retryable(),
             _ => false,
         }
@@ -705,9 +719,6 @@ fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     Ok(())
 }
 
-/// Block device of the `/persist` disk, when the VM has one.
-pub const PERSIST_DEVICE: &str = "/dev/vda";
-const PERSIST_SYSFS: &str = "/sys/block/vda/dev";
 pub const PERSIST_MOUNT: &str = "/persist";
 pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
 /// The state directory of an ephemeral node (tmpfs `/run`).
@@ -720,33 +731,49 @@ fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
     }
 }
 
-/// The agent's state directory: on the `/persist` disk (ext4 on `vda`) when the
-/// VM has one, so a persistent node keeps its credentials across boots; else on
-/// the tmpfs `/run`.
-fn prepare_state_dir(sys: &mut dyn Sys) -> Result<String, PhaseError> {
+/// The block device name of a `powernode.persist=/dev/NAME` value.
+fn persist_device_name(value: &str) -> Option<&str> {
+    let name = value.strip_prefix("/dev/")?;
+    (!name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)))
+    .then_some(name)
+}
+
+/// The agent's state directory: on the `/persist` disk (ext4) that
+/// `powernode.persist=` names, so a persistent node keeps its credentials and
+/// module store across boots; else on the tmpfs `/run`.
+fn prepare_state_dir(sys: &mut dyn Sys, persist: Option<&str>) -> Result<String, PhaseError> {
     let err = |path: &str| {
         let path = path.to_string();
         move |errno| PhaseError::StateDir { path, errno }
     };
-    if sys.read_file(PERSIST_SYSFS, 64).is_ok() {
-        ok_if_exists(sys.mkdir(PERSIST_MOUNT, 0o755)).map_err(err(PERSIST_MOUNT))?;
-        match sys.mount(
-            PERSIST_DEVICE,
-            PERSIST_MOUNT,
-            "ext4",
-            crate::sys::MountFlags::NOSUID | crate::sys::MountFlags::NODEV,
-            "",
-        ) {
-            Ok(()) | Err(Errno::BUSY) => {}
-            Err(errno) => return Err(err(PERSIST_MOUNT)(errno)),
-        }
-        log::info!("{PERSIST_DEVICE} mounted at {PERSIST_MOUNT}");
-        ok_if_exists(sys.mkdir(PERSIST_STATE_DIR, 0o700)).map_err(err(PERSIST_STATE_DIR))?;
-        Ok(PERSIST_STATE_DIR.into())
-    } else {
+    let Some(value) = persist else {
         ok_if_exists(sys.mkdir(RUN_STATE_DIR, 0o700)).map_err(err(RUN_STATE_DIR))?;
-        Ok(RUN_STATE_DIR.into())
+        return Ok(RUN_STATE_DIR.into());
+    };
+    let name = persist_device_name(value).ok_or_else(|| PhaseError::PersistSpec(value.into()))?;
+    if let Err(errno) = sys.read_file(&format!("/sys/class/block/{name}/dev"), 64) {
+        return Err(PhaseError::PersistMissing {
+            device: value.into(),
+            errno,
+        });
     }
+    ok_if_exists(sys.mkdir(PERSIST_MOUNT, 0o755)).map_err(err(PERSIST_MOUNT))?;
+    match sys.mount(
+        value,
+        PERSIST_MOUNT,
+        "ext4",
+        crate::sys::MountFlags::NOSUID | crate::sys::MountFlags::NODEV,
+        "",
+    ) {
+        Ok(()) | Err(Errno::BUSY) => {}
+        Err(errno) => return Err(err(PERSIST_MOUNT)(errno)),
+    }
+    log::info!("{value} mounted at {PERSIST_MOUNT}");
+    ok_if_exists(sys.mkdir(PERSIST_STATE_DIR, 0o700)).map_err(err(PERSIST_STATE_DIR))?;
+    Ok(PERSIST_STATE_DIR.into())
 }
 
 /// The agent library's bootstrap: state directory, entropy, enrollment (or stored
@@ -770,7 +797,7 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let state_dir = match boot.state_dir.clone() {
         Some(d) => d,
         None => {
-            let d = prepare_state_dir(boot.sys)?;
+            let d = prepare_state_dir(boot.sys, boot.options.persist.as_deref())?;
             boot.state_dir = Some(d.clone());
             d
         }
@@ -1214,18 +1241,63 @@ mod tests {
 
     #[test]
     fn a_persist_disk_holds_the_state_dir() {
-        let mut sys = machine("powernode.on_failure=poweroff").with_file(PERSIST_SYSFS, "254:0\n");
+        let mut sys = machine("powernode.on_failure=poweroff powernode.persist=/dev/vdb")
+            .with_file("/sys/class/block/vdb/dev", "254:16\n");
         let mut agent = FakeAgent::default();
         Boot::new(&mut sys).with_agent(&mut agent).run();
-        assert!(sys.mounts().contains(&(
-            PERSIST_DEVICE.into(),
-            PERSIST_MOUNT.into(),
-            "ext4".into()
-        )));
+        assert!(sys
+            .mounts()
+            .contains(&("/dev/vdb".into(), PERSIST_MOUNT.into(), "ext4".into())));
         assert_eq!(
             agent.bootstraps[0].state_dir,
             std::path::PathBuf::from(PERSIST_STATE_DIR)
         );
+    }
+
+    #[test]
+    fn without_powernode_persist_no_disk_is_taken_for_persist() {
+        // A cloud's root volume (vda) is there; nothing names it.
+        let mut sys = machine("powernode.on_failure=poweroff")
+            .with_file("/sys/class/block/vda/dev", "254:0\n");
+        let mut agent = FakeAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert!(sys
+            .mounts()
+            .iter()
+            .all(|(_, target, _)| target != PERSIST_MOUNT));
+        assert_eq!(
+            agent.bootstraps[0].state_dir,
+            std::path::PathBuf::from(RUN_STATE_DIR)
+        );
+    }
+
+    #[test]
+    fn a_bad_or_absent_persist_disk_fails_naming_it() {
+        for (arg, code_text) in [
+            ("powernode.persist=vdb", "not a block device path"),
+            ("powernode.persist=/dev/../etc", "not a block device path"),
+            (
+                "powernode.persist=/dev/vdb",
+                "/dev/vdb (powernode.persist=) is not present",
+            ),
+        ] {
+            let mut sys = machine(&format!(
+                "powernode.on_failure=poweroff powernode.attempts=1 {arg}"
+            ));
+            let mut agent = FakeAgent::default();
+            let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+            assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff), "{arg}");
+            let failed = events(&sys)
+                .into_iter()
+                .find(|e| e["event"] == "phase_failed")
+                .unwrap_or_else(|| panic!("{arg}: no phase_failed"));
+            assert_eq!(failed["phase"], "bootstrap", "{arg}");
+            assert!(
+                failed["error"].as_str().unwrap().contains(code_text),
+                "{arg}: {failed}"
+            );
+            assert!(agent.bootstraps.is_empty(), "{arg}");
+        }
     }
 
     #[test]
@@ -1380,10 +1452,12 @@ mod tests {
     }
 
     fn persistent_machine() -> FakeSys {
-        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=1")
-            .with_file(PERSIST_SYSFS, "254:0\n")
-            .with_file("/proc/self/exe", "INIT")
-            .with_file("/sysroot/bin/sh", vec![1u8; 100]);
+        let mut sys = machine(
+            "powernode.on_failure=poweroff powernode.attempts=1 powernode.persist=/dev/vda",
+        )
+        .with_file("/sys/class/block/vda/dev", "254:0\n")
+        .with_file("/proc/self/exe", "INIT")
+        .with_file("/sysroot/bin/sh", vec![1u8; 100]);
         sys.executables.insert(crate::agent::AGENT_MODE_BIN.into());
         sys
     }
@@ -1462,7 +1536,7 @@ mod tests {
         let mut sys = persistent_machine();
         sys.files.insert(
             "/proc/cmdline".into(),
-            b"powernode.on_failure=retry".to_vec(),
+            b"powernode.on_failure=retry powernode.persist=/dev/vda".to_vec(),
         );
         sys.read_errors_once
             .insert("/sysroot/bin/sh".into(), Errno::IO);

@@ -55,6 +55,11 @@ pub struct Options {
     /// `quiet`: the kernel console shows warnings only, so the logger writes
     /// info lines to the console itself.
     pub quiet: bool,
+    /// `powernode.persist=/dev/NAME`: the ext4 disk mounted at `/persist` for the
+    /// agent's state and module store (checked when used). Absent: an ephemeral
+    /// node, whatever disks the machine has (a cloud's root volume is never taken
+    /// for it).
+    pub persist: Option<String>,
     /// Values the init did not understand, reported once in the log (a typo in
     /// `powernode.on_failure` must not silently mean "retry").
     pub unknown: Vec<String>,
@@ -69,6 +74,7 @@ impl Default for Options {
             test_switch_root: false,
             attempts: DEFAULT_ATTEMPTS,
             quiet: false,
+            persist: None,
             unknown: Vec::new(),
         }
     }
@@ -140,6 +146,7 @@ pub fn parse(cmdline: &str) -> Options {
                 Some(b) => opts.test_switch_root = b,
                 None => opts.unknown.push(word.clone()),
             },
+            ("powernode.persist", Some(v)) => opts.persist = Some(v.to_string()),
             ("powernode.attempts", Some(v)) => match v.parse::<u32>() {
                 Ok(n) if n >= 1 => opts.attempts = n,
                 _ => opts.unknown.push(word.clone()),
@@ -180,5 +187,10 @@ mod tests {
         assert_eq!(parse("").attempts, DEFAULT_ATTEMPTS);
         assert_eq!(parse("powernode.attempts=5").attempts, 5);
         assert_eq!(parse("powernode.attempts=0").unknown.len(), 1);
+        assert_eq!(parse("").persist, None);
+        assert_eq!(
+            parse("powernode.persist=/dev/vdb").persist.as_deref(),
+            Some("/dev/vdb")
+        );
     }
 }
