@@ -17,6 +17,7 @@ pub mod enroll;
 pub mod entropy;
 pub mod facts;
 pub mod identity;
+pub mod kmod;
 pub mod logring;
 pub mod modules;
 pub mod reconcile;

@@ -18,3 +18,12 @@ pub const MOUNT_POINTS: &[&str] = &["/dev", "/proc", "/sys", "/run", "/tmp"];
 /// Kernel modules a composefs mount needs (EROFS image on a loop device under an
 /// overlay): loaded on demand before the first such mount, not at boot.
 pub const COMPOSEFS_MODULES: &[&str] = &["erofs", "overlay", "loop"];
+/// Kernel modules each filesystem the agent library mounts needs, beyond the kernel's
+/// built-ins: the config drive's ISO 9660 (Joliet names: the default NLS, utf8) or
+/// VFAT (its default codepage and iocharset).
+pub const FS_MODULES: &[(&str, &[&str])] = &[
+    ("iso9660", &["isofs", "nls_utf8"]),
+    ("vfat", &["vfat", "nls_cp437", "nls_ascii"]),
+    ("erofs", &["erofs"]),
+    ("overlay", &["overlay"]),
+];

@@ -99,10 +99,38 @@ fn agent_mode() -> ! {
 pub fn run() -> ! {
     let mut sys = sys::RealSys::new();
     failure::install_panic_hook();
+    register_fs_loader();
     let mut agent = agent::RealAgent::default();
     let outcome = boot::Boot::new(&mut sys).with_agent(&mut agent).run();
     // Only reached when power-off/reboot failed or there is nothing to hand off to
     // yet: PID 1 must not exit, so it parks.
     log::warn!("boot ended with {outcome:?}; parking PID 1");
     failure::park(&mut sys)
+}
+
+/// Lets the agent library load the filesystem modules this initramfs ships before it
+/// mounts one (the config drive): the kernel has no `modprobe` to call here.
+fn register_fs_loader() {
+    powernode_agent::kmod::set_fs_loader(Box::new(|fstype: &str| {
+        let Some((_, names)) = layout::FS_MODULES.iter().find(|(fs, _)| *fs == fstype) else {
+            return Ok(());
+        };
+        let mut sys = sys::RealSys::new();
+        modules::load_demand(&mut sys, names)
+            .map(|report| {
+                if !report.loaded.is_empty() {
+                    log::info!("kernel modules for {fstype}: {}", report.loaded.join(" "));
+                }
+            })
+            .map_err(|e| {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                text
+            })
+    }));
 }

@@ -98,18 +98,43 @@ pub fn esp_image(
     volume_id: u32,
     files: &[(&str, &[u8])],
 ) -> Result<Vec<u8>, DiskError> {
-    let mut cursor = Cursor::new(vec![0u8; bytes as usize]);
     // 512-byte clusters keep small ESPs FAT32 (>= 65525 clusters); large ones use 4K.
     let cluster = if bytes < 256 * MIB { 512 } else { 4096 };
-    fatfs::format_volume(
-        &mut cursor,
+    fat_image(
+        bytes,
         fatfs::FormatVolumeOptions::new()
             .fat_type(fatfs::FatType::Fat32)
             .bytes_per_cluster(cluster)
             .volume_id(volume_id)
             .volume_label(*b"POWERNODE  "),
+        files,
     )
-    .map_err(DiskError::Fat)?;
+}
+
+/// A FAT filesystem of `bytes` labelled `label` (FAT12/16/32 as the size asks)
+/// holding `files`: e.g. an OpenStack config drive (`CONFIG-2`).
+pub fn fat_volume(
+    bytes: u64,
+    volume_id: u32,
+    label: [u8; 11],
+    files: &[(&str, &[u8])],
+) -> Result<Vec<u8>, DiskError> {
+    fat_image(
+        bytes,
+        fatfs::FormatVolumeOptions::new()
+            .volume_id(volume_id)
+            .volume_label(label),
+        files,
+    )
+}
+
+fn fat_image(
+    bytes: u64,
+    format: fatfs::FormatVolumeOptions,
+    files: &[(&str, &[u8])],
+) -> Result<Vec<u8>, DiskError> {
+    let mut cursor = Cursor::new(vec![0u8; bytes as usize]);
+    fatfs::format_volume(&mut cursor, format).map_err(DiskError::Fat)?;
     cursor.seek(SeekFrom::Start(0)).map_err(DiskError::Fat)?;
     {
         let fs =

@@ -270,6 +270,32 @@ mod tests {
         assert!(pin.modules.iter().any(|m| m == "qemu_fw_cfg"));
     }
 
+    /// What the init and the agent library ask for by name is shipped, and waits
+    /// to be asked for.
+    #[test]
+    fn modules_asked_for_at_run_time_are_on_demand() {
+        let pin = KernelPin::parse(DEFAULT_PIN).unwrap();
+        let asked = powernode_init::layout::COMPOSEFS_MODULES.iter().chain(
+            powernode_init::layout::FS_MODULES
+                .iter()
+                .flat_map(|(_, names)| names.iter()),
+        );
+        for name in asked {
+            assert!(
+                pin.on_demand.iter().any(|m| m == name),
+                "{name} is asked for at run time but not in kernel.toml's on_demand"
+            );
+        }
+        let bad = DEFAULT_PIN.replace("on_demand = [", "on_demand = [\"nosuch\",");
+        assert!(matches!(
+            KernelPin::parse(&bad),
+            Err(KernelError::PinField {
+                field: "on_demand",
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn pin_rejects_bad_digest_and_names() {
         let bad = DEFAULT_PIN.replace("deb_sha256 = \"e", "deb_sha256 = \"E");

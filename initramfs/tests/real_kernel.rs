@@ -141,7 +141,19 @@ fn real_closure_archive_is_deterministic() {
     for name in ["qemu_fw_cfg", "virtio_net", "virtio_blk", "virtio_rng"] {
         assert_eq!(when(name), When::Device, "{name}");
     }
-    for name in ["erofs", "overlay", "loop", "libcrc32c", "failover"] {
+    for name in [
+        "erofs",
+        "overlay",
+        "loop",
+        "libcrc32c",
+        "failover",
+        "isofs",
+        "vfat",
+        "fat",
+        "nls_utf8",
+        "nls_cp437",
+        "nls_ascii",
+    ] {
         assert_eq!(when(name), When::Demand, "{name}");
     }
     let listed: Vec<String> = entries.iter().map(|e| e.file()).collect();

@@ -69,6 +69,9 @@ pub enum Device {
     /// built-in AHCI controller, not virtio-blk, so the `/persist` disk stays
     /// `/dev/vda`; the kernel never reads it (the firmware loads the UKI).
     BootDisk { path: PathBuf },
+    /// A read-only virtio disk (raw image) that is not `/persist`: a cloud's config
+    /// drive, say. `id` names the drive (and its serial).
+    DataDisk { path: PathBuf, id: String },
     /// SMBIOS system information (type 1): what a cloud's firmware tells the guest
     /// in `/sys/class/dmi/id` (`manufacturer` is `sys_vendor`, e.g. `Amazon EC2`).
     SmbiosSystem { fields: Vec<(String, String)> },
@@ -163,6 +166,20 @@ impl Device {
                 }
                 vec!["-smbios".into(), arg]
             }
+            Device::DataDisk { path, id } => vec![
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id={},readonly=on",
+                    path_str(path),
+                    qemu_escape(id)
+                ),
+                "-device".into(),
+                format!(
+                    "virtio-blk-pci,drive={},serial={}",
+                    qemu_escape(id),
+                    qemu_escape(id)
+                ),
+            ],
             Device::BootDisk { path } => vec![
                 "-drive".into(),
                 format!(
@@ -376,6 +393,22 @@ mod tests {
         assert_eq!(window(&argv, "-accel"), ["kvm"]);
         assert_eq!(window(&argv, "-cpu"), ["host"]);
         assert!(s.kernel_cmdline().ends_with("powernode.persist=/dev/vda"));
+    }
+
+    #[test]
+    fn a_data_disk_is_read_only_virtio_and_never_named_persist() {
+        let mut s = spec();
+        s.devices.push(Device::DataDisk {
+            path: "/out/config-drive.img".into(),
+            id: "config2".into(),
+        });
+        let argv = s.argv();
+        assert_eq!(
+            window(&argv, "-drive"),
+            ["file=/out/config-drive.img,format=raw,if=none,id=config2,readonly=on"]
+        );
+        assert!(window(&argv, "-device").contains(&"virtio-blk-pci,drive=config2,serial=config2"));
+        assert!(!s.kernel_cmdline().contains("powernode.persist"));
     }
 
     #[test]

@@ -292,6 +292,13 @@ fn read_drive(located: &Located) -> Result<Files, SourceError> {
         } => {
             std::fs::create_dir_all(mount_point)
                 .map_err(|e| drive_error(format!("creating {}: {e}", mount_point.display())))?;
+            crate::kmod::ensure_fs(fs.name()).map_err(|e| {
+                drive_error(format!(
+                    "{} (labelled {LABEL}) needs {} support: {e}",
+                    device.display(),
+                    fs.name()
+                ))
+            })?;
             rustix::mount::mount(
                 device.as_path(),
                 mount_point.as_path(),
