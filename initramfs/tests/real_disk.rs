@@ -1,8 +1,7 @@
 //! The UEFI disk image from the real pinned systemd-stub and kernel in the project
-//! cache (`cache/stub/VERSION`, `cache/kernel/VERSION`, fetched by
-//! `powernode-initramfs build`). Skipped, with a note, when either is not fetched:
-//! unit tests never touch the network. Booting it is the VM tier's job
-//! (`qemu/tests/vm_cloud.rs`).
+//! cache (`cache/stub/VERSION`, `cache/kernel/VERSION`), fetched here when missing
+//! (`scripts/debs`), so the test always checks something. Booting it is the VM
+//! tier's job (`qemu/tests/vm_cloud.rs`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,43 +9,32 @@ use std::process::Command;
 use object::read::pe::PeFile64;
 use object::{Object, ObjectSection};
 use powernode_initramfs::disk::{disk_image, read_esp_file, BOOT_PATH};
-use powernode_initramfs::kernel::{KernelTree, DEFAULT_PIN};
-use powernode_initramfs::stub::{StubPin, DEFAULT_STUB_PIN};
+use powernode_initramfs::kernel::{ensure_kernel, DEFAULT_PIN};
+use powernode_initramfs::stub::{ensure_stub, StubPin, DEFAULT_STUB_PIN};
 use powernode_initramfs::uki::{self, UkiInputs};
 use powernode_initramfs::KernelPin;
 
-fn cache() -> PathBuf {
-    std::env::var("POWERNODE_CACHE")
+fn fetched() -> (Vec<u8>, Vec<u8>) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cache = std::env::var("POWERNODE_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cache"))
-}
-
-fn cached() -> Option<(Vec<u8>, Vec<u8>)> {
+        .unwrap_or_else(|_| root.join("cache"));
+    let debs = root.join("scripts/debs");
     let pin = StubPin::parse(DEFAULT_STUB_PIN).unwrap();
-    let stub = cache().join("stub").join(&pin.version).join(&pin.stub);
+    let stub = ensure_stub(&pin, &cache, &debs)
+        .unwrap_or_else(|e| panic!("fetching the pinned EFI stub (scripts/debs): {e}"));
     let kpin = KernelPin::parse(DEFAULT_PIN).unwrap();
-    let tree = KernelTree {
-        root: cache().join("kernel").join(&kpin.version),
-        pin: kpin,
-    };
-    match (std::fs::read(&stub), std::fs::read(tree.vmlinuz())) {
-        (Ok(s), Ok(k)) => Some((s, k)),
-        _ => {
-            eprintln!(
-                "skipping: {} or {} not fetched (run powernode-initramfs build)",
-                stub.display(),
-                tree.vmlinuz().display()
-            );
-            None
-        }
-    }
+    let tree = ensure_kernel(&kpin, &cache, &debs)
+        .unwrap_or_else(|e| panic!("fetching the pinned kernel (scripts/debs): {e}"));
+    (
+        std::fs::read(&stub).unwrap(),
+        std::fs::read(tree.vmlinuz()).unwrap(),
+    )
 }
 
 #[test]
 fn real_stub_takes_the_sections_and_the_disk_is_reproducible() {
-    let Some((stub, kernel)) = cached() else {
-        return;
-    };
+    let (stub, kernel) = fetched();
     let initrd = b"not really an initramfs".to_vec();
     let osrel = uki::os_release("0.1.0", "6.12-test");
     let inputs = UkiInputs {
