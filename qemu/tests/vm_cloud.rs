@@ -309,16 +309,7 @@ fn boot_disk_with_metadata(
     );
     assert_eq!(running["status"], "running");
     check(&running, &mock.seen());
-    let names: Vec<&str> = tl.iter().map(|(p, _)| p.as_str()).collect();
-    let pos = |p: &str| {
-        names
-            .iter()
-            .position(|n| *n == p)
-            .unwrap_or_else(|| panic!("{p} missing from {names:?}"))
-    };
-    // The cloud identity is found after DHCP, before enrollment.
-    assert!(pos("network_up") < pos("identity_found"), "{names:?}");
-    assert!(pos("identity_found") < pos("enrolled"), "{names:?}");
+    assert_identity_found_after_network(&running);
 
     stub.cli(&["terminate-instance", &instance_id, "--force"]);
     match vm.wait_timeout(TO_EXIT) {

@@ -80,18 +80,7 @@ fn openstack_config_drive_on_vfat_gives_the_identity() {
         running["root"]["store"], "/persist/powernode/store",
         "{running}"
     );
-    let names: Vec<String> = boot_timeline(&running)
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
-    let pos = |p: &str| {
-        names
-            .iter()
-            .position(|n| n == p)
-            .unwrap_or_else(|| panic!("{p} missing from {names:?}"))
-    };
-    assert!(pos("network_up") < pos("identity_found"), "{names:?}");
-    assert!(pos("identity_found") < pos("enrolled"), "{names:?}");
+    assert_identity_found_after_network(&running);
 
     stub.cli(&["terminate-instance", &instance_id, "--force"]);
     match vm.wait_timeout(TO_EXIT) {

@@ -354,3 +354,17 @@ pub fn boot_timeline(inst: &Value) -> Vec<(String, u64)> {
         })
         .unwrap_or_default()
 }
+
+/// A cloud identity (metadata service or config drive) is found after DHCP and
+/// before enrollment, by the server's `boot_timeline` of `inst`.
+pub fn assert_identity_found_after_network(inst: &Value) {
+    let names: Vec<String> = boot_timeline(inst).into_iter().map(|(p, _)| p).collect();
+    let pos = |p: &str| {
+        names
+            .iter()
+            .position(|n| n == p)
+            .unwrap_or_else(|| panic!("{p} missing from {names:?}"))
+    };
+    assert!(pos("network_up") < pos("identity_found"), "{names:?}");
+    assert!(pos("identity_found") < pos("enrolled"), "{names:?}");
+}
