@@ -823,125 +823,131 @@ fn bench_pull_200mib_vs_oras() {
     );
     sign(&t, &key, &format!("{}/mod/big@{d}", reg.host()));
     let mib = built.layer.len() as f64 / (1 << 20) as f64;
-
-    let store = ObjectStore::open(&w.join("store")).unwrap();
-    let t0 = Instant::now();
-    let r = pull(&reg, "mod/big", &d, &key.trust(), &store).unwrap();
-    let ours = t0.elapsed();
-    // The fetch alone (HTTP + SHA-256 of the blob, to a sink), to see where time goes.
     let repo: Repository = format!("{}/mod/big", reg.host()).parse().unwrap();
     let c = client();
-    let m = c.manifest(&repo, &d, Some(&d)).unwrap();
-    let t0 = Instant::now();
-    std::io::copy(
-        &mut c.blob(&repo, &m.manifest.layers[0]).unwrap(),
-        &mut std::io::sink(),
-    )
-    .unwrap();
-    let fetch = t0.elapsed();
-    // Unpack + fs-verity + object writes + composefs, from memory, into a fresh store.
-    let t0 = Instant::now();
-    let s2 = ObjectStore::open(&w.join("store2")).unwrap();
-    super::install_image(&s2, &built.image_digest, 1, |_| {
-        Ok((built.layer_media_type.to_string(), &built.layer[..]))
-    })
-    .unwrap();
-    let unpack = t0.elapsed();
-    // The same on tmpfs, where the final syncfs costs nothing: the difference is what
-    // making the objects durable on this disk costs.
+    let layer = c.manifest(&repo, &d, Some(&d)).unwrap().manifest.layers[0].clone();
     let shm = Path::new("/dev/shm");
-    let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
-    let (unpack_shm, ours_shm) = match &shm_dir {
-        Some(dir) => {
-            let t0 = Instant::now();
-            let s3 = ObjectStore::open(&dir.path().join("mem")).unwrap();
-            super::install_image(&s3, &built.image_digest, 1, |_| {
-                Ok((built.layer_media_type.to_string(), &built.layer[..]))
-            })
-            .unwrap();
-            let unpack = t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let s4 = ObjectStore::open(&dir.path().join("pull")).unwrap();
-            pull(&reg, "mod/big", &d, &key.trust(), &s4).unwrap();
-            (unpack, t0.elapsed().as_secs_f64())
-        }
-        None => (f64::NAN, f64::NAN),
+    let oras = |out: &Path| {
+        run(Command::new(&t.oras)
+            .args(["pull", "--plain-http", "-o"])
+            .arg(out)
+            .arg(format!("{}/mod/big@{d}", reg.host())));
     };
-    drop(shm_dir);
-    eprintln!(
-        "bench: parts: fetch+sha256 alone {:.2}s, unpack+verity+store+image from memory {:.2}s \
-         (tmpfs store: {unpack_shm:.2}s; full pull into a tmpfs store {ours_shm:.2}s)",
-        fetch.as_secs_f64(),
-        unpack.as_secs_f64()
-    );
-    let out = w.join("oras-out");
-    let t0 = Instant::now();
-    run(Command::new(&t.oras)
-        .args(["pull", "--plain-http", "-o"])
-        .arg(&out)
-        .arg(format!("{}/mod/big@{d}", reg.host())));
-    let oras = t0.elapsed();
-    eprintln!(
-        "bench: {mib:.0} MiB module: agent pull+verify+unpack+image {:.2}s ({:.0} MiB/s, {} B received) \
-         vs oras pull {:.2}s ({:.0} MiB/s): ratio {:.2}x",
-        ours.as_secs_f64(),
-        mib / ours.as_secs_f64(),
-        r.bytes_received,
-        oras.as_secs_f64(),
-        mib / oras.as_secs_f64(),
-        oras.as_secs_f64() / ours.as_secs_f64()
-    );
-    if ours_shm.is_finite() {
-        eprintln!(
-            "bench: ratio with the store on tmpfs (no disk flush): {:.2}x",
-            oras.as_secs_f64() / ours_shm
-        );
-    }
-    // Repeated, each run after a `sync`: the store's final syncfs flushes the whole
-    // filesystem, so on a shared disk it also pays for whatever others left dirty (the
-    // registry's own blobs, builds). Medians of five, disk and tmpfs stores.
-    let mut disk = Vec::new();
-    let mut mem = Vec::new();
-    let mut peer = Vec::new();
-    for round in 0..5 {
-        let timed = |f: &mut dyn FnMut()| {
-            run(&mut Command::new("sync"));
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
+    // Warm-up: the registry's blob in the page cache, our code and oras paged in.
+    let warm = ObjectStore::open(&w.join("warm")).unwrap();
+    let r = pull(&reg, "mod/big", &d, &key.trust(), &warm).unwrap();
+    assert!(r.bytes_received >= built.layer.len() as u64);
+    oras(&w.join("oras-warm"));
+
+    // Rounds of every case in turn, each after a `sync` (the store's final syncfs
+    // flushes the whole filesystem, so it would also pay for what others left dirty),
+    // with the CPU each used (ours: this process; the registry's; oras': children).
+    let ticks = |pid: &str| -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        // utime+stime, cutime+cstime: fields 14-17 of the line, counted from the
+        // state (field 3) after the command name.
+        let at = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
         };
-        let s = ObjectStore::open(&w.join(format!("round{round}"))).unwrap();
-        disk.push(timed(&mut || {
-            pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap();
-        }));
-        if shm.is_dir() {
-            let dir = tempfile::tempdir_in(shm).unwrap();
-            let s = ObjectStore::open(dir.path()).unwrap();
-            mem.push(timed(&mut || {
-                pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap();
-            }));
+        (at(14) + at(15), at(16) + at(17))
+    };
+    let reg_pid = reg.child.id().to_string();
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    const ROUNDS: usize = 5;
+    let cases = [
+        "fetch+sha256 alone (to a sink)",
+        "unpack alone from memory, tmpfs",
+        "unpack alone from memory, disk",
+        "pull, tmpfs store",
+        "pull, disk store",
+        "oras pull (to disk)",
+    ];
+    let mut times = vec![Vec::new(); cases.len()];
+    let mut cpu = vec![(0u64, 0u64, 0u64); cases.len()];
+    let mut phases = [(0.0f64, 0.0f64, 0.0f64); 2];
+    for round in 0..ROUNDS {
+        for (i, case) in cases.iter().enumerate() {
+            let dir = w.join(format!("round{round}-{i}"));
+            let mem = shm
+                .is_dir()
+                .then(|| tempfile::tempdir_in(shm).unwrap())
+                .filter(|_| case.contains("tmpfs"));
+            let root = mem.as_ref().map_or(dir.clone(), |m| m.path().join("s"));
+            let store = ObjectStore::open(&root).unwrap();
+            run(&mut Command::new("sync"));
+            let (s0, c0) = ticks("self");
+            let (r0, _) = ticks(&reg_pid);
+            let t0 = Instant::now();
+            match i {
+                0 => {
+                    let mut b = c.blob(&repo, &layer).unwrap();
+                    std::io::copy(&mut b, &mut std::io::sink()).unwrap();
+                }
+                1 | 2 => {
+                    super::install_image(&store, &built.image_digest, 1, |_| {
+                        Ok((built.layer_media_type.to_string(), &built.layer[..]))
+                    })
+                    .unwrap();
+                }
+                3 | 4 => {
+                    let r = pull(&reg, "mod/big", &d, &key.trust(), &store).unwrap();
+                    let p = &mut phases[i - 3];
+                    p.0 += r.verify_time.as_secs_f64() / ROUNDS as f64;
+                    p.1 += r.install.unpack_time.as_secs_f64() / ROUNDS as f64;
+                    p.2 += r.install.commit_time.as_secs_f64() / ROUNDS as f64;
+                }
+                _ => oras(&dir.join("oras")),
+            }
+            times[i].push(t0.elapsed().as_secs_f64());
+            let (s1, c1) = ticks("self");
+            let (r1, _) = ticks(&reg_pid);
+            cpu[i].0 += s1 - s0;
+            cpu[i].1 += c1 - c0;
+            cpu[i].2 += r1 - r0;
+            drop(store);
+            let _ = std::fs::remove_dir_all(&dir);
         }
-        let out = w.join(format!("oras-out{round}"));
-        peer.push(timed(&mut || {
-            run(Command::new(&t.oras)
-                .args(["pull", "--plain-http", "-o"])
-                .arg(&out)
-                .arg(format!("{}/mod/big@{d}", reg.host())));
-        }));
-        let _ = std::fs::remove_dir_all(w.join(format!("round{round}")));
-        let _ = std::fs::remove_dir_all(&out);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let (disk_m, mem_m, peer_m) = (median(&mut disk), median(&mut mem), median(&mut peer));
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
+    let oras_m = medians[5];
     eprintln!(
-        "bench: after sync, median of 5: agent pull into a disk store {disk_m:.2}s ({:.2}x), \
-         into a tmpfs store {mem_m:.2}s ({:.2}x), oras pull {peer_m:.2}s \
-         (runs: disk {disk:.2?}, tmpfs {mem:.2?}, oras {peer:.2?})",
-        peer_m / disk_m,
-        peer_m / mem_m,
+        "bench: {mib:.0} MiB module (50 x 4 MiB, one tar layer), after sync, median of {ROUNDS}:"
+    );
+    for (i, case) in cases.iter().enumerate() {
+        let ms = |t: u64| t as f64 * 1e3 / hz / ROUNDS as f64;
+        eprintln!(
+            "bench:   {case:<34} {:.3}s ({:>4.0} MiB/s; vs oras {:.2}x)  cpu/run: ours {:.0} ms, oras {:.0} ms, registry {:.0} ms  runs {:.3?}",
+            medians[i],
+            mib / medians[i],
+            oras_m / medians[i],
+            ms(cpu[i].0),
+            ms(cpu[i].1),
+            ms(cpu[i].2),
+            times[i],
+        );
+    }
+    for (name, p) in [("tmpfs", phases[0]), ("disk", phases[1])] {
+        eprintln!(
+            "bench:   pull phases ({name}, means): signature verified at {:.1} ms (concurrent), \
+             layers fetched+unpacked {:.1} ms, image built+checked+recorded (final syncfs) {:.1} ms",
+            p.0 * 1e3,
+            p.1 * 1e3,
+            p.2 * 1e3
+        );
+    }
+    eprintln!(
+        "bench: ratio vs oras pull: tmpfs store {:.2}x, disk store {:.2}x",
+        oras_m / medians[3],
+        oras_m / medians[4]
     );
 
     // Network dedup: the module as a chunked gzip layer with a TOC (what the publisher
@@ -1191,205 +1197,4 @@ fn pulled_module_mounts_with_the_kernel() {
     store.verify_image(&r.image()).unwrap();
     union.unmount(&m).unwrap();
     guard.0.remove(0);
-}
-
-/// Scratch: where the pull's time and CPU go (temporary exploration harness).
-#[test]
-#[ignore = "exploration"]
-fn bench_pull_explore() {
-    let Some(t) = tools() else { return };
-    let Some(reg) = Registry::start() else { return };
-    let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    let key = Key::generate(&t, &w.join("key"));
-    let src = w.join("big");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..50u64 {
-        std::fs::write(src.join(format!("blob{i}")), pseudo_random(4 << 20, i + 1)).unwrap();
-    }
-    let scratch = ObjectStore::open(&w.join("scratch")).unwrap();
-    let built = build_module(
-        &src,
-        &BuildOptions {
-            compression: LayerCompression::None,
-            ..Default::default()
-        },
-        &scratch,
-    )
-    .unwrap();
-    std::fs::write(w.join("big.tar"), &built.layer).unwrap();
-    let d = push(
-        &t,
-        &format!("{}/mod/big:v1", reg.host()),
-        w,
-        &[("big.tar", built.layer_media_type)],
-        None,
-        &[(COMPOSEFS_DIGEST_ANNOTATION, built.image_digest.to_string())],
-    );
-    sign(&t, &key, &format!("{}/mod/big@{d}", reg.host()));
-    let repo: Repository = format!("{}/mod/big", reg.host()).parse().unwrap();
-    let c = client();
-    let m = c.manifest(&repo, &d, Some(&d)).unwrap();
-    let layer = m.manifest.layers[0].clone();
-    let url = format!("http://{}/v2/mod/big/blobs/{}", reg.host(), layer.digest);
-    let ticks = |pid: &str| -> (u64, u64) {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
-        let n = |i: usize| f[i].parse::<u64>().unwrap();
-        // utime+stime, cutime+cstime (fields 14..17 -> index 11..14 after the comm)
-        (n(11) + n(12), n(13) + n(14))
-    };
-    let reg_pid = reg.child.id().to_string();
-    let shm = Path::new("/dev/shm");
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let only = std::env::var("ONLY").unwrap_or_default();
-    let case = |name: &str, f: &mut dyn FnMut(usize)| {
-        if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o)) {
-            return;
-        }
-        let mut times = Vec::new();
-        let (s0, c0) = ticks("self");
-        let (r0, _) = ticks(&reg_pid);
-        for i in 0..rounds {
-            run(&mut Command::new("sync"));
-            let t0 = Instant::now();
-            f(i);
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let (s1, c1) = ticks("self");
-        let (r1, _) = ticks(&reg_pid);
-        times.sort_by(f64::total_cmp);
-        let per = |a: u64, b: u64| (b - a) as f64 * 10.0 / rounds as f64;
-        eprintln!(
-            "explore: {name:<28} median {:.3}s  min {:.3}s  cpu/run: self {:.0}ms children {:.0}ms registry {:.0}ms",
-            times[times.len() / 2],
-            times[0],
-            per(s0, s1),
-            per(c0, c1),
-            per(r0, r1)
-        );
-    };
-    case("reqwest-sink-nosha", &mut |_| {
-        let mut r = c.http().get(&url).send().unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0;
-        loop {
-            let k = std::io::Read::read(&mut r, &mut buf).unwrap();
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        assert_eq!(n as u64, layer.size);
-    });
-    case("curl-devnull", &mut |_| {
-        run(Command::new("curl").args(["-s", "-o", "/dev/null", &url]));
-    });
-    case("blob-direct-sha-sink", &mut |_| {
-        let mut r = c.blob_direct(&repo, &layer).unwrap();
-        std::io::copy(&mut r, &mut std::io::sink()).unwrap();
-    });
-    case("blob-readahead-sink", &mut |_| {
-        std::io::copy(&mut c.blob(&repo, &layer).unwrap(), &mut std::io::sink()).unwrap();
-    });
-    case("unpack-mem-tmpfs", &mut |_| {
-        let dir = tempfile::tempdir_in(shm).unwrap();
-        let s = ObjectStore::open(dir.path()).unwrap();
-        super::install_image(&s, &built.image_digest, 1, |_| {
-            Ok((built.layer_media_type.to_string(), &built.layer[..]))
-        })
-        .unwrap();
-    });
-    case("unpack-mem-disk", &mut |i| {
-        let p = w.join(format!("um{i}"));
-        let s = ObjectStore::open(&p).unwrap();
-        super::install_image(&s, &built.image_digest, 1, |_| {
-            Ok((built.layer_media_type.to_string(), &built.layer[..]))
-        })
-        .unwrap();
-        drop(s);
-        let _ = std::fs::remove_dir_all(p);
-    });
-    let show = |r: &PullReport| {
-        eprintln!(
-            "explore:     verify {:.1}ms unpack {:.1}ms commit {:.1}ms",
-            r.verify_time.as_secs_f64() * 1e3,
-            r.install.unpack_time.as_secs_f64() * 1e3,
-            r.install.commit_time.as_secs_f64() * 1e3
-        )
-    };
-    for blocking in [false, true, false, true] {
-        super::registry::FORCE_BLOCKING.store(blocking, std::sync::atomic::Ordering::Relaxed);
-        case(
-            if blocking {
-                "pull-tmpfs-blocking"
-            } else {
-                "pull-tmpfs"
-            },
-            &mut |_| {
-                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                let p = shm.join(format!(
-                    "explore-{}",
-                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                ));
-                let s = ObjectStore::open(&p).unwrap();
-                show(&pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap());
-            },
-        );
-    }
-    super::registry::FORCE_BLOCKING.store(false, std::sync::atomic::Ordering::Relaxed);
-    for i in 0..rounds * 4 {
-        let _ = std::fs::remove_dir_all(shm.join(format!("explore-{i}")));
-    }
-    case("pull-disk", &mut |i| {
-        let p = w.join(format!("pd{i}"));
-        let s = ObjectStore::open(&p).unwrap();
-        show(&pull(&reg, "mod/big", &d, &key.trust(), &s).unwrap());
-        drop(s);
-        let _ = std::fs::remove_dir_all(p);
-    });
-    case("oras", &mut |i| {
-        let out = w.join(format!("oras-out{i}"));
-        run(Command::new(&t.oras)
-            .args(["pull", "--plain-http", "-o"])
-            .arg(&out)
-            .arg(format!("{}/mod/big@{d}", reg.host())));
-        let _ = std::fs::remove_dir_all(&out);
-    });
-    if std::env::var("HOLD").is_ok() {
-        eprintln!("explore: holding; registry {} digest {d}", reg.host());
-        std::thread::sleep(Duration::from_secs(600));
-    }
-}
-
-#[test]
-#[ignore = "exploration"]
-fn explore_sha_speed() {
-    use sha2::Digest as _;
-    let data = pseudo_random(200 << 20, 9);
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let mut h = sha2::Sha256::new();
-        for c in data.chunks(64 << 10) {
-            h.update(c);
-        }
-        let a = h.finalize();
-        let t_sha2 = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let mut r = ring::digest::Context::new(&ring::digest::SHA256);
-        for c in data.chunks(64 << 10) {
-            r.update(c);
-        }
-        let b = r.finish();
-        let t_ring = t0.elapsed().as_secs_f64();
-        assert_eq!(&a[..], b.as_ref());
-        eprintln!(
-            "explore: sha2 {:.0} MiB/s ring {:.0} MiB/s",
-            200.0 / t_sha2,
-            200.0 / t_ring
-        );
-    }
 }

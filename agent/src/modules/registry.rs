@@ -241,11 +241,6 @@ impl RegistryClient {
         })
     }
 
-    #[cfg(test)]
-    pub(super) fn http(&self) -> &reqwest::blocking::Client {
-        &self.http
-    }
-
     /// Body bytes received so far (manifests and blobs), for the dedup test and logs.
     pub fn bytes_received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
@@ -448,7 +443,7 @@ impl RegistryClient {
     /// (unpacking, fs-verity, writing objects) instead of taking turns with it.
     pub fn blob(&self, repo: &Repository, desc: &Descriptor) -> Result<BlobReader, RegistryError> {
         let what = format!("blob {}@{}", repo.name, desc.digest);
-        if desc.digest.starts_with("sha256:") && !FORCE_BLOCKING.load(Ordering::Relaxed) {
+        if desc.digest.starts_with("sha256:") {
             let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
             let scope = format!("repository:{}:pull", repo.name);
             let mut req = self.stream_http.get(&url).header("Accept", "*/*");
@@ -471,7 +466,7 @@ impl RegistryClient {
 
     /// The same check without the read-ahead thread: for small blobs, where a thread
     /// and its 1 MiB chunk would cost more than the transfer.
-    pub(super) fn blob_direct(
+    fn blob_direct(
         &self,
         repo: &Repository,
         desc: &Descriptor,
@@ -571,12 +566,6 @@ impl RegistryClient {
             .map(drop)
     }
 }
-
-#[cfg(test)]
-pub(super) static FORCE_BLOCKING: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-#[cfg(not(test))]
-static FORCE_BLOCKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Read-ahead batch size and how many batches may wait: enough to keep the network
 /// busy while a large file is hashed and written, little enough to stay small.
