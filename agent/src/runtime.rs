@@ -965,6 +965,7 @@ fn default_log_lines() -> usize {
 /// Upper bounds of a diagnostics result.
 const MAX_LOG_LINES: usize = 200;
 const MAX_DIAGNOSTICS_BYTES: usize = 64 * 1024;
+const MAX_SERVICE_OUTPUT_LINES: usize = 50;
 const MAX_MOUNTS: usize = 100;
 
 async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
@@ -1099,6 +1100,10 @@ fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
     } else {
         ("agent", crate::logring::tail(log_lines))
     };
+    // Each service's last lines (what a crash printed), fewer than the node's log.
+    let mut service_output = shared
+        .supervisor
+        .output(log_lines.min(MAX_SERVICE_OUTPUT_LINES));
     let mut truncated = false;
     loop {
         let v = serde_json::json!({
@@ -1112,18 +1117,28 @@ fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
             "last_reconcile": lock(&shared.last_reconcile).clone(),
             "mounts": mounts,
             "services": shared.supervisor.services(),
+            "service_output": service_output,
             "certificate": {"serial": cert.serial, "not_before": cert.not_before, "not_after": cert.not_after},
             "log_source": log_source,
             "log": log,
             "truncated": truncated,
         });
         let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
-        if size <= MAX_DIAGNOSTICS_BYTES || log.is_empty() {
+        let output_left = service_output.values().any(|l| !l.is_empty());
+        if size <= MAX_DIAGNOSTICS_BYTES || (log.is_empty() && !output_left) {
             return v;
         }
-        // Drop the oldest half of the log until it fits.
-        let keep = log.len() / 2;
-        log.drain(..log.len() - keep);
+        // Drop the oldest half of the log until it fits, then of each service's
+        // output.
+        if log.is_empty() {
+            for lines in service_output.values_mut() {
+                let keep = lines.len() / 2;
+                lines.drain(..lines.len() - keep);
+            }
+        } else {
+            let keep = log.len() / 2;
+            log.drain(..log.len() - keep);
+        }
         truncated = true;
     }
 }

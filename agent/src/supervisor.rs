@@ -13,6 +13,10 @@
 //! the exit status. Every spawn registers its pid under one lock
 //! ([`with_supervised`]) that the reaper takes too.
 //!
+//! A service's stdout and stderr go to the agent's own (the console, as PID 1), each
+//! line prefixed with the service name, and its last lines are kept for
+//! `collect_diagnostics` ([`Supervisor::output`]).
+//!
 //! It must never panic on a bad service declaration: a spawn failure is a `failed`
 //! service, not an error that stops the agent.
 
@@ -50,6 +54,10 @@ pub trait Supervisor: Send + Sync {
     /// Releases the hold and starts again every service that was stopped, stopping
     /// or held (a cancelled drain); returns their names.
     fn start_all(&self) -> Vec<String>;
+    /// The last `lines` lines each service wrote (stdout and stderr), by name.
+    fn output(&self, _lines: usize) -> std::collections::BTreeMap<String, Vec<String>> {
+        std::collections::BTreeMap::new()
+    }
 }
 
 /// A node with no supervised services.
@@ -184,6 +192,97 @@ pub fn with_supervised<R>(f: impl FnOnce(&BTreeSet<u32>) -> R) -> R {
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Lines of output kept per service.
+const OUTPUT_LINES: usize = 200;
+/// A longer line is cut (and a line without a newline ends here): a runaway writer
+/// must not grow the agent's memory.
+const OUTPUT_LINE_BYTES: usize = 1024;
+
+/// The last lines a service wrote, across its restarts.
+#[derive(Debug, Default)]
+struct OutputRing(std::collections::VecDeque<String>);
+
+type Output = Arc<Mutex<OutputRing>>;
+
+impl OutputRing {
+    fn push(&mut self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        self.0
+            .push_back(line.trim_end_matches(['\r', '\n']).to_string());
+        if self.0.len() > OUTPUT_LINES {
+            self.0.pop_front();
+        }
+    }
+
+    fn tail(&self, n: usize) -> Vec<String> {
+        self.0
+            .iter()
+            .skip(self.0.len().saturating_sub(n))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Copies a service's stream line by line to the agent's own stream (prefixed with
+/// the service name) and into its ring, until the service (and anything that
+/// inherited the pipe) closes it.
+async fn forward(
+    name: String,
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    output: Output,
+    stderr: bool,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 8192];
+    let mut line: Vec<u8> = Vec::new();
+    let emit = |line: &[u8]| {
+        output.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        let mut out = Vec::with_capacity(name.len() + line.len() + 3);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        out
+    };
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut text = Vec::new();
+        for &b in buf.iter().take(n) {
+            if b == b'\n' {
+                text.extend(emit(&line));
+                line.clear();
+            } else if line.len() < OUTPUT_LINE_BYTES {
+                line.push(b);
+            } else {
+                text.extend(emit(&line));
+                line.clear();
+                line.push(b);
+            }
+        }
+        echo(stderr, &text);
+    }
+    if !line.is_empty() {
+        echo(stderr, &emit(&line));
+    }
+}
+
+/// Writes a batch of prefixed lines to the agent's stdout or stderr: one short
+/// blocking write (the console), ignored when it fails (the lines are kept anyway).
+fn echo(stderr: bool, text: &[u8]) {
+    use std::io::Write;
+    if text.is_empty() {
+        return;
+    }
+    let _ = if stderr {
+        std::io::stderr().lock().write_all(text)
+    } else {
+        std::io::stdout().lock().write_all(text)
+    };
+}
+
 /// Spawns the service in its own process group, registering its pid under the lock.
 fn spawn_child(spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
     let (program, args) = spec
@@ -193,6 +292,8 @@ fn spawn_child(spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     if std::env::var_os("PATH").is_none() {
@@ -259,6 +360,7 @@ enum Cmd {
 struct Handle {
     spec: ServiceSpec,
     status: Arc<Mutex<Status>>,
+    output: Output,
     cmds: mpsc::UnboundedSender<Cmd>,
 }
 
@@ -294,6 +396,7 @@ impl Handle {
 struct Monitor {
     spec: ServiceSpec,
     status: Arc<Mutex<Status>>,
+    output: Output,
     backoff: RestartBackoff,
 }
 
@@ -355,8 +458,14 @@ impl Monitor {
                 _ = async { match next_start { Some(t) if idle => tokio::time::sleep_until(t).await, _ => std::future::pending().await } } => {
                     next_start = None;
                     match spawn_child(&self.spec) {
-                        Ok(c) => {
+                        Ok(mut c) => {
                             let pid = c.id().unwrap_or(0);
+                            if let Some(out) = c.stdout.take() {
+                                tokio::spawn(forward(name.clone(), out, self.output.clone(), false));
+                            }
+                            if let Some(err) = c.stderr.take() {
+                                tokio::spawn(forward(name.clone(), err, self.output.clone(), true));
+                            }
                             tracing::info!(service = %name, module = %self.spec.module, pid, "service started");
                             self.set(|s| { s.state = "running"; s.pid = Some(pid); });
                             child = Some((c, pid, Instant::now()));
@@ -490,15 +599,18 @@ impl ServiceSupervisor {
                 ..Status::default()
             }));
             let (tx, rx) = mpsc::unbounded_channel();
+            let output = Output::default();
             let monitor = Monitor {
                 spec: spec.clone(),
                 status: status.clone(),
+                output: output.clone(),
                 backoff: self.backoff,
             };
             tokio::spawn(monitor.run(rx, start));
             inner.services.push(Handle {
                 spec,
                 status,
+                output,
                 cmds: tx,
             });
         }
@@ -603,6 +715,17 @@ impl Supervisor for ServiceSupervisor {
         })
     }
 
+    fn output(&self, lines: usize) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.lock()
+            .services
+            .iter()
+            .map(|h| {
+                let ring = h.output.lock().unwrap_or_else(|p| p.into_inner());
+                (h.spec.name.clone(), ring.tail(lines))
+            })
+            .collect()
+    }
+
     fn start_all(&self) -> Vec<String> {
         let mut inner = self.lock();
         inner.held = false;
@@ -636,6 +759,9 @@ impl Supervisor for Arc<ServiceSupervisor> {
     }
     fn start_all(&self) -> Vec<String> {
         (**self).start_all()
+    }
+    fn output(&self, lines: usize) -> std::collections::BTreeMap<String, Vec<String>> {
+        (**self).output(lines)
     }
 }
 
@@ -681,6 +807,45 @@ mod tests {
                     .starts_with('Z')
             })
             .unwrap_or(false)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn service_output_is_kept_per_service_bounded_and_across_restarts() {
+        let sup = ServiceSupervisor::new(fast());
+        let long = OUTPUT_LINE_BYTES * 2 + 10;
+        sup.add(vec![
+            sh("talker", "echo out-1; echo err-1 >&2; sleep 30"),
+            sh(
+                "crasher",
+                &format!("echo run; head -c {long} /dev/zero | tr '\\0' x; exit 3"),
+            ),
+        ]);
+        let start = std::time::Instant::now();
+        loop {
+            let out = sup.output(OUTPUT_LINES);
+            let talker = out.get("talker").cloned().unwrap_or_default();
+            let crasher = out.get("crasher").cloned().unwrap_or_default();
+            let runs = crasher.iter().filter(|l| *l == "run").count();
+            if talker.contains(&"out-1".to_string())
+                && talker.contains(&"err-1".to_string())
+                && runs >= 2
+            {
+                // A line without a newline, longer than the cap, is cut into
+                // capped lines and kept.
+                assert!(crasher.iter().all(|l| l.len() <= OUTPUT_LINE_BYTES));
+                assert!(crasher.iter().any(|l| l.len() == OUTPUT_LINE_BYTES));
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{out:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sup.output(1)["talker"].len(), 1);
+        let mut ring = OutputRing::default();
+        for i in 0..OUTPUT_LINES + 5 {
+            ring.push(format!("{i}\n").as_bytes());
+        }
+        assert_eq!(ring.tail(usize::MAX).len(), OUTPUT_LINES);
+        assert_eq!(ring.tail(1), ["204"]);
     }
 
     #[test]

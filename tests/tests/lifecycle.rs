@@ -518,7 +518,10 @@ fn diagnostics_result_and_requeue_after_the_agent_dies() -> Result<()> {
     let (_node, instance) = server.create_and_provision("edge-diag")?;
     let identity = server.identity(&instance)?;
     let script = dir.join("stubborn.sh");
-    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    std::fs::write(
+        &script,
+        "echo stubborn up\necho stubborn warns >&2\ntrap '' TERM\nwhile :; do sleep 0.2; done\n",
+    )?;
     let service = format!("stubborn=sh {}", script.display());
     let mut agent = Agent::with_identity(
         &dir,
@@ -540,6 +543,15 @@ fn diagnostics_result_and_requeue_after_the_agent_dies() -> Result<()> {
     assert_eq!(task["status"], "succeeded", "{task}");
     ensure!(task["result"].is_object(), "{task}");
     ensure!(task["result"].to_string().len() <= 64 * 1024, "{task}");
+    // What the service wrote, stdout and stderr, is in the result.
+    let output: Vec<&str> = task["result"]["service_output"]["stubborn"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        output.contains(&"stubborn up") && output.contains(&"stubborn warns"),
+        "service output {output:?} in {task}"
+    );
 
     // A drain the stubborn service keeps busy; the agent dies holding its lease.
     let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "600"])?;
