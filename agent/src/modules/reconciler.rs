@@ -70,6 +70,15 @@ pub enum ModuleError {
         #[source]
         source: ConfigError,
     },
+    #[error(
+        "module {name}: its mount point {} is where module {by} is exposed already",
+        at.display()
+    )]
+    MountpointTaken {
+        name: String,
+        at: PathBuf,
+        by: String,
+    },
     #[error("module {name}: exposing it at {}", at.display())]
     Expose {
         name: String,
@@ -92,6 +101,8 @@ impl ModuleErrorCode for ModuleError {
             ModuleError::NotRoot { .. } => ErrorCode::Internal,
             ModuleError::Config { .. } => ErrorCode::BadRequest,
             ModuleError::Expose { .. } => ErrorCode::Internal,
+            // Two desired modules name the same mount point: a template to fix.
+            ModuleError::MountpointTaken { .. } => ErrorCode::BadRequest,
         }
     }
 }
@@ -393,8 +404,19 @@ impl ModuleRuntime {
     }
 
     /// Mounts a prepared module (replacing `old`, already stopped) and exposes it.
+    /// A mount point another mounted module is exposed at is refused before
+    /// anything is touched: a second bind would stack on the first.
     fn mount(&self, p: &Prepared, old: Option<Mounted>) -> Result<Mounted, ModuleError> {
         let m = &p.desired;
+        if let (true, Some(at)) = (self.expose, &p.config.mountpoint) {
+            if let Some(by) = exposed_by(&self.mounted(), at, &m.name) {
+                return Err(ModuleError::MountpointTaken {
+                    name: m.name.clone(),
+                    at: at.clone(),
+                    by,
+                });
+            }
+        }
         let next = Mounted {
             module: RunningModule {
                 name: m.name.clone(),
@@ -457,9 +479,9 @@ impl ModuleRuntime {
         }
     }
 
-    /// Pulls what changed (blocking, off the async thread), then per module: stop its
-    /// services, swap the mounts, start the new services; then drops what is no
-    /// longer desired (services first, then mounts).
+    /// Pulls what changed (blocking, off the async thread); drops what is no longer
+    /// desired (services first, then mounts, so its mount point is free); then per
+    /// module: stop its services, swap the mounts, start the new services.
     async fn apply(
         self: Arc<Self>,
         desired: DesiredModulesResponse,
@@ -482,6 +504,25 @@ impl ModuleRuntime {
         let prepared = tokio::task::spawn_blocking(move || this.prepare(todo, &keys))
             .await
             .map_err(|e| ModuleError::Join(e.to_string()))??;
+        let gone: Vec<String> = self
+            .mounted()
+            .keys()
+            .filter(|n| !runtime.iter().any(|m| &m.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.stop_services(&name).await;
+            if let Some(m) = self.mounted().remove(&name) {
+                self.unmount(&m);
+                tracing::info!(module = %name, "module detached");
+                outcome.detached.push(ModuleChange {
+                    name: m.module.name,
+                    version: m.module.version,
+                    digest: m.module.digest,
+                    from: None,
+                });
+            }
+        }
         for p in &prepared {
             let name = p.desired.name.clone();
             let old = self.mounted().remove(&name);
@@ -503,25 +544,6 @@ impl ModuleRuntime {
                 outcome.attached.push(change);
             }
         }
-        let gone: Vec<String> = self
-            .mounted()
-            .keys()
-            .filter(|n| !runtime.iter().any(|m| &m.name == *n))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.stop_services(&name).await;
-            if let Some(m) = self.mounted().remove(&name) {
-                self.unmount(&m);
-                tracing::info!(module = %name, "module detached");
-                outcome.detached.push(ModuleChange {
-                    name: m.module.name,
-                    version: m.module.version,
-                    digest: m.module.digest,
-                    from: None,
-                });
-            }
-        }
         if let Some(keep) = &self.gc_keep {
             let dropped = !outcome.detached.is_empty();
             if dropped || self.swaps.swap(false, std::sync::atomic::Ordering::Relaxed) {
@@ -536,6 +558,14 @@ impl ModuleRuntime {
         }
         Ok(outcome)
     }
+}
+
+/// The mounted module other than `except` exposed at `at`, if any.
+fn exposed_by(mounted: &BTreeMap<String, Mounted>, at: &Path, except: &str) -> Option<String> {
+    mounted
+        .iter()
+        .find(|(name, m)| name.as_str() != except && m.exposed.as_deref() == Some(at))
+        .map(|(name, _)| name.clone())
 }
 
 /// The module's image config, read by the manifest digest the control plane pinned
@@ -618,6 +648,40 @@ mod runtime_tests {
             dir.join("run"),
             vec![],
         )
+    }
+
+    #[test]
+    fn a_mount_point_taken_by_another_module_is_named() {
+        let mounted_at = |name: &str, at: Option<&str>| Mounted {
+            module: RunningModule {
+                name: name.into(),
+                version: "1".into(),
+                digest: "sha256:aa".into(),
+            },
+            image: format!("sha256:{}", "ab".repeat(32))
+                .parse()
+                .expect("digest"),
+            image_mnt: PathBuf::from("/run/m/.images/x"),
+            target: PathBuf::from("/run/m").join(name),
+            exposed: at.map(PathBuf::from),
+        };
+        let mut mounted = BTreeMap::new();
+        mounted.insert("web".to_string(), mounted_at("web", Some("/opt/web")));
+        mounted.insert("tools".to_string(), mounted_at("tools", None));
+        assert_eq!(
+            exposed_by(&mounted, Path::new("/opt/web"), "other"),
+            Some("web".to_string())
+        );
+        // Its own mount point (a swap of the same module) is not a conflict.
+        assert_eq!(exposed_by(&mounted, Path::new("/opt/web"), "web"), None);
+        assert_eq!(exposed_by(&mounted, Path::new("/opt/tools"), "other"), None);
+        let e = ModuleError::MountpointTaken {
+            name: "other".into(),
+            at: "/opt/web".into(),
+            by: "web".into(),
+        };
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+        assert!(e.to_string().contains("/opt/web") && e.to_string().contains("web"));
     }
 
     #[tokio::test]
