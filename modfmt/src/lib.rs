@@ -191,7 +191,10 @@ where
 /// every 200 ms when small objects were placed. So the disk writes objects while later
 /// ones are still being fetched and hashed, and the one `syncfs` before the image is
 /// recorded finds little left to do; durability still rests on that final `syncfs`.
-/// The thread waits on the disk, not the unpacker. On tmpfs there is no thread.
+/// The thread waits on the disk, not the unpacker. On tmpfs there is no thread. Pulling
+/// the 200 MiB bench module into a store on ext4 here, the image step (whose `syncfs`
+/// waits for the tail) took 1-4 ms on a quiet disk, vs 12-16 ms with a blind `syncfs`
+/// every 200 ms.
 struct EarlyWriteback<'s> {
     store: &'s store::ObjectStore,
     thread: Option<std::thread::JoinHandle<()>>,
