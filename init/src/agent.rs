@@ -500,6 +500,7 @@ impl AgentDriver for RealAgent {
         let mut opts = AgentOptions::new(&state_dir);
         opts.can_reboot = true;
         opts.kmsg_log = true;
+        apply_cmdline(&mut opts);
         // Same process, same runtime: the bootstrap's connection is still open.
         opts.client = Some(session.client.clone());
         opts.first_desired = self.desired.take();
@@ -775,6 +776,7 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
     opts.root_facts = root_facts;
     opts.can_reboot = true;
     opts.kmsg_log = true;
+    apply_cmdline(&mut opts);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -807,6 +809,14 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
         Err(message) => return failed(message),
     };
     run_on(&rt, resolved, opts, hooks, &timeline)
+}
+
+/// The agent's tunables from the kernel command line (`powernode.lease_s=`).
+fn apply_cmdline(opts: &mut AgentOptions) {
+    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(n) = crate::cmdline::parse(&text).lease_seconds {
+        opts.lease_seconds = n;
+    }
 }
 
 /// SIGTERM or SIGINT (ctrl-alt-del with CAD disabled) to PID 1: stop the agent.

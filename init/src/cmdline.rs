@@ -60,6 +60,9 @@ pub struct Options {
     /// node, whatever disks the machine has (a cloud's root volume is never taken
     /// for it).
     pub persist: Option<String>,
+    /// `powernode.lease_s=N` (3..=3600): how long the agent asks to hold a task's
+    /// lease (renewed every third of it). Default: the agent's (30 s).
+    pub lease_seconds: Option<u64>,
     /// Values the init did not understand, reported once in the log (a typo in
     /// `powernode.on_failure` must not silently mean "retry").
     pub unknown: Vec<String>,
@@ -75,6 +78,7 @@ impl Default for Options {
             attempts: DEFAULT_ATTEMPTS,
             quiet: false,
             persist: None,
+            lease_seconds: None,
             unknown: Vec::new(),
         }
     }
@@ -147,6 +151,10 @@ pub fn parse(cmdline: &str) -> Options {
                 None => opts.unknown.push(word.clone()),
             },
             ("powernode.persist", Some(v)) => opts.persist = Some(v.to_string()),
+            ("powernode.lease_s", Some(v)) => match v.parse::<u64>() {
+                Ok(n) if (3..=3600).contains(&n) => opts.lease_seconds = Some(n),
+                _ => opts.unknown.push(word.clone()),
+            },
             ("powernode.attempts", Some(v)) => match v.parse::<u32>() {
                 Ok(n) if n >= 1 => opts.attempts = n,
                 _ => opts.unknown.push(word.clone()),
@@ -188,6 +196,16 @@ mod tests {
         assert_eq!(parse("powernode.attempts=5").attempts, 5);
         assert_eq!(parse("powernode.attempts=0").unknown.len(), 1);
         assert_eq!(parse("").persist, None);
+        assert_eq!(parse("powernode.lease_s=90").lease_seconds, Some(90));
+        assert_eq!(parse("").lease_seconds, None);
+        for bad in [
+            "powernode.lease_s=2",
+            "powernode.lease_s=7200",
+            "powernode.lease_s=x",
+        ] {
+            let o = parse(bad);
+            assert_eq!((o.lease_seconds, o.unknown.len()), (None, 1), "{bad}");
+        }
         assert_eq!(
             parse("powernode.persist=/dev/vdb").persist.as_deref(),
             Some("/dev/vdb")

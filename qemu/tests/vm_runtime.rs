@@ -218,11 +218,26 @@ impl Node {
 
 /// Provisions an instance and boots a VM for it (identity by fw_cfg).
 fn boot(stub: &Stub, dir: &Path, hostname: &str, sub: &str) -> Node {
+    boot_with(stub, dir, hostname, sub, &[])
+}
+
+/// [`boot`] with extra kernel arguments.
+fn boot_with(stub: &Stub, dir: &Path, hostname: &str, sub: &str, extra: &[&str]) -> Node {
     let (instance_id, doc) = stub.provision(hostname);
-    boot_instance(dir, instance_id, &doc, sub)
+    boot_instance_with(dir, instance_id, &doc, sub, extra)
 }
 
 fn boot_instance(dir: &Path, instance_id: String, doc: &Value, sub: &str) -> Node {
+    boot_instance_with(dir, instance_id, doc, sub, &[])
+}
+
+fn boot_instance_with(
+    dir: &Path,
+    instance_id: String,
+    doc: &Value,
+    sub: &str,
+    extra: &[&str],
+) -> Node {
     let (init, _) = musl_inits();
     let built = image(&dir.join("image"), &init, Compression::Zstd);
     let vm_dir = dir.join(sub);
@@ -232,6 +247,7 @@ fn boot_instance(dir: &Path, instance_id: String, doc: &Value, sub: &str) -> Nod
         "powernode.on_failure=poweroff".into(),
         "powernode.attempts=3".into(),
     ];
+    spec.kernel_args.extend(extra.iter().map(|a| a.to_string()));
     with_identity(&mut spec, &vm_dir, &doc.to_string());
     let vm = Vm::spawn(&spec).expect("spawn QEMU");
     Node {
@@ -552,7 +568,15 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
         "--runtime",
         "stubborn",
     ]);
-    let mut node = boot(&stub, &dir, "lease-requeue-1", "vm");
+    // A short lease from the kernel command line: renewed every 2 s, requeued soon
+    // after the agent dies.
+    let mut node = boot_with(
+        &stub,
+        &dir,
+        "lease-requeue-1",
+        "vm",
+        &[&format!("powernode.lease_s={LEASE_S}")],
+    );
     node.wait(
         &stub,
         "running with the stubborn service",
@@ -602,8 +626,25 @@ fn a_task_whose_agent_died_is_requeued_when_its_lease_expires() {
         requeued["history"][0]["outcome"], "lease_expired",
         "{requeued}"
     );
+    // The server granted the lease the agent asked for (the command line's), by its
+    // own timestamps: first lease at `leased_at`, expiring at the first
+    // `lease_expires_at` seen (second resolution).
+    let at = |v: &Value| {
+        let text = v.as_str().unwrap_or_else(|| panic!("no timestamp: {v}"));
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
+    };
+    let granted = (at(&leased["lease_expires_at"]) - at(&requeued["history"][0]["leased_at"]))
+        .whole_seconds();
+    assert!(
+        (LEASE_S as i64 - 1..=LEASE_S as i64 + 1).contains(&granted),
+        "granted {granted} s for powernode.lease_s={LEASE_S}: {leased} / {requeued}"
+    );
     stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
 }
+
+/// The lease the requeue test asks for on the kernel command line.
+const LEASE_S: u64 = 6;
 
 fn publish_root(stub: &Stub, dir: &Path, version: &str) -> String {
     stub.publish_module(&rootfs::busybox_root(dir, version), "base", version, "root")
