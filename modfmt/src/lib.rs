@@ -202,6 +202,8 @@ struct EarlyWriteback<'s> {
 
 impl<'s> EarlyWriteback<'s> {
     const PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+    /// Kicks (open objects) that may wait for the thread.
+    const BACKLOG: usize = 64;
 
     fn start(store: &'s store::ObjectStore) -> Self {
         let mut me = Self {
@@ -215,7 +217,7 @@ impl<'s> EarlyWriteback<'s> {
         let Ok(dir) = std::fs::File::open(store.root()) else {
             return me;
         };
-        let (tx, rx) = std::sync::mpsc::channel::<store::Kick>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<store::Kick>(Self::BACKLOG);
         let thread = std::thread::Builder::new()
             .name("store-writeback".into())
             .spawn(move || {

@@ -131,7 +131,7 @@ pub struct ObjectStore {
     counters: Counters,
     /// While an install runs on a disk store: where placed objects go to have their
     /// writeback started early (see [`Writeback`]).
-    writeback: std::sync::Mutex<Option<std::sync::mpsc::Sender<Kick>>>,
+    writeback: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<Kick>>>,
 }
 
 /// What an insert tells the early-writeback thread.
@@ -411,7 +411,9 @@ impl ObjectStore {
             return;
         };
         if let Some(tx) = guard.as_ref() {
-            let _ = tx.send(if size >= KICK_MIN {
+            // Never waits: when the thread lags (a slow disk), the kick is dropped
+            // and the final flush covers that object; open files never pile up.
+            let _ = tx.try_send(if size >= KICK_MIN {
                 Kick::Object(file)
             } else {
                 Kick::Small
@@ -420,7 +422,7 @@ impl ObjectStore {
     }
 
     /// Installs (or with `None` removes) the early-writeback channel.
-    pub(crate) fn set_writeback(&self, tx: Option<std::sync::mpsc::Sender<Kick>>) {
+    pub(crate) fn set_writeback(&self, tx: Option<std::sync::mpsc::SyncSender<Kick>>) {
         if let Ok(mut guard) = self.writeback.lock() {
             *guard = tx;
         }
