@@ -5,10 +5,12 @@
 //! composing root modules into a union root with a tmpfs upper.
 //!
 //! The pull: [`pull::pull_module`] (registry client in [`registry`], cosign signature
-//! check in [`signature`]) calls [`install_image`] with the signed composefs digest and a closure that opens each
-//! layer as a `Read` failing on a digest mismatch at EOF ([`unpack::DigestingReader`]);
-//! then [`mount::mount_module`] / [`mount::mount_union`]; [`store::ObjectStore::gc`]
-//! between reconciles. Every error has a stable wire code ([`ModuleErrorCode`]).
+//! check in [`signature`], run alongside) installs the image with the signed composefs
+//! digest, each layer opened as a stream whose read-ahead thread receives and hashes
+//! it and fails on a digest mismatch at EOF ([`registry::BlobReader`]), and nothing
+//! recorded before the signature verified; then [`mount::mount_module`] /
+//! [`mount::mount_union`]; [`store::ObjectStore::gc`] between reconciles. Every error
+//! has a stable wire code ([`ModuleErrorCode`]).
 //!
 //! It must never use an object, image or path it has not verified: objects are
 //! re-hashed against their names (or kernel-verified with fs-verity), archive paths

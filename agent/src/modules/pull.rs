@@ -1,6 +1,6 @@
 //! One module, end to end up to the store: manifest by pinned digest, cosign signature
 //! against the trust keys, then (unless the signed image is already stored) config and
-//! layers streamed through their digests into [`install_image`], which rebuilds the
+//! layers streamed through their digests into [`install_image_gated`], which rebuilds the
 //! composefs image and refuses it unless it is the signed one.
 //!
 //! A layer whose (signed) descriptor names a table of contents is fetched by ranges
