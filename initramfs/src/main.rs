@@ -38,7 +38,7 @@ enum Command {
         /// The fetch helper.
         #[arg(long, default_value = "scripts/debs")]
         debs: PathBuf,
-        #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+        #[arg(long, value_enum, default_value_t = Compression::Lz4)]
         compression: Compression,
         /// Skip the UEFI disk image.
         #[arg(long)]

@@ -6,7 +6,7 @@
 //! `powernode-stub` (enrollment, first handshake, agent runtime, `ready`), read from
 //! the server's `boot_timeline`, each ready boot paired with a baseline boot just
 //! before it (same machine conditions, the server running). Also an uncompressed
-//! initramfs beside zstd and gzip.
+//! initramfs and zstd, gzip beside the default lz4.
 //!
 //!     cargo test -p powernode-qemu --release --test boot_bench -- --ignored --nocapture
 //!
@@ -48,9 +48,11 @@ fn boot_time_vs_bare_kernel() {
         .unwrap_or(5);
     let dir = test_dir("boot_bench");
     let (init, baseline_init) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    // The default image (lz4), then the same archive in the other formats.
+    let image = image(&dir.join("image"), &init, Compression::default());
     let gz = common::image(&dir.join("image-gzip"), &init, Compression::Gzip);
     let raw = common::image(&dir.join("image-none"), &init, Compression::None);
+    let zst = common::image(&dir.join("image-zstd"), &init, Compression::Zstd);
     let baseline_initrd = baseline_initrd(&dir, &baseline_init);
 
     let mut ours_spec = spec(&dir.join("ours"), &image.vmlinuz, &image.initramfs);
@@ -67,6 +69,9 @@ fn boot_time_vs_bare_kernel() {
     let mut raw_spec = ours_spec.clone();
     raw_spec.initrd = raw.initramfs.clone();
     raw_spec.serial_log = dir.join("none").join("serial.log");
+    let mut zst_spec = ours_spec.clone();
+    zst_spec.initrd = zst.initramfs.clone();
+    zst_spec.serial_log = dir.join("zstd").join("serial.log");
 
     // The same pair with `quiet`: under TCG every console byte is an emulated UART
     // write, so this shows what the kernel's own boot chatter costs.
@@ -85,6 +90,7 @@ fn boot_time_vs_bare_kernel() {
 
     let (mut wall_ours, mut wall_base, mut wall_gz) = (Vec::new(), Vec::new(), Vec::new());
     let (mut wall_raw, mut done_raw, mut start_raw) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut wall_zst, mut done_zst, mut start_zst) = (Vec::new(), Vec::new(), Vec::new());
     let (mut init_start, mut modules, mut identity, mut done_at, mut base_start) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut network = Vec::new();
@@ -117,6 +123,13 @@ fn boot_time_vs_bare_kernel() {
         let done = event(&ev, "event", "init_done").expect("init_done");
         start_raw.push(phase_ms(done, "init_start").unwrap_or(0));
         done_raw.push(done["at_ms"].as_u64().unwrap_or(0));
+
+        let z = boot(&zst_spec, DEADLINE);
+        wall_zst.push(z.elapsed.as_millis() as u64);
+        let ev = events(&z.serial, "POWERNODE-INIT ");
+        let done = event(&ev, "event", "init_done").expect("init_done");
+        start_zst.push(phase_ms(done, "init_start").unwrap_or(0));
+        done_zst.push(done["at_ms"].as_u64().unwrap_or(0));
 
         let b = boot(&base_quiet_spec, DEADLINE);
         wall_base_q.push(b.elapsed.as_millis() as u64);
@@ -186,12 +199,17 @@ fn boot_time_vs_bare_kernel() {
     println!("wall clock, QEMU start -> exit after poweroff:");
     println!("  baseline (trivial init)        {wb:>6} ms");
     println!(
-        "  powernode-init (zstd initrd)   {wo:>6} ms   ratio {:.2}x",
+        "  powernode-init (lz4, default)  {wo:>6} ms   ratio {:.2}x",
         wo as f64 / wb.max(1) as f64
     );
     println!(
         "  powernode-init (gzip initrd)   {wg:>6} ms   ratio {:.2}x",
         wg as f64 / wb.max(1) as f64
+    );
+    let wz = median(wall_zst);
+    println!(
+        "  powernode-init (zstd initrd)   {wz:>6} ms   ratio {:.2}x",
+        wz as f64 / wb.max(1) as f64
     );
     let wr = median(wall_raw);
     println!(
@@ -213,6 +231,11 @@ fn boot_time_vs_bare_kernel() {
         "  ours init_done                 {d:>6}   ratio to baseline init_start {:.2}x",
         d as f64 / bs.max(1) as f64
     );
+    let (sz, dz) = (median(start_zst), median(done_zst));
+    println!(
+        "  zstd initrd:         init_start {sz:>6}, init_done {dz:>6}   ratio {:.2}x",
+        dz as f64 / bs.max(1) as f64
+    );
     let (sr, dr) = (median(start_raw), median(done_raw));
     println!(
         "  uncompressed initrd: init_start {sr:>6}, init_done {dr:>6}   ratio {:.2}x",
@@ -227,7 +250,14 @@ fn boot_time_vs_bare_kernel() {
             "boot to ready with the agent, from the server's boot_timeline ({} runs):",
             ready_runs.len()
         );
-        for phase in ["network_up", "enrolled", "agent_started"] {
+        for phase in [
+            "init_start",
+            "modules_loaded",
+            "identity_found",
+            "network_up",
+            "enrolled",
+            "agent_started",
+        ] {
             println!("  {phase:<30} {:>6}", m(phase));
         }
         let bp = median(base_paired.clone());
@@ -281,10 +311,10 @@ fn boot_time_vs_bare_kernel() {
                 &dir.join("image-with-agent"),
                 &init,
                 Some(&agent),
-                Compression::Zstd,
+                Compression::default(),
             );
             println!(
-                "  initramfs.img zstd, with agent {}",
+                "  initramfs.img lz4, with agent  {}",
                 kib(with_agent.manifest.initramfs_bytes)
             );
         }
@@ -294,7 +324,7 @@ fn boot_time_vs_bare_kernel() {
         ),
     }
     println!(
-        "  initramfs.img zstd             {}  (uncompressed {})",
+        "  initramfs.img lz4 (default)    {}  (uncompressed {})",
         kib(image.manifest.initramfs_bytes),
         kib(image.manifest.initramfs_uncompressed_bytes)
     );
@@ -303,11 +333,15 @@ fn boot_time_vs_bare_kernel() {
         kib(gz.manifest.initramfs_bytes)
     );
     println!(
+        "  initramfs.img zstd             {}",
+        kib(zst.manifest.initramfs_bytes)
+    );
+    println!(
         "  initramfs.img uncompressed     {}",
         kib(raw.manifest.initramfs_bytes)
     );
     println!(
-        "  baseline initramfs zstd        {}",
+        "  baseline initramfs (lz4)       {}",
         kib(std::fs::metadata(&baseline_initrd).unwrap().len())
     );
     println!(

@@ -27,7 +27,7 @@ fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision(&format!("{test}-1").replace('_', "-"));
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),
@@ -165,7 +165,7 @@ fn cmdline_identity_node_runs_drains_and_powers_off_when_terminated() {
 fn bad_cmdline_identity_names_the_field_and_powers_off() {
     let dir = test_dir("agent_bad_identity");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     let mut doc: Value = serde_json::from_str(&identity_json("inst-bad")).unwrap();
     doc.as_object_mut().unwrap().remove("instance_id");
@@ -207,7 +207,7 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision_class("agent-persist-1", "persistent");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 64).unwrap();
     let boot_once = |name: &str| {
@@ -293,7 +293,7 @@ fn composed_root_from_a_published_base_module() {
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision("composed-root-1");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),
@@ -379,7 +379,7 @@ fn a_root_module_signed_by_an_unknown_key_is_refused_before_switch_root() {
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision("bad-signature-1");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),

@@ -17,7 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
     let dir = test_dir("fw_cfg_identity");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),
@@ -133,7 +133,7 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
 fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
     let dir = test_dir("bad_identity");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
     let bad = identity_json("inst-bad").replace("\"bootstrap_token\"", "\"bootstrap_tokn\"");
@@ -157,7 +157,7 @@ fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
 fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
     let dir = test_dir("panic_hook");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),
@@ -189,7 +189,7 @@ fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
 fn switch_root_leaves_the_initramfs() {
     let dir = test_dir("switch_root");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),

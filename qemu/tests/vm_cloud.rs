@@ -230,7 +230,7 @@ fn gcp_routes(user_data: String) -> Box<Route> {
 /// The netboot image with our init, in `dir/image`.
 fn netboot(dir: &Path) -> powernode_initramfs::BuildOutput {
     let (init, _) = musl_inits();
-    image(&dir.join("image"), &init, Compression::Zstd)
+    image(&dir.join("image"), &init, Compression::default())
 }
 
 /// The disk image from the netboot folder `image_dir`, with `cmdline` baked into the

@@ -52,7 +52,7 @@ fn openstack_config_drive_on_vfat_gives_the_identity() {
     std::fs::write(&drive_path, drive).unwrap();
 
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec![
         "powernode.on_failure=poweroff".into(),

@@ -133,7 +133,7 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision_class("persist-verity-1", "persistent");
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 128).unwrap();
     let boot_spec = |name: &str| -> VmSpec {

@@ -239,7 +239,7 @@ fn boot_instance_with(
     extra: &[&str],
 ) -> Node {
     let (init, _) = musl_inits();
-    let built = image(&dir.join("image"), &init, Compression::Zstd);
+    let built = image(&dir.join("image"), &init, Compression::default());
     let vm_dir = dir.join(sub);
     std::fs::create_dir_all(&vm_dir).unwrap();
     let mut spec = spec(&vm_dir, &built.vmlinuz, &built.initramfs);

@@ -127,7 +127,7 @@ impl Drop for Proxy {
 /// Boots the netboot image with `doc` by fw_cfg (and a persist disk if given).
 fn boot(dir: &Path, name: &str, doc: &Value, persist: Option<&Path>) -> (Vm, PathBuf) {
     let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::Zstd);
+    let image = image(&dir.join("image"), &init, Compression::default());
     let vm_dir = dir.join(name);
     std::fs::create_dir_all(&vm_dir).unwrap();
     let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);

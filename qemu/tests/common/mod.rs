@@ -102,7 +102,7 @@ pub fn baseline_initrd(out: &Path, baseline_init: &Path) -> PathBuf {
     )
     .unwrap();
     let archive = cpio::write_newc(&spec).unwrap();
-    let bytes = powernode_initramfs::compress::compress(&archive, Compression::Zstd).unwrap();
+    let bytes = powernode_initramfs::compress::compress(&archive, Compression::default()).unwrap();
     let path = out.join("baseline-initramfs.img");
     std::fs::write(&path, bytes).unwrap();
     path
