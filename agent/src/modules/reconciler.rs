@@ -499,11 +499,16 @@ impl ModuleRuntime {
                     .is_none_or(|cur| cur.module.digest != m.digest)
             });
         outcome.unchanged = unchanged.into_iter().map(|m| m.name).collect();
-        let this = Arc::clone(&self);
-        let keys = desired.trust_keys.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.prepare(todo, &keys))
-            .await
-            .map_err(|e| ModuleError::Join(e.to_string()))??;
+        // Nothing changed (the common case): no blocking thread, no registry client.
+        let prepared = if todo.is_empty() {
+            Vec::new()
+        } else {
+            let this = Arc::clone(&self);
+            let keys = desired.trust_keys.clone();
+            tokio::task::spawn_blocking(move || this.prepare(todo, &keys))
+                .await
+                .map_err(|e| ModuleError::Join(e.to_string()))??
+        };
         let gone: Vec<String> = self
             .mounted()
             .keys()
