@@ -5,9 +5,9 @@ use std::process::Command;
 
 #[test]
 fn fsverity_digest_matches_the_real_tool() {
-    let Some(tool) = powernode_modfmt::testutil::test_tool("fsverity") else {
-        return;
-    };
+    let tool = powernode_modfmt::testutil::test_tool("fsverity").unwrap_or_else(|| {
+        panic!("`fsverity` (fsverity-utils) is missing: scripts/setup installs it")
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     for (i, size) in [0usize, 1, 4095, 4096, 4097, (1 << 20) + 1, 300_000]

@@ -767,9 +767,12 @@ mod tests {
         out
     }
 
-    /// `fsverity` from fsverity-utils (installed by `scripts/tools` when missing).
-    fn fsverity_tool() -> Option<PathBuf> {
-        crate::testutil::test_tool("fsverity")
+    /// `fsverity` from fsverity-utils (installed by `scripts/tools` when missing);
+    /// missing fails the test naming it.
+    fn fsverity_tool() -> PathBuf {
+        crate::testutil::test_tool("fsverity").unwrap_or_else(|| {
+            panic!("`fsverity` (fsverity-utils) is missing: scripts/setup installs it")
+        })
     }
 
     fn tool_digest(tool: &Path, file: &Path) -> String {
@@ -793,7 +796,7 @@ mod tests {
 
     #[test]
     fn matches_fsverity_digest_tool() {
-        let Some(tool) = fsverity_tool() else { return };
+        let tool = fsverity_tool();
         let dir = tempfile::tempdir().unwrap();
         let mut sizes = vec![0usize, 1, 4095, 4096, 4097, (1 << 20) + 1];
         // Tree-shape edges: exactly one full level-1 hash block, and one past it.
@@ -915,10 +918,7 @@ mod tests {
     #[test]
     fn enable_and_measure_on_tmpfs_say_not_supported() {
         let shm = Path::new("/dev/shm");
-        if !shm.is_dir() {
-            eprintln!("SKIPPED: no /dev/shm");
-            return;
-        }
+        assert!(shm.is_dir(), "no /dev/shm: this test needs a tmpfs there");
         let f = tempfile::tempfile_in(shm).unwrap();
         assert!(matches!(enable(&f), Err(VerityError::NotSupported)));
         assert!(matches!(measure(&f), Err(VerityError::NotSupported)));
@@ -1026,12 +1026,11 @@ mod tests {
         println!("ours, 1 thread : {:8.1} MiB/s ({t1:.3} s)", mib / t1);
         println!("ours, 2 threads: {:8.1} MiB/s ({t2:.3} s)", mib / t2);
         println!("  (no read-ahead: {:8.1} MiB/s ({t3:.3} s))", mib / t3);
-        if let Some(tool) = fsverity_tool() {
-            let (dt, tt) = time(&|| tool_digest(&tool, &path));
-            assert_eq!(dt, d1);
-            println!("fsverity digest: {:8.1} MiB/s ({tt:.3} s)", mib / tt);
-            println!("ratio 1 thread : {:.2}x", tt / t1);
-            println!("ratio 2 threads: {:.2}x", tt / t2);
-        }
+        let tool = fsverity_tool();
+        let (dt, tt) = time(&|| tool_digest(&tool, &path));
+        assert_eq!(dt, d1);
+        println!("fsverity digest: {:8.1} MiB/s ({tt:.3} s)", mib / tt);
+        println!("ratio 1 thread : {:.2}x", tt / t1);
+        println!("ratio 2 threads: {:.2}x", tt / t2);
     }
 }

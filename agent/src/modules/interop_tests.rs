@@ -51,8 +51,10 @@ fn raw_tar(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn skip(what: &str) {
-    eprintln!("\n!!!!! SKIPPED: {what}; this interop test did NOT run !!!!!\n");
+/// A missing prerequisite fails the test naming it: scripts/setup installs every
+/// interop tool, so a run that checked nothing never reports `ok`.
+fn missing(what: &str) -> ! {
+    panic!("interop prerequisite missing: {what}");
 }
 
 /// `oras`/`cosign` from the project cache (scripts/tools), else PATH.
@@ -74,15 +76,10 @@ struct Tools {
     cosign: PathBuf,
 }
 
-fn tools() -> Option<Tools> {
-    let oras = tool("oras");
-    let cosign = tool("cosign");
-    match (oras, cosign) {
-        (Some(oras), Some(cosign)) => Some(Tools { oras, cosign }),
-        _ => {
-            skip("oras/cosign not available (scripts/tools)");
-            None
-        }
+fn tools() -> Tools {
+    match (tool("oras"), tool("cosign")) {
+        (Some(oras), Some(cosign)) => Tools { oras, cosign },
+        _ => missing("oras/cosign not available (scripts/tools fetches them)"),
     }
 }
 
@@ -101,11 +98,10 @@ impl Drop for Registry {
 }
 
 impl Registry {
-    fn start() -> Option<Registry> {
+    fn start() -> Registry {
         let bin = Path::new("/usr/bin/docker-registry");
         if !bin.is_file() {
-            skip("docker-registry not installed (apt-get install -y docker-registry)");
-            return None;
+            missing("docker-registry not installed (scripts/tools installs it)");
         }
         let dir = tempfile::tempdir().unwrap();
         // Pick a free port; the tiny race with other binds is acceptable in tests.
@@ -135,7 +131,7 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(reg);
+                return reg;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -341,8 +337,8 @@ fn publish_dir(
 
 #[test]
 fn registry_interop_and_tamper_matrix() {
-    let Some(t) = tools() else { return };
-    let Some(reg) = Registry::start() else { return };
+    let t = tools();
+    let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let key = Key::generate(&t, &w.join("key-a"));
@@ -643,8 +639,8 @@ impl CountingProxy {
 
 #[test]
 fn dedup_v1_then_v2_moves_only_the_change() {
-    let Some(t) = tools() else { return };
-    let Some(reg) = Registry::start() else { return };
+    let t = tools();
+    let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let key = Key::generate(&t, &w.join("key"));
@@ -792,8 +788,8 @@ fn dedup_v1_then_v2_moves_only_the_change() {
 #[test]
 #[ignore = "benchmark: ~200 MiB, prints figures"]
 fn bench_pull_200mib_vs_oras() {
-    let Some(t) = tools() else { return };
-    let Some(reg) = Registry::start() else { return };
+    let t = tools();
+    let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let key = Key::generate(&t, &w.join("key"));
@@ -1005,8 +1001,8 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
 
     // Tools, registry and publishing are blocking; keep them off the async workers.
     let setup = tokio::task::spawn_blocking(|| {
-        let t = tools()?;
-        let reg = Registry::start()?;
+        let t = tools();
+        let reg = Registry::start();
         let work = tempfile::tempdir().unwrap();
         let w = work.path().to_path_buf();
         let key = Key::generate(&t, &w.join("key"));
@@ -1018,13 +1014,11 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
         let (v2, b2) = publish_dir(&t, &reg, &w, &src, "mod/rt", "v2", true);
         sign(&t, &key, &format!("{}/mod/rt@{v2}", reg.host()));
         let (bad, _) = publish_dir(&t, &reg, &w, &src, "mod/rt", "unsigned", false);
-        Some((reg, work, key, v1, b1, v2, b2, bad))
+        (reg, work, key, v1, b1, v2, b2, bad)
     })
     .await
     .unwrap();
-    let Some((reg, work, key, v1, b1, v2, b2, bad)) = setup else {
-        return;
-    };
+    let (reg, work, key, v1, b1, v2, b2, bad) = setup;
     let w = work.path();
     let mounter = Arc::new(RecordingMounter::default());
     let rt = Arc::new(
@@ -1119,11 +1113,10 @@ fn pulled_module_mounts_with_the_kernel() {
     use super::mount::{mount_module, mount_union, KernelMounter, Mounter, Upper};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !rustix::process::geteuid().is_root() {
-        skip("mounting needs root");
-        return;
+        missing("mounting needs root (the test command runs as root)");
     }
-    let Some(t) = tools() else { return };
-    let Some(reg) = Registry::start() else { return };
+    let t = tools();
+    let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let key = Key::generate(&t, &w.join("key"));

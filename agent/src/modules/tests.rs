@@ -397,15 +397,16 @@ fn wide_layer() -> Vec<u8> {
     l.symlink("longlink", &"x/".repeat(1500)).tar()
 }
 
-fn erofs_tool(name: &str) -> Option<PathBuf> {
+/// An erofs-utils tool; missing fails the test naming it (scripts/setup installs
+/// erofs-utils, so CI always has it).
+fn erofs_tool(name: &str) -> PathBuf {
     powernode_modfmt::testutil::test_tool(name)
+        .unwrap_or_else(|| panic!("`{name}` (erofs-utils) is missing: scripts/setup installs it"))
 }
 
 #[test]
 fn fsck_erofs_accepts_and_extracts_the_image() {
-    let Some(fsck) = erofs_tool("fsck.erofs") else {
-        return;
-    };
+    let fsck = erofs_tool("fsck.erofs");
     let (d, s) = store();
     let mut layers = sample_layers();
     layers.push((TAR, wide_layer()));
@@ -438,7 +439,7 @@ fn fsck_erofs_accepts_and_extracts_the_image() {
         Path::new("../../../../etc/passwd")
     );
     // erofs-utils 1.5 extracts holes as empty files; dump.erofs shows the inode.
-    let dump = Command::new(erofs_tool("dump.erofs").unwrap())
+    let dump = Command::new(erofs_tool("dump.erofs"))
         .args(["--path=/big.bin"])
         .arg(&img)
         .output()
@@ -681,10 +682,11 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, VerityDigest)> {
 /// writable while the store stays as it was.
 #[test]
 fn mounts_composefs_and_a_writable_union_root() {
-    if !is_root() {
-        eprintln!("SKIPPED: mounting needs root");
-        return;
-    }
+    // The test command runs as root; a non-root run fails here naming why.
+    assert!(
+        is_root(),
+        "mounting composefs needs root: run the tests as root (scripts/test)"
+    );
     let (d, s) = store();
     let tree = tree_of(&s, &sample_layers()).unwrap();
     let img = s.commit_image(&tree).unwrap();
@@ -989,9 +991,7 @@ fn random_trees_round_trip_through_the_kernel() {
         }
         (at.clone(), Some(Box::new(U(at))))
     } else {
-        let Some(fsck) = erofs_tool("fsck.erofs") else {
-            return;
-        };
+        let fsck = erofs_tool("fsck.erofs");
         let out = d.path().join("out");
         let st = Command::new(fsck)
             .arg(format!("--extract={}", out.display()))
