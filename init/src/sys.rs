@@ -130,9 +130,13 @@ pub fn open_kmsg() -> Option<std::fs::File> {
 
 /// Writes one line to the console, ignoring errors (there is nowhere else to say so).
 pub fn console_line(line: &str) {
+    // One write with its newline: the kernel prints to the same console whenever it
+    // likes, and a separate newline write is where its records slip in.
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(line.as_bytes());
-    let _ = out.write_all(b"\n");
+    let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }
 

@@ -195,13 +195,78 @@ pub fn try_boot(spec: &VmSpec, deadline: Duration) -> Result<Boot, String> {
     })
 }
 
-/// JSON objects from console lines carrying `prefix` (e.g. `POWERNODE-INIT `).
+/// JSON objects from console lines carrying `prefix` (e.g. `POWERNODE-INIT `). The
+/// kernel prints its own messages to the same serial port whenever it likes, so one
+/// may land inside or right after a line of ours: kernel records that start
+/// mid-line are cut out first, and only the first JSON value after the prefix is
+/// read.
 pub fn events(serial: &str, prefix: &str) -> Vec<Value> {
-    serial
+    without_midline_kernel_records(serial, prefix)
         .lines()
         .filter_map(|l| l.find(prefix).map(|i| &l[i + prefix.len()..]))
-        .filter_map(|j| serde_json::from_str(j.trim()).ok())
+        .filter_map(|j| {
+            serde_json::Deserializer::from_str(j.trim_start())
+                .into_iter::<Value>()
+                .next()
+                .and_then(Result::ok)
+        })
         .collect()
+}
+
+/// `serial` without the kernel log records (`[ SECONDS.MICROS] text` up to the end
+/// of their line) that begin in the middle of another line. A record that split one
+/// of our lines is cut with its newline (the halves join again); one that ended ours
+/// (what follows starts a new line: another record or `prefix`) leaves the newline.
+fn without_midline_kernel_records(serial: &str, prefix: &str) -> String {
+    let bytes = serial.as_bytes();
+    let mut out = String::with_capacity(serial.len());
+    let mut i = 0;
+    let mut copied = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'[' && i > 0 && bytes[i - 1] != b'\n' {
+            if let Some(len) = kernel_stamp_len(&bytes[i..]) {
+                let end = bytes[i + len..]
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(bytes.len(), |p| i + len + p + 1);
+                out.push_str(&serial[copied..i]);
+                let rest = &serial[end..];
+                if rest.is_empty() || rest.starts_with('[') || rest.starts_with(prefix) {
+                    out.push('\n');
+                }
+                copied = end;
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.push_str(&serial[copied..]);
+    out
+}
+
+/// The length of a printk timestamp `[   12.345678] ` at the start of `b`.
+fn kernel_stamp_len(b: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while b.get(i) == Some(&b' ') {
+        i += 1;
+    }
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    (digits(&mut i)
+        && b.get(i) == Some(&b'.')
+        && {
+            i += 1;
+            digits(&mut i)
+        }
+        && b.get(i) == Some(&b']')
+        && b.get(i + 1) == Some(&b' '))
+    .then_some(i + 2)
 }
 
 pub fn event<'a>(events: &'a [Value], key: &str, value: &str) -> Option<&'a Value> {
@@ -367,4 +432,22 @@ pub fn assert_identity_found_after_network(inst: &Value) {
     };
     assert!(pos("network_up") < pos("identity_found"), "{names:?}");
     assert!(pos("identity_found") < pos("enrolled"), "{names:?}");
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::*;
+
+    #[test]
+    fn kernel_records_inside_or_after_our_lines_do_not_hide_events() {
+        let serial = "[    1.0] boot\r\n\
+            POWERNODE-INIT {\"event\":\"a\",\"list\":[1,2]}[    2.079207] tsc: Refined TSC\r\n\
+            POWERNODE-INIT {\"event\":\"b\",\"x\":\"y[    2.5] clocksource: switched\r\nz\"}\r\n\
+            POWERNODE-INIT {\"event\":\"c\"}\r\n";
+        let ev = events(serial, "POWERNODE-INIT ");
+        let names: Vec<&str> = ev.iter().filter_map(|e| e["event"].as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(ev[1]["x"], "yz");
+        assert_eq!(ev[0]["list"], serde_json::json!([1, 2]));
+    }
 }
