@@ -640,39 +640,21 @@ fn run_on(
 /// The kernel mounter, with composefs image files put on a loop device first.
 struct LoopMounter;
 
-/// Set once the composefs modules are in the kernel.
-static COMPOSEFS_LOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Loads [`crate::layout::COMPOSEFS_MODULES`] before the first module mount (the
-/// boot leaves them out: a node without modules never needs them).
+/// Loads [`crate::layout::COMPOSEFS_MODULES`] before a module mount (the boot leaves
+/// them out: a node without modules never needs them); modules already in the
+/// kernel are skipped by their `/sys/module` entry.
 fn ensure_composefs_modules(
     spec: &powernode_agent::modules::mount::MountSpec,
 ) -> Result<(), powernode_agent::modules::mount::MountError> {
-    use std::sync::atomic::Ordering;
-    if COMPOSEFS_LOADED.load(Ordering::Acquire) {
-        return Ok(());
-    }
-    let mut sys = crate::sys::RealSys::new();
-    let report =
-        crate::modules::load_demand(&mut sys, crate::layout::COMPOSEFS_MODULES).map_err(|e| {
-            powernode_agent::modules::mount::MountError::Syscall {
-                step: "loading the composefs kernel modules",
-                fstype: spec.fstype,
-                target: spec.target.clone(),
-                kernel_log: powernode_agent::error_chain(&e),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
-    if !report.ms.is_empty() {
-        let timing: Vec<String> = report
-            .ms
-            .iter()
-            .map(|(n, ms)| format!("{n}={ms}ms"))
-            .collect();
-        log::info!("composefs kernel modules loaded: {}", timing.join(" "));
-    }
-    COMPOSEFS_LOADED.store(true, Ordering::Release);
-    Ok(())
+    crate::modules::load_on_demand("composefs", crate::layout::COMPOSEFS_MODULES).map_err(|chain| {
+        powernode_agent::modules::mount::MountError::Syscall {
+            step: "loading the composefs kernel modules",
+            fstype: spec.fstype,
+            target: spec.target.clone(),
+            kernel_log: chain.clone(),
+            source: std::io::Error::other(chain),
+        }
+    })
 }
 
 impl powernode_agent::modules::mount::Mounter for LoopMounter {

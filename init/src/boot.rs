@@ -639,14 +639,9 @@ fn deliberate_panic() {
 
 fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let report = modules::load_boot(boot.sys)?;
-    let timing: Vec<String> = report
-        .ms
-        .iter()
-        .map(|(n, ms)| format!("{n}={ms}ms"))
-        .collect();
     log::info!(
         "kernel modules loaded: {} (already loaded: {}; no device for: {})",
-        timing.join(" "),
+        report.timing(),
         report.already.join(" "),
         report.no_device.join(" ")
     );

@@ -24,6 +24,4 @@ pub const COMPOSEFS_MODULES: &[&str] = &["erofs", "overlay", "loop"];
 pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("iso9660", &["isofs", "nls_utf8"]),
     ("vfat", &["vfat", "nls_cp437", "nls_ascii"]),
-    ("erofs", &["erofs"]),
-    ("overlay", &["overlay"]),
 ];

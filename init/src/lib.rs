@@ -112,25 +112,9 @@ pub fn run() -> ! {
 /// mounts one (the config drive): the kernel has no `modprobe` to call here.
 fn register_fs_loader() {
     powernode_agent::kmod::set_fs_loader(Box::new(|fstype: &str| {
-        let Some((_, names)) = layout::FS_MODULES.iter().find(|(fs, _)| *fs == fstype) else {
-            return Ok(());
-        };
-        let mut sys = sys::RealSys::new();
-        modules::load_demand(&mut sys, names)
-            .map(|report| {
-                if !report.loaded.is_empty() {
-                    log::info!("kernel modules for {fstype}: {}", report.loaded.join(" "));
-                }
-            })
-            .map_err(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                text
-            })
+        match layout::FS_MODULES.iter().find(|(fs, _)| *fs == fstype) {
+            Some((_, names)) => modules::load_on_demand(fstype, names),
+            None => Ok(()),
+        }
     }));
 }

@@ -377,6 +377,29 @@ pub fn load_boot(sys: &mut dyn Sys) -> Result<LoadReport, ModuleError> {
     Ok(report)
 }
 
+impl LoadReport {
+    /// `name=MSms` per module loaded or tried, in load order.
+    pub fn timing(&self) -> String {
+        self.ms
+            .iter()
+            .map(|(n, ms)| format!("{n}={ms}ms"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// [`load_demand`] on the real kernel for `what` (a filesystem, `composefs`): logs
+/// what it loaded; the error is the whole cause chain, for a caller outside the
+/// boot phases (the agent library's mounts).
+pub fn load_on_demand(what: &str, names: &[&str]) -> Result<(), String> {
+    let mut sys = crate::sys::RealSys::new();
+    let report = load_demand(&mut sys, names).map_err(|e| powernode_agent::error_chain(&e))?;
+    if !report.ms.is_empty() {
+        log::info!("kernel modules for {what}: {}", report.timing());
+    }
+    Ok(())
+}
+
 /// Loads `names` (any `when`) and their dependencies now. Names not in the load
 /// order are skipped: built into this kernel, or no initramfs any more (after
 /// switch_root the boot loaded them already). No load-order file is the same.
