@@ -14,7 +14,8 @@
 //! ([`with_supervised`]) that the reaper takes too.
 //!
 //! A service's stdout and stderr go to the agent's own (the console, as PID 1), each
-//! line prefixed with the service name, and its last lines are kept for
+//! line prefixed with the service name (written by one console thread that never holds
+//! up the runtime), and its last lines are kept for
 //! `collect_diagnostics` ([`Supervisor::output`]).
 //!
 //! It must never panic on a bad service declaration: a spawn failure is a `failed`
@@ -24,7 +25,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use powernode_proto::node::ServiceState;
@@ -262,25 +263,51 @@ async fn forward(
                 line.push(b);
             }
         }
-        echo(stderr, &text);
+        echo(stderr, text);
     }
     if !line.is_empty() {
-        echo(stderr, &emit(&line));
+        echo(stderr, emit(&line));
     }
 }
 
-/// Writes a batch of prefixed lines to the agent's stdout or stderr: one short
-/// blocking write (the console), ignored when it fails (the lines are kept anyway).
-fn echo(stderr: bool, text: &[u8]) {
-    use std::io::Write;
+/// Batches of service output waiting for the console; past this many, batches are
+/// dropped from the console (they are still in the rings).
+const ECHO_QUEUE: usize = 256;
+
+/// A batch for the console: (to stderr, prefixed lines).
+type EchoTx = std::sync::mpsc::SyncSender<(bool, Vec<u8>)>;
+
+/// Hands a batch of prefixed lines to the one console-writer thread, never waiting:
+/// as PID 1 the agent's runtime is a single thread, and a console write (a serial
+/// port, byte by byte under emulation) must not hold up its heartbeats because a
+/// service is chatty. When the writer lags the batch is dropped from the console
+/// only.
+fn echo(stderr: bool, text: Vec<u8>) {
+    static WRITER: OnceLock<Option<EchoTx>> = OnceLock::new();
     if text.is_empty() {
         return;
     }
-    let _ = if stderr {
-        std::io::stderr().lock().write_all(text)
-    } else {
-        std::io::stdout().lock().write_all(text)
-    };
+    let writer = WRITER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(bool, Vec<u8>)>(ECHO_QUEUE);
+        std::thread::Builder::new()
+            .name("service-output".into())
+            .spawn(move || {
+                use std::io::Write;
+                for (stderr, text) in rx {
+                    // Nowhere to report a console that fails; the rings keep the lines.
+                    let _ = if stderr {
+                        std::io::stderr().lock().write_all(&text)
+                    } else {
+                        std::io::stdout().lock().write_all(&text)
+                    };
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = writer {
+        let _ = tx.try_send((stderr, text));
+    }
 }
 
 /// Spawns the service in its own process group, registering its pid under the lock.
