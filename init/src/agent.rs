@@ -579,11 +579,11 @@ fn node_hooks(
         )
     })?;
     let services = Arc::new(ServiceSupervisor::default());
-    // What a swap or detach leaves unreferenced is collected, and what earlier boots
-    // left at the first reconcile, keeping the root's images. With the initramfs as
-    // root there are none; a composed root's must be known exactly (from the
-    // hand-off), else nothing is collected: deleting an object the running root
-    // reads would break it.
+    // What a swap or detach leaves unreferenced is collected (and, on /persist, what
+    // earlier boots left, at the first reconcile), keeping the root's images. With
+    // the initramfs as root there are none; a composed root's must be known exactly
+    // (from the hand-off), else nothing is collected: deleting an object the running
+    // root reads would break it.
     let collect = match root_images {
         Some(images) => Some(images),
         None if root_modules.is_empty() => Some(Vec::new()),
@@ -601,6 +601,9 @@ fn node_hooks(
     .expose_mountpoints();
     if let Some(keep) = collect {
         modules = modules.with_gc(keep);
+        if state_dir.starts_with(crate::boot::PERSIST_MOUNT) {
+            modules = modules.collect_on_first_reconcile();
+        }
     }
     let modules = Arc::new(modules);
     Ok(Hooks {

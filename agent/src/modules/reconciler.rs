@@ -282,11 +282,16 @@ impl ModuleRuntime {
 
     /// Turns on garbage collection; `root_images` are the composefs images of the root
     /// modules in use (they share the store), kept along with the mounted modules'.
-    /// The first reconcile collects too: a store that outlives boots (`/persist`)
-    /// sheds what earlier root and runtime versions left there.
     pub fn with_gc(mut self, root_images: Vec<VerityDigest>) -> Self {
         self.gc_keep = Some(root_images);
-        self.swaps = std::sync::atomic::AtomicBool::new(true);
+        self
+    }
+
+    /// With [`with_gc`](Self::with_gc): the first reconcile collects too, so a store
+    /// that outlives boots (`/persist`) sheds what earlier root and runtime versions
+    /// left there. (A fresh tmpfs store has nothing to shed.)
+    pub fn collect_on_first_reconcile(self) -> Self {
+        self.swaps.store(true, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -724,7 +729,11 @@ mod runtime_tests {
         let old = tree("root-v1", b"v1\n");
         assert!(store.has_image(&old.image_digest));
         drop(store);
-        let rt = Arc::new(runtime(dir.path()).with_gc(vec![root.image_digest]));
+        let rt = Arc::new(
+            runtime(dir.path())
+                .with_gc(vec![root.image_digest])
+                .collect_on_first_reconcile(),
+        );
         rt.reconcile(&DesiredModulesResponse::default())
             .await
             .expect("empty desired set");
