@@ -398,23 +398,23 @@ impl Handle {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
 
-    /// Asks the monitor to stop; `None` when the monitor is gone.
-    async fn stop(&self, grace: Duration, kill: bool) -> StopOutcome {
-        let (tx, rx) = oneshot::channel();
-        if self
-            .cmds
-            .send(Cmd::Stop {
-                grace,
-                kill,
-                reply: tx,
-            })
-            .is_err()
-        {
-            return StopOutcome::Stopped;
-        }
-        rx.await.unwrap_or(StopOutcome::Stopped)
+/// Asks a service's monitor to stop and waits for its answer; a monitor that is
+/// gone has nothing left to stop.
+async fn send_stop(cmds: &mpsc::UnboundedSender<Cmd>, grace: Duration, kill: bool) -> StopOutcome {
+    let (tx, rx) = oneshot::channel();
+    if cmds
+        .send(Cmd::Stop {
+            grace,
+            kill,
+            reply: tx,
+        })
+        .is_err()
+    {
+        return StopOutcome::Stopped;
     }
+    rx.await.unwrap_or(StopOutcome::Stopped)
 }
 
 /// The monitor of one service: owns its process, applies the restart policy and
@@ -645,20 +645,38 @@ impl ServiceSupervisor {
 
     /// Stops (SIGTERM, SIGKILL after each one's stop timeout) and forgets a
     /// module's services, in reverse start order.
+    /// They stay listed (`stopping`) until stopped, so a slow stop during a module
+    /// swap shows in heartbeats instead of the services vanishing at once.
     pub async fn remove_module(&self, module: &str) -> StopReport {
-        let handles: Vec<Handle> = {
-            let mut inner = self.lock();
-            let (gone, keep) = std::mem::take(&mut inner.services)
-                .into_iter()
-                .partition(|h| h.spec.module == module);
-            inner.services = keep;
-            gone
-        };
+        type Stopping = (
+            String,
+            Duration,
+            mpsc::UnboundedSender<Cmd>,
+            Arc<Mutex<Status>>,
+        );
+        let stopping: Vec<Stopping> = self
+            .lock()
+            .services
+            .iter()
+            .filter(|h| h.spec.module == module)
+            .map(|h| {
+                let s = &h.spec;
+                (
+                    s.name.clone(),
+                    s.stop_timeout,
+                    h.cmds.clone(),
+                    h.status.clone(),
+                )
+            })
+            .collect();
         let mut report = StopReport::default();
-        for h in handles.iter().rev() {
-            let outcome = h.stop(h.spec.stop_timeout, true).await;
-            record(&mut report, &h.spec.name, outcome);
+        for (name, stop_timeout, cmds, _) in stopping.iter().rev() {
+            let outcome = send_stop(cmds, *stop_timeout, true).await;
+            record(&mut report, name, outcome);
         }
+        self.lock()
+            .services
+            .retain(|h| !stopping.iter().any(|(.., st)| Arc::ptr_eq(st, &h.status)));
         report
     }
 
@@ -723,20 +741,7 @@ impl Supervisor for ServiceSupervisor {
                 // A kill stop honours each service's own timeout within the budget; a
                 // drain gives each what is left of the budget.
                 let grace = if kill { stop_timeout.min(left) } else { left }.max(MIN_GRACE);
-                let (tx, rx) = oneshot::channel();
-                let outcome = if cmds
-                    .send(Cmd::Stop {
-                        grace,
-                        kill,
-                        reply: tx,
-                    })
-                    .is_err()
-                {
-                    StopOutcome::Stopped
-                } else {
-                    rx.await.unwrap_or(StopOutcome::Stopped)
-                };
-                record(&mut report, &name, outcome);
+                record(&mut report, &name, send_stop(&cmds, grace, kill).await);
             }
             report
         })
@@ -1006,6 +1011,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(sup.services()[0].restarts, n);
         assert_eq!(sup.services()[0].state, "stopped");
+    }
+
+    /// A module's services stay listed as `stopping` while a slow stop runs (what
+    /// heartbeats show during a module swap), and are gone once stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remove_module_lists_services_while_they_stop() {
+        let sup = Arc::new(ServiceSupervisor::new(fast()));
+        let script = "trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done";
+        let mut slow =
+            ServiceSpec::new("slow", "one", vec!["sh".into(), "-c".into(), script.into()]);
+        slow.stop_timeout = Duration::from_secs(10);
+        sup.add(vec![slow]);
+        wait_for(&sup, "running", |s| s.iter().all(|s| s.state == "running")).await;
+        let bg = sup.clone();
+        let removing = tokio::spawn(async move { bg.remove_module("one").await });
+        wait_for(&sup, "stopping and still listed", |s| {
+            s.len() == 1 && s[0].state == "stopping"
+        })
+        .await;
+        let report = removing.await.unwrap();
+        assert_eq!(report.stopped, vec!["slow"]);
+        assert!(sup.services().is_empty(), "{:?}", sup.services());
     }
 
     #[tokio::test]

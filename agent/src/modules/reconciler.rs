@@ -535,10 +535,11 @@ impl ModuleRuntime {
         }
         for p in &prepared {
             let name = p.desired.name.clone();
-            let old = self.mounted().remove(&name);
-            if old.is_some() {
+            // The old version stays listed (heartbeats) while its services stop.
+            if self.mounted().contains_key(&name) {
                 self.stop_services(&name).await;
             }
+            let old = self.mounted().remove(&name);
             let change = ModuleChange {
                 name: name.clone(),
                 version: p.desired.version.clone(),
