@@ -747,7 +747,7 @@ struct DrainParams {
 }
 
 /// Runs one leased task to completion. `Break` means the agent must stop.
-async fn run_task(shared: &Shared, task: LeasedTask) -> ControlFlow<()> {
+async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
     tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params, "task leased");
     let outcome = match task.kind {
         TaskKind::Drain => drain(shared, &task).await,
@@ -828,7 +828,7 @@ fn cancelled_result(what: &str) -> (TaskStatus, serde_json::Value) {
 /// Fetches the desired modules and reconciles now; the result says what changed.
 /// The task's params (the server's view of the drift) are informative only: the
 /// desired set, fetched now, decides.
-async fn module_update(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+async fn module_update(shared: &Arc<Shared>, task: &LeasedTask) -> TaskOutcome {
     if renew_lease(shared, task, "fetching desired modules").await? {
         return Ok(cancelled_result("before any change"));
     }
@@ -849,8 +849,8 @@ async fn module_update(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     // The reconcile runs as its own task: a cancel stops the waiting, never a module
     // half way through its swap (services stopped, mounts changing).
     let reconciler = shared.reconciler.clone();
-    let work = tokio::spawn(async move { reconciler.reconcile(&desired).await });
-    let result = match while_leased(shared, task, "reconciling modules", work).await? {
+    let mut work = tokio::spawn(async move { reconciler.reconcile(&desired).await });
+    let result = match while_leased(shared, task, "reconciling modules", &mut work).await? {
         Leased::Done(Ok(r)) => r,
         Leased::Done(Err(e)) => Err(FailureReport {
             phase: Phase::ModulesVerified,
@@ -859,12 +859,21 @@ async fn module_update(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
             attempt: 0,
         }),
         Leased::Cancelled => {
+            // The task's answer goes now; the reconcile's own result still reaches
+            // the heartbeats when it is done.
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Ok(result) = work.await {
+                    record_reconcile(&shared, &result);
+                    shared.wake_heartbeat.notify_one();
+                }
+            });
             return Ok((
                 TaskStatus::Cancelled,
                 serde_json::json!({"cancelled": true,
                     "message": "cancelled while reconciling: the reconcile in flight completes \
                                 (no module is left half swapped); heartbeats report the result"}),
-            ))
+            ));
         }
     };
     record_reconcile(shared, &result);

@@ -790,3 +790,201 @@ fn composed_root_runs_runtime_modules_and_a_reboot_applies_a_root_change() {
         node.context()()
     );
 }
+
+/// The ids of the tasks of `kind` created on the instance, newest first (tasks the
+/// server schedules itself, such as a `module_update` after a publication).
+fn created_tasks(stub: &Stub, instance_id: &str, kind: &str) -> Vec<String> {
+    let events = stub.cli(&["recent-events", "--instance", instance_id, "--limit", "200"]);
+    events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "task.created" && e["detail"]["kind"] == kind)
+        .filter_map(|e| e["detail"]["task_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits until the agent has answered a task the operator cancelled (the server
+/// keeps its account beside the cancellation).
+fn wait_agent_answer(node: &mut Node, stub: &Stub, id: &str) -> Value {
+    let ctx = node.context();
+    wait_until(
+        &format!("the agent's answer to cancelled task {id}"),
+        TO_CHANGE,
+        &mut node.vm,
+        &ctx,
+        || {
+            let t = task(stub, id);
+            t["result"]["agent_status"].is_string().then_some(t)
+        },
+    )
+}
+
+/// `cancel-task` on the two node tasks that change the machine, each caught part
+/// way (a service that takes 20 s to stop on SIGTERM keeps them there): a reboot
+/// cancelled while the services stop restarts them, uncordons and never reboots; a
+/// module update cancelled mid-swap lets the swap in flight finish (no module is
+/// left half swapped) and the node ends on the desired version. Both cancellations
+/// and the agent's own account are read back from get-task.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn cancelled_reboot_and_module_update_leave_the_node_whole() {
+    let dir = test_dir("runtime_cancel_mid_task");
+    let stub = Stub::start(&dir);
+    let slow = json!({"name": "slowstop",
+        "command": ["bin/busybox", "sh", "-c",
+                    "trap 'sleep 20; exit 0' TERM; while :; do sleep 1; done"],
+        "restart": "always", "stop_timeout_seconds": 60});
+    let v1 = publish_runtime(
+        &stub,
+        &dir,
+        "slow",
+        "1.0.0",
+        labels(None, std::slice::from_ref(&slow)),
+    );
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "slow",
+    ]);
+    // A short lease: renewals, where a cancel is seen, every 2 s.
+    let mut node = boot_with(
+        &stub,
+        &dir,
+        "cancel-mid-task-1",
+        "vm",
+        &[&format!("powernode.lease_s={LEASE_S}")],
+    );
+    let id = node.instance_id.clone();
+    let running = node.wait(&stub, "running with slowstop", TO_RUNNING, |i| {
+        i["status"] == "running"
+            && module_digest(i, "slow") == Some(&v1)
+            && service(i, "slowstop").is_some_and(|s| s["state"] == "running")
+    });
+    let first_pid = service(&running, "slowstop").unwrap()["pid"].clone();
+
+    // A reboot, cancelled while slowstop is stopping.
+    let reboot = stub.cli(&["reboot-instance", &id, "--drain-timeout-seconds", "120"]);
+    let reboot_id = task_id(&reboot);
+    node.wait(&stub, "slowstop stopping for the reboot", TO_CHANGE, |i| {
+        service(i, "slowstop").is_some_and(|s| s["state"] == "stopping")
+    });
+    let t = task(&stub, &reboot_id);
+    assert_eq!(t["status"], "running", "{t}");
+    assert_eq!(t["progress"], "stopping services for reboot", "{t}");
+    let cancelled = stub.cli(&["cancel-task", &reboot_id]);
+    assert_eq!(
+        task(&stub, &reboot_id)["status"],
+        "cancelled",
+        "{cancelled}"
+    );
+    let answered = wait_agent_answer(&mut node, &stub, &reboot_id);
+    assert_eq!(answered["status"], "cancelled", "{answered}");
+    assert_eq!(
+        answered["result"]["agent_status"], "cancelled",
+        "{answered}"
+    );
+    assert_eq!(
+        answered["result"]["agent_result"]["services_restarted"],
+        json!(["slowstop"]),
+        "{answered}"
+    );
+    // Up again, uncordoned, slowstop a new process; `wait` fails if QEMU exits (the
+    // guest rebooting ends QEMU: it runs with -no-reboot).
+    let after_reboot = node.wait(
+        &stub,
+        "slowstop running again, uncordoned",
+        TO_CHANGE,
+        |i| {
+            i["status"] == "running"
+                && i["cordoned"] == false
+                && service(i, "slowstop")
+                    .is_some_and(|s| s["state"] == "running" && s["pid"] != first_pid)
+        },
+    );
+    assert_eq!(
+        after_reboot["enrolled_at"], running["enrolled_at"],
+        "the node enrolled again: {after_reboot}"
+    );
+    let second_pid = service(&after_reboot, "slowstop").unwrap()["pid"].clone();
+
+    // A module update (scheduled by the server at the publication), cancelled
+    // while the reconcile swaps v1 (slowstop stopping) for v2.
+    let earlier = created_tasks(&stub, &id, "module_update");
+    let v2 = publish_runtime(
+        &stub,
+        &dir,
+        "slow",
+        "2.0.0",
+        labels(None, std::slice::from_ref(&slow)),
+    );
+    let ctx = node.context();
+    let update_id = wait_until(
+        "the module_update task the publication scheduled",
+        TO_CHANGE,
+        &mut node.vm,
+        &ctx,
+        || {
+            created_tasks(&stub, &id, "module_update")
+                .into_iter()
+                .find(|t| !earlier.contains(t))
+        },
+    );
+    let leased = wait_until(
+        "the module update reconciling",
+        TO_CHANGE,
+        &mut node.vm,
+        &ctx,
+        || {
+            let t = task(&stub, &update_id);
+            assert!(
+                !matches!(t["status"].as_str(), Some("succeeded" | "failed")),
+                "the update ended before it could be cancelled: {t}"
+            );
+            (t["progress"] == "reconciling modules").then_some(t)
+        },
+    );
+    // Mid-swap, heartbeats still show v1 with its service stopping.
+    node.wait(&stub, "v1 listed, slowstop stopping", TO_CHANGE, |i| {
+        service(i, "slowstop").is_some_and(|s| s["state"] == "stopping")
+    });
+    let mid = stub.instance(&id);
+    assert_eq!(
+        module_digest(&mid, "slow"),
+        Some(v1.as_str()),
+        "swapped already? {mid}"
+    );
+    stub.cli(&["cancel-task", &update_id]);
+    let answered = wait_agent_answer(&mut node, &stub, &update_id);
+    assert_eq!(answered["status"], "cancelled", "{answered}");
+    assert_eq!(
+        answered["result"]["agent_status"], "cancelled",
+        "{answered}"
+    );
+    assert!(
+        answered["result"]["agent_result"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reconcile in flight completes")),
+        "{answered}"
+    );
+    // The swap in flight finished: v2 runs, its service a new process, no drift.
+    let updated = node.wait(&stub, "v2 running after the cancel", TO_CHANGE, |i| {
+        module_digest(i, "slow") == Some(&v2)
+            && service(i, "slowstop")
+                .is_some_and(|s| s["state"] == "running" && s["pid"] != second_pid)
+    });
+    assert_eq!(updated["status"], "running", "{updated}");
+    assert_eq!(updated["last_reconcile"]["ok"], true, "{updated}");
+    let drift = stub.cli(&["drift-report", &id]);
+    assert_eq!(drift["drift"], false, "{drift}");
+    eprintln!("cancel_mid_task: update leased as {leased}");
+
+    stub.cli(&["terminate-instance", &id, "--force"]);
+    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "{exit:?}\n{}",
+        node.context()()
+    );
+}
