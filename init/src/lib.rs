@@ -48,6 +48,7 @@ pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod netlink;
+pub mod shutdown;
 pub mod switch_root;
 pub mod sys;
 

@@ -1,5 +1,5 @@
 //! The syscall seam: every call the init makes to the kernel goes through [`Sys`].
-//! [`RealSys`] does them: rustix first (mount, mkdir, finit_module, reboot, sync,
+//! [`RealSys`] does them: rustix first (mount, umount, mkdir, finit_module, reboot, sync,
 //! clock_gettime, netlink and UDP sockets, chroot, statfs), nix where rustix lacks
 //! the call (`SO_BINDTODEVICE`), std for plain file I/O and `exec`.
 //! [`fake::FakeSys`] records every call so that tests can assert the exact boot
@@ -53,6 +53,15 @@ pub trait Sys {
     fn sync(&mut self);
     /// Does not return on success on a real kernel.
     fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno>;
+    /// `mount(NULL, target, NULL, MS_REMOUNT|MS_RDONLY, "")`: the whole superblock
+    /// goes read-only (ext4 writes its journal out and marks itself clean).
+    fn remount_read_only(&mut self, target: &str) -> Result<(), Errno>;
+    /// `umount2(target, 0)`: no force, no lazy detach (a lazily detached filesystem
+    /// would stay dirty out of reach).
+    fn umount(&mut self, target: &str) -> Result<(), Errno>;
+    /// Calls `reboot(kind)` from a thread after `after`, whatever this thread is
+    /// doing then: the bound on a shutdown step stuck in the kernel.
+    fn arm_watchdog(&mut self, after: Duration, kind: RebootKind);
     fn sleep(&mut self, duration: Duration);
     /// `/dev` is mounted: start logging to `/dev/kmsg`.
     fn start_logging(&mut self);
@@ -222,6 +231,32 @@ impl Sys for RealSys {
             RebootKind::PowerOff => rustix::system::RebootCommand::PowerOff,
             RebootKind::Restart => rustix::system::RebootCommand::Restart,
         })
+    }
+
+    fn remount_read_only(&mut self, target: &str) -> Result<(), Errno> {
+        rustix::mount::mount_remount(target, MountFlags::RDONLY, "")
+    }
+
+    fn umount(&mut self, target: &str) -> Result<(), Errno> {
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())
+    }
+
+    fn arm_watchdog(&mut self, after: Duration, kind: RebootKind) {
+        let spawned = std::thread::Builder::new()
+            .name("shutdown-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(after);
+                // Straight to fd 1: the logger's or stdout's lock may be what is stuck.
+                let line = format!(
+                    "powernode-init: shutdown still not done after {} s; {kind:?} now\n",
+                    after.as_secs()
+                );
+                let _ = rustix::io::write(rustix::stdio::stdout(), line.as_bytes());
+                let _ = RealSys::new().reboot(kind);
+            });
+        if let Err(e) = spawned {
+            log::warn!("shutdown: no watchdog thread ({e}); carrying on without one");
+        }
     }
 
     fn sleep(&mut self, duration: Duration) {
@@ -525,6 +560,9 @@ pub mod fake {
         Console(String),
         Sync,
         Reboot(RebootKind),
+        RemountReadOnly(String),
+        Umount(String),
+        Watchdog(Duration, RebootKind),
         Sleep(Duration),
         StartLogging,
         Create(String, String),
@@ -549,6 +587,13 @@ pub mod fake {
         pub calls: Vec<Call>,
         pub files: BTreeMap<String, Vec<u8>>,
         pub mount_errors: BTreeMap<String, Errno>,
+        /// `remount_read_only` of these targets fails with this errno.
+        pub remount_errors: BTreeMap<String, Errno>,
+        /// Remounts of these targets fail `EBUSY` this many times, then work (a
+        /// mount busy until another one goes).
+        pub remount_busy_left: BTreeMap<String, u32>,
+        /// `umount` of these targets fails with this errno.
+        pub umount_errors: BTreeMap<String, Errno>,
         pub module_errors: BTreeMap<String, ModuleSysError>,
         /// Module loads that fail this many times before succeeding.
         pub module_failures_left: BTreeMap<String, u32>,
@@ -595,6 +640,36 @@ pub mod fake {
                     _ => None,
                 })
                 .collect()
+        }
+
+        /// The calls from the last watchdog on: what `failure::reset` did.
+        pub fn reset_calls(&self) -> &[Call] {
+            let from = self
+                .calls
+                .iter()
+                .rposition(|c| matches!(c, Call::Watchdog(..)))
+                .unwrap_or(self.calls.len());
+            &self.calls[from..]
+        }
+
+        /// Whether the calls end with a whole `failure::reset` to `kind`: watchdog,
+        /// sync, the mount table read, only remounts / unmounts and the console
+        /// event, then `reboot(kind)`.
+        pub fn ends_with_reset(&self, kind: RebootKind) -> bool {
+            match self.reset_calls() {
+                [Call::Watchdog(_, k), Call::Sync, Call::Read(table), middle @ .., Call::Reboot(last)] => {
+                    *k == kind
+                        && *last == kind
+                        && table == crate::shutdown::MOUNTINFO
+                        && middle.iter().all(|c| {
+                            matches!(
+                                c,
+                                Call::RemountReadOnly(_) | Call::Umount(_) | Call::Console(_)
+                            )
+                        })
+                }
+                _ => false,
+            }
         }
 
         pub fn console_lines(&self) -> Vec<String> {
@@ -683,6 +758,34 @@ pub mod fake {
         fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno> {
             self.calls.push(Call::Reboot(kind));
             Ok(())
+        }
+
+        fn remount_read_only(&mut self, target: &str) -> Result<(), Errno> {
+            self.calls.push(Call::RemountReadOnly(target.to_string()));
+            self.now_ms += 1;
+            if let Some(left) = self.remount_busy_left.get_mut(target) {
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(Errno::BUSY);
+                }
+            }
+            match self.remount_errors.get(target) {
+                Some(e) => Err(*e),
+                None => Ok(()),
+            }
+        }
+
+        fn umount(&mut self, target: &str) -> Result<(), Errno> {
+            self.calls.push(Call::Umount(target.to_string()));
+            self.now_ms += 1;
+            match self.umount_errors.get(target) {
+                Some(e) => Err(*e),
+                None => Ok(()),
+            }
+        }
+
+        fn arm_watchdog(&mut self, after: Duration, kind: RebootKind) {
+            self.calls.push(Call::Watchdog(after, kind));
         }
 
         fn sleep(&mut self, duration: Duration) {

@@ -1,0 +1,695 @@
+//! Leaving the disks clean before `reboot(2)`: what systemd-shutdown's umount loop
+//! does, for the few mounts a Powernode node has. Without it the `/persist` ext4
+//! keeps `needs_recovery` set at every power-off, each boot replays its journal,
+//! and a power cut mid-write looks like any other shutdown.
+//!
+//! The mounts come from `/proc/self/mountinfo`. Only writable mounts that can hold
+//! data past the power-off are touched: those backed by a block or loop device
+//! (`/persist`), and overlays (a composed root whose upper layer lives on
+//! `/persist`). tmpfs, proc, sysfs, devtmpfs and the like are left alone: there is
+//! nothing on them to lose. Overlays go first (remounting one read-only makes the
+//! kernel sync its upper), then the rest, deepest mount point first.
+//!
+//! Each mount is remounted read-only first (`MS_REMOUNT|MS_RDONLY`, which makes ext4
+//! write its journal out and mark itself clean), then unmounted. Not unmount
+//! first: an unmount can succeed while the superblock lives on through another
+//! mount of it (an overlay keeps a private clone of its upper's mount), and then
+//! nothing could reach it to make it read-only. An unmount that fails after the
+//! read-only remount (busy: loop devices backing the composed root, or `/` itself)
+//! leaves a clean, read-only filesystem, which is all that matters here.
+//!
+//! It must never panic and never loop without bound: a few rounds while progress is
+//! made, each mount still writable at the end logged once with its errno, and the
+//! power-off happens whatever the outcome.
+
+use crate::sys::{Errno, Sys};
+
+/// Where the kernel lists this process's mounts.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
+const MOUNTINFO_LIMIT: usize = 1 << 20;
+/// Rounds of the loop: a later round only helps when an earlier one made progress
+/// (a mount that held another busy went away).
+pub const MAX_ROUNDS: u32 = 4;
+
+/// Filesystems with nothing to lose at power-off, never touched.
+const VIRTUAL_FSTYPES: &[&str] = &[
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "efivarfs",
+    "fusectl",
+    "hugetlbfs",
+    "mqueue",
+    "proc",
+    "pstore",
+    "ramfs",
+    "rootfs",
+    "securityfs",
+    "sysfs",
+    "tmpfs",
+    "tracefs",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MountInfoError {
+    #[error("mountinfo line {line}: no {field}")]
+    Missing { line: usize, field: &'static str },
+    #[error("mountinfo line {line}: no ` - ` separator after the optional fields")]
+    NoSeparator { line: usize },
+    #[error("mountinfo line {line}: {field} {value:?} is not a number")]
+    Number {
+        line: usize,
+        field: &'static str,
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("mountinfo line {line}: {field} has a bad escape (want \\ and three octal digits)")]
+    Escape { line: usize, field: &'static str },
+    #[error("mountinfo line {line}: {field} is not UTF-8 once unescaped")]
+    NotUtf8 { line: usize, field: &'static str },
+}
+
+/// One line of `/proc/self/mountinfo` (proc(5)), paths unescaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u32,
+    pub parent: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// The root of the mount within its filesystem.
+    pub root: String,
+    pub mount_point: String,
+    /// Per-mount options (`rw,nosuid,relatime`).
+    pub mount_options: String,
+    /// Optional fields (`shared:1`, `master:2`), possibly none.
+    pub optional: Vec<String>,
+    pub fstype: String,
+    pub source: String,
+    /// Per-superblock options, as the kernel wrote them.
+    pub super_options: String,
+}
+
+fn has_option(options: &str, name: &str) -> bool {
+    options.split(',').any(|o| o == name)
+}
+
+impl MountEntry {
+    /// Read-only for this mount or for its whole superblock.
+    pub fn read_only(&self) -> bool {
+        has_option(&self.mount_options, "ro") || has_option(&self.super_options, "ro")
+    }
+
+    pub fn is_overlay(&self) -> bool {
+        self.fstype == "overlay"
+    }
+
+    /// On a block device (a disk, a partition, a loop device): a real device
+    /// number, or a `/dev/` source, and not one of [`VIRTUAL_FSTYPES`].
+    pub fn block_backed(&self) -> bool {
+        !VIRTUAL_FSTYPES.contains(&self.fstype.as_str())
+            && (self.major != 0 || self.source.starts_with("/dev/"))
+    }
+
+    /// Whether shutdown must make this mount read-only (or unmount it).
+    pub fn needs_settling(&self) -> bool {
+        !self.read_only() && (self.block_backed() || self.is_overlay())
+    }
+
+    fn depth(&self) -> usize {
+        self.mount_point
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .count()
+    }
+}
+
+/// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012` newline,
+/// `\134` backslash); any other backslash is an error.
+fn unescape(line: usize, field: &'static str, text: &str) -> Result<String, MountInfoError> {
+    let bad = || MountInfoError::Escape { line, field };
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let mut value: u32 = 0;
+        for _ in 0..3 {
+            let digit = bytes.next().ok_or_else(bad)?;
+            if !(b'0'..=b'7').contains(&digit) {
+                return Err(bad());
+            }
+            value = value * 8 + u32::from(digit - b'0');
+        }
+        out.push(u8::try_from(value).map_err(|_| bad())?);
+    }
+    String::from_utf8(out).map_err(|_| MountInfoError::NotUtf8 { line, field })
+}
+
+/// Parses line number `line` (1-based, for the error) of mountinfo:
+/// `ID PARENT MAJOR:MINOR ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
+pub fn parse_line(line: usize, text: &str) -> Result<MountEntry, MountInfoError> {
+    let mut fields = text.split(' ');
+    let mut next = |field: &'static str| {
+        fields
+            .next()
+            .filter(|f| !f.is_empty())
+            .ok_or(MountInfoError::Missing { line, field })
+    };
+    let number = |field: &'static str, value: &str| {
+        value
+            .parse::<u32>()
+            .map_err(|source| MountInfoError::Number {
+                line,
+                field,
+                value: value.to_string(),
+                source,
+            })
+    };
+    let id = number("mount id", next("mount id")?)?;
+    let parent = number("parent id", next("parent id")?)?;
+    let dev = next("major:minor")?;
+    let (major, minor) = dev.split_once(':').ok_or(MountInfoError::Missing {
+        line,
+        field: "minor device number",
+    })?;
+    let (major, minor) = (number("major", major)?, number("minor", minor)?);
+    let root = unescape(line, "root", next("root")?)?;
+    let mount_point = unescape(line, "mount point", next("mount point")?)?;
+    let mount_options = next("mount options")?.to_string();
+    let mut optional = Vec::new();
+    loop {
+        match fields.next() {
+            Some("-") => break,
+            Some(f) if !f.is_empty() => optional.push(f.to_string()),
+            _ => return Err(MountInfoError::NoSeparator { line }),
+        }
+    }
+    let mut next = |field: &'static str| {
+        fields
+            .next()
+            .filter(|f| !f.is_empty())
+            .ok_or(MountInfoError::Missing { line, field })
+    };
+    let fstype = unescape(line, "filesystem type", next("filesystem type")?)?;
+    let source = unescape(line, "source", next("source")?)?;
+    let super_options = next("super options")?.to_string();
+    Ok(MountEntry {
+        id,
+        parent,
+        major,
+        minor,
+        root,
+        mount_point,
+        mount_options,
+        optional,
+        fstype,
+        source,
+        super_options,
+    })
+}
+
+/// Parses the whole table; the first malformed line is the error.
+pub fn parse_mountinfo(text: &str) -> Result<Vec<MountEntry>, MountInfoError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| parse_line(i + 1, l))
+        .collect()
+}
+
+/// The mounts to settle, in order: overlays first (their upper may sit on one of
+/// the others), then the rest; within each, deepest mount point first, and of two
+/// at the same depth the later mounted (on top) first.
+pub fn plan(entries: &[MountEntry]) -> Vec<MountEntry> {
+    let mut chosen: Vec<(usize, &MountEntry)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.needs_settling())
+        .collect();
+    chosen.sort_by(|(ia, a), (ib, b)| {
+        b.is_overlay()
+            .cmp(&a.is_overlay())
+            .then(b.depth().cmp(&a.depth()))
+            .then(ib.cmp(ia))
+    });
+    chosen.into_iter().map(|(_, e)| e.clone()).collect()
+}
+
+/// How one mount was left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Unmounted,
+    /// Read-only and still mounted (busy, or `/`).
+    ReadOnly,
+}
+
+/// The last call that failed on a mount still writable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StillWritable {
+    pub mount_point: String,
+    pub fstype: String,
+    pub source: String,
+    pub errno: Errno,
+}
+
+/// What [`settle_mounts`] did, for the log and the console event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub unmounted: Vec<String>,
+    pub read_only: Vec<String>,
+    pub failed: Vec<StillWritable>,
+    /// The mount table could not be read (nothing was tried).
+    pub mountinfo_error: Option<String>,
+    pub rounds: u32,
+    pub ms: u64,
+}
+
+impl Report {
+    /// The console event (`shutdown_mounts`).
+    pub fn event(&self) -> serde_json::Value {
+        serde_json::json!({
+            "event": "shutdown_mounts",
+            "unmounted": self.unmounted,
+            "read_only": self.read_only,
+            "failed": self.failed.iter().map(|f| serde_json::json!({
+                "mount_point": f.mount_point,
+                "fstype": f.fstype,
+                "source": f.source,
+                "errno": f.errno.to_string(),
+            })).collect::<Vec<_>>(),
+            "mountinfo_error": self.mountinfo_error,
+            "rounds": self.rounds,
+            "ms": self.ms,
+        })
+    }
+}
+
+/// Remounts `entry` read-only, then unmounts it (never `/`). `Err` is the errno of
+/// the remount when neither worked.
+fn settle_one(sys: &mut dyn Sys, entry: &MountEntry) -> Result<Settled, Errno> {
+    let at = entry.mount_point.as_str();
+    let remount = sys.remount_read_only(at);
+    if at == "/" {
+        return remount.map(|()| Settled::ReadOnly);
+    }
+    match (remount, sys.umount(at)) {
+        (_, Ok(())) => Ok(Settled::Unmounted),
+        (Ok(()), Err(errno)) => {
+            log::info!("{at} stays mounted read-only (unmount: {errno})");
+            Ok(Settled::ReadOnly)
+        }
+        (Err(errno), Err(_)) => Err(errno),
+    }
+}
+
+/// Makes every writable disk-backed mount read-only or unmounts it (see the
+/// module doc). Call after `sync` and before `reboot(2)`; it never fails, it
+/// reports.
+pub fn settle_mounts(sys: &mut dyn Sys) -> Report {
+    let started = sys.boot_ms();
+    let mut report = Report::default();
+    let text = match sys.read_file(MOUNTINFO, MOUNTINFO_LIMIT) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(errno) => {
+            log::error!("shutdown: cannot read {MOUNTINFO}: {errno}; no mount made read-only");
+            report.mountinfo_error = Some(errno.to_string());
+            return report;
+        }
+    };
+    // A line we cannot read must not keep the others from being settled.
+    let entries: Vec<MountEntry> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .filter_map(|(i, l)| match parse_line(i + 1, l) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                log::error!("shutdown: skipping a mount: {e}");
+                None
+            }
+        })
+        .collect();
+    let mut pending: Vec<(MountEntry, Option<Errno>)> =
+        plan(&entries).into_iter().map(|e| (e, None)).collect();
+    while !pending.is_empty() && report.rounds < MAX_ROUNDS {
+        report.rounds += 1;
+        let before = pending.len();
+        let mut left = Vec::with_capacity(before);
+        for (entry, _) in pending {
+            match settle_one(sys, &entry) {
+                Ok(Settled::Unmounted) => report.unmounted.push(entry.mount_point),
+                Ok(Settled::ReadOnly) => report.read_only.push(entry.mount_point),
+                Err(errno) => left.push((entry, Some(errno))),
+            }
+        }
+        pending = left;
+        if pending.len() == before {
+            break; // no progress: another round would fail the same way
+        }
+    }
+    for (entry, errno) in pending {
+        let errno = errno.unwrap_or(Errno::AGAIN);
+        log::error!(
+            "shutdown: {} ({} on {}) stays writable: remount read-only failed: {errno}",
+            entry.mount_point,
+            entry.fstype,
+            entry.source
+        );
+        report.failed.push(StillWritable {
+            mount_point: entry.mount_point,
+            fstype: entry.fstype,
+            source: entry.source,
+            errno,
+        });
+    }
+    report.ms = sys.boot_ms().saturating_sub(started);
+    log::info!(
+        "shutdown: {} unmounted, {} read-only, {} still writable in {} ms ({} round(s))",
+        report.unmounted.len(),
+        report.read_only.len(),
+        report.failed.len(),
+        report.ms,
+        report.rounds
+    );
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fake::{Call, FakeSys};
+
+    #[test]
+    fn the_proc5_example_line_parses() {
+        let e = parse_line(
+            1,
+            "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            MountEntry {
+                id: 36,
+                parent: 35,
+                major: 98,
+                minor: 0,
+                root: "/mnt1".into(),
+                mount_point: "/mnt2".into(),
+                mount_options: "rw,noatime".into(),
+                optional: vec!["master:1".into()],
+                fstype: "ext3".into(),
+                source: "/dev/root".into(),
+                super_options: "rw,errors=continue".into(),
+            }
+        );
+        assert!(e.needs_settling());
+    }
+
+    #[test]
+    fn optional_fields_may_be_none_or_many() {
+        let none = parse_line(1, "26 21 254:0 / /persist rw,relatime - ext4 /dev/vda rw").unwrap();
+        assert!(none.optional.is_empty());
+        assert_eq!(none.fstype, "ext4");
+        let many = parse_line(
+            1,
+            "40 26 0:40 / /x rw shared:2 master:1 propagate_from:1 unbindable - tmpfs tmpfs rw",
+        )
+        .unwrap();
+        assert_eq!(
+            many.optional,
+            ["shared:2", "master:1", "propagate_from:1", "unbindable"]
+        );
+        assert_eq!(many.source, "tmpfs");
+    }
+
+    #[test]
+    fn escaped_paths_are_unescaped() {
+        let e = parse_line(
+            1,
+            r"30 26 7:3 /a\134b /mnt/my\040disk\011tab rw - ext4 /dev/disk/by-label/x\040y rw",
+        )
+        .unwrap();
+        assert_eq!(e.root, r"/a\b");
+        assert_eq!(e.mount_point, "/mnt/my disk\ttab");
+        assert_eq!(e.source, "/dev/disk/by-label/x y");
+    }
+
+    #[test]
+    fn malformed_lines_are_typed_errors() {
+        let cases: &[(&str, MountInfoError)] = &[
+            (
+                "",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "mount id",
+                },
+            ),
+            (
+                "26 21 254:0 / /persist rw,relatime ext4 /dev/vda rw",
+                MountInfoError::NoSeparator { line: 3 },
+            ),
+            (
+                "26 21 254:0 / /persist rw",
+                MountInfoError::NoSeparator { line: 3 },
+            ),
+            (
+                "26 21 254:0 / /persist rw -",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "filesystem type",
+                },
+            ),
+            (
+                "26 21 254:0 / /persist rw - ext4 /dev/vda",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "super options",
+                },
+            ),
+            (
+                "26 21 254 / /persist rw - ext4 /dev/vda rw",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "minor device number",
+                },
+            ),
+            (
+                "26 21 254:0 /  rw - ext4 /dev/vda rw",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\04 rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\9ab rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\777 rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\377 rw - ext4 /dev/vda rw",
+                MountInfoError::NotUtf8 {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_line(3, line).unwrap_err(), *want, "{line:?}");
+        }
+        let err = parse_line(3, "x 21 254:0 / /persist rw - ext4 /dev/vda rw").unwrap_err();
+        assert!(
+            matches!(&err, MountInfoError::Number { field: "mount id", value, .. } if value == "x"),
+            "{err:?}"
+        );
+        // The cause is kept as the source, not repeated in the message.
+        assert!(std::error::Error::source(&err).is_some());
+        let err = parse_line(3, "1 2 254:-1 / /p rw - ext4 /dev/vda rw").unwrap_err();
+        assert!(
+            matches!(err, MountInfoError::Number { field: "minor", .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_whole_table_names_its_first_bad_line() {
+        let text = "26 21 254:0 / /persist rw - ext4 /dev/vda rw\n\
+                    27 26 7:0 / /a rw no-separator\n";
+        assert_eq!(
+            parse_mountinfo(text).unwrap_err(),
+            MountInfoError::NoSeparator { line: 2 }
+        );
+        assert_eq!(parse_mountinfo("").unwrap(), []);
+    }
+
+    fn table(lines: &[&str]) -> Vec<MountEntry> {
+        parse_mountinfo(&lines.join("\n")).unwrap()
+    }
+
+    #[test]
+    fn only_writable_disks_and_overlays_are_settled_overlays_then_deepest_first() {
+        let entries = table(&[
+            "1 0 0:2 / / rw - rootfs rootfs rw",
+            "2 1 0:5 / /dev rw - devtmpfs devtmpfs rw",
+            "3 1 0:20 / /proc rw - proc proc rw",
+            "4 1 0:21 / /sys rw - sysfs sysfs rw",
+            "5 1 0:22 / /run rw - tmpfs tmpfs rw",
+            "6 1 254:0 / /persist rw - ext4 /dev/vda rw",
+            "7 6 7:0 / /persist/p/images/a ro - erofs /dev/loop0 ro",
+            // Read-only by its superblock alone still counts as read-only.
+            "8 1 254:16 / /config rw - vfat /dev/vdb ro",
+            "9 6 7:1 / /persist/deep/er rw - ext4 /dev/loop1 rw",
+            "10 1 0:40 / /sysroot rw - overlay overlay rw,upperdir=/persist/u",
+            "11 6 254:32 / /persist/side rw - xfs /dev/vdc rw",
+            // Mounted on top of 11: goes before it.
+            "12 6 254:48 / /persist/side rw - ext4 /dev/vdd rw",
+            "13 5 0:41 / /run/tmp rw - ramfs none rw",
+        ]);
+        let planned = plan(&entries);
+        let order: Vec<(&str, &str)> = planned
+            .iter()
+            .map(|e| (e.mount_point.as_str(), e.source.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("/sysroot", "overlay"),
+                ("/persist/deep/er", "/dev/loop1"),
+                ("/persist/side", "/dev/vdd"),
+                ("/persist/side", "/dev/vdc"),
+                ("/persist", "/dev/vda"),
+            ]
+        );
+    }
+
+    fn machine(lines: &[&str]) -> FakeSys {
+        FakeSys::default().with_file(MOUNTINFO, lines.join("\n"))
+    }
+
+    const PERSIST: &str = "6 1 254:0 / /persist rw - ext4 /dev/vda rw";
+
+    #[test]
+    fn a_busy_mount_stays_mounted_read_only() {
+        let mut sys = machine(&[PERSIST]);
+        sys.umount_errors.insert("/persist".into(), Errno::BUSY);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.read_only, ["/persist"]);
+        assert!(report.unmounted.is_empty() && report.failed.is_empty());
+        assert_eq!(
+            sys.calls[1..],
+            [
+                Call::RemountReadOnly("/persist".into()),
+                Call::Umount("/persist".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unmount_that_works_counts_even_when_the_remount_did_not() {
+        let mut sys = machine(&[PERSIST]);
+        sys.remount_errors.insert("/persist".into(), Errno::BUSY);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.unmounted, ["/persist"]);
+        assert!(report.failed.is_empty());
+    }
+
+    #[test]
+    fn a_mount_busy_until_another_went_is_retried_in_the_next_round() {
+        let mut sys = machine(&[PERSIST, "9 6 7:1 / /persist/x rw - ext4 /dev/loop1 rw"]);
+        // The outer mount comes later in the round than the inner one, so only a
+        // second round can show this: make /persist fail once in round 1.
+        sys.remount_busy_left.insert("/persist".into(), 1);
+        sys.umount_errors.insert("/persist".into(), Errno::BUSY);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.rounds, 2);
+        assert_eq!(report.unmounted, ["/persist/x"]);
+        assert_eq!(report.read_only, ["/persist"]);
+        assert!(report.failed.is_empty());
+    }
+
+    #[test]
+    fn the_loop_is_bounded_and_names_each_failure_once() {
+        let lines: Vec<String> = (0..6)
+            .map(|i| format!("{} 1 7:{i} / /m{i} rw - ext4 /dev/loop{i} rw", 10 + i))
+            .collect();
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut sys = machine(&refs);
+        // /mN stays busy for N rounds: every round makes progress, so only the
+        // round limit stops the loop.
+        for i in 0..6u32 {
+            let at = format!("/m{i}");
+            sys.remount_busy_left.insert(at.clone(), i);
+            sys.umount_errors.insert(at, Errno::BUSY);
+        }
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.rounds, MAX_ROUNDS);
+        assert_eq!(report.read_only, ["/m0", "/m1", "/m2", "/m3"]);
+        let failed: Vec<(&str, Errno)> = report
+            .failed
+            .iter()
+            .map(|f| (f.mount_point.as_str(), f.errno))
+            .collect();
+        // Same depth: the later mounted first.
+        assert_eq!(failed, [("/m5", Errno::BUSY), ("/m4", Errno::BUSY)]);
+        let tries = |at: &str| {
+            sys.calls
+                .iter()
+                .filter(|c| **c == Call::RemountReadOnly(at.into()))
+                .count()
+        };
+        assert_eq!((tries("/m0"), tries("/m3"), tries("/m5")), (1, 4, 4));
+    }
+
+    #[test]
+    fn without_progress_there_is_no_second_round() {
+        let mut sys = machine(&[PERSIST, "9 1 7:1 / /x rw - ext4 /dev/loop1 rw"]);
+        sys.remount_errors.insert("/persist".into(), Errno::IO);
+        sys.umount_errors.insert("/persist".into(), Errno::BUSY);
+        sys.remount_errors.insert("/x".into(), Errno::ROFS);
+        sys.umount_errors.insert("/x".into(), Errno::BUSY);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.rounds, 1);
+        assert_eq!(report.failed.len(), 2);
+        assert_eq!(sys.calls.len(), 5); // the read, then one remount + unmount each
+    }
+
+    #[test]
+    fn a_bad_line_does_not_keep_the_others_from_being_settled() {
+        let mut sys = machine(&["garbage", PERSIST]);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.unmounted, ["/persist"]);
+    }
+
+    #[test]
+    fn the_root_is_only_remounted_never_unmounted() {
+        let mut sys = machine(&["1 0 254:0 / / rw - ext4 /dev/vda rw"]);
+        let report = settle_mounts(&mut sys);
+        assert_eq!(report.read_only, ["/"]);
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::Umount(_))));
+    }
+}
