@@ -10,7 +10,13 @@
 //!    host, the kernel refuses the read (fs-verity `EIO`) and the failure reaches the
 //!    server as `verity_mismatch` in phase `root_mounted`, naming the file; the init
 //!    moves the corrupt object out of the store;
-//! 4. the next boot fetches exactly that object again and runs.
+//! 4. the next boot fetches exactly that object again and runs; it is terminated.
+//!
+//! Boots 3 and 4 end in a normal power-off: boot 3 from the initramfs (the failure
+//! policy), boot 4 from agent mode in the composed root (terminate). After each, the
+//! ext4 image must be clean as read from the host (`dumpe2fs -h`, read-only: state
+//! `clean`, no `needs_recovery`): PID 1 made `/persist` read-only or unmounted it
+//! before `reboot(2)`, so the next boot replays no journal.
 //!
 //! Everything about the node is asserted from get-instance and recent-signals, never
 //! from the console. Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
@@ -112,6 +118,36 @@ fn corrupt_object(disk: &Path, path: &str) -> u64 {
     f.sync_all().unwrap();
     eprintln!("flipped the byte at {offset} (block {first}) of {path}");
     flags
+}
+
+/// What `dumpe2fs -h` (read-only, the image is never mounted or fixed) says of the
+/// image: `Ok(())` when the state is `clean` and the features hold no
+/// `needs_recovery`, else the two lines that say otherwise.
+fn fs_clean(disk: &Path) -> Result<(), String> {
+    let out = run_ok(Command::new("dumpe2fs").arg("-h").arg(disk));
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name:?} in dumpe2fs -h:\n{out}"))
+    };
+    let state = field("Filesystem state:");
+    let features = field("Filesystem features:");
+    if state == "clean" && !features.split_whitespace().any(|f| f == "needs_recovery") {
+        Ok(())
+    } else {
+        Err(format!("state {state:?}; features {features:?}"))
+    }
+}
+
+/// The init's `shutdown_mounts` event (how long making `/persist` read-only took).
+fn shutdown_event(serial: &str) -> Option<Value> {
+    event(
+        &events(serial, "POWERNODE-INIT "),
+        "event",
+        "shutdown_mounts",
+    )
+    .cloned()
 }
 
 fn compose(inst: &Value) -> &Value {
@@ -232,6 +268,9 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         "QEMU did not power off: {exit:?}; serial: {}",
         spec3.serial_log.display()
     );
+    // Read before anything (boot 4, an e2fsck) could clean it. Asserted at the end,
+    // beside the agent-mode check, so that one run tells both modes apart.
+    let clean3 = fs_clean(&disk);
     let inst = stub.instance(&instance_id);
     let failure = &inst["failure"];
     assert_eq!(failure["code"], "verity_mismatch", "{inst}");
@@ -266,7 +305,30 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     assert_eq!(c4["verity_enabled"], 1, "{c4}");
     assert_eq!(c4["checked"], serde_json::json!(["/bin/sh"]), "{c4}");
     assert_eq!(healed["root"]["verity"], "require", "{healed}");
-    vm4.kill();
+    // Terminate: agent mode in the composed root powers off by itself.
+    stub.cli(&["terminate-instance", &instance_id, "--force"]);
+    let exit = vm4.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not power off after terminate: {exit:?}\n{}",
+        ctx4()
+    );
+    let clean4 = fs_clean(&disk);
+    let serial3 = std::fs::read_to_string(&spec3.serial_log).unwrap_or_default();
+    let (down3, down4) = (shutdown_event(&serial3), shutdown_event(&vm4.serial()));
+    assert!(
+        clean3.is_ok() && clean4.is_ok(),
+        "/persist not clean after a normal power-off: initramfs mode (boot 3): {clean3:?}; \
+         composed root, agent mode (boot 4): {clean4:?}\nshutdown events: {down3:?} {down4:?}\n{}",
+        ctx4()
+    );
+    // The init's own account agrees: nothing left writable, in both modes.
+    for down in [&down3, &down4] {
+        let down = down
+            .as_ref()
+            .unwrap_or_else(|| panic!("no shutdown_mounts event"));
+        assert_eq!(down["failed"], serde_json::json!([]), "{down}");
+    }
     drop(vm4);
 
     let timeline_at = |inst: &Value, phase: &str| {
@@ -280,7 +342,8 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
          ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects ({} bytes) added, \
          fs-verity enabled on {} objects in {} ms\n  boot 2: ready after {wall2:?} wall; \
          root_mounted at {:?} ms, ready at {:?} ms; compose {} ms, {} bytes fetched, {} objects added\n  \
-         boot 4 (healed): compose {} ms, {} bytes fetched, {} objects ({} bytes) added",
+         boot 4 (healed): compose {} ms, {} bytes fetched, {} objects ({} bytes) added\n  \
+         shutdown (read-only / unmount before power-off): initramfs mode {}, agent mode {}",
         timeline_at(&first, "root_mounted"),
         timeline_at(&first, "ready"),
         c1["compose_ms"],
@@ -298,5 +361,7 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         c4["bytes_fetched"],
         c4["objects_added"],
         c4["bytes_added"],
+        down3.map(|e| e.to_string()).unwrap_or_default(),
+        down4.map(|e| e.to_string()).unwrap_or_default(),
     );
 }
