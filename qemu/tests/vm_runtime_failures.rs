@@ -1,5 +1,6 @@
 //! VM tier, failure paths of the runtime: a killed QEMU, a network partition, stuck
-//! bootstrapping, and a decommissioned persistent node booted again. Every injected
+//! provisioning (a server the VM cannot reach) and its recovery, stuck bootstrapping,
+//! and a decommissioned persistent node booted again. Every injected
 //! failure is asserted from the server's API alone (status, signals, stuck reason and
 //! recovery step, refusal code): never from the console.
 //!
@@ -60,6 +61,9 @@ struct Proxy {
     cut: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// When each connection dropped by a cut arrived: the guest's retry cadence,
+    /// seen from the wire (no console).
+    refused: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Proxy {
@@ -68,7 +72,8 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (c, s, k) = (cut.clone(), stop.clone(), conns.clone());
+        let refused: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let (c, s, k, r) = (cut.clone(), stop.clone(), conns.clone(), refused.clone());
         std::thread::spawn(move || {
             for down in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -76,6 +81,7 @@ impl Proxy {
                 }
                 let Ok(down) = down else { continue };
                 if c.load(Ordering::SeqCst) {
+                    r.lock().unwrap().push(Instant::now());
                     let _ = down.shutdown(Shutdown::Both);
                     continue;
                 }
@@ -101,7 +107,13 @@ impl Proxy {
             cut,
             stop,
             conns,
+            refused,
         }
+    }
+
+    /// Arrival times of the connections a cut dropped, oldest first.
+    fn refused(&self) -> Vec<Instant> {
+        self.refused.lock().unwrap().clone()
     }
 
     fn cut(&self) {
@@ -126,12 +138,24 @@ impl Drop for Proxy {
 
 /// Boots the netboot image with `doc` by fw_cfg (and a persist disk if given).
 fn boot(dir: &Path, name: &str, doc: &Value, persist: Option<&Path>) -> (Vm, PathBuf) {
+    boot_with_args(dir, name, doc, persist, &[])
+}
+
+/// [`boot`] with more kernel arguments after `powernode.on_failure=poweroff`.
+fn boot_with_args(
+    dir: &Path,
+    name: &str,
+    doc: &Value,
+    persist: Option<&Path>,
+    args: &[&str],
+) -> (Vm, PathBuf) {
     let (init, _) = musl_inits();
     let image = image(&dir.join("image"), &init, Compression::default());
     let vm_dir = dir.join(name);
     std::fs::create_dir_all(&vm_dir).unwrap();
     let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);
     spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+    spec.kernel_args.extend(args.iter().map(|a| a.to_string()));
     with_identity(&mut spec, &vm_dir, &doc.to_string());
     if let Some(p) = persist {
         spec.devices.push(powernode_qemu::Device::PersistDisk {
@@ -276,6 +300,240 @@ fn partition_raises_silent_and_healing_clears_it() {
     assert_ne!(i["last_heartbeat_at"], before);
     assert!(i.get("stuck").is_none(), "{i}");
     server.cli(&["terminate-instance", &inst, "--force"]);
+    drop(proxy);
+}
+
+/// `--stuck-thresholds provisioning=N` of the provisioning test: crossed while the
+/// init is still retrying its enrollment (see `ENROLL_ATTEMPTS`).
+const PROVISIONING_STUCK: u64 = 6;
+/// `powernode.attempts` of the provisioning test. The init retries a failed phase with
+/// 1, 2, 4, 8, 16 s backoff before it gives up (and powers off): 6 attempts keep it
+/// trying for 31 s after its first, long enough to cross the threshold, cancel and
+/// heal. The default (3) gives up 3 s after the first attempt.
+const ENROLL_ATTEMPTS: u32 = 6;
+
+/// A VM that boots but never reaches the server (the proxy is cut before it boots):
+/// the instance stays `provisioning` past its threshold, and get-instance and
+/// recent-signals show the `provisioning_too_long` row naming `cancel-task` of the
+/// provision task. Following it fails the instance (`task_cancelled`) and clears the
+/// signal; healed, the late VM's enrollment is refused (`instance.refused`,
+/// `bootstrap_token_expired`) and the VM powers off; the Node provisioned again
+/// reaches `running`.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn unreachable_server_leaves_provisioning_stuck_and_cancel_recovers() {
+    let dir = test_dir("failures_stuck_provisioning");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let public = listener.local_addr().unwrap().port();
+    let threshold = format!("provisioning={PROVISIONING_STUCK}");
+    let server = start_server(&dir, Some(public), &["--stuck-thresholds", &threshold]);
+    let proxy = Proxy::start(listener, server.port());
+    // Cut before anything boots: the guest never gets through until healed.
+    proxy.cut();
+    // The image first: the threshold counts from provision-instance, and a build must
+    // not use it up (the row must show while the VM is up and retrying).
+    let (init, _) = musl_inits();
+    image(&dir.join("image"), &init, Compression::default());
+    let (inst, doc) = server.provision_class("prov-stuck-1", "ephemeral");
+    let provisioned = Instant::now();
+    assert!(doc["control_plane_url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{public}")));
+    let i = server.instance(&inst);
+    assert_eq!(i["status"], "provisioning", "{i}");
+    assert!(i.get("stuck").is_none(), "stuck before the threshold: {i}");
+    let task = i["task_id"]
+        .as_str()
+        .expect("the provision task")
+        .to_string();
+    let node = i["node_id"].as_str().expect("node id").to_string();
+    let t = server.cli(&["get-task", &task]);
+    assert_eq!(
+        (&t["task"]["kind"], &t["task"]["instance_id"]),
+        (&json!("provision"), &json!(inst)),
+        "{t}"
+    );
+
+    let args = format!("powernode.attempts={ENROLL_ATTEMPTS}");
+    let (mut vm, serial) = boot_with_args(&dir, "vm", &doc, None, &[&args]);
+    let booted = Instant::now();
+    let logs = ctx(&serial, &server);
+    // Every failed wait names the server's view of the instance and what the cut saw.
+    let state = || {
+        format!(
+            "instance {}\nconnections dropped by the cut: {}\n{logs}",
+            server.instance(&inst),
+            proxy.refused().len()
+        )
+    };
+
+    // The guest really tries (its enrollment reaches the cut), and is still trying
+    // (QEMU alive) when the server calls the instance stuck.
+    wait_until(
+        "an enrollment attempt at the cut",
+        TO_RUNNING,
+        &mut vm,
+        &state,
+        || (!proxy.refused().is_empty()).then_some(()),
+    );
+    let first_attempt = booted.elapsed();
+    let i = wait_until(
+        "the provisioning stuck row",
+        Duration::from_secs(PROVISIONING_STUCK + 20),
+        &mut vm,
+        &state,
+        || {
+            let i = server.instance(&inst);
+            (i["stuck"]["reason"] == "provisioning_too_long").then_some(i)
+        },
+    );
+    let (to_stuck, since_provision) = (booted.elapsed(), provisioned.elapsed());
+    assert_eq!(i["status"], "provisioning", "{i}");
+    assert_eq!(i["stuck"]["threshold_seconds"], PROVISIONING_STUCK, "{i}");
+    assert!(
+        i["stuck"]["for_seconds"].as_u64().unwrap() > PROVISIONING_STUCK,
+        "{i}"
+    );
+    let recovery = i["stuck"]["recovery"].as_str().unwrap().to_string();
+    assert!(
+        recovery.contains(&format!("cancel-task {task}")),
+        "the recovery does not name the provision task {task}: {recovery}"
+    );
+    // Never enrolled: nothing from the node reached the server.
+    assert!(i.get("last_heartbeat_at").is_none(), "{i}");
+    assert_eq!(i["boot_timeline"], json!([]), "{i}");
+    let stuck = wait_until(
+        "the stuck signal",
+        Duration::from_secs(10),
+        &mut vm,
+        &state,
+        || find(&server.signals(&inst), "instance.stuck", true).cloned(),
+    );
+    assert_eq!(stuck["detail"]["reason"], "provisioning_too_long");
+    assert_eq!(stuck["detail"]["recovery"], recovery.as_str());
+    // Still retrying after the row: one more attempt reaches the cut.
+    let at_row = proxy.refused().len();
+    wait_until(
+        "another enrollment attempt after the stuck row",
+        Duration::from_secs(40),
+        &mut vm,
+        &state,
+        || (proxy.refused().len() > at_row).then_some(()),
+    );
+    let tries = proxy.refused();
+    let cadence: Vec<String> = tries
+        .iter()
+        .map(|t| format!("{:.1}", t.duration_since(tries[0]).as_secs_f64()))
+        .collect();
+    println!(
+        "provisioning: first enrollment attempt {first_attempt:?} after QEMU start; stuck \
+         row {to_stuck:?} after QEMU start, {since_provision:?} after provision-instance \
+         (threshold {PROVISIONING_STUCK} s), {at_row} attempts dropped by then; attempts \
+         at the cut at +[{}] s from the first",
+        cadence.join(", ")
+    );
+
+    // The recovery, as the server worded it.
+    let cancel = Instant::now();
+    let t = server.cli(&["cancel-task", &task]);
+    assert_eq!(t["task"]["status"], "cancelled", "{t}");
+    let i = server.instance(&inst);
+    let cancel_to_failed = cancel.elapsed();
+    assert_eq!(i["status"], "failed", "{i}");
+    assert_eq!(i["failure"]["code"], "task_cancelled", "{i}");
+    assert!(
+        i.get("stuck").is_none(),
+        "a failed instance is not stuck: {i}"
+    );
+    // The ended instance keeps no active stuck signal (the next sensor pass ends it).
+    poll_until(
+        "the stuck signal to end",
+        Duration::from_secs(10),
+        &state,
+        || {
+            let sigs = server.signals(&inst);
+            let ended = sigs
+                .iter()
+                .any(|s| s["id"] == stuck["id"] && s["active"] == false);
+            (ended && find(&sigs, "instance.stuck", true).is_none()).then_some(())
+        },
+    );
+    let cancel_to_cleared = cancel.elapsed();
+    // Its bootstrap token went with it, as data.
+    let events = server.cli(&["recent-events", "--instance", &inst, "--limit", "200"]);
+    let revoked = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "credentials.revoked")
+        .unwrap_or_else(|| panic!("no credentials.revoked event: {events}"));
+    assert!(
+        revoked["detail"]["tokens"].as_u64().unwrap() >= 1,
+        "{revoked}"
+    );
+
+    // Healed: the late VM reaches the server with a dead token and is refused for good.
+    let refused_before = proxy.refused().len();
+    proxy.heal();
+    let healed = Instant::now();
+    let refusal = poll_until("instance.refused", Duration::from_secs(60), &state, || {
+        find(&server.signals(&inst), "instance.refused", false).cloned()
+    });
+    let heal_to_refused = healed.elapsed();
+    assert_eq!(
+        refusal["detail"]["code"], "bootstrap_token_expired",
+        "{refusal}"
+    );
+    assert_eq!(
+        refusal["detail"]["path"], "/api/v1/system/node_api/enrollment",
+        "{refusal}"
+    );
+    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("wait QEMU");
+    let heal_to_exit = healed.elapsed();
+    assert!(
+        exit.is_some(),
+        "the refused VM kept running 60 s after healing; {}",
+        state()
+    );
+    let i = server.instance(&inst);
+    assert_eq!(
+        (&i["status"], &i["failure"]["code"]),
+        (&json!("failed"), &json!("task_cancelled")),
+        "the late enrollment changed the failed instance: {i}"
+    );
+    println!(
+        "provisioning: cancel -> failed {cancel_to_failed:?}, stuck signal ended \
+         {cancel_to_cleared:?} after cancel; {refused_before} attempts dropped by the cut; \
+         heal -> refused {heal_to_refused:?}, heal -> QEMU exit {heal_to_exit:?}"
+    );
+
+    // The Node is usable after the recovery: provisioned again, it runs.
+    let prov = server.cli(&["provision-instance", &node]);
+    let inst2 = prov["instance"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no instance id in {prov}"))
+        .to_string();
+    assert_ne!(inst2, inst);
+    let ident = server.cli(&["instance-identity", &inst2]);
+    let doc2 = match ident.get("identity") {
+        Some(d) if d.is_object() => d.clone(),
+        _ => ident,
+    };
+    let again = Instant::now();
+    let (mut vm2, serial2) = boot(&dir, "vm2", &doc2, None);
+    let c2 = ctx(&serial2, &server);
+    let i2 = running(&server, &inst2, &mut vm2, &c2);
+    println!(
+        "provisioning: provisioned again, running {:?} after QEMU start",
+        again.elapsed()
+    );
+    assert_eq!(i2["node_id"], node.as_str());
+    assert!(i2.get("stuck").is_none(), "{i2}");
+    let n = server.cli(&["get-node", &node]);
+    assert_eq!(n["node"]["status"], "running", "{n}");
+    assert_eq!(server.instance(&inst)["status"], "failed");
+    server.cli(&["terminate-instance", &inst2, "--force"]);
     drop(proxy);
 }
 
