@@ -249,6 +249,12 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     wait_credentials_persisted(&disk, &mut vm2, &ctx2);
     vm2.kill();
     drop(vm2);
+    // A power cut is told apart from a clean power-off: the journal needs replaying.
+    let cut = fs_clean(&disk);
+    assert!(
+        cut.as_ref().is_err_and(|e| e.contains("needs_recovery")),
+        "after a hard power loss: {cut:?}"
+    );
 
     // Host: flip one byte of the busybox object in the disk image.
     let object = object_path_on_disk(&base.join("bin/busybox"));
