@@ -12,6 +12,10 @@
 //! hook applies the same policy should a bug slip through (the binary is built with
 //! `panic = "abort"`).
 //!
+//! Every boot ends in [`failure::reset`]: sync, the disks left clean
+//! ([`shutdown`]: writable block/loop-backed mounts and overlays remounted read-only
+//! and unmounted), then `reboot(2)`.
+//!
 //! All syscalls go through [`sys`]; the rest of the crate has no `unsafe` and is
 //! tested against a recording fake of that seam, without root.
 //!

@@ -33,7 +33,7 @@ const MOUNTINFO_LIMIT: usize = 1 << 20;
 pub const MAX_ROUNDS: u32 = 4;
 
 /// Filesystems with nothing to lose at power-off, never touched.
-const VIRTUAL_FSTYPES: &[&str] = &[
+pub const VIRTUAL_FSTYPES: &[&str] = &[
     "autofs",
     "binfmt_misc",
     "bpf",
