@@ -2,7 +2,7 @@
 //! [`RealSys`] does them: rustix first (mount, umount, mkdir, finit_module, reboot, sync,
 //! clock_gettime, netlink and UDP sockets, chroot, statfs), nix where rustix lacks
 //! the call (`SO_BINDTODEVICE`), std for plain file I/O and `exec`.
-//! [`fake::FakeSys`] records every call so that tests can assert the exact boot
+//! `fake::FakeSys` (tests only) records every call so that tests can assert the exact boot
 //! sequence without root.
 //!
 //! The one `unsafe` is the loop-device ioctl in [`attach_loop`] (rustix has no safe
