@@ -71,14 +71,19 @@ impl BootstrapError {
         }
     }
 
-    /// Retrying cannot help when the control plane refused the node for good (token
-    /// spent or expired, instance terminated).
-    pub fn retryable(&self) -> bool {
+    /// The control plane refused the node for good (token spent or expired,
+    /// instance terminated, certificate revoked).
+    pub fn refused_for_good(&self) -> bool {
         match self {
-            Self::Enroll(e) => e.terminal_code().is_none(),
-            Self::Handshake(e) => e.terminal_code().is_none(),
-            Self::Runtime(_) | Self::Entropy(_) | Self::State(_) | Self::Credentials(_) => true,
+            Self::Enroll(e) => e.terminal_code().is_some(),
+            Self::Handshake(e) => e.terminal_code().is_some(),
+            Self::Runtime(_) | Self::Entropy(_) | Self::State(_) | Self::Credentials(_) => false,
         }
+    }
+
+    /// Retrying cannot help when the node was refused for good.
+    pub fn retryable(&self) -> bool {
+        !self.refused_for_good()
     }
 }
 

@@ -120,6 +120,12 @@ impl PhaseError {
     /// Whether a later attempt may succeed on its own (the network comes up, the
     /// control plane comes back). Others (a bad identity, a missing module) apply
     /// the failure policy at once, except `retry` which always retries.
+    /// The control plane refused this node for good: no later attempt, under any
+    /// policy, can succeed with this boot's identity.
+    pub fn refused_for_good(&self) -> bool {
+        matches!(self, Self::Bootstrap(e) if e.refused_for_good())
+    }
+
     pub fn retryable(&self) -> bool {
         match self {
             Self::Network(_)
@@ -312,8 +318,13 @@ impl<'a> Boot<'a> {
             Some(agent) => agent.report_failure(&timeline, failure),
             None => false,
         };
-        let will_retry = policy == cmdline::FailurePolicy::Retry
-            || (error.retryable() && attempt < self.options.attempts);
+        // A node refused for good (decommissioned, its token spent) powers off under
+        // every policy, as when the agent is refused later: retrying or rebooting
+        // would only knock again with the same identity.
+        let refused = error.refused_for_good();
+        let will_retry = !refused
+            && (policy == cmdline::FailurePolicy::Retry
+                || (error.retryable() && attempt < self.options.attempts));
         self.event(json!({
             "event": "phase_failed",
             "phase": name,
@@ -322,8 +333,13 @@ impl<'a> Boot<'a> {
             "attempt": attempt,
             "on_failure": policy.as_str(),
             "retrying": will_retry,
+            "refused_for_good": refused,
             "reported_upstream": reported,
         }));
+        if refused {
+            log::warn!("the control plane refused this node for good; powering off");
+            return Some(failure::reset(self.sys, RebootKind::PowerOff));
+        }
         if will_retry && policy != cmdline::FailurePolicy::Retry {
             let delay = failure::backoff(attempt);
             log::warn!(
@@ -1329,6 +1345,47 @@ mod tests {
             .filter(|c| matches!(c, Call::Sleep(_)))
             .count();
         assert_eq!(sleeps, 2);
+    }
+
+    /// A refusal for good at enrollment powers off under every policy: `retry` and
+    /// `reboot` would only knock again with the same spent token.
+    #[test]
+    fn a_refusal_for_good_at_enrollment_powers_off_under_every_policy() {
+        for policy in ["retry", "reboot", "poweroff"] {
+            let mut sys = machine(&format!(
+                "powernode.on_failure={policy} powernode.attempts=5"
+            ));
+            let mut agent = FakeAgent::default();
+            agent.bootstrap_errors.push(BootstrapError::Enroll(
+                powernode_agent::enroll::EnrollError::Client(
+                    powernode_agent::client::ClientError::Refused {
+                        method: "POST",
+                        path: "/v1/enrollment".into(),
+                        status: 401,
+                        code: ErrorCode::BootstrapTokenExpired,
+                        message: "the bootstrap token expired".into(),
+                    },
+                ),
+            ));
+            let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+            assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff), "{policy}");
+            assert_eq!(agent.bootstraps.len(), 1, "{policy}");
+            let failed = events(&sys)
+                .into_iter()
+                .find(|e| e["event"] == "phase_failed")
+                .unwrap();
+            assert_eq!(failed["code"], "bootstrap_token_expired", "{policy}");
+            assert_eq!(failed["retrying"], false, "{policy}");
+            assert_eq!(failed["refused_for_good"], true, "{policy}");
+        }
+        // A transient failure under `retry` is still retried.
+        let mut sys = machine("powernode.on_failure=retry");
+        let mut agent = FakeAgent::default();
+        agent
+            .bootstrap_errors
+            .push(BootstrapError::Runtime(std::io::Error::other("boom")));
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(agent.bootstraps.len(), 2);
     }
 
     #[test]
