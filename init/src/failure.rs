@@ -54,14 +54,17 @@ pub enum Outcome {
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The one place a boot ends (both PID-1 modes, the failure policies, the panic
-/// hook). The caller has stopped the services. Flushes logs and file systems,
-/// leaves every disk-backed mount read-only or unmounted ([`crate::shutdown`]),
+/// hook). The caller has stopped the services; any process still there is ended
+/// (SIGTERM, then SIGKILL). Flushes logs and file systems, leaves every
+/// disk-backed mount read-only or unmounted ([`crate::shutdown`]),
 /// then powers off or reboots, whatever the unmounting managed.
 pub fn reset(sys: &mut dyn Sys, kind: RebootKind) -> Outcome {
     sys.arm_watchdog(SHUTDOWN_DEADLINE, kind);
     crate::logger::flush();
+    let processes = crate::shutdown::end_processes(sys);
     sys.sync();
-    let report = crate::shutdown::settle_mounts(sys);
+    let mut report = crate::shutdown::settle_mounts(sys);
+    report.processes = processes;
     sys.console(&format!("{}{}", crate::boot::EVENT_PREFIX, report.event()));
     crate::logger::flush();
     match sys.reboot(kind) {
@@ -117,6 +120,7 @@ pub fn install_panic_hook() {
 mod tests {
     use super::*;
     use crate::sys::fake::{Call, FakeSys};
+    use crate::sys::EndSignal;
 
     #[test]
     fn backoff_doubles_and_caps() {
@@ -173,6 +177,7 @@ mod tests {
             calls,
             [
                 Call::Watchdog(SHUTDOWN_DEADLINE, RebootKind::PowerOff),
+                Call::SignalAll(EndSignal::Term),
                 Call::Sync,
                 Call::Read(crate::shutdown::MOUNTINFO.into()),
                 // The overlay root first: its upper lives on /persist.

@@ -22,7 +22,9 @@
 //! made, each mount still writable at the end logged once with its errno, and the
 //! power-off happens whatever the outcome.
 
-use crate::sys::{Errno, Sys};
+use std::time::Duration;
+
+use crate::sys::{EndSignal, Errno, Sys};
 
 /// Where the kernel lists this process's mounts.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -272,6 +274,21 @@ pub struct Report {
     pub mountinfo_error: Option<String>,
     pub rounds: u32,
     pub ms: u64,
+    /// What [`end_processes`] did first.
+    pub processes: Processes,
+}
+
+/// What [`end_processes`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Processes {
+    /// Reaped after SIGTERM.
+    pub terminated: u32,
+    /// Reaped after SIGKILL.
+    pub killed: u32,
+    /// Some were still there when the grace after SIGKILL ran out (uninterruptible
+    /// sleep), or they could not be signalled.
+    pub left: bool,
+    pub ms: u64,
 }
 
 impl Report {
@@ -290,7 +307,70 @@ impl Report {
             "mountinfo_error": self.mountinfo_error,
             "rounds": self.rounds,
             "ms": self.ms,
+            "processes": {
+                "terminated": self.processes.terminated,
+                "killed": self.processes.killed,
+                "left": self.processes.left,
+                "ms": self.processes.ms,
+            },
         })
+    }
+}
+
+/// How long leftover processes get to exit after SIGTERM, then to be reaped after
+/// SIGKILL. The agent has already stopped its services with their own timeouts:
+/// what is left here escaped them.
+pub const TERM_GRACE: Duration = Duration::from_secs(3);
+pub const KILL_GRACE: Duration = Duration::from_secs(1);
+const REAP_POLL: Duration = Duration::from_millis(20);
+
+/// Ends every process but PID 1 before the disks go read-only: one the agent left
+/// (a service that left its process group, a shell) could hold a file open for
+/// writing on `/persist`, and its remount would then fail busy. SIGTERM, a grace,
+/// then SIGKILL, reaping meanwhile (as PID 1 every orphan is ours). With nothing
+/// left it costs one `kill(2)`.
+pub fn end_processes(sys: &mut dyn Sys) -> Processes {
+    let started = sys.boot_ms();
+    let mut done = Processes::default();
+    match sys.signal_all(EndSignal::Term) {
+        Ok(()) => {
+            if !reap_for(sys, TERM_GRACE, &mut done.terminated) {
+                let _ = sys.signal_all(EndSignal::Kill);
+                done.left = !reap_for(sys, KILL_GRACE, &mut done.killed);
+            }
+        }
+        Err(Errno::SRCH) => {}
+        Err(errno) => {
+            log::error!("shutdown: cannot signal the remaining processes: {errno}");
+            done.left = true;
+        }
+    }
+    done.ms = sys.boot_ms().saturating_sub(started);
+    if done.terminated + done.killed > 0 || done.left {
+        log::warn!(
+            "shutdown: ended leftover processes: {} on SIGTERM, {} on SIGKILL{} in {} ms",
+            done.terminated,
+            done.killed,
+            if done.left { ", some still there" } else { "" },
+            done.ms
+        );
+    }
+    done
+}
+
+/// Reaps until no child is left (`true`) or `grace` has passed (`false`).
+fn reap_for(sys: &mut dyn Sys, grace: Duration, reaped: &mut u32) -> bool {
+    let deadline = sys
+        .boot_ms()
+        .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+    loop {
+        match sys.reap_any() {
+            Ok(Some(_)) => *reaped += 1,
+            Ok(None) if sys.boot_ms() < deadline => sys.sleep(REAP_POLL),
+            Ok(None) => return false,
+            // ECHILD: nothing left to wait for.
+            Err(_) => return true,
+        }
     }
 }
 
@@ -388,6 +468,63 @@ pub fn settle_mounts(sys: &mut dyn Sys) -> Report {
 mod tests {
     use super::*;
     use crate::sys::fake::{Call, FakeSys};
+
+    fn signals(sys: &FakeSys) -> Vec<EndSignal> {
+        sys.calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::SignalAll(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_nothing_left_ending_processes_is_one_signal() {
+        let mut sys = FakeSys::default();
+        assert_eq!(end_processes(&mut sys), Processes::default());
+        assert_eq!(sys.calls, [Call::SignalAll(EndSignal::Term)]);
+    }
+
+    #[test]
+    fn leftovers_that_obey_sigterm_are_reaped_without_sigkill() {
+        let mut sys = FakeSys {
+            strays_on_term: 2,
+            ..FakeSys::default()
+        };
+        let done = end_processes(&mut sys);
+        assert_eq!((done.terminated, done.killed, done.left), (2, 0, false));
+        assert_eq!(signals(&sys), [EndSignal::Term]);
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::Sleep(_))));
+    }
+
+    #[test]
+    fn a_leftover_that_ignores_sigterm_gets_sigkill_after_the_grace() {
+        let mut sys = FakeSys {
+            strays_on_term: 1,
+            strays_on_kill: 1,
+            ..FakeSys::default()
+        };
+        let done = end_processes(&mut sys);
+        assert_eq!((done.terminated, done.killed, done.left), (1, 1, false));
+        assert_eq!(signals(&sys), [EndSignal::Term, EndSignal::Kill]);
+        let grace = u64::try_from(TERM_GRACE.as_millis()).unwrap();
+        assert!((grace..grace + 100).contains(&done.ms), "{done:?}");
+    }
+
+    #[test]
+    fn processes_that_cannot_be_signalled_are_reported_not_waited_for() {
+        // What a process that is not PID 1 gets: nothing is sent.
+        let mut sys = FakeSys {
+            strays_on_term: 1,
+            signal_error: Some(Errno::PERM),
+            ..FakeSys::default()
+        };
+        let done = end_processes(&mut sys);
+        assert!(done.left, "{done:?}");
+        assert_eq!(signals(&sys), [EndSignal::Term]);
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::Sleep(_))));
+    }
 
     #[test]
     fn the_proc5_example_line_parses() {

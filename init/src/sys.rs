@@ -21,6 +21,13 @@ pub enum RebootKind {
     Restart,
 }
 
+/// The signals the shutdown ends leftover processes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndSignal {
+    Term,
+    Kill,
+}
+
 /// Why a module did not load: opening the file or the `finit_module` call itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleSysError {
@@ -62,6 +69,12 @@ pub trait Sys {
     /// Calls `reboot(kind)` from a thread after `after`, whatever this thread is
     /// doing then: the bound on a shutdown step stuck in the kernel.
     fn arm_watchdog(&mut self, after: Duration, kind: RebootKind);
+    /// `kill(-1, signal)`: every process but PID 1 and kernel threads; `ESRCH` when
+    /// there is none. Refused (`EPERM`, nothing sent) unless this process is PID 1.
+    fn signal_all(&mut self, signal: EndSignal) -> Result<(), Errno>;
+    /// `waitpid(-1, WNOHANG)`: a reaped child's pid, `None` while children are
+    /// still running, `ECHILD` when there are none.
+    fn reap_any(&mut self) -> Result<Option<u32>, Errno>;
     fn sleep(&mut self, duration: Duration);
     /// `/dev` is mounted: start logging to `/dev/kmsg`.
     fn start_logging(&mut self);
@@ -239,6 +252,26 @@ impl Sys for RealSys {
 
     fn umount(&mut self, target: &str) -> Result<(), Errno> {
         rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())
+    }
+
+    fn signal_all(&mut self, signal: EndSignal) -> Result<(), Errno> {
+        // Only PID 1 may do this: anywhere else (a host test) it would signal every
+        // process the user owns.
+        if rustix::process::getpid() != rustix::process::Pid::INIT {
+            return Err(Errno::PERM);
+        }
+        let signal = match signal {
+            EndSignal::Term => nix::sys::signal::Signal::SIGTERM,
+            EndSignal::Kill => nix::sys::signal::Signal::SIGKILL,
+        };
+        // rustix has no kill(-1, ...).
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), signal)
+            .map_err(|e| Errno::from_raw_os_error(e as i32))
+    }
+
+    fn reap_any(&mut self) -> Result<Option<u32>, Errno> {
+        Ok(rustix::process::wait(rustix::process::WaitOptions::NOHANG)?
+            .map(|(pid, _)| pid.as_raw_nonzero().get().unsigned_abs()))
     }
 
     fn arm_watchdog(&mut self, after: Duration, kind: RebootKind) {
@@ -563,6 +596,7 @@ pub mod fake {
         RemountReadOnly(String),
         Umount(String),
         Watchdog(Duration, RebootKind),
+        SignalAll(EndSignal),
         Sleep(Duration),
         StartLogging,
         Create(String, String),
@@ -585,6 +619,13 @@ pub mod fake {
     #[derive(Debug, Default)]
     pub struct FakeSys {
         pub calls: Vec<Call>,
+        /// Leftover processes that exit on SIGTERM, and those only SIGKILL ends.
+        pub strays_on_term: u32,
+        pub strays_on_kill: u32,
+        /// Exited, waiting to be reaped.
+        pub zombies: u32,
+        /// `signal_all` fails with this (not PID 1).
+        pub signal_error: Option<Errno>,
         pub files: BTreeMap<String, Vec<u8>>,
         pub mount_errors: BTreeMap<String, Errno>,
         /// `remount_read_only` of these targets fails with this errno.
@@ -653,11 +694,11 @@ pub mod fake {
         }
 
         /// Whether the calls end with a whole `failure::reset` to `kind`: watchdog,
-        /// sync, the mount table read, only remounts / unmounts and the console
+        /// SIGTERM to what is left (nothing), sync, the mount table read, only remounts / unmounts and the console
         /// event, then `reboot(kind)`.
         pub fn ends_with_reset(&self, kind: RebootKind) -> bool {
             match self.reset_calls() {
-                [Call::Watchdog(_, k), Call::Sync, Call::Read(table), middle @ .., Call::Reboot(last)] => {
+                [Call::Watchdog(_, k), Call::SignalAll(EndSignal::Term), Call::Sync, Call::Read(table), middle @ .., Call::Reboot(last)] => {
                     *k == kind
                         && *last == kind
                         && table == crate::shutdown::MOUNTINFO
@@ -786,6 +827,32 @@ pub mod fake {
 
         fn arm_watchdog(&mut self, after: Duration, kind: RebootKind) {
             self.calls.push(Call::Watchdog(after, kind));
+        }
+
+        fn signal_all(&mut self, signal: EndSignal) -> Result<(), Errno> {
+            self.calls.push(Call::SignalAll(signal));
+            if let Some(errno) = self.signal_error {
+                return Err(errno);
+            }
+            if self.strays_on_term + self.strays_on_kill == 0 {
+                return Err(Errno::SRCH);
+            }
+            self.zombies += std::mem::take(&mut self.strays_on_term);
+            if signal == EndSignal::Kill {
+                self.zombies += std::mem::take(&mut self.strays_on_kill);
+            }
+            Ok(())
+        }
+
+        fn reap_any(&mut self) -> Result<Option<u32>, Errno> {
+            if self.zombies > 0 {
+                self.zombies -= 1;
+                return Ok(Some(100 + self.zombies));
+            }
+            if self.strays_on_term + self.strays_on_kill > 0 {
+                return Ok(None);
+            }
+            Err(Errno::CHILD)
         }
 
         fn sleep(&mut self, duration: Duration) {
