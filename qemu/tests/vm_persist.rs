@@ -18,8 +18,12 @@
 //! `clean`, no `needs_recovery`): PID 1 made `/persist` read-only or unmounted it
 //! before `reboot(2)`, so the next boot replays no journal.
 //!
+//! A second test leaves a writer on `/persist` that escaped its service (`setsid`):
+//! PID 1 ends it before the power-off and the disk is still clean.
+//!
 //! Everything about the node is asserted from get-instance and recent-signals, never
-//! from the console. Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
+//! from the console (the shutdown checks read the disk image, and the init's
+//! `shutdown_mounts` event for its own account). Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
 //! `target/vm-tests/persist_verity/`.
 
 mod common;
@@ -28,6 +32,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::modules::{labels, publish_runtime};
 use common::stub::Stub;
 use common::*;
 use powernode_initramfs::Compression;
@@ -370,4 +375,81 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
         down3.map(|e| e.to_string()).unwrap_or_default(),
         down4.map(|e| e.to_string()).unwrap_or_default(),
     );
+}
+
+/// A process that left its service's process group (`setsid`) and keeps a file open
+/// for writing on `/persist` outlives the agent's service stop. PID 1 ends it
+/// (SIGTERM) before making `/persist` read-only, so the terminated node's disk is
+/// still clean. Initramfs mode: `/persist` holds the state and the module store.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_leftover_writer_on_persist_is_ended_and_the_disk_left_clean() {
+    let dir = test_dir("persist_leftover_writer");
+    let stub = Stub::start(&dir);
+    let writer = "exec 3>>/persist/leftover.log; while :; do echo x >&3; sleep 1; done";
+    let service = serde_json::json!({"name": "spawner",
+        "command": ["/opt/leftover/bin/busybox", "sh", "-c",
+                    format!("busybox setsid sh -c '{writer}' & while :; do sleep 1; done")],
+        "env": ["PATH=/opt/leftover/bin"], "restart": "always", "stop_timeout_seconds": 3});
+    publish_runtime(
+        &stub,
+        &dir,
+        "leftover",
+        "1.0.0",
+        labels(Some("/opt/leftover"), &[service]),
+    );
+    stub.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "leftover",
+    ]);
+    let (instance_id, doc) = stub.provision_class("persist-leftover-1", "persistent");
+    let (init, _) = musl_inits();
+    let image = image(&dir.join("image"), &init, Compression::default());
+    let disk = dir.join("persist.img");
+    powernode_qemu::make_persist_disk(&disk, 128).unwrap();
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+    with_identity(&mut spec, &vm_dir, &doc.to_string());
+    spec.devices
+        .push(Device::PersistDisk { path: disk.clone() });
+    let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
+    let ctx = vm_context(&vm, Some(stub.log()));
+    wait_until("the spawner running", TO_RUNNING, &mut vm, &ctx, || {
+        let i = stub.instance(&instance_id);
+        assert_ne!(i["status"], "failed", "{i}");
+        let running = i["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "spawner" && s["state"] == "running")
+        });
+        running.then_some(i)
+    });
+    // Let the writer open its file and write.
+    std::thread::sleep(Duration::from_secs(2));
+    stub.cli(&["terminate-instance", &instance_id, "--force"]);
+    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not power off after terminate: {exit:?}\n{}",
+        ctx()
+    );
+    let clean = fs_clean(&disk);
+    let down = shutdown_event(&vm.serial());
+    assert!(
+        clean.is_ok(),
+        "/persist not clean with a leftover writer: {clean:?}; shutdown event {down:?}\n{}",
+        ctx()
+    );
+    // The init's account: the writer was still there and SIGTERM ended it.
+    let down = down.unwrap_or_else(|| panic!("no shutdown_mounts event\n{}", ctx()));
+    assert!(
+        u(&down["processes"]["terminated"]) >= 1,
+        "no leftover process ended: {down}"
+    );
+    assert_eq!(down["processes"]["left"], false, "{down}");
+    assert_eq!(down["failed"], serde_json::json!([]), "{down}");
+    eprintln!("persist_leftover_writer: {down}");
 }

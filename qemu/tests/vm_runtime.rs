@@ -2,9 +2,9 @@
 //! drain and decommission on real VMs, asserted from the server's API only
 //! (get-instance, get-task, drift-report): no console reading.
 //!
-//! Test modules are OCI image layouts built here (a tar layer with a static busybox,
-//! an image config whose labels declare the mount point and the services, see
-//! `agent/src/modules/config.rs`) and published with `powernode-stub
+//! Test modules are OCI image layouts built by `common::modules` (a tar layer with a
+//! static busybox, an image config whose labels declare the mount point and the
+//! services, see `agent/src/modules/config.rs`) and published with `powernode-stub
 //! publish-module`. Ignored unless built with `POWERNODE_VM_TESTS=1`; each test keeps
 //! `serial.log`, `qemu-command.sh`, `server.log` and the server's data under
 //! `target/vm-tests/<test>/`.
@@ -12,9 +12,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::modules::{labels, publish_runtime, sh_service};
 use common::stub::Stub;
 use common::*;
 use powernode_initramfs::Compression;
@@ -24,120 +24,6 @@ use serde_json::{json, Value};
 const TO_RUNNING: Duration = Duration::from_secs(180);
 const TO_CHANGE: Duration = Duration::from_secs(90);
 const TO_EXIT: Duration = Duration::from_secs(60);
-
-fn sha256_hex(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Writes `bytes` as a blob of `layout`; returns its descriptor.
-fn blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Value {
-    let tmp = layout.join("blob.tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    let hex = sha256_hex(&tmp);
-    std::fs::rename(&tmp, layout.join("blobs/sha256").join(&hex)).unwrap();
-    json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()})
-}
-
-/// A runtime module tree: `bin/busybox` with `sh` and `sleep` applets, plus
-/// `version`; as an OCI image layout whose config carries `labels`.
-fn module_layout(dir: &Path, name: &str, version: &str, labels: Value) -> PathBuf {
-    let tree = dir.join(format!("{name}-{version}-tree"));
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    std::fs::copy(rootfs::busybox(), tree.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(tree.join("version"), format!("{name} {version}\n")).unwrap();
-    let layout = dir.join(format!("{name}-{version}-oci"));
-    let _ = std::fs::remove_dir_all(&layout);
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    let layer = layout.join("layer.tar");
-    let st = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-            "--format=gnu",
-            "-C",
-        ])
-        .arg(&tree)
-        .arg("-cf")
-        .arg(&layer)
-        .args(["bin", "version"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "tar: {st}");
-    let layer_bytes = std::fs::read(&layer).unwrap();
-    std::fs::remove_file(&layer).unwrap();
-    let layer_desc = blob(
-        &layout,
-        "application/vnd.oci.image.layer.v1.tar",
-        &layer_bytes,
-    );
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
-        "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": labels},
-    });
-    let config_desc = blob(
-        &layout,
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config).unwrap(),
-    );
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config_desc,
-        "layers": [layer_desc],
-    });
-    let manifest_desc = blob(
-        &layout,
-        "application/vnd.oci.image.manifest.v1+json",
-        &serde_json::to_vec(&manifest).unwrap(),
-    );
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [manifest_desc]})).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    layout
-}
-
-/// A service entry of the `org.powernode.services` label running a busybox shell
-/// script from the module (relative argv\[0\]: the module's own tree).
-fn sh_service(name: &str, script: &str, restart: &str) -> Value {
-    json!({"name": name, "command": ["bin/busybox", "sh", "-c", script], "restart": restart,
-           "stop_timeout_seconds": 3})
-}
-
-fn labels(mountpoint: Option<&str>, services: &[Value]) -> Value {
-    let mut l = json!({"org.powernode.services": Value::Array(services.to_vec()).to_string()});
-    if let Some(m) = mountpoint {
-        l["org.powernode.mountpoint"] = json!(m);
-    }
-    l
-}
-
-/// Publishes a runtime module layout; returns its pinned manifest digest.
-fn publish_runtime(stub: &Stub, dir: &Path, name: &str, version: &str, labels: Value) -> String {
-    let layout = module_layout(dir, name, version, labels);
-    stub.publish_module(&layout, name, version, "runtime")
-}
 
 fn task(stub: &Stub, id: &str) -> Value {
     let t = stub.cli(&["get-task", id]);

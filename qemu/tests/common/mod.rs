@@ -2,6 +2,7 @@
 //! netboot image, boot them, read the structured console lines back.
 #![allow(dead_code)]
 
+pub mod modules;
 pub mod rootfs;
 pub mod stub;
 
