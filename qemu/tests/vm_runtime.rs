@@ -185,11 +185,10 @@ fn runtime_phases_1_to_6_on_one_vm() {
         "1.0.0",
         labels(
             None,
-            &[sh_service(
-                "keeper",
-                "while :; do sleep 1; done",
-                "on-failure",
-            )],
+            &[
+                sh_service("keeper", "while :; do sleep 1; done", "on-failure"),
+                sh_service("logger", "while :; do sleep 1; done", "on-failure"),
+            ],
         ),
     );
     let t = Instant::now();
@@ -210,6 +209,7 @@ fn runtime_phases_1_to_6_on_one_vm() {
                 && module_digest(i, "aux") == Some(&aux1)
                 && service(i, "web").is_some_and(|s| s["state"] == "running")
                 && service(i, "keeper").is_some_and(|s| s["state"] == "running")
+                && service(i, "logger").is_some_and(|s| s["state"] == "running")
         },
     );
     let attach_time = t.elapsed();
@@ -310,7 +310,7 @@ fn runtime_phases_1_to_6_on_one_vm() {
     let drift = stub.cli(&["drift-report", &node.instance_id]);
     assert_eq!(drift["drift"], false, "drift after detach: {drift}");
 
-    // Phase 5: drain stops the remaining service.
+    // Phase 5: drain stops the remaining services, in reverse start order.
     let drain = stub.cli(&[
         "drain-instance",
         &node.instance_id,
@@ -321,11 +321,14 @@ fn runtime_phases_1_to_6_on_one_vm() {
     assert_eq!(drain_task["status"], "succeeded", "{drain_task}");
     assert_eq!(
         drain_task["result"]["services_stopped"],
-        json!(["keeper"]),
+        json!(["logger", "keeper"]),
         "{drain_task}"
     );
-    let drained = node.wait(&stub, "phase drained, keeper stopped", TO_CHANGE, |i| {
-        i["phase"] == "drained" && service(i, "keeper").is_some_and(|s| s["state"] == "stopped")
+    let drained = node.wait(&stub, "phase drained, services stopped", TO_CHANGE, |i| {
+        i["phase"] == "drained"
+            && ["keeper", "logger"]
+                .iter()
+                .all(|n| service(i, n).is_some_and(|s| s["state"] == "stopped"))
     });
     assert_eq!(drained["status"], "draining", "{drained}");
     assert_eq!(drained["cordoned"], true, "{drained}");
@@ -711,7 +714,8 @@ fn wait_agent_answer(node: &mut Node, stub: &Stub, id: &str) -> Value {
 /// cancelled while the services stop restarts them, uncordons and never reboots; a
 /// module update cancelled mid-swap lets the swap in flight finish (no module is
 /// left half swapped) and the node ends on the desired version. Both cancellations
-/// and the agent's own account are read back from get-task.
+/// and the agent's own account are read back from get-task. Then a cordon-only
+/// drain cordons and leaves the service running.
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn cancelled_reboot_and_module_update_leave_the_node_whole() {
@@ -865,6 +869,21 @@ fn cancelled_reboot_and_module_update_leave_the_node_whole() {
     let drift = stub.cli(&["drift-report", &id]);
     assert_eq!(drift["drift"], false, "{drift}");
     eprintln!("cancel_mid_task: update leased as {leased}");
+
+    // A cordon-only drain: cordoned, slowstop left running as the same process.
+    let v2_pid = service(&updated, "slowstop").unwrap()["pid"].clone();
+    let cordon = stub.cli(&["drain-instance", &id, "--cordon-only"]);
+    let cordoned = node.wait_task(&stub, &task_id(&cordon), TO_CHANGE);
+    assert_eq!(cordoned["status"], "succeeded", "{cordoned}");
+    assert_eq!(cordoned["result"]["cordon_only"], true, "{cordoned}");
+    let i = node.wait(&stub, "cordoned", TO_CHANGE, |i| i["cordoned"] == true);
+    assert_ne!(i["phase"], "drained", "{i}");
+    let s = service(&i, "slowstop").unwrap();
+    assert_eq!(
+        (&s["state"], &s["pid"]),
+        (&json!("running"), &v2_pid),
+        "{i}"
+    );
 
     stub.cli(&["terminate-instance", &id, "--force"]);
     let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
