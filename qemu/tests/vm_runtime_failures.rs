@@ -634,6 +634,18 @@ fn decommissioned_persistent_node_booted_again_is_refused() {
     wait_credentials_persisted(&disk, &mut vm, &|| c.clone());
     let t = server.cli(&["terminate-instance", &inst, "--force"]);
     assert_eq!(t["status"], "terminated");
+    // Its certificate revoked and its bootstrap token expired, as the audit says.
+    let events = server.cli(&["recent-events", "--instance", &inst, "--limit", "200"]);
+    let revoked = events["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "credentials.revoked"))
+        .unwrap_or_else(|| panic!("no credentials.revoked event: {events}"));
+    assert_eq!(
+        revoked["detail"]["certificates"].as_array().map(Vec::len),
+        Some(1),
+        "{revoked}"
+    );
+    assert_eq!(revoked["detail"]["tokens"], 1, "{revoked}");
     // The recorder provider does not own this VM: the node learns on its next call
     // (certificate_revoked) and powers off.
     let exit = vm.wait_timeout(Duration::from_secs(60)).expect("wait QEMU");
