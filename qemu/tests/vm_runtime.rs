@@ -709,16 +709,17 @@ fn wait_agent_answer(node: &mut Node, stub: &Stub, id: &str) -> Value {
     )
 }
 
-/// `cancel-task` on the two node tasks that change the machine, each caught part
-/// way (a service that takes 20 s to stop on SIGTERM keeps them there): a reboot
-/// cancelled while the services stop restarts them, uncordons and never reboots; a
+/// `cancel-task` on the three node tasks that change the machine, each caught part
+/// way (a service that takes 20 s to stop on SIGTERM keeps them there): a drain or
+/// a reboot cancelled while the services stop restarts them, uncordons (and never
+/// reboots); a
 /// module update cancelled mid-swap lets the swap in flight finish (no module is
 /// left half swapped) and the node ends on the desired version. Both cancellations
 /// and the agent's own account are read back from get-task. Then a cordon-only
 /// drain cordons and leaves the service running.
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
-fn cancelled_reboot_and_module_update_leave_the_node_whole() {
+fn cancel_mid_drain_reboot_and_module_update_leaves_the_node_whole() {
     let dir = test_dir("runtime_cancel_mid_task");
     let stub = Stub::start(&dir);
     let slow = json!({"name": "slowstop",
@@ -752,7 +753,30 @@ fn cancelled_reboot_and_module_update_leave_the_node_whole() {
             && module_digest(i, "slow") == Some(&v1)
             && service(i, "slowstop").is_some_and(|s| s["state"] == "running")
     });
-    let first_pid = service(&running, "slowstop").unwrap()["pid"].clone();
+    let started_pid = service(&running, "slowstop").unwrap()["pid"].clone();
+
+    // A drain, cancelled while slowstop is stopping: uncordoned, running again.
+    let drain = stub.cli(&["drain-instance", &id, "--timeout-seconds", "120"]);
+    let drain_id = task_id(&drain);
+    node.wait(&stub, "slowstop stopping for the drain", TO_CHANGE, |i| {
+        i["status"] == "draining"
+            && service(i, "slowstop").is_some_and(|s| s["state"] == "stopping")
+    });
+    stub.cli(&["cancel-task", &drain_id]);
+    let answered = wait_agent_answer(&mut node, &stub, &drain_id);
+    assert_eq!(answered["status"], "cancelled", "{answered}");
+    assert_eq!(
+        answered["result"]["agent_result"]["services_restarted"],
+        json!(["slowstop"]),
+        "{answered}"
+    );
+    let after_drain = node.wait(&stub, "running again after the drain", TO_CHANGE, |i| {
+        i["status"] == "running"
+            && i["cordoned"] == false
+            && service(i, "slowstop")
+                .is_some_and(|s| s["state"] == "running" && s["pid"] != started_pid)
+    });
+    let first_pid = service(&after_drain, "slowstop").unwrap()["pid"].clone();
 
     // A reboot, cancelled while slowstop is stopping.
     let reboot = stub.cli(&["reboot-instance", &id, "--drain-timeout-seconds", "120"]);
