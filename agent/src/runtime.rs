@@ -770,10 +770,21 @@ async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
         Err(TaskAbort::Stop) => return ControlFlow::Break(()),
     };
     let rebooting = task.kind == TaskKind::Reboot && status == TaskStatus::Succeeded;
-    let flow = complete(shared, &task, status, result).await;
+    let (flow, recorded) = complete(shared, &task, status, result).await;
     if rebooting && flow.is_continue() {
-        let _ = shared.exit.send(Exit::Reboot).await;
-        return ControlFlow::Break(());
+        if recorded == Some(TaskStatus::Succeeded) {
+            let _ = shared.exit.send(Exit::Reboot).await;
+            return ControlFlow::Break(());
+        }
+        // The server did not record the reboot (the completion never landed, or the
+        // operator cancelled at the last moment). Rebooting now would leave the task
+        // to be requeued and run again, and an ephemeral node without the
+        // re-enrollment window the server opens on completion. Stay up: the lease
+        // runs out, the task is requeued and leased again.
+        let restarted = shared.supervisor.start_all();
+        shared.set_status(|s| s.cordoned = false);
+        tracing::warn!(task_id = %task.task_id, recorded = ?recorded, restarted = ?restarted,
+            "reboot not recorded by the server; not rebooting, services restarted");
     }
     flow
 }
@@ -1211,13 +1222,15 @@ fn kmsg_tail(path: &std::path::Path, n: usize) -> Vec<String> {
     out.into()
 }
 
-/// Completes a task, retrying transient failures a few times.
+/// Completes a task, retrying transient failures a few times; returns the status
+/// the server recorded when it answered (a task the operator cancelled meanwhile
+/// stays `cancelled`).
 async fn complete(
     shared: &Shared,
     task: &LeasedTask,
     status: TaskStatus,
     result: serde_json::Value,
-) -> ControlFlow<()> {
+) -> (ControlFlow<()>, Option<TaskStatus>) {
     let req = CompleteTaskRequest {
         instance_id: shared.instance_id().to_string(),
         lease_token: task.lease_token.clone(),
@@ -1234,13 +1247,13 @@ async fn complete(
             Ok(r) => {
                 tracing::info!(task_id = %r.task_id, status = r.status.as_str(),
                     instance_status = %r.instance_status, "task completed");
-                return ControlFlow::Continue(());
+                return (ControlFlow::Continue(()), Some(r.status));
             }
-            Err(e) if shared.stop_if_terminal(&e).await => return ControlFlow::Break(()),
+            Err(e) if shared.stop_if_terminal(&e).await => return (ControlFlow::Break(()), None),
             Err(e @ ClientError::Refused { .. }) => {
                 // Lease lost or task cancelled meanwhile: nothing to retry.
                 tracing::warn!(task_id = %task.task_id, error = %crate::error_chain(&e), "task completion refused");
-                return ControlFlow::Continue(());
+                return (ControlFlow::Continue(()), None);
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -1250,7 +1263,7 @@ async fn complete(
             }
         }
     }
-    ControlFlow::Continue(())
+    (ControlFlow::Continue(()), None)
 }
 
 #[cfg(test)]

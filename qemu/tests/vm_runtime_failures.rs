@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::modules::{labels, publish_runtime};
 use common::stub::{Stub, StubOptions};
 use common::*;
 use powernode_initramfs::Compression;
@@ -678,4 +679,104 @@ fn decommissioned_persistent_node_booted_again_is_refused() {
     // The Node row is kept, with no live instance.
     let n = server.cli(&["get-node", i["node_id"].as_str().unwrap()]);
     assert_eq!(n["node"]["status"], "no_instance");
+}
+
+/// The completion of a reboot task cannot reach the server (a partition cut while
+/// the services stop for it): the agent does not reboot blind, which would leave
+/// the task to be requeued and run again and an ephemeral node without its
+/// re-enrollment window. It restarts its services; the lease runs out and the
+/// server requeues the task (`lease_expired`); once healed, the agent leases it
+/// again, completes it, and only then reboots.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_reboot_whose_completion_is_lost_waits_for_the_requeue() {
+    let dir = test_dir("failures_reboot_partition");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let public = listener.local_addr().unwrap().port();
+    let server = start_server(&dir, Some(public), &[]);
+    let proxy = Proxy::start(listener, server.port());
+    let slow = json!({"name": "slowstop",
+        "command": ["bin/busybox", "sh", "-c",
+                    "trap 'sleep 8; exit 0' TERM; while :; do sleep 1; done"],
+        "restart": "always", "stop_timeout_seconds": 30});
+    publish_runtime(&server, &dir, "slow", "1.0.0", labels(None, &[slow]));
+    server.cli(&[
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--runtime",
+        "slow",
+    ]);
+    let (inst, doc) = server.provision_class("reboot-partition-1", "ephemeral");
+    let (mut vm, serial) = boot_with_args(&dir, "vm", &doc, None, &["powernode.lease_s=6"]);
+    let c = ctx(&serial, &server);
+    let slowstop = |i: &Value, state: &str| {
+        i["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "slowstop" && s["state"] == state)
+        })
+    };
+    wait_until(
+        "running with slowstop",
+        TO_RUNNING,
+        &mut vm,
+        &|| c.clone(),
+        || {
+            let i = server.instance(&inst);
+            (i["status"] == "running" && slowstop(&i, "running")).then_some(i)
+        },
+    );
+    let reboot = server.cli(&["reboot-instance", &inst, "--drain-timeout-seconds", "60"]);
+    let id = reboot["task_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task id: {reboot}"))
+        .to_string();
+    wait_until(
+        "slowstop stopping for the reboot",
+        TO_RUNNING,
+        &mut vm,
+        &|| c.clone(),
+        || {
+            let i = server.instance(&inst);
+            slowstop(&i, "stopping").then_some(i)
+        },
+    );
+    proxy.cut();
+    // Long enough for the stop (8 s) and the agent's five completion attempts
+    // (about 16 s of backoff); a reboot would end QEMU (it runs with -no-reboot).
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(40) {
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "the node rebooted {:?} into the cut although the server never recorded \
+                 the reboot ({status}); task: {}\n{c}",
+                cut.elapsed(),
+                server.cli(&["get-task", &id])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let tried = proxy.refused().len();
+    let t = server.cli(&["get-task", &id]);
+    assert_ne!(t["task"]["status"], "succeeded", "{t}");
+    proxy.heal();
+    let healed = Instant::now();
+    let exit = vm
+        .wait_timeout(Duration::from_secs(120))
+        .expect("wait for QEMU");
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "the requeued reboot did not happen: {exit:?}; task {}\n{c}",
+        server.cli(&["get-task", &id])
+    );
+    let t = server.cli(&["get-task", &id]);
+    let t = &t["task"];
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert_eq!(t["result"]["rebooting"], true, "{t}");
+    assert_eq!(t["history"][0]["outcome"], "lease_expired", "{t}");
+    println!(
+        "reboot_partition: {tried} connections refused during the cut; rebooted {:?} after \
+         the heal, task attempts {}",
+        healed.elapsed(),
+        t["attempts"]
+    );
 }
