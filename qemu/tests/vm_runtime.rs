@@ -418,6 +418,24 @@ fn a_drain_past_its_timeout_stays_draining_until_forced() {
         "{stuck}"
     );
     assert_ne!(stuck["phase"], "drained", "{stuck}");
+    // The same row as a signal, with the same recovery step.
+    let ctx = node.context();
+    let signal = wait_until(
+        "the instance.stuck signal",
+        TO_CHANGE,
+        &mut node.vm,
+        &ctx,
+        || {
+            stub.signals(&node.instance_id)
+                .into_iter()
+                .find(|s| s["kind"] == "instance.stuck" && s["active"] == true)
+        },
+    );
+    assert_eq!(signal["detail"]["reason"], "drain_timeout", "{signal}");
+    assert_eq!(
+        signal["detail"]["recovery"], stuck["stuck"]["recovery"],
+        "{signal}"
+    );
 
     stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
     let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
