@@ -55,8 +55,14 @@ pub enum PhaseError {
         #[source]
         errno: Errno,
     },
-    #[error("powernode.persist={0:?} is not a block device path of the form /dev/NAME")]
+    #[error(
+        "powernode.persist={0:?} is neither a block device path /dev/NAME nor LABEL=NAME \
+         (an ext4 label: 1-16 of A-Z a-z 0-9 _ . -)"
+    )]
     PersistSpec(String),
+    /// More than one disk carries the label: taking either could mount the wrong one.
+    #[error("the /persist label {label:?} (powernode.persist=) is on more than one disk: {}", devices.join(", "))]
+    PersistAmbiguous { label: String, devices: Vec<String> },
     /// The named disk is not there (not attached, or its driver found no device).
     #[error("the /persist disk {device} (powernode.persist=) is not present")]
     PersistMissing {
@@ -108,6 +114,7 @@ impl PhaseError {
             | Self::Mount(_)
             | Self::StateDir { .. }
             | Self::PersistSpec(_)
+            | Self::PersistAmbiguous { .. }
             | Self::PersistMissing { .. }
             | Self::Cmdline(_)
             | Self::Modules(_)
@@ -742,14 +749,96 @@ fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
     }
 }
 
-/// The block device name of a `powernode.persist=/dev/NAME` value.
-fn persist_device_name(value: &str) -> Option<&str> {
+/// What `powernode.persist=` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PersistDisk<'a> {
+    /// `/dev/NAME`.
+    Device(&'a str),
+    /// `LABEL=NAME`: the one disk whose ext4 superblock carries that label. It
+    /// stays right where device names do not (NVMe numbering across boots, a
+    /// cloud's root volume taking `vda`), and an image's baked command line can
+    /// carry it.
+    Label(&'a str),
+}
+
+fn parse_persist(value: &str) -> Option<PersistDisk<'_>> {
+    if let Some(label) = value.strip_prefix("LABEL=") {
+        return (!label.is_empty()
+            && label.len() <= EXT4_LABEL_MAX
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)))
+        .then_some(PersistDisk::Label(label));
+    }
     let name = value.strip_prefix("/dev/")?;
     (!name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)))
-    .then_some(name)
+    .then_some(PersistDisk::Device(name))
+}
+
+/// ext4's volume name field (`s_volume_name`, 16 bytes, NUL-padded).
+const EXT4_LABEL_MAX: usize = 16;
+/// The superblock starts 1024 bytes into the device; the fields we read end at
+/// 0x88 (magic `s_magic` at 0x38, label `s_volume_name` at 0x78).
+const EXT4_SUPERBLOCK: u64 = 1024;
+const EXT4_SB_READ: usize = 0x88;
+
+/// The ext4 label in a superblock's first bytes; `None` when it is not ext2/3/4.
+fn ext4_label(sb: &[u8]) -> Option<&[u8]> {
+    if sb.get(0x38..0x3a)? != [0x53, 0xef] {
+        return None;
+    }
+    let name = sb.get(0x78..0x78 + EXT4_LABEL_MAX)?;
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    name.get(..end)
+}
+
+/// The block devices whose ext4 label is `label`. Devices that cannot be read (an
+/// empty CD drive) are skipped; loop and RAM disks are never ours.
+fn disks_labelled(sys: &mut dyn Sys, label: &str) -> Result<Vec<String>, Errno> {
+    let mut names = sys.list_dir("/sys/class/block")?;
+    names.sort();
+    let mut found = Vec::new();
+    for name in names {
+        if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let dev = format!("/dev/{name}");
+        match sys.read_at(&dev, EXT4_SUPERBLOCK, EXT4_SB_READ) {
+            Ok(sb) if ext4_label(&sb) == Some(label.as_bytes()) => found.push(dev),
+            Ok(_) => {}
+            Err(errno) => log::debug!("{dev}: superblock unreadable ({errno}); skipped"),
+        }
+    }
+    Ok(found)
+}
+
+/// The device path `powernode.persist=` resolves to.
+fn persist_device(sys: &mut dyn Sys, value: &str) -> Result<String, PhaseError> {
+    let missing = |errno| PhaseError::PersistMissing {
+        device: value.into(),
+        errno,
+    };
+    match parse_persist(value).ok_or_else(|| PhaseError::PersistSpec(value.into()))? {
+        PersistDisk::Device(name) => {
+            sys.read_file(&format!("/sys/class/block/{name}/dev"), 64)
+                .map_err(missing)?;
+            Ok(value.into())
+        }
+        PersistDisk::Label(label) => {
+            let mut found = disks_labelled(sys, label).map_err(missing)?;
+            match found.len() {
+                0 => Err(missing(Errno::NOENT)),
+                1 => Ok(found.remove(0)),
+                _ => Err(PhaseError::PersistAmbiguous {
+                    label: label.into(),
+                    devices: found,
+                }),
+            }
+        }
+    }
 }
 
 /// The agent's state directory: on the `/persist` disk (ext4) that
@@ -764,16 +853,10 @@ fn prepare_state_dir(sys: &mut dyn Sys, persist: Option<&str>) -> Result<String,
         ok_if_exists(sys.mkdir(RUN_STATE_DIR, 0o700)).map_err(err(RUN_STATE_DIR))?;
         return Ok(RUN_STATE_DIR.into());
     };
-    let name = persist_device_name(value).ok_or_else(|| PhaseError::PersistSpec(value.into()))?;
-    if let Err(errno) = sys.read_file(&format!("/sys/class/block/{name}/dev"), 64) {
-        return Err(PhaseError::PersistMissing {
-            device: value.into(),
-            errno,
-        });
-    }
+    let device = persist_device(sys, value)?;
     ok_if_exists(sys.mkdir(PERSIST_MOUNT, 0o755)).map_err(err(PERSIST_MOUNT))?;
     match sys.mount(
-        value,
+        &device,
         PERSIST_MOUNT,
         "ext4",
         crate::sys::MountFlags::NOSUID | crate::sys::MountFlags::NODEV,
@@ -782,7 +865,7 @@ fn prepare_state_dir(sys: &mut dyn Sys, persist: Option<&str>) -> Result<String,
         Ok(()) | Err(Errno::BUSY) => {}
         Err(errno) => return Err(err(PERSIST_MOUNT)(errno)),
     }
-    log::info!("{value} mounted at {PERSIST_MOUNT}");
+    log::info!("{device} ({value}) mounted at {PERSIST_MOUNT}");
     ok_if_exists(sys.mkdir(PERSIST_STATE_DIR, 0o700)).map_err(err(PERSIST_STATE_DIR))?;
     Ok(PERSIST_STATE_DIR.into())
 }
@@ -1285,11 +1368,109 @@ mod tests {
         );
     }
 
+    /// The first bytes of an ext4 superblock with `label` (what `disks_labelled`
+    /// reads, 1024 bytes into the device).
+    fn ext4_device(label: &str) -> Vec<u8> {
+        let mut dev = vec![0u8; 4096];
+        dev[1024 + 0x38..1024 + 0x3a].copy_from_slice(&[0x53, 0xef]);
+        dev[1024 + 0x78..1024 + 0x78 + label.len()].copy_from_slice(label.as_bytes());
+        dev
+    }
+
+    fn with_disks(mut sys: FakeSys, disks: &[(&str, Vec<u8>)]) -> FakeSys {
+        let mut names: Vec<String> = vec!["loop0".into()];
+        for (name, bytes) in disks {
+            names.push(name.to_string());
+            sys = sys.with_file(&format!("/dev/{name}"), bytes.clone());
+        }
+        // A loop device is never read, even when it would match.
+        sys = sys.with_file("/dev/loop0", ext4_device("pn-persist"));
+        sys.dirs.insert("/sys/class/block".into(), names);
+        sys
+    }
+
+    #[test]
+    fn a_persist_label_finds_the_one_disk_that_carries_it() {
+        let sys = machine("powernode.on_failure=poweroff powernode.persist=LABEL=pn-persist");
+        let mut sys = with_disks(
+            sys,
+            &[
+                ("vda", ext4_device("cloudimg-rootfs")),
+                ("vdb", ext4_device("pn-persist")),
+                // Not ext4 (no magic), though the label bytes match.
+                ("vdc", {
+                    let mut d = ext4_device("pn-persist");
+                    d[1024 + 0x38] = 0;
+                    d
+                }),
+                ("vdd", vec![0u8; 100]),
+            ],
+        );
+        sys.read_errors.insert("/dev/sr0".into(), Errno::NOMEDIUM);
+        sys.dirs
+            .get_mut("/sys/class/block")
+            .unwrap()
+            .push("sr0".into());
+        let mut agent = FakeAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert!(sys
+            .mounts()
+            .contains(&("/dev/vdb".into(), PERSIST_MOUNT.into(), "ext4".into())));
+        assert!(!sys.calls.contains(&Call::Read("/dev/loop0".into())));
+        assert_eq!(
+            agent.bootstraps[0].state_dir,
+            std::path::PathBuf::from(PERSIST_STATE_DIR)
+        );
+    }
+
+    #[test]
+    fn a_persist_label_on_two_disks_is_refused_naming_both() {
+        let sys = machine(
+            "powernode.on_failure=poweroff powernode.attempts=1 powernode.persist=LABEL=pn-persist",
+        );
+        let mut sys = with_disks(
+            sys,
+            &[
+                ("nvme0n1", ext4_device("pn-persist")),
+                ("nvme1n1", ext4_device("pn-persist")),
+            ],
+        );
+        let mut agent = FakeAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        let error = failed["error"].as_str().unwrap();
+        assert!(
+            error.contains("more than one disk: /dev/nvme0n1, /dev/nvme1n1"),
+            "{failed}"
+        );
+        assert!(!sys.mounts().iter().any(|m| m.1 == PERSIST_MOUNT));
+        assert!(agent.bootstraps.is_empty());
+    }
+
     #[test]
     fn a_bad_or_absent_persist_disk_fails_naming_it() {
         for (arg, code_text) in [
-            ("powernode.persist=vdb", "not a block device path"),
-            ("powernode.persist=/dev/../etc", "not a block device path"),
+            ("powernode.persist=vdb", "neither a block device path"),
+            (
+                "powernode.persist=/dev/../etc",
+                "neither a block device path",
+            ),
+            ("powernode.persist=LABEL=", "neither a block device path"),
+            (
+                "powernode.persist=LABEL=a-label-of-17-bytes",
+                "neither a block device path",
+            ),
+            (
+                "powernode.persist=LABEL=no/slash",
+                "neither a block device path",
+            ),
+            (
+                "powernode.persist=LABEL=pn-persist",
+                "LABEL=pn-persist (powernode.persist=) is not present",
+            ),
             (
                 "powernode.persist=/dev/vdb",
                 "/dev/vdb (powernode.persist=) is not present",

@@ -55,7 +55,8 @@ pub struct Options {
     /// `quiet`: the kernel console shows warnings only, so the logger writes
     /// info lines to the console itself.
     pub quiet: bool,
-    /// `powernode.persist=/dev/NAME`: the ext4 disk mounted at `/persist` for the
+    /// `powernode.persist=/dev/NAME` or `LABEL=NAME` (the one disk whose ext4
+    /// label it is): the ext4 disk mounted at `/persist` for the
     /// agent's state and module store (checked when used). Absent: an ephemeral
     /// node, whatever disks the machine has (a cloud's root volume is never taken
     /// for it).

@@ -49,6 +49,9 @@ pub trait Sys {
     /// Reads a whole file, refusing more than `limit` bytes (`EFBIG`). Reads in one
     /// large call where the kernel allows it (fw_cfg reads cost time per offset).
     fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno>;
+    /// Reads up to `len` bytes at `offset` (a block device's superblock); fewer at
+    /// the end of the file.
+    fn read_at(&mut self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, Errno>;
     fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), Errno>;
     /// Opens `path` and hands it to `finit_module` with no parameters.
     fn finit_module(&mut self, path: &str) -> Result<(), ModuleSysError>;
@@ -181,6 +184,23 @@ impl Sys for RealSys {
         let data = std::ffi::CString::new(data).map_err(|_| Errno::INVAL)?;
         let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
         rustix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn read_at(&mut self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(path).map_err(errno)?;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
+            match file.read_at(rest, offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
     }
 
     fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno> {
@@ -750,6 +770,19 @@ pub mod fake {
                 Some(e) => Err(*e),
                 None => Ok(()),
             }
+        }
+
+        fn read_at(&mut self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+            self.calls.push(Call::Read(path.to_string()));
+            if let Some(e) = self.read_errors.get(path) {
+                return Err(*e);
+            }
+            let data = self.files.get(path).ok_or(Errno::NOENT)?;
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            let end = start.saturating_add(len).min(data.len());
+            Ok(data[start..end].to_vec())
         }
 
         fn read_file(&mut self, path: &str, limit: usize) -> Result<Vec<u8>, Errno> {

@@ -44,6 +44,10 @@ fn run(mut cmd: Command) -> Result<(), DiskError> {
 /// The block size is pinned to 4096: mke2fs picks 1024 for small disks, and the
 /// node enables fs-verity with 4096-byte Merkle blocks (its objects are named by
 /// those digests); older kernels accept that only when it equals the fs block size.
+/// The ext4 label of the `/persist` disks made here; the VM finds its disk by it
+/// (`powernode.persist=LABEL=pn-persist`), whatever the device is called.
+pub const PERSIST_LABEL: &str = "pn-persist";
+
 pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
     if path.exists() {
         return Err(DiskError::Exists(path.to_path_buf()));
@@ -54,8 +58,17 @@ pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
         .arg(format!("{size_mib}M"));
     run(img)?;
     let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-b", "4096", "-O", "verity", "-L", "persist"])
-        .arg(path);
+    mkfs.args([
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        "-O",
+        "verity",
+        "-L",
+        PERSIST_LABEL,
+    ])
+    .arg(path);
     run(mkfs)
 }
 
@@ -80,7 +93,11 @@ mod tests {
             .find(|l| l.starts_with("Filesystem features:"))
             .unwrap_or_default();
         assert!(features.contains("verity"), "{text}");
-        assert!(text.contains("persist"), "label: {text}");
+        let label = text
+            .lines()
+            .find(|l| l.starts_with("Filesystem volume name:"))
+            .unwrap_or_default();
+        assert!(label.ends_with(&format!(" {PERSIST_LABEL}")), "{label}");
         let block = text
             .lines()
             .find(|l| l.starts_with("Block size:"))

@@ -12,6 +12,6 @@ mod sys;
 pub mod vm;
 
 pub use accel::Accel;
-pub use disk::make_persist_disk;
+pub use disk::{make_persist_disk, PERSIST_LABEL};
 pub use spec::{Device, Firmware, GuestForward, VmSpec};
 pub use vm::{ovmf_firmware, Vm, VmError};

@@ -197,7 +197,10 @@ impl Device {
             Device::FwCfgFile { name, .. } if name == IDENTITY_FW_CFG_NAME => {
                 vec!["powernode.identity_source=fw_cfg".into()]
             }
-            Device::PersistDisk { .. } => vec!["powernode.persist=/dev/vda".into()],
+            Device::PersistDisk { .. } => vec![format!(
+                "powernode.persist=LABEL={}",
+                crate::disk::PERSIST_LABEL
+            )],
             _ => Vec::new(),
         }
     }
@@ -392,7 +395,9 @@ mod tests {
         );
         assert_eq!(window(&argv, "-accel"), ["kvm"]);
         assert_eq!(window(&argv, "-cpu"), ["host"]);
-        assert!(s.kernel_cmdline().ends_with("powernode.persist=/dev/vda"));
+        assert!(s
+            .kernel_cmdline()
+            .ends_with("powernode.persist=LABEL=pn-persist"));
     }
 
     #[test]

@@ -622,7 +622,7 @@ mod tests {
         );
         assert!(vm
             .kernel_cmdline()
-            .ends_with("powernode.on_failure=poweroff powernode.identity_source=fw_cfg powernode.persist=/dev/vda"));
+            .ends_with("powernode.on_failure=poweroff powernode.identity_source=fw_cfg powernode.persist=LABEL=pn-persist"));
         let w = |flag: &str| {
             argv.windows(2)
                 .filter(|p| p[0] == flag)
