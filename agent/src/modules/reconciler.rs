@@ -409,19 +409,9 @@ impl ModuleRuntime {
     }
 
     /// Mounts a prepared module (replacing `old`, already stopped) and exposes it.
-    /// A mount point another mounted module is exposed at is refused before
-    /// anything is touched: a second bind would stack on the first.
+    /// Mount point conflicts were refused before (see [`mountpoint_conflict`]).
     fn mount(&self, p: &Prepared, old: Option<Mounted>) -> Result<Mounted, ModuleError> {
         let m = &p.desired;
-        if let (true, Some(at)) = (self.expose, &p.config.mountpoint) {
-            if let Some(by) = exposed_by(&self.mounted(), at, &m.name) {
-                return Err(ModuleError::MountpointTaken {
-                    name: m.name.clone(),
-                    at: at.clone(),
-                    by,
-                });
-            }
-        }
         let next = Mounted {
             module: RunningModule {
                 name: m.name.clone(),
@@ -533,6 +523,18 @@ impl ModuleRuntime {
                 });
             }
         }
+        // Refused before any service stops or mount changes: a second bind would
+        // stack on the first, and a module stopped and then left unmounted would
+        // drop out of what is tracked (and of what collection keeps).
+        if self.expose {
+            let wanted: Vec<(&str, &Path)> = prepared
+                .iter()
+                .filter_map(|p| Some((p.desired.name.as_str(), p.config.mountpoint.as_deref()?)))
+                .collect();
+            if let Some(e) = mountpoint_conflict(&self.mounted(), &wanted) {
+                return Err(e);
+            }
+        }
         for p in &prepared {
             let name = p.desired.name.clone();
             // The old version stays listed (heartbeats) while its services stop.
@@ -572,6 +574,28 @@ impl ModuleRuntime {
 }
 
 /// The mounted module other than `except` exposed at `at`, if any.
+/// The first mount point a module about to be mounted would take from another:
+/// where a mounted module (not its own old version) is exposed, or one two of them
+/// name.
+fn mountpoint_conflict(
+    mounted: &BTreeMap<String, Mounted>,
+    wanted: &[(&str, &Path)],
+) -> Option<ModuleError> {
+    wanted.iter().enumerate().find_map(|(i, (name, at))| {
+        let by = exposed_by(mounted, at, name).or_else(|| {
+            wanted[..i]
+                .iter()
+                .find(|(_, other)| other == at)
+                .map(|(other, _)| other.to_string())
+        })?;
+        Some(ModuleError::MountpointTaken {
+            name: name.to_string(),
+            at: at.to_path_buf(),
+            by,
+        })
+    })
+}
+
 fn exposed_by(mounted: &BTreeMap<String, Mounted>, at: &Path, except: &str) -> Option<String> {
     mounted
         .iter()
@@ -686,13 +710,20 @@ mod runtime_tests {
         // Its own mount point (a swap of the same module) is not a conflict.
         assert_eq!(exposed_by(&mounted, Path::new("/opt/web"), "web"), None);
         assert_eq!(exposed_by(&mounted, Path::new("/opt/tools"), "other"), None);
-        let e = ModuleError::MountpointTaken {
-            name: "other".into(),
-            at: "/opt/web".into(),
-            by: "web".into(),
-        };
+        // What the reconcile checks before it stops anything: a mounted module's
+        // mount point, or one two new modules both name; a swap keeps its own.
+        let web = Path::new("/opt/web");
+        let tools = Path::new("/opt/tools");
+        assert!(mountpoint_conflict(&mounted, &[("web", web), ("tools", tools)]).is_none());
+        let e = mountpoint_conflict(&mounted, &[("tools", tools), ("other", web)])
+            .expect("taken by web");
+        assert!(matches!(&e, ModuleError::MountpointTaken { name, by, .. }
+            if name == "other" && by == "web"));
+        let e = mountpoint_conflict(&mounted, &[("a", tools), ("b", tools)]).expect("named twice");
+        assert!(matches!(&e, ModuleError::MountpointTaken { name, by, .. }
+            if name == "b" && by == "a"));
         assert_eq!(e.code(), ErrorCode::BadRequest);
-        assert!(e.to_string().contains("/opt/web") && e.to_string().contains("web"));
+        assert!(e.to_string().contains("/opt/tools") && e.to_string().contains("module a"));
     }
 
     #[tokio::test]
