@@ -124,15 +124,16 @@ impl PhaseError {
         }
     }
 
-    /// Whether a later attempt may succeed on its own (the network comes up, the
-    /// control plane comes back). Others (a bad identity, a missing module) apply
-    /// the failure policy at once, except `retry` which always retries.
     /// The control plane refused this node for good: no later attempt, under any
     /// policy, can succeed with this boot's identity.
     pub fn refused_for_good(&self) -> bool {
         matches!(self, Self::Bootstrap(e) if e.refused_for_good())
     }
 
+    /// Whether a later attempt may succeed on its own (the network comes up, the
+    /// control plane comes back). Others (a bad identity, a missing module) apply
+    /// the failure policy at once, except `retry` which retries all but a refusal
+    /// for good.
     pub fn retryable(&self) -> bool {
         match self {
             Self::Network(_)
@@ -1353,11 +1354,19 @@ mod tests {
 
     #[test]
     fn without_powernode_persist_no_disk_is_taken_for_persist() {
-        // A cloud's root volume (vda) is there; nothing names it.
-        let mut sys = machine("powernode.on_failure=poweroff")
-            .with_file("/sys/class/block/vda/dev", "254:0\n");
+        // A cloud's root volume (vda) is there, even with our label; nothing names it.
+        let mut sys = with_disks(
+            machine("powernode.on_failure=poweroff")
+                .with_file("/sys/class/block/vda/dev", "254:0\n"),
+            &[("vda", ext4_device("pn-persist"))],
+        );
         let mut agent = FakeAgent::default();
         Boot::new(&mut sys).with_agent(&mut agent).run();
+        // No disk was even looked at.
+        assert!(!sys.calls.iter().any(|c| matches!(c,
+            Call::ListDir(d) if d == "/sys/class/block")));
+        assert!(!sys.calls.iter().any(|c| matches!(c,
+            Call::Read(p) if p.starts_with("/dev/") || p.starts_with("/sys/class/block"))));
         assert!(sys
             .mounts()
             .iter()

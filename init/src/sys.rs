@@ -666,7 +666,7 @@ pub mod fake {
         pub dhcp_answers: std::collections::VecDeque<Option<u8>>,
         pub executables: std::collections::BTreeSet<String>,
         pub root_not_initramfs: bool,
-        /// `read_through` of these full paths fails with this errno.
+        /// `read_through` and `read_at` of these full paths fail with this errno.
         pub read_errors: BTreeMap<String, Errno>,
         /// Like `read_errors`, for the first read only (a transient fault).
         pub read_errors_once: BTreeMap<String, Errno>,

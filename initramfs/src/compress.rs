@@ -1,15 +1,14 @@
-//! Compression of the archive. Both formats are deterministic here and both are
-//! built into the Debian cloud kernel (`CONFIG_RD_ZSTD`, `CONFIG_RD_GZIP`).
+//! Compression of the archive. All four choices are deterministic here and the
+//! compressed three are built into the Debian cloud kernel (`CONFIG_RD_LZ4`,
+//! `CONFIG_RD_ZSTD`, `CONFIG_RD_GZIP`).
 //!
-//! lz4 is the default: the kernel unpacks the initramfs before `/init` runs, and
-//! under TCG (or on a slow CPU) every byte of decompression counts; LZ4 decompresses
-//! several times faster than zstd for a file about 1.7x larger (3.4 vs 2.0 MiB here),
-//! which costs little where the image is read from a local disk or a fast network.
-//! zstd is the choice for slow links (smallest, and still fast to decompress); gzip
-//! for old tooling.
-//! `lz4` is the kernel's legacy LZ4 format (`lz4 -l`, `CONFIG_RD_LZ4`): a larger
-//! file than zstd, but it decompresses several times faster, which under TCG is
-//! tens of milliseconds before `/init` runs. `none` leaves the cpio archive as it is.
+//! lz4 (the kernel's legacy LZ4 format, `lz4 -l`) is the default: the kernel unpacks
+//! the initramfs before `/init` runs, and under TCG (or on a slow CPU) every byte of
+//! decompression counts; LZ4 decompresses several times faster than zstd for a file
+//! about 1.7x larger (3.4 vs 2.0 MiB here), which costs little where the image is
+//! read from a local disk or a fast network. zstd is the choice for slow links
+//! (smallest, and still fast to decompress); gzip for old tooling; `none` leaves the
+//! cpio archive as it is.
 //! The zstd level and the single-threaded encoder are fixed, so the same input gives
 //! the same bytes for a given (Cargo.lock-pinned) libzstd. gzip uses a fixed header
 //! (mtime 0, no name, OS byte "unknown").

@@ -38,16 +38,17 @@ fn run(mut cmd: Command) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// Creates `path` (`size_mib` MiB, raw) with an ext4 file system labelled `persist`
-/// that has the verity feature. Refuses to overwrite an existing file.
-///
-/// The block size is pinned to 4096: mke2fs picks 1024 for small disks, and the
-/// node enables fs-verity with 4096-byte Merkle blocks (its objects are named by
-/// those digests); older kernels accept that only when it equals the fs block size.
 /// The ext4 label of the `/persist` disks made here; the VM finds its disk by it
 /// (`powernode.persist=LABEL=pn-persist`), whatever the device is called.
 pub const PERSIST_LABEL: &str = "pn-persist";
 
+/// Creates `path` (`size_mib` MiB, raw) with an ext4 file system labelled
+/// [`PERSIST_LABEL`] that has the verity feature. Refuses to overwrite an existing
+/// file.
+///
+/// The block size is pinned to 4096: mke2fs picks 1024 for small disks, and the
+/// node enables fs-verity with 4096-byte Merkle blocks (its objects are named by
+/// those digests); older kernels accept that only when it equals the fs block size.
 pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
     if path.exists() {
         return Err(DiskError::Exists(path.to_path_buf()));

@@ -66,8 +66,8 @@ pub enum Device {
     Firmware(Firmware),
     /// The disk the firmware boots (raw image, `snapshot=on`: guest writes never reach
     /// the published file). It sits on the q35's
-    /// built-in AHCI controller, not virtio-blk, so the `/persist` disk stays
-    /// `/dev/vda`; the kernel never reads it (the firmware loads the UKI).
+    /// built-in AHCI controller, not virtio-blk; the kernel never reads it (the
+    /// firmware loads the UKI).
     BootDisk { path: PathBuf },
     /// A read-only virtio disk (raw image) that is not `/persist`: a cloud's config
     /// drive, say. `id` names the drive (and its serial).
