@@ -768,25 +768,13 @@ async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
     let (status, result) = match outcome {
         Ok(v) => v,
         Err(TaskAbort::Stop) => return ControlFlow::Break(()),
-    };
-    let rebooting = task.kind == TaskKind::Reboot && status == TaskStatus::Succeeded;
-    let (flow, recorded) = complete(shared, &task, status, result).await;
-    if rebooting && flow.is_continue() {
-        if recorded == Some(TaskStatus::Succeeded) {
+        Err(TaskAbort::Reboot) => {
             let _ = shared.exit.send(Exit::Reboot).await;
             return ControlFlow::Break(());
         }
-        // The server did not record the reboot (the completion never landed, or the
-        // operator cancelled at the last moment). Rebooting now would leave the task
-        // to be requeued and run again, and an ephemeral node without the
-        // re-enrollment window the server opens on completion. Stay up: the lease
-        // runs out, the task is requeued and leased again.
-        let restarted = shared.supervisor.start_all();
-        shared.set_status(|s| s.cordoned = false);
-        tracing::warn!(task_id = %task.task_id, recorded = ?recorded, restarted = ?restarted,
-            "reboot not recorded by the server; not rebooting, services restarted");
-    }
-    flow
+        Err(TaskAbort::Completed) => return ControlFlow::Continue(()),
+    };
+    complete(shared, &task, status, result).await.0
 }
 
 /// Task parameters as JSON; `null` is `{}`.
@@ -925,7 +913,8 @@ impl RebootParams {
 }
 
 /// Cordons, stops the services (killing what outlives the budget) and completes
-/// the task; the run then ends with [`Exit::Reboot`] for PID 1 to sync and reboot.
+/// the task itself; once the server recorded it, the run ends with
+/// [`Exit::Reboot`] for PID 1 to sync and reboot.
 async fn reboot(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     if !shared.opts.can_reboot {
         return Ok((
@@ -961,15 +950,29 @@ async fn reboot(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     if renew_lease(shared, task, "rebooting").await? {
         return Ok(undo(shared));
     }
-    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, killed = ?report.killed, "rebooting");
-    Ok((
-        TaskStatus::Succeeded,
-        serde_json::json!({
-            "rebooting": true,
-            "services_stopped": report.stopped,
-            "services_killed": report.killed,
-        }),
-    ))
+    let result = serde_json::json!({
+        "rebooting": true,
+        "services_stopped": report.stopped,
+        "services_killed": report.killed,
+    });
+    // Completed here, not by the caller: only a completion the server recorded may
+    // end in a reboot. One that never landed (or a cancel at the last moment) would
+    // leave the task to be requeued and run again, and an ephemeral node without
+    // the re-enrollment window the server opens on completion: stay up instead; the
+    // lease runs out and the task is leased again.
+    match complete(shared, task, TaskStatus::Succeeded, result).await {
+        (ControlFlow::Break(()), _) => Err(TaskAbort::Stop),
+        (_, Some(TaskStatus::Succeeded)) => {
+            tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, killed = ?report.killed, "rebooting");
+            Err(TaskAbort::Reboot)
+        }
+        (_, recorded) => {
+            let (_, restarted) = undo(shared);
+            tracing::warn!(task_id = %task.task_id, ?recorded, %restarted,
+                "reboot not recorded by the server; not rebooting, services restarted");
+            Err(TaskAbort::Completed)
+        }
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -1005,6 +1008,10 @@ async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome 
 enum TaskAbort {
     /// A terminal refusal: the agent is stopping.
     Stop,
+    /// A reboot the server recorded as done: the agent ends for PID 1 to reboot.
+    Reboot,
+    /// The task already reported its end itself; nothing left to complete.
+    Completed,
 }
 
 /// Renews the task's lease; `Ok(true)` when the operator cancelled it.

@@ -755,7 +755,9 @@ fn a_reboot_whose_completion_is_lost_waits_for_the_requeue() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The agent did try (heartbeats, renewals, its completions) and was turned away.
     let tried = proxy.refused().len();
+    assert!(tried >= 5, "only {tried} connections reached the cut\n{c}");
     let t = server.cli(&["get-task", &id]);
     assert_ne!(t["task"]["status"], "succeeded", "{t}");
     proxy.heal();
