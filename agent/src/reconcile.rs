@@ -75,6 +75,7 @@ impl Reconciler for NoModules {
                     names.join(", ")
                 ),
                 attempt: 0,
+                recovery: None,
             })
         })
     }

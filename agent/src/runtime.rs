@@ -856,6 +856,7 @@ async fn module_update(shared: &Arc<Shared>, task: &LeasedTask) -> TaskOutcome {
             code: ErrorCode::Internal,
             message: format!("the reconcile task failed: {e}"),
             attempt: 0,
+            recovery: None,
         }),
         Leased::Cancelled => {
             // The task's answer goes now; the reconcile's own result still reaches
@@ -1305,6 +1306,7 @@ mod tests {
                 code: ErrorCode::DigestMismatch,
                 message: "x".into(),
                 attempt: 1,
+                recovery: None,
             }),
             vec!["base".into()],
         );

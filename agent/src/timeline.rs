@@ -122,6 +122,7 @@ pub fn failure_report(
         code,
         message: crate::error_chain(err),
         attempt,
+        recovery: None,
     }
 }
 

@@ -519,16 +519,17 @@ impl AgentDriver for RealAgent {
             }
         };
         // The initramfs is the root: runtime modules (and their services) only.
-        let hooks = match rt.block_on(async { node_hooks(&state_dir, Vec::new(), None) }) {
-            Ok(h) => h,
-            Err(message) => {
-                return AgentEnd::Failed {
-                    code: ErrorCode::Internal,
-                    message,
+        let hooks =
+            match rt.block_on(async { node_hooks(&state_dir, Vec::new(), None, Host::Pid1) }) {
+                Ok(h) => h,
+                Err(message) => {
+                    return AgentEnd::Failed {
+                        code: ErrorCode::Internal,
+                        message,
+                    }
                 }
-            }
-        };
-        run_on(rt, resolved, opts, hooks, timeline)
+            };
+        run_on(rt, resolved, opts, hooks, timeline, Host::Pid1)
     }
 
     fn root_facts(&self) -> Option<RootFacts> {
@@ -569,6 +570,7 @@ fn node_hooks(
     state_dir: &std::path::Path,
     root_modules: Vec<RunningModule>,
     root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
+    _host: Host,
 ) -> Result<Hooks, String> {
     use powernode_agent::modules::{reconciler, registry, store::ObjectStore};
     use powernode_agent::supervisor::ServiceSupervisor;
@@ -625,11 +627,17 @@ fn run_on(
     opts: AgentOptions,
     hooks: Hooks,
     timeline: &[TimelineEntry],
+    host: Host,
 ) -> AgentEnd {
     let mut timeline = Timeline::from_entries(timeline.to_vec());
     timeline.mark(Phase::AgentStarted);
     let ended = rt.block_on(async {
-        let reaper = tokio::spawn(reap_children());
+        // Under systemd, PID 1 reaps; reaping here would only race the monitors.
+        let reaper = tokio::spawn(async move {
+            if host == Host::Pid1 {
+                reap_children().await
+            }
+        });
         let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
         reaper.abort();
         result
@@ -729,10 +737,29 @@ fn loop_source(mountinfo: &str, target: &std::path::Path) -> Option<PathBuf> {
     })
 }
 
+/// Who the agent runs under in the composed root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// The agent is PID 1: it reaps orphans and supervises services itself.
+    Pid1,
+    /// systemd is PID 1 and the agent is `powernode-agent.service`.
+    Systemd,
+}
+
 /// Agent mode, PID 1 of the composed root: the identity and credentials come from
 /// `state_dir` (saved by the bootstrap before switch_root), the timeline and root
 /// module digests from [`HANDOFF_FILE`].
 pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
+    run_in_root(state_dir, Host::Pid1)
+}
+
+/// The agent as a systemd service of the composed root: [`run_in_composed_root`]
+/// with systemd reaping and running the module services as units.
+pub fn run_as_service(state_dir: &std::path::Path) -> AgentEnd {
+    run_in_root(state_dir, Host::Systemd)
+}
+
+fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
     let failed = |message: String| AgentEnd::Failed {
         code: ErrorCode::Internal,
         message,
@@ -767,6 +794,9 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
     opts.can_reboot = true;
     opts.kmsg_log = true;
     apply_cmdline(&mut opts);
+    if host == Host::Systemd {
+        log::info!("reporting to systemd (READY=1 after the handshake, watchdog)");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -794,11 +824,12 @@ pub fn run_in_composed_root(state_dir: &std::path::Path) -> AgentEnd {
             ))
         }
     };
-    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules, root_images) }) {
+    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules, root_images, host) })
+    {
         Ok(h) => h,
         Err(message) => return failed(message),
     };
-    run_on(&rt, resolved, opts, hooks, &timeline)
+    run_on(&rt, resolved, opts, hooks, &timeline, host)
 }
 
 /// The agent's tunables from the kernel command line (`powernode.lease_s=`).

@@ -18,6 +18,7 @@ use crate::identity::{self, Found, IdentityProbeError};
 use crate::modules::{self, LoadReport, ModuleError};
 use crate::mounts::{self, MountError, EARLY_MOUNTS};
 use crate::net::{self, Configured, NetError};
+use crate::root_init::{self, RootInit, RootInitError};
 use crate::switch_root::{self, SwitchRootError};
 use crate::sys::{Errno, RebootKind, Sys};
 
@@ -94,6 +95,8 @@ pub enum PhaseError {
         #[source]
         errno: Errno,
     },
+    #[error(transparent)]
+    RootInit(#[from] RootInitError),
 }
 
 impl PhaseError {
@@ -105,6 +108,7 @@ impl PhaseError {
             Self::Network(_) => ErrorCode::Network,
             Self::Bootstrap(e) => e.code(),
             Self::Agent { code, .. } => *code,
+            Self::RootInit(e) => e.code(),
             Self::RootRead {
                 verity: true,
                 errno: Errno::IO,
@@ -121,6 +125,14 @@ impl PhaseError {
             | Self::SwitchRoot(_)
             | Self::TestRoot(_)
             | Self::HandOff { .. } => ErrorCode::Internal,
+        }
+    }
+
+    /// What the operator can do about it, where the init knows.
+    pub fn recovery(&self) -> Option<String> {
+        match self {
+            Self::RootInit(e) => e.recovery(),
+            _ => None,
         }
     }
 
@@ -320,6 +332,7 @@ impl<'a> Boot<'a> {
             code: error.code(),
             message: format!("{name}: {}", error.chain()),
             attempt,
+            recovery: error.recovery(),
         };
         let timeline = self.timeline.clone();
         let reported = match self.agent.as_deref_mut() {
@@ -338,6 +351,7 @@ impl<'a> Boot<'a> {
             "phase": name,
             "code": error.code(),
             "error": error.chain(),
+            "recovery": error.recovery(),
             "attempt": attempt,
             "on_failure": policy.as_str(),
             "retrying": will_retry,
@@ -453,16 +467,49 @@ impl<'a> Boot<'a> {
                 return Err(error);
             }
         };
+        let init = root_init::inspect(self.sys, COMPOSED_ROOT)?;
         self.mark(Phase::RootMounted);
-        if let Some(c) = facts.as_mut().and_then(|f| f.compose.as_mut()) {
-            c.checked = checked;
+        if let Some(f) = facts.as_mut() {
+            f.init = init.name().to_string();
+            if let Some(c) = f.compose.as_mut() {
+                c.checked = checked;
+            }
         }
         self.event(json!({"event": "root_composed", "root": facts}));
         self.prepare_agent_mode(&modules, facts.as_ref())?;
-        Ok(ComposedRoot::Mounted {
-            path: COMPOSED_ROOT.into(),
-            init: crate::agent::AGENT_MODE_BIN.into(),
-        })
+        let bin = crate::agent::AGENT_MODE_BIN;
+        match init {
+            RootInit::Agent => {
+                let state_dir = self.state_dir.clone().unwrap_or_default();
+                Ok(ComposedRoot::Mounted {
+                    path: COMPOSED_ROOT.into(),
+                    init: bin.into(),
+                    args: vec![crate::agent::AGENT_MODE.into(), state_dir],
+                })
+            }
+            RootInit::Systemd { path } => {
+                let state_dir = self.state_dir.clone().unwrap_or_default();
+                root_init::install_agent_unit(self.sys, bin, &state_dir).map_err(
+                    |(path, errno)| PhaseError::HandOff {
+                        step: "writing the agent's unit",
+                        path,
+                        errno,
+                    },
+                )?;
+                log::info!(
+                    "the composed root's init is systemd ({path}): the agent runs as {}",
+                    root_init::AGENT_UNIT
+                );
+                // Exec'd by its resolved path: Debian's `/sbin/init` is an absolute
+                // link, which the switch's checks (made before the chroot) would
+                // resolve against the initramfs.
+                Ok(ComposedRoot::Mounted {
+                    path: COMPOSED_ROOT.into(),
+                    init: path,
+                    args: Vec::new(),
+                })
+            }
+        }
     }
 
     /// Copies this init to [`crate::agent::AGENT_MODE_BIN`] and leaves the timeline
@@ -515,9 +562,9 @@ impl<'a> Boot<'a> {
     pub fn hand_off(&mut self, root: ComposedRoot) -> Outcome {
         match root {
             ComposedRoot::Initramfs => self.run_agent(),
-            ComposedRoot::Mounted { path, init } => {
+            ComposedRoot::Mounted { path, init, args } => {
                 let timeline = self.timeline.clone();
-                self.event(json!({"event": "switch_root", "new_root": path, "timeline": timeline}));
+                self.event(json!({"event": "switch_root", "new_root": path, "init": init, "timeline": timeline}));
                 let state_dir = self.state_dir.clone().unwrap_or_default();
                 // The agent's state and the store the root reads from live on /persist.
                 let extra: &[&str] = if state_dir.starts_with(PERSIST_MOUNT) {
@@ -525,14 +572,9 @@ impl<'a> Boot<'a> {
                 } else {
                     &[]
                 };
-                let error: PhaseError = switch_root::switch_root_moving(
-                    self.sys,
-                    &path,
-                    &init,
-                    &[crate::agent::AGENT_MODE, &state_dir],
-                    extra,
-                )
-                .into();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let error: PhaseError =
+                    switch_root::switch_root_moving(self.sys, &path, &init, &args, extra).into();
                 match self.failed("switch_root", &error, 1) {
                     Some(outcome) => outcome,
                     None => self.run_agent(),
@@ -588,8 +630,13 @@ impl<'a> Boot<'a> {
 pub enum ComposedRoot {
     /// No composed root yet: stay in the initramfs.
     Initramfs,
-    /// A composed root mounted at `path`, whose `init` takes over as PID 1.
-    Mounted { path: String, init: String },
+    /// A composed root mounted at `path`, whose `init` (with `args`) takes over as
+    /// PID 1: systemd, or a copy of this init in agent mode.
+    Mounted {
+        path: String,
+        init: String,
+        args: Vec<String>,
+    },
 }
 
 fn repaired_note(moved: &[String]) -> String {
@@ -1747,6 +1794,103 @@ mod tests {
             vec!["agent".into(), PERSIST_STATE_DIR.into()]
         )));
         assert_eq!(agent.repairs, 0);
+    }
+
+    /// [`persistent_machine`] whose root is a Debian one: `/sbin/init` an absolute
+    /// link to systemd, the kernel's modules under `/usr/lib/modules`.
+    fn systemd_machine() -> FakeSys {
+        let release = "6.12.57+deb13-cloud-amd64";
+        let mut sys = persistent_machine()
+            .with_file("/proc/sys/kernel/osrelease", format!("{release}\n"))
+            .with_file("/sysroot/usr/lib/systemd/systemd", "ELF")
+            .with_file(
+                &format!("/sysroot/usr/lib/modules/{release}/modules.dep"),
+                "",
+            );
+        sys.executables
+            .insert("/sysroot/usr/lib/systemd/systemd".into());
+        sys.links
+            .insert("/sysroot/sbin/init".into(), "/lib/systemd/systemd".into());
+        sys.links.insert(
+            "/sysroot/lib/systemd/systemd".into(),
+            "/usr/lib/systemd/systemd".into(),
+        );
+        sys.links.insert(
+            format!("/sysroot/lib/modules/{release}/modules.dep"),
+            format!("/usr/lib/modules/{release}/modules.dep"),
+        );
+        sys
+    }
+
+    #[test]
+    fn a_systemd_root_gets_systemd_as_pid_1_and_the_agent_as_its_unit() {
+        let mut sys = systemd_machine();
+        let mut agent = ComposingAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        let created = |path: &str| {
+            sys.calls.iter().find_map(|c| match c {
+                Call::Create(p, body) if p == path => Some(body.clone()),
+                _ => None,
+            })
+        };
+        let handoff: Value =
+            serde_json::from_str(&created("/persist/powernode/handoff.json").unwrap()).unwrap();
+        assert_eq!(handoff["root_facts"]["init"], "systemd");
+        let unit =
+            created("/run/systemd/system/powernode-agent.service").expect("the agent's unit");
+        assert!(unit.contains(&format!(
+            "ExecStart={} agent-service {PERSIST_STATE_DIR}",
+            crate::agent::AGENT_MODE_BIN
+        )));
+        assert!(created("/run/systemd/system/multi-user.target.d/powernode-agent.conf").is_some());
+        // The unit is written before /run moves into the new root; systemd is exec'd
+        // by its resolved path, with no arguments.
+        let pos = |c: &Call| sys.calls.iter().position(|x| x == c);
+        let unit_at = sys
+            .calls
+            .iter()
+            .position(|c| matches!(c, Call::Create(p, _) if p.ends_with("powernode-agent.service")))
+            .unwrap();
+        assert!(unit_at < pos(&Call::MoveMount("/run".into(), "/sysroot/run".into())).unwrap());
+        assert!(sys
+            .calls
+            .contains(&Call::Exec("/usr/lib/systemd/systemd".into(), Vec::new())));
+        assert!(!sys
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::Exec(p, _) if p == crate::agent::AGENT_MODE_BIN)));
+    }
+
+    #[test]
+    fn a_systemd_root_without_kernel_modules_is_reported_with_a_recovery_and_never_switched_to() {
+        let mut sys = systemd_machine();
+        sys.files.retain(|p, _| !p.ends_with("modules.dep"));
+        let mut agent = ComposingAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        let failure = agent.reports.last().expect("reported upstream").clone();
+        assert_eq!(failure.code, ErrorCode::KernelModulesMissing);
+        assert_eq!(failure.phase, Phase::RootMounted);
+        assert!(
+            failure.message.contains("6.12.57+deb13-cloud-amd64"),
+            "{}",
+            failure.message
+        );
+        assert!(failure.recovery.unwrap().contains("kernel-modules"));
+        assert!(!sys.calls.contains(&Call::FreeInitramfs));
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::Exec(..))));
+    }
+
+    #[test]
+    fn a_root_whose_init_dangles_is_refused_before_the_switch() {
+        let mut sys = persistent_machine();
+        sys.links
+            .insert("/sysroot/sbin/init".into(), "/lib/systemd/systemd".into());
+        let mut agent = ComposingAgent::default();
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        let failure = agent.reports.last().expect("reported upstream").clone();
+        assert_eq!(failure.code, ErrorCode::RootInitInvalid);
+        assert!(failure.recovery.is_some());
+        assert!(!sys.calls.contains(&Call::FreeInitramfs));
     }
 
     #[test]

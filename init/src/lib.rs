@@ -52,6 +52,7 @@ pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod netlink;
+pub mod root_init;
 pub mod shutdown;
 pub mod switch_root;
 pub mod sys;
@@ -70,7 +71,49 @@ pub fn main() -> ! {
     if std::env::args().nth(1).as_deref() == Some(agent::AGENT_MODE) {
         agent_mode()
     }
+    if std::env::args().nth(1).as_deref() == Some(root_init::AGENT_SERVICE_MODE) {
+        agent_service()
+    }
     run()
+}
+
+/// The agent as `powernode-agent.service` under the composed root's systemd: the
+/// same runtime as [`agent_mode`], but systemd is PID 1, so it reaps, restarts this
+/// process whatever ends it, and powers off or reboots when asked (`systemctl`). A
+/// panic aborts (`panic = "abort"`) and systemd restarts the agent; it never takes
+/// the machine down.
+fn agent_service() -> ! {
+    logger::start_stderr();
+    std::panic::set_hook(Box::new(|info| log::error!("agent panic: {info}")));
+    let state_dir = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "/run/powernode".into());
+    log::info!(
+        "agent as {} under systemd; state dir {state_dir}",
+        root_init::AGENT_UNIT
+    );
+    let end = agent::run_as_service(std::path::Path::new(&state_dir));
+    log::info!("agent ended: {end:?}");
+    let verb = match &end {
+        agent::AgentEnd::Reboot => Some("reboot"),
+        agent::AgentEnd::Refused { .. } => Some("poweroff"),
+        agent::AgentEnd::Stopped | agent::AgentEnd::Failed { .. } => None,
+    };
+    if let Some(verb) = verb {
+        // Queued, not waited for: systemd stops this unit as part of the job, and
+        // a unit being stopped is not restarted.
+        match std::process::Command::new("systemctl")
+            .args(["--no-block", verb])
+            .status()
+        {
+            Ok(s) if s.success() => log::info!("systemctl {verb} queued"),
+            Ok(s) => log::error!("systemctl {verb} failed: {s}"),
+            Err(e) => log::error!("running systemctl {verb}: {e}"),
+        }
+    }
+    logger::flush();
+    // A failure exits non-zero so the journal says so; systemd restarts either way.
+    std::process::exit(i32::from(matches!(end, agent::AgentEnd::Failed { .. })))
 }
 
 /// PID 1 of the composed root (re-executed by the init after switch_root): runs the

@@ -12,11 +12,14 @@ use crate::sys;
 struct Logger {
     kmsg: Mutex<Option<std::fs::File>>,
     echo: AtomicBool,
+    /// Under systemd: lines go to stderr, which the journal keeps under the unit.
+    stderr: AtomicBool,
 }
 
 static LOGGER: Logger = Logger {
     kmsg: Mutex::new(None),
     echo: AtomicBool::new(false),
+    stderr: AtomicBool::new(false),
 };
 
 /// kmsg priority of a level (`<3>` err ... `<7>` debug).
@@ -48,6 +51,16 @@ impl log::Log for Logger {
             return;
         }
         let msg = record.args().to_string();
+        if self.stderr.load(Ordering::Relaxed) {
+            // `<N>` is the sd-daemon priority prefix journald reads from stderr.
+            let line = format!(
+                "<{}>{}\n",
+                kmsg_priority(record.level()),
+                msg.replace('\n', " ")
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            return;
+        }
         let mut wrote_kmsg = false;
         if let Ok(mut kmsg) = self.kmsg.lock() {
             if let Some(file) = kmsg.as_mut() {
@@ -86,6 +99,14 @@ pub fn start() {
         *kmsg = sys::open_kmsg();
     }
     // Only the first call installs; later ones just reopened kmsg above.
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+/// Installs the logger writing to stderr only (the agent as a systemd service).
+pub fn start_stderr() {
+    LOGGER.stderr.store(true, Ordering::Relaxed);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }

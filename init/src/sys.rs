@@ -119,6 +119,19 @@ pub trait Sys {
     /// returns how many were read. On fs-verity files every page read is checked
     /// by the kernel, so a corrupt block is `EIO` here.
     fn read_through(&mut self, root: &str, path: &str) -> Result<u64, Errno>;
+    /// What `path` names inside `root`, resolved as if `root` were `/` (symlinks
+    /// followed, never out of it): the file's path inside the root and whether it is
+    /// an executable regular file. A dangling symlink is `Ok(None)`; nothing at
+    /// `path` is `Err(NOENT)`.
+    fn resolve_in_root(&mut self, root: &str, path: &str) -> Result<Option<RootFile>, Errno>;
+}
+
+/// A file found by [`Sys::resolve_in_root`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootFile {
+    /// Its path inside the root (every symlink resolved).
+    pub path: String,
+    pub executable: bool,
 }
 
 /// The real kernel.
@@ -529,6 +542,47 @@ impl Sys for RealSys {
         }
     }
 
+    fn resolve_in_root(&mut self, root: &str, path: &str) -> Result<Option<RootFile>, Errno> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+        use std::os::fd::AsRawFd;
+        let dir = rustix::fs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let rel = path.trim_start_matches('/');
+        let open = |flags: OFlags| {
+            openat2(
+                &dir,
+                rel,
+                OFlags::PATH | OFlags::CLOEXEC | flags,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT,
+            )
+        };
+        let file = match open(OFlags::empty()) {
+            Ok(f) => f,
+            // The name exists but what it points at does not.
+            Err(Errno::NOENT) if open(OFlags::NOFOLLOW).is_ok() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let stat = rustix::fs::fstat(&file)?;
+        let regular = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
+        let executable = regular && stat.st_mode & 0o111 != 0;
+        // The kernel's name for the opened file is its path from the real `/`.
+        let full = rustix::fs::readlink(format!("/proc/self/fd/{}", file.as_raw_fd()), Vec::new())?;
+        let full = full.to_string_lossy().into_owned();
+        let inside = full
+            .strip_prefix(root.trim_end_matches('/'))
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or(&full)
+            .to_string();
+        Ok(Some(RootFile {
+            path: inside,
+            executable,
+        }))
+    }
+
     fn exec(&mut self, path: &str, args: &[&str]) -> Errno {
         use std::os::unix::process::CommandExt;
         let err = std::process::Command::new(path).args(args).exec();
@@ -665,6 +719,9 @@ pub mod fake {
         /// `None` means no answer (timeout).
         pub dhcp_answers: std::collections::VecDeque<Option<u8>>,
         pub executables: std::collections::BTreeSet<String>,
+        /// Symlinks (full path -> target, absolute targets inside the root) that
+        /// `resolve_in_root` follows.
+        pub links: BTreeMap<String, String>,
         pub root_not_initramfs: bool,
         /// `read_through` and `read_at` of these full paths fail with this errno.
         pub read_errors: BTreeMap<String, Errno>,
@@ -1007,6 +1064,31 @@ pub mod fake {
             }
             let data = self.files.get(&full).ok_or(Errno::NOENT)?;
             Ok(data.len() as u64)
+        }
+
+        fn resolve_in_root(&mut self, root: &str, path: &str) -> Result<Option<RootFile>, Errno> {
+            let root = root.trim_end_matches('/');
+            let mut full = format!("{root}/{}", path.trim_start_matches('/'));
+            // Up to 8 links, as if the kernel followed them inside the root.
+            for _ in 0..8 {
+                match self.links.get(&full) {
+                    Some(target) => full = format!("{root}/{}", target.trim_start_matches('/')),
+                    None => break,
+                }
+            }
+            if self.files.contains_key(&full) {
+                let inside = full.strip_prefix(root).unwrap_or(&full).to_string();
+                let executable = self.executables.contains(&full);
+                return Ok(Some(RootFile {
+                    path: inside,
+                    executable,
+                }));
+            }
+            let asked = format!("{root}/{}", path.trim_start_matches('/'));
+            if self.links.contains_key(&asked) {
+                return Ok(None);
+            }
+            Err(Errno::NOENT)
         }
 
         fn exec(&mut self, path: &str, args: &[&str]) -> Errno {

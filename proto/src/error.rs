@@ -59,6 +59,10 @@ pub enum ErrorCode {
     IdentityMissing,
     Network,
     EnrollmentFailed,
+    /// The composed root's `/sbin/init` cannot run (dangling link, not executable).
+    RootInitInvalid,
+    /// A systemd root without the running kernel's modules.
+    KernelModulesMissing,
     #[serde(other)]
     Unknown,
 }
@@ -109,6 +113,8 @@ impl ErrorCode {
             Self::IdentityMissing => "identity_missing",
             Self::Network => "network",
             Self::EnrollmentFailed => "enrollment_failed",
+            Self::RootInitInvalid => "root_init_invalid",
+            Self::KernelModulesMissing => "kernel_modules_missing",
             Self::Unknown => "unknown",
         }
     }

@@ -88,6 +88,9 @@ pub struct FailureReport {
     /// How many times this phase has been tried so far.
     #[serde(default)]
     pub attempt: u32,
+    /// What the operator can do about it, where the node knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<String>,
 }
 
 /// `POST` [`crate::paths::HANDSHAKE`]: the node says where it is in its boot.
@@ -131,6 +134,10 @@ pub struct RootFacts {
     /// What composing the root cost on this boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose: Option<ComposeStats>,
+    /// Who is PID 1 of the composed root: `systemd` (the agent is
+    /// `powernode-agent.service`) or `agent`. Empty when `/` is not a composed root.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub init: String,
 }
 
 /// What the init did to compose the root on one boot: a second boot of a persistent

@@ -133,6 +133,13 @@ pub enum Cmd {
         /// External registry base URL, e.g. http://127.0.0.1:5000 (default: embedded).
         #[arg(long)]
         registry: Option<String>,
+        /// Keep the folder's file owners (a distribution root); default 0:0.
+        #[arg(long)]
+        preserve_owners: bool,
+        /// An image config label, KEY=VALUE (repeatable): org.powernode.services,
+        /// org.powernode.drain, org.powernode.mountpoint.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
     /// List module publications (newest first).
     ListModulePublications,
@@ -303,14 +310,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         version,
         kind,
         registry,
+        preserve_owners,
+        labels,
     } = &cmd
     {
+        let mut folder = crate::publish::FolderOptions {
+            preserve_owners: *preserve_owners,
+            ..Default::default()
+        };
+        for label in labels {
+            let (k, v) = label
+                .split_once('=')
+                .with_context(|| format!("--label {label:?} is not KEY=VALUE"))?;
+            if k.is_empty() {
+                bail!("--label {label:?} has an empty key");
+            }
+            folder.labels.insert(k.to_string(), v.to_string());
+        }
         let args = crate::publish::PublishArgs {
             source: source.clone(),
             name: name.clone(),
             version: version.clone(),
             kind: kind.clone(),
             registry: registry.clone(),
+            folder,
         };
         let out = crate::publish::publish_module(
             &client,

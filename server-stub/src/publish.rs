@@ -466,20 +466,50 @@ fn annotations(name: &str, version: &str, composefs: &str) -> Value {
     })
 }
 
+/// How a folder becomes a module (an OCI image layout says all this itself).
+#[derive(Debug, Clone, Default)]
+pub struct FolderOptions {
+    /// Keep the files' owners (a distribution root: daemons' own users, setuid
+    /// helpers' groups); otherwise every file is 0:0.
+    pub preserve_owners: bool,
+    /// Image config labels (`org.powernode.services`, `org.powernode.drain`,
+    /// `org.powernode.mountpoint`), covered by the signature like the files.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// Builds a module image from a folder: one reproducible layer (modfmt).
 pub fn image_from_folder(dir: &Path, name: &str, version: &str) -> anyhow::Result<ModuleImage> {
+    image_from_folder_with(dir, name, version, &FolderOptions::default())
+}
+
+/// [`image_from_folder`] with owners kept or labels set.
+pub fn image_from_folder_with(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    opts: &FolderOptions,
+) -> anyhow::Result<ModuleImage> {
     use powernode_modfmt::publish::{build_module, BuildOptions};
     let scratch_dir = tempfile::tempdir().context("scratch directory")?;
     let scratch = powernode_modfmt::store::ObjectStore::open(scratch_dir.path())
         .context("scratch object store")?;
-    let m = build_module(dir, &BuildOptions::default(), &scratch)
+    let build = BuildOptions {
+        preserve_owners: opts.preserve_owners,
+        ..BuildOptions::default()
+    };
+    let m = build_module(dir, &build, &scratch)
         .with_context(|| format!("building a module from {}", dir.display()))?;
     let composefs = m.image_digest.to_string();
+    let container_config = if opts.labels.is_empty() {
+        json!({})
+    } else {
+        json!({"Labels": opts.labels})
+    };
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [m.diff_id]},
-        "config": {},
+        "config": container_config,
     }))?;
     let config_digest = sha256_digest(&config);
     let mut layer_descriptor = json!({
@@ -763,6 +793,7 @@ pub struct PublishArgs {
     pub kind: String,
     /// External registry base URL (`http://127.0.0.1:5000`); `None`: embedded.
     pub registry: Option<String>,
+    pub folder: FolderOptions,
 }
 
 /// Builds or reads the image, pushes it, has the server sign it, pushes the
@@ -785,12 +816,16 @@ pub async fn publish_module(
     }
     let src = args.source.clone();
     let (name, version) = (args.name.clone(), args.version.clone());
+    let folder = args.folder.clone();
     let t0 = std::time::Instant::now();
     let image = tokio::task::spawn_blocking(move || {
         if src.join("oci-layout").is_file() {
+            if folder.preserve_owners || !folder.labels.is_empty() {
+                bail!("--preserve-owners and --label apply to a folder; an OCI image layout carries its own owners and labels");
+            }
             image_from_layout(&src, &name, &version)
         } else if src.is_dir() {
-            image_from_folder(&src, &name, &version)
+            image_from_folder_with(&src, &name, &version, &folder)
         } else {
             bail!(
                 "{} is neither a folder nor an OCI image layout",

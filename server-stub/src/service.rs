@@ -2171,6 +2171,7 @@ fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCode, message:
             code,
             message: message.to_string(),
             attempt: 0,
+            recovery: None,
         });
     }
     mem.revoke_credentials(now, id);

@@ -37,6 +37,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
         version: "1".into(),
         kind: "runtime".into(),
         registry: None,
+        folder: Default::default(),
     };
     let p = powernode_stub::publish::publish_module(
         &ts.admin,

@@ -114,6 +114,7 @@ async fn publish(ts: &TestServer, src: &Path, registry: Option<String>) -> Value
         version: "1.0.0".into(),
         kind: "root".into(),
         registry,
+        folder: Default::default(),
     };
     powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
         .await

@@ -568,6 +568,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         version: "1.0.0".into(),
         kind: "root".into(),
         registry: None,
+        folder: Default::default(),
     };
     let out = powernode_stub::publish::publish_module(
         &ts.admin,
@@ -878,6 +879,7 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
         version: "3".into(),
         kind: "runtime".into(),
         registry: None,
+        folder: Default::default(),
     };
     let out =
         powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(&ts), &args)

@@ -520,6 +520,7 @@ async fn publish(ts: &TestServer, name: &str, version: &str, kind: &str) -> Valu
         version: version.into(),
         kind: kind.into(),
         registry: None,
+        folder: Default::default(),
     };
     powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
         .await

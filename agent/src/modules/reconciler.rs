@@ -652,6 +652,7 @@ impl Reconciler for Arc<ModuleRuntime> {
                 code: e.code(),
                 message: crate::error_chain(&e),
                 attempt: 0,
+                recovery: None,
             })
         })
     }
