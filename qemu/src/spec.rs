@@ -75,6 +75,9 @@ pub enum Device {
     /// SMBIOS system information (type 1): what a cloud's firmware tells the guest
     /// in `/sys/class/dmi/id` (`manufacturer` is `sys_vendor`, e.g. `Amazon EC2`).
     SmbiosSystem { fields: Vec<(String, String)> },
+    /// A QMP control socket (unix, server, never waited for): how the host presses
+    /// the VM's ACPI power button ([`crate::Vm::power_button`]), as a cloud's stop does.
+    Qmp { path: PathBuf },
 }
 
 /// Escapes a value inside a QEMU `-opt key=value,...` list (`,` doubles).
@@ -166,6 +169,10 @@ impl Device {
                 }
                 vec!["-smbios".into(), arg]
             }
+            Device::Qmp { path } => vec![
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", path_str(path)),
+            ],
             Device::DataDisk { path, id } => vec![
                 "-drive".into(),
                 format!(

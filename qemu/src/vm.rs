@@ -180,6 +180,39 @@ impl Vm {
         fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// Presses the ACPI power button over the QMP socket at `qmp` (see
+    /// [`crate::Device::Qmp`]): the guest's init (systemd-logind) shuts down cleanly.
+    /// Returns once QEMU accepted the command, not when the guest is off.
+    pub fn power_button(qmp: &Path, timeout: Duration) -> std::io::Result<()> {
+        use std::io::{BufRead, BufReader, Write};
+        let stream = std::os::unix::net::UnixStream::connect(qmp)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        // Greeting, then one answer per command; an event line may come between.
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        for cmd in ["qmp_capabilities", "system_powerdown"] {
+            writer.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())?;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Err(std::io::Error::other(format!(
+                        "QMP closed before answering {cmd}"
+                    )));
+                }
+                if line.contains("\"error\"") {
+                    return Err(std::io::Error::other(format!("QMP {cmd}: {}", line.trim())));
+                }
+                if line.contains("\"return\"") {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Kills QEMU (SIGKILL to its own pid) and reaps it.
     pub fn kill(&mut self) {
         if self.exited.is_none() {
@@ -264,5 +297,65 @@ mod tests {
         assert!(
             matches!(&err, VmError::Spawn { command, .. } if command.contains("/nonexistent/qemu"))
         );
+    }
+
+    /// A stand-in QMP server: greets, answers each command, and records them.
+    fn fake_qmp(
+        path: &Path,
+        answer_powerdown: &'static str,
+    ) -> std::thread::JoinHandle<Vec<String>> {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut got = Vec::new();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                got.push(line.trim().to_string());
+                let reply = if line.contains("system_powerdown") {
+                    answer_powerdown
+                } else {
+                    "{\"return\": {}}\n"
+                };
+                w.write_all(b"{\"event\": \"NOTHING\"}\n").unwrap();
+                w.write_all(reply.as_bytes()).unwrap();
+                line.clear();
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn the_power_button_is_pressed_over_qmp_after_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let server = fake_qmp(&sock, "{\"return\": {}}\n");
+        Vm::power_button(&sock, Duration::from_secs(5)).unwrap();
+        let got = server.join().unwrap();
+        assert_eq!(
+            got,
+            [
+                "{\"execute\":\"qmp_capabilities\"}",
+                "{\"execute\":\"system_powerdown\"}"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_qmp_error_or_no_socket_is_an_error_naming_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let server = fake_qmp(
+            &sock,
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no ACPI\"}}\n",
+        );
+        let err = Vm::power_button(&sock, Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("system_powerdown"), "{err}");
+        drop(server);
+        assert!(Vm::power_button(&dir.path().join("absent.sock"), Duration::from_secs(1)).is_err());
     }
 }

@@ -154,6 +154,17 @@ pub fn instance_dir(base: &Path, instance_id: &str) -> PathBuf {
     base.join(INSTANCES_DIR).join(instance_id)
 }
 
+/// How long a persistent instance's VM gets to shut down after its ACPI power button
+/// before it is killed: long enough for systemd (or the agent, refused at its next
+/// heartbeat) to leave `/persist` clean under TCG.
+pub const POWERDOWN_GRACE: Duration = Duration::from_secs(40);
+
+/// The QMP socket of an instance's VM. Under the temp dir, not the instance folder:
+/// a unix socket path has a 108-byte limit that deep checkouts exceed.
+pub fn qmp_socket(instance_id: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("powernode-qmp-{instance_id}.sock"))
+}
+
 /// The VM of an instance, as `real` boots it (pure: unit-tested without QEMU).
 /// `extra_args` go after the image's own command line (e.g. test switches).
 pub fn vm_spec(
@@ -171,6 +182,9 @@ pub fn vm_spec(
     vm.kernel_args.extend(extra_args.iter().cloned());
     vm.devices
         .push(Device::identity(inst_dir.join("identity.json")));
+    vm.devices.push(Device::Qmp {
+        path: qmp_socket(&spec.instance_id),
+    });
     if spec.lifecycle_class == LifecycleClass::Persistent {
         vm.devices.push(Device::PersistDisk {
             path: inst_dir.join("persist.img"),
@@ -395,6 +409,31 @@ impl Provider for Real {
         };
         let pid = vm.pid();
         let before = vm.try_wait().map_err(ProviderError::Vm)?;
+        // A persistent VM first gets its power button, as a cloud's stop does, so
+        // its /persist disk is left clean; an ephemeral one has nothing to keep.
+        let qmp = qmp_socket(instance_id);
+        let mut powerdown = serde_json::Value::Null;
+        let persistent = instance_dir(&self.image_base, instance_id)
+            .join("persist.img")
+            .exists();
+        if before.is_none() && persistent {
+            let t = std::time::Instant::now();
+            let pressed = Vm::power_button(&qmp, Duration::from_secs(5));
+            let exited = match &pressed {
+                Ok(()) => vm
+                    .wait_timeout(POWERDOWN_GRACE)
+                    .map_err(ProviderError::Vm)?,
+                Err(_) => None,
+            };
+            powerdown = json!({
+                "pressed": pressed.as_ref().map(|_| true).unwrap_or(false),
+                "error": pressed.err().map(|e| e.to_string()),
+                "exited": exited.map(|s| s.to_string()),
+                "ms": t.elapsed().as_millis() as u64,
+            });
+            tracing::info!(instance = %instance_id, %powerdown, "power button");
+        }
+        let _ = std::fs::remove_file(&qmp);
         vm.kill();
         let status = vm
             .wait_timeout(Duration::from_secs(10))
@@ -412,6 +451,7 @@ impl Provider for Real {
             "provider": "real", "action": "destroy", "instance_id": instance_id,
             "pid": pid,
             "already_exited": before.map(|s| s.to_string()),
+            "powerdown": powerdown,
             "status": status.map(|s| s.to_string()),
             "vm": {"name": format!("powernode-{instance_id}")},
         }))
@@ -522,6 +562,7 @@ mod tests {
 
     #[test]
     fn ephemeral_node_vm_spec_and_argv() {
+        let qmp = format!("unix:{},server=on,wait=off", qmp_socket("inst-1").display());
         let s = spec(LifecycleClass::Ephemeral, "type-qemu-1cpu-512mb", 1, 512);
         let vm = vm_spec(
             &s,
@@ -570,6 +611,8 @@ mod tests {
                 "virtio-rng-pci",
                 "-fw_cfg",
                 "name=opt/org.powernode/identity,file=/b/instances/inst-1/identity.json",
+                "-qmp",
+                &qmp,
             ])
         );
     }
@@ -601,6 +644,9 @@ mod tests {
                 Device::UserNet { id: "n0".into() },
                 Device::Rng,
                 Device::identity("/b/instances/inst-1/identity.json"),
+                Device::Qmp {
+                    path: qmp_socket("inst-1"),
+                },
                 Device::PersistDisk {
                     path: "/b/instances/inst-1/persist.img".into(),
                 },
@@ -610,10 +656,8 @@ mod tests {
         assert_eq!(vm, expected);
         let argv = vm.argv();
         assert_eq!(
-            argv[argv.len() - 6..],
+            argv[argv.len() - 4..],
             [
-                "-fw_cfg",
-                "name=opt/org.powernode/identity,file=/b/instances/inst-1/identity.json",
                 "-drive",
                 "file=/b/instances/inst-1/persist.img,format=raw,if=none,id=persist,cache=unsafe",
                 "-device",
