@@ -75,8 +75,8 @@ fn cached_root() -> PathBuf {
     root.get_or_insert_with(|| debian_root(&[])).clone()
 }
 
-/// sha256 over the sorted listing of every entry: path, mode, uid, gid, size, the
-/// symlink's target, the content's sha256 (from `sha256sum`: the root is ~500 MB, too
+/// sha256 over the sorted listing of every entry: path, mode, uid, gid, size (a
+/// file's), the symlink's target, the content's sha256 (from `sha256sum`: the root is ~500 MB, too
 /// much for an unoptimized hasher).
 fn tree_digest(root: &Path) -> String {
     let out = Command::new("sh")
@@ -101,9 +101,14 @@ fn tree_digest(root: &Path) -> String {
     while let Some(rel) = stack.pop() {
         let path = root.join(&rel);
         let m = std::fs::symlink_metadata(&path).unwrap();
+        // A folder's size is the filesystem's bookkeeping, not content: ext4 never
+        // shrinks one, so apt's emptied archive folder is larger after a build that
+        // synced in the cached .debs than after one that downloaded them.
+        let mut size = m.len();
         let detail = if m.is_dir() {
             let children = std::fs::read_dir(&path).unwrap();
             stack.extend(children.map(|e| rel.join(e.unwrap().file_name())));
+            size = 0;
             String::new()
         } else if m.file_type().is_symlink() {
             std::fs::read_link(&path).unwrap().display().to_string()
@@ -118,7 +123,7 @@ fn tree_digest(root: &Path) -> String {
             m.mode(),
             m.uid(),
             m.gid(),
-            m.len()
+            size
         ));
     }
     listing.sort();
