@@ -1,12 +1,15 @@
 //! `powernode-initramfs build --init PATH [--agent PATH] [--out build] [--cache cache]
 //! [--no-disk] [--disk-cmdline ARG]... [--disk-min-mib N]`
 //! `powernode-initramfs disk [--image build] [--out FILE] [--cmdline ARG]... [--min-mib N]`
+//! `powernode-initramfs kernel-modules --out DIR [--cache cache]`
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use powernode_initramfs::disk::{build_disk, DiskManifest, DiskOptions};
+use powernode_initramfs::kernel::ensure_kernel;
+use powernode_initramfs::kmods::write_module_tree;
 use powernode_initramfs::stub::{ensure_stub, StubPin, DEFAULT_STUB_PIN};
 use powernode_initramfs::{build, BuildOptions, Compression, KernelPin};
 
@@ -68,6 +71,30 @@ enum Command {
         #[arg(long, default_value = "scripts/debs")]
         debs: PathBuf,
     },
+    /// Write the pinned kernel's complete module tree (with depmod's indexes) to
+    /// OUT/usr/lib/modules/RELEASE, for publishing as a root module.
+    KernelModules {
+        /// A folder that does not exist yet (or is empty).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "POWERNODE_CACHE", default_value = "cache")]
+        cache: PathBuf,
+        /// Kernel pin; defaults to the kernel.toml compiled into this builder.
+        #[arg(long)]
+        kernel_pin: Option<PathBuf>,
+        #[arg(long, default_value = "scripts/debs")]
+        debs: PathBuf,
+    },
+}
+
+fn read_pin(path: Option<&std::path::Path>) -> anyhow::Result<KernelPin> {
+    let text = match path {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => powernode_initramfs::kernel::DEFAULT_PIN.to_string(),
+    };
+    KernelPin::parse(&text).context("kernel pin")
 }
 
 fn disk(
@@ -111,12 +138,7 @@ fn main() -> anyhow::Result<()> {
             disk_cmdline,
             disk_min_mib,
         } => {
-            let pin_text = match &kernel_pin {
-                Some(p) => std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?,
-                None => powernode_initramfs::kernel::DEFAULT_PIN.to_string(),
-            };
-            let pin = KernelPin::parse(&pin_text).context("kernel pin")?;
+            let pin = read_pin(kernel_pin.as_deref())?;
             let cache = std::path::absolute(&cache).context("cache path")?;
             let out_dir = out.clone();
             let built = build(&BuildOptions {
@@ -155,6 +177,26 @@ fn main() -> anyhow::Result<()> {
         } => {
             let cache = std::path::absolute(&cache).context("cache path")?;
             disk(image, out, cmdline, min_mib, &cache, &debs).map(|_| ())
+        }
+        Command::KernelModules {
+            out,
+            cache,
+            kernel_pin,
+            debs,
+        } => {
+            let pin = read_pin(kernel_pin.as_deref())?;
+            let cache = std::path::absolute(&cache).context("cache path")?;
+            let kernel = ensure_kernel(&pin, &cache, &debs).context("fetching the kernel")?;
+            let written = write_module_tree(&kernel, &out)
+                .with_context(|| format!("writing the module tree to {}", out.display()))?;
+            println!(
+                "kernel {}: {} ({} files, {} bytes)",
+                written.release,
+                written.modules_dir.display(),
+                written.files,
+                written.bytes
+            );
+            Ok(())
         }
     }
 }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use powernode_initramfs::kernel::{ensure_kernel, KernelTree, DEFAULT_PIN};
+use powernode_initramfs::kmods::write_module_tree;
 use powernode_initramfs::modules::ModuleTree;
 use powernode_initramfs::{cpio, KernelPin};
 
@@ -162,4 +163,88 @@ fn real_closure_archive_is_deterministic() {
             .unwrap_or_else(|| panic!("{file} listed but not in the archive"));
         assert!(m.data.starts_with(b"\x7fELF"));
     }
+}
+
+/// `kernel-modules` on the real kernel: the whole tree under `usr/lib/modules/RELEASE`
+/// (never a `lib/` that would hide a Debian root's `/lib` symlink), `modules.dep` from
+/// depmod naming what Docker needs, and the same bytes, modes and times twice.
+#[test]
+fn the_whole_module_tree_is_written_under_usr_lib_with_depmods_index() {
+    let kernel = cached_tree();
+    assert!(
+        Command::new("depmod").arg("--version").output().is_ok(),
+        "`depmod` is missing: scripts/setup installs it (Debian package kmod)"
+    );
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&target).unwrap();
+    let base = tempfile::tempdir_in(&target).unwrap();
+    let (a, b) = (base.path().join("a"), base.path().join("b"));
+    let written = write_module_tree(&kernel, &a).unwrap();
+    let release = &kernel.pin.release;
+    assert_eq!(written.modules_dir, a.join("usr/lib/modules").join(release));
+    let top: Vec<_> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(top, ["usr"]);
+
+    let dir = &written.modules_dir;
+    for file in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.dep",
+        "modules.dep.bin",
+        "modules.alias.bin",
+    ] {
+        assert!(dir.join(file).is_file(), "{file} missing");
+    }
+    let dep = std::fs::read_to_string(dir.join("modules.dep")).unwrap();
+    for module in [
+        "kernel/fs/overlayfs/overlay.ko.xz:",
+        "kernel/drivers/net/veth.ko.xz:",
+        "kernel/net/bridge/bridge.ko.xz:",
+        "kernel/net/bridge/br_netfilter.ko.xz:",
+    ] {
+        assert!(
+            dep.lines().any(|l| l.starts_with(module)),
+            "{module} not in modules.dep"
+        );
+    }
+    // Every module the package ships, as it ships it.
+    let shipped = std::fs::read_to_string(kernel.modules_dir().join("modules.order")).unwrap();
+    assert!(shipped.lines().count() > 1000);
+    for line in shipped.lines() {
+        let ko = format!("{line}.xz");
+        assert_eq!(
+            std::fs::read(dir.join(&ko)).unwrap(),
+            std::fs::read(kernel.modules_dir().join(&ko)).unwrap(),
+            "{ko}"
+        );
+    }
+    assert!(written.files > 1000, "{written:?}");
+
+    let again = write_module_tree(&kernel, &b).unwrap();
+    assert_eq!((written.files, written.bytes), (again.files, again.bytes));
+    assert_eq!(listing(&a), listing(&b));
+}
+
+/// Path, mode, mtime, size and content of every entry under `root`, sorted.
+fn listing(root: &std::path::Path) -> Vec<(PathBuf, u32, i64, u64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let data = if m.is_file() {
+            std::fs::read(&p).unwrap()
+        } else {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            Vec::new()
+        };
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        out.push((rel, m.mode(), m.mtime(), m.len(), data));
+    }
+    out.sort();
+    out
 }
