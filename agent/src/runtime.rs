@@ -77,6 +77,11 @@ pub struct AgentOptions {
     /// The desired set the init fetched a moment ago (to decide on root modules):
     /// it serves the first reconcile instead of asking again.
     pub first_desired: Option<DesiredModulesResponse>,
+    /// The agent is a systemd service (`Type=notify`): it tells systemd `READY=1`
+    /// after the handshake, pings its watchdog (`WatchdogSec=`), reports systemd's
+    /// state in heartbeats and diagnostics, and leaves the services (systemd units)
+    /// running when it stops.
+    pub systemd: bool,
 }
 
 impl AgentOptions {
@@ -98,6 +103,7 @@ impl AgentOptions {
             kmsg_log: false,
             client: None,
             first_desired: None,
+            systemd: false,
         }
     }
 }
@@ -232,6 +238,56 @@ impl Shared {
     }
 }
 
+/// Tells systemd `state` when the agent is its notify service; a failure is logged
+/// (systemd then times the start out or the watchdog fires, and says so).
+fn sd_notify(opts: &AgentOptions, state: &str) {
+    if !opts.systemd {
+        return;
+    }
+    match crate::systemd::notify(state) {
+        Ok(true) => tracing::debug!(%state, "told systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%state, error = %e, "sd_notify failed"),
+    }
+}
+
+/// systemd's state, asked off the async thread; `None` when not under systemd.
+async fn systemd_state(opts: &AgentOptions) -> Option<powernode_proto::node::SystemdState> {
+    if !opts.systemd {
+        return None;
+    }
+    tokio::task::spawn_blocking(crate::systemd::system_state)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Aborts its task when dropped (any way out of [`run`]).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pings systemd's watchdog at half its period for as long as `alive` says the
+/// runtime's loops run. It is a task on the agent's own runtime, so a wedged
+/// runtime stops pinging too, and systemd restarts the agent.
+async fn watchdog(period: Duration, alive: impl Fn() -> bool) {
+    let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        if !alive() {
+            tracing::error!("an agent loop ended; no more watchdog pings");
+            return;
+        }
+        if let Err(e) = crate::systemd::notify("WATCHDOG=1") {
+            tracing::warn!(error = %e, "watchdog ping failed");
+        }
+    }
+}
+
 /// Sends a handshake: where the node is in its boot, its timeline, what `/` is,
 /// and a failure if there is one.
 pub async fn handshake(
@@ -302,6 +358,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, AgentError> {
     let mut shutdown = std::pin::pin!(shutdown);
+    // Before the handshake only the start timeout applies; pings start now so a
+    // WatchdogSec shorter than a slow first reconcile cannot fire after READY.
+    let early_watchdog = crate::systemd::watchdog_interval()
+        .filter(|_| opts.systemd)
+        .map(|period| AbortOnDrop(tokio::spawn(watchdog(period, || true))));
+    sd_notify(&opts, "STATUS=enrolling");
     let identity = resolved.document;
     let state = StateDir::open(&opts.state_dir)?;
     timeline.mark(Phase::IdentityFound);
@@ -363,8 +425,15 @@ pub async fn run(
             r.store = init.store.clone();
             r.upper = init.upper.clone();
             r.compose = init.compose.clone();
+            r.init = init.init.clone();
+        }
+        if opts.systemd {
+            r.init = "systemd".into();
+        } else if std::process::id() == 1 {
+            r.init = "agent".into();
         }
     }
+    sd_notify(&opts, "STATUS=reconciling modules");
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
     let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
@@ -443,6 +512,13 @@ pub async fn run(
     };
     tracing::info!(instance_status = %hs.instance_status,
         heartbeat_interval_seconds = hs.heartbeat_interval_seconds, "handshake done; node ready");
+    sd_notify(
+        &opts,
+        &format!(
+            "READY=1\nSTATUS=ready: instance {} ({})",
+            identity.instance_id, hs.instance_status
+        ),
+    );
     if hs.heartbeat_interval_seconds > 0 {
         interval = hs.heartbeat_interval_seconds;
     }
@@ -474,13 +550,34 @@ pub async fn run(
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     let leases = tokio::spawn(lease_loop(shared.clone()));
     let reconciles = tokio::spawn(reconcile_loop(shared.clone()));
+    drop(early_watchdog);
+    let loops = [
+        heartbeat.abort_handle(),
+        leases.abort_handle(),
+        reconciles.abort_handle(),
+    ];
+    let pinger = crate::systemd::watchdog_interval()
+        .filter(|_| shared.opts.systemd)
+        .map(|period| {
+            AbortOnDrop(tokio::spawn(watchdog(period, move || {
+                loops.iter().all(|l| !l.is_finished())
+            })))
+        });
     let exit = tokio::select! {
         e = exit_rx.recv() => e.unwrap_or(Exit::Stopped),
         _ = &mut shutdown => Exit::Stopped,
     };
+    drop(pinger);
     heartbeat.abort();
     leases.abort();
     reconciles.abort();
+    if shared.opts.systemd {
+        // The services are systemd units: an agent restart must not take them
+        // down (a reboot task stopped them already).
+        sd_notify(&shared.opts, "STOPPING=1");
+        tracing::info!(?exit, "agent stopping; its services stay with systemd");
+        return Ok(exit);
+    }
     let report = shared
         .supervisor
         .stop_all(shared.opts.stop_grace, true)
@@ -494,6 +591,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     let mut server_asked_renewal = false;
     loop {
         let status = shared.status();
+        let systemd = systemd_state(&shared.opts).await;
         let req = HeartbeatRequest {
             instance_id: shared.instance_id().to_string(),
             phase: status.phase,
@@ -503,6 +601,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             services: shared.supervisor.services(),
             last_reconcile: lock(&shared.last_reconcile).clone(),
             cordoned: status.cordoned,
+            systemd,
         };
         let delay = match shared
             .client()
@@ -999,9 +1098,10 @@ async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome 
     if renew_lease(shared, task, "collecting diagnostics").await? {
         return Ok(cancelled_result("before collecting"));
     }
+    let systemd = systemd_state(&shared.opts).await;
     Ok((
         TaskStatus::Succeeded,
-        diagnostics(shared, p.log_lines.min(MAX_LOG_LINES)),
+        diagnostics(shared, p.log_lines.min(MAX_LOG_LINES), systemd),
     ))
 }
 
@@ -1058,18 +1158,57 @@ async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     }
     shared.set_status(|s| s.phase = Phase::Draining);
     if renew_lease(shared, task, "stopping services").await? {
-        return Ok(cancelled(shared, task));
+        return Ok(cancelled(shared, task, Vec::new()).await);
     }
     // The drain's budget is the operator's: a service still running at its end is
     // not killed but reported, and the node stays draining (stuck) for the operator
-    // to decide (terminate --force, or cancel).
+    // to decide (terminate --force, or cancel). Drain steps share it.
     let budget = Duration::from_secs(params.timeout_seconds.max(1));
-    let stop = shared.supervisor.stop_all(budget, false);
+    let deadline = tokio::time::Instant::now() + budget;
+    let steps = shared.reconciler.drain_steps();
+    let started = Mutex::new(Vec::new());
+    let mut steps_done = Vec::new();
+    if !steps.is_empty() {
+        let run = crate::drain::run_steps(&steps, deadline, &started);
+        match while_leased(shared, task, "running drain steps", run).await? {
+            Leased::Done(Ok(done)) => steps_done = done,
+            Leased::Done(Err(e)) => {
+                let mut done: Vec<String> = lock(&started).iter().map(|s| s.label()).collect();
+                done.pop();
+                tracing::warn!(task_id = %task.task_id, step = e.step(), error = %crate::error_chain(&e),
+                    "drain step failed; the node stays draining");
+                return Ok((
+                    TaskStatus::Failed,
+                    serde_json::json!({
+                        "error": e.code(),
+                        "message": crate::error_chain(&e),
+                        "step": e.step(),
+                        "timeout_seconds": params.timeout_seconds,
+                        "steps": done,
+                        "stopped": done,
+                        "services_stopped": [],
+                    }),
+                ));
+            }
+            // Dropping the steps kills the one running; cancelled undoes them.
+            Leased::Cancelled => {
+                let started = std::mem::take(&mut *lock(&started));
+                return Ok(cancelled(shared, task, started).await);
+            }
+        }
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let stop = shared.supervisor.stop_all(left, false);
     let report = match while_leased(shared, task, "stopping services", stop).await? {
         Leased::Done(r) => r,
         // Dropping the stop future abandons it; start_all undoes it.
-        Leased::Cancelled => return Ok(cancelled(shared, task)),
+        Leased::Cancelled => {
+            let started = std::mem::take(&mut *lock(&started));
+            return Ok(cancelled(shared, task, started).await);
+        }
     };
+    // What stopped, in order: the steps, then the services (reverse start order).
+    let stopped: Vec<&String> = steps_done.iter().chain(&report.stopped).collect();
     if !report.stuck.is_empty() {
         tracing::warn!(task_id = %task.task_id, stuck = ?report.stuck, timeout_seconds = params.timeout_seconds,
             "drain timed out: services still running");
@@ -1080,41 +1219,61 @@ async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
                 "message": format!("{} service(s) still running after {} s: {}",
                     report.stuck.len(), params.timeout_seconds, report.stuck.join(", ")),
                 "timeout_seconds": params.timeout_seconds,
+                "steps": steps_done,
+                "stopped": stopped,
                 "services_stopped": report.stopped,
                 "services_stuck": report.stuck,
             }),
         ));
     }
     shared.set_status(|s| s.phase = Phase::Drained);
-    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, "node drained");
+    tracing::info!(task_id = %task.task_id, stopped = ?stopped, "node drained");
     Ok((
         TaskStatus::Succeeded,
         serde_json::json!({
             "drained": true,
             "cordon_only": false,
+            "steps": steps_done,
+            "stopped": stopped,
             "services_stopped": report.stopped,
             "services_killed": report.killed,
         }),
     ))
 }
 
-/// The operator cancelled a drain: restart what was stopped, take work again.
-fn cancelled(shared: &Shared, task: &LeasedTask) -> (TaskStatus, serde_json::Value) {
+/// The operator cancelled a drain: restart what was stopped, undo the drain steps
+/// that ran (`started`, last first), take work again.
+async fn cancelled(
+    shared: &Shared,
+    task: &LeasedTask,
+    started: Vec<crate::drain::DrainStep>,
+) -> (TaskStatus, serde_json::Value) {
     let restarted = shared.supervisor.start_all();
-    tracing::info!(task_id = %task.task_id, restarted = ?restarted, "drain cancelled; uncordoning");
+    let undone = crate::drain::undo_steps(&started).await;
+    tracing::info!(task_id = %task.task_id, restarted = ?restarted, ?undone, "drain cancelled; uncordoning");
     shared.set_status(|s| {
         s.cordoned = false;
         s.phase = Phase::Ready;
     });
+    let undone: Vec<serde_json::Value> = undone
+        .into_iter()
+        .map(|(step, error)| serde_json::json!({"step": step, "error": error}))
+        .collect();
     (
         TaskStatus::Cancelled,
-        serde_json::json!({"cancelled": true, "services_restarted": restarted}),
+        serde_json::json!({"cancelled": true, "services_restarted": restarted, "steps_undone": undone}),
     )
 }
 
 /// What an operator needs to see without SSH, bounded to [`MAX_DIAGNOSTICS_BYTES`]:
 /// versions, what `/` is, modules, mounts, services, certificate, last log lines.
-fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
+/// Under systemd, `systemd` is its state (failed units included) and the services'
+/// output is their journal lines.
+fn diagnostics(
+    shared: &Shared,
+    log_lines: usize,
+    systemd: Option<powernode_proto::node::SystemdState>,
+) -> serde_json::Value {
     let status = shared.status();
     let cert = lock(&shared.cert).clone();
     let uname = rustix::system::uname();
@@ -1145,6 +1304,7 @@ fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
             "mounts": mounts,
             "services": shared.supervisor.services(),
             "service_output": service_output,
+            "systemd": systemd,
             "certificate": {"serial": cert.serial, "not_before": cert.not_before, "not_after": cert.not_after},
             "log_source": log_source,
             "log": log,

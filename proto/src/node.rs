@@ -131,6 +131,10 @@ pub struct RootFacts {
     /// What composing the root cost on this boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose: Option<ComposeStats>,
+    /// What runs as PID 1 of the root: `systemd` (the agent is its service) or
+    /// `agent` (the agent stays PID 1). Empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub init: String,
 }
 
 /// What the init did to compose the root on one boot: a second boot of a persistent
@@ -225,6 +229,31 @@ pub struct HeartbeatRequest {
     /// The agent no longer takes work (a drain task was applied).
     #[serde(default)]
     pub cordoned: bool,
+    /// systemd's state, when the agent runs under systemd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<SystemdState>,
+}
+
+/// What systemd says about the node (the agent is a systemd service on a root whose
+/// `/sbin/init` is systemd).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemdState {
+    /// `systemctl is-system-running`: `initializing`, `starting`, `running`,
+    /// `degraded`, `maintenance`, `stopping`...
+    pub state: String,
+    /// Units in the `failed` state.
+    #[serde(default)]
+    pub failed_units: Vec<String>,
+    /// `multi-user.target` is active: the boot reached its target.
+    #[serde(default)]
+    pub multi_user: bool,
+}
+
+impl SystemdState {
+    /// A unit failed: the node runs, but not everything its root declares.
+    pub fn degraded(&self) -> bool {
+        self.state == "degraded" || !self.failed_units.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
