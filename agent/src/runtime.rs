@@ -1167,78 +1167,103 @@ async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     let deadline = tokio::time::Instant::now() + budget;
     let steps = shared.reconciler.drain_steps();
     let started = Mutex::new(Vec::new());
-    let mut steps_done = Vec::new();
-    if !steps.is_empty() {
-        let run = crate::drain::run_steps(&steps, deadline, &started);
-        match while_leased(shared, task, "running drain steps", run).await? {
-            Leased::Done(Ok(done)) => steps_done = done,
-            Leased::Done(Err(e)) => {
-                let mut done: Vec<String> = lock(&started).iter().map(|s| s.label()).collect();
-                done.pop();
-                tracing::warn!(task_id = %task.task_id, step = e.step(), error = %crate::error_chain(&e),
-                    "drain step failed; the node stays draining");
-                return Ok((
-                    TaskStatus::Failed,
-                    serde_json::json!({
-                        "error": e.code(),
-                        "message": crate::error_chain(&e),
-                        "step": e.step(),
-                        "timeout_seconds": params.timeout_seconds,
-                        "steps": done,
-                        "stopped": done,
-                        "services_stopped": [],
-                    }),
-                ));
-            }
-            // Dropping the steps kills the one running; cancelled undoes them.
-            Leased::Cancelled => {
-                let started = std::mem::take(&mut *lock(&started));
-                return Ok(cancelled(shared, task, started).await);
-            }
-        }
-    }
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let stop = shared.supervisor.stop_all(left, false);
-    let report = match while_leased(shared, task, "stopping services", stop).await? {
+    let work = drain_work(&*shared.supervisor, &steps, deadline, &started);
+    let progress = if steps.is_empty() {
+        "stopping services"
+    } else {
+        "running drain steps, then stopping services"
+    };
+    let outcome = match while_leased(shared, task, progress, work).await? {
         Leased::Done(r) => r,
-        // Dropping the stop future abandons it; start_all undoes it.
+        // Dropping the work kills a step that runs and abandons the stop;
+        // `cancelled` undoes both.
         Leased::Cancelled => {
             let started = std::mem::take(&mut *lock(&started));
             return Ok(cancelled(shared, task, started).await);
         }
     };
-    // What stopped, in order: the steps, then the services (reverse start order).
-    let stopped: Vec<&String> = steps_done.iter().chain(&report.stopped).collect();
+    let started: Vec<String> = lock(&started).iter().map(|s| s.label()).collect();
+    let (status, result) = drain_result(params.timeout_seconds, started, outcome);
+    match status {
+        TaskStatus::Succeeded => {
+            shared.set_status(|s| s.phase = Phase::Drained);
+            tracing::info!(task_id = %task.task_id, stopped = %result["stopped"], "node drained");
+        }
+        _ => {
+            tracing::warn!(task_id = %task.task_id, error = %result["error"], message = %result["message"],
+            "drain did not finish; the node stays draining")
+        }
+    }
+    Ok((status, result))
+}
+
+/// A drain's work within `deadline`: the modules' drain steps in order, then the
+/// services (reverse start order, never killed). Steps started go to `started`.
+async fn drain_work(
+    supervisor: &dyn Supervisor,
+    steps: &[crate::drain::DrainStep],
+    deadline: tokio::time::Instant,
+    started: &Mutex<Vec<crate::drain::DrainStep>>,
+) -> Result<(Vec<String>, crate::supervisor::StopReport), crate::drain::StepError> {
+    let done = crate::drain::run_steps(steps, deadline, started).await?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    Ok((done, supervisor.stop_all(left, false).await))
+}
+
+/// The drain task's answer. `stopped` lists what stopped in order: the steps
+/// (`step:MODULE/NAME`), then the services. A failed step (`started` ends with it)
+/// or a service still running fails the drain; the node then stays draining.
+fn drain_result(
+    timeout_seconds: u64,
+    started: Vec<String>,
+    outcome: Result<(Vec<String>, crate::supervisor::StopReport), crate::drain::StepError>,
+) -> (TaskStatus, serde_json::Value) {
+    let (steps, report) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            let mut done = started;
+            done.pop();
+            return (
+                TaskStatus::Failed,
+                serde_json::json!({
+                    "error": e.code(),
+                    "message": crate::error_chain(&e),
+                    "step": e.step(),
+                    "timeout_seconds": timeout_seconds,
+                    "steps": done,
+                    "stopped": done,
+                    "services_stopped": [],
+                }),
+            );
+        }
+    };
+    let stopped: Vec<&String> = steps.iter().chain(&report.stopped).collect();
     if !report.stuck.is_empty() {
-        tracing::warn!(task_id = %task.task_id, stuck = ?report.stuck, timeout_seconds = params.timeout_seconds,
-            "drain timed out: services still running");
-        return Ok((
+        return (
             TaskStatus::Failed,
             serde_json::json!({
                 "error": "drain_timeout",
                 "message": format!("{} service(s) still running after {} s: {}",
-                    report.stuck.len(), params.timeout_seconds, report.stuck.join(", ")),
-                "timeout_seconds": params.timeout_seconds,
-                "steps": steps_done,
+                    report.stuck.len(), timeout_seconds, report.stuck.join(", ")),
+                "timeout_seconds": timeout_seconds,
+                "steps": steps,
                 "stopped": stopped,
                 "services_stopped": report.stopped,
                 "services_stuck": report.stuck,
             }),
-        ));
+        );
     }
-    shared.set_status(|s| s.phase = Phase::Drained);
-    tracing::info!(task_id = %task.task_id, stopped = ?stopped, "node drained");
-    Ok((
+    (
         TaskStatus::Succeeded,
         serde_json::json!({
             "drained": true,
             "cordon_only": false,
-            "steps": steps_done,
+            "steps": steps,
             "stopped": stopped,
             "services_stopped": report.stopped,
             "services_killed": report.killed,
         }),
-    ))
+    )
 }
 
 /// The operator cancelled a drain: restart what was stopped, undo the drain steps
@@ -1543,5 +1568,112 @@ mod tests {
         let o = AgentOptions::new("/tmp/x");
         assert!(o.lease_seconds >= 3 && o.reconcile_every >= 1 && o.lease_poll_every >= 1);
         assert!(o.backoff_cap >= o.backoff_base);
+    }
+
+    fn sh_step(module: &str, name: &str, script: &str) -> crate::drain::DrainStep {
+        crate::drain::DrainStep {
+            module: module.into(),
+            name: name.into(),
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            undo: None,
+            timeout: Duration::from_secs(10),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// The DockerHost runbook in miniature: the step stops the "containers" while
+    /// the "daemon" still runs, then the daemon stops; the result lists both in
+    /// that order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_runs_the_steps_before_the_services_and_lists_both_in_order() {
+        use crate::supervisor::{ServiceSpec, ServiceSupervisor};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let daemon = format!(
+            "trap 'echo daemon-stopped >> {l}; exit 0' TERM; while :; do sleep 0.05; done",
+            l = log.display()
+        );
+        let sup = ServiceSupervisor::default();
+        sup.add(vec![ServiceSpec::new(
+            "docker",
+            "dockerhost",
+            vec!["sh".into(), "-c".into(), daemon],
+        )]);
+        let t = std::time::Instant::now();
+        while sup.services()[0].state != "running" {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let steps = [sh_step(
+            "dockerhost",
+            "containers",
+            &format!("echo containers-stopped >> {}", log.display()),
+        )];
+        let started = Mutex::new(Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = drain_work(&sup, &steps, deadline, &started).await;
+        let started: Vec<String> = started.lock().unwrap().iter().map(|s| s.label()).collect();
+        let (status, result) = drain_result(10, started, outcome);
+        assert_eq!(status, TaskStatus::Succeeded, "{result}");
+        assert_eq!(
+            result["stopped"],
+            serde_json::json!(["step:dockerhost/containers", "docker"])
+        );
+        assert_eq!(
+            result["steps"],
+            serde_json::json!(["step:dockerhost/containers"])
+        );
+        assert_eq!(result["services_stopped"], serde_json::json!(["docker"]));
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "containers-stopped\ndaemon-stopped\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_drain_step_fails_the_drain_and_leaves_the_services_running() {
+        use crate::supervisor::{ServiceSpec, ServiceSupervisor};
+        let sup = ServiceSupervisor::default();
+        sup.add(vec![ServiceSpec::new(
+            "web",
+            "m",
+            vec!["sleep".into(), "100".into()],
+        )]);
+        let steps = [
+            sh_step("m", "ok", "true"),
+            sh_step("m", "stuck-container", "echo container refuses >&2; exit 1"),
+            sh_step("m", "never", "true"),
+        ];
+        let started = Mutex::new(Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = drain_work(&sup, &steps, deadline, &started).await;
+        let started: Vec<String> = started.lock().unwrap().iter().map(|s| s.label()).collect();
+        let (status, result) = drain_result(10, started, outcome);
+        assert_eq!(status, TaskStatus::Failed);
+        assert_eq!(result["error"], "drain_step_failed");
+        assert_eq!(result["step"], "step:m/stuck-container");
+        assert_eq!(result["steps"], serde_json::json!(["step:m/ok"]));
+        assert!(result["message"]
+            .as_str()
+            .unwrap()
+            .contains("container refuses"));
+        assert_ne!(sup.services()[0].state, "stopped", "services untouched");
+        sup.stop_all(Duration::from_millis(10), true).await;
+    }
+
+    #[test]
+    fn a_stuck_service_still_reports_drain_timeout_with_the_steps_that_ran() {
+        let report = crate::supervisor::StopReport {
+            stopped: vec!["b".into()],
+            killed: vec![],
+            stuck: vec!["a".into()],
+        };
+        let (status, result) = drain_result(5, vec![], Ok((vec!["step:m/s".into()], report)));
+        assert_eq!(status, TaskStatus::Failed);
+        assert_eq!(result["error"], "drain_timeout");
+        assert_eq!(result["stopped"], serde_json::json!(["step:m/s", "b"]));
+        assert_eq!(result["services_stuck"], serde_json::json!(["a"]));
     }
 }
