@@ -262,6 +262,18 @@ async fn systemd_state(opts: &AgentOptions) -> Option<powernode_proto::node::Sys
         .flatten()
 }
 
+/// The services' states for a heartbeat. Under systemd they come from `systemctl
+/// show`, which blocks: asked off the async thread.
+async fn services(shared: &Arc<Shared>) -> Vec<powernode_proto::node::ServiceState> {
+    if !shared.opts.systemd {
+        return shared.supervisor.services();
+    }
+    let sup = shared.supervisor.clone();
+    tokio::task::spawn_blocking(move || sup.services())
+        .await
+        .unwrap_or_default()
+}
+
 /// Aborts its task when dropped (any way out of [`run`]).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -598,7 +610,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             uptime_seconds: crate::timeline::boot_ms() / 1000,
             agent_version: crate::AGENT_VERSION.to_string(),
             modules: shared.reconciler.running(),
-            services: shared.supervisor.services(),
+            services: services(&shared).await,
             last_reconcile: lock(&shared.last_reconcile).clone(),
             cordoned: status.cordoned,
             systemd,
@@ -1090,7 +1102,7 @@ const MAX_DIAGNOSTICS_BYTES: usize = 64 * 1024;
 const MAX_SERVICE_OUTPUT_LINES: usize = 50;
 const MAX_MOUNTS: usize = 100;
 
-async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+async fn collect_diagnostics(shared: &Arc<Shared>, task: &LeasedTask) -> TaskOutcome {
     let p: DiagnosticsParams = match params(task) {
         Ok(p) => p,
         Err(bad) => return Ok((TaskStatus::Failed, bad)),
@@ -1098,11 +1110,19 @@ async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome 
     if renew_lease(shared, task, "collecting diagnostics").await? {
         return Ok(cancelled_result("before collecting"));
     }
-    let systemd = systemd_state(&shared.opts).await;
-    Ok((
-        TaskStatus::Succeeded,
-        diagnostics(shared, p.log_lines.min(MAX_LOG_LINES), systemd),
-    ))
+    let lines = p.log_lines.min(MAX_LOG_LINES);
+    if !shared.opts.systemd {
+        return Ok((TaskStatus::Succeeded, diagnostics(shared, lines, None)));
+    }
+    // systemctl and journalctl block: off the async thread.
+    let this = shared.clone();
+    let v = tokio::task::spawn_blocking(move || {
+        let systemd = crate::systemd::system_state();
+        diagnostics(&this, lines, systemd)
+    })
+    .await
+    .unwrap_or_else(|e| serde_json::json!({"error": "internal", "message": e.to_string()}));
+    Ok((TaskStatus::Succeeded, v))
 }
 
 enum TaskAbort {

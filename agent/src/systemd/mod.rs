@@ -157,6 +157,12 @@ impl Systemctl for RealSystemctl {
     }
 }
 
+/// Whether systemd is the init of this system (sd_booted(3): `/run/systemd/system`
+/// is a directory).
+pub fn booted() -> bool {
+    std::path::Path::new(units::DEFAULT_UNIT_DIR).is_dir()
+}
+
 /// systemd's state, from the real `systemctl`; `None` when it cannot be asked.
 pub fn system_state() -> Option<SystemdState> {
     system_state_with(&RealSystemctl::default())
