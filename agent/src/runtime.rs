@@ -370,8 +370,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, AgentError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    // Before the handshake only the start timeout applies; pings start now so a
-    // WatchdogSec shorter than a slow first reconcile cannot fire after READY.
+    // Pings from the start: whether systemd arms the watchdog at start or at READY,
+    // a slow first reconcile never trips it; the unit's start timeout bounds that.
     let early_watchdog = crate::systemd::watchdog_interval()
         .filter(|_| opts.systemd)
         .map(|period| AbortOnDrop(tokio::spawn(watchdog(period, || true))));
