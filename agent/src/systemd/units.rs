@@ -880,4 +880,57 @@ mod tests {
             &"journalctl -u powernode-web-api.service -n 5 -o cat --no-pager".to_string()
         ));
     }
+
+    /// systemd itself parses the unit: no warning about it, and its dump shows the
+    /// argv and environment as meant (`$$` is shown before its exec-time `$`).
+    #[test]
+    #[ignore = "needs systemd-analyze (systemd 252, as in the Debian root)"]
+    fn systemd_analyze_reads_the_unit_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(
+            "api",
+            "web",
+            &[
+                "/bin/echo",
+                "a b",
+                "$HOME",
+                "100%",
+                "q\"q",
+                "back\\slash",
+                "tab\tx",
+            ],
+        );
+        s.env = vec![("P".into(), "50%$x".into())];
+        s.cwd = Some(dir.path().to_path_buf());
+        let path = dir.path().join(unit_name("web", "api"));
+        std::fs::write(&path, unit_text(&s).unwrap()).unwrap();
+        let verify = |level: &str| {
+            let out = std::process::Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(&path)
+                .env("SYSTEMD_LOG_LEVEL", level)
+                .output()
+                .expect("systemd-analyze");
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout)
+        };
+        // Warnings name the file; there must be none about ours.
+        let warnings = verify("warning");
+        let mine: Vec<&str> = warnings
+            .lines()
+            .filter(|l| l.contains(&*path.to_string_lossy()))
+            .collect();
+        assert!(mine.is_empty(), "systemd complained: {mine:?}");
+        // The debug log dumps the unit as loaded.
+        let text = verify("debug");
+        assert!(
+            text.contains(
+                r#"Command Line: /bin/echo "a b" "\$\$HOME" 100% "q\"q" "back\\slash" "tab\tx""#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Environment: P=50%$x"), "{text}");
+        assert!(text.contains("TimeoutStopSec: infinity"), "{text}");
+    }
 }
