@@ -37,6 +37,9 @@ use crate::state::{StateDir, StateError};
 use crate::supervisor::Supervisor;
 use crate::timeline::Timeline;
 
+/// Default [`AgentOptions::cordon_file`].
+pub const CORDON_FILE: &str = "/run/powernode/agent-cordon.json";
+
 /// Tunables; the defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -82,6 +85,10 @@ pub struct AgentOptions {
     /// state in heartbeats and diagnostics, and leaves the services (systemd units)
     /// running when it stops.
     pub systemd: bool,
+    /// Under systemd: where the cordon outlives an agent restart (a tmpfs, so a
+    /// reboot clears it), so a restarted agent on a drained node holds its
+    /// services instead of starting them again.
+    pub cordon_file: PathBuf,
 }
 
 impl AgentOptions {
@@ -104,6 +111,7 @@ impl AgentOptions {
             client: None,
             first_desired: None,
             systemd: false,
+            cordon_file: PathBuf::from(CORDON_FILE),
         }
     }
 }
@@ -153,7 +161,7 @@ pub enum AgentError {
 }
 
 /// What the agent reports about itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct NodeStatus {
     phase: Phase,
     cordoned: bool,
@@ -214,7 +222,14 @@ impl Shared {
     }
 
     fn set_status(&self, f: impl FnOnce(&mut NodeStatus)) {
-        f(&mut lock(&self.status));
+        let status = {
+            let mut status = lock(&self.status);
+            f(&mut status);
+            status.clone()
+        };
+        if self.opts.systemd {
+            save_cordon(&self.opts.cordon_file, &status);
+        }
         self.wake_heartbeat.notify_one();
     }
 
@@ -236,6 +251,40 @@ impl Shared {
             None => false,
         }
     }
+}
+
+/// Keeps the cordon (and the drain phase) for the next agent of this boot; a
+/// status without cordon removes it. A failure is logged: the cost is a restarted
+/// agent that forgets the cordon, as before.
+fn save_cordon(path: &std::path::Path, status: &NodeStatus) {
+    let result = if status.cordoned {
+        serde_json::to_vec(status)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            })
+    } else {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "keeping the cordon for a restart failed");
+    }
+}
+
+/// The cordon an earlier agent of this boot left, if any (junk counts as none).
+fn load_cordon(path: &std::path::Path) -> Option<NodeStatus> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<NodeStatus>(&bytes)
+        .ok()
+        .filter(|s| s.cordoned)
 }
 
 /// Tells systemd `state` when the agent is its notify service; a failure is logged
@@ -445,6 +494,16 @@ pub async fn run(
             r.init = "agent".into();
         }
     }
+    // An agent restarted on a cordoned (drained) node keeps the cordon and holds
+    // the services the first reconcile declares, rather than starting them again.
+    let resumed = opts
+        .systemd
+        .then(|| load_cordon(&opts.cordon_file))
+        .flatten();
+    if let Some(s) = &resumed {
+        tracing::warn!(phase = ?s.phase, "resuming a cordon from before this agent's restart; services held");
+        hooks.supervisor.stop_all(Duration::ZERO, false).await;
+    }
     sd_notify(&opts, "STATUS=reconciling modules");
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
@@ -542,10 +601,10 @@ pub async fn run(
         client: RwLock::new(client),
         ca_pem: Mutex::new(creds.ca_pem.clone()),
         cert: Mutex::new(creds.info.clone()),
-        status: Mutex::new(NodeStatus {
+        status: Mutex::new(resumed.unwrap_or(NodeStatus {
             phase: Phase::Ready,
             cordoned: false,
-        }),
+        })),
         interval_secs: AtomicU64::new(interval),
         supervisor: hooks.supervisor,
         reconciler: hooks.reconciler,
@@ -1661,6 +1720,12 @@ mod tests {
             "m",
             vec!["sleep".into(), "100".into()],
         )]);
+        let t = std::time::Instant::now();
+        while sup.services()[0].state != "running" {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = sup.services()[0].pid;
         let steps = [
             sh_step("m", "ok", "true"),
             sh_step("m", "stuck-container", "echo container refuses >&2; exit 1"),
@@ -1679,7 +1744,12 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("container refuses"));
-        assert_ne!(sup.services()[0].state, "stopped", "services untouched");
+        let web = &sup.services()[0];
+        assert_eq!(
+            (web.state.as_str(), web.pid),
+            ("running", pid),
+            "services untouched"
+        );
         sup.stop_all(Duration::from_millis(10), true).await;
     }
 
@@ -1695,5 +1765,28 @@ mod tests {
         assert_eq!(result["error"], "drain_timeout");
         assert_eq!(result["stopped"], serde_json::json!(["step:m/s", "b"]));
         assert_eq!(result["services_stuck"], serde_json::json!(["a"]));
+    }
+
+    #[test]
+    fn a_cordon_is_kept_for_the_next_agent_and_dropped_with_the_uncordon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/agent-cordon.json");
+        assert_eq!(load_cordon(&path), None);
+        let drained = NodeStatus {
+            phase: Phase::Drained,
+            cordoned: true,
+        };
+        save_cordon(&path, &drained);
+        assert_eq!(load_cordon(&path), Some(drained));
+        save_cordon(
+            &path,
+            &NodeStatus {
+                phase: Phase::Ready,
+                cordoned: false,
+            },
+        );
+        assert!(!path.exists());
+        std::fs::write(&path, b"junk").unwrap();
+        assert_eq!(load_cordon(&path), None);
     }
 }
