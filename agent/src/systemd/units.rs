@@ -259,7 +259,9 @@ impl SystemdSupervisor {
     /// Asks for `unit` to stop and waits until it is down or `grace` is gone; past
     /// it, SIGKILL when `kill`, else it is left stopping (stuck).
     async fn stop_unit(&self, unit: &str, grace: Duration, kill: bool) -> StopOutcome {
-        let down = |s: &str| matches!(s, "inactive" | "failed" | "");
+        // An unanswered `show` ("") is not "down": a drain must not report a
+        // service stopped because systemctl failed.
+        let down = |s: &str| matches!(s, "inactive" | "failed");
         if let Err(e) = self.systemctl(&["stop", "--no-block", unit]) {
             tracing::warn!(%unit, error = %crate::error_chain(&e), "systemctl stop failed");
         }
