@@ -13,6 +13,7 @@
 pub mod backoff;
 pub mod client;
 pub mod credentials;
+pub mod drain;
 pub mod enroll;
 pub mod entropy;
 pub mod facts;
@@ -24,6 +25,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod systemd;
 pub mod timeline;
 /// fs-verity lives in the shared module format crate (the publisher needs it too).
 pub use powernode_modfmt::verity;

@@ -48,6 +48,11 @@ pub trait Reconciler: Send + Sync {
     /// machine-readable reason that goes upstream (signature mismatch, OCI 404,
     /// digest mismatch...).
     fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a>;
+    /// The attached modules' drain steps, in the order a drain runs them (modules
+    /// in reverse attach order, each one's steps in its order).
+    fn drain_steps(&self) -> Vec<crate::drain::DrainStep> {
+        Vec::new()
+    }
 }
 
 /// A node without a module runtime: fine while nothing is desired, a clear

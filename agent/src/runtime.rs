@@ -37,6 +37,9 @@ use crate::state::{StateDir, StateError};
 use crate::supervisor::Supervisor;
 use crate::timeline::Timeline;
 
+/// Default [`AgentOptions::cordon_file`].
+pub const CORDON_FILE: &str = "/run/powernode/agent-cordon.json";
+
 /// Tunables; the defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -77,6 +80,15 @@ pub struct AgentOptions {
     /// The desired set the init fetched a moment ago (to decide on root modules):
     /// it serves the first reconcile instead of asking again.
     pub first_desired: Option<DesiredModulesResponse>,
+    /// The agent is a systemd service (`Type=notify`): it tells systemd `READY=1`
+    /// after the handshake, pings its watchdog (`WatchdogSec=`), reports systemd's
+    /// state in heartbeats and diagnostics, and leaves the services (systemd units)
+    /// running when it stops.
+    pub systemd: bool,
+    /// Under systemd: where the cordon outlives an agent restart (a tmpfs, so a
+    /// reboot clears it), so a restarted agent on a drained node holds its
+    /// services instead of starting them again.
+    pub cordon_file: PathBuf,
 }
 
 impl AgentOptions {
@@ -98,6 +110,8 @@ impl AgentOptions {
             kmsg_log: false,
             client: None,
             first_desired: None,
+            systemd: false,
+            cordon_file: PathBuf::from(CORDON_FILE),
         }
     }
 }
@@ -147,7 +161,7 @@ pub enum AgentError {
 }
 
 /// What the agent reports about itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct NodeStatus {
     phase: Phase,
     cordoned: bool,
@@ -208,7 +222,14 @@ impl Shared {
     }
 
     fn set_status(&self, f: impl FnOnce(&mut NodeStatus)) {
-        f(&mut lock(&self.status));
+        let status = {
+            let mut status = lock(&self.status);
+            f(&mut status);
+            status.clone()
+        };
+        if self.opts.systemd {
+            save_cordon(&self.opts.cordon_file, &status);
+        }
         self.wake_heartbeat.notify_one();
     }
 
@@ -228,6 +249,102 @@ impl Shared {
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// Keeps the cordon (and the drain phase) for the next agent of this boot; a
+/// status without cordon removes it. A failure is logged: the cost is a restarted
+/// agent that forgets the cordon, as before.
+fn save_cordon(path: &std::path::Path, status: &NodeStatus) {
+    let result = if status.cordoned {
+        serde_json::to_vec(status)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            })
+    } else {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "keeping the cordon for a restart failed");
+    }
+}
+
+/// The cordon an earlier agent of this boot left, if any (junk counts as none).
+fn load_cordon(path: &std::path::Path) -> Option<NodeStatus> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<NodeStatus>(&bytes)
+        .ok()
+        .filter(|s| s.cordoned)
+}
+
+/// Tells systemd `state` when the agent is its notify service; a failure is logged
+/// (systemd then times the start out or the watchdog fires, and says so).
+fn sd_notify(opts: &AgentOptions, state: &str) {
+    if !opts.systemd {
+        return;
+    }
+    match crate::systemd::notify(state) {
+        Ok(true) => tracing::debug!(%state, "told systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%state, error = %e, "sd_notify failed"),
+    }
+}
+
+/// systemd's state, asked off the async thread; `None` when not under systemd.
+async fn systemd_state(opts: &AgentOptions) -> Option<powernode_proto::node::SystemdState> {
+    if !opts.systemd {
+        return None;
+    }
+    tokio::task::spawn_blocking(crate::systemd::system_state)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The services' states for a heartbeat. Under systemd they come from `systemctl
+/// show`, which blocks: asked off the async thread.
+async fn services(shared: &Arc<Shared>) -> Vec<powernode_proto::node::ServiceState> {
+    if !shared.opts.systemd {
+        return shared.supervisor.services();
+    }
+    let sup = shared.supervisor.clone();
+    tokio::task::spawn_blocking(move || sup.services())
+        .await
+        .unwrap_or_default()
+}
+
+/// Aborts its task when dropped (any way out of [`run`]).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pings systemd's watchdog at half its period for as long as `alive` says the
+/// runtime's loops run. It is a task on the agent's own runtime, so a wedged
+/// runtime stops pinging too, and systemd restarts the agent.
+async fn watchdog(period: Duration, alive: impl Fn() -> bool) {
+    let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        if !alive() {
+            tracing::error!("an agent loop ended; no more watchdog pings");
+            return;
+        }
+        if let Err(e) = crate::systemd::notify("WATCHDOG=1") {
+            tracing::warn!(error = %e, "watchdog ping failed");
         }
     }
 }
@@ -302,6 +419,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, AgentError> {
     let mut shutdown = std::pin::pin!(shutdown);
+    // Pings from the start: whether systemd arms the watchdog at start or at READY,
+    // a slow first reconcile never trips it; the unit's start timeout bounds that.
+    let early_watchdog = crate::systemd::watchdog_interval()
+        .filter(|_| opts.systemd)
+        .map(|period| AbortOnDrop(tokio::spawn(watchdog(period, || true))));
+    sd_notify(&opts, "STATUS=enrolling");
     let identity = resolved.document;
     let state = StateDir::open(&opts.state_dir)?;
     timeline.mark(Phase::IdentityFound);
@@ -363,8 +486,25 @@ pub async fn run(
             r.store = init.store.clone();
             r.upper = init.upper.clone();
             r.compose = init.compose.clone();
+            r.init = init.init.clone();
+        }
+        if opts.systemd {
+            r.init = "systemd".into();
+        } else if std::process::id() == 1 {
+            r.init = "agent".into();
         }
     }
+    // An agent restarted on a cordoned (drained) node keeps the cordon and holds
+    // the services the first reconcile declares, rather than starting them again.
+    let resumed = opts
+        .systemd
+        .then(|| load_cordon(&opts.cordon_file))
+        .flatten();
+    if let Some(s) = &resumed {
+        tracing::warn!(phase = ?s.phase, "resuming a cordon from before this agent's restart; services held");
+        hooks.supervisor.stop_all(Duration::ZERO, false).await;
+    }
+    sd_notify(&opts, "STATUS=reconciling modules");
     // First reconcile: `ready` only once the node runs what it should. A failure
     // goes upstream with its reason and is retried with backoff.
     let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
@@ -443,6 +583,13 @@ pub async fn run(
     };
     tracing::info!(instance_status = %hs.instance_status,
         heartbeat_interval_seconds = hs.heartbeat_interval_seconds, "handshake done; node ready");
+    sd_notify(
+        &opts,
+        &format!(
+            "READY=1\nSTATUS=ready: instance {} ({})",
+            identity.instance_id, hs.instance_status
+        ),
+    );
     if hs.heartbeat_interval_seconds > 0 {
         interval = hs.heartbeat_interval_seconds;
     }
@@ -454,10 +601,10 @@ pub async fn run(
         client: RwLock::new(client),
         ca_pem: Mutex::new(creds.ca_pem.clone()),
         cert: Mutex::new(creds.info.clone()),
-        status: Mutex::new(NodeStatus {
+        status: Mutex::new(resumed.unwrap_or(NodeStatus {
             phase: Phase::Ready,
             cordoned: false,
-        }),
+        })),
         interval_secs: AtomicU64::new(interval),
         supervisor: hooks.supervisor,
         reconciler: hooks.reconciler,
@@ -474,13 +621,34 @@ pub async fn run(
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     let leases = tokio::spawn(lease_loop(shared.clone()));
     let reconciles = tokio::spawn(reconcile_loop(shared.clone()));
+    drop(early_watchdog);
+    let loops = [
+        heartbeat.abort_handle(),
+        leases.abort_handle(),
+        reconciles.abort_handle(),
+    ];
+    let pinger = crate::systemd::watchdog_interval()
+        .filter(|_| shared.opts.systemd)
+        .map(|period| {
+            AbortOnDrop(tokio::spawn(watchdog(period, move || {
+                loops.iter().all(|l| !l.is_finished())
+            })))
+        });
     let exit = tokio::select! {
         e = exit_rx.recv() => e.unwrap_or(Exit::Stopped),
         _ = &mut shutdown => Exit::Stopped,
     };
+    drop(pinger);
     heartbeat.abort();
     leases.abort();
     reconciles.abort();
+    if shared.opts.systemd {
+        // The services are systemd units: an agent restart must not take them
+        // down (a reboot task stopped them already).
+        sd_notify(&shared.opts, "STOPPING=1");
+        tracing::info!(?exit, "agent stopping; its services stay with systemd");
+        return Ok(exit);
+    }
     let report = shared
         .supervisor
         .stop_all(shared.opts.stop_grace, true)
@@ -494,15 +662,17 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     let mut server_asked_renewal = false;
     loop {
         let status = shared.status();
+        let systemd = systemd_state(&shared.opts).await;
         let req = HeartbeatRequest {
             instance_id: shared.instance_id().to_string(),
             phase: status.phase,
             uptime_seconds: crate::timeline::boot_ms() / 1000,
             agent_version: crate::AGENT_VERSION.to_string(),
             modules: shared.reconciler.running(),
-            services: shared.supervisor.services(),
+            services: services(&shared).await,
             last_reconcile: lock(&shared.last_reconcile).clone(),
             cordoned: status.cordoned,
+            systemd,
         };
         let delay = match shared
             .client()
@@ -992,7 +1162,7 @@ const MAX_DIAGNOSTICS_BYTES: usize = 64 * 1024;
 const MAX_SERVICE_OUTPUT_LINES: usize = 50;
 const MAX_MOUNTS: usize = 100;
 
-async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+async fn collect_diagnostics(shared: &Arc<Shared>, task: &LeasedTask) -> TaskOutcome {
     let p: DiagnosticsParams = match params(task) {
         Ok(p) => p,
         Err(bad) => return Ok((TaskStatus::Failed, bad)),
@@ -1000,10 +1170,19 @@ async fn collect_diagnostics(shared: &Shared, task: &LeasedTask) -> TaskOutcome 
     if renew_lease(shared, task, "collecting diagnostics").await? {
         return Ok(cancelled_result("before collecting"));
     }
-    Ok((
-        TaskStatus::Succeeded,
-        diagnostics(shared, p.log_lines.min(MAX_LOG_LINES)),
-    ))
+    let lines = p.log_lines.min(MAX_LOG_LINES);
+    if !shared.opts.systemd {
+        return Ok((TaskStatus::Succeeded, diagnostics(shared, lines, None)));
+    }
+    // systemctl and journalctl block: off the async thread.
+    let this = shared.clone();
+    let v = tokio::task::spawn_blocking(move || {
+        let systemd = crate::systemd::system_state();
+        diagnostics(&this, lines, systemd)
+    })
+    .await
+    .unwrap_or_else(|e| serde_json::json!({"error": "internal", "message": e.to_string()}));
+    Ok((TaskStatus::Succeeded, v))
 }
 
 enum TaskAbort {
@@ -1059,63 +1238,147 @@ async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
     }
     shared.set_status(|s| s.phase = Phase::Draining);
     if renew_lease(shared, task, "stopping services").await? {
-        return Ok(cancelled(shared, task));
+        return Ok(cancelled(shared, task, Vec::new()).await);
     }
     // The drain's budget is the operator's: a service still running at its end is
     // not killed but reported, and the node stays draining (stuck) for the operator
-    // to decide (terminate --force, or cancel).
+    // to decide (terminate --force, or cancel). Drain steps share it.
     let budget = Duration::from_secs(params.timeout_seconds.max(1));
-    let stop = shared.supervisor.stop_all(budget, false);
-    let report = match while_leased(shared, task, "stopping services", stop).await? {
-        Leased::Done(r) => r,
-        // Dropping the stop future abandons it; start_all undoes it.
-        Leased::Cancelled => return Ok(cancelled(shared, task)),
+    let deadline = tokio::time::Instant::now() + budget;
+    let steps = shared.reconciler.drain_steps();
+    let started = Mutex::new(Vec::new());
+    let work = drain_work(&*shared.supervisor, &steps, deadline, &started);
+    let progress = if steps.is_empty() {
+        "stopping services"
+    } else {
+        "running drain steps, then stopping services"
     };
+    let outcome = match while_leased(shared, task, progress, work).await? {
+        Leased::Done(r) => r,
+        // Dropping the work kills a step that runs and abandons the stop;
+        // `cancelled` undoes both.
+        Leased::Cancelled => {
+            let started = std::mem::take(&mut *lock(&started));
+            return Ok(cancelled(shared, task, started).await);
+        }
+    };
+    let started: Vec<String> = lock(&started).iter().map(|s| s.label()).collect();
+    let (status, result) = drain_result(params.timeout_seconds, started, outcome);
+    match status {
+        TaskStatus::Succeeded => {
+            shared.set_status(|s| s.phase = Phase::Drained);
+            tracing::info!(task_id = %task.task_id, stopped = %result["stopped"], "node drained");
+        }
+        _ => {
+            tracing::warn!(task_id = %task.task_id, error = %result["error"], message = %result["message"],
+            "drain did not finish; the node stays draining")
+        }
+    }
+    Ok((status, result))
+}
+
+/// A drain's work within `deadline`: the modules' drain steps in order, then the
+/// services (reverse start order, never killed). Steps started go to `started`.
+async fn drain_work(
+    supervisor: &dyn Supervisor,
+    steps: &[crate::drain::DrainStep],
+    deadline: tokio::time::Instant,
+    started: &Mutex<Vec<crate::drain::DrainStep>>,
+) -> Result<(Vec<String>, crate::supervisor::StopReport), crate::drain::StepError> {
+    let done = crate::drain::run_steps(steps, deadline, started).await?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    Ok((done, supervisor.stop_all(left, false).await))
+}
+
+/// The drain task's answer. `stopped` lists what stopped in order: the steps
+/// (`step:MODULE/NAME`), then the services. A failed step (`started` ends with it)
+/// or a service still running fails the drain; the node then stays draining.
+fn drain_result(
+    timeout_seconds: u64,
+    started: Vec<String>,
+    outcome: Result<(Vec<String>, crate::supervisor::StopReport), crate::drain::StepError>,
+) -> (TaskStatus, serde_json::Value) {
+    let (steps, report) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            let mut done = started;
+            done.pop();
+            return (
+                TaskStatus::Failed,
+                serde_json::json!({
+                    "error": e.code(),
+                    "message": crate::error_chain(&e),
+                    "step": e.step(),
+                    "timeout_seconds": timeout_seconds,
+                    "steps": done,
+                    "stopped": done,
+                    "services_stopped": [],
+                }),
+            );
+        }
+    };
+    let stopped: Vec<&String> = steps.iter().chain(&report.stopped).collect();
     if !report.stuck.is_empty() {
-        tracing::warn!(task_id = %task.task_id, stuck = ?report.stuck, timeout_seconds = params.timeout_seconds,
-            "drain timed out: services still running");
-        return Ok((
+        return (
             TaskStatus::Failed,
             serde_json::json!({
                 "error": "drain_timeout",
                 "message": format!("{} service(s) still running after {} s: {}",
-                    report.stuck.len(), params.timeout_seconds, report.stuck.join(", ")),
-                "timeout_seconds": params.timeout_seconds,
+                    report.stuck.len(), timeout_seconds, report.stuck.join(", ")),
+                "timeout_seconds": timeout_seconds,
+                "steps": steps,
+                "stopped": stopped,
                 "services_stopped": report.stopped,
                 "services_stuck": report.stuck,
             }),
-        ));
+        );
     }
-    shared.set_status(|s| s.phase = Phase::Drained);
-    tracing::info!(task_id = %task.task_id, stopped = ?report.stopped, "node drained");
-    Ok((
+    (
         TaskStatus::Succeeded,
         serde_json::json!({
             "drained": true,
             "cordon_only": false,
+            "steps": steps,
+            "stopped": stopped,
             "services_stopped": report.stopped,
             "services_killed": report.killed,
         }),
-    ))
+    )
 }
 
-/// The operator cancelled a drain: restart what was stopped, take work again.
-fn cancelled(shared: &Shared, task: &LeasedTask) -> (TaskStatus, serde_json::Value) {
+/// The operator cancelled a drain: restart what was stopped, undo the drain steps
+/// that ran (`started`, last first), take work again.
+async fn cancelled(
+    shared: &Shared,
+    task: &LeasedTask,
+    started: Vec<crate::drain::DrainStep>,
+) -> (TaskStatus, serde_json::Value) {
     let restarted = shared.supervisor.start_all();
-    tracing::info!(task_id = %task.task_id, restarted = ?restarted, "drain cancelled; uncordoning");
+    let undone = crate::drain::undo_steps(&started).await;
+    tracing::info!(task_id = %task.task_id, restarted = ?restarted, ?undone, "drain cancelled; uncordoning");
     shared.set_status(|s| {
         s.cordoned = false;
         s.phase = Phase::Ready;
     });
+    let undone: Vec<serde_json::Value> = undone
+        .into_iter()
+        .map(|(step, error)| serde_json::json!({"step": step, "error": error}))
+        .collect();
     (
         TaskStatus::Cancelled,
-        serde_json::json!({"cancelled": true, "services_restarted": restarted}),
+        serde_json::json!({"cancelled": true, "services_restarted": restarted, "steps_undone": undone}),
     )
 }
 
 /// What an operator needs to see without SSH, bounded to [`MAX_DIAGNOSTICS_BYTES`]:
 /// versions, what `/` is, modules, mounts, services, certificate, last log lines.
-fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
+/// Under systemd, `systemd` is its state (failed units included) and the services'
+/// output is their journal lines.
+fn diagnostics(
+    shared: &Shared,
+    log_lines: usize,
+    systemd: Option<powernode_proto::node::SystemdState>,
+) -> serde_json::Value {
     let status = shared.status();
     let cert = lock(&shared.cert).clone();
     let uname = rustix::system::uname();
@@ -1146,6 +1409,7 @@ fn diagnostics(shared: &Shared, log_lines: usize) -> serde_json::Value {
             "mounts": mounts,
             "services": shared.supervisor.services(),
             "service_output": service_output,
+            "systemd": systemd,
             "certificate": {"serial": cert.serial, "not_before": cert.not_before, "not_after": cert.not_after},
             "log_source": log_source,
             "log": log,
@@ -1385,5 +1649,146 @@ mod tests {
         let o = AgentOptions::new("/tmp/x");
         assert!(o.lease_seconds >= 3 && o.reconcile_every >= 1 && o.lease_poll_every >= 1);
         assert!(o.backoff_cap >= o.backoff_base);
+    }
+
+    fn sh_step(module: &str, name: &str, script: &str) -> crate::drain::DrainStep {
+        crate::drain::DrainStep {
+            module: module.into(),
+            name: name.into(),
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            undo: None,
+            timeout: Duration::from_secs(10),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// The DockerHost runbook in miniature: the step stops the "containers" while
+    /// the "daemon" still runs, then the daemon stops; the result lists both in
+    /// that order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_runs_the_steps_before_the_services_and_lists_both_in_order() {
+        use crate::supervisor::{ServiceSpec, ServiceSupervisor};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let daemon = format!(
+            "trap 'echo daemon-stopped >> {l}; exit 0' TERM; while :; do sleep 0.05; done",
+            l = log.display()
+        );
+        let sup = ServiceSupervisor::default();
+        sup.add(vec![ServiceSpec::new(
+            "docker",
+            "dockerhost",
+            vec!["sh".into(), "-c".into(), daemon],
+        )]);
+        let t = std::time::Instant::now();
+        while sup.services()[0].state != "running" {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let steps = [sh_step(
+            "dockerhost",
+            "containers",
+            &format!("echo containers-stopped >> {}", log.display()),
+        )];
+        let started = Mutex::new(Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = drain_work(&sup, &steps, deadline, &started).await;
+        let started: Vec<String> = started.lock().unwrap().iter().map(|s| s.label()).collect();
+        let (status, result) = drain_result(10, started, outcome);
+        assert_eq!(status, TaskStatus::Succeeded, "{result}");
+        assert_eq!(
+            result["stopped"],
+            serde_json::json!(["step:dockerhost/containers", "docker"])
+        );
+        assert_eq!(
+            result["steps"],
+            serde_json::json!(["step:dockerhost/containers"])
+        );
+        assert_eq!(result["services_stopped"], serde_json::json!(["docker"]));
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "containers-stopped\ndaemon-stopped\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_drain_step_fails_the_drain_and_leaves_the_services_running() {
+        use crate::supervisor::{ServiceSpec, ServiceSupervisor};
+        let sup = ServiceSupervisor::default();
+        sup.add(vec![ServiceSpec::new(
+            "web",
+            "m",
+            vec!["sleep".into(), "100".into()],
+        )]);
+        let t = std::time::Instant::now();
+        while sup.services()[0].state != "running" {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = sup.services()[0].pid;
+        let steps = [
+            sh_step("m", "ok", "true"),
+            sh_step("m", "stuck-container", "echo container refuses >&2; exit 1"),
+            sh_step("m", "never", "true"),
+        ];
+        let started = Mutex::new(Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = drain_work(&sup, &steps, deadline, &started).await;
+        let started: Vec<String> = started.lock().unwrap().iter().map(|s| s.label()).collect();
+        let (status, result) = drain_result(10, started, outcome);
+        assert_eq!(status, TaskStatus::Failed);
+        assert_eq!(result["error"], "drain_step_failed");
+        assert_eq!(result["step"], "step:m/stuck-container");
+        assert_eq!(result["steps"], serde_json::json!(["step:m/ok"]));
+        assert!(result["message"]
+            .as_str()
+            .unwrap()
+            .contains("container refuses"));
+        let web = &sup.services()[0];
+        assert_eq!(
+            (web.state.as_str(), web.pid),
+            ("running", pid),
+            "services untouched"
+        );
+        sup.stop_all(Duration::from_millis(10), true).await;
+    }
+
+    #[test]
+    fn a_stuck_service_still_reports_drain_timeout_with_the_steps_that_ran() {
+        let report = crate::supervisor::StopReport {
+            stopped: vec!["b".into()],
+            killed: vec![],
+            stuck: vec!["a".into()],
+        };
+        let (status, result) = drain_result(5, vec![], Ok((vec!["step:m/s".into()], report)));
+        assert_eq!(status, TaskStatus::Failed);
+        assert_eq!(result["error"], "drain_timeout");
+        assert_eq!(result["stopped"], serde_json::json!(["step:m/s", "b"]));
+        assert_eq!(result["services_stuck"], serde_json::json!(["a"]));
+    }
+
+    #[test]
+    fn a_cordon_is_kept_for_the_next_agent_and_dropped_with_the_uncordon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/agent-cordon.json");
+        assert_eq!(load_cordon(&path), None);
+        let drained = NodeStatus {
+            phase: Phase::Drained,
+            cordoned: true,
+        };
+        save_cordon(&path, &drained);
+        assert_eq!(load_cordon(&path), Some(drained));
+        save_cordon(
+            &path,
+            &NodeStatus {
+                phase: Phase::Ready,
+                cordoned: false,
+            },
+        );
+        assert!(!path.exists());
+        std::fs::write(&path, b"junk").unwrap();
+        assert_eq!(load_cordon(&path), None);
     }
 }

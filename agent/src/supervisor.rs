@@ -59,6 +59,13 @@ pub trait Supervisor: Send + Sync {
     fn output(&self, _lines: usize) -> std::collections::BTreeMap<String, Vec<String>> {
         std::collections::BTreeMap::new()
     }
+    /// Declares services and starts them, unless held (after a stop_all).
+    fn add(&self, specs: Vec<ServiceSpec>);
+    /// Stops (killing past each one's stop timeout) and forgets a module's services,
+    /// in reverse start order.
+    fn remove_module<'a>(&'a self, module: &'a str) -> StopFuture<'a>;
+    /// Names of a module's services, in start order.
+    fn module_services(&self, module: &str) -> Vec<String>;
 }
 
 /// A node with no supervised services.
@@ -73,6 +80,20 @@ impl Supervisor for NoServices {
         Box::pin(async { StopReport::default() })
     }
     fn start_all(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn add(&self, specs: Vec<ServiceSpec>) {
+        if !specs.is_empty() {
+            tracing::warn!(
+                services = specs.len(),
+                "no supervisor on this node: services not run"
+            );
+        }
+    }
+    fn remove_module<'a>(&'a self, _module: &'a str) -> StopFuture<'a> {
+        Box::pin(async { StopReport::default() })
+    }
+    fn module_services(&self, _module: &str) -> Vec<String> {
         Vec::new()
     }
 }
@@ -128,6 +149,9 @@ pub struct ServiceSpec {
     pub cwd: Option<PathBuf>,
     pub restart: RestartPolicy,
     pub stop_timeout: Duration,
+    /// An existing systemd unit this service is (`argv` is then empty): run by a
+    /// systemd supervisor; [`ServiceSupervisor`] reports it `failed`.
+    pub unit: Option<String>,
 }
 
 impl ServiceSpec {
@@ -140,6 +164,7 @@ impl ServiceSpec {
             cwd: None,
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            unit: None,
         }
     }
 }
@@ -340,7 +365,24 @@ fn spawn_child(spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
     Ok(child)
 }
 
-fn signal_group(pid: u32, sig: rustix::process::Signal) {
+/// Spawns `cmd` with its pid registered as supervised, so PID 1's reaper leaves its
+/// exit status to whoever waits on it; [`forget_supervised`] once waited.
+pub(crate) fn spawn_supervised(
+    cmd: &mut tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    let mut reg = supervised();
+    let child = cmd.spawn()?;
+    if let Some(pid) = child.id() {
+        reg.insert(pid);
+    }
+    Ok(child)
+}
+
+pub(crate) fn forget_supervised(pid: u32) {
+    supervised().remove(&pid);
+}
+
+pub(crate) fn signal_group(pid: u32, sig: rustix::process::Signal) {
     if let Some(p) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -621,6 +663,26 @@ impl ServiceSupervisor {
         let mut inner = self.lock();
         let start = !inner.held;
         for spec in specs {
+            if let Some(unit) = &spec.unit {
+                // No monitor: its channel is closed, so stops answer at once and
+                // start_all passes it by.
+                tracing::error!(service = %spec.name, module = %spec.module, %unit,
+                    "service names a systemd unit but the agent is not running under systemd");
+                let status = Status {
+                    state: "failed",
+                    last_exit: Some(format!(
+                        "names systemd unit {unit}, but this node does not run systemd"
+                    )),
+                    ..Status::default()
+                };
+                inner.services.push(Handle {
+                    spec,
+                    status: Arc::new(Mutex::new(status)),
+                    output: Output::default(),
+                    cmds: mpsc::unbounded_channel().0,
+                });
+                continue;
+            }
             let status = Arc::new(Mutex::new(Status {
                 state: if start { "stopped" } else { "held" },
                 ..Status::default()
@@ -771,6 +833,18 @@ impl Supervisor for ServiceSupervisor {
         }
         started
     }
+
+    fn add(&self, specs: Vec<ServiceSpec>) {
+        ServiceSupervisor::add(self, specs)
+    }
+
+    fn remove_module<'a>(&'a self, module: &'a str) -> StopFuture<'a> {
+        Box::pin(ServiceSupervisor::remove_module(self, module))
+    }
+
+    fn module_services(&self, module: &str) -> Vec<String> {
+        ServiceSupervisor::module_services(self, module)
+    }
 }
 
 impl Drop for ServiceSupervisor {
@@ -794,6 +868,15 @@ impl Supervisor for Arc<ServiceSupervisor> {
     }
     fn output(&self, lines: usize) -> std::collections::BTreeMap<String, Vec<String>> {
         (**self).output(lines)
+    }
+    fn add(&self, specs: Vec<ServiceSpec>) {
+        ServiceSupervisor::add(self, specs)
+    }
+    fn remove_module<'a>(&'a self, module: &'a str) -> StopFuture<'a> {
+        Box::pin(ServiceSupervisor::remove_module(self, module))
+    }
+    fn module_services(&self, module: &str) -> Vec<String> {
+        ServiceSupervisor::module_services(self, module)
     }
 }
 
@@ -1061,5 +1144,26 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!alive(pid_b));
+    }
+
+    #[tokio::test]
+    async fn a_service_naming_a_systemd_unit_is_failed_without_systemd() {
+        let sup = ServiceSupervisor::new(fast());
+        let mut docker = ServiceSpec::new("docker", "dockerhost", Vec::new());
+        docker.unit = Some("docker.service".into());
+        sup.add(vec![docker, sh("web", "sleep 100")]);
+        wait_for(&sup, "web running", |s| s[1].state == "running").await;
+        let s = &sup.services()[0];
+        assert_eq!(s.state, "failed");
+        assert!(s
+            .last_exit
+            .as_deref()
+            .unwrap()
+            .contains("does not run systemd"));
+        let report = sup.stop_all(Duration::from_secs(5), true).await;
+        assert_eq!(report.stopped, ["web", "docker"]);
+        assert_eq!(sup.start_all(), ["web"]);
+        assert_eq!(sup.services()[0].state, "failed");
+        sup.stop_all(Duration::from_millis(10), true).await;
     }
 }

@@ -299,6 +299,7 @@ fn heartbeat_body(instance_id: &str, started: Instant) -> Vec<u8> {
         services: vec![],
         last_reconcile: None,
         cordoned: false,
+        systemd: None,
     })
     .unwrap_or_default()
 }

@@ -119,6 +119,16 @@ pub struct StuckInfo {
     pub recovery: String,
 }
 
+/// A systemd root that did not come up whole: failed units and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemdDegraded {
+    /// Stable machine-readable name: `systemd_degraded`.
+    pub reason: String,
+    pub state: String,
+    pub failed_units: Vec<String>,
+    pub recovery: String,
+}
+
 /// An instance (`system_get_instance`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -167,6 +177,12 @@ pub struct Instance {
     pub last_reconcile: Option<crate::node::ReconcileResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stuck: Option<StuckInfo>,
+    /// systemd's state from the last heartbeat, on a systemd root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<crate::node::SystemdState>,
+    /// Set while systemd reports a failed unit (or `degraded`): what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_degraded: Option<SystemdDegraded>,
     pub status_changed_at: Timestamp,
     pub created_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]

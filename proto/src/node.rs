@@ -232,6 +232,31 @@ pub struct HeartbeatRequest {
     /// The agent no longer takes work (a drain task was applied).
     #[serde(default)]
     pub cordoned: bool,
+    /// systemd's state, when the agent runs under systemd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<SystemdState>,
+}
+
+/// What systemd says about the node (the agent is a systemd service on a root whose
+/// `/sbin/init` is systemd).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemdState {
+    /// `systemctl is-system-running`: `initializing`, `starting`, `running`,
+    /// `degraded`, `maintenance`, `stopping`...
+    pub state: String,
+    /// Units in the `failed` state.
+    #[serde(default)]
+    pub failed_units: Vec<String>,
+    /// `multi-user.target` is active: the boot reached its target.
+    #[serde(default)]
+    pub multi_user: bool,
+}
+
+impl SystemdState {
+    /// A unit failed: the node runs, but not everything its root declares.
+    pub fn degraded(&self) -> bool {
+        self.state == "degraded" || !self.failed_units.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use powernode_proto::admin::{self, StuckInfo};
 use powernode_proto::node::{
-    FailureReport, Phase, ProviderFacts, RootFacts, RunningModule, ServiceState, TimelineEntry,
+    FailureReport, Phase, ProviderFacts, RootFacts, RunningModule, ServiceState, SystemdState,
+    TimelineEntry,
 };
 use powernode_proto::{InstanceStatus, LifecycleClass, TaskKind, TaskStatus};
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,12 @@ pub struct InstRec {
     /// `instance.refused` signal fires at most once a minute).
     #[serde(default)]
     pub last_refused_ms: Option<Millis>,
+    /// systemd's state from the last heartbeat that carried one.
+    #[serde(default)]
+    pub systemd: Option<SystemdState>,
+    /// The active `instance.systemd_degraded` signal.
+    #[serde(default)]
+    pub systemd_signal: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -456,6 +463,8 @@ pub fn instance_view(
         cordoned: inst.cordoned,
         last_reconcile: inst.last_reconcile.clone(),
         stuck: stuck_info(inst, now, serving_since, thresholds, drain),
+        systemd: inst.systemd.clone(),
+        systemd_degraded: systemd_degraded(inst),
         status_changed_at: format_ts(inst.status_changed_ms),
         created_at: format_ts(inst.created_ms),
         terminated_at: inst.terminated_ms.map(format_ts),
@@ -477,6 +486,25 @@ pub fn task_view(t: &TaskRec) -> admin::Task {
         created_at: format_ts(t.created_ms),
         updated_at: format_ts(t.updated_ms),
     }
+}
+
+/// A live instance whose systemd reports a failed unit (or `degraded`): what failed
+/// and what to do.
+pub fn systemd_degraded(inst: &InstRec) -> Option<admin::SystemdDegraded> {
+    let s = inst.systemd.as_ref().filter(|s| s.degraded())?;
+    if !inst.status.is_live() {
+        return None;
+    }
+    Some(admin::SystemdDegraded {
+        reason: "systemd_degraded".into(),
+        state: s.state.clone(),
+        failed_units: s.failed_units.clone(),
+        recovery: format!(
+            "collect-diagnostics {}; the failed units are listed; fix the unit in the root \
+             module and publish a new version",
+            inst.id
+        ),
+    })
 }
 
 /// Whether the instance has crossed its state's threshold, and what to do. A missing
@@ -610,6 +638,8 @@ mod tests {
             drift_signal: None,
             bootstrap_failed_signal: None,
             drift_key: String::new(),
+            systemd: None,
+            systemd_signal: None,
             last_refused_ms: None,
         }
     }

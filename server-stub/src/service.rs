@@ -555,6 +555,8 @@ impl AppState {
                     bootstrap_failed_signal: None,
                     drift_key: String::new(),
                     last_refused_ms: None,
+                    systemd: None,
+                    systemd_signal: None,
                 };
                 mem.instances.insert(instance_id.clone(), inst);
                 mem.save_instance(&instance_id);
@@ -1836,7 +1838,8 @@ impl AppState {
             for inst in mem.instances.values() {
                 let has_signal = inst.silent_signal.is_some()
                     || inst.stuck_signal.is_some()
-                    || inst.drift_signal.is_some();
+                    || inst.drift_signal.is_some()
+                    || inst.systemd_signal.is_some();
                 if !inst.status.is_live() && !has_signal {
                     continue;
                 }
@@ -1879,13 +1882,21 @@ impl AppState {
                     }
                     None => inst.drift_signal.is_some().then_some(None),
                 };
-                if silent_change.is_some() || stuck_change.is_some() || drift_change.is_some() {
+                let degraded = model::systemd_degraded(inst);
+                let systemd_change =
+                    (degraded.is_some() != inst.systemd_signal.is_some()).then_some(degraded);
+                if silent_change.is_some()
+                    || stuck_change.is_some()
+                    || drift_change.is_some()
+                    || systemd_change.is_some()
+                {
                     changes.push(SensorChange {
                         id: inst.id.clone(),
                         since_hb,
                         silent: silent_change,
                         stuck: stuck_change,
                         drift: drift_change,
+                        systemd: systemd_change,
                     });
                 }
             }
@@ -1991,7 +2002,38 @@ impl AppState {
                 ));
             }
         }
+        let mut systemd_signal = inst.systemd_signal;
+        match (c.systemd, inst.systemd_signal) {
+            (Some(Some(degraded)), None) => {
+                systemd_signal = Some(mem.signal(
+                    now,
+                    "instance.systemd_degraded",
+                    id,
+                    true,
+                    serde_json::to_value(&degraded).unwrap_or_default(),
+                ));
+            }
+            (Some(None), Some(sig)) => {
+                mem.ops.push(Op::SignalActive {
+                    id: sig,
+                    active: false,
+                });
+                mem.signal(
+                    now,
+                    "instance.systemd_degraded_cleared",
+                    id,
+                    false,
+                    json!({
+                        "systemd_signal_id": sig,
+                        "state": inst.systemd.as_ref().map(|s| s.state.clone()),
+                    }),
+                );
+                systemd_signal = None;
+            }
+            _ => {}
+        }
         if let Some(slot) = mem.instances.get_mut(id) {
+            slot.systemd_signal = systemd_signal;
             slot.silent_signal = silent_signal;
             slot.stuck_signal = stuck_signal;
             slot.drift_signal = drift_signal;
@@ -2025,6 +2067,8 @@ struct SensorChange {
     stuck: Option<Option<admin::StuckInfo>>,
     /// `Some(Some(items))`: drift started or changed; `Some(None)`: it ended.
     drift: Option<Option<Vec<DriftItem>>>,
+    /// `Some(Some(_))`: systemd reports failed units; `Some(None)`: healthy again.
+    systemd: Option<Option<admin::SystemdDegraded>>,
 }
 
 fn template_lists(modules: &crate::publish::Modules, catalog: &Catalog) -> TemplateLists {
@@ -2110,6 +2154,9 @@ fn apply_heartbeat(mem: &mut Mem, id: &str, req: &HeartbeatRequest, now: Millis)
         }
         if req.last_reconcile.is_some() && inst.last_reconcile != req.last_reconcile {
             inst.last_reconcile = req.last_reconcile.clone();
+        }
+        if req.systemd.is_some() && inst.systemd != req.systemd {
+            inst.systemd = req.systemd.clone();
         }
         if inst.status == InstanceStatus::Draining || req.cordoned {
             inst.cordoned = inst.cordoned || req.cordoned;

@@ -299,3 +299,81 @@ async fn downtime_of_the_server_is_not_silence_of_the_node() {
     ts.state().sense().await.unwrap();
     assert!(find(&signals(&ts, &inst).await, "instance.silent").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_systemd_root_with_a_failed_unit_is_signalled_with_recovery_and_cleared() {
+    let ts = TestServer::start().await;
+    let (_, inst, fake) = running(&ts, "edge-sd").await;
+    let (s, _) = fake
+        .post(
+            paths::HANDSHAKE,
+            json!({
+                "instance_id": inst, "phase": "ready", "agent_version": "test-0.1",
+                "timeline": [], "root": {"fstype": "overlay", "options": "ro", "init": "systemd"},
+            }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let heartbeat = |state: &str, failed: Value| {
+        json!({
+            "instance_id": inst, "phase": "ready", "uptime_seconds": 9,
+            "agent_version": "test-0.1",
+            "systemd": {"state": state, "failed_units": failed, "multi_user": true},
+        })
+    };
+    let (s, _) = fake
+        .post(
+            paths::HEARTBEAT,
+            heartbeat("degraded", json!(["docker.service"])),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let i = ts
+        .ok(Method::GET, &paths::admin_instance(&inst), None)
+        .await;
+    assert_eq!(i["instance"]["root"]["init"], "systemd");
+    assert_eq!(i["instance"]["systemd"]["state"], "degraded");
+    let d = &i["instance"]["systemd_degraded"];
+    assert_eq!(d["reason"], "systemd_degraded");
+    assert_eq!(d["failed_units"], json!(["docker.service"]));
+    assert!(d["recovery"].as_str().unwrap().starts_with(&format!(
+        "collect-diagnostics {inst}; the failed units are listed"
+    )));
+    // The table shows it too.
+    let table = powernode_stub::cli::render_table(&i["instance"]);
+    assert!(
+        table.contains("init") && table.contains("docker.service"),
+        "{table}"
+    );
+
+    ts.state().sense().await.unwrap();
+    ts.state().sense().await.unwrap();
+    let sigs = signals(&ts, &inst).await;
+    let fired: Vec<&Value> = sigs
+        .iter()
+        .filter(|s| s["kind"] == "instance.systemd_degraded")
+        .collect();
+    assert_eq!(fired.len(), 1, "fires once: {sigs:?}");
+    assert_eq!(fired[0]["active"], true);
+    assert_eq!(
+        fired[0]["detail"]["failed_units"],
+        json!(["docker.service"])
+    );
+
+    let (s, _) = fake
+        .post(paths::HEARTBEAT, heartbeat("running", json!([])))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    ts.state().sense().await.unwrap();
+    let sigs = signals(&ts, &inst).await;
+    assert_eq!(
+        find(&sigs, "instance.systemd_degraded").unwrap()["active"],
+        false
+    );
+    assert!(find(&sigs, "instance.systemd_degraded_cleared").is_some());
+    let i = ts
+        .ok(Method::GET, &paths::admin_instance(&inst), None)
+        .await;
+    assert!(i["instance"].get("systemd_degraded").is_none());
+    assert_eq!(i["instance"]["systemd"]["state"], "running");
+}

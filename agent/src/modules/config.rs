@@ -11,7 +11,16 @@
 //!   with a `/` that is not absolute is relative to the module's tree; a bare name is
 //!   looked up in the module's `bin`, `usr/bin`, `sbin` and `usr/sbin`, then the
 //!   node's `PATH`. Services run with the module's tree as working directory and
-//!   `POWERNODE_MODULE` / `POWERNODE_MODULE_DIR` set.
+//!   `POWERNODE_MODULE` / `POWERNODE_MODULE_DIR` set. A service may instead name a
+//!   systemd unit the root already has (`{"name": "docker", "unit": "docker.service"}`):
+//!   on a systemd root it is started, stopped and reported, never written; without
+//!   systemd it is reported `failed`.
+//! - `Labels["org.powernode.drain"]`: a JSON array of drain steps
+//!   `{"name", "command": [argv], "timeout_seconds": 30, "undo": [argv]}`, run in
+//!   order by a drain before the node's services stop (e.g. stop the containers a
+//!   `--restart=always` daemon would bring back, then let the daemon stop); `undo`
+//!   runs when the drain is cancelled. Programs resolve like services' and run in the
+//!   module's tree.
 //!
 //! The config is covered by the module's signature (the signed manifest pins its
 //! digest) and is read only after that check. A bad label is a typed error naming
@@ -23,10 +32,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::drain::DrainStep;
 use crate::supervisor::{RestartPolicy, ServiceSpec, DEFAULT_STOP_TIMEOUT};
 
 pub const MOUNTPOINT_LABEL: &str = "org.powernode.mountpoint";
 pub const SERVICES_LABEL: &str = "org.powernode.services";
+pub const DRAIN_LABEL: &str = "org.powernode.drain";
+/// More drain steps than this in one module is a mistake, not a runbook.
+const MAX_DRAIN_STEPS: usize = 16;
+/// A drain step's time when its declaration names none.
+pub const DEFAULT_DRAIN_STEP_TIMEOUT_SECONDS: u64 = 30;
+const MAX_DRAIN_STEP_TIMEOUT_SECONDS: u64 = 600;
 /// More services than this in one module is a mistake, not a workload.
 const MAX_SERVICES: usize = 32;
 /// A stop timeout above this would stall drains and updates for too long.
@@ -45,6 +61,7 @@ pub enum ConfigError {
 pub struct ModuleConfig {
     pub mountpoint: Option<PathBuf>,
     pub services: Vec<ServiceDecl>,
+    pub drain: Vec<DrainStepDecl>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     env: Vec<String>,
@@ -63,6 +80,36 @@ pub struct ServiceDecl {
     pub restart: RestartPolicy,
     #[serde(default)]
     pub stop_timeout_seconds: Option<u64>,
+    /// An existing systemd unit this service is (e.g. `docker.service`).
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// One entry of the drain label.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainStepDecl {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default = "default_drain_step_timeout")]
+    pub timeout_seconds: u64,
+    #[serde(default)]
+    pub undo: Option<Vec<String>>,
+}
+
+fn default_drain_step_timeout() -> u64 {
+    DEFAULT_DRAIN_STEP_TIMEOUT_SECONDS
+}
+
+/// A systemd unit name a service may name: a `.service`, no path, no oddities.
+fn unit_name_ok(u: &str) -> bool {
+    u.len() <= 255
+        && u.len() > ".service".len()
+        && u.ends_with(".service")
+        && !u.starts_with('.')
+        && !u.starts_with('-')
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.@\\-".contains(&b))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,9 +167,14 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
             format!("{} services (at most {MAX_SERVICES})", services.len()),
         ));
     }
+    let drain = match labels.get(DRAIN_LABEL) {
+        None => Vec::new(),
+        Some(json) => parse_drain(json)?,
+    };
     let cfg = ModuleConfig {
         mountpoint,
         services,
+        drain,
         entrypoint: c.entrypoint.unwrap_or_default(),
         cmd: c.cmd.unwrap_or_default(),
         env: c.env.unwrap_or_default(),
@@ -140,6 +192,24 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
                 SERVICES_LABEL,
                 format!("service {:?} twice", s.name),
             ));
+        }
+        if let Some(unit) = &s.unit {
+            if !unit_name_ok(unit) {
+                return Err(label_err(
+                    SERVICES_LABEL,
+                    format!("service {:?}: unit {unit:?} is not a NAME.service", s.name),
+                ));
+            }
+            if s.command.is_some() || !s.env.is_empty() {
+                return Err(label_err(
+                    SERVICES_LABEL,
+                    format!(
+                        "service {:?} names unit {unit:?}: the unit has its own command and environment",
+                        s.name
+                    ),
+                ));
+            }
+            continue;
         }
         if cfg.command_of(s).first().is_none_or(|a| a.is_empty()) {
             return Err(label_err(
@@ -169,6 +239,46 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
         }
     }
     Ok(cfg)
+}
+
+fn parse_drain(json: &str) -> Result<Vec<DrainStepDecl>, ConfigError> {
+    let err = |reason: String| label_err(DRAIN_LABEL, reason);
+    let steps: Vec<DrainStepDecl> = serde_json::from_str(json)
+        .map_err(|e| err(format!("not a JSON array of drain steps: {e}")))?;
+    if steps.len() > MAX_DRAIN_STEPS {
+        return Err(err(format!(
+            "{} drain steps (at most {MAX_DRAIN_STEPS})",
+            steps.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &steps {
+        if !safe_name(&s.name) {
+            return Err(err(format!(
+                "step name {:?}: letters, digits and inner . _ -",
+                s.name
+            )));
+        }
+        if !seen.insert(s.name.as_str()) {
+            return Err(err(format!("step {:?} twice", s.name)));
+        }
+        if s.command.first().is_none_or(|a| a.is_empty()) {
+            return Err(err(format!("step {:?} has no command", s.name)));
+        }
+        if s.undo
+            .as_ref()
+            .is_some_and(|u| u.first().is_none_or(|a| a.is_empty()))
+        {
+            return Err(err(format!("step {:?}: undo is an empty command", s.name)));
+        }
+        if !(1..=MAX_DRAIN_STEP_TIMEOUT_SECONDS).contains(&s.timeout_seconds) {
+            return Err(err(format!(
+                "step {:?}: timeout_seconds must be 1..={MAX_DRAIN_STEP_TIMEOUT_SECONDS}",
+                s.name
+            )));
+        }
+    }
+    Ok(steps)
 }
 
 fn check_mountpoint(p: &str) -> Result<PathBuf, ConfigError> {
@@ -212,12 +322,57 @@ impl ModuleConfig {
         }
     }
 
+    /// The module's drain steps as the runtime runs them, with its tree at `dir`.
+    pub fn drain_steps(&self, module: &str, dir: &Path) -> Vec<DrainStep> {
+        let env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([
+                ("POWERNODE_MODULE".to_string(), module.to_string()),
+                (
+                    "POWERNODE_MODULE_DIR".to_string(),
+                    dir.to_string_lossy().into_owned(),
+                ),
+            ])
+            .collect();
+        let resolve = |argv: &[String]| {
+            let mut argv = argv.to_vec();
+            if let Some(first) = argv.first_mut() {
+                *first = resolve_program(first, dir, &env);
+            }
+            argv
+        };
+        self.drain
+            .iter()
+            .map(|d| DrainStep {
+                module: module.to_string(),
+                name: d.name.clone(),
+                argv: resolve(&d.command),
+                undo: d.undo.as_deref().map(resolve),
+                timeout: Duration::from_secs(d.timeout_seconds),
+                env: env.clone(),
+                cwd: Some(dir.to_path_buf()),
+            })
+            .collect()
+    }
+
     /// The module's services as the supervisor runs them, with the module's tree at
     /// `dir`.
     pub fn service_specs(&self, module: &str, dir: &Path) -> Vec<ServiceSpec> {
         self.services
             .iter()
             .map(|s| {
+                if let Some(unit) = &s.unit {
+                    let mut spec = ServiceSpec::new(&s.name, module, Vec::new());
+                    spec.unit = Some(unit.clone());
+                    spec.restart = s.restart;
+                    if let Some(t) = s.stop_timeout_seconds {
+                        spec.stop_timeout = Duration::from_secs(t);
+                    }
+                    return spec;
+                }
                 let mut argv = self.command_of(s);
                 let mut env: Vec<(String, String)> = self
                     .env
@@ -245,6 +400,7 @@ impl ModuleConfig {
                         .stop_timeout_seconds
                         .map(Duration::from_secs)
                         .unwrap_or(DEFAULT_STOP_TIMEOUT),
+                    unit: None,
                 }
             })
             .collect()
@@ -374,5 +530,92 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no command"), "{e}");
+    }
+
+    #[test]
+    fn drain_steps_parse_with_defaults_and_resolve_in_the_module() {
+        let drain = serde_json::json!([
+            {"name": "containers", "command": ["bin/stop-containers", "--all"],
+             "undo": ["bin/start-containers"]},
+            {"name": "flush", "command": ["/bin/sync"], "timeout_seconds": 5},
+        ]);
+        let cfg = parse(&config(
+            serde_json::json!({ DRAIN_LABEL: drain.to_string() }),
+        ))
+        .unwrap();
+        assert_eq!(cfg.drain.len(), 2);
+        assert_eq!(
+            cfg.drain[0].timeout_seconds,
+            DEFAULT_DRAIN_STEP_TIMEOUT_SECONDS
+        );
+        let steps = cfg.drain_steps("web", Path::new("/opt/web"));
+        assert_eq!(steps[0].label(), "step:web/containers");
+        assert_eq!(steps[0].argv, ["/opt/web/bin/stop-containers", "--all"]);
+        assert_eq!(
+            steps[0].undo.as_deref(),
+            Some(&["/opt/web/bin/start-containers".to_string()][..])
+        );
+        assert_eq!(steps[0].cwd.as_deref(), Some(Path::new("/opt/web")));
+        assert!(steps[0]
+            .env
+            .contains(&("POWERNODE_MODULE".into(), "web".into())));
+        assert!(steps[0].env.contains(&("A".into(), "1".into())));
+        assert_eq!(steps[1].timeout, Duration::from_secs(5));
+        assert_eq!(steps[1].undo, None);
+    }
+
+    #[test]
+    fn bad_drain_steps_are_named() {
+        let cases = [
+            "not json".to_string(),
+            r#"{"name":"x","command":["a"]}"#.into(),
+            r#"[{"name":"x"}]"#.into(),
+            r#"[{"name":"x","command":[]}]"#.into(),
+            r#"[{"name":"x","command":[""]}]"#.into(),
+            r#"[{"name":"../x","command":["a"]}]"#.into(),
+            r#"[{"name":"x","command":["a"]},{"name":"x","command":["b"]}]"#.into(),
+            r#"[{"name":"x","command":["a"],"timeout_seconds":0}]"#.into(),
+            r#"[{"name":"x","command":["a"],"timeout_seconds":601}]"#.into(),
+            r#"[{"name":"x","command":["a"],"undo":[]}]"#.into(),
+            r#"[{"name":"x","command":["a"],"retries":3}]"#.into(),
+            serde_json::to_string(
+                &(0..17)
+                    .map(|i| serde_json::json!({"name": format!("s{i}"), "command": ["a"]}))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap(),
+        ];
+        for c in cases {
+            match parse(&config(serde_json::json!({ DRAIN_LABEL: c }))) {
+                Err(ConfigError::Label { label, .. }) => assert_eq!(label, DRAIN_LABEL, "{c}"),
+                other => panic!("{c}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_service_may_name_an_existing_unit_only() {
+        let services = serde_json::json!([{"name": "docker", "unit": "docker.service",
+                                          "stop_timeout_seconds": 60}]);
+        let cfg = parse(&config(
+            serde_json::json!({ SERVICES_LABEL: services.to_string() }),
+        ))
+        .unwrap();
+        let specs = cfg.service_specs("dockerhost", Path::new("/"));
+        assert_eq!(specs[0].unit.as_deref(), Some("docker.service"));
+        assert!(specs[0].argv.is_empty());
+        assert_eq!(specs[0].stop_timeout, Duration::from_secs(60));
+        for bad in [
+            r#"[{"name":"d","unit":"docker"}]"#,
+            r#"[{"name":"d","unit":"../x.service"}]"#,
+            r#"[{"name":"d","unit":"a b.service"}]"#,
+            r#"[{"name":"d","unit":"docker.service","command":["x"]}]"#,
+            r#"[{"name":"d","unit":"docker.service","env":["A=1"]}]"#,
+        ] {
+            match parse(&config(serde_json::json!({ SERVICES_LABEL: bad }))) {
+                Err(ConfigError::Label { label, .. }) => assert_eq!(label, SERVICES_LABEL, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }

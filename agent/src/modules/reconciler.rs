@@ -26,8 +26,9 @@ use super::registry::{RegistryClient, RegistryError, RegistryOptions, Repository
 use super::signature::{parse_trust_keys, SignatureError, TrustKey};
 use super::store::ObjectStore;
 use super::ModuleErrorCode;
+use crate::drain::DrainStep;
 use crate::reconcile::{ModuleChange, ReconcileFuture, ReconcileOutcome, Reconciler};
-use crate::supervisor::ServiceSupervisor;
+use crate::supervisor::Supervisor;
 use crate::verity::VerityDigest;
 
 pub const RUNTIME_MODULES_DIR: &str = "/run/powernode/modules";
@@ -170,6 +171,10 @@ struct Mounted {
     target: PathBuf,
     /// Where the module is bind-mounted too (its mount point label), when it is.
     exposed: Option<PathBuf>,
+    /// Its drain steps (`org.powernode.drain`), resolved against its tree.
+    drain: Vec<DrainStep>,
+    /// Attach order: a drain runs the latest attached module's steps first.
+    seq: u64,
 }
 
 /// A module pulled and verified, ready to be mounted.
@@ -189,6 +194,13 @@ pub struct ModuleRuntime {
     mounted: Mutex<BTreeMap<String, Mounted>>,
     /// Root modules the init composed (reported as running; never swapped live).
     root: Vec<RunningModule>,
+    /// The root modules' drain steps, base first: given, or read from their configs
+    /// at a reconcile (see [`ModuleRuntime::read_root_drain_steps`]).
+    root_drain: Mutex<Option<Vec<DrainStep>>>,
+    /// Read the root modules' configs (for their drain steps) at the next reconcile.
+    read_root_configs: bool,
+    /// The next attach's [`Mounted::seq`].
+    next_seq: std::sync::atomic::AtomicU64,
     /// With `Some(root images)`, unreferenced objects are collected after a reconcile
     /// that dropped a module. Off by default: the store may hold the root's images, and
     /// collecting without naming them would delete the running root's objects.
@@ -201,7 +213,7 @@ pub struct ModuleRuntime {
     /// Refuse to mount (with a coded error, before any pull) unless running as root.
     require_root: bool,
     /// Runs the services modules declare.
-    services: Option<Arc<ServiceSupervisor>>,
+    services: Option<Arc<dyn Supervisor>>,
     /// Bind-mount modules at their mount point label (needs the real kernel).
     expose: bool,
     /// One reconcile at a time (the periodic one and a module_update task).
@@ -231,6 +243,9 @@ impl ModuleRuntime {
             dir,
             mounted: Mutex::new(BTreeMap::new()),
             root,
+            root_drain: Mutex::new(None),
+            read_root_configs: false,
+            next_seq: Default::default(),
             gc_keep: None,
             swaps: Default::default(),
             ca_file: None,
@@ -255,8 +270,28 @@ impl ModuleRuntime {
     }
 
     /// Runs the services modules declare (`org.powernode.services`) on `supervisor`.
-    pub fn with_services(mut self, supervisor: Arc<ServiceSupervisor>) -> Self {
+    pub fn with_services(mut self, supervisor: Arc<dyn Supervisor>) -> Self {
         self.services = Some(supervisor);
+        self
+    }
+
+    /// The root modules' configs (base first, by module name), for their drain
+    /// steps; the steps run in `/`.
+    pub fn with_root_configs(self, configs: &[(String, ModuleConfig)]) -> Self {
+        let steps = configs
+            .iter()
+            .flat_map(|(name, c)| c.drain_steps(name, Path::new("/")))
+            .collect();
+        *self.root_drain.lock().unwrap_or_else(|e| e.into_inner()) = Some(steps);
+        self
+    }
+
+    /// Reads the root modules' configs (by the digests `/` was composed from, as the
+    /// desired set names them) at the first reconcile that can, for their drain
+    /// steps. A failed read is logged and retried at the next reconcile; it never
+    /// fails the reconcile.
+    pub fn read_root_drain_steps(mut self) -> Self {
+        self.read_root_configs = true;
         self
     }
 
@@ -408,6 +443,86 @@ impl ModuleRuntime {
         Ok(out)
     }
 
+    /// With [`read_root_drain_steps`](Self::read_root_drain_steps), until it
+    /// worked once: reads the configs of the root modules `/` was composed from.
+    async fn load_root_drain_steps(self: &Arc<Self>, desired: &DesiredModulesResponse) {
+        let loaded = self
+            .root_drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !self.read_root_configs || loaded || self.root.is_empty() {
+            return;
+        }
+        let composed: Vec<DesiredModule> = desired
+            .modules
+            .iter()
+            .filter(|m| m.kind == KIND_ROOT)
+            .filter(|m| {
+                self.root
+                    .iter()
+                    .any(|r| r.name == m.name && r.digest == m.digest)
+            })
+            .cloned()
+            .collect();
+        if composed.len() != self.root.len() {
+            // The desired set moved on (a reboot is pending): the configs of what
+            // `/` runs are not named there; keep trying later.
+            tracing::debug!("root modules not all in the desired set; drain steps not read yet");
+            return;
+        }
+        let this = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || -> Result<_, ModuleError> {
+            let client = RegistryClient::new(this.registry_options()?)?;
+            composed
+                .iter()
+                .map(|m| Ok((m.name.clone(), module_config(&client, m)?)))
+                .collect::<Result<Vec<_>, ModuleError>>()
+        })
+        .await;
+        match read {
+            Ok(Ok(configs)) => {
+                let steps: Vec<DrainStep> = configs
+                    .iter()
+                    .flat_map(|(name, c)| c.drain_steps(name, Path::new("/")))
+                    .collect();
+                tracing::info!(steps = steps.len(), "root modules' drain steps read");
+                *self.root_drain.lock().unwrap_or_else(|e| e.into_inner()) = Some(steps);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e),
+                "reading the root modules' configs failed; drain steps retried at the next reconcile"),
+            Err(e) => tracing::warn!(error = %e, "reading the root modules' configs failed"),
+        }
+    }
+
+    /// Drain steps in the order a drain runs them: runtime modules latest attached
+    /// first, then the root modules top first.
+    pub fn drain_steps(&self) -> Vec<DrainStep> {
+        let mut mounted: Vec<(u64, Vec<DrainStep>)> = self
+            .mounted()
+            .values()
+            .map(|m| (m.seq, m.drain.clone()))
+            .collect();
+        mounted.sort_by_key(|m| std::cmp::Reverse(m.0));
+        let mut steps: Vec<DrainStep> = mounted.into_iter().flat_map(|(_, d)| d).collect();
+        let root = self
+            .root_drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        // Each root module's steps keep their order; the modules go top first.
+        let mut by_module: Vec<Vec<DrainStep>> = Vec::new();
+        for s in root {
+            match by_module.last_mut() {
+                Some(last) if last.first().is_some_and(|f| f.module == s.module) => last.push(s),
+                _ => by_module.push(vec![s]),
+            }
+        }
+        steps.extend(by_module.into_iter().rev().flatten());
+        steps
+    }
+
     /// Mounts a prepared module (replacing `old`, already stopped) and exposes it.
     /// Mount point conflicts were refused before (see [`mountpoint_conflict`]).
     fn mount(&self, p: &Prepared, old: Option<Mounted>) -> Result<Mounted, ModuleError> {
@@ -422,6 +537,10 @@ impl ModuleRuntime {
             image_mnt: self.dir.join(".images").join(p.image.to_hex()),
             target: self.dir.join(&m.name),
             exposed: None,
+            drain: Vec::new(),
+            seq: self
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         if let Some(old) = old {
             self.unmount(&old);
@@ -451,6 +570,8 @@ impl ModuleRuntime {
             tracing::info!(module = %m.name, at = %at.display(), "module exposed at its mount point");
             next.exposed = Some(at.clone());
         }
+        let dir = next.exposed.as_ref().unwrap_or(&next.target).clone();
+        next.drain = p.config.drain_steps(&m.name, &dir);
         Ok(next)
     }
 
@@ -504,6 +625,7 @@ impl ModuleRuntime {
                 .await
                 .map_err(|e| ModuleError::Join(e.to_string()))??
         };
+        self.load_root_drain_steps(&desired).await;
         let gone: Vec<String> = self
             .mounted()
             .keys()
@@ -643,6 +765,10 @@ impl Reconciler for Arc<ModuleRuntime> {
         out
     }
 
+    fn drain_steps(&self) -> Vec<DrainStep> {
+        ModuleRuntime::drain_steps(self)
+    }
+
     fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a> {
         let this = Arc::clone(self);
         let desired = desired.clone();
@@ -700,6 +826,8 @@ mod runtime_tests {
             image_mnt: PathBuf::from("/run/m/.images/x"),
             target: PathBuf::from("/run/m").join(name),
             exposed: at.map(PathBuf::from),
+            drain: Vec::new(),
+            seq: 0,
         };
         let mut mounted = BTreeMap::new();
         mounted.insert("web".to_string(), mounted_at("web", Some("/opt/web")));
@@ -790,5 +918,58 @@ mod runtime_tests {
             assert_eq!(err.code, ErrorCode::Internal);
             assert!(err.message.contains("needs root"), "{}", err.message);
         }
+    }
+
+    #[test]
+    fn drain_steps_run_latest_attached_module_first_then_the_root_top_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let labels = |name: &str, steps: &[&str]| {
+            let drain: Vec<serde_json::Value> = steps
+                .iter()
+                .map(|s| serde_json::json!({"name": s, "command": ["/bin/true"]}))
+                .collect();
+            let bytes = serde_json::to_vec(&serde_json::json!({"config": {"Labels": {
+                config::DRAIN_LABEL: serde_json::Value::Array(drain).to_string()}}}))
+            .expect("json");
+            (name.to_string(), config::parse(&bytes).expect("config"))
+        };
+        let rt = runtime(dir.path()).with_root_configs(&[
+            labels("base", &["b1"]),
+            labels("docker", &["containers", "daemon"]),
+        ]);
+        for (seq, (name, cfg)) in [labels("web", &["w1"]), labels("cache", &["c1"])]
+            .into_iter()
+            .enumerate()
+        {
+            rt.mounted().insert(
+                name.clone(),
+                Mounted {
+                    module: RunningModule {
+                        name: name.clone(),
+                        version: "1".into(),
+                        digest: "sha256:aa".into(),
+                    },
+                    image: format!("sha256:{}", "ab".repeat(32))
+                        .parse()
+                        .expect("digest"),
+                    image_mnt: PathBuf::from("/run/m/.images/x"),
+                    target: PathBuf::from("/run/m").join(&name),
+                    exposed: None,
+                    drain: cfg.drain_steps(&name, Path::new("/run/m")),
+                    seq: seq as u64,
+                },
+            );
+        }
+        let order: Vec<String> = rt.drain_steps().iter().map(|s| s.label()).collect();
+        assert_eq!(
+            order,
+            [
+                "step:cache/c1",
+                "step:web/w1",
+                "step:docker/containers",
+                "step:docker/daemon",
+                "step:base/b1",
+            ]
+        );
     }
 }
