@@ -570,7 +570,7 @@ fn node_hooks(
     state_dir: &std::path::Path,
     root_modules: Vec<RunningModule>,
     root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
-    _host: Host,
+    host: Host,
 ) -> Result<Hooks, String> {
     use powernode_agent::modules::{reconciler, registry, store::ObjectStore};
     use powernode_agent::supervisor::ServiceSupervisor;
@@ -585,7 +585,13 @@ fn node_hooks(
             powernode_agent::error_chain(&e)
         )
     })?;
-    let services = Arc::new(ServiceSupervisor::default());
+    // Under systemd, module services are units: `systemctl status` shows them and
+    // a restart of the agent never stops them.
+    let services: Arc<dyn powernode_agent::supervisor::Supervisor> = match host {
+        Host::Pid1 => Arc::new(ServiceSupervisor::default()),
+        Host::Systemd => Arc::new(powernode_agent::systemd::SystemdSupervisor::system()),
+    };
+    let has_root = !root_modules.is_empty();
     // What a swap or detach leaves unreferenced is collected (and, on /persist, what
     // earlier boots left, at the first reconcile), keeping the root's images. With
     // the initramfs as root there are none; a composed root's must be known exactly
@@ -606,6 +612,10 @@ fn node_hooks(
     .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
     .with_services(services.clone())
     .expose_mountpoints();
+    if has_root {
+        // The root modules' own drain steps (a Docker root's containers) run too.
+        modules = modules.read_root_drain_steps();
+    }
     if let Some(keep) = collect {
         modules = modules.with_gc(keep);
         if state_dir.starts_with(crate::boot::PERSIST_MOUNT) {
@@ -795,7 +805,10 @@ fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
     opts.kmsg_log = true;
     apply_cmdline(&mut opts);
     if host == Host::Systemd {
-        log::info!("reporting to systemd (READY=1 after the handshake, watchdog)");
+        // READY=1 after the handshake, watchdog pings, systemd's state upstream;
+        // the journal keeps the log (stderr), not the kernel ring.
+        opts.systemd = true;
+        opts.kmsg_log = false;
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

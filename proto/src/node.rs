@@ -250,6 +250,15 @@ pub struct SystemdState {
     /// `multi-user.target` is active: the boot reached its target.
     #[serde(default)]
     pub multi_user: bool,
+    /// When it was reached, ms since kernel start (the boot timeline's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_user_at_ms: Option<u64>,
+    /// When systemd started (its exec after switch_root), ms since kernel start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_at_ms: Option<u64>,
+    /// How often systemd restarted `powernode-agent.service` this boot.
+    #[serde(default)]
+    pub agent_restarts: u32,
 }
 
 impl SystemdState {

@@ -195,14 +195,65 @@ pub fn system_state_with(runner: &dyn Systemctl) -> Option<SystemdState> {
         )
         .map(|o| parse_failed_units(&o.stdout))
         .unwrap_or_default();
-    let multi_user = runner
-        .run("systemctl", &args(&["is-active", "multi-user.target"]))
-        .is_ok_and(|o| o.stdout.trim() == "active");
+    // One call for the target and the agent's own unit (blocks in argument order),
+    // one for the manager: when userspace started (systemd's exec).
+    let units = runner
+        .run(
+            "systemctl",
+            &args(&[
+                "show",
+                "multi-user.target",
+                "powernode-agent.service",
+                "-p",
+                "ActiveState,ActiveEnterTimestampMonotonic,NRestarts",
+            ]),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let mut blocks = units.split("\n\n").map(show_props);
+    let (target, agent) = (
+        blocks.next().unwrap_or_default(),
+        blocks.next().unwrap_or_default(),
+    );
+    let multi_user = target.get("ActiveState").map(String::as_str) == Some("active");
+    let manager = runner
+        .run(
+            "systemctl",
+            &args(&["show", "-p", "UserspaceTimestampMonotonic"]),
+        )
+        .map(|o| show_props(&o.stdout))
+        .unwrap_or_default();
     Some(SystemdState {
         state,
         failed_units,
         multi_user,
+        multi_user_at_ms: multi_user
+            .then(|| monotonic_ms(&target, "ActiveEnterTimestampMonotonic"))
+            .flatten(),
+        userspace_at_ms: monotonic_ms(&manager, "UserspaceTimestampMonotonic"),
+        agent_restarts: agent
+            .get("NRestarts")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
     })
+}
+
+/// `KEY=VALUE` lines of `systemctl show`.
+fn show_props(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A `...TimestampMonotonic` property (µs since boot; 0 means never) in ms: the
+/// same clock as the boot timeline (CLOCK_BOOTTIME, equal to it without suspend).
+fn monotonic_ms(props: &std::collections::BTreeMap<String, String>, key: &str) -> Option<u64> {
+    props
+        .get(key)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|us| *us > 0)
+        .map(|us| us / 1000)
 }
 
 /// Unit names from `list-units --plain --no-legend`: the first column of each
@@ -283,19 +334,29 @@ mod tests {
                 "docker.service loaded failed failed Docker Application Container Engine\n\
                  ● web.service loaded failed failed Web\n",
             )),
-            "systemctl is-active multi-user.target" => Some(ok("active\n")),
+            l if l.starts_with("systemctl show multi-user.target") => Some(ok(
+                "ActiveState=active\nActiveEnterTimestampMonotonic=21456789\nNRestarts=0\n\n\
+                 ActiveState=active\nActiveEnterTimestampMonotonic=20000000\nNRestarts=2\n",
+            )),
+            "systemctl show -p UserspaceTimestampMonotonic" => {
+                Some(ok("UserspaceTimestampMonotonic=9123456\n"))
+            }
             _ => None,
         });
         let s = system_state_with(&r).unwrap();
         assert_eq!(s.state, "degraded");
         assert_eq!(s.failed_units, vec!["docker.service", "web.service"]);
         assert!(s.multi_user && s.degraded());
+        assert_eq!(s.multi_user_at_ms, Some(21456));
+        assert_eq!(s.userspace_at_ms, Some(9123));
+        assert_eq!(s.agent_restarts, 2);
         assert_eq!(
             r.calls(),
             vec![
                 "systemctl is-system-running",
                 "systemctl list-units --state=failed --plain --no-legend --no-pager",
-                "systemctl is-active multi-user.target",
+                "systemctl show multi-user.target powernode-agent.service -p ActiveState,ActiveEnterTimestampMonotonic,NRestarts",
+                "systemctl show -p UserspaceTimestampMonotonic",
             ]
         );
     }
