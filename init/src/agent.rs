@@ -448,7 +448,8 @@ impl AgentDriver for RealAgent {
         };
         log::info!(
             "composed root at {} from {} root module(s): store {} (verity {}), upper {}, \
-             {} bytes fetched, {} objects added, fs-verity enabled on {} in {} ms",
+             {} bytes fetched, {} objects added, fs-verity enabled on {} in {} ms, \
+             {} objects re-hashed ({} bytes), {} checks skipped (written this boot)",
             union.target.display(),
             roots.len(),
             facts.store,
@@ -457,7 +458,10 @@ impl AgentDriver for RealAgent {
             union.fetched_bytes,
             stats.objects_added,
             stats.verity_enabled,
-            stats.verity_enable_ns / 1_000_000
+            stats.verity_enable_ns / 1_000_000,
+            stats.objects_rehashed,
+            stats.bytes_rehashed,
+            stats.rehash_skipped
         );
         self.composed = Some(facts);
         // Image mounts are `work/images/<hex>`.

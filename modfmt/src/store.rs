@@ -12,12 +12,13 @@
 //! Objects are hashed while they are written and only renamed into place once the
 //! digest is known, so a name always matches its content when it was written. Where the
 //! filesystem has fs-verity the kernel enforces that on every read afterwards; where it
-//! has not (tmpfs), [`ObjectStore::verify`] re-hashes in userspace before use.
+//! has not (tmpfs), [`ObjectStore::verify`] re-hashes in userspace before use, except
+//! objects this handle itself wrote or already re-hashed (see [`Hashed`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -111,6 +112,12 @@ pub struct StoreStats {
     /// reads the whole file to build its Merkle tree).
     pub verity_enabled: u64,
     pub verity_enable_ns: u64,
+    /// Userspace mode: objects [`ObjectStore::verify`] re-hashed, and their bytes.
+    pub objects_rehashed: u64,
+    pub bytes_rehashed: u64,
+    /// Userspace mode: checks answered without a re-hash, because this handle wrote
+    /// or re-hashed that very file before.
+    pub rehash_skipped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +126,39 @@ struct Counters {
     bytes_added: AtomicU64,
     verity_enabled: AtomicU64,
     verity_enable_ns: AtomicU64,
+    objects_rehashed: AtomicU64,
+    bytes_rehashed: AtomicU64,
+    rehash_skipped: AtomicU64,
+}
+
+/// The file an object's digest was computed from by this handle: hashed as it was
+/// written (and then renamed into place), or re-hashed by [`ObjectStore::verify`].
+///
+/// Why a userspace check may trust it without reading it again: the digest came from
+/// bytes this process hashed itself, the store directory belongs to PID 1 (root, mode
+/// 0700; objects are 0444), and this record lives only in this process's memory, so
+/// nothing written by an earlier boot or by another process is ever in it. Changing
+/// the file since would take root, which could as well change this process. As a
+/// cheap guard against accidents, the file must still be the same inode with the
+/// same size and change time (a write or chmod moves the change time); anything else
+/// is re-hashed. Kernel mode keeps no record: the kernel checks every read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hashed {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl Hashed {
+    fn of(m: &fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -129,6 +169,9 @@ pub struct ObjectStore {
     tmp: PathBuf,
     mode: VerityMode,
     counters: Counters,
+    /// Userspace mode: objects whose digest this handle computed from the file in
+    /// place (see [`Hashed`]); never filled from disk.
+    hashed: std::sync::Mutex<HashMap<VerityDigest, Hashed>>,
     /// While an install runs on a disk store: where placed objects go to have their
     /// writeback started early (see [`Writeback`]).
     writeback: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<Kick>>>,
@@ -184,6 +227,7 @@ impl ObjectStore {
             tmp,
             mode,
             counters: Counters::default(),
+            hashed: std::sync::Mutex::new(HashMap::new()),
             writeback: std::sync::Mutex::new(None),
         })
     }
@@ -219,7 +263,35 @@ impl ObjectStore {
             bytes_added: c.bytes_added.load(Ordering::Relaxed),
             verity_enabled: c.verity_enabled.load(Ordering::Relaxed),
             verity_enable_ns: c.verity_enable_ns.load(Ordering::Relaxed),
+            objects_rehashed: c.objects_rehashed.load(Ordering::Relaxed),
+            bytes_rehashed: c.bytes_rehashed.load(Ordering::Relaxed),
+            rehash_skipped: c.rehash_skipped.load(Ordering::Relaxed),
         }
+    }
+
+    /// Userspace mode: records that `file`, now in place as `d`, was hashed by us.
+    fn remember_hashed(&self, d: &VerityDigest, file: &File) {
+        if self.mode != VerityMode::Userspace {
+            return;
+        }
+        // Without its metadata the object is simply re-hashed when checked.
+        if let (Ok(m), Ok(mut map)) = (file.metadata(), self.hashed.lock()) {
+            map.insert(*d, Hashed::of(&m));
+        }
+    }
+
+    fn forget_hashed(&self, d: &VerityDigest) {
+        if let Ok(mut map) = self.hashed.lock() {
+            map.remove(d);
+        }
+    }
+
+    /// True when the file at `path` is still the one this handle hashed as `d`.
+    fn hashed_here(&self, d: &VerityDigest, path: &Path) -> bool {
+        let Some(seen) = self.hashed.lock().ok().and_then(|m| m.get(d).copied()) else {
+            return false;
+        };
+        fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && Hashed::of(&m) == seen)
     }
 
     /// Enables fs-verity on `f` (an object not yet in place), counting the time.
@@ -390,7 +462,11 @@ impl ObjectStore {
             Ok(file)
         })();
         match placed {
-            Ok(file) => self.kick(file, size),
+            Ok(file) => {
+                // After the rename, which moves the inode's change time too.
+                self.remember_hashed(&digest, &file);
+                self.kick(file, size)
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp_path);
                 return Err(e);
@@ -442,9 +518,16 @@ impl ObjectStore {
     }
 
     /// Checks that the object's content still matches its name: the kernel's measure
-    /// where fs-verity is on, a userspace re-hash otherwise.
+    /// where fs-verity is on, a userspace re-hash otherwise, unless this handle hashed
+    /// that very file already (written from bytes it hashed, or re-hashed before; see
+    /// [`Hashed`]). Objects from an earlier boot or another process are always
+    /// re-hashed.
     pub fn verify(&self, d: &VerityDigest) -> Result<(), StoreError> {
         let path = self.object_path(d);
+        if self.mode == VerityMode::Userspace && self.hashed_here(d, &path) {
+            self.counters.rehash_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(*d)),
@@ -465,10 +548,25 @@ impl ObjectStore {
                 r => r.map_err(verity_err)?,
             },
             VerityMode::Userspace => {
-                verity::digest_reader(f, Threads::Auto).map_err(io_err(&path))?
+                // Taken before the read: a change while hashing moves the change time.
+                let before = f.metadata().map_err(io_err(&path))?;
+                let actual = verity::digest_reader(&f, Threads::Auto).map_err(io_err(&path))?;
+                self.counters
+                    .objects_rehashed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_rehashed
+                    .fetch_add(before.len(), Ordering::Relaxed);
+                if actual == *d {
+                    if let Ok(mut map) = self.hashed.lock() {
+                        map.insert(*d, Hashed::of(&before));
+                    }
+                }
+                actual
             }
         };
         if actual != *d {
+            self.forget_hashed(d);
             // Out of the way, so the next pull fetches it again; gc removes it.
             let _ = fs::rename(&path, self.tmp.join(format!("corrupt-{}", d.to_hex())));
             return Err(StoreError::VerityMismatch {
@@ -517,6 +615,7 @@ impl ObjectStore {
                 Err(e) => return Err(io_err(&path)(e)),
             };
             if !intact {
+                self.forget_hashed(&d);
                 let away = self.tmp.join(format!("corrupt-{}", d.to_hex()));
                 fs::rename(&path, &away).map_err(io_err(&path))?;
                 bad.push(d);
@@ -559,18 +658,20 @@ impl ObjectStore {
         }
         let image = composefs::build_image(tree)?;
         let ins = self.insert(&image[..], expected)?;
-        // Every object (and the image) is on disk before the image is recorded.
-        self.sync()?;
         let mut list = String::with_capacity(objects.len() * 65);
         for d in &objects {
             list.push_str(&d.to_hex());
             list.push('\n');
         }
         let (tmp_path, mut f) = self.temp_file()?;
+        // One flush for everything: every object, the image and the list's bytes are
+        // on disk before the list gets its name (the record). The rename reaches the
+        // disk with the next journal commit; a crash before it only forgets the
+        // record, and the next pull finds the objects in place.
         let written = f
             .write_all(list.as_bytes())
-            .and_then(|()| f.sync_data())
-            .map_err(io_err(&tmp_path));
+            .map_err(io_err(&tmp_path))
+            .and_then(|()| self.sync());
         drop(f);
         let refs = self.refs_path(&ins.digest);
         if let Err(e) = written.and_then(|()| fs::rename(&tmp_path, &refs).map_err(io_err(&refs))) {
@@ -654,6 +755,9 @@ impl ObjectStore {
                 }
                 let path = e.path();
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if let Ok(d) = name.parse::<VerityDigest>() {
+                    self.forget_hashed(&d);
+                }
                 fs::remove_file(&path).map_err(io_err(&path))?;
                 stats.removed_objects += 1;
                 stats.removed_bytes += len;
@@ -691,12 +795,124 @@ mod tests {
     }
 
     #[test]
+    fn an_object_this_handle_wrote_is_not_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let data = crate::testutil::pseudo_random(300_000, 7);
+        let ins = store.insert_bytes(&data).unwrap();
+        store.verify(&ins.digest).unwrap();
+        store.verify(&ins.digest).unwrap();
+        let s = store.stats();
+        assert_eq!((s.objects_rehashed, s.bytes_rehashed), (0, 0));
+        assert_eq!(s.rehash_skipped, 2);
+        // Deduplicated into the same file: still the one it hashed.
+        assert!(!store.insert_bytes(&data).unwrap().new);
+        store.verify(&ins.digest).unwrap();
+        assert_eq!(store.stats().objects_rehashed, 0);
+    }
+
+    #[test]
+    fn an_object_present_before_open_is_re_hashed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let data = crate::testutil::pseudo_random(300_000, 8);
+        let d = earlier.insert_bytes(&data).unwrap().digest;
+        drop(earlier);
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        // Inserting the same content finds it there and writes nothing: not ours.
+        assert!(!store.insert_bytes(&data).unwrap().new);
+        store.verify(&d).unwrap();
+        let s = store.stats();
+        assert_eq!((s.objects_rehashed, s.bytes_rehashed), (1, 300_000));
+        assert_eq!(s.rehash_skipped, 0);
+        // Once re-hashed by this handle, that file is known good.
+        store.verify(&d).unwrap();
+        assert_eq!(store.stats().objects_rehashed, 1);
+        assert_eq!(store.stats().rehash_skipped, 1);
+    }
+
+    #[test]
+    fn a_tampered_object_from_before_open_still_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let data = crate::testutil::pseudo_random(100_000, 9);
+        let d = earlier.insert_bytes(&data).unwrap().digest;
+        // The earlier handle checked it (and would trust it); a new boot must not.
+        earlier.verify(&d).unwrap();
+        let path = earlier.object_path(&d);
+        let mut bad = data.clone();
+        bad[54_321] ^= 0x10;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, &bad).unwrap();
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let e = store.verify(&d).unwrap_err();
+        assert!(matches!(e, StoreError::VerityMismatch { .. }), "{e:?}");
+        assert_eq!(store.stats().objects_rehashed, 1);
+        assert!(!store.contains(&d));
+    }
+
+    #[test]
+    fn a_fresh_object_replaced_by_another_file_is_re_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let data = crate::testutil::pseudo_random(100_000, 10);
+        let d = store.insert_bytes(&data).unwrap().digest;
+        let path = store.object_path(&d);
+        let mut bad = data.clone();
+        bad[1] ^= 0x01;
+        // A new inode under the name (as a rename over it would leave).
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &bad).unwrap();
+        let e = store.verify(&d).unwrap_err();
+        assert!(matches!(e, StoreError::VerityMismatch { .. }), "{e:?}");
+        assert_eq!(store.stats().objects_rehashed, 1);
+        // Good content again: written (and trusted) afresh.
+        assert!(store.insert_bytes(&data).unwrap().new);
+        store.verify(&d).unwrap();
+        assert_eq!(store.stats().objects_rehashed, 1);
+    }
+
+    #[test]
+    fn verify_image_skips_what_the_install_wrote_and_re_hashes_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        let mut layer = tar::Builder::new(Vec::new());
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let data = crate::testutil::pseudo_random(50_000, 2 * i as u64 + 21);
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            layer.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let layer = layer.into_inner().unwrap();
+        let mut unpacker = crate::unpack::Unpacker::new(&store);
+        unpacker
+            .apply_layer("application/vnd.oci.image.layer.v1.tar", &layer[..])
+            .unwrap();
+        let image = store.commit_image(unpacker.tree()).unwrap();
+        store.verify_image(&image).unwrap();
+        let s = store.stats();
+        assert_eq!(s.objects_rehashed, 0);
+        assert_eq!(s.rehash_skipped, 4, "three objects and the image");
+        let next_boot = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
+        next_boot.verify_image(&image).unwrap();
+        assert_eq!(next_boot.stats().objects_rehashed, 4);
+    }
+
+    #[test]
     fn userspace_verify_catches_a_flipped_byte_and_moves_the_object_away() {
         let dir = tempfile::tempdir().unwrap();
         let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
         let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let ins = store.insert_bytes(&data).unwrap();
         store.verify(&ins.digest).unwrap();
+        // As found by the next boot (this handle trusts what it wrote itself).
+        let store = ObjectStore::open_with_mode(dir.path(), VerityMode::Userspace).unwrap();
         let path = store.object_path(&ins.digest);
         let mut bad = data.clone();
         bad[12_345] ^= 0x01;

@@ -491,7 +491,9 @@ fn store_dedups_verifies_and_collects() {
     assert_eq!(err.code(), ErrorCode::VerityMismatch);
     assert!(!s.contains(&other));
 
-    // A byte flipped on disk is caught before use.
+    // A byte flipped on disk is caught before use (by the next boot: a handle
+    // trusts the files it wrote itself).
+    let s = ObjectStore::open_with_mode(s.root(), VerityMode::Userspace).unwrap();
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
     perm.set_mode(0o644);
     std::fs::set_permissions(&p, perm).unwrap();
@@ -565,6 +567,48 @@ fn dedup_counts_only_new_content() {
 }
 
 #[test]
+fn a_root_installed_in_this_boot_mounts_without_a_re_hash_and_the_next_boot_re_hashes_it() {
+    let (d, s) = store();
+    let layers = sample_layers();
+    let want = verity::digest_bytes(&build_image(&tree_of(&store().1, &layers).unwrap()).unwrap());
+    install_image(&s, &want, layers.len(), |i| {
+        Ok((layers[i].0.to_string(), &layers[i].1[..]))
+    })
+    .unwrap();
+    let work = d.path().join("work");
+    let m = RecordingMounter::default();
+    let root = mount_union(
+        &m,
+        &s,
+        &[want],
+        &work,
+        &Upper::Tmpfs,
+        &d.path().join("root"),
+    )
+    .unwrap();
+    let objects = s.image_objects(&want).unwrap().len() as u64;
+    let st = s.stats();
+    assert_eq!((st.objects_rehashed, st.bytes_rehashed), (0, 0));
+    assert_eq!(st.rehash_skipped, objects + 1, "every object and the image");
+    root.unmount(&m).unwrap();
+    // The next boot on the same (tmpfs-like) store: everything is read again.
+    let next = ObjectStore::open_with_mode(s.root(), VerityMode::Userspace).unwrap();
+    let root = mount_union(
+        &m,
+        &next,
+        &[want],
+        &work,
+        &Upper::Tmpfs,
+        &d.path().join("root"),
+    )
+    .unwrap();
+    let st = next.stats();
+    assert_eq!((st.objects_rehashed, st.rehash_skipped), (objects + 1, 0));
+    assert!(st.bytes_rehashed > 3 * 1024 * 1024);
+    root.unmount(&m).unwrap();
+}
+
+#[test]
 fn mount_sequence_is_recorded() {
     let (d, s) = store();
     let img = s
@@ -612,7 +656,9 @@ fn mount_sequence_is_recorded() {
     root.unmount(&m).unwrap();
     assert_eq!(m.calls().len(), 4);
 
-    // A tampered object stops the mount before any syscall.
+    // A tampered object stops the mount before any syscall (as the next boot finds
+    // it: a handle trusts the files it wrote itself).
+    let s = ObjectStore::open_with_mode(s.root(), VerityMode::Userspace).unwrap();
     let obj = tree_of(&s, &sample_layers()).unwrap().objects()[0];
     let p = s.object_path(&obj);
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
