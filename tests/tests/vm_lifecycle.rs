@@ -12,107 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
+use powernode_tests::vm::{
+    artifacts_dir, build_image, events, explain_failure, keep_vm_files, qemu_alive, RealServer,
+};
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server, ServerOptions};
 use serde_json::{json, Value};
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(powernode_tests::workspace_root());
-    c
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| powernode_tests::workspace_root().join("target"))
-}
-
-/// `target/vm-tests/<name>/`, emptied: where the VM's files are kept for reading.
-fn artifacts_dir(name: &str) -> Result<PathBuf> {
-    let dir = target_dir().join("vm-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// Builds the static init and the netboot image into `out`; returns `out`.
-fn build_image(out: &Path) -> Result<PathBuf> {
-    let t = Instant::now();
-    let status = cargo()
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "powernode-init",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--profile",
-            "release-init",
-        ])
-        .status()
-        .context("running cargo")?;
-    ensure!(status.success(), "building the musl init failed");
-    let init = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-init");
-    let status = cargo()
-        .args([
-            "run",
-            "-q",
-            "--release",
-            "-p",
-            "powernode-initramfs",
-            "--",
-            "build",
-        ])
-        .arg("--init")
-        .arg(&init)
-        .arg("--out")
-        .arg(out)
-        .status()
-        .context("running powernode-initramfs")?;
-    ensure!(status.success(), "powernode-initramfs build failed");
-    eprintln!("image built in {:?}: {}", t.elapsed(), out.display());
-    Ok(out.to_path_buf())
-}
-
-/// The server, stopped with SIGTERM (so it kills its VMs) even when the test fails;
-/// a QEMU it started is then killed by its pid if it is somehow still there.
-struct RealServer {
-    server: Option<Server>,
-    qemu_pid: Option<u32>,
-}
-
-impl Drop for RealServer {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.server.take() {
-            s.guard.terminate(Duration::from_secs(10));
-        }
-        if let Some(pid) = self.qemu_pid.filter(|p| qemu_alive(*p)) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-fn qemu_alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.contains("(qemu-system") && !stat.contains(") Z ")
-}
-
-fn events(server: &Server, instance: &str) -> Result<Vec<Value>> {
-    let v = server.get(&format!(
-        "{}?limit=200&instance_id={instance}",
-        paths::ADMIN_EVENTS
-    ))?;
-    Ok(v["events"].as_array().cloned().unwrap_or_default())
-}
-
-/// Copies what the VM left (serial log, command, QEMU stderr) to `dest`.
-fn keep_vm_files(instance_dir: &Path, dest: &Path) {
-    for f in ["serial.log", "qemu-command.sh", "qemu.stderr"] {
-        let _ = std::fs::copy(instance_dir.join(f), dest.join(f));
-    }
-}
 
 struct Outcome {
     instance_dir: Option<PathBuf>,
@@ -276,18 +180,7 @@ fn vm_test(name: &str, lifecycle: &str) {
         keep_vm_files(dir, &out);
     }
     if let Err(e) = result {
-        let command = std::fs::read_to_string(out.join("qemu-command.sh")).unwrap_or_default();
-        let serial = std::fs::read_to_string(out.join("serial.log")).unwrap_or_default();
-        let tail: Vec<&str> = serial.lines().rev().take(30).collect();
-        eprintln!(
-            "QEMU command ({}):\n{command}",
-            out.join("qemu-command.sh").display()
-        );
-        eprintln!(
-            "serial log, last lines ({}):\n{}",
-            out.join("serial.log").display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        explain_failure(&out);
         panic!("{name}: {e:#}");
     }
 }

@@ -1,0 +1,250 @@
+//! The VM tier's shared pieces for tests that go through the server's real
+//! provider: the netboot image build, a server that boots real QEMU VMs (stopped,
+//! with its VMs, even when a test fails), the VM's files kept for reading, and the
+//! real Debian root with the pinned kernel's modules.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::Value;
+
+use crate::proto::paths;
+use crate::{wait_for, Server, ServerOptions};
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(crate::workspace_root());
+    c
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"))
+}
+
+/// `target/vm-tests/<name>/`, emptied: where the VM's files are kept for reading.
+pub fn artifacts_dir(name: &str) -> Result<PathBuf> {
+    let dir = target_dir().join("vm-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Builds the static init and the netboot image into `out`; returns `out`.
+pub fn build_image(out: &Path) -> Result<PathBuf> {
+    let t = Instant::now();
+    let status = cargo()
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "powernode-init",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--profile",
+            "release-init",
+        ])
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "building the musl init failed");
+    let init = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-init");
+    let status = cargo()
+        .args([
+            "run",
+            "-q",
+            "--release",
+            "-p",
+            "powernode-initramfs",
+            "--",
+            "build",
+        ])
+        .arg("--init")
+        .arg(&init)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .context("running powernode-initramfs")?;
+    ensure!(status.success(), "powernode-initramfs build failed");
+    eprintln!("image built in {:?}: {}", t.elapsed(), out.display());
+    Ok(out.to_path_buf())
+}
+
+/// The server, stopped with SIGTERM (so it kills its VMs) even when the test fails;
+/// a QEMU it started is then killed by its pid if it is somehow still there.
+pub struct RealServer {
+    pub server: Option<Server>,
+    pub qemu_pid: Option<u32>,
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.guard.terminate(Duration::from_secs(10));
+        }
+        if let Some(pid) = self.qemu_pid.filter(|p| qemu_alive(*p)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+pub fn qemu_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.contains("(qemu-system") && !stat.contains(") Z ")
+}
+
+pub fn events(server: &Server, instance: &str) -> Result<Vec<Value>> {
+    let v = server.get(&format!(
+        "{}?limit=200&instance_id={instance}",
+        paths::ADMIN_EVENTS
+    ))?;
+    Ok(v["events"].as_array().cloned().unwrap_or_default())
+}
+
+/// Copies what the VM left (serial log, command, QEMU stderr) to `dest`.
+pub fn keep_vm_files(instance_dir: &Path, dest: &Path) {
+    for f in ["serial.log", "qemu-command.sh", "qemu.stderr"] {
+        let _ = std::fs::copy(instance_dir.join(f), dest.join(f));
+    }
+}
+
+impl RealServer {
+    /// `powernode-stub serve --provider real` booting `image`, with `extra` flags.
+    pub fn start(data: &Path, image: &Path, extra: &[&str]) -> Result<Self> {
+        let mut flags = vec![
+            "--provider".to_string(),
+            "real".into(),
+            "--image-base".into(),
+            image.to_string_lossy().into_owned(),
+        ];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        Ok(Self {
+            server: Some(Server::start(
+                data,
+                ServerOptions {
+                    heartbeat_interval_seconds: 2,
+                    extra: flags,
+                    ..ServerOptions::default()
+                },
+            )?),
+            qemu_pid: None,
+        })
+    }
+
+    pub fn server(&self) -> Result<&Server> {
+        self.server.as_ref().context("server stopped")
+    }
+
+    /// Waits for the provider to start the instance's VM (a later `provider.provision`
+    /// than `after` events); records its pid for the guard; returns the pid and the
+    /// instance folder (serial log, QEMU command, persist disk).
+    pub fn vm_started(&mut self, inst: &str, after: usize) -> Result<(u32, PathBuf)> {
+        let server = self.server()?;
+        let started = wait_for("the VM to start", Duration::from_secs(120), || {
+            let i = server.instance(inst)?;
+            if i["status"] == "failed" {
+                bail!("provisioning failed: {}", i["failure"]);
+            }
+            Ok(events(server, inst)?
+                .into_iter()
+                .filter(|e| e["kind"] == "provider.provision")
+                .nth(after))
+        })?;
+        let pid = started["detail"]["pid"].as_u64().context("no VM pid")? as u32;
+        let dir = PathBuf::from(
+            started["detail"]["instance_dir"]
+                .as_str()
+                .context("no instance_dir")?,
+        );
+        self.qemu_pid = Some(pid);
+        Ok((pid, dir))
+    }
+}
+
+/// The real Debian root (`scripts/debian-root`: bookworm, systemd, Docker; built
+/// once into `cache/` and shared by every test).
+pub fn debian_root() -> Result<PathBuf> {
+    let out = Command::new(crate::workspace_root().join("scripts/debian-root"))
+        .output()
+        .context("running scripts/debian-root")?;
+    ensure!(
+        out.status.success(),
+        "scripts/debian-root: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The pinned kernel's modules as a root module folder (`usr/lib/modules/REL`).
+pub fn kernel_modules(out: &Path) -> Result<PathBuf> {
+    if out.join("usr/lib/modules").is_dir() {
+        return Ok(out.to_path_buf());
+    }
+    let _ = std::fs::remove_dir_all(out);
+    let status = cargo()
+        .args([
+            "run",
+            "-q",
+            "--release",
+            "-p",
+            "powernode-initramfs",
+            "--",
+            "kernel-modules",
+            "--out",
+        ])
+        .arg(out)
+        .status()
+        .context("running powernode-initramfs kernel-modules")?;
+    ensure!(
+        status.success(),
+        "powernode-initramfs kernel-modules failed"
+    );
+    Ok(out.to_path_buf())
+}
+
+/// What `dumpe2fs -h` (read-only) says of an ext4 image: `Ok(())` when `clean` with
+/// no `needs_recovery`.
+pub fn fs_clean(disk: &Path) -> Result<()> {
+    let out = Command::new("dumpe2fs").arg("-h").arg(disk).output()?;
+    ensure!(
+        out.status.success(),
+        "dumpe2fs -h {}: {}",
+        disk.display(),
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let (state, features) = (field("Filesystem state:"), field("Filesystem features:"));
+    ensure!(
+        state == "clean" && !features.split_whitespace().any(|f| f == "needs_recovery"),
+        "{}: state {state:?}; features {features:?}",
+        disk.display()
+    );
+    Ok(())
+}
+
+/// Prints the QEMU command and the serial log's last lines, for a failed test.
+pub fn explain_failure(out: &Path) {
+    let command = std::fs::read_to_string(out.join("qemu-command.sh")).unwrap_or_default();
+    let serial = std::fs::read_to_string(out.join("serial.log")).unwrap_or_default();
+    let tail: Vec<&str> = serial.lines().rev().take(40).collect();
+    eprintln!(
+        "QEMU command ({}):\n{command}",
+        out.join("qemu-command.sh").display()
+    );
+    eprintln!(
+        "serial log, last lines ({}):\n{}",
+        out.join("serial.log").display(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
