@@ -936,6 +936,13 @@ fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         log::info!("bootstrap: no agent driver; identity only");
         return Ok(());
     }
+    // The node's name in its logs, the journal and what its root's systemd keeps.
+    let hostname = &found.document.hostname;
+    if !hostname.is_empty() {
+        if let Err(e) = boot.sys.set_hostname(hostname) {
+            log::warn!("setting the hostname {hostname:?}: {e}");
+        }
+    }
     let state_dir = match boot.state_dir.clone() {
         Some(d) => d,
         None => {
@@ -1836,6 +1843,12 @@ mod tests {
         let handoff: Value =
             serde_json::from_str(&created("/persist/powernode/handoff.json").unwrap()).unwrap();
         assert_eq!(handoff["root_facts"]["init"], "systemd");
+        // The identity's hostname, which systemd keeps (the root has no /etc/hostname).
+        assert!(
+            sys.calls.contains(&Call::SetHostname("edge-1".into())),
+            "{:?}",
+            sys.calls
+        );
         let unit =
             created("/run/systemd/system/powernode-agent.service").expect("the agent's unit");
         assert!(unit.contains(&format!(

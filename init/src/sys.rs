@@ -61,6 +61,9 @@ pub trait Sys {
     /// `/dev/console`).
     fn console(&mut self, line: &str);
     fn sync(&mut self);
+    /// `sethostname(2)`: the identity's hostname, which a composed root's systemd
+    /// keeps when the root has no `/etc/hostname`.
+    fn set_hostname(&mut self, name: &str) -> Result<(), Errno>;
     /// Does not return on success on a real kernel.
     fn reboot(&mut self, kind: RebootKind) -> Result<(), Errno>;
     /// `mount(NULL, target, NULL, MS_REMOUNT|MS_RDONLY, "")`: the whole superblock
@@ -266,6 +269,10 @@ impl Sys for RealSys {
 
     fn console(&mut self, line: &str) {
         console_line(line)
+    }
+
+    fn set_hostname(&mut self, name: &str) -> Result<(), Errno> {
+        rustix::system::sethostname(name.as_bytes())
     }
 
     fn sync(&mut self) {
@@ -666,6 +673,7 @@ pub mod fake {
         FinitModule(String),
         Console(String),
         Sync,
+        SetHostname(String),
         Reboot(RebootKind),
         RemountReadOnly(String),
         Umount(String),
@@ -880,6 +888,11 @@ pub mod fake {
 
         fn console(&mut self, line: &str) {
             self.calls.push(Call::Console(line.to_string()));
+        }
+
+        fn set_hostname(&mut self, name: &str) -> Result<(), Errno> {
+            self.calls.push(Call::SetHostname(name.to_string()));
+            Ok(())
         }
 
         fn sync(&mut self) {
