@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::vm::{
     artifacts_dir, build_image, debian_root, events, explain_failure, fs_clean, keep_vm_files,
-    kernel_modules, qemu_alive, RealServer,
+    kernel_modules, qemu_alive, release_cli, RealServer,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
 use serde_json::{json, Value};
@@ -148,19 +148,22 @@ fn run(
         publish.push(l);
     }
     let args: Vec<&str> = publish.iter().map(String::as_str).collect();
-    let p = server.cli(&args)?;
+    let p = release_cli(server, &args)?;
     println!("vm_debian: debian root published {}", p["figures"]);
     let kpath = kmods.to_string_lossy().into_owned();
-    server.cli(&[
-        "publish-module",
-        &kpath,
-        "--name",
-        "kernel-modules",
-        "--version",
-        "1",
-        "--kind",
-        "root",
-    ])?;
+    release_cli(
+        server,
+        &[
+            "publish-module",
+            &kpath,
+            "--name",
+            "kernel-modules",
+            "--version",
+            "1",
+            "--kind",
+            "root",
+        ],
+    )?;
     server.cli(&[
         "set-template-modules",
         "tmpl-edge-base",
