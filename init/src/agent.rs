@@ -618,7 +618,7 @@ fn node_hooks(
     .expose_mountpoints();
     if has_root {
         // The root modules' own drain steps (a Docker root's containers) run too.
-        modules = modules.read_root_drain_steps();
+        modules = modules.read_root_configs();
     }
     if let Some(keep) = collect {
         modules = modules.with_gc(keep);

@@ -248,33 +248,3 @@ pub fn explain_failure(out: &Path) {
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
 }
-
-/// The admin CLI from a release build of `powernode-stub`, for `publish-module` of a
-/// distribution root: building, hashing and compressing ~500 MB takes minutes in a
-/// debug build and seconds in a release one.
-pub fn release_cli(server: &Server, args: &[&str]) -> Result<Value> {
-    let status = cargo()
-        .args(["build", "-q", "--release", "-p", "powernode-stub"])
-        .status()
-        .context("running cargo")?;
-    ensure!(
-        status.success(),
-        "building the release powernode-stub failed"
-    );
-    let bin = target_dir().join("release/powernode-stub");
-    let out = Command::new(&bin)
-        .args(args)
-        .arg("--data")
-        .arg(&server.data)
-        .args(["--server", &server.url, "--json"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    ensure!(
-        out.status.success(),
-        "powernode-stub {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).context("the CLI printed non-JSON")
-}

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::vm::{
     artifacts_dir, build_image, debian_root, events, explain_failure, fs_clean, keep_vm_files,
-    kernel_modules, qemu_alive, release_cli, RealServer,
+    kernel_modules, qemu_alive, RealServer,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
 use serde_json::{json, Value};
@@ -148,22 +148,19 @@ fn run(
         publish.push(l);
     }
     let args: Vec<&str> = publish.iter().map(String::as_str).collect();
-    let p = release_cli(server, &args)?;
+    let p = server.cli(&args)?;
     println!("vm_debian: debian root published {}", p["figures"]);
     let kpath = kmods.to_string_lossy().into_owned();
-    release_cli(
-        server,
-        &[
-            "publish-module",
-            &kpath,
-            "--name",
-            "kernel-modules",
-            "--version",
-            "1",
-            "--kind",
-            "root",
-        ],
-    )?;
+    server.cli(&[
+        "publish-module",
+        &kpath,
+        "--name",
+        "kernel-modules",
+        "--version",
+        "1",
+        "--kind",
+        "root",
+    ])?;
     server.cli(&[
         "set-template-modules",
         "tmpl-edge-base",
@@ -207,11 +204,17 @@ fn run(
         "{}",
         running["systemd"]
     );
-    for (name, state) in [("docker", "running"), ("workload", "running")] {
-        let s = service(&running, name)
-            .with_context(|| format!("no service {name}: {}", running["services"]))?;
-        ensure!(s["state"] == state, "{name}: {s}");
-    }
+    // The root module's services start at the first reconcile; Docker takes a while.
+    let up = wait_for(
+        "docker and workload running",
+        Duration::from_secs(300),
+        || {
+            let i = instance(server, &inst)?;
+            let running = |name: &str| service(&i, name).is_some_and(|s| s["state"] == "running");
+            Ok((running("docker") && running("workload")).then_some(i))
+        },
+    )?;
+    println!("vm_debian: services {}", up["services"]);
 
     // 2. The workload's container and marker.
     let seen = workload_sees(server, &inst)?;

@@ -195,7 +195,7 @@ pub struct ModuleRuntime {
     /// Root modules the init composed (reported as running; never swapped live).
     root: Vec<RunningModule>,
     /// The root modules' drain steps, base first: given, or read from their configs
-    /// at a reconcile (see [`ModuleRuntime::read_root_drain_steps`]).
+    /// at a reconcile (see [`ModuleRuntime::read_root_configs`]).
     root_drain: Mutex<Option<Vec<DrainStep>>>,
     /// Read the root modules' configs (for their drain steps) at the next reconcile.
     read_root_configs: bool,
@@ -287,10 +287,12 @@ impl ModuleRuntime {
     }
 
     /// Reads the root modules' configs (by the digests `/` was composed from, as the
-    /// desired set names them) at the first reconcile that can, for their drain
-    /// steps. A failed read is logged and retried at the next reconcile; it never
-    /// fails the reconcile.
-    pub fn read_root_drain_steps(mut self) -> Self {
+    /// desired set names them) at the first reconcile that can: their drain steps,
+    /// and their services, started then (a distribution root's own units, e.g.
+    /// `{"name":"docker","unit":"docker.service"}`, or commands run in `/`). A failed
+    /// read is logged and retried at the next reconcile; it never fails the
+    /// reconcile.
+    pub fn read_root_configs(mut self) -> Self {
         self.read_root_configs = true;
         self
     }
@@ -443,7 +445,7 @@ impl ModuleRuntime {
         Ok(out)
     }
 
-    /// With [`read_root_drain_steps`](Self::read_root_drain_steps), until it
+    /// With [`read_root_configs`](Self::read_root_configs), until it
     /// worked once: reads the configs of the root modules `/` was composed from.
     async fn load_root_drain_steps(self: &Arc<Self>, desired: &DesiredModulesResponse) {
         let loaded = self
@@ -488,6 +490,16 @@ impl ModuleRuntime {
                     .collect();
                 tracing::info!(steps = steps.len(), "root modules' drain steps read");
                 *self.root_drain.lock().unwrap_or_else(|e| e.into_inner()) = Some(steps);
+                // Base module first: its services start first and stop last.
+                if let Some(sup) = &self.services {
+                    for (name, c) in &configs {
+                        let specs = c.service_specs(name, Path::new("/"));
+                        if !specs.is_empty() {
+                            tracing::info!(module = %name, services = specs.len(), "starting root module services");
+                            sup.add(specs);
+                        }
+                    }
+                }
             }
             Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e),
                 "reading the root modules' configs failed; drain steps retried at the next reconcile"),
