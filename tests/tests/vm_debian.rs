@@ -121,6 +121,44 @@ fn workload_sees(server: &Server, inst: &str) -> Result<String> {
     })
 }
 
+/// Publishes an empty runtime module that declares `services`.
+fn publish_runtime(server: &Server, dir: &Path, name: &str, services: &Value) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.to_string_lossy().into_owned();
+    let label = format!("org.powernode.services={services}");
+    server.cli(&[
+        "publish-module",
+        &path,
+        "--name",
+        name,
+        "--version",
+        "1",
+        "--kind",
+        "runtime",
+        "--label",
+        &label,
+    ])?;
+    Ok(())
+}
+
+/// The template's modules: the two roots, plus `runtime` if any; then reconciles now.
+fn set_runtime(server: &Server, inst: &str, runtime: Option<&str>) -> Result<()> {
+    let mut args = vec![
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--root",
+        "debian",
+        "--root",
+        "kernel-modules",
+    ];
+    if let Some(r) = runtime {
+        args.extend(["--runtime", r]);
+    }
+    server.cli(&args)?;
+    server.cli(&["update-modules", inst])?;
+    Ok(())
+}
+
 fn run(
     out: &Path,
     rs: &mut RealServer,
@@ -221,34 +259,9 @@ fn run(
     println!("vm_debian: boot 1 workload says:\n{seen}");
 
     // 3. A failing unit: degraded, signalled, cleared.
-    let broken = out.join("broken");
-    std::fs::create_dir_all(broken.join("bin"))?;
     let services = json!([{"name": "fail", "command": ["/bin/false"], "restart": "never"}]);
-    let bpath = broken.to_string_lossy().into_owned();
-    let label = format!("org.powernode.services={services}");
-    server.cli(&[
-        "publish-module",
-        &bpath,
-        "--name",
-        "broken",
-        "--version",
-        "1",
-        "--kind",
-        "runtime",
-        "--label",
-        &label,
-    ])?;
-    server.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-        "--runtime",
-        "broken",
-    ])?;
-    server.cli(&["update-modules", &inst])?;
+    publish_runtime(server, &out.join("broken"), "broken", &services)?;
+    set_runtime(server, &inst, Some("broken"))?;
     let degraded = wait_for("systemd_degraded", Duration::from_secs(180), || {
         let sig = server.signals()?.into_iter().find(|s| {
             s["kind"] == "instance.systemd_degraded" && s["instance_id"] == inst.as_str()
@@ -262,15 +275,7 @@ fn run(
             .contains("powernode-broken-fail.service"),
         "{degraded}"
     );
-    server.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-    ])?;
-    server.cli(&["update-modules", &inst])?;
+    set_runtime(server, &inst, None)?;
     wait_for(
         "the degraded signal cleared",
         Duration::from_secs(180),
@@ -284,36 +289,11 @@ fn run(
     )?;
 
     // 4. The agent crashes: systemd restarts it, the node stays running.
-    let killer = out.join("killer");
-    std::fs::create_dir_all(&killer)?;
     let kill = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/run/powernode/powernode-init agent-service' && kill -SEGV ${p#/proc/}; done; exec sleep infinity";
     let services =
         json!([{"name": "kill", "command": ["/bin/sh", "-c", kill], "restart": "never"}]);
-    let kpath2 = killer.to_string_lossy().into_owned();
-    let label = format!("org.powernode.services={services}");
-    server.cli(&[
-        "publish-module",
-        &kpath2,
-        "--name",
-        "killer",
-        "--version",
-        "1",
-        "--kind",
-        "runtime",
-        "--label",
-        &label,
-    ])?;
-    server.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-        "--runtime",
-        "killer",
-    ])?;
-    server.cli(&["update-modules", &inst])?;
+    publish_runtime(server, &out.join("killer"), "killer", &services)?;
+    set_runtime(server, &inst, Some("killer"))?;
     let restarted = wait_for(
         "the agent restarted by systemd",
         Duration::from_secs(180),
@@ -330,15 +310,7 @@ fn run(
             .any(|s| s["kind"] == "instance.silent" && s["instance_id"] == inst.as_str()),
         "instance.silent after an agent restart"
     );
-    server.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-    ])?;
-    server.cli(&["update-modules", &inst])?;
+    set_runtime(server, &inst, None)?;
 
     // 5. Reboot through the real provider: /etc and Docker's state survive.
     let before = instance(server, &inst)?["boot_timeline"].clone();
