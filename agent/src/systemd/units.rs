@@ -570,6 +570,18 @@ impl Supervisor for SystemdSupervisor {
                 if let Err(e) = self.daemon_reload() {
                     tracing::warn!(error = %crate::error_chain(&e), "systemctl daemon-reload failed");
                 }
+                // A unit that had failed stays `failed` (not-found) in systemd's memory
+                // after its file goes, and the node stays `degraded` for good.
+                let units: Vec<&str> = going
+                    .iter()
+                    .filter(|u| u.owned)
+                    .map(|u| u.unit.as_str())
+                    .collect();
+                let mut args = vec!["reset-failed"];
+                args.extend(units);
+                if let Err(e) = self.systemctl(&args) {
+                    tracing::warn!(error = %crate::error_chain(&e), "systemctl reset-failed failed");
+                }
             }
             self.lock().units.retain(|u| u.spec.module != module);
             report
@@ -797,6 +809,9 @@ mod tests {
                 "systemctl stop --no-block docker.service",
                 "systemctl stop --no-block powernode-web-api.service",
                 "systemctl daemon-reload",
+                // A failed unit would otherwise keep the node degraded after removal;
+                // the adopted docker.service is not ours to reset.
+                "systemctl reset-failed powernode-web-api.service",
             ]
         );
         assert_eq!(sup.module_services("web"), Vec::<String>::new());
