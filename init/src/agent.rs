@@ -647,13 +647,11 @@ fn run_on(
     timeline.mark(Phase::AgentStarted);
     let ended = rt.block_on(async {
         // Under systemd, PID 1 reaps; reaping here would only race the monitors.
-        let reaper = tokio::spawn(async move {
-            if host == Host::Pid1 {
-                reap_children().await
-            }
-        });
+        let reaper = (host == Host::Pid1).then(|| tokio::spawn(reap_children()));
         let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
-        reaper.abort();
+        if let Some(r) = reaper {
+            r.abort();
+        }
         result
     });
     match ended {

@@ -1806,27 +1806,7 @@ mod tests {
     /// [`persistent_machine`] whose root is a Debian one: `/sbin/init` an absolute
     /// link to systemd, the kernel's modules under `/usr/lib/modules`.
     fn systemd_machine() -> FakeSys {
-        let release = "6.12.57+deb13-cloud-amd64";
-        let mut sys = persistent_machine()
-            .with_file("/proc/sys/kernel/osrelease", format!("{release}\n"))
-            .with_file("/sysroot/usr/lib/systemd/systemd", "ELF")
-            .with_file(
-                &format!("/sysroot/usr/lib/modules/{release}/modules.dep"),
-                "",
-            );
-        sys.executables
-            .insert("/sysroot/usr/lib/systemd/systemd".into());
-        sys.links
-            .insert("/sysroot/sbin/init".into(), "/lib/systemd/systemd".into());
-        sys.links.insert(
-            "/sysroot/lib/systemd/systemd".into(),
-            "/usr/lib/systemd/systemd".into(),
-        );
-        sys.links.insert(
-            format!("/sysroot/lib/modules/{release}/modules.dep"),
-            format!("/usr/lib/modules/{release}/modules.dep"),
-        );
-        sys
+        crate::root_init::tests::with_debian_root(persistent_machine())
     }
 
     #[test]

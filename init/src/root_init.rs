@@ -164,7 +164,7 @@ pub fn install_agent_unit(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sys::fake::FakeSys;
 
@@ -174,11 +174,15 @@ mod tests {
         sys.with_file("/proc/sys/kernel/osrelease", "6.12.57+deb13-cloud-amd64\n")
     }
 
-    fn debian_root() -> FakeSys {
-        let mut sys = with_osrelease(FakeSys::default())
+    /// `sys` with a Debian root at `/sysroot`, as the kernel would resolve it:
+    /// `/sbin/init` an absolute link to systemd, the running kernel's modules under
+    /// `/usr/lib/modules` (reached through `/lib`). Shared with the boot's tests.
+    pub(crate) fn with_debian_root(sys: FakeSys) -> FakeSys {
+        let release = "6.12.57+deb13-cloud-amd64";
+        let mut sys = with_osrelease(sys)
             .with_file("/sysroot/usr/lib/systemd/systemd", "ELF")
             .with_file(
-                "/sysroot/usr/lib/modules/6.12.57+deb13-cloud-amd64/modules.dep",
+                &format!("/sysroot/usr/lib/modules/{release}/modules.dep"),
                 "",
             );
         sys.executables
@@ -190,10 +194,14 @@ mod tests {
             "/usr/lib/systemd/systemd".into(),
         );
         sys.links.insert(
-            "/sysroot/lib/modules/6.12.57+deb13-cloud-amd64/modules.dep".into(),
-            "/usr/lib/modules/6.12.57+deb13-cloud-amd64/modules.dep".into(),
+            format!("/sysroot/lib/modules/{release}/modules.dep"),
+            format!("/usr/lib/modules/{release}/modules.dep"),
         );
         sys
+    }
+
+    fn debian_root() -> FakeSys {
+        with_debian_root(FakeSys::default())
     }
 
     #[test]
