@@ -9,11 +9,14 @@
 //! ROOT/tmp/                 objects being written (removed by gc)
 //! ```
 //!
-//! Objects are hashed while they are written and only renamed into place once the
-//! digest is known, so a name always matches its content when it was written. Where the
-//! filesystem has fs-verity the kernel enforces that on every read afterwards; where it
-//! has not (tmpfs), [`ObjectStore::verify`] re-hashes in userspace before use, except
-//! objects this handle itself wrote or already re-hashed (see [`Hashed`]).
+//! Objects are only renamed into place once their digest is known, so a name always
+//! matches its content when it was written. Where the filesystem has fs-verity the
+//! kernel computes that digest itself (enabling fs-verity builds the Merkle tree; the
+//! measured digest names the object: one pass over the data, not a userspace hash
+//! and then the kernel's) and enforces it on every read afterwards; where it has not
+//! (tmpfs), objects are hashed in userspace while they are written and
+//! [`ObjectStore::verify`] re-hashes before use, except objects this handle itself wrote
+//! or already re-hashed (see [`Hashed`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -175,6 +178,24 @@ pub struct ObjectStore {
     /// While an install runs on a disk store: where placed objects go to have their
     /// writeback started early (see [`Writeback`]).
     writeback: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<Kick>>>,
+}
+
+/// The digest of an object being written, as far as it is known.
+enum PendingDigest {
+    Hasher(VerityHasher),
+    /// Kernel mode: only the size is counted; the kernel hashes once written.
+    Kernel {
+        size: u64,
+    },
+}
+
+impl PendingDigest {
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            PendingDigest::Hasher(h) => h.update(data),
+            PendingDigest::Kernel { size } => *size += data.len() as u64,
+        }
+    }
 }
 
 /// What an insert tells the early-writeback thread.
@@ -347,7 +368,7 @@ impl ObjectStore {
             // One buffer per thread: a module has thousands of small files, and a
             // fresh zeroed MiB for each would cost more than hashing them.
             buf.resize(COPY_BUF, 0);
-            let mut hasher = VerityHasher::with_threads(Threads::Auto);
+            let mut hasher = self.pending_digest();
             loop {
                 // Whole buffers: large writes, and leaf hashing that can split over
                 // threads (a stream hands over what it has, often less).
@@ -381,7 +402,7 @@ impl ObjectStore {
         expected: Option<&VerityDigest>,
     ) -> Result<Inserted, StoreError> {
         let (tmp_path, mut file) = self.temp_file()?;
-        let mut hasher = VerityHasher::with_threads(Threads::Auto);
+        let mut hasher = self.pending_digest();
         let written = loop {
             let buf = match reader.fill_buf() {
                 Ok([]) => break Ok(hasher),
@@ -405,12 +426,28 @@ impl ObjectStore {
         &self,
         tmp_path: PathBuf,
         file: File,
-        written: Result<VerityHasher, StoreError>,
+        written: Result<PendingDigest, StoreError>,
         expected: Option<&VerityDigest>,
     ) -> Result<Inserted, StoreError> {
-        let result = written.and_then(|hasher| {
-            let size = hasher.data_size();
-            let digest = hasher.finalize();
+        // Kernel mode: fs-verity is enabled on the temp file now and the kernel's
+        // measure names it. On any failure the file is closed (dropped with the
+        // closure) and the temp file removed.
+        let tmp = &tmp_path;
+        let named = written.and_then(move |pending| {
+            let (file, digest, size) = match pending {
+                PendingDigest::Hasher(hasher) => {
+                    let size = hasher.data_size();
+                    (file, hasher.finalize(), size)
+                }
+                PendingDigest::Kernel { size } => {
+                    let ro = self.seal(file, tmp)?;
+                    let digest = verity::measure(&ro).map_err(|source| StoreError::Verity {
+                        path: tmp.clone(),
+                        source,
+                    })?;
+                    (ro, digest, size)
+                }
+            };
             if let Some(exp) = expected {
                 if *exp != digest {
                     return Err(StoreError::VerityMismatch {
@@ -419,12 +456,11 @@ impl ObjectStore {
                     });
                 }
             }
-            Ok((digest, size))
+            Ok((file, digest, size))
         });
-        let (digest, size) = match result {
+        let (file, digest, size) = match named {
             Ok(v) => v,
             Err(e) => {
-                drop(file);
                 let _ = fs::remove_file(&tmp_path);
                 return Err(e);
             }
@@ -445,17 +481,10 @@ impl ObjectStore {
             // No fsync per object (thousands per module): `commit_image` syncs the
             // filesystem once before it records an image, and objects are checked
             // against their names before use.
-            file.set_permissions(fs::Permissions::from_mode(0o444))
-                .map_err(io_err(&tmp_path))?;
-            let file = if self.mode == VerityMode::Kernel {
-                // fs-verity refuses a file that is still open for writing.
-                drop(file);
-                let ro = File::open(&tmp_path).map_err(io_err(&tmp_path))?;
-                self.enable_verity(&ro, &tmp_path)?;
-                ro
-            } else {
-                file
-            };
+            if self.mode != VerityMode::Kernel {
+                file.set_permissions(fs::Permissions::from_mode(0o444))
+                    .map_err(io_err(&tmp_path))?;
+            }
             let parent = final_path.parent().unwrap_or(&self.objects);
             fs::create_dir_all(parent).map_err(io_err(parent))?;
             fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
@@ -479,6 +508,28 @@ impl ObjectStore {
             size,
             new: true,
         })
+    }
+
+    /// How an insert learns its digest: the kernel's measure after fs-verity is
+    /// enabled, or a userspace hash while the bytes go by.
+    fn pending_digest(&self) -> PendingDigest {
+        match self.mode {
+            VerityMode::Kernel => PendingDigest::Kernel { size: 0 },
+            VerityMode::Userspace => {
+                PendingDigest::Hasher(VerityHasher::with_threads(Threads::Auto))
+            }
+        }
+    }
+
+    /// Makes a written temp file read-only and enables fs-verity on it; returns it
+    /// reopened read-only (fs-verity refuses a file still open for writing).
+    fn seal(&self, file: File, tmp_path: &Path) -> Result<File, StoreError> {
+        file.set_permissions(fs::Permissions::from_mode(0o444))
+            .map_err(io_err(tmp_path))?;
+        drop(file);
+        let ro = File::open(tmp_path).map_err(io_err(tmp_path))?;
+        self.enable_verity(&ro, tmp_path)?;
+        Ok(ro)
     }
 
     /// Hands a placed object to the early-writeback thread, if one runs.
