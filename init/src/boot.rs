@@ -394,6 +394,7 @@ impl<'a> Boot<'a> {
             "modules_loaded": self.modules.loaded,
             "modules_already_loaded": self.modules.already,
             "modules_no_device": self.modules.no_device,
+            "modules_unsupported": self.modules.unsupported,
             "modalias_scan": {"ms": self.modules.scan_ms, "devices": self.modules.scanned},
             "module_ms": self.modules.ms.iter().map(|(n, ms)| json!([n, ms])).collect::<Vec<_>>(),
         }));
@@ -711,10 +712,11 @@ fn deliberate_panic() {
 fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let report = modules::load_boot(boot.sys)?;
     log::info!(
-        "kernel modules loaded: {} (already loaded: {}; no device for: {})",
+        "kernel modules loaded: {} (already loaded: {}; no device for: {}; unsupported here: {})",
         report.timing(),
         report.already.join(" "),
-        report.no_device.join(" ")
+        report.no_device.join(" "),
+        report.unsupported.join(" ")
     );
     boot.modules = report;
     Ok(())

@@ -137,6 +137,11 @@ pub struct LoadReport {
     pub ms: Vec<(String, u64)>,
     /// `device` entries left out because no present device matched them.
     pub no_device: Vec<String>,
+    /// Modules whose init said there is nothing for them here (`ENODEV`): an
+    /// accelerated driver on a CPU without its instructions (`sha256_ssse3` on a
+    /// `qemu64` CPU). The generic code serves instead; whatever truly needs a
+    /// missing driver fails later with its own error.
+    pub unsupported: Vec<String>,
     /// Milliseconds spent reading the present devices' modaliases.
     pub scan_ms: u64,
     /// How many modaliases were read.
@@ -311,6 +316,7 @@ pub fn load_one(sys: &mut dyn Sys, file: &str, report: &mut LoadReport) -> Resul
     match result {
         Ok(()) => report.loaded.push(name),
         Err(ModuleSysError::Load(Errno::EXIST)) => report.already.push(name),
+        Err(ModuleSysError::Load(Errno::NODEV)) => report.unsupported.push(name),
         Err(ModuleSysError::Open(Errno::NOENT)) => return Err(ModuleError::Missing { path }),
         Err(ModuleSysError::Open(errno)) => return Err(ModuleError::Open { path, errno }),
         Err(ModuleSysError::Load(errno @ (Errno::NOEXEC | Errno::NOENT | Errno::INVAL))) => {
@@ -570,6 +576,19 @@ always.ko
         assert_eq!(report.loaded, ["b"]);
         // The fake clock advances 5 ms per load.
         assert_eq!(report.ms, [("a".to_string(), 5), ("b".to_string(), 5)]);
+    }
+
+    #[test]
+    fn a_module_with_nothing_to_drive_here_is_skipped_not_fatal() {
+        let mut sys = FakeSys::default().with_file(layout::MODULE_LOAD_ORDER, "a.ko\nb.ko\n");
+        sys.module_errors.insert(
+            "/lib/modules/a.ko".into(),
+            ModuleSysError::Load(Errno::NODEV),
+        );
+        let report = load_boot(&mut sys).unwrap();
+        assert_eq!(sys.modules(), ["/lib/modules/a.ko", "/lib/modules/b.ko"]);
+        assert_eq!(report.unsupported, ["a"]);
+        assert_eq!(report.loaded, ["b"]);
     }
 
     #[test]
