@@ -50,6 +50,15 @@ pub enum SystemdError {
 }
 
 impl SystemdError {
+    /// systemctl did not answer (or could not be run): worth asking again. A
+    /// `Failed` call was answered: systemd said no.
+    pub fn transient(&self) -> bool {
+        matches!(
+            self,
+            SystemdError::Timeout { .. } | SystemdError::Spawn { .. }
+        )
+    }
+
     /// The wire code when this goes upstream.
     pub fn code(&self) -> powernode_proto::ErrorCode {
         match self {

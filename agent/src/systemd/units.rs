@@ -152,9 +152,48 @@ struct Unit {
     owned: bool,
     /// Declared while held: not started until start_all.
     held: bool,
-    /// Could not be set up (unit file, start): reported `failed` with this.
+    /// Could not be set up (the unit file): reported `failed` with this.
     error: Option<String>,
+    /// systemctl did not take the start (or the daemon-reload before it): tried
+    /// again, reported `backoff` meanwhile.
+    retry: Option<Retry>,
 }
+
+/// A start systemctl did not take. At boot systemd can be too busy to answer within
+/// the call's bound (seen under TCG while Docker started): that is no reason to give
+/// the service up, so it is asked again, with backoff, from [`Supervisor::services`]
+/// (every heartbeat).
+#[derive(Debug, Clone)]
+struct Retry {
+    reason: String,
+    /// The unit file was written but the daemon-reload did not go through.
+    reload: bool,
+    attempts: u32,
+    next: Instant,
+}
+
+impl Retry {
+    fn new(reason: String, reload: bool) -> Self {
+        Self {
+            reason,
+            reload,
+            attempts: 0,
+            next: Instant::now() + RETRY_FIRST,
+        }
+    }
+
+    fn again(&mut self, reason: String) {
+        self.attempts += 1;
+        self.reason = reason;
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << self.attempts.min(6))
+            .min(RETRY_MAX);
+        self.next = Instant::now() + wait;
+    }
+}
+
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -304,15 +343,88 @@ impl SystemdSupervisor {
         }
         let mut a = vec!["start", "--no-block"];
         a.extend(units.iter().map(String::as_str));
-        if let Err(e) = self.systemctl(&a) {
-            let reason = crate::error_chain(&e);
-            tracing::error!(?units, error = %reason, "starting units failed");
-            for u in self.lock().units.iter_mut() {
-                if units.contains(&u.unit) {
-                    u.error = Some(reason.clone());
+        match self.systemctl(&a) {
+            Ok(_) => {
+                for u in self.lock().units.iter_mut() {
+                    if units.contains(&u.unit) {
+                        u.retry = None;
+                    }
+                }
+            }
+            Err(e) if e.transient() => {
+                let reason = crate::error_chain(&e);
+                tracing::warn!(?units, error = %reason, "starting units: systemctl did not answer; trying again");
+                for u in self.lock().units.iter_mut() {
+                    if units.contains(&u.unit) {
+                        match &mut u.retry {
+                            Some(r) => r.again(reason.clone()),
+                            None => u.retry = Some(Retry::new(reason.clone(), false)),
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = crate::error_chain(&e);
+                tracing::error!(?units, error = %reason, "starting units failed");
+                for u in self.lock().units.iter_mut() {
+                    if units.contains(&u.unit) {
+                        u.retry = None;
+                        u.error = Some(reason.clone());
+                    }
                 }
             }
         }
+    }
+
+    /// Starts again the units whose start systemctl did not take, once their backoff
+    /// is over (not while held: a drain stopped them on purpose).
+    fn retry_due(&self) {
+        let now = Instant::now();
+        let (reload, due): (bool, Vec<String>) = {
+            let inner = self.lock();
+            if inner.held {
+                return;
+            }
+            let due: Vec<&Unit> = inner
+                .units
+                .iter()
+                .filter(|u| !u.held && u.retry.as_ref().is_some_and(|r| r.next <= now))
+                .collect();
+            (
+                due.iter()
+                    .any(|u| u.retry.as_ref().is_some_and(|r| r.reload)),
+                due.iter().map(|u| u.unit.clone()).collect(),
+            )
+        };
+        if due.is_empty() {
+            return;
+        }
+        if reload {
+            if let Err(e) = self.daemon_reload() {
+                let reason = crate::error_chain(&e);
+                tracing::warn!(error = %reason, "systemctl daemon-reload failed again");
+                for u in self.lock().units.iter_mut() {
+                    if !due.contains(&u.unit) {
+                        continue;
+                    }
+                    match u.retry.as_mut() {
+                        Some(r) if e.transient() => r.again(reason.clone()),
+                        _ => {
+                            u.retry = None;
+                            u.error = Some(reason.clone());
+                        }
+                    }
+                }
+                return;
+            }
+            for u in self.lock().units.iter_mut() {
+                if let Some(r) = u.retry.as_mut().filter(|_| due.contains(&u.unit)) {
+                    r.reload = false;
+                }
+            }
+        }
+        tracing::info!(units = ?due, "starting units again");
+        self.start_units(&due);
     }
 }
 
@@ -385,6 +497,7 @@ fn state_of(s: &Shown) -> (&'static str, Option<String>) {
 
 impl Supervisor for SystemdSupervisor {
     fn services(&self) -> Vec<ServiceState> {
+        self.retry_due();
         let units: Vec<Unit> = self.lock().units.clone();
         let names: Vec<String> = units.iter().map(|u| u.unit.clone()).collect();
         let shown = self.show(&names);
@@ -392,10 +505,11 @@ impl Supervisor for SystemdSupervisor {
             .iter()
             .map(|u| {
                 let s = shown.get(&u.unit).cloned().unwrap_or_default();
-                let (state, last_exit) = match (&u.error, u.held) {
-                    (Some(e), _) => ("failed", Some(e.clone())),
-                    (None, true) => ("held", None),
-                    (None, false) => state_of(&s),
+                let (state, last_exit) = match (&u.error, u.held, &u.retry) {
+                    (Some(e), _, _) => ("failed", Some(e.clone())),
+                    (None, true, _) => ("held", None),
+                    (None, false, Some(r)) => ("backoff", Some(r.reason.clone())),
+                    (None, false, None) => state_of(&s),
                 };
                 ServiceState {
                     name: u.spec.name.clone(),
@@ -455,7 +569,7 @@ impl Supervisor for SystemdSupervisor {
                     tracing::warn!(unit = %u.unit, error = %crate::error_chain(&e), "systemctl kill failed");
                 }
             }
-            if matches!(state, "stopping" | "stopped") {
+            if matches!(state, "stopping" | "stopped") || u.retry.is_some() {
                 to_start.push(u.unit.clone());
                 started.push(u.spec.name.clone());
             }
@@ -514,20 +628,25 @@ impl Supervisor for SystemdSupervisor {
                 owned,
                 held,
                 error,
+                retry: None,
             });
         }
         if wrote {
             if let Err(e) = self.daemon_reload() {
                 let reason = crate::error_chain(&e);
-                tracing::error!(error = %reason, "systemctl daemon-reload failed");
+                tracing::warn!(error = %reason, transient = e.transient(), "systemctl daemon-reload failed");
                 for u in added.iter_mut().filter(|u| u.owned && u.error.is_none()) {
-                    u.error = Some(reason.clone());
+                    if e.transient() {
+                        u.retry = Some(Retry::new(reason.clone(), true));
+                    } else {
+                        u.error = Some(reason.clone());
+                    }
                 }
             }
         }
         let to_start: Vec<String> = added
             .iter()
-            .filter(|u| u.error.is_none() && !held)
+            .filter(|u| u.error.is_none() && u.retry.is_none() && !held)
             .map(|u| u.unit.clone())
             .collect();
         for u in &added {
@@ -882,6 +1001,80 @@ mod tests {
             s[1].last_exit.as_deref().unwrap().contains("empty command"),
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn a_start_systemctl_did_not_answer_is_retried_with_backoff_until_it_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(Recorder::default());
+        // The first reload and the first start time out (systemd busy at boot).
+        r.answer_with(|line| {
+            line.starts_with("systemctl show").then(|| {
+                ok(&show_block(
+                    "powernode-web-api.service",
+                    "active",
+                    "running",
+                    7,
+                ))
+            })
+        });
+        let timeouts = Arc::new(TimeoutOnce {
+            inner: r.clone(),
+            left: Mutex::new(vec!["systemctl daemon-reload", "systemctl start"]),
+        });
+        let sup = SystemdSupervisor::new(timeouts, dir.path());
+        sup.add(vec![spec("api", "web", &["/bin/api"])]);
+        let s = sup.services();
+        assert_eq!(s[0].state, "backoff", "{s:?}");
+        assert!(
+            s[0].last_exit
+                .as_deref()
+                .unwrap()
+                .contains("did not answer"),
+            "{s:?}"
+        );
+        // Not before the backoff is over.
+        assert!(!non_show(&r)
+            .iter()
+            .any(|c| c.starts_with("systemctl start")));
+        std::thread::sleep(RETRY_FIRST + Duration::from_millis(50));
+        // Reloaded and started: the start times out once more, backs off again.
+        let s = sup.services();
+        assert_eq!(s[0].state, "backoff", "{s:?}");
+        std::thread::sleep(RETRY_FIRST * 2 + Duration::from_millis(50));
+        let s = sup.services();
+        assert_eq!(s[0].state, "running", "{s:?}");
+        // (The timed-out calls never reached systemd.)
+        assert_eq!(
+            non_show(&r),
+            [
+                "systemctl daemon-reload",
+                "systemctl start --no-block powernode-web-api.service",
+            ]
+        );
+        assert!(sup.lock().units[0].retry.is_none());
+    }
+
+    /// Answers with a timeout for the first call starting with each prefix.
+    struct TimeoutOnce {
+        inner: Arc<Recorder>,
+        left: Mutex<Vec<&'static str>>,
+    }
+
+    impl super::super::Systemctl for TimeoutOnce {
+        fn run(&self, program: &str, args: &[String]) -> Result<CmdOutput, SystemdError> {
+            let line = format!("{program} {}", args.join(" "));
+            let mut left = self.left.lock().unwrap();
+            if let Some(i) = left.iter().position(|p| line.starts_with(p)) {
+                left.remove(i);
+                return Err(SystemdError::Timeout {
+                    program: program.into(),
+                    timeout: Duration::from_secs(15),
+                });
+            }
+            drop(left);
+            self.inner.run(program, args)
+        }
     }
 
     #[test]
