@@ -92,6 +92,11 @@ pub struct InstRec {
     /// The active `instance.systemd_degraded` signal.
     #[serde(default)]
     pub systemd_signal: Option<i64>,
+    /// When the node was handed a reboot task: a VM that exits cleanly after that is
+    /// the guest rebooting (QEMU runs with `-no-reboot`), and the provider starts it
+    /// again instead of the instance failing. Cleared once it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_expected_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -641,6 +646,7 @@ mod tests {
             systemd: None,
             systemd_signal: None,
             last_refused_ms: None,
+            reboot_expected_ms: None,
         }
     }
 

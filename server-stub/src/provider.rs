@@ -112,6 +112,8 @@ pub struct VmExit {
     pub instance_id: String,
     pub pid: u32,
     pub status: String,
+    /// QEMU exited 0: the guest powered off or, under `-no-reboot`, rebooted.
+    pub clean: bool,
     /// Last lines of the serial console (the guest's own account of why).
     pub serial_tail: String,
 }
@@ -129,6 +131,14 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// VMs that ended on their own since the last call (reaped, forgotten).
     fn poll_exited(&self) -> Vec<VmExit> {
         Vec::new()
+    }
+    /// Starts the VM of an instance whose VM ended (the guest rebooted) again, as
+    /// it was provisioned: same identity, same disks.
+    fn restart(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
+        Err(ProviderError::Failed(format!(
+            "the {} provider cannot start {instance_id}'s VM again",
+            self.name()
+        )))
     }
     /// Kills every VM and refuses new ones (server shutdown). Returns how many were
     /// running.
@@ -304,6 +314,8 @@ pub struct Real {
     extra_args: Vec<String>,
     /// `None` once the server shut down: no VM may start after that.
     vms: Mutex<Option<HashMap<String, Vm>>>,
+    /// How each live instance was provisioned, to start its VM again after a reboot.
+    specs: Mutex<HashMap<String, ProvisionSpec>>,
 }
 
 impl Real {
@@ -314,7 +326,12 @@ impl Real {
             image_base: std::path::absolute(&image_base).unwrap_or(image_base),
             extra_args: env_extra_args(),
             vms: Mutex::new(Some(HashMap::new())),
+            specs: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn specs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ProvisionSpec>> {
+        self.specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, Option<HashMap<String, Vm>>> {
@@ -389,6 +406,7 @@ impl Provider for Real {
         match self.vms().as_mut() {
             Some(vms) => {
                 vms.insert(spec.instance_id.clone(), vm);
+                self.specs().insert(spec.instance_id.clone(), spec.clone());
                 Ok(record)
             }
             // Shut down while this VM was starting: it dies here (Vm's drop kills it).
@@ -399,6 +417,7 @@ impl Provider for Real {
     }
 
     fn destroy(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
+        self.specs().remove(instance_id);
         // Taken out of the map first, so the exit watcher never reports a VM we kill.
         let vm = self.vms().as_mut().and_then(|v| v.remove(instance_id));
         let Some(mut vm) = vm else {
@@ -466,21 +485,40 @@ impl Provider for Real {
         let ids: Vec<String> = vms.keys().cloned().collect();
         for id in ids {
             let Some(vm) = vms.get_mut(&id) else { continue };
-            let status = match vm.try_wait() {
-                Ok(Some(s)) => s.to_string(),
+            let (status, clean) = match vm.try_wait() {
+                Ok(Some(s)) => (s.to_string(), s.success()),
                 Ok(None) => continue,
-                Err(e) => format!("unknown ({e})"),
+                Err(e) => (format!("unknown ({e})"), false),
             };
             if let Some(vm) = vms.remove(&id) {
                 out.push(VmExit {
                     instance_id: id,
                     pid: vm.pid(),
                     status,
+                    clean,
                     serial_tail: tail_lines(&vm.serial(), 5),
                 });
             }
         }
         out
+    }
+
+    fn restart(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
+        let spec = self.specs().get(instance_id).cloned().ok_or_else(|| {
+            ProviderError::Failed(format!(
+                "no VM was provisioned for {instance_id} by this server run"
+            ))
+        })?;
+        // QEMU truncates its serial file: the boot that just ended keeps its log.
+        let dir = instance_dir(&self.image_base, instance_id);
+        let serial = dir.join("serial.log");
+        if serial.exists() {
+            let kept = dir.join("serial.previous.log");
+            std::fs::rename(&serial, &kept).map_err(io(&kept))?;
+        }
+        let mut record = self.provision(&spec)?;
+        record["action"] = json!("restart");
+        Ok(record)
     }
 
     fn shutdown(&self) -> usize {

@@ -557,6 +557,7 @@ impl AppState {
                     last_refused_ms: None,
                     systemd: None,
                     systemd_signal: None,
+                    reboot_expected_ms: None,
                 };
                 mem.instances.insert(instance_id.clone(), inst);
                 mem.save_instance(&instance_id);
@@ -1150,46 +1151,96 @@ impl AppState {
     }
 
     /// Notices VMs that ended on their own: an event, and the instance fails with
-    /// the reason unless it was being terminated anyway.
+    /// the reason unless it was being terminated anyway, or the guest rebooted after
+    /// it was handed a reboot task (QEMU runs with `-no-reboot`, so a guest reboot
+    /// ends the process): then the provider starts the VM again, as a machine's own
+    /// reset would, and the node boots back to `running`.
     pub async fn reap_vms(&self) -> AppResult<usize> {
         let exits = self.provider.poll_exited();
         if exits.is_empty() {
             return Ok(0);
         }
         let n = exits.len();
-        self.mutate(|mem, now| {
-            for ex in exits {
-                let Some(inst) = mem.instances.get(&ex.instance_id) else {
-                    continue;
-                };
-                let (status, node_id) = (inst.status, inst.node_id.clone());
-                mem.event(
-                    now,
-                    "vm.exited",
-                    Some(&node_id),
-                    Some(&ex.instance_id),
-                    json!({"pid": ex.pid, "status": ex.status, "serial_tail": ex.serial_tail}),
-                );
-                if status.is_live() && status != InstanceStatus::Terminating {
-                    let message = format!(
-                        "the VM exited on its own (QEMU pid {}, {}) while the instance was {status}; last console lines: {}",
-                        ex.pid, ex.status, ex.serial_tail
+        let rebooting = self
+            .mutate(|mem, now| {
+                let mut rebooting = Vec::new();
+                for ex in exits {
+                    let Some(inst) = mem.instances.get(&ex.instance_id) else {
+                        continue;
+                    };
+                    let (status, node_id) = (inst.status, inst.node_id.clone());
+                    let reboot = ex.clean
+                        && status.is_live()
+                        && status != InstanceStatus::Terminating
+                        && inst
+                            .reboot_expected_ms
+                            .is_some_and(|t| now.saturating_sub(t) < REENROLL_WINDOW_MS);
+                    mem.event(
+                        now,
+                        "vm.exited",
+                        Some(&node_id),
+                        Some(&ex.instance_id),
+                        json!({"pid": ex.pid, "status": ex.status, "serial_tail": ex.serial_tail, "reboot": reboot}),
                     );
-                    let open: Vec<String> = mem.instances[&ex.instance_id]
-                        .task_ids
-                        .iter()
-                        .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
-                        .cloned()
-                        .collect();
-                    for t in &open {
-                        finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
+                    if reboot {
+                        if let Some(inst) = mem.instances.get_mut(&ex.instance_id) {
+                            inst.reboot_expected_ms = None;
+                        }
+                        mem.save_instance(&ex.instance_id);
+                        rebooting.push((ex.instance_id, node_id));
+                    } else if status.is_live() && status != InstanceStatus::Terminating {
+                        let message = format!(
+                            "the VM exited on its own (QEMU pid {}, {}) while the instance was {status}; last console lines: {}",
+                            ex.pid, ex.status, ex.serial_tail
+                        );
+                        vm_lost(mem, now, &ex.instance_id, &message);
                     }
-                    fail_instance(mem, now, &ex.instance_id, ErrorCode::ProviderFailed, &message);
                 }
-            }
-            Ok(())
-        })
-        .await?;
+                Ok(rebooting)
+            })
+            .await?;
+        for (instance_id, node_id) in rebooting {
+            let st = self.clone();
+            let id = instance_id.clone();
+            let result = tokio::task::spawn_blocking(move || st.provider.restart(&id))
+                .await
+                .map_err(|e| AppError::internal(&e))?;
+            self.mutate(|mem, now| {
+                match result {
+                    Ok(record) => {
+                        let detail = json!({
+                            "provider": self.provider.name(),
+                            "pid": record.get("pid"),
+                            "instance_dir": record.get("instance_dir"),
+                            "publication_id": record.get("publication_id"),
+                            "reboot": true,
+                        });
+                        mem.ops.push(Op::ProviderRecord {
+                            instance_id: instance_id.clone(),
+                            action: "restart".to_string(),
+                            at_ms: now,
+                            doc: record,
+                        });
+                        mem.event(
+                            now,
+                            "provider.provision",
+                            Some(&node_id),
+                            Some(&instance_id),
+                            detail,
+                        );
+                    }
+                    Err(e) => {
+                        let message = format!(
+                            "the guest rebooted and its VM could not be started again: {}",
+                            e.chain()
+                        );
+                        vm_lost(mem, now, &instance_id, &message);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
         Ok(n)
     }
 
@@ -1692,6 +1743,10 @@ impl AppState {
                 // The node may come back without credentials (ephemeral): its used
                 // bootstrap token may enroll once more for a while.
                 open_reenroll_window(mem, &id, expires + REENROLL_WINDOW_MS);
+                if let Some(inst) = mem.instances.get_mut(&id) {
+                    inst.reboot_expected_ms = Some(now);
+                    mem.save_instance(&id);
+                }
             }
             let node_id = mem.instances[&id].node_id.clone();
             mem.event(
@@ -2262,6 +2317,25 @@ fn leased_task(
 
 /// Lets the instance's used, unrevoked bootstrap tokens enroll once more until
 /// `until` (a reboot is under way).
+/// The instance's VM is gone for good: its open tasks fail and so does it.
+fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
+    let open: Vec<String> = mem
+        .instances
+        .get(instance_id)
+        .map(|i| {
+            i.task_ids
+                .iter()
+                .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in &open {
+        finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
+    }
+    fail_instance(mem, now, instance_id, ErrorCode::ProviderFailed, message);
+}
+
 fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Millis) {
     let hashes: Vec<String> = mem
         .tokens
@@ -2296,6 +2370,11 @@ fn finish_reboot_tasks(mem: &mut Mem, now: Millis, instance_id: &str, how: &str)
         .unwrap_or_default();
     for t in open {
         finish_task(mem, now, &t, TaskStatus::Succeeded, json!({ how: true }));
+    }
+    if let Some(i) = mem.instances.get_mut(instance_id) {
+        if i.reboot_expected_ms.take().is_some() {
+            mem.save_instance(instance_id);
+        }
     }
 }
 

@@ -15,7 +15,7 @@
 //! 3. a runtime module with a unit that fails makes systemd `degraded`: the server
 //!    raises `instance.systemd_degraded` naming the unit, and clears it when the
 //!    module is detached;
-//! 4. the agent's own process is killed: systemd restarts it, the instance stays
+//! 4. the agent's own process aborts (SIGABRT): systemd restarts it, the instance stays
 //!    `running`, `agent_restarts` counts it, no `instance.silent`;
 //! 5. `reboot-instance` (the real provider boots it again): the marker from boot 1
 //!    and the container are still there (`/etc` and `/var/lib/docker` on `/persist`);
@@ -288,8 +288,10 @@ fn run(
         },
     )?;
 
-    // 4. The agent crashes: systemd restarts it, the node stays running.
-    let kill = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/run/powernode/powernode-init agent-service' && kill -SEGV ${p#/proc/}; done; exec sleep infinity";
+    // 4. The agent crashes: systemd restarts it, the node stays running. SIGABRT is
+    // what a panic does in the release build (panic=abort); a SIGSEGV sent by kill is
+    // swallowed once by Rust's stack-overflow handler, so it would not crash it.
+    let kill = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/run/powernode/powernode-init agent-service' && kill -ABRT ${p#/proc/}; done; exec sleep infinity";
     let services =
         json!([{"name": "kill", "command": ["/bin/sh", "-c", kill], "restart": "never"}]);
     publish_runtime(server, &out.join("killer"), "killer", &services)?;
