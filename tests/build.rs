@@ -1,17 +1,10 @@
 // The VM tier runs only when asked: `POWERNODE_VM_TESTS=1` turns on `cfg(vm_tests)`,
 // which un-ignores the tests under `tests/` that boot a real kernel (a plain
 // `cargo test` lists them as ignored instead of passing them unchecked).
-// `POWERNODE_DEBIAN_VM_TESTS=1` adds `cfg(debian_vm_tests)`: the Debian-root VM test
-// (several minutes per boot under TCG), not yet in the default VM tier.
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(vm_tests)");
-    println!("cargo::rustc-check-cfg=cfg(debian_vm_tests)");
     println!("cargo::rerun-if-env-changed=POWERNODE_VM_TESTS");
-    println!("cargo::rerun-if-env-changed=POWERNODE_DEBIAN_VM_TESTS");
     if std::env::var("POWERNODE_VM_TESTS").is_ok_and(|v| v == "1") {
         println!("cargo::rustc-cfg=vm_tests");
-    }
-    if std::env::var("POWERNODE_DEBIAN_VM_TESTS").is_ok_and(|v| v == "1") {
-        println!("cargo::rustc-cfg=debian_vm_tests");
     }
 }
