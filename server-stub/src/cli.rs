@@ -269,11 +269,29 @@ pub fn main_entry() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
+        // The reader went away (`| head`): end quietly, with the status a tool killed
+        // by SIGPIPE reports (Rust ignores SIGPIPE, so writes fail with EPIPE instead).
+        Err(e) if closed_pipe(&e) => ExitCode::from(128 + 13),
         Err(e) => {
             eprintln!("powernode-stub: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Writes a command's answer to stdout; an error (a closed pipe) is returned, never
+/// a panic as `print!` would.
+fn write_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -344,9 +362,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         )
         .await?;
         if json {
-            println!("{out}");
+            write_out(&format!("{out}\n"))?;
         } else {
-            print!("{}", render_table(&out["publication"]));
+            write_out(&render_table(&out["publication"]))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -363,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
         let v: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
-        print!("{}", v["public_key_pem"].as_str().unwrap_or_default());
+        write_out(v["public_key_pem"].as_str().unwrap_or_default())?;
         return Ok(ExitCode::SUCCESS);
     }
     let (method, path, body) = request_for(&cmd)?;
@@ -374,11 +392,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
     if json || matches!(cmd, Cmd::InstanceIdentity { .. }) {
-        println!("{}", text.trim_end());
+        write_out(&format!("{}\n", text.trim_end()))?;
     } else if matches!(cmd, Cmd::AttributeFailure { .. }) {
-        print!("{}", render_attribution(&value));
+        write_out(&render_attribution(&value))?;
     } else {
-        print!("{}", render_table(&value));
+        write_out(&render_table(&value))?;
     }
     Ok(ExitCode::SUCCESS)
 }

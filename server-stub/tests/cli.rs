@@ -660,3 +660,27 @@ async fn runtime_task_and_attribution_commands() {
         "reasoning printed in full: {table}"
     );
 }
+
+/// `powernode-stub ... | head` where the reader is gone before the answer: the
+/// command ends quietly with SIGPIPE's status, no panic and no backtrace.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _server = ServerProc::start(tmp.path());
+    for args in [&["list-nodes"][..], &["list-nodes", "--json"][..]] {
+        let mut child = Command::new(BIN)
+            .arg("--data")
+            .arg(tmp.path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closes before the command has its answer to write.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
