@@ -111,8 +111,10 @@ pub struct StoreStats {
     /// New objects placed (deduplicated ones not counted) and their bytes.
     pub objects_added: u64,
     pub bytes_added: u64,
-    /// Objects fs-verity was enabled on, and the time those ioctls took (the kernel
-    /// reads the whole file to build its Merkle tree).
+    /// Objects in the store fs-verity was enabled on, and the time all enable ioctls
+    /// took (the kernel reads the whole file to build its Merkle tree; the time also
+    /// covers written files that named an object already there, whose digest only
+    /// the kernel computed).
     pub verity_enabled: u64,
     pub verity_enable_ns: u64,
     /// Userspace mode: objects [`ObjectStore::verify`] re-hashed, and their bytes.
@@ -315,15 +317,18 @@ impl ObjectStore {
         fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && Hashed::of(&m) == seen)
     }
 
-    /// Enables fs-verity on `f` (an object not yet in place), counting the time.
-    fn enable_verity(&self, f: &File, path: &Path) -> Result<(), StoreError> {
+    /// Enables fs-verity on `f`, counting the time; `placed` counts it as an object
+    /// of the store (a temp file that turns out to be a duplicate is not).
+    fn enable_verity(&self, f: &File, path: &Path, placed: bool) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         verity::enable(f).map_err(|source| StoreError::Verity {
             path: path.to_path_buf(),
             source,
         })?;
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.counters.verity_enabled.fetch_add(1, Ordering::Relaxed);
+        if placed {
+            self.counters.verity_enabled.fetch_add(1, Ordering::Relaxed);
+        }
         self.counters
             .verity_enable_ns
             .fetch_add(ns, Ordering::Relaxed);
@@ -503,6 +508,9 @@ impl ObjectStore {
         }
         self.counters.objects_added.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_added.fetch_add(size, Ordering::Relaxed);
+        if self.mode == VerityMode::Kernel {
+            self.counters.verity_enabled.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Inserted {
             digest,
             size,
@@ -528,7 +536,7 @@ impl ObjectStore {
             .map_err(io_err(tmp_path))?;
         drop(file);
         let ro = File::open(tmp_path).map_err(io_err(tmp_path))?;
-        self.enable_verity(&ro, tmp_path)?;
+        self.enable_verity(&ro, tmp_path, false)?;
         Ok(ro)
     }
 
@@ -593,7 +601,7 @@ impl ObjectStore {
                 // Written before this filesystem had verity (or by an older agent):
                 // enable it now; the kernel then computes the digest from the content.
                 Err(VerityError::NotEnabled) => {
-                    self.enable_verity(&f, &path)?;
+                    self.enable_verity(&f, &path, true)?;
                     verity::measure(&f).map_err(verity_err)?
                 }
                 r => r.map_err(verity_err)?,
