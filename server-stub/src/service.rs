@@ -676,25 +676,13 @@ impl AppState {
                     .is_some_and(|i| i.status == InstanceStatus::Pending);
                 match result {
                     Ok(record) => {
-                        // The VM's pid and files, so an operator can find them.
-                        let detail = json!({
-                            "provider": self.provider.name(),
-                            "pid": record.get("pid"),
-                            "instance_dir": record.get("instance_dir"),
-                            "publication_id": record.get("publication_id"),
-                        });
-                        mem.ops.push(Op::ProviderRecord {
-                            instance_id: instance_id.clone(),
-                            action: "provision".to_string(),
-                            at_ms: now,
-                            doc: record,
-                        });
-                        mem.event(
+                        vm_started(
+                            mem,
                             now,
-                            "provider.provision",
-                            Some(node_id),
-                            Some(&instance_id),
-                            detail,
+                            self.provider.name(),
+                            (&instance_id, node_id),
+                            record,
+                            false,
                         );
                         if still_pending {
                             mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
@@ -896,21 +884,13 @@ impl AppState {
                 }
                 let node_id = inst.node_id.clone();
                 // Open node-side work is moot once the machine goes away.
-                let open: Vec<String> = inst
-                    .task_ids
-                    .iter()
-                    .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
-                    .cloned()
-                    .collect();
-                for t in &open {
-                    finish_task(
-                        mem,
-                        now,
-                        t,
-                        TaskStatus::Cancelled,
-                        json!({"reason": "instance terminated"}),
-                    );
-                }
+                finish_open_tasks(
+                    mem,
+                    now,
+                    id,
+                    TaskStatus::Cancelled,
+                    &json!({"reason": "instance terminated"}),
+                );
                 let task_id = new_id("task");
                 mem.tasks.insert(
                     task_id.clone(),
@@ -1207,28 +1187,14 @@ impl AppState {
                 .map_err(|e| AppError::internal(&e))?;
             self.mutate(|mem, now| {
                 match result {
-                    Ok(record) => {
-                        let detail = json!({
-                            "provider": self.provider.name(),
-                            "pid": record.get("pid"),
-                            "instance_dir": record.get("instance_dir"),
-                            "publication_id": record.get("publication_id"),
-                            "reboot": true,
-                        });
-                        mem.ops.push(Op::ProviderRecord {
-                            instance_id: instance_id.clone(),
-                            action: "restart".to_string(),
-                            at_ms: now,
-                            doc: record,
-                        });
-                        mem.event(
-                            now,
-                            "provider.provision",
-                            Some(&node_id),
-                            Some(&instance_id),
-                            detail,
-                        );
-                    }
+                    Ok(record) => vm_started(
+                        mem,
+                        now,
+                        self.provider.name(),
+                        (&instance_id, &node_id),
+                        record,
+                        true,
+                    ),
                     Err(e) => {
                         let message = format!(
                             "the guest rebooted and its VM could not be started again: {}",
@@ -2315,10 +2281,49 @@ fn leased_task(
     }
 }
 
-/// Lets the instance's used, unrevoked bootstrap tokens enroll once more until
-/// `until` (a reboot is under way).
-/// The instance's VM is gone for good: its open tasks fail and so does it.
-fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
+/// Records a VM the provider started for an instance: its provider record and a
+/// `provider.provision` event with the VM's pid and files, so an operator can find
+/// them (`reboot`: started again after the guest rebooted).
+fn vm_started(
+    mem: &mut Mem,
+    now: Millis,
+    provider: &str,
+    (instance_id, node_id): (&str, &str),
+    record: ProviderRecord,
+    reboot: bool,
+) {
+    let mut detail = json!({
+        "provider": provider,
+        "pid": record.get("pid"),
+        "instance_dir": record.get("instance_dir"),
+        "publication_id": record.get("publication_id"),
+    });
+    if reboot {
+        detail["reboot"] = json!(true);
+    }
+    mem.ops.push(Op::ProviderRecord {
+        instance_id: instance_id.to_string(),
+        action: if reboot { "restart" } else { "provision" }.to_string(),
+        at_ms: now,
+        doc: record,
+    });
+    mem.event(
+        now,
+        "provider.provision",
+        Some(node_id),
+        Some(instance_id),
+        detail,
+    );
+}
+
+/// Ends the instance's unfinished tasks with `status` and `result`.
+fn finish_open_tasks(
+    mem: &mut Mem,
+    now: Millis,
+    instance_id: &str,
+    status: TaskStatus,
+    result: &serde_json::Value,
+) {
     let open: Vec<String> = mem
         .instances
         .get(instance_id)
@@ -2331,11 +2336,24 @@ fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
         })
         .unwrap_or_default();
     for t in &open {
-        finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
+        finish_task(mem, now, t, status, result.clone());
     }
+}
+
+/// The instance's VM is gone for good: its open tasks fail and so does it.
+fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
+    finish_open_tasks(
+        mem,
+        now,
+        instance_id,
+        TaskStatus::Failed,
+        &json!({"error": message}),
+    );
     fail_instance(mem, now, instance_id, ErrorCode::ProviderFailed, message);
 }
 
+/// Lets the instance's used, unrevoked bootstrap tokens enroll once more until
+/// `until` (a reboot is under way).
 fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Millis) {
     let hashes: Vec<String> = mem
         .tokens
@@ -2457,15 +2475,6 @@ fn recover_lost_vms(store: &Store, mem: &mut Mem, now: Millis) -> Result<usize, 
             (None, _) => "the server restarted before the VM was started".to_string(),
         };
         let status = mem.instances[id].status;
-        let open: Vec<String> = mem.instances[id]
-            .task_ids
-            .iter()
-            .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
-            .cloned()
-            .collect();
-        for t in &open {
-            finish_task(mem, now, t, TaskStatus::Failed, json!({"error": message}));
-        }
         mem.event(
             now,
             "vm.lost",
@@ -2473,7 +2482,7 @@ fn recover_lost_vms(store: &Store, mem: &mut Mem, now: Millis) -> Result<usize, 
             Some(id),
             json!({"pid": pid, "was": status, "reason": message}),
         );
-        fail_instance(mem, now, id, ErrorCode::ProviderFailed, &message);
+        vm_lost(mem, now, id, &message);
     }
     let ops = std::mem::take(&mut mem.ops);
     store.apply_blocking(&ops)?;
