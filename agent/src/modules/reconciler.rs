@@ -447,7 +447,7 @@ impl ModuleRuntime {
 
     /// With [`read_root_configs`](Self::read_root_configs), until it
     /// worked once: reads the configs of the root modules `/` was composed from.
-    async fn load_root_drain_steps(self: &Arc<Self>, desired: &DesiredModulesResponse) {
+    async fn load_root_configs(self: &Arc<Self>, desired: &DesiredModulesResponse) {
         let loaded = self
             .root_drain
             .lock()
@@ -470,7 +470,7 @@ impl ModuleRuntime {
         if composed.len() != self.root.len() {
             // The desired set moved on (a reboot is pending): the configs of what
             // `/` runs are not named there; keep trying later.
-            tracing::debug!("root modules not all in the desired set; drain steps not read yet");
+            tracing::debug!("root modules not all in the desired set; their configs not read yet");
             return;
         }
         let this = Arc::clone(self);
@@ -502,7 +502,7 @@ impl ModuleRuntime {
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e),
-                "reading the root modules' configs failed; drain steps retried at the next reconcile"),
+                "reading the root modules' configs failed; retried at the next reconcile"),
             Err(e) => tracing::warn!(error = %e, "reading the root modules' configs failed"),
         }
     }
@@ -637,7 +637,7 @@ impl ModuleRuntime {
                 .await
                 .map_err(|e| ModuleError::Join(e.to_string()))??
         };
-        self.load_root_drain_steps(&desired).await;
+        self.load_root_configs(&desired).await;
         let gone: Vec<String> = self
             .mounted()
             .keys()

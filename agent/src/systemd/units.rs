@@ -18,6 +18,7 @@ use powernode_proto::node::ServiceState;
 use tokio::time::Instant;
 
 use super::{args, checked, Systemctl, SystemdError};
+use crate::backoff::Backoff;
 use crate::supervisor::{RestartPolicy, ServiceSpec, StopFuture, StopReport, Supervisor};
 
 /// Where runtime unit files go.
@@ -161,34 +162,29 @@ struct Unit {
 
 /// A start systemctl did not take. At boot systemd can be too busy to answer within
 /// the call's bound (seen under TCG while Docker started): that is no reason to give
-/// the service up, so it is asked again, with backoff, from [`Supervisor::services`]
-/// (every heartbeat).
+/// the service up, so it is asked again, with the agent's backoff, from
+/// [`Supervisor::services`] (every heartbeat).
 #[derive(Debug, Clone)]
 struct Retry {
     reason: String,
-    /// The unit file was written but the daemon-reload did not go through.
-    reload: bool,
-    attempts: u32,
+    backoff: Backoff,
     next: Instant,
 }
 
 impl Retry {
-    fn new(reason: String, reload: bool) -> Self {
+    fn new(reason: String) -> Self {
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+        let next = Instant::now() + backoff.next_delay();
         Self {
             reason,
-            reload,
-            attempts: 0,
-            next: Instant::now() + RETRY_FIRST,
+            backoff,
+            next,
         }
     }
 
     fn again(&mut self, reason: String) {
-        self.attempts += 1;
         self.reason = reason;
-        let wait = RETRY_FIRST
-            .saturating_mul(1 << self.attempts.min(6))
-            .min(RETRY_MAX);
-        self.next = Instant::now() + wait;
+        self.next = Instant::now() + self.backoff.next_delay();
     }
 }
 
@@ -199,6 +195,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 struct Inner {
     units: Vec<Unit>,
     held: bool,
+    /// Unit files were written but systemctl did not answer the daemon-reload: the
+    /// retried starts reload first.
+    reload_pending: bool,
 }
 
 /// A [`Supervisor`] whose services are systemd units.
@@ -336,41 +335,41 @@ impl SystemdSupervisor {
         StopOutcome::Stuck
     }
 
-    /// Starts `units` (one call); on failure each is marked failed.
+    /// Starts `units` (one call).
     fn start_units(&self, units: &[String]) {
         if units.is_empty() {
             return;
         }
         let mut a = vec!["start", "--no-block"];
         a.extend(units.iter().map(String::as_str));
-        match self.systemctl(&a) {
-            Ok(_) => {
-                for u in self.lock().units.iter_mut() {
-                    if units.contains(&u.unit) {
-                        u.retry = None;
-                    }
+        let result = self.systemctl(&a).map(|_| ());
+        self.settle(units, "start", result);
+    }
+
+    /// What a systemctl call about `units` came to: taken (a retry ends), not
+    /// answered (asked again with backoff), or refused (`failed`, with systemd's
+    /// reason).
+    fn settle(&self, units: &[String], what: &str, result: Result<(), SystemdError>) {
+        let mut inner = self.lock();
+        let e = match result {
+            Ok(()) => {
+                for u in inner.units.iter_mut().filter(|u| units.contains(&u.unit)) {
+                    u.retry = None;
                 }
+                return;
             }
-            Err(e) if e.transient() => {
-                let reason = crate::error_chain(&e);
-                tracing::warn!(?units, error = %reason, "starting units: systemctl did not answer; trying again");
-                for u in self.lock().units.iter_mut() {
-                    if units.contains(&u.unit) {
-                        match &mut u.retry {
-                            Some(r) => r.again(reason.clone()),
-                            None => u.retry = Some(Retry::new(reason.clone(), false)),
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                let reason = crate::error_chain(&e);
-                tracing::error!(?units, error = %reason, "starting units failed");
-                for u in self.lock().units.iter_mut() {
-                    if units.contains(&u.unit) {
-                        u.retry = None;
-                        u.error = Some(reason.clone());
-                    }
+            Err(e) => e,
+        };
+        let reason = crate::error_chain(&e);
+        let transient = e.transient();
+        tracing::warn!(?units, what, error = %reason, transient, "systemctl call failed");
+        for u in inner.units.iter_mut().filter(|u| units.contains(&u.unit)) {
+            match (&mut u.retry, transient) {
+                (Some(r), true) => r.again(reason.clone()),
+                (None, true) => u.retry = Some(Retry::new(reason.clone())),
+                (_, false) => {
+                    u.retry = None;
+                    u.error = Some(reason.clone());
                 }
             }
         }
@@ -380,51 +379,37 @@ impl SystemdSupervisor {
     /// is over (not while held: a drain stopped them on purpose).
     fn retry_due(&self) {
         let now = Instant::now();
-        let (reload, due): (bool, Vec<String>) = {
+        let due: Vec<String> = {
             let inner = self.lock();
             if inner.held {
                 return;
             }
-            let due: Vec<&Unit> = inner
+            inner
                 .units
                 .iter()
                 .filter(|u| !u.held && u.retry.as_ref().is_some_and(|r| r.next <= now))
-                .collect();
-            (
-                due.iter()
-                    .any(|u| u.retry.as_ref().is_some_and(|r| r.reload)),
-                due.iter().map(|u| u.unit.clone()).collect(),
-            )
+                .map(|u| u.unit.clone())
+                .collect()
         };
         if due.is_empty() {
             return;
         }
-        if reload {
-            if let Err(e) = self.daemon_reload() {
-                let reason = crate::error_chain(&e);
-                tracing::warn!(error = %reason, "systemctl daemon-reload failed again");
-                for u in self.lock().units.iter_mut() {
-                    if !due.contains(&u.unit) {
-                        continue;
-                    }
-                    match u.retry.as_mut() {
-                        Some(r) if e.transient() => r.again(reason.clone()),
-                        _ => {
-                            u.retry = None;
-                            u.error = Some(reason.clone());
-                        }
-                    }
-                }
-                return;
-            }
-            for u in self.lock().units.iter_mut() {
-                if let Some(r) = u.retry.as_mut().filter(|_| due.contains(&u.unit)) {
-                    r.reload = false;
+        tracing::info!(units = ?due, "starting units again");
+        self.start_after_reload(&due);
+    }
+
+    /// Starts `units`, after the daemon-reload an earlier add could not get through.
+    fn start_after_reload(&self, units: &[String]) {
+        if self.lock().reload_pending {
+            match self.daemon_reload() {
+                Ok(()) => self.lock().reload_pending = false,
+                Err(e) => {
+                    self.lock().reload_pending = e.transient();
+                    return self.settle(units, "daemon-reload", Err(e));
                 }
             }
         }
-        tracing::info!(units = ?due, "starting units again");
-        self.start_units(&due);
+        self.start_units(units);
     }
 }
 
@@ -574,7 +559,7 @@ impl Supervisor for SystemdSupervisor {
                 started.push(u.spec.name.clone());
             }
         }
-        self.start_units(&to_start);
+        self.start_after_reload(&to_start);
         started
     }
 
@@ -631,28 +616,27 @@ impl Supervisor for SystemdSupervisor {
                 retry: None,
             });
         }
-        if wrote {
-            if let Err(e) = self.daemon_reload() {
-                let reason = crate::error_chain(&e);
-                tracing::warn!(error = %reason, transient = e.transient(), "systemctl daemon-reload failed");
-                for u in added.iter_mut().filter(|u| u.owned && u.error.is_none()) {
-                    if e.transient() {
-                        u.retry = Some(Retry::new(reason.clone(), true));
-                    } else {
-                        u.error = Some(reason.clone());
-                    }
-                }
-            }
-        }
-        let to_start: Vec<String> = added
-            .iter()
-            .filter(|u| u.error.is_none() && u.retry.is_none() && !held)
-            .map(|u| u.unit.clone())
-            .collect();
         for u in &added {
             tracing::info!(service = %u.spec.name, module = %u.spec.module, unit = %u.unit, held, "service declared as a systemd unit");
         }
+        let written: Vec<String> = added
+            .iter()
+            .filter(|u| u.owned && u.error.is_none())
+            .map(|u| u.unit.clone())
+            .collect();
+        let mut to_start: Vec<String> = added
+            .iter()
+            .filter(|u| u.error.is_none() && !held)
+            .map(|u| u.unit.clone())
+            .collect();
         self.lock().units.extend(added);
+        if wrote {
+            if let Err(e) = self.daemon_reload() {
+                self.lock().reload_pending = e.transient();
+                to_start.retain(|u| !written.contains(u));
+                self.settle(&written, "daemon-reload", Err(e));
+            }
+        }
         self.start_units(&to_start);
     }
 
