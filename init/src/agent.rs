@@ -6,7 +6,7 @@
 //! real driver ([`RealAgent`]) owns one tokio current-thread runtime inside PID 1
 //! (no worker threads: PID 1 stays a single, simple process).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use powernode_agent::client::{ApiClient, ClientError, Timeouts};
@@ -336,7 +336,7 @@ impl AgentDriver for RealAgent {
     }
 
     fn compose_root(&mut self, target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
-        use powernode_agent::modules::{mount, reconciler, registry, store::ObjectStore};
+        use powernode_agent::modules::{mount, reconciler, registry};
         let internal = |message: String| ComposeError {
             code: ErrorCode::Internal,
             message,
@@ -384,13 +384,7 @@ impl AgentDriver for RealAgent {
         let store_dir = state_dir.join("store");
         std::fs::create_dir_all(&store_dir)
             .map_err(|e| internal(format!("creating {}: {e}", store_dir.display())))?;
-        let store = ObjectStore::open(&store_dir).map_err(|e| {
-            internal(format!(
-                "module store {}: {}",
-                store_dir.display(),
-                powernode_agent::error_chain(&e)
-            ))
-        })?;
+        let store = open_store(&store_dir).map_err(internal)?;
         let opts = registry::RegistryOptions {
             ca_pem: Some(ca_pem),
             connect_timeout: Some(Duration::from_secs(10)),
@@ -576,19 +570,13 @@ fn node_hooks(
     root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
     host: Host,
 ) -> Result<Hooks, String> {
-    use powernode_agent::modules::{reconciler, registry, store::ObjectStore};
+    use powernode_agent::modules::{reconciler, registry};
     use powernode_agent::supervisor::ServiceSupervisor;
     use std::sync::Arc;
     let store_dir = state_dir.join("store");
     std::fs::create_dir_all(&store_dir)
         .map_err(|e| format!("creating the module store {}: {e}", store_dir.display()))?;
-    let store = ObjectStore::open(&store_dir).map_err(|e| {
-        format!(
-            "module store {}: {}",
-            store_dir.display(),
-            powernode_agent::error_chain(&e)
-        )
-    })?;
+    let store = open_store(&store_dir)?;
     // Under systemd, module services are units: `systemctl status` shows them and
     // a restart of the agent never stops them.
     let services: Arc<dyn powernode_agent::supervisor::Supervisor> = match host {
@@ -663,6 +651,22 @@ fn run_on(
             message: powernode_agent::error_chain(&e),
         },
     }
+}
+
+/// Opens the node's module store. The accelerated sha256 is loaded first (on demand:
+/// a node without modules never pays for it): fs-verity picks its hash when the
+/// store first enables verity, and keeps it. Without it `sha256-generic` serves.
+fn open_store(store_dir: &Path) -> Result<powernode_agent::modules::store::ObjectStore, String> {
+    if let Err(chain) = crate::modules::load_on_demand("fs-verity", crate::layout::VERITY_MODULES) {
+        log::warn!("accelerated sha256 not loaded, fs-verity uses the generic one: {chain}");
+    }
+    powernode_agent::modules::store::ObjectStore::open(store_dir).map_err(|e| {
+        format!(
+            "module store {}: {}",
+            store_dir.display(),
+            powernode_agent::error_chain(&e)
+        )
+    })
 }
 
 /// The kernel mounter, with composefs image files put on a loop device first.

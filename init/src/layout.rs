@@ -18,6 +18,9 @@ pub const MOUNT_POINTS: &[&str] = &["/dev", "/proc", "/sys", "/run", "/tmp"];
 /// Kernel modules a composefs mount needs (EROFS image on a loop device under an
 /// overlay): loaded on demand before the first such mount, not at boot.
 pub const COMPOSEFS_MODULES: &[&str] = &["erofs", "overlay", "loop"];
+/// The accelerated sha256 (SHA-NI, AVX2) fs-verity hashes with: loaded on demand
+/// before a module store opens, not at boot.
+pub const VERITY_MODULES: &[&str] = &["sha256_ssse3"];
 /// Kernel modules each filesystem the agent library mounts needs, beyond the kernel's
 /// built-ins: the config drive's ISO 9660 (Joliet names: the default NLS, utf8) or
 /// VFAT (its default codepage and iocharset).

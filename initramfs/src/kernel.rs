@@ -275,11 +275,14 @@ mod tests {
     #[test]
     fn modules_asked_for_at_run_time_are_on_demand() {
         let pin = KernelPin::parse(DEFAULT_PIN).unwrap();
-        let asked = powernode_init::layout::COMPOSEFS_MODULES.iter().chain(
-            powernode_init::layout::FS_MODULES
-                .iter()
-                .flat_map(|(_, names)| names.iter()),
-        );
+        let asked = powernode_init::layout::COMPOSEFS_MODULES
+            .iter()
+            .chain(powernode_init::layout::VERITY_MODULES)
+            .chain(
+                powernode_init::layout::FS_MODULES
+                    .iter()
+                    .flat_map(|(_, names)| names.iter()),
+            );
         for name in asked {
             assert!(
                 pin.on_demand.iter().any(|m| m == name),
