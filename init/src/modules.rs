@@ -401,7 +401,11 @@ pub fn load_on_demand(what: &str, names: &[&str]) -> Result<(), String> {
     let mut sys = crate::sys::RealSys::new();
     let report = load_demand(&mut sys, names).map_err(|e| powernode_agent::error_chain(&e))?;
     if !report.ms.is_empty() {
-        log::info!("kernel modules for {what}: {}", report.timing());
+        log::info!(
+            "kernel modules for {what}: {} (unsupported here: {})",
+            report.timing(),
+            report.unsupported.join(" ")
+        );
     }
     Ok(())
 }
