@@ -317,18 +317,15 @@ impl ObjectStore {
         fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && Hashed::of(&m) == seen)
     }
 
-    /// Enables fs-verity on `f`, counting the time; `placed` counts it as an object
-    /// of the store (a temp file that turns out to be a duplicate is not).
-    fn enable_verity(&self, f: &File, path: &Path, placed: bool) -> Result<(), StoreError> {
+    /// Enables fs-verity on `f`, counting the time (objects are counted where they
+    /// are placed: a written file can turn out to name one already there).
+    fn enable_verity(&self, f: &File, path: &Path) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         verity::enable(f).map_err(|source| StoreError::Verity {
             path: path.to_path_buf(),
             source,
         })?;
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if placed {
-            self.counters.verity_enabled.fetch_add(1, Ordering::Relaxed);
-        }
         self.counters
             .verity_enable_ns
             .fetch_add(ns, Ordering::Relaxed);
@@ -536,7 +533,7 @@ impl ObjectStore {
             .map_err(io_err(tmp_path))?;
         drop(file);
         let ro = File::open(tmp_path).map_err(io_err(tmp_path))?;
-        self.enable_verity(&ro, tmp_path, false)?;
+        self.enable_verity(&ro, tmp_path)?;
         Ok(ro)
     }
 
@@ -601,7 +598,8 @@ impl ObjectStore {
                 // Written before this filesystem had verity (or by an older agent):
                 // enable it now; the kernel then computes the digest from the content.
                 Err(VerityError::NotEnabled) => {
-                    self.enable_verity(&f, &path, true)?;
+                    self.enable_verity(&f, &path)?;
+                    self.counters.verity_enabled.fetch_add(1, Ordering::Relaxed);
                     verity::measure(&f).map_err(verity_err)?
                 }
                 r => r.map_err(verity_err)?,
