@@ -61,6 +61,8 @@ const PERSIST_DISK_MIB: u32 = 1024;
 const FIRST_BOOT: Duration = Duration::from_secs(900);
 const BOOT: Duration = Duration::from_secs(600);
 const POWEROFF: Duration = Duration::from_secs(120);
+/// How often the console is read while a boot is timed.
+const FAST: Duration = Duration::from_millis(50);
 /// The kernel's line when it starts the initramfs's `/init`, printed live on both
 /// sides (the console is up by then; under TCG a printk reaches the serial file at
 /// once).
@@ -99,17 +101,6 @@ ExecStart=/usr/local/sbin/powernode-peer-report
 [Install]
 WantedBy=multi-user.target
 ";
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("POWERNODE_CACHE")
@@ -301,7 +292,7 @@ fn peer_boot(spec: &VmSpec) -> PeerBoot {
     let mut vm = Vm::spawn(spec).expect("spawn QEMU");
     let context = vm_context(&vm, None);
     let mut kernel_start = KernelStart::default();
-    let (to_report, line) = poll_fast("the peer's report", BOOT, &context, || {
+    let (to_report, line) = poll_every("the peer's report", BOOT, FAST, &context, || {
         if let Ok(Some(s)) = vm.try_wait() {
             panic!("peer QEMU exited ({s}) before its report\n{}", context());
         }
@@ -361,25 +352,6 @@ impl OursBoot {
     }
 }
 
-/// Polls every 50 ms (the console) until `check` answers.
-fn poll_fast<T>(
-    what: &str,
-    timeout: Duration,
-    context: &dyn Fn() -> String,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("no {what} after {timeout:?}\n{}", context());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Boots ours; waits for the new boot's `ready` and its systemd report with
 /// `multi-user.target` reached (a heartbeat's); presses the power button.
 fn ours_boot(
@@ -395,7 +367,7 @@ fn ours_boot(
     let mut to_ready = None;
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     let (inst, to_multi_user_seen) =
-        poll_fast("ours at multi-user.target", timeout, &context, || {
+        poll_every("ours at multi-user.target", timeout, FAST, &context, || {
             if let Ok(Some(s)) = vm.try_wait() {
                 panic!("QEMU exited ({s})\n{}", context());
             }

@@ -42,17 +42,6 @@ use serde_json::Value;
 const TO_RUNNING: Duration = Duration::from_secs(180);
 const TO_EXIT: Duration = Duration::from_secs(180);
 
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The object's path inside the `/persist` file system: the store lives at
 /// `/persist/powernode/store`, objects named by their fs-verity digest (computed
 /// here by fsverity-utils, a tool we did not write).

@@ -199,14 +199,7 @@ fn run(
         "--kind",
         "root",
     ])?;
-    server.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-    ])?;
+    set_runtime(server, None)?;
 
     // 1. To running, under systemd.
     let node = server.post(

@@ -303,6 +303,17 @@ pub fn poll_until<T>(
     what: &str,
     timeout: Duration,
     context: &dyn Fn() -> String,
+    check: impl FnMut() -> Option<T>,
+) -> T {
+    poll_every(what, timeout, Duration::from_millis(250), context, check)
+}
+
+/// [`poll_until`], asking every `every` (a benchmark timing what it waits for).
+pub fn poll_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    context: &dyn Fn() -> String,
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
     let start = std::time::Instant::now();
@@ -313,8 +324,20 @@ pub fn poll_until<T>(
         if start.elapsed() > timeout {
             panic!("no {what} after {timeout:?}\n{}", context());
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(every);
     }
+}
+
+/// Runs `cmd`, which must succeed; its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What a failed VM test prints: the QEMU command, its stderr, the server log's
