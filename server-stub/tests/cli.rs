@@ -684,3 +684,118 @@ fn a_closed_stdout_ends_a_command_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// `real` with a stand-in QEMU that "reboots" (exits 0, as QEMU under `-no-reboot`
+/// does when the guest reboots) once a flag file appears: after the node leased a
+/// `reboot` task the provider starts the VM again and the instance lives on; the same
+/// clean exit with no reboot asked for fails the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_reboot_under_the_real_provider_starts_the_vm_again() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    fake_image(&images);
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let flag = tmp.path().join("reboot-now");
+    let fake = bin.join("qemu-system-x86_64");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nwhile [ ! -e \"$POWERNODE_TEST_FLAG\" ]; do sleep 0.1; done\nrm -f \"$POWERNODE_TEST_FLAG\"\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = [
+        (
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        ),
+        ("POWERNODE_ACCEL", "tcg".to_string()),
+        ("POWERNODE_TEST_FLAG", flag.to_string_lossy().into_owned()),
+    ];
+    let data = tmp.path().join("data");
+    let server = ServerProc::start_env(
+        &data,
+        "real",
+        &["--image-base", images.to_str().unwrap()],
+        &env,
+    );
+    let provision = |hostname: &str| {
+        let node = cli_json(
+            &data,
+            &[
+                "create-node",
+                "--hostname",
+                hostname,
+                "--lifecycle-class",
+                "persistent",
+            ],
+        );
+        let node_id = node["node"]["id"].as_str().unwrap().to_string();
+        let prov = cli_json(&data, &["provision-instance", &node_id]);
+        prov["instance"]["id"].as_str().unwrap().to_string()
+    };
+    let starts = |inst: &str| -> Vec<Value> {
+        cli_json(&data, &["recent-events", "--instance", inst])["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "provider.provision")
+            .cloned()
+            .collect()
+    };
+    let status = |inst: &str| cli_json(&data, &["get-instance", inst])["instance"].clone();
+
+    let inst = provision("edge-reboot");
+    let (ok, doc_text, _) = cli(&data, &["instance-identity", &inst]);
+    assert!(ok);
+    let doc = IdentityDocument::parse(doc_text.as_bytes()).unwrap();
+    let mut node = FakeNode::new(doc, &format!("https://{}", server.addr));
+    node.enroll().await;
+    let (s, _) = node.heartbeat("ready").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(status(&inst)["status"], "running");
+    let first = starts(&inst)[0]["detail"]["pid"].as_u64().unwrap();
+
+    cli_json(&data, &["reboot-instance", &inst]);
+    let (s, v) = node
+        .post(
+            powernode_proto::paths::TASK_LEASE,
+            serde_json::json!({"instance_id": node.doc.instance_id, "lease_seconds": 30}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["task"]["kind"].as_str()),
+        (StatusCode::OK, Some("reboot")),
+        "{v}"
+    );
+    std::fs::write(&flag, b"").unwrap();
+    wait_until("the VM started again", 20, || starts(&inst).len() == 2);
+    let again = &starts(&inst)[0];
+    assert_eq!(again["detail"]["reboot"], true, "{again}");
+    let second = again["detail"]["pid"].as_u64().unwrap();
+    assert_ne!(second, first);
+    assert!(alive(second));
+    let i = status(&inst);
+    assert_eq!(i["status"], "running", "{i}");
+    let exited = cli_json(&data, &["recent-events", "--instance", &inst])["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "vm.exited")
+        .cloned()
+        .unwrap();
+    assert_eq!(exited["detail"]["reboot"], true, "{exited}");
+
+    // No reboot asked for now (the one above was used up): the same clean exit fails it.
+    std::fs::write(&flag, b"").unwrap();
+    wait_until("the instance failed", 20, || {
+        status(&inst)["status"] == "failed"
+    });
+    let msg = status(&inst)["failure"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("exited on its own"), "{msg}");
+    assert_eq!(starts(&inst).len(), 2);
+}
