@@ -321,12 +321,18 @@ fn run(
         }
         Ok((i["status"] == "running"
             && i["boot_timeline"] != before
-            && i["systemd"]["multi_user"] == true)
-            .then_some(i))
+            && i["systemd"]["multi_user"] == true
+            && i["root"]["compose"]["compose_ms"].is_u64())
+        .then_some(i))
     })?;
-    println!(
-        "vm_debian: second boot compose {}",
-        again["root"]["compose"]
+    // The store on /persist already holds the root: only the manifests and
+    // signatures are fetched again.
+    let compose = &again["root"]["compose"];
+    println!("vm_debian: second boot compose {compose}");
+    ensure!(compose["objects_added"] == 0, "{compose}");
+    ensure!(
+        compose["bytes_fetched"].as_u64().unwrap_or(u64::MAX) < 64 << 10,
+        "{compose}"
     );
     let seen2 = workload_sees(server, &inst)?;
     let marker = |s: &str| {
