@@ -3,6 +3,8 @@
 //! store, the composefs EROFS image (byte-identical on both sides), the publisher's
 //! entry point that builds a module (image + reproducible tar layer) from a folder, and
 //! the layer table of contents ([`toc`]) that lets a node fetch only the files it lacks.
+//! Every error maps to a wire code ([`error::ModuleErrorCode`]); the errors a puller's
+//! stream carries live in [`error`] too, below the store and the unpacker.
 //!
 //! It must never touch the network or mount anything: pulling lives in the agent's
 //! `modules` (registry client, signatures) and mounting in `modules::mount`. It must
@@ -10,6 +12,7 @@
 //! names (or kernel-verified with fs-verity), archive paths that escape are refused.
 
 pub mod composefs;
+pub mod error;
 pub mod publish;
 pub mod store;
 #[doc(hidden)]
@@ -21,6 +24,7 @@ pub mod verity;
 
 use powernode_proto::ErrorCode;
 
+use crate::error::ModuleErrorCode;
 use crate::verity::VerityDigest;
 
 /// What [`install_image`] did.
@@ -43,7 +47,7 @@ pub enum InstallError {
     Fetch {
         index: usize,
         #[source]
-        source: unpack::CodedStreamError,
+        source: error::CodedStreamError,
     },
     #[error("unpacking layer {index}")]
     Unpack {
@@ -56,7 +60,7 @@ pub enum InstallError {
     /// The caller's last check before the image is recorded failed (e.g. the
     /// signature, checked while the layers streamed).
     #[error("refused before the image was recorded")]
-    Refused(#[source] unpack::CodedStreamError),
+    Refused(#[source] error::CodedStreamError),
 }
 
 impl ModuleErrorCode for InstallError {
@@ -84,7 +88,7 @@ pub fn install_image<R, F>(
 ) -> Result<InstallReport, InstallError>
 where
     R: std::io::Read,
-    F: FnMut(usize) -> Result<(String, R), unpack::CodedStreamError>,
+    F: FnMut(usize) -> Result<(String, R), error::CodedStreamError>,
 {
     install_image_with(store, expected, layer_count, |i| {
         open_layer(i).map(|(media_type, reader)| LayerInput::Stream {
@@ -120,7 +124,7 @@ pub fn install_image_with<R, F>(
 ) -> Result<InstallReport, InstallError>
 where
     R: std::io::BufRead,
-    F: FnMut(usize) -> Result<LayerInput<R>, unpack::CodedStreamError>,
+    F: FnMut(usize) -> Result<LayerInput<R>, error::CodedStreamError>,
 {
     install_image_gated(store, expected, layer_count, open_layer, || Ok(()))
 }
@@ -139,8 +143,8 @@ pub fn install_image_gated<R, F, G>(
 ) -> Result<InstallReport, InstallError>
 where
     R: std::io::BufRead,
-    F: FnMut(usize) -> Result<LayerInput<R>, unpack::CodedStreamError>,
-    G: FnOnce() -> Result<(), unpack::CodedStreamError>,
+    F: FnMut(usize) -> Result<LayerInput<R>, error::CodedStreamError>,
+    G: FnOnce() -> Result<(), error::CodedStreamError>,
 {
     let mut report = InstallReport {
         image: *expected,
@@ -257,11 +261,6 @@ impl Drop for EarlyWriteback<'_> {
             let _ = t.join();
         }
     }
-}
-
-/// Every error of this module tree maps to a stable wire code the agent reports.
-pub trait ModuleErrorCode {
-    fn code(&self) -> ErrorCode;
 }
 
 #[derive(Debug, thiserror::Error)]

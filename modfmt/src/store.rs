@@ -28,9 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use powernode_proto::ErrorCode;
 
 use crate::composefs::{self, ImageError};
+use crate::error::{stream_error_code, ModuleErrorCode};
 use crate::tree::FsTree;
 use crate::verity::{self, Threads, VerityDigest, VerityError, VerityHasher};
-use crate::ModuleErrorCode;
 
 /// How objects are protected after they are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +79,7 @@ impl ModuleErrorCode for StoreError {
             StoreError::VerityMismatch { .. } => ErrorCode::VerityMismatch,
             // A stream error is the puller's (digest check, network): it wraps its own
             // code; without one, the blob did not decode.
-            StoreError::Stream(e) => crate::unpack::stream_error_code(e),
+            StoreError::Stream(e) => stream_error_code(e),
             StoreError::Image(_) => ErrorCode::UnsupportedMediaType,
             StoreError::Missing(_) | StoreError::ImageMissing(_) => ErrorCode::NotFound,
             _ => ErrorCode::Internal,

@@ -34,13 +34,10 @@ use powernode_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::error::{stream_error_code, BlobDigestMismatch, CodedStreamError, ModuleErrorCode};
 use crate::store::{ObjectStore, StoreError};
-use crate::unpack::{
-    kind_of, raw_meta_of, BlobDigestMismatch, CodedStreamError, EntryKind, LayerStats, RawMeta,
-    UnpackError, Unpacker,
-};
+use crate::unpack::{kind_of, raw_meta_of, EntryKind, LayerStats, RawMeta, UnpackError, Unpacker};
 use crate::verity::{self, VerityDigest};
-use crate::ModuleErrorCode;
 
 /// `sha256:HEX` of the TOC's bytes in the layer blob (layer descriptor annotation).
 pub const TOC_DIGEST_ANNOTATION: &str = "org.powernode.toc.digest";
@@ -85,7 +82,7 @@ impl ModuleErrorCode for TocError {
                 ErrorCode::DigestMismatch
             }
             TocError::Object { source, .. } => source.code(),
-            TocError::Stream(e) => crate::unpack::stream_error_code(e),
+            TocError::Stream(e) => stream_error_code(e),
         }
     }
 }

@@ -17,10 +17,10 @@ use powernode_proto::ErrorCode;
 use sha2::{Digest as _, Sha256};
 
 use crate::composefs::encode_dev;
+use crate::error::{stream_error_code, BlobDigestMismatch, ModuleErrorCode};
 use crate::store::{ObjectStore, StoreError};
 use crate::tree::{FsTree, Inode, Kind, Meta, TreeError, PERM_MASK};
 use crate::verity::VerityDigest;
-use crate::ModuleErrorCode;
 
 /// Layer compression, from the (signed) manifest's media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,38 +43,6 @@ impl Compression {
             other => return Err(UnpackError::UnsupportedMediaType(other.to_string())),
         })
     }
-}
-
-/// What a puller wraps (as `io::Error::other`) in the layer stream's error when the blob
-/// it streamed does not match its manifest digest. The unpacker reports it as
-/// `digest_mismatch`.
-#[derive(Debug, thiserror::Error)]
-#[error("blob digest sha256:{actual} does not match the manifest's {expected}")]
-pub struct BlobDigestMismatch {
-    pub expected: String,
-    pub actual: String,
-}
-
-/// Any other error a puller wants reported with its own code (e.g. `registry_unreachable`
-/// when the connection drops mid-layer).
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct CodedStreamError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-/// The code for an error that came out of a layer stream.
-pub fn stream_error_code(e: &io::Error) -> ErrorCode {
-    let inner = e.get_ref();
-    if inner.is_some_and(|i| i.is::<BlobDigestMismatch>()) {
-        return ErrorCode::DigestMismatch;
-    }
-    if let Some(c) = inner.and_then(|i| i.downcast_ref::<CodedStreamError>()) {
-        return c.code;
-    }
-    // The bytes were what the manifest promised but do not decode as its media type.
-    ErrorCode::UnsupportedMediaType
 }
 
 /// A reader that hashes a blob while it streams and fails at EOF (with

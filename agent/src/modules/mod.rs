@@ -25,9 +25,10 @@ pub mod signature;
 
 // The format (tree, unpacking, store, composefs image) is shared with the publisher
 // and lives in `powernode-modfmt`; these re-exports keep the agent's paths.
+pub use powernode_modfmt::error::{self, ModuleErrorCode};
 pub use powernode_modfmt::{
     check_image_digest, composefs, install_image, store, tree, unpack, ImageDigestMismatch,
-    InstallError, InstallReport, ModuleErrorCode,
+    InstallError, InstallReport,
 };
 
 #[cfg(test)]

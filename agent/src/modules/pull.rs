@@ -23,12 +23,13 @@ use powernode_modfmt::toc::{decode_toc, TocLocation};
 use powernode_modfmt::{install_image_gated, LayerInput};
 use std::time::{Duration, Instant};
 
+use super::error::CodedStreamError;
 use super::registry::{
     Descriptor, FetchedManifest, RangeRead, RegistryClient, RegistryError, Repository,
 };
 use super::signature::{verify_signature, SignatureError, TrustKey};
 use super::store::ObjectStore;
-use super::unpack::{CodedStreamError, Compression};
+use super::unpack::Compression;
 use super::{InstallError, InstallReport, ModuleErrorCode};
 use crate::verity::VerityDigest;
 

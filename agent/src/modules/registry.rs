@@ -21,7 +21,8 @@ use powernode_proto::ErrorCode;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::unpack::{CodedStreamError, DigestingReader};
+use super::error::CodedStreamError;
+use super::unpack::DigestingReader;
 use super::ModuleErrorCode;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -88,7 +89,7 @@ impl ModuleErrorCode for RegistryError {
             RegistryError::BadRepository(_)
             | RegistryError::InsecureRefused(_)
             | RegistryError::Tls(_) => ErrorCode::BadRequest,
-            RegistryError::Read { source, .. } => super::unpack::stream_error_code(source),
+            RegistryError::Read { source, .. } => super::error::stream_error_code(source),
         }
     }
 }
@@ -606,7 +607,7 @@ impl std::fmt::Debug for BlobReader {
 }
 
 fn blob_mismatch(expected: &str, actual: String) -> io::Error {
-    io::Error::other(super::unpack::BlobDigestMismatch {
+    io::Error::other(super::error::BlobDigestMismatch {
         expected: expected.to_string(),
         actual,
     })
@@ -891,7 +892,7 @@ mod tests {
         .unwrap();
         let e = r.read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(
-            super::super::unpack::stream_error_code(&e),
+            super::super::error::stream_error_code(&e),
             ErrorCode::DigestMismatch
         );
 

@@ -904,7 +904,7 @@ fn install_checks_the_signed_digest_and_skips_present_images() {
     // A layer the puller cannot open keeps the puller's code.
     let (_d, s) = store();
     let err = install_image(&s, &want, 2, |_| -> Result<(String, &[u8]), _> {
-        Err(super::unpack::CodedStreamError {
+        Err(super::error::CodedStreamError {
             code: ErrorCode::OciNotFound,
             message: "blob 404".into(),
         })
