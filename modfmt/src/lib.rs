@@ -15,6 +15,7 @@ pub mod composefs;
 pub mod error;
 pub mod publish;
 pub mod store;
+mod tar;
 #[doc(hidden)]
 pub mod testutil;
 pub mod toc;
