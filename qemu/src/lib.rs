@@ -1,11 +1,13 @@
 //! Boots Powernode VMs: a pure `VmSpec -> argv` builder (direct kernel boot, or OVMF
-//! booting the published disk image), KVM detection, the `/persist` disk helper and
-//! a process guard that kills QEMU on drop.
+//! booting the published disk image), KVM detection (`accel`, and the canary boot in
+//! `canary` where a probe is not enough), the `/persist` disk helper and a process
+//! guard that kills QEMU on drop.
 //!
 //! It must never leave a QEMU process behind (every [`Vm`] kills its own pid on drop)
 //! and never guess about KVM: it is used only after a real `KVM_CREATE_VM` worked.
 
 pub mod accel;
+pub mod canary;
 pub mod disk;
 pub mod spec;
 mod sys;
