@@ -9,8 +9,8 @@
 use std::borrow::Cow;
 use std::io::{self, BufRead, Read};
 
-/// What the unpacker's `raw_meta_of` and `kind_of` read of a tar member: the tar crate's entries
-/// (the publisher's TOC) and [`Member`]s (the node's unpacker) alike.
+/// What the unpacker's `raw_meta_of` and `kind_of` read of a tar member: the tar
+/// crate's entries (the publisher's TOC) and [`Member`]s (the node's unpacker) alike.
 pub(crate) trait TarMember {
     fn header(&self) -> &tar::Header;
     /// Content size (a PAX `size` record wins over the header).
