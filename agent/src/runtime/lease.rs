@@ -1,0 +1,87 @@
+//! The lease loop: lease a task when the heartbeat says one is pending (else poll
+//! now and then) and run it by kind; each kind is a file in [`super::tasks`].
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use powernode_proto::node::{LeaseRequest, LeaseResponse, LeasedTask};
+use powernode_proto::{paths, TaskKind, TaskStatus};
+
+use super::options::Exit;
+use super::shared::Shared;
+use super::tasks::{
+    complete, diagnostics::collect_diagnostics, drain::drain, module_update::module_update,
+    reboot::reboot, TaskAbort,
+};
+
+pub(crate) async fn lease_loop(shared: Arc<Shared>) {
+    let mut backoff = shared.backoff();
+    loop {
+        let req = LeaseRequest {
+            instance_id: shared.instance_id().to_string(),
+            lease_seconds: shared.opts.lease_seconds,
+        };
+        let delay = match shared
+            .client()
+            .post::<_, LeaseResponse>(paths::TASK_LEASE, &req)
+            .await
+        {
+            Ok(LeaseResponse { task: Some(task) }) => {
+                backoff.reset();
+                if run_task(&shared, task).await.is_break() {
+                    return;
+                }
+                // Something may be queued behind it: ask again at once.
+                continue;
+            }
+            Ok(LeaseResponse { task: None }) => {
+                backoff.reset();
+                shared.interval() * shared.opts.lease_poll_every.max(1)
+            }
+            Err(e) => {
+                if shared.stop_if_terminal(&e).await {
+                    return;
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(retry_in_ms = delay.as_millis() as u64,
+                    error = %crate::error_chain(&e), "task lease failed");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.wake_lease.notified() => {}
+        }
+    }
+}
+
+/// Runs one leased task to completion. `Break` means the agent must stop.
+async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
+    tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params, "task leased");
+    let outcome = match task.kind {
+        TaskKind::Drain => drain(shared, &task).await,
+        TaskKind::CollectDiagnostics => collect_diagnostics(shared, &task).await,
+        TaskKind::ModuleUpdate => module_update(shared, &task).await,
+        TaskKind::Reboot => reboot(shared, &task).await,
+        other if shared.status().cordoned => Ok((
+            TaskStatus::Failed,
+            serde_json::json!({"error": "cordoned",
+                "message": format!("the node is cordoned and takes no `{}` work", other.as_str())}),
+        )),
+        other => Ok((
+            TaskStatus::Failed,
+            serde_json::json!({"error": "unsupported",
+                "message": format!("this agent does not run `{}` tasks yet", other.as_str())}),
+        )),
+    };
+    let (status, result) = match outcome {
+        Ok(v) => v,
+        Err(TaskAbort::Stop) => return ControlFlow::Break(()),
+        Err(TaskAbort::Reboot) => {
+            let _ = shared.exit.send(Exit::Reboot).await;
+            return ControlFlow::Break(());
+        }
+        Err(TaskAbort::Completed) => return ControlFlow::Continue(()),
+    };
+    complete(shared, &task, status, result).await.0
+}

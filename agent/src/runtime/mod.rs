@@ -1,0 +1,400 @@
+//! The node runtime: credentials (stored or freshly enrolled), a first module
+//! reconcile, the handshake with phase and boot timeline, then these duties until
+//! told to stop, each in its own file:
+//! - [`heartbeat`]: heartbeat at the server's interval with jitter, backing off on
+//!   errors, and renewing the certificate when the server asks or a third of its
+//!   life is left;
+//! - [`lease`]: lease node-side tasks and run them ([`tasks`]: drain, module update,
+//!   reboot, diagnostics), renewing the lease while working and honouring cancel;
+//! - [`reconcile_loop`]: reconcile modules against the desired set now and then,
+//!   reporting the result in heartbeats;
+//! - stop for good, with a distinct exit, when the control plane says this node's
+//!   credentials are gone (revoked, terminated, token spent).
+//!
+//! What they share is [`shared`]; what the caller gives and gets back is [`options`].
+//! Everything from the network is data: a bad answer is logged and retried, never a
+//! panic.
+
+mod heartbeat;
+mod lease;
+pub mod options;
+mod reconcile_loop;
+mod shared;
+mod tasks;
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use powernode_proto::node::{DesiredModulesResponse, HandshakeRequest, HandshakeResponse, Phase};
+use powernode_proto::{paths, ErrorCode};
+use tokio::sync::{mpsc, Notify};
+
+pub use options::{AgentOptions, Exit, Hooks, CORDON_FILE};
+
+use crate::backoff::Backoff;
+use crate::client::{ApiClient, ClientError};
+use crate::credentials::CredentialError;
+use crate::identity::Resolved;
+use crate::state::{StateDir, StateError};
+use crate::timeline::Timeline;
+use reconcile_loop::reconcile_result;
+use shared::{load_cordon, NodeStatus, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent state")]
+    State(#[from] StateError),
+    #[error("node credentials")]
+    Credentials(#[from] CredentialError),
+    #[error("control-plane client")]
+    Client(#[from] ClientError),
+}
+
+/// Tells systemd `state` when the agent is its notify service; a failure is logged
+/// (systemd then times the start out or the watchdog fires, and says so).
+fn sd_notify(opts: &AgentOptions, state: &str) {
+    if !opts.systemd {
+        return;
+    }
+    match crate::systemd::notify(state) {
+        Ok(true) => tracing::debug!(%state, "told systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%state, error = %e, "sd_notify failed"),
+    }
+}
+
+/// Aborts its task when dropped (any way out of [`run`]).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pings systemd's watchdog at half its period for as long as `alive` says the
+/// runtime's loops run. It is a task on the agent's own runtime, so a wedged
+/// runtime stops pinging too, and systemd restarts the agent.
+async fn watchdog(period: Duration, alive: impl Fn() -> bool) {
+    let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        if !alive() {
+            tracing::error!("an agent loop ended; no more watchdog pings");
+            return;
+        }
+        if let Err(e) = crate::systemd::notify("WATCHDOG=1") {
+            tracing::warn!(error = %e, "watchdog ping failed");
+        }
+    }
+}
+
+/// Sends a handshake: where the node is in its boot, its timeline, what `/` is,
+/// and a failure if there is one.
+pub async fn handshake(
+    client: &ApiClient,
+    instance_id: &str,
+    phase: Phase,
+    timeline: &Timeline,
+    root: Option<powernode_proto::node::RootFacts>,
+    failure: Option<powernode_proto::node::FailureReport>,
+) -> Result<HandshakeResponse, ClientError> {
+    let req = HandshakeRequest {
+        instance_id: instance_id.to_string(),
+        phase,
+        timeline: timeline.to_vec(),
+        failure,
+        agent_version: crate::AGENT_VERSION.to_string(),
+        root,
+    };
+    client.post(paths::HANDSHAKE, &req).await
+}
+
+/// Retries `op` with backoff until it succeeds, the error is terminal, or
+/// `shutdown` fires. `Err(Some(exit))` is the way out.
+async fn with_retry<T, E, F, Fut>(
+    what: &'static str,
+    mut backoff: Backoff,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    terminal: impl Fn(&E) -> Option<ErrorCode>,
+    mut op: F,
+) -> Result<T, Exit>
+where
+    E: std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    loop {
+        let result = tokio::select! {
+            r = op() => r,
+            _ = &mut *shutdown => return Err(Exit::Stopped),
+        };
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if let Some(code) = terminal(&e) {
+                    return Err(Exit::Terminal {
+                        code,
+                        message: crate::error_chain(&e),
+                    });
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(step = what, attempt = backoff.attempt(), retry_in_ms = delay.as_millis() as u64,
+                    error = %crate::error_chain(&e), "control plane call failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut *shutdown => return Err(Exit::Stopped),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves or the control plane stops the node.
+pub async fn run(
+    resolved: Resolved,
+    opts: AgentOptions,
+    hooks: Hooks,
+    mut timeline: Timeline,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit, AgentError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Pings from the start: whether systemd arms the watchdog at start or at READY,
+    // a slow first reconcile never trips it; the unit's start timeout bounds that.
+    let early_watchdog = crate::systemd::watchdog_interval()
+        .filter(|_| opts.systemd)
+        .map(|period| AbortOnDrop(tokio::spawn(watchdog(period, || true))));
+    sd_notify(&opts, "STATUS=enrolling");
+    let identity = resolved.document;
+    let state = StateDir::open(&opts.state_dir)?;
+    timeline.mark(Phase::IdentityFound);
+    if let Some(old) = state.load_identity().ok().flatten() {
+        if old.instance_id != identity.instance_id {
+            tracing::info!(old = %old.instance_id, new = %identity.instance_id,
+                "identity names a new instance; previous credentials are not reused");
+        }
+    }
+    state.save_identity(&identity)?;
+
+    let mut interval = identity.heartbeat_interval_seconds;
+    let mut warm = None;
+    let creds = match state.load_credentials(&identity.instance_id)? {
+        Some(creds) => {
+            warm = opts
+                .client
+                .clone()
+                .filter(|c| c.base_url() == identity.control_plane_url.trim_end_matches('/'));
+            tracing::info!(instance_id = %identity.instance_id, serial = %creds.info.serial,
+                not_after = creds.info.not_after, "reusing stored certificate; skipping enrollment");
+            creds
+        }
+        None => {
+            let source = resolved.source;
+            let enrolled = with_retry(
+                "enroll",
+                Backoff::new(opts.backoff_base, opts.backoff_cap),
+                &mut shutdown,
+                crate::enroll::EnrollError::terminal_code,
+                || crate::enroll::enroll(&identity, source, opts.timeouts),
+            )
+            .await;
+            let (creds, resp) = match enrolled {
+                Ok(v) => v,
+                Err(exit) => return Ok(exit),
+            };
+            state.save_credentials(&creds)?;
+            interval = resp.heartbeat_interval_seconds;
+            creds
+        }
+    };
+    timeline.mark(Phase::Enrolled);
+
+    let client = match warm {
+        Some(c) => c,
+        None => ApiClient::new(
+            &identity.control_plane_url,
+            &creds.ca_pem,
+            Some(&creds),
+            opts.timeouts,
+        )?,
+    };
+    let mut root = crate::facts::read_root_facts(&opts.mountinfo);
+    if let Some(r) = root.as_mut() {
+        r.modules = opts.root_modules.clone();
+        if let Some(init) = &opts.root_facts {
+            r.verity = init.verity.clone();
+            r.store = init.store.clone();
+            r.upper = init.upper.clone();
+            r.compose = init.compose.clone();
+            r.init = init.init.clone();
+        }
+        if opts.systemd {
+            r.init = "systemd".into();
+        } else if std::process::id() == 1 {
+            r.init = "agent".into();
+        }
+    }
+    // An agent restarted on a cordoned (drained) node keeps the cordon and holds
+    // the services the first reconcile declares, rather than starting them again.
+    let resumed = opts
+        .systemd
+        .then(|| load_cordon(&opts.cordon_file))
+        .flatten();
+    if let Some(s) = &resumed {
+        tracing::warn!(phase = ?s.phase, "resuming a cordon from before this agent's restart; services held");
+        hooks.supervisor.stop_all(Duration::ZERO, false).await;
+    }
+    sd_notify(&opts, "STATUS=reconciling modules");
+    // First reconcile: `ready` only once the node runs what it should. A failure
+    // goes upstream with its reason and is retried with backoff.
+    let mut backoff = Backoff::new(opts.backoff_base, opts.backoff_cap);
+    let mut prefetched = opts.first_desired.clone();
+    let first_reconcile = loop {
+        let desired = match prefetched.take() {
+            Some(d) => Ok(d),
+            None => {
+                with_retry(
+                    "desired modules",
+                    Backoff::new(opts.backoff_base, opts.backoff_cap),
+                    &mut shutdown,
+                    ClientError::terminal_code,
+                    || client.get::<DesiredModulesResponse>(paths::DESIRED_MODULES),
+                )
+                .await
+            }
+        };
+        let desired = match desired {
+            Ok(d) => d,
+            Err(exit) => return Ok(exit),
+        };
+        match hooks.reconciler.reconcile(&desired).await {
+            Ok(outcome) => break reconcile_result(None, outcome.reboot_required),
+            Err(mut failure) => {
+                failure.attempt = backoff.attempt().saturating_add(1);
+                tracing::error!(code = %failure.code, attempt = failure.attempt,
+                    message = %failure.message, "module reconcile failed; reporting and retrying");
+                let report = handshake(
+                    &client,
+                    &identity.instance_id,
+                    Phase::Failed,
+                    &timeline,
+                    root.clone(),
+                    Some(failure),
+                )
+                .await;
+                if let Err(e) = report {
+                    if let Some(code) = e.terminal_code() {
+                        return Ok(Exit::Terminal {
+                            code,
+                            message: crate::error_chain(&e),
+                        });
+                    }
+                    tracing::warn!(error = %crate::error_chain(&e), "could not report the failure");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = &mut shutdown => return Ok(Exit::Stopped),
+                }
+            }
+        }
+    };
+
+    timeline.mark(Phase::Ready);
+    let hs = with_retry(
+        "handshake",
+        Backoff::new(opts.backoff_base, opts.backoff_cap),
+        &mut shutdown,
+        ClientError::terminal_code,
+        || {
+            handshake(
+                &client,
+                &identity.instance_id,
+                Phase::Ready,
+                &timeline,
+                root.clone(),
+                None,
+            )
+        },
+    )
+    .await;
+    let hs = match hs {
+        Ok(hs) => hs,
+        Err(exit) => return Ok(exit),
+    };
+    tracing::info!(instance_status = %hs.instance_status,
+        heartbeat_interval_seconds = hs.heartbeat_interval_seconds, "handshake done; node ready");
+    sd_notify(
+        &opts,
+        &format!(
+            "READY=1\nSTATUS=ready: instance {} ({})",
+            identity.instance_id, hs.instance_status
+        ),
+    );
+    if hs.heartbeat_interval_seconds > 0 {
+        interval = hs.heartbeat_interval_seconds;
+    }
+
+    let (exit_tx, mut exit_rx) = mpsc::channel(4);
+    let shared = Arc::new(Shared {
+        opts,
+        state,
+        client: RwLock::new(client),
+        ca_pem: Mutex::new(creds.ca_pem.clone()),
+        cert: Mutex::new(creds.info.clone()),
+        status: Mutex::new(resumed.unwrap_or(NodeStatus {
+            phase: Phase::Ready,
+            cordoned: false,
+        })),
+        interval_secs: AtomicU64::new(interval),
+        supervisor: hooks.supervisor,
+        reconciler: hooks.reconciler,
+        last_reconcile: Mutex::new(Some(first_reconcile)),
+        root: root.clone(),
+        wake_lease: Notify::new(),
+        wake_heartbeat: Notify::new(),
+        exit: exit_tx,
+        identity,
+    });
+    drop(creds);
+    shared.set_interval(interval);
+
+    let heartbeat = tokio::spawn(heartbeat::heartbeat_loop(shared.clone()));
+    let leases = tokio::spawn(lease::lease_loop(shared.clone()));
+    let reconciles = tokio::spawn(reconcile_loop::reconcile_loop(shared.clone()));
+    drop(early_watchdog);
+    let loops = [
+        heartbeat.abort_handle(),
+        leases.abort_handle(),
+        reconciles.abort_handle(),
+    ];
+    let pinger = crate::systemd::watchdog_interval()
+        .filter(|_| shared.opts.systemd)
+        .map(|period| {
+            AbortOnDrop(tokio::spawn(watchdog(period, move || {
+                loops.iter().all(|l| !l.is_finished())
+            })))
+        });
+    let exit = tokio::select! {
+        e = exit_rx.recv() => e.unwrap_or(Exit::Stopped),
+        _ = &mut shutdown => Exit::Stopped,
+    };
+    drop(pinger);
+    heartbeat.abort();
+    leases.abort();
+    reconciles.abort();
+    if shared.opts.systemd {
+        // The services are systemd units: an agent restart must not take them
+        // down (a reboot task stopped them already).
+        sd_notify(&shared.opts, "STOPPING=1");
+        tracing::info!(?exit, "agent stopping; its services stay with systemd");
+        return Ok(exit);
+    }
+    let report = shared
+        .supervisor
+        .stop_all(shared.opts.stop_grace, true)
+        .await;
+    tracing::info!(stopped = ?report.stopped, killed = ?report.killed, "agent stopped its services");
+    Ok(exit)
+}
