@@ -6,7 +6,7 @@
 //! firmware: it runs inside PID 1.
 //!
 //! The path through it: [`identity`] (where the node learns who it is) ->
-//! [`enroll`] (key, CSR, certificate, kept by [`state`]) -> [`runtime`] (handshake
+//! [`enroll`] (key, CSR, certificate, kept by [`state`]) -> [`node_loop`] (handshake
 //! with the [`timeline`], heartbeat, task lease, drain, certificate renewal), which
 //! drives services through [`supervisor`] and modules through [`reconcile`].
 
@@ -21,8 +21,8 @@ pub mod identity;
 pub mod kmod;
 pub mod logring;
 pub mod modules;
+pub mod node_loop;
 pub mod reconcile;
-pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod systemd;

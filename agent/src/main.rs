@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use powernode_agent::identity::{self, SourcePaths};
-use powernode_agent::runtime::{self, AgentOptions, Exit};
+use powernode_agent::node_loop::{self, AgentOptions, Exit};
 use powernode_agent::supervisor::{ServiceSpec, ServiceSupervisor};
 use powernode_agent::timeline::Timeline;
 use powernode_agent::{error_chain, exit_code};
@@ -368,11 +368,11 @@ async fn run(args: RunArgs) -> i32 {
     };
     let mut opts = AgentOptions::new(&args.state_dir);
     opts.lease_seconds = args.lease_seconds.max(3);
-    let hooks = runtime::Hooks {
+    let hooks = node_loop::Hooks {
         supervisor,
         reconciler,
     };
-    match runtime::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
+    match node_loop::run(resolved, opts, hooks, timeline, shutdown_signal()).await {
         Ok(Exit::Stopped) => exit_code::STOPPED,
         // Not PID 1 (`can_reboot` is off): a reboot task fails before this.
         Ok(Exit::Reboot) => exit_code::STOPPED,

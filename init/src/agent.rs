@@ -13,7 +13,7 @@ use powernode_agent::client::{ApiClient, ClientError, Timeouts};
 use powernode_agent::credentials::Credentials;
 use powernode_agent::enroll::EnrollError;
 use powernode_agent::identity::Resolved;
-use powernode_agent::runtime::{self, AgentOptions, Exit, Hooks};
+use powernode_agent::node_loop::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
 use powernode_proto::node::{
@@ -273,7 +273,7 @@ impl AgentDriver for RealAgent {
             let root = powernode_agent::facts::read_root_facts(std::path::Path::new(
                 powernode_agent::facts::MOUNTINFO,
             ));
-            let hs = runtime::handshake(
+            let hs = node_loop::handshake(
                 &client,
                 &identity.instance_id,
                 Phase::Enrolled,
@@ -315,7 +315,7 @@ impl AgentDriver for RealAgent {
             return false;
         };
         let timeline = Timeline::from_entries(timeline.to_vec());
-        let sent = rt.block_on(runtime::handshake(
+        let sent = rt.block_on(node_loop::handshake(
             &client,
             &instance_id,
             Phase::Failed,
@@ -636,7 +636,7 @@ fn run_on(
     let ended = rt.block_on(async {
         // Under systemd, PID 1 reaps; reaping here would only race the monitors.
         let reaper = (host == Host::Pid1).then(|| tokio::spawn(reap_children()));
-        let result = runtime::run(resolved, opts, hooks, timeline, stop_signal()).await;
+        let result = node_loop::run(resolved, opts, hooks, timeline, stop_signal()).await;
         if let Some(r) = reaper {
             r.abort();
         }

@@ -1,4 +1,4 @@
-//! What the caller gives the node runtime (options, the hooks it drives) and how
+//! What the caller gives the node loop (options, the hooks it drives) and how
 //! a run ends.
 
 use std::path::PathBuf;
@@ -91,7 +91,7 @@ impl AgentOptions {
     }
 }
 
-/// What the runtime drives on the node: services and modules.
+/// What the node loop drives on the node: services and modules.
 #[derive(Clone)]
 pub struct Hooks {
     pub supervisor: Arc<dyn Supervisor>,

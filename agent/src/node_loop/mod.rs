@@ -1,6 +1,6 @@
-//! The node runtime: credentials (stored or freshly enrolled), a first module
-//! reconcile, the handshake with phase and boot timeline, then these duties until
-//! told to stop, each in its own file:
+//! The node loop: what the agent does for as long as the node runs. Credentials
+//! (stored or freshly enrolled), a first module reconcile, the handshake with phase
+//! and boot timeline, then these duties until told to stop, each in its own file:
 //! - [`heartbeat`]: heartbeat at the server's interval with jitter, backing off on
 //!   errors, and renewing the certificate when the server asks or a third of its
 //!   life is left;
@@ -75,8 +75,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Pings systemd's watchdog at half its period for as long as `alive` says the
-/// runtime's loops run. It is a task on the agent's own runtime, so a wedged
-/// runtime stops pinging too, and systemd restarts the agent.
+/// node loop's loops run. It is a task on the agent's own async runtime, so a wedged
+/// async runtime stops pinging too, and systemd restarts the agent.
 async fn watchdog(period: Duration, alive: impl Fn() -> bool) {
     let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
     loop {

@@ -1,4 +1,4 @@
-//! What the runtime's loops and tasks share: identity, client, certificate, the
+//! What the node loop's loops and tasks share: identity, client, certificate, the
 //! node's status (phase, cordon) and the wake-ups between the loops. Under systemd
 //! the cordon is kept in a file for the next agent of the same boot.
 
