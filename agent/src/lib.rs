@@ -8,7 +8,8 @@
 //! The path through it: [`identity`] (where the node learns who it is) ->
 //! [`enroll`] (key, CSR, certificate, kept by [`state`]) -> [`node_loop`] (handshake
 //! with the [`timeline`], heartbeat, task lease, drain, certificate renewal), which
-//! drives services through [`supervisor`] and modules through [`reconcile`].
+//! drives services through [`supervisor`] and modules through [`module_reconcile`]
+//! (the seam; [`modules::module_runtime`] is the module runtime behind it).
 
 pub mod backoff;
 pub mod client;
@@ -20,9 +21,9 @@ pub mod facts;
 pub mod identity;
 pub mod kmod;
 pub mod logring;
+pub mod module_reconcile;
 pub mod modules;
 pub mod node_loop;
-pub mod reconcile;
 pub mod state;
 pub mod supervisor;
 pub mod systemd;

@@ -260,7 +260,7 @@ struct RunArgs {
     #[arg(long)]
     module_store: Option<PathBuf>,
     /// Where runtime modules are mounted, one folder per module name.
-    #[arg(long, default_value = powernode_agent::modules::reconciler::RUNTIME_MODULES_DIR)]
+    #[arg(long, default_value = powernode_agent::modules::module_runtime::RUNTIME_MODULES_DIR)]
     modules_dir: PathBuf,
 }
 
@@ -270,8 +270,8 @@ struct RunArgs {
 fn module_runtime(
     args: &RunArgs,
     services: Arc<ServiceSupervisor>,
-) -> Result<Arc<powernode_agent::modules::reconciler::ModuleRuntime>, String> {
-    use powernode_agent::modules::{self, reconciler::ModuleRuntime};
+) -> Result<Arc<powernode_agent::modules::module_runtime::ModuleRuntime>, String> {
+    use powernode_agent::modules::{self, module_runtime::ModuleRuntime};
     let store_dir = args
         .module_store
         .clone()
@@ -356,16 +356,14 @@ async fn run(args: RunArgs) -> i32 {
     // Command-line services and the services of attached modules share one
     // supervisor: a drain stops them all.
     let supervisor = Arc::new(ServiceSupervisor::start(args.services.clone()));
-    let reconciler: Arc<dyn powernode_agent::reconcile::Reconciler> = match module_runtime(
-        &args,
-        supervisor.clone(),
-    ) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            tracing::error!(error = %e, "no module runtime; desired modules will fail to reconcile");
-            Arc::new(powernode_agent::reconcile::NoModules)
-        }
-    };
+    let reconciler: Arc<dyn powernode_agent::module_reconcile::ModuleReconciler> =
+        match module_runtime(&args, supervisor.clone()) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::error!(error = %e, "no module runtime; desired modules will fail to reconcile");
+                Arc::new(powernode_agent::module_reconcile::NoModules)
+            }
+        };
     let mut opts = AgentOptions::new(&args.state_dir);
     opts.lease_seconds = args.lease_seconds.max(3);
     let hooks = node_loop::Hooks {

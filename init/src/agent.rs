@@ -336,7 +336,7 @@ impl AgentDriver for RealAgent {
     }
 
     fn compose_root(&mut self, target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
-        use powernode_agent::modules::{mount, reconciler, registry};
+        use powernode_agent::modules::{module_runtime, mount, registry};
         let internal = |message: String| ComposeError {
             code: ErrorCode::Internal,
             message,
@@ -365,7 +365,7 @@ impl AgentDriver for RealAgent {
         let roots: Vec<RunningModule> = desired
             .modules
             .iter()
-            .filter(|m| m.kind == reconciler::KIND_ROOT)
+            .filter(|m| m.kind == module_runtime::KIND_ROOT)
             .map(|m| RunningModule {
                 name: m.name.clone(),
                 version: m.version.clone(),
@@ -400,7 +400,7 @@ impl AgentDriver for RealAgent {
             mount::Upper::Tmpfs
         };
         let started = std::time::Instant::now();
-        let union = reconciler::compose_root(
+        let union = module_runtime::compose_root(
             &desired,
             &store,
             opts,
@@ -570,7 +570,7 @@ fn node_hooks(
     root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
     host: Host,
 ) -> Result<Hooks, String> {
-    use powernode_agent::modules::{reconciler, registry};
+    use powernode_agent::modules::{module_runtime, registry};
     use powernode_agent::supervisor::ServiceSupervisor;
     use std::sync::Arc;
     let store_dir = state_dir.join("store");
@@ -594,11 +594,11 @@ fn node_hooks(
         None if root_modules.is_empty() => Some(Vec::new()),
         None => None,
     };
-    let mut modules = reconciler::ModuleRuntime::new(
+    let mut modules = module_runtime::ModuleRuntime::new(
         store,
         registry::RegistryOptions::default(),
         Arc::new(LoopMounter),
-        reconciler::RUNTIME_MODULES_DIR.into(),
+        module_runtime::RUNTIME_MODULES_DIR.into(),
         root_modules,
     )
     .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))

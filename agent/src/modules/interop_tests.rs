@@ -994,10 +994,10 @@ fn bench_pull_200mib_vs_oras() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_reconciler_pulls_swaps_and_removes() {
+async fn the_module_runtime_pulls_swaps_and_removes() {
+    use super::module_runtime::ModuleRuntime;
     use super::mount::RecordingMounter;
-    use super::reconciler::ModuleRuntime;
-    use crate::reconcile::Reconciler;
+    use crate::module_reconcile::ModuleReconciler;
     use powernode_proto::node::{DesiredModule, DesiredModulesResponse};
     use std::sync::Arc;
 
@@ -1045,7 +1045,7 @@ async fn runtime_reconciler_pulls_swaps_and_removes() {
                 digest: digest.into(),
                 kind: "runtime".into(),
             },
-            // Root modules are the init's: the reconciler must not touch them.
+            // Root modules are the init's: the module runtime must not touch them.
             DesiredModule {
                 name: "base".into(),
                 version: "1".into(),

@@ -10,16 +10,17 @@
 //! it and fails on a digest mismatch at EOF ([`registry::BlobReader`]), and nothing
 //! recorded before the signature verified; then [`mount::mount_module`] /
 //! [`mount::mount_union`]; [`store::ObjectStore::gc`] between reconciles. Every error
-//! has a stable wire code ([`ModuleErrorCode`]).
+//! has a stable wire code ([`ModuleErrorCode`]). [`module_runtime::ModuleRuntime`] is
+//! the module runtime that does all this at each reconcile the node loop asks for.
 //!
 //! It must never use an object, image or path it has not verified: objects are
 //! re-hashed against their names (or kernel-verified with fs-verity), archive paths
 //! that escape are refused, and nothing from an archive is ever followed.
 
 pub mod config;
+pub mod module_runtime;
 pub mod mount;
 pub mod pull;
-pub mod reconciler;
 pub mod registry;
 pub mod signature;
 

@@ -347,7 +347,7 @@ pub struct UnionRoot {
     /// Whether `upper` is a tmpfs this module mounted.
     pub upper_is_tmpfs: bool,
     /// Bytes received from registries to compose it (set by
-    /// `reconciler::compose_root`; 0 when every module was already in the store
+    /// `module_runtime::compose_root`; 0 when every module was already in the store
     /// apart from its re-checked manifest and signature).
     pub fetched_bytes: u64,
 }

@@ -202,7 +202,7 @@ fn is_loopback_host(host: &str) -> bool {
 
 impl RegistryClient {
     /// Must be called outside an async context (reqwest's blocking client runs its own
-    /// runtime); the reconciler calls it from `spawn_blocking`.
+    /// runtime); the module runtime calls it from `spawn_blocking`.
     pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
         let mut b = reqwest::blocking::Client::builder()
             .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))

@@ -9,7 +9,7 @@ use powernode_proto::node::DesiredModulesResponse;
 use powernode_proto::ErrorCode;
 
 use crate::client::{ApiClient, Timeouts};
-use crate::reconcile::{NoModules, Reconciler};
+use crate::module_reconcile::{ModuleReconciler, NoModules};
 use crate::supervisor::Supervisor;
 
 /// Default [`AgentOptions::cordon_file`].
@@ -95,7 +95,7 @@ impl AgentOptions {
 #[derive(Clone)]
 pub struct Hooks {
     pub supervisor: Arc<dyn Supervisor>,
-    pub reconciler: Arc<dyn Reconciler>,
+    pub reconciler: Arc<dyn ModuleReconciler>,
 }
 
 impl std::fmt::Debug for Hooks {

@@ -35,7 +35,7 @@ pub(crate) fn reconcile_result(
 /// reboot_required.
 pub(crate) fn record_reconcile(
     shared: &Shared,
-    result: &Result<crate::reconcile::ReconcileOutcome, FailureReport>,
+    result: &Result<crate::module_reconcile::ReconcileOutcome, FailureReport>,
 ) {
     let mut last = lock(&shared.last_reconcile);
     let previous = last

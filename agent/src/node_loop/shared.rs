@@ -14,7 +14,7 @@ use super::options::{AgentOptions, Exit};
 use crate::backoff::Backoff;
 use crate::client::{ApiClient, ClientError};
 use crate::credentials::CertInfo;
-use crate::reconcile::Reconciler;
+use crate::module_reconcile::ModuleReconciler;
 use crate::state::StateDir;
 use crate::supervisor::Supervisor;
 
@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub(crate) status: Mutex<NodeStatus>,
     pub(crate) interval_secs: AtomicU64,
     pub(crate) supervisor: Arc<dyn Supervisor>,
-    pub(crate) reconciler: Arc<dyn Reconciler>,
+    pub(crate) reconciler: Arc<dyn ModuleReconciler>,
     pub(crate) last_reconcile: Mutex<Option<ReconcileResult>>,
     /// What `/` is, as reported at handshake (for diagnostics).
     pub(crate) root: Option<powernode_proto::node::RootFacts>,

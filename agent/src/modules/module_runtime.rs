@@ -1,8 +1,8 @@
-//! The module runtime behind [`crate::reconcile::Reconciler`]: pulls, verifies and
+//! The module runtime behind [`crate::module_reconcile::ModuleReconciler`]: pulls, verifies and
 //! mounts desired `runtime` modules under `/run/powernode/modules/NAME` (swapping a
 //! changed one), unmounts ones no longer desired, and reports what runs. `root` modules
 //! are the init's: [`compose_root`] pulls them and builds the union root before
-//! switch_root; a change to them needs a reboot, so the reconciler only reports it
+//! switch_root; a change to them needs a reboot, so the module runtime only reports it
 //! (`reboot_required`). A runtime module's config may name a mount point where it is
 //! bind-mounted too, and services the supervisor runs while it is attached: they are
 //! stopped before its mounts change and started after (see [`super::config`]).
@@ -27,7 +27,7 @@ use super::signature::{parse_trust_keys, SignatureError, TrustKey};
 use super::store::ObjectStore;
 use super::ModuleErrorCode;
 use crate::drain::DrainStep;
-use crate::reconcile::{ModuleChange, ReconcileFuture, ReconcileOutcome, Reconciler};
+use crate::module_reconcile::{ModuleChange, ModuleReconciler, ReconcileFuture, ReconcileOutcome};
 use crate::supervisor::Supervisor;
 use crate::verity::VerityDigest;
 
@@ -770,7 +770,7 @@ fn bind(from: &Path, at: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Reconciler for Arc<ModuleRuntime> {
+impl ModuleReconciler for Arc<ModuleRuntime> {
     fn running(&self) -> Vec<RunningModule> {
         let mut out = self.root.clone();
         out.extend(self.mounted().values().map(|m| m.module.clone()));

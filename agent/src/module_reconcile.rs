@@ -1,8 +1,10 @@
-//! The seam between the runtime and the module runtime: what is running (for
-//! heartbeats) and how to move it to what the control plane wants. The runtime
-//! calls [`Reconciler::reconcile`] before it reports `ready` (DESIGN: `phase=ready`
-//! after the first good reconcile) and periodically afterwards; the module store
-//! (`crate::modules`) plugs in by implementing this trait.
+//! The module reconcile seam between the node loop ([`crate::node_loop`]) and the
+//! module runtime ([`crate::modules::module_runtime`]): what is running (for
+//! heartbeats) and how to move it to what the control plane wants. The node loop
+//! calls [`ModuleReconciler::reconcile`] before it reports `ready` (DESIGN:
+//! `phase=ready` after the first good reconcile) and periodically afterwards; the
+//! module runtime plugs in by implementing this trait, [`NoModules`] stands in
+//! without one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,7 +43,7 @@ impl ReconcileOutcome {
 pub type ReconcileFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ReconcileOutcome, FailureReport>> + Send + 'a>>;
 
-pub trait Reconciler: Send + Sync {
+pub trait ModuleReconciler: Send + Sync {
     /// Modules running now, as heartbeats report them.
     fn running(&self) -> Vec<RunningModule>;
     /// Brings the node to `desired` and says what changed; `Err` carries the
@@ -60,7 +62,7 @@ pub trait Reconciler: Send + Sync {
 #[derive(Debug, Default)]
 pub struct NoModules;
 
-impl Reconciler for NoModules {
+impl ModuleReconciler for NoModules {
     fn running(&self) -> Vec<RunningModule> {
         Vec::new()
     }
