@@ -11,6 +11,7 @@
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, Method};
+use super::metadata::{Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts};
 
 pub const NAME: &str = "aws";
@@ -20,7 +21,7 @@ const TOKEN_TTL_SECONDS: &str = "300";
 
 #[derive(Debug, Clone)]
 pub struct Aws {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for Aws {
@@ -33,7 +34,7 @@ impl Aws {
     /// `base`: `http://169.254.169.254` on EC2, a mock's address in tests.
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
@@ -42,7 +43,7 @@ impl Aws {
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, super::SourceError>
     {
-        let token_url = format!("{}/latest/api/token", self.base);
+        let token_url = self.base.join("latest/api/token");
         let token = http
             .send(
                 Method::Put,
@@ -63,7 +64,7 @@ impl Aws {
 
         let user_data = http
             .get(
-                &format!("{}/latest/user-data", self.base),
+                &self.base.join("latest/user-data"),
                 &auth,
                 MAX_IDENTITY_BYTES,
             )
@@ -75,7 +76,7 @@ impl Aws {
             return Ok(None);
         };
 
-        let meta = |path: &str| format!("{}/latest/meta-data/{path}", self.base);
+        let meta = |path: &str| self.base.join(&format!("latest/meta-data/{path}"));
         let instance_id = http
             .get_text(&meta("instance-id"), &auth, "meta-data/instance-id")
             .await?
@@ -99,14 +100,14 @@ impl Aws {
                 .await?
                 .and_then(|az| region_of_zone(&az)),
         };
-        let mut addresses = Vec::new();
+        let mut addresses = Addresses::new(http);
         for (path, field) in [
             ("local-ipv4", "meta-data/local-ipv4"),
             ("public-ipv4", "meta-data/public-ipv4"),
             ("ipv6", "meta-data/ipv6"),
         ] {
             let value = http.get_text(&meta(path), &auth, field).await?;
-            super::push_address(http, field, value, &mut addresses)?;
+            addresses.push(field, value)?;
         }
         Ok(Some((
             document,
@@ -114,7 +115,7 @@ impl Aws {
                 provider: NAME.to_string(),
                 instance_id: Some(instance_id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "azure";
@@ -24,7 +25,7 @@ const HEADERS: [(&str, &str); 1] = [("Metadata", "true")];
 
 #[derive(Debug, Clone)]
 pub struct Azure {
-    base: String,
+    base: BaseUrl,
     ovf_env: Option<PathBuf>,
 }
 
@@ -37,7 +38,7 @@ impl Default for Azure {
 impl Azure {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
             ovf_env: None,
         }
     }
@@ -53,17 +54,18 @@ impl Azure {
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
         // The instance document first: it proves this is Azure and holds the facts.
-        let url = format!("{}/metadata/instance?api-version={API_VERSION}", self.base);
+        let url = self
+            .base
+            .join(&format!("metadata/instance?api-version={API_VERSION}"));
         let Some(bytes) = http.get(&url, &HEADERS, MAX_METADATA_BYTES).await? else {
             return Ok(None);
         };
         let instance = super::parse_json(http, "instance", &bytes)?;
         let facts = facts(http, &instance)?;
 
-        let url = format!(
-            "{}/metadata/instance/compute/userData?api-version={API_VERSION}&format=text",
-            self.base
-        );
+        let url = self.base.join(&format!(
+            "metadata/instance/compute/userData?api-version={API_VERSION}&format=text"
+        ));
         let encoded = http
             .get(
                 &url,
@@ -93,40 +95,24 @@ fn facts(http: &Fetcher, instance: &serde_json::Value) -> Result<ProviderFacts, 
     let vm_id = super::json_str(http, "compute", compute, "vmId")?
         .ok_or_else(|| http.field_error("compute.vmId", "is missing"))?;
     let location = super::json_str(http, "compute", compute, "location")?;
-    let mut addresses = Vec::new();
-    let interfaces = instance
-        .get("network")
-        .and_then(|n| n.get("interface"))
-        .unwrap_or(&serde_json::Value::Null);
-    match interfaces {
-        serde_json::Value::Null => {}
-        serde_json::Value::Array(list) => {
-            for (i, nic) in list.iter().enumerate() {
-                for family in ["ipv4", "ipv6"] {
-                    let at = format!("network.interface[{i}].{family}.ipAddress");
-                    let ips = nic.get(family).and_then(|f| f.get("ipAddress"));
-                    let ips = match ips {
-                        None | Some(serde_json::Value::Null) => continue,
-                        Some(serde_json::Value::Array(a)) => a,
-                        Some(_) => return Err(http.field_error(at, "must be a list")),
-                    };
-                    for (j, ip) in ips.iter().enumerate() {
-                        let at = format!("{at}[{j}]");
-                        for key in ["privateIpAddress", "publicIpAddress"] {
-                            let v = super::json_str(http, &at, ip, key)?;
-                            super::push_address(http, &format!("{at}.{key}"), v, &mut addresses)?;
-                        }
-                    }
+    let mut addresses = Addresses::new(http);
+    let interfaces = instance.get("network").and_then(|n| n.get("interface"));
+    for (at, nic) in optional_list(http, "network.interface", interfaces)? {
+        for family in ["ipv4", "ipv6"] {
+            let at = format!("{at}.{family}.ipAddress");
+            let ips = nic.get(family).and_then(|f| f.get("ipAddress"));
+            for (at, ip) in optional_list(http, &at, ips)? {
+                for key in ["privateIpAddress", "publicIpAddress"] {
+                    addresses.member(&at, ip, key)?;
                 }
             }
         }
-        _ => return Err(http.field_error("network.interface", "must be a list")),
     }
     Ok(ProviderFacts {
         provider: NAME.to_string(),
         instance_id: Some(vm_id),
         region: location,
-        addresses,
+        addresses: addresses.into_vec(),
     })
 }
 

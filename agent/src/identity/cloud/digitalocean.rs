@@ -4,6 +4,7 @@
 //! public and private interfaces' IPv4 and IPv6 `ip_address`.
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "digitalocean";
@@ -11,7 +12,7 @@ pub const DEFAULT_BASE: &str = "http://169.254.169.254";
 
 #[derive(Debug, Clone)]
 pub struct DigitalOcean {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for DigitalOcean {
@@ -23,7 +24,7 @@ impl Default for DigitalOcean {
 impl DigitalOcean {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
@@ -31,7 +32,7 @@ impl DigitalOcean {
         &self,
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
-        let url = format!("{}/metadata/v1.json", self.base);
+        let url = self.base.join("metadata/v1.json");
         let Some(bytes) = http.get(&url, &[], MAX_METADATA_BYTES).await? else {
             return Ok(None);
         };
@@ -47,35 +48,14 @@ impl DigitalOcean {
         let id = super::json_str(http, "v1.json", &meta, "droplet_id")?
             .ok_or_else(|| http.field_error("v1.json.droplet_id", "is missing"))?;
         let region = super::json_str(http, "v1.json", &meta, "region")?;
-        let mut addresses = Vec::new();
+        let mut addresses = Addresses::new(http);
         match meta.get("interfaces") {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::Object(kinds)) => {
                 for kind in ["public", "private"] {
-                    let list = match kinds.get(kind) {
-                        None | Some(serde_json::Value::Null) => continue,
-                        Some(serde_json::Value::Array(l)) => l,
-                        Some(_) => {
-                            return Err(http.field_error(
-                                format!("v1.json.interfaces.{kind}"),
-                                "must be a list",
-                            ))
-                        }
-                    };
-                    for (i, nic) in list.iter().enumerate() {
-                        for family in ["ipv4", "ipv6"] {
-                            let Some(f) = nic.get(family).filter(|f| !f.is_null()) else {
-                                continue;
-                            };
-                            let at = format!("v1.json.interfaces.{kind}[{i}].{family}");
-                            let ip = super::json_str(http, &at, f, "ip_address")?;
-                            super::push_address(
-                                http,
-                                &format!("{at}.ip_address"),
-                                ip,
-                                &mut addresses,
-                            )?;
-                        }
+                    let at = format!("v1.json.interfaces.{kind}");
+                    for (at, nic) in optional_list(http, &at, kinds.get(kind))? {
+                        addresses.per_family(&at, nic, "ip_address")?;
                     }
                 }
             }
@@ -87,7 +67,7 @@ impl DigitalOcean {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

@@ -9,6 +9,7 @@
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{list, optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "gcp";
@@ -17,7 +18,7 @@ const FLAVOR: [(&str, &str); 1] = [("Metadata-Flavor", "Google")];
 
 #[derive(Debug, Clone)]
 pub struct Gcp {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for Gcp {
@@ -29,12 +30,12 @@ impl Default for Gcp {
 impl Gcp {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/computeMetadata/v1/{path}", self.base)
+        self.base.join(&format!("computeMetadata/v1/{path}"))
     }
 
     async fn read(
@@ -77,7 +78,7 @@ impl Gcp {
                 )
             })?),
         };
-        let mut addresses = Vec::new();
+        let mut addresses = Addresses::new(http);
         if let Some(bytes) = http
             .get(
                 &self.url("instance/network-interfaces/?recursive=true"),
@@ -88,32 +89,11 @@ impl Gcp {
         {
             let doc = "instance/network-interfaces";
             let value = super::parse_json(http, doc, &bytes)?;
-            let nics = value
-                .as_array()
-                .ok_or_else(|| http.field_error(doc, "must be a JSON list"))?;
-            for (i, nic) in nics.iter().enumerate() {
-                let at = format!("{doc}[{i}]");
-                let ip = super::json_str(http, &at, nic, "ip")?;
-                super::push_address(http, &format!("{at}.ip"), ip, &mut addresses)?;
-                match nic.get("accessConfigs") {
-                    None | Some(serde_json::Value::Null) => {}
-                    Some(serde_json::Value::Array(configs)) => {
-                        for (j, c) in configs.iter().enumerate() {
-                            let at = format!("{at}.accessConfigs[{j}]");
-                            let ext = super::json_str(http, &at, c, "externalIp")?;
-                            super::push_address(
-                                http,
-                                &format!("{at}.externalIp"),
-                                ext,
-                                &mut addresses,
-                            )?;
-                        }
-                    }
-                    Some(_) => {
-                        return Err(
-                            http.field_error(format!("{at}.accessConfigs"), "must be a list")
-                        )
-                    }
+            for (at, nic) in list(http, doc, &value)? {
+                addresses.member(&at, nic, "ip")?;
+                let configs = nic.get("accessConfigs");
+                for (at, c) in optional_list(http, &format!("{at}.accessConfigs"), configs)? {
+                    addresses.member(&at, c, "externalIp")?;
                 }
             }
         }
@@ -123,7 +103,7 @@ impl Gcp {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

@@ -7,6 +7,7 @@
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "hetzner";
@@ -14,7 +15,7 @@ pub const DEFAULT_BASE: &str = "http://169.254.169.254";
 
 #[derive(Debug, Clone)]
 pub struct Hetzner {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for Hetzner {
@@ -26,7 +27,7 @@ impl Default for Hetzner {
 impl Hetzner {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
@@ -34,7 +35,7 @@ impl Hetzner {
         &self,
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
-        let meta = |key: &str| format!("{}/hetzner/v1/metadata/{key}", self.base);
+        let meta = |key: &str| self.base.join(&format!("hetzner/v1/metadata/{key}"));
         // The instance id first: it proves this is Hetzner.
         let Some(id) = http
             .get_text(&meta("instance-id"), &[], "metadata/instance-id")
@@ -45,7 +46,7 @@ impl Hetzner {
         if id.is_empty() {
             return Err(http.field_error("metadata/instance-id", "is empty"));
         }
-        let url = format!("{}/hetzner/v1/userdata", self.base);
+        let url = self.base.join("hetzner/v1/userdata");
         let Some(user_data) = http.get(&url, &[], MAX_IDENTITY_BYTES).await? else {
             return Ok(None);
         };
@@ -56,22 +57,17 @@ impl Hetzner {
             .get_text(&meta("region"), &[], "metadata/region")
             .await?
             .filter(|r| !r.is_empty());
-        let mut addresses = Vec::new();
+        let mut addresses = Addresses::new(http);
         let public = http
             .get_text(&meta("public-ipv4"), &[], "metadata/public-ipv4")
             .await?;
-        super::push_address(http, "metadata/public-ipv4", public, &mut addresses)?;
+        addresses.push("metadata/public-ipv4", public)?;
         if let Some(yaml) = http
             .get(&meta("private-networks"), &[], MAX_METADATA_BYTES)
             .await?
         {
             for ip in private_ips(&String::from_utf8_lossy(&yaml)) {
-                super::push_address(
-                    http,
-                    "metadata/private-networks[].ip",
-                    Some(ip),
-                    &mut addresses,
-                )?;
+                addresses.push("metadata/private-networks[].ip", Some(ip))?;
             }
         }
         Ok(Some((
@@ -80,7 +76,7 @@ impl Hetzner {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

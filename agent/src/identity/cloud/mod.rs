@@ -20,8 +20,9 @@
 //! the provider, the URL or the metadata field. A provider that is present but
 //! broken stops the probe; it is never skipped in favour of the next.
 //!
-//! Every provider takes its base URL in its constructor (the real address by
-//! default), so tests point it at a mock server on 127.0.0.1.
+//! Every provider takes its base URL in its constructor (a [`metadata::BaseUrl`],
+//! the real address by default), so tests point it at a mock server on 127.0.0.1,
+//! and collects its addresses with the shared walk in [`metadata`].
 
 pub mod aws;
 pub mod azure;
@@ -30,6 +31,7 @@ pub mod dmi;
 pub mod gcp;
 pub mod hetzner;
 pub mod http;
+pub mod metadata;
 pub mod openstack;
 pub mod oracle;
 pub mod scaleway;
@@ -311,22 +313,6 @@ pub fn json_str(
         Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
         Some(_) => Err(http.field_error(format!("{doc}.{key}"), "must be a string")),
     }
-}
-
-/// Checks an address and adds it once.
-pub fn push_address(
-    http: &Fetcher,
-    field: &str,
-    value: Option<String>,
-    out: &mut Vec<String>,
-) -> Result<(), SourceError> {
-    if let Some(v) = value.filter(|v| !v.is_empty()) {
-        let ip = http::ip_value(&v).map_err(|reason| http.field_error(field, reason))?;
-        if !out.contains(&ip) {
-            out.push(ip);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

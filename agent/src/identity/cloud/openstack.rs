@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError, SourceErrorKind};
 
 pub const NAME: &str = "openstack";
@@ -139,7 +140,7 @@ enum Located {
 
 #[derive(Debug)]
 pub struct OpenStack {
-    base: String,
+    base: BaseUrl,
     drive: ConfigDrive,
     located: OnceLock<Option<Located>>,
 }
@@ -160,7 +161,7 @@ struct Files {
 impl OpenStack {
     pub fn new(base: impl Into<String>, drive: ConfigDrive) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
             drive,
             located: OnceLock::new(),
         }
@@ -219,22 +220,13 @@ impl OpenStack {
         let uuid = super::json_str(http, "meta_data.json", &meta, "uuid")?
             .ok_or_else(|| http.field_error("meta_data.json.uuid", "is missing"))?;
         let zone = super::json_str(http, "meta_data.json", &meta, "availability_zone")?;
-        let mut addresses = Vec::new();
+        let mut addresses = Addresses::new(http);
         if let Some(bytes) = files.network_data {
             let doc = "network_data.json";
             let net = super::parse_json(http, doc, &bytes)?;
-            match net.get("networks") {
-                None | Some(serde_json::Value::Null) => {}
-                Some(serde_json::Value::Array(list)) => {
-                    for (i, n) in list.iter().enumerate() {
-                        let at = format!("{doc}.networks[{i}]");
-                        let ip = super::json_str(http, &at, n, "ip_address")?;
-                        super::push_address(http, &format!("{at}.ip_address"), ip, &mut addresses)?;
-                    }
-                }
-                Some(_) => {
-                    return Err(http.field_error(format!("{doc}.networks"), "must be a list"))
-                }
+            let at = format!("{doc}.networks");
+            for (at, n) in optional_list(http, &at, net.get("networks"))? {
+                addresses.member(&at, n, "ip_address")?;
             }
         }
         Ok(Some((
@@ -243,13 +235,13 @@ impl OpenStack {
                 provider: NAME.to_string(),
                 instance_id: Some(uuid),
                 region: zone,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }
 
     async fn read_service(&self, http: &Fetcher) -> Result<Option<Files>, SourceError> {
-        let url = |f: &str| format!("{}/openstack/latest/{f}", self.base);
+        let url = |f: &str| self.base.join(&format!("openstack/latest/{f}"));
         let Some(meta_data) = http
             .get(&url("meta_data.json"), &[], MAX_METADATA_BYTES)
             .await?

@@ -7,6 +7,7 @@
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{indexed, list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "oracle";
@@ -15,7 +16,7 @@ const HEADERS: [(&str, &str); 1] = [("Authorization", "Bearer Oracle")];
 
 #[derive(Debug, Clone)]
 pub struct Oracle {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for Oracle {
@@ -27,7 +28,7 @@ impl Default for Oracle {
 impl Oracle {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
@@ -35,7 +36,7 @@ impl Oracle {
         &self,
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
-        let url = format!("{}/opc/v2/instance/", self.base);
+        let url = self.base.join("opc/v2/instance/");
         let Some(bytes) = http.get(&url, &HEADERS, MAX_METADATA_BYTES).await? else {
             return Ok(None);
         };
@@ -65,35 +66,22 @@ impl Oracle {
             Some(r) => Some(r),
             None => super::json_str(http, "instance", &instance, "region")?,
         };
-        let mut addresses = Vec::new();
-        let url = format!("{}/opc/v2/vnics/", self.base);
+        let mut addresses = Addresses::new(http);
+        let url = self.base.join("opc/v2/vnics/");
         if let Some(bytes) = http.get(&url, &HEADERS, MAX_METADATA_BYTES).await? {
             let vnics = super::parse_json(http, "vnics", &bytes)?;
-            let list = vnics
-                .as_array()
-                .ok_or_else(|| http.field_error("vnics", "must be a JSON list"))?;
-            for (i, vnic) in list.iter().enumerate() {
-                let at = format!("vnics[{i}]");
+            for (at, vnic) in list(http, "vnics", &vnics)? {
                 for key in ["privateIp", "ipv6Addresses"] {
                     match vnic.get(key) {
                         Some(serde_json::Value::Array(ips)) => {
-                            for (j, ip) in ips.iter().enumerate() {
-                                let field = format!("{at}.{key}[{j}]");
+                            for (field, ip) in indexed(&format!("{at}.{key}"), ips) {
                                 let ip = ip
                                     .as_str()
                                     .ok_or_else(|| http.field_error(&field, "must be a string"))?;
-                                super::push_address(
-                                    http,
-                                    &field,
-                                    Some(ip.to_string()),
-                                    &mut addresses,
-                                )?;
+                                addresses.push(&field, Some(ip.to_string()))?;
                             }
                         }
-                        _ => {
-                            let v = super::json_str(http, &at, vnic, key)?;
-                            super::push_address(http, &format!("{at}.{key}"), v, &mut addresses)?;
-                        }
+                        _ => addresses.member(&at, vnic, key)?,
                     }
                 }
             }
@@ -104,7 +92,7 @@ impl Oracle {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

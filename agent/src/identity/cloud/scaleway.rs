@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "scaleway";
@@ -18,7 +19,7 @@ pub const USER_DATA_KEYS: [&str; 2] = ["powernode-identity", "cloud-init"];
 
 #[derive(Debug, Clone)]
 pub struct Scaleway {
-    base: String,
+    base: BaseUrl,
     source_ports: RangeInclusive<u16>,
 }
 
@@ -31,7 +32,7 @@ impl Default for Scaleway {
 impl Scaleway {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
             source_ports: 1..=1023,
         }
     }
@@ -46,14 +47,14 @@ impl Scaleway {
         &self,
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
-        let url = format!("{}/conf?format=json", self.base);
+        let url = self.base.join("conf?format=json");
         let Some(bytes) = http.get(&url, &[], MAX_METADATA_BYTES).await? else {
             return Ok(None);
         };
         let conf = super::parse_json(http, "conf", &bytes)?;
         let mut user_data = None;
         for key in USER_DATA_KEYS {
-            let url = format!("{}/user_data/{key}", self.base);
+            let url = self.base.join(&format!("user_data/{key}"));
             if let Some(b) = http
                 .get_from_ports(&url, &[], MAX_IDENTITY_BYTES, self.source_ports.clone())
                 .await?
@@ -80,30 +81,19 @@ impl Scaleway {
             },
         };
         let region = zone.map(|z| region_of_zone(&z));
-        let mut addresses = Vec::new();
-        let private = super::json_str(http, "conf", &conf, "private_ip")?;
-        super::push_address(http, "conf.private_ip", private, &mut addresses)?;
+        let mut addresses = Addresses::new(http);
+        addresses.member("conf", &conf, "private_ip")?;
         for key in ["public_ip", "ipv6"] {
             match conf.get(key) {
                 None | Some(serde_json::Value::Null) => {}
                 Some(v @ serde_json::Value::Object(_)) => {
-                    let at = format!("conf.{key}");
-                    let ip = super::json_str(http, &at, v, "address")?;
-                    super::push_address(http, &format!("{at}.address"), ip, &mut addresses)?;
+                    addresses.member(&format!("conf.{key}"), v, "address")?
                 }
                 Some(_) => return Err(http.field_error(format!("conf.{key}"), "must be an object")),
             }
         }
-        match conf.get("public_ips") {
-            None | Some(serde_json::Value::Null) => {}
-            Some(serde_json::Value::Array(list)) => {
-                for (i, v) in list.iter().enumerate() {
-                    let at = format!("conf.public_ips[{i}]");
-                    let ip = super::json_str(http, &at, v, "address")?;
-                    super::push_address(http, &format!("{at}.address"), ip, &mut addresses)?;
-                }
-            }
-            Some(_) => return Err(http.field_error("conf.public_ips", "must be a list")),
+        for (at, v) in optional_list(http, "conf.public_ips", conf.get("public_ips"))? {
+            addresses.member(&at, v, "address")?;
         }
         Ok(Some((
             document,
@@ -111,7 +101,7 @@ impl Scaleway {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }

@@ -6,6 +6,7 @@
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 
 use super::http::{Fetcher, MAX_METADATA_BYTES};
+use super::metadata::{optional_list, Addresses, BaseUrl};
 use super::{CloudFuture, CloudProvider, Dmi, ProviderFacts, SourceError};
 
 pub const NAME: &str = "vultr";
@@ -13,7 +14,7 @@ pub const DEFAULT_BASE: &str = "http://169.254.169.254";
 
 #[derive(Debug, Clone)]
 pub struct Vultr {
-    base: String,
+    base: BaseUrl,
 }
 
 impl Default for Vultr {
@@ -25,7 +26,7 @@ impl Default for Vultr {
 impl Vultr {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
+            base: BaseUrl::new(base),
         }
     }
 
@@ -34,12 +35,12 @@ impl Vultr {
         http: &Fetcher,
     ) -> Result<Option<(powernode_proto::IdentityDocument, ProviderFacts)>, SourceError> {
         // The instance document first: it proves this is Vultr.
-        let url = format!("{}/v1.json", self.base);
+        let url = self.base.join("v1.json");
         let Some(bytes) = http.get(&url, &[], MAX_METADATA_BYTES).await? else {
             return Ok(None);
         };
         let meta = super::parse_json(http, "v1.json", &bytes)?;
-        let url = format!("{}/user-data/user-data", self.base);
+        let url = self.base.join("user-data/user-data");
         let Some(user_data) = http.get(&url, &[], MAX_IDENTITY_BYTES).await? else {
             return Ok(None);
         };
@@ -58,22 +59,9 @@ impl Vultr {
             }
             Some(_) => return Err(http.field_error("v1.json.region", "must be an object")),
         };
-        let mut addresses = Vec::new();
-        match meta.get("interfaces") {
-            None | Some(serde_json::Value::Null) => {}
-            Some(serde_json::Value::Array(list)) => {
-                for (i, nic) in list.iter().enumerate() {
-                    for family in ["ipv4", "ipv6"] {
-                        let Some(f) = nic.get(family).filter(|f| !f.is_null()) else {
-                            continue;
-                        };
-                        let at = format!("v1.json.interfaces[{i}].{family}");
-                        let ip = super::json_str(http, &at, f, "address")?;
-                        super::push_address(http, &format!("{at}.address"), ip, &mut addresses)?;
-                    }
-                }
-            }
-            Some(_) => return Err(http.field_error("v1.json.interfaces", "must be a list")),
+        let mut addresses = Addresses::new(http);
+        for (at, nic) in optional_list(http, "v1.json.interfaces", meta.get("interfaces"))? {
+            addresses.per_family(&at, nic, "address")?;
         }
         Ok(Some((
             document,
@@ -81,7 +69,7 @@ impl Vultr {
                 provider: NAME.to_string(),
                 instance_id: Some(id),
                 region,
-                addresses,
+                addresses: addresses.into_vec(),
             },
         )))
     }
