@@ -22,7 +22,8 @@
 //!
 //! Every provider takes its base URL in its constructor (a [`metadata::BaseUrl`],
 //! the real address by default), so tests point it at a mock server on 127.0.0.1,
-//! and collects its addresses with the shared walk in [`metadata`].
+//! and collects its addresses with the shared walk in [`metadata`]. Adding a cloud
+//! is one file here (with its `mod` line) and one line in `CLOUDS`.
 
 pub mod aws;
 pub mod azure;
@@ -142,42 +143,62 @@ impl CloudOptions {
     }
 }
 
-/// Every provider at its real address, in probe order: the explicit URL first,
-/// then OpenStack (its config drive is local and instant), then the clouds. AWS
-/// leads the 169.254.169.254 services: its first request (the IMDSv2 token PUT)
-/// is the most specific, so other clouds refuse it quickly.
-pub fn standard_providers(opts: &CloudOptions) -> Result<Vec<Box<dyn CloudProvider>>, SourceError> {
-    let cmdline = opts.cmdline_text()?;
-    Ok(vec![
-        Box::new(url::UrlSource::from_cmdline(&cmdline)?),
-        Box::new(openstack::OpenStack::new(
+/// How a cloud source is built for a probe: from the probe's options and the
+/// kernel command line text.
+type Build = fn(&CloudOptions, &str) -> Result<Box<dyn CloudProvider>, SourceError>;
+
+/// Every cloud source at its real address, in probe order: the one list a new
+/// cloud is added to. The explicit URL first, then OpenStack (its config drive is
+/// local and instant), then the clouds. AWS leads the 169.254.169.254 services:
+/// its first request (the IMDSv2 token PUT) is the most specific, so other clouds
+/// refuse it quickly.
+const CLOUDS: &[(&str, Build)] = &[
+    (url::NAME, |_, cmdline| {
+        Ok(Box::new(url::UrlSource::from_cmdline(cmdline)?))
+    }),
+    (openstack::NAME, |opts, _| {
+        Ok(Box::new(openstack::OpenStack::new(
             openstack::DEFAULT_BASE,
             opts.config_drive.clone(),
-        )),
-        Box::new(aws::Aws::default()),
-        Box::new(gcp::Gcp::default()),
-        Box::new(azure::Azure::default()),
-        Box::new(oracle::Oracle::default()),
-        Box::new(digitalocean::DigitalOcean::default()),
-        Box::new(hetzner::Hetzner::default()),
-        Box::new(vultr::Vultr::default()),
-        Box::new(scaleway::Scaleway::default()),
-    ])
+        )))
+    }),
+    (aws::NAME, |_, _| Ok(Box::new(aws::Aws::default()))),
+    (gcp::NAME, |_, _| Ok(Box::new(gcp::Gcp::default()))),
+    (azure::NAME, |_, _| Ok(Box::new(azure::Azure::default()))),
+    (oracle::NAME, |_, _| Ok(Box::new(oracle::Oracle::default()))),
+    (digitalocean::NAME, |_, _| {
+        Ok(Box::new(digitalocean::DigitalOcean::default()))
+    }),
+    (hetzner::NAME, |_, _| {
+        Ok(Box::new(hetzner::Hetzner::default()))
+    }),
+    (vultr::NAME, |_, _| Ok(Box::new(vultr::Vultr::default()))),
+    (scaleway::NAME, |_, _| {
+        Ok(Box::new(scaleway::Scaleway::default()))
+    }),
+];
+
+/// Every provider of [`CLOUDS`], in probe order.
+pub fn standard_providers(opts: &CloudOptions) -> Result<Vec<Box<dyn CloudProvider>>, SourceError> {
+    let cmdline = opts.cmdline_text()?;
+    CLOUDS
+        .iter()
+        .map(|(_, build)| build(opts, &cmdline))
+        .collect()
 }
 
 /// The names of the cloud sources, for pins and error messages.
-pub const NAMES: &[&str] = &[
-    url::NAME,
-    openstack::NAME,
-    aws::NAME,
-    gcp::NAME,
-    azure::NAME,
-    oracle::NAME,
-    digitalocean::NAME,
-    hetzner::NAME,
-    vultr::NAME,
-    scaleway::NAME,
-];
+pub const NAMES: &[&str] = &names();
+
+const fn names() -> [&'static str; CLOUDS.len()] {
+    let mut out = [""; CLOUDS.len()];
+    let mut i = 0;
+    while i < CLOUDS.len() {
+        out[i] = CLOUDS[i].0;
+        i += 1;
+    }
+    out
+}
 
 /// Probes the standard providers (see the module doc for which are asked).
 /// `Ok(None)`: no cloud identity (or the pin names a non-cloud source).
