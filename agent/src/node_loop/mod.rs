@@ -17,7 +17,7 @@
 
 mod heartbeat;
 mod lease;
-pub mod options;
+mod options;
 mod reconcile_loop;
 mod shared;
 mod tasks;
