@@ -109,15 +109,7 @@ impl Aws {
             let value = http.get_text(&meta(path), &auth, field).await?;
             addresses.push(field, value)?;
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(instance_id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, instance_id, region))))
     }
 }
 

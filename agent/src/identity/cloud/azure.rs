@@ -108,12 +108,7 @@ fn facts(http: &Fetcher, instance: &serde_json::Value) -> Result<ProviderFacts, 
             }
         }
     }
-    Ok(ProviderFacts {
-        provider: NAME.to_string(),
-        instance_id: Some(vm_id),
-        region: location,
-        addresses: addresses.into_vec(),
-    })
+    Ok(addresses.facts(NAME, vm_id, location))
 }
 
 /// `CustomData` from an `ovf-env.xml` (base64 text inside

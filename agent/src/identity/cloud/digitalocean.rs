@@ -61,15 +61,7 @@ impl DigitalOcean {
             }
             Some(_) => return Err(http.field_error("v1.json.interfaces", "must be an object")),
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 

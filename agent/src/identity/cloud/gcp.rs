@@ -97,15 +97,7 @@ impl Gcp {
                 }
             }
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 

@@ -70,15 +70,7 @@ impl Hetzner {
                 addresses.push("metadata/private-networks[].ip", Some(ip))?;
             }
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 

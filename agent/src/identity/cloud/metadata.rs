@@ -1,10 +1,11 @@
 //! What every provider shares past the HTTP client ([`super::http`]): where its
 //! metadata service is ([`BaseUrl`]) and the walk that collects the instance's
 //! addresses from the metadata ([`Addresses`], [`list`], [`optional_list`]), each
-//! error naming where in the metadata it was.
+//! error naming where in the metadata it was, into the facts reported at
+//! enrollment ([`Addresses::facts`]).
 
 use super::http::{self, Fetcher};
-use super::SourceError;
+use super::{ProviderFacts, SourceError};
 
 /// A metadata service's base URL, without a trailing slash: the real address by
 /// default, a mock's on 127.0.0.1 in tests.
@@ -75,8 +76,19 @@ impl<'a> Addresses<'a> {
         Ok(())
     }
 
-    pub fn into_vec(self) -> Vec<String> {
-        self.found
+    /// The facts a provider reports at enrollment, with these addresses.
+    pub fn facts(
+        self,
+        provider: &str,
+        instance_id: String,
+        region: Option<String>,
+    ) -> ProviderFacts {
+        ProviderFacts {
+            provider: provider.to_string(),
+            instance_id: Some(instance_id),
+            region,
+            addresses: self.found,
+        }
     }
 }
 
@@ -151,7 +163,8 @@ mod tests {
         for (at, nic) in optional_list(&http, "interfaces", Some(&nics)).unwrap() {
             addresses.per_family(&at, nic, "address").unwrap();
         }
-        assert_eq!(addresses.into_vec(), vec!["10.0.0.2", "2001:db8::1"]);
+        let facts = addresses.facts("test", "i-1".into(), None);
+        assert_eq!(facts.addresses, vec!["10.0.0.2", "2001:db8::1"]);
         assert_eq!(optional_list(&http, "x", None).unwrap().count(), 0);
         let err = optional_list(&http, "interfaces", Some(&serde_json::json!({})))
             .err()

@@ -229,15 +229,7 @@ impl OpenStack {
                 addresses.member(&at, n, "ip_address")?;
             }
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(uuid),
-                region: zone,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, uuid, zone))))
     }
 
     async fn read_service(&self, http: &Fetcher) -> Result<Option<Files>, SourceError> {

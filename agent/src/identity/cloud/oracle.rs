@@ -86,15 +86,7 @@ impl Oracle {
                 }
             }
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 

@@ -95,15 +95,7 @@ impl Scaleway {
         for (at, v) in optional_list(http, "conf.public_ips", conf.get("public_ips"))? {
             addresses.member(&at, v, "address")?;
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 

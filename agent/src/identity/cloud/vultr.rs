@@ -63,15 +63,7 @@ impl Vultr {
         for (at, nic) in optional_list(http, "v1.json.interfaces", meta.get("interfaces"))? {
             addresses.per_family(&at, nic, "address")?;
         }
-        Ok(Some((
-            document,
-            ProviderFacts {
-                provider: NAME.to_string(),
-                instance_id: Some(id),
-                region,
-                addresses: addresses.into_vec(),
-            },
-        )))
+        Ok(Some((document, addresses.facts(NAME, id, region))))
     }
 }
 
