@@ -169,6 +169,54 @@ mod tests {
     }
 
     #[test]
+    fn kernel_quoting_rules() {
+        let p = split_params(
+            "root=/dev/vda  a=\"b c\" \"d=e f\" flag \"quoted flag\" x=\"\" y= \t z=in\"ner sp\"ace",
+        );
+        let get = |k: &str| p.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
+        assert_eq!(get("root"), Some(Some("/dev/vda".into())));
+        assert_eq!(get("a"), Some(Some("b c".into())));
+        assert_eq!(get("d"), Some(Some("e f".into())));
+        assert_eq!(get("flag"), Some(None));
+        assert_eq!(get("quoted flag"), Some(None));
+        assert_eq!(get("x"), Some(Some(String::new())));
+        assert_eq!(get("y"), Some(Some(String::new())));
+        // Inner quotes only protect the space; the kernel keeps them in the value.
+        assert_eq!(get("z"), Some(Some("in\"ner sp\"ace".into())));
+        assert_eq!(p.len(), 8);
+        // An unterminated quote runs to the end, never past it.
+        assert_eq!(
+            split_params("a=\"open ended"),
+            vec![("a".into(), Some("open ended".into()))]
+        );
+        assert_eq!(split_params("  \n "), vec![]);
+        assert_eq!(split_params("\""), vec![(String::new(), None)]);
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics() {
+        // A small xorshift drives strings built from the characters that matter.
+        let alphabet = ['"', '=', ' ', '\t', 'a', 'p', '.', 'é', '\n', '_'];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            let mut line = String::new();
+            for _ in 0..(x % 24) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                line.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            for (k, v) in split_params(&line) {
+                // Whatever comes out is a piece of what went in.
+                assert!(line.contains(k.trim_matches('"')), "{line:?} {k:?}");
+                if let Some(v) = v {
+                    assert!(line.contains(v.as_str()), "{line:?} {v:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn flags() {
         for (v, want) in [
             ("1", Some(true)),

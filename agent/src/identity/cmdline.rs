@@ -23,87 +23,16 @@ use serde_json::{Map, Value};
 
 use super::{IdentitySource, ProbeFuture, SourceError, SourceErrorKind};
 
-pub const DEFAULT_PATH: &str = "/proc/cmdline";
+pub const DEFAULT_PATH: &str = powernode_sysfmt::cmdline::PATH;
 const NAME: &str = "cmdline";
 /// The kernel caps the command line far below this; anything bigger is not a
 /// command line.
 const MAX_CMDLINE_BYTES: usize = 256 * 1024;
 const PREFIX: &str = "powernode.";
 
-/// Splits a command line into `(param, value)` pairs with the kernel's quoting rules.
-pub fn split_params(cmdline: &str) -> Vec<(String, Option<String>)> {
-    let bytes = cmdline.as_bytes();
-    let mut out = Vec::new();
-    let mut pos = 0;
-    loop {
-        while pos < bytes.len() && bytes[pos].is_ascii_whitespace() {
-            pos += 1;
-        }
-        if pos >= bytes.len() {
-            break;
-        }
-        let mut start = pos;
-        let mut in_quote = false;
-        let mut quoted = false;
-        if bytes[start] == b'"' {
-            start += 1;
-            in_quote = true;
-            quoted = true;
-        }
-        let mut i = start;
-        let mut equals = None;
-        while i < bytes.len() {
-            let c = bytes[i];
-            if c.is_ascii_whitespace() && !in_quote {
-                break;
-            }
-            if equals.is_none() && c == b'=' {
-                equals = Some(i);
-            }
-            if c == b'"' {
-                in_quote = !in_quote;
-            }
-            i += 1;
-        }
-        let end = i;
-        // The kernel strips a closing quote at the end of a quoted token.
-        let trim_end = |e: usize| {
-            if e > start && bytes[e - 1] == b'"' {
-                e - 1
-            } else {
-                e
-            }
-        };
-        let (param, value) = match equals {
-            None => {
-                let e = if quoted { trim_end(end) } else { end };
-                (&cmdline[start..e.max(start)], None)
-            }
-            Some(eq) => {
-                let mut vstart = eq + 1;
-                let mut vend = end;
-                if vstart < end && bytes[vstart] == b'"' {
-                    vstart += 1;
-                    vend = trim_end(end).max(vstart);
-                } else if quoted {
-                    vend = trim_end(end).max(vstart);
-                }
-                (&cmdline[start..eq], Some(cmdline[vstart..vend].to_string()))
-            }
-        };
-        out.push((param.to_string(), value));
-        pos = end;
-    }
-    out
-}
-
 /// The pinned source name from `powernode.identity_source=`, if any (last wins).
 pub fn parse_pin(cmdline: &str) -> Option<String> {
-    split_params(cmdline)
-        .into_iter()
-        .filter(|(k, _)| k == "powernode.identity_source")
-        .filter_map(|(_, v)| v)
-        .next_back()
+    powernode_sysfmt::cmdline::last_value(cmdline, "powernode.identity_source")
 }
 
 /// Reads the pin from a command line file; a missing file means no pin.
@@ -152,7 +81,7 @@ pub fn parse(cmdline: &str) -> Result<Option<IdentityDocument>, SourceError> {
     let mut trust_keys = Vec::new();
     let mut pair_keys = Vec::new();
 
-    for (param, value) in split_params(cmdline) {
+    for (param, value) in powernode_sysfmt::cmdline::split_params(cmdline) {
         let Some(key) = param.strip_prefix(PREFIX) else {
             continue;
         };
@@ -316,31 +245,6 @@ mod tests {
     }
 
     #[test]
-    fn kernel_quoting_rules() {
-        let p = split_params(
-            "root=/dev/vda  a=\"b c\" \"d=e f\" flag \"quoted flag\" x=\"\" y= \t z=in\"ner sp\"ace",
-        );
-        let get = |k: &str| p.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
-        assert_eq!(get("root"), Some(Some("/dev/vda".into())));
-        assert_eq!(get("a"), Some(Some("b c".into())));
-        assert_eq!(get("d"), Some(Some("e f".into())));
-        assert_eq!(get("flag"), Some(None));
-        assert_eq!(get("quoted flag"), Some(None));
-        assert_eq!(get("x"), Some(Some(String::new())));
-        assert_eq!(get("y"), Some(Some(String::new())));
-        // Inner quotes only protect the space; the kernel keeps them in the value.
-        assert_eq!(get("z"), Some(Some("in\"ner sp\"ace".into())));
-        assert_eq!(p.len(), 8);
-        // An unterminated quote runs to the end, never past it.
-        assert_eq!(
-            split_params("a=\"open ended"),
-            vec![("a".into(), Some("open ended".into()))]
-        );
-        assert_eq!(split_params("  \n "), vec![]);
-        assert_eq!(split_params("\""), vec![(String::new(), None)]);
-    }
-
-    #[test]
     fn arbitrary_input_never_panics() {
         // A small xorshift drives strings built from the characters that matter.
         let alphabet = ['"', '=', ' ', '\t', 'a', 'p', '.', 'é', '\n', '_'];
@@ -353,7 +257,6 @@ mod tests {
                 x ^= x << 17;
                 line.push(alphabet[(x % alphabet.len() as u64) as usize]);
             }
-            let _ = split_params(&line);
             let _ = parse(&format!("powernode.{line}"));
             let _ = parse(&format!(
                 "powernode.hostname={line} powernode.identity={line}"

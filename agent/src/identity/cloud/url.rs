@@ -63,7 +63,7 @@ impl UrlSource {
     /// From the command line: absent (never asked) when it has no
     /// `powernode.identity_url=`. The last occurrence of a key wins.
     pub fn from_cmdline(cmdline: &str) -> Result<Self, SourceError> {
-        let params = crate::identity::cmdline::split_params(cmdline);
+        let params = powernode_sysfmt::cmdline::split_params(cmdline);
         let last = |key: &str| {
             params
                 .iter()
