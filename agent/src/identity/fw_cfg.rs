@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 
 use powernode_proto::identity::MAX_IDENTITY_BYTES;
 use powernode_proto::IdentityDocument;
+use powernode_sysfmt::fw_cfg;
 
 use super::{IdentitySource, ProbeFuture, SourceError, SourceErrorKind};
 
-pub const DEFAULT_ROOT: &str = "/sys/firmware/qemu_fw_cfg";
+pub const DEFAULT_ROOT: &str = fw_cfg::SYSFS_ROOT;
 /// The entry name, as given to QEMU with `-fw_cfg name=opt/org.powernode/identity,...`.
-pub const ENTRY: &str = "opt/org.powernode/identity";
+pub const ENTRY: &str = fw_cfg::IDENTITY_ENTRY;
 const NAME: &str = "fw_cfg";
 
 /// The fw_cfg source; `root` is injectable (default `/sys/firmware/qemu_fw_cfg`).
@@ -52,27 +53,20 @@ fn read_entry(dir: &Path) -> Result<Option<Vec<u8>>, SourceErrorKind> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&size_path)(e)),
     };
-    let size: u64 = size_text
-        .trim()
-        .parse()
-        .map_err(|_| SourceErrorKind::BadSize {
+    let size = fw_cfg::parse_size(&size_text, MAX_IDENTITY_BYTES).map_err(|e| match e {
+        fw_cfg::SizeError::NotANumber(value) => SourceErrorKind::BadSize {
             path: size_path.clone(),
-            value: size_text.chars().take(32).collect(),
-        })?;
-    if size > MAX_IDENTITY_BYTES as u64 {
-        return Err(SourceErrorKind::TooLarge {
-            size,
-            max: MAX_IDENTITY_BYTES,
-        });
-    }
+            value,
+        },
+        fw_cfg::SizeError::TooLarge { size, max } => SourceErrorKind::TooLarge { size, max },
+    })?;
     let raw_path = dir.join("raw");
     let mut file = std::fs::File::open(&raw_path).map_err(io(&raw_path))?;
-    // `size` is bounded above, so this cast and allocation are bounded too.
-    let want = size as usize;
-    let mut buf = vec![0u8; want];
+    // `size` is bounded above, so this allocation is bounded too.
+    let mut buf = vec![0u8; size];
     let mut got = 0;
     // One read normally returns everything; loop only if the kernel returns less.
-    while got < want {
+    while got < size {
         match file.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
@@ -80,9 +74,9 @@ fn read_entry(dir: &Path) -> Result<Option<Vec<u8>>, SourceErrorKind> {
             Err(e) => return Err(io(&raw_path)(e)),
         }
     }
-    if got < want {
+    if got < size {
         return Err(SourceErrorKind::Truncated {
-            expected: size,
+            expected: size as u64,
             got,
         });
     }
