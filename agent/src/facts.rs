@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn this_machine_has_a_root() {
-        let f = read_root_facts(Path::new(MOUNTINFO)).unwrap();
+        let f = read_root_facts(Path::new(mountinfo::PATH)).unwrap();
         assert!(!f.fstype.is_empty());
     }
 }

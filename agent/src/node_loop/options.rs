@@ -78,7 +78,7 @@ impl AgentOptions {
             stop_grace: Duration::from_secs(10),
             reconcile_every: 10,
             lease_poll_every: 5,
-            mountinfo: PathBuf::from(crate::facts::MOUNTINFO),
+            mountinfo: PathBuf::from(powernode_sysfmt::mountinfo::PATH),
             root_modules: Vec::new(),
             root_facts: None,
             can_reboot: false,

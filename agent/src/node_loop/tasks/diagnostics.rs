@@ -113,18 +113,13 @@ fn diagnostics(
     }
 }
 
-/// Mount points from mountinfo: `{target, fstype, source}`, at most `max`.
+/// Mount points from mountinfo: `{target, fstype, source}`, at most `max`,
+/// unescaped; a malformed line is skipped (this is a report).
 fn read_mounts(mountinfo: &std::path::Path, max: usize) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let target = pre.split(' ').nth(4)?;
-            let mut post = post.split(' ');
-            let fstype = post.next()?;
-            let source = post.next().unwrap_or("");
-            Some(serde_json::json!({"target": target, "fstype": fstype, "source": source}))
-        })
+    powernode_sysfmt::mountinfo::entries(&text)
+        .filter_map(Result::ok)
+        .map(|m| serde_json::json!({"target": m.mount_point, "fstype": m.fstype, "source": m.source}))
         .take(max)
         .collect()
 }
@@ -195,11 +190,13 @@ mod tests {
             "22 1 0:21 / / rw,relatime - overlay overlay rw,lowerdir=/a\n\
              23 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n\
              garbage line\n\
-             24 22 7:0 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n",
+             24 22 7:0 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n\
+             25 22 0:6 / /mnt/a\\040b rw - tmpfs tmpfs rw\n",
         )
         .unwrap();
         let m = read_mounts(&path, 10);
-        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert_eq!(m[3]["target"], "/mnt/a b", "unescaped");
         assert_eq!(m[0]["target"], "/");
         assert_eq!(m[2]["target"], "/run/powernode/modules/demo");
         assert_eq!(m[2]["source"], "composefs:ab");
