@@ -24,9 +24,21 @@ pub const ADMIN_NODES: &str = "/api/v1/system/nodes";
 pub const ADMIN_TEMPLATES: &str = "/api/v1/system/templates";
 pub const ADMIN_SIGNALS: &str = "/api/v1/system/signals";
 pub const ADMIN_EVENTS: &str = "/api/v1/system/events";
+/// `system_list_disk_image_publications` (GET) and publishing an image folder (POST).
+pub const ADMIN_DISK_IMAGE_PUBLICATIONS: &str = "/api/v1/system/disk_image_publications";
+/// Module publications: list (GET) and record a pushed, signed module (POST).
+pub const ADMIN_MODULE_PUBLICATIONS: &str = "/api/v1/system/module_publications";
+/// Signs a module manifest with the server's module-signing key (POST).
+pub const ADMIN_MODULE_SIGNATURES: &str = "/api/v1/system/module_signatures";
+/// The public half of the module-signing key (GET).
+pub const ADMIN_MODULE_SIGNING_KEY: &str = "/api/v1/system/module_signing_key";
 
 pub fn admin_node(node_id: &str) -> String {
     format!("/api/v1/system/nodes/{node_id}")
+}
+/// `PUT`: the template's root and runtime module lists.
+pub fn admin_template_modules(template_id: &str) -> String {
+    format!("/api/v1/system/templates/{template_id}/modules")
 }
 pub fn admin_provision(node_id: &str) -> String {
     format!("/api/v1/system/nodes/{node_id}/provision")

@@ -54,7 +54,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/system/nodes/{id}/provision", post(provision))
         .route(paths::ADMIN_TEMPLATES, get(list_templates))
         .route(
-            ADMIN_DISK_IMAGE_PUBLICATIONS,
+            paths::ADMIN_DISK_IMAGE_PUBLICATIONS,
             get(list_publications).post(publish_image),
         )
         .route("/api/v1/system/instances/{id}", get(get_instance))
@@ -290,9 +290,6 @@ async fn provision(
         axum::Json(st.provision(&id, req).await?),
     ))
 }
-
-/// `system_list_disk_image_publications` (GET) and publishing an image folder (POST).
-pub const ADMIN_DISK_IMAGE_PUBLICATIONS: &str = "/api/v1/system/disk_image_publications";
 
 async fn list_publications(State(st): State<AppState>) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"publications": st.list_publications()}))

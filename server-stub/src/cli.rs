@@ -370,11 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Cmd::ModuleSigningKey = &cmd {
         let (status, text) = client
-            .call(
-                reqwest::Method::GET,
-                crate::publish::ADMIN_MODULE_SIGNING_KEY,
-                None,
-            )
+            .call(reqwest::Method::GET, paths::ADMIN_MODULE_SIGNING_KEY, None)
             .await?;
         if !status.is_success() {
             eprintln!("{}", text.trim_end());
@@ -424,12 +420,12 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
         Cmd::ListTemplates => (Method::GET, paths::ADMIN_TEMPLATES.to_string(), None),
         Cmd::ListDiskImagePublications => (
             Method::GET,
-            crate::api::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
+            paths::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
             None,
         ),
         Cmd::PublishDiskImage { image_base } => (
             Method::POST,
-            crate::api::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
+            paths::ADMIN_DISK_IMAGE_PUBLICATIONS.to_string(),
             Some(json!({ "image_base": image_base })),
         ),
         Cmd::PublishModule { .. } | Cmd::ModuleSigningKey => {
@@ -437,7 +433,7 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
         }
         Cmd::ListModulePublications => (
             Method::GET,
-            crate::publish::ADMIN_MODULE_PUBLICATIONS.to_string(),
+            paths::ADMIN_MODULE_PUBLICATIONS.to_string(),
             None,
         ),
         Cmd::SetTemplateModules {
@@ -446,7 +442,7 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             runtime,
         } => (
             Method::PUT,
-            format!("/api/v1/system/templates/{template}/modules"),
+            paths::admin_template_modules(template),
             Some(json!({"root_modules": root, "runtime_modules": runtime})),
         ),
         Cmd::ListNodes => (Method::GET, paths::ADMIN_NODES.to_string(), None),

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use powernode_proto::node::{
     DesiredModule, COMPOSEFS_DIGEST_ANNOTATION, MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION,
 };
-use powernode_proto::ErrorCode;
+use powernode_proto::{paths, ErrorCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Digest as _;
@@ -32,10 +32,6 @@ use crate::registry::{parse_digest, valid_repo, valid_tag, Storage, OCI_MANIFEST
 use crate::service::AppState;
 use crate::signing::{signature_tag, Signature, SigningKey};
 use crate::store::{Store, StoreError};
-
-pub const ADMIN_MODULE_PUBLICATIONS: &str = "/api/v1/system/module_publications";
-pub const ADMIN_MODULE_SIGNATURES: &str = "/api/v1/system/module_signatures";
-pub const ADMIN_MODULE_SIGNING_KEY: &str = "/api/v1/system/module_signing_key";
 
 /// One published module version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,11 +216,11 @@ pub fn valid_module_name(name: &str) -> bool {
 pub fn admin_routes() -> Router<AppState> {
     Router::new()
         .route(
-            ADMIN_MODULE_PUBLICATIONS,
+            paths::ADMIN_MODULE_PUBLICATIONS,
             get(list_publications).post(record_publication),
         )
-        .route(ADMIN_MODULE_SIGNATURES, post(sign))
-        .route(ADMIN_MODULE_SIGNING_KEY, get(signing_key))
+        .route(paths::ADMIN_MODULE_SIGNATURES, post(sign))
+        .route(paths::ADMIN_MODULE_SIGNING_KEY, get(signing_key))
         .route(
             "/api/v1/system/templates/{id}/modules",
             put(set_template_modules),
@@ -856,7 +852,7 @@ pub async fn publish_module(
     let (status, text) = admin
         .call(
             reqwest::Method::POST,
-            ADMIN_MODULE_SIGNATURES,
+            paths::ADMIN_MODULE_SIGNATURES,
             Some(json!({"registry": registry_host, "repository": repo, "digest": image.manifest_digest})),
         )
         .await?;
@@ -883,7 +879,7 @@ pub async fn publish_module(
     let (status, text) = admin
         .call(
             reqwest::Method::POST,
-            ADMIN_MODULE_PUBLICATIONS,
+            paths::ADMIN_MODULE_PUBLICATIONS,
             Some(json!({
                 "name": args.name, "version": args.version, "kind": args.kind,
                 "registry": registry_host, "repository": repo,
