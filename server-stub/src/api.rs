@@ -10,7 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use bytes::Bytes;
 use powernode_proto::admin::{
@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use crate::ca::ClientIdentity;
 use crate::error::{AppError, AppResult};
+use crate::service::modules::{RecordRequest, SetTemplateModules, SignRequest};
 use crate::service::AppState;
 
 /// Largest request body accepted (`payload_too_large` above it).
@@ -82,7 +83,16 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/system/tasks/{id}/cancel", post(cancel_task))
         .route(paths::ADMIN_SIGNALS, get(recent_signals))
         .route(paths::ADMIN_EVENTS, get(recent_events))
-        .merge(crate::publish::admin_routes())
+        .route(
+            paths::ADMIN_MODULE_PUBLICATIONS,
+            get(list_module_publications).post(record_module_publication),
+        )
+        .route(paths::ADMIN_MODULE_SIGNATURES, post(sign_module))
+        .route(paths::ADMIN_MODULE_SIGNING_KEY, get(module_signing_key))
+        .route(
+            "/api/v1/system/templates/{id}/modules",
+            put(set_template_modules),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     let node = Router::new()
         .route(paths::ENROLLMENT, post(enroll))
@@ -448,6 +458,45 @@ async fn recent_events(
     Ok(axum::Json(EventsResponse {
         events: st.recent_events(limit, instance).await?,
     }))
+}
+
+// ----- admin: module publications -------------------------------------------------------
+
+async fn list_module_publications(State(st): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "publications": st.module_publications() }))
+}
+
+async fn module_signing_key(State(st): State<AppState>) -> JsonOut<serde_json::Value> {
+    Ok(axum::Json(
+        serde_json::json!({"public_key_pem": st.module_signing_key()?}),
+    ))
+}
+
+async fn sign_module(
+    State(st): State<AppState>,
+    Json(req): Json<SignRequest>,
+) -> JsonOut<serde_json::Value> {
+    Ok(axum::Json(st.sign_module(req)?))
+}
+
+async fn record_module_publication(
+    State(st): State<AppState>,
+    Json(req): Json<RecordRequest>,
+) -> AppResult<(StatusCode, axum::Json<serde_json::Value>)> {
+    let p = st.record_module_publication(req).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "publication": p })),
+    ))
+}
+
+async fn set_template_modules(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<SetTemplateModules>,
+) -> JsonOut<serde_json::Value> {
+    let template = st.set_template_modules(&id, req).await?;
+    Ok(axum::Json(serde_json::json!({ "template": template })))
 }
 
 // ----- node handlers ----------------------------------------------------------------

@@ -156,6 +156,12 @@ impl Config {
     }
 }
 
+/// `host[:port]` of a URL.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split('/').next().filter(|h| !h.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

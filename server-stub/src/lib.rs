@@ -24,7 +24,6 @@ pub mod error;
 pub mod images;
 pub mod model;
 pub mod provider;
-pub mod publish;
 pub mod registry;
 pub mod server;
 pub mod service;

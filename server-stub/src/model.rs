@@ -607,6 +607,47 @@ pub fn stuck_info(
     })
 }
 
+/// One published module version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModulePublication {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    /// `root` or `runtime` (what the publisher meant; templates decide).
+    pub kind: String,
+    /// `host[:port]` of an external registry; `None`: the embedded one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// Repository path inside the registry, e.g. `modules/base`.
+    pub repository: String,
+    /// Pinned manifest digest.
+    pub digest: String,
+    /// fs-verity digest of the module's composefs image (the manifest annotation).
+    pub composefs_digest: String,
+    /// Digest of the cosign signature manifest (tag `sha256-HEX.sig`).
+    pub signature_digest: String,
+    pub created_at: String,
+    pub created_ms: i64,
+}
+
+/// Module lists a template names (overriding the built-in catalog's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateModules {
+    pub template_id: String,
+    #[serde(default)]
+    pub root_modules: Vec<String>,
+    #[serde(default)]
+    pub runtime_modules: Vec<String>,
+}
+
+/// Random id with a readable prefix; only `[a-z0-9-]`, so it is valid in identity
+/// documents, certificate names and URLs.
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,14 +30,16 @@ use sha2::Digest;
 
 use crate::ca::{Ca, ClientIdentity, CsrError};
 use crate::clock::{format_ts, Clock, Millis};
-use crate::config::Config;
+use crate::config::{url_host, Config};
 use crate::error::{AppError, AppResult};
 use crate::images::{read_image_dir_cached, DigestCache, Publication};
-use crate::model::{self, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
+use crate::model::{self, new_id, CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 use crate::provider::{Provider, ProviderError, ProviderRecord, ProvisionSpec};
 use crate::store::{Store, StoreError};
 
 mod attribution;
+mod module_store;
+pub mod modules;
 mod tasks;
 
 /// How long a provision call waits for the provider before answering `pending`.
@@ -53,7 +55,7 @@ pub struct Shared {
     pub provider: Box<dyn Provider>,
     pub catalog: Catalog,
     /// Embedded registry, module-signing key, module publications.
-    pub modules: crate::publish::Modules,
+    pub modules: module_store::Modules,
     admin_token_hash: [u8; 32],
     /// When this process started serving: silence is only counted from here, since
     /// heartbeats sent while the server was down could not arrive.
@@ -87,7 +89,7 @@ struct ModuleWatch {
 /// A module change the sensor noticed.
 #[derive(Debug)]
 enum ModuleChange {
-    Published(crate::publish::ModulePublication),
+    Published(crate::model::ModulePublication),
     TemplateChanged {
         template_id: String,
         before: (Vec<String>, Vec<String>),
@@ -125,14 +127,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 fn token_hash(token: &str) -> String {
     hex::encode(sha256(token.as_bytes()))
-}
-
-/// Random id with a readable prefix; only `[a-z0-9-]`, so it is valid in identity
-/// documents, certificate names and URLs.
-pub fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
-    format!("{prefix}-{}", hex::encode(b))
 }
 
 fn random_secret() -> String {
@@ -186,7 +180,7 @@ impl AppState {
             );
         }
         let modules =
-            crate::publish::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
+            module_store::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
         let catalog = crate::catalog::catalog();
         let module_watch = ModuleWatch {
             generation: modules.generation(),
@@ -298,6 +292,11 @@ impl AppState {
             self.modules.apply_to_template(t);
         }
         c
+    }
+
+    /// `host[:port]` of the public URL: how nodes name the embedded registry.
+    pub(crate) fn public_host(&self) -> &str {
+        url_host(&self.public_url).unwrap_or("localhost")
     }
 
     fn template(&self, id: &str) -> Option<&admin::Template> {
@@ -1635,7 +1634,7 @@ impl AppState {
             .get(&ident.instance_id)
             .and_then(|i| mem.nodes.get(&i.node_id))
             .and_then(|n| self.template(&n.template_id));
-        let host = crate::publish::url_host(&self.public_url).unwrap_or("localhost");
+        let host = self.public_host();
         Ok(DesiredModulesResponse {
             modules: template
                 .map(|t| self.modules.desired(t, host))
@@ -2092,7 +2091,7 @@ struct SensorChange {
     systemd: Option<Option<admin::SystemdDegraded>>,
 }
 
-fn template_lists(modules: &crate::publish::Modules, catalog: &Catalog) -> TemplateLists {
+fn template_lists(modules: &module_store::Modules, catalog: &Catalog) -> TemplateLists {
     catalog
         .templates
         .iter()

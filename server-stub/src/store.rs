@@ -291,10 +291,10 @@ impl Store {
     /// Every module publication, oldest first.
     pub fn load_module_publications(
         &self,
-    ) -> Result<Vec<crate::publish::ModulePublication>, StoreError> {
+    ) -> Result<Vec<crate::model::ModulePublication>, StoreError> {
         self.with_conn(|conn| {
             let mut v =
-                load_docs::<crate::publish::ModulePublication>(conn, "module_publications", "id")?;
+                load_docs::<crate::model::ModulePublication>(conn, "module_publications", "id")?;
             v.sort_by_key(|p| p.created_ms);
             Ok(v)
         })
@@ -302,7 +302,7 @@ impl Store {
 
     pub async fn insert_module_publication(
         &self,
-        p: crate::publish::ModulePublication,
+        p: crate::model::ModulePublication,
     ) -> Result<(), StoreError> {
         self.blocking(move |conn| {
             conn.execute(
@@ -315,15 +315,13 @@ impl Store {
     }
 
     /// Module lists set on templates (overriding the built-in catalog's).
-    pub fn load_template_modules(
-        &self,
-    ) -> Result<Vec<crate::publish::TemplateModules>, StoreError> {
+    pub fn load_template_modules(&self) -> Result<Vec<crate::model::TemplateModules>, StoreError> {
         self.with_conn(|conn| load_docs(conn, "template_modules", "template_id"))
     }
 
     pub async fn save_template_modules(
         &self,
-        t: crate::publish::TemplateModules,
+        t: crate::model::TemplateModules,
     ) -> Result<(), StoreError> {
         self.blocking(move |conn| {
             conn.execute(

@@ -30,8 +30,8 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
         let data: Vec<u8> = (0..5000u32).map(|j| (j * 7 + i) as u8).collect();
         std::fs::write(src.path().join(format!("etc/f{i}")), data).unwrap();
     }
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
-    let args = powernode_stub::publish::PublishArgs {
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::cli::publish::PublishArgs {
         source: src.path().to_path_buf(),
         name: "chunked".into(),
         version: "1".into(),
@@ -39,7 +39,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
         registry: None,
         folder: Default::default(),
     };
-    let p = powernode_stub::publish::publish_module(
+    let p = powernode_stub::cli::publish::publish_module(
         &ts.admin,
         http.clone(),
         &ts.url(),

@@ -83,7 +83,7 @@ fn plain_http() -> reqwest::Client {
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap()
         .pem();
-    powernode_stub::cli::pinned_client(&ca, None).unwrap()
+    powernode_stub::cli::client::pinned_client(&ca, None).unwrap()
 }
 
 fn token(ts: &TestServer) -> String {
@@ -107,8 +107,8 @@ fn module_folder() -> tempfile::TempDir {
 }
 
 async fn publish(ts: &TestServer, src: &Path, registry: Option<String>) -> Value {
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
-    let args = powernode_stub::publish::PublishArgs {
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::cli::publish::PublishArgs {
         source: src.to_path_buf(),
         name: "base".into(),
         version: "1.0.0".into(),
@@ -116,7 +116,7 @@ async fn publish(ts: &TestServer, src: &Path, registry: Option<String>) -> Value
         registry,
         folder: Default::default(),
     };
-    powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
+    powernode_stub::cli::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
         .await
         .unwrap()["publication"]
         .clone()
@@ -176,7 +176,7 @@ async fn oras_push_then_pull_by_digest() {
     assert!(std::fs::read(work.path().join("pulled/payload.bin")).unwrap() == data);
     // Our own client sees the manifest oras pushed, under the same digest.
     let (s, v) = {
-        let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
+        let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
         let r = http
             .get(format!("{}/v2/test/art/manifests/v1", ts.url()))
             .send()

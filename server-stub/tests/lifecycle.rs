@@ -385,7 +385,7 @@ async fn http2_and_http1_keep_alive_both_work() {
     let ts = TestServer::start().await;
     // reqwest offers h2 first (ALPN) and gets it.
     let token = std::fs::read_to_string(ts.dir.path().join("admin-token")).unwrap();
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
     let r = http
         .get(format!("{}{}", ts.url(), paths::ADMIN_TEMPLATES))
         .bearer_auth(token.trim())

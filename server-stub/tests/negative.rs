@@ -5,7 +5,7 @@ mod common;
 
 use common::{code, csr, FakeNode, TestServer};
 use powernode_proto::paths;
-use powernode_stub::cli::pinned_client;
+use powernode_stub::cli::client::pinned_client;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 

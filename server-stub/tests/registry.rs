@@ -32,7 +32,7 @@ struct Reg {
 impl Reg {
     fn new(ts: &TestServer) -> Self {
         Self {
-            http: powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap(),
+            http: powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap(),
             base: ts.url(),
             token: token(ts),
         }
@@ -561,8 +561,8 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
     let ts = TestServer::start().await;
     let src = tempfile::tempdir().unwrap();
     module_tree(src.path(), "v1");
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
-    let args = powernode_stub::publish::PublishArgs {
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::cli::publish::PublishArgs {
         source: src.path().to_path_buf(),
         name: "base".into(),
         version: "1.0.0".into(),
@@ -570,7 +570,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         registry: None,
         folder: Default::default(),
     };
-    let out = powernode_stub::publish::publish_module(
+    let out = powernode_stub::cli::publish::publish_module(
         &ts.admin,
         http.clone(),
         &ts.url(),
@@ -590,7 +590,8 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
     assert_eq!(p["kind"], "root");
 
     // Same folder, same digests (reproducible), independent of when it is built.
-    let again = powernode_stub::publish::image_from_folder(src.path(), "base", "1.0.0").unwrap();
+    let again =
+        powernode_stub::cli::publish::image_from_folder(src.path(), "base", "1.0.0").unwrap();
     assert_eq!(again.manifest_digest, digest);
     assert_eq!(again.composefs_digest, composefs);
 
@@ -770,14 +771,19 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
 
     // v2 with one file changed: new digests, and desired follows the latest.
     module_tree(src.path(), "v2x");
-    let args2 = powernode_stub::publish::PublishArgs {
+    let args2 = powernode_stub::cli::publish::PublishArgs {
         version: "2.0.0".into(),
         ..args
     };
-    let out2 =
-        powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(&ts), &args2)
-            .await
-            .unwrap();
+    let out2 = powernode_stub::cli::publish::publish_module(
+        &ts.admin,
+        http,
+        &ts.url(),
+        &token(&ts),
+        &args2,
+    )
+    .await
+    .unwrap();
     let p2 = &out2["publication"];
     assert_ne!(p2["digest"], digest.as_str());
     assert_ne!(p2["composefs_digest"], composefs.as_str());
@@ -872,8 +878,8 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
             .unwrap();
     assert_ne!(expected, lower_only, "the upper layer changes the tree");
 
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
-    let args = powernode_stub::publish::PublishArgs {
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::cli::publish::PublishArgs {
         source: layout.path().to_path_buf(),
         name: "svc".into(),
         version: "3".into(),
@@ -881,10 +887,15 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
         registry: None,
         folder: Default::default(),
     };
-    let out =
-        powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(&ts), &args)
-            .await
-            .unwrap();
+    let out = powernode_stub::cli::publish::publish_module(
+        &ts.admin,
+        http,
+        &ts.url(),
+        &token(&ts),
+        &args,
+    )
+    .await
+    .unwrap();
     let p = &out["publication"];
     assert_eq!(p["composefs_digest"], expected.to_string());
     assert_eq!(p["kind"], "runtime");

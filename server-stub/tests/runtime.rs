@@ -513,8 +513,8 @@ async fn publish(ts: &TestServer, name: &str, version: &str, kind: &str) -> Valu
         format!("{name} {version}\n"),
     )
     .unwrap();
-    let http = powernode_stub::cli::pinned_client(&ts.ca_pem(), None).unwrap();
-    let args = powernode_stub::publish::PublishArgs {
+    let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
+    let args = powernode_stub::cli::publish::PublishArgs {
         source: src.path().to_path_buf(),
         name: name.into(),
         version: version.into(),
@@ -522,7 +522,7 @@ async fn publish(ts: &TestServer, name: &str, version: &str, kind: &str) -> Valu
         registry: None,
         folder: Default::default(),
     };
-    powernode_stub::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
+    powernode_stub::cli::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
         .await
         .unwrap()["publication"]
         .clone()

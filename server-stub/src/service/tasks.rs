@@ -6,13 +6,11 @@ use powernode_proto::admin::{self, InstanceActionResponse, MAX_TASK_RESULT_BYTES
 use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
 use serde_json::{json, Value};
 
-use super::{
-    invalid_transition, new_id, template_lists, AppState, ModuleChange, REFUSAL_SIGNAL_EVERY_MS,
-};
+use super::{invalid_transition, template_lists, AppState, ModuleChange, REFUSAL_SIGNAL_EVERY_MS};
 use crate::ca::ClientIdentity;
 use crate::clock::Millis;
 use crate::error::{AppError, AppResult};
-use crate::model::{Mem, TaskRec};
+use crate::model::{new_id, Mem, TaskRec};
 
 /// Bytes of a too-large result kept as a preview.
 const RESULT_PREVIEW_BYTES: usize = 4096;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use powernode_proto::IdentityDocument;
-use powernode_stub::cli::{pinned_client, AdminClient};
+use powernode_stub::cli::client::{pinned_client, AdminClient};
 use powernode_stub::{Clock, Config, RunningServer};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use reqwest::{Method, StatusCode};

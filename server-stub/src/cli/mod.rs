@@ -4,9 +4,8 @@
 //! exit 1 with the error JSON on stderr for any non-2xx answer.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +13,10 @@ use powernode_proto::{paths, LifecycleClass};
 use serde_json::{json, Value};
 
 use crate::config::{Config, ProviderMode, StuckThresholds};
+use client::AdminClient;
+
+pub mod client;
+pub mod publish;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -332,7 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         labels,
     } = &cmd
     {
-        let mut folder = crate::publish::FolderOptions {
+        let mut folder = publish::FolderOptions {
             preserve_owners: *preserve_owners,
             ..Default::default()
         };
@@ -345,7 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             folder.labels.insert(k.to_string(), v.to_string());
         }
-        let args = crate::publish::PublishArgs {
+        let args = publish::PublishArgs {
             source: source.clone(),
             name: name.clone(),
             version: version.clone(),
@@ -353,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             registry: registry.clone(),
             folder,
         };
-        let out = crate::publish::publish_module(
+        let out = publish::publish_module(
             &client,
             client.http.clone(),
             &client.base,
@@ -536,100 +539,6 @@ fn list_path(base: &str, limit: u32, instance: Option<&str>) -> String {
         ),
         None => format!("{base}?limit={limit}"),
     }
-}
-
-/// An admin API client pinned to the stub's CA.
-#[derive(Debug, Clone)]
-pub struct AdminClient {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl AdminClient {
-    /// Token from `DIR/admin-token`, CA from `DIR/ca.pem`, URL from `server` or
-    /// `DIR/server-url`.
-    pub fn from_data_dir(dir: &Path, server: Option<&str>) -> anyhow::Result<Self> {
-        let token_path = dir.join(crate::server::ADMIN_TOKEN_FILE);
-        let token = std::fs::read_to_string(&token_path)
-            .with_context(|| format!("reading {}", token_path.display()))?
-            .trim()
-            .to_string();
-        let ca_path = dir.join(crate::ca::CA_CERT_FILE);
-        let ca_pem = std::fs::read_to_string(&ca_path)
-            .with_context(|| format!("reading {}", ca_path.display()))?;
-        let base = match server {
-            Some(s) => s.to_string(),
-            None => {
-                let p = dir.join(crate::server::SERVER_URL_FILE);
-                std::fs::read_to_string(&p)
-                    .with_context(|| format!("reading {} (or pass --server)", p.display()))?
-                    .trim()
-                    .to_string()
-            }
-        };
-        Ok(Self {
-            http: pinned_client(&ca_pem, None)?,
-            base: base.trim_end_matches('/').to_string(),
-            token,
-        })
-    }
-
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<(reqwest::StatusCode, String)> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the answer")?;
-        Ok((status, text))
-    }
-}
-
-/// A reqwest client that trusts only `ca_pem` (ring provider), optionally with a
-/// client certificate (`cert_pem`, `key_pem`).
-pub fn pinned_client(
-    ca_pem: &str,
-    identity: Option<(&str, &str)>,
-) -> anyhow::Result<reqwest::Client> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::PrivateKeyDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::ca::pem_certs(ca_pem) {
-        roots.add(cert).context("adding the CA certificate")?;
-    }
-    if roots.is_empty() {
-        bail!("the CA PEM holds no certificate");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS versions")?
-    .with_root_certificates(roots);
-    let mut tls = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert_pem, key_pem)) => {
-            let certs = crate::ca::pem_certs(cert_pem);
-            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-                .context("parsing the client key")?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .context("client certificate")?
-        }
-    };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .context("building the HTTP client")
 }
 
 /// A readable rendering of an API answer: `key  value` lines for objects, one row
@@ -833,7 +742,10 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(args.provider, ProviderMode::Real);
-        assert_eq!(args.image_base.as_deref(), Some(Path::new("build")));
+        assert_eq!(
+            args.image_base.as_deref(),
+            Some(std::path::Path::new("build"))
+        );
         let cli = Cli::try_parse_from([
             "powernode-stub",
             "serve",

@@ -1,0 +1,148 @@
+//! The server's module state beside SQLite: the embedded registry's storage, the
+//! module-signing key, the publications and the template module lists, with a
+//! generation counter the sensor compares.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use powernode_proto::node::DesiredModule;
+
+use crate::error::{AppError, AppResult};
+use crate::model::{ModulePublication, TemplateModules};
+use crate::registry::Storage;
+use crate::signing::SigningKey;
+use crate::store::{Store, StoreError};
+
+/// The server's module state: registry storage, signing key, publications.
+pub struct Modules {
+    pub storage: Storage,
+    signing: Result<SigningKey, String>,
+    publications: Mutex<Vec<ModulePublication>>,
+    templates: Mutex<BTreeMap<String, TemplateModules>>,
+    /// Bumped by every publication and template change, so the sensor's safety-net
+    /// sweep costs one load when nothing changed.
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Modules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Modules").finish_non_exhaustive()
+    }
+}
+
+impl Modules {
+    /// Loads publications and template lists, and the signing key (made on first
+    /// start; a key that cannot be made or read is logged and answered 500 on use).
+    pub fn load(dir: &Path, store: &Store, max_blob: u64) -> Result<Self, StoreError> {
+        let signing = SigningKey::load_or_create(dir).map_err(|e| {
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "module signing key unusable");
+            e.to_string()
+        });
+        let templates = store
+            .load_template_modules()?
+            .into_iter()
+            .map(|t| (t.template_id.clone(), t))
+            .collect();
+        Ok(Self {
+            storage: Storage::new(dir.join("registry"), max_blob),
+            signing,
+            publications: Mutex::new(store.load_module_publications()?),
+            templates: Mutex::new(templates),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub(super) fn key(&self) -> AppResult<&SigningKey> {
+        self.signing
+            .as_ref()
+            .map_err(|e| AppError::internal(&format!("module signing key: {e}")))
+    }
+
+    /// The trust keys nodes verify signatures with.
+    pub fn trust_keys(&self) -> Vec<String> {
+        self.signing
+            .as_ref()
+            .map(|k| vec![k.public_pem().to_string()])
+            .unwrap_or_default()
+    }
+
+    /// Changes so far (publications and template module lists).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(super) fn push_publication(&self, p: ModulePublication) {
+        self.publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(p);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn set_template(&self, t: TemplateModules) {
+        self.templates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t.template_id.clone(), t);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn publications(&self) -> Vec<ModulePublication> {
+        self.publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn latest(&self, name: &str) -> Option<ModulePublication> {
+        self.publications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+
+    /// A template with its module lists overridden by what was set on it.
+    pub fn apply_to_template(&self, t: &mut powernode_proto::admin::Template) {
+        if let Some(m) = self
+            .templates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&t.id)
+        {
+            t.root_modules = m.root_modules.clone();
+            t.runtime_modules = m.runtime_modules.clone();
+        }
+    }
+
+    /// The latest publication of every module `template` names, root modules first;
+    /// names never published are left out (the drift report shows them).
+    pub fn desired(
+        &self,
+        template: &powernode_proto::admin::Template,
+        public_host: &str,
+    ) -> Vec<DesiredModule> {
+        let mut t = template.clone();
+        self.apply_to_template(&mut t);
+        let mut out = Vec::new();
+        for (names, kind) in [(&t.root_modules, "root"), (&t.runtime_modules, "runtime")] {
+            for name in names {
+                if let Some(p) = self.latest(name) {
+                    let host = p.registry.as_deref().unwrap_or(public_host);
+                    out.push(DesiredModule {
+                        name: p.name,
+                        version: p.version,
+                        repository: format!("{host}/{}", p.repository),
+                        digest: p.digest,
+                        kind: kind.to_string(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
