@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use powernode_proto::admin::Catalog;
 use powernode_proto::node::DesiredModule;
 
 use crate::error::{AppError, AppResult};
@@ -145,4 +146,38 @@ impl Modules {
         }
         out
     }
+}
+
+/// Module lists per template, `(root, runtime)`.
+pub(super) type TemplateLists = std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>;
+
+#[derive(Debug, Default)]
+pub(super) struct ModuleWatch {
+    /// `Modules::generation` when last compared.
+    pub(super) generation: u64,
+    pub(super) publications: usize,
+    pub(super) templates: TemplateLists,
+}
+
+/// A module change the sensor noticed.
+#[derive(Debug)]
+pub(super) enum ModuleChange {
+    Published(crate::model::ModulePublication),
+    TemplateChanged {
+        template_id: String,
+        before: (Vec<String>, Vec<String>),
+        after: (Vec<String>, Vec<String>),
+    },
+}
+
+pub(super) fn template_lists(modules: &Modules, catalog: &Catalog) -> TemplateLists {
+    catalog
+        .templates
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            modules.apply_to_template(&mut t);
+            (t.id, (t.root_modules, t.runtime_modules))
+        })
+        .collect()
 }

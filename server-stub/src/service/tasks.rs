@@ -2,18 +2,17 @@
 //! module update), module changes noticed by the sensor, bounded task results, and
 //! the record of calls refused after decommission.
 
-use powernode_proto::admin::{self, InstanceActionResponse, MAX_TASK_RESULT_BYTES};
+use powernode_proto::admin::{self, InstanceActionResponse};
 use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
 use serde_json::{json, Value};
 
-use super::{invalid_transition, template_lists, AppState, ModuleChange, REFUSAL_SIGNAL_EVERY_MS};
+use super::bookkeeping::{fail_instance, finish_task};
+use super::module_store::{template_lists, ModuleChange};
+use super::{invalid_transition, AppState, REFUSAL_SIGNAL_EVERY_MS};
 use crate::ca::ClientIdentity;
 use crate::clock::Millis;
 use crate::error::{AppError, AppResult};
-use crate::model::{new_id, Mem, TaskRec};
-
-/// Bytes of a too-large result kept as a preview.
-const RESULT_PREVIEW_BYTES: usize = 4096;
+use crate::model::{self, new_id, Mem, TaskRec};
 
 /// Which instance states can take a node-side task of `kind` (an agent must be there
 /// to lease it).
@@ -72,25 +71,6 @@ fn open_task(mem: &Mem, instance_id: &str, kind: TaskKind) -> Option<TaskRec> {
         .filter_map(|t| mem.tasks.get(t))
         .find(|t| t.kind == kind && !t.status.is_final())
         .cloned()
-}
-
-/// Keeps results small enough for SQLite rows and admin answers: a result above
-/// [`MAX_TASK_RESULT_BYTES`] is replaced by a marked preview.
-pub(super) fn bound_result(result: Value) -> Value {
-    let text = result.to_string();
-    if text.len() <= MAX_TASK_RESULT_BYTES {
-        return result;
-    }
-    let mut cut = RESULT_PREVIEW_BYTES.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    json!({
-        "truncated": true,
-        "original_bytes": text.len(),
-        "limit_bytes": MAX_TASK_RESULT_BYTES,
-        "preview": &text[..cut],
-    })
 }
 
 impl AppState {
@@ -384,22 +364,80 @@ fn module_update_params(trigger: &str, items: Vec<admin::DriftItem>) -> Value {
     json!({"trigger": trigger, "changes": items, "reboot_required": reboot_required})
 }
 
+impl AppState {
+    pub fn get_task(&self, id: &str) -> AppResult<admin::Task> {
+        let mem = self.lock();
+        mem.tasks
+            .get(id)
+            .map(model::task_view)
+            .ok_or_else(|| AppError::not_found("task", id))
+    }
+
+    pub async fn cancel_task(&self, id: &str) -> AppResult<admin::Task> {
+        let mut destroy: Option<String> = None;
+        let task = self
+            .mutate(|mem, now| {
+                let task = mem
+                    .tasks
+                    .get(id)
+                    .ok_or_else(|| AppError::not_found("task", id))?
+                    .clone();
+                if task.status.is_final() {
+                    return Err(invalid_transition(format!(
+                        "task is already {}",
+                        task.status.as_str()
+                    )));
+                }
+                finish_task(
+                    mem,
+                    now,
+                    id,
+                    TaskStatus::Cancelled,
+                    json!({"reason": "cancelled by operator"}),
+                );
+                let inst_status = mem.instances.get(&task.instance_id).map(|i| i.status);
+                match (task.kind, inst_status) {
+                    (TaskKind::Drain, Some(InstanceStatus::Draining)) => {
+                        // Cancelling a drain uncordons the instance.
+                        if let Some(inst) = mem.instances.get_mut(&task.instance_id) {
+                            inst.cordoned = false;
+                        }
+                        mem.set_status(now, &task.instance_id, InstanceStatus::Running);
+                    }
+                    (
+                        TaskKind::Provision,
+                        Some(
+                            InstanceStatus::Pending
+                            | InstanceStatus::Provisioning
+                            | InstanceStatus::Bootstrapping,
+                        ),
+                    ) => {
+                        // A cancelled provision leaves no machine (destroyed below, with
+                        // no lock held) and no credentials.
+                        destroy = Some(task.instance_id.clone());
+                        fail_instance(
+                            mem,
+                            now,
+                            &task.instance_id,
+                            ErrorCode::TaskCancelled,
+                            "provision task cancelled by operator",
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(model::task_view(&mem.tasks[id]))
+            })
+            .await?;
+        if let Some(instance_id) = destroy {
+            self.destroy_and_record(&instance_id).await?;
+        }
+        Ok(task)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_results_pass_and_large_ones_become_a_marked_preview() {
-        let small = json!({"ok": true, "lines": ["a", "b"]});
-        assert_eq!(bound_result(small.clone()), small);
-        let big = json!({"log": "é".repeat(MAX_TASK_RESULT_BYTES)});
-        let b = bound_result(big);
-        assert_eq!(b["truncated"], true);
-        assert!(b["original_bytes"].as_u64().unwrap() > MAX_TASK_RESULT_BYTES as u64);
-        let preview = b["preview"].as_str().unwrap();
-        assert!(preview.len() <= RESULT_PREVIEW_BYTES && preview.starts_with("{\"log\""));
-        assert!(b.to_string().len() < MAX_TASK_RESULT_BYTES);
-    }
 
     #[test]
     fn task_kinds_need_an_agent_in_the_right_state() {

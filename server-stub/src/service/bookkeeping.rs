@@ -1,0 +1,285 @@
+//! Changes to the in-memory records that several actions share: finishing tasks,
+//! failing an instance, a VM started or lost, the re-enroll window, expired leases,
+//! and the instances whose VM did not survive a restart. Plain functions on
+//! [`Mem`]; they never lock, await or call the provider.
+
+use powernode_proto::admin::{self};
+use powernode_proto::node::{FailureReport, Phase};
+use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
+use serde_json::json;
+
+use crate::clock::{format_ts, Millis};
+use crate::model::{Mem, Op};
+use crate::provider::ProviderRecord;
+use crate::store::{Store, StoreError};
+
+pub(super) fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
+    let provision: Vec<String> = mem.instances[id]
+        .task_ids
+        .iter()
+        .filter(|t| {
+            mem.tasks
+                .get(*t)
+                .is_some_and(|t| t.kind == TaskKind::Provision && !t.status.is_final())
+        })
+        .cloned()
+        .collect();
+    for t in provision {
+        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({"ready": true}));
+    }
+    mem.set_status(now, id, InstanceStatus::Running);
+}
+
+pub(super) fn finish_task(
+    mem: &mut Mem,
+    now: Millis,
+    id: &str,
+    status: TaskStatus,
+    result: serde_json::Value,
+) {
+    let Some(t) = mem.tasks.get_mut(id) else {
+        return;
+    };
+    let from = t.status;
+    t.status = status;
+    t.result = result;
+    t.lease_expires_ms = None;
+    t.updated_ms = now;
+    let (kind, inst_id) = (t.kind, t.instance_id.clone());
+    mem.save_task(id);
+    let node_id = mem.instances.get(&inst_id).map(|i| i.node_id.clone());
+    mem.event(
+        now,
+        "task.status_changed",
+        node_id.as_deref(),
+        Some(&inst_id),
+        json!({"task_id": id, "kind": kind, "from": from, "to": status}),
+    );
+}
+
+/// Moves an instance to `failed` with a reason and withdraws its credentials.
+pub(super) fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCode, message: &str) {
+    if let Some(inst) = mem.instances.get_mut(id) {
+        inst.failure = Some(FailureReport {
+            phase: Phase::Failed,
+            code,
+            message: message.to_string(),
+            attempt: 0,
+            recovery: None,
+        });
+    }
+    mem.revoke_credentials(now, id);
+    mem.set_status(now, id, InstanceStatus::Failed);
+}
+
+/// Records a VM the provider started for an instance: its provider record and a
+/// `provider.provision` event with the VM's pid and files, so an operator can find
+/// them (`reboot`: started again after the guest rebooted).
+pub(super) fn vm_started(
+    mem: &mut Mem,
+    now: Millis,
+    provider: &str,
+    (instance_id, node_id): (&str, &str),
+    record: ProviderRecord,
+    reboot: bool,
+) {
+    let mut detail = json!({
+        "provider": provider,
+        "pid": record.get("pid"),
+        "instance_dir": record.get("instance_dir"),
+        "publication_id": record.get("publication_id"),
+    });
+    if reboot {
+        detail["reboot"] = json!(true);
+    }
+    mem.ops.push(Op::ProviderRecord {
+        instance_id: instance_id.to_string(),
+        action: if reboot { "restart" } else { "provision" }.to_string(),
+        at_ms: now,
+        doc: record,
+    });
+    mem.event(
+        now,
+        "provider.provision",
+        Some(node_id),
+        Some(instance_id),
+        detail,
+    );
+}
+
+/// Ends the instance's unfinished tasks with `status` and `result`.
+pub(super) fn finish_open_tasks(
+    mem: &mut Mem,
+    now: Millis,
+    instance_id: &str,
+    status: TaskStatus,
+    result: &serde_json::Value,
+) {
+    let open: Vec<String> = mem
+        .instances
+        .get(instance_id)
+        .map(|i| {
+            i.task_ids
+                .iter()
+                .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in &open {
+        finish_task(mem, now, t, status, result.clone());
+    }
+}
+
+/// The instance's VM is gone for good: its open tasks fail and so does it.
+pub(super) fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
+    finish_open_tasks(
+        mem,
+        now,
+        instance_id,
+        TaskStatus::Failed,
+        &json!({"error": message}),
+    );
+    fail_instance(mem, now, instance_id, ErrorCode::ProviderFailed, message);
+}
+
+/// Lets the instance's used, unrevoked bootstrap tokens enroll once more until
+/// `until` (a reboot is under way).
+pub(super) fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Millis) {
+    let hashes: Vec<String> = mem
+        .tokens
+        .values()
+        .filter(|t| t.instance_id == instance_id && !t.revoked && t.used_ms.is_some())
+        .map(|t| t.hash.clone())
+        .collect();
+    for h in hashes {
+        if let Some(t) = mem.tokens.get_mut(&h) {
+            t.reenroll_until_ms = Some(until.max(t.reenroll_until_ms.unwrap_or(0)));
+            mem.ops.push(Op::Token(t.clone()));
+        }
+    }
+}
+
+/// A node that booted again while a reboot task was open: the reboot happened.
+pub(super) fn finish_reboot_tasks(mem: &mut Mem, now: Millis, instance_id: &str, how: &str) {
+    let open: Vec<String> = mem
+        .instances
+        .get(instance_id)
+        .map(|i| {
+            i.task_ids
+                .iter()
+                .filter(|t| {
+                    mem.tasks.get(*t).is_some_and(|t| {
+                        t.kind == TaskKind::Reboot && t.status == TaskStatus::Running
+                    })
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in open {
+        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({ how: true }));
+    }
+    if let Some(i) = mem.instances.get_mut(instance_id) {
+        if i.reboot_expected_ms.take().is_some() {
+            mem.save_instance(instance_id);
+        }
+    }
+}
+
+/// Puts node-side tasks whose lease ran out back to `pending`.
+pub(super) fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&str>) {
+    let expired: Vec<String> = mem
+        .tasks
+        .values()
+        .filter(|t| {
+            t.status == TaskStatus::Running
+                && t.kind.is_node_side()
+                && t.lease_expires_ms.is_some_and(|e| e < now)
+                && instance_id.is_none_or(|i| i == t.instance_id)
+        })
+        .map(|t| t.id.clone())
+        .collect();
+    for id in expired {
+        let Some(t) = mem.tasks.get_mut(&id) else {
+            continue;
+        };
+        // The attempt that died is kept: when it was leased, how far it got.
+        t.history.push(admin::TaskAttempt {
+            attempt: t.attempts,
+            leased_at: format_ts(t.leased_ms.unwrap_or(t.updated_ms)),
+            ended_at: format_ts(now),
+            outcome: "lease_expired".to_string(),
+            progress: t.progress.take(),
+            result: std::mem::take(&mut t.result),
+        });
+        t.status = TaskStatus::Pending;
+        t.lease_token = None;
+        t.lease_expires_ms = None;
+        t.leased_ms = None;
+        t.updated_ms = now;
+        let (inst, attempts) = (t.instance_id.clone(), t.attempts);
+        mem.save_task(&id);
+        let node_id = mem.instances.get(&inst).map(|i| i.node_id.clone());
+        mem.event(
+            now,
+            "task.lease_expired",
+            node_id.as_deref(),
+            Some(&inst),
+            json!({"task_id": id, "attempts": attempts}),
+        );
+    }
+}
+
+/// At start: a live instance of the `real` provider has no VM any more (QEMU is a
+/// child of the server and dies with it; one left running by a SIGKILLed server is
+/// killed here). It is marked failed with the reason, its credentials withdrawn.
+pub(super) fn recover_lost_vms(
+    store: &Store,
+    mem: &mut Mem,
+    now: Millis,
+) -> Result<usize, StoreError> {
+    let lost: Vec<String> = mem
+        .instances
+        .values()
+        .filter(|i| i.provider == "real" && i.status.is_live())
+        .map(|i| i.id.clone())
+        .collect();
+    for id in &lost {
+        let record = store.provider_record_blocking(id, "provision")?;
+        let pid = record
+            .as_ref()
+            .and_then(|r| r["pid"].as_u64())
+            .map(|p| p as u32);
+        let dir = record
+            .as_ref()
+            .and_then(|r| r["instance_dir"].as_str())
+            .map(std::path::PathBuf::from);
+        let message = match (pid, dir) {
+            (Some(pid), Some(dir)) if crate::provider::orphan_vm_alive(pid, &dir) => {
+                crate::provider::kill_orphan(pid);
+                format!(
+                    "the server restarted: its VM (QEMU pid {pid}) was left behind by a killed \
+                     server and has been killed; VMs do not outlive the server that started them"
+                )
+            }
+            (Some(pid), _) => format!(
+                "the server restarted and the VM (QEMU pid {pid}) is gone: VMs are children of \
+                 the server and do not survive it"
+            ),
+            (None, _) => "the server restarted before the VM was started".to_string(),
+        };
+        let status = mem.instances[id].status;
+        mem.event(
+            now,
+            "vm.lost",
+            None,
+            Some(id),
+            json!({"pid": pid, "was": status, "reason": message}),
+        );
+        vm_lost(mem, now, id, &message);
+    }
+    let ops = std::mem::take(&mut mem.ops);
+    store.apply_blocking(&ops)?;
+    Ok(lost.len())
+}
