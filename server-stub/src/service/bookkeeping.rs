@@ -9,25 +9,49 @@ use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
 use serde_json::json;
 
 use crate::clock::{format_ts, Millis};
-use crate::model::{Mem, Op};
+use crate::model::{new_id, Mem, Op, TaskRec};
 use crate::provider::ProviderRecord;
 use crate::store::{Store, StoreError};
 
 pub(super) fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
-    let provision: Vec<String> = mem.instances[id]
-        .task_ids
-        .iter()
-        .filter(|t| {
-            mem.tasks
-                .get(*t)
-                .is_some_and(|t| t.kind == TaskKind::Provision && !t.status.is_final())
-        })
-        .cloned()
-        .collect();
-    for t in provision {
-        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({"ready": true}));
-    }
+    finish_tasks(
+        mem,
+        now,
+        id,
+        |t| t.kind == TaskKind::Provision && !t.status.is_final(),
+        TaskStatus::Succeeded,
+        &json!({"ready": true}),
+    );
     mem.set_status(now, id, InstanceStatus::Running);
+}
+
+/// Records a new task on the instance and returns its id. A lifecycle task
+/// (provision, drain, terminate) also becomes the instance's current one; callers
+/// end what it supersedes first ([`finish_tasks`]).
+pub(super) fn add_task(
+    mem: &mut Mem,
+    now: Millis,
+    instance_id: &str,
+    kind: TaskKind,
+    status: TaskStatus,
+    params: serde_json::Value,
+) -> String {
+    let id = new_id("task");
+    mem.tasks.insert(
+        id.clone(),
+        TaskRec::new(id.clone(), instance_id, kind, status, params, now),
+    );
+    mem.save_task(&id);
+    if let Some(i) = mem.instances.get_mut(instance_id) {
+        i.task_ids.push(id.clone());
+        if matches!(
+            kind,
+            TaskKind::Provision | TaskKind::Drain | TaskKind::Terminate
+        ) {
+            i.task_id = Some(id.clone());
+        }
+    }
+    id
 }
 
 pub(super) fn finish_task(
@@ -107,36 +131,38 @@ pub(super) fn vm_started(
     );
 }
 
-/// Ends the instance's unfinished tasks with `status` and `result`.
-pub(super) fn finish_open_tasks(
+/// Ends the instance's tasks that `which` picks with `status` and `result`.
+pub(super) fn finish_tasks(
     mem: &mut Mem,
     now: Millis,
     instance_id: &str,
+    which: impl Fn(&TaskRec) -> bool,
     status: TaskStatus,
     result: &serde_json::Value,
 ) {
-    let open: Vec<String> = mem
+    let picked: Vec<String> = mem
         .instances
         .get(instance_id)
         .map(|i| {
             i.task_ids
                 .iter()
-                .filter(|t| mem.tasks.get(*t).is_some_and(|t| !t.status.is_final()))
+                .filter(|t| mem.tasks.get(*t).is_some_and(&which))
                 .cloned()
                 .collect()
         })
         .unwrap_or_default();
-    for t in &open {
+    for t in &picked {
         finish_task(mem, now, t, status, result.clone());
     }
 }
 
 /// The instance's VM is gone for good: its open tasks fail and so does it.
 pub(super) fn vm_lost(mem: &mut Mem, now: Millis, instance_id: &str, message: &str) {
-    finish_open_tasks(
+    finish_tasks(
         mem,
         now,
         instance_id,
+        |t| !t.status.is_final(),
         TaskStatus::Failed,
         &json!({"error": message}),
     );
@@ -162,24 +188,14 @@ pub(super) fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Mill
 
 /// A node that booted again while a reboot task was open: the reboot happened.
 pub(super) fn finish_reboot_tasks(mem: &mut Mem, now: Millis, instance_id: &str, how: &str) {
-    let open: Vec<String> = mem
-        .instances
-        .get(instance_id)
-        .map(|i| {
-            i.task_ids
-                .iter()
-                .filter(|t| {
-                    mem.tasks.get(*t).is_some_and(|t| {
-                        t.kind == TaskKind::Reboot && t.status == TaskStatus::Running
-                    })
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    for t in open {
-        finish_task(mem, now, &t, TaskStatus::Succeeded, json!({ how: true }));
-    }
+    finish_tasks(
+        mem,
+        now,
+        instance_id,
+        |t| t.kind == TaskKind::Reboot && t.status == TaskStatus::Running,
+        TaskStatus::Succeeded,
+        &json!({ how: true }),
+    );
     if let Some(i) = mem.instances.get_mut(instance_id) {
         if i.reboot_expected_ms.take().is_some() {
             mem.save_instance(instance_id);

@@ -11,11 +11,11 @@ use powernode_proto::{
 };
 use serde_json::json;
 
-use super::bookkeeping::{fail_instance, finish_open_tasks, finish_task, vm_lost, vm_started};
+use super::bookkeeping::{add_task, fail_instance, finish_task, finish_tasks, vm_lost, vm_started};
 use super::{invalid_transition, random_secret, token_hash, AppState, REENROLL_WINDOW_MS};
 use crate::error::{AppError, AppResult};
 use crate::images::Publication;
-use crate::model::{self, new_id, InstRec, Mem, Op, TaskRec, TokenRec};
+use crate::model::{self, new_id, InstRec, Mem, Op, TokenRec};
 use crate::provider::{ProviderError, ProviderRecord, ProvisionSpec};
 
 /// How long a provision call waits for the provider before answering `pending`.
@@ -124,13 +124,12 @@ impl AppState {
 
                 // Validated: from here on every change is recorded.
                 let instance_id = new_id("inst");
-                let task_id = new_id("task");
                 let token = random_secret();
                 let inst = InstRec {
                     id: instance_id.clone(),
                     node_id: node.id.clone(),
                     status: InstanceStatus::Pending,
-                    task_id: Some(task_id.clone()),
+                    task_id: None,
                     instance_type: instance_type.id.clone(),
                     region: region.clone(),
                     provider: self.provider.name().to_string(),
@@ -151,7 +150,7 @@ impl AppState {
                     status_changed_ms: now,
                     created_ms: now,
                     terminated_ms: None,
-                    task_ids: vec![task_id.clone()],
+                    task_ids: Vec::new(),
                     silent_signal: None,
                     stuck_signal: None,
                     drift_signal: None,
@@ -163,27 +162,15 @@ impl AppState {
                     reboot_expected_ms: None,
                 };
                 mem.instances.insert(instance_id.clone(), inst);
-                mem.save_instance(&instance_id);
-                mem.tasks.insert(
-                    task_id.clone(),
-                    TaskRec {
-                        id: task_id.clone(),
-                        instance_id: instance_id.clone(),
-                        kind: TaskKind::Provision,
-                        status: TaskStatus::Running,
-                        params: json!({"instance_type": instance_type.id, "region": region}),
-                        result: serde_json::Value::Null,
-                        progress: None,
-                        lease_token: None,
-                        lease_expires_ms: None,
-                        attempts: 1,
-                        leased_ms: None,
-                        history: Vec::new(),
-                        created_ms: now,
-                        updated_ms: now,
-                    },
+                let task_id = add_task(
+                    mem,
+                    now,
+                    &instance_id,
+                    TaskKind::Provision,
+                    TaskStatus::Running,
+                    json!({"instance_type": instance_type.id, "region": region}),
                 );
-                mem.save_task(&task_id);
+                mem.save_instance(&instance_id);
                 let tok = TokenRec {
                     hash: token_hash(&token),
                     instance_id: instance_id.clone(),
@@ -392,50 +379,26 @@ impl AppState {
             }
             // A cordoned node takes no new work: module updates and reboots that were
             // not leased yet are moot.
-            let moot: Vec<String> = inst
-                .task_ids
-                .iter()
-                .filter(|t| {
-                    mem.tasks.get(*t).is_some_and(|t| {
-                        matches!(t.kind, TaskKind::ModuleUpdate | TaskKind::Reboot)
-                            && t.status == TaskStatus::Pending
-                    })
-                })
-                .cloned()
-                .collect();
-            for t in &moot {
-                finish_task(
-                    mem,
-                    now,
-                    t,
-                    TaskStatus::Cancelled,
-                    json!({"reason": "the instance is draining: a cordoned node takes no new work"}),
-                );
-            }
-            let task_id = new_id("task");
-            mem.tasks.insert(
-                task_id.clone(),
-                TaskRec {
-                    id: task_id.clone(),
-                    instance_id: id.to_string(),
-                    kind: TaskKind::Drain,
-                    status: TaskStatus::Pending,
-                    params: json!({"timeout_seconds": req.timeout_seconds, "cordon_only": req.cordon_only}),
-                    result: serde_json::Value::Null,
-                    progress: None,
-                    lease_token: None,
-                    lease_expires_ms: None,
-                    attempts: 0,
-                    leased_ms: None,
-                    history: Vec::new(),
-                    created_ms: now,
-                    updated_ms: now,
+            finish_tasks(
+                mem,
+                now,
+                id,
+                |t| {
+                    matches!(t.kind, TaskKind::ModuleUpdate | TaskKind::Reboot)
+                        && t.status == TaskStatus::Pending
                 },
+                TaskStatus::Cancelled,
+                &json!({"reason": "the instance is draining: a cordoned node takes no new work"}),
             );
-            mem.save_task(&task_id);
+            let task_id = add_task(
+                mem,
+                now,
+                id,
+                TaskKind::Drain,
+                TaskStatus::Pending,
+                json!({"timeout_seconds": req.timeout_seconds, "cordon_only": req.cordon_only}),
+            );
             if let Some(inst) = mem.instances.get_mut(id) {
-                inst.task_ids.push(task_id.clone());
-                inst.task_id = Some(task_id.clone());
                 inst.cordoned = true;
             }
             mem.set_status(now, id, InstanceStatus::Draining);
@@ -487,38 +450,22 @@ impl AppState {
                 }
                 let node_id = inst.node_id.clone();
                 // Open node-side work is moot once the machine goes away.
-                finish_open_tasks(
+                finish_tasks(
                     mem,
                     now,
                     id,
+                    |t| !t.status.is_final(),
                     TaskStatus::Cancelled,
                     &json!({"reason": "instance terminated"}),
                 );
-                let task_id = new_id("task");
-                mem.tasks.insert(
-                    task_id.clone(),
-                    TaskRec {
-                        id: task_id.clone(),
-                        instance_id: id.to_string(),
-                        kind: TaskKind::Terminate,
-                        status: TaskStatus::Running,
-                        params: json!({"force": req.force}),
-                        result: serde_json::Value::Null,
-                        progress: None,
-                        lease_token: None,
-                        lease_expires_ms: None,
-                        attempts: 1,
-                        leased_ms: None,
-                        history: Vec::new(),
-                        created_ms: now,
-                        updated_ms: now,
-                    },
+                let task_id = add_task(
+                    mem,
+                    now,
+                    id,
+                    TaskKind::Terminate,
+                    TaskStatus::Running,
+                    json!({"force": req.force}),
                 );
-                mem.save_task(&task_id);
-                if let Some(inst) = mem.instances.get_mut(id) {
-                    inst.task_ids.push(task_id.clone());
-                    inst.task_id = Some(task_id.clone());
-                }
                 if st != InstanceStatus::Terminating {
                     mem.set_status(now, id, InstanceStatus::Terminating);
                 }

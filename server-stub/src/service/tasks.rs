@@ -6,13 +6,13 @@ use powernode_proto::admin::{self, InstanceActionResponse};
 use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
 use serde_json::{json, Value};
 
-use super::bookkeeping::{fail_instance, finish_task};
+use super::bookkeeping::{add_task, fail_instance, finish_task};
 use super::module_store::{template_lists, ModuleChange};
 use super::{invalid_transition, AppState, REFUSAL_SIGNAL_EVERY_MS};
 use crate::ca::ClientIdentity;
 use crate::clock::Millis;
 use crate::error::{AppError, AppResult};
-use crate::model::{self, new_id, Mem, TaskRec};
+use crate::model::{self, Mem, TaskRec};
 
 /// Which instance states can take a node-side task of `kind` (an agent must be there
 /// to lease it).
@@ -34,23 +34,15 @@ pub(super) fn create_task(
     kind: TaskKind,
     params: Value,
 ) -> String {
-    let id = new_id("task");
-    mem.tasks.insert(
-        id.clone(),
-        TaskRec::new(
-            id.clone(),
-            instance_id,
-            kind,
-            TaskStatus::Pending,
-            params.clone(),
-            now,
-        ),
+    let id = add_task(
+        mem,
+        now,
+        instance_id,
+        kind,
+        TaskStatus::Pending,
+        params.clone(),
     );
-    mem.save_task(&id);
-    let node_id = mem.instances.get_mut(instance_id).map(|i| {
-        i.task_ids.push(id.clone());
-        i.node_id.clone()
-    });
+    let node_id = mem.instances.get(instance_id).map(|i| i.node_id.clone());
     mem.save_instance(instance_id);
     mem.event(
         now,
