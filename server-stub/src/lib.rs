@@ -9,9 +9,12 @@
 //! tables, and never answer a node call without checking the certificate against
 //! revocation and the instance it names.
 //!
-//! Layout: [`api`] (HTTP) -> [`service`] (behaviour) -> [`model`] (in-memory state)
-//! -> [`store`] (SQLite); [`ca`] issues and checks certificates; [`server`] owns the
-//! TLS accept loop and the background sensors; [`cli`] is the binary.
+//! Layout, imports pointing one way: [`cli`] (the binary, its admin client and the
+//! module publisher) > [`server`] (TLS accept loop, background sensors) > [`api`]
+//! (routes; handlers decode, call one method, encode) > [`service`] (behaviour, one
+//! file per area) > [`store`] (SQLite) > [`model`] (the records). [`error`] sits
+//! between service and store; [`ca`] issues and checks certificates; URL paths are
+//! in `powernode_proto::paths`.
 
 pub mod api;
 pub mod ca;
