@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::agent::{AgentDriver, AgentEnd, BootstrapError, BootstrapInput};
 use crate::cmdline::{self, Options};
+use crate::console::EVENT_PREFIX;
 use crate::failure::{self, Outcome};
 use crate::identity::{self, Found, IdentityProbeError};
 use crate::modules::{self, LoadReport, ModuleError};
@@ -22,8 +23,6 @@ use crate::root_init::{self, RootInit, RootInitError};
 use crate::switch_root::{self, SwitchRootError};
 use crate::sys::{Errno, RebootKind, Sys};
 
-/// Prefix of the init's structured console lines.
-pub const EVENT_PREFIX: &str = "POWERNODE-INIT ";
 const CMDLINE_PATH: &str = "/proc/cmdline";
 /// This init's own binary, copied for agent mode.
 const SELF_EXE: &str = "/proc/self/exe";

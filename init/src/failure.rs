@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use crate::cmdline::FailurePolicy;
-use crate::sys::{self, Errno, RealSys, RebootKind, Sys};
+use crate::console;
+use crate::sys::{Errno, RealSys, RebootKind, Sys};
 
 /// The policy the panic hook applies; set once the command line is read. Until then
 /// a panic reboots (what `retry` means for a process that cannot continue).
@@ -65,7 +66,11 @@ pub fn reset(sys: &mut dyn Sys, kind: RebootKind) -> Outcome {
     sys.sync();
     let mut report = crate::shutdown::settle_mounts(sys);
     report.processes = processes;
-    sys.console(&format!("{}{}", crate::boot::EVENT_PREFIX, report.event()));
+    sys.console(&format!(
+        "{}{}",
+        crate::console::EVENT_PREFIX,
+        report.event()
+    ));
     crate::logger::flush();
     match sys.reboot(kind) {
         Ok(()) => Outcome::Reset(kind),
@@ -104,9 +109,9 @@ pub fn install_panic_hook() {
             "message": message,
             "location": location,
             "on_failure": policy.as_str(),
-            "at_ms": sys::boot_ms_now(),
+            "at_ms": console::boot_ms_now(),
         });
-        sys::console_line(&format!("POWERNODE-INIT {line}"));
+        console::console_line(&format!("{}{line}", console::EVENT_PREFIX));
         log::error!("panic at {location}: {message}");
         let kind = match policy {
             FailurePolicy::Poweroff => RebootKind::PowerOff,
@@ -153,7 +158,7 @@ mod tests {
     fn shutdown_event(sys: &FakeSys) -> serde_json::Value {
         sys.console_lines()
             .iter()
-            .find_map(|l| l.strip_prefix(crate::boot::EVENT_PREFIX))
+            .find_map(|l| l.strip_prefix(crate::console::EVENT_PREFIX))
             .map(|j| serde_json::from_str(j).unwrap())
             .unwrap()
     }

@@ -43,6 +43,7 @@ pub mod agent;
 pub mod boot;
 pub mod cloud;
 pub mod cmdline;
+pub mod console;
 pub mod dhcp;
 pub mod failure;
 pub mod identity;
@@ -130,7 +131,7 @@ fn agent_mode() -> ! {
     log::info!("agent mode in the composed root; state dir {state_dir}");
     let end = agent::run_in_composed_root(std::path::Path::new(&state_dir));
     let fields = serde_json::json!({"event": "agent_stopped", "mode": "composed_root", "end": format!("{end:?}")});
-    sys::Sys::console(&mut sys, &format!("{}{fields}", boot::EVENT_PREFIX));
+    sys::Sys::console(&mut sys, &format!("{}{fields}", console::EVENT_PREFIX));
     // A reboot task ends in a reboot (netboot brings the node back); anything else
     // powers off.
     let kind = if end == agent::AgentEnd::Reboot {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::sys;
+use crate::console;
 
 struct Logger {
     kmsg: Mutex<Option<std::fs::File>>,
@@ -74,9 +74,9 @@ impl log::Log for Logger {
         let kernel_shows = wrote_kmsg
             && (record.level() <= log::Level::Error || !self.echo.load(Ordering::Relaxed));
         if !kernel_shows {
-            sys::console_line(&format!(
+            console::console_line(&format!(
                 "[{:>7}ms] powernode-init {}: {msg}",
-                sys::boot_ms_now(),
+                console::boot_ms_now(),
                 record.level()
             ));
         }
@@ -96,7 +96,7 @@ impl log::Log for Logger {
 /// `/dev` is mounted; calling it again reopens `/dev/kmsg`.
 pub fn start() {
     if let Ok(mut kmsg) = LOGGER.kmsg.lock() {
-        *kmsg = sys::open_kmsg();
+        *kmsg = console::open_kmsg();
     }
     // Only the first call installs; later ones just reopened kmsg above.
     if log::set_logger(&LOGGER).is_ok() {

@@ -153,34 +153,6 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from_io_error(&e).unwrap_or(Errno::IO)
 }
 
-/// Milliseconds since boot, for callers without a `Sys` (the logger, the panic hook).
-pub fn boot_ms_now() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
-    secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
-}
-
-/// `/dev/kmsg` for the logger; `None` before `/dev` is mounted.
-pub fn open_kmsg() -> Option<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/kmsg")
-        .ok()
-}
-
-/// Writes one line to the console, ignoring errors (there is nowhere else to say so).
-pub fn console_line(line: &str) {
-    // One write with its newline: the kernel prints to the same console whenever it
-    // likes, and a separate newline write is where its records slip in.
-    let mut text = String::with_capacity(line.len() + 1);
-    text.push_str(line);
-    text.push('\n');
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
-}
-
 impl Sys for RealSys {
     fn mkdir(&mut self, path: &str, mode: u32) -> Result<(), Errno> {
         match rustix::fs::mkdir(path, rustix::fs::Mode::from_raw_mode(mode)) {
@@ -264,11 +236,11 @@ impl Sys for RealSys {
     }
 
     fn boot_ms(&mut self) -> u64 {
-        boot_ms_now()
+        crate::console::boot_ms_now()
     }
 
     fn console(&mut self, line: &str) {
-        console_line(line)
+        crate::console::console_line(line)
     }
 
     fn set_hostname(&mut self, name: &str) -> Result<(), Errno> {
