@@ -394,7 +394,7 @@ impl AgentDriver for RealAgent {
         let work = state_dir.join("compose");
         std::fs::create_dir_all(target).map_err(|e| internal(format!("creating {target}: {e}")))?;
         // A persistent node keeps the root's writes on /persist, next to its store.
-        let upper = if state_dir.starts_with(crate::boot::PERSIST_MOUNT) {
+        let upper = if state_dir.starts_with(crate::layout::PERSIST_MOUNT) {
             mount::Upper::Dir(state_dir.join("root"))
         } else {
             mount::Upper::Tmpfs
@@ -610,7 +610,7 @@ fn node_hooks(
     }
     if let Some(keep) = collect {
         modules = modules.with_gc(keep);
-        if state_dir.starts_with(crate::boot::PERSIST_MOUNT) {
+        if state_dir.starts_with(crate::layout::PERSIST_MOUNT) {
             modules = modules.collect_on_first_reconcile();
         }
     }

@@ -16,6 +16,7 @@ use crate::cmdline::{self, Options};
 use crate::console::EVENT_PREFIX;
 use crate::failure::{self, Outcome};
 use crate::identity::{self, Found, IdentityProbeError};
+use crate::layout::{PERSIST_MOUNT, PERSIST_STATE_DIR, RUN_STATE_DIR};
 use crate::modules::{self, LoadReport, ModuleError};
 use crate::mounts::{self, MountError, EARLY_MOUNTS};
 use crate::net::{self, Configured, NetError};
@@ -786,10 +787,6 @@ fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     Ok(())
 }
 
-pub const PERSIST_MOUNT: &str = "/persist";
-pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
-/// The state directory of an ephemeral node (tmpfs `/run`).
-pub const RUN_STATE_DIR: &str = "/run/powernode";
 
 fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
     match r {

@@ -1,5 +1,7 @@
 //! Where things live inside the initramfs. The builder (`powernode-initramfs`) writes
-//! these paths and the init reads them, so both take them from here.
+//! these paths and the init reads them, so both take them from here. Also the places
+//! the init makes at run time that more than one of its files use (the persist disk,
+//! the state directories): they live here, below all of them.
 
 /// The init itself; the kernel runs `/init` from an initramfs without `rdinit=`.
 pub const INIT: &str = "/init";
@@ -28,3 +30,10 @@ pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("iso9660", &["isofs", "nls_utf8"]),
     ("vfat", &["vfat", "nls_cp437", "nls_ascii"]),
 ];
+
+/// Where the disk `powernode.persist=` names is mounted.
+pub const PERSIST_MOUNT: &str = "/persist";
+/// The agent's state directory on a persistent node (on [`PERSIST_MOUNT`]).
+pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
+/// The state directory of an ephemeral node (tmpfs `/run`).
+pub const RUN_STATE_DIR: &str = "/run/powernode";
