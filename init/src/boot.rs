@@ -7,11 +7,13 @@
 //! structured channel that VM tests and the benchmark read (the timeline uses the
 //! wire types of `powernode_proto::node`, the same the agent sends upstream).
 
+use powernode_agent::identity::cloud::CloudIdentity;
 use powernode_proto::node::{Phase, TimelineEntry};
 use powernode_proto::ErrorCode;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentDriver, AgentEnd, BootstrapError, BootstrapInput};
+use crate::cloud;
 use crate::cmdline::{self, Options};
 use crate::console::EVENT_PREFIX;
 use crate::failure::{self, Outcome};
@@ -217,7 +219,7 @@ pub const PHASES: &[NamedPhase] = &[
     NamedPhase {
         name: "cloud_identity",
         marks: None,
-        run: crate::cloud::find_cloud_identity,
+        run: find_cloud_identity,
     },
     NamedPhase {
         name: "bootstrap",
@@ -725,7 +727,7 @@ fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
 fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     let cmdline = boot.cmdline.clone();
     let Some(found) = identity::probe(boot.sys, &cmdline)? else {
-        if crate::cloud::may_probe(&cmdline) {
+        if cloud::may_probe(&cmdline) {
             log::info!("no identity on the command line or in fw_cfg: cloud metadata after DHCP");
             return Ok(());
         }
@@ -739,9 +741,17 @@ fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         doc.instance_id,
         doc.hostname
     );
+    identity_found(boot, found, |_| json!({}));
+    Ok(())
+}
+
+/// Marks `identity_found`, reports it on the console and keeps the identity; `more`
+/// (given the mark's time) adds the source's own fields to the event.
+fn identity_found(boot: &mut Boot<'_>, found: Found, more: impl FnOnce(u64) -> Value) {
     let at_ms = boot.mark(Phase::IdentityFound);
     let timeline = boot.timeline.clone();
-    boot.event(json!({
+    let doc = &found.document;
+    let mut fields = json!({
         "event": "phase",
         "phase": Phase::IdentityFound,
         "phase_at_ms": at_ms,
@@ -751,8 +761,43 @@ fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         "hostname": doc.hostname,
         "control_plane_url": doc.control_plane_url,
         "timeline": timeline,
-    }));
+    });
+    if let (Some(fields), Value::Object(more)) = (fields.as_object_mut(), more(at_ms)) {
+        fields.extend(more);
+    }
+    boot.event(fields);
     boot.identity = Some(found);
+}
+
+/// The `cloud_identity` phase: nothing to do when an identity was already found.
+fn find_cloud_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
+    find_cloud_identity_with(boot, &cloud::real_probe)
+}
+
+/// [`find_cloud_identity`] with a given prober (tests run it against a fake).
+fn find_cloud_identity_with(boot: &mut Boot<'_>, probe: &cloud::Prober) -> Result<(), PhaseError> {
+    if boot.identity.is_some() {
+        return Ok(());
+    }
+    let started = boot.sys.boot_ms();
+    let Some(found) = cloud::find_identity(&boot.cmdline, probe)? else {
+        return Err(PhaseError::IdentityMissing);
+    };
+    let CloudIdentity {
+        source,
+        document,
+        facts,
+    } = found;
+    let found = Found {
+        source,
+        document,
+        provider: Some(facts.clone()),
+    };
+    identity_found(
+        boot,
+        found,
+        |at_ms| json!({"provider": facts, "probe_ms": at_ms.saturating_sub(started)}),
+    );
     Ok(())
 }
 
@@ -786,7 +831,6 @@ fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
     boot.network = Some(up);
     Ok(())
 }
-
 
 fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
     match r {
@@ -1991,5 +2035,79 @@ mod tests {
         assert!(pos("identity") < pos("network"));
         assert!(pos("network") < pos("bootstrap"));
         assert_eq!(names[0], "early_mounts");
+    }
+
+    use powernode_agent::identity::cloud::CloudOptions;
+
+    #[test]
+    fn a_found_cloud_identity_is_marked_and_kept_with_its_facts() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        boot.cmdline = "console=ttyS0".into();
+        find_cloud_identity_with(&mut boot, &|o: &CloudOptions| {
+            assert_eq!(o.pinned, None);
+            Ok(Some(crate::cloud::tests::aws_identity()))
+        })
+        .unwrap();
+        let found = boot.identity.clone().unwrap();
+        assert_eq!(found.source, "aws");
+        assert_eq!(
+            found.provider.unwrap().instance_id.as_deref(),
+            Some("i-0abc")
+        );
+        assert!(boot
+            .timeline
+            .iter()
+            .any(|e| e.phase == Phase::IdentityFound));
+        drop(boot);
+        let line = sys
+            .console_lines()
+            .into_iter()
+            .find(|l| l.contains("identity_found"))
+            .unwrap();
+        assert!(
+            line.contains("\"provider\":{\"addresses\":[\"10.1.2.3\"]"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn an_identity_already_found_skips_the_probe() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        boot.identity = Some(Found {
+            source: "fw_cfg",
+            document: powernode_proto::IdentityDocument::parse(doc_json().as_bytes()).unwrap(),
+            provider: None,
+        });
+        find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
+            panic!("probed although an identity was found")
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn absent_cloud_metadata_is_identity_missing() {
+        let mut sys = FakeSys::default();
+        let mut boot = Boot::new(&mut sys);
+        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| Ok(None)).unwrap_err();
+        assert!(matches!(err, PhaseError::IdentityMissing), "{err}");
+        assert_eq!(err.code(), ErrorCode::IdentityMissing);
+        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
+            Err(powernode_agent::identity::SourceError::new(
+                "aws",
+                powernode_agent::identity::SourceErrorKind::Parameter {
+                    key: "instance-id".into(),
+                    reason: "is empty".into(),
+                },
+            ))
+        })
+        .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::IdentityInvalid);
+        let text = err.chain();
+        assert!(
+            text.contains("aws") && text.contains("instance-id"),
+            "{text}"
+        );
     }
 }

@@ -7,17 +7,16 @@
 //!
 //! A provider that is present but broken is an error naming it and the field; the
 //! probe is bounded by one deadline (`powernode.cloud_deadline_s=`, default 30 s).
+//! This file only asks; the boot's `cloud_identity` phase ([`crate::boot`]) marks the
+//! timeline and writes the console event with what it answers.
 
 use std::time::Duration;
 
 use powernode_agent::identity::cloud::{self, CloudIdentity, CloudOptions};
 use powernode_agent::identity::SourceError;
-use powernode_proto::node::Phase;
-use serde_json::json;
 
-use crate::boot::{Boot, PhaseError};
 use crate::cmdline;
-use crate::identity::{self, Found, IdentityProbeError};
+use crate::identity::{self, IdentityProbeError};
 
 /// Sources the init reads itself; any other pin is the cloud probe's business.
 pub const LOCAL_SOURCES: &[&str] = &["cmdline", "fw_cfg"];
@@ -27,13 +26,8 @@ pub const LOCAL_SOURCES: &[&str] = &["cmdline", "fw_cfg"];
 pub fn may_probe(cmdline_text: &str) -> bool {
     match identity::pinned_source(cmdline_text).as_deref() {
         None | Some("auto") => true,
-        Some(name) => is_cloud_source(name),
+        Some(name) => identity::is_cloud_source(name),
     }
-}
-
-/// A name the cloud probe answers to (`aws`, `url`, ...).
-pub fn is_cloud_source(name: &str) -> bool {
-    cloud::NAMES.contains(&name)
 }
 
 /// `powernode.cloud_deadline_s=N` (1..=600), else the library's default.
@@ -79,38 +73,33 @@ pub fn real_probe(opts: &CloudOptions) -> Result<Option<CloudIdentity>, SourceEr
     rt.block_on(cloud::probe(opts))
 }
 
-/// The `cloud_identity` phase: nothing to do when an identity was already found.
-pub fn find_cloud_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    find_cloud_identity_with(boot, &real_probe)
-}
-
-/// [`find_cloud_identity`] with a given prober.
-pub fn find_cloud_identity_with(boot: &mut Boot<'_>, probe: &Prober) -> Result<(), PhaseError> {
-    if boot.identity.is_some() {
-        return Ok(());
-    }
-    let opts = options(&boot.cmdline);
+/// Asks cloud metadata with `probe`: `Ok(None)` when no provider answers, an error
+/// naming the provider when one is present but broken.
+pub fn find_identity(
+    cmdline_text: &str,
+    probe: &Prober,
+) -> Result<Option<CloudIdentity>, IdentityProbeError> {
+    let opts = options(cmdline_text);
     log::info!(
         "no identity on the command line or fw_cfg: asking cloud metadata (pin {}, deadline {} s)",
         opts.pinned.as_deref().unwrap_or("none"),
         opts.deadline.as_secs()
     );
-    let started = boot.sys.boot_ms();
     let found = match probe(&opts) {
         Ok(Some(found)) => found,
-        Ok(None) => return Err(PhaseError::IdentityMissing),
+        Ok(None) => return Ok(None),
         Err(error) => {
-            return Err(PhaseError::Identity(IdentityProbeError::Cloud {
+            return Err(IdentityProbeError::Cloud {
                 strategy: error.strategy,
                 message: powernode_agent::error_chain(&error),
-            }))
+            })
         }
     };
     let CloudIdentity {
         source,
         document,
         facts,
-    } = found;
+    } = &found;
     log::info!(
         "identity from {source}: node {} instance {} ({}); provider instance {} region {}",
         document.node_id,
@@ -119,38 +108,17 @@ pub fn find_cloud_identity_with(boot: &mut Boot<'_>, probe: &Prober) -> Result<(
         facts.instance_id.as_deref().unwrap_or("-"),
         facts.region.as_deref().unwrap_or("-"),
     );
-    let at_ms = boot.mark(Phase::IdentityFound);
-    let timeline = boot.timeline.clone();
-    boot.event(json!({
-        "event": "phase",
-        "phase": Phase::IdentityFound,
-        "phase_at_ms": at_ms,
-        "source": source,
-        "node_id": document.node_id,
-        "instance_id": document.instance_id,
-        "hostname": document.hostname,
-        "control_plane_url": document.control_plane_url,
-        "provider": facts,
-        "probe_ms": at_ms.saturating_sub(started),
-        "timeline": timeline,
-    }));
-    boot.identity = Some(Found {
-        source,
-        document,
-        provider: Some(facts),
-    });
-    Ok(())
+    Ok(Some(found))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::identity::tests::doc_json;
-    use crate::sys::fake::FakeSys;
     use powernode_proto::node::ProviderFacts;
     use powernode_proto::IdentityDocument;
 
-    fn aws_identity() -> CloudIdentity {
+    pub(crate) fn aws_identity() -> CloudIdentity {
         CloudIdentity {
             source: "aws",
             document: IdentityDocument::parse(doc_json().as_bytes()).unwrap(),
@@ -187,45 +155,12 @@ mod tests {
     }
 
     #[test]
-    fn a_found_cloud_identity_is_marked_and_kept_with_its_facts() {
-        let mut sys = FakeSys::default();
-        let mut boot = Boot::new(&mut sys);
-        boot.cmdline = "console=ttyS0".into();
-        find_cloud_identity_with(&mut boot, &|o: &CloudOptions| {
-            assert_eq!(o.pinned, None);
-            Ok(Some(aws_identity()))
-        })
-        .unwrap();
-        let found = boot.identity.clone().unwrap();
-        assert_eq!(found.source, "aws");
-        assert_eq!(
-            found.provider.unwrap().instance_id.as_deref(),
-            Some("i-0abc")
-        );
-        assert!(boot
-            .timeline
-            .iter()
-            .any(|e| e.phase == Phase::IdentityFound));
-        drop(boot);
-        let line = sys
-            .console_lines()
-            .into_iter()
-            .find(|l| l.contains("identity_found"))
-            .unwrap();
-        assert!(
-            line.contains("\"provider\":{\"addresses\":[\"10.1.2.3\"]"),
-            "{line}"
-        );
-    }
-
-    #[test]
     fn absent_and_broken_metadata_are_distinct_errors() {
-        let mut sys = FakeSys::default();
-        let mut boot = Boot::new(&mut sys);
-        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| Ok(None)).unwrap_err();
-        assert!(matches!(err, PhaseError::IdentityMissing), "{err}");
-        assert_eq!(err.code(), powernode_proto::ErrorCode::IdentityMissing);
-        let err = find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
+        assert!(matches!(
+            find_identity("", &|_: &CloudOptions| Ok(None)),
+            Ok(None)
+        ));
+        let err = find_identity("", &|_: &CloudOptions| {
             Err(SourceError::new(
                 "aws",
                 powernode_agent::identity::SourceErrorKind::Parameter {
@@ -235,26 +170,28 @@ mod tests {
             ))
         })
         .unwrap_err();
-        assert_eq!(err.code(), powernode_proto::ErrorCode::IdentityInvalid);
-        let text = err.chain();
         assert!(
-            text.contains("aws") && text.contains("instance-id"),
-            "{text}"
+            matches!(
+                err,
+                IdentityProbeError::Cloud {
+                    strategy: "aws",
+                    ..
+                }
+            ),
+            "{err}"
         );
+        assert!(err.to_string().contains("instance-id"), "{err}");
     }
 
     #[test]
-    fn an_identity_already_found_skips_the_probe() {
-        let mut sys = FakeSys::default();
-        let mut boot = Boot::new(&mut sys);
-        boot.identity = Some(Found {
-            source: "fw_cfg",
-            document: IdentityDocument::parse(doc_json().as_bytes()).unwrap(),
-            provider: None,
-        });
-        find_cloud_identity_with(&mut boot, &|_: &CloudOptions| {
-            panic!("probed although an identity was found")
+    fn a_found_cloud_identity_is_returned_with_its_facts() {
+        let found = find_identity("console=ttyS0", &|o: &CloudOptions| {
+            assert_eq!(o.pinned, None);
+            Ok(Some(aws_identity()))
         })
+        .unwrap()
         .unwrap();
+        assert_eq!(found.source, "aws");
+        assert_eq!(found.facts.instance_id.as_deref(), Some("i-0abc"));
     }
 }

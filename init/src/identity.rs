@@ -132,6 +132,11 @@ pub fn pinned_source(cmdline_text: &str) -> Option<String> {
         .next_back()
 }
 
+/// A name the cloud probe answers to (`aws`, `url`, ...).
+pub fn is_cloud_source(name: &str) -> bool {
+    powernode_agent::identity::cloud::NAMES.contains(&name)
+}
+
 /// Command line first, then fw_cfg; `powernode.identity_source=` pins one of them
 /// and skips the other, or pins a cloud source and skips both (`Ok(None)`: the
 /// cloud phase asks after DHCP).
@@ -140,7 +145,7 @@ pub fn probe(sys: &mut dyn Sys, cmdline_text: &str) -> Result<Option<Found>, Ide
         None | Some("auto") => {}
         Some("cmdline") => return from_cmdline(cmdline_text),
         Some("fw_cfg") => return from_fw_cfg(sys),
-        Some(cloud) if crate::cloud::is_cloud_source(cloud) => return Ok(None),
+        Some(cloud) if is_cloud_source(cloud) => return Ok(None),
         Some(other) => return Err(IdentityProbeError::UnknownPin(other.to_string())),
     }
     if let Some(found) = from_cmdline(cmdline_text)? {
