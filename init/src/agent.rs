@@ -21,6 +21,9 @@ use powernode_proto::node::{
 };
 use powernode_proto::{ErrorCode, IdentityDocument};
 
+use crate::shutdown::{MOUNTINFO, MOUNTINFO_LIMIT};
+use crate::sys::{RealSys, Sys};
+
 /// Everything the bootstrap needs from the earlier phases.
 #[derive(Debug, Clone)]
 pub struct BootstrapInput {
@@ -694,7 +697,7 @@ impl powernode_agent::modules::mount::Mounter for LoopMounter {
         &self,
         spec: &powernode_agent::modules::mount::MountSpec,
     ) -> Result<(), powernode_agent::modules::mount::MountError> {
-        use powernode_agent::modules::mount::{KernelMounter, MountError};
+        use powernode_agent::modules::mount::KernelMounter;
         ensure_composefs_modules(spec)?;
         let file = spec
             .source
@@ -703,20 +706,7 @@ impl powernode_agent::modules::mount::Mounter for LoopMounter {
         let Some(file) = file else {
             return KernelMounter.mount(spec);
         };
-        let dev = crate::sys::attach_loop(file).map_err(|e| MountError::Syscall {
-            step: "attach loop device",
-            fstype: spec.fstype,
-            target: spec.target.clone(),
-            kernel_log: String::new(),
-            source: e,
-        })?;
-        log::info!("{} on {}", file.display(), dev.display());
-        let mut on_loop = spec.clone();
-        on_loop.source = Some(dev);
-        // A read-only block device must be mounted read-only (else EACCES).
-        on_loop
-            .options
-            .push(powernode_agent::modules::mount::MountOpt::Flag("ro"));
+        let on_loop = on_loop_device(&mut RealSys::new(), spec, file)?;
         KernelMounter.mount(&on_loop)
     }
 
@@ -726,17 +716,53 @@ impl powernode_agent::modules::mount::Mounter for LoopMounter {
     ) -> Result<(), powernode_agent::modules::mount::MountError> {
         // An EROFS image on a loop device: free the device too (live swaps would
         // otherwise use up the driver's few loop devices).
-        let loop_dev = std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| loop_source(&m, target));
+        let mut sys = RealSys::new();
+        let loop_dev = loop_under(&mut sys, target);
         powernode_agent::modules::mount::KernelMounter.unmount(target)?;
         if let Some(dev) = loop_dev {
-            match crate::sys::detach_loop(&dev) {
-                Ok(()) => log::info!("{} detached from {}", dev.display(), target.display()),
-                Err(e) => log::warn!("detaching {}: {e}", dev.display()),
-            }
+            detach(&mut sys, &dev, target);
         }
         Ok(())
+    }
+}
+
+/// `spec` with its EROFS image `file` put on a loop device, read-only.
+fn on_loop_device(
+    sys: &mut dyn Sys,
+    spec: &powernode_agent::modules::mount::MountSpec,
+    file: &Path,
+) -> Result<powernode_agent::modules::mount::MountSpec, powernode_agent::modules::mount::MountError>
+{
+    let dev = sys.attach_loop(file).map_err(|e| {
+        powernode_agent::modules::mount::MountError::Syscall {
+            step: "attach loop device",
+            fstype: spec.fstype,
+            target: spec.target.clone(),
+            kernel_log: String::new(),
+            source: e,
+        }
+    })?;
+    log::info!("{} on {}", file.display(), dev.display());
+    let mut on_loop = spec.clone();
+    on_loop.source = Some(dev);
+    // A read-only block device must be mounted read-only (else EACCES).
+    on_loop
+        .options
+        .push(powernode_agent::modules::mount::MountOpt::Flag("ro"));
+    Ok(on_loop)
+}
+
+/// The loop device under the EROFS mount at `target`, read before it goes.
+fn loop_under(sys: &mut dyn Sys, target: &Path) -> Option<PathBuf> {
+    let mountinfo = sys.read_file(MOUNTINFO, MOUNTINFO_LIMIT).ok()?;
+    loop_source(&String::from_utf8(mountinfo).ok()?, target)
+}
+
+/// Frees a loop device once the mount on it at `target` is gone (best effort).
+fn detach(sys: &mut dyn Sys, dev: &Path, target: &Path) {
+    match sys.detach_loop(dev) {
+        Ok(()) => log::info!("{} detached from {}", dev.display(), target.display()),
+        Err(e) => log::warn!("detaching {}: {e}", dev.display()),
     }
 }
 
@@ -1034,6 +1060,44 @@ mod reaper_tests {
             None
         );
         assert_eq!(loop_source(info, std::path::Path::new("/nowhere")), None);
+    }
+
+    /// The loop device calls go through the seam: attach before the mount, the
+    /// mount table read and the detach around the unmount.
+    #[test]
+    fn an_erofs_image_goes_on_a_loop_device_and_the_device_is_freed_after() {
+        use crate::sys::fake::{Call, FakeSys};
+        use powernode_agent::modules::mount::{MountOpt, MountSpec};
+        let target = Path::new("/run/powernode/modules/.images/ab");
+        let spec = MountSpec {
+            fstype: "erofs",
+            source: Some(PathBuf::from("/persist/powernode/store/images/ab")),
+            options: Vec::new(),
+            read_only: true,
+            target: target.into(),
+        };
+        let mut sys = FakeSys::default().with_file(
+            MOUNTINFO,
+            "30 22 7:0 / /run/powernode/modules/.images/ab ro - erofs /dev/loop0 ro\n",
+        );
+        let file = Path::new("/persist/powernode/store/images/ab");
+        let on_loop = on_loop_device(&mut sys, &spec, file).unwrap();
+        assert_eq!(on_loop.source, Some(PathBuf::from("/dev/loop0")));
+        assert_eq!(on_loop.options, [MountOpt::Flag("ro")]);
+        let dev = loop_under(&mut sys, target).unwrap();
+        detach(&mut sys, &dev, target);
+        assert_eq!(
+            sys.calls,
+            [
+                Call::AttachLoop(file.display().to_string()),
+                Call::Read(MOUNTINFO.into()),
+                Call::DetachLoop("/dev/loop0".into()),
+            ]
+        );
+        // No mount table: nothing to detach.
+        let mut sys = FakeSys::default();
+        assert_eq!(loop_under(&mut sys, target), None);
+        assert_eq!(sys.calls, [Call::Read(MOUNTINFO.into())]);
     }
 
     #[test]

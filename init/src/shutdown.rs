@@ -29,7 +29,7 @@ use crate::sys::{EndSignal, Errno, Sys};
 /// Where the kernel lists this process's mounts.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
-const MOUNTINFO_LIMIT: usize = 1 << 20;
+pub const MOUNTINFO_LIMIT: usize = 1 << 20;
 /// Rounds of the loop: a later round only helps when an earlier one made progress
 /// (a mount that held another busy went away).
 pub const MAX_ROUNDS: u32 = 4;

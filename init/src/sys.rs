@@ -5,10 +5,12 @@
 //! `fake::FakeSys` (tests only) records every call so that tests can assert the exact boot
 //! sequence without root.
 //!
-//! The one `unsafe` is the loop-device ioctl in [`attach_loop`] (rustix has no safe
-//! wrapper for it), with a `// SAFETY:` comment.
+//! The one `unsafe` is the loop-device ioctls in [`Sys::attach_loop`] and
+//! [`Sys::detach_loop`] (rustix has no safe wrapper for them), each with a
+//! `// SAFETY:` comment.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use rustix::io::Errno;
@@ -127,6 +129,15 @@ pub trait Sys {
     /// an executable regular file. A dangling symlink is `Ok(None)`; nothing at
     /// `path` is `Err(NOENT)`.
     fn resolve_in_root(&mut self, root: &str, path: &str) -> Result<Option<RootFile>, Errno>;
+    /// Attaches `file` read-only to the first free `/dev/loopN` and returns that
+    /// device: composefs EROFS images are files, and this kernel mounts EROFS from
+    /// block devices only (no `EROFS_FS_BACKED_BY_FILE`).
+    fn attach_loop(&mut self, file: &Path) -> std::io::Result<PathBuf>;
+    /// Detaches a loop device from its file (LOOP_CLR_FD) once its filesystem is
+    /// unmounted, so live module swaps do not use up the driver's few devices. On a
+    /// device still in use (a lazily unmounted filesystem) the kernel sets autoclear
+    /// instead: it is freed when its last user goes.
+    fn detach_loop(&mut self, dev: &Path) -> std::io::Result<()>;
 }
 
 /// A file found by [`Sys::resolve_in_root`].
@@ -567,59 +578,52 @@ impl Sys for RealSys {
         let err = std::process::Command::new(path).args(args).exec();
         errno(err)
     }
-}
 
-/// Attaches `file` read-only to the first free `/dev/loopN` and returns that device:
-/// composefs EROFS images are files, and this kernel mounts EROFS from block devices
-/// only (no `EROFS_FS_BACKED_BY_FILE`).
-#[allow(unsafe_code)]
-pub fn attach_loop(file: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    use rustix::fs::{open, Mode, OFlags};
-    use std::os::fd::AsRawFd;
-    const LOOP_SET_FD: rustix::ioctl::Opcode = 0x4C00;
-    let backing = open(file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let fd = usize::try_from(backing.as_raw_fd()).map_err(std::io::Error::other)?;
-    // The loop driver makes loop0..loop7 when it loads; more are not needed here.
-    for n in 0..64 {
-        let dev = format!("/dev/loop{n}");
-        let lo = match open(
-            dev.as_str(),
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(f) => f,
-            Err(Errno::NOENT) => break,
-            Err(e) => return Err(e.into()),
-        };
-        // SAFETY: LOOP_SET_FD takes a file descriptor as its integer argument and
-        // reads or writes no memory of ours; `backing` outlives the call.
-        let r = unsafe {
-            rustix::ioctl::ioctl(
-                &lo,
-                rustix::ioctl::IntegerSetter::<LOOP_SET_FD>::new_usize(fd),
-            )
-        };
-        match r {
-            Ok(()) => return Ok(dev.into()),
-            Err(Errno::BUSY) => continue,
-            Err(e) => return Err(e.into()),
+    #[allow(unsafe_code)]
+    fn attach_loop(&mut self, file: &Path) -> std::io::Result<PathBuf> {
+        use rustix::fs::{open, Mode, OFlags};
+        use std::os::fd::AsRawFd;
+        const LOOP_SET_FD: rustix::ioctl::Opcode = 0x4C00;
+        let backing = open(file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = usize::try_from(backing.as_raw_fd()).map_err(std::io::Error::other)?;
+        // The loop driver makes loop0..loop7 when it loads; more are not needed here.
+        for n in 0..64 {
+            let dev = format!("/dev/loop{n}");
+            let lo = match open(
+                dev.as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(f) => f,
+                Err(Errno::NOENT) => break,
+                Err(e) => return Err(e.into()),
+            };
+            // SAFETY: LOOP_SET_FD takes a file descriptor as its integer argument and
+            // reads or writes no memory of ours; `backing` outlives the call.
+            let r = unsafe {
+                rustix::ioctl::ioctl(
+                    &lo,
+                    rustix::ioctl::IntegerSetter::<LOOP_SET_FD>::new_usize(fd),
+                )
+            };
+            match r {
+                Ok(()) => return Ok(dev.into()),
+                Err(Errno::BUSY) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(std::io::Error::other("no free loop device"))
     }
-    Err(std::io::Error::other("no free loop device"))
-}
 
-/// Detaches a loop device from its file (LOOP_CLR_FD) once its filesystem is
-/// unmounted, so live module swaps do not use up the driver's few devices. On a
-/// device still in use (a lazily unmounted filesystem) the kernel sets autoclear
-/// instead: it is freed when its last user goes.
-#[allow(unsafe_code)]
-pub fn detach_loop(dev: &std::path::Path) -> std::io::Result<()> {
-    use rustix::fs::{open, Mode, OFlags};
-    const LOOP_CLR_FD: rustix::ioctl::Opcode = 0x4C01;
-    let lo = open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    // SAFETY: LOOP_CLR_FD takes no argument and touches no memory of ours.
-    unsafe { rustix::ioctl::ioctl(&lo, rustix::ioctl::NoArg::<LOOP_CLR_FD>::new()) }?;
-    Ok(())
+    #[allow(unsafe_code)]
+    fn detach_loop(&mut self, dev: &Path) -> std::io::Result<()> {
+        use rustix::fs::{open, Mode, OFlags};
+        const LOOP_CLR_FD: rustix::ioctl::Opcode = 0x4C01;
+        let lo = open(dev, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        // SAFETY: LOOP_CLR_FD takes no argument and touches no memory of ours.
+        unsafe { rustix::ioctl::ioctl(&lo, rustix::ioctl::NoArg::<LOOP_CLR_FD>::new()) }?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -668,6 +672,8 @@ pub mod fake {
         Exec(String, Vec<String>),
         /// `read_through(root, path)`, recorded as `root` + `path`.
         ReadThrough(String),
+        AttachLoop(String),
+        DetachLoop(String),
     }
 
     #[derive(Debug, Default)]
@@ -1082,6 +1088,22 @@ pub mod fake {
                 args.iter().map(|a| a.to_string()).collect(),
             ));
             Errno::NOEXEC
+        }
+
+        fn attach_loop(&mut self, file: &Path) -> std::io::Result<PathBuf> {
+            let n = self
+                .calls
+                .iter()
+                .filter(|c| matches!(c, Call::AttachLoop(_)))
+                .count();
+            self.calls
+                .push(Call::AttachLoop(file.display().to_string()));
+            Ok(PathBuf::from(format!("/dev/loop{n}")))
+        }
+
+        fn detach_loop(&mut self, dev: &Path) -> std::io::Result<()> {
+            self.calls.push(Call::DetachLoop(dev.display().to_string()));
+            Ok(())
         }
     }
 }
