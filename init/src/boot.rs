@@ -6,171 +6,37 @@
 //! Console lines starting `POWERNODE-INIT ` carry one JSON object each: the
 //! structured channel that VM tests and the benchmark read (the timeline uses the
 //! wire types of `powernode_proto::node`, the same the agent sends upstream).
+//!
+//! This file is the runner: the table of phases ([`PHASES`]), the failure policy
+//! around each, and the hand-off once they are done. Its rooms: [`state`] (what the
+//! phases share), [`error`] (why one failed), [`phases`] (the phase functions),
+//! [`persist`] (the `/persist` disk and the state directory), [`root`] (checking
+//! the composed root and preparing the hand-off) and [`test_root`] (the VM tier's
+//! switch_root check).
 
-use powernode_agent::identity::cloud::CloudIdentity;
+pub mod error;
+pub mod persist;
+pub mod phases;
+pub mod root;
+pub mod state;
+pub mod test_root;
+
 use powernode_proto::node::{Phase, TimelineEntry};
-use powernode_proto::ErrorCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::agent::{AgentDriver, AgentEnd, BootstrapError, BootstrapInput};
-use crate::cloud;
-use crate::cmdline::{self, Options};
-use crate::console::EVENT_PREFIX;
+use crate::agent::AgentEnd;
+use crate::cmdline;
 use crate::failure::{self, Outcome};
-use crate::identity::{self, Found, IdentityProbeError};
-use crate::layout::{PERSIST_MOUNT, PERSIST_STATE_DIR, RUN_STATE_DIR};
-use crate::modules::{self, LoadReport, ModuleError};
-use crate::mounts::{self, MountError, EARLY_MOUNTS};
-use crate::net::{self, Configured, NetError};
-use crate::root_init::{self, RootInit, RootInitError};
-use crate::switch_root::{self, SwitchRootError};
-use crate::sys::{Errno, RebootKind, Sys};
-
-const CMDLINE_PATH: &str = "/proc/cmdline";
-/// This init's own binary, copied for agent mode.
-const SELF_EXE: &str = "/proc/self/exe";
-/// Unlimited userspace writes to `/dev/kmsg` (the default rate limit drops lines).
-const PRINTK_DEVKMSG: &str = "/proc/sys/kernel/printk_devkmsg";
-
-#[derive(Debug, thiserror::Error)]
-pub enum PhaseError {
-    #[error(transparent)]
-    Mount(#[from] MountError),
-    #[error("cannot read {CMDLINE_PATH}")]
-    Cmdline(#[source] Errno),
-    #[error(transparent)]
-    Modules(#[from] ModuleError),
-    #[error(transparent)]
-    Identity(#[from] IdentityProbeError),
-    #[error("no identity: not on the command line (powernode.identity=), not in fw_cfg, not from cloud metadata")]
-    IdentityMissing,
-    #[error(transparent)]
-    Network(#[from] NetError),
-    #[error(transparent)]
-    SwitchRoot(#[from] SwitchRootError),
-    #[error("preparing the test root")]
-    TestRoot(#[source] Errno),
-    /// Leaving what agent mode needs before switch_root.
-    #[error("hand-off to the composed root: {step} {path}")]
-    HandOff {
-        step: &'static str,
-        path: String,
-        #[source]
-        errno: Errno,
-    },
-    #[error(
-        "powernode.persist={0:?} is neither a block device path /dev/NAME nor LABEL=NAME \
-         (an ext4 label: 1-16 of A-Z a-z 0-9 _ . -)"
-    )]
-    PersistSpec(String),
-    /// More than one disk carries the label: taking either could mount the wrong one.
-    #[error("the /persist label {label:?} (powernode.persist=) is on more than one disk: {}", devices.join(", "))]
-    PersistAmbiguous { label: String, devices: Vec<String> },
-    /// The named disk is not there (not attached, or its driver found no device).
-    #[error("the /persist disk {device} (powernode.persist=) is not present")]
-    PersistMissing {
-        device: String,
-        #[source]
-        errno: Errno,
-    },
-    #[error("preparing the agent state directory {path}")]
-    StateDir {
-        path: String,
-        #[source]
-        errno: Errno,
-    },
-    #[error(transparent)]
-    Bootstrap(#[from] BootstrapError),
-    #[error("the agent failed: {message}")]
-    Agent { code: ErrorCode, message: String },
-    /// A file of the composed root could not be read in full before switch_root.
-    /// `EIO` under `verity=require` is the kernel refusing a block whose content
-    /// does not match the object's fs-verity digest.
-    #[error("reading {path} in the composed root{}{}",
-        if *verity { " (fs-verity required)" } else { "" },
-        repaired_note(moved))]
-    RootRead {
-        path: String,
-        verity: bool,
-        /// Corrupt objects moved out of the store (fetched again next boot).
-        moved: Vec<String>,
-        #[source]
-        errno: Errno,
-    },
-    #[error(transparent)]
-    RootInit(#[from] RootInitError),
-}
-
-impl PhaseError {
-    /// The stable reason code reported upstream.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::Identity(_) => ErrorCode::IdentityInvalid,
-            Self::IdentityMissing => ErrorCode::IdentityMissing,
-            Self::Network(_) => ErrorCode::Network,
-            Self::Bootstrap(e) => e.code(),
-            Self::Agent { code, .. } => *code,
-            Self::RootInit(e) => e.code(),
-            Self::RootRead {
-                verity: true,
-                errno: Errno::IO,
-                ..
-            } => ErrorCode::VerityMismatch,
-            Self::RootRead { .. }
-            | Self::Mount(_)
-            | Self::StateDir { .. }
-            | Self::PersistSpec(_)
-            | Self::PersistAmbiguous { .. }
-            | Self::PersistMissing { .. }
-            | Self::Cmdline(_)
-            | Self::Modules(_)
-            | Self::SwitchRoot(_)
-            | Self::TestRoot(_)
-            | Self::HandOff { .. } => ErrorCode::Internal,
-        }
-    }
-
-    /// What the operator can do about it, where the init knows.
-    pub fn recovery(&self) -> Option<String> {
-        match self {
-            Self::RootInit(e) => e.recovery(),
-            _ => None,
-        }
-    }
-
-    /// The control plane refused this node for good: no later attempt, under any
-    /// policy, can succeed with this boot's identity.
-    pub fn refused_for_good(&self) -> bool {
-        matches!(self, Self::Bootstrap(e) if e.refused_for_good())
-    }
-
-    /// Whether a later attempt may succeed on its own (the network comes up, the
-    /// control plane comes back). Others (a bad identity, a missing module) apply
-    /// the failure policy at once, except `retry` which retries all but a refusal
-    /// for good.
-    pub fn retryable(&self) -> bool {
-        match self {
-            Self::Network(_)
-            | Self::Agent { .. }
-            | Self::StateDir { .. }
-            | Self::PersistMissing { .. } => true,
-            Self::Bootstrap(e) => e.retryable(),
-            _ => false,
-        }
-    }
-
-    /// The message with its whole cause chain, for the console and upstream.
-    pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        text
-    }
-}
+use crate::layout::PERSIST_MOUNT;
+use crate::switch_root;
+use crate::sys::RebootKind;
+use error::PhaseError;
+use phases::{
+    bootstrap, bring_up_network, early_mounts, find_cloud_identity, find_identity, load_modules,
+    read_cmdline,
+};
+use root::ComposedRoot;
+use state::Boot;
 
 /// One named phase; `marks` is the timeline phase reached when it succeeds.
 pub struct NamedPhase {
@@ -229,73 +95,8 @@ pub const PHASES: &[NamedPhase] = &[
     },
 ];
 
-/// Boot state shared by the phases.
-pub struct Boot<'a> {
-    pub sys: &'a mut dyn Sys,
-    pub options: Options,
-    pub cmdline: String,
-    pub timeline: Vec<TimelineEntry>,
-    pub modules: LoadReport,
-    pub identity: Option<Found>,
-    pub network: Option<Configured>,
-    /// The agent library; `None` keeps `bootstrap` identity-only (unit tests of
-    /// the other phases).
-    pub agent: Option<&'a mut dyn AgentDriver>,
-    /// Where the agent keeps its key, certificate and identity.
-    pub state_dir: Option<String>,
-    /// Set once enrollment and the first handshake succeeded.
-    pub enrolled: bool,
-}
-
-impl std::fmt::Debug for Boot<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Boot")
-            .field("options", &self.options)
-            .field("timeline", &self.timeline)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> Boot<'a> {
-    pub fn new(sys: &'a mut dyn Sys) -> Self {
-        Self {
-            sys,
-            options: Options::default(),
-            cmdline: String::new(),
-            timeline: Vec::new(),
-            modules: LoadReport::default(),
-            identity: None,
-            network: None,
-            agent: None,
-            state_dir: None,
-            enrolled: false,
-        }
-    }
-
-    /// The same boot with the agent library wired into `bootstrap` and the hand-off.
-    pub fn with_agent(mut self, agent: &'a mut dyn AgentDriver) -> Self {
-        self.agent = Some(agent);
-        self
-    }
-
-    /// Records `phase` now (first time only) and returns its timestamp.
-    pub fn mark(&mut self, phase: Phase) -> u64 {
-        if let Some(e) = self.timeline.iter().find(|e| e.phase == phase) {
-            return e.at_ms;
-        }
-        let at_ms = self.sys.boot_ms();
-        self.timeline.push(TimelineEntry { phase, at_ms });
-        at_ms
-    }
-
-    /// Writes one structured line to the console.
-    pub fn event(&mut self, mut fields: Value) {
-        if let Some(obj) = fields.as_object_mut() {
-            obj.insert("at_ms".into(), json!(self.sys.boot_ms()));
-        }
-        self.sys.console(&format!("{EVENT_PREFIX}{fields}"));
-    }
-
+/// The runner: the phases in order, then the hand-off.
+impl Boot<'_> {
     /// Runs every phase, then finishes. Returns only when the boot is over (reset
     /// requested or failed, or nothing left to do).
     pub fn run(mut self) -> Outcome {
@@ -424,7 +225,7 @@ impl<'a> Boot<'a> {
         let mut attempt: u32 = 0;
         loop {
             attempt = attempt.saturating_add(1);
-            match self.try_compose_root() {
+            match root::try_compose_root(self) {
                 Ok(root) => return Ok(root),
                 Err(error) => {
                     if let Some(outcome) = self.failed("switch_root", &error, attempt) {
@@ -436,125 +237,6 @@ impl<'a> Boot<'a> {
                 }
             }
         }
-    }
-
-    fn try_compose_root(&mut self) -> Result<ComposedRoot, PhaseError> {
-        let Some(agent) = self.agent.as_deref_mut() else {
-            return Ok(ComposedRoot::Initramfs);
-        };
-        let modules = match agent.compose_root(COMPOSED_ROOT) {
-            Ok(None) => return Ok(ComposedRoot::Initramfs),
-            Ok(Some(m)) => m,
-            Err(e) => {
-                return Err(PhaseError::Agent {
-                    code: e.code,
-                    message: e.message,
-                })
-            }
-        };
-        let mut facts = agent.root_facts();
-        let verity = facts.as_ref().is_some_and(|f| f.verity == "require");
-        let checked = match check_root(self.sys, COMPOSED_ROOT, verity) {
-            Ok(c) => c,
-            Err(mut error) => {
-                // The kernel refused a block: find the corrupt objects and move them
-                // out of the store, so the next attempt (or boot) fetches them again.
-                if error.code() == ErrorCode::VerityMismatch {
-                    if let PhaseError::RootRead { moved, .. } = &mut error {
-                        match agent.repair_root() {
-                            Ok(m) => *moved = m,
-                            Err(e) => log::error!("scrubbing the store failed: {}", e.message),
-                        }
-                    }
-                }
-                return Err(error);
-            }
-        };
-        let init = root_init::inspect(self.sys, COMPOSED_ROOT)?;
-        self.mark(Phase::RootMounted);
-        if let Some(f) = facts.as_mut() {
-            f.init = init.name().to_string();
-            if let Some(c) = f.compose.as_mut() {
-                c.checked = checked;
-            }
-        }
-        self.event(json!({"event": "root_composed", "root": facts}));
-        self.prepare_agent_mode(&modules, facts.as_ref())?;
-        let bin = crate::agent::AGENT_MODE_BIN;
-        match init {
-            RootInit::Agent => {
-                let state_dir = self.state_dir.clone().unwrap_or_default();
-                Ok(ComposedRoot::Mounted {
-                    path: COMPOSED_ROOT.into(),
-                    init: bin.into(),
-                    args: vec![crate::agent::AGENT_MODE.into(), state_dir],
-                })
-            }
-            RootInit::Systemd { path } => {
-                let state_dir = self.state_dir.clone().unwrap_or_default();
-                root_init::install_agent_unit(self.sys, bin, &state_dir).map_err(
-                    |(path, errno)| PhaseError::HandOff {
-                        step: "writing the agent's unit",
-                        path,
-                        errno,
-                    },
-                )?;
-                log::info!(
-                    "the composed root's init is systemd ({path}): the agent runs as {}",
-                    root_init::AGENT_UNIT
-                );
-                // Exec'd by its resolved path: Debian's `/sbin/init` is an absolute
-                // link, which the switch's checks (made before the chroot) would
-                // resolve against the initramfs.
-                Ok(ComposedRoot::Mounted {
-                    path: COMPOSED_ROOT.into(),
-                    init: path,
-                    args: Vec::new(),
-                })
-            }
-        }
-    }
-
-    /// Copies this init to [`crate::agent::AGENT_MODE_BIN`] and leaves the timeline
-    /// and root module digests for agent mode in the state directory.
-    fn prepare_agent_mode(
-        &mut self,
-        modules: &[powernode_proto::node::RunningModule],
-        facts: Option<&powernode_proto::node::RootFacts>,
-    ) -> Result<(), PhaseError> {
-        let handoff_err = |step: &'static str, path: &str| {
-            let path = path.to_string();
-            move |errno| PhaseError::HandOff { step, path, errno }
-        };
-        let state_dir = self
-            .state_dir
-            .clone()
-            .ok_or_else(|| handoff_err("finding the state directory", "(none)")(Errno::NOENT))?;
-        ok_if_exists(self.sys.mkdir(RUN_STATE_DIR, 0o700))
-            .map_err(handoff_err("creating", RUN_STATE_DIR))?;
-        self.sys
-            .copy_file(SELF_EXE, crate::agent::AGENT_MODE_BIN, 0o755)
-            .map_err(handoff_err(
-                "copying the init to",
-                crate::agent::AGENT_MODE_BIN,
-            ))?;
-        let handoff = crate::agent::Handoff {
-            timeline: self.timeline.clone(),
-            root_modules: modules.to_vec(),
-            root_facts: facts.cloned(),
-            root_images: self
-                .agent
-                .as_deref()
-                .map(|a| a.root_images())
-                .unwrap_or_default(),
-        };
-        let path = format!("{state_dir}/{}", crate::agent::HANDOFF_FILE);
-        let body = serde_json::to_vec(&handoff)
-            .map_err(|_| handoff_err("encoding", &path)(Errno::INVAL))?;
-        self.sys
-            .create_file(&path, &body, 0o600)
-            .map_err(handoff_err("writing", &path))?;
-        Ok(())
     }
 
     /// The hand-off seam. `Initramfs`: the init becomes the agent in place (PID 1,
@@ -628,31 +310,6 @@ impl<'a> Boot<'a> {
     }
 }
 
-/// What the boot hands off to (see [`Boot::hand_off`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ComposedRoot {
-    /// No composed root yet: stay in the initramfs.
-    Initramfs,
-    /// A composed root mounted at `path`, whose `init` (with `args`) takes over as
-    /// PID 1: systemd, or a copy of this init in agent mode.
-    Mounted {
-        path: String,
-        init: String,
-        args: Vec<String>,
-    },
-}
-
-fn repaired_note(moved: &[String]) -> String {
-    match moved {
-        [] => String::new(),
-        [one] => format!("; corrupt object {one} moved out of the store, fetched again next boot"),
-        more => format!(
-            "; {} corrupt objects moved out of the store, fetched again next boot",
-            more.len()
-        ),
-    }
-}
-
 /// The proto phase a failure of the init's phase `name` is reported under: the
 /// phase the node was trying to reach.
 pub fn upstream_phase(name: &str) -> Phase {
@@ -667,456 +324,23 @@ pub fn upstream_phase(name: &str) -> Phase {
     }
 }
 
-fn early_mounts(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    for m in EARLY_MOUNTS {
-        mounts::mount_one(boot.sys, m)?;
-        // `/dev` comes first in the table: log from here on.
-        if m.target == "/dev" {
-            boot.sys.start_logging();
-            log::info!("powernode-init {} starting", env!("CARGO_PKG_VERSION"));
-        }
-    }
-    if let Err(errno) = boot.sys.write_file(PRINTK_DEVKMSG, b"on\n") {
-        log::warn!("cannot lift the /dev/kmsg rate limit: {errno}");
-    }
-    Ok(())
-}
-
-fn read_cmdline(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let raw = boot
-        .sys
-        .read_file(CMDLINE_PATH, 64 * 1024)
-        .map_err(PhaseError::Cmdline)?;
-    boot.cmdline = String::from_utf8_lossy(&raw).trim().to_string();
-    boot.options = cmdline::parse(&boot.cmdline);
-    failure::set_policy(boot.options.on_failure);
-    crate::logger::set_console_echo(boot.options.quiet);
-    for word in &boot.options.unknown {
-        log::warn!("ignoring unknown value {word:?} on the kernel command line");
-    }
-    log::info!(
-        "on_failure={} test_poweroff={}",
-        boot.options.on_failure,
-        boot.options.test_poweroff
-    );
-    if boot.options.test_panic {
-        deliberate_panic();
-    }
-    Ok(())
-}
-
-/// The one panic in the init: asked for on the command line, to test the hook.
-#[allow(clippy::panic)]
-fn deliberate_panic() {
-    panic!("powernode.test_panic=1 asked for a panic");
-}
-
-fn load_modules(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let report = modules::load_boot(boot.sys)?;
-    log::info!(
-        "kernel modules loaded: {} (already loaded: {}; no device for: {}; unsupported here: {})",
-        report.timing(),
-        report.already.join(" "),
-        report.no_device.join(" "),
-        report.unsupported.join(" ")
-    );
-    boot.modules = report;
-    Ok(())
-}
-
-fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let cmdline = boot.cmdline.clone();
-    let Some(found) = identity::probe(boot.sys, &cmdline)? else {
-        if cloud::may_probe(&cmdline) {
-            log::info!("no identity on the command line or in fw_cfg: cloud metadata after DHCP");
-            return Ok(());
-        }
-        return Err(PhaseError::IdentityMissing);
-    };
-    let doc = &found.document;
-    log::info!(
-        "identity from {}: node {} instance {} ({})",
-        found.source,
-        doc.node_id,
-        doc.instance_id,
-        doc.hostname
-    );
-    identity_found(boot, found, |_| json!({}));
-    Ok(())
-}
-
-/// Marks `identity_found`, reports it on the console and keeps the identity; `more`
-/// (given the mark's time) adds the source's own fields to the event.
-fn identity_found(boot: &mut Boot<'_>, found: Found, more: impl FnOnce(u64) -> Value) {
-    let at_ms = boot.mark(Phase::IdentityFound);
-    let timeline = boot.timeline.clone();
-    let doc = &found.document;
-    let mut fields = json!({
-        "event": "phase",
-        "phase": Phase::IdentityFound,
-        "phase_at_ms": at_ms,
-        "source": found.source,
-        "node_id": doc.node_id,
-        "instance_id": doc.instance_id,
-        "hostname": doc.hostname,
-        "control_plane_url": doc.control_plane_url,
-        "timeline": timeline,
-    });
-    if let (Some(fields), Value::Object(more)) = (fields.as_object_mut(), more(at_ms)) {
-        fields.extend(more);
-    }
-    boot.event(fields);
-    boot.identity = Some(found);
-}
-
-/// The `cloud_identity` phase: nothing to do when an identity was already found.
-fn find_cloud_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    find_cloud_identity_with(boot, &cloud::real_probe)
-}
-
-/// [`find_cloud_identity`] with a given prober (tests run it against a fake).
-fn find_cloud_identity_with(boot: &mut Boot<'_>, probe: &cloud::Prober) -> Result<(), PhaseError> {
-    if boot.identity.is_some() {
-        return Ok(());
-    }
-    let started = boot.sys.boot_ms();
-    let Some(found) = cloud::find_identity(&boot.cmdline, probe)? else {
-        return Err(PhaseError::IdentityMissing);
-    };
-    let CloudIdentity {
-        source,
-        document,
-        facts,
-    } = found;
-    let found = Found {
-        source,
-        document,
-        provider: Some(facts.clone()),
-    };
-    identity_found(
-        boot,
-        found,
-        |at_ms| json!({"provider": facts, "probe_ms": at_ms.saturating_sub(started)}),
-    );
-    Ok(())
-}
-
-/// The identity's network config (DHCP unless it says static). Runs after the
-/// identity phase because a static config comes from the identity document.
-fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let config = boot
-        .identity
-        .as_ref()
-        .map(|f| f.document.network.clone())
-        .unwrap_or_default();
-    let up = net::bring_up(boot.sys, &config)?;
-    log::info!(
-        "network up ({}): {} {}/{} via {} dns {:?}",
-        up.source,
-        up.interface,
-        up.address,
-        up.prefix,
-        up.gateway
-            .map(|g| g.to_string())
-            .unwrap_or_else(|| "-".into()),
-        up.dns
-    );
-    let at_ms = boot.mark(Phase::NetworkUp);
-    boot.event(json!({
-        "event": "phase",
-        "phase": Phase::NetworkUp,
-        "phase_at_ms": at_ms,
-        "network": up,
-    }));
-    boot.network = Some(up);
-    Ok(())
-}
-
-fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
-    match r {
-        Err(Errno::EXIST) => Ok(()),
-        other => other,
-    }
-}
-
-/// What `powernode.persist=` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PersistDisk<'a> {
-    /// `/dev/NAME`.
-    Device(&'a str),
-    /// `LABEL=NAME`: the one disk whose ext4 superblock carries that label. It
-    /// stays right where device names do not (NVMe numbering across boots, a
-    /// cloud's root volume taking `vda`), and an image's baked command line can
-    /// carry it.
-    Label(&'a str),
-}
-
-fn parse_persist(value: &str) -> Option<PersistDisk<'_>> {
-    if let Some(label) = value.strip_prefix("LABEL=") {
-        return (!label.is_empty()
-            && label.len() <= EXT4_LABEL_MAX
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)))
-        .then_some(PersistDisk::Label(label));
-    }
-    let name = value.strip_prefix("/dev/")?;
-    (!name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)))
-    .then_some(PersistDisk::Device(name))
-}
-
-/// ext4's volume name field (`s_volume_name`, 16 bytes, NUL-padded).
-const EXT4_LABEL_MAX: usize = 16;
-/// The superblock starts 1024 bytes into the device; the fields we read end at
-/// 0x88 (magic `s_magic` at 0x38, label `s_volume_name` at 0x78).
-const EXT4_SUPERBLOCK: u64 = 1024;
-const EXT4_SB_READ: usize = 0x88;
-
-/// The ext4 label in a superblock's first bytes; `None` when it is not ext2/3/4.
-fn ext4_label(sb: &[u8]) -> Option<&[u8]> {
-    if sb.get(0x38..0x3a)? != [0x53, 0xef] {
-        return None;
-    }
-    let name = sb.get(0x78..0x78 + EXT4_LABEL_MAX)?;
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    name.get(..end)
-}
-
-/// The block devices whose ext4 label is `label`. Devices that cannot be read (an
-/// empty CD drive) are skipped; loop and RAM disks are never ours.
-fn disks_labelled(sys: &mut dyn Sys, label: &str) -> Result<Vec<String>, Errno> {
-    let mut names = sys.list_dir("/sys/class/block")?;
-    names.sort();
-    let mut found = Vec::new();
-    for name in names {
-        if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
-            continue;
-        }
-        let dev = format!("/dev/{name}");
-        match sys.read_at(&dev, EXT4_SUPERBLOCK, EXT4_SB_READ) {
-            Ok(sb) if ext4_label(&sb) == Some(label.as_bytes()) => found.push(dev),
-            Ok(_) => {}
-            Err(errno) => log::debug!("{dev}: superblock unreadable ({errno}); skipped"),
-        }
-    }
-    Ok(found)
-}
-
-/// The device path `powernode.persist=` resolves to.
-fn persist_device(sys: &mut dyn Sys, value: &str) -> Result<String, PhaseError> {
-    let missing = |errno| PhaseError::PersistMissing {
-        device: value.into(),
-        errno,
-    };
-    match parse_persist(value).ok_or_else(|| PhaseError::PersistSpec(value.into()))? {
-        PersistDisk::Device(name) => {
-            sys.read_file(&format!("/sys/class/block/{name}/dev"), 64)
-                .map_err(missing)?;
-            Ok(value.into())
-        }
-        PersistDisk::Label(label) => {
-            let mut found = disks_labelled(sys, label).map_err(missing)?;
-            match found.len() {
-                0 => Err(missing(Errno::NOENT)),
-                1 => Ok(found.remove(0)),
-                _ => Err(PhaseError::PersistAmbiguous {
-                    label: label.into(),
-                    devices: found,
-                }),
-            }
-        }
-    }
-}
-
-/// The agent's state directory: on the `/persist` disk (ext4) that
-/// `powernode.persist=` names, so a persistent node keeps its credentials and
-/// module store across boots; else on the tmpfs `/run`.
-fn prepare_state_dir(sys: &mut dyn Sys, persist: Option<&str>) -> Result<String, PhaseError> {
-    let err = |path: &str| {
-        let path = path.to_string();
-        move |errno| PhaseError::StateDir { path, errno }
-    };
-    let Some(value) = persist else {
-        ok_if_exists(sys.mkdir(RUN_STATE_DIR, 0o700)).map_err(err(RUN_STATE_DIR))?;
-        return Ok(RUN_STATE_DIR.into());
-    };
-    let device = persist_device(sys, value)?;
-    ok_if_exists(sys.mkdir(PERSIST_MOUNT, 0o755)).map_err(err(PERSIST_MOUNT))?;
-    match sys.mount(
-        &device,
-        PERSIST_MOUNT,
-        "ext4",
-        crate::sys::MountFlags::NOSUID | crate::sys::MountFlags::NODEV,
-        "",
-    ) {
-        Ok(()) | Err(Errno::BUSY) => {}
-        Err(errno) => return Err(err(PERSIST_MOUNT)(errno)),
-    }
-    log::info!("{device} ({value}) mounted at {PERSIST_MOUNT}");
-    ok_if_exists(sys.mkdir(PERSIST_STATE_DIR, 0o700)).map_err(err(PERSIST_STATE_DIR))?;
-    Ok(PERSIST_STATE_DIR.into())
-}
-
-/// The agent library's bootstrap: state directory, entropy, enrollment (or stored
-/// credentials), first handshake with the init's timeline. Pull / verify / mount
-/// of signed modules come here once they exist.
-fn bootstrap(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let Some(found) = boot.identity.clone() else {
-        return Err(PhaseError::IdentityMissing);
-    };
-    if boot.options.test_switch_root {
-        return test_switch_root(boot);
-    }
-    if boot.options.test_poweroff {
-        log::info!("powernode.test_poweroff=1: the init's own phases only, no enrollment");
-        return Ok(());
-    }
-    if boot.agent.is_none() {
-        log::info!("bootstrap: no agent driver; identity only");
-        return Ok(());
-    }
-    // The node's name in its logs, the journal and what its root's systemd keeps.
-    let hostname = &found.document.hostname;
-    if !hostname.is_empty() {
-        if let Err(e) = boot.sys.set_hostname(hostname) {
-            log::warn!("setting the hostname {hostname:?}: {e}");
-        }
-    }
-    let state_dir = match boot.state_dir.clone() {
-        Some(d) => d,
-        None => {
-            let d = prepare_state_dir(boot.sys, boot.options.persist.as_deref())?;
-            boot.state_dir = Some(d.clone());
-            d
-        }
-    };
-    let input = BootstrapInput {
-        identity: found.document,
-        source: found.source,
-        provider: found.provider,
-        state_dir: state_dir.clone().into(),
-        timeline: boot.timeline.clone(),
-    };
-    let Some(agent) = boot.agent.as_deref_mut() else {
-        return Ok(());
-    };
-    let done = agent.bootstrap(&input)?;
-    boot.timeline.push(TimelineEntry {
-        phase: Phase::Enrolled,
-        at_ms: done.enrolled_at_ms,
-    });
-    boot.enrolled = true;
-    let timeline = boot.timeline.clone();
-    boot.event(json!({
-        "event": "phase",
-        "phase": Phase::Enrolled,
-        "phase_at_ms": done.enrolled_at_ms,
-        "state_dir": state_dir,
-        "reused_credentials": done.reused_credentials,
-        "entropy_wait_ms": done.entropy_wait_ms,
-        "timeline": timeline,
-    }));
-    Ok(())
-}
-
-/// Where the union of the root modules is mounted before switch_root.
-pub const COMPOSED_ROOT: &str = "/sysroot";
-
-/// Files of the composed root read in full before switch_root, where present: what
-/// a systemd hand-off would exec, and the shell. The kernel checks every page of an
-/// fs-verity object as it is read, so a corrupt object fails the boot here, reported
-/// upstream with its path, instead of as a random `EIO` once the node is running.
-pub const ROOT_CHECKS: &[&str] = &["/sbin/init", "/bin/sh"];
-
-/// Reads each of [`ROOT_CHECKS`] that exists (resolved inside `root`); returns the
-/// paths read.
-fn check_root(sys: &mut dyn Sys, root: &str, verity: bool) -> Result<Vec<String>, PhaseError> {
-    let mut checked = Vec::new();
-    for path in ROOT_CHECKS {
-        match sys.read_through(root, path) {
-            Ok(bytes) => {
-                log::info!("composed root: read {path} in full ({bytes} bytes)");
-                checked.push((*path).to_string());
-            }
-            Err(Errno::NOENT) => {}
-            Err(errno) => {
-                return Err(PhaseError::RootRead {
-                    path: (*path).to_string(),
-                    verity,
-                    moved: Vec::new(),
-                    errno,
-                })
-            }
-        }
-    }
-    Ok(checked)
-}
-
-/// Where the test root is mounted, and the flag its init gets.
-pub const TEST_ROOT: &str = "/sysroot";
-pub const SWITCHED_ROOT_CHECK: &str = "--switched-root-check";
-
-/// `powernode.test_switch_root=1`: a tmpfs root with a copy of this init, then the
-/// real switch_root into it. Returns only on failure.
-fn test_switch_root(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
-    let sys = &mut *boot.sys;
-    sys.mkdir(TEST_ROOT, 0o755).map_err(PhaseError::TestRoot)?;
-    sys.mount(
-        "tmpfs",
-        TEST_ROOT,
-        "tmpfs",
-        crate::sys::MountFlags::empty(),
-        "mode=0755",
-    )
-    .map_err(PhaseError::TestRoot)?;
-    sys.mkdir(&format!("{TEST_ROOT}/sbin"), 0o755)
-        .map_err(PhaseError::TestRoot)?;
-    let me = sys
-        .read_file(crate::layout::INIT, 64 << 20)
-        .map_err(PhaseError::TestRoot)?;
-    sys.create_file(&format!("{TEST_ROOT}/sbin/init"), &me, 0o755)
-        .map_err(PhaseError::TestRoot)?;
-    let timeline = boot.timeline.clone();
-    boot.event(json!({"event": "switch_root", "new_root": TEST_ROOT, "timeline": timeline}));
-    Err(switch_root::switch_root(boot.sys, TEST_ROOT, "/sbin/init", &[SWITCHED_ROOT_CHECK]).into())
-}
-
-/// The test root's init (`--switched-root-check`): report where it runs, power off.
-pub fn switched_root_check(sys: &mut dyn Sys) -> Outcome {
-    let mounts = sys
-        .read_file("/proc/self/mounts", 1 << 20)
-        .unwrap_or_default();
-    let mounts = String::from_utf8_lossy(&mounts);
-    // The last mount on "/" is the one in effect.
-    let root = mounts
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(1) == Some("/"))
-        .unwrap_or_default()
-        .to_string();
-    let exists = |sys: &mut dyn Sys, p: &str| sys.read_file(p, 1 << 16).is_ok();
-    let fields = json!({
-        "event": "switched_root",
-        "pid": std::process::id(),
-        "root_mount": root,
-        "initramfs_init_present": exists(sys, crate::layout::INIT),
-        "initramfs_load_order_present": exists(sys, crate::layout::MODULE_LOAD_ORDER),
-        "proc_mounted": exists(sys, "/proc/self/stat"),
-        "at_ms": sys.boot_ms(),
-    });
-    sys.console(&format!("{EVENT_PREFIX}{fields}"));
-    failure::reset(sys, RebootKind::PowerOff)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::phases::find_cloud_identity_with;
+    use super::root::{check_root, COMPOSED_ROOT};
+    use super::test_root::SWITCHED_ROOT_CHECK;
     use super::*;
+    use crate::agent::{BootstrapError, BootstrapInput};
+    use crate::console::EVENT_PREFIX;
     use crate::identity::tests::{doc_json, with_fw_cfg};
+    use crate::identity::Found;
     use crate::layout;
+    use crate::layout::{PERSIST_STATE_DIR, RUN_STATE_DIR};
     use crate::sys::fake::{Call, FakeSys};
+    use crate::sys::Errno;
     use crate::sys::ModuleSysError;
+    use powernode_proto::ErrorCode;
+    use serde_json::Value;
 
     fn machine(cmdline: &str) -> FakeSys {
         let sys = FakeSys::default()

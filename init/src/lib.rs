@@ -1,7 +1,7 @@
 //! `powernode-init`: the static PID 1 of the netboot initramfs. Early mounts, kernel
 //! modules, identity (command line or fw_cfg), network (DHCPv4 or static), then the
 //! `bootstrap` phase: the agent library's enrollment and first handshake with the
-//! init's boot timeline ([`agent`]). Then the hand-off ([`boot::Boot::hand_off`]):
+//! init's boot timeline ([`agent`]). Then the hand-off ([`boot::state::Boot::hand_off`]):
 //! without signed modules yet, the init becomes the agent as PID 1 of the
 //! initramfs and powers off when the control plane refuses the node; the seam for
 //! [`switch_root`] into a composed root is there (VM-tested with a tmpfs root).
@@ -58,14 +58,14 @@ pub mod shutdown;
 pub mod switch_root;
 pub mod sys;
 
-/// The init's entry point: the boot, or (with [`boot::SWITCHED_ROOT_CHECK`]) the
+/// The init's entry point: the boot, or (with [`boot::test_root::SWITCHED_ROOT_CHECK`]) the
 /// test root's self-report. Never returns.
 pub fn main() -> ! {
-    if std::env::args().nth(1).as_deref() == Some(boot::SWITCHED_ROOT_CHECK) {
+    if std::env::args().nth(1).as_deref() == Some(boot::test_root::SWITCHED_ROOT_CHECK) {
         let mut sys = sys::RealSys::new();
         failure::install_panic_hook();
         failure::set_policy(cmdline::FailurePolicy::Poweroff);
-        let outcome = boot::switched_root_check(&mut sys);
+        let outcome = boot::test_root::switched_root_check(&mut sys);
         log::warn!("switched-root check ended with {outcome:?}; parking");
         failure::park(&mut sys)
     }
@@ -150,7 +150,9 @@ pub fn run() -> ! {
     failure::install_panic_hook();
     register_fs_loader();
     let mut agent = agent::RealAgent::default();
-    let outcome = boot::Boot::new(&mut sys).with_agent(&mut agent).run();
+    let outcome = boot::state::Boot::new(&mut sys)
+        .with_agent(&mut agent)
+        .run();
     // Only reached when power-off/reboot failed or there is nothing to hand off to
     // yet: PID 1 must not exit, so it parks.
     log::warn!("boot ended with {outcome:?}; parking PID 1");

@@ -160,6 +160,14 @@ impl RealSys {
     }
 }
 
+/// A `mkdir` result with an existing directory counted as made.
+pub fn ok_if_exists(r: Result<(), Errno>) -> Result<(), Errno> {
+    match r {
+        Err(Errno::EXIST) => Ok(()),
+        other => other,
+    }
+}
+
 fn errno(e: std::io::Error) -> Errno {
     Errno::from_io_error(&e).unwrap_or(Errno::IO)
 }
