@@ -5,8 +5,13 @@
 //! [`AgentDriver`] is a trait so the boot sequence stays testable with fakes; the
 //! real driver ([`RealAgent`]) owns one tokio current-thread runtime inside PID 1
 //! (no worker threads: PID 1 stays a single, simple process).
+//!
+//! Its rooms: [`compose`] (the root modules composed for the hand-off, and the
+//! store's repair), [`mounter`] (the kernel mounter with EROFS images on loop
+//! devices) and [`reaper`] (PID 1's orphans). This file keeps the seam, the real
+//! driver, and the agent run after the hand-off (agent mode, the systemd service).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use powernode_agent::client::{ApiClient, ClientError, Timeouts};
@@ -16,13 +21,15 @@ use powernode_agent::identity::Resolved;
 use powernode_agent::node_loop::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
-use powernode_proto::node::{
-    ComposeStats, FailureReport, Phase, RootFacts, RunningModule, TimelineEntry,
-};
+use powernode_proto::node::{FailureReport, Phase, RootFacts, RunningModule, TimelineEntry};
 use powernode_proto::{ErrorCode, IdentityDocument};
 
-use crate::shutdown::{MOUNTINFO, MOUNTINFO_LIMIT};
-use crate::sys::{RealSys, Sys};
+pub mod compose;
+pub mod mounter;
+pub mod reaper;
+
+use compose::{ComposeError, Composed, ComposedUnion};
+use mounter::LoopMounter;
 
 /// Everything the bootstrap needs from the earlier phases.
 #[derive(Debug, Clone)]
@@ -138,13 +145,6 @@ pub trait AgentDriver {
     fn root_images(&self) -> Vec<String> {
         Vec::new()
     }
-}
-
-/// Why the composed root could not be built; `code` is the wire code reported upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ComposeError {
-    pub code: ErrorCode,
-    pub message: String,
 }
 
 /// What the init leaves in the state directory for itself in agent mode after
@@ -339,13 +339,8 @@ impl AgentDriver for RealAgent {
     }
 
     fn compose_root(&mut self, target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
-        use powernode_agent::modules::{module_runtime, mount, registry};
-        let internal = |message: String| ComposeError {
-            code: ErrorCode::Internal,
-            message,
-        };
         let Some(session) = &self.session else {
-            return Err(internal(
+            return Err(ComposeError::internal(
                 "compose_root before a successful bootstrap".into(),
             ));
         };
@@ -353,123 +348,26 @@ impl AgentDriver for RealAgent {
         let state_dir = session.state_dir.clone();
         let rt = self
             .runtime()
-            .map_err(|e| internal(format!("async runtime: {e}")))?;
-        let desired = rt
-            .block_on(client.get::<powernode_proto::node::DesiredModulesResponse>(
-                powernode_proto::paths::DESIRED_MODULES,
-            ))
-            .map_err(|e| ComposeError {
-                code: e.report_code(),
-                message: format!(
-                    "fetching the desired modules: {}",
-                    powernode_agent::error_chain(&e)
-                ),
-            })?;
-        let roots: Vec<RunningModule> = desired
-            .modules
-            .iter()
-            .filter(|m| m.kind == module_runtime::KIND_ROOT)
-            .map(|m| RunningModule {
-                name: m.name.clone(),
-                version: m.version.clone(),
-                digest: m.digest.clone(),
-            })
-            .collect();
-        if roots.is_empty() {
-            log::info!("no root modules desired; the initramfs stays the root");
-            self.desired = Some(desired);
-            return Ok(None);
+            .map_err(|e| ComposeError::internal(format!("async runtime: {e}")))?;
+        match compose::compose(rt, &client, &state_dir, target)? {
+            Composed::NoRoot(desired) => {
+                self.desired = Some(desired);
+                Ok(None)
+            }
+            Composed::Root(root) => {
+                let ComposedUnion {
+                    modules,
+                    facts,
+                    store_dir,
+                    images,
+                    union,
+                } = *root;
+                self.composed = Some(facts);
+                self.composed_images = Some((store_dir, images));
+                self.union = Some(union);
+                Ok(Some(modules))
+            }
         }
-        // The embedded registry serves HTTPS with the control-plane CA kept at enrollment.
-        let ca_path = state_dir.join(powernode_agent::state::CA_FILE);
-        let ca_pem = std::fs::read_to_string(&ca_path)
-            .map_err(|e| internal(format!("reading {}: {e}", ca_path.display())))?;
-        let store_dir = state_dir.join("store");
-        std::fs::create_dir_all(&store_dir)
-            .map_err(|e| internal(format!("creating {}: {e}", store_dir.display())))?;
-        let store = open_store(&store_dir).map_err(internal)?;
-        let opts = registry::RegistryOptions {
-            ca_pem: Some(ca_pem),
-            connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(30)),
-            ..Default::default()
-        };
-        let work = state_dir.join("compose");
-        std::fs::create_dir_all(target).map_err(|e| internal(format!("creating {target}: {e}")))?;
-        // A persistent node keeps the root's writes on /persist, next to its store.
-        let upper = if state_dir.starts_with(crate::layout::PERSIST_MOUNT) {
-            mount::Upper::Dir(state_dir.join("root"))
-        } else {
-            mount::Upper::Tmpfs
-        };
-        let started = std::time::Instant::now();
-        let union = module_runtime::compose_root(
-            &desired,
-            &store,
-            opts,
-            &LoopMounter,
-            &work,
-            &upper,
-            std::path::Path::new(target),
-        )
-        .map_err(|e| {
-            use powernode_agent::modules::ModuleErrorCode;
-            ComposeError {
-                code: e.code(),
-                message: powernode_agent::error_chain(&e),
-            }
-        })?;
-        let stats = store.stats();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let facts = RootFacts {
-            verity: match store.verity_mode() {
-                powernode_agent::modules::store::VerityMode::Kernel => "require",
-                powernode_agent::modules::store::VerityMode::Userspace => "userspace",
-            }
-            .into(),
-            store: store_dir.display().to_string(),
-            upper: match &upper {
-                mount::Upper::Tmpfs => "tmpfs".into(),
-                mount::Upper::Dir(d) => d.display().to_string(),
-            },
-            compose: Some(ComposeStats {
-                bytes_fetched: union.fetched_bytes,
-                objects_added: stats.objects_added,
-                bytes_added: stats.bytes_added,
-                verity_enabled: stats.verity_enabled,
-                verity_enable_ms: ms(Duration::from_nanos(stats.verity_enable_ns)),
-                compose_ms: ms(started.elapsed()),
-                checked: Vec::new(),
-            }),
-            ..RootFacts::default()
-        };
-        log::info!(
-            "composed root at {} from {} root module(s): store {} (verity {}), upper {}, \
-             {} bytes fetched, {} objects added, fs-verity enabled on {} in {} ms, \
-             {} objects re-hashed ({} bytes), {} checks skipped (written this boot)",
-            union.target.display(),
-            roots.len(),
-            facts.store,
-            facts.verity,
-            facts.upper,
-            union.fetched_bytes,
-            stats.objects_added,
-            stats.verity_enabled,
-            stats.verity_enable_ns / 1_000_000,
-            stats.objects_rehashed,
-            stats.bytes_rehashed,
-            stats.rehash_skipped
-        );
-        self.composed = Some(facts);
-        // Image mounts are `work/images/<hex>`.
-        let images = union
-            .image_mounts
-            .iter()
-            .filter_map(|p| p.file_name()?.to_str()?.parse().ok())
-            .collect();
-        self.composed_images = Some((store_dir.clone(), images));
-        self.union = Some(union);
-        Ok(Some(roots))
     }
 
     fn root_images(&self) -> Vec<String> {
@@ -538,27 +436,10 @@ impl AgentDriver for RealAgent {
     }
 
     fn repair_root(&mut self) -> Result<Vec<String>, ComposeError> {
-        use powernode_agent::modules::store::ObjectStore;
-        let Some((store_dir, images)) = &self.composed_images else {
-            return Ok(Vec::new());
-        };
-        let fail = |e: powernode_agent::modules::store::StoreError| ComposeError {
-            code: ErrorCode::Internal,
-            message: format!(
-                "scrubbing the store {}: {}",
-                store_dir.display(),
-                powernode_agent::error_chain(&e)
-            ),
-        };
-        let store = ObjectStore::open(store_dir).map_err(fail)?;
-        let mut moved = Vec::new();
-        for image in images {
-            for d in store.scrub_image(image).map_err(fail)? {
-                log::warn!("store: object {d} is corrupt; moved out, fetched again next boot");
-                moved.push(d.to_string());
-            }
+        match &self.composed_images {
+            Some((store_dir, images)) => compose::repair(store_dir, images),
+            None => Ok(Vec::new()),
         }
-        Ok(moved)
     }
 }
 
@@ -579,7 +460,7 @@ fn node_hooks(
     let store_dir = state_dir.join("store");
     std::fs::create_dir_all(&store_dir)
         .map_err(|e| format!("creating the module store {}: {e}", store_dir.display()))?;
-    let store = open_store(&store_dir)?;
+    let store = compose::open_store(&store_dir)?;
     // Under systemd, module services are units: `systemctl status` shows them and
     // a restart of the agent never stops them.
     let services: Arc<dyn powernode_agent::supervisor::Supervisor> = match host {
@@ -638,7 +519,7 @@ fn run_on(
     timeline.mark(Phase::AgentStarted);
     let ended = rt.block_on(async {
         // Under systemd, PID 1 reaps; reaping here would only race the monitors.
-        let reaper = (host == Host::Pid1).then(|| tokio::spawn(reap_children()));
+        let reaper = (host == Host::Pid1).then(|| tokio::spawn(reaper::reap_children()));
         let result = node_loop::run(resolved, opts, hooks, timeline, stop_signal()).await;
         if let Some(r) = reaper {
             r.abort();
@@ -654,129 +535,6 @@ fn run_on(
             message: powernode_agent::error_chain(&e),
         },
     }
-}
-
-/// Opens the node's module store. The accelerated sha256 is loaded first (on demand:
-/// a node without modules never pays for it): fs-verity picks its hash when the
-/// store first enables verity, and keeps it. Without it `sha256-generic` serves.
-fn open_store(store_dir: &Path) -> Result<powernode_agent::modules::store::ObjectStore, String> {
-    if let Err(chain) = crate::modules::load_on_demand("fs-verity", crate::layout::VERITY_MODULES) {
-        log::warn!("accelerated sha256 not loaded, fs-verity uses the generic one: {chain}");
-    }
-    powernode_agent::modules::store::ObjectStore::open(store_dir).map_err(|e| {
-        format!(
-            "module store {}: {}",
-            store_dir.display(),
-            powernode_agent::error_chain(&e)
-        )
-    })
-}
-
-/// The kernel mounter, with composefs image files put on a loop device first.
-struct LoopMounter;
-
-/// Loads [`crate::layout::COMPOSEFS_MODULES`] before a module mount (the boot leaves
-/// them out: a node without modules never needs them); modules already in the
-/// kernel are skipped by their `/sys/module` entry.
-fn ensure_composefs_modules(
-    spec: &powernode_agent::modules::mount::MountSpec,
-) -> Result<(), powernode_agent::modules::mount::MountError> {
-    crate::modules::load_on_demand("composefs", crate::layout::COMPOSEFS_MODULES).map_err(|chain| {
-        powernode_agent::modules::mount::MountError::Syscall {
-            step: "loading the composefs kernel modules",
-            fstype: spec.fstype,
-            target: spec.target.clone(),
-            kernel_log: chain.clone(),
-            source: std::io::Error::other(chain),
-        }
-    })
-}
-
-impl powernode_agent::modules::mount::Mounter for LoopMounter {
-    fn mount(
-        &self,
-        spec: &powernode_agent::modules::mount::MountSpec,
-    ) -> Result<(), powernode_agent::modules::mount::MountError> {
-        use powernode_agent::modules::mount::KernelMounter;
-        ensure_composefs_modules(spec)?;
-        let file = spec
-            .source
-            .as_ref()
-            .filter(|p| spec.fstype == "erofs" && p.is_file());
-        let Some(file) = file else {
-            return KernelMounter.mount(spec);
-        };
-        let on_loop = on_loop_device(&mut RealSys::new(), spec, file)?;
-        KernelMounter.mount(&on_loop)
-    }
-
-    fn unmount(
-        &self,
-        target: &std::path::Path,
-    ) -> Result<(), powernode_agent::modules::mount::MountError> {
-        // An EROFS image on a loop device: free the device too (live swaps would
-        // otherwise use up the driver's few loop devices).
-        let mut sys = RealSys::new();
-        let loop_dev = loop_under(&mut sys, target);
-        powernode_agent::modules::mount::KernelMounter.unmount(target)?;
-        if let Some(dev) = loop_dev {
-            detach(&mut sys, &dev, target);
-        }
-        Ok(())
-    }
-}
-
-/// `spec` with its EROFS image `file` put on a loop device, read-only.
-fn on_loop_device(
-    sys: &mut dyn Sys,
-    spec: &powernode_agent::modules::mount::MountSpec,
-    file: &Path,
-) -> Result<powernode_agent::modules::mount::MountSpec, powernode_agent::modules::mount::MountError>
-{
-    let dev = sys.attach_loop(file).map_err(|e| {
-        powernode_agent::modules::mount::MountError::Syscall {
-            step: "attach loop device",
-            fstype: spec.fstype,
-            target: spec.target.clone(),
-            kernel_log: String::new(),
-            source: e,
-        }
-    })?;
-    log::info!("{} on {}", file.display(), dev.display());
-    let mut on_loop = spec.clone();
-    on_loop.source = Some(dev);
-    // A read-only block device must be mounted read-only (else EACCES).
-    on_loop
-        .options
-        .push(powernode_agent::modules::mount::MountOpt::Flag("ro"));
-    Ok(on_loop)
-}
-
-/// The loop device under the EROFS mount at `target`, read before it goes.
-fn loop_under(sys: &mut dyn Sys, target: &Path) -> Option<PathBuf> {
-    let mountinfo = sys.read_file(MOUNTINFO, MOUNTINFO_LIMIT).ok()?;
-    loop_source(&String::from_utf8(mountinfo).ok()?, target)
-}
-
-/// Frees a loop device once the mount on it at `target` is gone (best effort).
-fn detach(sys: &mut dyn Sys, dev: &Path, target: &Path) {
-    match sys.detach_loop(dev) {
-        Ok(()) => log::info!("{} detached from {}", dev.display(), target.display()),
-        Err(e) => log::warn!("detaching {}: {e}", dev.display()),
-    }
-}
-
-/// The loop device under the topmost EROFS mount at `target`, from mountinfo text.
-fn loop_source(mountinfo: &str, target: &std::path::Path) -> Option<PathBuf> {
-    let target = target.to_str()?;
-    mountinfo.lines().rev().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let at = pre.split(' ').nth(4)?;
-        let mut post = post.split(' ');
-        let (fstype, source) = (post.next()?, post.next()?);
-        (at == target && fstype == "erofs" && source.starts_with("/dev/loop"))
-            .then(|| PathBuf::from(source))
-    })
 }
 
 /// Who the agent runs under in the composed root.
@@ -913,85 +671,6 @@ async fn stop_signal() {
     log::info!("PID 1 asked to stop");
 }
 
-/// PID 1 inherits every orphan: reap them on SIGCHLD so no zombie piles up.
-async fn reap_children() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigchld = match signal(SignalKind::child()) {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("cannot listen for SIGCHLD; orphans will not be reaped: {e}");
-            return;
-        }
-    };
-    loop {
-        reap_all();
-        if sigchld.recv().await.is_none() {
-            return;
-        }
-    }
-}
-
-/// Reaps every exited child of this process that no service monitor waits for,
-/// without blocking. Never `waitpid(-1)`: that would steal a supervised service's
-/// exit status from its monitor (which then could not apply its restart policy).
-/// The supervised set stays locked while reaping, so no service can start (and be
-/// mistaken for an orphan) in between.
-pub fn reap_all() -> usize {
-    let me = rustix::process::getpid().as_raw_nonzero().get();
-    let zombies = zombie_children(std::path::Path::new("/proc"), me);
-    if zombies.is_empty() {
-        return 0;
-    }
-    powernode_agent::supervisor::with_supervised(|supervised| {
-        let mut reaped = 0;
-        for pid in zombies {
-            if supervised.contains(&pid) {
-                continue;
-            }
-            let Some(p) = i32::try_from(pid)
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-            else {
-                continue;
-            };
-            if let Ok(Some(status)) =
-                rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG)
-            {
-                log::debug!("reaped orphan {pid} ({status:?})");
-                reaped += 1;
-            }
-        }
-        reaped
-    })
-}
-
-/// Children of `parent` that have exited and wait to be reaped (state `Z` in
-/// `/proc/PID/stat`).
-pub fn zombie_children(proc_root: &std::path::Path, parent: i32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
-                .ok()
-                .and_then(|stat| parse_stat(&stat))
-                .is_some_and(|(state, ppid)| state == 'Z' && ppid == parent)
-        })
-        .collect()
-}
-
-/// `(state, ppid)` from a `/proc/PID/stat` line; the command name may hold spaces
-/// and parentheses, so fields are counted after its last `)`.
-fn parse_stat(stat: &str) -> Option<(char, i32)> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
 #[cfg(test)]
 pub mod fake {
     //! A scripted driver for the boot sequence tests.
@@ -1035,141 +714,5 @@ pub mod fake {
                 self.ends.remove(0)
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod reaper_tests {
-    use super::*;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn the_loop_device_under_an_erofs_mount_is_found() {
-        let info = "30 22 7:0 / /run/powernode/modules/.images/ab ro - erofs /dev/loop3 ro\n\
-                    31 22 0:40 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n\
-                    32 22 7:1 / /elsewhere ro - erofs /dev/loop4 ro\n";
-        assert_eq!(
-            loop_source(
-                info,
-                std::path::Path::new("/run/powernode/modules/.images/ab")
-            ),
-            Some(PathBuf::from("/dev/loop3"))
-        );
-        assert_eq!(
-            loop_source(info, std::path::Path::new("/run/powernode/modules/demo")),
-            None
-        );
-        assert_eq!(loop_source(info, std::path::Path::new("/nowhere")), None);
-    }
-
-    /// The loop device calls go through the seam: attach before the mount, the
-    /// mount table read and the detach around the unmount.
-    #[test]
-    fn an_erofs_image_goes_on_a_loop_device_and_the_device_is_freed_after() {
-        use crate::sys::fake::{Call, FakeSys};
-        use powernode_agent::modules::mount::{MountOpt, MountSpec};
-        let target = Path::new("/run/powernode/modules/.images/ab");
-        let spec = MountSpec {
-            fstype: "erofs",
-            source: Some(PathBuf::from("/persist/powernode/store/images/ab")),
-            options: Vec::new(),
-            read_only: true,
-            target: target.into(),
-        };
-        let mut sys = FakeSys::default().with_file(
-            MOUNTINFO,
-            "30 22 7:0 / /run/powernode/modules/.images/ab ro - erofs /dev/loop0 ro\n",
-        );
-        let file = Path::new("/persist/powernode/store/images/ab");
-        let on_loop = on_loop_device(&mut sys, &spec, file).unwrap();
-        assert_eq!(on_loop.source, Some(PathBuf::from("/dev/loop0")));
-        assert_eq!(on_loop.options, [MountOpt::Flag("ro")]);
-        let dev = loop_under(&mut sys, target).unwrap();
-        detach(&mut sys, &dev, target);
-        assert_eq!(
-            sys.calls,
-            [
-                Call::AttachLoop(file.display().to_string()),
-                Call::Read(MOUNTINFO.into()),
-                Call::DetachLoop("/dev/loop0".into()),
-            ]
-        );
-        // No mount table: nothing to detach.
-        let mut sys = FakeSys::default();
-        assert_eq!(loop_under(&mut sys, target), None);
-        assert_eq!(sys.calls, [Call::Read(MOUNTINFO.into())]);
-    }
-
-    #[test]
-    fn stat_fields_are_counted_after_the_command_name() {
-        assert_eq!(parse_stat("12 (a) b) Z 1 12 12 0"), Some(('Z', 1)));
-        assert_eq!(parse_stat("7 (sleep) S 42 7"), Some(('S', 42)));
-        assert_eq!(parse_stat("garbage"), None);
-        assert_eq!(parse_stat("1 (x) Z notanumber"), None);
-    }
-
-    #[test]
-    fn zombie_children_of_a_parent_from_a_proc_tree() {
-        let dir = std::env::temp_dir().join(format!("reaper-proc-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for (pid, stat) in [
-            ("10", "10 (x) Z 5 10"),
-            ("11", "11 (y) S 5 11"),
-            ("12", "12 (z z) Z 6 12"),
-            ("self", "1 (me) R 0 1"),
-        ] {
-            std::fs::create_dir_all(dir.join(pid)).unwrap();
-            std::fs::write(dir.join(pid).join("stat"), stat).unwrap();
-        }
-        assert_eq!(zombie_children(&dir, 5), vec![10]);
-        assert_eq!(zombie_children(&dir, 6), vec![12]);
-        assert!(zombie_children(&dir.join("missing"), 5).is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The fix for PID 1's waitpid(-1): an orphan is reaped, a supervised service's
-    /// exit is left to its monitor, which still sees its status and applies its
-    /// restart policy.
-    #[test]
-    fn reaping_leaves_supervised_children_to_their_monitor() {
-        use powernode_agent::supervisor::{
-            RestartPolicy, ServiceSpec, ServiceSupervisor, Supervisor,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let orphan = std::process::Command::new("true").spawn().unwrap();
-            let orphan_pid = orphan.id();
-            std::mem::forget(orphan);
-            let sup = ServiceSupervisor::default();
-            let mut spec = ServiceSpec::new(
-                "crasher",
-                "m",
-                vec!["sh".into(), "-c".into(), "sleep 0.3; exit 3".into()],
-            );
-            spec.restart = RestartPolicy::Never;
-            sup.add(vec![spec]);
-            // Reap as eagerly as a SIGCHLD storm would, while the service runs and exits.
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                reap_all();
-                let s = sup.services();
-                if s[0].state == "failed"
-                    && !std::path::Path::new(&format!("/proc/{orphan_pid}")).exists()
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let s = sup.services();
-            assert_eq!(s[0].state, "failed", "{s:?}");
-            assert_eq!(s[0].last_exit.as_deref(), Some("exit 3"), "{s:?}");
-            assert!(
-                !std::path::Path::new(&format!("/proc/{orphan_pid}")).exists(),
-                "the orphan {orphan_pid} was not reaped"
-            );
-        });
     }
 }

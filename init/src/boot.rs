@@ -986,8 +986,10 @@ mod tests {
         fn compose_root(
             &mut self,
             _target: &str,
-        ) -> Result<Option<Vec<powernode_proto::node::RunningModule>>, crate::agent::ComposeError>
-        {
+        ) -> Result<
+            Option<Vec<powernode_proto::node::RunningModule>>,
+            crate::agent::compose::ComposeError,
+        > {
             self.composes += 1;
             Ok(Some(vec![powernode_proto::node::RunningModule {
                 name: "base".into(),
@@ -995,7 +997,7 @@ mod tests {
                 digest: "sha256:aa".into(),
             }]))
         }
-        fn repair_root(&mut self) -> Result<Vec<String>, crate::agent::ComposeError> {
+        fn repair_root(&mut self) -> Result<Vec<String>, crate::agent::compose::ComposeError> {
             self.repairs += 1;
             Ok(vec!["sha256:bb".into()])
         }
