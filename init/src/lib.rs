@@ -19,6 +19,14 @@
 //! All syscalls go through [`sys`]; the rest of the crate has no `unsafe` and is
 //! tested against a recording fake of that seam, without root.
 //!
+//! Files import downwards only. On top, [`boot`] (the runner: the table of phases,
+//! the failure policy, the hand-off; its rooms under `boot/`) and [`agent`] (the seam
+//! to the agent library; its rooms under `agent/`). Below them the pieces the phases
+//! use ([`cloud`], [`identity`], [`net`], [`modules`], [`switch_root`],
+//! [`root_init`], [`failure`], [`shutdown`], ...), and at the bottom [`sys`] (its
+//! fake in `sys/fake.rs`), [`logger`], [`console`] (the console and kmsg without a
+//! `Sys`), [`cmdline`] and [`layout`] (paths and constants more than one file uses).
+//!
 //! Test switches on the command line (used by the VM tier, harmless elsewhere):
 //! `powernode.test_poweroff=1` (power off when done), `powernode.test_panic=1`,
 //! `powernode.test_switch_root=1`.
