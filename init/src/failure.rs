@@ -152,7 +152,7 @@ mod tests {
 ";
 
     fn composed_root() -> FakeSys {
-        FakeSys::default().with_file(crate::shutdown::MOUNTINFO, COMPOSED_ROOT_MOUNTS)
+        FakeSys::default().with_file(crate::layout::MOUNTINFO, COMPOSED_ROOT_MOUNTS)
     }
 
     fn shutdown_event(sys: &FakeSys) -> serde_json::Value {
@@ -184,7 +184,7 @@ mod tests {
                 Call::Watchdog(SHUTDOWN_DEADLINE, RebootKind::PowerOff),
                 Call::SignalAll(EndSignal::Term),
                 Call::Sync,
-                Call::Read(crate::shutdown::MOUNTINFO.into()),
+                Call::Read(crate::layout::MOUNTINFO.into()),
                 // The overlay root first: its upper lives on /persist.
                 Call::RemountReadOnly("/".into()),
                 Call::RemountReadOnly("/persist/scratch".into()),

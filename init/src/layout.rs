@@ -37,3 +37,8 @@ pub const PERSIST_MOUNT: &str = "/persist";
 pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
 /// The state directory of an ephemeral node (tmpfs `/run`).
 pub const RUN_STATE_DIR: &str = "/run/powernode";
+/// Where the kernel lists this process's mounts (the shutdown and the loop-device
+/// mounter read it).
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
+pub const MOUNTINFO_LIMIT: usize = 1 << 20;

@@ -24,12 +24,9 @@
 
 use std::time::Duration;
 
+use crate::layout::{MOUNTINFO, MOUNTINFO_LIMIT};
 use crate::sys::{EndSignal, Errno, Sys};
 
-/// Where the kernel lists this process's mounts.
-pub const MOUNTINFO: &str = "/proc/self/mountinfo";
-/// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
-pub const MOUNTINFO_LIMIT: usize = 1 << 20;
 /// Rounds of the loop: a later round only helps when an earlier one made progress
 /// (a mount that held another busy went away).
 pub const MAX_ROUNDS: u32 = 4;

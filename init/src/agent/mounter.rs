@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use powernode_agent::modules::mount::{KernelMounter, MountError, MountOpt, MountSpec, Mounter};
 
-use crate::shutdown::{MOUNTINFO, MOUNTINFO_LIMIT};
+use crate::layout::{MOUNTINFO, MOUNTINFO_LIMIT};
 use crate::sys::{RealSys, Sys};
 
 /// The kernel mounter, with composefs image files put on a loop device first.

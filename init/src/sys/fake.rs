@@ -137,7 +137,7 @@ impl FakeSys {
             [Call::Watchdog(_, k), Call::SignalAll(EndSignal::Term), Call::Sync, Call::Read(table), middle @ .., Call::Reboot(last)] => {
                 *k == kind
                     && *last == kind
-                    && table == crate::shutdown::MOUNTINFO
+                    && table == crate::layout::MOUNTINFO
                     && middle.iter().all(|c| {
                         matches!(
                             c,
