@@ -21,6 +21,7 @@ use serde_json::Value;
 
 pub use powernode_proto as proto;
 
+pub mod direct;
 pub mod vm;
 
 /// Kills its child (by the child's own pid) on drop.

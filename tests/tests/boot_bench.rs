@@ -8,16 +8,14 @@
 //! before it (same machine conditions, the server running). Also an uncompressed
 //! initramfs and zstd, gzip beside the default lz4.
 //!
-//!     cargo test -p powernode-qemu --release --test boot_bench -- --ignored --nocapture
+//!     cargo test -p powernode-tests --release --test boot_bench -- --ignored --nocapture
 //!
 //! `POWERNODE_BENCH_RUNS` sets the boots per side (default 5).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use powernode_initramfs::Compression;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -50,9 +48,9 @@ fn boot_time_vs_bare_kernel() {
     let (init, baseline_init) = musl_inits();
     // The default image (lz4), then the same archive in the other formats.
     let image = image(&dir.join("image"), &init, Compression::default());
-    let gz = common::image(&dir.join("image-gzip"), &init, Compression::Gzip);
-    let raw = common::image(&dir.join("image-none"), &init, Compression::None);
-    let zst = common::image(&dir.join("image-zstd"), &init, Compression::Zstd);
+    let gz = powernode_tests::direct::image(&dir.join("image-gzip"), &init, Compression::Gzip);
+    let raw = powernode_tests::direct::image(&dir.join("image-none"), &init, Compression::None);
+    let zst = powernode_tests::direct::image(&dir.join("image-zstd"), &init, Compression::Zstd);
     let baseline_initrd = baseline_initrd(&dir, &baseline_init);
 
     let mut ours_spec = spec(&dir.join("ours"), &image.vmlinuz, &image.initramfs);
@@ -148,7 +146,7 @@ fn boot_time_vs_bare_kernel() {
 
     // Boot to `ready` with the agent against a real server: the figure the issue's
     // goal (<= 1.3x the baseline) is about.
-    let stub = common::stub::Stub::start(&dir);
+    let stub = powernode_tests::direct::stub::Stub::start(&dir);
     let mut agent_spec = spec(&dir.join("ready"), &image.vmlinuz, &image.initramfs);
     agent_spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
     // Each ready boot is paired with a baseline boot just before it, under the same
@@ -159,7 +157,12 @@ fn boot_time_vs_bare_kernel() {
         let b = boot(&base_spec, DEADLINE);
         let ev = events(&b.serial, "POWERNODE-BASELINE ");
         let at = ev.first().and_then(|e| e["at_ms"].as_u64());
-        match common::stub::ready_run(&stub, &agent_spec, &format!("bench-{i}"), DEADLINE) {
+        match powernode_tests::direct::stub::ready_run(
+            &stub,
+            &agent_spec,
+            &format!("bench-{i}"),
+            DEADLINE,
+        ) {
             Ok(r) => {
                 ready_runs.push(r);
                 base_paired.extend(at);

@@ -6,15 +6,13 @@
 //! `qemu-command.sh`, `server.log` and the server's data under
 //! `target/vm-tests/<test>/`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 const TO_RUNNING: Duration = Duration::from_secs(120);

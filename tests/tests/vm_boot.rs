@@ -3,12 +3,10 @@
 //! build time (see `build.rs`); each test keeps `serial.log` and `qemu-command.sh`
 //! under `target/vm-tests/<test>/`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use powernode_initramfs::Compression;
+use powernode_tests::direct::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 

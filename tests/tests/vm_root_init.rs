@@ -10,14 +10,12 @@
 //! Both are asserted from get-instance and recent-signals. Ignored unless built with
 //! `POWERNODE_VM_TESTS=1`; artefacts in `target/vm-tests/<test>/`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 const TO_EXIT: Duration = Duration::from_secs(180);

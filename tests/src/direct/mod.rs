@@ -1,6 +1,6 @@
-//! Shared by the VM tests and the boot benchmark: build the musl inits and the
+//! VMs a test boots itself (direct kernel boot of our initramfs, no provider in
+//! between), shared by the VM tests and the benchmarks: build the musl inits and the
 //! netboot image, boot them, read the structured console lines back.
-#![allow(dead_code)]
 
 pub mod modules;
 pub mod rootfs;

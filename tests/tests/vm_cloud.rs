@@ -11,8 +11,6 @@
 //! `target/vm-tests/<test>/`: `serial.log`, `qemu-command.sh`, `server.log`,
 //! `metadata.log` (the mock's requests) and the disk image.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -20,13 +18,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::disk::{build_disk, DiskOptions};
 use powernode_initramfs::stub::{ensure_stub, StubPin, DEFAULT_STUB_PIN};
 use powernode_initramfs::Compression;
 use powernode_qemu::spec::HOST_FROM_GUEST_METADATA_NET;
 use powernode_qemu::{ovmf_firmware, Accel, Device, Vm, VmSpec};
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 const TO_RUNNING: Duration = Duration::from_secs(180);
@@ -400,7 +398,7 @@ fn uefi_disk_vs_direct_kernel_boot_to_running() {
 
     let mut direct = spec(&dir.join("direct"), &built.vmlinuz, &built.initramfs);
     direct.kernel_args = test_cmdline();
-    let d = common::stub::ready_run(&stub, &direct, "fig-direct", TO_RUNNING)
+    let d = powernode_tests::direct::stub::ready_run(&stub, &direct, "fig-direct", TO_RUNNING)
         .unwrap_or_else(|e| panic!("direct-kernel boot: {e}"));
 
     let (instance_id, doc) = stub.provision("fig-uefi");

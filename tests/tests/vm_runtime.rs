@@ -2,23 +2,21 @@
 //! drain and decommission on real VMs, asserted from the server's API only
 //! (get-instance, get-task, drift-report): no console reading.
 //!
-//! Test modules are OCI image layouts built by `common::modules` (a tar layer with a
+//! Test modules are OCI image layouts built by `powernode_tests::direct::modules` (a tar layer with a
 //! static busybox, an image config whose labels declare the mount point and the
 //! services, see `agent/src/modules/config.rs`) and published with `powernode-stub
 //! publish-module`. Ignored unless built with `POWERNODE_VM_TESTS=1`; each test keeps
 //! `serial.log`, `qemu-command.sh`, `server.log` and the server's data under
 //! `target/vm-tests/<test>/`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::modules::{labels, publish_runtime, sh_service};
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
+use powernode_tests::direct::modules::{labels, publish_runtime, sh_service};
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::{json, Value};
 
 const TO_RUNNING: Duration = Duration::from_secs(180);

@@ -32,24 +32,22 @@
 //! `systemd.multi_user_at_ms`), and for ours QEMU start -> get-instance showing the
 //! new boot's `ready` (polled, so up to ~0.3 s late) and `ready`'s `at_ms`.
 //!
-//!     POWERNODE_BENCH_RUNS=5 cargo test -p powernode-qemu --release --test debian_bench -- --ignored --nocapture
+//!     POWERNODE_BENCH_RUNS=5 cargo test -p powernode-tests --release --test debian_bench -- --ignored --nocapture
 //!
 //! Needs root (`scripts/debian-root`, `mke2fs -d` keeping owners) and about 3 GB
 //! under `target/vm-tests/debian_bench/`. `POWERNODE_BENCH_RUNS` sets the counted
 //! boots per side (default 5).
-
-mod common;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::spec::Spec;
 use powernode_initramfs::{compress, cpio, Compression, KernelPin};
 use powernode_qemu::{Accel, Device, Vm, VmSpec};
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 /// `type-qemu-2cpu-4gb`, as the real provider boots it.
@@ -83,7 +81,7 @@ exec switch_root /newroot /sbin/init
 
 /// Only in the peer image: when systemd says multi-user.target was reached.
 const PEER_REPORT: &str = r#"#!/bin/sh
-# Benchmark peer only (qemu/tests/debian_bench.rs): report, then power off.
+# Benchmark peer only (tests/tests/debian_bench.rs): report, then power off.
 m=$(systemctl show -P ActiveEnterTimestampMonotonic multi-user.target)
 u=$(systemctl show -P UserspaceTimestampMonotonic)
 echo "PEER multi-user-at-ms=$((m / 1000)) userspace-at-ms=$((u / 1000))" > /dev/ttyS0
@@ -452,7 +450,7 @@ fn composed_debian_root_vs_the_same_root_on_a_plain_ext4_disk() {
 
     // Inputs, shared by both sides.
     let stub_bin = release_stub();
-    // Read by common::stub::stub_binary; this test binary runs one test.
+    // Read by powernode_tests::direct::stub::stub_binary; this test binary runs one test.
     std::env::set_var("POWERNODE_STUB_BIN", &stub_bin);
     let (init, _) = musl_inits();
     let image = image(&dir.join("image"), &init, Compression::default());

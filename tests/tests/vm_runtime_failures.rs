@@ -10,8 +10,6 @@
 //! Ignored unless built with `POWERNODE_VM_TESTS=1`; files under
 //! `target/vm-tests/<test>/` (serial log, server log, server data).
 
-mod common;
-
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,11 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::modules::{labels, publish_runtime};
-use common::stub::{Stub, StubOptions};
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
+use powernode_tests::direct::modules::{labels, publish_runtime};
+use powernode_tests::direct::stub::{Stub, StubOptions};
+use powernode_tests::direct::*;
 use serde_json::{json, Value};
 
 const TO_RUNNING: Duration = Duration::from_secs(120);

@@ -26,17 +26,15 @@
 //! `shutdown_mounts` event for its own account). Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
 //! `target/vm-tests/persist_verity/`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::modules::{labels, publish_runtime};
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::{Device, Vm, VmSpec};
+use powernode_tests::direct::modules::{labels, publish_runtime};
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 use serde_json::Value;
 
 const TO_RUNNING: Duration = Duration::from_secs(180);

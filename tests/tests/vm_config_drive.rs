@@ -8,14 +8,12 @@
 //! server's API only. The disk is not `/persist` (no `powernode.persist=`): the node
 //! stays ephemeral and never mounts it read-write.
 
-mod common;
-
 use std::time::Duration;
 
-use common::stub::Stub;
-use common::*;
 use powernode_initramfs::Compression;
 use powernode_qemu::{Device, Vm};
+use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::*;
 
 const TO_RUNNING: Duration = Duration::from_secs(120);
 const TO_EXIT: Duration = Duration::from_secs(60);

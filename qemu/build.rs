@@ -1,9 +1,0 @@
-// The VM tier runs only when asked: `POWERNODE_VM_TESTS=1` turns on `cfg(vm_tests)`,
-// which un-ignores the tests under `tests/` that boot a real kernel.
-fn main() {
-    println!("cargo::rustc-check-cfg=cfg(vm_tests)");
-    println!("cargo::rerun-if-env-changed=POWERNODE_VM_TESTS");
-    if std::env::var("POWERNODE_VM_TESTS").is_ok_and(|v| v == "1") {
-        println!("cargo::rustc-cfg=vm_tests");
-    }
-}
