@@ -16,7 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::Value;
 
 pub use powernode_proto as proto;
@@ -124,6 +124,40 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// `cargo` (the one running the tests when known), in the workspace root.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// The workspace's `target/` (or `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds the static musl inits (`powernode-init`, `powernode-baseline-init`) with
+/// the `release-init` profile, a no-op when they are fresh; returns their folder.
+pub fn build_musl_inits() -> Result<PathBuf> {
+    let status = cargo()
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "powernode-init",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--profile",
+            "release-init",
+        ])
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "building the musl init failed");
+    Ok(target_dir().join("x86_64-unknown-linux-musl/release-init"))
+}
+
 /// The profile directory this test binary was built into (`target/debug`).
 fn profile_dir() -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
@@ -136,10 +170,7 @@ fn profile_dir() -> PathBuf {
             }
         }
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("debug")
+    target_dir().join("debug")
 }
 
 static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
@@ -149,15 +180,8 @@ static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 fn ensure_built() -> Result<()> {
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(workspace_root()).args([
-                "build",
-                "-p",
-                "powernode-stub",
-                "-p",
-                "powernode-agent",
-            ]);
+            let mut cmd = cargo();
+            cmd.args(["build", "-p", "powernode-stub", "-p", "powernode-agent"]);
             if profile_dir().file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -290,39 +314,8 @@ impl Server {
             .env("POWERNODE_LIBVIRT_MODE", "recorder")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(log_file(&log)?);
-        let mut child = cmd.spawn().context("spawning powernode-stub")?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let guard = ProcessGuard::new("powernode-stub", child);
-
-        // Read the first line on a thread so a silent server cannot hang the test;
-        // keep draining stdout afterwards so the server never blocks on a full pipe.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = Vec::new();
-            let _ = reader.read_to_end(&mut sink);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            anyhow!(
-                "powernode-stub printed nothing in 30 s (see {})",
-                log.display()
-            )
-        })?;
-        let v: Value = serde_json::from_str(line.trim()).with_context(|| {
-            format!(
-                "first stdout line is not JSON: {line:?} (see {})",
-                log.display()
-            )
-        })?;
-        let addr = v["listening"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no `listening` in {line}"))?
-            .to_string();
+        let (guard, addr) = spawn_serve(cmd, &log)?;
         let ca = std::fs::read_to_string(data.join("ca.pem")).context("reading DIR/ca.pem")?;
         let token = std::fs::read_to_string(data.join("admin-token"))
             .context("reading DIR/admin-token")?
@@ -411,27 +404,12 @@ impl Server {
 
     /// Runs the admin CLI against this server and parses its `--json` output.
     pub fn cli(&self, args: &[&str]) -> Result<Value> {
-        let out = Command::new(binary("powernode-stub")?)
-            .args(args)
-            .arg("--data")
-            .arg(&self.data)
-            .args(["--server", &self.url, "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .context("running powernode-stub CLI")?;
-        if !out.status.success() {
-            bail!(
-                "powernode-stub {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "powernode-stub {args:?} printed non-JSON: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        stub_cli(
+            &binary("powernode-stub")?,
+            &self.data,
+            Some(&self.url),
+            args,
+        )
     }
 
     pub fn instance(&self, id: &str) -> Result<Value> {
@@ -478,6 +456,74 @@ impl Server {
         let instance_id = str_at(&prov, "/instance/id")?;
         Ok((node_id, instance_id))
     }
+}
+
+/// Spawns `cmd`, a `powernode-stub serve` (stdout is taken here), under a guard and
+/// waits for its first stdout line, `{"listening": ADDR}`; returns the guard and ADDR.
+/// The line is read on a thread so a silent server cannot hang the test, and stdout
+/// is drained afterwards so the server never blocks on a full pipe. `log` is where
+/// its stderr goes, named in the errors.
+pub fn spawn_serve(mut cmd: Command, log: &Path) -> Result<(ProcessGuard, String)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning powernode-stub")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let guard = ProcessGuard::new("powernode-stub", child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        anyhow!(
+            "powernode-stub printed nothing in 30 s (see {})",
+            log.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(line.trim()).with_context(|| {
+        format!(
+            "first stdout line is not JSON: {line:?} (see {})",
+            log.display()
+        )
+    })?;
+    let addr = v["listening"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no `listening` in {line}"))?
+        .to_string();
+    Ok((guard, addr))
+}
+
+/// Runs the admin CLI, `BIN ARGS --data DATA [--server URL] --json`, and parses its
+/// answer; a failed call is an error carrying its stderr.
+pub fn stub_cli(bin: &Path, data: &Path, server: Option<&str>, args: &[&str]) -> Result<Value> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).arg("--data").arg(data);
+    if let Some(url) = server {
+        cmd.args(["--server", url]);
+    }
+    let out = cmd
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .context("running powernode-stub CLI")?;
+    if !out.status.success() {
+        bail!(
+            "powernode-stub {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "powernode-stub {args:?} printed non-JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn admin_client(ca_pem: &str) -> Result<reqwest::blocking::Client> {

@@ -11,19 +11,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
 use crate::proto::paths;
-use crate::{wait_for, Server, ServerOptions};
-
-pub fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(crate::workspace_root());
-    c
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target"))
-}
+use crate::{cargo, target_dir, wait_for, Server, ServerOptions};
 
 /// `target/vm-tests/<name>/`, emptied: where the VM's files are kept for reading.
 pub fn artifacts_dir(name: &str) -> Result<PathBuf> {
@@ -36,21 +24,7 @@ pub fn artifacts_dir(name: &str) -> Result<PathBuf> {
 /// Builds the static init and the netboot image into `out`; returns `out`.
 pub fn build_image(out: &Path) -> Result<PathBuf> {
     let t = Instant::now();
-    let status = cargo()
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "powernode-init",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--profile",
-            "release-init",
-        ])
-        .status()
-        .context("running cargo")?;
-    ensure!(status.success(), "building the musl init failed");
-    let init = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-init");
+    let init = crate::build_musl_inits()?.join("powernode-init");
     let status = cargo()
         .args([
             "run",

@@ -306,7 +306,7 @@ fn boot_time_vs_bare_kernel() {
         "  powernode-init (static musl)   {}",
         kib(std::fs::metadata(&init).unwrap().len())
     );
-    let agent = target_dir().join("x86_64-unknown-linux-musl/release-init/powernode-agent");
+    let agent = init.with_file_name("powernode-agent");
     match std::fs::metadata(&agent) {
         Ok(m) => {
             println!("  powernode-agent (static musl)  {}", kib(m.len()));

@@ -48,6 +48,7 @@ use powernode_initramfs::{compress, cpio, Compression, KernelPin};
 use powernode_qemu::{Accel, Device, Vm, VmSpec};
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
+use powernode_tests::{cargo, target_dir, workspace_root};
 use serde_json::Value;
 
 /// `type-qemu-2cpu-4gb`, as the real provider boots it.
@@ -114,14 +115,7 @@ fn release_stub() -> PathBuf {
     if let Some(bin) = std::env::var_os("POWERNODE_STUB_BIN") {
         return PathBuf::from(bin);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_ok(Command::new(cargo).current_dir(workspace_root()).args([
-        "build",
-        "-q",
-        "--release",
-        "-p",
-        "powernode-stub",
-    ]));
+    run_ok(cargo().args(["build", "-q", "--release", "-p", "powernode-stub"]));
     target_dir().join("release/powernode-stub")
 }
 

@@ -12,25 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use powernode_tests::{binary, str_at, test_dir, Server, ServerOptions};
+use powernode_tests::{binary, str_at, stub_cli, test_dir, Server, ServerOptions};
 use serde_json::Value;
 
 fn stub(data: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(binary("powernode-stub")?)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .output()
-        .context("running powernode-stub")?;
-    if !out.status.success() {
-        bail!(
-            "powernode-stub {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    stub_cli(&binary("powernode-stub")?, data, None, args)
 }
 
 /// Counts the bytes `upstream` sends back (TLS records included): what the registry

@@ -7,31 +7,12 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use anyhow::{bail, Context as _, Result};
-use powernode_tests::{binary, str_at, test_dir, Server, ServerOptions};
+use anyhow::{Context as _, Result};
+use powernode_tests::{binary, str_at, stub_cli, test_dir, Server, ServerOptions};
 use serde_json::Value;
 
 fn stub(data: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(binary("powernode-stub")?)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .output()
-        .context("running powernode-stub")?;
-    if !out.status.success() {
-        bail!(
-            "powernode-stub {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "powernode-stub {args:?} printed non-JSON: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    stub_cli(&binary("powernode-stub")?, data, None, args)
 }
 
 fn agent(args: &[&str]) -> Result<Output> {

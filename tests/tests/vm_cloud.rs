@@ -25,6 +25,7 @@ use powernode_qemu::spec::HOST_FROM_GUEST_METADATA_NET;
 use powernode_qemu::{ovmf_firmware, Accel, Device, Vm, VmSpec};
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
+use powernode_tests::workspace_root;
 use serde_json::Value;
 
 const TO_RUNNING: Duration = Duration::from_secs(180);

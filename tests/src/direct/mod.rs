@@ -15,47 +15,17 @@ use powernode_initramfs::{build, cpio, BuildOptions, BuildOutput, Compression, K
 use powernode_qemu::{Accel, Device, Vm, VmSpec};
 use serde_json::Value;
 
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"))
-}
+use crate::workspace_root;
 
 /// `target/vm-tests/<name>/`, emptied.
 pub fn test_dir(name: &str) -> PathBuf {
-    let dir = target_dir().join("vm-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::vm::artifacts_dir(name).unwrap()
 }
 
 /// Builds `powernode-init` and `powernode-baseline-init` for static musl and returns
 /// their paths (a no-op when they are fresh).
 pub fn musl_inits() -> (PathBuf, PathBuf) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "powernode-init",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--profile",
-            "release-init",
-        ])
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the musl init failed");
-    let dir = target_dir().join("x86_64-unknown-linux-musl/release-init");
+    let dir = crate::build_musl_inits().unwrap_or_else(|e| panic!("{e:#}"));
     (
         dir.join("powernode-init"),
         dir.join("powernode-baseline-init"),

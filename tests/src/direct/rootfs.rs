@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::workspace_root;
+use crate::workspace_root;
 
 /// Debian bookworm's static busybox, fetched once into `cache/busybox/` with
 /// `apt-get download busybox-static` + `dpkg -x`.

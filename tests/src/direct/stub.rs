@@ -1,16 +1,16 @@
 //! A real `powernode-stub` for the VM tests and the benchmark: started on the host
 //! loopback with the URL the guest uses (10.0.2.2), driven through its admin CLI,
-//! killed by its own pid on drop.
+//! killed by its own pid on drop (its [`ProcessGuard`]). Started and driven by the
+//! same [`spawn_serve`] and [`stub_cli`] as the host tier's [`crate::Server`].
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{target_dir, workspace_root};
+use crate::{cargo, spawn_serve, stub_cli, target_dir, ProcessGuard};
 
 /// Builds the host `powernode-stub` (debug profile) and returns its path;
 /// `POWERNODE_STUB_BIN` points at a prebuilt one instead.
@@ -18,9 +18,7 @@ pub fn stub_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("POWERNODE_STUB_BIN") {
         return PathBuf::from(bin);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
+    let status = cargo()
         .args([
             "build",
             "-q",
@@ -37,18 +35,11 @@ pub fn stub_binary() -> PathBuf {
 
 /// A running `powernode-stub serve`, killed (by its own pid) on drop.
 pub struct Stub {
-    child: Child,
+    _guard: ProcessGuard,
     bin: PathBuf,
     data: PathBuf,
     url: String,
     log: PathBuf,
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A port that was free a moment ago: the guest must be told the server's URL
@@ -109,8 +100,8 @@ impl Stub {
         for _ in 0..5 {
             let port = free_port();
             let public = opts.public_port.unwrap_or(port);
-            let mut child = Command::new(&bin)
-                .arg("serve")
+            let mut cmd = Command::new(&bin);
+            cmd.arg("serve")
                 .arg("--data")
                 .arg(&data)
                 .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -126,43 +117,22 @@ impl Stub {
                 .args(&opts.extra)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("spawn powernode-stub");
-            let stdout = child.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stdout);
-                let mut line = String::new();
-                let _ = reader.read_line(&mut line);
-                let _ = tx.send(line);
-                let mut sink = Vec::new();
-                let _ = reader.read_to_end(&mut sink);
-            });
-            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-            let listening = serde_json::from_str::<Value>(line.trim())
-                .ok()
-                .and_then(|v| v["listening"].as_str().map(str::to_string));
-            match listening {
-                Some(addr) => {
+                .stderr(std::fs::File::create(&log).unwrap());
+            match spawn_serve(cmd, &log) {
+                Ok((guard, addr)) => {
                     return Stub {
-                        child,
+                        _guard: guard,
                         bin,
                         data,
                         url: format!("https://{addr}"),
                         log,
                     }
                 }
-                None => {
-                    last = line;
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+                Err(e) => last = format!("{e:#}"),
             }
         }
         panic!(
-            "powernode-stub did not start (last stdout {last:?}); see {}",
+            "powernode-stub did not start (last: {last}); see {}",
             log.display()
         );
     }
@@ -193,27 +163,7 @@ impl Stub {
 
     /// The admin CLI with `--json`; `Err(stderr)` on a failed call.
     pub fn try_cli(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .arg("--data")
-            .arg(&self.data)
-            .args(["--server", &self.url, "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run powernode-stub CLI");
-        if !out.status.success() {
-            return Err(format!(
-                "{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "printed non-JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        stub_cli(&self.bin, &self.data, Some(&self.url), args).map_err(|e| format!("{e:#}"))
     }
 
     /// The instance's signals, newest first (up to 200).
