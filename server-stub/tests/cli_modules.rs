@@ -2,56 +2,10 @@
 //! `list-module-publications`, `set-template-modules`, `list-templates`,
 //! `module-signing-key`; the signing key survives a restart.
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
 
+use common::process::{cli, ServerProc};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_powernode-stub");
-
-/// The server process, killed (by its own pid) on drop.
-struct ServerProc(Child);
-
-impl ServerProc {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(dir)
-            .env("POWERNODE_LIBVIRT_MODE", "recorder")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn powernode-stub serve");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening"), "{line:?}");
-        Self(child)
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("--data")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn publish_list_and_template_modules_through_the_binary() {

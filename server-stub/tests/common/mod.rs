@@ -1,7 +1,10 @@
 //! Shared test harness: an in-process `powernode-stub` on 127.0.0.1:0 and a fake
-//! node that enrolls with an Ed25519 CSR made by rcgen, as the agent does.
+//! node that enrolls with an Ed25519 CSR made by rcgen, as the agent does; the
+//! binary as a child process is in [`process`].
 
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::path::Path;
 
