@@ -446,8 +446,7 @@ fn composed_debian_root_vs_the_same_root_on_a_plain_ext4_disk() {
     let stub_bin = release_stub();
     // Read by powernode_tests::direct::stub::stub_binary; this test binary runs one test.
     std::env::set_var("POWERNODE_STUB_BIN", &stub_bin);
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
+    let image = netboot(&dir);
     let rootfs = debian_root();
     let (kmods, release) = kernel_modules(&dir.join("kmods"));
     let peer_img = peer_disk(&dir, &rootfs, &kmods);

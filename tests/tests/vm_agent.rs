@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
@@ -24,13 +23,7 @@ fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
     let dir = test_dir(test);
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision(&format!("{test}-1").replace('_', "-"));
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=5".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.attempts=5"]);
     let expected_source = if by_cmdline {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc.to_string());
         spec.kernel_args.push(format!("powernode.identity={b64}"));
@@ -162,16 +155,11 @@ fn cmdline_identity_node_runs_drains_and_powers_off_when_terminated() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn bad_cmdline_identity_names_the_field_and_powers_off() {
     let dir = test_dir("agent_bad_identity");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
+    let image = netboot(&dir);
     let mut doc: Value = serde_json::from_str(&identity_json("inst-bad")).unwrap();
     doc.as_object_mut().unwrap().remove("instance_id");
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc.to_string());
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        format!("powernode.identity={b64}"),
-    ];
+    let spec = poweroff_spec(&dir, &image, &[&format!("powernode.identity={b64}")]);
     let boot = boot(&spec, Duration::from_secs(60));
     let events = events(&boot.serial, "POWERNODE-INIT ");
     let failed = event(&events, "event", "phase_failed")
@@ -204,17 +192,11 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     let dir = test_dir("agent_persist");
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision_class("agent-persist-1", "persistent");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
+    let image = netboot(&dir);
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 64).unwrap();
     let boot_once = |name: &str| {
-        let mut spec = spec(&dir.join(name), &image.vmlinuz, &image.initramfs);
-        spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
-        with_identity(&mut spec, &dir, &doc.to_string());
-        spec.devices
-            .push(powernode_qemu::Device::PersistDisk { path: disk.clone() });
-        let _ = std::fs::create_dir_all(dir.join(name));
+        let spec = node_spec(&dir.join(name), &image, &doc, Some(&disk), &[]);
         let vm = Vm::spawn(&spec).expect("spawn QEMU");
         (spec, vm)
     };
@@ -290,13 +272,7 @@ fn composed_root_from_a_published_base_module() {
     eprintln!("published: {digest}");
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision("composed-root-1");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=2".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.attempts=2"]);
     with_identity(&mut spec, &dir, &doc.to_string());
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
     let context = vm_context(&vm, Some(stub.log()));
@@ -376,13 +352,7 @@ fn a_root_module_signed_by_an_unknown_key_is_refused_before_switch_root() {
     }
     let stub = Stub::start(&dir);
     let (instance_id, doc) = stub.provision("bad-signature-1");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=1".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.attempts=1"]);
     with_identity(&mut spec, &dir, &doc.to_string());
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
     let exit = vm.wait_timeout(TO_RUNNING).expect("wait for QEMU");

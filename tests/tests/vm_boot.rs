@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use powernode_initramfs::Compression;
 use powernode_tests::direct::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -14,13 +13,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
     let dir = test_dir("fw_cfg_identity");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.test_poweroff=1".into(),
-    ];
+    let image = netboot(&dir);
+    let mut spec = poweroff_spec(&dir, &image, &["powernode.test_poweroff=1"]);
     with_identity(&mut spec, &dir, &identity_json("inst-vm-fwcfg"));
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 64).unwrap();
@@ -130,10 +124,7 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
     let dir = test_dir("bad_identity");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
+    let mut spec = netboot_spec(&dir, &[]);
     let bad = identity_json("inst-bad").replace("\"bootstrap_token\"", "\"bootstrap_tokn\"");
     with_identity(&mut spec, &dir, &bad);
     let boot = boot(&spec, DEADLINE);
@@ -154,13 +145,7 @@ fn bad_fw_cfg_identity_fails_naming_the_field_and_powers_off() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
     let dir = test_dir("panic_hook");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.test_panic=1".into(),
-    ];
+    let spec = netboot_spec(&dir, &["powernode.test_panic=1"]);
     let boot = boot(&spec, DEADLINE);
     let events = events(&boot.serial, "POWERNODE-INIT ");
     let panic = event(&events, "event", "panic")
@@ -186,13 +171,7 @@ fn a_panic_in_pid1_is_logged_and_the_policy_powers_off() {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn switch_root_leaves_the_initramfs() {
     let dir = test_dir("switch_root");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.test_switch_root=1".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.test_switch_root=1"]);
     with_identity(&mut spec, &dir, &identity_json("inst-switch"));
     let boot = boot(&spec, DEADLINE);
     let events = events(&boot.serial, "POWERNODE-INIT ");

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use powernode_initramfs::disk::{build_disk, DiskOptions};
 use powernode_initramfs::stub::{ensure_stub, StubPin, DEFAULT_STUB_PIN};
-use powernode_initramfs::Compression;
 use powernode_qemu::spec::HOST_FROM_GUEST_METADATA_NET;
 use powernode_qemu::{ovmf_firmware, Accel, Device, Vm, VmSpec};
 use powernode_tests::direct::stub::Stub;
@@ -224,12 +223,6 @@ fn gcp_routes(user_data: String) -> Box<Route> {
             _ => (404, String::new()),
         }
     })
-}
-
-/// The netboot image with our init, in `dir/image`.
-fn netboot(dir: &Path) -> powernode_initramfs::BuildOutput {
-    let (init, _) = musl_inits();
-    image(&dir.join("image"), &init, Compression::default())
 }
 
 /// The disk image from the netboot folder `image_dir`, with `cmdline` baked into the

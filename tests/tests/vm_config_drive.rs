@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use powernode_initramfs::Compression;
 use powernode_qemu::{Device, Vm};
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
@@ -49,13 +48,7 @@ fn openstack_config_drive_on_vfat_gives_the_identity() {
     let drive_path = dir.join("config-drive.img");
     std::fs::write(&drive_path, drive).unwrap();
 
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=3".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.attempts=3"]);
     spec.devices.push(Device::DataDisk {
         path: drive_path,
         id: "config2".into(),

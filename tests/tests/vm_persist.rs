@@ -30,8 +30,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use powernode_initramfs::Compression;
-use powernode_qemu::{Device, Vm, VmSpec};
+use powernode_qemu::{Vm, VmSpec};
 use powernode_tests::direct::modules::{labels, publish_runtime};
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
@@ -160,22 +159,17 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     let digest = stub.publish_module(&base, "base", "1.0.0", "root");
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision_class("persist-verity-1", "persistent");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
+    let image = netboot(&dir);
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 128).unwrap();
     let boot_spec = |name: &str| -> VmSpec {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let mut spec = spec(&d, &image.vmlinuz, &image.initramfs);
-        spec.kernel_args = vec![
-            "powernode.on_failure=poweroff".into(),
-            "powernode.attempts=1".into(),
-        ];
-        with_identity(&mut spec, &d, &doc.to_string());
-        spec.devices
-            .push(Device::PersistDisk { path: disk.clone() });
-        spec
+        node_spec(
+            &dir.join(name),
+            &image,
+            &doc,
+            Some(&disk),
+            &["powernode.attempts=1"],
+        )
     };
 
     // Boot 1: pull into the store on /persist, fs-verity on every new object.
@@ -392,17 +386,10 @@ fn a_leftover_writer_on_persist_is_ended_and_the_disk_left_clean() {
         "leftover",
     ]);
     let (instance_id, doc) = stub.provision_class("persist-leftover-1", "persistent");
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
+    let image = netboot(&dir);
     let disk = dir.join("persist.img");
     powernode_qemu::make_persist_disk(&disk, 128).unwrap();
-    let vm_dir = dir.join("vm");
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
-    with_identity(&mut spec, &vm_dir, &doc.to_string());
-    spec.devices
-        .push(Device::PersistDisk { path: disk.clone() });
+    let spec = node_spec(&dir.join("vm"), &image, &doc, Some(&disk), &[]);
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
     let ctx = vm_context(&vm, Some(stub.log()));
     wait_until("the spawner running", TO_RUNNING, &mut vm, &ctx, || {

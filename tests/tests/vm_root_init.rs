@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
@@ -28,13 +27,7 @@ fn boot_refused(test: &str, root: &std::path::Path) -> Value {
     stub.publish_module(root, "base", "1.0.0", "root");
     stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
     let (instance_id, doc) = stub.provision(&test.replace('_', "-"));
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
-    let mut spec = spec(&dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=1".into(),
-    ];
+    let mut spec = netboot_spec(&dir, &["powernode.attempts=1"]);
     with_identity(&mut spec, &dir, &doc.to_string());
     let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
     let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");

@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
 use powernode_tests::direct::modules::{labels, publish_runtime, sh_service};
 use powernode_tests::direct::stub::Stub;
@@ -122,17 +121,11 @@ fn boot_instance_with(
     sub: &str,
     extra: &[&str],
 ) -> Node {
-    let (init, _) = musl_inits();
-    let built = image(&dir.join("image"), &init, Compression::default());
-    let vm_dir = dir.join(sub);
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let mut spec = spec(&vm_dir, &built.vmlinuz, &built.initramfs);
-    spec.kernel_args = vec![
-        "powernode.on_failure=poweroff".into(),
-        "powernode.attempts=3".into(),
-    ];
-    spec.kernel_args.extend(extra.iter().map(|a| a.to_string()));
-    with_identity(&mut spec, &vm_dir, &doc.to_string());
+    let built = netboot(dir);
+    let args: Vec<&str> = std::iter::once("powernode.attempts=3")
+        .chain(extra.iter().copied())
+        .collect();
+    let spec = node_spec(&dir.join(sub), &built, doc, None, &args);
     let vm = Vm::spawn(&spec).expect("spawn QEMU");
     Node {
         instance_id,

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use powernode_initramfs::Compression;
 use powernode_qemu::Vm;
 use powernode_tests::direct::modules::{labels, publish_runtime};
 use powernode_tests::direct::stub::{Stub, StubOptions};
@@ -148,19 +147,9 @@ fn boot_with_args(
     persist: Option<&Path>,
     args: &[&str],
 ) -> (Vm, PathBuf) {
-    let (init, _) = musl_inits();
-    let image = image(&dir.join("image"), &init, Compression::default());
+    let image = netboot(dir);
     let vm_dir = dir.join(name);
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let mut spec = spec(&vm_dir, &image.vmlinuz, &image.initramfs);
-    spec.kernel_args = vec!["powernode.on_failure=poweroff".into()];
-    spec.kernel_args.extend(args.iter().map(|a| a.to_string()));
-    with_identity(&mut spec, &vm_dir, &doc.to_string());
-    if let Some(p) = persist {
-        spec.devices.push(powernode_qemu::Device::PersistDisk {
-            path: p.to_path_buf(),
-        });
-    }
+    let spec = node_spec(&vm_dir, &image, doc, persist, args);
     let vm = Vm::spawn(&spec).expect("spawn QEMU");
     std::fs::write(vm_dir.join("qemu-command.sh"), &vm.command).unwrap();
     (vm, spec.serial_log)
@@ -331,8 +320,7 @@ fn unreachable_server_leaves_provisioning_stuck_and_cancel_recovers() {
     proxy.cut();
     // The image first: the threshold counts from provision-instance, and a build must
     // not use it up (the row must show while the VM is up and retrying).
-    let (init, _) = musl_inits();
-    image(&dir.join("image"), &init, Compression::default());
+    netboot(&dir);
     let (inst, doc) = server.provision_class("prov-stuck-1", "ephemeral");
     let provisioned = Instant::now();
     assert!(doc["control_plane_url"]

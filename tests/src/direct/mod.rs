@@ -59,6 +59,50 @@ pub fn image_with_agent(
     .unwrap_or_else(|e| panic!("building the image: {:#}", anyhow_chain(&e)))
 }
 
+/// The default netboot image (our musl init, default compression) into `dir/image`:
+/// the first step of every direct-boot test.
+pub fn netboot(dir: &Path) -> BuildOutput {
+    let (init, _) = musl_inits();
+    image(&dir.join("image"), &init, Compression::default())
+}
+
+/// A spec booting [`netboot`]'s image with its serial log in `dir`, as
+/// [`poweroff_spec`] does.
+pub fn netboot_spec(dir: &Path, args: &[&str]) -> VmSpec {
+    poweroff_spec(dir, &netboot(dir), args)
+}
+
+/// A spec booting `image` with its serial log in `dir`; the command line is
+/// `powernode.on_failure=poweroff` (a failed boot ends the VM) and then `args`.
+pub fn poweroff_spec(dir: &Path, image: &BuildOutput, args: &[&str]) -> VmSpec {
+    let mut spec = spec(dir, &image.vmlinuz, &image.initramfs);
+    spec.kernel_args = std::iter::once("powernode.on_failure=poweroff")
+        .chain(args.iter().copied())
+        .map(String::from)
+        .collect();
+    spec
+}
+
+/// A provisioned node's VM in `dir` (created): [`poweroff_spec`] with the identity
+/// document `doc` by fw_cfg and, when given, `persist` as its persist disk.
+pub fn node_spec(
+    dir: &Path,
+    image: &BuildOutput,
+    doc: &Value,
+    persist: Option<&Path>,
+    args: &[&str],
+) -> VmSpec {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut spec = poweroff_spec(dir, image, args);
+    with_identity(&mut spec, dir, &doc.to_string());
+    if let Some(path) = persist {
+        spec.devices.push(Device::PersistDisk {
+            path: path.to_path_buf(),
+        });
+    }
+    spec
+}
+
 /// The baseline initramfs: the trivial init alone, no modules, same format.
 pub fn baseline_initrd(out: &Path, baseline_init: &Path) -> PathBuf {
     let init = std::fs::read(baseline_init).unwrap();
