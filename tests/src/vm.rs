@@ -25,23 +25,15 @@ pub fn artifacts_dir(name: &str) -> Result<PathBuf> {
 pub fn build_image(out: &Path) -> Result<PathBuf> {
     let t = Instant::now();
     let init = crate::build_musl_inits()?.join("powernode-init");
-    let status = cargo()
-        .args([
-            "run",
-            "-q",
-            "--release",
-            "-p",
-            "powernode-initramfs",
-            "--",
-            "build",
-        ])
-        .arg("--init")
-        .arg(&init)
-        .arg("--out")
-        .arg(out)
-        .status()
-        .context("running powernode-initramfs")?;
-    ensure!(status.success(), "powernode-initramfs build failed");
+    initramfs_tool(
+        "build",
+        &[
+            "--init".as_ref(),
+            init.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ],
+    )?;
     eprintln!("image built in {:?}: {}", t.elapsed(), out.display());
     Ok(out.to_path_buf())
 }
@@ -139,6 +131,76 @@ impl RealServer {
     }
 }
 
+/// Runs `powernode-initramfs COMMAND ARGS` (release: it hashes and compresses).
+fn initramfs_tool(command: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let status = cargo()
+        .args(["run", "-q", "--release", "-p", "powernode-initramfs", "--"])
+        .arg(command)
+        .args(args)
+        .status()
+        .with_context(|| format!("running powernode-initramfs {command}"))?;
+    ensure!(status.success(), "powernode-initramfs {command} failed");
+    Ok(())
+}
+
+/// The template's module flags for the Debian root: the roots `debian` and
+/// `kernel-modules`, plus `runtime` if any.
+pub fn debian_template(runtime: Option<&str>) -> Vec<&str> {
+    let mut args = vec![
+        "set-template-modules",
+        "tmpl-edge-base",
+        "--root",
+        "debian",
+        "--root",
+        "kernel-modules",
+    ];
+    if let Some(r) = runtime {
+        args.extend(["--runtime", r]);
+    }
+    args
+}
+
+/// Publishes the Debian root `root` as `debian` 12.0.0 (owners kept, with `labels`)
+/// and the kernel's modules `kmods` as `kernel-modules` 1, both root modules, and
+/// makes them the template's roots, through `cli` (a server's admin CLI). Returns
+/// the Debian root's publication.
+pub fn publish_debian(
+    cli: &dyn Fn(&[&str]) -> Result<Value>,
+    root: &Path,
+    kmods: &Path,
+    labels: &[String],
+) -> Result<Value> {
+    let root = root.to_string_lossy();
+    let mut publish = vec![
+        "publish-module",
+        &root,
+        "--name",
+        "debian",
+        "--version",
+        "12.0.0",
+        "--kind",
+        "root",
+        "--preserve-owners",
+    ];
+    for l in labels {
+        publish.extend(["--label", l.as_str()]);
+    }
+    let published = cli(&publish)?;
+    let kmods = kmods.to_string_lossy();
+    cli(&[
+        "publish-module",
+        &kmods,
+        "--name",
+        "kernel-modules",
+        "--version",
+        "1",
+        "--kind",
+        "root",
+    ])?;
+    cli(&debian_template(None))?;
+    Ok(published)
+}
+
 /// The real Debian root (`scripts/debian-root`: bookworm, systemd, Docker; built
 /// once into `cache/` and shared by every test).
 pub fn debian_root() -> Result<PathBuf> {
@@ -160,24 +222,7 @@ pub fn kernel_modules(out: &Path) -> Result<PathBuf> {
         return Ok(out.to_path_buf());
     }
     let _ = std::fs::remove_dir_all(out);
-    let status = cargo()
-        .args([
-            "run",
-            "-q",
-            "--release",
-            "-p",
-            "powernode-initramfs",
-            "--",
-            "kernel-modules",
-            "--out",
-        ])
-        .arg(out)
-        .status()
-        .context("running powernode-initramfs kernel-modules")?;
-    ensure!(
-        status.success(),
-        "powernode-initramfs kernel-modules failed"
-    );
+    initramfs_tool("kernel-modules", &["--out".as_ref(), out.as_os_str()])?;
     Ok(out.to_path_buf())
 }
 

@@ -48,6 +48,7 @@ use powernode_initramfs::{compress, cpio, Compression, KernelPin};
 use powernode_qemu::{Accel, Device, Vm, VmSpec};
 use powernode_tests::direct::stub::Stub;
 use powernode_tests::direct::*;
+use powernode_tests::vm::{debian_root, publish_debian};
 use powernode_tests::{cargo, target_dir, workspace_root};
 use serde_json::Value;
 
@@ -117,15 +118,6 @@ fn release_stub() -> PathBuf {
     }
     run_ok(cargo().args(["build", "-q", "--release", "-p", "powernode-stub"]));
     target_dir().join("release/powernode-stub")
-}
-
-/// `scripts/debian-root` (built once into the cache).
-fn debian_root() -> PathBuf {
-    let out = run_ok(
-        Command::new(workspace_root().join("scripts/debian-root"))
-            .env("POWERNODE_CACHE", cache_dir()),
-    );
-    PathBuf::from(out.trim())
 }
 
 /// The pinned kernel's module tree as a root module folder (`usr/lib/modules/REL`).
@@ -447,7 +439,7 @@ fn composed_debian_root_vs_the_same_root_on_a_plain_ext4_disk() {
     // Read by powernode_tests::direct::stub::stub_binary; this test binary runs one test.
     std::env::set_var("POWERNODE_STUB_BIN", &stub_bin);
     let image = netboot(&dir);
-    let rootfs = debian_root();
+    let rootfs = debian_root().unwrap();
     let (kmods, release) = kernel_modules(&dir.join("kmods"));
     let peer_img = peer_disk(&dir, &rootfs, &kmods);
     let peer_initrd = peer_initrd(&dir, &rootfs, &kmods, &release);
@@ -457,38 +449,14 @@ fn composed_debian_root_vs_the_same_root_on_a_plain_ext4_disk() {
     );
 
     let stub = Stub::start(&dir);
-    let root = rootfs.to_string_lossy().into_owned();
-    let p = stub.cli(&[
-        "publish-module",
-        &root,
-        "--name",
-        "debian",
-        "--version",
-        "12.0.0",
-        "--kind",
-        "root",
-        "--preserve-owners",
-    ]);
+    let p = publish_debian(
+        &|a| stub.try_cli(a).map_err(anyhow::Error::msg),
+        &rootfs,
+        &kmods,
+        &[],
+    )
+    .unwrap();
     eprintln!("debian_bench: debian root published {}", p["figures"]);
-    let kpath = kmods.to_string_lossy().into_owned();
-    stub.cli(&[
-        "publish-module",
-        &kpath,
-        "--name",
-        "kernel-modules",
-        "--version",
-        "1",
-        "--kind",
-        "root",
-    ]);
-    stub.cli(&[
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-    ]);
     let node = stub.cli(&[
         "create-node",
         "--hostname",

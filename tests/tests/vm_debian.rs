@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::vm::{
-    artifacts_dir, build_image, debian_root, events, explain_failure, fs_clean, keep_vm_files,
-    kernel_modules, qemu_alive, RealServer,
+    artifacts_dir, build_image, debian_root, debian_template, events, explain_failure, fs_clean,
+    keep_vm_files, kernel_modules, publish_debian, qemu_alive, RealServer,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
 use serde_json::{json, Value};
@@ -144,18 +144,7 @@ fn publish_runtime(server: &Server, dir: &Path, name: &str, services: &Value) ->
 /// The template's modules: the two roots, plus `runtime` if any. The server schedules
 /// the `module_update` task itself (a second `update-modules` would be refused).
 fn set_runtime(server: &Server, runtime: Option<&str>) -> Result<()> {
-    let mut args = vec![
-        "set-template-modules",
-        "tmpl-edge-base",
-        "--root",
-        "debian",
-        "--root",
-        "kernel-modules",
-    ];
-    if let Some(r) = runtime {
-        args.extend(["--runtime", r]);
-    }
-    server.cli(&args)?;
+    server.cli(&debian_template(runtime))?;
     Ok(())
 }
 
@@ -170,36 +159,8 @@ fn run(
     let kmods = kernel_modules(&test_dir("vm_debian_kmods")?.join("kmods"))?;
     *rs = RealServer::start(&test_dir("vm_debian")?.join("data"), &image, &[])?;
     let server = rs.server()?;
-    let mut publish = vec![
-        "publish-module".to_string(),
-        root.to_string_lossy().into_owned(),
-        "--name".into(),
-        "debian".into(),
-        "--version".into(),
-        "12.0.0".into(),
-        "--kind".into(),
-        "root".into(),
-        "--preserve-owners".into(),
-    ];
-    for l in root_labels() {
-        publish.push("--label".into());
-        publish.push(l);
-    }
-    let args: Vec<&str> = publish.iter().map(String::as_str).collect();
-    let p = server.cli(&args)?;
+    let p = publish_debian(&|a| server.cli(a), &root, &kmods, &root_labels())?;
     println!("vm_debian: debian root published {}", p["figures"]);
-    let kpath = kmods.to_string_lossy().into_owned();
-    server.cli(&[
-        "publish-module",
-        &kpath,
-        "--name",
-        "kernel-modules",
-        "--version",
-        "1",
-        "--kind",
-        "root",
-    ])?;
-    set_runtime(server, None)?;
 
     // 1. To running, under systemd.
     let node = server.post(
