@@ -1,10 +1,7 @@
 //! The init must be a truly static ELF: a PID 1 that names an interpreter (`PT_INTERP`)
 //! needs a dynamic loader the initramfs does not have, and the kernel's only answer is
-//! a panic. Builds the musl release-init binary (a no-op when it is fresh, as it is
-//! in `scripts/test`) and reads its program headers.
-
-use std::path::PathBuf;
-use std::process::Command;
+//! a panic. Builds the musl release-init binary with the harness's one musl build (a
+//! no-op when it is fresh, as it is in `scripts/test`) and reads its program headers.
 
 const PT_INTERP: u32 = 3;
 const PT_DYNAMIC: u32 = 2;
@@ -28,27 +25,9 @@ fn program_header_types(bytes: &[u8]) -> Vec<u32> {
 
 #[test]
 fn musl_init_has_no_interpreter() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "powernode-init",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--profile",
-            "release-init",
-        ])
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the musl init failed");
-    let target_dir = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let path = target_dir.join("x86_64-unknown-linux-musl/release-init/powernode-init");
+    let path = powernode_tests::build_musl_inits()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .join("powernode-init");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let types = program_header_types(&bytes);
     assert!(!types.is_empty());
