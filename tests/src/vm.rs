@@ -252,6 +252,24 @@ pub fn fs_clean(disk: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs the body of a VM test through the server's provider: `body` gets the
+/// artifacts folder (`target/vm-tests/NAME/`, emptied) and records the instance
+/// folder once it knows it. Whatever happens, the VM's files are kept in the
+/// artifacts folder; a failure prints the QEMU command and the serial tail, then
+/// panics with the error.
+pub fn vm_test(name: &str, body: impl FnOnce(&Path, &mut Option<PathBuf>) -> Result<()>) {
+    let out = artifacts_dir(name).expect("artifacts dir");
+    let mut instance_dir = None;
+    let result = body(&out, &mut instance_dir);
+    if let Some(dir) = &instance_dir {
+        keep_vm_files(dir, &out);
+    }
+    if let Err(e) = result {
+        explain_failure(&out);
+        panic!("{name}: {e:#}");
+    }
+}
+
 /// Prints the QEMU command and the serial log's last lines, for a failed test.
 pub fn explain_failure(out: &Path) {
     let command = std::fs::read_to_string(out.join("qemu-command.sh")).unwrap_or_default();

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::vm::{
-    artifacts_dir, build_image, debian_root, debian_template, events, explain_failure, fs_clean,
-    keep_vm_files, kernel_modules, publish_debian, qemu_alive, RealServer,
+    build_image, debian_root, debian_template, events, fs_clean, kernel_modules, publish_debian,
+    qemu_alive, vm_test, RealServer,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
 use serde_json::{json, Value};
@@ -339,19 +339,11 @@ fn run(
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn debian_root_runs_systemd_docker_survives_a_reboot_drains_in_order_and_ends_clean() {
-    let out = artifacts_dir("vm_debian").expect("artifacts dir");
+    // Declared out here: the server (and its VM) is stopped only after the VM's
+    // files are kept.
     let mut rs = RealServer {
         server: None,
         qemu_pid: None,
     };
-    let mut dir = None;
-    let result = run(&out, &mut rs, &mut dir);
-    if let Some(d) = &dir {
-        keep_vm_files(d, &out);
-    }
-    drop(rs);
-    if let Err(e) = result {
-        explain_failure(&out);
-        panic!("vm_debian: {e:#}");
-    }
+    vm_test("vm_debian", |out, dir| run(out, &mut rs, dir));
 }

@@ -12,36 +12,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use powernode_tests::vm::{
-    artifacts_dir, build_image, events, explain_failure, keep_vm_files, qemu_alive, RealServer,
-};
-use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server, ServerOptions};
+use powernode_tests::vm::{build_image, events, qemu_alive, vm_test, RealServer};
+use powernode_tests::{proto::paths, str_at, test_dir, wait_for};
 use serde_json::{json, Value};
 
-struct Outcome {
-    instance_dir: Option<PathBuf>,
-}
-
-fn run(name: &str, lifecycle: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
+fn run(name: &str, lifecycle: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
     let t0 = Instant::now();
     let image = build_image(&out.join("build"))?;
     let data = test_dir(name)?.join("data");
-    let mut rs = RealServer {
-        server: Some(Server::start(
-            &data,
-            ServerOptions {
-                heartbeat_interval_seconds: 2,
-                extra: vec![
-                    "--provider".into(),
-                    "real".into(),
-                    "--image-base".into(),
-                    image.to_string_lossy().into_owned(),
-                ],
-                ..ServerOptions::default()
-            },
-        )?),
-        qemu_pid: None,
-    };
+    let mut rs = RealServer::start(&data, &image, &[])?;
     let server = rs.server.as_ref().context("server")?;
     let pubs = server.cli(&["list-disk-image-publications"])?;
     ensure!(
@@ -76,7 +55,7 @@ fn run(name: &str, lifecycle: &str, out: &Path, outcome: &mut Outcome) -> Result
             .as_str()
             .context("no instance_dir")?,
     );
-    outcome.instance_dir = Some(instance_dir.clone());
+    *vm_dir = Some(instance_dir.clone());
     ensure!(qemu_alive(pid), "QEMU pid {pid} is not running");
     if lifecycle == "persistent" {
         ensure!(
@@ -172,53 +151,27 @@ fn run(name: &str, lifecycle: &str, out: &Path, outcome: &mut Outcome) -> Result
     Ok(())
 }
 
-fn vm_test(name: &str, lifecycle: &str) {
-    let out = artifacts_dir(name).expect("artifacts dir");
-    let mut outcome = Outcome { instance_dir: None };
-    let result = run(name, lifecycle, &out, &mut outcome);
-    if let Some(dir) = &outcome.instance_dir {
-        keep_vm_files(dir, &out);
-    }
-    if let Err(e) = result {
-        explain_failure(&out);
-        panic!("{name}: {e:#}");
-    }
-}
-
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn ephemeral_vm_boots_to_running_drains_and_terminates() {
-    vm_test("vm_lifecycle_ephemeral", "ephemeral");
+    let name = "vm_lifecycle_ephemeral";
+    vm_test(name, |out, vm_dir| run(name, "ephemeral", out, vm_dir));
 }
 
 #[test]
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn persistent_vm_boots_with_its_persist_disk_and_terminates() {
-    vm_test("vm_lifecycle_persistent", "persistent");
+    let name = "vm_lifecycle_persistent";
+    vm_test(name, |out, vm_dir| run(name, "persistent", out, vm_dir));
 }
 
 /// With `--provider real` the server owns the VM: a QEMU killed behind its back is
 /// noticed by the exit watcher, and the instance fails with `provider_failed` and the
 /// last console lines, as get-instance and the events say (no console reading).
-fn run_killed(name: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
+fn run_killed(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
     let image = build_image(&out.join("build"))?;
     let data = test_dir(name)?.join("data");
-    let mut rs = RealServer {
-        server: Some(Server::start(
-            &data,
-            ServerOptions {
-                heartbeat_interval_seconds: 2,
-                extra: vec![
-                    "--provider".into(),
-                    "real".into(),
-                    "--image-base".into(),
-                    image.to_string_lossy().into_owned(),
-                ],
-                ..ServerOptions::default()
-            },
-        )?),
-        qemu_pid: None,
-    };
+    let mut rs = RealServer::start(&data, &image, &[])?;
     let server = rs.server.as_ref().context("server")?;
     let (_node, inst) = server.create_and_provision("vm-killed")?;
     let started = wait_for("the VM to start", Duration::from_secs(60), || {
@@ -228,7 +181,7 @@ fn run_killed(name: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
     })?;
     let pid = started["detail"]["pid"].as_u64().context("no VM pid")? as u32;
     rs.qemu_pid = Some(pid);
-    outcome.instance_dir = started["detail"]["instance_dir"]
+    *vm_dir = started["detail"]["instance_dir"]
         .as_str()
         .map(PathBuf::from);
     wait_for("running", Duration::from_secs(120), || {
@@ -283,13 +236,5 @@ fn run_killed(name: &str, out: &Path, outcome: &mut Outcome) -> Result<()> {
 #[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
 fn real_vm_killed_behind_the_servers_back_fails_with_the_reason() {
     let name = "vm_lifecycle_killed";
-    let out = artifacts_dir(name).expect("artifacts dir");
-    let mut outcome = Outcome { instance_dir: None };
-    let result = run_killed(name, &out, &mut outcome);
-    if let Some(dir) = &outcome.instance_dir {
-        keep_vm_files(dir, &out);
-    }
-    if let Err(e) = result {
-        panic!("{name}: {e:#}");
-    }
+    vm_test(name, |out, vm_dir| run_killed(name, out, vm_dir));
 }
