@@ -1,6 +1,14 @@
 //! Test harness shared by the host-integration and VM end-to-end tiers: process
 //! guards, port-0 servers, helpers that walk the runbook.
 //!
+//! - this file: [`ProcessGuard`], the workspace paths and builds ([`binary`],
+//!   [`build_musl_inits`]), the one `powernode-stub serve` start ([`spawn_serve`])
+//!   and admin CLI call ([`stub_cli`]), the host tier's [`Server`] and [`Agent`];
+//! - [`direct`]: VMs a test boots itself (netboot image, specs, the guest-facing
+//!   [`direct::stub::Stub`], serial events, runtime and root module trees);
+//! - [`vm`]: VMs the server's real provider boots ([`vm::RealServer`], the Debian
+//!   root), and the `vm_test` frame that keeps their files.
+//!
 //! Every child process is owned by a [`ProcessGuard`] that kills it by its own pid
 //! when dropped, also when a test panics. Servers bind 127.0.0.1 only. Each test
 //! keeps its data and logs under `target/powernode-tests/<test>/<pid>/` so a failure
