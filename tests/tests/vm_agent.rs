@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use powernode_qemu::Vm;
-use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::stub::{assert_powered_off, Stub};
 use powernode_tests::direct::*;
 use serde_json::Value;
 
@@ -108,13 +108,8 @@ fn boot_to_running_drain_terminate(test: &str, by_cmdline: bool) -> Value {
     assert_eq!(drained["status"], "draining", "{drained}");
 
     // Terminate: the agent is refused and powers the VM off; QEMU exits by itself.
-    stub.cli(&["terminate-instance", &instance_id]);
-    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not exit cleanly after terminate: {exit:?}\n{}",
-        context()
-    );
+    let exit = stub.terminate(&instance_id, false, &mut vm, TO_EXIT, &context);
+    assert_powered_off(exit, &context);
     let serial = vm.serial();
     let events = events(&serial, "POWERNODE-INIT ");
     let stopped = event(&events, "event", "agent_stopped")
@@ -247,13 +242,8 @@ fn persistent_node_reuses_its_credentials_from_persist_after_power_loss() {
     .unwrap_or_else(|| panic!("no enrolled event\n{}", ctx2()));
     assert_eq!(enrolled2["reused_credentials"], true, "{enrolled2}");
     // Not drained: a persistent node's terminate must be forced.
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    let exit = vm2.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "{exit:?}\n{}",
-        ctx2()
-    );
+    let exit = stub.terminate(&instance_id, true, &mut vm2, TO_EXIT, &ctx2);
+    assert_powered_off(exit, &ctx2);
 }
 
 /// An ephemeral node whose template has a published busybox base as its root
@@ -317,13 +307,8 @@ fn composed_root_from_a_published_base_module() {
             (t["status"] == "succeeded").then_some(t)
         },
     );
-    stub.cli(&["terminate-instance", &instance_id]);
-    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not exit cleanly after terminate: {exit:?}\n{}",
-        context()
-    );
+    let exit = stub.terminate(&instance_id, false, &mut vm, TO_EXIT, &context);
+    assert_powered_off(exit, &context);
     let serial = vm.serial();
     assert!(!serial.contains("Kernel panic"), "{}", context());
     eprintln!(

@@ -303,11 +303,7 @@ fn boot_disk_with_metadata(
     check(&running, &mock.seen());
     assert_identity_found_after_network(&running);
 
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    match vm.wait_timeout(TO_EXIT) {
-        Ok(Some(_)) => {}
-        other => panic!("QEMU did not exit after terminate: {other:?}"),
-    }
+    stub.terminate(&instance_id, true, &mut vm, TO_EXIT, &String::new);
     running
 }
 
@@ -414,8 +410,7 @@ fn uefi_disk_vs_direct_kernel_boot_to_running() {
     let (running, wall) = wait_running(&stub, &instance_id, &mut vm);
     assert_eq!(running["identity_source"], "cmdline", "{running}");
     let tl = boot_timeline(&running);
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    assert!(matches!(vm.wait_timeout(TO_EXIT), Ok(Some(_))));
+    stub.terminate(&instance_id, true, &mut vm, TO_EXIT, &String::new);
 
     let ready = |tl: &[(String, u64)]| {
         tl.iter()

@@ -70,12 +70,5 @@ fn openstack_config_drive_on_vfat_gives_the_identity() {
     // init used to mount whatever vda was as ext4, which a VFAT drive refuses.
     assert_identity_found_after_network(&running);
 
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    match vm.wait_timeout(TO_EXIT) {
-        Ok(Some(_)) => {}
-        other => panic!(
-            "QEMU did not exit after terminate: {other:?}\n{}",
-            context()
-        ),
-    }
+    stub.terminate(&instance_id, true, &mut vm, TO_EXIT, &context);
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use powernode_qemu::{Vm, VmSpec};
 use powernode_tests::direct::modules::{labels, publish_runtime};
-use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::stub::{assert_powered_off, Stub};
 use powernode_tests::direct::*;
 use serde_json::Value;
 
@@ -298,13 +298,8 @@ fn persistent_root_keeps_its_store_on_persist_and_refuses_a_corrupt_object() {
     assert_eq!(c4["checked"], serde_json::json!(["/bin/sh"]), "{c4}");
     assert_eq!(healed["root"]["verity"], "require", "{healed}");
     // Terminate: agent mode in the composed root powers off by itself.
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    let exit = vm4.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not power off after terminate: {exit:?}\n{}",
-        ctx4()
-    );
+    let exit = stub.terminate(&instance_id, true, &mut vm4, TO_EXIT, &ctx4);
+    assert_powered_off(exit, &ctx4);
     let clean4 = fs_clean(&disk);
     let serial3 = std::fs::read_to_string(&spec3.serial_log).unwrap_or_default();
     let (down3, down4) = (shutdown_event(&serial3), shutdown_event(&vm4.serial()));
@@ -403,13 +398,8 @@ fn a_leftover_writer_on_persist_is_ended_and_the_disk_left_clean() {
     });
     // Let the writer open its file and write.
     std::thread::sleep(Duration::from_secs(2));
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    let exit = vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not power off after terminate: {exit:?}\n{}",
-        ctx()
-    );
+    let exit = stub.terminate(&instance_id, true, &mut vm, TO_EXIT, &ctx);
+    assert_powered_off(exit, &ctx);
     let clean = fs_clean(&disk);
     let down = shutdown_event(&vm.serial());
     assert!(

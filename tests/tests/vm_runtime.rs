@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use powernode_qemu::Vm;
 use powernode_tests::direct::modules::{labels, publish_runtime, sh_service};
-use powernode_tests::direct::stub::Stub;
+use powernode_tests::direct::stub::{assert_powered_off, Stub};
 use powernode_tests::direct::*;
 use serde_json::{json, Value};
 
@@ -325,13 +325,9 @@ fn runtime_phases_1_to_6_on_one_vm() {
     assert_eq!(drained["cordoned"], true, "{drained}");
 
     // Phase 6: terminate; the agent is refused and the VM powers off.
-    stub.cli(&["terminate-instance", &node.instance_id]);
-    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not exit after terminate: {exit:?}\n{}",
-        node.context()()
-    );
+    let ctx = node.context();
+    let exit = stub.terminate(&node.instance_id, false, &mut node.vm, TO_EXIT, &ctx);
+    assert_powered_off(exit, &ctx);
     assert_eq!(stub.instance(&node.instance_id)["status"], "terminated");
     eprintln!(
         "{test}: running after {to_running:?}; attach {attach_time:?}, update {update_time:?}, \
@@ -428,13 +424,9 @@ fn a_drain_past_its_timeout_stays_draining_until_forced() {
         "{signal}"
     );
 
-    stub.cli(&["terminate-instance", &node.instance_id, "--force"]);
-    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "QEMU did not exit after a forced terminate: {exit:?}\n{}",
-        node.context()()
-    );
+    let ctx = node.context();
+    let exit = stub.terminate(&node.instance_id, true, &mut node.vm, TO_EXIT, &ctx);
+    assert_powered_off(exit, &ctx);
     assert_eq!(stub.instance(&node.instance_id)["status"], "terminated");
 }
 
@@ -698,13 +690,9 @@ fn composed_root_runs_runtime_modules_and_a_reboot_applies_a_root_change() {
         cleared.elapsed()
     );
     eprintln!("{test}: back on {:?}", back["root"]);
-    stub.cli(&["terminate-instance", &instance_id, "--force"]);
-    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "{exit:?}\n{}",
-        node.context()()
-    );
+    let ctx = node.context();
+    let exit = stub.terminate(&instance_id, true, &mut node.vm, TO_EXIT, &ctx);
+    assert_powered_off(exit, &ctx);
 }
 
 /// The ids of the tasks of `kind` created on the instance, newest first (tasks the
@@ -936,11 +924,7 @@ fn cancel_mid_drain_reboot_and_module_update_leaves_the_node_whole() {
         "{i}"
     );
 
-    stub.cli(&["terminate-instance", &id, "--force"]);
-    let exit = node.vm.wait_timeout(TO_EXIT).expect("wait for QEMU");
-    assert!(
-        matches!(exit, Some(s) if s.success()),
-        "{exit:?}\n{}",
-        node.context()()
-    );
+    let ctx = node.context();
+    let exit = stub.terminate(&id, true, &mut node.vm, TO_EXIT, &ctx);
+    assert_powered_off(exit, &ctx);
 }

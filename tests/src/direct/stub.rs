@@ -5,9 +5,10 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use powernode_qemu::Vm;
 use serde_json::Value;
 
 use crate::{cargo, spawn_serve, stub_cli, target_dir, ProcessGuard};
@@ -166,6 +167,31 @@ impl Stub {
         stub_cli(&self.bin, &self.data, Some(&self.url), args).map_err(|e| format!("{e:#}"))
     }
 
+    /// terminate-instance (`--force` when `force`: the node was not drained), then up
+    /// to `timeout` for QEMU to exit by itself; panics with `context()` unless it did.
+    /// Its exit status.
+    pub fn terminate(
+        &self,
+        instance_id: &str,
+        force: bool,
+        vm: &mut Vm,
+        timeout: Duration,
+        context: &dyn Fn() -> String,
+    ) -> ExitStatus {
+        let mut args = vec!["terminate-instance", instance_id];
+        if force {
+            args.push("--force");
+        }
+        self.cli(&args);
+        match vm.wait_timeout(timeout) {
+            Ok(Some(status)) => status,
+            other => panic!(
+                "QEMU did not exit after terminate: {other:?}\n{}",
+                context()
+            ),
+        }
+    }
+
     /// The instance's signals, newest first (up to 200).
     pub fn signals(&self, instance_id: &str) -> Vec<Value> {
         self.cli(&[
@@ -239,6 +265,15 @@ impl Stub {
         };
         (instance_id, doc)
     }
+}
+
+/// After [`Stub::terminate`]: the guest powered off cleanly (QEMU exit status 0).
+pub fn assert_powered_off(exit: ExitStatus, context: &dyn Fn() -> String) {
+    assert!(
+        exit.success(),
+        "QEMU did not power off cleanly after terminate: {exit}\n{}",
+        context()
+    );
 }
 
 /// One boot to `running` as the server saw it.
