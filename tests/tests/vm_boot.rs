@@ -20,37 +20,23 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
     powernode_qemu::make_persist_disk(&disk, 64).unwrap();
     spec.devices
         .push(powernode_qemu::Device::PersistDisk { path: disk });
-    let boot = boot(&spec, DEADLINE);
-    let events = events(&boot.serial, "POWERNODE-INIT ");
-    let context = || {
-        format!(
-            "command: {}\nserial: {}",
-            boot.command,
-            spec.serial_log.display()
-        )
-    };
-
-    assert!(
-        !events.iter().any(|e| e["event"] == "phase_failed"),
-        "a phase failed: {events:?}\n{}",
-        context()
-    );
+    let (boot, events, context) = boot_clean(&spec, DEADLINE);
     let found = event(&events, "phase", "identity_found")
-        .unwrap_or_else(|| panic!("no identity_found event\n{}", context()));
+        .unwrap_or_else(|| panic!("no identity_found event\n{}", context));
     assert_eq!(found["source"], "fw_cfg");
     assert_eq!(found["instance_id"], "inst-vm-fwcfg");
     assert_eq!(found["node_id"], "node-vm-test");
 
     // DHCP against QEMU's user-mode network: the guest reaches the host at 10.0.2.2.
     let net = event(&events, "phase", "network_up")
-        .unwrap_or_else(|| panic!("no network_up event\n{}", context()));
+        .unwrap_or_else(|| panic!("no network_up event\n{}", context));
     assert_eq!(net["network"]["source"], "dhcp");
     assert_eq!(net["network"]["address"], "10.0.2.15");
     assert_eq!(net["network"]["gateway"], "10.0.2.2");
     assert_eq!(net["network"]["dns"][0], "10.0.2.3");
 
     let done = event(&events, "event", "init_done")
-        .unwrap_or_else(|| panic!("no init_done event\n{}", context()));
+        .unwrap_or_else(|| panic!("no init_done event\n{}", context));
     let loaded: Vec<&str> = done["modules_loaded"]
         .as_array()
         .unwrap()
@@ -100,14 +86,14 @@ fn real_kernel_boots_init_loads_modules_and_reads_fw_cfg_identity() {
         .map(|e| e["at_ms"].as_u64().unwrap())
         .collect();
     assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
-    assert!(boot.serial.contains("reboot: Power down"), "{}", context());
+    assert!(boot.serial.contains("reboot: Power down"), "{}", context);
     // virtio_blk (loaded by the init) found the /persist disk.
     assert!(
         boot.serial.contains("[vda] 131072 512-byte logical blocks"),
         "{}",
-        context()
+        context
     );
-    assert!(!boot.serial.contains("Kernel panic"), "{}", context());
+    assert!(!boot.serial.contains("Kernel panic"), "{}", context);
     eprintln!(
         "booted in {:?} ({}); timeline {}",
         boot.elapsed,
@@ -173,28 +159,15 @@ fn switch_root_leaves_the_initramfs() {
     let dir = test_dir("switch_root");
     let mut spec = netboot_spec(&dir, &["powernode.test_switch_root=1"]);
     with_identity(&mut spec, &dir, &identity_json("inst-switch"));
-    let boot = boot(&spec, DEADLINE);
-    let events = events(&boot.serial, "POWERNODE-INIT ");
-    let context = || {
-        format!(
-            "command: {}\nserial: {}",
-            boot.command,
-            spec.serial_log.display()
-        )
-    };
-    assert!(
-        !events.iter().any(|e| e["event"] == "phase_failed"),
-        "{events:?}\n{}",
-        context()
-    );
+    let (boot, events, context) = boot_clean(&spec, DEADLINE);
     let after = event(&events, "event", "switched_root")
-        .unwrap_or_else(|| panic!("no switched_root event\n{}", context()));
+        .unwrap_or_else(|| panic!("no switched_root event\n{}", context));
     assert_eq!(after["pid"], 1, "the new root's init is PID 1");
     let root = after["root_mount"].as_str().unwrap();
     assert!(root.starts_with("tmpfs / tmpfs"), "root mount: {root}");
     assert_eq!(after["initramfs_init_present"], false);
     assert_eq!(after["initramfs_load_order_present"], false);
     assert_eq!(after["proc_mounted"], true, "/proc moved along");
-    assert!(boot.serial.contains("switch_root: freed"), "{}", context());
-    assert!(boot.serial.contains("reboot: Power down"), "{}", context());
+    assert!(boot.serial.contains("switch_root: freed"), "{}", context);
+    assert!(boot.serial.contains("reboot: Power down"), "{}", context);
 }

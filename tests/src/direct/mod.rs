@@ -175,6 +175,24 @@ pub fn boot(spec: &VmSpec, deadline: Duration) -> Boot {
     try_boot(spec, deadline).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// [`boot`] that must go through without a failed phase; returns the boot, the
+/// init's events (`POWERNODE-INIT ` lines) and what a failed assertion prints (the
+/// command and the serial log's path).
+pub fn boot_clean(spec: &VmSpec, deadline: Duration) -> (Boot, Vec<Value>, String) {
+    let boot = boot(spec, deadline);
+    let events = events(&boot.serial, "POWERNODE-INIT ");
+    let context = format!(
+        "command: {}\nserial: {}",
+        boot.command,
+        spec.serial_log.display()
+    );
+    assert!(
+        !events.iter().any(|e| e["event"] == "phase_failed"),
+        "a phase failed: {events:?}\n{context}"
+    );
+    (boot, events, context)
+}
+
 /// [`boot`] that returns the explanation instead of panicking.
 pub fn try_boot(spec: &VmSpec, deadline: Duration) -> Result<Boot, String> {
     let mut vm = Vm::spawn(spec).map_err(|e| e.to_string())?;
