@@ -7,8 +7,6 @@ use std::path::Path;
 use powernode_proto::node::RootFacts;
 use powernode_sysfmt::mountinfo;
 
-pub const MOUNTINFO: &str = mountinfo::PATH;
-
 /// The mount at `/` from mountinfo text: the top of the stack. Options are the
 /// per-mount options followed by the superblock options, without repeats. A
 /// malformed line is skipped: these facts are a report, not a decision.

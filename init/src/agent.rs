@@ -274,7 +274,7 @@ impl AgentDriver for RealAgent {
             )
             .map_err(BootstrapError::Handshake)?;
             let root = powernode_agent::facts::read_root_facts(std::path::Path::new(
-                powernode_agent::facts::MOUNTINFO,
+                crate::layout::MOUNTINFO,
             ));
             let hs = node_loop::handshake(
                 &client,

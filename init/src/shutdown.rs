@@ -24,6 +24,8 @@
 
 use std::time::Duration;
 
+use powernode_sysfmt::mountinfo::{self, MountEntry};
+
 use crate::layout::{MOUNTINFO, MOUNTINFO_LIMIT};
 use crate::sys::{EndSignal, Errno, Sys};
 
@@ -56,174 +58,24 @@ pub const VIRTUAL_FSTYPES: &[&str] = &[
     "tracefs",
 ];
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MountInfoError {
-    #[error("mountinfo line {line}: no {field}")]
-    Missing { line: usize, field: &'static str },
-    #[error("mountinfo line {line}: no ` - ` separator after the optional fields")]
-    NoSeparator { line: usize },
-    #[error("mountinfo line {line}: {field} {value:?} is not a number")]
-    Number {
-        line: usize,
-        field: &'static str,
-        value: String,
-        #[source]
-        source: std::num::ParseIntError,
-    },
-    #[error("mountinfo line {line}: {field} has a bad escape (want \\ and three octal digits)")]
-    Escape { line: usize, field: &'static str },
-    #[error("mountinfo line {line}: {field} is not UTF-8 once unescaped")]
-    NotUtf8 { line: usize, field: &'static str },
+/// On a block device (a disk, a partition, a loop device): a real device number,
+/// or a `/dev/` source, and not one of [`VIRTUAL_FSTYPES`].
+pub fn block_backed(entry: &MountEntry) -> bool {
+    !VIRTUAL_FSTYPES.contains(&entry.fstype.as_str())
+        && (entry.major != 0 || entry.source.starts_with("/dev/"))
 }
 
-/// One line of `/proc/self/mountinfo` (proc(5)), paths unescaped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub id: u32,
-    pub parent: u32,
-    pub major: u32,
-    pub minor: u32,
-    /// The root of the mount within its filesystem.
-    pub root: String,
-    pub mount_point: String,
-    /// Per-mount options (`rw,nosuid,relatime`).
-    pub mount_options: String,
-    /// Optional fields (`shared:1`, `master:2`), possibly none.
-    pub optional: Vec<String>,
-    pub fstype: String,
-    pub source: String,
-    /// Per-superblock options, as the kernel wrote them.
-    pub super_options: String,
+/// Whether shutdown must make this mount read-only (or unmount it).
+pub fn needs_settling(entry: &MountEntry) -> bool {
+    !entry.read_only() && (block_backed(entry) || entry.is_overlay())
 }
 
-fn has_option(options: &str, name: &str) -> bool {
-    options.split(',').any(|o| o == name)
-}
-
-impl MountEntry {
-    /// Read-only for this mount or for its whole superblock.
-    pub fn read_only(&self) -> bool {
-        has_option(&self.mount_options, "ro") || has_option(&self.super_options, "ro")
-    }
-
-    pub fn is_overlay(&self) -> bool {
-        self.fstype == "overlay"
-    }
-
-    /// On a block device (a disk, a partition, a loop device): a real device
-    /// number, or a `/dev/` source, and not one of [`VIRTUAL_FSTYPES`].
-    pub fn block_backed(&self) -> bool {
-        !VIRTUAL_FSTYPES.contains(&self.fstype.as_str())
-            && (self.major != 0 || self.source.starts_with("/dev/"))
-    }
-
-    /// Whether shutdown must make this mount read-only (or unmount it).
-    pub fn needs_settling(&self) -> bool {
-        !self.read_only() && (self.block_backed() || self.is_overlay())
-    }
-
-    fn depth(&self) -> usize {
-        self.mount_point
-            .split('/')
-            .filter(|c| !c.is_empty())
-            .count()
-    }
-}
-
-/// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012` newline,
-/// `\134` backslash); any other backslash is an error.
-fn unescape(line: usize, field: &'static str, text: &str) -> Result<String, MountInfoError> {
-    let bad = || MountInfoError::Escape { line, field };
-    let mut out = Vec::with_capacity(text.len());
-    let mut bytes = text.bytes();
-    while let Some(b) = bytes.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        let mut value: u32 = 0;
-        for _ in 0..3 {
-            let digit = bytes.next().ok_or_else(bad)?;
-            if !(b'0'..=b'7').contains(&digit) {
-                return Err(bad());
-            }
-            value = value * 8 + u32::from(digit - b'0');
-        }
-        out.push(u8::try_from(value).map_err(|_| bad())?);
-    }
-    String::from_utf8(out).map_err(|_| MountInfoError::NotUtf8 { line, field })
-}
-
-/// Parses line number `line` (1-based, for the error) of mountinfo:
-/// `ID PARENT MAJOR:MINOR ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
-pub fn parse_line(line: usize, text: &str) -> Result<MountEntry, MountInfoError> {
-    let mut fields = text.split(' ');
-    let mut next = |field: &'static str| {
-        fields
-            .next()
-            .filter(|f| !f.is_empty())
-            .ok_or(MountInfoError::Missing { line, field })
-    };
-    let number = |field: &'static str, value: &str| {
-        value
-            .parse::<u32>()
-            .map_err(|source| MountInfoError::Number {
-                line,
-                field,
-                value: value.to_string(),
-                source,
-            })
-    };
-    let id = number("mount id", next("mount id")?)?;
-    let parent = number("parent id", next("parent id")?)?;
-    let dev = next("major:minor")?;
-    let (major, minor) = dev.split_once(':').ok_or(MountInfoError::Missing {
-        line,
-        field: "minor device number",
-    })?;
-    let (major, minor) = (number("major", major)?, number("minor", minor)?);
-    let root = unescape(line, "root", next("root")?)?;
-    let mount_point = unescape(line, "mount point", next("mount point")?)?;
-    let mount_options = next("mount options")?.to_string();
-    let mut optional = Vec::new();
-    loop {
-        match fields.next() {
-            Some("-") => break,
-            Some(f) if !f.is_empty() => optional.push(f.to_string()),
-            _ => return Err(MountInfoError::NoSeparator { line }),
-        }
-    }
-    let mut next = |field: &'static str| {
-        fields
-            .next()
-            .filter(|f| !f.is_empty())
-            .ok_or(MountInfoError::Missing { line, field })
-    };
-    let fstype = unescape(line, "filesystem type", next("filesystem type")?)?;
-    let source = unescape(line, "source", next("source")?)?;
-    let super_options = next("super options")?.to_string();
-    Ok(MountEntry {
-        id,
-        parent,
-        major,
-        minor,
-        root,
-        mount_point,
-        mount_options,
-        optional,
-        fstype,
-        source,
-        super_options,
-    })
-}
-
-/// Parses the whole table; the first malformed line is the error.
-pub fn parse_mountinfo(text: &str) -> Result<Vec<MountEntry>, MountInfoError> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| parse_line(i + 1, l))
-        .collect()
+fn depth(entry: &MountEntry) -> usize {
+    entry
+        .mount_point
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .count()
 }
 
 /// The mounts to settle, in order: overlays first (their upper may sit on one of
@@ -233,12 +85,12 @@ pub fn plan(entries: &[MountEntry]) -> Vec<MountEntry> {
     let mut chosen: Vec<(usize, &MountEntry)> = entries
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.needs_settling())
+        .filter(|(_, e)| needs_settling(e))
         .collect();
     chosen.sort_by(|(ia, a), (ib, b)| {
         b.is_overlay()
             .cmp(&a.is_overlay())
-            .then(b.depth().cmp(&a.depth()))
+            .then(depth(b).cmp(&depth(a)))
             .then(ib.cmp(ia))
     });
     chosen.into_iter().map(|(_, e)| e.clone()).collect()
@@ -404,11 +256,8 @@ pub fn settle_mounts(sys: &mut dyn Sys) -> Report {
         }
     };
     // A line we cannot read must not keep the others from being settled.
-    let entries: Vec<MountEntry> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.is_empty())
-        .filter_map(|(i, l)| match parse_line(i + 1, l) {
+    let entries: Vec<MountEntry> = mountinfo::entries(&text)
+        .filter_map(|entry| match entry {
             Ok(e) => Some(e),
             Err(e) => {
                 log::error!("shutdown: skipping a mount: {e}");
@@ -524,165 +373,17 @@ mod tests {
     }
 
     #[test]
-    fn the_proc5_example_line_parses() {
-        let e = parse_line(
+    fn a_writable_disk_mount_needs_settling() {
+        let e = mountinfo::parse_line(
             1,
             "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
         )
         .unwrap();
-        assert_eq!(
-            e,
-            MountEntry {
-                id: 36,
-                parent: 35,
-                major: 98,
-                minor: 0,
-                root: "/mnt1".into(),
-                mount_point: "/mnt2".into(),
-                mount_options: "rw,noatime".into(),
-                optional: vec!["master:1".into()],
-                fstype: "ext3".into(),
-                source: "/dev/root".into(),
-                super_options: "rw,errors=continue".into(),
-            }
-        );
-        assert!(e.needs_settling());
-    }
-
-    #[test]
-    fn optional_fields_may_be_none_or_many() {
-        let none = parse_line(1, "26 21 254:0 / /persist rw,relatime - ext4 /dev/vda rw").unwrap();
-        assert!(none.optional.is_empty());
-        assert_eq!(none.fstype, "ext4");
-        let many = parse_line(
-            1,
-            "40 26 0:40 / /x rw shared:2 master:1 propagate_from:1 unbindable - tmpfs tmpfs rw",
-        )
-        .unwrap();
-        assert_eq!(
-            many.optional,
-            ["shared:2", "master:1", "propagate_from:1", "unbindable"]
-        );
-        assert_eq!(many.source, "tmpfs");
-    }
-
-    #[test]
-    fn escaped_paths_are_unescaped() {
-        let e = parse_line(
-            1,
-            r"30 26 7:3 /a\134b /mnt/my\040disk\011tab rw - ext4 /dev/disk/by-label/x\040y rw",
-        )
-        .unwrap();
-        assert_eq!(e.root, r"/a\b");
-        assert_eq!(e.mount_point, "/mnt/my disk\ttab");
-        assert_eq!(e.source, "/dev/disk/by-label/x y");
-    }
-
-    #[test]
-    fn malformed_lines_are_typed_errors() {
-        let cases: &[(&str, MountInfoError)] = &[
-            (
-                "",
-                MountInfoError::Missing {
-                    line: 3,
-                    field: "mount id",
-                },
-            ),
-            (
-                "26 21 254:0 / /persist rw,relatime ext4 /dev/vda rw",
-                MountInfoError::NoSeparator { line: 3 },
-            ),
-            (
-                "26 21 254:0 / /persist rw",
-                MountInfoError::NoSeparator { line: 3 },
-            ),
-            (
-                "26 21 254:0 / /persist rw -",
-                MountInfoError::Missing {
-                    line: 3,
-                    field: "filesystem type",
-                },
-            ),
-            (
-                "26 21 254:0 / /persist rw - ext4 /dev/vda",
-                MountInfoError::Missing {
-                    line: 3,
-                    field: "super options",
-                },
-            ),
-            (
-                "26 21 254 / /persist rw - ext4 /dev/vda rw",
-                MountInfoError::Missing {
-                    line: 3,
-                    field: "minor device number",
-                },
-            ),
-            (
-                "26 21 254:0 /  rw - ext4 /dev/vda rw",
-                MountInfoError::Missing {
-                    line: 3,
-                    field: "mount point",
-                },
-            ),
-            (
-                r"26 21 254:0 / /a\04 rw - ext4 /dev/vda rw",
-                MountInfoError::Escape {
-                    line: 3,
-                    field: "mount point",
-                },
-            ),
-            (
-                r"26 21 254:0 / /a\9ab rw - ext4 /dev/vda rw",
-                MountInfoError::Escape {
-                    line: 3,
-                    field: "mount point",
-                },
-            ),
-            (
-                r"26 21 254:0 / /a\777 rw - ext4 /dev/vda rw",
-                MountInfoError::Escape {
-                    line: 3,
-                    field: "mount point",
-                },
-            ),
-            (
-                r"26 21 254:0 / /a\377 rw - ext4 /dev/vda rw",
-                MountInfoError::NotUtf8 {
-                    line: 3,
-                    field: "mount point",
-                },
-            ),
-        ];
-        for (line, want) in cases {
-            assert_eq!(parse_line(3, line).unwrap_err(), *want, "{line:?}");
-        }
-        let err = parse_line(3, "x 21 254:0 / /persist rw - ext4 /dev/vda rw").unwrap_err();
-        assert!(
-            matches!(&err, MountInfoError::Number { field: "mount id", value, .. } if value == "x"),
-            "{err:?}"
-        );
-        // The cause is kept as the source, not repeated in the message.
-        assert!(std::error::Error::source(&err).is_some());
-        let err = parse_line(3, "1 2 254:-1 / /p rw - ext4 /dev/vda rw").unwrap_err();
-        assert!(
-            matches!(err, MountInfoError::Number { field: "minor", .. }),
-            "{err:?}"
-        );
-    }
-
-    #[test]
-    fn the_whole_table_names_its_first_bad_line() {
-        let text = "26 21 254:0 / /persist rw - ext4 /dev/vda rw\n\
-                    27 26 7:0 / /a rw no-separator\n";
-        assert_eq!(
-            parse_mountinfo(text).unwrap_err(),
-            MountInfoError::NoSeparator { line: 2 }
-        );
-        assert_eq!(parse_mountinfo("").unwrap(), []);
+        assert!(needs_settling(&e));
     }
 
     fn table(lines: &[&str]) -> Vec<MountEntry> {
-        parse_mountinfo(&lines.join("\n")).unwrap()
+        mountinfo::parse(&lines.join("\n")).unwrap()
     }
 
     #[test]

@@ -231,69 +231,160 @@ mod tests {
     }
 
     #[test]
-    fn escapes_the_kernel_writes_and_bad_ones() {
-        let line = "1 0 8:1 / /a\\011b\\012c\\134d rw - ext4 /dev/sda1 rw";
-        assert_eq!(parse_line(1, line).unwrap().mount_point, "/a\tb\nc\\d");
-        // A lone backslash or a short escape: the lenient copy kept it literally;
-        // the kernel never writes one, so it is an error naming the field.
-        for bad in ["/a\\", "/a\\04", "/a\\09x", "/a\\400"] {
-            let line = format!("1 0 8:1 / {bad} rw - ext4 /dev/sda1 rw");
-            assert_eq!(
-                parse_line(3, &line).unwrap_err(),
-                MountInfoError::Escape {
-                    line: 3,
-                    field: "mount point"
-                },
-                "{bad}"
-            );
-        }
-        let line = "1 0 8:1 / /\\377 rw - ext4 /dev/sda1 rw";
-        assert!(matches!(
-            parse_line(1, line).unwrap_err(),
-            MountInfoError::NotUtf8 { .. }
-        ));
+    fn the_proc5_example_line_parses() {
+        let e = parse_line(
+            1,
+            "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            MountEntry {
+                id: 36,
+                parent: 35,
+                major: 98,
+                minor: 0,
+                root: "/mnt1".into(),
+                mount_point: "/mnt2".into(),
+                mount_options: "rw,noatime".into(),
+                optional: vec!["master:1".into()],
+                fstype: "ext3".into(),
+                source: "/dev/root".into(),
+                super_options: "rw,errors=continue".into(),
+            }
+        );
     }
 
     #[test]
-    fn malformed_lines_name_what_is_missing() {
-        let err = |t: &str| parse_line(7, t).unwrap_err();
+    fn optional_fields_may_be_none_or_many() {
+        let none = parse_line(1, "26 21 254:0 / /persist rw,relatime - ext4 /dev/vda rw").unwrap();
+        assert!(none.optional.is_empty());
+        assert_eq!(none.fstype, "ext4");
+        let many = parse_line(
+            1,
+            "40 26 0:40 / /x rw shared:2 master:1 propagate_from:1 unbindable - tmpfs tmpfs rw",
+        )
+        .unwrap();
         assert_eq!(
-            err("1 0 8:1 / /a rw shared:1 ext4 /dev/sda1 rw"),
-            MountInfoError::NoSeparator { line: 7 }
+            many.optional,
+            ["shared:2", "master:1", "propagate_from:1", "unbindable"]
         );
+        assert_eq!(many.source, "tmpfs");
+    }
+
+    #[test]
+    fn escaped_paths_are_unescaped() {
+        let e = parse_line(
+            1,
+            r"30 26 7:3 /a\134b /mnt/my\040disk\011tab rw - ext4 /dev/disk/by-label/x\040y rw",
+        )
+        .unwrap();
+        assert_eq!(e.root, r"/a\b");
+        assert_eq!(e.mount_point, "/mnt/my disk\ttab");
+        assert_eq!(e.source, "/dev/disk/by-label/x y");
+    }
+
+    #[test]
+    fn malformed_lines_are_typed_errors() {
+        let cases: &[(&str, MountInfoError)] = &[
+            (
+                "",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "mount id",
+                },
+            ),
+            (
+                "26 21 254:0 / /persist rw,relatime ext4 /dev/vda rw",
+                MountInfoError::NoSeparator { line: 3 },
+            ),
+            (
+                "26 21 254:0 / /persist rw",
+                MountInfoError::NoSeparator { line: 3 },
+            ),
+            (
+                "26 21 254:0 / /persist rw -",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "filesystem type",
+                },
+            ),
+            (
+                "26 21 254:0 / /persist rw - ext4 /dev/vda",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "super options",
+                },
+            ),
+            (
+                "26 21 254 / /persist rw - ext4 /dev/vda rw",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "minor device number",
+                },
+            ),
+            (
+                "26 21 254:0 /  rw - ext4 /dev/vda rw",
+                MountInfoError::Missing {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\04 rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\9ab rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\777 rw - ext4 /dev/vda rw",
+                MountInfoError::Escape {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+            (
+                r"26 21 254:0 / /a\377 rw - ext4 /dev/vda rw",
+                MountInfoError::NotUtf8 {
+                    line: 3,
+                    field: "mount point",
+                },
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_line(3, line).unwrap_err(), *want, "{line:?}");
+        }
+        let err = parse_line(3, "x 21 254:0 / /persist rw - ext4 /dev/vda rw").unwrap_err();
+        assert!(
+            matches!(&err, MountInfoError::Number { field: "mount id", value, .. } if value == "x"),
+            "{err:?}"
+        );
+        // The cause is kept as the source, not repeated in the message.
+        assert!(std::error::Error::source(&err).is_some());
+        let err = parse_line(3, "1 2 254:-1 / /p rw - ext4 /dev/vda rw").unwrap_err();
+        assert!(
+            matches!(err, MountInfoError::Number { field: "minor", .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_whole_table_names_its_first_bad_line() {
+        let text = "26 21 254:0 / /persist rw - ext4 /dev/vda rw\n\
+                    27 26 7:0 / /a rw no-separator\n";
         assert_eq!(
-            err("1 0 8:1 / /a rw - ext4 /dev/sda1"),
-            MountInfoError::Missing {
-                line: 7,
-                field: "super options"
-            }
+            parse(text).unwrap_err(),
+            MountInfoError::NoSeparator { line: 2 }
         );
-        assert_eq!(
-            err("1 0 81 / /a rw - ext4 /dev/sda1 rw"),
-            MountInfoError::Missing {
-                line: 7,
-                field: "minor device number"
-            }
-        );
-        assert!(matches!(
-            err("x 0 8:1 / /a rw - ext4 /dev/sda1 rw"),
-            MountInfoError::Number {
-                field: "mount id",
-                ..
-            }
-        ));
-        // Two spaces make an empty field: not a silently shifted column.
-        assert!(matches!(
-            err("1 0 8:1 /  /a rw - ext4 /dev/sda1 rw"),
-            MountInfoError::Missing { .. }
-        ));
-        assert_eq!(
-            err(""),
-            MountInfoError::Missing {
-                line: 7,
-                field: "mount id"
-            }
-        );
+        assert_eq!(parse("").unwrap(), []);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use powernode_agent::modules::mount::{KernelMounter, MountError, MountOpt, MountSpec, Mounter};
+use powernode_sysfmt::mountinfo;
 
 use crate::layout::{MOUNTINFO, MOUNTINFO_LIMIT};
 use crate::sys::{RealSys, Sys};
@@ -78,8 +79,8 @@ fn on_loop_device(
 
 /// The loop device under the EROFS mount at `target`, read before it goes.
 fn loop_under(sys: &mut dyn Sys, target: &Path) -> Option<PathBuf> {
-    let mountinfo = sys.read_file(MOUNTINFO, MOUNTINFO_LIMIT).ok()?;
-    loop_source(&String::from_utf8(mountinfo).ok()?, target)
+    let text = sys.read_file(MOUNTINFO, MOUNTINFO_LIMIT).ok()?;
+    loop_source(&String::from_utf8(text).ok()?, target)
 }
 
 /// Frees a loop device once the mount on it at `target` is gone (best effort).
@@ -90,17 +91,13 @@ fn detach(sys: &mut dyn Sys, dev: &Path, target: &Path) {
     }
 }
 
-/// The loop device under the topmost EROFS mount at `target`, from mountinfo text.
-fn loop_source(mountinfo: &str, target: &std::path::Path) -> Option<PathBuf> {
-    let target = target.to_str()?;
-    mountinfo.lines().rev().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let at = pre.split(' ').nth(4)?;
-        let mut post = post.split(' ');
-        let (fstype, source) = (post.next()?, post.next()?);
-        (at == target && fstype == "erofs" && source.starts_with("/dev/loop"))
-            .then(|| PathBuf::from(source))
-    })
+/// The loop device under the mount in effect at `target`, when that mount is
+/// EROFS on a loop device, from mountinfo text.
+fn loop_source(text: &str, target: &Path) -> Option<PathBuf> {
+    let mounts: Vec<_> = mountinfo::entries(text).filter_map(Result::ok).collect();
+    let top = mountinfo::top_at(&mounts, target.to_str()?)?;
+    (top.fstype == "erofs" && top.source.starts_with("/dev/loop"))
+        .then(|| PathBuf::from(&top.source))
 }
 
 #[cfg(test)]
@@ -111,7 +108,8 @@ mod tests {
     fn the_loop_device_under_an_erofs_mount_is_found() {
         let info = "30 22 7:0 / /run/powernode/modules/.images/ab ro - erofs /dev/loop3 ro\n\
                     31 22 0:40 / /run/powernode/modules/demo ro - overlay composefs:ab ro\n\
-                    32 22 7:1 / /elsewhere ro - erofs /dev/loop4 ro\n";
+                    32 22 7:1 / /elsewhere ro - erofs /dev/loop4 ro\n\
+                    33 22 7:5 / /run/powernode/modules/.images/c\\040d ro - erofs /dev/loop5 ro\n";
         assert_eq!(
             loop_source(
                 info,
@@ -124,6 +122,11 @@ mod tests {
             None
         );
         assert_eq!(loop_source(info, std::path::Path::new("/nowhere")), None);
+        // An escaped mount point is found by its real name (the old split did not unescape).
+        assert_eq!(
+            loop_source(info, Path::new("/run/powernode/modules/.images/c d")),
+            Some(PathBuf::from("/dev/loop5"))
+        );
     }
 
     /// The loop device calls go through the seam: attach before the mount, the

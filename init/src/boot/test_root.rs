@@ -2,12 +2,14 @@
 //! tmpfs root holding a copy of this init, which reports where it runs
 //! ([`switched_root_check`]) and powers off.
 
+use powernode_sysfmt::mountinfo;
 use serde_json::json;
 
 use super::error::PhaseError;
 use super::state::Boot;
 use crate::console::EVENT_PREFIX;
 use crate::failure::{self, Outcome};
+use crate::layout::{MOUNTINFO, MOUNTINFO_LIMIT};
 use crate::switch_root;
 use crate::sys::{RebootKind, Sys};
 
@@ -42,16 +44,21 @@ pub fn test_switch_root(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
 
 /// The test root's init (`--switched-root-check`): report where it runs, power off.
 pub fn switched_root_check(sys: &mut dyn Sys) -> Outcome {
-    let mounts = sys
-        .read_file("/proc/self/mounts", 1 << 20)
+    let text = sys
+        .read_file(MOUNTINFO, MOUNTINFO_LIMIT)
         .unwrap_or_default();
-    let mounts = String::from_utf8_lossy(&mounts);
-    // The last mount on "/" is the one in effect.
-    let root = mounts
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(1) == Some("/"))
-        .unwrap_or_default()
-        .to_string();
+    let mounts: Vec<_> = mountinfo::entries(&String::from_utf8_lossy(&text))
+        .filter_map(Result::ok)
+        .collect();
+    // As `/proc/self/mounts` shows it: source, mount point, type, options.
+    let root = mountinfo::top_at(&mounts, "/")
+        .map(|m| {
+            format!(
+                "{} {} {} {}",
+                m.source, m.mount_point, m.fstype, m.mount_options
+            )
+        })
+        .unwrap_or_default();
     let exists = |sys: &mut dyn Sys, p: &str| sys.read_file(p, 1 << 16).is_ok();
     let fields = json!({
         "event": "switched_root",
