@@ -15,11 +15,7 @@ use std::time::Duration;
 use powernode_agent::identity::cloud::{self, CloudIdentity, CloudOptions};
 use powernode_agent::identity::SourceError;
 
-use crate::cmdline;
 use crate::identity::{self, IdentityProbeError};
-
-/// Sources the init reads itself; any other pin is the cloud probe's business.
-pub const LOCAL_SOURCES: &[&str] = &["cmdline", "fw_cfg"];
 
 /// Whether an identity may still come from cloud metadata once the network is up:
 /// no pin, `auto`, or a pin naming a cloud source.
@@ -32,13 +28,10 @@ pub fn may_probe(cmdline_text: &str) -> bool {
 
 /// `powernode.cloud_deadline_s=N` (1..=600), else the library's default.
 pub fn deadline(cmdline_text: &str) -> Duration {
-    cmdline::words(cmdline_text)
-        .iter()
-        .filter_map(|w| w.strip_prefix("powernode.cloud_deadline_s="))
-        .filter_map(|v| v.parse::<u64>().ok())
+    powernode_sysfmt::cmdline::last_value(cmdline_text, "powernode.cloud_deadline_s")
+        .and_then(|v| v.parse::<u64>().ok())
         .filter(|s| (1..=600).contains(s))
         .map(Duration::from_secs)
-        .next_back()
         .unwrap_or(cloud::DEFAULT_DEADLINE)
 }
 

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use powernode_sysfmt::cmdline::{flag, split_params};
+
 /// What happens after a phase fails (or the init panics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
@@ -85,80 +87,40 @@ impl Default for Options {
     }
 }
 
-/// Splits a kernel command line into words, honouring double quotes as the kernel
-/// does (`key="a b"`).
-pub fn words(cmdline: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                any = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if any {
-                    out.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        out.push(cur);
-    }
-    out
-}
-
-fn flag(v: &str) -> Option<bool> {
-    match v {
-        "1" | "true" | "yes" => Some(true),
-        "0" | "false" | "no" => Some(false),
-        _ => None,
-    }
-}
-
+/// The init's options; the words are split as the kernel splits them
+/// ([`powernode_sysfmt::cmdline`]), and a repeated key keeps its last value.
 pub fn parse(cmdline: &str) -> Options {
     let mut opts = Options::default();
-    for word in words(cmdline) {
-        let (key, value) = match word.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
-            None => (word.as_str(), None),
+    for (key, value) in split_params(cmdline) {
+        let Some(v) = value.as_deref() else {
+            if key == "quiet" {
+                opts.quiet = true;
+            }
+            continue;
         };
-        match (key, value) {
-            ("quiet", None) => opts.quiet = true,
-            ("powernode.on_failure", Some(v)) => match v {
+        let unknown = || format!("{key}={v}");
+        let switch = |slot: &mut bool, unknown_words: &mut Vec<String>| match flag(v) {
+            Some(b) => *slot = b,
+            None => unknown_words.push(unknown()),
+        };
+        match key.as_str() {
+            "powernode.on_failure" => match v {
                 "poweroff" => opts.on_failure = FailurePolicy::Poweroff,
                 "reboot" => opts.on_failure = FailurePolicy::Reboot,
                 "retry" => opts.on_failure = FailurePolicy::Retry,
-                _ => opts.unknown.push(word.clone()),
+                _ => opts.unknown.push(unknown()),
             },
-            ("powernode.test_poweroff", Some(v)) => match flag(v) {
-                Some(b) => opts.test_poweroff = b,
-                None => opts.unknown.push(word.clone()),
-            },
-            ("powernode.test_panic", Some(v)) => match flag(v) {
-                Some(b) => opts.test_panic = b,
-                None => opts.unknown.push(word.clone()),
-            },
-            ("powernode.test_switch_root", Some(v)) => match flag(v) {
-                Some(b) => opts.test_switch_root = b,
-                None => opts.unknown.push(word.clone()),
-            },
-            ("powernode.persist", Some(v)) => opts.persist = Some(v.to_string()),
-            ("powernode.lease_s", Some(v)) => match v.parse::<u64>() {
+            "powernode.test_poweroff" => switch(&mut opts.test_poweroff, &mut opts.unknown),
+            "powernode.test_panic" => switch(&mut opts.test_panic, &mut opts.unknown),
+            "powernode.test_switch_root" => switch(&mut opts.test_switch_root, &mut opts.unknown),
+            "powernode.persist" => opts.persist = Some(v.to_string()),
+            "powernode.lease_s" => match v.parse::<u64>() {
                 Ok(n) if (3..=3600).contains(&n) => opts.lease_seconds = Some(n),
-                _ => opts.unknown.push(word.clone()),
+                _ => opts.unknown.push(unknown()),
             },
-            ("powernode.attempts", Some(v)) => match v.parse::<u32>() {
+            "powernode.attempts" => match v.parse::<u32>() {
                 Ok(n) if n >= 1 => opts.attempts = n,
-                _ => opts.unknown.push(word.clone()),
+                _ => opts.unknown.push(unknown()),
             },
             _ => {}
         }
@@ -171,12 +133,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn words_honour_quotes() {
-        assert_eq!(
-            words("console=ttyS0  a=\"b c\" quiet\n"),
-            ["console=ttyS0", "a=b c", "quiet"]
-        );
-        assert!(words("   ").is_empty());
+    fn quotes_and_repeats_follow_the_kernel() {
+        let o =
+            parse("\"powernode.persist=LABEL=my disk\" powernode.attempts=2 powernode.attempts=7");
+        assert_eq!(o.persist.as_deref(), Some("LABEL=my disk"));
+        assert_eq!(o.attempts, 7, "the last value wins");
+        // `quiet=1` is not the bare word the kernel means.
+        assert!(!parse("quiet=1").quiet);
+        assert!(parse("a quiet b=c").quiet);
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! skipped. Cloud metadata needs the network, so it comes later ([`crate::cloud`]):
 //! a pin naming a cloud source skips both local sources.
 
+use powernode_agent::identity::cmdline as identity_cmdline;
+use powernode_agent::identity::SourceErrorKind;
 use powernode_proto::identity::{IdentityDocument, IdentityError, MAX_IDENTITY_BYTES};
 use powernode_proto::node::ProviderFacts;
+use powernode_sysfmt::fw_cfg;
 
-use crate::cmdline;
 use crate::sys::{Errno, Sys};
 
 /// sysfs folder of the fw_cfg entry (after `qemu_fw_cfg` is loaded).
@@ -22,10 +24,8 @@ pub enum IdentityProbeError {
         #[source]
         errno: Errno,
     },
-    #[error("fw_cfg: entry size {0:?} is not a number")]
-    BadSize(String),
-    #[error("fw_cfg: entry is {size} bytes, more than the {max} allowed")]
-    TooLarge { size: usize, max: usize },
+    #[error("fw_cfg: bad entry size")]
+    Size(#[from] fw_cfg::SizeError),
     #[error("fw_cfg: read {got} bytes of an entry of {size}")]
     Short { got: usize, size: usize },
     #[error("powernode.identity_source={0} is not a known source (cmdline, fw_cfg, or a cloud: {clouds})", clouds = powernode_agent::identity::cloud::NAMES.join(", "))]
@@ -35,6 +35,8 @@ pub enum IdentityProbeError {
         strategy: &'static str,
         message: String,
     },
+    #[error("cmdline: parameter `{key}` {reason}")]
+    Parameter { key: String, reason: String },
     #[error("{source_name}: bad identity document")]
     Document {
         source_name: &'static str,
@@ -52,24 +54,26 @@ pub struct Found {
     pub provider: Option<ProviderFacts>,
 }
 
-/// `powernode.identity=<base64url JSON>` on the command line.
+/// The identity on the command line, in either of the agent's forms
+/// (`powernode.identity=<base64url JSON>` or `powernode.<field>=` pairs): the one
+/// parser the agent also uses, so both read a command line the same way.
 pub fn from_cmdline(cmdline_text: &str) -> Result<Option<Found>, IdentityProbeError> {
-    for word in cmdline::words(cmdline_text) {
-        if let Some(value) = word.strip_prefix("powernode.identity=") {
-            let document = IdentityDocument::parse_base64url(value).map_err(|error| {
-                IdentityProbeError::Document {
-                    source_name: "cmdline",
-                    error,
-                }
-            })?;
-            return Ok(Some(Found {
-                source: "cmdline",
-                document,
-                provider: None,
-            }));
-        }
-    }
-    Ok(None)
+    let document = identity_cmdline::parse(cmdline_text).map_err(|e| match e.kind {
+        SourceErrorKind::Document(error) => IdentityProbeError::Document {
+            source_name: "cmdline",
+            error,
+        },
+        SourceErrorKind::Parameter { key, reason } => IdentityProbeError::Parameter { key, reason },
+        other => IdentityProbeError::Parameter {
+            key: "powernode.identity".into(),
+            reason: other.to_string(),
+        },
+    })?;
+    Ok(document.map(|document| Found {
+        source: "cmdline",
+        document,
+        provider: None,
+    }))
 }
 
 /// The fw_cfg entry: `size` first, then `raw` in one read of exactly that size.
@@ -86,16 +90,7 @@ pub fn from_fw_cfg(sys: &mut dyn Sys) -> Result<Option<Found>, IdentityProbeErro
             })
         }
     };
-    let size_text = String::from_utf8_lossy(&size_text).trim().to_string();
-    let size: usize = size_text
-        .parse()
-        .map_err(|_| IdentityProbeError::BadSize(size_text.clone()))?;
-    if size > MAX_IDENTITY_BYTES {
-        return Err(IdentityProbeError::TooLarge {
-            size,
-            max: MAX_IDENTITY_BYTES,
-        });
-    }
+    let size = fw_cfg::parse_size(&String::from_utf8_lossy(&size_text), MAX_IDENTITY_BYTES)?;
     let raw_path = format!("{FW_CFG_ENTRY}/raw");
     let raw = sys
         .read_file(&raw_path, size)
@@ -121,15 +116,9 @@ pub fn from_fw_cfg(sys: &mut dyn Sys) -> Result<Option<Found>, IdentityProbeErro
     }))
 }
 
-/// `powernode.identity_source=NAME`, if given.
+/// `powernode.identity_source=NAME`, if given (the last one, as the agent reads it).
 pub fn pinned_source(cmdline_text: &str) -> Option<String> {
-    cmdline::words(cmdline_text)
-        .into_iter()
-        .filter_map(|w| {
-            w.strip_prefix("powernode.identity_source=")
-                .map(str::to_string)
-        })
-        .next_back()
+    identity_cmdline::parse_pin(cmdline_text)
 }
 
 /// A name the cloud probe answers to (`aws`, `url`, ...).
@@ -219,7 +208,7 @@ pub(crate) mod tests {
             .with_file(&format!("{FW_CFG_ENTRY}/raw"), "x");
         assert!(matches!(
             probe(&mut sys, ""),
-            Err(IdentityProbeError::TooLarge { .. })
+            Err(IdentityProbeError::Size(fw_cfg::SizeError::TooLarge { .. }))
         ));
 
         let mut sys = FakeSys::default()
@@ -285,5 +274,61 @@ pub(crate) mod tests {
             ("cmdline", "inst-cmdline")
         );
         assert!(sys.calls.is_empty(), "fw_cfg not touched");
+    }
+
+    /// The cases where the init's own command-line reader and the agent's disagreed.
+    #[test]
+    fn the_command_line_reads_as_the_agent_reads_it() {
+        use base64::Engine as _;
+        let b64 = |id: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(doc_json().replace("inst-1", id))
+        };
+        // A repeated whole document: the last one counts, as the kernel and the
+        // agent have it (the init took the first).
+        let mut sys = FakeSys::default();
+        let line = format!(
+            "powernode.identity={} powernode.identity={}",
+            b64("a"),
+            b64("b")
+        );
+        let found = probe(&mut sys, &line).unwrap().unwrap();
+        assert_eq!(found.document.instance_id, "b");
+        // Field pairs: the init skipped them and went on to fw_cfg.
+        let ca = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+        let pairs = format!(
+            "powernode.control_plane_url=https://10.0.2.2:8443 powernode.ca_pem_b64={ca} \
+             powernode.bootstrap_token=tok powernode.node_id=n powernode.instance_id=pairs \
+             powernode.hostname=h"
+        );
+        let mut sys = with_fw_cfg(FakeSys::default(), &doc_json());
+        let found = probe(&mut sys, &pairs).unwrap().unwrap();
+        assert_eq!(
+            (found.source, found.document.instance_id.as_str()),
+            ("cmdline", "pairs")
+        );
+        assert!(sys.calls.is_empty(), "fw_cfg not touched");
+        // Pairs that are broken are an error naming the parameter, not a skip.
+        let mut sys = with_fw_cfg(FakeSys::default(), &doc_json());
+        let err = probe(&mut sys, "powernode.node_id=n powernode.version=x").unwrap_err();
+        assert!(
+            matches!(&err, IdentityProbeError::Parameter { key, .. } if key == "powernode.version"),
+            "{err:?}"
+        );
+        // A quoted pin is the pin.
+        let mut sys = with_fw_cfg(FakeSys::default(), &doc_json());
+        let found = probe(&mut sys, "\"powernode.identity_source=fw_cfg\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.source, "fw_cfg");
+    }
+
+    #[test]
+    fn the_fw_cfg_folder_is_sysfmt_s() {
+        assert_eq!(
+            FW_CFG_ENTRY,
+            fw_cfg::entry_dir(fw_cfg::SYSFS_ROOT, fw_cfg::IDENTITY_ENTRY)
+        );
     }
 }

@@ -20,7 +20,7 @@ use crate::modules;
 use crate::mounts::{self, EARLY_MOUNTS};
 use crate::net;
 
-const CMDLINE_PATH: &str = "/proc/cmdline";
+const CMDLINE_PATH: &str = powernode_sysfmt::cmdline::PATH;
 /// Unlimited userspace writes to `/dev/kmsg` (the default rate limit drops lines).
 const PRINTK_DEVKMSG: &str = "/proc/sys/kernel/printk_devkmsg";
 
