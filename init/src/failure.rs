@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use powernode_agent::backoff::Backoff;
+
 use crate::cmdline::FailurePolicy;
 use crate::console;
 use crate::sys::{Errno, RealSys, RebootKind, Sys};
@@ -31,12 +33,11 @@ pub fn policy() -> FailurePolicy {
     }
 }
 
-/// Delay before retry number `attempt` (1-based): 1 s, 2 s, 4 s ... capped at 60 s.
+/// Delay before retry number `attempt` (1-based): 1 s, 2 s, 4 s ... capped at 60 s,
+/// the agent's [`Backoff`] without jitter (one machine retrying alone has no herd
+/// to spread).
 pub fn backoff(attempt: u32) -> Duration {
-    let secs = 1u64
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u64::MAX);
-    Duration::from_secs(secs.min(60))
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).nominal(attempt.saturating_sub(1))
 }
 
 /// How the boot ended, when it ends at all.
