@@ -1,7 +1,7 @@
 //! The UEFI disk image from the real pinned systemd-stub and kernel in the project
 //! cache (`cache/stub/VERSION`, `cache/kernel/VERSION`), fetched here when missing
 //! (`scripts/debs`), so the test always checks something. Booting it is the VM
-//! tier's job (`qemu/tests/vm_cloud.rs`).
+//! tier's job (`tests/tests/vm_cloud.rs`).
 
 use std::path::PathBuf;
 use std::process::Command;
