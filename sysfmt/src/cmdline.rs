@@ -195,17 +195,7 @@ mod tests {
 
     #[test]
     fn arbitrary_input_never_panics() {
-        // A small xorshift drives strings built from the characters that matter.
-        let alphabet = ['"', '=', ' ', '\t', 'a', 'p', '.', 'é', '\n', '_'];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for _ in 0..20_000 {
-            let mut line = String::new();
-            for _ in 0..(x % 24) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                line.push(alphabet[(x % alphabet.len() as u64) as usize]);
-            }
+        for line in crate::testutil::lines(crate::testutil::CMDLINE_ALPHABET, 20_000) {
             for (k, v) in split_params(&line) {
                 // Whatever comes out is a piece of what went in.
                 assert!(line.contains(k.trim_matches('"')), "{line:?} {k:?}");

@@ -27,3 +27,5 @@
 pub mod cmdline;
 pub mod fw_cfg;
 pub mod mountinfo;
+#[doc(hidden)]
+pub mod testutil;

@@ -246,17 +246,8 @@ mod tests {
 
     #[test]
     fn arbitrary_input_never_panics() {
-        // A small xorshift drives strings built from the characters that matter.
-        let alphabet = ['"', '=', ' ', '\t', 'a', 'p', '.', 'é', '\n', '_'];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for _ in 0..5000 {
-            let mut line = String::new();
-            for _ in 0..(x % 24) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                line.push(alphabet[(x % alphabet.len() as u64) as usize]);
-            }
+        use powernode_sysfmt::testutil::{lines, CMDLINE_ALPHABET};
+        for line in lines(CMDLINE_ALPHABET, 5000) {
             let _ = parse(&format!("powernode.{line}"));
             let _ = parse(&format!(
                 "powernode.hostname={line} powernode.identity={line}"
