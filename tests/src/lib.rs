@@ -37,9 +37,9 @@ pub mod vm;
 pub struct ProcessGuard {
     name: String,
     child: Option<Child>,
-    /// The child leads its own process group: kill the group, so whatever it spawned
-    /// (an agent's supervised services) cannot outlive it when it is SIGKILLed.
-    group: bool,
+    /// The child leads its own session ([`ProcessGuard::spawn_session`]): what is
+    /// left of the session is killed too before the child is reaped.
+    session: bool,
 }
 
 impl ProcessGuard {
@@ -47,30 +47,51 @@ impl ProcessGuard {
         Self {
             name: name.into(),
             child: Some(child),
-            group: false,
+            session: false,
         }
     }
 
-    /// For a child spawned with `process_group(0)`.
-    pub fn new_group(name: impl Into<String>, child: Child) -> Self {
+    /// Spawns `cmd` as the leader of a new session, for a child that starts processes
+    /// of its own (the agent's services, the real provider's VMs): on drop, and when
+    /// the child's exit is seen, every process still in that session is killed, by its
+    /// pid and its process group.
+    ///
+    /// Why a session: the agent puts each service in its own process group, so
+    /// killing the agent's group misses them, and once the agent is dead neither the
+    /// server's instance view nor the agent can name their pids. The session id is
+    /// inherited through fork and process-group changes and outlives its leader, a
+    /// scan of `/proc` finds it without asking anyone, and it needs no root (a cgroup
+    /// would). Its number cannot be reused while any process of the session is left or
+    /// while the unreaped leader holds it, so the scan runs before the reap and finds
+    /// exactly what the child left. Only a process that calls setsid itself escapes;
+    /// nothing the tests start does.
+    pub fn spawn_session(name: impl Into<String>, cmd: &mut Command) -> Result<Self> {
+        let name = name.into();
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // setsid(2), which is async-signal-safe and touches no memory of the parent.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         let mut guard = Self::new(name, child);
-        guard.group = true;
-        guard
+        guard.session = true;
+        Ok(guard)
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL (with what is left of its session) and reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if self.group {
-                // The group id is the child's own pid (`process_group(0)`).
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", child.id())])
-                    .stderr(Stdio::null())
-                    .status();
+            if self.session {
+                kill_session(child.id());
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -81,7 +102,13 @@ impl ProcessGuard {
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         match self.child.as_mut() {
             None => bail!("{} was already reaped", self.name),
-            Some(c) => Ok(c.try_wait()?),
+            Some(c) => {
+                // The last moment the session id surely is ours: sweep before the reap.
+                if self.session && is_zombie(c.id()) {
+                    kill_session(c.id());
+                }
+                Ok(c.try_wait()?)
+            }
         }
     }
 
@@ -121,6 +148,60 @@ impl ProcessGuard {
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `/proc/PID/stat` split after the command name (which may hold spaces and
+/// parentheses): state, ppid, pgrp, session, ...
+fn proc_stat(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    proc_stat(&pid.to_string()).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
+}
+
+/// The live processes of session `sid` (zombies are dead already), with their groups.
+fn session_members(sid: u32) -> Vec<(i32, i32)> {
+    let sid = sid.to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|pid| {
+            let f = proc_stat(&pid)?;
+            if f.first()? == "Z" || *f.get(3)? != sid {
+                return None;
+            }
+            Some((pid.parse().ok()?, f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// SIGKILLs every process of session `sid` and its process group, in rounds until
+/// none is left alive (a member may fork between the scan and the kill), for up to
+/// 5 s.
+fn kill_session(sid: u32) {
+    use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let members = session_members(sid);
+        if members.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for (pid, pgrp) in members {
+            if let Some(group) = Pid::from_raw(pgrp) {
+                let _ = kill_process_group(group, Signal::KILL);
+            }
+            if let Some(pid) = Pid::from_raw(pid) {
+                let _ = kill_process(pid, Signal::KILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -603,20 +684,18 @@ pub struct Agent {
 impl Agent {
     /// Starts `powernode-agent run --state-dir STATE ARGS...`, logging to `log`.
     pub fn start(state_dir: &Path, log: &Path, args: &[&str]) -> Result<Self> {
-        let child = Command::new(binary("powernode-agent")?)
-            .arg("run")
+        let mut cmd = Command::new(binary("powernode-agent")?);
+        cmd.arg("run")
             .arg("--state-dir")
             .arg(state_dir)
             .args(args)
             .env("RUST_LOG", "info,powernode_agent=debug")
             .stdin(Stdio::null())
             .stdout(log_file(log)?)
-            .stderr(log_file(log)?)
-            .process_group(0)
-            .spawn()
-            .context("spawning powernode-agent")?;
+            .stderr(log_file(log)?);
         Ok(Self {
-            guard: ProcessGuard::new_group("powernode-agent", child),
+            // Its services run in process groups of their own: the session finds them.
+            guard: ProcessGuard::spawn_session("powernode-agent", &mut cmd)?,
             state_dir: state_dir.to_path_buf(),
             log: log.to_path_buf(),
         })

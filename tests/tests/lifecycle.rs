@@ -2,6 +2,7 @@
 //! `powernode-stub` process in recorder mode. Assertions are on the JSON the server
 //! returns (and, for the agent's exit, on its exit code and stated reason).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
@@ -411,22 +412,53 @@ fn cordon_only_drain_keeps_services_running() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn cancelled_drain_uncordons_and_restarts_services() -> Result<()> {
-    let dir = test_dir("cancel-drain")?;
+/// A server, a provisioned instance and a running agent (lease 3 s) whose one
+/// service, `stubborn`, runs `sh stubborn.sh`: `prelude`, then a loop that ignores
+/// SIGTERM, so a drain cannot stop it.
+struct Stubborn {
+    dir: PathBuf,
+    server: Server,
+    instance: String,
+    /// The `--service` argument, for a second agent.
+    service: String,
+    agent: Agent,
+}
+
+fn stubborn(test: &str, hostname: &str, prelude: &str) -> Result<Stubborn> {
+    let dir = test_dir(test)?;
     let server = Server::start(&dir.join("data"), ServerOptions::default())?;
-    let (_node, instance) = server.create_and_provision("edge-cancel")?;
-    // A service that ignores SIGTERM keeps the drain busy until it is cancelled.
+    let (_node, instance) = server.create_and_provision(hostname)?;
     let script = dir.join("stubborn.sh");
-    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    std::fs::write(
+        &script,
+        format!("{prelude}trap '' TERM\nwhile :; do sleep 0.2; done\n"),
+    )?;
     let service = format!("stubborn=sh {}", script.display());
-    let mut agent = Agent::with_identity(
+    let agent = Agent::with_identity(
         &dir,
         "agent",
         &server.identity(&instance)?,
         &["--service", &service, "--lease-seconds", "3"],
     )?;
     wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    Ok(Stubborn {
+        dir,
+        server,
+        instance,
+        service,
+        agent,
+    })
+}
+
+#[test]
+fn cancelled_drain_uncordons_and_restarts_services() -> Result<()> {
+    // A service that ignores SIGTERM keeps the drain busy until it is cancelled.
+    let Stubborn {
+        server,
+        instance,
+        mut agent,
+        ..
+    } = stubborn("cancel-drain", "edge-cancel", "")?;
 
     let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "120"])?;
     let task_id = str_at(&drain, "/task_id")?;
@@ -460,19 +492,12 @@ fn cancelled_drain_uncordons_and_restarts_services() -> Result<()> {
 /// `terminate-instance --force` ends it (the agent is refused and exits).
 #[test]
 fn drain_past_its_timeout_is_stuck_until_a_forced_terminate() -> Result<()> {
-    let dir = test_dir("drain-timeout")?;
-    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
-    let (_node, instance) = server.create_and_provision("edge-drain-timeout")?;
-    let script = dir.join("stubborn.sh");
-    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
-    let service = format!("stubborn=sh {}", script.display());
-    let mut agent = Agent::with_identity(
-        &dir,
-        "agent",
-        &server.identity(&instance)?,
-        &["--service", &service, "--lease-seconds", "3"],
-    )?;
-    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let Stubborn {
+        server,
+        instance,
+        mut agent,
+        ..
+    } = stubborn("drain-timeout", "edge-drain-timeout", "")?;
     let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "3"])?;
     let task_id = str_at(&drain, "/task_id")?;
     let inst = wait_for("the drain_timeout stuck row", RUNNING, || {
@@ -513,23 +538,17 @@ fn drain_past_its_timeout_is_stuck_until_a_forced_terminate() -> Result<()> {
 /// requeued, its first attempt kept in the history.
 #[test]
 fn diagnostics_result_and_requeue_after_the_agent_dies() -> Result<()> {
-    let dir = test_dir("diagnostics")?;
-    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
-    let (_node, instance) = server.create_and_provision("edge-diag")?;
-    let identity = server.identity(&instance)?;
-    let script = dir.join("stubborn.sh");
-    std::fs::write(
-        &script,
-        "echo stubborn up\necho stubborn warns >&2\ntrap '' TERM\nwhile :; do sleep 0.2; done\n",
+    let Stubborn {
+        dir,
+        server,
+        instance,
+        service,
+        mut agent,
+    } = stubborn(
+        "diagnostics",
+        "edge-diag",
+        "echo stubborn up\necho stubborn warns >&2\n",
     )?;
-    let service = format!("stubborn=sh {}", script.display());
-    let mut agent = Agent::with_identity(
-        &dir,
-        "agent",
-        &identity,
-        &["--service", &service, "--lease-seconds", "3"],
-    )?;
-    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
     let d = server.cli(&["collect-diagnostics", &instance, "--log-lines", "10"])?;
     let diag = str_at(&d, "/task_id")?;
     let task = wait_for("diagnostics done", RUNNING, || {
@@ -589,6 +608,50 @@ fn diagnostics_result_and_requeue_after_the_agent_dies() -> Result<()> {
     assert_eq!(t["history"].as_array().map(Vec::len), Some(1), "{t}");
     server.cli(&["terminate-instance", &instance, "--force"])?;
     Ok(())
+}
+
+/// The harness's promise for the agent's services: dropping the `Agent` guard ends
+/// every process the agent started, also a service that ignores SIGTERM and lives in
+/// its own process group, and that service's own children.
+#[test]
+fn dropped_agent_guard_leaves_no_service_behind() -> Result<()> {
+    // The service starts a child of its own, in its process group, and names it.
+    let Stubborn {
+        dir,
+        server,
+        instance,
+        agent,
+        ..
+    } = stubborn(
+        "guard-services",
+        "edge-guard",
+        "sleep 300 &\necho $! > \"$(dirname \"$0\")/child.pid\"\n",
+    )?;
+    let inst = server.instance(&instance)?;
+    let service_pid = inst["services"][0]["pid"]
+        .as_u64()
+        .with_context(|| format!("no service pid in {inst}"))?;
+    let child_pid: u64 = wait_for("the service's child", RUNNING, || {
+        Ok(std::fs::read_to_string(dir.join("child.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok()))
+    })?;
+    for pid in [service_pid, child_pid] {
+        ensure!(alive(pid), "pid {pid} is not running before the drop");
+    }
+    drop(agent);
+    for pid in [service_pid, child_pid] {
+        ensure!(!alive(pid), "pid {pid} outlived the agent guard");
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 fn fake_identity(instance: &str) -> Value {
