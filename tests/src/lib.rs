@@ -10,9 +10,11 @@
 //!   root), and the `vm_test` frame that keeps their files.
 //!
 //! Every child process is owned by a [`ProcessGuard`] that kills it by its own pid
-//! when dropped, also when a test panics. Servers bind 127.0.0.1 only. Each test
-//! keeps its data and logs under `target/powernode-tests/<test>/<pid>/` so a failure
-//! can be read afterwards (`server.log`, `<agent>.log`, the server's `data/`).
+//! when dropped, also when a test panics; the agent and the server lead sessions of
+//! their own, and what is left in them (services, VMs) is killed with them. Servers
+//! bind 127.0.0.1 only. Each test keeps its data and logs under
+//! `target/powernode-tests/<test>/<pid>/` so a failure can be read afterwards
+//! (`server.log`, `<agent>.log`, the server's `data/`).
 //!
 //! This crate must never talk to anything but loopback, and never leave a process
 //! running after a test.
@@ -553,12 +555,13 @@ impl Server {
 /// is drained afterwards so the server never blocks on a full pipe. `log` is where
 /// its stderr goes, named in the errors.
 pub fn spawn_serve(mut cmd: Command, log: &Path) -> Result<(ProcessGuard, String)> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawning powernode-stub")?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let guard = ProcessGuard::new("powernode-stub", child);
+    // In a session: the VMs the real provider starts are the server's children.
+    let mut guard = ProcessGuard::spawn_session("powernode-stub", cmd.stdout(Stdio::piped()))?;
+    let stdout = guard
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("server stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
