@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -327,6 +326,7 @@ fn vm_pid(dir: &Path, inst: &str) -> u64 {
 /// `real` with a stand-in QEMU (a shell loop named qemu-system-x86_64, first on the
 /// server's PATH): the persist disk is made, terminate kills the VM, a clean stop kills
 /// it, and after a SIGKILL the restarted server kills the orphan and fails the instance.
+/// The test's own guard kills the VMs of a server it drops.
 #[test]
 fn real_provider_vms_live_and_die_with_the_server() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -406,7 +406,7 @@ fn real_provider_vms_live_and_die_with_the_server() {
     assert!(alive(k_pid));
     server.signal("-KILL");
     assert!(alive(k_pid), "a SIGKILLed server cannot take its VM along");
-    let _server = start();
+    let server = start();
     wait_until("orphan killed", 10, || !alive(k_pid));
     let i = status(&k_inst);
     assert_eq!(i["status"], "failed", "{i}");
@@ -416,6 +416,21 @@ fn real_provider_vms_live_and_die_with_the_server() {
             .unwrap()
             .contains("has been killed"),
         "{i}"
+    );
+
+    // The test guard's promise: a dropped server takes its VMs along (SIGKILL, so
+    // the server cannot), also one a SIGKILL of the server left running.
+    let (_, d_pid) = provision("edge-d", "ephemeral");
+    drop(server);
+    assert!(!alive(d_pid), "a VM outlived its dropped server");
+    let mut server = start();
+    let (_, o_pid) = provision("edge-o", "ephemeral");
+    server.signal("-KILL");
+    assert!(alive(o_pid));
+    drop(server);
+    assert!(
+        !alive(o_pid),
+        "a VM outlived its SIGKILLed and dropped server"
     );
 }
 
@@ -437,28 +452,16 @@ fn public_url_goes_into_identity_documents_and_bad_ones_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("https://"));
 
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
+    let server = ServerProc::start_with(
+        tmp.path(),
+        "recorder",
+        &[
             "--public-url",
             "https://10.0.2.2:8443/",
-        ])
-        .args(["--san", "cp.example.test", "--data"])
-        .arg(tmp.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = ServerProc {
-        child,
-        addr: String::new(),
-    };
+            "--san",
+            "cp.example.test",
+        ],
+    );
     let dir = tmp.path();
     let n = cli_json(
         dir,
@@ -484,22 +487,11 @@ fn public_url_goes_into_identity_documents_and_bad_ones_are_refused() {
         dir,
         &[
             "--server",
-            &format!("https://localhost:{}", line_port(&line)),
+            &server.addr.replace("127.0.0.1", "https://localhost"),
             "list-templates",
         ],
     );
     assert!(ok, "localhost is a SAN");
-}
-
-fn line_port(line: &str) -> String {
-    let v: Value = serde_json::from_str(line).unwrap();
-    v["listening"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// The runtime commands through the binary: reboot-instance, collect-diagnostics,
