@@ -42,6 +42,10 @@ pub struct ProcessGuard {
     /// The child leads its own session ([`ProcessGuard::spawn_session`]): what is
     /// left of the session is killed too before the child is reaped.
     session: bool,
+    /// The session's processes when the leader was reaped by
+    /// [`ProcessGuard::signal_alone`] (a VM meant to outlive a killed server); killed
+    /// on drop if still in the session.
+    left: Vec<(u32, u32)>,
 }
 
 impl ProcessGuard {
@@ -50,6 +54,7 @@ impl ProcessGuard {
             name: name.into(),
             child: Some(child),
             session: false,
+            left: Vec::new(),
         }
     }
 
@@ -93,11 +98,41 @@ impl ProcessGuard {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if self.session {
-                kill_session(child.id());
+                kill_session(child.id(), None);
             }
             let _ = child.kill();
             let _ = child.wait();
         }
+        for (sid, pid) in std::mem::take(&mut self.left) {
+            kill_session(sid, Some(pid));
+        }
+    }
+
+    /// Sends `sig` (`-TERM`, `-KILL`) to the child alone, not its session, and reaps
+    /// it: what the session still holds (a VM a test means to outlive a killed
+    /// server) lives on until the guard drops. The session is read before the reap,
+    /// while its number is surely the child's.
+    pub fn signal_alone(&mut self, sig: &str) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} was already reaped", self.name))?;
+        let pid = child.id();
+        let sent = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        ensure!(sent.success(), "kill {sig} {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_zombie(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.session {
+            self.left = session_members(pid)
+                .into_iter()
+                .filter_map(|(p, _)| Some((pid, u32::try_from(p).ok()?)))
+                .collect();
+        }
+        Ok(child.wait()?)
     }
 
     /// The exit status if the process has ended (it is reaped then).
@@ -107,7 +142,7 @@ impl ProcessGuard {
             Some(c) => {
                 // The last moment the session id surely is ours: sweep before the reap.
                 if self.session && is_zombie(c.id()) {
-                    kill_session(c.id());
+                    kill_session(c.id(), None);
                 }
                 Ok(c.try_wait()?)
             }
@@ -167,31 +202,37 @@ fn is_zombie(pid: u32) -> bool {
 
 /// The live processes of session `sid` (zombies are dead already), with their groups.
 fn session_members(sid: u32) -> Vec<(i32, i32)> {
-    let sid = sid.to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|pid| {
-            let f = proc_stat(&pid)?;
-            if f.first()? == "Z" || *f.get(3)? != sid {
-                return None;
-            }
-            Some((pid.parse().ok()?, f.get(2)?.parse().ok()?))
-        })
+        .filter_map(|pid| member(sid, &pid))
         .collect()
 }
 
-/// SIGKILLs every process of session `sid` and its process group, in rounds until
-/// none is left alive (a member may fork between the scan and the kill), for up to
-/// 5 s.
-fn kill_session(sid: u32) {
+/// `(pid, process group)` if `pid` is alive in session `sid`.
+fn member(sid: u32, pid: &str) -> Option<(i32, i32)> {
+    let f = proc_stat(pid)?;
+    if f.first()? == "Z" || *f.get(3)? != sid.to_string() {
+        return None;
+    }
+    Some((pid.parse().ok()?, f.get(2)?.parse().ok()?))
+}
+
+/// SIGKILLs every process of session `sid` (or only `pid`, if it is still in it:
+/// once the leader is reaped the number may go to a new session, so a scan would not
+/// be ours) and its process group, in rounds until none is left alive (a member may
+/// fork between the scan and the kill), for up to 5 s.
+fn kill_session(sid: u32, only: Option<u32>) {
     use rustix::process::{kill_process, kill_process_group, Pid, Signal};
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let members = session_members(sid);
+        let members = match only {
+            None => session_members(sid),
+            Some(pid) => member(sid, &pid.to_string()).into_iter().collect(),
+        };
         if members.is_empty() || Instant::now() > deadline {
             return;
         }
