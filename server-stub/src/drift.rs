@@ -147,14 +147,15 @@ mod tests {
     use powernode_proto::node::{RootFacts, RunningModule};
 
     fn inst(modules: &[(&str, &str)], root: &[&str]) -> InstRec {
-        let v = serde_json::json!({
-            "id": "inst-1", "node_id": "node-1", "status": "running", "task_id": null,
-            "instance_type": "t", "region": "r", "provider": "recorder",
-            "last_heartbeat_ms": null, "enrolled_ms": null, "identity_source": null,
-            "agent_version": null, "provider_facts": null, "phase": null, "failure": null,
-            "root": null, "status_changed_ms": 0, "created_ms": 0, "terminated_ms": null,
-        });
-        let mut i: InstRec = serde_json::from_value(v).unwrap();
+        let mut i = InstRec::new(
+            "inst-1".into(),
+            "node-1".into(),
+            "t".into(),
+            "r".into(),
+            "recorder".into(),
+            0,
+        );
+        i.status = powernode_proto::InstanceStatus::Running;
         i.modules = modules
             .iter()
             .map(|(n, d)| RunningModule {

@@ -124,6 +124,55 @@ pub struct TaskRec {
     pub updated_ms: Millis,
 }
 
+impl InstRec {
+    /// A new `pending` instance of `node_id`, nothing reported yet.
+    pub fn new(
+        id: String,
+        node_id: String,
+        instance_type: String,
+        region: String,
+        provider: String,
+        now: Millis,
+    ) -> Self {
+        Self {
+            id,
+            node_id,
+            status: InstanceStatus::Pending,
+            task_id: None,
+            instance_type,
+            region,
+            provider,
+            last_heartbeat_ms: None,
+            enrolled_ms: None,
+            identity_source: None,
+            agent_version: None,
+            provider_facts: None,
+            phase: None,
+            boot_timeline: Vec::new(),
+            failure: None,
+            root: None,
+            modules: Vec::new(),
+            services: Vec::new(),
+            cordoned: false,
+            last_reconcile: None,
+            uptime_seconds: 0,
+            status_changed_ms: now,
+            created_ms: now,
+            terminated_ms: None,
+            task_ids: Vec::new(),
+            silent_signal: None,
+            stuck_signal: None,
+            drift_signal: None,
+            bootstrap_failed_signal: None,
+            drift_key: String::new(),
+            last_refused_ms: None,
+            systemd: None,
+            systemd_signal: None,
+            reboot_expected_ms: None,
+        }
+    }
+}
+
 impl TaskRec {
     /// A fresh task record (`pending` for node-side kinds until leased).
     pub fn new(
@@ -654,40 +703,16 @@ mod tests {
 
     fn inst(status: InstanceStatus) -> InstRec {
         InstRec {
-            id: "inst-1".into(),
-            node_id: "node-1".into(),
             status,
             task_id: Some("task-1".into()),
-            instance_type: "t".into(),
-            region: "r".into(),
-            provider: "recorder".into(),
-            last_heartbeat_ms: None,
-            enrolled_ms: None,
-            identity_source: None,
-            agent_version: None,
-            provider_facts: None,
-            phase: None,
-            boot_timeline: Vec::new(),
-            failure: None,
-            root: None,
-            modules: Vec::new(),
-            services: Vec::new(),
-            cordoned: false,
-            last_reconcile: None,
-            uptime_seconds: 0,
-            status_changed_ms: 0,
-            created_ms: 0,
-            terminated_ms: None,
-            task_ids: Vec::new(),
-            silent_signal: None,
-            stuck_signal: None,
-            drift_signal: None,
-            bootstrap_failed_signal: None,
-            drift_key: String::new(),
-            systemd: None,
-            systemd_signal: None,
-            last_refused_ms: None,
-            reboot_expected_ms: None,
+            ..InstRec::new(
+                "inst-1".into(),
+                "node-1".into(),
+                "t".into(),
+                "r".into(),
+                "recorder".into(),
+                0,
+            )
         }
     }
 

@@ -125,42 +125,14 @@ impl AppState {
                 // Validated: from here on every change is recorded.
                 let instance_id = new_id("inst");
                 let token = random_secret();
-                let inst = InstRec {
-                    id: instance_id.clone(),
-                    node_id: node.id.clone(),
-                    status: InstanceStatus::Pending,
-                    task_id: None,
-                    instance_type: instance_type.id.clone(),
-                    region: region.clone(),
-                    provider: self.provider.name().to_string(),
-                    last_heartbeat_ms: None,
-                    enrolled_ms: None,
-                    identity_source: None,
-                    agent_version: None,
-                    provider_facts: None,
-                    phase: None,
-                    boot_timeline: Vec::new(),
-                    failure: None,
-                    root: None,
-                    modules: Vec::new(),
-                    services: Vec::new(),
-                    cordoned: false,
-                    last_reconcile: None,
-                    uptime_seconds: 0,
-                    status_changed_ms: now,
-                    created_ms: now,
-                    terminated_ms: None,
-                    task_ids: Vec::new(),
-                    silent_signal: None,
-                    stuck_signal: None,
-                    drift_signal: None,
-                    bootstrap_failed_signal: None,
-                    drift_key: String::new(),
-                    last_refused_ms: None,
-                    systemd: None,
-                    systemd_signal: None,
-                    reboot_expected_ms: None,
-                };
+                let inst = InstRec::new(
+                    instance_id.clone(),
+                    node.id.clone(),
+                    instance_type.id.clone(),
+                    region.clone(),
+                    self.provider.name().to_string(),
+                    now,
+                );
                 mem.instances.insert(instance_id.clone(), inst);
                 let task_id = add_task(
                     mem,
