@@ -108,20 +108,29 @@ impl ModuleErrorCode for ModuleError {
     }
 }
 
+/// A pull failure of module `m`, named.
+fn pull_error(m: &DesiredModule) -> impl Fn(PullError) -> ModuleError + '_ {
+    move |source| ModuleError::Pull {
+        name: m.name.clone(),
+        source: Box::new(source),
+    }
+}
+
+/// The module's repository, as the control plane named it.
+fn repository(m: &DesiredModule) -> Result<Repository, ModuleError> {
+    m.repository
+        .parse()
+        .map_err(|e: RegistryError| pull_error(m)(e.into()))
+}
+
 fn pull_one(
     client: &RegistryClient,
     m: &DesiredModule,
     keys: &[TrustKey],
     store: &ObjectStore,
 ) -> Result<VerityDigest, ModuleError> {
-    let pull_err = |source: PullError| ModuleError::Pull {
-        name: m.name.clone(),
-        source: Box::new(source),
-    };
-    let repo: Repository = m
-        .repository
-        .parse()
-        .map_err(|e: RegistryError| pull_err(e.into()))?;
+    let pull_err = pull_error(m);
+    let repo = repository(m)?;
     let report = pull_module(client, &repo, &m.digest, keys, store).map_err(pull_err)?;
     tracing::info!(
         module = %m.name, version = %m.version, digest = %m.digest,
@@ -740,14 +749,8 @@ fn exposed_by(mounted: &BTreeMap<String, Mounted>, at: &Path, except: &str) -> O
 /// The module's image config, read by the manifest digest the control plane pinned
 /// (so the signature checked by the pull covers it).
 fn module_config(client: &RegistryClient, m: &DesiredModule) -> Result<ModuleConfig, ModuleError> {
-    let pull_err = |source: PullError| ModuleError::Pull {
-        name: m.name.clone(),
-        source: Box::new(source),
-    };
-    let repo: Repository = m
-        .repository
-        .parse()
-        .map_err(|e: RegistryError| pull_err(e.into()))?;
+    let pull_err = pull_error(m);
+    let repo = repository(m)?;
     let fetched = client
         .manifest(&repo, &m.digest, Some(&m.digest))
         .map_err(|e| pull_err(e.into()))?;
