@@ -302,6 +302,19 @@ impl Mem {
         }
     }
 
+    /// Records a certificate just issued to `instance_id` (enrollment or renewal).
+    pub fn add_cert(&mut self, now: Millis, instance_id: &str, serial: &str, not_after_ms: Millis) {
+        let cert = CertRec {
+            serial: serial.to_string(),
+            instance_id: instance_id.to_string(),
+            issued_ms: now,
+            not_after_ms,
+            revoked: false,
+        };
+        self.ops.push(Op::Cert(cert.clone()));
+        self.certs.insert(cert.serial.clone(), cert);
+    }
+
     pub fn save_task(&mut self, id: &str) {
         if let Some(t) = self.tasks.get(id) {
             self.ops.push(Op::Task(t.clone()));

@@ -9,7 +9,7 @@ use super::{authorize, invalid_transition, token_hash, AppState, REFUSAL_SIGNAL_
 use crate::ca::{ClientIdentity, CsrError};
 use crate::clock::format_ts;
 use crate::error::{AppError, AppResult};
-use crate::model::{CertRec, Mem, Op};
+use crate::model::{Mem, Op};
 
 impl AppState {
     pub async fn enroll(&self, req: EnrollmentRequest) -> AppResult<EnrollmentResponse> {
@@ -126,15 +126,7 @@ impl AppState {
                 let t = t.clone();
                 mem.ops.push(Op::Token(t));
             }
-            let cert = CertRec {
-                serial: issued.serial.clone(),
-                instance_id: tok.instance_id.clone(),
-                issued_ms: now,
-                not_after_ms: issued.not_after_ms,
-                revoked: false,
-            };
-            mem.ops.push(Op::Cert(cert.clone()));
-            mem.certs.insert(cert.serial.clone(), cert);
+            mem.add_cert(now, &tok.instance_id, &issued.serial, issued.not_after_ms);
             if let Some(inst) = mem.instances.get_mut(&tok.instance_id) {
                 inst.enrolled_ms = Some(now);
                 inst.last_heartbeat_ms = Some(now);
@@ -188,15 +180,7 @@ impl AppState {
                     self.cfg.cert_ttl_seconds,
                 )
                 .map_err(csr_error)?;
-            let cert = CertRec {
-                serial: issued.serial.clone(),
-                instance_id: ident.instance_id.clone(),
-                issued_ms: now,
-                not_after_ms: issued.not_after_ms,
-                revoked: false,
-            };
-            mem.ops.push(Op::Cert(cert.clone()));
-            mem.certs.insert(cert.serial.clone(), cert);
+            mem.add_cert(now, &ident.instance_id, &issued.serial, issued.not_after_ms);
             mem.event(
                 now,
                 "certificate.renewed",
