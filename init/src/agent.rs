@@ -637,7 +637,7 @@ fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
 
 /// The agent's tunables from the kernel command line (`powernode.lease_s=`).
 fn apply_cmdline(opts: &mut AgentOptions) {
-    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let text = std::fs::read_to_string(powernode_sysfmt::cmdline::PATH).unwrap_or_default();
     if let Some(n) = crate::cmdline::parse(&text).lease_seconds {
         opts.lease_seconds = n;
     }

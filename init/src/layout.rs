@@ -39,6 +39,6 @@ pub const PERSIST_STATE_DIR: &str = "/persist/powernode";
 pub const RUN_STATE_DIR: &str = "/run/powernode";
 /// Where the kernel lists this process's mounts (the shutdown and the loop-device
 /// mounter read it).
-pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+pub const MOUNTINFO: &str = powernode_sysfmt::mountinfo::PATH;
 /// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
 pub const MOUNTINFO_LIMIT: usize = 1 << 20;
