@@ -328,7 +328,7 @@ pub(crate) mod tests {
     fn the_fw_cfg_folder_is_sysfmt_s() {
         assert_eq!(
             FW_CFG_ENTRY,
-            fw_cfg::entry_dir(fw_cfg::SYSFS_ROOT, fw_cfg::IDENTITY_ENTRY)
+            format!("{}/by_name/{}", fw_cfg::SYSFS_ROOT, fw_cfg::IDENTITY_ENTRY)
         );
     }
 }

@@ -90,13 +90,6 @@ pub fn last_value(cmdline: &str, key: &str) -> Option<String> {
         .next_back()
 }
 
-/// Whether the bare word `key` (no `=`) is present, like `quiet`.
-pub fn has_word(cmdline: &str, key: &str) -> bool {
-    split_params(cmdline)
-        .iter()
-        .any(|(k, v)| k == key && v.is_none())
-}
-
 /// A boolean switch's value: `1/true/yes`, `0/false/no`, anything else `None`.
 pub fn flag(value: &str) -> Option<bool> {
     match value {
@@ -163,8 +156,6 @@ mod tests {
             Some("aws")
         );
         assert_eq!(last_value(line, "x"), None);
-        assert!(has_word(line, "x"));
-        assert!(!has_word(line, "powernode.identity"));
         assert_eq!(last_value("", "a"), None);
     }
 

@@ -9,11 +9,6 @@ pub const SYSFS_ROOT: &str = "/sys/firmware/qemu_fw_cfg";
 /// Our identity entry, as given to QEMU with `-fw_cfg name=opt/org.powernode/identity,...`.
 pub const IDENTITY_ENTRY: &str = "opt/org.powernode/identity";
 
-/// The folder of entry `name` below `root` (normally [`SYSFS_ROOT`]).
-pub fn entry_dir(root: &str, name: &str) -> String {
-    format!("{}/by_name/{name}", root.trim_end_matches('/'))
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
     #[error("fw_cfg entry size {0:?} is not a number")]
@@ -67,14 +62,5 @@ mod tests {
             parse_size(&long, 1),
             Err(SizeError::NotANumber("x".repeat(32)))
         );
-    }
-
-    #[test]
-    fn entry_folders() {
-        assert_eq!(
-            entry_dir(SYSFS_ROOT, IDENTITY_ENTRY),
-            "/sys/firmware/qemu_fw_cfg/by_name/opt/org.powernode/identity"
-        );
-        assert_eq!(entry_dir("/tmp/fw/", "x"), "/tmp/fw/by_name/x");
     }
 }

@@ -49,7 +49,7 @@ pub struct MountEntry {
 }
 
 /// Whether a comma-separated option list holds `name` exactly.
-pub fn has_option(options: &str, name: &str) -> bool {
+fn has_option(options: &str, name: &str) -> bool {
     options.split(',').any(|o| o == name)
 }
 
