@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use powernode_proto::admin::{Event, Signal};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::clock::format_ts;
+use crate::clock::{format_ts, Millis};
 use crate::images::Publication;
 use crate::model::{CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 
@@ -156,6 +156,47 @@ impl Store {
     /// The same, on the calling thread (shutdown and tests).
     pub fn apply_blocking(&self, ops: &[Op]) -> Result<(), StoreError> {
         self.with_conn(|conn| apply_ops(conn, ops))
+    }
+
+    /// Deletes what the retention let go, in one transaction with `ops` (the instance
+    /// records whose task lists lose pruned tasks): the named tasks and certificates,
+    /// events older than `cutoff`, and inactive signals older than it. The newest event
+    /// and signal always stay, so ids never go back after a restart (`load` continues
+    /// from the largest id, and readers page by id).
+    pub async fn prune(
+        &self,
+        cutoff: Millis,
+        ops: Vec<Op>,
+        tasks: Vec<String>,
+        certs: Vec<String>,
+    ) -> Result<PruneCounts, StoreError> {
+        self.blocking(move |conn| {
+            let tx = conn.transaction()?;
+            let mut counts = PruneCounts::default();
+            {
+                let mut del = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+                for id in &tasks {
+                    counts.tasks += del.execute(params![id])?;
+                }
+                let mut del = tx.prepare_cached("DELETE FROM certs WHERE serial = ?1")?;
+                for serial in &certs {
+                    counts.certs += del.execute(params![serial])?;
+                }
+            }
+            counts.events = tx.execute(
+                "DELETE FROM events WHERE at_ms < ?1 AND id < (SELECT MAX(id) FROM events)",
+                params![cutoff],
+            )?;
+            counts.signals = tx.execute(
+                "DELETE FROM signals WHERE at_ms < ?1 AND active = 0
+                 AND id < (SELECT MAX(id) FROM signals)",
+                params![cutoff],
+            )?;
+            write_ops(&tx, &ops)?;
+            tx.commit()?;
+            Ok(counts)
+        })
+        .await
     }
 
     pub async fn recent_events(
@@ -405,6 +446,12 @@ fn load_docs<T: serde::de::DeserializeOwned>(
 
 fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
+    write_ops(&tx, ops)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn write_ops(tx: &rusqlite::Transaction<'_>, ops: &[Op]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             Op::Node(n) => {
@@ -485,8 +532,22 @@ fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
             }
         }
     }
-    tx.commit()?;
     Ok(())
+}
+
+/// Rows [`Store::prune`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCounts {
+    pub tasks: usize,
+    pub certs: usize,
+    pub events: usize,
+    pub signals: usize,
+}
+
+impl PruneCounts {
+    pub fn total(&self) -> usize {
+        self.tasks + self.certs + self.events + self.signals
+    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Largest blob the embedded registry (`/v2/`) accepts.
     #[arg(long, default_value_t = crate::registry::DEFAULT_MAX_BLOB_BYTES)]
     pub registry_max_blob_bytes: u64,
+    /// Days finished tasks, expired certificates, events and inactive signals are
+    /// kept; 0 keeps them for ever.
+    #[arg(long, default_value_t = 30)]
+    pub retention_days: u64,
 }
 
 fn parse_provider(s: &str) -> Result<ProviderMode, String> {
@@ -314,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.silent_after_seconds = args.silent_after_seconds;
         cfg.token_ttl_seconds = args.token_ttl_seconds;
         cfg.cert_ttl_seconds = args.cert_ttl_seconds;
+        cfg.retention_days = args.retention_days;
         cfg.stuck = args.stuck_thresholds.unwrap_or_default();
         cfg.sensor_interval_ms = args.sensor_interval_ms;
         cfg.lease_max_seconds = args.lease_max_seconds;

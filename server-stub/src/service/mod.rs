@@ -44,6 +44,7 @@ mod module_store;
 pub mod modules;
 mod node_api;
 mod nodes;
+pub mod retention;
 mod sensors;
 mod tasks;
 
