@@ -252,14 +252,17 @@ impl AgentDriver for RealAgent {
                     c
                 }
                 None => {
+                    // Saves the credentials; a retry of this phase (the failure
+                    // policy) reuses the pending key, so a lost answer is answered
+                    // again rather than refused.
                     let (creds, _resp) = powernode_agent::enroll::enroll_with_provider(
+                        &state,
                         &identity,
                         input.source,
                         input.provider.clone(),
                         timeouts,
                     )
                     .await?;
-                    state.save_credentials(&creds)?;
                     creds
                 }
             };

@@ -15,6 +15,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     NotFound,
     Internal,
+    /// The server could not record a change (its database write failed); nothing
+    /// changed, the same request can be sent again.
+    StorageUnavailable,
     // Admin API.
     AdminTokenMissing,
     AdminTokenInvalid,
@@ -76,6 +79,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::NotFound => "not_found",
             Self::Internal => "internal",
+            Self::StorageUnavailable => "storage_unavailable",
             Self::AdminTokenMissing => "admin_token_missing",
             Self::AdminTokenInvalid => "admin_token_invalid",
             Self::InvalidTransition => "invalid_transition",

@@ -197,14 +197,13 @@ pub async fn run(
                 Backoff::new(opts.backoff_base, opts.backoff_cap),
                 &mut shutdown,
                 crate::enroll::EnrollError::terminal_code,
-                || crate::enroll::enroll(&identity, source, opts.timeouts),
+                || crate::enroll::enroll(&state, &identity, source, opts.timeouts),
             )
             .await;
             let (creds, resp) = match enrolled {
                 Ok(v) => v,
                 Err(exit) => return Ok(exit),
             };
-            state.save_credentials(&creds)?;
             interval = resp.heartbeat_interval_seconds;
             creds
         }

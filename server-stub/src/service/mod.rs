@@ -199,18 +199,38 @@ impl AppState {
     /// Runs `f` on the state and writes what it changed before returning. `f`
     /// validates before it changes anything; its writes are kept even when it ends in
     /// an error (e.g. a provider failure recorded on the instance).
+    ///
+    /// Memory never keeps a change SQLite did not commit: while `f` runs, each record
+    /// it writes is remembered as it was (only those, see [`crate::model::Table`]), and
+    /// when the commit fails they are put back and the caller gets 503
+    /// `storage_unavailable`. A heartbeat that changed one of those records between
+    /// `f` and the failed commit is undone with it; the node's next one brings it back.
     pub async fn mutate<T>(
         &self,
         f: impl FnOnce(&mut Mem, Millis) -> AppResult<T>,
     ) -> AppResult<T> {
         let _w = self.write_lock.lock().await;
         let now = self.clock.now_ms();
-        let (res, ops) = {
+        let (res, ops, undo) = {
             let mut mem = self.lock();
-            let r = f(&mut mem, now);
-            (r, std::mem::take(&mut mem.ops))
+            mem.record();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut mem, now)));
+            let undo = mem.finish_recording();
+            match r {
+                Ok(r) => (r, std::mem::take(&mut mem.ops), undo),
+                Err(panic) => {
+                    // A bug in `f`: leave memory as SQLite has it, then go on panicking.
+                    mem.ops.clear();
+                    mem.undo(undo);
+                    drop(mem);
+                    std::panic::resume_unwind(panic)
+                }
+            }
         };
-        self.store.apply(ops).await?;
+        if let Err(e) = self.store.apply(ops).await {
+            self.lock().undo(undo);
+            return Err(AppError::storage(&e));
+        }
         res
     }
 

@@ -65,8 +65,16 @@ impl AppState {
         }
         // Only the task lists change here: heartbeats may have moved the rest of an
         // instance on in memory since it was copied above (they are flushed later).
-        for inst in mem.instances.values_mut() {
-            inst.task_ids.retain(|t| !tasks.contains(t));
+        let trimmed: Vec<String> = mem
+            .instances
+            .values()
+            .filter(|i| i.task_ids.iter().any(|t| tasks.contains(t)))
+            .map(|i| i.id.clone())
+            .collect();
+        for id in &trimmed {
+            if let Some(inst) = mem.instances.get_mut(id) {
+                inst.task_ids.retain(|t| !tasks.contains(t));
+            }
         }
         if counts.total() > 0 {
             tracing::info!(
