@@ -15,6 +15,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     NotFound,
     Internal,
+    /// Too many requests of one kind from one caller (boot reports per token).
+    RateLimited,
     // Admin API.
     AdminTokenMissing,
     AdminTokenInvalid,
@@ -76,6 +78,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::NotFound => "not_found",
             Self::Internal => "internal",
+            Self::RateLimited => "rate_limited",
             Self::AdminTokenMissing => "admin_token_missing",
             Self::AdminTokenInvalid => "admin_token_invalid",
             Self::InvalidTransition => "invalid_transition",
