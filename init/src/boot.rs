@@ -139,9 +139,12 @@ impl Boot<'_> {
         };
         let timeline = self.timeline.clone();
         let reported = match self.agent.as_deref_mut() {
-            Some(agent) => agent.report_failure(&timeline, failure),
+            Some(agent) => agent.report_failure(&timeline, failure.clone()),
             None => false,
         };
+        // Without credentials, the bootstrap token still lets the node say why, once
+        // it knows the token and has a network to send it on.
+        let boot_report = !reported && !self.enrolled && self.report_boot(&failure);
         // A node refused for good (decommissioned, its token spent) powers off under
         // every policy, as when the agent is refused later: retrying or rebooting
         // would only knock again with the same identity.
@@ -159,7 +162,8 @@ impl Boot<'_> {
             "on_failure": policy.as_str(),
             "retrying": will_retry,
             "refused_for_good": refused,
-            "reported_upstream": reported,
+            "reported_upstream": reported || boot_report,
+            "boot_report": boot_report,
         }));
         if refused {
             log::warn!("the control plane refused this node for good; powering off");
@@ -186,6 +190,21 @@ impl Boot<'_> {
                 self.sys.sleep(delay);
                 None
             }
+        }
+    }
+
+    /// Sends `failure` as a boot report with the identity's bootstrap token (best
+    /// effort, a few seconds at most); `false` when there is no identity or network
+    /// yet, or the control plane did not record it.
+    fn report_boot(&mut self, failure: &powernode_proto::node::FailureReport) -> bool {
+        let (Some(found), Some(_)) = (&self.identity, &self.network) else {
+            log::info!("no identity or network yet: the failure stays on the console");
+            return false;
+        };
+        let identity = found.document.clone();
+        match self.agent.as_deref_mut() {
+            Some(agent) => agent.report_boot(&identity, failure),
+            None => false,
         }
     }
 
@@ -896,6 +915,59 @@ mod tests {
             .push(BootstrapError::Runtime(std::io::Error::other("boom")));
         Boot::new(&mut sys).with_agent(&mut agent).run();
         assert_eq!(agent.bootstraps.len(), 2);
+    }
+
+    /// Refused before it has credentials, the node still says why: a boot report with
+    /// the bootstrap token, before the policy powers it off. Failures before the
+    /// identity and the network exist stay on the console.
+    #[test]
+    fn a_refusal_at_enrollment_goes_upstream_as_a_boot_report() {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=3");
+        let mut agent = FakeAgent {
+            boot_report_ok: true,
+            ..FakeAgent::default()
+        };
+        agent.bootstrap_errors.push(BootstrapError::Enroll(
+            powernode_agent::enroll::EnrollError::Client(
+                powernode_agent::client::ClientError::Refused {
+                    method: "POST",
+                    path: "/v1/enrollment".into(),
+                    status: 401,
+                    code: ErrorCode::BootstrapTokenUsed,
+                    message: "bootstrap token was already used".into(),
+                },
+            ),
+        ));
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        let [(instance, report)] = agent.boot_reports.as_slice() else {
+            panic!("one boot report: {:?}", agent.boot_reports);
+        };
+        assert_eq!(instance, "inst-1");
+        assert_eq!(
+            (report.phase, report.code, report.attempt),
+            (Phase::Enrolled, ErrorCode::BootstrapTokenUsed, 1)
+        );
+        assert!(report.message.contains("already used"), "{report:?}");
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["boot_report"], true);
+        assert_eq!(failed["reported_upstream"], true);
+
+        // A failure before there is a network (a module that will not load) cannot.
+        let mut sys = machine("powernode.on_failure=poweroff");
+        sys.module_errors.insert(
+            "/lib/modules/failover.ko".into(),
+            ModuleSysError::Load(Errno::NOEXEC),
+        );
+        let mut agent = FakeAgent {
+            boot_report_ok: true,
+            ..FakeAgent::default()
+        };
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert!(agent.boot_reports.is_empty());
     }
 
     #[test]
