@@ -100,6 +100,53 @@ impl Throttle {
 mod tests {
     use super::*;
 
+    /// A control plane that accepts the connection and never answers must not hold
+    /// the failure policy up: the report gives up within its timeouts.
+    #[tokio::test]
+    async fn a_report_to_a_server_that_never_answers_gives_up_within_seconds() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let identity = IdentityDocument {
+            version: 1,
+            control_plane_url: format!("https://127.0.0.1:{port}"),
+            ca_pem: ca.pem(),
+            bootstrap_token: "tok".into(),
+            node_id: "node-1".into(),
+            instance_id: "inst-1".into(),
+            hostname: "h".into(),
+            network: Default::default(),
+            heartbeat_interval_seconds: 30,
+            ssh_authorized_keys: Vec::new(),
+            module_trust_keys: Vec::new(),
+        };
+        let report = request(
+            &identity,
+            Phase::Enrolled,
+            ErrorCode::Network,
+            "m".into(),
+            1,
+            vec!["line".into()],
+        );
+        let started = Instant::now();
+        let sent = send(&identity, &report, TIMEOUTS).await;
+        let took = started.elapsed();
+        assert!(sent.is_err(), "{sent:?}");
+        // The TLS handshake counts against the connect timeout (3 s here).
+        assert!(took < Duration::from_secs(6), "gave up after {took:?}");
+        println!("boot report to a silent server gave up after {took:?}");
+        hold.abort();
+    }
+
     #[test]
     fn a_retrying_node_reports_the_first_failure_a_new_code_and_a_refusal() {
         let mut t = Throttle::new(Duration::from_secs(3600));
