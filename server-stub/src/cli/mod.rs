@@ -743,6 +743,28 @@ mod tests {
     }
 
     #[test]
+    fn get_instance_prints_boot_reports_under_the_table() {
+        let v = json!({"instance": {"id": "inst-1", "status": "provisioning",
+            "boot_reports": [{"at": "2026-12-07T11:55:22Z", "phase": "enrolled",
+                "code": "bootstrap_token_used", "message": "bootstrap: refused", "attempt": 1,
+                "console": ["[ 6053ms] powernode-init INFO: starting"],
+                "recovery": "provision-instance node-1", "truncated": false}]}});
+        let t = render_instance(v);
+        println!("{t}");
+        assert!(t.contains("status  provisioning"));
+        assert!(!t.contains("\"boot_reports\""), "not as a JSON blob: {t}");
+        for want in [
+            "boot reports (before enrollment, newest last):",
+            "code bootstrap_token_used",
+            "message   bootstrap: refused",
+            "recovery  provision-instance node-1",
+            "      | [ 6053ms] powernode-init INFO: starting",
+        ] {
+            assert!(t.contains(want), "{want:?} in:\n{t}");
+        }
+    }
+
+    #[test]
     fn cli_parses_the_runbook_commands() {
         let cli = Cli::try_parse_from([
             "powernode-stub",
