@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use powernode_proto::boot_report::{BootReportRequest, BootReportResponse};
+use powernode_proto::boot_report::{BootReportRequest, BootReportResponse, ReportTarget};
 use powernode_proto::node::Phase;
-use powernode_proto::{paths, ErrorCode, IdentityDocument};
+use powernode_proto::{paths, ErrorCode};
 
 use crate::client::{ApiClient, ClientError, Timeouts};
 use crate::enroll::EnrollError;
@@ -21,9 +21,9 @@ pub const TIMEOUTS: Timeouts = Timeouts {
     request: Duration::from_secs(5),
 };
 
-/// A report for `identity`'s instance, within the size rule.
+/// A report for `target`'s instance, within the size rule.
 pub fn request(
-    identity: &IdentityDocument,
+    target: &ReportTarget,
     phase: Phase,
     code: ErrorCode,
     message: String,
@@ -31,8 +31,8 @@ pub fn request(
     console: Vec<String>,
 ) -> BootReportRequest {
     BootReportRequest {
-        bootstrap_token: identity.bootstrap_token.clone(),
-        instance_id: identity.instance_id.clone(),
+        bootstrap_token: target.bootstrap_token.clone(),
+        instance_id: target.instance_id.clone(),
         phase,
         code,
         message,
@@ -44,18 +44,13 @@ pub fn request(
     .0
 }
 
-/// Sends one report over TLS pinning the identity document's CA.
+/// Sends one report over TLS pinning the target's CA.
 pub async fn send(
-    identity: &IdentityDocument,
+    target: &ReportTarget,
     report: &BootReportRequest,
     timeouts: Timeouts,
 ) -> Result<BootReportResponse, ClientError> {
-    let client = ApiClient::new(
-        &identity.control_plane_url,
-        &identity.ca_pem,
-        None,
-        timeouts,
-    )?;
+    let client = ApiClient::new(&target.control_plane_url, &target.ca_pem, None, timeouts)?;
     client.post(paths::BOOT_REPORT, report).await
 }
 
@@ -116,7 +111,7 @@ mod tests {
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let identity = IdentityDocument {
+        let identity = powernode_proto::IdentityDocument {
             version: 1,
             control_plane_url: format!("https://127.0.0.1:{port}"),
             ca_pem: ca.pem(),
@@ -129,8 +124,9 @@ mod tests {
             ssh_authorized_keys: Vec::new(),
             module_trust_keys: Vec::new(),
         };
+        let target = ReportTarget::from(&identity);
         let report = request(
-            &identity,
+            &target,
             Phase::Enrolled,
             ErrorCode::Network,
             "m".into(),
@@ -138,7 +134,7 @@ mod tests {
             vec!["line".into()],
         );
         let started = Instant::now();
-        let sent = send(&identity, &report, TIMEOUTS).await;
+        let sent = send(&target, &report, TIMEOUTS).await;
         let took = started.elapsed();
         assert!(sent.is_err(), "{sent:?}");
         // The TLS handshake counts against the connect timeout (3 s here).

@@ -21,6 +21,7 @@ use powernode_agent::identity::Resolved;
 use powernode_agent::node_loop::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
+use powernode_proto::boot_report::ReportTarget;
 use powernode_proto::node::{FailureReport, Phase, RootFacts, RunningModule, TimelineEntry};
 use powernode_proto::{ErrorCode, IdentityDocument};
 
@@ -119,10 +120,10 @@ pub trait AgentDriver {
     /// has no credentials yet or the control plane cannot be reached.
     fn report_failure(&mut self, timeline: &[TimelineEntry], failure: FailureReport) -> bool;
     /// Best effort, before the node has credentials: sends `failure` as a boot
-    /// report authenticated by `identity`'s bootstrap token (which it does not
+    /// report to `target`, authenticated by its bootstrap token (which it does not
     /// spend), with the recent console lines. One quick try (a few seconds at most
     /// when the control plane is unreachable); `false` when it was not recorded.
-    fn report_boot(&mut self, _identity: &IdentityDocument, _failure: &FailureReport) -> bool {
+    fn report_boot(&mut self, _target: &ReportTarget, _failure: &FailureReport) -> bool {
         false
     }
     /// Runs the agent (heartbeats, tasks, drain) until it ends.
@@ -347,7 +348,7 @@ impl AgentDriver for RealAgent {
         }
     }
 
-    fn report_boot(&mut self, identity: &IdentityDocument, failure: &FailureReport) -> bool {
+    fn report_boot(&mut self, target: &ReportTarget, failure: &FailureReport) -> bool {
         // Under `retry` a phase fails again and again: the first failure, a new code
         // and a refusal go up, otherwise one a minute.
         let due = self
@@ -367,7 +368,7 @@ impl AgentDriver for RealAgent {
             return false;
         };
         let report = powernode_agent::boot_report::request(
-            identity,
+            target,
             failure.phase,
             failure.code,
             failure.message.clone(),
@@ -375,7 +376,7 @@ impl AgentDriver for RealAgent {
             crate::console::recent(),
         );
         let sent = rt.block_on(powernode_agent::boot_report::send(
-            identity,
+            target,
             &report,
             powernode_agent::boot_report::TIMEOUTS,
         ));
@@ -768,9 +769,9 @@ pub mod fake {
             self.enrolled
         }
 
-        fn report_boot(&mut self, identity: &IdentityDocument, failure: &FailureReport) -> bool {
+        fn report_boot(&mut self, target: &ReportTarget, failure: &FailureReport) -> bool {
             self.boot_reports
-                .push((identity.instance_id.clone(), failure.clone()));
+                .push((target.instance_id.clone(), failure.clone()));
             self.boot_report_ok
         }
 

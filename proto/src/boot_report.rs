@@ -12,8 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::MAX_IDENTITY_BYTES;
 use crate::node::Phase;
-use crate::{ErrorCode, Timestamp};
+use crate::{ErrorCode, IdentityDocument, Timestamp};
 
 /// Longest message kept, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 2048;
@@ -76,6 +77,59 @@ pub struct BootReport {
     pub truncated: bool,
 }
 
+/// Where a boot report goes and what authenticates it. From a valid identity
+/// document, or salvaged from one that failed validation in another field (a cloud's
+/// user data with a broken `hostname` still names the control plane and the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportTarget {
+    pub control_plane_url: String,
+    pub ca_pem: String,
+    pub bootstrap_token: String,
+    pub instance_id: String,
+}
+
+impl From<&IdentityDocument> for ReportTarget {
+    fn from(d: &IdentityDocument) -> Self {
+        Self {
+            control_plane_url: d.control_plane_url.clone(),
+            ca_pem: d.ca_pem.clone(),
+            bootstrap_token: d.bootstrap_token.clone(),
+            instance_id: d.instance_id.clone(),
+        }
+    }
+}
+
+impl ReportTarget {
+    /// The four fields a report needs from a JSON identity document, when each is
+    /// usable on its own (an `https://` URL with a host, a PEM certificate, a token
+    /// and an instance id that are non-empty strings); `None` otherwise.
+    pub fn salvage(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_IDENTITY_BYTES {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let text = |name: &str| {
+            value
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let target = Self {
+            control_plane_url: text("control_plane_url")?,
+            ca_pem: text("ca_pem")?,
+            bootstrap_token: text("bootstrap_token")?,
+            instance_id: text("instance_id")?,
+        };
+        let host = target.control_plane_url.strip_prefix("https://")?;
+        (!host.is_empty()
+            && !host.starts_with('/')
+            && target.ca_pem.contains("-----BEGIN CERTIFICATE-----"))
+        .then_some(target)
+    }
+}
+
 /// `text` cut to at most `max` bytes at a character boundary; `true` when cut.
 pub fn cut(text: &str, max: usize) -> (&str, bool) {
     if text.len() <= max {
@@ -134,6 +188,34 @@ mod tests {
             console,
             agent_version: "v".into(),
         }
+    }
+
+    #[test]
+    fn a_target_is_salvaged_only_when_its_own_fields_are_usable() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----";
+        let doc = serde_json::json!({"version": 1, "control_plane_url": "https://cp:8443",
+            "ca_pem": pem, "bootstrap_token": "tok", "instance_id": "inst-1",
+            "hostname": "bad host name!"});
+        let t = ReportTarget::salvage(doc.to_string().as_bytes()).expect("salvaged");
+        assert_eq!(
+            (t.control_plane_url.as_str(), t.bootstrap_token.as_str()),
+            ("https://cp:8443", "tok")
+        );
+        for (field, bad) in [
+            ("control_plane_url", serde_json::json!("http://cp")),
+            ("ca_pem", serde_json::json!("not pem")),
+            ("bootstrap_token", serde_json::json!("")),
+            ("instance_id", serde_json::json!(7)),
+        ] {
+            let mut d = doc.clone();
+            d[field] = bad;
+            assert_eq!(
+                ReportTarget::salvage(d.to_string().as_bytes()),
+                None,
+                "{field}"
+            );
+        }
+        assert_eq!(ReportTarget::salvage(b"{not json"), None);
     }
 
     #[test]

@@ -131,15 +131,16 @@ async fn report_enroll_failure(
     if !due {
         return;
     }
+    let target = powernode_proto::boot_report::ReportTarget::from(identity);
     let report = crate::boot_report::request(
-        identity,
+        &target,
         Phase::Enrolled,
         code,
         format!("enrollment: {}", crate::error_chain(error)),
         attempt,
         crate::logring::tail(powernode_proto::boot_report::MAX_CONSOLE_LINES),
     );
-    match crate::boot_report::send(identity, &report, crate::boot_report::TIMEOUTS).await {
+    match crate::boot_report::send(&target, &report, crate::boot_report::TIMEOUTS).await {
         Ok(_) => {
             tracing::info!(%code, attempt, "enrollment failure reported upstream (boot report)")
         }
