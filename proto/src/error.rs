@@ -18,6 +18,8 @@ pub enum ErrorCode {
     /// The server could not record a change (its database write failed); nothing
     /// changed, the same request can be sent again.
     StorageUnavailable,
+    /// Too many requests of one kind from one caller (boot reports per token).
+    RateLimited,
     // Admin API.
     AdminTokenMissing,
     AdminTokenInvalid,
@@ -80,6 +82,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::Internal => "internal",
             Self::StorageUnavailable => "storage_unavailable",
+            Self::RateLimited => "rate_limited",
             Self::AdminTokenMissing => "admin_token_missing",
             Self::AdminTokenInvalid => "admin_token_invalid",
             Self::InvalidTransition => "invalid_transition",

@@ -83,6 +83,14 @@ pub struct InstRec {
     pub drift_signal: Option<i64>,
     #[serde(default)]
     pub bootstrap_failed_signal: Option<i64>,
+    /// Boot reports the node sent with its bootstrap token, oldest first (the last
+    /// `proto::boot_report::KEPT_PER_INSTANCE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_reports: Vec<powernode_proto::boot_report::BootReport>,
+    /// The active `bootstrap.reported` signal and when the report came: cleared once
+    /// the node enrolled after it, or the instance is no longer live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_report_signal: Option<(i64, Millis)>,
     /// [`crate::drift::key`] of the drift the active drift signal reported.
     #[serde(default)]
     pub drift_key: String,
@@ -168,6 +176,8 @@ impl InstRec {
             stuck_signal: None,
             drift_signal: None,
             bootstrap_failed_signal: None,
+            boot_reports: Vec::new(),
+            boot_report_signal: None,
             drift_key: String::new(),
             last_refused_ms: None,
             systemd: None,
@@ -600,6 +610,7 @@ pub fn instance_view(
         phase: inst.phase,
         boot_timeline: inst.boot_timeline.clone(),
         failure: inst.failure.clone(),
+        boot_reports: inst.boot_reports.clone(),
         root: inst.root.clone(),
         modules: inst.modules.clone(),
         services: inst.services.clone(),

@@ -297,6 +297,60 @@ fn restarted_agent_reuses_its_certificate() -> Result<()> {
     Ok(())
 }
 
+/// A node refused at enrollment (its token spent by an earlier boot) tells the
+/// server why with a boot report before it exits: get-instance shows the code, the
+/// message, the agent's last log lines and the recovery, and recent-signals has it.
+#[test]
+fn an_agent_refused_at_enrollment_reports_why_and_get_instance_shows_it() -> Result<()> {
+    let dir = test_dir("boot-report")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (node_id, instance) = server.create_and_provision("edge-report")?;
+    let identity = server.identity(&instance)?;
+    let mut first = Agent::with_identity(&dir, "first", &identity, &[])?;
+    wait_running(&server, &instance, RUNNING).with_context(|| first.log_text())?;
+    first.guard.kill();
+
+    let mut again = Agent::with_identity(&dir, "again", &identity, &[])?;
+    let status = again.guard.wait_timeout(EXIT)?;
+    assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", again.log_text());
+    let inst = server.cli(&["get-instance", &instance])?;
+    let report = inst["instance"]["boot_reports"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .with_context(|| format!("no boot report: {inst}\n{}", again.log_text()))?;
+    assert_eq!(report["code"], "bootstrap_token_used", "{report}");
+    assert_eq!(report["phase"], "enrolled", "{report}");
+    assert!(
+        report["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already used")),
+        "{report}"
+    );
+    let console = report["console"].as_array().cloned().unwrap_or_default();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("powernode"))),
+        "the agent's last log lines: {report}"
+    );
+    let recovery = report["recovery"].as_str().unwrap_or_default();
+    assert!(
+        recovery.contains(&format!("provision-instance {node_id}")),
+        "{recovery}"
+    );
+    let signals = server.cli(&["recent-signals", "--instance", &instance])?;
+    let reported = signals["signals"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["kind"] == "bootstrap.reported"))
+        .cloned()
+        .with_context(|| format!("no bootstrap.reported signal: {signals}"))?;
+    assert_eq!(reported["detail"]["code"], "bootstrap_token_used");
+    // The report changed nothing else: the instance is still running.
+    assert_eq!(inst["instance"]["status"], "running");
+    Ok(())
+}
+
 #[test]
 fn certificate_is_renewed_before_it_expires() -> Result<()> {
     // Long enough that a loaded machine still renews in time (renewal at ~5.3 s).

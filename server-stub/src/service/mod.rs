@@ -12,8 +12,9 @@
 //! flush) and the helpers every action shares. One file per area adds its methods:
 //! `nodes`, `instances` (provision, drain, terminate, drift, reaping VMs),
 //! `disk_images`, `enrollment`, `node_api` (handshake, heartbeat, worker API),
-//! `tasks` (node-side tasks, refusals), `modules` (module publications),
-//! `sensors`, `attribution`. `bookkeeping` holds the record changes several of them
+//! `boot_reports` (failures before enrollment, by bootstrap token), `tasks`
+//! (node-side tasks, refusals), `modules` (module publications), `sensors`,
+//! `attribution`. `bookkeeping` holds the record changes several of them
 //! make (finishing and adding tasks, failing an instance); `module_store` the module
 //! state beside SQLite. Imports point one way: areas use this file, `bookkeeping`
 //! and `module_store`, never each other's free functions and never the reverse.
@@ -37,6 +38,7 @@ use module_store::{template_lists, ModuleWatch};
 
 mod attribution;
 mod bookkeeping;
+mod boot_reports;
 mod disk_images;
 mod enrollment;
 mod instances;
@@ -76,6 +78,8 @@ pub struct Shared {
     /// What the sensor last saw of module publications and template module lists,
     /// to notice changes made through the module admin routes.
     module_watch: Mutex<ModuleWatch>,
+    /// Boot reports accepted per token hash in the current window (memory only).
+    boot_report_windows: Mutex<boot_reports::Windows>,
 }
 
 /// How long after a reboot task was leased the node may enroll again with its
@@ -179,6 +183,7 @@ impl AppState {
             last_image_error: Mutex::new(None),
             image_digests: Arc::default(),
             module_watch: Mutex::new(module_watch),
+            boot_report_windows: Mutex::default(),
         })))
     }
 
