@@ -376,3 +376,56 @@ fn a_slow_but_moving_layer_and_a_busy_consumer_still_finish() {
     assert_eq!(head.len() + rest.len(), m.layer.size as usize);
     let _ = &m.trust_pem;
 }
+
+/// A drain takes over from a reconcile stuck on a stalled registry: cancelling it
+/// ends it at once with `task_cancelled`, before anything is mounted, well within the
+/// (long) stall timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_stuck_on_a_stalled_registry_gives_up_when_cancelled() {
+    use super::module_runtime::{ModuleRuntime, KIND_RUNTIME};
+    use super::mount::RecordingMounter;
+    use crate::module_reconcile::ModuleReconciler;
+    use powernode_proto::node::{DesiredModule, DesiredModulesResponse};
+
+    let reg = FakeRegistry::start();
+    let m = signed_module(&reg, "stuck", 100_000);
+    reg.set(&m.layer_path, Serve::StallAfter(1_000));
+    let dir = tempfile::tempdir().unwrap();
+    let mounter = Arc::new(RecordingMounter::default());
+    let runtime = Arc::new(ModuleRuntime::new(
+        ObjectStore::open(&dir.path().join("store")).unwrap(),
+        RegistryOptions {
+            allow_http_loopback: true,
+            stall_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        mounter.clone(),
+        dir.path().join("run"),
+        vec![],
+    ));
+    let desired = DesiredModulesResponse {
+        modules: vec![DesiredModule {
+            name: "stuck".into(),
+            version: "1".into(),
+            repository: format!("127.0.0.1:{}/modules/stuck", reg.port),
+            digest: m.digest.clone(),
+            kind: KIND_RUNTIME.into(),
+        }],
+        trust_keys: vec![m.trust_pem.clone()],
+    };
+    let r = runtime.clone();
+    let work = tokio::spawn(async move { r.reconcile(&desired).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!work.is_finished(), "the pull should be stuck");
+    let t = Instant::now();
+    runtime.cancel_in_flight();
+    let e = tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .expect("the cancelled reconcile ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::TaskCancelled, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(mounter.calls.lock().unwrap().is_empty(), "nothing mounted");
+    assert!(runtime.running().is_empty());
+}
