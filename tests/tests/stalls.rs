@@ -281,3 +281,50 @@ fn a_drain_preempts_a_module_update_stuck_on_a_stalled_registry() -> Result<()> 
     agent.guard.terminate(Duration::from_secs(10));
     Ok(())
 }
+
+/// The server grants at most 3 s (`--lease-max-seconds 3`) while the agent asks for
+/// 30: the agent renews within the 3 s it was granted, so a drain that runs 8 s
+/// (a service that ignores SIGTERM, `--timeout-seconds 8`) keeps its one lease to
+/// the end: no `lease_expired` attempt, reported once, by its first attempt.
+#[test]
+fn the_agent_renews_within_the_lease_the_server_granted() -> Result<()> {
+    let dir = test_dir("stalls-granted-lease")?;
+    let server = Server::start(
+        &dir.join("data"),
+        ServerOptions {
+            extra: vec!["--lease-max-seconds".into(), "3".into()],
+            ..ServerOptions::default()
+        },
+    )?;
+    let (_node, instance) = server.create_and_provision("edge-lease")?;
+    let script = dir.join("stubborn.sh");
+    std::fs::write(&script, "trap '' TERM\nwhile :; do sleep 0.2; done\n")?;
+    let service = format!("stubborn=sh {}", script.display());
+    let agent = Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--service", &service, "--lease-seconds", "30"],
+    )?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+    let drain = server.cli(&["drain-instance", &instance, "--timeout-seconds", "8"])?;
+    let task_id = str_at(&drain, "/task_id")?;
+    let t = wait_for("the drain reported", RUNNING, || {
+        let t = server.task(&task_id)?;
+        Ok(t["status"]
+            .as_str()
+            .is_some_and(|s| s != "pending" && s != "running")
+            .then_some(t))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert_eq!(t["result"]["error"], "drain_timeout", "{t}");
+    assert_eq!(t["attempts"], 1, "{t}\n{}", agent.log_text());
+    ensure!(
+        t["history"].as_array().is_none_or(|h| h.is_empty()),
+        "the lease ran out under the agent: {t}\n{}",
+        agent.log_text()
+    );
+    server.cli(&["terminate-instance", &instance, "--force"])?;
+    Ok(())
+}

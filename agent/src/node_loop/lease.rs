@@ -11,7 +11,7 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use powernode_proto::node::{LeaseRequest, LeaseResponse, LeasedTask};
+use powernode_proto::node::{LeaseRequest, LeaseResponse};
 use powernode_proto::{paths, TaskKind, TaskStatus};
 use tokio::sync::watch;
 
@@ -19,7 +19,7 @@ use super::options::Exit;
 use super::shared::Shared;
 use super::tasks::{
     complete, diagnostics::collect_diagnostics, drain::drain, module_update::module_update,
-    reboot::reboot, TaskAbort,
+    reboot::reboot, Lease, TaskAbort,
 };
 
 /// A `module_update` running beside the loop, and how to preempt it.
@@ -43,6 +43,7 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
             instance_id: shared.instance_id().to_string(),
             lease_seconds: shared.opts.lease_seconds,
         };
+        let sent = std::time::Instant::now();
         let delay = match shared
             .client()
             .post::<_, LeaseResponse>(paths::TASK_LEASE, &req)
@@ -50,6 +51,7 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
         {
             Ok(LeaseResponse { task: Some(task) }) => {
                 backoff.reset();
+                let task = Lease::new(task, shared.opts.lease_seconds, sent);
                 if matches!(task.kind, TaskKind::Drain | TaskKind::Reboot) {
                     // Whatever reconcile is pulling now would change mounts under the
                     // drain: it gives up before its first change.
@@ -103,10 +105,11 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
 /// update can be preempted through `preempt`.
 async fn run_task(
     shared: &Arc<Shared>,
-    task: LeasedTask,
+    task: Lease,
     preempt: Option<watch::Receiver<Option<String>>>,
 ) -> ControlFlow<()> {
-    tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params, "task leased");
+    tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params,
+        granted_s = task.lease_seconds, "task leased");
     let outcome = match task.kind {
         TaskKind::Drain => drain(shared, &task).await,
         TaskKind::CollectDiagnostics => collect_diagnostics(shared, &task).await,
@@ -134,6 +137,12 @@ async fn run_task(
             return ControlFlow::Break(());
         }
         Err(TaskAbort::Completed) => return ControlFlow::Continue(()),
+        // The server requeued it; whoever leases it next runs it.
+        Err(TaskAbort::LeaseLost { code }) => {
+            tracing::warn!(task_id = %task.task_id, kind = task.kind.as_str(), %code,
+                "task abandoned: its lease is gone (not reported done)");
+            return ControlFlow::Continue(());
+        }
     };
     complete(shared, &task, status, result).await.0
 }

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use powernode_proto::node::{DesiredModulesResponse, FailureReport, LeasedTask, Phase};
+use powernode_proto::node::{DesiredModulesResponse, FailureReport, Phase};
 use powernode_proto::{paths, ErrorCode, TaskStatus};
 
 use super::super::reconcile_loop::record_reconcile;
 use super::super::shared::Shared;
-use super::{cancelled_result, renew_lease, while_leased, Leased, TaskAbort, TaskOutcome};
+use super::{cancelled_result, renew_lease, while_leased, Lease, Leased, TaskAbort, TaskOutcome};
 
 /// What a drain or reboot that preempts the update sends: `KIND task ID`.
 pub(crate) type Preempt = tokio::sync::watch::Receiver<Option<String>>;
@@ -42,7 +42,7 @@ fn preempted_result(by: &str, message: &str) -> (TaskStatus, serde_json::Value) 
 /// and is reported as done. Services it would start stay held by the drain.
 pub(crate) async fn module_update(
     shared: &Arc<Shared>,
-    task: &LeasedTask,
+    task: &Lease,
     mut preempt: Preempt,
 ) -> TaskOutcome {
     if renew_lease(shared, task, "fetching desired modules").await? {
@@ -71,14 +71,22 @@ pub(crate) async fn module_update(
     let mut work = tokio::spawn(async move { reconciler.reconcile(&desired).await });
     let mut by = None;
     let leased = tokio::select! {
-        r = while_leased(shared, task, "reconciling modules", &mut work) => r?,
+        r = while_leased(shared, task, "reconciling modules", &mut work) => r,
         p = preempted(&mut preempt) => {
             tracing::info!(task_id = %task.task_id, by = %p, "module update preempted; cancelling its reconcile");
             shared.reconciler.cancel_in_flight();
             by = Some(p);
             // Cancelled at its next safe point: at once while it pulls.
-            while_leased(shared, task, "cancelling for a drain or reboot", &mut work).await?
+            while_leased(shared, task, "cancelling for a drain or reboot", &mut work).await
         }
+    };
+    let leased = match leased {
+        // Whoever leases the requeued task reconciles again: this one stops pulling.
+        Err(lost @ TaskAbort::LeaseLost { .. }) => {
+            shared.reconciler.cancel_in_flight();
+            return Err(lost);
+        }
+        other => other?,
     };
     let result = match leased {
         Leased::Done(Ok(r)) => r,
