@@ -464,6 +464,7 @@ impl AgentDriver for RealAgent {
         };
         let resolved = session.resolved.clone();
         let state_dir = session.state_dir.clone();
+        let _renewer = crate::dhcp_renew::spawn();
         let mut opts = AgentOptions::new(&state_dir);
         opts.can_reboot = true;
         opts.kmsg_log = true;
@@ -623,6 +624,8 @@ pub fn run_as_service(state_dir: &std::path::Path) -> AgentEnd {
 }
 
 fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
+    // The DHCP lease the boot took outlives the boot: renewed from here on.
+    let _renewer = crate::dhcp_renew::spawn();
     let failed = |message: String| AgentEnd::Failed {
         code: ErrorCode::Internal,
         message,
