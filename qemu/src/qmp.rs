@@ -16,6 +16,8 @@ use std::time::Duration;
 pub struct QmpEvent {
     pub event: String,
     pub data: serde_json::Value,
+    /// When QEMU emitted it (host time, seconds since the epoch), if it said.
+    pub timestamp: Option<f64>,
 }
 
 impl QmpEvent {
@@ -37,7 +39,15 @@ pub fn parse_event(line: &str) -> Option<QmpEvent> {
     let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
     let event = v.get("event")?.as_str()?.to_string();
     let data = v.get("data").cloned().unwrap_or(serde_json::Value::Null);
-    Some(QmpEvent { event, data })
+    let ts = &v["timestamp"];
+    let timestamp = ts["seconds"]
+        .as_u64()
+        .map(|s| s as f64 + ts["microseconds"].as_u64().unwrap_or(0) as f64 / 1e6);
+    Some(QmpEvent {
+        event,
+        data,
+        timestamp,
+    })
 }
 
 /// Connects, reads the greeting and leaves capabilities negotiation (after which
@@ -152,6 +162,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(reset.event, "RESET");
+        assert_eq!(reset.timestamp, Some(1.000002));
         assert_eq!(reset.reason(), "guest-reset");
         assert!(reset.by_guest());
         let host = parse_event(
@@ -161,6 +172,7 @@ mod tests {
         assert!(!host.by_guest());
         let bare = parse_event(r#"{"event": "STOP"}"#).unwrap();
         assert_eq!((bare.reason(), bare.by_guest()), ("", false));
+        assert_eq!(bare.timestamp, None);
         for other in [
             r#"{"QMP": {"version": {}, "capabilities": []}}"#,
             r#"{"return": {}}"#,

@@ -124,9 +124,10 @@ pub struct VmExit {
     pub serial_tail: String,
 }
 
-/// A VM that reset in place (QEMU's `RESET` event): the guest rebooted (a reboot
-/// task, a kernel panic under `panic=-1`, the init's failure policy) or the host
-/// reset it. Same process, same disks, same identity.
+/// A VM that reset in place (QEMU's `RESET` events, coalesced per reboot: see
+/// [`REBOOT_COALESCE`]): the guest rebooted (a reboot task, a kernel panic under
+/// `panic=-1`, the init's failure policy) or the host reset it. Same process, same
+/// disks, same identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmReset {
     pub instance_id: String,
@@ -135,7 +136,7 @@ pub struct VmReset {
     pub reason: String,
     /// Whether the guest asked for it.
     pub by_guest: bool,
-    /// Resets of this VM within [`RESET_WINDOW`], this one included.
+    /// Reboots of this VM within [`RESET_WINDOW`], this one included.
     pub recent: usize,
 }
 
@@ -146,11 +147,17 @@ pub enum VmEvent {
     Exited(VmExit),
 }
 
-/// A VM that resets more than [`RESET_LIMIT`] times within [`RESET_WINDOW`] is in a
+/// A VM that reboots more than [`RESET_LIMIT`] times within [`RESET_WINDOW`] is in a
 /// reboot loop (a boot that fails and reboots by policy, a panic at every boot): the
 /// service destroys it and fails the instance, as it would a VM that died.
 pub const RESET_LIMIT: usize = 5;
 pub const RESET_WINDOW: Duration = Duration::from_secs(600);
+/// QEMU reports one guest reboot as several `RESET`s (measured: three for one
+/// `reboot(2)` of the netboot init, within half a second: the kernel's reset, then
+/// the firmware's own hard reset as it starts again). Resets QEMU stamped within
+/// this long of the first one of a reboot are that reboot; anchored at the first, so
+/// a loop faster than this still counts, at worst half as fast.
+pub const REBOOT_COALESCE: Duration = Duration::from_secs(2);
 
 pub trait Provider: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;

@@ -23,7 +23,7 @@ use serde_json::json;
 use super::{
     env_extra_args, instance_dir, io, qmp_events_socket, qmp_socket, vm_record, vm_spec, Provider,
     ProviderError, ProviderRecord, ProvisionSpec, VmEvent, VmExit, VmReset, PERSIST_DISK_MIB,
-    POWERDOWN_GRACE, RESET_WINDOW,
+    POWERDOWN_GRACE, REBOOT_COALESCE, RESET_WINDOW,
 };
 
 /// How long the watcher waits for a VM's QMP greeting (it holds the VM table
@@ -112,8 +112,11 @@ struct Running {
     /// QMP the watcher keeps open; `events` is the connection, once made.
     qmp_events: PathBuf,
     events: Option<QmpEvents>,
-    /// When the VM reset, within [`RESET_WINDOW`].
+    /// When the VM rebooted (one per reboot, however many `RESET`s), within
+    /// [`RESET_WINDOW`].
     resets: VecDeque<Instant>,
+    /// QEMU's timestamp of the first `RESET` of the latest reboot.
+    reboot_started: Option<f64>,
     /// QEMU's last `SHUTDOWN` reason.
     shutdown_reason: Option<String>,
 }
@@ -127,6 +130,7 @@ impl Running {
             qmp_events,
             events: None,
             resets: VecDeque::new(),
+            reboot_started: None,
             shutdown_reason: None,
         }
     }
@@ -143,6 +147,21 @@ impl Running {
         for ev in conn.drain() {
             match ev.event.as_str() {
                 "RESET" => {
+                    // QEMU's own clock when it said (arrival is batched by the
+                    // watcher's pass); without one, this server's.
+                    let stamp = ev.timestamp.unwrap_or_else(|| {
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or_default()
+                    });
+                    if self
+                        .reboot_started
+                        .is_some_and(|t| stamp >= t && stamp - t < REBOOT_COALESCE.as_secs_f64())
+                    {
+                        continue;
+                    }
+                    self.reboot_started = Some(stamp);
                     let now = Instant::now();
                     self.resets.push_back(now);
                     while self

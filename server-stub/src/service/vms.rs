@@ -70,7 +70,7 @@ impl AppState {
 }
 
 /// Records a reset of an instance's VM; returns the failure message when the VM
-/// is in a reboot loop (more than [`RESET_LIMIT`] resets within [`RESET_WINDOW`]).
+/// is in a reboot loop (more than [`RESET_LIMIT`] reboots within [`RESET_WINDOW`]).
 fn vm_reset(mem: &mut Mem, now: Millis, r: &VmReset) -> Option<String> {
     let inst = mem.instances.get(&r.instance_id)?;
     let (status, node_id) = (inst.status, inst.node_id.clone());
@@ -85,7 +85,7 @@ fn vm_reset(mem: &mut Mem, now: Millis, r: &VmReset) -> Option<String> {
             "reason": r.reason,
             "by_guest": r.by_guest,
             "reboot_task": reboot_task,
-            "resets_in_window": r.recent,
+            "reboots_in_window": r.recent,
             "window_seconds": RESET_WINDOW.as_secs(),
             "limit": RESET_LIMIT,
         }),
@@ -95,7 +95,7 @@ fn vm_reset(mem: &mut Mem, now: Millis, r: &VmReset) -> Option<String> {
     }
     if r.recent > RESET_LIMIT {
         return Some(format!(
-            "the VM is in a reboot loop: {} resets within {} s (QEMU pid {}, last reason {:?}); \
+            "the VM is in a reboot loop: {} reboots within {} s (QEMU pid {}, last reason {:?}); \
              it was stopped",
             r.recent,
             RESET_WINDOW.as_secs(),
