@@ -89,6 +89,17 @@ pub fn keep_vm_files(instance_dir: &Path, dest: &Path) {
 impl RealServer {
     /// `powernode-stub serve --provider real` booting `image`, with `extra` flags.
     pub fn start(data: &Path, image: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_env(data, image, extra, &[])
+    }
+
+    /// [`RealServer::start`] with `env` for the server (`POWERNODE_VM_APPEND`: kernel
+    /// arguments for every VM).
+    pub fn start_env(
+        data: &Path,
+        image: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut flags = vec![
             "--provider".to_string(),
             "real".into(),
@@ -102,6 +113,10 @@ impl RealServer {
                 ServerOptions {
                     heartbeat_interval_seconds: 2,
                     extra: flags,
+                    env: env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     ..ServerOptions::default()
                 },
             )?),

@@ -5,11 +5,16 @@
 //!    same instance comes back `running` on the same QEMU process, disk and
 //!    identity: it never enrolls again (its credentials are on `/persist`), the
 //!    reboot task succeeds, the server records `vm.rebooted`.
+//!    A reset the guest did not ask for (QMP `system_reset`, a hardware reset or
+//!    watchdog) brings it back too.
 //! 2. SIGKILL the server with a running VM and start it again on the same data
 //!    directory and port: the VM was never the server's to lose. The instance stays
 //!    `running`, heartbeats keep arriving, the new server adopted the VM
 //!    (`vm.adopted`, no `vm.lost`) and watches it: a reboot is seen through it, and
 //!    terminate kills its QEMU.
+//! 3. A guest that panics at every boot (`powernode.test_panic=1`, the init's
+//!    `on_failure=reboot`) resets in place each time; the sixth reset within 10
+//!    minutes is a reboot loop: the VM is destroyed and the instance fails.
 //!
 //! Ignored unless built with `POWERNODE_VM_TESTS=1`; artefacts in
 //! `target/vm-tests/<name>/`.
@@ -113,6 +118,25 @@ fn run_reboot(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()
         "{}",
         again["identity_source"]
     );
+
+    // A reset nobody inside asked for: the host's (QMP `system_reset`).
+    let qmp = std::env::temp_dir().join(format!("powernode-qmp-{inst}.sock"));
+    powernode_qemu::qmp::execute(&qmp, "system_reset", Duration::from_secs(5))
+        .with_context(|| format!("system_reset on {}", qmp.display()))?;
+    let t = Instant::now();
+    let reset = vm_rebooted(server, &inst, 1)?;
+    let d = &reset["detail"];
+    ensure!(
+        d["reason"] == "host-qmp-system-reset" && d["by_guest"] == false && d["pid"] == pid,
+        "{reset}"
+    );
+    wait_booted(server, &inst, &again["boot_timeline"])?;
+    println!("{name}: system_reset -> running again in {:?}", t.elapsed());
+    ensure!(qemu_alive(pid));
+    ensure!(count(server, &inst, "instance.enrolled")? == 1);
+    for kind in ["vm.exited", "vm.lost"] {
+        ensure!(count(server, &inst, kind)? == 0, "a {kind} event");
+    }
     Ok(())
 }
 
@@ -200,4 +224,65 @@ fn run_adopt(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()>
 fn a_running_vm_outlives_a_killed_server_and_the_restarted_one_adopts_it() {
     let name = "vm_provider_adopt";
     vm_test(name, |out, vm_dir| run_adopt(name, out, vm_dir));
+}
+
+fn run_panic(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
+    let image = build_image(&out.join("build"))?;
+    let data = test_dir(name)?.join("data");
+    let append = [(
+        "POWERNODE_VM_APPEND",
+        "powernode.test_panic=1 powernode.on_failure=reboot",
+    )];
+    let mut rs = RealServer::start_env(&data, &image, &[], &append)?;
+    let server = rs.server()?;
+    let node = server.post(
+        paths::ADMIN_NODES,
+        &json!({"hostname": "vm-panic", "lifecycle_class": "ephemeral"}),
+    )?;
+    let node_id = str_at(&node, "/node/id")?;
+    let prov = server.post(&paths::admin_provision(&node_id), &json!({}))?;
+    let inst = str_at(&prov, "/instance/id")?;
+    let (pid, dir) = rs.vm_started(&inst, 0)?;
+    *vm_dir = Some(dir);
+    let server = rs.server()?;
+    let t = Instant::now();
+    // Six boots under TCG: a loaded host has taken 95 s (one boot stalled ~40 s).
+    let failed = wait_for("the reboot loop stopped", Duration::from_secs(400), || {
+        let i = server.instance(&inst)?;
+        Ok((i["status"] == "failed").then_some(i))
+    })?;
+    println!(
+        "{name}: 6 panics and resets, failed after {:?}",
+        t.elapsed()
+    );
+    let msg = failed["failure"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        failed["failure"]["code"] == "provider_failed" && msg.contains("reboot loop"),
+        "{}",
+        failed["failure"]
+    );
+    let resets: Vec<Value> = events(server, &inst)?
+        .into_iter()
+        .filter(|e| e["kind"] == "vm.rebooted")
+        .collect();
+    ensure!(resets.len() == 6, "{} resets: {resets:?}", resets.len());
+    ensure!(
+        resets.iter().all(|e| e["detail"]["pid"] == pid
+            && e["detail"]["by_guest"] == true
+            && e["detail"]["reason"] == "guest-reset"),
+        "{resets:?}"
+    );
+    ensure!(
+        !qemu_alive(pid),
+        "the looping VM (QEMU pid {pid}) is still running"
+    );
+    ensure!(count(server, &inst, "vm.exited")? == 0);
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_guest_that_panics_at_every_boot_resets_in_place_until_the_loop_is_stopped() {
+    let name = "vm_provider_panic";
+    vm_test(name, |out, vm_dir| run_panic(name, out, vm_dir));
 }
