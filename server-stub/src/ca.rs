@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData as _, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
+use sha2::Digest as _;
 use time::OffsetDateTime;
 
 use crate::clock::Millis;
@@ -73,6 +74,8 @@ pub enum ClientCertError {
 pub struct IssuedCert {
     pub pem: String,
     pub serial: String,
+    /// SHA-256 (hex) of the certified public key (the raw Ed25519 key).
+    pub key_sha256: String,
     pub not_before_ms: Millis,
     pub not_after_ms: Millis,
 }
@@ -253,14 +256,7 @@ impl Ca {
         now_ms: Millis,
         ttl_seconds: u64,
     ) -> Result<IssuedCert, CsrError> {
-        let csr = parse_csr(csr_pem)?;
-        let cn = csr_common_name(&csr).ok_or(CsrError::NoCommonName)?;
-        if cn != instance_id {
-            return Err(CsrError::WrongInstance {
-                found: cn,
-                expected: instance_id.to_string(),
-            });
-        }
+        let (csr, key_sha256) = checked_csr(csr_pem, instance_id)?;
         let mut serial = [0u8; 16];
         rand::Rng::fill(&mut rand::thread_rng(), &mut serial[..]);
         // Positive and without a leading zero byte, so the hex form is stable when the
@@ -290,6 +286,7 @@ impl Ca {
         Ok(IssuedCert {
             pem: cert.pem(),
             serial: hex::encode(serial),
+            key_sha256,
             not_before_ms: not_before_ms.div_euclid(1000) * 1000,
             not_after_ms: not_after_ms.div_euclid(1000) * 1000,
         })
@@ -334,6 +331,29 @@ pub fn parse_client_leaf(leaf: &CertificateDer<'_>) -> Result<ClientIdentity, Cl
         not_before_ms: cert.validity().not_before.timestamp() * 1000,
         not_after_ms: cert.validity().not_after.timestamp() * 1000,
     })
+}
+
+/// Checks a CSR as [`Ca::issue_node_cert`] does (self-signed, Ed25519, CN =
+/// `instance_id`) and returns the SHA-256 (hex) of its public key, without issuing:
+/// how a repeated enrollment is recognised.
+pub fn csr_key_sha256(csr_pem: &str, instance_id: &str) -> Result<String, CsrError> {
+    checked_csr(csr_pem, instance_id).map(|(_, key)| key)
+}
+
+fn checked_csr(
+    csr_pem: &str,
+    instance_id: &str,
+) -> Result<(CertificateSigningRequestParams, String), CsrError> {
+    let csr = parse_csr(csr_pem)?;
+    let cn = csr_common_name(&csr).ok_or(CsrError::NoCommonName)?;
+    if cn != instance_id {
+        return Err(CsrError::WrongInstance {
+            found: cn,
+            expected: instance_id.to_string(),
+        });
+    }
+    let key = hex::encode(sha2::Sha256::digest(csr.public_key.der_bytes()));
+    Ok((csr, key))
 }
 
 fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CsrError> {
