@@ -82,7 +82,7 @@ pub fn kvm_canary(qemu: &Path, kernel: &Path) -> Result<(), String> {
     .map(|s| s.to_string())
     .collect();
     let result = (|| {
-        let mut vm = Vm::spawn_argv(&argv, &serial).map_err(|e| e.to_string())?;
+        let mut vm = Vm::spawn_argv(&argv, &serial, false).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + CANARY_DEADLINE;
         loop {
             if vm.serial().contains("Linux version") {

@@ -227,6 +227,11 @@ pub struct VmSpec {
     pub devices: Vec<Device>,
     /// Where the guest's serial console goes.
     pub serial_log: PathBuf,
+    /// What a guest reboot does: `false` (the default, `-no-reboot`) ends QEMU, so a
+    /// test sees each boot as one process; `true` resets the machine in place, as real
+    /// hardware does: same process, same kernel, initrd, fw_cfg and disks (the server's
+    /// VMs, which must come back from a reboot whoever watches them).
+    pub reset_in_place: bool,
 }
 
 impl VmSpec {
@@ -246,6 +251,7 @@ impl VmSpec {
             accel: Accel::Tcg,
             devices: vec![Device::UserNet { id: "n0".into() }, Device::Rng],
             serial_log: serial_log.into(),
+            reset_in_place: false,
         }
     }
 
@@ -297,7 +303,10 @@ impl VmSpec {
     pub fn argv(&self) -> Vec<String> {
         let mut argv = vec![self.qemu.to_string_lossy().into_owned()];
         let mut push = |items: &[&str]| argv.extend(items.iter().map(|s| s.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-nodefaults", "-no-user-config", "-nographic"]);
+        if !self.reset_in_place {
+            push(&["-no-reboot"]);
+        }
         push(&self.accel.args());
         push(&["-machine", "q35"]);
         let mem = self.memory_mib.to_string();
@@ -373,6 +382,19 @@ mod tests {
             window(&argv, "-append"),
             ["console=ttyS0 panic=-1 powernode.on_failure=poweroff powernode.identity_source=fw_cfg"]
         );
+    }
+
+    #[test]
+    fn a_vm_that_resets_in_place_has_no_no_reboot() {
+        let mut s = spec();
+        s.reset_in_place = true;
+        let argv = s.argv();
+        assert!(!argv.iter().any(|a| a == "-no-reboot"), "{argv:?}");
+        assert_eq!(argv[1..4], ["-nodefaults", "-no-user-config", "-nographic"]);
+        // The rest of the machine is the same.
+        let mut plain = spec().argv();
+        plain.retain(|a| a != "-no-reboot");
+        assert_eq!(argv, plain);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The crate's only `unsafe`: the two KVM ioctls rustix has no typed wrapper for
-//! (its `ioctl` patterns drop the return value, which here is the answer).
+//! (its `ioctl` patterns drop the return value, which here is the answer), and
+//! `poll(2)` on one fd (rustix's is behind its `event` feature, which the workspace
+//! does not build).
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use rustix::io::Errno;
 
@@ -43,4 +45,26 @@ pub fn kvm_create_vm(kvm: &OwnedFd) -> Result<OwnedFd, Errno> {
     }
     // SAFETY: `ret` is a fresh fd returned by the kernel and owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// Whether `fd` becomes readable within `timeout_ms` (0: just look). A pidfd is
+/// readable once its process has exited.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> Result<bool, Errno> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid pollfd on the stack for the duration of the call,
+        // and nfds says exactly one; the fd is borrowed, so it stays open.
+        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if ret >= 0 {
+            return Ok(ret > 0 && pfd.revents != 0);
+        }
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if errno != libc::EINTR {
+            return Err(Errno::from_raw_os_error(errno));
+        }
+    }
 }

@@ -78,6 +78,8 @@ pub struct Vm {
     child: Child,
     started: Instant,
     exited: Option<ExitStatus>,
+    /// Let go of by [`Vm::detach`]: the drop leaves QEMU running.
+    detached: bool,
     pub command: String,
     pub serial_log: PathBuf,
     pub command_file: PathBuf,
@@ -89,11 +91,24 @@ impl Vm {
     /// QEMU's own stdout/stderr to `qemu.stderr`, both beside the serial log; an old
     /// serial log is removed first so it never mixes two boots.
     pub fn spawn(spec: &VmSpec) -> Result<Self, VmError> {
-        Self::spawn_argv(&spec.argv(), &spec.serial_log)
+        Self::spawn_argv(&spec.argv(), &spec.serial_log, false)
+    }
+
+    /// [`Vm::spawn`] for a VM meant to outlive this process ([`Vm::detach`]): QEMU
+    /// leads a process group of its own, so a terminal's Ctrl-C (SIGINT to the
+    /// foreground group) stops the parent and not the VM. It stays in the parent's
+    /// session (no `setsid`): whoever ends the session on purpose still ends it.
+    /// No parent-death signal is set: the parent dying leaves QEMU running.
+    pub fn spawn_own_group(spec: &VmSpec) -> Result<Self, VmError> {
+        Self::spawn_argv(&spec.argv(), &spec.serial_log, true)
     }
 
     /// Starts an argv that already names `serial_log` (the KVM canary builds its own).
-    pub(crate) fn spawn_argv(argv: &[String], serial_log: &Path) -> Result<Self, VmError> {
+    pub(crate) fn spawn_argv(
+        argv: &[String],
+        serial_log: &Path,
+        own_group: bool,
+    ) -> Result<Self, VmError> {
         let dir = serial_log
             .parent()
             .map(Path::to_path_buf)
@@ -113,20 +128,23 @@ impl Vm {
             command: command.clone(),
             source: std::io::Error::other("empty argv"),
         })?;
-        let child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|source| VmError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .stderr(stderr);
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let child = cmd.spawn().map_err(|source| VmError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
         Ok(Self {
             child,
             started: Instant::now(),
             exited: None,
+            detached: false,
             command,
             serial_log: serial_log.to_path_buf(),
             command_file,
@@ -184,38 +202,19 @@ impl Vm {
     /// [`crate::Device::Qmp`]): the guest's init (systemd-logind) shuts down cleanly.
     /// Returns once QEMU accepted the command, not when the guest is off.
     pub fn power_button(qmp: &Path, timeout: Duration) -> std::io::Result<()> {
-        use std::io::{BufRead, BufReader, Write};
-        let stream = std::os::unix::net::UnixStream::connect(qmp)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = stream;
-        // Greeting, then one answer per command; an event line may come between.
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        for cmd in ["qmp_capabilities", "system_powerdown"] {
-            writer.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())?;
-            loop {
-                line.clear();
-                if reader.read_line(&mut line)? == 0 {
-                    return Err(std::io::Error::other(format!(
-                        "QMP closed before answering {cmd}"
-                    )));
-                }
-                if line.contains("\"error\"") {
-                    return Err(std::io::Error::other(format!("QMP {cmd}: {}", line.trim())));
-                }
-                if line.contains("\"return\"") {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        crate::qmp::execute(qmp, "system_powerdown", timeout)
+    }
+
+    /// Lets go of QEMU without killing it (it keeps running, e.g. past the server
+    /// that started it, for the next one to adopt); returns its pid.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.pid()
     }
 
     /// Kills QEMU (SIGKILL to its own pid) and reaps it.
     pub fn kill(&mut self) {
-        if self.exited.is_none() {
+        if self.exited.is_none() && !self.detached {
             let _ = self.child.kill();
             self.exited = self.child.wait().ok();
         }
@@ -259,6 +258,29 @@ mod tests {
             !status.contains("fake-qemu") && !status.contains("sleep"),
             "{status}"
         );
+    }
+
+    /// A detached VM outlives its guard; one spawned in its own group leads it.
+    #[test]
+    fn a_detached_vm_keeps_running_in_its_own_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = VmSpec::new("/k", "/i", dir.path().join("serial.log"));
+        spec.qemu = dir.path().join("fake-qemu");
+        fs::write(&spec.qemu, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        fs::set_permissions(
+            &spec.qemu,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let vm = Vm::spawn_own_group(&spec).unwrap();
+        let pid = vm.detach();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        assert_eq!(fields[2], pid.to_string(), "process group: {stat}");
+        assert!(!stat.contains(") Z "), "{stat}");
+        let p = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        rustix::process::kill_process(p, rustix::process::Signal::KILL).unwrap();
+        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
     }
 
     #[test]

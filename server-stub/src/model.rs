@@ -104,9 +104,8 @@ pub struct InstRec {
     /// The active `instance.systemd_degraded` signal.
     #[serde(default)]
     pub systemd_signal: Option<i64>,
-    /// When the node was handed a reboot task: a VM that exits cleanly after that is
-    /// the guest rebooting (QEMU runs with `-no-reboot`), and the provider starts it
-    /// again instead of the instance failing. Cleared once it did.
+    /// When the node was handed a reboot task (cleared once it came back): the VM
+    /// watcher's `vm.rebooted` says whether a reset was that task's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot_expected_ms: Option<Millis>,
 }

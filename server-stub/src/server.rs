@@ -149,11 +149,14 @@ impl RunningServer {
         for t in self.tasks {
             t.await?;
         }
-        // VMs are children of the server: they stop with it.
+        // VMs outlive the server: they are let go of, and the next server adopts them.
         let st = self.state.clone();
-        let killed = tokio::task::spawn_blocking(move || st.shutdown_vms()).await?;
-        if killed > 0 {
-            tracing::info!(vms = killed, "killed the VMs of this server");
+        let left = tokio::task::spawn_blocking(move || st.shutdown_vms()).await?;
+        if left > 0 {
+            tracing::info!(
+                vms = left,
+                "VMs left running; the next server on this data directory takes them back"
+            );
         }
         let n = self.state.flush_dirty().await?;
         tracing::info!(flushed = n, "server stopped");

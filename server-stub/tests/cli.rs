@@ -6,19 +6,11 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::process::{cli, ServerProc, BIN};
+use common::process::{cli, cli_json, fake_image, ServerProc, BIN};
 use common::FakeNode;
 use powernode_proto::IdentityDocument;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-fn cli_json(dir: &Path, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (ok, out, err) = cli(dir, &all);
-    assert!(ok, "{args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|_| panic!("{args:?} printed {out:?}"))
-}
 
 fn cli_err(dir: &Path, args: &[&str]) -> Value {
     let (ok, _out, err) = cli(dir, args);
@@ -163,24 +155,6 @@ async fn runbook_through_the_cli() {
     assert_eq!(e["error"]["code"], "admin_token_invalid");
 }
 
-/// A folder shaped like `powernode-initramfs build` output, with a kernel QEMU
-/// cannot load (so a VM "boots" and exits at once, without a real image).
-fn fake_image(dir: &Path) {
-    use sha2::Digest as _;
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("vmlinuz"), b"not a kernel").unwrap();
-    std::fs::write(dir.join("initramfs.img"), b"not an initramfs").unwrap();
-    std::fs::write(dir.join("cmdline"), "powernode.test=1\n").unwrap();
-    let m = serde_json::json!({
-        "kernel_package": "linux-image-6.12.0-cloud-amd64",
-        "kernel_version": "6.12.0-1",
-        "kernel_release": "6.12.0-cloud-amd64",
-        "vmlinuz_sha256": hex::encode(sha2::Sha256::digest(b"not a kernel")),
-        "initramfs_sha256": hex::encode(sha2::Sha256::digest(b"not an initramfs")),
-    });
-    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
-}
-
 #[test]
 fn real_mode_without_a_published_image_is_missing_netboot_image_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -295,143 +269,6 @@ fn published_image_boots_and_a_vm_that_exits_fails_the_instance() {
     // A failed instance terminates without force; there is no VM left to kill.
     let t = cli_json(tmp.path(), &["terminate-instance", &inst]);
     assert_eq!(t["status"], "terminated");
-}
-
-/// Whether `pid` is alive (not a zombie).
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-fn vm_pid(dir: &Path, inst: &str) -> u64 {
-    let events = cli_json(dir, &["recent-events", "--instance", inst]);
-    events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "provider.provision")
-        .and_then(|e| e["detail"]["pid"].as_u64())
-        .unwrap_or_else(|| panic!("no VM pid in {events}"))
-}
-
-/// `real` with a stand-in QEMU (a shell loop named qemu-system-x86_64, first on the
-/// server's PATH): the persist disk is made, terminate kills the VM, a clean stop kills
-/// it, and after a SIGKILL the restarted server kills the orphan and fails the instance.
-/// The test's own guard kills the VMs of a server it drops.
-#[test]
-fn real_provider_vms_live_and_die_with_the_server() {
-    use std::os::unix::fs::PermissionsExt as _;
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    fake_image(&images);
-    let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let fake = bin.join("qemu-system-x86_64");
-    std::fs::write(&fake, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let env = [
-        (
-            "PATH",
-            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
-        ),
-        ("POWERNODE_ACCEL", "tcg".to_string()),
-    ];
-    let images_arg = images.to_str().unwrap();
-    let data = tmp.path().join("data");
-    let start = || ServerProc::start_env(&data, "real", &["--image-base", images_arg], &env);
-    let provision = |hostname: &str, class: &str| {
-        let node = cli_json(
-            &data,
-            &[
-                "create-node",
-                "--hostname",
-                hostname,
-                "--lifecycle-class",
-                class,
-            ],
-        );
-        let node_id = node["node"]["id"].as_str().unwrap().to_string();
-        let prov = cli_json(&data, &["provision-instance", &node_id]);
-        let inst = prov["instance"]["id"].as_str().unwrap().to_string();
-        (inst.clone(), vm_pid(&data, &inst))
-    };
-    let status = |inst: &str| cli_json(&data, &["get-instance", inst])["instance"].clone();
-
-    let mut server = start();
-    // Persistent: a /persist disk, and terminate kills the VM by its pid.
-    let (p_inst, p_pid) = provision("edge-p", "persistent");
-    assert!(alive(p_pid));
-    let disk = images.join("instances").join(&p_inst).join("persist.img");
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1024 << 20);
-    let cmd = std::fs::read_to_string(disk.with_file_name("qemu-command.sh")).unwrap();
-    assert!(cmd.contains("-m 512 -smp 1"), "{cmd}");
-    assert!(cmd.contains("id=persist"), "{cmd}");
-    let t = cli_json(&data, &["terminate-instance", &p_inst]);
-    assert_eq!(t["status"], "terminated");
-    assert!(!alive(p_pid), "terminate left the VM running");
-
-    // A clean stop kills the VM; the restarted server fails its instance.
-    let (e_inst, e_pid) = provision("edge-e", "ephemeral");
-    assert!(alive(e_pid));
-    assert_eq!(status(&e_inst)["status"], "provisioning");
-    assert!(server.signal("-TERM").success());
-    wait_until("VM killed by the clean stop", 10, || !alive(e_pid));
-    server = start();
-    let i = status(&e_inst);
-    assert_eq!(i["status"], "failed", "{i}");
-    let msg = i["failure"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("restarted") && msg.contains("is gone"),
-        "{msg}"
-    );
-
-    // After a SIGKILL the VM is an orphan: the restarted server kills it.
-    let node_id = cli_json(&data, &["get-instance", &e_inst])["instance"]["node_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cli_json(&data, &["terminate-instance", &e_inst]);
-    let prov = cli_json(&data, &["provision-instance", &node_id]);
-    let k_inst = prov["instance"]["id"].as_str().unwrap().to_string();
-    let k_pid = vm_pid(&data, &k_inst);
-    assert!(alive(k_pid));
-    server.signal("-KILL");
-    assert!(alive(k_pid), "a SIGKILLed server cannot take its VM along");
-    let server = start();
-    wait_until("orphan killed", 10, || !alive(k_pid));
-    let i = status(&k_inst);
-    assert_eq!(i["status"], "failed", "{i}");
-    assert!(
-        i["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("has been killed"),
-        "{i}"
-    );
-
-    // The test guard's promise: a dropped server takes its VMs along (SIGKILL, so
-    // the server cannot), also one a SIGKILL of the server left running.
-    let (_, d_pid) = provision("edge-d", "ephemeral");
-    drop(server);
-    assert!(!alive(d_pid), "a VM outlived its dropped server");
-    let mut server = start();
-    let (_, o_pid) = provision("edge-o", "ephemeral");
-    server.signal("-KILL");
-    assert!(alive(o_pid));
-    drop(server);
-    assert!(
-        !alive(o_pid),
-        "a VM outlived its SIGKILLed and dropped server"
-    );
 }
 
 #[test]
@@ -604,119 +441,4 @@ fn a_closed_stdout_ends_a_command_quietly() {
         assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
-}
-
-/// `real` with a stand-in QEMU that "reboots" (exits 0, as QEMU under `-no-reboot`
-/// does when the guest reboots) once a flag file appears: after the node leased a
-/// `reboot` task the provider starts the VM again and the instance lives on; the same
-/// clean exit with no reboot asked for fails the instance.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_reboot_under_the_real_provider_starts_the_vm_again() {
-    use std::os::unix::fs::PermissionsExt as _;
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    fake_image(&images);
-    let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let flag = tmp.path().join("reboot-now");
-    let fake = bin.join("qemu-system-x86_64");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\nwhile [ ! -e \"$POWERNODE_TEST_FLAG\" ]; do sleep 0.1; done\nrm -f \"$POWERNODE_TEST_FLAG\"\nexit 0\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let env = [
-        (
-            "PATH",
-            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
-        ),
-        ("POWERNODE_ACCEL", "tcg".to_string()),
-        ("POWERNODE_TEST_FLAG", flag.to_string_lossy().into_owned()),
-    ];
-    let data = tmp.path().join("data");
-    let server = ServerProc::start_env(
-        &data,
-        "real",
-        &["--image-base", images.to_str().unwrap()],
-        &env,
-    );
-    let provision = |hostname: &str| {
-        let node = cli_json(
-            &data,
-            &[
-                "create-node",
-                "--hostname",
-                hostname,
-                "--lifecycle-class",
-                "persistent",
-            ],
-        );
-        let node_id = node["node"]["id"].as_str().unwrap().to_string();
-        let prov = cli_json(&data, &["provision-instance", &node_id]);
-        prov["instance"]["id"].as_str().unwrap().to_string()
-    };
-    let starts = |inst: &str| -> Vec<Value> {
-        cli_json(&data, &["recent-events", "--instance", inst])["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["kind"] == "provider.provision")
-            .cloned()
-            .collect()
-    };
-    let status = |inst: &str| cli_json(&data, &["get-instance", inst])["instance"].clone();
-
-    let inst = provision("edge-reboot");
-    let (ok, doc_text, _) = cli(&data, &["instance-identity", &inst]);
-    assert!(ok);
-    let doc = IdentityDocument::parse(doc_text.as_bytes()).unwrap();
-    let mut node = FakeNode::new(doc, &format!("https://{}", server.addr));
-    node.enroll().await;
-    let (s, _) = node.heartbeat("ready").await;
-    assert_eq!(s, StatusCode::OK);
-    assert_eq!(status(&inst)["status"], "running");
-    let first = starts(&inst)[0]["detail"]["pid"].as_u64().unwrap();
-
-    cli_json(&data, &["reboot-instance", &inst]);
-    let (s, v) = node
-        .post(
-            powernode_proto::paths::TASK_LEASE,
-            serde_json::json!({"instance_id": node.doc.instance_id, "lease_seconds": 30}),
-        )
-        .await;
-    assert_eq!(
-        (s, v["task"]["kind"].as_str()),
-        (StatusCode::OK, Some("reboot")),
-        "{v}"
-    );
-    std::fs::write(&flag, b"").unwrap();
-    wait_until("the VM started again", 20, || starts(&inst).len() == 2);
-    let again = &starts(&inst)[0];
-    assert_eq!(again["detail"]["reboot"], true, "{again}");
-    let second = again["detail"]["pid"].as_u64().unwrap();
-    assert_ne!(second, first);
-    assert!(alive(second));
-    let i = status(&inst);
-    assert_eq!(i["status"], "running", "{i}");
-    let exited = cli_json(&data, &["recent-events", "--instance", &inst])["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "vm.exited")
-        .cloned()
-        .unwrap();
-    assert_eq!(exited["detail"]["reboot"], true, "{exited}");
-
-    // No reboot asked for now (the one above was used up): the same clean exit fails it.
-    std::fs::write(&flag, b"").unwrap();
-    wait_until("the instance failed", 20, || {
-        status(&inst)["status"] == "failed"
-    });
-    let msg = status(&inst)["failure"]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(msg.contains("exited on its own"), "{msg}");
-    assert_eq!(starts(&inst).len(), 2);
 }

@@ -394,6 +394,8 @@ pub struct ServerOptions {
     pub sensor_interval_ms: u64,
     pub heartbeat_interval_seconds: u64,
     pub extra: Vec<String>,
+    /// Environment for the server process (e.g. `POWERNODE_VM_APPEND`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ServerOptions {
@@ -406,6 +408,7 @@ impl Default for ServerOptions {
             sensor_interval_ms: 200,
             heartbeat_interval_seconds: 1,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -445,6 +448,7 @@ impl Server {
                 &opts.heartbeat_interval_seconds.to_string(),
             ])
             .args(&opts.extra)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .env("POWERNODE_LIBVIRT_MODE", "recorder")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -38,17 +38,25 @@ pub fn build_image(out: &Path) -> Result<PathBuf> {
     Ok(out.to_path_buf())
 }
 
-/// The server, stopped with SIGTERM (so it kills its VMs) even when the test fails;
-/// a QEMU it started is then killed by its pid if it is somehow still there.
+/// The server, stopped even when the test fails: SIGTERM (it leaves its VMs
+/// running, for the next server to adopt), then its guard kills what is left of its
+/// session, the VMs among them; the guards of servers killed earlier
+/// ([`RealServer::kill_and_restart`]) do the same for theirs. A QEMU it started is
+/// then killed by its pid if it is somehow still there.
 pub struct RealServer {
     pub server: Option<Server>,
     pub qemu_pid: Option<u32>,
+    /// Servers SIGKILLed alone, kept for their guards (their sessions hold VMs).
+    pub killed: Vec<Server>,
 }
 
 impl Drop for RealServer {
     fn drop(&mut self) {
         if let Some(mut s) = self.server.take() {
             s.guard.terminate(Duration::from_secs(10));
+        }
+        for mut s in self.killed.drain(..) {
+            s.guard.kill();
         }
         if let Some(pid) = self.qemu_pid.filter(|p| qemu_alive(*p)) {
             let _ = Command::new("kill")
@@ -81,6 +89,17 @@ pub fn keep_vm_files(instance_dir: &Path, dest: &Path) {
 impl RealServer {
     /// `powernode-stub serve --provider real` booting `image`, with `extra` flags.
     pub fn start(data: &Path, image: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_env(data, image, extra, &[])
+    }
+
+    /// [`RealServer::start`] with `env` for the server (`POWERNODE_VM_APPEND`: kernel
+    /// arguments for every VM).
+    pub fn start_env(
+        data: &Path,
+        image: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut flags = vec![
             "--provider".to_string(),
             "real".into(),
@@ -94,11 +113,42 @@ impl RealServer {
                 ServerOptions {
                     heartbeat_interval_seconds: 2,
                     extra: flags,
+                    env: env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     ..ServerOptions::default()
                 },
             )?),
             qemu_pid: None,
+            killed: Vec::new(),
         })
+    }
+
+    /// SIGKILLs the server alone (its VMs live on, as after a crash) and starts a new
+    /// one on the same data directory and port.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        let mut old = self.server.take().context("server stopped")?;
+        let mut opts = old.opts.clone();
+        opts.port = Some(old.port()?);
+        let data = old.data.clone();
+        old.guard.signal_alone("-KILL")?;
+        self.killed.push(old);
+        // The port was just freed; retry briefly in case the kernel still holds it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Server::start(&data, opts.clone()) {
+                Ok(s) => {
+                    self.server = Some(s);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart failed ({e:#}); retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn server(&self) -> Result<&Server> {
@@ -129,6 +179,23 @@ impl RealServer {
         self.qemu_pid = Some(pid);
         Ok((pid, dir))
     }
+}
+
+/// Waits until `inst` has more than `after` `vm.rebooted` events (its VM reset in
+/// place: the server's real provider runs QEMU without `-no-reboot`); returns the
+/// newest.
+pub fn vm_rebooted(server: &Server, inst: &str, after: usize) -> Result<Value> {
+    wait_for("the VM to reset", Duration::from_secs(300), || {
+        let i = server.instance(inst)?;
+        if i["status"] == "failed" {
+            bail!("instance failed: {}", i["failure"]);
+        }
+        let resets: Vec<Value> = events(server, inst)?
+            .into_iter()
+            .filter(|e| e["kind"] == "vm.rebooted")
+            .collect();
+        Ok((resets.len() > after).then(|| resets[0].clone()))
+    })
 }
 
 /// Runs `powernode-initramfs COMMAND ARGS` (release: it hashes and compresses).

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use powernode_tests::vm::{
     build_image, debian_root, debian_template, events, fs_clean, kernel_modules, publish_debian,
-    qemu_alive, vm_test, RealServer,
+    qemu_alive, vm_rebooted, vm_test, RealServer,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
 use serde_json::{json, Value};
@@ -273,8 +273,8 @@ fn run(
     let r = server.cli(&["reboot-instance", &inst, "--drain-timeout-seconds", "120"])?;
     let rtask = str_at(&r, "/task_id")?;
     wait_task(server, &rtask, Duration::from_secs(300))?;
-    let (_pid2, _) = rs.vm_started(&inst, 1)?;
-    let server = rs.server()?;
+    // QEMU resets the guest in place: the same process boots it again.
+    vm_rebooted(server, &inst, 0)?;
     let again = wait_for("running again after the reboot", TO_RUNNING, || {
         let i = instance(server, &inst)?;
         if i["status"] == "failed" {
@@ -344,6 +344,7 @@ fn debian_root_runs_systemd_docker_survives_a_reboot_drains_in_order_and_ends_cl
     let mut rs = RealServer {
         server: None,
         qemu_pid: None,
+        killed: Vec::new(),
     };
     vm_test("vm_debian", |out, dir| run(out, &mut rs, dir));
 }

@@ -1,7 +1,6 @@
 //! Changes to the in-memory records that several actions share: finishing tasks,
-//! failing an instance, a VM started or lost, the re-enroll window, expired leases,
-//! and the instances whose VM did not survive a restart. Plain functions on
-//! [`Mem`]; they never lock, await or call the provider.
+//! failing an instance, a VM started or lost, the re-enroll window, expired leases.
+//! Plain functions on [`Mem`]; they never lock, await or call the provider.
 
 use powernode_proto::admin::{self};
 use powernode_proto::node::{FailureReport, Phase};
@@ -11,7 +10,6 @@ use serde_json::json;
 use crate::clock::{format_ts, Millis};
 use crate::model::{new_id, Mem, Op, TaskRec};
 use crate::provider::ProviderRecord;
-use crate::store::{Store, StoreError};
 
 pub(super) fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
     finish_tasks(
@@ -98,27 +96,23 @@ pub(super) fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCod
 
 /// Records a VM the provider started for an instance: its provider record and a
 /// `provider.provision` event with the VM's pid and files, so an operator can find
-/// them (`reboot`: started again after the guest rebooted).
+/// them.
 pub(super) fn vm_started(
     mem: &mut Mem,
     now: Millis,
     provider: &str,
     (instance_id, node_id): (&str, &str),
     record: ProviderRecord,
-    reboot: bool,
 ) {
-    let mut detail = json!({
+    let detail = json!({
         "provider": provider,
         "pid": record.get("pid"),
         "instance_dir": record.get("instance_dir"),
         "publication_id": record.get("publication_id"),
     });
-    if reboot {
-        detail["reboot"] = json!(true);
-    }
     mem.ops.push(Op::ProviderRecord {
         instance_id: instance_id.to_string(),
-        action: if reboot { "restart" } else { "provision" }.to_string(),
+        action: "provision".to_string(),
         at_ms: now,
         doc: record,
     });
@@ -245,57 +239,4 @@ pub(super) fn requeue_expired(mem: &mut Mem, now: Millis, instance_id: Option<&s
             json!({"task_id": id, "attempts": attempts}),
         );
     }
-}
-
-/// At start: a live instance of the `real` provider has no VM any more (QEMU is a
-/// child of the server and dies with it; one left running by a SIGKILLed server is
-/// killed here). It is marked failed with the reason, its credentials withdrawn.
-pub(super) fn recover_lost_vms(
-    store: &Store,
-    mem: &mut Mem,
-    now: Millis,
-) -> Result<usize, StoreError> {
-    let lost: Vec<String> = mem
-        .instances
-        .values()
-        .filter(|i| i.provider == "real" && i.status.is_live())
-        .map(|i| i.id.clone())
-        .collect();
-    for id in &lost {
-        let record = store.provider_record_blocking(id, "provision")?;
-        let pid = record
-            .as_ref()
-            .and_then(|r| r["pid"].as_u64())
-            .map(|p| p as u32);
-        let dir = record
-            .as_ref()
-            .and_then(|r| r["instance_dir"].as_str())
-            .map(std::path::PathBuf::from);
-        let message = match (pid, dir) {
-            (Some(pid), Some(dir)) if crate::provider::orphan_vm_alive(pid, &dir) => {
-                crate::provider::kill_orphan(pid);
-                format!(
-                    "the server restarted: its VM (QEMU pid {pid}) was left behind by a killed \
-                     server and has been killed; VMs do not outlive the server that started them"
-                )
-            }
-            (Some(pid), _) => format!(
-                "the server restarted and the VM (QEMU pid {pid}) is gone: VMs are children of \
-                 the server and do not survive it"
-            ),
-            (None, _) => "the server restarted before the VM was started".to_string(),
-        };
-        let status = mem.instances[id].status;
-        mem.event(
-            now,
-            "vm.lost",
-            None,
-            Some(id),
-            json!({"pid": pid, "was": status, "reason": message}),
-        );
-        vm_lost(mem, now, id, &message);
-    }
-    let ops = std::mem::take(&mut mem.ops);
-    store.apply_blocking(&ops)?;
-    Ok(lost.len())
 }

@@ -1,6 +1,6 @@
 //! Admin: instances. Provisioning (the provider runs with no state lock held and a
 //! slow boot answers `pending`), reading, the identity document, drain, terminate,
-//! the drift report, and reaping VMs that went away.
+//! the drift report (the VM watcher is `vms.rs`).
 use axum::http::StatusCode;
 use powernode_proto::admin::{
     self, DrainRequest, DriftItem, DriftReport, InstanceActionResponse, ProvisionRequest,
@@ -11,8 +11,8 @@ use powernode_proto::{
 };
 use serde_json::json;
 
-use super::bookkeeping::{add_task, fail_instance, finish_task, finish_tasks, vm_lost, vm_started};
-use super::{invalid_transition, random_secret, token_hash, AppState, REENROLL_WINDOW_MS};
+use super::bookkeeping::{add_task, fail_instance, finish_task, finish_tasks, vm_started};
+use super::{invalid_transition, random_secret, token_hash, AppState};
 use crate::error::{AppError, AppResult};
 use crate::images::Publication;
 use crate::model::{self, new_id, InstRec, Mem, Op, TokenRec};
@@ -245,7 +245,6 @@ impl AppState {
                             self.provider.name(),
                             (&instance_id, node_id),
                             record,
-                            false,
                         );
                         if still_pending {
                             mem.set_status(now, &instance_id, InstanceStatus::Provisioning);
@@ -580,90 +579,5 @@ impl AppState {
             Ok(())
         })
         .await
-    }
-
-    /// Notices VMs that ended on their own: an event, and the instance fails with
-    /// the reason unless it was being terminated anyway, or the guest rebooted after
-    /// it was handed a reboot task (QEMU runs with `-no-reboot`, so a guest reboot
-    /// ends the process): then the provider starts the VM again, as a machine's own
-    /// reset would, and the node boots back to `running`.
-    pub async fn reap_vms(&self) -> AppResult<usize> {
-        let exits = self.provider.poll_exited();
-        if exits.is_empty() {
-            return Ok(0);
-        }
-        let n = exits.len();
-        let rebooting = self
-            .mutate(|mem, now| {
-                let mut rebooting = Vec::new();
-                for ex in exits {
-                    let Some(inst) = mem.instances.get(&ex.instance_id) else {
-                        continue;
-                    };
-                    let (status, node_id) = (inst.status, inst.node_id.clone());
-                    let reboot = ex.clean
-                        && status.is_live()
-                        && status != InstanceStatus::Terminating
-                        && inst
-                            .reboot_expected_ms
-                            .is_some_and(|t| now.saturating_sub(t) < REENROLL_WINDOW_MS);
-                    mem.event(
-                        now,
-                        "vm.exited",
-                        Some(&node_id),
-                        Some(&ex.instance_id),
-                        json!({"pid": ex.pid, "status": ex.status, "serial_tail": ex.serial_tail, "reboot": reboot}),
-                    );
-                    if reboot {
-                        if let Some(inst) = mem.instances.get_mut(&ex.instance_id) {
-                            inst.reboot_expected_ms = None;
-                        }
-                        mem.save_instance(&ex.instance_id);
-                        rebooting.push((ex.instance_id, node_id));
-                    } else if status.is_live() && status != InstanceStatus::Terminating {
-                        let message = format!(
-                            "the VM exited on its own (QEMU pid {}, {}) while the instance was {status}; last console lines: {}",
-                            ex.pid, ex.status, ex.serial_tail
-                        );
-                        vm_lost(mem, now, &ex.instance_id, &message);
-                    }
-                }
-                Ok(rebooting)
-            })
-            .await?;
-        for (instance_id, node_id) in rebooting {
-            let st = self.clone();
-            let id = instance_id.clone();
-            let result = tokio::task::spawn_blocking(move || st.provider.restart(&id))
-                .await
-                .map_err(|e| AppError::internal(&e))?;
-            self.mutate(|mem, now| {
-                match result {
-                    Ok(record) => vm_started(
-                        mem,
-                        now,
-                        self.provider.name(),
-                        (&instance_id, &node_id),
-                        record,
-                        true,
-                    ),
-                    Err(e) => {
-                        let message = format!(
-                            "the guest rebooted and its VM could not be started again: {}",
-                            e.chain()
-                        );
-                        vm_lost(mem, now, &instance_id, &message);
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-        }
-        Ok(n)
-    }
-
-    /// Kills every VM (server shutdown).
-    pub fn shutdown_vms(&self) -> usize {
-        self.provider.shutdown()
     }
 }

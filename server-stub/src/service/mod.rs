@@ -10,11 +10,12 @@
 //!
 //! Layout: this file holds [`AppState`] (construction, `lock`, `mutate`, the dirty
 //! flush) and the helpers every action shares. One file per area adds its methods:
-//! `nodes`, `instances` (provision, drain, terminate, drift, reaping VMs),
+//! `nodes`, `instances` (provision, drain, terminate, drift),
 //! `disk_images`, `enrollment`, `node_api` (handshake, heartbeat, worker API),
 //! `boot_reports` (failures before enrollment, by bootstrap token), `tasks`
 //! (node-side tasks, refusals), `modules` (module publications), `sensors`,
-//! `attribution`. `bookkeeping` holds the record changes several of them
+//! `attribution`, `vms` (the VM watcher's resets and exits, adopting VMs at start).
+//! `bookkeeping` holds the record changes several of them
 //! make (finishing and adding tasks, failing an instance); `module_store` the module
 //! state beside SQLite. Imports point one way: areas use this file, `bookkeeping`
 //! and `module_store`, never each other's free functions and never the reverse.
@@ -33,7 +34,6 @@ use crate::images::{DigestCache, Publication};
 use crate::model::{Mem, Op};
 use crate::provider::Provider;
 use crate::store::{Store, StoreError};
-use bookkeeping::recover_lost_vms;
 use module_store::{template_lists, ModuleWatch};
 
 mod attribution;
@@ -49,6 +49,7 @@ mod nodes;
 pub mod retention;
 mod sensors;
 mod tasks;
+mod vms;
 
 pub struct Shared {
     pub cfg: Config,
@@ -150,10 +151,13 @@ impl AppState {
         let mut mem = store.load()?;
         let publications = store.load_publications()?;
         let started_ms = clock.now_ms();
-        let recovered = recover_lost_vms(&store, &mut mem, started_ms)?;
-        if recovered > 0 {
+        let (adopted, lost) = vms::recover_vms(&store, &mut mem, started_ms, provider.as_ref())?;
+        if adopted > 0 {
+            tracing::info!(vms = adopted, "VMs taken back from the previous server");
+        }
+        if lost > 0 {
             tracing::warn!(
-                instances = recovered,
+                instances = lost,
                 "instances whose VM did not survive the server restart were marked failed"
             );
         }

@@ -2,21 +2,22 @@
 //! `recorder` (records exactly what it would boot, including the identity document
 //! and the QEMU command line, boots nothing), `real` (boots a local QEMU VM through
 //! `powernode-qemu`: direct kernel boot of a published netboot image, identity by
-//! fw_cfg) and `disabled`.
+//! fw_cfg; in `real.rs`) and `disabled`.
 //!
 //! Provider calls may block (spawning QEMU, making a disk, killing and reaping):
 //! the service calls them with no state lock held, on the blocking pool.
 
-use std::collections::HashMap;
-use std::io::Write as _;
+mod real;
+
+pub use real::Real;
+
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use powernode_proto::admin::InstanceType;
 use powernode_proto::{IdentityDocument, LifecycleClass};
 use powernode_qemu::spec::shell_quote;
-use powernode_qemu::{Accel, Device, Vm, VmSpec};
+use powernode_qemu::{Accel, Device, VmSpec};
 use serde_json::json;
 
 use crate::config::ProviderMode;
@@ -79,6 +80,8 @@ pub enum ProviderError {
     Disk(#[source] powernode_qemu::disk::DiskError),
     #[error("cannot start QEMU")]
     Vm(#[source] powernode_qemu::VmError),
+    #[error("cannot take the VM back")]
+    Adopt(#[source] powernode_qemu::AdoptError),
 }
 
 impl ProviderError {
@@ -111,12 +114,50 @@ pub type ProviderRecord = serde_json::Value;
 pub struct VmExit {
     pub instance_id: String,
     pub pid: u32,
+    /// The exit status (`exit status: 0`), or why it is not known (a QEMU this
+    /// server adopted is not its child: its status went to its parent).
     pub status: String,
-    /// QEMU exited 0: the guest powered off or, under `-no-reboot`, rebooted.
-    pub clean: bool,
+    /// Why QEMU said it stopped (its last QMP `SHUTDOWN` reason: `guest-shutdown` is
+    /// the guest powering off), if the watcher heard it.
+    pub shutdown_reason: Option<String>,
     /// Last lines of the serial console (the guest's own account of why).
     pub serial_tail: String,
 }
+
+/// A VM that reset in place (QEMU's `RESET` events, coalesced per reboot: see
+/// [`REBOOT_COALESCE`]): the guest rebooted (a reboot task, a kernel panic under
+/// `panic=-1`, the init's failure policy) or the host reset it. Same process, same
+/// disks, same identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmReset {
+    pub instance_id: String,
+    pub pid: u32,
+    /// QEMU's reason (`guest-reset`, `host-qmp-system-reset`, ...).
+    pub reason: String,
+    /// Whether the guest asked for it.
+    pub by_guest: bool,
+    /// Reboots of this VM within [`RESET_WINDOW`], this one included.
+    pub recent: usize,
+}
+
+/// What the watcher saw happen to a VM, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    Reset(VmReset),
+    Exited(VmExit),
+}
+
+/// A VM that reboots more than [`RESET_LIMIT`] times within [`RESET_WINDOW`] is in a
+/// reboot loop (a boot that fails and reboots by policy, a panic at every boot): the
+/// service destroys it and fails the instance, as it would a VM that died.
+pub const RESET_LIMIT: usize = 5;
+pub const RESET_WINDOW: Duration = Duration::from_secs(600);
+/// QEMU reports one guest reboot as several `RESET`s (measured: three for one
+/// `reboot(2)` of the netboot init, within half a second: the kernel's reset, then
+/// the firmware's own hard reset as it starts again). Resets QEMU stamped within
+/// this long of the first one of a reboot are that reboot; anchored at the first, so
+/// a loop faster than this still counts, at worst half as fast.
+pub const REBOOT_COALESCE: Duration = Duration::from_secs(2);
 
 pub trait Provider: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
@@ -128,20 +169,28 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     }
     fn provision(&self, spec: &ProvisionSpec) -> Result<ProviderRecord, ProviderError>;
     fn destroy(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError>;
-    /// VMs that ended on their own since the last call (reaped, forgotten).
-    fn poll_exited(&self) -> Vec<VmExit> {
+    /// What happened to the VMs since the last call: resets in place, and VMs that
+    /// ended on their own (reaped and forgotten).
+    fn poll(&self) -> Vec<VmEvent> {
         Vec::new()
     }
-    /// Starts the VM of an instance whose VM ended (the guest rebooted) again, as
-    /// it was provisioned: same identity, same disks.
-    fn restart(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
+    /// Takes back the VM an earlier server started for `instance_id` (its provision
+    /// `record`: pid, instance folder, QMP sockets) and watches it as if it had
+    /// started it. An error when it is gone or is not that VM.
+    fn adopt(
+        &self,
+        instance_id: &str,
+        record: &ProviderRecord,
+    ) -> Result<ProviderRecord, ProviderError> {
+        let _ = record;
         Err(ProviderError::Failed(format!(
-            "the {} provider cannot start {instance_id}'s VM again",
+            "the {} provider cannot take back {instance_id}'s VM",
             self.name()
         )))
     }
-    /// Kills every VM and refuses new ones (server shutdown). Returns how many were
-    /// running.
+    /// Server shutdown: refuses new VMs and lets go of the running ones, which keep
+    /// running for the next server on the same data directory to adopt. Returns how
+    /// many were left running.
     fn shutdown(&self) -> usize {
         0
     }
@@ -169,10 +218,18 @@ pub fn instance_dir(base: &Path, instance_id: &str) -> PathBuf {
 /// heartbeat) to leave `/persist` clean under TCG.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(40);
 
-/// The QMP socket of an instance's VM. Under the temp dir, not the instance folder:
-/// a unix socket path has a 108-byte limit that deep checkouts exceed.
+/// The QMP socket of an instance's VM, for commands (the power button). Under the
+/// temp dir, not the instance folder: a unix socket path has a 108-byte limit that
+/// deep checkouts exceed. The provision record keeps the path, so a server started
+/// with another temp dir still finds it.
 pub fn qmp_socket(instance_id: &str) -> PathBuf {
     std::env::temp_dir().join(format!("powernode-qmp-{instance_id}.sock"))
+}
+
+/// The second QMP socket, the one the exit watcher keeps open for its events (a
+/// QMP socket serves one client at a time).
+pub fn qmp_events_socket(instance_id: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("powernode-qmp-{instance_id}.events.sock"))
 }
 
 /// The VM of an instance, as `real` boots it (pure: unit-tested without QEMU).
@@ -190,10 +247,19 @@ pub fn vm_spec(
     vm.accel = accel;
     vm.kernel_args = image.cmdline.clone();
     vm.kernel_args.extend(extra_args.iter().cloned());
+    // A guest reboot resets the machine in place rather than ending QEMU: the VM
+    // comes back from a reboot task, a panic (`panic=-1`) or the init's failure
+    // policy with the same kernel, initrd, fw_cfg identity and disks, whether or
+    // not a server is watching at that moment (one restarting, or down). The
+    // watcher learns of each reset from QMP's `RESET` event and bounds a loop.
+    vm.reset_in_place = true;
     vm.devices
         .push(Device::identity(inst_dir.join("identity.json")));
     vm.devices.push(Device::Qmp {
         path: qmp_socket(&spec.instance_id),
+    });
+    vm.devices.push(Device::Qmp {
+        path: qmp_events_socket(&spec.instance_id),
     });
     if spec.lifecycle_class == LifecycleClass::Persistent {
         vm.devices.push(Device::PersistDisk {
@@ -222,6 +288,9 @@ fn vm_record(spec: &ProvisionSpec, vm: &VmSpec) -> serde_json::Value {
         "network": "user,host=10.0.2.2",
         "rng": "virtio-rng",
         "serial_log": vm.serial_log,
+        "reset_in_place": vm.reset_in_place,
+        "qmp": qmp_socket(&spec.instance_id),
+        "qmp_events": qmp_events_socket(&spec.instance_id),
         "argv": vm.argv(),
         "command": shell_quote(&vm.argv()),
     })
@@ -307,241 +376,14 @@ impl Provider for Disabled {
     }
 }
 
-/// Local QEMU VMs, children of the server process (killed with it on shutdown).
-#[derive(Debug)]
-pub struct Real {
-    pub image_base: PathBuf,
-    extra_args: Vec<String>,
-    /// `None` once the server shut down: no VM may start after that.
-    vms: Mutex<Option<HashMap<String, Vm>>>,
-    /// How each live instance was provisioned, to start its VM again after a reboot.
-    specs: Mutex<HashMap<String, ProvisionSpec>>,
-}
-
-impl Real {
-    pub fn new(image_base: PathBuf) -> Self {
-        Self {
-            // Absolute, so the recorded folder (and the orphan check on QEMU's command
-            // line after a restart) does not depend on the server's working directory.
-            image_base: std::path::absolute(&image_base).unwrap_or(image_base),
-            extra_args: env_extra_args(),
-            vms: Mutex::new(Some(HashMap::new())),
-            specs: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn specs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ProvisionSpec>> {
-        self.specs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn vms(&self) -> std::sync::MutexGuard<'_, Option<HashMap<String, Vm>>> {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Writes the identity document readable by the owner only (it holds a bootstrap token).
-fn write_private(path: &Path, data: &[u8]) -> Result<(), ProviderError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(data).map_err(io(path))
-}
-
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-impl Provider for Real {
-    fn name(&self) -> &'static str {
-        "real"
-    }
-
-    fn enabled(&self) -> bool {
-        true
-    }
-
-    fn needs_image(&self) -> bool {
-        true
-    }
-
-    fn provision(&self, spec: &ProvisionSpec) -> Result<ProviderRecord, ProviderError> {
-        let image = spec.image.as_ref().ok_or(ProviderError::MissingImage)?;
-        let dir = instance_dir(&self.image_base, &spec.instance_id);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let identity = serde_json::to_vec_pretty(&spec.identity)
-            .map_err(|e| ProviderError::Failed(format!("encoding the identity: {e}")))?;
-        write_private(&dir.join("identity.json"), &identity)?;
-        let qemu = PathBuf::from("qemu-system-x86_64");
-        let accel = Accel::detect_for_kernel(&qemu, &image.kernel());
-        let vm_spec = vm_spec(spec, image, &dir, accel, &self.extra_args);
-        if spec.lifecycle_class == LifecycleClass::Persistent {
-            let disk = dir.join("persist.img");
-            // A new instance gets a new disk; one left by an earlier try is reused.
-            if !disk.exists() {
-                powernode_qemu::make_persist_disk(&disk, PERSIST_DISK_MIB)
-                    .map_err(ProviderError::Disk)?;
-            }
-        }
-        let vm = Vm::spawn(&vm_spec).map_err(ProviderError::Vm)?;
-        let record = json!({
-            "provider": "real",
-            "action": "provision",
-            "instance_id": spec.instance_id,
-            "node_id": spec.node_id,
-            "publication_id": image.publication_id,
-            "pid": vm.pid(),
-            "accel": format!("{accel:?}").to_lowercase(),
-            "instance_dir": dir,
-            "command_file": vm.command_file,
-            "vm": vm_record(spec, &vm_spec),
-            "identity": spec.identity,
-        });
-        tracing::info!(instance = %spec.instance_id, pid = vm.pid(), ?accel, "VM started");
-        match self.vms().as_mut() {
-            Some(vms) => {
-                vms.insert(spec.instance_id.clone(), vm);
-                self.specs().insert(spec.instance_id.clone(), spec.clone());
-                Ok(record)
-            }
-            // Shut down while this VM was starting: it dies here (Vm's drop kills it).
-            None => Err(ProviderError::Failed(
-                "the server is shutting down; the VM was killed".into(),
-            )),
-        }
-    }
-
-    fn destroy(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
-        self.specs().remove(instance_id);
-        // Taken out of the map first, so the exit watcher never reports a VM we kill.
-        let vm = self.vms().as_mut().and_then(|v| v.remove(instance_id));
-        let Some(mut vm) = vm else {
-            return Ok(json!({
-                "provider": "real", "action": "destroy", "instance_id": instance_id,
-                "vm": null, "note": "no VM running for this instance",
-            }));
-        };
-        let pid = vm.pid();
-        let before = vm.try_wait().map_err(ProviderError::Vm)?;
-        // A persistent VM first gets its power button, as a cloud's stop does, so
-        // its /persist disk is left clean; an ephemeral one has nothing to keep.
-        let qmp = qmp_socket(instance_id);
-        let mut powerdown = serde_json::Value::Null;
-        let persistent = instance_dir(&self.image_base, instance_id)
-            .join("persist.img")
-            .exists();
-        if before.is_none() && persistent {
-            let t = std::time::Instant::now();
-            let pressed = Vm::power_button(&qmp, Duration::from_secs(5));
-            let exited = match &pressed {
-                Ok(()) => vm
-                    .wait_timeout(POWERDOWN_GRACE)
-                    .map_err(ProviderError::Vm)?,
-                Err(_) => None,
-            };
-            powerdown = json!({
-                "pressed": pressed.as_ref().map(|_| true).unwrap_or(false),
-                "error": pressed.err().map(|e| e.to_string()),
-                "exited": exited.map(|s| s.to_string()),
-                "ms": t.elapsed().as_millis() as u64,
-            });
-            tracing::info!(instance = %instance_id, %powerdown, "power button");
-        }
-        let _ = std::fs::remove_file(&qmp);
-        vm.kill();
-        let status = vm
-            .wait_timeout(Duration::from_secs(10))
-            .map_err(ProviderError::Vm)?;
-        let gone = !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-        if status.is_none() && !gone {
-            return Err(ProviderError::Failed(format!(
-                "QEMU pid {pid} did not die after SIGKILL"
-            )));
-        }
-        Ok(json!({
-            "provider": "real", "action": "destroy", "instance_id": instance_id,
-            "pid": pid,
-            "already_exited": before.map(|s| s.to_string()),
-            "powerdown": powerdown,
-            "status": status.map(|s| s.to_string()),
-            "vm": {"name": format!("powernode-{instance_id}")},
-        }))
-    }
-
-    fn poll_exited(&self) -> Vec<VmExit> {
-        let mut guard = self.vms();
-        let Some(vms) = guard.as_mut() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        let ids: Vec<String> = vms.keys().cloned().collect();
-        for id in ids {
-            let Some(vm) = vms.get_mut(&id) else { continue };
-            let (status, clean) = match vm.try_wait() {
-                Ok(Some(s)) => (s.to_string(), s.success()),
-                Ok(None) => continue,
-                Err(e) => (format!("unknown ({e})"), false),
-            };
-            if let Some(vm) = vms.remove(&id) {
-                out.push(VmExit {
-                    instance_id: id,
-                    pid: vm.pid(),
-                    status,
-                    clean,
-                    serial_tail: tail_lines(&vm.serial(), 5),
-                });
-            }
-        }
-        out
-    }
-
-    fn restart(&self, instance_id: &str) -> Result<ProviderRecord, ProviderError> {
-        let spec = self.specs().get(instance_id).cloned().ok_or_else(|| {
-            ProviderError::Failed(format!(
-                "no VM was provisioned for {instance_id} by this server run"
-            ))
-        })?;
-        // QEMU truncates its serial file: the boot that just ended keeps its log.
-        let dir = instance_dir(&self.image_base, instance_id);
-        let serial = dir.join("serial.log");
-        if serial.exists() {
-            let kept = dir.join("serial.previous.log");
-            std::fs::rename(&serial, &kept).map_err(io(&kept))?;
-        }
-        let mut record = self.provision(&spec)?;
-        record["action"] = json!("restart");
-        Ok(record)
-    }
-
-    fn shutdown(&self) -> usize {
-        let taken = self.vms().take().unwrap_or_default();
-        let mut vms: Vec<Vm> = taken.into_values().collect();
-        for vm in &mut vms {
-            vm.kill();
-        }
-        vms.len()
-    }
-}
-
 /// Whether `pid` is a live QEMU started for the instance folder `dir` (a VM left
-/// behind by a server that was SIGKILLed: its QEMU was re-parented, not killed).
+/// behind by an earlier server: its QEMU was re-parented, not killed).
 pub fn orphan_vm_alive(pid: u32, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains("qemu-system") && cmdline.contains(&*dir.to_string_lossy())
+    powernode_qemu::adopt::is_qemu_of(pid, dir)
 }
 
-/// SIGKILLs an orphaned QEMU found by [`orphan_vm_alive`].
+/// SIGKILLs an orphaned QEMU found by [`orphan_vm_alive`] that no provider takes
+/// back (the server now runs another provider).
 pub fn kill_orphan(pid: u32) -> bool {
     rustix::process::Pid::from_raw(pid as i32)
         .map(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok())
@@ -549,12 +391,17 @@ pub fn kill_orphan(pid: u32) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use powernode_proto::identity::IDENTITY_VERSION;
     use powernode_proto::NetworkConfig;
 
-    fn spec(class: LifecycleClass, type_id: &str, vcpus: u32, memory_mb: u32) -> ProvisionSpec {
+    pub(in crate::provider) fn spec(
+        class: LifecycleClass,
+        type_id: &str,
+        vcpus: u32,
+        memory_mb: u32,
+    ) -> ProvisionSpec {
         ProvisionSpec {
             instance_id: "inst-1".into(),
             node_id: "node-1".into(),
@@ -601,6 +448,10 @@ mod tests {
     #[test]
     fn ephemeral_node_vm_spec_and_argv() {
         let qmp = format!("unix:{},server=on,wait=off", qmp_socket("inst-1").display());
+        let events = format!(
+            "unix:{},server=on,wait=off",
+            qmp_events_socket("inst-1").display()
+        );
         let s = spec(LifecycleClass::Ephemeral, "type-qemu-1cpu-512mb", 1, 512);
         let vm = vm_spec(
             &s,
@@ -616,7 +467,6 @@ mod tests {
                 "-nodefaults",
                 "-no-user-config",
                 "-nographic",
-                "-no-reboot",
                 "-accel",
                 "tcg",
                 "-cpu",
@@ -651,6 +501,8 @@ mod tests {
                 "name=opt/org.powernode/identity,file=/b/instances/inst-1/identity.json",
                 "-qmp",
                 &qmp,
+                "-qmp",
+                &events,
             ])
         );
     }
@@ -685,11 +537,15 @@ mod tests {
                 Device::Qmp {
                     path: qmp_socket("inst-1"),
                 },
+                Device::Qmp {
+                    path: qmp_events_socket("inst-1"),
+                },
                 Device::PersistDisk {
                     path: "/b/instances/inst-1/persist.img".into(),
                 },
             ],
             serial_log: "/b/instances/inst-1/serial.log".into(),
+            reset_in_place: true,
         };
         assert_eq!(vm, expected);
         let argv = vm.argv();
@@ -714,16 +570,5 @@ mod tests {
         assert_eq!(w("-m"), ["4096"]);
         assert_eq!(w("-smp"), ["2"]);
         assert_eq!(w("-accel"), ["kvm"]);
-    }
-
-    #[test]
-    fn real_provider_refuses_without_an_image() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = Real::new(tmp.path().to_path_buf());
-        let mut s = spec(LifecycleClass::Ephemeral, "type-qemu-1cpu-512mb", 1, 512);
-        s.image = None;
-        assert!(matches!(p.provision(&s), Err(ProviderError::MissingImage)));
-        assert!(p.poll_exited().is_empty());
-        assert_eq!(p.destroy("inst-x").unwrap()["vm"], serde_json::Value::Null);
     }
 }
