@@ -19,7 +19,7 @@ use powernode_proto::admin::{
 };
 use powernode_proto::node::{
     CompleteTaskRequest, EnrollmentRequest, HandshakeRequest, HeartbeatRequest, LeaseRequest,
-    RenewLeaseRequest, RenewRequest,
+    ReissueRequest, RenewLeaseRequest, RenewRequest,
 };
 use powernode_proto::{paths, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -100,6 +100,7 @@ pub fn app(state: AppState) -> Router {
         .route(paths::HEARTBEAT, post(heartbeat))
         .route(paths::DESIRED_MODULES, get(desired_modules))
         .route(paths::CERTIFICATE_RENEW, post(renew_certificate))
+        .route(paths::CERTIFICATE_REISSUE, post(reissue_certificate))
         .route(paths::TASK_LEASE, post(lease))
         .route(
             "/api/v1/system/worker_api/tasks/{id}/renew",
@@ -227,8 +228,11 @@ impl FromRequestParts<AppState> for NodeCert {
             Some(PeerAuth::Verified(id)) => {
                 if state.clock.now_ms() >= id.not_after_ms {
                     return Err(AppError::unauthorized(
-                        ErrorCode::ClientCertificateInvalid,
-                        "the client certificate has expired",
+                        ErrorCode::CertificateExpired,
+                        format!(
+                            "the client certificate has expired; re-enroll it at {}",
+                            paths::CERTIFICATE_REISSUE
+                        ),
                     ));
                 }
                 Ok(NodeCert(id.clone()))
@@ -551,6 +555,15 @@ async fn renew_certificate(
     ))
 }
 
+/// No client certificate needed: the body carries the expired one and a CSR signed
+/// by its key.
+async fn reissue_certificate(
+    State(st): State<AppState>,
+    Json(req): Json<ReissueRequest>,
+) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
+    Ok(axum::Json(st.reissue_certificate(req).await?))
+}
+
 async fn lease(
     State(st): State<AppState>,
     NodeCert(id): NodeCert,
@@ -690,9 +703,14 @@ mod tests {
                 serial: "01".into(),
                 not_before_ms: 0,
                 not_after_ms: 1000,
+                public_key: Vec::new(),
             })));
-        let (_, v) = send(&router, req).await;
-        assert_eq!(v["error"]["code"], "client_certificate_invalid", "{v}");
+        let (s, v) = send(&router, req).await;
+        // Its own code, one the node re-enrolls on (not a final refusal).
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("certificate_expired"))
+        );
         // Valid, but not a serial this control plane issued.
         let mut req = post(
             paths::HEARTBEAT,
@@ -705,6 +723,7 @@ mod tests {
                 serial: "01".into(),
                 not_before_ms: 0,
                 not_after_ms: i64::MAX,
+                public_key: Vec::new(),
             })));
         let (s, v) = send(&router, req).await;
         assert_eq!(
