@@ -56,6 +56,12 @@ impl Shared {
             .clone()
     }
 
+    /// Unix seconds by the server's clock as its answers tell it (the local clock
+    /// until it first answers): what certificate dates are judged by.
+    pub(crate) fn server_now(&self) -> i64 {
+        self.client().server_clock().now()
+    }
+
     pub(crate) fn instance_id(&self) -> &str {
         &self.identity.instance_id
     }
