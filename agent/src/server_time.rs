@@ -94,6 +94,21 @@ impl ServerClock {
         self.sample().map(|s| s.error_ms)
     }
 
+    /// Unix seconds the server's clock has surely reached (the estimate less its
+    /// error), else the local clock: what renewal is judged by, so a node never asks
+    /// before the server's own renewal point.
+    pub fn earliest_now(&self) -> i64 {
+        let at = Instant::now();
+        match self.sample() {
+            Some(s) => self
+                .server_ms_at(at)
+                .unwrap_or(s.server_ms)
+                .saturating_sub(s.error_ms)
+                .div_euclid(1000),
+            None => local_unix_ms().div_euclid(1000),
+        }
+    }
+
     /// Unix seconds now by the server's clock, else by the local one.
     pub fn now(&self) -> i64 {
         self.server_ms_at(Instant::now())
@@ -132,6 +147,13 @@ mod tests {
             Some(1_700_000_000_500)
         );
         assert_eq!(clock.error_ms(), Some(700));
+        // What the server has surely reached lags the estimate by that error.
+        let est = clock.now();
+        let earliest = clock.earliest_now();
+        assert!(
+            est - earliest >= 0 && est - earliest <= 1,
+            "{est} {earliest}"
+        );
         // It runs on with the monotonic clock, forwards and backwards.
         assert_eq!(
             clock.server_ms_at(received + Duration::from_secs(3600)),

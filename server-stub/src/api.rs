@@ -125,9 +125,26 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response_with_state(
+            state.clone(),
+            date_header,
+        ))
         .with_state(state)
         // After the JSON body limit: registry uploads stream with their own bound.
         .merge(registry)
+}
+
+/// The `Date` of every answer is the control plane's clock, the one that dates
+/// certificates: nodes judge certificate dates by it, not by their own RTC. (hyper
+/// would write the system clock; the two differ only where a test skews the clock.)
+async fn date_header(State(st): State<AppState>, mut resp: Response) -> Response {
+    let secs = u64::try_from(st.clock.now_ms().div_euclid(1000)).unwrap_or(0);
+    let date =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    if let Ok(v) = header::HeaderValue::from_str(&date) {
+        resp.headers_mut().insert(header::DATE, v);
+    }
+    resp
 }
 
 async fn not_found() -> AppError {

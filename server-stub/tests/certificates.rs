@@ -7,6 +7,7 @@ mod common;
 
 use common::{code, csr, FakeNode, TestServer};
 use powernode_proto::paths;
+use powernode_stub::cli::client::pinned_client;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -306,4 +307,103 @@ async fn every_answer_carries_the_server_date() {
             assert!(off.as_secs() <= 2, "{off:?}");
         }
     }
+    // It is the control plane's clock, the one that dates certificates.
+    ts.clock.advance_secs(5 * 3600);
+    let r = pinned_client(&doc.ca_pem, None)
+        .unwrap()
+        .get(format!("{}{}", ts.url(), paths::HEARTBEAT))
+        .send()
+        .await
+        .unwrap();
+    let date = r.headers().get(reqwest::header::DATE).unwrap();
+    let date = httpdate::parse_http_date(date.to_str().unwrap()).unwrap();
+    let ahead = date
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!((5 * 3600 - 2..=5 * 3600 + 2).contains(&ahead), "{ahead}");
+}
+
+/// The real agent against a control plane whose clock is `skew_secs` away from
+/// this machine's (the node's RTC, seen from the server): the node must run,
+/// renew a few times in two certificate lives, neither stop (a node clock ahead
+/// sees its certificates as expired) nor renew in a loop or strand (one behind
+/// never sees them due).
+async fn node_with_a_clock_off_by(skew_secs: i64) {
+    const TTL: u64 = 8;
+    let ts = TestServer::start_with(|c| {
+        c.cert_ttl_seconds = TTL;
+        c.heartbeat_interval_seconds = 1;
+    })
+    .await;
+    ts.clock.advance_secs(skew_secs);
+    let (_, inst, doc) = ts.provisioned(&format!("edge-skew{skew_secs}")).await;
+    let dir = powernode_tests::test_dir(&format!("clock-skew{skew_secs}")).unwrap();
+    let identity = serde_json::to_value(&doc).unwrap();
+    let mut agent = tokio::task::spawn_blocking(move || {
+        powernode_tests::Agent::with_identity(&dir, "agent", &identity, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let running = async {
+        loop {
+            let v = ts
+                .ok(Method::GET, &paths::admin_instance(&inst), None)
+                .await;
+            if v["instance"]["status"] == "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(30), running)
+        .await
+        .is_err()
+    {
+        panic!("never running:\n{}", agent.log_text());
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2 * TTL)).await;
+    assert!(
+        agent.guard.is_running(),
+        "agent died:\n{}",
+        agent.log_text()
+    );
+    // Still heartbeating on a valid certificate: the last beat is recent.
+    let v = ts
+        .ok(Method::GET, &paths::admin_instance(&inst), None)
+        .await;
+    let last =
+        powernode_tests::timestamp(v["instance"]["last_heartbeat_at"].as_str().unwrap()).unwrap();
+    let server_now = time::OffsetDateTime::from_unix_timestamp(ts.clock.now_ms() / 1000).unwrap();
+    assert!(
+        server_now - last < time::Duration::seconds(4),
+        "last heartbeat {last}, server time {server_now}:\n{}",
+        agent.log_text()
+    );
+    // Renewed at about two thirds of each life: a few times, not at every beat.
+    let renewals = events(&ts, &inst, "certificate.renewed").await.len();
+    assert!(
+        (2..=5).contains(&renewals),
+        "{renewals} renewals in {} s with a {TTL} s certificate:\n{}",
+        2 * TTL,
+        agent.log_text()
+    );
+    // Judged by the server's clock (its answers' `Date`), the node never asked
+    // before the server's renewal point.
+    assert!(
+        !agent.log_text().contains("renewal not due"),
+        "{}",
+        agent.log_text()
+    );
+    agent.guard.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_hours_behind_the_server_renews_in_time() {
+    node_with_a_clock_off_by(5 * 3600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_hours_ahead_of_the_server_neither_stops_nor_renews_in_a_loop() {
+    node_with_a_clock_off_by(-5 * 3600).await;
 }

@@ -160,7 +160,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
                 Err(e) => tracing::warn!(error = %crate::error_chain(&e),
                     "reissue of the expired certificate failed; retrying"),
             }
-        } else if renewal.due(&lock(&shared.cert), shared.server_now()) {
+        } else if renewal.due(&lock(&shared.cert), shared.server_now_earliest()) {
             match renew_certificate(&shared).await {
                 Ok(()) => renewal.renewed(),
                 Err(e) if stop_if_terminal(&shared, &e).await => return,

@@ -409,13 +409,19 @@ pub async fn run(
         interval = hs.heartbeat_interval_seconds;
     }
 
+    // The certificate's receipt time was read by this node's clock; the server has
+    // answered by now, so put it on the server's clock, which renewal is judged by.
+    let mut cert = creds.info.clone();
+    if let Some(offset_ms) = client.server_clock().offset_ms() {
+        cert.received_at = cert.received_at.saturating_add(offset_ms / 1000);
+    }
     let (exit_tx, mut exit_rx) = mpsc::channel(4);
     let shared = Arc::new(Shared {
         opts,
         state,
         client: RwLock::new(client),
         ca_pem: Mutex::new(creds.ca_pem.clone()),
-        cert: Mutex::new(creds.info.clone()),
+        cert: Mutex::new(cert),
         status: Mutex::new(resumed.unwrap_or(NodeStatus {
             phase: Phase::Ready,
             cordoned: false,
