@@ -12,6 +12,7 @@
 //! (the seam; [`modules::module_runtime`] is the module runtime behind it).
 
 pub mod backoff;
+pub mod boot_report;
 pub mod client;
 pub mod credentials;
 pub mod drain;

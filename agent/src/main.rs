@@ -262,6 +262,9 @@ struct RunArgs {
     /// Where runtime modules are mounted, one folder per module name.
     #[arg(long, default_value = powernode_agent::modules::module_runtime::RUNTIME_MODULES_DIR)]
     modules_dir: PathBuf,
+    /// Allow plain HTTP to a loopback registry a module publication names (tests).
+    #[arg(long)]
+    insecure_http_loopback: bool,
 }
 
 /// The live module runtime: desired runtime modules pulled from the registry (the
@@ -283,7 +286,10 @@ fn module_runtime(
     Ok(Arc::new(
         ModuleRuntime::new(
             store,
-            modules::registry::RegistryOptions::default(),
+            modules::registry::RegistryOptions {
+                allow_http_loopback: args.insecure_http_loopback,
+                ..Default::default()
+            },
             Arc::new(modules::mount::KernelMounter),
             args.modules_dir.clone(),
             Vec::new(),
@@ -355,6 +361,9 @@ async fn run(args: RunArgs) -> i32 {
     // reconcile that wants modules then fails with a clear report upstream.
     // Command-line services and the services of attached modules share one
     // supervisor: a drain stops them all.
+    if args.insecure_http_loopback {
+        tracing::warn!("plain HTTP to loopback registries allowed (--insecure-http-loopback)");
+    }
     let supervisor = Arc::new(ServiceSupervisor::start(args.services.clone()));
     let reconciler: Arc<dyn powernode_agent::module_reconcile::ModuleReconciler> =
         match module_runtime(&args, supervisor.clone()) {

@@ -55,6 +55,10 @@ pub trait ModuleReconciler: Send + Sync {
     fn drain_steps(&self) -> Vec<crate::drain::DrainStep> {
         Vec::new()
     }
+    /// Gives up the reconciles in flight that have not started changing anything (a
+    /// drain or reboot takes over): they end with `task_cancelled`. One already
+    /// stopping services and swapping mounts finishes. Reconciles started later run.
+    fn cancel_in_flight(&self) {}
 }
 
 /// A node without a module runtime: fine while nothing is desired, a clear

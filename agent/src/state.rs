@@ -6,6 +6,11 @@
 //! Files are replaced atomically (write a temporary file, fsync, rename). The key
 //! and the certificate are two renames; if a crash falls between them, loading
 //! finds the certificate still in its temporary file and pairs them up again.
+//!
+//! An enrollment in progress keeps its key in `pending.key` (0600), written before
+//! the request leaves: a retry whose first answer was lost presents the same key, so
+//! the server answers with the same certificate instead of `bootstrap_token_used`.
+//! Saving the enrolled credentials renames that file into `node.key`.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -19,6 +24,8 @@ pub const IDENTITY_FILE: &str = "identity.json";
 pub const KEY_FILE: &str = "node.key";
 pub const CERT_FILE: &str = "node.crt";
 pub const CA_FILE: &str = "ca.pem";
+/// The key of an enrollment that has not been answered (and saved) yet.
+pub const PENDING_KEY_FILE: &str = "pending.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -37,6 +44,24 @@ pub enum StateError {
     },
     #[error("stored credentials are unusable")]
     Credentials(#[from] CredentialError),
+    #[error("pending enrollment key {} is unusable", path.display())]
+    PendingKey {
+        path: PathBuf,
+        #[source]
+        source: CredentialError,
+    },
+}
+
+/// Where the key [`StateDir::pending_key`] returned came from.
+#[derive(Debug)]
+pub enum KeyOrigin {
+    /// Made now: no enrollment was in progress.
+    Created,
+    /// Saved by an earlier attempt of this enrollment.
+    Reused,
+    /// Made now because the saved one did not parse (the error names the file),
+    /// which it replaced.
+    Replaced(StateError),
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +150,46 @@ impl StateDir {
 
     /// Stores key (0600), certificate and CA.
     pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+        self.save_credentials_from(creds, false)
+    }
+
+    /// The key for an enrollment's CSR: the one an earlier attempt of it saved, or a
+    /// new one, saved (0600, atomically) before this returns, so before any request
+    /// leaves. A saved key that does not parse is replaced; the error naming it comes
+    /// back in [`KeyOrigin::Replaced`] for the caller to report.
+    pub fn pending_key(&self) -> Result<(NodeKey, KeyOrigin), StateError> {
+        let path = self.file(PENDING_KEY_FILE);
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => Some(zeroize::Zeroizing::new(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let origin = match saved {
+            None => KeyOrigin::Created,
+            Some(bytes) => match std::str::from_utf8(&bytes)
+                .map_err(|_| CredentialError::KeyFormat)
+                .and_then(NodeKey::from_pem)
+            {
+                Ok(key) => return Ok((key, KeyOrigin::Reused)),
+                Err(source) => KeyOrigin::Replaced(StateError::PendingKey {
+                    path: path.clone(),
+                    source,
+                }),
+            },
+        };
+        let key = NodeKey::generate()?;
+        write_file(&path, key.to_pem()?.as_bytes(), 0o600, true)?;
+        Ok((key, origin))
+    }
+
+    /// Stores the credentials an enrollment got for [`StateDir::pending_key`]: the
+    /// pending key file becomes `node.key` (renamed; rewritten if it no longer holds
+    /// this key), so none is left over.
+    pub fn save_enrolled_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+        self.save_credentials_from(creds, true)
+    }
+
+    fn save_credentials_from(&self, creds: &Credentials, pending: bool) -> Result<(), StateError> {
         let key_pem = creds.key.to_pem()?;
         write_file(&self.file(CA_FILE), creds.ca_pem.as_bytes(), 0o644, true)?;
         let cert_tmp = write_file(
@@ -133,7 +198,21 @@ impl StateDir {
             0o644,
             false,
         )?;
-        write_file(&self.file(KEY_FILE), key_pem.as_bytes(), 0o600, true)?;
+        let pending_path = self.file(PENDING_KEY_FILE);
+        let pending_pem = if pending {
+            read_optional(&pending_path)?.map(zeroize::Zeroizing::new)
+        } else {
+            None
+        };
+        if pending_pem.as_ref().map(|p| p.as_str()) == Some(key_pem.as_str()) {
+            std::fs::rename(&pending_path, self.file(KEY_FILE))
+                .map_err(io_err("rename", &pending_path))?;
+        } else {
+            write_file(&self.file(KEY_FILE), key_pem.as_bytes(), 0o600, true)?;
+            if pending_pem.is_some() {
+                std::fs::remove_file(&pending_path).map_err(io_err("remove", &pending_path))?;
+            }
+        }
         std::fs::rename(&cert_tmp, self.file(CERT_FILE)).map_err(io_err("rename", &cert_tmp))?;
         Ok(())
     }
@@ -267,6 +346,62 @@ mod tests {
         std::fs::write(tmp_path(&state.file(CERT_FILE)), &new.cert_pem).unwrap();
         let back = state.load_credentials("inst-1").unwrap().unwrap();
         assert_eq!(back.key.public_key(), new.key.public_key());
+    }
+
+    #[test]
+    fn a_pending_key_is_saved_private_reused_and_becomes_the_credentials_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let (first, origin) = state.pending_key().unwrap();
+        assert!(matches!(origin, KeyOrigin::Created), "{origin:?}");
+        let mode = std::fs::metadata(state.file(PENDING_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A retry (or a restarted agent) gets the same key.
+        let (again, origin) = state.pending_key().unwrap();
+        assert!(matches!(origin, KeyOrigin::Reused), "{origin:?}");
+        assert_eq!(again.public_key(), first.public_key());
+        let (cert, ca) = sign(&again.csr_pem("inst-1").unwrap(), 3600);
+        let creds = Credentials::new(again, cert, ca, "inst-1").unwrap();
+        state.save_enrolled_credentials(&creds).unwrap();
+        assert!(
+            !state.file(PENDING_KEY_FILE).exists(),
+            "a pending key was left"
+        );
+        let back = state.load_credentials("inst-1").unwrap().unwrap();
+        assert_eq!(back.key.public_key(), first.public_key());
+        let mode = std::fs::metadata(state.file(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The next enrollment (a new instance on this state dir) starts afresh.
+        let (next, origin) = state.pending_key().unwrap();
+        assert!(matches!(origin, KeyOrigin::Created), "{origin:?}");
+        assert_ne!(next.public_key(), first.public_key());
+    }
+
+    #[test]
+    fn a_corrupt_pending_key_is_an_error_naming_the_file_and_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let path = state.file(PENDING_KEY_FILE);
+        for junk in [&b"not a key"[..], b"", &[0xff, 0xfe, 0x00][..]] {
+            std::fs::write(&path, junk).unwrap();
+            let replaced = match state.pending_key() {
+                Ok((key, KeyOrigin::Replaced(e))) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&path.display().to_string()), "{msg}");
+                    key
+                }
+                other => panic!("{other:?}"),
+            };
+            let (kept, origin) = state.pending_key().unwrap();
+            assert!(matches!(origin, KeyOrigin::Reused), "{origin:?}");
+            assert_eq!(kept.public_key(), replaced.public_key());
+        }
     }
 
     #[test]

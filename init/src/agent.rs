@@ -22,6 +22,7 @@ use powernode_agent::node_loop::{self, AgentOptions, Exit, Hooks};
 use powernode_agent::reissue::{reissue, ReissueError};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
+use powernode_proto::boot_report::ReportTarget;
 use powernode_proto::node::{FailureReport, Phase, RootFacts, RunningModule, TimelineEntry};
 use powernode_proto::{ErrorCode, IdentityDocument};
 
@@ -124,6 +125,13 @@ pub trait AgentDriver {
     /// Best effort: sends `failure` upstream in a handshake. `false` when the node
     /// has no credentials yet or the control plane cannot be reached.
     fn report_failure(&mut self, timeline: &[TimelineEntry], failure: FailureReport) -> bool;
+    /// Best effort, before the node has credentials: sends `failure` as a boot
+    /// report to `target`, authenticated by its bootstrap token (which it does not
+    /// spend), with the recent console lines. One quick try (a few seconds at most
+    /// when the control plane is unreachable); `false` when it was not recorded.
+    fn report_boot(&mut self, _target: &ReportTarget, _failure: &FailureReport) -> bool {
+        false
+    }
     /// Runs the agent (heartbeats, tasks, drain) until it ends.
     fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd;
     /// Fetches the desired modules; when they include `root` modules, pulls and
@@ -189,6 +197,8 @@ pub struct RealAgent {
     /// The desired set compose_root fetched when it named no root module: the
     /// agent's first reconcile uses it.
     desired: Option<powernode_proto::node::DesiredModulesResponse>,
+    /// When boot reports were last sent (failures before enrollment).
+    boot_throttle: Option<powernode_agent::boot_report::Throttle>,
 }
 
 impl std::fmt::Debug for RealAgent {
@@ -258,14 +268,17 @@ impl AgentDriver for RealAgent {
                     c
                 }
                 None => {
+                    // Saves the credentials; a retry of this phase (the failure
+                    // policy) reuses the pending key, so a lost answer is answered
+                    // again rather than refused.
                     let (creds, _resp) = powernode_agent::enroll::enroll_with_provider(
+                        &state,
                         &identity,
                         input.source,
                         input.provider.clone(),
                         timeouts,
                     )
                     .await?;
-                    state.save_credentials(&creds)?;
                     creds
                 }
             };
@@ -379,6 +392,56 @@ impl AgentDriver for RealAgent {
         }
     }
 
+    fn report_boot(&mut self, target: &ReportTarget, failure: &FailureReport) -> bool {
+        // Under `retry` a phase fails again and again: the first failure, a new code
+        // and a refusal go up, otherwise one a minute.
+        let due = self
+            .boot_throttle
+            .get_or_insert_with(|| {
+                powernode_agent::boot_report::Throttle::new(Duration::from_secs(60))
+            })
+            .due(failure.code, failure.code.is_terminal_for_node());
+        if !due {
+            log::info!(
+                "boot report for {} sent less than a minute ago",
+                failure.code
+            );
+            return false;
+        }
+        let Ok(rt) = self.runtime() else {
+            return false;
+        };
+        let report = powernode_agent::boot_report::request(
+            target,
+            failure.phase,
+            failure.code,
+            failure.message.clone(),
+            failure.attempt,
+            crate::console::recent(),
+        );
+        let sent = rt.block_on(powernode_agent::boot_report::send(
+            target,
+            &report,
+            powernode_agent::boot_report::TIMEOUTS,
+        ));
+        match sent {
+            Ok(answer) => {
+                log::info!(
+                    "failure reported upstream as a boot report; the operator is told: {}",
+                    answer.recovery
+                );
+                answer.recorded
+            }
+            Err(e) => {
+                log::warn!(
+                    "could not send the boot report: {}",
+                    powernode_agent::error_chain(&e)
+                );
+                false
+            }
+        }
+    }
+
     fn compose_root(&mut self, target: &str) -> Result<Option<Vec<RunningModule>>, ComposeError> {
         let Some(session) = &self.session else {
             return Err(ComposeError::internal(
@@ -442,6 +505,7 @@ impl AgentDriver for RealAgent {
         };
         let resolved = session.resolved.clone();
         let state_dir = session.state_dir.clone();
+        let _renewer = crate::dhcp_renew::spawn();
         let mut opts = AgentOptions::new(&state_dir);
         opts.can_reboot = true;
         opts.kmsg_log = true;
@@ -601,6 +665,8 @@ pub fn run_as_service(state_dir: &std::path::Path) -> AgentEnd {
 }
 
 fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
+    // The DHCP lease the boot took outlives the boot: renewed from here on.
+    let _renewer = crate::dhcp_renew::spawn();
     let failed = |message: String| AgentEnd::Failed {
         code: ErrorCode::Internal,
         message,
@@ -723,6 +789,9 @@ pub mod fake {
         pub bootstrap_errors: Vec<BootstrapError>,
         pub bootstraps: Vec<BootstrapInput>,
         pub reports: Vec<FailureReport>,
+        /// Boot reports sent (instance, failure) and whether the server records them.
+        pub boot_reports: Vec<(String, FailureReport)>,
+        pub boot_report_ok: bool,
         pub runs: Vec<Vec<TimelineEntry>>,
         pub ends: Vec<AgentEnd>,
         pub enrolled: bool,
@@ -745,6 +814,12 @@ pub mod fake {
         fn report_failure(&mut self, _timeline: &[TimelineEntry], failure: FailureReport) -> bool {
             self.reports.push(failure);
             self.enrolled
+        }
+
+        fn report_boot(&mut self, target: &ReportTarget, failure: &FailureReport) -> bool {
+            self.boot_reports
+                .push((target.instance_id.clone(), failure.clone()));
+            self.boot_report_ok
         }
 
         fn run(&mut self, timeline: &[TimelineEntry]) -> AgentEnd {

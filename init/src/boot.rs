@@ -21,6 +21,7 @@ pub mod root;
 pub mod state;
 pub mod test_root;
 
+use powernode_proto::boot_report::ReportTarget;
 use powernode_proto::node::{Phase, TimelineEntry};
 use serde_json::json;
 
@@ -139,9 +140,14 @@ impl Boot<'_> {
         };
         let timeline = self.timeline.clone();
         let reported = match self.agent.as_deref_mut() {
-            Some(agent) => agent.report_failure(&timeline, failure),
+            Some(agent) => agent.report_failure(&timeline, failure.clone()),
             None => false,
         };
+        // Without credentials, the bootstrap token still lets the node say why, once
+        // it knows the token and has a network to send it on.
+        let boot_report = !reported
+            && !self.enrolled
+            && self.report_boot(&failure, error.report_target().cloned());
         // A node refused for good (decommissioned, its token spent) powers off under
         // every policy, as when the agent is refused later: retrying or rebooting
         // would only knock again with the same identity.
@@ -159,7 +165,8 @@ impl Boot<'_> {
             "on_failure": policy.as_str(),
             "retrying": will_retry,
             "refused_for_good": refused,
-            "reported_upstream": reported,
+            "reported_upstream": reported || boot_report,
+            "boot_report": boot_report,
         }));
         if refused {
             log::warn!("the control plane refused this node for good; powering off");
@@ -186,6 +193,29 @@ impl Boot<'_> {
                 self.sys.sleep(delay);
                 None
             }
+        }
+    }
+
+    /// Sends `failure` as a boot report with the identity's bootstrap token (or,
+    /// without an identity, to `salvaged`: what a broken document still names); best
+    /// effort, a few seconds at most. `false` when there is no token or network yet,
+    /// or the control plane did not record it.
+    fn report_boot(
+        &mut self,
+        failure: &powernode_proto::node::FailureReport,
+        salvaged: Option<ReportTarget>,
+    ) -> bool {
+        let target = match &self.identity {
+            Some(found) => Some(ReportTarget::from(&found.document)),
+            None => salvaged,
+        };
+        let (Some(target), Some(_)) = (target, &self.network) else {
+            log::info!("no bootstrap token or network yet: the failure stays on the console");
+            return false;
+        };
+        match self.agent.as_deref_mut() {
+            Some(agent) => agent.report_boot(&target, failure),
+            None => false,
         }
     }
 
@@ -898,6 +928,59 @@ mod tests {
         assert_eq!(agent.bootstraps.len(), 2);
     }
 
+    /// Refused before it has credentials, the node still says why: a boot report with
+    /// the bootstrap token, before the policy powers it off. Failures before the
+    /// identity and the network exist stay on the console.
+    #[test]
+    fn a_refusal_at_enrollment_goes_upstream_as_a_boot_report() {
+        let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=3");
+        let mut agent = FakeAgent {
+            boot_report_ok: true,
+            ..FakeAgent::default()
+        };
+        agent.bootstrap_errors.push(BootstrapError::Enroll(
+            powernode_agent::enroll::EnrollError::Client(
+                powernode_agent::client::ClientError::Refused {
+                    method: "POST",
+                    path: "/v1/enrollment".into(),
+                    status: 401,
+                    code: ErrorCode::BootstrapTokenUsed,
+                    message: "bootstrap token was already used".into(),
+                },
+            ),
+        ));
+        let outcome = Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert_eq!(outcome, Outcome::Reset(RebootKind::PowerOff));
+        let [(instance, report)] = agent.boot_reports.as_slice() else {
+            panic!("one boot report: {:?}", agent.boot_reports);
+        };
+        assert_eq!(instance, "inst-1");
+        assert_eq!(
+            (report.phase, report.code, report.attempt),
+            (Phase::Enrolled, ErrorCode::BootstrapTokenUsed, 1)
+        );
+        assert!(report.message.contains("already used"), "{report:?}");
+        let failed = events(&sys)
+            .into_iter()
+            .find(|e| e["event"] == "phase_failed")
+            .unwrap();
+        assert_eq!(failed["boot_report"], true);
+        assert_eq!(failed["reported_upstream"], true);
+
+        // A failure before there is a network (a module that will not load) cannot.
+        let mut sys = machine("powernode.on_failure=poweroff");
+        sys.module_errors.insert(
+            "/lib/modules/failover.ko".into(),
+            ModuleSysError::Load(Errno::NOEXEC),
+        );
+        let mut agent = FakeAgent {
+            boot_report_ok: true,
+            ..FakeAgent::default()
+        };
+        Boot::new(&mut sys).with_agent(&mut agent).run();
+        assert!(agent.boot_reports.is_empty());
+    }
+
     #[test]
     fn an_agent_failure_after_enrollment_goes_upstream() {
         let mut sys = machine("powernode.on_failure=poweroff powernode.attempts=1");
@@ -1295,6 +1378,60 @@ mod tests {
             line.contains("\"provider\":{\"addresses\":[\"10.1.2.3\"]"),
             "{line}"
         );
+    }
+
+    /// Cloud user data broken in one field still names the control plane and the
+    /// token: with the network up, the failure goes upstream as a boot report for
+    /// that instance. A document that names no usable token cannot.
+    #[test]
+    fn a_cloud_document_broken_in_one_field_is_still_reported_to_its_control_plane() {
+        let mut doc: Value = serde_json::from_str(&doc_json()).unwrap();
+        doc["hostname"] = json!("not a hostname!");
+        let broken = doc.to_string();
+        for (bytes, reported) in [
+            (broken.clone(), true),
+            ("{\"version\": 1}".to_string(), false),
+        ] {
+            let mut sys = FakeSys::default();
+            let mut agent = FakeAgent {
+                boot_report_ok: true,
+                ..FakeAgent::default()
+            };
+            let mut boot = Boot::new(&mut sys).with_agent(&mut agent);
+            boot.network = Some(crate::net::Configured {
+                interface: "eth0".into(),
+                address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+                prefix: 24,
+                gateway: None,
+                dns: Vec::new(),
+                source: "dhcp",
+            });
+            let err = find_cloud_identity_with(&mut boot, &move |_: &CloudOptions| {
+                Err(
+                    powernode_agent::identity::cloud::parse_user_data("aws", bytes.as_bytes())
+                        .unwrap_err(),
+                )
+            })
+            .unwrap_err();
+            assert_eq!(err.code(), ErrorCode::IdentityInvalid, "{err}");
+            boot.options.on_failure = cmdline::FailurePolicy::Poweroff;
+            let outcome = boot.failed("cloud_identity", &err, 1);
+            assert_eq!(outcome, Some(Outcome::Reset(RebootKind::PowerOff)));
+            drop(boot);
+            if reported {
+                let [(instance, report)] = agent.boot_reports.as_slice() else {
+                    panic!("one boot report: {:?}", agent.boot_reports);
+                };
+                assert_eq!(instance, "inst-1");
+                assert_eq!(
+                    (report.phase, report.code),
+                    (Phase::IdentityFound, ErrorCode::IdentityInvalid)
+                );
+                assert!(report.message.contains("hostname"), "{}", report.message);
+            } else {
+                assert!(agent.boot_reports.is_empty(), "{:?}", agent.boot_reports);
+            }
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub fn find_identity(
             return Err(IdentityProbeError::Cloud {
                 strategy: error.strategy,
                 message: powernode_agent::error_chain(&error),
+                report_to: error.report_to,
             })
         }
     };

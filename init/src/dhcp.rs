@@ -1,6 +1,8 @@
-//! DHCPv4 (RFC 2131) packets: DISCOVER and REQUEST out, OFFER / ACK / NAK in. Pure
-//! builders and a parser that refuses anything malformed or not ours (wrong xid,
-//! wrong op, missing cookie), so the exchange in [`crate::net`] stays small.
+//! DHCPv4 (RFC 2131) packets: DISCOVER and REQUEST out (also the REQUEST that renews
+//! or rebinds a bound lease), OFFER / ACK / NAK in. Pure builders and a parser that
+//! refuses anything malformed or not ours (wrong xid, wrong op, missing cookie), so
+//! the exchange in [`crate::net`] stays small; and [`Renewal`], the pure clock of a
+//! bound lease (RENEW at T1, REBIND at T2, gone at the lease's end, RFC 2131 4.4.5).
 
 use std::net::Ipv4Addr;
 
@@ -53,6 +55,10 @@ pub struct Reply {
     pub routers: Vec<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub lease_seconds: Option<u32>,
+    /// T1, the renewal time (option 58).
+    pub renewal_seconds: Option<u32>,
+    /// T2, the rebinding time (option 59).
+    pub rebinding_seconds: Option<u32>,
 }
 
 impl Reply {
@@ -70,7 +76,16 @@ impl Reply {
     }
 }
 
-fn packet(kind: MessageType, xid: u32, mac: [u8; 6], extra: &[(u8, Vec<u8>)]) -> Vec<u8> {
+/// A BOOTREQUEST. Without `ciaddr` (no address yet) replies are asked to be
+/// broadcast; with it (renewing or rebinding a bound lease) the address is ours and
+/// the reply comes to it.
+fn packet(
+    kind: MessageType,
+    xid: u32,
+    mac: [u8; 6],
+    ciaddr: Option<Ipv4Addr>,
+    extra: &[(u8, Vec<u8>)],
+) -> Vec<u8> {
     let mut p = vec![0u8; HEADER];
     if let Some(head) = p.get_mut(..4) {
         head.copy_from_slice(&[BOOTREQUEST, 1, 6, 0]); // op, htype ethernet, hlen, hops
@@ -78,9 +93,18 @@ fn packet(kind: MessageType, xid: u32, mac: [u8; 6], extra: &[(u8, Vec<u8>)]) ->
     if let Some(x) = p.get_mut(4..8) {
         x.copy_from_slice(&xid.to_be_bytes());
     }
-    // flags: ask for broadcast replies, since we have no address yet.
-    if let Some(f) = p.get_mut(10..12) {
-        f.copy_from_slice(&0x8000u16.to_be_bytes());
+    match ciaddr {
+        Some(ip) => {
+            if let Some(c) = p.get_mut(12..16) {
+                c.copy_from_slice(&ip.octets());
+            }
+        }
+        // flags: ask for broadcast replies, since we have no address yet.
+        None => {
+            if let Some(f) = p.get_mut(10..12) {
+                f.copy_from_slice(&0x8000u16.to_be_bytes());
+            }
+        }
     }
     if let Some(ch) = p.get_mut(28..34) {
         ch.copy_from_slice(&mac);
@@ -93,8 +117,8 @@ fn packet(kind: MessageType, xid: u32, mac: [u8; 6], extra: &[(u8, Vec<u8>)]) ->
     client_id.extend_from_slice(&mac);
     let mut options = vec![(61u8, client_id)];
     options.extend(extra.iter().cloned());
-    // subnet mask, router, DNS, domain name, lease time, server id
-    options.push((55, vec![1, 3, 6, 15, 51, 54]));
+    // subnet mask, router, DNS, domain name, lease time, server id, T1, T2
+    options.push((55, vec![1, 3, 6, 15, 51, 54, 58, 59]));
     for (code, data) in options {
         p.push(code);
         p.push(data.len() as u8);
@@ -109,7 +133,15 @@ fn packet(kind: MessageType, xid: u32, mac: [u8; 6], extra: &[(u8, Vec<u8>)]) ->
 }
 
 pub fn discover(xid: u32, mac: [u8; 6]) -> Vec<u8> {
-    packet(MessageType::Discover, xid, mac, &[])
+    packet(MessageType::Discover, xid, mac, None, &[])
+}
+
+/// The REQUEST that extends a bound lease of `address` (RENEWING, unicast to the
+/// server that granted it, and REBINDING, broadcast, send the same packet): `ciaddr`
+/// is the address, and neither a requested address (50) nor a server id (54) is
+/// named (RFC 2131 4.3.2).
+pub fn renew(xid: u32, mac: [u8; 6], address: Ipv4Addr) -> Vec<u8> {
+    packet(MessageType::Request, xid, mac, Some(address), &[])
 }
 
 pub fn request(xid: u32, mac: [u8; 6], offered: Ipv4Addr, server: Ipv4Addr) -> Vec<u8> {
@@ -117,6 +149,7 @@ pub fn request(xid: u32, mac: [u8; 6], offered: Ipv4Addr, server: Ipv4Addr) -> V
         MessageType::Request,
         xid,
         mac,
+        None,
         &[
             (50, offered.octets().to_vec()),
             (54, server.octets().to_vec()),
@@ -128,6 +161,10 @@ fn addrs(data: &[u8]) -> Vec<Ipv4Addr> {
     data.chunks_exact(4)
         .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(Ipv4Addr::from))
         .collect()
+}
+
+fn seconds(data: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(data).ok().map(u32::from_be_bytes)
 }
 
 /// Parses a server's reply to transaction `xid`.
@@ -158,6 +195,8 @@ pub fn parse(bytes: &[u8], xid: u32) -> Result<Reply, DhcpError> {
         routers: Vec::new(),
         dns: Vec::new(),
         lease_seconds: None,
+        renewal_seconds: None,
+        rebinding_seconds: None,
     };
     let mut kind = None;
     let mut rest = bytes.get(HEADER..).unwrap_or_default();
@@ -179,7 +218,9 @@ pub fn parse(bytes: &[u8], xid: u32) -> Result<Reply, DhcpError> {
             1 => reply.subnet_mask = addrs(data).first().copied(),
             3 => reply.routers = addrs(data),
             6 => reply.dns = addrs(data),
-            51 => reply.lease_seconds = <[u8; 4]>::try_from(data).ok().map(u32::from_be_bytes),
+            51 => reply.lease_seconds = seconds(data),
+            58 => reply.renewal_seconds = seconds(data),
+            59 => reply.rebinding_seconds = seconds(data),
             _ => {}
         }
     }
@@ -190,6 +231,102 @@ pub fn parse(bytes: &[u8], xid: u32) -> Result<Reply, DhcpError> {
         other => return Err(DhcpError::UnknownType(other)),
     };
     Ok(reply)
+}
+
+/// "Infinite" in option 51: the lease never needs renewing.
+const INFINITE: u32 = u32::MAX;
+/// The least wait between two retransmissions while renewing or rebinding.
+const MIN_RETRANSMIT_MS: u64 = 60_000;
+
+/// What to do next about a bound lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing until this many ms from now.
+    Wait(u64),
+    /// Send the renewal REQUEST to the server that granted the lease (RENEWING).
+    Renew,
+    /// Broadcast it to any server (REBINDING).
+    Rebind,
+    /// The lease ran out unrenewed: the address must not be used any more.
+    Expired,
+}
+
+/// The clock of a bound lease (RFC 2131 4.4.5), in ms of a monotonic clock that
+/// survives an exec (CLOCK_BOOTTIME): T1 and T2 as the server said, else half and
+/// seven eighths of the lease; a retransmission after half the time left to T2 (while
+/// renewing) or to the lease's end (while rebinding), never sooner than 60 s.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Renewal {
+    pub address: Ipv4Addr,
+    pub server: Ipv4Addr,
+    /// When the ACK came.
+    pub bound_ms: u64,
+    pub lease_ms: u64,
+    pub t1_ms: u64,
+    pub t2_ms: u64,
+    /// The last REQUEST sent since the ACK, if any.
+    pub sent_ms: Option<u64>,
+}
+
+impl Renewal {
+    /// The lease an ACK granted at `now_ms`; `None` when it never runs out (infinite
+    /// or no lease time) or names no server to renew with.
+    pub fn from_ack(ack: &Reply, now_ms: u64) -> Option<Self> {
+        let lease = ack.lease_seconds.filter(|l| *l != INFINITE && *l > 0)?;
+        let server = ack.server_id?;
+        let lease_ms = u64::from(lease) * 1000;
+        let t2_ms = ack
+            .rebinding_seconds
+            .map(|t| u64::from(t) * 1000)
+            .filter(|t| *t < lease_ms)
+            .unwrap_or(lease_ms * 7 / 8);
+        let t1_ms = ack
+            .renewal_seconds
+            .map(|t| u64::from(t) * 1000)
+            .filter(|t| *t <= t2_ms)
+            .unwrap_or((lease_ms / 2).min(t2_ms));
+        Some(Self {
+            address: ack.your_ip,
+            server,
+            bound_ms: now_ms,
+            lease_ms,
+            t1_ms,
+            t2_ms,
+            sent_ms: None,
+        })
+    }
+
+    /// What to do at `now_ms`.
+    pub fn next(&self, now_ms: u64) -> Step {
+        let at = now_ms.saturating_sub(self.bound_ms);
+        let sent = self.sent_ms.map(|s| s.saturating_sub(self.bound_ms));
+        if at >= self.lease_ms {
+            return Step::Expired;
+        }
+        let (start, end, step) = if at >= self.t2_ms {
+            (self.t2_ms, self.lease_ms, Step::Rebind)
+        } else if at >= self.t1_ms {
+            (self.t1_ms, self.t2_ms, Step::Renew)
+        } else {
+            return Step::Wait(self.t1_ms - at);
+        };
+        // The first REQUEST of this state goes at once; the next after half the time
+        // that was left when the last one went.
+        let due = match sent {
+            Some(s) if s >= start => s + ((end - s) / 2).max(MIN_RETRANSMIT_MS),
+            _ => start,
+        };
+        if at >= due {
+            step
+        } else {
+            Step::Wait(due.min(end) - at)
+        }
+    }
+
+    /// A REQUEST went at `now_ms`.
+    pub fn sent(&mut self, now_ms: u64) {
+        self.sent_ms = Some(now_ms);
+    }
 }
 
 #[cfg(test)]
@@ -270,5 +407,105 @@ pub(crate) mod tests {
         let mut bad = parse(&reply(2, 7), 7).unwrap();
         bad.subnet_mask = Some(Ipv4Addr::new(255, 0, 255, 0));
         assert!(matches!(bad.prefix(), Err(DhcpError::BadMask(_))));
+    }
+
+    #[test]
+    fn a_renewal_request_names_our_address_and_no_server() {
+        let ip = Ipv4Addr::new(10, 0, 2, 15);
+        let r = renew(9, MAC, ip);
+        assert_eq!(&r[..4], &[1, 1, 6, 0]);
+        assert_eq!(&r[4..8], &9u32.to_be_bytes());
+        assert_eq!(
+            &r[10..12],
+            &[0, 0],
+            "no broadcast flag: the address is ours"
+        );
+        assert_eq!(&r[12..16], &ip.octets(), "ciaddr");
+        assert_eq!(&r[16..20], &[0; 4], "yiaddr");
+        assert_eq!(&r[236..243], &[99, 130, 83, 99, 53, 1, 3]);
+        let opts = &r[243..];
+        assert!(
+            !opts.windows(2).any(|w| w == [50, 4]),
+            "no requested address"
+        );
+        assert!(!opts.windows(2).any(|w| w == [54, 4]), "no server id");
+        // T1 and T2 are asked for, and parsed.
+        assert!(opts
+            .windows(10)
+            .any(|w| w == [55, 8, 1, 3, 6, 15, 51, 54, 58, 59]));
+        let mut ack = reply(5, 9);
+        let end = ack.len() - 1;
+        ack.splice(
+            end..end,
+            [58, 4, 0, 0, 0, 100, 59, 4, 0, 0, 0, 175].iter().copied(),
+        );
+        let ack = parse(&ack, 9).unwrap();
+        assert_eq!(
+            (ack.renewal_seconds, ack.rebinding_seconds),
+            (Some(100), Some(175))
+        );
+    }
+
+    #[test]
+    fn a_bound_lease_renews_at_t1_rebinds_at_t2_and_ends() {
+        const S: u64 = 1000;
+        // slirp: 86400 s, no T1/T2: half and seven eighths. Bound 5 s into the boot.
+        let ack = parse(&reply(5, 7), 7).unwrap();
+        let mut r = Renewal::from_ack(&ack, 5 * S).unwrap();
+        assert_eq!(
+            (r.t1_ms, r.t2_ms, r.lease_ms),
+            (43_200 * S, 75_600 * S, 86_400 * S)
+        );
+        assert_eq!(r.server, Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(r.next(5 * S), Step::Wait(43_200 * S));
+        let t1 = 5 * S + r.t1_ms;
+        assert_eq!(r.next(t1), Step::Renew);
+        r.sent(t1);
+        // No answer: again after half the time left to T2.
+        assert_eq!(r.next(t1 + S), Step::Wait(16_200 * S - S));
+        assert_eq!(r.next(t1 + 16_200 * S), Step::Renew);
+        r.sent(t1 + 16_200 * S);
+        let t2 = 5 * S + r.t2_ms;
+        assert_eq!(r.next(t2), Step::Rebind);
+        r.sent(t2);
+        assert_eq!(r.next(t2), Step::Wait(5_400 * S));
+        assert_eq!(r.next(5 * S + r.lease_ms), Step::Expired);
+        // An ACK starts a new clock.
+        let r2 = Renewal::from_ack(&ack, t2 + 3 * S).unwrap();
+        assert_eq!(r2.next(t2 + 3 * S), Step::Wait(43_200 * S));
+    }
+
+    #[test]
+    fn short_leases_keep_60_s_between_requests_and_the_server_s_t1_t2_count() {
+        const S: u64 = 1000;
+        let mut ack = parse(&reply(5, 7), 7).unwrap();
+        ack.lease_seconds = Some(120);
+        let mut r = Renewal::from_ack(&ack, 0).unwrap();
+        assert_eq!((r.t1_ms, r.t2_ms), (60 * S, 105 * S));
+        r.sent(60 * S);
+        // Half of the 45 s left is under a minute: the next REQUEST is the REBIND at T2.
+        assert_eq!(r.next(61 * S), Step::Wait(44 * S));
+        assert_eq!(r.next(105 * S), Step::Rebind);
+        // The server's T1 and T2, when they make sense.
+        ack.renewal_seconds = Some(30);
+        ack.rebinding_seconds = Some(90);
+        let r = Renewal::from_ack(&ack, 0).unwrap();
+        assert_eq!((r.t1_ms, r.t2_ms), (30 * S, 90 * S));
+        ack.renewal_seconds = Some(100);
+        ack.rebinding_seconds = Some(200);
+        let r = Renewal::from_ack(&ack, 0).unwrap();
+        assert_eq!(
+            (r.t1_ms, r.t2_ms),
+            (100 * S, 105 * S),
+            "T2 past the lease: its default"
+        );
+        // Nothing to renew: an infinite lease, no lease time, no server id.
+        ack.lease_seconds = Some(u32::MAX);
+        assert_eq!(Renewal::from_ack(&ack, 0), None);
+        ack.lease_seconds = None;
+        assert_eq!(Renewal::from_ack(&ack, 0), None);
+        ack.lease_seconds = Some(120);
+        ack.server_id = None;
+        assert_eq!(Renewal::from_ack(&ack, 0), None);
     }
 }

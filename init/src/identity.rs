@@ -34,6 +34,8 @@ pub enum IdentityProbeError {
     Cloud {
         strategy: &'static str,
         message: String,
+        /// Where the failure can be reported (salvaged from a broken document).
+        report_to: Option<Box<powernode_proto::boot_report::ReportTarget>>,
     },
     #[error("cmdline: parameter `{key}` {reason}")]
     Parameter { key: String, reason: String },

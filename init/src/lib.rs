@@ -53,6 +53,7 @@ pub mod cloud;
 pub mod cmdline;
 pub mod console;
 pub mod dhcp;
+pub mod dhcp_renew;
 pub mod failure;
 pub mod identity;
 pub mod layout;

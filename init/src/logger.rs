@@ -73,12 +73,16 @@ impl log::Log for Logger {
         // (priority 3) but no longer warnings or info.
         let kernel_shows = wrote_kmsg
             && (record.level() <= log::Level::Error || !self.echo.load(Ordering::Relaxed));
-        if !kernel_shows {
-            console::console_line(&format!(
-                "[{:>7}ms] powernode-init {}: {msg}",
-                console::boot_ms_now(),
-                record.level()
-            ));
+        let line = format!(
+            "[{:>7}ms] powernode-init {}: {msg}",
+            console::boot_ms_now(),
+            record.level()
+        );
+        if kernel_shows {
+            // The kernel prints it; a boot report still wants it among the recent lines.
+            console::remember(&line);
+        } else {
+            console::console_line(&line);
         }
     }
 

@@ -56,6 +56,9 @@ pub struct Configured {
     pub dns: Vec<Ipv4Addr>,
     /// `dhcp` or `static`.
     pub source: &'static str,
+    /// A DHCP lease that runs out, for the renewer ([`crate::dhcp_renew`]).
+    #[serde(skip)]
+    pub lease: Option<crate::dhcp_renew::BoundLease>,
 }
 
 /// The interface to configure: the first (by name) that is not loopback or a tunnel.
@@ -178,6 +181,7 @@ pub fn bring_up(sys: &mut dyn Sys, config: &NetworkConfig) -> Result<Configured,
     link_up(sys, &mut seq, "lo")?;
     let ifname = pick_interface(sys)?;
     let index = link_up(sys, &mut seq, &ifname)?;
+    let mut bound = None;
     let (address, prefix, gateway, dns, source) = match config {
         NetworkConfig::Static {
             address,
@@ -202,6 +206,13 @@ pub fn bring_up(sys: &mut dyn Sys, config: &NetworkConfig) -> Result<Configured,
                 ifname: ifname.clone(),
                 error,
             })?;
+            bound = dhcp::Renewal::from_ack(&lease, sys.boot_ms()).map(|renewal| {
+                crate::dhcp_renew::BoundLease {
+                    ifname: ifname.clone(),
+                    mac,
+                    renewal,
+                }
+            });
             (
                 lease.your_ip,
                 prefix,
@@ -235,6 +246,7 @@ pub fn bring_up(sys: &mut dyn Sys, config: &NetworkConfig) -> Result<Configured,
         gateway,
         dns,
         source,
+        lease: bound,
     })
 }
 
@@ -277,8 +289,13 @@ pub(crate) mod tests {
                 gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
                 source: "dhcp",
+                lease: got.lease.clone(),
             }
         );
+        // slirp's 24 h lease, from the server that granted it, for the renewer.
+        let lease = got.lease.as_ref().unwrap();
+        assert_eq!(lease.renewal.server, Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(lease.renewal.t1_ms, 43_200_000);
         // lo up, eth0 up, address, route.
         assert_eq!(netlink_types(&sys), [16, 16, 20, 24]);
         let kinds: Vec<u8> = sys

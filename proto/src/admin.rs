@@ -163,6 +163,10 @@ pub struct Instance {
     pub boot_timeline: Vec<crate::node::TimelineEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<crate::node::FailureReport>,
+    /// Failures the node reported with its bootstrap token before it had
+    /// credentials, oldest first (the last [`crate::boot_report::KEPT_PER_INSTANCE`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_reports: Vec<crate::boot_report::BootReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<crate::node::RootFacts>,
     #[serde(default)]
@@ -400,7 +404,8 @@ pub struct AttributionCandidate {
 pub struct Signal {
     pub id: i64,
     /// `instance.silent`, `instance.stuck`, `module.drift_detected`,
-    /// `bootstrap.failed`, `instance.silent_cleared`.
+    /// `bootstrap.failed`, `bootstrap.reported` (a boot report before enrollment),
+    /// `instance.silent_cleared`.
     pub kind: String,
     pub instance_id: String,
     pub at: Timestamp,

@@ -15,6 +15,11 @@ pub enum ErrorCode {
     PayloadTooLarge,
     NotFound,
     Internal,
+    /// The server could not record a change (its database write failed); nothing
+    /// changed, the same request can be sent again.
+    StorageUnavailable,
+    /// Too many requests of one kind from one caller (boot reports per token).
+    RateLimited,
     // Admin API.
     AdminTokenMissing,
     AdminTokenInvalid,
@@ -87,6 +92,8 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::NotFound => "not_found",
             Self::Internal => "internal",
+            Self::StorageUnavailable => "storage_unavailable",
+            Self::RateLimited => "rate_limited",
             Self::AdminTokenMissing => "admin_token_missing",
             Self::AdminTokenInvalid => "admin_token_invalid",
             Self::InvalidTransition => "invalid_transition",

@@ -7,6 +7,7 @@
 //! I/O (the identity document) live here so that every strategy reports the same errors.
 
 pub mod admin;
+pub mod boot_report;
 pub mod error;
 pub mod identity;
 pub mod node;

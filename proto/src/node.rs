@@ -341,6 +341,10 @@ pub struct LeasedTask {
     pub lease_expires_at: Timestamp,
     /// Opaque token that must accompany renew and complete.
     pub lease_token: String,
+    /// The lease length the server granted (the asked length, capped by the
+    /// server's maximum): the agent renews within it. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +370,9 @@ pub struct RenewLeaseResponse {
     /// The operator cancelled the task: stop and complete it as cancelled.
     #[serde(default)]
     pub cancelled: bool,
+    /// The lease length granted by this renewal (see [`LeasedTask::lease_seconds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
 }
 
 /// `POST` `/worker_api/tasks/{id}/complete`.

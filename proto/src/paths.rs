@@ -3,6 +3,9 @@
 
 /// Node API: bootstrap-token authenticated (no client certificate yet).
 pub const ENROLLMENT: &str = "/api/v1/system/node_api/enrollment";
+/// Node API, bootstrap-token authenticated: a failure before enrollment (network,
+/// enrollment refused, a broken identity) reported without spending the token.
+pub const BOOT_REPORT: &str = "/api/v1/system/node_api/boot_report";
 /// Node API, mTLS from here on.
 pub const HANDSHAKE: &str = "/api/v1/system/node_api/runtime/handshake";
 pub const HEARTBEAT: &str = "/api/v1/system/node_api/runtime/heartbeat";

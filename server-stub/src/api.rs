@@ -96,6 +96,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     let node = Router::new()
         .route(paths::ENROLLMENT, post(enroll))
+        .route(paths::BOOT_REPORT, post(boot_report))
         .route(paths::HANDSHAKE, post(handshake))
         .route(paths::HEARTBEAT, post(heartbeat))
         .route(paths::DESIRED_MODULES, get(desired_modules))
@@ -527,6 +528,13 @@ async fn enroll(
     Json(req): Json<EnrollmentRequest>,
 ) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
     Ok(axum::Json(st.enroll(req).await?))
+}
+
+async fn boot_report(
+    State(st): State<AppState>,
+    Json(req): Json<powernode_proto::boot_report::BootReportRequest>,
+) -> JsonOut<powernode_proto::boot_report::BootReportResponse> {
+    Ok(axum::Json(st.boot_report(req).await?))
 }
 
 async fn handshake(

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData as _, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
+use sha2::Digest as _;
 use time::OffsetDateTime;
 
 use crate::clock::Millis;
@@ -75,6 +76,8 @@ pub enum ClientCertError {
 pub struct IssuedCert {
     pub pem: String,
     pub serial: String,
+    /// SHA-256 (hex) of the certified public key (the raw Ed25519 key).
+    pub key_sha256: String,
     pub not_before_ms: Millis,
     pub not_after_ms: Millis,
 }
@@ -257,8 +260,8 @@ impl Ca {
         now_ms: Millis,
         ttl_seconds: u64,
     ) -> Result<IssuedCert, CsrError> {
-        let csr = instance_csr(csr_pem, instance_id)?;
-        self.sign_node_cert(&csr, instance_id, now_ms, ttl_seconds)
+        let checked = checked_csr(csr_pem, instance_id)?;
+        self.sign_node_cert(checked, instance_id, now_ms, ttl_seconds)
     }
 
     /// [`Ca::issue_node_cert`] for a CSR that must carry `public_key`: the key of
@@ -271,16 +274,16 @@ impl Ca {
         now_ms: Millis,
         ttl_seconds: u64,
     ) -> Result<IssuedCert, CsrError> {
-        let csr = instance_csr(csr_pem, instance_id)?;
-        if rcgen::PublicKeyData::der_bytes(&csr.public_key) != public_key {
+        let checked = checked_csr(csr_pem, instance_id)?;
+        if rcgen::PublicKeyData::der_bytes(&checked.0.public_key) != public_key {
             return Err(CsrError::WrongKey);
         }
-        self.sign_node_cert(&csr, instance_id, now_ms, ttl_seconds)
+        self.sign_node_cert(checked, instance_id, now_ms, ttl_seconds)
     }
 
     fn sign_node_cert(
         &self,
-        csr: &CertificateSigningRequestParams,
+        (csr, key_sha256): (CertificateSigningRequestParams, String),
         instance_id: &str,
         now_ms: Millis,
         ttl_seconds: u64,
@@ -314,6 +317,7 @@ impl Ca {
         Ok(IssuedCert {
             pem: cert.pem(),
             serial: hex::encode(serial),
+            key_sha256,
             not_before_ms: not_before_ms.div_euclid(1000) * 1000,
             not_after_ms: not_after_ms.div_euclid(1000) * 1000,
         })
@@ -383,11 +387,17 @@ pub fn parse_client_leaf(leaf: &CertificateDer<'_>) -> Result<ClientIdentity, Cl
     })
 }
 
-/// A parsed Ed25519 CSR whose subject CN is `instance_id`.
-fn instance_csr(
+/// Checks a CSR as [`Ca::issue_node_cert`] does (self-signed, Ed25519, CN =
+/// `instance_id`) and returns the SHA-256 (hex) of its public key, without issuing:
+/// how a repeated enrollment is recognised.
+pub fn csr_key_sha256(csr_pem: &str, instance_id: &str) -> Result<String, CsrError> {
+    checked_csr(csr_pem, instance_id).map(|(_, key)| key)
+}
+
+fn checked_csr(
     csr_pem: &str,
     instance_id: &str,
-) -> Result<CertificateSigningRequestParams, CsrError> {
+) -> Result<(CertificateSigningRequestParams, String), CsrError> {
     let csr = parse_csr(csr_pem)?;
     let cn = csr_common_name(&csr).ok_or(CsrError::NoCommonName)?;
     if cn != instance_id {
@@ -396,7 +406,8 @@ fn instance_csr(
             expected: instance_id.to_string(),
         });
     }
-    Ok(csr)
+    let key = hex::encode(sha2::Sha256::digest(csr.public_key.der_bytes()));
+    Ok((csr, key))
 }
 
 fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CsrError> {

@@ -136,12 +136,24 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Largest blob the embedded registry accepts (uploads stream to disk).
     pub registry_max_blob_bytes: u64,
+    /// Finished tasks, expired certificates, events and inactive signals older than
+    /// this are deleted (see `service::retention`); 0 keeps everything.
+    pub retention_days: u64,
     /// Print `{"listening": ADDR}` on stdout once bound (the binary does; in-process
     /// tests need not).
     pub announce: bool,
 }
 
 impl Config {
+    /// The retention in ms, `None` when records are kept for ever.
+    pub fn retention_ms(&self) -> Option<crate::clock::Millis> {
+        (self.retention_days > 0).then(|| {
+            i64::try_from(self.retention_days)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(86_400_000)
+        })
+    }
+
     /// Defaults for everything but the data directory and listen address.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
         Self {
@@ -161,6 +173,7 @@ impl Config {
             heartbeat_interval_seconds: 30,
             registry_max_blob_bytes: crate::registry::DEFAULT_MAX_BLOB_BYTES,
             flush_interval_ms: 1000,
+            retention_days: 30,
             announce: true,
         }
     }

@@ -59,6 +59,31 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// A change the database did not take (the commit failed; memory was put back):
+    /// 503 `storage_unavailable`, retryable. The cause goes to the log.
+    pub fn storage(cause: &crate::store::StoreError) -> Self {
+        tracing::error!(error = %error_chain(cause), "storage write failed; the change was undone");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StorageUnavailable,
+            "the control plane could not record this change (storage failure); nothing \
+             changed, try again",
+        )
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
         Self::internal(&e)

@@ -1,11 +1,12 @@
 //! The server's records and the in-memory state they live in.
 //!
 //! Memory is the authority while the server runs: every read is served from it and
-//! every change is made to it first, then written to SQLite (see [`crate::store`]).
+//! every change is made to it first, then written to SQLite (see [`crate::store`]);
+//! a change whose write fails is put back ([`Table`] remembers what it replaced).
 //! Changes other than routine heartbeats are written before the API answers;
 //! heartbeats mark their instance dirty and a flusher writes them in batches.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use powernode_proto::admin::{self, StuckInfo};
 use powernode_proto::node::{
@@ -17,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{format_ts, Millis};
 use crate::config::StuckThresholds;
+
+mod table;
+pub use table::{Before, Table};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeRec {
@@ -79,6 +83,14 @@ pub struct InstRec {
     pub drift_signal: Option<i64>,
     #[serde(default)]
     pub bootstrap_failed_signal: Option<i64>,
+    /// Boot reports the node sent with its bootstrap token, oldest first (the last
+    /// `proto::boot_report::KEPT_PER_INSTANCE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_reports: Vec<powernode_proto::boot_report::BootReport>,
+    /// The active `bootstrap.reported` signal and when the report came: cleared once
+    /// the node enrolled after it, or the instance is no longer live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_report_signal: Option<(i64, Millis)>,
     /// [`crate::drift::key`] of the drift the active drift signal reported.
     #[serde(default)]
     pub drift_key: String,
@@ -164,6 +176,8 @@ impl InstRec {
             stuck_signal: None,
             drift_signal: None,
             bootstrap_failed_signal: None,
+            boot_reports: Vec::new(),
+            boot_report_signal: None,
             drift_key: String::new(),
             last_refused_ms: None,
             systemd: None,
@@ -217,6 +231,10 @@ pub struct TokenRec {
     /// ephemeral node has no credentials left after a reboot).
     #[serde(default)]
     pub reenroll_until_ms: Option<Millis>,
+    /// The certificate the token's last use issued: a retry with the same key gets
+    /// it again (see `service::enrollment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +244,10 @@ pub struct CertRec {
     pub issued_ms: Millis,
     pub not_after_ms: Millis,
     pub revoked: bool,
+    /// SHA-256 (hex) of the certified public key, for certificates issued at
+    /// enrollment (the PEM itself stays in SQLite, `certs.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
 }
 
 /// A signal or event waiting to be written.
@@ -258,6 +280,12 @@ pub enum Op {
     Task(TaskRec),
     Token(TokenRec),
     Cert(CertRec),
+    /// The PEM of a certificate recorded by an `Op::Cert` before it (kept in SQLite
+    /// only: an enrollment retry reads it back).
+    CertPem {
+        serial: String,
+        pem: String,
+    },
     Event(NewEvent),
     Signal(NewSignal),
     SignalActive {
@@ -275,11 +303,11 @@ pub enum Op {
 /// All state, guarded by one mutex in [`crate::service::Shared`].
 #[derive(Debug, Default)]
 pub struct Mem {
-    pub nodes: HashMap<String, NodeRec>,
-    pub instances: HashMap<String, InstRec>,
-    pub tasks: HashMap<String, TaskRec>,
-    pub tokens: HashMap<String, TokenRec>,
-    pub certs: HashMap<String, CertRec>,
+    pub nodes: Table<NodeRec>,
+    pub instances: Table<InstRec>,
+    pub tasks: Table<TaskRec>,
+    pub tokens: Table<TokenRec>,
+    pub certs: Table<CertRec>,
     /// Instances whose heartbeat state is newer in memory than in SQLite.
     pub dirty: HashSet<String>,
     pub next_event_id: i64,
@@ -288,7 +316,53 @@ pub struct Mem {
     pub ops: Vec<Op>,
 }
 
+/// The records a mutation changed, as they were before it (see [`Mem::record`]).
+#[derive(Debug, Default)]
+pub struct Undo {
+    nodes: Before<NodeRec>,
+    instances: Before<InstRec>,
+    tasks: Before<TaskRec>,
+    tokens: Before<TokenRec>,
+    certs: Before<CertRec>,
+}
+
 impl Mem {
+    /// Starts remembering each record before its first write, until
+    /// [`Mem::finish_recording`].
+    pub fn record(&mut self) {
+        self.nodes.record();
+        self.instances.record();
+        self.tasks.record();
+        self.tokens.record();
+        self.certs.record();
+    }
+
+    pub fn finish_recording(&mut self) -> Undo {
+        Undo {
+            nodes: self.nodes.finish(),
+            instances: self.instances.finish(),
+            tasks: self.tasks.finish(),
+            tokens: self.tokens.finish(),
+            certs: self.certs.finish(),
+        }
+    }
+
+    /// Puts back the records a mutation changed (its commit failed). Event and
+    /// signal ids it took stay taken: a gap is harmless, a reused id is not. A
+    /// restored instance is marked dirty, since it may carry heartbeat state that
+    /// SQLite does not have yet.
+    pub fn undo(&mut self, undo: Undo) {
+        self.nodes.restore(undo.nodes);
+        for id in self.instances.restore(undo.instances) {
+            if self.instances.contains_key(&id) {
+                self.dirty.insert(id);
+            }
+        }
+        self.tasks.restore(undo.tasks);
+        self.tokens.restore(undo.tokens);
+        self.certs.restore(undo.certs);
+    }
+
     pub fn save_node(&mut self, id: &str) {
         if let Some(n) = self.nodes.get(id) {
             self.ops.push(Op::Node(n.clone()));
@@ -310,8 +384,20 @@ impl Mem {
             issued_ms: now,
             not_after_ms,
             revoked: false,
+            key_sha256: None,
         };
         self.ops.push(Op::Cert(cert.clone()));
+        self.certs.insert(cert.serial.clone(), cert);
+    }
+
+    /// Records the certificate an enrollment issued (`cert.key_sha256` set), and its
+    /// PEM in SQLite only: a retry of the same enrollment is answered from these.
+    pub fn add_enrollment_cert(&mut self, cert: CertRec, pem: String) {
+        self.ops.push(Op::Cert(cert.clone()));
+        self.ops.push(Op::CertPem {
+            serial: cert.serial.clone(),
+            pem,
+        });
         self.certs.insert(cert.serial.clone(), cert);
     }
 
@@ -524,6 +610,7 @@ pub fn instance_view(
         phase: inst.phase,
         boot_timeline: inst.boot_timeline.clone(),
         failure: inst.failure.clone(),
+        boot_reports: inst.boot_reports.clone(),
         root: inst.root.clone(),
         modules: inst.modules.clone(),
         services: inst.services.clone(),

@@ -361,6 +361,16 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         },
     )));
     tasks.push(tokio::spawn(periodic(
+        rx.clone(),
+        crate::service::retention::PRUNE_EVERY,
+        state.clone(),
+        |s| async move {
+            if let Err(e) = s.prune().await {
+                tracing::error!(error = %e, "pruning records past their retention failed");
+            }
+        },
+    )));
+    tasks.push(tokio::spawn(periodic(
         rx,
         Duration::from_millis(flush_ms),
         state.clone(),

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use powernode_proto::admin::{Event, Signal};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::clock::format_ts;
+use crate::clock::{format_ts, Millis};
 use crate::images::Publication;
 use crate::model::{CertRec, InstRec, Mem, NodeRec, Op, TaskRec, TokenRec};
 
@@ -34,6 +34,11 @@ pub enum StoreError {
     Join(#[source] tokio::task::JoinError),
     #[error("store mutex poisoned")]
     Poisoned,
+    #[error(
+        "the database has schema version {found}, newer than this server knows ({known}): \
+         run the newer server"
+    )]
+    NewerSchema { found: i64, known: i64 },
     #[error("cannot open database {path}")]
     Open {
         path: PathBuf,
@@ -76,6 +81,38 @@ CREATE TABLE IF NOT EXISTS module_publications (id TEXT PRIMARY KEY, created_ms 
 CREATE TABLE IF NOT EXISTS template_modules (template_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 "#;
 
+/// Schema changes after [`SCHEMA`], oldest first; `PRAGMA user_version` counts those
+/// a database has had. Each runs once, with the version bump, in one transaction, so
+/// a data directory from before a change opens and is upgraded in place (a new column
+/// is NULL in old rows). Append, never edit or reorder.
+const MIGRATIONS: &[&str] = &[
+    // 1: the PEM of a certificate issued at enrollment, so a node whose answer was
+    // lost gets the same certificate when it asks again (not kept in memory).
+    "ALTER TABLE certs ADD COLUMN pem TEXT",
+];
+
+/// Brings the schema up to [`MIGRATIONS`]; refuses a database a newer server wrote.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    for (applied, sql) in (1..).zip(MIGRATIONS) {
+        // IMMEDIATE: two servers opening one directory do not both run a step.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > known {
+            return Err(StoreError::NewerSchema {
+                found: version,
+                known,
+            });
+        }
+        if version < applied {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", applied)?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
+}
+
 fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(StoreError::Encode)
 }
@@ -83,7 +120,7 @@ fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
+        let mut conn = Connection::open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
         })?;
@@ -94,6 +131,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -156,6 +194,63 @@ impl Store {
     /// The same, on the calling thread (shutdown and tests).
     pub fn apply_blocking(&self, ops: &[Op]) -> Result<(), StoreError> {
         self.with_conn(|conn| apply_ops(conn, ops))
+    }
+
+    /// Deletes what the retention let go, in one transaction with `ops` (the instance
+    /// records whose task lists lose pruned tasks): the named tasks and certificates,
+    /// events older than `cutoff`, and inactive signals older than it. The newest event
+    /// and signal always stay, so ids never go back after a restart (`load` continues
+    /// from the largest id, and readers page by id).
+    pub async fn prune(
+        &self,
+        cutoff: Millis,
+        ops: Vec<Op>,
+        tasks: Vec<String>,
+        certs: Vec<String>,
+    ) -> Result<PruneCounts, StoreError> {
+        self.blocking(move |conn| {
+            let tx = conn.transaction()?;
+            let mut counts = PruneCounts::default();
+            {
+                let mut del = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+                for id in &tasks {
+                    counts.tasks += del.execute(params![id])?;
+                }
+                let mut del = tx.prepare_cached("DELETE FROM certs WHERE serial = ?1")?;
+                for serial in &certs {
+                    counts.certs += del.execute(params![serial])?;
+                }
+            }
+            counts.events = tx.execute(
+                "DELETE FROM events WHERE at_ms < ?1 AND id < (SELECT MAX(id) FROM events)",
+                params![cutoff],
+            )?;
+            counts.signals = tx.execute(
+                "DELETE FROM signals WHERE at_ms < ?1 AND active = 0
+                 AND id < (SELECT MAX(id) FROM signals)",
+                params![cutoff],
+            )?;
+            write_ops(&tx, &ops)?;
+            tx.commit()?;
+            Ok(counts)
+        })
+        .await
+    }
+
+    /// The PEM recorded for a certificate issued at enrollment (`None`: unknown, or
+    /// issued another way or before the PEM was kept).
+    pub async fn cert_pem(&self, serial: String) -> Result<Option<String>, StoreError> {
+        self.blocking(move |conn| {
+            let pem: Option<Option<String>> = conn
+                .query_row(
+                    "SELECT pem FROM certs WHERE serial = ?1",
+                    params![serial],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(pem.flatten())
+        })
+        .await
     }
 
     pub async fn recent_events(
@@ -405,6 +500,12 @@ fn load_docs<T: serde::de::DeserializeOwned>(
 
 fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
+    write_ops(&tx, ops)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn write_ops(tx: &rusqlite::Transaction<'_>, ops: &[Op]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             Op::Node(n) => {
@@ -434,10 +535,17 @@ fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
                 .execute(params![t.hash, t.instance_id, enc(t)?])?;
             }
             Op::Cert(c) => {
+                // An upsert, not a replace: a revocation keeps the stored PEM.
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO certs (serial, instance_id, doc) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO certs (serial, instance_id, doc) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (serial) DO UPDATE
+                     SET instance_id = excluded.instance_id, doc = excluded.doc",
                 )?
                 .execute(params![c.serial, c.instance_id, enc(c)?])?;
+            }
+            Op::CertPem { serial, pem } => {
+                tx.prepare_cached("UPDATE certs SET pem = ?2 WHERE serial = ?1")?
+                    .execute(params![serial, pem])?;
             }
             Op::Event(e) => {
                 tx.prepare_cached(
@@ -485,13 +593,87 @@ fn apply_ops(conn: &mut Connection, ops: &[Op]) -> Result<(), StoreError> {
             }
         }
     }
-    tx.commit()?;
     Ok(())
+}
+
+/// Rows [`Store::prune`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCounts {
+    pub tasks: usize,
+    pub certs: usize,
+    pub events: usize,
+    pub signals: usize,
+}
+
+impl PruneCounts {
+    pub fn total(&self) -> usize {
+        self.tasks + self.certs + self.events + self.signals
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A data directory from before the `certs.pem` column: it opens, its rows load,
+    /// an enrollment's PEM is kept, a revocation keeps it, and a database from a newer
+    /// server is refused rather than misread.
+    #[tokio::test]
+    async fn an_old_data_directory_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute_batch(
+                r#"INSERT INTO certs (serial, instance_id, doc) VALUES ('01', 'inst-1',
+                   '{"serial":"01","instance_id":"inst-1","issued_ms":1,"not_after_ms":2,"revoked":false}');
+                   INSERT INTO tokens (hash, instance_id, doc) VALUES ('h', 'inst-1',
+                   '{"hash":"h","instance_id":"inst-1","node_id":"n","created_ms":1,"used_ms":1}');"#,
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mem = store.load().unwrap();
+        assert_eq!(mem.certs["01"].key_sha256, None);
+        assert_eq!(mem.tokens["h"].serial, None);
+        assert_eq!(store.cert_pem("01".into()).await.unwrap(), None);
+        let version: i64 = store
+            .with_conn(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+
+        let mut cert = mem.certs["01"].clone();
+        cert.key_sha256 = Some("ab".into());
+        store
+            .apply(vec![
+                Op::Cert(cert.clone()),
+                Op::CertPem {
+                    serial: "01".into(),
+                    pem: "PEM".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        cert.revoked = true;
+        store.apply(vec![Op::Cert(cert)]).await.unwrap();
+        assert_eq!(
+            store.cert_pem("01".into()).await.unwrap().as_deref(),
+            Some("PEM")
+        );
+        drop(store);
+        // Opening again runs nothing twice.
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.load().unwrap().certs["01"].revoked);
+        store
+            .with_conn(|c| Ok(c.pragma_update(None, "user_version", 99)?))
+            .unwrap();
+        drop(store);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
+            "{err}"
+        );
+    }
 
     #[test]
     fn commits_are_fsynced_before_they_are_answered() {

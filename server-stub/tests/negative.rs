@@ -197,10 +197,11 @@ async fn bootstrap_token_wrong_reused_and_csr_refusals() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // Spent: another key cannot use it (the same key gets its answer again, below).
     let (s, v) = fake
         .post(
             paths::ENROLLMENT,
-            fake.enrollment_body(&doc.bootstrap_token, &good_csr),
+            fake.enrollment_body(&doc.bootstrap_token, &csr(&inst).1),
         )
         .await;
     assert_eq!(
@@ -208,6 +209,67 @@ async fn bootstrap_token_wrong_reused_and_csr_refusals() {
         (StatusCode::UNAUTHORIZED, "bootstrap_token_used")
     );
     ts.still_serving().await;
+}
+
+/// A node whose enrollment answer was lost (reset, timeout) asks again with the same
+/// token and the same key: it gets the certificate it was issued, not a refusal, and
+/// the server records one enrollment. Another key is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_csr_posted_twice_with_the_same_token_gets_the_same_certificate() {
+    let ts = TestServer::start().await;
+    let (_, inst, doc) = ts.provisioned("edge-again").await;
+    let fake = FakeNode::new(doc.clone(), &ts.url());
+    let (key, good_csr) = csr(&inst);
+    let body = fake.enrollment_body(&doc.bootstrap_token, &good_csr);
+    let (s, first) = fake.post(paths::ENROLLMENT, body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    let (s, again) = fake.post(paths::ENROLLMENT, body).await;
+    assert_eq!(s, StatusCode::OK, "the retry was refused: {again}");
+    for field in [
+        "serial",
+        "certificate_pem",
+        "not_after",
+        "ca_pem",
+        "node_id",
+    ] {
+        assert_eq!(first[field], again[field], "{field}");
+    }
+    // One enrollment on record, one certificate.
+    let events = ts
+        .ok(
+            Method::GET,
+            &format!("{}?instance_id={inst}&limit=100", paths::ADMIN_EVENTS),
+            None,
+        )
+        .await;
+    let enrolled: Vec<_> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "instance.enrolled")
+        .collect();
+    assert_eq!(enrolled.len(), 1, "{events}");
+    assert_eq!(enrolled[0]["detail"]["serial"], first["serial"]);
+    // The repeated answer is a working certificate.
+    let node = FakeNode::with_cert(
+        doc.clone(),
+        &ts.url(),
+        again["certificate_pem"].as_str().unwrap(),
+        &key.serialize_pem(),
+    );
+    let (s, v) = node.heartbeat("ready").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Another key with the spent token is refused, as before.
+    let (s, v) = fake
+        .post(
+            paths::ENROLLMENT,
+            fake.enrollment_body(&doc.bootstrap_token, &csr(&inst).1),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNAUTHORIZED, "bootstrap_token_used")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

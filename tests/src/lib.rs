@@ -6,6 +6,7 @@
 //!   and admin CLI call ([`stub_cli`]), the host tier's [`Server`] and [`Agent`];
 //! - [`direct`]: VMs a test boots itself (netboot image, specs, the guest-facing
 //!   [`direct::stub::Stub`], serial events, runtime and root module trees);
+//! - [`proxy`]: [`proxy::LossyProxy`], a loopback relay that loses one answer;
 //! - [`vm`]: VMs the server's real provider boots ([`vm::RealServer`], the Debian
 //!   root), and the `vm_test` frame that keeps their files.
 //!
@@ -32,6 +33,7 @@ use serde_json::Value;
 pub use powernode_proto as proto;
 
 pub mod direct;
+pub mod proxy;
 pub mod vm;
 
 /// Kills its child (by the child's own pid) on drop.

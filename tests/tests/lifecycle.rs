@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use base64::Engine as _;
+use powernode_tests::proxy::LossyProxy;
 use powernode_tests::{
     proto, str_at, test_dir, timestamp, wait_for, wait_running, Agent, Server, ServerOptions,
 };
@@ -293,6 +294,60 @@ fn restarted_agent_reuses_its_certificate() -> Result<()> {
     // The running agent is not disturbed by that.
     assert_eq!(server.instance(&instance)?["status"], "running");
     assert!(agent.guard.is_running());
+    Ok(())
+}
+
+/// A node refused at enrollment (its token spent by an earlier boot) tells the
+/// server why with a boot report before it exits: get-instance shows the code, the
+/// message, the agent's last log lines and the recovery, and recent-signals has it.
+#[test]
+fn an_agent_refused_at_enrollment_reports_why_and_get_instance_shows_it() -> Result<()> {
+    let dir = test_dir("boot-report")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (node_id, instance) = server.create_and_provision("edge-report")?;
+    let identity = server.identity(&instance)?;
+    let mut first = Agent::with_identity(&dir, "first", &identity, &[])?;
+    wait_running(&server, &instance, RUNNING).with_context(|| first.log_text())?;
+    first.guard.kill();
+
+    let mut again = Agent::with_identity(&dir, "again", &identity, &[])?;
+    let status = again.guard.wait_timeout(EXIT)?;
+    assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", again.log_text());
+    let inst = server.cli(&["get-instance", &instance])?;
+    let report = inst["instance"]["boot_reports"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .with_context(|| format!("no boot report: {inst}\n{}", again.log_text()))?;
+    assert_eq!(report["code"], "bootstrap_token_used", "{report}");
+    assert_eq!(report["phase"], "enrolled", "{report}");
+    assert!(
+        report["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already used")),
+        "{report}"
+    );
+    let console = report["console"].as_array().cloned().unwrap_or_default();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("powernode"))),
+        "the agent's last log lines: {report}"
+    );
+    let recovery = report["recovery"].as_str().unwrap_or_default();
+    assert!(
+        recovery.contains(&format!("provision-instance {node_id}")),
+        "{recovery}"
+    );
+    let signals = server.cli(&["recent-signals", "--instance", &instance])?;
+    let reported = signals["signals"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["kind"] == "bootstrap.reported"))
+        .cloned()
+        .with_context(|| format!("no bootstrap.reported signal: {signals}"))?;
+    assert_eq!(reported["detail"]["code"], "bootstrap_token_used");
+    // The report changed nothing else: the instance is still running.
+    assert_eq!(inst["instance"]["status"], "running");
     Ok(())
 }
 
@@ -726,5 +781,81 @@ fn identity_subcommand_reports_the_source_and_names_bad_fields() -> Result<()> {
     assert_eq!(out.status.code(), Some(4), "identity errors exit 4");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fw_cfg") && err.contains("node_id"), "{err}");
+    Ok(())
+}
+
+/// The answer to the node's first enrollment is lost on the way: a loopback relay
+/// between agent and server forwards the request, the server issues the
+/// certificate, and the relay closes the agent's connection instead of passing the
+/// answer on (a reset after the request). The agent asks again with the same key,
+/// gets the same certificate, and the instance runs, with one enrollment on
+/// record. (Before enrollment was idempotent the retry was `bootstrap_token_used`
+/// and the agent stopped for good.)
+#[test]
+fn a_lost_enrollment_answer_is_asked_again_and_the_node_runs() -> Result<()> {
+    let dir = test_dir("lost-enrollment-answer")?;
+    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    let (_, instance_id) = server.create_and_provision("edge-lossy")?;
+    let proxy = LossyProxy::drop_first_answer(&server.addr)?;
+    let mut identity = server.identity(&instance_id)?;
+    identity["control_plane_url"] = json!(proxy.url());
+    let mut agent = Agent::with_identity(&dir, "agent", &identity, &[])?;
+
+    let inst = wait_for("the agent to run or exit", RUNNING, || {
+        if let Some(status) = agent.guard.try_wait()? {
+            return Ok(Some(Err(status)));
+        }
+        let v = server.cli(&["get-instance", &instance_id])?;
+        let inst = v.get("instance").cloned().unwrap_or(v);
+        Ok(
+            (inst["status"] == "running" && inst["last_heartbeat_at"].is_string())
+                .then_some(Ok(inst)),
+        )
+    })?;
+    let inst = inst.map_err(|status| {
+        anyhow::anyhow!(
+            "the agent exited ({status}) instead of running:\n{}",
+            agent.log_text()
+        )
+    })?;
+    assert_eq!(
+        proxy.answers_dropped(),
+        1,
+        "the relay lost no answer:\n{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    ensure!(
+        log.contains("pending key of an earlier attempt"),
+        "the retry did not reuse the key:\n{log}"
+    );
+    // One enrollment, whose certificate the node holds; no pending key left.
+    let events = server.cli(&[
+        "recent-events",
+        "--instance",
+        &instance_id,
+        "--limit",
+        "200",
+    ])?;
+    let enrolled: Vec<&Value> = events["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "instance.enrolled")
+        .collect();
+    assert_eq!(enrolled.len(), 1, "{events}");
+    let serial = str_at(enrolled[0], "/detail/serial")?;
+    // The agent logs serials as `7d:69:...`.
+    ensure!(
+        log.replace(':', "").contains(&format!("serial={serial}")),
+        "the agent does not hold certificate {serial}:\n{log}"
+    );
+    ensure!(
+        !agent.state_dir.join("pending.key").exists(),
+        "pending key left"
+    );
+    ensure!(agent.state_dir.join("node.key").exists());
+    assert!(inst["enrolled_at"].is_string(), "{inst}");
+    agent.guard.terminate(EXIT);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! VM tier, failure paths of the runtime: a killed QEMU, a network partition, stuck
 //! provisioning (a server the VM cannot reach) and its recovery, stuck bootstrapping,
-//! and a decommissioned persistent node booted again. Every injected
+//! a decommissioned persistent node booted again, and a node refused at enrollment
+//! that says why with a boot report. Every injected
 //! failure is asserted from the server's API alone (status, signals, stuck reason and
 //! recovery step, refusal code): never from the console.
 //!
@@ -665,6 +666,85 @@ fn decommissioned_persistent_node_booted_again_is_refused() {
     // The Node row is kept, with no live instance.
     let n = server.cli(&["get-node", i["node_id"].as_str().unwrap()]);
     assert_eq!(n["node"]["status"], "no_instance");
+}
+
+/// A node whose bootstrap token was already spent (here by an agent on the host
+/// that enrolled with the same identity) is refused at enrollment. Before the
+/// failure policy powers it off, the init reports why with its bootstrap token:
+/// get-instance shows the phase, code, message and the init's last console lines,
+/// recent-signals the `bootstrap.reported` signal with its recovery.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_node_refused_at_enrollment_reports_why_before_it_powers_off() {
+    let dir = test_dir("failures_boot_report");
+    let server = start_server(&dir, None, &[]);
+    let (inst, doc) = server.provision_class("boot-report-1", "ephemeral");
+    // Spend the token from the host: the same identity, the server's host URL.
+    let mut host_doc = doc.clone();
+    host_doc["control_plane_url"] = json!(server.url());
+    let mut spender = powernode_tests::Agent::with_identity(&dir, "spender", &host_doc, &[])
+        .expect("start the host agent");
+    wait(
+        "the host agent enrolled",
+        TO_RUNNING,
+        &spender.log_text(),
+        || {
+            server.instance(&inst)["enrolled_at"]
+                .is_string()
+                .then_some(())
+        },
+    );
+    spender.guard.kill();
+
+    let (mut vm, serial) = boot(&dir, "vm", &doc, None);
+    let c = ctx(&serial, &server);
+    let started = Instant::now();
+    let exit = vm
+        .wait_timeout(TO_RUNNING)
+        .expect("wait QEMU")
+        .unwrap_or_else(|| panic!("a node refused for good must power off; {c}"));
+    assert!(
+        exit.success(),
+        "QEMU did not power off cleanly: {exit}; {c}"
+    );
+    println!(
+        "boot report: the refused node powered off {:?} after QEMU started",
+        started.elapsed()
+    );
+    let i = server.instance(&inst);
+    let report = i["boot_reports"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_else(|| panic!("no boot report on the instance: {i}; {c}"));
+    println!("boot report: {report}");
+    assert_eq!(report["phase"], "enrolled", "{report}");
+    assert_eq!(report["code"], "bootstrap_token_used", "{report}");
+    assert!(
+        report["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("bootstrap: ") && m.contains("already used")),
+        "{report}"
+    );
+    let console: Vec<&str> = report["console"]
+        .as_array()
+        .map(|l| l.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        console.iter().any(|l| l.contains("powernode-init")),
+        "the init's last console lines: {console:?}"
+    );
+    assert!(
+        report["recovery"]
+            .as_str()
+            .is_some_and(|r| r.contains("provision-instance")),
+        "{report}"
+    );
+    let signals = server.signals(&inst);
+    let reported = find(&signals, "bootstrap.reported", true)
+        .unwrap_or_else(|| panic!("no active bootstrap.reported signal: {signals:?}"));
+    assert_eq!(reported["detail"]["code"], "bootstrap_token_used");
+    server.cli(&["terminate-instance", &inst, "--force"]);
 }
 
 /// The completion of a reboot task cannot reach the server (a partition cut while

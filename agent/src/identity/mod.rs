@@ -43,11 +43,27 @@ pub struct SourceError {
     pub strategy: &'static str,
     #[source]
     pub kind: SourceErrorKind,
+    /// Where the failure can still be reported: a document that is broken in
+    /// another field may still name the control plane and the bootstrap token.
+    pub report_to: Option<Box<powernode_proto::boot_report::ReportTarget>>,
 }
 
 impl SourceError {
     pub fn new(strategy: &'static str, kind: SourceErrorKind) -> Self {
-        Self { strategy, kind }
+        Self {
+            strategy,
+            kind,
+            report_to: None,
+        }
+    }
+
+    /// The same error, reportable to `target` (a boot report) when there is one.
+    pub fn with_report_to(
+        mut self,
+        target: Option<powernode_proto::boot_report::ReportTarget>,
+    ) -> Self {
+        self.report_to = target.map(Box::new);
+        self
     }
 }
 

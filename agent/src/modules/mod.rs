@@ -23,6 +23,7 @@ pub mod mount;
 pub mod pull;
 pub mod registry;
 pub mod signature;
+mod stream;
 
 // The format (tree, unpacking, store, composefs image) is shared with the publisher
 // and lives in `powernode-modfmt`; these re-exports keep the agent's paths.
@@ -34,5 +35,7 @@ pub use powernode_modfmt::{
 
 #[cfg(test)]
 mod interop_tests;
+#[cfg(test)]
+pub(crate) mod stall_tests;
 #[cfg(test)]
 mod tests;

@@ -80,6 +80,10 @@ pub enum ModuleError {
         at: PathBuf,
         by: String,
     },
+    #[error(
+        "the reconcile was cancelled before it changed anything (a drain or reboot took over)"
+    )]
+    Cancelled,
     #[error("module {name}: exposing it at {}", at.display())]
     Expose {
         name: String,
@@ -102,6 +106,7 @@ impl ModuleErrorCode for ModuleError {
             ModuleError::NotRoot { .. } => ErrorCode::Internal,
             ModuleError::Config { .. } => ErrorCode::BadRequest,
             ModuleError::Expose { .. } => ErrorCode::Internal,
+            ModuleError::Cancelled => ErrorCode::TaskCancelled,
             // Two desired modules name the same mount point: a template to fix.
             ModuleError::MountpointTaken { .. } => ErrorCode::BadRequest,
         }
@@ -225,8 +230,13 @@ pub struct ModuleRuntime {
     services: Option<Arc<dyn Supervisor>>,
     /// Bind-mount modules at their mount point label (needs the real kernel).
     expose: bool,
-    /// One reconcile at a time (the periodic one and a module_update task).
-    op: tokio::sync::Mutex<()>,
+    /// One reconcile at a time (the periodic one and a module_update task). A pull
+    /// holds it on its blocking thread, so a cancelled reconcile's pull (left to end
+    /// on its own, at worst by the registry stall timeout) still keeps the next one out.
+    op: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped by [`ModuleReconciler::cancel_in_flight`]: reconciles that have not
+    /// started changing mounts give up.
+    cancel: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -261,7 +271,8 @@ impl ModuleRuntime {
             require_root: false,
             services: None,
             expose: false,
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            cancel: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -619,11 +630,22 @@ impl ModuleRuntime {
     /// Pulls what changed (blocking, off the async thread); drops what is no longer
     /// desired (services first, then mounts, so its mount point is free); then per
     /// module: stop its services, swap the mounts, start the new services.
+    ///
+    /// A cancel ([`ModuleReconciler::cancel_in_flight`]) ends it with
+    /// [`ModuleError::Cancelled`] while it waits for its turn or its pulls, and at
+    /// the last check before the first change; once services stop and mounts change
+    /// it runs to its end (bounded by the services' stop timeouts), so no module is
+    /// left half swapped.
     async fn apply(
         self: Arc<Self>,
         desired: DesiredModulesResponse,
     ) -> Result<ReconcileOutcome, ModuleError> {
-        let _one_at_a_time = self.op.lock().await;
+        let mut cancel = self.cancel.subscribe();
+        let generation = *cancel.borrow_and_update();
+        let one_at_a_time = tokio::select! {
+            g = self.op.clone().lock_owned() => g,
+            _ = cancel.changed() => return Err(ModuleError::Cancelled),
+        };
         let mut outcome = ReconcileOutcome {
             reboot_required: self.reboot_required(&desired),
             ..Default::default()
@@ -637,16 +659,26 @@ impl ModuleRuntime {
             });
         outcome.unchanged = unchanged.into_iter().map(|m| m.name).collect();
         // Nothing changed (the common case): no blocking thread, no registry client.
-        let prepared = if todo.is_empty() {
-            Vec::new()
+        let (prepared, _one_at_a_time) = if todo.is_empty() {
+            (Vec::new(), one_at_a_time)
         } else {
             let this = Arc::clone(&self);
             let keys = desired.trust_keys.clone();
-            tokio::task::spawn_blocking(move || this.prepare(todo, &keys))
-                .await
-                .map_err(|e| ModuleError::Join(e.to_string()))??
+            let pull =
+                tokio::task::spawn_blocking(move || (this.prepare(todo, &keys), one_at_a_time));
+            // On cancel the pull is left to end on its own (its result unused), still
+            // holding the reconcile lock.
+            let (prepared, guard) = tokio::select! {
+                r = pull => r.map_err(|e| ModuleError::Join(e.to_string()))?,
+                _ = cancel.changed() => return Err(ModuleError::Cancelled),
+            };
+            (prepared?, guard)
         };
         self.load_root_configs(&desired).await;
+        // The last moment a cancel is taken: after this, services stop and mounts change.
+        if *cancel.borrow() != generation {
+            return Err(ModuleError::Cancelled);
+        }
         let gone: Vec<String> = self
             .mounted()
             .keys()
@@ -782,6 +814,10 @@ impl ModuleReconciler for Arc<ModuleRuntime> {
 
     fn drain_steps(&self) -> Vec<DrainStep> {
         ModuleRuntime::drain_steps(self)
+    }
+
+    fn cancel_in_flight(&self) {
+        self.cancel.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     fn reconcile<'a>(&'a self, desired: &'a DesiredModulesResponse) -> ReconcileFuture<'a> {

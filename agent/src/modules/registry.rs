@@ -8,8 +8,13 @@
 //! control-plane CA pinned (the stub embeds the registry on its listener).
 //!
 //! It must never return a byte it has not checked: manifests are hashed before they
-//! are parsed, blobs through [`DigestingReader`]. Plain HTTP only to loopback, and only
-//! when the caller says so (tests).
+//! are parsed, blobs as they stream ([`BlobReader`]). Plain HTTP only to loopback, and
+//! only when the caller says so (tests).
+//!
+//! Nothing may hang on a registry that stops sending: small documents (manifests,
+//! configs, signatures) have a whole-request timeout; blobs and ranges, of any size,
+//! a stall timeout that runs only while bytes are awaited (see `stream.rs`), so a big
+//! layer on a slow but moving link still finishes.
 
 use std::io::{self, Read};
 use std::net::IpAddr;
@@ -21,9 +26,10 @@ use powernode_proto::ErrorCode;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::error::CodedStreamError;
-use super::unpack::DigestingReader;
+use super::stream::{Check, Head, StreamRequest, Streamed};
 use super::ModuleErrorCode;
+
+pub use super::stream::BlobReader;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -67,6 +73,20 @@ pub enum RegistryError {
     InsecureRefused(String),
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("registry {registry} stalled: no answer within {after:?} to the request for {what}")]
+    Stalled {
+        registry: String,
+        what: String,
+        after: Duration,
+    },
+    #[error("registry {registry}: receiving {what} broke off (stalled, too slow for {within:?}, or dropped)")]
+    BrokeOff {
+        registry: String,
+        what: String,
+        within: Duration,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading {what}")]
     Read {
         what: String,
@@ -79,9 +99,10 @@ impl ModuleErrorCode for RegistryError {
     fn code(&self) -> ErrorCode {
         match self {
             RegistryError::NotFound { .. } => ErrorCode::OciNotFound,
-            RegistryError::Unreachable { .. } | RegistryError::Status { .. } => {
-                ErrorCode::RegistryUnreachable
-            }
+            RegistryError::Unreachable { .. }
+            | RegistryError::Status { .. }
+            | RegistryError::Stalled { .. }
+            | RegistryError::BrokeOff { .. } => ErrorCode::RegistryUnreachable,
             RegistryError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             RegistryError::UnsupportedMediaType { .. }
             | RegistryError::Malformed { .. }
@@ -165,10 +186,20 @@ pub struct RegistryOptions {
     /// Allow `http://` to a loopback host (tests against a local registry).
     pub allow_http_loopback: bool,
     pub connect_timeout: Option<Duration>,
-    /// Whole-request timeout for manifests, signatures and tokens; blobs get none (they
-    /// can be large; the blocking client has no per-read timeout).
+    /// Whole-request timeout for manifests, configs and signatures (at most 4 MiB);
+    /// default [`DEFAULT_READ_TIMEOUT`].
     pub read_timeout: Option<Duration>,
+    /// Blobs and ranges (any size) have no total timeout, but fail when the registry
+    /// sends nothing for this long while they are awaited (before the response head or
+    /// mid-body); a consumer busy with the bytes never counts. Default
+    /// [`DEFAULT_STALL_TIMEOUT`].
+    pub stall_timeout: Option<Duration>,
 }
+
+/// See [`RegistryOptions::read_timeout`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// See [`RegistryOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RegistryClient {
     http: reqwest::blocking::Client,
@@ -257,39 +288,24 @@ impl RegistryClient {
         Ok(format!("https://{}/v2/{}", repo.host, repo.name))
     }
 
+    /// GET of something small (a manifest, a config or signature blob), answering a
+    /// bearer challenge once, under a whole-request timeout (`read_timeout`): at
+    /// most 4 MiB, so a registry that stalls it is cut off there.
     fn get(
         &self,
         repo: &Repository,
         url: &str,
         accept: &str,
         what: &str,
-        whole_timeout: bool,
-    ) -> Result<reqwest::blocking::Response, RegistryError> {
-        self.get_range(repo, url, accept, what, whole_timeout, None)
-    }
-
-    /// GET, answering a bearer challenge once. Success is 200, or 206 as well when a
-    /// byte range `[start, end)` is asked for; a 416 comes back as a response too, so
-    /// the caller can fall back.
-    fn get_range(
-        &self,
-        repo: &Repository,
-        url: &str,
-        accept: &str,
-        what: &str,
-        whole_timeout: bool,
-        range: Option<(u64, u64)>,
     ) -> Result<reqwest::blocking::Response, RegistryError> {
         let scope = format!("repository:{}:pull", repo.name);
         let mut retried = false;
         loop {
-            let mut req = self.http.get(url).header("Accept", accept);
-            if let Some((start, end)) = range {
-                req = req.header("Range", format!("bytes={start}-{}", end - 1));
-            }
-            if whole_timeout {
-                req = req.timeout(self.opts.read_timeout.unwrap_or(Duration::from_secs(60)));
-            }
+            let mut req = self
+                .http
+                .get(url)
+                .header("Accept", accept)
+                .timeout(self.whole_timeout());
             if let Some(t) = self.tokens.lock().ok().and_then(|m| m.get(&scope).cloned()) {
                 req = req.bearer_auth(t);
             }
@@ -299,7 +315,6 @@ impl RegistryClient {
             })?;
             match resp.status().as_u16() {
                 200 => return Ok(resp),
-                206 | 416 if range.is_some() => return Ok(resp),
                 404 => return Err(RegistryError::NotFound { what: what.into() }),
                 401 if !retried => {
                     retried = true;
@@ -327,6 +342,14 @@ impl RegistryClient {
                 }
             }
         }
+    }
+
+    fn whole_timeout(&self) -> Duration {
+        self.opts.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT)
+    }
+
+    fn stall_timeout(&self) -> Duration {
+        self.opts.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT)
     }
 
     /// Anonymous bearer token from a `Bearer realm=...,service=...` challenge.
@@ -365,6 +388,7 @@ impl RegistryClient {
 
     fn read_limited(
         &self,
+        repo: &Repository,
         resp: reqwest::blocking::Response,
         limit: u64,
         what: &str,
@@ -372,8 +396,10 @@ impl RegistryClient {
         let mut body = Vec::new();
         resp.take(limit + 1)
             .read_to_end(&mut body)
-            .map_err(|source| RegistryError::Read {
+            .map_err(|source| RegistryError::BrokeOff {
+                registry: repo.host.clone(),
                 what: what.into(),
+                within: self.whole_timeout(),
                 source,
             })?;
         self.received
@@ -402,14 +428,13 @@ impl RegistryClient {
             &url,
             &format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}"),
             &what,
-            true,
         )?;
         let header_type = resp
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or("").trim().to_string());
-        let body = self.read_limited(resp, MAX_MANIFEST, &what)?;
+        let body = self.read_limited(repo, resp, MAX_MANIFEST, &what)?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if let Some(pin) = pinned {
             if !pin.eq_ignore_ascii_case(&digest) {
@@ -441,61 +466,99 @@ impl RegistryClient {
     /// A blob as a stream checked against `desc` (size cap and digest at EOF). The
     /// network reads, the byte count and the SHA-256 run ahead on their own thread
     /// ([`BlobReader`]), so they overlap with whatever the caller does with the bytes
-    /// (unpacking, fs-verity, writing objects) instead of taking turns with it.
+    /// (unpacking, fs-verity, writing objects) instead of taking turns with it. A
+    /// registry that sends nothing for the stall timeout fails it (`registry_unreachable`).
     pub fn blob(&self, repo: &Repository, desc: &Descriptor) -> Result<BlobReader, RegistryError> {
         let what = format!("blob {}@{}", repo.name, desc.digest);
-        if desc.digest.starts_with("sha256:") {
-            let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
-            let scope = format!("repository:{}:pull", repo.name);
-            let mut req = self.stream_http.get(&url).header("Accept", "*/*");
-            if let Some(t) = self.tokens.lock().ok().and_then(|m| m.get(&scope).cloned()) {
-                req = req.bearer_auth(t);
-            }
-            match BlobReader::stream(req, desc, self.received.clone()) {
-                Streamed::Ok(reader) => return Ok(reader),
-                Streamed::Unreachable(source) => {
-                    return Err(RegistryError::Unreachable { url, source })
-                }
-                // Anything but a 200 (a bearer challenge, 404...): the blocking path
-                // answers it with its usual typed error or token dance.
-                Streamed::NotOk => {}
-            }
-        }
-        let reader = self.blob_direct(repo, desc)?;
-        BlobReader::spawn(reader).map_err(|source| RegistryError::Read { what, source })
-    }
-
-    /// The same check without the read-ahead thread: for small blobs, where a thread
-    /// and its 1 MiB chunk would cost more than the transfer.
-    fn blob_direct(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-    ) -> Result<DigestingReader<CountingReader<reqwest::blocking::Response>>, RegistryError> {
         if !desc.digest.starts_with("sha256:") {
             return Err(RegistryError::UnsupportedMediaType {
-                what: format!("blob {}", desc.digest),
+                what,
                 media_type: "non-sha256 digest".into(),
             });
         }
-        let what = format!("blob {}@{}", repo.name, desc.digest);
-        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
-        let resp = self.get(repo, &url, "*/*", &what, false)?;
-        Ok(DigestingReader::new(
-            CountingReader {
-                inner: resp,
-                count: self.received.clone(),
-            },
-            &desc.digest,
-            desc.size,
-        ))
+        let check = Check::Digest {
+            expected: desc.digest.clone(),
+            size: desc.size,
+        };
+        match self.stream_get(repo, desc, &what, None, check)? {
+            (Some(reader), _) => Ok(reader),
+            (None, head) => Err(RegistryError::Status {
+                url: format!("{}/blobs/{}", self.base(repo)?, desc.digest),
+                status: head.status,
+            }),
+        }
     }
 
-    /// Bytes `[start, end)` of a blob as a stream (at most that many bytes), or
-    /// `Unsupported` when the registry will not serve that range as asked (no range
-    /// support, a multi-part or other range, 416): the caller then fetches the blob
-    /// whole. The bytes are NOT checked here: the caller checks them against what the
-    /// signed manifest says about them (and notices a short body).
+    /// A streamed GET of a blob (or a range of it), answering a bearer challenge
+    /// once. `(None, head)`: a range request the registry answered with anything but
+    /// 206 (the caller falls back).
+    fn stream_get(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        what: &str,
+        range: Option<(u64, u64)>,
+        check: Check,
+    ) -> Result<(Option<BlobReader>, Head), RegistryError> {
+        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
+        let scope = format!("repository:{}:pull", repo.name);
+        let mut retried = false;
+        loop {
+            let mut req = self.stream_http.get(&url).header("Accept", "*/*");
+            if let Some((start, end)) = range {
+                req = req.header("Range", format!("bytes={start}-{}", end - 1));
+            }
+            if let Some(t) = self.tokens.lock().ok().and_then(|m| m.get(&scope).cloned()) {
+                req = req.bearer_auth(t);
+            }
+            let head = match BlobReader::stream(StreamRequest {
+                req,
+                want: if range.is_some() { 206 } else { 200 },
+                check: check.clone(),
+                count: self.received.clone(),
+                stall: self.stall_timeout(),
+                registry: repo.host.clone(),
+                what: what.into(),
+            }) {
+                Streamed::Ok(reader, head) => return Ok((Some(reader), head)),
+                Streamed::Unreachable(source) => {
+                    return Err(RegistryError::Unreachable { url, source })
+                }
+                Streamed::Stalled => {
+                    return Err(RegistryError::Stalled {
+                        registry: repo.host.clone(),
+                        what: what.into(),
+                        after: self.stall_timeout(),
+                    })
+                }
+                Streamed::NotOk(head) => head,
+            };
+            match head.status {
+                404 => return Err(RegistryError::NotFound { what: what.into() }),
+                401 if !retried => {
+                    retried = true;
+                    let challenge = head.challenge.unwrap_or_default();
+                    let token = self.bearer_token(&challenge, &scope).ok_or_else(|| {
+                        RegistryError::Status {
+                            url: url.clone(),
+                            status: 401,
+                        }
+                    })?;
+                    if let Ok(mut m) = self.tokens.lock() {
+                        m.insert(scope.clone(), token);
+                    }
+                }
+                200 | 416 if range.is_some() => return Ok((None, head)),
+                status => return Err(RegistryError::Status { url, status }),
+            }
+        }
+    }
+
+    /// Bytes `[start, end)` of a blob as a stream (at most that many bytes, under the
+    /// stall timeout), or `Unsupported` when the registry will not serve that range as
+    /// asked (no range support, a multi-part or other range, 416): the caller then
+    /// fetches the blob whole. The bytes are NOT checked here: the caller checks them
+    /// against what the signed manifest says about them (and notices a short body).
     pub fn blob_range(
         &self,
         repo: &Repository,
@@ -510,27 +573,23 @@ impl RegistryClient {
                 reason: "range outside the blob".into(),
             });
         }
-        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
-        let resp = self.get_range(repo, &url, "*/*", &what, false, Some((start, end)))?;
-        let status = resp.status().as_u16();
-        let content_range = resp
-            .headers()
-            .get("content-range")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        if status != 206 || !content_range.starts_with(&format!("bytes {start}-{}/", end - 1)) {
-            // Dropping the response closes its connection unread: a 200 would be the
-            // whole blob.
-            return Ok(RangeRead::Unsupported { status });
-        }
-        Ok(RangeRead::Body(
-            CountingReader {
-                inner: resp,
-                count: self.received.clone(),
+        let (reader, head) = self.stream_get(
+            repo,
+            desc,
+            &what,
+            Some((start, end)),
+            Check::Limit(end - start),
+        )?;
+        let content_range = head.content_range.unwrap_or_default();
+        match reader {
+            Some(body) if content_range.starts_with(&format!("bytes {start}-{}/", end - 1)) => {
+                Ok(RangeRead::Body(body))
             }
-            .take(end - start),
-        ))
+            // Dropping the reader closes its connection unread.
+            _ => Ok(RangeRead::Unsupported {
+                status: head.status,
+            }),
+        }
     }
 
     /// A small blob (config, signature payload) read whole and checked.
@@ -544,11 +603,24 @@ impl RegistryClient {
         if desc.size > limit {
             return Err(RegistryError::TooLarge { what, limit });
         }
-        let mut r = self.blob_direct(repo, desc)?;
-        let mut out = Vec::new();
-        r.read_to_end(&mut out)
-            .map_err(|source| RegistryError::Read { what, source })?;
-        Ok(out)
+        let hex = desc.digest.strip_prefix("sha256:").ok_or_else(|| {
+            RegistryError::UnsupportedMediaType {
+                what: what.clone(),
+                media_type: "non-sha256 digest".into(),
+            }
+        })?;
+        let url = format!("{}/blobs/{}", self.base(repo)?, desc.digest);
+        let resp = self.get(repo, &url, "*/*", &what)?;
+        let body = self.read_limited(repo, resp, desc.size, &what)?;
+        let actual = hex::encode(Sha256::digest(&body));
+        if body.len() as u64 != desc.size || !actual.eq_ignore_ascii_case(hex) {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: desc.digest.clone(),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+        Ok(body)
     }
 
     /// The config blob, checked (a flipped byte in it fails here, `digest_mismatch`).
@@ -568,290 +640,16 @@ impl RegistryClient {
     }
 }
 
-/// Read-ahead batch size and how many batches may wait: enough to keep the network
-/// busy while a large file is hashed and written, little enough to stay small.
-const READ_AHEAD_CHUNK: usize = 1 << 20;
-const READ_AHEAD_CHUNKS: usize = 8;
-
-/// Received bytes as they came (hyper's buffers, or a filled `Vec`), never copied on
-/// the way to the reader.
-type Chunk = Box<dyn AsRef<[u8]> + Send>;
-
-/// What starting a streamed blob gave.
-enum Streamed {
-    Ok(BlobReader),
-    /// The registry answered, but not 200.
-    NotOk,
-    Unreachable(reqwest::Error),
-}
-
-/// A blob stream read ahead by a thread (network, count, SHA-256 check), handed over
-/// in batches of received buffers. EOF comes only after the digest matched; a
-/// mismatch or a broken connection arrives as an error with its code. Dropping the
-/// reader stops the thread at its next batch and closes the connection.
-pub struct BlobReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<Chunk>>>,
-    batch: std::vec::IntoIter<Chunk>,
-    chunk: Option<Chunk>,
-    pos: usize,
-    done: bool,
-}
-
-impl std::fmt::Debug for BlobReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobReader")
-            .field("pos", &self.pos)
-            .field("done", &self.done)
-            .finish()
-    }
-}
-
-fn blob_mismatch(expected: &str, actual: String) -> io::Error {
-    io::Error::other(super::error::BlobDigestMismatch {
-        expected: expected.to_string(),
-        actual,
-    })
-}
-
-impl BlobReader {
-    fn new(rx: std::sync::mpsc::Receiver<io::Result<Vec<Chunk>>>) -> Self {
-        Self {
-            rx,
-            batch: Vec::new().into_iter(),
-            chunk: None,
-            pos: 0,
-            done: false,
-        }
-    }
-
-    /// Sends `req` from a new thread with its own single-threaded runtime and streams
-    /// the body there: each buffer hyper receives is counted, hashed and handed over
-    /// as is (no copy, no hop through another runtime thread). The caller waits only
-    /// for the response head.
-    fn stream(req: reqwest::RequestBuilder, desc: &Descriptor, count: Arc<AtomicU64>) -> Streamed {
-        let (head_tx, head_rx) = std::sync::mpsc::sync_channel::<Result<bool, reqwest::Error>>(1);
-        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
-        let expected = desc.digest.clone();
-        let size = desc.size;
-        let spawned = std::thread::Builder::new()
-            .name("blob-read-ahead".into())
-            .spawn(move || {
-                // Without a runtime the head channel just closes: the caller falls back.
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async move {
-                    let mut resp = match req.send().await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let _ = head_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let ok = resp.status().as_u16() == 200;
-                    if head_tx.send(Ok(ok)).is_err() || !ok {
-                        return;
-                    }
-                    let mut hasher = Sha256::new();
-                    let mut read = 0u64;
-                    let mut batch: Vec<Chunk> = Vec::new();
-                    let mut batched = 0;
-                    loop {
-                        let bytes = match resp.chunk().await {
-                            Ok(Some(b)) => b,
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = tx.send(Err(io::Error::other(CodedStreamError {
-                                    code: ErrorCode::RegistryUnreachable,
-                                    message: format!("blob stream broke: {e}"),
-                                })));
-                                return;
-                            }
-                        };
-                        read += bytes.len() as u64;
-                        count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        if read > size {
-                            let _ = tx.send(Err(blob_mismatch(
-                                &expected,
-                                format!("<more than {size} bytes>"),
-                            )));
-                            return;
-                        }
-                        hasher.update(&bytes);
-                        batched += bytes.len();
-                        batch.push(Box::new(bytes));
-                        if batched >= READ_AHEAD_CHUNK {
-                            batched = 0;
-                            if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
-                        return;
-                    }
-                    let actual = hex::encode(hasher.finalize());
-                    // An empty batch is EOF, sent once the digest checked out.
-                    let _ = if expected.strip_prefix("sha256:") == Some(actual.as_str()) {
-                        tx.send(Ok(Vec::new()))
-                    } else {
-                        tx.send(Err(blob_mismatch(&expected, actual)))
-                    };
-                });
-            });
-        if spawned.is_err() {
-            return Streamed::NotOk;
-        }
-        match head_rx.recv() {
-            Ok(Ok(true)) => Streamed::Ok(Self::new(rx)),
-            Ok(Err(e)) => Streamed::Unreachable(e),
-            Ok(Ok(false)) | Err(_) => Streamed::NotOk,
-        }
-    }
-
-    /// The same over any verified reader (filled 1 MiB buffers).
-    fn spawn<R: Read + Send + 'static>(mut inner: R) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
-        std::thread::Builder::new()
-            .name("blob-read-ahead".into())
-            .spawn(move || loop {
-                let mut chunk = vec![0u8; READ_AHEAD_CHUNK];
-                let mut filled = 0;
-                while filled < chunk.len() {
-                    match inner.read(&mut chunk[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                }
-                chunk.truncate(filled);
-                // An empty batch is EOF, sent once the digest checked out.
-                let batch: Vec<Chunk> = if filled == 0 {
-                    Vec::new()
-                } else {
-                    vec![Box::new(chunk)]
-                };
-                if tx.send(Ok(batch)).is_err() || filled == 0 {
-                    return;
-                }
-            })?;
-        Ok(Self::new(rx))
-    }
-
-    /// The current buffer's unread bytes, receiving the next batch when it is used up;
-    /// empty at EOF.
-    fn current(&mut self) -> io::Result<&[u8]> {
-        loop {
-            let len = self.chunk.as_ref().map_or(0, |c| (**c).as_ref().len());
-            if self.pos < len {
-                break;
-            }
-            if let Some(next) = self.batch.next() {
-                self.chunk = Some(next);
-                self.pos = 0;
-                continue;
-            }
-            self.chunk = None;
-            self.pos = 0;
-            if self.done {
-                return Ok(&[]);
-            }
-            match self.rx.recv() {
-                Ok(Ok(batch)) if batch.is_empty() => self.done = true,
-                Ok(Ok(batch)) => self.batch = batch.into_iter(),
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.done = true;
-                    return Err(io::Error::other(CodedStreamError {
-                        code: ErrorCode::RegistryUnreachable,
-                        message: "blob read-ahead thread ended early".into(),
-                    }));
-                }
-            }
-        }
-        Ok(self
-            .chunk
-            .as_ref()
-            .map_or(&[][..], |c| &(**c).as_ref()[self.pos..]))
-    }
-}
-
-impl Read for BlobReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let src = self.current()?;
-        let n = buf.len().min(src.len());
-        buf[..n].copy_from_slice(&src[..n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl io::BufRead for BlobReader {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        self.current()
-    }
-    fn consume(&mut self, amt: usize) {
-        self.pos += amt;
-    }
-}
-
 /// What [`RegistryClient::blob_range`] got.
 #[derive(Debug)]
 pub enum RangeRead {
-    Body(io::Take<CountingReader<reqwest::blocking::Response>>),
+    Body(BlobReader),
     Unsupported { status: u16 },
-}
-
-/// Counts body bytes into the client's total as they stream.
-#[derive(Debug)]
-pub struct CountingReader<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.count.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(n)
-            }
-            // A dropped connection mid-blob is the registry's fault, not the data's.
-            Err(e)
-                if e.get_ref().is_some_and(|i| i.is::<reqwest::Error>())
-                    || matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::UnexpectedEof
-                            | io::ErrorKind::ConnectionAborted
-                    ) =>
-            {
-                Err(io::Error::other(CodedStreamError {
-                    code: ErrorCode::RegistryUnreachable,
-                    message: format!("blob stream broke: {e}"),
-                }))
-            }
-            Err(e) => Err(e),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::unpack::DigestingReader;
     use super::*;
 
     #[test]

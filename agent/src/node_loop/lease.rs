@@ -1,26 +1,49 @@
 //! The lease loop: lease a task when the heartbeat says one is pending (else poll
 //! now and then) and run it by kind; each kind is a file in [`super::tasks`].
+//!
+//! A `module_update` runs in the background, so the loop keeps leasing: a pull stuck
+//! on a registry must not hold a drain or a reboot behind it. A drain or reboot
+//! leased while an update runs preempts it (the update's reconcile is cancelled
+//! before it changes anything, the update ends `cancelled` with `error: preempted`)
+//! and runs once the update has reported; reconciles in flight elsewhere (the
+//! periodic one) are cancelled too.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use powernode_proto::node::{LeaseRequest, LeaseResponse, LeasedTask};
+use powernode_proto::node::{LeaseRequest, LeaseResponse};
 use powernode_proto::{paths, TaskKind, TaskStatus};
+use tokio::sync::watch;
 
 use super::options::Exit;
 use super::shared::Shared;
 use super::tasks::{
     complete, diagnostics::collect_diagnostics, drain::drain, module_update::module_update,
-    reboot::reboot, TaskAbort,
+    reboot::reboot, Lease, TaskAbort,
 };
+
+/// A `module_update` running beside the loop, and how to preempt it.
+struct Background {
+    handle: tokio::task::JoinHandle<ControlFlow<()>>,
+    preempt: watch::Sender<Option<String>>,
+}
 
 pub(crate) async fn lease_loop(shared: Arc<Shared>) {
     let mut backoff = shared.backoff();
+    let mut update: Option<Background> = None;
     loop {
+        if update.as_ref().is_some_and(|u| u.handle.is_finished()) {
+            if let Some(u) = update.take() {
+                if matches!(u.handle.await, Ok(ControlFlow::Break(()))) {
+                    return;
+                }
+            }
+        }
         let req = LeaseRequest {
             instance_id: shared.instance_id().to_string(),
             lease_seconds: shared.opts.lease_seconds,
         };
+        let sent = std::time::Instant::now();
         let delay = match shared
             .client()
             .post::<_, LeaseResponse>(paths::TASK_LEASE, &req)
@@ -28,7 +51,30 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
         {
             Ok(LeaseResponse { task: Some(task) }) => {
                 backoff.reset();
-                if run_task(&shared, task).await.is_break() {
+                let task = Lease::new(task, shared.opts.lease_seconds, sent);
+                if matches!(task.kind, TaskKind::Drain | TaskKind::Reboot) {
+                    // Whatever reconcile is pulling now would change mounts under the
+                    // drain: it gives up before its first change.
+                    shared.reconciler.cancel_in_flight();
+                    if let Some(u) = update.take() {
+                        let by = format!("{} task {}", task.kind.as_str(), task.task_id);
+                        tracing::info!(by = %by, "preempting the module update in progress");
+                        let _ = u.preempt.send(Some(by));
+                        if matches!(u.handle.await, Ok(ControlFlow::Break(()))) {
+                            return;
+                        }
+                    }
+                }
+                if task.kind == TaskKind::ModuleUpdate {
+                    let (tx, rx) = watch::channel(None);
+                    let s = shared.clone();
+                    update = Some(Background {
+                        handle: tokio::spawn(async move { run_task(&s, task, Some(rx)).await }),
+                        preempt: tx,
+                    });
+                    continue;
+                }
+                if run_task(&shared, task, None).await.is_break() {
                     return;
                 }
                 // Something may be queued behind it: ask again at once.
@@ -55,13 +101,22 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Runs one leased task to completion. `Break` means the agent must stop.
-async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
-    tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params, "task leased");
+/// Runs one leased task to completion. `Break` means the agent must stop. A module
+/// update can be preempted through `preempt`.
+async fn run_task(
+    shared: &Arc<Shared>,
+    task: Lease,
+    preempt: Option<watch::Receiver<Option<String>>>,
+) -> ControlFlow<()> {
+    tracing::info!(task_id = %task.task_id, kind = task.kind.as_str(), params = %task.params,
+        granted_s = task.lease_seconds, "task leased");
     let outcome = match task.kind {
         TaskKind::Drain => drain(shared, &task).await,
         TaskKind::CollectDiagnostics => collect_diagnostics(shared, &task).await,
-        TaskKind::ModuleUpdate => module_update(shared, &task).await,
+        TaskKind::ModuleUpdate => {
+            let preempt = preempt.unwrap_or_else(|| watch::channel(None).1);
+            module_update(shared, &task, preempt).await
+        }
         TaskKind::Reboot => reboot(shared, &task).await,
         other if shared.status().cordoned => Ok((
             TaskStatus::Failed,
@@ -82,6 +137,12 @@ async fn run_task(shared: &Arc<Shared>, task: LeasedTask) -> ControlFlow<()> {
             return ControlFlow::Break(());
         }
         Err(TaskAbort::Completed) => return ControlFlow::Continue(()),
+        // The server requeued it; whoever leases it next runs it.
+        Err(TaskAbort::LeaseLost { code }) => {
+            tracing::warn!(task_id = %task.task_id, kind = task.kind.as_str(), %code,
+                "task abandoned: its lease is gone (not reported done)");
+            return ControlFlow::Continue(());
+        }
     };
     complete(shared, &task, status, result).await.0
 }

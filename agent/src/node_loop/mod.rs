@@ -25,7 +25,7 @@ mod shared;
 mod tasks;
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -112,6 +112,43 @@ pub async fn handshake(
         root,
     };
     client.post(paths::HANDSHAKE, &req).await
+}
+
+/// How often a node that keeps failing to enroll with the same code reports it.
+const BOOT_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// Sends a failed enrollment upstream as a boot report with the agent's last log
+/// lines, when the throttle says so; best effort, logged.
+async fn report_enroll_failure(
+    identity: &powernode_proto::IdentityDocument,
+    error: &crate::enroll::EnrollError,
+    attempt: u32,
+    throttle: &Mutex<crate::boot_report::Throttle>,
+) {
+    let code = crate::boot_report::enroll_code(error);
+    let due = throttle
+        .lock()
+        .map(|mut t| t.due(code, error.terminal_code().is_some()))
+        .unwrap_or(false);
+    if !due {
+        return;
+    }
+    let target = powernode_proto::boot_report::ReportTarget::from(identity);
+    let report = crate::boot_report::request(
+        &target,
+        Phase::Enrolled,
+        code,
+        format!("enrollment: {}", crate::error_chain(error)),
+        attempt,
+        crate::logring::tail(powernode_proto::boot_report::MAX_CONSOLE_LINES),
+    );
+    match crate::boot_report::send(&target, &report, crate::boot_report::TIMEOUTS).await {
+        Ok(_) => {
+            tracing::info!(%code, attempt, "enrollment failure reported upstream (boot report)")
+        }
+        Err(e) => tracing::warn!(%code, error = %crate::error_chain(&e),
+            "could not send the boot report"),
+    }
 }
 
 /// Retries `op` with backoff until it succeeds, the error is terminal, or
@@ -246,19 +283,31 @@ pub async fn run(
         }
         None => {
             let source = resolved.source;
+            // Each failure may go upstream as a boot report (the token is not spent
+            // by it), throttled: the operator sees why the node cannot enroll.
+            let throttle = Mutex::new(crate::boot_report::Throttle::new(BOOT_REPORT_EVERY));
+            let tries = AtomicU32::new(0);
+            let (doc, throttle, tries, timeouts, st) =
+                (&identity, &throttle, &tries, opts.timeouts, &state);
             let enrolled = with_retry(
                 "enroll",
                 Backoff::new(opts.backoff_base, opts.backoff_cap),
                 &mut shutdown,
                 crate::enroll::EnrollError::terminal_code,
-                || crate::enroll::enroll(&identity, source, opts.timeouts),
+                move || async move {
+                    let result = crate::enroll::enroll(st, doc, source, timeouts).await;
+                    let attempt = tries.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                    if let Err(e) = &result {
+                        report_enroll_failure(doc, e, attempt, throttle).await;
+                    }
+                    result
+                },
             )
             .await;
             let (creds, resp) = match enrolled {
                 Ok(v) => v,
                 Err(exit) => return Ok(exit),
             };
-            state.save_credentials(&creds)?;
             interval = resp.heartbeat_interval_seconds;
             creds
         }

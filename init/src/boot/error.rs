@@ -89,6 +89,18 @@ impl PhaseError {
         }
     }
 
+    /// Where the failure can be reported when the boot has no valid identity: a
+    /// cloud document broken in one field that still names the control plane and
+    /// the bootstrap token.
+    pub fn report_target(&self) -> Option<&powernode_proto::boot_report::ReportTarget> {
+        match self {
+            Self::Identity(IdentityProbeError::Cloud {
+                report_to: Some(t), ..
+            }) => Some(t),
+            _ => None,
+        }
+    }
+
     /// What the operator can do about it, where the init knows.
     pub fn recovery(&self) -> Option<String> {
         match self {

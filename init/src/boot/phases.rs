@@ -181,6 +181,15 @@ pub fn bring_up_network(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
             .unwrap_or_else(|| "-".into()),
         up.dns
     );
+    // The lease is renewed by whatever runs the agent after the boot.
+    if let Some(lease) = &up.lease {
+        if let Err(e) = crate::dhcp_renew::save(boot.sys, lease) {
+            log::warn!(
+                "keeping the DHCP lease in {}: {e}; it will not be renewed",
+                crate::dhcp_renew::LEASE_FILE
+            );
+        }
+    }
     let at_ms = boot.mark(Phase::NetworkUp);
     boot.event(json!({
         "event": "phase",

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Largest blob the embedded registry (`/v2/`) accepts.
     #[arg(long, default_value_t = crate::registry::DEFAULT_MAX_BLOB_BYTES)]
     pub registry_max_blob_bytes: u64,
+    /// Days finished tasks, expired certificates, events and inactive signals are
+    /// kept; 0 keeps them for ever.
+    #[arg(long, default_value_t = 30)]
+    pub retention_days: u64,
 }
 
 fn parse_provider(s: &str) -> Result<ProviderMode, String> {
@@ -180,7 +184,8 @@ pub enum Cmd {
         #[arg(long)]
         region: Option<String>,
     },
-    /// Show an instance, with `stuck` and its recovery when a threshold is crossed.
+    /// Show an instance, with `stuck` and its recovery when a threshold is crossed,
+    /// and the failures the node reported before it enrolled (boot reports).
     GetInstance { id: String },
     /// Print the identity document the provider handed (or would hand) the VM.
     InstanceIdentity { id: String },
@@ -231,7 +236,7 @@ pub enum Cmd {
         #[arg(long, default_value_t = 24)]
         lookback_hours: u64,
     },
-    /// Recent sensor findings (silent, stuck, drift, bootstrap failures).
+    /// Recent sensor findings (silent, stuck, drift, bootstrap failures and reports).
     RecentSignals {
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -319,6 +324,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.token_ttl_seconds = args.token_ttl_seconds;
         cfg.cert_ttl_seconds = args.cert_ttl_seconds;
         cfg.reissue_grace_seconds = args.reissue_grace_seconds;
+        cfg.retention_days = args.retention_days;
         cfg.stuck = args.stuck_thresholds.unwrap_or_default();
         cfg.sensor_interval_ms = args.sensor_interval_ms;
         cfg.lease_max_seconds = args.lease_max_seconds;
@@ -399,6 +405,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         write_out(&format!("{}\n", text.trim_end()))?;
     } else if matches!(cmd, Cmd::AttributeFailure { .. }) {
         write_out(&render_attribution(&value))?;
+    } else if matches!(cmd, Cmd::GetInstance { .. }) {
+        write_out(&render_instance(value))?;
     } else {
         write_out(&render_table(&value))?;
     }
@@ -576,6 +584,49 @@ pub fn render_table(v: &Value) -> String {
     out
 }
 
+/// get-instance as a table, with the node's boot reports (failures before
+/// enrollment) written out underneath: code, message, recovery and console lines.
+pub fn render_instance(mut v: Value) -> String {
+    let reports = v
+        .get_mut("instance")
+        .and_then(Value::as_object_mut)
+        .and_then(|i| i.remove("boot_reports"))
+        .and_then(|r| match r {
+            Value::Array(items) => Some(items),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let mut out = render_table(&v);
+    if reports.is_empty() {
+        return out;
+    }
+    out.push_str("boot reports (before enrollment, newest last):\n");
+    for r in &reports {
+        out.push_str(&format!(
+            "  {}  phase {}  code {}  attempt {}{}\n    message   {}\n    recovery  {}\n",
+            scalar(&r["at"]),
+            scalar(&r["phase"]),
+            scalar(&r["code"]),
+            scalar(&r["attempt"]),
+            if r["truncated"] == true {
+                "  (truncated)"
+            } else {
+                ""
+            },
+            scalar(&r["message"]),
+            scalar(&r["recovery"]),
+        ));
+        let lines = r["console"].as_array().cloned().unwrap_or_default();
+        if !lines.is_empty() {
+            out.push_str("    console:\n");
+            for l in &lines {
+                out.push_str(&format!("      | {}\n", scalar(l)));
+            }
+        }
+    }
+    out
+}
+
 /// attribute-failure as a table: the failure, then one row per candidate with its
 /// reasoning in full underneath (it is the point of the command).
 pub fn render_attribution(v: &Value) -> String {
@@ -699,6 +750,28 @@ mod tests {
         let t = render_table(&json!({"signals": [{"id": 1, "kind": "instance.silent"}]}));
         assert!(t.contains("KIND"));
         assert!(t.contains("instance.silent"));
+    }
+
+    #[test]
+    fn get_instance_prints_boot_reports_under_the_table() {
+        let v = json!({"instance": {"id": "inst-1", "status": "provisioning",
+            "boot_reports": [{"at": "2026-12-07T11:55:22Z", "phase": "enrolled",
+                "code": "bootstrap_token_used", "message": "bootstrap: refused", "attempt": 1,
+                "console": ["[ 6053ms] powernode-init INFO: starting"],
+                "recovery": "provision-instance node-1", "truncated": false}]}});
+        let t = render_instance(v);
+        println!("{t}");
+        assert!(t.contains("status  provisioning"));
+        assert!(!t.contains("\"boot_reports\""), "not as a JSON blob: {t}");
+        for want in [
+            "boot reports (before enrollment, newest last):",
+            "code bootstrap_token_used",
+            "message   bootstrap: refused",
+            "recovery  provision-instance node-1",
+            "      | [ 6053ms] powernode-init INFO: starting",
+        ] {
+            assert!(t.contains(want), "{want:?} in:\n{t}");
+        }
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl AppState {
                     used_ms: None,
                     revoked: false,
                     reenroll_until_ms: None,
+                    serial: None,
                 };
                 mem.ops.push(Op::Token(tok.clone()));
                 mem.tokens.insert(tok.hash.clone(), tok);

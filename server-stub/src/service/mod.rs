@@ -12,9 +12,10 @@
 //! flush) and the helpers every action shares. One file per area adds its methods:
 //! `nodes`, `instances` (provision, drain, terminate, drift, reaping VMs),
 //! `disk_images`, `enrollment`, `certificates` (renewal, reissue after expiry),
-//! `node_api` (handshake, heartbeat, worker API),
-//! `tasks` (node-side tasks, refusals), `modules` (module publications),
-//! `sensors`, `attribution`. `bookkeeping` holds the record changes several of them
+//! `node_api` (handshake, heartbeat, worker API), `boot_reports` (failures before
+//! enrollment, by bootstrap token), `tasks` (node-side tasks, refusals), `modules`
+//! (module publications), `sensors`, `attribution`. `bookkeeping` holds the record
+//! changes several of them
 //! make (finishing and adding tasks, failing an instance); `module_store` the module
 //! state beside SQLite. Imports point one way: areas use this file, `bookkeeping`
 //! and `module_store`, never each other's free functions and never the reverse.
@@ -38,6 +39,7 @@ use module_store::{template_lists, ModuleWatch};
 
 mod attribution;
 mod bookkeeping;
+mod boot_reports;
 mod certificates;
 mod disk_images;
 mod enrollment;
@@ -46,6 +48,7 @@ mod module_store;
 pub mod modules;
 mod node_api;
 mod nodes;
+pub mod retention;
 mod sensors;
 mod tasks;
 
@@ -77,6 +80,8 @@ pub struct Shared {
     /// What the sensor last saw of module publications and template module lists,
     /// to notice changes made through the module admin routes.
     module_watch: Mutex<ModuleWatch>,
+    /// Boot reports accepted per token hash in the current window (memory only).
+    boot_report_windows: Mutex<boot_reports::Windows>,
 }
 
 /// How long after a reboot task was leased the node may enroll again with its
@@ -198,6 +203,7 @@ impl AppState {
             last_image_error: Mutex::new(None),
             image_digests: Arc::default(),
             module_watch: Mutex::new(module_watch),
+            boot_report_windows: Mutex::default(),
         })))
     }
 
@@ -218,18 +224,38 @@ impl AppState {
     /// Runs `f` on the state and writes what it changed before returning. `f`
     /// validates before it changes anything; its writes are kept even when it ends in
     /// an error (e.g. a provider failure recorded on the instance).
+    ///
+    /// Memory never keeps a change SQLite did not commit: while `f` runs, each record
+    /// it writes is remembered as it was (only those, see [`crate::model::Table`]), and
+    /// when the commit fails they are put back and the caller gets 503
+    /// `storage_unavailable`. A heartbeat that changed one of those records between
+    /// `f` and the failed commit is undone with it; the node's next one brings it back.
     pub async fn mutate<T>(
         &self,
         f: impl FnOnce(&mut Mem, Millis) -> AppResult<T>,
     ) -> AppResult<T> {
         let _w = self.write_lock.lock().await;
         let now = self.clock.now_ms();
-        let (res, ops) = {
+        let (res, ops, undo) = {
             let mut mem = self.lock();
-            let r = f(&mut mem, now);
-            (r, std::mem::take(&mut mem.ops))
+            mem.record();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut mem, now)));
+            let undo = mem.finish_recording();
+            match r {
+                Ok(r) => (r, std::mem::take(&mut mem.ops), undo),
+                Err(panic) => {
+                    // A bug in `f`: leave memory as SQLite has it, then go on panicking.
+                    mem.ops.clear();
+                    mem.undo(undo);
+                    drop(mem);
+                    std::panic::resume_unwind(panic)
+                }
+            }
         };
-        self.store.apply(ops).await?;
+        if let Err(e) = self.store.apply(ops).await {
+            self.lock().undo(undo);
+            return Err(AppError::storage(&e));
+        }
         res
     }
 

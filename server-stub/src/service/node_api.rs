@@ -233,6 +233,7 @@ impl AppState {
                 params: t.params.clone(),
                 lease_expires_at: format_ts(expires),
                 lease_token: token,
+                lease_seconds: Some(secs),
             };
             let attempts = t.attempts;
             mem.save_task(&task_id);
@@ -272,6 +273,7 @@ impl AppState {
                 return Ok(RenewLeaseResponse {
                     lease_expires_at: format_ts(now),
                     cancelled: true,
+                    lease_seconds: Some(0),
                 });
             }
             if t.status != TaskStatus::Running {
@@ -300,6 +302,7 @@ impl AppState {
             Ok(RenewLeaseResponse {
                 lease_expires_at: format_ts(expires),
                 cancelled: false,
+                lease_seconds: Some(secs),
             })
         })
         .await

@@ -1,5 +1,6 @@
 //! The sensors: one pass over every instance (silence, stuck states, drift, systemd,
-//! expired leases) raising and clearing signals, and the signal and event lists.
+//! expired leases, settled boot reports) raising and clearing signals, and the
+//! signal and event lists.
 use powernode_proto::admin::{self, DriftItem};
 use powernode_proto::InstanceStatus;
 use serde_json::json;
@@ -20,6 +21,7 @@ impl AppState {
         let module_changes = self.module_changes();
         self.mutate(|mem, now| {
             requeue_expired(mem, now, None);
+            self.clear_settled_boot_reports(mem);
             if !module_changes.is_empty() {
                 self.apply_module_changes(mem, now, module_changes);
             }

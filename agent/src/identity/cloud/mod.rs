@@ -271,7 +271,9 @@ pub async fn probe_with(
 
 /// User data as an identity document. Empty user data holds no identity
 /// (`Ok(None)`); anything else must be the JSON document, or it is an error: the
-/// instance was started from this image with the wrong user data.
+/// instance was started from this image with the wrong user data. A document broken
+/// in one field that still names the control plane and the token carries them in
+/// the error, so the node can report it (a boot report).
 pub fn parse_user_data(
     strategy: &'static str,
     bytes: &[u8],
@@ -285,9 +287,10 @@ pub fn parse_user_data(
     if bytes.is_empty() {
         return Ok(None);
     }
-    IdentityDocument::parse(bytes)
-        .map(Some)
-        .map_err(|e| SourceError::new(strategy, SourceErrorKind::Document(e)))
+    IdentityDocument::parse(bytes).map(Some).map_err(|e| {
+        SourceError::new(strategy, SourceErrorKind::Document(e))
+            .with_report_to(powernode_proto::boot_report::ReportTarget::salvage(bytes))
+    })
 }
 
 /// Decodes standard base64 (Azure `userData`, Oracle `user_data`), naming `field`.

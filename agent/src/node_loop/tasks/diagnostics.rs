@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use powernode_proto::node::LeasedTask;
 use powernode_proto::TaskStatus;
 
 use super::super::shared::{lock, Shared};
-use super::{cancelled_result, params, renew_lease, TaskOutcome};
+use super::{cancelled_result, params, renew_lease, Lease, TaskOutcome};
 
 #[derive(Debug, serde::Deserialize)]
 struct DiagnosticsParams {
@@ -25,7 +24,7 @@ const MAX_DIAGNOSTICS_BYTES: usize = 64 * 1024;
 const MAX_SERVICE_OUTPUT_LINES: usize = 50;
 const MAX_MOUNTS: usize = 100;
 
-pub(crate) async fn collect_diagnostics(shared: &Arc<Shared>, task: &LeasedTask) -> TaskOutcome {
+pub(crate) async fn collect_diagnostics(shared: &Arc<Shared>, task: &Lease) -> TaskOutcome {
     let p: DiagnosticsParams = match params(task) {
         Ok(p) => p,
         Err(bad) => return Ok((TaskStatus::Failed, bad)),

@@ -4,11 +4,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use powernode_proto::node::{LeasedTask, Phase};
+use powernode_proto::node::Phase;
 use powernode_proto::TaskStatus;
 
 use super::super::shared::{lock, Shared};
-use super::{params, renew_lease, while_leased, Leased, TaskOutcome};
+use super::{params, renew_lease, while_leased, Lease, Leased, TaskOutcome};
 use crate::supervisor::Supervisor;
 
 /// Drain parameters as the server sends them; absent fields take the defaults.
@@ -20,7 +20,7 @@ struct DrainParams {
     cordon_only: bool,
 }
 
-pub(crate) async fn drain(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+pub(crate) async fn drain(shared: &Shared, task: &Lease) -> TaskOutcome {
     let params: DrainParams = match params(task) {
         Ok(p) => p,
         Err(bad) => return Ok((TaskStatus::Failed, bad)),
@@ -149,7 +149,7 @@ fn drain_result(
 /// that ran (`started`, last first), take work again.
 async fn cancelled(
     shared: &Shared,
-    task: &LeasedTask,
+    task: &Lease,
     started: Vec<crate::drain::DrainStep>,
 ) -> (TaskStatus, serde_json::Value) {
     let restarted = shared.supervisor.start_all();

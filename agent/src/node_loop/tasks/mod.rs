@@ -1,22 +1,67 @@
 //! What every leased task does: read its parameters, renew its lease (also while
 //! its work runs, stopping on cancel) and report its end. One file per task kind.
+//!
+//! The lease is the length the server granted ([`lease_timer`]); a renewal the
+//! server refuses (`lease_expired`, `task_not_leased`), or none answered before the
+//! lease ran out, loses it: the task's work stops and it is not reported done (the
+//! server requeues it).
 
 pub(crate) mod diagnostics;
 pub(crate) mod drain;
+pub(crate) mod lease_timer;
 pub(crate) mod module_update;
 pub(crate) mod reboot;
 
 use std::future::Future;
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use powernode_proto::node::{
     CompleteTaskRequest, CompleteTaskResponse, LeasedTask, RenewLeaseRequest, RenewLeaseResponse,
 };
-use powernode_proto::{paths, TaskStatus};
+use powernode_proto::{paths, ErrorCode, TaskStatus};
 
-use super::shared::Shared;
+use super::shared::{lock, Shared};
 use crate::client::ClientError;
+use lease_timer::LeaseTimer;
+
+/// A leased task and its lease's clock.
+pub(crate) struct Lease {
+    pub(crate) task: LeasedTask,
+    /// The length the agent asks for at each renewal.
+    asked: u64,
+    timer: Mutex<LeaseTimer>,
+}
+
+impl Lease {
+    /// `task` as the lease request sent at `sent` (asking `asked` seconds) got it.
+    pub(crate) fn new(task: LeasedTask, asked: u64, sent: Instant) -> Self {
+        let timer = LeaseTimer::new(task.lease_seconds, asked, sent);
+        Self {
+            task,
+            asked,
+            timer: Mutex::new(timer),
+        }
+    }
+
+    fn timer(&self) -> LeaseTimer {
+        lock(&self.timer).clone()
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = LeasedTask;
+    fn deref(&self) -> &LeasedTask {
+        &self.task
+    }
+}
+
+/// The code of a renewal refusal that means the lease is gone.
+pub(crate) fn lease_lost(e: &ClientError) -> Option<ErrorCode> {
+    e.code()
+        .filter(|c| matches!(c, ErrorCode::LeaseExpired | ErrorCode::TaskNotLeased))
+}
 
 /// Task parameters as JSON; `null` is `{}`.
 pub(crate) fn params<T: serde::de::DeserializeOwned>(
@@ -38,20 +83,22 @@ pub(crate) enum Leased<T> {
     Cancelled,
 }
 
-/// Runs `work` while renewing the task's lease every third of it; a renewal that
-/// says `cancelled` drops `work` (the caller undoes what it must).
+/// Runs `work` while renewing the task's lease (after a third of the granted
+/// length, sooner after a failed renewal); a renewal that says `cancelled` drops
+/// `work` (the caller undoes what it must), a lost lease drops it too
+/// ([`TaskAbort::LeaseLost`]).
 pub(crate) async fn while_leased<T>(
     shared: &Shared,
-    task: &LeasedTask,
+    task: &Lease,
     progress: &str,
     work: impl Future<Output = T>,
 ) -> Result<Leased<T>, TaskAbort> {
     let mut work = std::pin::pin!(work);
-    let renew_every = Duration::from_secs((shared.opts.lease_seconds / 3).max(1));
     loop {
+        let next = tokio::time::Instant::from_std(task.timer().next_renewal());
         tokio::select! {
             v = &mut work => return Ok(Leased::Done(v)),
-            _ = tokio::time::sleep(renew_every) => {
+            _ = tokio::time::sleep_until(next) => {
                 if renew_lease(shared, task, progress).await? {
                     return Ok(Leased::Cancelled);
                 }
@@ -70,34 +117,57 @@ pub(crate) fn cancelled_result(what: &str) -> (TaskStatus, serde_json::Value) {
 pub(crate) enum TaskAbort {
     /// A terminal refusal: the agent is stopping.
     Stop,
+    /// The lease is gone (refused as `code`, or run out unrenewed): the server
+    /// requeues the task; its work stops and it is not reported.
+    LeaseLost { code: ErrorCode },
     /// A reboot the server recorded as done: the agent ends for PID 1 to reboot.
     Reboot,
     /// The task already reported its end itself; nothing left to complete.
     Completed,
 }
 
-/// Renews the task's lease; `Ok(true)` when the operator cancelled it.
+/// Renews the task's lease; `Ok(true)` when the operator cancelled it. A refusal
+/// that says the lease is gone, or a failure once it ran out, is
+/// [`TaskAbort::LeaseLost`]; other failures leave it to the next attempt.
 pub(crate) async fn renew_lease(
     shared: &Shared,
-    task: &LeasedTask,
+    task: &Lease,
     progress: &str,
 ) -> Result<bool, TaskAbort> {
     let req = RenewLeaseRequest {
         instance_id: shared.instance_id().to_string(),
         lease_token: task.lease_token.clone(),
-        lease_seconds: shared.opts.lease_seconds,
+        lease_seconds: task.asked,
         progress: Some(progress.to_string()),
     };
+    let sent = Instant::now();
     match shared
         .client()
         .post::<_, RenewLeaseResponse>(&paths::task_renew(&task.task_id), &req)
         .await
     {
-        Ok(r) => Ok(r.cancelled),
+        Ok(r) => {
+            lock(&task.timer).renewed(r.lease_seconds, task.asked, sent);
+            Ok(r.cancelled)
+        }
         Err(e) if shared.stop_if_terminal(&e).await => Err(TaskAbort::Stop),
         Err(e) => {
-            // The lease may still be valid; carry on and let complete tell.
-            tracing::warn!(task_id = %task.task_id, error = %crate::error_chain(&e), "lease renewal failed");
+            if let Some(code) = lease_lost(&e) {
+                tracing::warn!(task_id = %task.task_id, %code, error = %crate::error_chain(&e),
+                    "task lease lost; its work stops and it is not reported");
+                return Err(TaskAbort::LeaseLost { code });
+            }
+            let mut timer = lock(&task.timer);
+            if timer.expired(Instant::now()) {
+                tracing::warn!(task_id = %task.task_id, error = %crate::error_chain(&e),
+                    granted_s = timer.granted().as_secs(),
+                    "task lease ran out unrenewed; its work stops and it is not reported");
+                return Err(TaskAbort::LeaseLost {
+                    code: ErrorCode::LeaseExpired,
+                });
+            }
+            timer.failed(Instant::now());
+            tracing::warn!(task_id = %task.task_id, error = %crate::error_chain(&e), "lease renewal failed; retrying before it runs out");
             Ok(false)
         }
     }
@@ -108,7 +178,7 @@ pub(crate) async fn renew_lease(
 /// stays `cancelled`).
 pub(crate) async fn complete(
     shared: &Shared,
-    task: &LeasedTask,
+    task: &Lease,
     status: TaskStatus,
     result: serde_json::Value,
 ) -> (ControlFlow<()>, Option<TaskStatus>) {
@@ -156,5 +226,32 @@ pub(crate) fn leased(params: serde_json::Value) -> LeasedTask {
         params,
         lease_expires_at: String::new(),
         lease_token: "x".into(),
+        lease_seconds: Some(30),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_that_says_so_loses_the_lease() {
+        let refused = |code| ClientError::Refused {
+            method: "POST",
+            path: "/renew".into(),
+            status: 409,
+            code,
+            message: "x".into(),
+        };
+        assert_eq!(
+            lease_lost(&refused(ErrorCode::LeaseExpired)),
+            Some(ErrorCode::LeaseExpired)
+        );
+        assert_eq!(
+            lease_lost(&refused(ErrorCode::TaskNotLeased)),
+            Some(ErrorCode::TaskNotLeased)
+        );
+        assert_eq!(lease_lost(&refused(ErrorCode::Internal)), None);
+        assert_eq!(lease_lost(&ClientError::Tls("down".into())), None);
     }
 }

@@ -4,12 +4,12 @@
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use powernode_proto::node::LeasedTask;
 use powernode_proto::TaskStatus;
 
 use super::super::shared::Shared;
 use super::{
-    cancelled_result, complete, params, renew_lease, while_leased, Leased, TaskAbort, TaskOutcome,
+    cancelled_result, complete, params, renew_lease, while_leased, Lease, Leased, TaskAbort,
+    TaskOutcome,
 };
 
 /// `reboot` parameters: the budget to stop services first, under either name the
@@ -35,7 +35,7 @@ impl RebootParams {
 /// Cordons, stops the services (killing what outlives the budget) and completes
 /// the task itself; once the server recorded it, the run ends with
 /// [`Exit::Reboot`] for PID 1 to sync and reboot.
-pub(crate) async fn reboot(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
+pub(crate) async fn reboot(shared: &Shared, task: &Lease) -> TaskOutcome {
     if !shared.opts.can_reboot {
         return Ok((
             TaskStatus::Failed,
@@ -62,13 +62,26 @@ pub(crate) async fn reboot(shared: &Shared, task: &LeasedTask) -> TaskOutcome {
             serde_json::json!({"cancelled": true, "services_restarted": restarted}),
         )
     };
-    let report = match while_leased(shared, task, "stopping services for reboot", stop).await? {
-        Leased::Done(r) => r,
-        Leased::Cancelled => return Ok(undo(shared)),
+    // A lost lease means no reboot: the services come back, the requeued task
+    // runs again.
+    let report = match while_leased(shared, task, "stopping services for reboot", stop).await {
+        Ok(Leased::Done(r)) => r,
+        Ok(Leased::Cancelled) => return Ok(undo(shared)),
+        Err(lost @ TaskAbort::LeaseLost { .. }) => {
+            undo(shared);
+            return Err(lost);
+        }
+        Err(e) => return Err(e),
     };
     // The last chance to cancel: after this the node goes down.
-    if renew_lease(shared, task, "rebooting").await? {
-        return Ok(undo(shared));
+    match renew_lease(shared, task, "rebooting").await {
+        Ok(false) => {}
+        Ok(true) => return Ok(undo(shared)),
+        Err(lost @ TaskAbort::LeaseLost { .. }) => {
+            undo(shared);
+            return Err(lost);
+        }
+        Err(e) => return Err(e),
     }
     let result = serde_json::json!({
         "rebooting": true,
