@@ -1405,6 +1405,7 @@ mod tests {
                 gateway: None,
                 dns: Vec::new(),
                 source: "dhcp",
+                lease: None,
             });
             let err = find_cloud_identity_with(&mut boot, &move |_: &CloudOptions| {
                 Err(
