@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::credentials::Credentials;
+use crate::server_time::ServerClock;
 
 /// Largest response body the agent reads.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -149,6 +150,8 @@ impl Default for Timeouts {
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    /// Fed by every answer's `Date`; shared with the clients that replace this one.
+    clock: Arc<ServerClock>,
 }
 
 impl ApiClient {
@@ -172,7 +175,19 @@ impl ApiClient {
         Ok(Self {
             base: base_url.trim_end_matches('/').to_string(),
             http,
+            clock: Arc::default(),
         })
+    }
+
+    /// This client, feeding `clock` (a renewed client keeps its predecessor's).
+    pub fn with_server_clock(mut self, clock: Arc<ServerClock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The server's clock as the answers' `Date` headers tell it.
+    pub fn server_clock(&self) -> &Arc<ServerClock> {
+        &self.clock
     }
 
     pub fn base_url(&self) -> &str {
@@ -204,7 +219,15 @@ impl ApiClient {
             path: path.to_string(),
             source,
         };
+        let sent = std::time::Instant::now();
         let mut resp = req.send().await.map_err(transport)?;
+        if let Some(date) = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+        {
+            self.clock.observe(date, sent, std::time::Instant::now());
+        }
         let status = resp.status();
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
@@ -302,13 +325,48 @@ mod tests {
     }
 
     fn http(status: &str, body: &[u8]) -> Vec<u8> {
+        http_dated(status, body, None)
+    }
+
+    fn http_dated(status: &str, body: &[u8], date: Option<&str>) -> Vec<u8> {
+        let date = date.map(|d| format!("date: {d}\r\n")).unwrap_or_default();
         let mut r = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{date}connection: close\r\n\r\n",
             body.len()
         )
         .into_bytes();
         r.extend_from_slice(body);
         r
+    }
+
+    #[tokio::test]
+    async fn every_answer_s_date_feeds_the_server_clock_also_a_refusal() {
+        let pki = pki();
+        // The server is five hours ahead of this machine.
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(5 * 3600);
+        let date = httpdate::fmt_http_date(ahead);
+        let expired =
+            serde_json::to_vec(&ErrorBody::new(ErrorCode::CertificateExpired, "old")).unwrap();
+        let url = serve(&pki, http_dated("401 Unauthorized", &expired, Some(&date))).await;
+        let client = ApiClient::new(&url, &pki.ca_pem, None, timeouts()).unwrap();
+        assert_eq!(client.server_clock().offset_ms(), None);
+        let err = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::CertificateExpired));
+        assert_eq!(
+            err.terminal_code(),
+            None,
+            "an expired certificate is not final"
+        );
+        let offset = client.server_clock().offset_ms().unwrap();
+        assert!(
+            (5 * 3600 - 2) * 1000 < offset && offset < (5 * 3600 + 2) * 1000,
+            "{offset}"
+        );
+        // A client that replaces it keeps the estimate.
+        let next = ApiClient::new(&url, &pki.ca_pem, None, timeouts())
+            .unwrap()
+            .with_server_clock(client.server_clock().clone());
+        assert!(next.server_clock().offset_ms().is_some());
     }
 
     fn timeouts() -> Timeouts {

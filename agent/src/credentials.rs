@@ -24,7 +24,8 @@ pub enum CredentialError {
     Certificate(String),
 }
 
-/// The node's Ed25519 private key.
+/// The node's Ed25519 private key (zeroized on drop, copies included).
+#[derive(Clone)]
 pub struct NodeKey {
     signing: SigningKey,
 }
@@ -146,12 +147,20 @@ impl CertInfo {
     }
 
     /// The usable lifetime: from the later of `not_before` and receipt to `not_after`.
+    /// A receipt time outside the validity is a clock that was off when the
+    /// certificate came (it cannot have arrived before it was issued or after it
+    /// expired): then the whole validity counts, never a lifetime of zero that would
+    /// have the node renew at every heartbeat.
     pub fn lifetime_seconds(&self) -> i64 {
-        let start = self.not_before.max(self.received_at.min(self.not_after));
-        self.not_after.saturating_sub(start)
+        let received = Some(self.received_at)
+            .filter(|r| (self.not_before..self.not_after).contains(r))
+            .unwrap_or(self.not_before);
+        self.not_after.saturating_sub(received)
     }
 
     /// Renew when the server asks, or when a third of the lifetime (or less) is left.
+    /// `now` is the server's time as the node estimates it
+    /// ([`crate::server_time::ServerClock`]), not the node's own clock.
     pub fn renewal_due(&self, now: i64, server_asked: bool) -> bool {
         if server_asked {
             return true;
@@ -328,11 +337,17 @@ pub(crate) mod tests {
         assert_eq!(backdated.lifetime_seconds(), 900);
         assert!(!backdated.renewal_due(1001, false));
         assert!(backdated.renewal_due(1600, false));
-        // A receipt time past expiry (clock jump) cannot make the lifetime negative.
-        let odd = CertInfo {
-            received_at: 5000,
-            ..info
-        };
-        assert_eq!(odd.lifetime_seconds(), 0);
+        // A receipt time past expiry (a node clock hours ahead) neither makes the
+        // lifetime negative nor zero (which would renew at every heartbeat): the
+        // whole validity counts. Same for a clock hours behind.
+        for received_at in [5000, 1900, -20_000] {
+            let odd = CertInfo {
+                received_at,
+                ..info.clone()
+            };
+            assert_eq!(odd.lifetime_seconds(), 900, "received at {received_at}");
+            assert!(!odd.renewal_due(1100, false), "received at {received_at}");
+            assert!(odd.renewal_due(1600, false), "received at {received_at}");
+        }
     }
 }

@@ -25,6 +25,8 @@ pub mod logring;
 pub mod module_reconcile;
 pub mod modules;
 pub mod node_loop;
+pub mod reissue;
+pub mod server_time;
 pub mod state;
 pub mod supervisor;
 pub mod systemd;

@@ -217,9 +217,11 @@ impl StateDir {
         Ok(())
     }
 
-    /// Loads credentials that are usable for `instance_id` right now. `Ok(None)`
-    /// when there are none, they are for another instance, or they have expired:
-    /// the caller enrolls then. The reason is logged.
+    /// Loads the credentials for `instance_id`. `Ok(None)` when there are none or
+    /// they are for another instance or key: the caller enrolls then (the reason
+    /// is logged). An expired certificate is still returned: the node's clock may
+    /// be wrong, and even when it is right the key re-enrolls the certificate
+    /// ([`crate::reissue`]) where a spent bootstrap token would be refused.
     pub fn load_credentials(&self, instance_id: &str) -> Result<Option<Credentials>, StateError> {
         let (Some(key_pem), Some(ca_pem)) = (
             read_optional(&self.file(KEY_FILE))?,
@@ -251,14 +253,16 @@ impl StateDir {
                 c.info.received_at = received_at.min(unix_now());
                 c
             }) {
-                Ok(creds) if creds.info.expired(unix_now()) => {
-                    tracing::warn!(
-                        not_after = creds.info.not_after,
-                        "stored certificate has expired"
-                    );
-                    return Ok(None);
+                Ok(creds) => {
+                    if creds.info.expired(unix_now()) {
+                        tracing::warn!(
+                            not_after = creds.info.not_after,
+                            "stored certificate looks expired by this node's clock; \
+                             the server will say, and reissue it if so"
+                        );
+                    }
+                    return Ok(Some(creds));
                 }
-                Ok(creds) => return Ok(Some(creds)),
                 Err(e) => last_err = Some(e),
             }
         }
@@ -313,11 +317,15 @@ mod tests {
     }
 
     #[test]
-    fn expired_or_mismatched_credentials_are_not_used() {
+    fn expired_credentials_are_kept_for_reissue_and_mismatched_ones_are_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        state.save_credentials(&creds(1, "inst-1", -10)).unwrap();
-        assert!(state.load_credentials("inst-1").unwrap().is_none());
+        // Expired by this clock: still the node's key and certificate, which the
+        // server may reissue (a spent token would be refused for good).
+        let expired = creds(1, "inst-1", -10);
+        state.save_credentials(&expired).unwrap();
+        let back = state.load_credentials("inst-1").unwrap().unwrap();
+        assert_eq!(back.info.serial, expired.info.serial);
         // Key from one enrollment, certificate from another.
         let a = creds(1, "inst-1", 3600);
         let b = creds(2, "inst-1", 3600);

@@ -19,6 +19,7 @@ use powernode_agent::credentials::Credentials;
 use powernode_agent::enroll::EnrollError;
 use powernode_agent::identity::Resolved;
 use powernode_agent::node_loop::{self, AgentOptions, Exit, Hooks};
+use powernode_agent::reissue::{reissue, ReissueError};
 use powernode_agent::state::{StateDir, StateError};
 use powernode_agent::timeline::Timeline;
 use powernode_proto::boot_report::ReportTarget;
@@ -71,13 +72,17 @@ pub enum BootstrapError {
     Credentials(#[from] powernode_agent::credentials::CredentialError),
     #[error("first handshake failed")]
     Handshake(#[source] ClientError),
+    #[error("re-enrolling the expired stored certificate failed")]
+    Reissue(#[source] ReissueError),
 }
 
 impl BootstrapError {
     /// The stable code reported upstream and on the console.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Enroll(EnrollError::Client(e)) | Self::Handshake(e) => e.report_code(),
+            Self::Enroll(EnrollError::Client(e))
+            | Self::Handshake(e)
+            | Self::Reissue(ReissueError::Client(e)) => e.report_code(),
             _ => ErrorCode::Internal,
         }
     }
@@ -88,6 +93,7 @@ impl BootstrapError {
         match self {
             Self::Enroll(e) => e.terminal_code().is_some(),
             Self::Handshake(e) => e.terminal_code().is_some(),
+            Self::Reissue(e) => e.terminal_code().is_some(),
             Self::Runtime(_) | Self::Entropy(_) | Self::State(_) | Self::Credentials(_) => false,
         }
     }
@@ -253,7 +259,7 @@ impl AgentDriver for RealAgent {
             request: Duration::from_secs(15),
         };
         let (creds, enrolled_at_ms, client) = rt.block_on(async {
-            let creds: Credentials = match stored {
+            let mut creds: Credentials = match stored {
                 Some(c) => {
                     log::info!(
                         "bootstrap: reusing stored credentials (serial {})",
@@ -279,7 +285,7 @@ impl AgentDriver for RealAgent {
             state.save_identity(&identity)?;
             let mut timeline = Timeline::from_entries(input.timeline.clone());
             let enrolled_at_ms = timeline.mark(Phase::Enrolled);
-            let client = ApiClient::new(
+            let mut client = ApiClient::new(
                 &identity.control_plane_url,
                 &creds.ca_pem,
                 Some(&creds),
@@ -289,15 +295,50 @@ impl AgentDriver for RealAgent {
             let root = powernode_agent::facts::read_root_facts(std::path::Path::new(
                 crate::layout::MOUNTINFO,
             ));
-            let hs = node_loop::handshake(
+            let first = node_loop::handshake(
                 &client,
                 &identity.instance_id,
                 Phase::Enrolled,
                 &timeline,
-                root,
+                root.clone(),
                 None,
             )
-            .await
+            .await;
+            let hs = match first {
+                // A node that was off (or whose server was down) for longer than its
+                // certificate lives: re-enroll it with the same key, no token spent.
+                Err(e) if e.code() == Some(ErrorCode::CertificateExpired) => {
+                    log::warn!(
+                        "bootstrap: the stored certificate (serial {}) expired; re-enrolling it",
+                        creds.info.serial
+                    );
+                    let reissued = reissue(&client, &creds, &identity.instance_id)
+                        .await
+                        .map_err(BootstrapError::Reissue)?;
+                    if let Some(new) = reissued {
+                        state.save_credentials(&new)?;
+                        creds = new;
+                        client = ApiClient::new(
+                            &identity.control_plane_url,
+                            &creds.ca_pem,
+                            Some(&creds),
+                            timeouts,
+                        )
+                        .map_err(BootstrapError::Handshake)?
+                        .with_server_clock(client.server_clock().clone());
+                    }
+                    node_loop::handshake(
+                        &client,
+                        &identity.instance_id,
+                        Phase::Enrolled,
+                        &timeline,
+                        root,
+                        None,
+                    )
+                    .await
+                }
+                other => other,
+            }
             .map_err(BootstrapError::Handshake)?;
             log::info!(
                 "bootstrap: enrolled and handshaken; instance status {}",

@@ -47,6 +47,17 @@ pub enum ErrorCode {
     CertificateRevoked,
     CertificateInstanceMismatch,
     InstanceTerminated,
+    /// The client certificate is ours and known but past `not_after` (by the
+    /// server's clock): the node re-enrolls it at `certificate/reissue`.
+    CertificateExpired,
+    /// An expired certificate presented for reissue expired longer ago than the
+    /// server's grace period: the node needs a new bootstrap token.
+    CertificateGraceExceeded,
+    /// A renewal for a certificate that has not reached its renewal point (and the
+    /// server did not ask for it): keep the certificate, renew later.
+    RenewalNotDue,
+    /// Too many certificates for this instance lately: renew later.
+    RenewalRateLimited,
     // Task lease.
     TaskNotLeased,
     LeaseExpired,
@@ -106,6 +117,10 @@ impl ErrorCode {
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateInstanceMismatch => "certificate_instance_mismatch",
             Self::InstanceTerminated => "instance_terminated",
+            Self::CertificateExpired => "certificate_expired",
+            Self::CertificateGraceExceeded => "certificate_grace_exceeded",
+            Self::RenewalNotDue => "renewal_not_due",
+            Self::RenewalRateLimited => "renewal_rate_limited",
             Self::TaskNotLeased => "task_not_leased",
             Self::LeaseExpired => "lease_expired",
             Self::SignatureMissing => "signature_missing",
@@ -127,7 +142,9 @@ impl ErrorCode {
     }
 
     /// Whether a node receiving this code must stop for good (its credentials are
-    /// gone) rather than retry.
+    /// gone) rather than retry. A certificate this control plane never issued or
+    /// does not know (`client_certificate_invalid`) is final too; an expired one
+    /// (`certificate_expired`) is not: the node re-enrolls it.
     pub fn is_terminal_for_node(self) -> bool {
         matches!(
             self,
@@ -137,6 +154,8 @@ impl ErrorCode {
                 | Self::BootstrapTokenUsed
                 | Self::BootstrapTokenInvalid
                 | Self::CertificateInstanceMismatch
+                | Self::ClientCertificateInvalid
+                | Self::CertificateGraceExceeded
         )
     }
 }
@@ -182,12 +201,31 @@ mod tests {
             ErrorCode::MissingNetbootImageError,
             ErrorCode::SignatureMismatch,
             ErrorCode::InvalidTransition,
+            ErrorCode::CertificateExpired,
+            ErrorCode::CertificateGraceExceeded,
+            ErrorCode::RenewalNotDue,
+            ErrorCode::RenewalRateLimited,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             let back: ErrorCode = serde_json::from_str(&json).unwrap();
             assert_eq!(back, code);
         }
+    }
+
+    #[test]
+    fn an_expired_certificate_is_retried_and_an_unknown_one_is_final() {
+        assert!(!ErrorCode::CertificateExpired.is_terminal_for_node());
+        assert!(!ErrorCode::RenewalNotDue.is_terminal_for_node());
+        assert!(!ErrorCode::RenewalRateLimited.is_terminal_for_node());
+        assert!(ErrorCode::ClientCertificateInvalid.is_terminal_for_node());
+        assert!(ErrorCode::CertificateGraceExceeded.is_terminal_for_node());
+        assert!(ErrorCode::CertificateRevoked.is_terminal_for_node());
+        // The existing code keeps its wire name.
+        assert_eq!(
+            ErrorCode::ClientCertificateInvalid.as_str(),
+            "client_certificate_invalid"
+        );
     }
 
     #[test]

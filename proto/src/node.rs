@@ -309,6 +309,19 @@ pub struct RenewRequest {
     pub csr_pem: String,
 }
 
+/// `POST` [`crate::paths::CERTIFICATE_REISSUE`]: a node whose certificate expired
+/// (an outage longer than its life) asks for a new one for the same key. The CSR,
+/// signed by that key, proves possession; the server answers with an
+/// [`EnrollmentResponse`] or refuses (revoked, terminated, expired too long ago).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReissueRequest {
+    pub instance_id: String,
+    /// The expired certificate (PEM), as the server issued it.
+    pub certificate_pem: String,
+    /// A PKCS#10 request for the same public key, CN = instance id.
+    pub csr_pem: String,
+}
+
 /// `POST` [`crate::paths::TASK_LEASE`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRequest {

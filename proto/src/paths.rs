@@ -11,6 +11,9 @@ pub const HANDSHAKE: &str = "/api/v1/system/node_api/runtime/handshake";
 pub const HEARTBEAT: &str = "/api/v1/system/node_api/runtime/heartbeat";
 pub const DESIRED_MODULES: &str = "/api/v1/system/node_api/modules/desired";
 pub const CERTIFICATE_RENEW: &str = "/api/v1/system/node_api/certificate/renew";
+/// Re-enrollment of an expired certificate: no valid client certificate needed, the
+/// body carries the expired certificate and a CSR signed by the same key.
+pub const CERTIFICATE_REISSUE: &str = "/api/v1/system/node_api/certificate/reissue";
 /// Worker API (mTLS): task lease.
 pub const TASK_LEASE: &str = "/api/v1/system/worker_api/tasks/lease";
 /// `/api/v1/system/worker_api/tasks/{id}/renew`

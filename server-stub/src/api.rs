@@ -19,7 +19,7 @@ use powernode_proto::admin::{
 };
 use powernode_proto::node::{
     CompleteTaskRequest, EnrollmentRequest, HandshakeRequest, HeartbeatRequest, LeaseRequest,
-    RenewLeaseRequest, RenewRequest,
+    ReissueRequest, RenewLeaseRequest, RenewRequest,
 };
 use powernode_proto::{paths, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -101,6 +101,7 @@ pub fn app(state: AppState) -> Router {
         .route(paths::HEARTBEAT, post(heartbeat))
         .route(paths::DESIRED_MODULES, get(desired_modules))
         .route(paths::CERTIFICATE_RENEW, post(renew_certificate))
+        .route(paths::CERTIFICATE_REISSUE, post(reissue_certificate))
         .route(paths::TASK_LEASE, post(lease))
         .route(
             "/api/v1/system/worker_api/tasks/{id}/renew",
@@ -125,9 +126,26 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response_with_state(
+            state.clone(),
+            date_header,
+        ))
         .with_state(state)
         // After the JSON body limit: registry uploads stream with their own bound.
         .merge(registry)
+}
+
+/// The `Date` of every answer is the control plane's clock, the one that dates
+/// certificates: nodes judge certificate dates by it, not by their own RTC. (hyper
+/// would write the system clock; the two differ only where a test skews the clock.)
+async fn date_header(State(st): State<AppState>, mut resp: Response) -> Response {
+    let secs = u64::try_from(st.clock.now_ms().div_euclid(1000)).unwrap_or(0);
+    let date =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    if let Ok(v) = header::HeaderValue::from_str(&date) {
+        resp.headers_mut().insert(header::DATE, v);
+    }
+    resp
 }
 
 async fn not_found() -> AppError {
@@ -228,8 +246,11 @@ impl FromRequestParts<AppState> for NodeCert {
             Some(PeerAuth::Verified(id)) => {
                 if state.clock.now_ms() >= id.not_after_ms {
                     return Err(AppError::unauthorized(
-                        ErrorCode::ClientCertificateInvalid,
-                        "the client certificate has expired",
+                        ErrorCode::CertificateExpired,
+                        format!(
+                            "the client certificate has expired; re-enroll it at {}",
+                            paths::CERTIFICATE_REISSUE
+                        ),
                     ));
                 }
                 Ok(NodeCert(id.clone()))
@@ -559,6 +580,15 @@ async fn renew_certificate(
     ))
 }
 
+/// No client certificate needed: the body carries the expired one and a CSR signed
+/// by its key.
+async fn reissue_certificate(
+    State(st): State<AppState>,
+    Json(req): Json<ReissueRequest>,
+) -> JsonOut<powernode_proto::node::EnrollmentResponse> {
+    Ok(axum::Json(st.reissue_certificate(req).await?))
+}
+
 async fn lease(
     State(st): State<AppState>,
     NodeCert(id): NodeCert,
@@ -698,9 +728,14 @@ mod tests {
                 serial: "01".into(),
                 not_before_ms: 0,
                 not_after_ms: 1000,
+                public_key: Vec::new(),
             })));
-        let (_, v) = send(&router, req).await;
-        assert_eq!(v["error"]["code"], "client_certificate_invalid", "{v}");
+        let (s, v) = send(&router, req).await;
+        // Its own code, one the node re-enrolls on (not a final refusal).
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("certificate_expired"))
+        );
         // Valid, but not a serial this control plane issued.
         let mut req = post(
             paths::HEARTBEAT,
@@ -713,6 +748,7 @@ mod tests {
                 serial: "01".into(),
                 not_before_ms: 0,
                 not_after_ms: i64::MAX,
+                public_key: Vec::new(),
             })));
         let (s, v) = send(&router, req).await;
         assert_eq!(

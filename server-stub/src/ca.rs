@@ -54,6 +54,8 @@ pub enum CsrError {
     NoCommonName,
     #[error("CSR subject CN {found:?} is not instance {expected:?}")]
     WrongInstance { found: String, expected: String },
+    #[error("CSR key is not the key of the certificate it re-enrolls")]
+    WrongKey,
     #[error("signing the certificate failed")]
     Sign(#[source] rcgen::Error),
 }
@@ -87,6 +89,8 @@ pub struct ClientIdentity {
     pub serial: String,
     pub not_before_ms: Millis,
     pub not_after_ms: Millis,
+    /// The raw subject public key (32 bytes for Ed25519).
+    pub public_key: Vec<u8>,
 }
 
 impl ClientIdentity {
@@ -256,7 +260,34 @@ impl Ca {
         now_ms: Millis,
         ttl_seconds: u64,
     ) -> Result<IssuedCert, CsrError> {
-        let (csr, key_sha256) = checked_csr(csr_pem, instance_id)?;
+        let checked = checked_csr(csr_pem, instance_id)?;
+        self.sign_node_cert(checked, instance_id, now_ms, ttl_seconds)
+    }
+
+    /// [`Ca::issue_node_cert`] for a CSR that must carry `public_key`: the key of
+    /// the (expired) certificate it re-enrolls, so the holder keeps its key.
+    pub fn reissue_node_cert(
+        &self,
+        csr_pem: &str,
+        instance_id: &str,
+        public_key: &[u8],
+        now_ms: Millis,
+        ttl_seconds: u64,
+    ) -> Result<IssuedCert, CsrError> {
+        let checked = checked_csr(csr_pem, instance_id)?;
+        if rcgen::PublicKeyData::der_bytes(&checked.0.public_key) != public_key {
+            return Err(CsrError::WrongKey);
+        }
+        self.sign_node_cert(checked, instance_id, now_ms, ttl_seconds)
+    }
+
+    fn sign_node_cert(
+        &self,
+        (csr, key_sha256): (CertificateSigningRequestParams, String),
+        instance_id: &str,
+        now_ms: Millis,
+        ttl_seconds: u64,
+    ) -> Result<IssuedCert, CsrError> {
         let mut serial = [0u8; 16];
         rand::Rng::fill(&mut rand::thread_rng(), &mut serial[..]);
         // Positive and without a leading zero byte, so the hex form is stable when the
@@ -292,8 +323,12 @@ impl Ca {
         })
     }
 
-    /// Validates a presented chain (leaf first) against this CA at `now_ms`, and
-    /// reads the instance binding, serial and validity out of the leaf.
+    /// Validates a presented chain (leaf first) against this CA, and reads the
+    /// instance binding, serial and validity out of the leaf. The signatures are
+    /// checked at `now_ms` clamped into the leaf's validity, so an expired (or, after
+    /// a clock step back, not yet valid) certificate of ours still verifies: the
+    /// caller decides what its dates mean (`certificate_expired`, reissue) and the
+    /// serial is checked against the certificates this server issued.
     pub fn verify_client(
         &self,
         chain: &[CertificateDer<'static>],
@@ -302,11 +337,29 @@ impl Ca {
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or_else(|| ClientCertError::Chain("empty chain".into()))?;
-        let now = UnixTime::since_unix_epoch(Duration::from_millis(now_ms.max(0) as u64));
+        let ident = parse_client_leaf(leaf)?;
+        // min then max, not clamp: a foreign leaf may have its dates reversed.
+        let at_ms = now_ms
+            .min(ident.not_after_ms.saturating_sub(1000))
+            .max(ident.not_before_ms);
+        let at = UnixTime::since_unix_epoch(Duration::from_millis(at_ms.max(0) as u64));
         self.verifier
-            .verify_client_cert(leaf, intermediates, now)
+            .verify_client_cert(leaf, intermediates, at)
             .map_err(|e| ClientCertError::Chain(e.to_string()))?;
-        parse_client_leaf(leaf)
+        Ok(ident)
+    }
+
+    /// [`Ca::verify_client`] for a certificate sent as PEM (a reissue body).
+    pub fn verify_client_pem(
+        &self,
+        pem: &str,
+        now_ms: Millis,
+    ) -> Result<ClientIdentity, ClientCertError> {
+        let chain = pem_certs(pem);
+        if chain.is_empty() {
+            return Err(ClientCertError::Parse);
+        }
+        self.verify_client(&chain, now_ms)
     }
 }
 
@@ -330,6 +383,7 @@ pub fn parse_client_leaf(leaf: &CertificateDer<'_>) -> Result<ClientIdentity, Cl
         serial: hex::encode(cert.raw_serial()),
         not_before_ms: cert.validity().not_before.timestamp() * 1000,
         not_after_ms: cert.validity().not_after.timestamp() * 1000,
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
     })
 }
 
@@ -429,8 +483,10 @@ pub(crate) mod tests {
         assert_eq!(id.instance_id, "inst-1");
         assert_eq!(id.serial, issued.serial);
         assert_eq!(id.not_after_ms, issued.not_after_ms);
-        // Expired at a later time.
-        assert!(ca.verify_client(&chain, now + 7200 * 1000).is_err());
+        // Expired at a later time, and still ours: the caller sees the dates.
+        let later = ca.verify_client(&chain, now + 7200 * 1000).unwrap();
+        assert!(later.not_after_ms < now + 7200 * 1000);
+        assert_eq!(later.serial, issued.serial);
         // Same CA after a reload (and no temporary files left); a different CA
         // refuses it.
         let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -455,6 +511,7 @@ pub(crate) mod tests {
             serial: "01".into(),
             not_before_ms: issued - BACKDATE_MS,
             not_after_ms: issued + ttl,
+            public_key: Vec::new(),
         };
         // A 6 s certificate is not due at issue (the backdating must not count).
         let c = id(1_000_000, 6_000);

@@ -104,6 +104,11 @@ impl StuckThresholds {
     }
 }
 
+/// Default of [`Config::reissue_grace_seconds`]: a week, so a node rides out an
+/// outage over a long weekend and more, yet a node gone for longer must be
+/// provisioned afresh.
+pub const DEFAULT_REISSUE_GRACE_SECONDS: u64 = 7 * 86_400;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
@@ -119,6 +124,10 @@ pub struct Config {
     pub silent_after_seconds: u64,
     pub token_ttl_seconds: u64,
     pub cert_ttl_seconds: u64,
+    /// How long after its certificate expired a node may still re-enroll it
+    /// (`certificate/reissue`, same key): the longest control-plane outage (or node
+    /// downtime) a node survives without a new bootstrap token.
+    pub reissue_grace_seconds: u64,
     pub stuck: StuckThresholds,
     pub sensor_interval_ms: u64,
     pub lease_max_seconds: u64,
@@ -157,6 +166,7 @@ impl Config {
             silent_after_seconds: 300,
             token_ttl_seconds: 86_400,
             cert_ttl_seconds: 86_400,
+            reissue_grace_seconds: DEFAULT_REISSUE_GRACE_SECONDS,
             stuck: StuckThresholds::default(),
             sensor_interval_ms: 1000,
             lease_max_seconds: 3600,

@@ -368,11 +368,11 @@ async fn certificate_renewal_issues_a_new_working_certificate() {
     let (s, v) = renewed.heartbeat("ready").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["renew_certificate"], false);
-    // Past the old certificate's end it is refused as invalid, the new one works.
+    // Past the old certificate's end it is refused as expired, the new one works.
     ts.clock.advance_secs(40);
     let (s, v) = fake.heartbeat("ready").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert_eq!(code(&v), "client_certificate_invalid");
+    assert_eq!(code(&v), "certificate_expired");
     let (s, _) = renewed.heartbeat("ready").await;
     assert_eq!(s, StatusCode::OK);
 }

@@ -485,10 +485,25 @@ impl Server {
         let data = self.data.clone();
         self.guard.kill();
         drop(self);
-        // The port was just freed; retry briefly in case the kernel still holds it.
+        Self::start_retrying(&data, opts)
+    }
+
+    /// Stops the server by its pid (SIGTERM, SIGKILL after 10 s); returns its data
+    /// directory and options with its port, for [`Server::start_retrying`].
+    pub fn stop(mut self) -> Result<(PathBuf, ServerOptions)> {
+        let mut opts = self.opts.clone();
+        opts.port = Some(self.port()?);
+        let data = self.data.clone();
+        self.guard.terminate(Duration::from_secs(10));
+        Ok((data, opts))
+    }
+
+    /// [`Server::start`] on a port that was just freed: retried briefly in case the
+    /// kernel still holds it.
+    pub fn start_retrying(data: &Path, opts: ServerOptions) -> Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Self::start(&data, opts.clone()) {
+            match Self::start(data, opts.clone()) {
                 Ok(s) => return Ok(s),
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("restart failed ({e:#}); retrying");

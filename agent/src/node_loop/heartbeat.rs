@@ -1,7 +1,15 @@
 //! The heartbeat loop (status, modules, services, systemd's state; the answer sets
 //! the interval, wakes the lease loop and may ask for renewal) and the certificate
 //! renewal it drives: a fresh key, a CSR, the new certificate stored, then the
-//! client swapped.
+//! client swapped. Renewal is judged by the server's clock as the answers' `Date`
+//! tells it, and an early one the server refuses (`renewal_not_due`) waits for the
+//! server to ask.
+//!
+//! The node's own certificate running out is never a reason to stop: workloads
+//! keep running, heartbeats keep being retried with backoff and jitter, and when
+//! the server answers `certificate_expired` the loop re-enrolls the certificate
+//! with the same key ([`crate::reissue`]). Only the server ends the node
+//! (revoked, terminated, expired beyond its grace period).
 
 use std::sync::Arc;
 
@@ -12,7 +20,8 @@ use super::options::{AgentOptions, Exit};
 use super::shared::{lock, Shared};
 use crate::backoff::jittered;
 use crate::client::{ApiClient, ClientError};
-use crate::credentials::{unix_now, CredentialError, Credentials, NodeKey};
+use crate::credentials::{CredentialError, Credentials, NodeKey};
+use crate::reissue::ReissueError;
 use crate::state::StateError;
 
 /// systemd's state, asked off the async thread; `None` when not under systemd.
@@ -38,9 +47,47 @@ async fn services(shared: &Arc<Shared>) -> Vec<powernode_proto::node::ServiceSta
         .unwrap_or_default()
 }
 
+/// When the agent renews: the server asked, or the certificate is due by the
+/// server's clock; after a `renewal_not_due` only when the server asks, and after
+/// `renewal_rate_limited` not before a backoff.
+#[derive(Debug)]
+struct Renewal {
+    server_asked: bool,
+    only_when_asked: bool,
+    not_before: Option<tokio::time::Instant>,
+    backoff: crate::backoff::Backoff,
+}
+
+impl Renewal {
+    fn due(&self, info: &crate::credentials::CertInfo, now: i64) -> bool {
+        if self
+            .not_before
+            .is_some_and(|t| tokio::time::Instant::now() < t)
+        {
+            return false;
+        }
+        if self.only_when_asked {
+            return self.server_asked;
+        }
+        info.renewal_due(now, self.server_asked)
+    }
+
+    fn renewed(&mut self) {
+        self.server_asked = false;
+        self.only_when_asked = false;
+        self.not_before = None;
+        self.backoff.reset();
+    }
+}
+
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
     let mut backoff = shared.backoff();
-    let mut server_asked_renewal = false;
+    let mut renewal = Renewal {
+        server_asked: false,
+        only_when_asked: false,
+        not_before: None,
+        backoff: shared.backoff(),
+    };
     loop {
         let status = shared.status();
         let systemd = systemd_state(&shared.opts).await;
@@ -55,7 +102,8 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
             cordoned: status.cordoned,
             systemd,
         };
-        let delay = match shared
+        let mut expired = false;
+        let mut delay = match shared
             .client()
             .post::<_, HeartbeatResponse>(paths::HEARTBEAT, &req)
             .await
@@ -78,7 +126,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
                 if resp.tasks_pending {
                     shared.wake_lease.notify_one();
                 }
-                server_asked_renewal |= resp.renew_certificate;
+                renewal.server_asked |= resp.renew_certificate;
                 jittered(
                     shared.interval(),
                     shared.opts.jitter,
@@ -89,6 +137,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
                 if shared.stop_if_terminal(&e).await {
                     return;
                 }
+                expired = e.code() == Some(ErrorCode::CertificateExpired);
                 let delay = backoff.next_delay();
                 tracing::warn!(attempt = backoff.attempt(), retry_in_ms = delay.as_millis() as u64,
                     error = %crate::error_chain(&e), "heartbeat failed");
@@ -96,28 +145,43 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
             }
         };
 
-        let info = lock(&shared.cert).clone();
-        let now = unix_now();
-        if info.expired(now) {
-            let _ = shared
-                .exit
-                .send(Exit::Terminal {
-                    code: ErrorCode::ClientCertificateInvalid,
-                    message: format!(
-                        "the node certificate expired at unix time {} before it could be renewed; \
-                         the node needs a new bootstrap token",
-                        info.not_after
-                    ),
-                })
-                .await;
-            return;
-        }
-        if info.renewal_due(now, server_asked_renewal) {
-            match renew_certificate(&shared).await {
-                Ok(()) => server_asked_renewal = false,
-                Err(RenewError::Client(e)) if shared.stop_if_terminal(&e).await => return,
+        if expired {
+            match reissue_certificate(&shared).await {
+                Ok(true) => {
+                    // Heartbeat again at once, on the new certificate.
+                    backoff.reset();
+                    renewal.renewed();
+                    delay = std::time::Duration::ZERO;
+                }
+                Ok(false) => tracing::warn!(
+                    "the server refused the certificate as expired, then called it unexpired"
+                ),
+                Err(e) if stop_if_terminal(&shared, &e).await => return,
                 Err(e) => tracing::warn!(error = %crate::error_chain(&e),
-                    "certificate renewal failed; retrying at the next heartbeat"),
+                    "reissue of the expired certificate failed; retrying"),
+            }
+        } else if renewal.due(&lock(&shared.cert), shared.server_now_earliest()) {
+            match renew_certificate(&shared).await {
+                Ok(()) => renewal.renewed(),
+                Err(e) if stop_if_terminal(&shared, &e).await => return,
+                Err(e) => match e.code() {
+                    Some(ErrorCode::RenewalNotDue) => {
+                        tracing::info!(error = %crate::error_chain(&e),
+                            "renewal not due by the server's clock; renewing when it asks");
+                        renewal.only_when_asked = true;
+                        renewal.server_asked = false;
+                    }
+                    Some(ErrorCode::RenewalRateLimited) => {
+                        let wait = renewal.backoff.next_delay();
+                        tracing::warn!(
+                            retry_in_ms = wait.as_millis() as u64,
+                            "renewal rate-limited by the server; backing off"
+                        );
+                        renewal.not_before = Some(tokio::time::Instant::now() + wait);
+                    }
+                    _ => tracing::warn!(error = %crate::error_chain(&e),
+                        "certificate renewal failed; retrying at the next heartbeat"),
+                },
             }
         }
 
@@ -125,6 +189,16 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
             _ = tokio::time::sleep(delay) => {}
             _ = shared.wake_heartbeat.notified() => {}
         }
+    }
+}
+
+/// Stops the agent when `err` is the server refusing the node for good.
+async fn stop_if_terminal(shared: &Shared, err: &RenewError) -> bool {
+    match err {
+        RenewError::Client(e) | RenewError::Reissue(ReissueError::Client(e)) => {
+            shared.stop_if_terminal(e).await
+        }
+        _ => false,
     }
 }
 
@@ -136,6 +210,19 @@ enum RenewError {
     Credentials(#[from] CredentialError),
     #[error("storing the renewed certificate")]
     State(#[from] StateError),
+    #[error("re-enrolling the expired certificate")]
+    Reissue(#[from] ReissueError),
+    #[error("the node's key and certificate are gone from its state directory")]
+    NoCredentials,
+}
+
+impl RenewError {
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Client(e) | Self::Reissue(ReissueError::Client(e)) => e.code(),
+            _ => None,
+        }
+    }
 }
 
 /// The renewal answer; only the certificate is required.
@@ -159,17 +246,42 @@ async fn renew_certificate(shared: &Shared) -> Result<(), RenewError> {
         .ca_pem
         .filter(|c| c.contains("-----BEGIN CERTIFICATE-----"))
         .unwrap_or_else(|| lock(&shared.ca_pem).clone());
-    let creds = Credentials::new(key, resp.certificate_pem, ca_pem, shared.instance_id())?;
+    let mut creds = Credentials::new(key, resp.certificate_pem, ca_pem, shared.instance_id())?;
+    creds.info.received_at = shared.server_now();
+    install(shared, &creds)?;
+    tracing::info!(serial = %creds.info.serial, not_after = creds.info.not_after, "certificate renewed");
+    Ok(())
+}
+
+/// Re-enrolls the expired certificate with the key on disk. `Ok(false)`: the
+/// server says it has not expired after all.
+async fn reissue_certificate(shared: &Shared) -> Result<bool, RenewError> {
+    let creds = shared
+        .state
+        .load_credentials(shared.instance_id())?
+        .ok_or(RenewError::NoCredentials)?;
+    match crate::reissue::reissue(&shared.client(), &creds, shared.instance_id()).await? {
+        Some(new) => {
+            install(shared, &new)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Stores `creds`, then swaps the client (keeping the server-clock estimate) so
+/// the next call presents them.
+fn install(shared: &Shared, creds: &Credentials) -> Result<(), RenewError> {
     let client = ApiClient::new(
         &shared.identity.control_plane_url,
         &creds.ca_pem,
-        Some(&creds),
+        Some(creds),
         shared.opts.timeouts,
-    )?;
-    shared.state.save_credentials(&creds)?;
+    )?
+    .with_server_clock(shared.client().server_clock().clone());
+    shared.state.save_credentials(creds)?;
     *shared.client.write().unwrap_or_else(|p| p.into_inner()) = client;
     *lock(&shared.ca_pem) = creds.ca_pem.clone();
     *lock(&shared.cert) = creds.info.clone();
-    tracing::info!(serial = %creds.info.serial, not_after = creds.info.not_after, "certificate renewed");
     Ok(())
 }

@@ -9,7 +9,9 @@
 //! - [`reconcile_loop`]: reconcile modules against the desired set now and then,
 //!   reporting the result in heartbeats;
 //! - stop for good, with a distinct exit, when the control plane says this node's
-//!   credentials are gone (revoked, terminated, token spent).
+//!   credentials are gone (revoked, terminated, token spent). An expired
+//!   certificate is not that: it is re-enrolled with the same key (at start and in
+//!   [`heartbeat`]), and the services keep running meanwhile.
 //!
 //! What they share is [`shared`]; what the caller gives and gets back is [`options`].
 //! Everything from the network is data: a bad answer is logged and retried, never a
@@ -189,6 +191,58 @@ where
     }
 }
 
+/// [`ClientError::terminal_code`], and `certificate_expired` too: at start, the way
+/// out of a retry loop to re-enroll the certificate ([`reissue_at_start`]).
+fn terminal_or_expired(e: &ClientError) -> Option<ErrorCode> {
+    e.terminal_code()
+        .or(e.code().filter(|c| *c == ErrorCode::CertificateExpired))
+}
+
+fn is_expired(exit: &Exit) -> bool {
+    matches!(exit, Exit::Terminal { code, .. } if *code == ErrorCode::CertificateExpired)
+}
+
+/// The stored certificate expired (a node that was off, or a server that was down,
+/// for longer than it lives): re-enrolls it with the same key, retrying with
+/// backoff, and returns the client that presents the new one. `Ok(Err(exit))`:
+/// refused for good, or stopped.
+async fn reissue_at_start(
+    identity: &powernode_proto::IdentityDocument,
+    state: &StateDir,
+    opts: &AgentOptions,
+    client: &ApiClient,
+    creds: &mut crate::credentials::Credentials,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Result<ApiClient, Exit>, AgentError> {
+    tracing::warn!(serial = %creds.info.serial, not_after = creds.info.not_after,
+        "the server says the stored certificate expired; re-enrolling it with the same key");
+    let reissued = with_retry(
+        "reissue",
+        Backoff::new(opts.backoff_base, opts.backoff_cap),
+        shutdown,
+        crate::reissue::ReissueError::terminal_code,
+        || crate::reissue::reissue(client, creds, &identity.instance_id),
+    )
+    .await;
+    match reissued {
+        Ok(Some(new)) => {
+            state.save_credentials(&new)?;
+            *creds = new;
+        }
+        // The server calls it unexpired after all: carry on with it.
+        Ok(None) => {}
+        Err(exit) => return Ok(Err(exit)),
+    }
+    let fresh = ApiClient::new(
+        &identity.control_plane_url,
+        &creds.ca_pem,
+        Some(creds),
+        opts.timeouts,
+    )?
+    .with_server_clock(client.server_clock().clone());
+    Ok(Ok(fresh))
+}
+
 /// Runs the agent until `shutdown` resolves or the control plane stops the node.
 pub async fn run(
     resolved: Resolved,
@@ -217,7 +271,7 @@ pub async fn run(
 
     let mut interval = identity.heartbeat_interval_seconds;
     let mut warm = None;
-    let creds = match state.load_credentials(&identity.instance_id)? {
+    let mut creds = match state.load_credentials(&identity.instance_id)? {
         Some(creds) => {
             warm = opts
                 .client
@@ -260,7 +314,7 @@ pub async fn run(
     };
     timeline.mark(Phase::Enrolled);
 
-    let client = match warm {
+    let mut client = match warm {
         Some(c) => c,
         None => ApiClient::new(
             &identity.control_plane_url,
@@ -308,7 +362,7 @@ pub async fn run(
                     "desired modules",
                     Backoff::new(opts.backoff_base, opts.backoff_cap),
                     &mut shutdown,
-                    ClientError::terminal_code,
+                    terminal_or_expired,
                     || client.get::<DesiredModulesResponse>(paths::DESIRED_MODULES),
                 )
                 .await
@@ -316,6 +370,15 @@ pub async fn run(
         };
         let desired = match desired {
             Ok(d) => d,
+            Err(exit) if is_expired(&exit) => {
+                match reissue_at_start(&identity, &state, &opts, &client, &mut creds, &mut shutdown)
+                    .await?
+                {
+                    Ok(c) => client = c,
+                    Err(exit) => return Ok(exit),
+                }
+                continue;
+            }
             Err(exit) => return Ok(exit),
         };
         match hooks.reconciler.reconcile(&desired).await {
@@ -351,26 +414,36 @@ pub async fn run(
     };
 
     timeline.mark(Phase::Ready);
-    let hs = with_retry(
-        "handshake",
-        Backoff::new(opts.backoff_base, opts.backoff_cap),
-        &mut shutdown,
-        ClientError::terminal_code,
-        || {
-            handshake(
-                &client,
-                &identity.instance_id,
-                Phase::Ready,
-                &timeline,
-                root.clone(),
-                None,
-            )
-        },
-    )
-    .await;
-    let hs = match hs {
-        Ok(hs) => hs,
-        Err(exit) => return Ok(exit),
+    let hs = loop {
+        let hs = with_retry(
+            "handshake",
+            Backoff::new(opts.backoff_base, opts.backoff_cap),
+            &mut shutdown,
+            terminal_or_expired,
+            || {
+                handshake(
+                    &client,
+                    &identity.instance_id,
+                    Phase::Ready,
+                    &timeline,
+                    root.clone(),
+                    None,
+                )
+            },
+        )
+        .await;
+        match hs {
+            Ok(hs) => break hs,
+            Err(exit) if is_expired(&exit) => {
+                match reissue_at_start(&identity, &state, &opts, &client, &mut creds, &mut shutdown)
+                    .await?
+                {
+                    Ok(c) => client = c,
+                    Err(exit) => return Ok(exit),
+                }
+            }
+            Err(exit) => return Ok(exit),
+        }
     };
     tracing::info!(instance_status = %hs.instance_status,
         heartbeat_interval_seconds = hs.heartbeat_interval_seconds, "handshake done; node ready");
@@ -385,13 +458,19 @@ pub async fn run(
         interval = hs.heartbeat_interval_seconds;
     }
 
+    // The certificate's receipt time was read by this node's clock; the server has
+    // answered by now, so put it on the server's clock, which renewal is judged by.
+    let mut cert = creds.info.clone();
+    if let Some(offset_ms) = client.server_clock().offset_ms() {
+        cert.received_at = cert.received_at.saturating_add(offset_ms / 1000);
+    }
     let (exit_tx, mut exit_rx) = mpsc::channel(4);
     let shared = Arc::new(Shared {
         opts,
         state,
         client: RwLock::new(client),
         ca_pem: Mutex::new(creds.ca_pem.clone()),
-        cert: Mutex::new(creds.info.clone()),
+        cert: Mutex::new(cert),
         status: Mutex::new(resumed.unwrap_or(NodeStatus {
             phase: Phase::Ready,
             cordoned: false,

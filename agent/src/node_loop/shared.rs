@@ -56,6 +56,18 @@ impl Shared {
             .clone()
     }
 
+    /// Unix seconds by the server's clock as its answers tell it (the local clock
+    /// until it first answers): what certificate dates are judged by.
+    pub(crate) fn server_now(&self) -> i64 {
+        self.client().server_clock().now()
+    }
+
+    /// [`Shared::server_now`] less the estimate's error: renewal is judged by it,
+    /// so the node is never ahead of the server's renewal point.
+    pub(crate) fn server_now_earliest(&self) -> i64 {
+        self.client().server_clock().earliest_now()
+    }
+
     pub(crate) fn instance_id(&self) -> &str {
         &self.identity.instance_id
     }

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     pub token_ttl_seconds: u64,
     #[arg(long, default_value_t = 86_400)]
     pub cert_ttl_seconds: u64,
+    /// How long after its certificate expired a node may re-enroll it with the
+    /// same key (`certificate/reissue`); longer outages need a new bootstrap token.
+    #[arg(long, default_value_t = crate::config::DEFAULT_REISSUE_GRACE_SECONDS)]
+    pub reissue_grace_seconds: u64,
     /// e.g. `pending=300,provisioning=600,running=300` (any subset).
     #[arg(long, value_parser = parse_thresholds)]
     pub stuck_thresholds: Option<StuckThresholds>,
@@ -319,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.silent_after_seconds = args.silent_after_seconds;
         cfg.token_ttl_seconds = args.token_ttl_seconds;
         cfg.cert_ttl_seconds = args.cert_ttl_seconds;
+        cfg.reissue_grace_seconds = args.reissue_grace_seconds;
         cfg.retention_days = args.retention_days;
         cfg.stuck = args.stuck_thresholds.unwrap_or_default();
         cfg.sensor_interval_ms = args.sensor_interval_ms;

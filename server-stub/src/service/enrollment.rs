@@ -1,18 +1,18 @@
-//! Node API: enrollment with a bootstrap token and certificate renewal.
+//! Node API: enrollment with a bootstrap token (renewal and reissue are in
+//! `certificates`).
 //!
 //! Enrollment is idempotent for the node that asked: a retry with the same token and
 //! the same key (its answer was lost: a reset, a timeout, a failed save on the node)
 //! within [the window](repeated_enrollment) gets the certificate it was issued, with
 //! no new certificate and no second `instance.enrolled`. Another key with a used token
 //! is `bootstrap_token_used`.
-use axum::http::StatusCode;
-use powernode_proto::node::{EnrollmentRequest, EnrollmentResponse, Phase, RenewRequest};
+use powernode_proto::node::{EnrollmentRequest, EnrollmentResponse, Phase};
 use powernode_proto::{ErrorCode, InstanceStatus};
 use serde_json::json;
 
 use super::bookkeeping::finish_reboot_tasks;
-use super::{authorize, invalid_transition, token_hash, AppState, REFUSAL_SIGNAL_EVERY_MS};
-use crate::ca::{csr_key_sha256, ClientIdentity, CsrError};
+use super::{csr_error, invalid_transition, token_hash, AppState, REFUSAL_SIGNAL_EVERY_MS};
+use crate::ca::csr_key_sha256;
 use crate::clock::{format_ts, Millis};
 use crate::error::{AppError, AppResult};
 use crate::model::{CertRec, Mem, Op, TokenRec};
@@ -235,44 +235,6 @@ impl AppState {
         })
         .await
     }
-
-    pub async fn renew_certificate(
-        &self,
-        ident: &ClientIdentity,
-        req: RenewRequest,
-    ) -> AppResult<EnrollmentResponse> {
-        self.mutate(|mem, now| {
-            authorize(mem, ident, Some(&req.instance_id))?;
-            let node_id = mem.instances[&ident.instance_id].node_id.clone();
-            let issued = self
-                .ca
-                .issue_node_cert(
-                    &req.csr_pem,
-                    &ident.instance_id,
-                    now,
-                    self.cfg.cert_ttl_seconds,
-                )
-                .map_err(csr_error)?;
-            mem.add_cert(now, &ident.instance_id, &issued.serial, issued.not_after_ms);
-            mem.event(
-                now,
-                "certificate.renewed",
-                Some(&node_id),
-                Some(&ident.instance_id),
-                json!({"old_serial": ident.serial, "serial": issued.serial}),
-            );
-            Ok(EnrollmentResponse {
-                certificate_pem: issued.pem,
-                ca_pem: self.ca.cert_pem().to_string(),
-                not_after: format_ts(issued.not_after_ms),
-                serial: issued.serial,
-                node_id,
-                instance_id: ident.instance_id.clone(),
-                heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
-            })
-        })
-        .await
-    }
 }
 
 /// The earlier enrollment this request repeats, if it does: the token was used within
@@ -317,20 +279,6 @@ fn repeated_enrollment(
     })
 }
 
-fn csr_error(e: CsrError) -> AppError {
-    match e {
-        CsrError::WrongInstance { .. } => {
-            AppError::forbidden(ErrorCode::CsrInstanceMismatch, e.to_string())
-        }
-        CsrError::Sign(_) => AppError::internal(&e),
-        CsrError::Unparsable(_) | CsrError::NotEd25519 | CsrError::NoCommonName => AppError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::CsrInvalid,
-            e.to_string(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +288,7 @@ mod tests {
     use crate::config::Config;
     use crate::provider::Recorder;
     use crate::store::{Store, DB_FILE};
+    use axum::http::StatusCode;
     use powernode_proto::admin::{CreateNodeRequest, ProvisionRequest};
 
     fn state(dir: &std::path::Path) -> AppState {

@@ -11,11 +11,12 @@
 //! Layout: this file holds [`AppState`] (construction, `lock`, `mutate`, the dirty
 //! flush) and the helpers every action shares. One file per area adds its methods:
 //! `nodes`, `instances` (provision, drain, terminate, drift),
-//! `disk_images`, `enrollment`, `node_api` (handshake, heartbeat, worker API),
-//! `boot_reports` (failures before enrollment, by bootstrap token), `tasks`
-//! (node-side tasks, refusals), `modules` (module publications), `sensors`,
-//! `attribution`, `vms` (the VM watcher's resets and exits, adopting VMs at start).
-//! `bookkeeping` holds the record changes several of them
+//! `disk_images`, `enrollment`, `certificates` (renewal, reissue after expiry),
+//! `node_api` (handshake, heartbeat, worker API), `boot_reports` (failures before
+//! enrollment, by bootstrap token), `tasks` (node-side tasks, refusals), `modules`
+//! (module publications), `sensors`, `attribution`, `vms` (the VM watcher's resets
+//! and exits, adopting VMs at start), `retention`. `bookkeeping` holds the record
+//! changes several of them
 //! make (finishing and adding tasks, failing an instance); `module_store` the module
 //! state beside SQLite. Imports point one way: areas use this file, `bookkeeping`
 //! and `module_store`, never each other's free functions and never the reverse.
@@ -26,7 +27,7 @@ use powernode_proto::admin::{self, Catalog};
 use powernode_proto::{ErrorCode, InstanceStatus};
 use sha2::Digest;
 
-use crate::ca::{Ca, ClientIdentity};
+use crate::ca::{Ca, ClientIdentity, CsrError};
 use crate::clock::{Clock, Millis};
 use crate::config::{url_host, Config};
 use crate::error::{AppError, AppResult};
@@ -39,6 +40,7 @@ use module_store::{template_lists, ModuleWatch};
 mod attribution;
 mod bookkeeping;
 mod boot_reports;
+mod certificates;
 mod disk_images;
 mod enrollment;
 mod instances;
@@ -123,6 +125,24 @@ fn random_secret() -> String {
 
 fn invalid_transition(msg: impl Into<String>) -> AppError {
     AppError::conflict(ErrorCode::InvalidTransition, msg)
+}
+
+/// A refused CSR (enrollment, renewal, reissue) as the node sees it.
+fn csr_error(e: CsrError) -> AppError {
+    match e {
+        CsrError::WrongInstance { .. } => {
+            AppError::forbidden(ErrorCode::CsrInstanceMismatch, e.to_string())
+        }
+        CsrError::Sign(_) => AppError::internal(&e),
+        CsrError::Unparsable(_)
+        | CsrError::NotEd25519
+        | CsrError::NoCommonName
+        | CsrError::WrongKey => AppError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            ErrorCode::CsrInvalid,
+            e.to_string(),
+        ),
+    }
 }
 
 impl AppState {

@@ -33,10 +33,16 @@ impl AppState {
                 .filter(|t| t.status.is_final() && t.updated_ms < cutoff)
                 .map(|t| t.id.clone())
                 .collect();
+            // A certificate stays while its node may still ask to reissue it: pruning
+            // it sooner would make that node's next call a final refusal.
+            let grace_ms = i64::try_from(self.cfg.reissue_grace_seconds)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            let cert_cutoff = cutoff.min(now.saturating_sub(grace_ms));
             let certs: Vec<String> = mem
                 .certs
                 .values()
-                .filter(|c| c.not_after_ms < cutoff)
+                .filter(|c| c.not_after_ms < cert_cutoff)
                 .map(|c| c.serial.clone())
                 .collect();
             // Instances name their tasks; a pruned task leaves their lists too.
@@ -246,5 +252,48 @@ mod tests {
         clock.advance_secs(365 * 86_400);
         assert_eq!(st.prune().await.unwrap().total(), 0);
         assert!(st.recent_events(100, None).await.unwrap().len() >= 2);
+    }
+
+    /// A retention shorter than the reissue grace does not take a certificate its
+    /// node may still reissue: that would turn the node's next call into a final
+    /// `client_certificate_invalid`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_certificate_stays_through_the_reissue_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        cfg.retention_days = 1;
+        cfg.reissue_grace_seconds = 7 * 86_400;
+        let clock = Clock::default();
+        let st = AppState::with_provider(
+            cfg,
+            "https://127.0.0.1:1".into(),
+            clock.clone(),
+            Ca::load_or_create(dir.path()).unwrap(),
+            Store::open(dir.path()).unwrap(),
+            "admin",
+            Box::new(Recorder { image_base: None }),
+        )
+        .unwrap();
+        let n = st.create_node(node("a")).await.unwrap();
+        let p = st
+            .provision(&n.id, ProvisionRequest::default())
+            .await
+            .unwrap();
+        let inst = p.instance.id;
+        st.mutate(|mem, now| {
+            mem.add_cert(now, &inst, "short", now + 3_600_000);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        clock.advance_secs(3 * 86_400);
+        st.prune().await.unwrap();
+        assert!(
+            st.lock().certs.contains_key("short"),
+            "pruned inside the grace"
+        );
+        clock.advance_secs(5 * 86_400);
+        assert_eq!(st.prune().await.unwrap().certs, 1);
+        assert!(!st.lock().certs.contains_key("short"));
     }
 }
