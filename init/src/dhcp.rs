@@ -251,6 +251,14 @@ pub enum Step {
     Expired,
 }
 
+/// A bound lease and what renewing it needs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoundLease {
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub renewal: Renewal,
+}
+
 /// The clock of a bound lease (RFC 2131 4.4.5), in ms of a monotonic clock that
 /// survives an exec (CLOCK_BOOTTIME): T1 and T2 as the server said, else half and
 /// seven eighths of the lease; a retransmission after half the time left to T2 (while

@@ -16,7 +16,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::dhcp::{self, DhcpError, MessageType, Renewal, Step};
+use crate::dhcp::{self, BoundLease, DhcpError, MessageType, Renewal, Step};
 use crate::sys::{Errno, Sys};
 
 /// Where the network phase leaves the lease for the renewer.
@@ -27,14 +27,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SLEEP: Duration = Duration::from_secs(600);
 /// After a failed fresh DISCOVER, the next one.
 const REDISCOVER_AFTER: Duration = Duration::from_secs(60);
-
-/// A bound lease and what renewing it needs.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BoundLease {
-    pub ifname: String,
-    pub mac: [u8; 6],
-    pub renewal: Renewal,
-}
 
 /// Writes the lease for the renewer (its folder made if needed).
 pub fn save(sys: &mut dyn Sys, lease: &BoundLease) -> Result<(), Errno> {

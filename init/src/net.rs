@@ -58,7 +58,7 @@ pub struct Configured {
     pub source: &'static str,
     /// A DHCP lease that runs out, for the renewer ([`crate::dhcp_renew`]).
     #[serde(skip)]
-    pub lease: Option<crate::dhcp_renew::BoundLease>,
+    pub lease: Option<dhcp::BoundLease>,
 }
 
 /// The interface to configure: the first (by name) that is not loopback or a tunnel.
@@ -206,13 +206,12 @@ pub fn bring_up(sys: &mut dyn Sys, config: &NetworkConfig) -> Result<Configured,
                 ifname: ifname.clone(),
                 error,
             })?;
-            bound = dhcp::Renewal::from_ack(&lease, sys.boot_ms()).map(|renewal| {
-                crate::dhcp_renew::BoundLease {
+            bound =
+                dhcp::Renewal::from_ack(&lease, sys.boot_ms()).map(|renewal| dhcp::BoundLease {
                     ifname: ifname.clone(),
                     mac,
                     renewal,
-                }
-            });
+                });
             (
                 lease.your_ip,
                 prefix,
