@@ -439,12 +439,19 @@ mod tests {
 
     fn state_with(dir: &std::path::Path, clock: Clock, provider: Box<dyn Provider>) -> AppState {
         let cfg = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        state_from(cfg, clock, provider)
+    }
+
+    /// A state on `cfg` (its data directory included) with `provider`; other areas'
+    /// tests start here too.
+    pub(super) fn state_from(cfg: Config, clock: Clock, provider: Box<dyn Provider>) -> AppState {
+        let dir = cfg.data_dir.clone();
         AppState::with_provider(
             cfg,
             "https://127.0.0.1:1".into(),
             clock,
-            Ca::load_or_create(dir).unwrap(),
-            Store::open(dir).unwrap(),
+            Ca::load_or_create(&dir).unwrap(),
+            Store::open(&dir).unwrap(),
             "admin",
             provider,
         )

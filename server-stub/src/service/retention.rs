@@ -100,26 +100,25 @@ impl AppState {
 mod tests {
     use powernode_proto::admin::{CreateNodeRequest, ProvisionRequest, TerminateRequest};
 
-    use crate::ca::Ca;
     use crate::clock::Clock;
     use crate::config::Config;
     use crate::provider::Recorder;
-    use crate::store::Store;
+    use crate::service::tests::state_from;
 
     use super::*;
 
     fn state(dir: &std::path::Path, clock: Clock) -> AppState {
-        let cfg = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
-        AppState::with_provider(
-            cfg,
-            "https://127.0.0.1:1".into(),
-            clock,
-            Ca::load_or_create(dir).unwrap(),
-            Store::open(dir).unwrap(),
-            "admin",
-            Box::new(Recorder { image_base: None }),
-        )
-        .unwrap()
+        state_with_days(dir, clock, |_| {})
+    }
+
+    fn state_with_days(
+        dir: &std::path::Path,
+        clock: Clock,
+        tune: impl FnOnce(&mut Config),
+    ) -> AppState {
+        let mut cfg = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        tune(&mut cfg);
+        state_from(cfg, clock, Box::new(Recorder { image_base: None }))
     }
 
     fn node(h: &str) -> CreateNodeRequest {
@@ -234,19 +233,8 @@ mod tests {
         assert_eq!(left[0].id, events[0].id);
 
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
-        cfg.retention_days = 0;
         let clock = Clock::default();
-        let st = AppState::with_provider(
-            cfg,
-            "https://127.0.0.1:1".into(),
-            clock.clone(),
-            Ca::load_or_create(dir.path()).unwrap(),
-            Store::open(dir.path()).unwrap(),
-            "admin",
-            Box::new(Recorder { image_base: None }),
-        )
-        .unwrap();
+        let st = state_with_days(dir.path(), clock.clone(), |c| c.retention_days = 0);
         st.create_node(node("a")).await.unwrap();
         st.create_node(node("b")).await.unwrap();
         clock.advance_secs(365 * 86_400);
@@ -260,20 +248,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expired_certificate_stays_through_the_reissue_grace() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
-        cfg.retention_days = 1;
-        cfg.reissue_grace_seconds = 7 * 86_400;
         let clock = Clock::default();
-        let st = AppState::with_provider(
-            cfg,
-            "https://127.0.0.1:1".into(),
-            clock.clone(),
-            Ca::load_or_create(dir.path()).unwrap(),
-            Store::open(dir.path()).unwrap(),
-            "admin",
-            Box::new(Recorder { image_base: None }),
-        )
-        .unwrap();
+        let st = state_with_days(dir.path(), clock.clone(), |c| {
+            c.retention_days = 1;
+            c.reissue_grace_seconds = 7 * 86_400;
+        });
         let n = st.create_node(node("a")).await.unwrap();
         let p = st
             .provision(&n.id, ProvisionRequest::default())
