@@ -2,7 +2,8 @@
 //! booting the published disk image), KVM detection (`accel`, and the canary boot in
 //! `canary` where a probe is not enough), the `/persist` disk helper, a process
 //! guard that kills QEMU on drop (or lets go of it on purpose), QMP (commands and
-//! the event stream) and the adoption of a QEMU an earlier process left running.
+//! the event stream), the adoption of a QEMU an earlier process left running, and
+//! libvirt (the same VM as a domain, driven through `virsh`).
 //!
 //! It must never leave a QEMU process behind unasked (every [`Vm`] kills its own pid on
 //! drop unless [`Vm::detach`] let go of it)
@@ -12,6 +13,7 @@ pub mod accel;
 pub mod adopt;
 pub mod canary;
 pub mod disk;
+pub mod libvirt;
 pub mod qmp;
 pub mod spec;
 mod sys;

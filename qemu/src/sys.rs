@@ -1,7 +1,8 @@
-//! The crate's only `unsafe`: the two KVM ioctls rustix has no typed wrapper for
-//! (its `ioctl` patterns drop the return value, which here is the answer), and
-//! `poll(2)` on one fd (rustix's is behind its `event` feature, which the workspace
-//! does not build).
+//! The crate's only `unsafe`: a parent-death signal for helper processes (set
+//! between fork and exec), the two KVM ioctls rustix has no typed wrapper for (its
+//! `ioctl` patterns drop the return value, which here is the answer), and `poll(2)`
+//! on one fd (rustix's is behind its `event` feature, which the workspace does not
+//! build).
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -66,5 +67,20 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> Result<bool, Errno>
         if errno != libc::EINTR {
             return Err(Errno::from_raw_os_error(errno));
         }
+    }
+}
+
+/// Makes `cmd`'s child die with SIGKILL when the thread that started it ends (its
+/// parent dies): for helpers that must never outlive the process watching through
+/// them (a `virsh event` stream), whereas a VM must (see `Vm::spawn_own_group`).
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
     }
 }
