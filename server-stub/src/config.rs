@@ -16,16 +16,26 @@ pub enum ProviderMode {
     Disabled,
     /// Local QEMU VMs booted from the published netboot image.
     Real,
+    /// The same VMs as libvirt domains (`--libvirt-uri`, through `virsh`).
+    Libvirt,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown provider mode {0:?} (recorder, real or disabled)")]
+    #[error("unknown provider mode {0:?} (recorder, real, libvirt or disabled)")]
     UnknownProvider(String),
     #[error("bad stuck threshold {0:?}: expected STATE=SECONDS")]
     BadThreshold(String),
     #[error("state {0:?} has no stuck threshold (pending, provisioning, bootstrapping, running, draining, terminating)")]
     UnknownThresholdState(String),
+}
+
+impl ProviderMode {
+    /// Whether instances are local VMs (which reach the server through QEMU's user
+    /// network, at 10.0.2.2).
+    pub fn boots_vms(self) -> bool {
+        matches!(self, Self::Real | Self::Libvirt)
+    }
 }
 
 impl std::str::FromStr for ProviderMode {
@@ -35,6 +45,7 @@ impl std::str::FromStr for ProviderMode {
             "recorder" => Ok(Self::Recorder),
             "disabled" => Ok(Self::Disabled),
             "real" => Ok(Self::Real),
+            "libvirt" => Ok(Self::Libvirt),
             other => Err(ConfigError::UnknownProvider(other.to_string())),
         }
     }
@@ -119,8 +130,11 @@ pub struct Config {
     pub sans: Vec<String>,
     pub provider: ProviderMode,
     /// Netboot image folder (`vmlinuz`, `initramfs.img`, `cmdline`, `manifest.json`);
-    /// `real` also keeps its per-instance folders under `DIR/instances/`.
+    /// `real` and `libvirt` also keep their per-instance folders under
+    /// `DIR/instances/`.
     pub image_base: Option<PathBuf>,
+    /// The libvirt connection of the `libvirt` provider.
+    pub libvirt_uri: String,
     pub silent_after_seconds: u64,
     pub token_ttl_seconds: u64,
     pub cert_ttl_seconds: u64,
@@ -163,6 +177,7 @@ impl Config {
             sans: Vec::new(),
             provider: ProviderMode::Recorder,
             image_base: None,
+            libvirt_uri: powernode_qemu::libvirt::DEFAULT_URI.to_string(),
             silent_after_seconds: 300,
             token_ttl_seconds: 86_400,
             cert_ttl_seconds: 86_400,
@@ -210,9 +225,10 @@ mod tests {
         assert_eq!("recorder".parse(), Ok(ProviderMode::Recorder));
         assert_eq!("disabled".parse(), Ok(ProviderMode::Disabled));
         assert_eq!("real".parse(), Ok(ProviderMode::Real));
+        assert_eq!("libvirt".parse(), Ok(ProviderMode::Libvirt));
         assert_eq!(
-            "libvirt".parse::<ProviderMode>(),
-            Err(ConfigError::UnknownProvider("libvirt".into()))
+            "virtualbox".parse::<ProviderMode>(),
+            Err(ConfigError::UnknownProvider("virtualbox".into()))
         );
     }
 }

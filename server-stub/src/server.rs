@@ -42,6 +42,8 @@ pub enum ServeError {
     Ca(#[from] ca::CaError),
     #[error("state store")]
     Store(#[from] crate::store::StoreError),
+    #[error("provider")]
+    Provider(#[from] crate::provider::ProviderError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -275,7 +277,7 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         .clone()
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| {
-            if cfg.provider == crate::config::ProviderMode::Real {
+            if cfg.provider.boots_vms() {
                 // Under QEMU user networking the guest reaches the host's loopback here.
                 format!("https://10.0.2.2:{}", addr.port())
             } else {
@@ -305,7 +307,11 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
 
     let sensor_ms = cfg.sensor_interval_ms.max(10);
     let flush_ms = cfg.flush_interval_ms.max(10);
-    let state = AppState::new(cfg, public_url, clock, ca, store, &admin_token)?;
+    let provider =
+        crate::provider::from_mode(cfg.provider, cfg.image_base.clone(), &cfg.libvirt_uri);
+    // Before any VM is taken back: a daemon that is down must not read as VMs lost.
+    provider.check()?;
+    let state = AppState::with_provider(cfg, public_url, clock, ca, store, &admin_token, provider)?;
 
     if state.cfg.image_base.is_some() {
         match state.publish_image(None).await {

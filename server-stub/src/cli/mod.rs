@@ -49,9 +49,14 @@ pub struct ServeArgs {
     /// Extra server-certificate name (DNS name or IP); repeatable.
     #[arg(long = "san")]
     pub sans: Vec<String>,
-    /// Provider: recorder (records what it would boot), real (local QEMU VMs) or disabled.
+    /// Provider: recorder (records what it would boot), real (local QEMU VMs),
+    /// libvirt (the same VMs as libvirt domains) or disabled.
     #[arg(long, env = "POWERNODE_LIBVIRT_MODE", default_value = "recorder", value_parser = parse_provider)]
     pub provider: ProviderMode,
+    /// The libvirt connection of `--provider libvirt` (its daemon started by
+    /// `scripts/libvirtd`).
+    #[arg(long, env = "POWERNODE_LIBVIRT_URI", default_value = powernode_qemu::libvirt::DEFAULT_URI)]
+    pub libvirt_uri: String,
     /// Netboot image folder (from `powernode-initramfs build`), published at start.
     #[arg(long, env = "POWERNODE_IMAGE_BASE")]
     pub image_base: Option<PathBuf>,
@@ -320,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.sans = args.sans;
         cfg.provider = args.provider;
         cfg.image_base = args.image_base;
+        cfg.libvirt_uri = args.libvirt_uri;
         cfg.silent_after_seconds = args.silent_after_seconds;
         cfg.token_ttl_seconds = args.token_ttl_seconds;
         cfg.cert_ttl_seconds = args.cert_ttl_seconds;
@@ -798,13 +804,30 @@ mod tests {
             "--data",
             "/tmp/x",
             "--provider",
-            "libvirt",
+            "vmware",
         ])
         .unwrap_err();
         assert!(
-            err.to_string().contains("recorder, real or disabled"),
+            err.to_string()
+                .contains("recorder, real, libvirt or disabled"),
             "{err}"
         );
+        let cli = Cli::try_parse_from([
+            "powernode-stub",
+            "serve",
+            "--data",
+            "/tmp/x",
+            "--provider",
+            "libvirt",
+            "--libvirt-uri",
+            "qemu+ssh://host/system",
+        ])
+        .unwrap();
+        let Cmd::Serve(args) = cli.cmd else {
+            panic!("not serve")
+        };
+        assert_eq!(args.provider, ProviderMode::Libvirt);
+        assert_eq!(args.libvirt_uri, "qemu+ssh://host/system");
         let cli = Cli::try_parse_from([
             "powernode-stub",
             "serve",

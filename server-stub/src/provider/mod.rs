@@ -2,15 +2,19 @@
 //! `recorder` (records exactly what it would boot, including the identity document
 //! and the QEMU command line, boots nothing), `real` (boots a local QEMU VM through
 //! `powernode-qemu`: direct kernel boot of a published netboot image, identity by
-//! fw_cfg; in `real.rs`) and `disabled`.
+//! fw_cfg; in `real.rs`), `libvirt` (the same VM as a libvirt domain; in
+//! `libvirt.rs`) and `disabled`.
 //!
 //! Provider calls may block (spawning QEMU, making a disk, killing and reaping):
 //! the service calls them with no state lock held, on the blocking pool.
 
+mod libvirt;
 mod real;
 
+pub use libvirt::{domain_name, Libvirt};
 pub use real::Real;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,6 +86,12 @@ pub enum ProviderError {
     Vm(#[source] powernode_qemu::VmError),
     #[error("cannot take the VM back")]
     Adopt(#[source] powernode_qemu::AdoptError),
+    #[error("{what}")]
+    Libvirt {
+        what: String,
+        #[source]
+        source: powernode_qemu::libvirt::VirshError,
+    },
 }
 
 impl ProviderError {
@@ -134,8 +144,9 @@ pub struct VmReset {
     pub pid: u32,
     /// QEMU's reason (`guest-reset`, `host-qmp-system-reset`, ...).
     pub reason: String,
-    /// Whether the guest asked for it.
-    pub by_guest: bool,
+    /// Whether the guest asked for it (`None`: the provider cannot tell; libvirt's
+    /// reboot event does not say).
+    pub by_guest: Option<bool>,
     /// Reboots of this VM within [`RESET_WINDOW`], this one included.
     pub recent: usize,
 }
@@ -159,10 +170,88 @@ pub const RESET_WINDOW: Duration = Duration::from_secs(600);
 /// a loop faster than this still counts, at worst half as fast.
 pub const REBOOT_COALESCE: Duration = Duration::from_secs(2);
 
+/// A VM's reboots, counted from its resets: several resets within
+/// [`REBOOT_COALESCE`] of a reboot's first are that reboot.
+#[derive(Debug, Default)]
+struct Reboots {
+    /// When each reboot within [`RESET_WINDOW`] began (this process's clock).
+    recent: std::collections::VecDeque<std::time::Instant>,
+    /// The stamp of the first reset of the latest reboot.
+    started: Option<f64>,
+}
+
+impl Reboots {
+    /// A reset stamped `stamp` (seconds on a clock that moves forward): `Some(n)`,
+    /// the reboots within the window with this one, when it begins a reboot; `None`
+    /// when it belongs to the latest.
+    fn reset(&mut self, stamp: f64) -> Option<usize> {
+        if self
+            .started
+            .is_some_and(|t| stamp >= t && stamp - t < REBOOT_COALESCE.as_secs_f64())
+        {
+            return None;
+        }
+        self.started = Some(stamp);
+        let now = std::time::Instant::now();
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESET_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        Some(self.recent.len())
+    }
+}
+
+/// Writes the identity document readable by the owner only (it holds a bootstrap token).
+fn write_private(path: &Path, data: &[u8]) -> Result<(), ProviderError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(data).map_err(io(path))
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Makes an instance's folder for a VM provider: the identity document (0600: it
+/// holds the bootstrap token) and, for a persistent node, its `/persist` disk (one
+/// left by an earlier try is reused). Returns the folder.
+fn prepare_instance(base: &Path, spec: &ProvisionSpec) -> Result<PathBuf, ProviderError> {
+    let dir = instance_dir(base, &spec.instance_id);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let identity = serde_json::to_vec_pretty(&spec.identity)
+        .map_err(|e| ProviderError::Failed(format!("encoding the identity: {e}")))?;
+    write_private(&dir.join("identity.json"), &identity)?;
+    if spec.lifecycle_class == LifecycleClass::Persistent {
+        let disk = dir.join("persist.img");
+        if !disk.exists() {
+            powernode_qemu::make_persist_disk(&disk, PERSIST_DISK_MIB)
+                .map_err(ProviderError::Disk)?;
+        }
+    }
+    Ok(dir)
+}
+
 pub trait Provider: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Whether provisioning can work at all (checked before any row is created).
     fn enabled(&self) -> bool;
+    /// Whether the provider can work at all (its daemon answers): checked when the
+    /// server starts, before it takes back any VM, so a daemon that is down stops
+    /// the server rather than failing every instance.
+    fn check(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// Whether provisioning needs a published netboot image.
     fn needs_image(&self) -> bool {
         false
@@ -198,14 +287,31 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
 /// Builds the provider. `image_base` is the netboot image folder (also the parent of
 /// the per-instance folders of `real`).
-pub fn from_mode(mode: ProviderMode, image_base: Option<PathBuf>) -> Box<dyn Provider> {
+pub fn from_mode(
+    mode: ProviderMode,
+    image_base: Option<PathBuf>,
+    libvirt_uri: &str,
+) -> Box<dyn Provider> {
+    let base = || image_base.clone().unwrap_or_else(|| PathBuf::from("build"));
     match mode {
-        ProviderMode::Recorder => Box::new(Recorder { image_base }),
+        ProviderMode::Recorder => Box::new(Recorder {
+            image_base: image_base.clone(),
+        }),
         ProviderMode::Disabled => Box::new(Disabled),
-        ProviderMode::Real => Box::new(Real::new(
-            image_base.unwrap_or_else(|| PathBuf::from("build")),
+        ProviderMode::Real => Box::new(Real::new(base())),
+        ProviderMode::Libvirt => Box::new(Libvirt::new(
+            base(),
+            powernode_qemu::libvirt::Virsh::new(virsh_program(), libvirt_uri),
         )),
     }
+}
+
+/// The `virsh` the `libvirt` provider runs: `POWERNODE_VIRSH`, else `virsh` on the
+/// `PATH`.
+pub fn virsh_program() -> PathBuf {
+    std::env::var_os("POWERNODE_VIRSH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("virsh"))
 }
 
 /// Folder of one instance's VM files (identity, serial log, command, persist disk).
@@ -376,18 +482,26 @@ impl Provider for Disabled {
     }
 }
 
-/// Whether `pid` is a live QEMU started for the instance folder `dir` (a VM left
-/// behind by an earlier server: its QEMU was re-parented, not killed).
-pub fn orphan_vm_alive(pid: u32, dir: &Path) -> bool {
-    powernode_qemu::adopt::is_qemu_of(pid, dir)
-}
+/// The providers whose instances have a VM that outlives the server.
+pub const VM_PROVIDERS: &[&str] = &["real", "libvirt"];
 
-/// SIGKILLs an orphaned QEMU found by [`orphan_vm_alive`] that no provider takes
-/// back (the server now runs another provider).
-pub fn kill_orphan(pid: u32) -> bool {
-    rustix::process::Pid::from_raw(pid as i32)
-        .map(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok())
-        .unwrap_or(false)
+/// Stops the VM of a provision `record` that no provider takes back (the server now
+/// runs another provider, or cannot watch it): a `real` record's QEMU if its pid is
+/// still the QEMU of that instance folder, a `libvirt` record's domain if it still
+/// has that UUID. Says what it stopped.
+pub fn end_orphan(record: &ProviderRecord) -> Option<String> {
+    if record["provider"] == "libvirt" {
+        let name = record["domain"].as_str()?;
+        return libvirt::end_orphan(record, &virsh_program()).then(|| format!("domain {name}"));
+    }
+    let pid = u32::try_from(record["pid"].as_u64()?).ok()?;
+    let dir = PathBuf::from(record["instance_dir"].as_str()?);
+    if !powernode_qemu::adopt::is_qemu_of(pid, &dir) {
+        return None;
+    }
+    let killed = rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok());
+    killed.then(|| format!("QEMU pid {pid}"))
 }
 
 #[cfg(test)]

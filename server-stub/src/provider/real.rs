@@ -9,21 +9,19 @@
 //! pidfd; both through the QMP event socket, which tells of resets in place (QEMU
 //! runs without `-no-reboot`: see [`super::vm_spec`]) and why QEMU stopped.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powernode_proto::LifecycleClass;
 use powernode_qemu::qmp::QmpEvents;
 use powernode_qemu::{Accel, Adopted, Vm};
 use serde_json::json;
 
 use super::{
-    env_extra_args, instance_dir, io, qmp_events_socket, qmp_socket, vm_record, vm_spec, Provider,
-    ProviderError, ProviderRecord, ProvisionSpec, VmEvent, VmExit, VmReset, PERSIST_DISK_MIB,
-    POWERDOWN_GRACE, REBOOT_COALESCE, RESET_WINDOW,
+    env_extra_args, prepare_instance, qmp_events_socket, qmp_socket, tail_lines, vm_record,
+    vm_spec, Provider, ProviderError, ProviderRecord, ProvisionSpec, Reboots, VmEvent, VmExit,
+    VmReset, POWERDOWN_GRACE,
 };
 
 /// How long the watcher waits for a VM's QMP greeting (it holds the VM table
@@ -112,11 +110,7 @@ struct Running {
     /// QMP the watcher keeps open; `events` is the connection, once made.
     qmp_events: PathBuf,
     events: Option<QmpEvents>,
-    /// When the VM rebooted (one per reboot, however many `RESET`s), within
-    /// [`RESET_WINDOW`].
-    resets: VecDeque<Instant>,
-    /// QEMU's timestamp of the first `RESET` of the latest reboot.
-    reboot_started: Option<f64>,
+    reboots: Reboots,
     /// QEMU's last `SHUTDOWN` reason.
     shutdown_reason: Option<String>,
 }
@@ -129,8 +123,7 @@ impl Running {
             qmp,
             qmp_events,
             events: None,
-            resets: VecDeque::new(),
-            reboot_started: None,
+            reboots: Reboots::default(),
             shutdown_reason: None,
         }
     }
@@ -155,28 +148,15 @@ impl Running {
                             .map(|d| d.as_secs_f64())
                             .unwrap_or_default()
                     });
-                    if self
-                        .reboot_started
-                        .is_some_and(|t| stamp >= t && stamp - t < REBOOT_COALESCE.as_secs_f64())
-                    {
+                    let Some(recent) = self.reboots.reset(stamp) else {
                         continue;
-                    }
-                    self.reboot_started = Some(stamp);
-                    let now = Instant::now();
-                    self.resets.push_back(now);
-                    while self
-                        .resets
-                        .front()
-                        .is_some_and(|t| now.duration_since(*t) > RESET_WINDOW)
-                    {
-                        self.resets.pop_front();
-                    }
+                    };
                     out.push(VmEvent::Reset(VmReset {
                         instance_id: instance_id.to_string(),
                         pid: self.proc.pid(),
                         reason: ev.reason().to_string(),
-                        by_guest: ev.by_guest(),
-                        recent: self.resets.len(),
+                        by_guest: Some(ev.by_guest()),
+                        recent,
                     }));
                 }
                 "SHUTDOWN" => self.shutdown_reason = Some(ev.reason().to_string()),
@@ -237,24 +217,6 @@ impl Real {
     }
 }
 
-/// Writes the identity document readable by the owner only (it holds a bootstrap token).
-fn write_private(path: &Path, data: &[u8]) -> Result<(), ProviderError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(data).map_err(io(path))
-}
-
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 fn record_path(record: &ProviderRecord, key: &str) -> Option<PathBuf> {
     record[key].as_str().map(PathBuf::from)
 }
@@ -274,22 +236,10 @@ impl Provider for Real {
 
     fn provision(&self, spec: &ProvisionSpec) -> Result<ProviderRecord, ProviderError> {
         let image = spec.image.as_ref().ok_or(ProviderError::MissingImage)?;
-        let dir = instance_dir(&self.image_base, &spec.instance_id);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let identity = serde_json::to_vec_pretty(&spec.identity)
-            .map_err(|e| ProviderError::Failed(format!("encoding the identity: {e}")))?;
-        write_private(&dir.join("identity.json"), &identity)?;
+        let dir = prepare_instance(&self.image_base, spec)?;
         let qemu = PathBuf::from("qemu-system-x86_64");
         let accel = Accel::detect_for_kernel(&qemu, &image.kernel());
         let vm_spec = vm_spec(spec, image, &dir, accel, &self.extra_args);
-        if spec.lifecycle_class == LifecycleClass::Persistent {
-            let disk = dir.join("persist.img");
-            // A new instance gets a new disk; one left by an earlier try is reused.
-            if !disk.exists() {
-                powernode_qemu::make_persist_disk(&disk, PERSIST_DISK_MIB)
-                    .map_err(ProviderError::Disk)?;
-            }
-        }
         let (qmp, qmp_events) = (
             qmp_socket(&spec.instance_id),
             qmp_events_socket(&spec.instance_id),
@@ -438,6 +388,7 @@ impl Provider for Real {
 mod tests {
     use super::super::tests::spec;
     use super::*;
+    use powernode_proto::LifecycleClass;
 
     #[test]
     fn real_provider_refuses_without_an_image() {

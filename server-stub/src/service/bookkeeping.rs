@@ -95,8 +95,8 @@ pub(super) fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCod
 }
 
 /// Records a VM the provider started for an instance: its provider record and a
-/// `provider.provision` event with the VM's pid and files, so an operator can find
-/// them.
+/// `provider.provision` event with the VM's pid and files (and its libvirt domain),
+/// so an operator can find them.
 pub(super) fn vm_started(
     mem: &mut Mem,
     now: Millis,
@@ -104,12 +104,17 @@ pub(super) fn vm_started(
     (instance_id, node_id): (&str, &str),
     record: ProviderRecord,
 ) {
-    let detail = json!({
+    let mut detail = json!({
         "provider": provider,
         "pid": record.get("pid"),
         "instance_dir": record.get("instance_dir"),
         "publication_id": record.get("publication_id"),
     });
+    for key in ["domain", "uuid"] {
+        if let Some(v) = record.get(key) {
+            detail[key] = v.clone();
+        }
+    }
     mem.ops.push(Op::ProviderRecord {
         instance_id: instance_id.to_string(),
         action: "provision".to_string(),

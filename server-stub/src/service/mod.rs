@@ -154,7 +154,8 @@ impl AppState {
         store: Store,
         admin_token: &str,
     ) -> Result<Self, StoreError> {
-        let provider = crate::provider::from_mode(cfg.provider, cfg.image_base.clone());
+        let provider =
+            crate::provider::from_mode(cfg.provider, cfg.image_base.clone(), &cfg.libvirt_uri);
         Self::with_provider(cfg, public_url, clock, ca, store, admin_token, provider)
     }
 

@@ -18,7 +18,7 @@ use crate::clock::Millis;
 use crate::error::AppResult;
 use crate::model::{Mem, Op};
 use crate::provider::{
-    kill_orphan, orphan_vm_alive, Provider, VmEvent, VmExit, VmReset, RESET_LIMIT, RESET_WINDOW,
+    end_orphan, Provider, VmEvent, VmExit, VmReset, RESET_LIMIT, RESET_WINDOW, VM_PROVIDERS,
 };
 use crate::store::{Store, StoreError};
 
@@ -142,8 +142,8 @@ fn vm_exited(mem: &mut Mem, now: Millis, ex: &VmExit) {
     }
 }
 
-/// At start: every live instance of the `real` provider gets its VM back from
-/// `provider` (by the pid and folder of its latest provision record: event
+/// At start: every live instance of a VM provider (`real`, `libvirt`) gets its VM
+/// back from `provider` (by its latest provision record: event
 /// `vm.adopted`), or, when that VM is gone, fails with the reason (event `vm.lost`,
 /// credentials withdrawn). A VM left running that this provider cannot take back
 /// (the server now runs another provider) is killed first. Returns (adopted, lost).
@@ -156,7 +156,7 @@ pub(super) fn recover_vms(
     let live: Vec<String> = mem
         .instances
         .values()
-        .filter(|i| i.provider == "real" && i.status.is_live())
+        .filter(|i| VM_PROVIDERS.contains(&i.provider.as_str()) && i.status.is_live())
         .map(|i| i.id.clone())
         .collect();
     let (mut adopted, mut lost) = (0, 0);
@@ -169,23 +169,17 @@ pub(super) fn recover_vms(
         let pid = record.as_ref().and_then(|r| r["pid"].as_u64());
         let outcome = match &record {
             None => Err("the server restarted before the VM was started".to_string()),
-            Some(rec) => provider.adopt(id, rec).map_err(|e| {
-                let dir = rec["instance_dir"].as_str().map(std::path::PathBuf::from);
-                match (pid.and_then(|p| u32::try_from(p).ok()), dir) {
-                    (Some(pid), Some(dir)) if orphan_vm_alive(pid, &dir) => {
-                        kill_orphan(pid);
-                        format!(
-                            "the server restarted and cannot take back its VM (QEMU pid {pid}), \
-                             which has been killed: {}",
-                            e.chain()
-                        )
-                    }
-                    _ => format!(
-                        "the server restarted and the VM (QEMU pid {}) is gone: {}",
-                        pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
-                        e.chain()
-                    ),
-                }
+            Some(rec) => provider.adopt(id, rec).map_err(|e| match end_orphan(rec) {
+                Some(what) => format!(
+                    "the server restarted and cannot take back its VM ({what}), which has been \
+                     stopped: {}",
+                    e.chain()
+                ),
+                None => format!(
+                    "the server restarted and the VM (QEMU pid {}) is gone: {}",
+                    pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                    e.chain()
+                ),
             }),
         };
         let status = mem.instances[id].status;
