@@ -140,6 +140,12 @@ pub struct CertInfo {
     pub received_at: i64,
 }
 
+/// The node's estimate of the server's time comes from `Date` headers (whole
+/// seconds, stamped before the answer travelled) and a certificate's times are whole
+/// seconds, while the server judges renewal in milliseconds: asking this long after
+/// the computed point keeps a node from being `renewal_not_due` by a second.
+pub const RENEWAL_SLACK_SECS: i64 = 2;
+
 impl CertInfo {
     /// The instance the certificate is bound to: the URI SAN, else the CN.
     pub fn instance_id(&self) -> Option<&str> {
@@ -158,15 +164,15 @@ impl CertInfo {
         self.not_after.saturating_sub(received)
     }
 
-    /// Renew when the server asks, or when a third of the lifetime (or less) is left.
-    /// `now` is the server's time as the node estimates it
-    /// ([`crate::server_time::ServerClock`]), not the node's own clock.
+    /// Renew when the server asks, or when a third of the lifetime (or less) is left,
+    /// [`RENEWAL_SLACK_SECS`] past that point. `now` is the server's time as the node
+    /// estimates it ([`crate::server_time::ServerClock`]), not the node's own clock.
     pub fn renewal_due(&self, now: i64, server_asked: bool) -> bool {
         if server_asked {
             return true;
         }
         let left = self.not_after.saturating_sub(now);
-        left.saturating_mul(3) <= self.lifetime_seconds()
+        left.saturating_add(RENEWAL_SLACK_SECS).saturating_mul(3) <= self.lifetime_seconds()
     }
 
     pub fn expired(&self, now: i64) -> bool {
@@ -321,8 +327,11 @@ pub(crate) mod tests {
             received_at: 0,
         };
         assert!(!info.renewal_due(1000, false));
-        assert!(!info.renewal_due(1599, false));
-        assert!(info.renewal_due(1600, false), "300 of 900 s left");
+        assert!(!info.renewal_due(1601, false));
+        assert!(
+            info.renewal_due(1602, false),
+            "300 of 900 s left, and the slack"
+        );
         assert!(info.renewal_due(2000, false));
         assert!(info.renewal_due(1000, true));
         assert!(!info.expired(1899));
@@ -336,7 +345,7 @@ pub(crate) mod tests {
         };
         assert_eq!(backdated.lifetime_seconds(), 900);
         assert!(!backdated.renewal_due(1001, false));
-        assert!(backdated.renewal_due(1600, false));
+        assert!(backdated.renewal_due(1602, false));
         // A receipt time past expiry (a node clock hours ahead) neither makes the
         // lifetime negative nor zero (which would renew at every heartbeat): the
         // whole validity counts. Same for a clock hours behind.
@@ -347,7 +356,7 @@ pub(crate) mod tests {
             };
             assert_eq!(odd.lifetime_seconds(), 900, "received at {received_at}");
             assert!(!odd.renewal_due(1100, false), "received at {received_at}");
-            assert!(odd.renewal_due(1600, false), "received at {received_at}");
+            assert!(odd.renewal_due(1602, false), "received at {received_at}");
         }
     }
 }
