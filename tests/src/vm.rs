@@ -48,6 +48,9 @@ pub struct RealServer {
     pub qemu_pid: Option<u32>,
     /// Servers SIGKILLed alone, kept for their guards (their sessions hold VMs).
     pub killed: Vec<Server>,
+    /// `--provider libvirt`: the domains it started (libvirt's, not in any session
+    /// of ours), destroyed by name when the test ends.
+    pub domains: Vec<String>,
 }
 
 impl Drop for RealServer {
@@ -58,10 +61,90 @@ impl Drop for RealServer {
         for mut s in self.killed.drain(..) {
             s.guard.kill();
         }
+        for name in self.domains.drain(..) {
+            let _ = Command::new("virsh")
+                .args(["-q", "-c", LIBVIRT_URI, "destroy", &name])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         if let Some(pid) = self.qemu_pid.filter(|p| qemu_alive(*p)) {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
+        }
+    }
+}
+
+/// The libvirt connection the VM tests use.
+pub const LIBVIRT_URI: &str = "qemu:///system";
+
+/// libvirt for a test: started by `scripts/libvirtd` when it does not answer, and
+/// then stopped by its own pids when dropped; a daemon that already answered is
+/// someone else's and is left alone.
+pub struct Libvirtd {
+    started: Vec<u32>,
+}
+
+impl Libvirtd {
+    pub fn ensure() -> Result<Self> {
+        let script = crate::workspace_root().join("scripts/libvirtd");
+        let answers = Command::new(&script).arg("--check").status()?.success();
+        if answers {
+            return Ok(Self {
+                started: Vec::new(),
+            });
+        }
+        let before: Vec<u32> = ["libvirtd", "virtlogd"]
+            .iter()
+            .filter_map(|n| pid_of(n))
+            .collect();
+        let out = Command::new(&script)
+            .output()
+            .context("running scripts/libvirtd")?;
+        ensure!(
+            out.status.success(),
+            "scripts/libvirtd: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started = ["libvirtd", "virtlogd"]
+            .iter()
+            .filter_map(|n| pid_of(n))
+            .filter(|p| !before.contains(p))
+            .collect();
+        Ok(Self { started })
+    }
+}
+
+/// The pid of the running process named `name` (from `pgrep -x`), if one.
+fn pid_of(name: &str) -> Option<u32> {
+    let out = Command::new("pgrep").args(["-x", name]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for pid in &self.started {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for pid in &self.started {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            while proc.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if proc.exists() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
         }
     }
 }
@@ -77,6 +160,36 @@ pub fn events(server: &Server, instance: &str) -> Result<Vec<Value>> {
         paths::ADMIN_EVENTS
     ))?;
     Ok(v["events"].as_array().cloned().unwrap_or_default())
+}
+
+/// How many `kind` events the instance has (of its newest 200).
+pub fn count_events(server: &Server, inst: &str, kind: &str) -> Result<usize> {
+    Ok(events(server, inst)?
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .count())
+}
+
+/// Waits (up to 180 s) for `running` with a boot timeline other than `before` (a new
+/// boot; `Value::Null` for the first); a failed instance is an error with its failure.
+pub fn wait_booted(server: &Server, inst: &str, before: &Value) -> Result<Value> {
+    wait_for("running (a new boot)", Duration::from_secs(180), || {
+        let i = server.instance(inst)?;
+        match i["status"].as_str() {
+            Some("failed") => bail!("instance failed: {}", i["failure"]),
+            Some("running") if i["boot_timeline"] != *before => Ok(Some(i)),
+            _ => Ok(None),
+        }
+    })
+}
+
+/// The instance's `last_heartbeat_at`.
+pub fn last_heartbeat(server: &Server, inst: &str) -> Result<String> {
+    let i = server.instance(inst)?;
+    i["last_heartbeat_at"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no last_heartbeat_at: {i}"))
 }
 
 /// Copies what the VM left (serial log, command, QEMU stderr) to `dest`.
@@ -100,9 +213,20 @@ impl RealServer {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_provider("real", data, image, extra, env)
+    }
+
+    /// [`RealServer::start_env`] with another VM provider (`libvirt`).
+    pub fn start_provider(
+        provider: &str,
+        data: &Path,
+        image: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut flags = vec![
             "--provider".to_string(),
-            "real".into(),
+            provider.into(),
             "--image-base".into(),
             image.to_string_lossy().into_owned(),
         ];
@@ -122,6 +246,7 @@ impl RealServer {
             )?),
             qemu_pid: None,
             killed: Vec::new(),
+            domains: Vec::new(),
         })
     }
 
@@ -177,6 +302,9 @@ impl RealServer {
                 .context("no instance_dir")?,
         );
         self.qemu_pid = Some(pid);
+        if let Some(domain) = started["detail"]["domain"].as_str() {
+            self.domains.push(domain.to_string());
+        }
         Ok((pid, dir))
     }
 }

@@ -345,6 +345,7 @@ fn debian_root_runs_systemd_docker_survives_a_reboot_drains_in_order_and_ends_cl
         server: None,
         qemu_pid: None,
         killed: Vec::new(),
+        domains: Vec::new(),
     };
     vm_test("vm_debian", |out, dir| run(out, &mut rs, dir));
 }

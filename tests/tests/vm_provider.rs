@@ -22,31 +22,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _, Result};
-use powernode_tests::vm::{build_image, events, qemu_alive, vm_rebooted, vm_test, RealServer};
-use powernode_tests::{proto::paths, str_at, test_dir, wait_for, Server};
+use anyhow::{ensure, Context as _, Result};
+use powernode_tests::vm::{
+    build_image, count_events, events, last_heartbeat, qemu_alive, vm_rebooted, vm_test,
+    wait_booted, RealServer,
+};
+use powernode_tests::{proto::paths, str_at, test_dir, wait_for};
 use serde_json::{json, Value};
-
-const TO_RUNNING: Duration = Duration::from_secs(180);
-
-fn count(server: &Server, inst: &str, kind: &str) -> Result<usize> {
-    Ok(events(server, inst)?
-        .iter()
-        .filter(|e| e["kind"] == kind)
-        .count())
-}
-
-/// Waits for `running` with a boot timeline other than `before` (a new boot).
-fn wait_booted(server: &Server, inst: &str, before: &Value) -> Result<Value> {
-    wait_for("running (a new boot)", TO_RUNNING, || {
-        let i = server.instance(inst)?;
-        match i["status"].as_str() {
-            Some("failed") => bail!("instance failed: {}", i["failure"]),
-            Some("running") if i["boot_timeline"] != *before => Ok(Some(i)),
-            _ => Ok(None),
-        }
-    })
-}
 
 /// Starts a real-provider server, creates a `class` node and provisions it; returns
 /// the instance once `running`, its QEMU pid and folder.
@@ -78,7 +60,7 @@ fn run_reboot(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()
     let mut rs = RealServer::start(&data, &image, &[])?;
     let (inst, pid, first) = boot(&mut rs, name, "persistent", vm_dir)?;
     let server = rs.server()?;
-    ensure!(count(server, &inst, "instance.enrolled")? == 1);
+    ensure!(count_events(server, &inst, "instance.enrolled")? == 1);
 
     let t = Instant::now();
     let r = server.cli(&["reboot-instance", &inst, "--drain-timeout-seconds", "30"])?;
@@ -104,10 +86,10 @@ fn run_reboot(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()
     ensure!(d["reboot_task"] == true, "{reset}");
     // The same disk: the node came back with the credentials it kept on /persist,
     // so it never enrolled again; nothing ended.
-    ensure!(count(server, &inst, "instance.enrolled")? == 1);
-    ensure!(count(server, &inst, "instance.re_enrolled")? == 0);
+    ensure!(count_events(server, &inst, "instance.enrolled")? == 1);
+    ensure!(count_events(server, &inst, "instance.re_enrolled")? == 0);
     for kind in ["vm.exited", "vm.lost", "provider.provision"] {
-        let n = count(server, &inst, kind)?;
+        let n = count_events(server, &inst, kind)?;
         ensure!(
             n == usize::from(kind == "provider.provision"),
             "{n} {kind} events"
@@ -133,9 +115,9 @@ fn run_reboot(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()
     wait_booted(server, &inst, &again["boot_timeline"])?;
     println!("{name}: system_reset -> running again in {:?}", t.elapsed());
     ensure!(qemu_alive(pid));
-    ensure!(count(server, &inst, "instance.enrolled")? == 1);
+    ensure!(count_events(server, &inst, "instance.enrolled")? == 1);
     for kind in ["vm.exited", "vm.lost"] {
-        ensure!(count(server, &inst, kind)? == 0, "a {kind} event");
+        ensure!(count_events(server, &inst, kind)? == 0, "a {kind} event");
     }
     Ok(())
 }
@@ -145,14 +127,6 @@ fn run_reboot(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()
 fn reboot_instance_resets_the_real_providers_vm_in_place_and_the_node_comes_back() {
     let name = "vm_provider_reboot";
     vm_test(name, |out, vm_dir| run_reboot(name, out, vm_dir));
-}
-
-fn last_heartbeat(server: &Server, inst: &str) -> Result<String> {
-    let i = server.instance(inst)?;
-    i["last_heartbeat_at"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| format!("no last_heartbeat_at: {i}"))
 }
 
 fn run_adopt(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
@@ -193,7 +167,7 @@ fn run_adopt(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()>
         "{name}: first heartbeat to the new server {:?} after it started ({before} -> {after})",
         t.elapsed()
     );
-    ensure!(count(server, &inst, "vm.lost")? == 0);
+    ensure!(count_events(server, &inst, "vm.lost")? == 0);
     ensure!(server.instance(&inst)?["status"] == "running");
 
     // The adopted VM is watched as before: its reboot is seen (QMP), the node
@@ -214,7 +188,7 @@ fn run_adopt(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()>
         "QEMU pid {pid} survived terminate-instance"
     );
     for kind in ["vm.exited", "vm.lost"] {
-        ensure!(count(server, &inst, kind)? == 0, "a {kind} event");
+        ensure!(count_events(server, &inst, kind)? == 0, "a {kind} event");
     }
     Ok(())
 }
@@ -276,7 +250,7 @@ fn run_panic(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()>
         !qemu_alive(pid),
         "the looping VM (QEMU pid {pid}) is still running"
     );
-    ensure!(count(server, &inst, "vm.exited")? == 0);
+    ensure!(count_events(server, &inst, "vm.exited")? == 0);
     Ok(())
 }
 
