@@ -20,6 +20,12 @@ pub enum DiskError {
     },
     #[error("{0} already exists; refusing to overwrite a disk")]
     Exists(PathBuf),
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn run(mut cmd: Command) -> Result<(), DiskError> {
@@ -49,10 +55,23 @@ pub const PERSIST_LABEL: &str = "pn-persist";
 /// The block size is pinned to 4096: mke2fs picks 1024 for small disks, and the
 /// node enables fs-verity with 4096-byte Merkle blocks (its objects are named by
 /// those digests); older kernels accept that only when it equals the fs block size.
+///
+/// The file is created 0600 before anything is written to it (a node's credentials
+/// and workload data live on it), and `qemu-img` keeps that mode.
 pub fn make_persist_disk(path: &Path, size_mib: u32) -> Result<(), DiskError> {
-    if path.exists() {
-        return Err(DiskError::Exists(path.to_path_buf()));
-    }
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => DiskError::Exists(path.to_path_buf()),
+            _ => DiskError::Create {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
     let mut img = Command::new("qemu-img");
     img.args(["create", "-q", "-f", "raw"])
         .arg(path)
@@ -82,7 +101,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("persist.img");
         make_persist_disk(&path, 32).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 32 << 20);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 32 << 20);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "readable by its owner only"
+        );
         let out = Command::new("dumpe2fs")
             .arg("-h")
             .arg(&path)

@@ -166,6 +166,18 @@ impl RunningServer {
     }
 }
 
+/// Narrows the data directory to 0700 (its CA key, admin token, database and the
+/// identity documents are the server's alone); `true` when it was looser.
+fn make_dir_private(dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    Ok(true)
+}
+
 fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     move |source| ServeError::DataDir {
         path: path.to_path_buf(),
@@ -246,6 +258,9 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
     }
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
+    if make_dir_private(&dir).map_err(dir_err(&dir))? {
+        tracing::warn!(dir = %dir.display(), "the data directory was readable by others; now 0700");
+    }
     raise_nofile_limit();
     let ca = Ca::load_or_create(&dir)?;
     let admin_token = load_or_create_admin_token(&dir)?;
@@ -377,6 +392,7 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
             if let Err(e) = s.prune().await {
                 tracing::error!(error = %e, "pruning records past their retention failed");
             }
+            s.sweep_identities();
         },
     )));
     tasks.push(tokio::spawn(periodic(
@@ -515,7 +531,18 @@ pub async fn run_until_signal(cfg: Config) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::{host_of, make_dir_private};
+
+    #[test]
+    fn the_data_directory_is_narrowed_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(make_dir_private(dir.path()).unwrap());
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(!make_dir_private(dir.path()).unwrap(), "already private");
+    }
 
     #[test]
     fn host_of_urls() {

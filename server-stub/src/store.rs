@@ -39,6 +39,12 @@ pub enum StoreError {
          run the newer server"
     )]
     NewerSchema { found: i64, known: i64 },
+    #[error("cannot make {path} private (0600)")]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open database {path}")]
     Open {
         path: PathBuf,
@@ -89,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
     // 1: the PEM of a certificate issued at enrollment, so a node whose answer was
     // lost gets the same certificate when it asks again (not kept in memory).
     "ALTER TABLE certs ADD COLUMN pem TEXT",
+    // 2: provision records keep no bootstrap token in clear (new ones keep its hash;
+    // the document itself lives in DIR/identities/ while the instance does).
+    "UPDATE provider_records SET doc = json_set(doc, '$.identity.bootstrap_token', '(not kept)') \
+     WHERE json_type(doc, '$.identity.bootstrap_token') = 'text' \
+     AND json_extract(doc, '$.identity.bootstrap_token') != '(not kept)'",
 ];
 
 /// Brings the schema up to [`MIGRATIONS`]; refuses a database a newer server wrote.
@@ -117,9 +128,28 @@ fn enc<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(StoreError::Encode)
 }
 
+/// Creates `path` 0600 if it is missing, or narrows it to 0600: the database holds
+/// token hashes, certificates and everything the admin API shows.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let private = |source| StoreError::Private {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(private)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(private)
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(DB_FILE);
+        make_private(&path)?;
         let mut conn = Connection::open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
@@ -132,6 +162,14 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&mut conn)?;
+        // SQLite gives its WAL and shared-memory files the database's mode; ones left
+        // by an older server keep theirs.
+        for suffix in ["-wal", "-shm"] {
+            let side = dir.join(format!("{DB_FILE}{suffix}"));
+            if side.exists() {
+                make_private(&side)?;
+            }
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -615,6 +653,37 @@ impl PruneCounts {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_database_and_its_wal_are_readable_by_the_server_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(DB_FILE);
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .apply_blocking(&[Op::Event(crate::model::NewEvent {
+                id: 1,
+                at_ms: 1,
+                kind: "x".into(),
+                node_id: None,
+                instance_id: None,
+                detail: serde_json::json!({}),
+            })])
+            .unwrap();
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&dir.path().join(format!("{DB_FILE}-wal"))), 0o600);
+        drop(store);
+        // An older server's world-readable files are narrowed at the next start.
+        for f in [DB_FILE.to_string(), format!("{DB_FILE}-wal")] {
+            let p = dir.path().join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let _store = Store::open(dir.path()).unwrap();
+        assert_eq!(mode(&db), 0o600);
+    }
+
     /// A data directory from before the `certs.pem` column: it opens, its rows load,
     /// an enrollment's PEM is kept, a revocation keeps it, and a database from a newer
     /// server is refused rather than misread.
@@ -628,11 +697,21 @@ mod tests {
                 r#"INSERT INTO certs (serial, instance_id, doc) VALUES ('01', 'inst-1',
                    '{"serial":"01","instance_id":"inst-1","issued_ms":1,"not_after_ms":2,"revoked":false}');
                    INSERT INTO tokens (hash, instance_id, doc) VALUES ('h', 'inst-1',
-                   '{"hash":"h","instance_id":"inst-1","node_id":"n","created_ms":1,"used_ms":1}');"#,
+                   '{"hash":"h","instance_id":"inst-1","node_id":"n","created_ms":1,"used_ms":1}');
+                   INSERT INTO provider_records (instance_id, action, at_ms, doc) VALUES ('inst-1',
+                   'provision', 1, '{"provider":"real","identity":{"bootstrap_token":"s3cret","node_id":"n"}}');"#,
             )
             .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
+        // The token an older server kept in clear is gone from its record.
+        let rec = store
+            .provider_record("inst-1".into(), "provision")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec["identity"]["bootstrap_token"], "(not kept)");
+        assert_eq!(rec["identity"]["node_id"], "n");
         let mem = store.load().unwrap();
         assert_eq!(mem.certs["01"].key_sha256, None);
         assert_eq!(mem.tokens["h"].serial, None);

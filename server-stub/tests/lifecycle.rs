@@ -434,3 +434,62 @@ async fn http2_and_http1_keep_alive_both_work() {
         resp.into_body().collect().await.unwrap();
     }
 }
+
+/// A bootstrap token is a secret: the identity document that holds it lives in a
+/// 0600 file under a 0700 folder of the data directory while the instance lives,
+/// and the provision record (history, kept and shown) holds only its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_documents_are_private_files_and_records_keep_no_token() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let ts = TestServer::start().await;
+    let (_, inst, doc) = ts.provisioned("edge-secret").await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let file = ts
+        .dir
+        .path()
+        .join("identities")
+        .join(format!("{inst}.json"));
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(&ts.dir.path().join("identities")), 0o700);
+    assert_eq!(mode(ts.dir.path()), 0o700);
+    assert_eq!(mode(&ts.dir.path().join("powernode.sqlite")), 0o600);
+
+    let db = rusqlite::Connection::open(ts.dir.path().join("powernode.sqlite")).unwrap();
+    let docs: Vec<String> = db
+        .prepare("SELECT doc FROM provider_records WHERE instance_id = ?1")
+        .unwrap()
+        .query_map([&inst], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!docs.is_empty());
+    for d in &docs {
+        assert!(!d.contains(&doc.bootstrap_token), "a token in clear: {d}");
+    }
+    let rec: serde_json::Value = serde_json::from_str(&docs[0]).unwrap();
+    assert_eq!(rec["identity"]["bootstrap_token"], "(not kept)");
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        doc.bootstrap_token.as_bytes(),
+    ));
+    assert_eq!(rec["identity"]["bootstrap_token_sha256"], hash);
+
+    // Terminated: the token is withdrawn and its document is gone.
+    ts.ok(
+        Method::POST,
+        &paths::admin_terminate(&inst),
+        Some(json!({"force": true})),
+    )
+    .await;
+    assert!(!file.exists(), "{} kept after terminate", file.display());
+    let (s, v) = ts
+        .call(Method::GET, &paths::admin_instance_identity(&inst), None)
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only while the instance lives"),
+        "{v}"
+    );
+}

@@ -787,3 +787,52 @@ async fn module_changes_schedule_update_tasks_without_a_sensor_pass() {
         .count();
     assert_eq!(created, 2, "{events}");
 }
+
+/// The window a leased reboot task opens for the spent token lasts only as long as
+/// the reboot may still happen: a task the agent fails, or the operator cancels,
+/// closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_cancelled_reboot_task_closes_the_reenrollment_window() {
+    let ts = TestServer::start().await;
+    let (_, inst, fake) = running(&ts, "edge-reboot-ends").await;
+    let enroll_again = || async {
+        let again = FakeNode::new(fake.doc.clone(), &ts.url());
+        again
+            .post(
+                paths::ENROLLMENT,
+                again.enrollment_body(&again.doc.bootstrap_token, &csr(&inst).1),
+            )
+            .await
+    };
+    // The agent fails the reboot (a unit would not stop, say).
+    let v = ts
+        .ok(Method::POST, &paths::admin_reboot(&inst), Some(json!({})))
+        .await;
+    let reboot = v["task_id"].as_str().unwrap().to_string();
+    let t = lease(&fake, 30).await;
+    let (s, _) = complete(&fake, &t, "failed", json!({"error": "busy"})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(task(&ts, &reboot).await["status"], "failed");
+    let (s, v) = enroll_again().await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNAUTHORIZED, "bootstrap_token_used"),
+        "{v}"
+    );
+    // The operator cancels a leased reboot.
+    let v = ts
+        .ok(Method::POST, &paths::admin_reboot(&inst), Some(json!({})))
+        .await;
+    let reboot = v["task_id"].as_str().unwrap().to_string();
+    lease(&fake, 30).await;
+    ts.ok(Method::POST, &paths::admin_cancel_task(&reboot), None)
+        .await;
+    assert_eq!(task(&ts, &reboot).await["status"], "cancelled");
+    let (s, v) = enroll_again().await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNAUTHORIZED, "bootstrap_token_used"),
+        "{v}"
+    );
+    assert_eq!(instance(&ts, &inst).await["status"], "running");
+}

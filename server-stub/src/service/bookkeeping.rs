@@ -11,6 +11,8 @@ use crate::clock::{format_ts, Millis};
 use crate::model::{new_id, Mem, Op, TaskRec};
 use crate::provider::ProviderRecord;
 
+use super::token_hash;
+
 pub(super) fn mark_running(mem: &mut Mem, now: Millis, id: &str) {
     finish_tasks(
         mem,
@@ -77,6 +79,16 @@ pub(super) fn finish_task(
         Some(&inst_id),
         json!({"task_id": id, "kind": kind, "from": from, "to": status}),
     );
+    // A reboot that will not happen (the task failed, or was cancelled) leaves no
+    // window for the token to enroll again: it was opened for that reboot alone.
+    if kind == TaskKind::Reboot && matches!(status, TaskStatus::Failed | TaskStatus::Cancelled) {
+        close_reenroll_window(mem, &inst_id);
+        if let Some(i) = mem.instances.get_mut(&inst_id) {
+            if i.reboot_expected_ms.take().is_some() {
+                mem.save_instance(&inst_id);
+            }
+        }
+    }
 }
 
 /// Moves an instance to `failed` with a reason and withdraws its credentials.
@@ -94,6 +106,20 @@ pub(super) fn fail_instance(mem: &mut Mem, now: Millis, id: &str, code: ErrorCod
     mem.set_status(now, id, InstanceStatus::Failed);
 }
 
+/// What a provider record says instead of the bootstrap token (see `identities`).
+pub const TOKEN_NOT_KEPT: &str = "(not kept)";
+
+/// A provision record's identity document with its token replaced by the token's
+/// hash (the same hash the token rows are keyed by).
+fn redact_identity(record: &mut ProviderRecord) {
+    let Some(token) = record["identity"]["bootstrap_token"].as_str() else {
+        return;
+    };
+    let hash = token_hash(token);
+    record["identity"]["bootstrap_token"] = json!(TOKEN_NOT_KEPT);
+    record["identity"]["bootstrap_token_sha256"] = json!(hash);
+}
+
 /// Records a VM the provider started for an instance: its provider record and a
 /// `provider.provision` event with the VM's pid and files (and its libvirt domain),
 /// so an operator can find them.
@@ -102,8 +128,9 @@ pub(super) fn vm_started(
     now: Millis,
     provider: &str,
     (instance_id, node_id): (&str, &str),
-    record: ProviderRecord,
+    mut record: ProviderRecord,
 ) {
+    redact_identity(&mut record);
     let mut detail = json!({
         "provider": provider,
         "pid": record.get("pid"),
@@ -180,6 +207,22 @@ pub(super) fn open_reenroll_window(mem: &mut Mem, instance_id: &str, until: Mill
     for h in hashes {
         if let Some(t) = mem.tokens.get_mut(&h) {
             t.reenroll_until_ms = Some(until.max(t.reenroll_until_ms.unwrap_or(0)));
+            mem.ops.push(Op::Token(t.clone()));
+        }
+    }
+}
+
+/// Ends the instance's re-enrollment window (see [`open_reenroll_window`]).
+pub(super) fn close_reenroll_window(mem: &mut Mem, instance_id: &str) {
+    let hashes: Vec<String> = mem
+        .tokens
+        .values()
+        .filter(|t| t.instance_id == instance_id && t.reenroll_until_ms.is_some())
+        .map(|t| t.hash.clone())
+        .collect();
+    for h in hashes {
+        if let Some(t) = mem.tokens.get_mut(&h) {
+            t.reenroll_until_ms = None;
             mem.ops.push(Op::Token(t.clone()));
         }
     }

@@ -225,9 +225,16 @@ impl AppState {
 
         // Booting takes time: no state lock is held while the provider works.
         let st = self.clone();
-        let result = tokio::task::spawn_blocking(move || st.provider.provision(&spec))
-            .await
-            .map_err(|e| AppError::internal(&e))?;
+        let result = tokio::task::spawn_blocking(move || {
+            st.keep_identity(&spec.identity)
+                .map_err(|source| ProviderError::Io {
+                    path: st.cfg.data_dir.join(super::identities::IDENTITIES_DIR),
+                    source,
+                })?;
+            st.provider.provision(&spec)
+        })
+        .await
+        .map_err(|e| AppError::internal(&e))?;
 
         let thresholds = self.cfg.stuck;
         let (resp, orphaned) = self
@@ -321,20 +328,28 @@ impl AppState {
         ))
     }
 
-    /// The identity document the provider handed (or would hand) the VM.
+    /// The identity document the provider handed (or would hand) the VM, while the
+    /// instance lives (see `identities`).
     pub async fn instance_identity(&self, id: &str) -> AppResult<serde_json::Value> {
         if !self.lock().instances.contains_key(id) {
             return Err(AppError::not_found("instance", id));
         }
-        let record = self
-            .store
-            .provider_record(id.to_string(), "provision")
-            .await?
-            .ok_or_else(|| AppError::not_found("identity document of instance", id))?;
-        record
-            .get("identity")
-            .cloned()
-            .ok_or_else(|| AppError::not_found("identity document of instance", id))
+        let st = self.clone();
+        let owned = id.to_string();
+        let kept = tokio::task::spawn_blocking(move || st.kept_identity(&owned))
+            .await
+            .map_err(|e| AppError::internal(&e))?
+            .map_err(|e| AppError::internal(&e))?;
+        kept.ok_or_else(|| {
+            AppError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                format!(
+                    "instance {id} has no identity document any more: it is kept only while \
+                     the instance lives"
+                ),
+            )
+        })
     }
 
     pub async fn drain(&self, id: &str, req: DrainRequest) -> AppResult<InstanceActionResponse> {
@@ -452,55 +467,61 @@ impl AppState {
         let result = tokio::task::spawn_blocking(move || st.provider.destroy(&owned_id))
             .await
             .map_err(|e| AppError::internal(&e))?;
-        self.mutate(|mem, now| match result {
-            Ok(record) => {
-                mem.ops.push(Op::ProviderRecord {
-                    instance_id: id.to_string(),
-                    action: "destroy".to_string(),
-                    at_ms: now,
-                    doc: record,
-                });
-                mem.event(
-                    now,
-                    "provider.destroy",
-                    Some(&node_id),
-                    Some(id),
-                    json!({"provider": self.provider.name()}),
-                );
-                finish_task(mem, now, &task_id, TaskStatus::Succeeded, json!({}));
-                if mem.instances.get(id).map(|i| i.status) != Some(InstanceStatus::Terminated) {
-                    mem.set_status(now, id, InstanceStatus::Terminated);
-                }
-                if let Some(node) = mem.nodes.get_mut(&node_id) {
-                    if node.current_instance_id.as_deref() == Some(id) {
-                        node.current_instance_id = None;
+        let answer = self
+            .mutate(|mem, now| match result {
+                Ok(record) => {
+                    mem.ops.push(Op::ProviderRecord {
+                        instance_id: id.to_string(),
+                        action: "destroy".to_string(),
+                        at_ms: now,
+                        doc: record,
+                    });
+                    mem.event(
+                        now,
+                        "provider.destroy",
+                        Some(&node_id),
+                        Some(id),
+                        json!({"provider": self.provider.name()}),
+                    );
+                    finish_task(mem, now, &task_id, TaskStatus::Succeeded, json!({}));
+                    if mem.instances.get(id).map(|i| i.status) != Some(InstanceStatus::Terminated) {
+                        mem.set_status(now, id, InstanceStatus::Terminated);
                     }
+                    if let Some(node) = mem.nodes.get_mut(&node_id) {
+                        if node.current_instance_id.as_deref() == Some(id) {
+                            node.current_instance_id = None;
+                        }
+                    }
+                    mem.save_node(&node_id);
+                    Ok(InstanceActionResponse {
+                        task_id: task_id.clone(),
+                        status: InstanceStatus::Terminated,
+                    })
                 }
-                mem.save_node(&node_id);
-                Ok(InstanceActionResponse {
-                    task_id: task_id.clone(),
-                    status: InstanceStatus::Terminated,
-                })
-            }
-            Err(e) => {
-                let message = e.chain();
-                finish_task(
-                    mem,
-                    now,
-                    &task_id,
-                    TaskStatus::Failed,
-                    json!({"error": message}),
-                );
-                Err(AppError::new(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorCode::ProviderFailed,
-                    format!(
+                Err(e) => {
+                    let message = e.chain();
+                    finish_task(
+                        mem,
+                        now,
+                        &task_id,
+                        TaskStatus::Failed,
+                        json!({"error": message}),
+                    );
+                    Err(AppError::new(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::ProviderFailed,
+                        format!(
                         "{message}; the instance stays terminating, run terminate-instance again"
                     ),
-                ))
-            }
-        })
-        .await
+                    ))
+                }
+            })
+            .await;
+        // Its token is withdrawn: the identity document that held it goes too.
+        if answer.is_ok() {
+            self.sweep_identities();
+        }
+        answer
     }
 
     pub fn drift_report(&self, id: &str) -> AppResult<DriftReport> {

@@ -43,6 +43,7 @@ mod boot_reports;
 mod certificates;
 mod disk_images;
 mod enrollment;
+mod identities;
 mod instances;
 mod module_store;
 pub mod modules;
