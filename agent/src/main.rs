@@ -151,6 +151,7 @@ fn module_command(cmd: ModuleCommand) -> i32 {
                         &image,
                         &image_mnt,
                         &at,
+                        modules::mount::Restrict::RUNTIME,
                     )
                     .map_err(boxed)
                 });

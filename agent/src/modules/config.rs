@@ -38,6 +38,9 @@ use crate::supervisor::{RestartPolicy, ServiceSpec, DEFAULT_STOP_TIMEOUT};
 pub const MOUNTPOINT_LABEL: &str = "org.powernode.mountpoint";
 pub const SERVICES_LABEL: &str = "org.powernode.services";
 pub const DRAIN_LABEL: &str = "org.powernode.drain";
+/// `suid`, `dev` or both (comma-separated): what a runtime module's mount keeps of
+/// what it otherwise refuses (`nosuid,nodev`).
+pub const MOUNT_OPTIONS_LABEL: &str = "org.powernode.mount-options";
 /// More drain steps than this in one module is a mistake, not a runbook.
 const MAX_DRAIN_STEPS: usize = 16;
 /// A drain step's time when its declaration names none.
@@ -60,6 +63,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleConfig {
     pub mountpoint: Option<PathBuf>,
+    /// Set-user-ID files honoured (`org.powernode.mount-options: suid`).
+    pub suid: bool,
+    /// Device nodes honoured (`org.powernode.mount-options: dev`).
+    pub dev: bool,
     pub services: Vec<ServiceDecl>,
     pub drain: Vec<DrainStepDecl>,
     entrypoint: Vec<String>,
@@ -171,8 +178,30 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
         None => Vec::new(),
         Some(json) => parse_drain(json)?,
     };
+    let (mut suid, mut dev) = (false, false);
+    for opt in labels
+        .get(MOUNT_OPTIONS_LABEL)
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
+        match opt {
+            "suid" => suid = true,
+            "dev" => dev = true,
+            other => {
+                return Err(label_err(
+                    MOUNT_OPTIONS_LABEL,
+                    format!("{other:?} is not a mount option here (suid, dev)"),
+                ))
+            }
+        }
+    }
     let cfg = ModuleConfig {
         mountpoint,
+        suid,
+        dev,
         services,
         drain,
         entrypoint: c.entrypoint.unwrap_or_default(),
@@ -298,9 +327,10 @@ fn check_mountpoint(p: &str) -> Result<PathBuf, ConfigError> {
             format!("{p:?} is not a plain path"),
         ));
     }
-    // Never over the node's own trees: the root, the kernel's, the agent's.
+    // Never over the node's own trees: the root, the kernel's, the agent's, the
+    // node's configuration and its persistent disk (where credentials live).
     let first = path.components().nth(1);
-    let reserved = ["proc", "sys", "dev", "run"];
+    let reserved = ["proc", "sys", "dev", "run", "etc", "persist"];
     match first {
         None => Err(label_err(
             MOUNTPOINT_LABEL,
@@ -308,13 +338,21 @@ fn check_mountpoint(p: &str) -> Result<PathBuf, ConfigError> {
         )),
         Some(Component::Normal(c)) if reserved.iter().any(|r| c == *r) => Err(label_err(
             MOUNTPOINT_LABEL,
-            format!("{p:?} is under a reserved tree (/proc, /sys, /dev, /run)"),
+            format!("{p:?} is under a reserved tree (/proc, /sys, /dev, /run, /etc, /persist)"),
         )),
         Some(_) => Ok(path.to_path_buf()),
     }
 }
 
 impl ModuleConfig {
+    /// How the module's tree is mounted: `nosuid,nodev` unless it asked otherwise.
+    pub fn restrict(&self) -> super::mount::Restrict {
+        super::mount::Restrict {
+            nosuid: !self.suid,
+            nodev: !self.dev,
+        }
+    }
+
     fn command_of(&self, s: &ServiceDecl) -> Vec<String> {
         match &s.command {
             Some(c) => c.clone(),
@@ -497,14 +535,45 @@ mod tests {
     }
 
     #[test]
+    fn a_runtime_module_is_nosuid_nodev_unless_it_asks() {
+        use super::super::mount::Restrict;
+        let cfg = |labels| parse(&config(labels)).unwrap().restrict();
+        assert_eq!(cfg(serde_json::json!({})), Restrict::RUNTIME);
+        assert_eq!(
+            cfg(serde_json::json!({ MOUNT_OPTIONS_LABEL: "suid" })),
+            Restrict {
+                nosuid: false,
+                nodev: true
+            }
+        );
+        assert_eq!(
+            cfg(serde_json::json!({ MOUNT_OPTIONS_LABEL: "dev, suid" })),
+            Restrict::default()
+        );
+    }
+
+    #[test]
     fn bad_labels_are_named() {
         let bad = |labels: serde_json::Value| match parse(&config(labels)) {
             Err(ConfigError::Label { label, reason }) => format!("{label}: {reason}"),
             other => panic!("{other:?}"),
         };
-        for p in ["opt/x", "/", "/proc/x", "/run/powernode/x", "/opt/../etc"] {
+        for p in [
+            "opt/x",
+            "/",
+            "/proc/x",
+            "/run/powernode/x",
+            "/opt/../etc",
+            "/etc",
+            "/etc/ssh",
+            "/persist/powernode",
+        ] {
             let e = bad(serde_json::json!({ MOUNTPOINT_LABEL: p }));
             assert!(e.starts_with(MOUNTPOINT_LABEL), "{p}: {e}");
+        }
+        for o in ["exec", "suid,rw", "nosuid"] {
+            let e = bad(serde_json::json!({ MOUNT_OPTIONS_LABEL: o }));
+            assert!(e.starts_with(MOUNT_OPTIONS_LABEL), "{o}: {e}");
         }
         let cases = [
             serde_json::json!("not json").to_string(),

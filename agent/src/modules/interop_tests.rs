@@ -1112,7 +1112,7 @@ async fn the_module_runtime_pulls_swaps_and_removes() {
 /// as composefs and shows the publisher's tree; a union root over it is writable.
 #[test]
 fn pulled_module_mounts_with_the_kernel() {
-    use super::mount::{mount_module, mount_union, KernelMounter, Mounter, Upper};
+    use super::mount::{mount_module, mount_union, KernelMounter, Mounter, Restrict, Upper};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !rustix::process::geteuid().is_root() {
         missing("mounting needs root (the test command runs as root)");
@@ -1134,7 +1134,15 @@ fn pulled_module_mounts_with_the_kernel() {
     let m = KernelMounter;
     let target = w.join("module");
     let image_mnt = w.join("image");
-    mount_module(&m, &store, &r.image(), &image_mnt, &target).unwrap();
+    mount_module(
+        &m,
+        &store,
+        &r.image(),
+        &image_mnt,
+        &target,
+        Restrict::RUNTIME,
+    )
+    .unwrap();
     struct Unmount<'a>(Vec<PathBuf>, &'a KernelMounter);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {

@@ -584,6 +584,7 @@ impl ModuleRuntime {
             &p.image,
             &next.image_mnt,
             &next.target,
+            p.config.restrict(),
         )
         .map_err(|source| ModuleError::Mount {
             name: m.name.clone(),

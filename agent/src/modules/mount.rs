@@ -37,6 +37,25 @@ pub struct MountSpec {
     pub options: Vec<MountOpt>,
     pub read_only: bool,
     pub target: PathBuf,
+    pub restrict: Restrict,
+}
+
+/// What a mount refuses to honour. A runtime module's tree is mounted `nosuid,nodev`
+/// (its set-user-ID files run as their caller, its device nodes open nothing) unless
+/// the module asks otherwise (`org.powernode.mount-options`); a root module is the
+/// node's whole userspace and keeps both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restrict {
+    pub nosuid: bool,
+    pub nodev: bool,
+}
+
+impl Restrict {
+    /// `nosuid,nodev`.
+    pub const RUNTIME: Self = Self {
+        nosuid: true,
+        nodev: true,
+    };
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,11 +234,16 @@ mod sys {
             .map_err(|e| fail("fsconfig", e))?;
         }
         fsconfig_create(fs.as_fd()).map_err(|e| fail("fsconfig create", e))?;
-        let attrs = if spec.read_only {
-            MountAttrFlags::MOUNT_ATTR_RDONLY
-        } else {
-            MountAttrFlags::empty()
-        };
+        let mut attrs = MountAttrFlags::empty();
+        if spec.read_only {
+            attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+        }
+        if spec.restrict.nosuid {
+            attrs |= MountAttrFlags::MOUNT_ATTR_NOSUID;
+        }
+        if spec.restrict.nodev {
+            attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
+        }
         let mnt = fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs)
             .map_err(|e| fail("fsmount", e))?;
         move_mount(
@@ -282,6 +306,7 @@ fn mount_image(
     store: &ObjectStore,
     image: &VerityDigest,
     at: &Path,
+    restrict: Restrict,
 ) -> Result<(), MountError> {
     if !store.has_image(image) {
         return Err(MountError::ImageMissing(*image));
@@ -299,18 +324,21 @@ fn mount_image(
         options: vec![],
         read_only: true,
         target: at.to_path_buf(),
+        restrict,
     })
 }
 
-/// Mounts one module read-only at `target`; its EROFS image goes to `image_mnt`.
+/// Mounts one module read-only at `target` with `restrict` (both mounts: the EROFS
+/// image at `image_mnt` and the overlay over it).
 pub fn mount_module(
     m: &dyn Mounter,
     store: &ObjectStore,
     image: &VerityDigest,
     image_mnt: &Path,
     target: &Path,
+    restrict: Restrict,
 ) -> Result<(), MountError> {
-    mount_image(m, store, image, image_mnt)?;
+    mount_image(m, store, image, image_mnt, restrict)?;
     let options = overlay_options(&[image_mnt], store.objects_dir(), None, store.verity_mode())?;
     mkdir(target)?;
     let r = m.mount(&MountSpec {
@@ -319,6 +347,7 @@ pub fn mount_module(
         options,
         read_only: true,
         target: target.to_path_buf(),
+        restrict,
     });
     if r.is_err() {
         let _ = m.unmount(image_mnt);
@@ -388,7 +417,8 @@ pub fn mount_union(
     };
     for image in images {
         let at = work.join("images").join(image.to_hex());
-        if let Err(e) = mount_image(m, store, image, &at) {
+        // The node's own userspace: set-user-ID programs and device nodes work.
+        if let Err(e) = mount_image(m, store, image, &at, Restrict::default()) {
             undo(&mounted);
             return Err(e);
         }
@@ -409,6 +439,7 @@ pub fn mount_union(
             options: vec![MountOpt::Str("mode", "0755".into())],
             read_only: false,
             target: upper.clone(),
+            restrict: Restrict::default(),
         })
     })();
     if let Err(e) = r {
@@ -439,6 +470,7 @@ pub fn mount_union(
             options,
             read_only: false,
             target: target.to_path_buf(),
+            restrict: Restrict::default(),
         })
     })();
     if let Err(e) = r {

@@ -9,7 +9,7 @@ use std::process::Command;
 use powernode_proto::ErrorCode;
 
 use super::composefs::build_image;
-use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter, Upper};
+use super::mount::{mount_module, mount_union, KernelMounter, RecordingMounter, Restrict, Upper};
 use super::store::{ObjectStore, StoreError, VerityMode};
 use super::tree::{FsTree, Kind};
 use super::unpack::{DigestingReader, UnpackError, Unpacker};
@@ -666,7 +666,15 @@ fn mount_sequence_is_recorded() {
     bytes[0] ^= 1;
     std::fs::write(&p, bytes).unwrap();
     let m = RecordingMounter::default();
-    let err = mount_module(&m, &s, &img, &d.path().join("i"), &d.path().join("t")).unwrap_err();
+    let err = mount_module(
+        &m,
+        &s,
+        &img,
+        &d.path().join("i"),
+        &d.path().join("t"),
+        Restrict::RUNTIME,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
     assert!(m.calls().is_empty());
     // A store with kernel fs-verity makes overlayfs require it.
@@ -739,7 +747,7 @@ fn mounts_composefs_and_a_writable_union_root() {
     let m = KernelMounter;
     let target = d.path().join("module");
     let imgmnt = d.path().join("image");
-    if let Err(e) = mount_module(&m, &s, &img, &imgmnt, &target) {
+    if let Err(e) = mount_module(&m, &s, &img, &imgmnt, &target, Restrict::RUNTIME) {
         panic!("mount failed: {}", chain(&e));
     }
     struct Unmount<'a>(Vec<PathBuf>, &'a KernelMounter);
@@ -774,6 +782,27 @@ fn mounts_composefs_and_a_writable_union_root() {
     );
     assert!(md("run-fifo").file_type().is_fifo_like());
     assert_eq!(md("dev-null").rdev(), rustix::fs::makedev(1, 3));
+    // A runtime module's tree: its set-user-ID bits are data, its device nodes open
+    // nothing (`nosuid,nodev`), on the overlay and on the image under it.
+    for mnt in [&target, &imgmnt] {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let opts = mountinfo
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .rfind(|f| f.len() > 5 && Path::new(f[4]) == mnt.as_path())
+            .map(|f| f[5].to_string())
+            .unwrap_or_default();
+        let opts: Vec<&str> = opts.split(',').collect();
+        assert!(
+            opts.contains(&"nosuid") && opts.contains(&"nodev"),
+            "{}: {opts:?}",
+            mnt.display()
+        );
+    }
+    assert_eq!(
+        std::fs::File::open(at("dev-null")).unwrap_err().kind(),
+        std::io::ErrorKind::PermissionDenied
+    );
     assert_eq!(md("etc/hostname").mtime(), 1_700_000_000);
     assert_eq!(
         lgetxattr(&at("etc/xattrs"), "user.color").as_deref(),
@@ -932,7 +961,15 @@ fn a_flipped_byte_in_the_image_stops_the_mount() {
     bytes[1024 + 40] ^= 1;
     std::fs::write(&p, bytes).unwrap();
     let m = RecordingMounter::default();
-    let err = mount_module(&m, &s, &img, &d.path().join("i"), &d.path().join("t")).unwrap_err();
+    let err = mount_module(
+        &m,
+        &s,
+        &img,
+        &d.path().join("i"),
+        &d.path().join("t"),
+        Restrict::RUNTIME,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), ErrorCode::VerityMismatch, "{err}");
     assert!(m.calls().is_empty());
 }
@@ -1027,6 +1064,7 @@ fn random_trees_round_trip_through_the_kernel() {
             options: vec![],
             read_only: true,
             target: at.clone(),
+            restrict: Default::default(),
         };
         super::mount::Mounter::mount(&KernelMounter, &spec).unwrap();
         struct U(PathBuf);

@@ -141,6 +141,7 @@ mod tests {
             options: Vec::new(),
             read_only: true,
             target: target.into(),
+            restrict: powernode_agent::modules::mount::Restrict::RUNTIME,
         };
         let mut sys = FakeSys::default().with_file(
             MOUNTINFO,
