@@ -274,6 +274,12 @@ impl ObjectStore {
         &self.root
     }
 
+    /// Bytes the store's filesystem can still take (`statvfs`), if it says.
+    pub fn available_bytes(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.root).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     pub fn verity_mode(&self) -> VerityMode {
         self.mode
     }

@@ -96,6 +96,11 @@ fn framing(msg: &str) -> io::Error {
     io::Error::other(msg.to_string())
 }
 
+/// Largest GNU long name / long link / PAX extension member read. Real ones hold a
+/// path (4 KiB on Linux) or a few records with xattrs (64 KiB each at most); one
+/// larger is an attempt to make the node read it into memory.
+pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+
 /// Tar framing over a [`BufRead`], so a member's content can be handed to the store
 /// as slices of the stream's own buffers (the tar crate's entries only `Read`, which
 /// costs a copy of every byte). The framing is the tar crate's, step for step
@@ -268,6 +273,15 @@ impl<R: BufRead> Members<R> {
                 return Err(framing(
                     "two extension entries of one kind describing the same member",
                 ));
+            }
+            if member.size > MAX_EXTENSION_BYTES {
+                return Err(io::Error::other(crate::error::CodedStreamError {
+                    code: powernode_proto::ErrorCode::LayerTooLarge,
+                    message: format!(
+                        "a tar extension header of {} bytes (at most {MAX_EXTENSION_BYTES})",
+                        member.size
+                    ),
+                }));
             }
             *slot = Some(self.read_all(member.size)?);
         }

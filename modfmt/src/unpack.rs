@@ -154,6 +154,61 @@ pub struct Unpacker<'a> {
     store: &'a ObjectStore,
     tree: FsTree,
     layer: u32,
+    max_unpacked: u64,
+}
+
+/// The most one layer may unpack to (its tar stream, decompressed), whatever the
+/// store could take: more is a decompression bomb, not a module.
+pub const MAX_LAYER_UNPACKED_BYTES: u64 = 64 << 30;
+
+/// A layer's decompressed tar stream, refused (`layer_too_large`) once it passes
+/// `limit` bytes: a gzip or zstd bomb stops here, before it fills the store (on a
+/// tmpfs, PID 1's memory) or spins the decoder for ever after the archive's end.
+struct Bounded<R> {
+    inner: R,
+    read: u64,
+    limit: u64,
+}
+
+impl<R> Bounded<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit,
+        }
+    }
+}
+
+impl<R: BufRead> Read for Bounded<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let buf = self.fill_buf()?;
+        let n = buf.len().min(out.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Bounded<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.read > self.limit {
+            return Err(io::Error::other(crate::error::CodedStreamError {
+                code: ErrorCode::LayerTooLarge,
+                message: format!(
+                    "the layer unpacks to more than {} bytes (the store's free space, at most \
+                     {MAX_LAYER_UNPACKED_BYTES})",
+                    self.limit
+                ),
+            }));
+        }
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.read = self.read.saturating_add(n as u64);
+        self.inner.consume(n);
+    }
 }
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -204,7 +259,15 @@ impl<'a> Unpacker<'a> {
             store,
             tree: FsTree::new(),
             layer: 0,
+            max_unpacked: MAX_LAYER_UNPACKED_BYTES,
         }
+    }
+
+    /// Lowers the bound on what one layer may unpack to (tests; a caller with its
+    /// own budget). The store's free space bounds it too.
+    pub fn with_max_unpacked(mut self, bytes: u64) -> Self {
+        self.max_unpacked = bytes;
+        self
     }
 
     pub fn tree(&self) -> &FsTree {
@@ -258,11 +321,15 @@ impl<'a> Unpacker<'a> {
         compression: Compression,
         reader: &mut R,
     ) -> Result<LayerStats, UnpackError> {
+        let limit = self
+            .store
+            .available_bytes()
+            .map_or(self.max_unpacked, |free| free.min(self.max_unpacked));
         Ok(match compression {
-            Compression::None => self.apply_tar(&mut *reader)?,
+            Compression::None => self.apply_tar(Bounded::new(&mut *reader, limit))?,
             Compression::Gzip => {
                 let mut d = flate2::bufread::MultiGzDecoder::new(&mut *reader);
-                let mut d = io::BufReader::with_capacity(STREAM_BUF, &mut d);
+                let mut d = Bounded::new(io::BufReader::with_capacity(STREAM_BUF, &mut d), limit);
                 let s = self.apply_tar(&mut d)?;
                 io::copy(&mut d, &mut io::sink()).map_err(UnpackError::Read)?;
                 s
@@ -270,7 +337,7 @@ impl<'a> Unpacker<'a> {
             Compression::Zstd => {
                 let mut d = zstd::stream::read::Decoder::with_buffer(&mut *reader)
                     .map_err(UnpackError::Read)?;
-                let mut d = io::BufReader::with_capacity(STREAM_BUF, &mut d);
+                let mut d = Bounded::new(io::BufReader::with_capacity(STREAM_BUF, &mut d), limit);
                 let s = self.apply_tar(&mut d)?;
                 io::copy(&mut d, &mut io::sink()).map_err(UnpackError::Read)?;
                 s

@@ -70,6 +70,10 @@ pub enum ErrorCode {
     RegistryUnreachable,
     UnsupportedMediaType,
     UnsafePath,
+    /// A layer unpacks to more than its bound (the store's free space, or a fixed
+    /// cap), or one of its tar headers is larger than any real one: a decompression
+    /// bomb, refused before it fills memory or the store.
+    LayerTooLarge,
     // Boot path (reported upstream by the init / agent).
     IdentityInvalid,
     IdentityMissing,
@@ -131,6 +135,7 @@ impl ErrorCode {
             Self::RegistryUnreachable => "registry_unreachable",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::UnsafePath => "unsafe_path",
+            Self::LayerTooLarge => "layer_too_large",
             Self::IdentityInvalid => "identity_invalid",
             Self::IdentityMissing => "identity_missing",
             Self::Network => "network",

@@ -361,6 +361,64 @@ fn media_types_and_stream_errors_have_codes() {
     assert_eq!(err.code(), ErrorCode::DigestMismatch);
 }
 
+/// Decompression bombs stop with `layer_too_large` at the bound, never by filling
+/// memory or the store: a file that inflates past it (gzip and zstd), zeros that
+/// inflate after the end of the archive, a PAX header larger than any real one.
+#[test]
+fn decompression_bombs_are_refused_at_their_bound() {
+    use powernode_modfmt::unpack::MAX_LAYER_UNPACKED_BYTES;
+    let (_d, s) = store();
+    let zeros = vec![0u8; 8 << 20];
+    let bound = 1 << 20;
+    let gz = Layer::new().file("bomb", 0o644, &zeros).gzip();
+    let zst = Layer::new().file("bomb", 0o644, &zeros).zstd();
+    assert!(
+        gz.len() < 128 << 10 && zst.len() < 128 << 10,
+        "{} {}",
+        gz.len(),
+        zst.len()
+    );
+    for (media, blob) in [(TGZ, &gz), (TZST, &zst)] {
+        let err = Unpacker::new(&s)
+            .with_max_unpacked(bound)
+            .apply_layer(media, &blob[..])
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::LayerTooLarge, "{media}: {err}");
+        assert!(
+            chain(&err).contains("more than 1048576 bytes"),
+            "{}",
+            chain(&err)
+        );
+        // Under the bound the same layer unpacks.
+        Unpacker::new(&s)
+            .with_max_unpacked(16 << 20)
+            .apply_layer(media, &blob[..])
+            .unwrap();
+    }
+    // A small archive, then megabytes of zeros the decoder would inflate after its end.
+    let mut tar = Layer::new().file("a", 0o644, b"a").tar();
+    tar.extend(std::iter::repeat_n(0u8, 8 << 20));
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(&tar).unwrap();
+    let trailing = e.finish().unwrap();
+    let err = Unpacker::new(&s)
+        .with_max_unpacked(bound)
+        .apply_layer(TGZ, &trailing[..])
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::LayerTooLarge, "{err}");
+    // A PAX header of 2 MiB: refused before it is read into memory.
+    let big = vec![b'x'; 2 << 20];
+    let pax = Layer::new()
+        .file_with_pax("a", 0o644, b"a", &[("SCHILY.xattr.user.big", &big)])
+        .tar();
+    let err = Unpacker::new(&s).apply_layer(TAR, &pax[..]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::LayerTooLarge, "{err}");
+    assert!(chain(&err).contains("extension header"), "{}", chain(&err));
+    // The default bound is the store's free space, at most 64 GiB.
+    assert_eq!(MAX_LAYER_UNPACKED_BYTES, 64 << 30);
+    assert!(s.available_bytes().is_some_and(|b| b > 0));
+}
+
 #[test]
 fn same_tree_gives_the_same_image_bytes() {
     let (_d1, s1) = store();
