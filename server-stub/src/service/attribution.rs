@@ -30,6 +30,7 @@ fn is_module_code(code: ErrorCode) -> bool {
             | ErrorCode::OciNotFound
             | ErrorCode::UnsupportedMediaType
             | ErrorCode::UnsafePath
+            | ErrorCode::LayerTooLarge
     )
 }
 

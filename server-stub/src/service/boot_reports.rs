@@ -217,7 +217,8 @@ pub fn recovery_for(code: ErrorCode, instance_id: &str, node_id: &str) -> String
         | ErrorCode::VerityMismatch
         | ErrorCode::OciNotFound
         | ErrorCode::UnsupportedMediaType
-        | ErrorCode::UnsafePath => format!(
+        | ErrorCode::UnsafePath
+        | ErrorCode::LayerTooLarge => format!(
             "a module failed its supply-chain check: list-module-publications and \
              module-signing-key show what is published and trusted; publish a good version, \
              then {fresh_token}"
