@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use powernode_tests::vm::{
-    build_image, count_events, events, last_heartbeat, vm_rebooted, vm_test, wait_booted, Libvirtd,
-    RealServer, LIBVIRT_URI,
+    build_image, count_events, events, last_heartbeat, qemu_alive, vm_rebooted, vm_test,
+    wait_booted, Libvirtd, RealServer, LIBVIRT_URI,
 };
 use powernode_tests::{proto::paths, str_at, test_dir, wait_for};
 use serde_json::{json, Value};
@@ -138,10 +138,7 @@ fn run(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
         count_events(server, &inst, "instance.enrolled")? == 1,
         "enrolled again"
     );
-    ensure!(
-        Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU pid {pid} is gone after the reboot"
-    );
+    ensure!(qemu_alive(pid), "QEMU pid {pid} is gone after the reboot");
 
     // The server dies; the domain does not.
     let before = last_heartbeat(server, &inst)?;
@@ -187,10 +184,7 @@ fn run(name: &str, out: &Path, vm_dir: &mut Option<PathBuf>) -> Result<()> {
     println!("{name}: terminate-instance in {:?}", t.elapsed());
     let gone = virsh(&["dominfo", &domain])?;
     ensure!(!gone.status.success(), "domain {domain} survived terminate");
-    ensure!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU pid {pid} survived terminate"
-    );
+    ensure!(!qemu_alive(pid), "QEMU pid {pid} survived terminate");
     for kind in ["vm.exited", "vm.lost"] {
         ensure!(count_events(server, &inst, kind)? == 0, "a {kind} event");
     }

@@ -842,15 +842,14 @@ fn mounts_composefs_and_a_writable_union_root() {
     assert_eq!(md("dev-null").rdev(), rustix::fs::makedev(1, 3));
     // A runtime module's tree: its set-user-ID bits are data, its device nodes open
     // nothing (`nosuid,nodev`), on the overlay and on the image under it.
+    let mounts = powernode_sysfmt::mountinfo::parse(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+    )
+    .unwrap();
     for mnt in [&target, &imgmnt] {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let opts = mountinfo
-            .lines()
-            .map(|l| l.split(' ').collect::<Vec<_>>())
-            .rfind(|f| f.len() > 5 && Path::new(f[4]) == mnt.as_path())
-            .map(|f| f[5].to_string())
-            .unwrap_or_default();
-        let opts: Vec<&str> = opts.split(',').collect();
+        let top = powernode_sysfmt::mountinfo::top_at(&mounts, &mnt.to_string_lossy())
+            .unwrap_or_else(|| panic!("{} is not mounted", mnt.display()));
+        let opts: Vec<&str> = top.mount_options.split(',').collect();
         assert!(
             opts.contains(&"nosuid") && opts.contains(&"nodev"),
             "{}: {opts:?}",
