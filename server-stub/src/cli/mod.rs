@@ -14,9 +14,11 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, ProviderMode, StuckThresholds};
 use client::AdminClient;
+use wait::{WaitArgs, Waited};
 
 pub mod client;
 pub mod publish;
+pub mod wait;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -188,6 +190,8 @@ pub enum Cmd {
         instance_type: Option<String>,
         #[arg(long)]
         region: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Show an instance, with `stuck` and its recovery when a threshold is crossed,
     /// and the failures the node reported before it enrolled (boot reports).
@@ -205,12 +209,16 @@ pub enum Cmd {
         timeout_seconds: u64,
         #[arg(long)]
         cordon_only: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Terminate an instance (phase 6): destroy, revoke certificates, expire tokens.
     TerminateInstance {
         id: String,
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Desired vs running modules of an instance.
     DriftReport { id: String },
@@ -223,6 +231,8 @@ pub enum Cmd {
         /// Seconds the agent may take to stop services first.
         #[arg(long, default_value_t = 60)]
         drain_timeout_seconds: u64,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Ask the agent for diagnostics (a `collect_diagnostics` task; read the result
     /// with get-task).
@@ -230,10 +240,16 @@ pub enum Cmd {
         id: String,
         #[arg(long, default_value_t = 100)]
         log_lines: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Ask the agent to reconcile its modules now (a `module_update` task with the
     /// current drift).
-    UpdateModules { id: String },
+    UpdateModules {
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// The module and version changes before an instance's failure that could
     /// explain it, ranked, with the reasoning.
     AttributeFailure {
@@ -407,6 +423,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
+    if let Some(wait) = cmd.wait().filter(|w| w.wait) {
+        return finish_waiting(&client, &value, wait, json).await;
+    }
     if json || matches!(cmd, Cmd::InstanceIdentity { .. }) {
         write_out(&format!("{}\n", text.trim_end()))?;
     } else if matches!(cmd, Cmd::AttributeFailure { .. }) {
@@ -417,6 +436,67 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         write_out(&render_table(&value))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl Cmd {
+    /// `--wait` of the long actions (they answer a `task_id`).
+    fn wait(&self) -> Option<&WaitArgs> {
+        match self {
+            Cmd::ProvisionInstance { wait, .. }
+            | Cmd::DrainInstance { wait, .. }
+            | Cmd::TerminateInstance { wait, .. }
+            | Cmd::RebootInstance { wait, .. }
+            | Cmd::CollectDiagnostics { wait, .. }
+            | Cmd::UpdateModules { wait, .. } => Some(wait),
+            _ => None,
+        }
+    }
+}
+
+/// After a long action answered: follow its task; print the task as it ended (JSON
+/// or a table) and fail with its reason when it did not succeed.
+async fn finish_waiting(
+    client: &AdminClient,
+    answer: &Value,
+    wait: &WaitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let task_id = answer["task_id"]
+        .as_str()
+        .context("the answer names no task_id to wait for")?;
+    let waited = wait::follow(
+        client,
+        task_id,
+        std::time::Duration::from_secs(wait.timeout),
+    )
+    .await?;
+    let (task, ok) = match &waited {
+        Waited::Succeeded(t) => (t, true),
+        Waited::Ended(t) | Waited::TimedOut(t) => (t, false),
+    };
+    if json {
+        write_out(&format!("{}\n", serde_json::json!({"task": task})))?;
+    } else {
+        write_out(&render_table(&serde_json::json!({"task": task})))?;
+    }
+    match waited {
+        Waited::Succeeded(_) => {}
+        Waited::Ended(t) => eprintln!(
+            "powernode-stub: task {task_id} {}: {}",
+            t["status"].as_str().unwrap_or("ended"),
+            wait::failure_reason(&t)
+        ),
+        Waited::TimedOut(t) => eprintln!(
+            "powernode-stub: task {task_id} still {} after {} s (it goes on; follow it with get-task {task_id})",
+            t["status"].as_str().unwrap_or("?"),
+            wait.timeout
+        ),
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Method, path and body of the admin call behind a client subcommand.
@@ -482,6 +562,7 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             node_id,
             instance_type,
             region,
+            ..
         } => (
             Method::POST,
             paths::admin_provision(node_id),
@@ -495,12 +576,13 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             id,
             timeout_seconds,
             cordon_only,
+            ..
         } => (
             Method::POST,
             paths::admin_drain(id),
             Some(json!({"timeout_seconds": timeout_seconds, "cordon_only": cordon_only})),
         ),
-        Cmd::TerminateInstance { id, force } => (
+        Cmd::TerminateInstance { id, force, .. } => (
             Method::POST,
             paths::admin_terminate(id),
             Some(json!({ "force": force })),
@@ -510,17 +592,18 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             id,
             reason,
             drain_timeout_seconds,
+            ..
         } => (
             Method::POST,
             paths::admin_reboot(id),
             Some(json!({"reason": reason, "drain_timeout_seconds": drain_timeout_seconds})),
         ),
-        Cmd::CollectDiagnostics { id, log_lines } => (
+        Cmd::CollectDiagnostics { id, log_lines, .. } => (
             Method::POST,
             paths::admin_collect_diagnostics(id),
             Some(json!({ "log_lines": log_lines })),
         ),
-        Cmd::UpdateModules { id } => (
+        Cmd::UpdateModules { id, .. } => (
             Method::POST,
             paths::admin_module_update(id),
             Some(json!({})),
