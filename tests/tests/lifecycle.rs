@@ -867,7 +867,14 @@ fn a_lost_enrollment_answer_is_asked_again_and_the_node_runs() -> Result<()> {
 #[test]
 fn wait_follows_long_actions_to_their_end() -> Result<()> {
     let dir = test_dir("wait")?;
-    let server = Server::start(&dir.join("data"), ServerOptions::default())?;
+    // The runbook's heartbeat interval: tasks must not wait for the next heartbeat.
+    let server = Server::start(
+        &dir.join("data"),
+        ServerOptions {
+            heartbeat_interval_seconds: 30,
+            ..ServerOptions::default()
+        },
+    )?;
     let node = server.cli(&[
         "create-node",
         "--hostname",
@@ -888,7 +895,13 @@ fn wait_follows_long_actions_to_their_end() -> Result<()> {
     assert_eq!(drained["task"]["status"], "succeeded", "{drained}");
     assert_eq!(drained["task"]["kind"], "drain", "{drained}");
     assert_eq!(drained["task"]["result"]["drained"], true, "{drained}");
-    eprintln!("drain-instance --wait returned after {:?}", t0.elapsed());
+    let drain_took = t0.elapsed();
+    eprintln!("drain-instance --wait returned after {drain_took:?} (heartbeat every 30 s)");
+    // The long-polled lease took it at once, not at the next heartbeat.
+    ensure!(
+        drain_took < Duration::from_secs(15),
+        "the drain waited for a heartbeat: {drain_took:?}"
+    );
     let t1 = Instant::now();
     let ended = server.cli(&[
         "terminate-instance",
@@ -908,6 +921,12 @@ fn wait_follows_long_actions_to_their_end() -> Result<()> {
         .wait_timeout(EXIT)
         .with_context(|| agent.log_text())?;
     assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", agent.log_text());
+    let stop_took = t1.elapsed();
+    eprintln!("the agent stopped {stop_took:?} after terminate-instance");
+    ensure!(
+        stop_took < Duration::from_secs(15),
+        "the agent learned of its end at a heartbeat: {stop_took:?}"
+    );
 
     // Nobody boots the recorder's instance: the provision's wait gives up at its
     // timeout, non-zero, naming the task and how to follow it.
