@@ -125,6 +125,28 @@ pub enum Cmd {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Create and provision COUNT Nodes of one template in one call (at most 50):
+    /// hostnames PREFIX-1 .. PREFIX-COUNT.
+    ProvisionCluster {
+        #[arg(long, default_value = "tmpl-edge-base")]
+        template: String,
+        #[arg(long)]
+        count: u32,
+        /// Default: `node-` and 6 random hex digits.
+        #[arg(long)]
+        hostname_prefix: Option<String>,
+        #[arg(long, default_value = "ephemeral")]
+        lifecycle_class: LifecycleClass,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long)]
+        instance_type: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Follow every member's provision task to its end.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Show the catalog: templates, platforms, architectures, regions, instance types.
     ListTemplates,
     /// List the recorded netboot image publications (newest first).
@@ -423,6 +445,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
+    if let Cmd::ProvisionCluster { wait, .. } = &cmd {
+        return finish_cluster(&client, value, wait, json).await;
+    }
     if let Some(wait) = cmd.wait().filter(|w| w.wait) {
         return finish_waiting(&client, &value, wait, json).await;
     }
@@ -451,6 +476,56 @@ impl Cmd {
             _ => None,
         }
     }
+}
+
+/// provision-cluster's answer: the members (and with --wait their tasks' ends); exit
+/// 1 when the call stopped early or a member's task did not succeed.
+async fn finish_cluster(
+    client: &AdminClient,
+    mut answer: Value,
+    wait: &WaitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut ok = answer["error"].is_null();
+    if wait.wait {
+        let timeout = std::time::Duration::from_secs(wait.timeout);
+        let started = std::time::Instant::now();
+        if let Some(members) = answer["members"].as_array_mut() {
+            for m in members {
+                let Some(task_id) = m["task_id"].as_str().map(str::to_string) else {
+                    continue;
+                };
+                // One budget for the whole cluster.
+                let left = timeout.saturating_sub(started.elapsed());
+                let task = match wait::follow(client, &task_id, left).await? {
+                    Waited::Succeeded(t) => t,
+                    Waited::Ended(t) | Waited::TimedOut(t) => {
+                        ok = false;
+                        t
+                    }
+                };
+                m["task_status"] = task["status"].clone();
+            }
+        }
+    }
+    if json {
+        write_out(&format!("{answer}\n"))?;
+    } else {
+        write_out(&render_table(&answer))?;
+    }
+    if let Some(e) = answer["error"].as_object() {
+        eprintln!(
+            "powernode-stub: provision-cluster stopped at {}: {}: {} (the members listed were made)",
+            e.get("hostname").and_then(Value::as_str).unwrap_or("?"),
+            e.get("code").and_then(Value::as_str).unwrap_or("?"),
+            e.get("message").and_then(Value::as_str).unwrap_or("?"),
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// After a long action answered: follow its task; print the task as it ended (JSON
@@ -517,6 +592,28 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
                 "template_id": template,
                 "lifecycle_class": lifecycle_class,
                 "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
+        ),
+        Cmd::ProvisionCluster {
+            template,
+            count,
+            hostname_prefix,
+            lifecycle_class,
+            labels,
+            instance_type,
+            region,
+            ..
+        } => (
+            Method::POST,
+            paths::ADMIN_CLUSTERS.to_string(),
+            Some(json!({
+                "template_id": template,
+                "count": count,
+                "hostname_prefix": hostname_prefix,
+                "lifecycle_class": lifecycle_class,
+                "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "instance_type": instance_type,
+                "region": region,
             })),
         ),
         Cmd::ListTemplates => (Method::GET, paths::ADMIN_TEMPLATES.to_string(), None),
