@@ -2,6 +2,7 @@
 //! its end, showing its progress (one line rewritten in place on a terminal, a plain
 //! line per change otherwise), and say how it ended.
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -10,6 +11,7 @@ use powernode_proto::paths;
 use serde_json::Value;
 
 use super::client::AdminClient;
+use super::render::{render_table, write_out};
 
 #[derive(Debug, Clone, Args)]
 pub struct WaitArgs {
@@ -110,6 +112,102 @@ pub async fn follow(client: &AdminClient, id: &str, timeout: Duration) -> anyhow
         drop(err);
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// provision-cluster's answer: the members (and with --wait their tasks' ends); exit
+/// 1 when the call stopped early or a member's task did not succeed.
+pub async fn finish_cluster(
+    client: &AdminClient,
+    mut answer: Value,
+    wait: &WaitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut ok = answer["error"].is_null();
+    if wait.wait {
+        let timeout = std::time::Duration::from_secs(wait.timeout);
+        let started = std::time::Instant::now();
+        if let Some(members) = answer["members"].as_array_mut() {
+            for m in members {
+                let Some(task_id) = m["task_id"].as_str().map(str::to_string) else {
+                    continue;
+                };
+                // One budget for the whole cluster.
+                let left = timeout.saturating_sub(started.elapsed());
+                let task = match follow(client, &task_id, left).await? {
+                    Waited::Succeeded(t) => t,
+                    Waited::Ended(t) | Waited::TimedOut(t) => {
+                        ok = false;
+                        t
+                    }
+                };
+                m["task_status"] = task["status"].clone();
+            }
+        }
+    }
+    if json {
+        write_out(&format!("{answer}\n"))?;
+    } else {
+        write_out(&render_table(&answer))?;
+    }
+    if let Some(e) = answer["error"].as_object() {
+        eprintln!(
+            "powernode-stub: provision-cluster stopped at {}: {}: {} (the members listed were made)",
+            e.get("hostname").and_then(Value::as_str).unwrap_or("?"),
+            e.get("code").and_then(Value::as_str).unwrap_or("?"),
+            e.get("message").and_then(Value::as_str).unwrap_or("?"),
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// After a long action answered: follow its task; print the task as it ended (JSON
+/// or a table) and fail with its reason when it did not succeed.
+pub async fn finish_waiting(
+    client: &AdminClient,
+    answer: &Value,
+    wait: &WaitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let task_id = answer["task_id"]
+        .as_str()
+        .context("the answer names no task_id to wait for")?;
+    let waited = follow(
+        client,
+        task_id,
+        std::time::Duration::from_secs(wait.timeout),
+    )
+    .await?;
+    let (task, ok) = match &waited {
+        Waited::Succeeded(t) => (t, true),
+        Waited::Ended(t) | Waited::TimedOut(t) => (t, false),
+    };
+    if json {
+        write_out(&format!("{}\n", serde_json::json!({"task": task})))?;
+    } else {
+        write_out(&render_table(&serde_json::json!({"task": task})))?;
+    }
+    match waited {
+        Waited::Succeeded(_) => {}
+        Waited::Ended(t) => eprintln!(
+            "powernode-stub: task {task_id} {}: {}",
+            t["status"].as_str().unwrap_or("ended"),
+            failure_reason(&t)
+        ),
+        Waited::TimedOut(t) => eprintln!(
+            "powernode-stub: task {task_id} still {} after {} s (it goes on; follow it with get-task {task_id})",
+            t["status"].as_str().unwrap_or("?"),
+            wait.timeout
+        ),
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]
