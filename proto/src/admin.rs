@@ -235,6 +235,9 @@ pub struct Instance {
     pub last_reconcile: Option<crate::node::ReconcileResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stuck: Option<StuckInfo>,
+    /// Set while the provision waits for provider quota: which limit, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_quota: Option<String>,
     /// systemd's state from the last heartbeat, on a systemd root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub systemd: Option<crate::node::SystemdState>,

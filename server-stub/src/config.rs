@@ -150,6 +150,10 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Largest blob the embedded registry accepts (uploads stream to disk).
     pub registry_max_blob_bytes: u64,
+    /// Provider quota: at most this many provisions at once per region (0: no limit).
+    pub quota_concurrent_provisions: u32,
+    /// Provider quota: at most this many live instances per region (0: no limit).
+    pub quota_instances_per_region: u32,
     /// Finished tasks, expired certificates, events and inactive signals older than
     /// this are deleted (see `service::retention`); 0 keeps everything.
     pub retention_days: u64,
@@ -187,6 +191,8 @@ impl Config {
             lease_max_seconds: 3600,
             heartbeat_interval_seconds: 30,
             registry_max_blob_bytes: crate::registry::DEFAULT_MAX_BLOB_BYTES,
+            quota_concurrent_provisions: 0,
+            quota_instances_per_region: 0,
             flush_interval_ms: 1000,
             retention_days: 30,
             announce: true,

@@ -108,6 +108,9 @@ pub struct InstRec {
     /// watcher's `vm.rebooted` says whether a reset was that task's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot_expected_ms: Option<Millis>,
+    /// Set while the provision waits for provider quota: which limit, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_quota: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,6 +185,7 @@ impl InstRec {
             systemd: None,
             systemd_signal: None,
             reboot_expected_ms: None,
+            waiting_for_quota: None,
         }
     }
 }
@@ -616,6 +620,7 @@ pub fn instance_view(
         cordoned: inst.cordoned,
         last_reconcile: inst.last_reconcile.clone(),
         stuck: stuck_info(inst, now, serving_since, thresholds, drain),
+        waiting_for_quota: inst.waiting_for_quota.clone(),
         systemd: inst.systemd.clone(),
         systemd_degraded: systemd_degraded(inst),
         status_changed_at: format_ts(inst.status_changed_ms),
@@ -714,10 +719,24 @@ pub fn stuck_info(
     }
     let task = inst.task_id.as_deref().unwrap_or("<task>");
     let (reason, recovery) = match inst.status {
-        InstanceStatus::Pending => (
-            "pending_too_long",
-            format!("the provider never started: cancel-task {task}, then provision-instance again"),
-        ),
+        InstanceStatus::Pending => match &inst.waiting_for_quota {
+            Some(quota) => (
+                "pending_provider_quota",
+                format!(
+                    "waiting for provider quota ({quota}): it starts when a provision in {} \
+                     ends or an instance there is terminated; raise the limit (serve \
+                     --quota-concurrent-provisions / --quota-instances-per-region) or \
+                     cancel-task {task}",
+                    inst.region
+                ),
+            ),
+            None => (
+                "pending_too_long",
+                format!(
+                    "the provider never started: cancel-task {task}, then provision-instance again"
+                ),
+            ),
+        },
         InstanceStatus::Provisioning => (
             "provisioning_too_long",
             format!(

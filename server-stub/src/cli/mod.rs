@@ -92,6 +92,13 @@ pub struct ServeArgs {
     /// Largest blob the embedded registry (`/v2/`) accepts.
     #[arg(long, default_value_t = crate::registry::DEFAULT_MAX_BLOB_BYTES)]
     pub registry_max_blob_bytes: u64,
+    /// Provider quota: provisions at once per region; more wait in `pending` (0: no
+    /// limit).
+    #[arg(long, default_value_t = 0)]
+    pub quota_concurrent_provisions: u32,
+    /// Provider quota: live instances per region; more wait in `pending` (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub quota_instances_per_region: u32,
     /// Days finished tasks, expired certificates, events and inactive signals are
     /// kept; 0 keeps them for ever.
     #[arg(long, default_value_t = 30)]
@@ -368,6 +375,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.heartbeat_interval_seconds = args.heartbeat_interval_seconds;
         cfg.flush_interval_ms = args.flush_interval_ms;
         cfg.registry_max_blob_bytes = args.registry_max_blob_bytes;
+        cfg.quota_concurrent_provisions = args.quota_concurrent_provisions;
+        cfg.quota_instances_per_region = args.quota_instances_per_region;
         crate::server::run_until_signal(cfg).await?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -27,6 +27,18 @@ impl AppState {
         node_id: &str,
         req: ProvisionRequest,
     ) -> AppResult<ProvisionResponse> {
+        self.provision_answering_within(node_id, req, PROVISION_ANSWER_WAIT)
+            .await
+    }
+
+    /// [`Self::provision`], answering `pending` when the provider's work (or its wait
+    /// for quota) takes longer than `answer_within`.
+    pub(crate) async fn provision_answering_within(
+        &self,
+        node_id: &str,
+        req: ProvisionRequest,
+        answer_within: std::time::Duration,
+    ) -> AppResult<ProvisionResponse> {
         if !self.provider.enabled() {
             return Err(AppError::conflict(
                 ErrorCode::ProviderDisabled,
@@ -200,12 +212,16 @@ impl AppState {
             .await?;
         let instance_id = spec.instance_id.clone();
         // The provider's work runs as its own task: a slow boot (KVM canary, disk
-        // creation, a loaded host) answers `pending` after PROVISION_ANSWER_WAIT and
-        // finishes in the background; a quick one answers with its outcome.
+        // creation, a loaded host), or one waiting for provider quota, answers
+        // `pending` after PROVISION_ANSWER_WAIT and finishes in the background; a
+        // quick one answers with its outcome.
         let st = self.clone();
         let tid = task_id.clone();
-        let work = tokio::spawn(async move { st.run_provider(spec, tid).await });
-        match tokio::time::timeout(PROVISION_ANSWER_WAIT, work).await {
+        let work = tokio::spawn(async move {
+            let _slot = st.wait_for_quota(&spec.instance_id, &spec.region).await?;
+            st.run_provider(spec, tid).await
+        });
+        match tokio::time::timeout(answer_within, work).await {
             Ok(joined) => joined.map_err(|e| AppError::internal(&e))?,
             Err(_) => Ok(ProvisionResponse {
                 instance: self.get_instance(&instance_id)?,

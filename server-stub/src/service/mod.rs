@@ -49,6 +49,7 @@ mod module_store;
 pub mod modules;
 mod node_api;
 mod nodes;
+mod quota;
 pub mod retention;
 mod sensors;
 mod tasks;
@@ -89,6 +90,8 @@ pub struct Shared {
     task_waiters: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Set when the server stops: long polls answer at once.
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
+    /// Provider quota: provisions under way per region, and their waiters.
+    quota: Arc<quota::Quota>,
 }
 
 /// How long after a reboot task was leased the node may enroll again with its
@@ -217,6 +220,7 @@ impl AppState {
             boot_report_windows: Mutex::default(),
             task_waiters: Mutex::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            quota: Arc::default(),
         })))
     }
 
@@ -278,9 +282,17 @@ impl AppState {
                 _ => None,
             })
             .collect();
+        let ended = ops.iter().any(|op| {
+            matches!(op, Op::Instance(i)
+                if matches!(i.status, InstanceStatus::Terminated | InstanceStatus::Failed))
+        });
         if let Err(e) = self.store.apply(ops).await {
             self.lock().undo(undo);
             return Err(AppError::storage(&e));
+        }
+        // An instance that ended frees its region's quota.
+        if ended {
+            self.quota.changed();
         }
         if !wake.is_empty() {
             let waiters = self.task_waiters.lock().unwrap_or_else(|p| p.into_inner());

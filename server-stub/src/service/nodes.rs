@@ -108,13 +108,17 @@ impl AppState {
                 labels: req.labels.clone(),
             })
             .await?;
+        // Members do not wait for their boot (or their quota) one after the other: a
+        // provider error that quick still stops the call, a slower one shows on the
+        // member's instance.
         let prov = self
-            .provision(
+            .provision_answering_within(
                 &node.id,
                 ProvisionRequest {
                     instance_type: req.instance_type.clone(),
                     region: req.region.clone(),
                 },
+                CLUSTER_MEMBER_ANSWER_WAIT,
             )
             .await?;
         Ok(ClusterMember {
@@ -201,6 +205,10 @@ impl AppState {
         .await
     }
 }
+
+/// How long a cluster member's provision may take before the call moves on to the
+/// next (it goes on in the background).
+const CLUSTER_MEMBER_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 fn unknown_template(id: &str) -> AppError {
     AppError::new(
