@@ -76,7 +76,7 @@ pub enum RegistryError {
     },
     #[error("the node's credentials in {}", dir.display())]
     NodeCredentials {
-        dir: std::path::PathBuf,
+        dir: PathBuf,
         #[source]
         source: crate::state::StateError,
     },
@@ -238,11 +238,13 @@ impl NodeCertificate {
                 };
                 // `open` would create (and chmod) the directory: only read it here.
                 let state = StateDir::open_existing(dir);
-                let Some(identity) = state.load_identity().map_err(err)? else {
-                    return Ok(None);
-                };
-                let creds = state.load_credentials(&identity.instance_id).map_err(err)?;
-                (dir, identity.control_plane_url, creds)
+                match state.load_identity().map_err(err)? {
+                    Some(identity) => {
+                        let creds = state.load_credentials(&identity.instance_id).map_err(err)?;
+                        (dir, identity.control_plane_url, creds)
+                    }
+                    None => (dir, String::new(), None),
+                }
             }
         };
         let Some(creds) = credentials else {
