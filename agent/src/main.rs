@@ -62,9 +62,15 @@ enum ModuleCommand {
         version: Option<String>,
         #[arg(long)]
         store: PathBuf,
-        /// CA PEM to pin for HTTPS.
+        /// CA PEM to pin for HTTPS (default with --state-dir: the control-plane CA kept
+        /// there).
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The agent's state directory: the node's enrolled certificate there is
+        /// presented to the control plane's embedded registry (only to it), which
+        /// serves enrolled nodes and the admin only.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Allow plain HTTP to a loopback registry (tests).
         #[arg(long)]
         insecure_http_loopback: bool,
@@ -102,6 +108,7 @@ fn module_command(cmd: ModuleCommand) -> i32 {
             version,
             store,
             ca,
+            state_dir,
             insecure_http_loopback,
         } => {
             let pems: Result<Vec<String>, String> =
@@ -118,6 +125,8 @@ fn module_command(cmd: ModuleCommand) -> i32 {
                 let client =
                     modules::registry::RegistryClient::new(modules::registry::RegistryOptions {
                         ca_pem,
+                        node_certificate: state_dir
+                            .map(modules::registry::NodeCertificate::StateDir),
                         allow_http_loopback: insecure_http_loopback,
                         ..Default::default()
                     })
@@ -294,8 +303,9 @@ struct RunArgs {
 }
 
 /// The live module runtime: desired runtime modules pulled from the registry (the
-/// embedded one is pinned to the control-plane CA the agent keeps in its state dir),
-/// verified, then mounted under `modules_dir`.
+/// embedded one is pinned to the control-plane CA the agent keeps in its state dir,
+/// and shown the node's certificate from there), verified, then mounted under
+/// `modules_dir`.
 fn module_runtime(
     args: &RunArgs,
     pinned_keys: &[String],
@@ -315,6 +325,10 @@ fn module_runtime(
             store,
             modules::registry::RegistryOptions {
                 allow_http_loopback: args.insecure_http_loopback,
+                // Read at each pull: a renewed certificate is used from the next one.
+                node_certificate: Some(modules::registry::NodeCertificate::StateDir(
+                    args.state_dir.clone(),
+                )),
                 ..Default::default()
             },
             Arc::new(modules::mount::KernelMounter),

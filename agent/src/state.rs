@@ -124,6 +124,12 @@ impl StateDir {
         Ok(Self { root })
     }
 
+    /// The state directory at `root` as it is, nothing created or changed: for
+    /// readers (the registry client reading the node's certificate).
+    pub fn open_existing(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     pub fn path(&self) -> &Path {
         &self.root
     }

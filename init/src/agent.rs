@@ -589,7 +589,11 @@ fn node_hooks(
     };
     let mut modules = module_runtime::ModuleRuntime::new(
         store,
-        registry::RegistryOptions::default(),
+        registry::RegistryOptions {
+            // Read at each pull: a renewed certificate is used from the next one.
+            node_certificate: Some(registry::NodeCertificate::StateDir(state_dir.to_path_buf())),
+            ..Default::default()
+        },
         Arc::new(LoopMounter),
         module_runtime::RUNTIME_MODULES_DIR.into(),
         root_modules,

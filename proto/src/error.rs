@@ -68,6 +68,10 @@ pub enum ErrorCode {
     VerityMismatch,
     OciNotFound,
     RegistryUnreachable,
+    /// The registry refused the pull's credentials (401/403): for the embedded one,
+    /// the node's certificate was revoked, its instance ended, or none was presented;
+    /// the message carries the registry's reason.
+    RegistryUnauthorized,
     UnsupportedMediaType,
     UnsafePath,
     /// A layer unpacks to more than its bound (the store's free space, or a fixed
@@ -136,6 +140,7 @@ impl ErrorCode {
             Self::VerityMismatch => "verity_mismatch",
             Self::OciNotFound => "oci_not_found",
             Self::RegistryUnreachable => "registry_unreachable",
+            Self::RegistryUnauthorized => "registry_unauthorized",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::UnsafePath => "unsafe_path",
             Self::LayerTooLarge => "layer_too_large",
@@ -214,6 +219,7 @@ mod tests {
             ErrorCode::CertificateGraceExceeded,
             ErrorCode::RenewalNotDue,
             ErrorCode::RenewalRateLimited,
+            ErrorCode::RegistryUnauthorized,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

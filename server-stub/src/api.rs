@@ -113,9 +113,13 @@ pub fn app(state: AppState) -> Router {
             post(complete_task),
         );
     let token_state = state.clone();
+    let node_state = state.clone();
     let registry = crate::registry::router(
         state.modules.storage.clone(),
-        Arc::new(move |t: &str| token_state.admin_token_ok(t)),
+        crate::registry::Access {
+            token_ok: Arc::new(move |t: &str| token_state.admin_token_ok(t)),
+            node: Arc::new(move |ext| registry_reader(&node_state, ext.get::<PeerAuth>())),
+        },
     );
     Router::new()
         .merge(admin)
@@ -231,31 +235,57 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 #[derive(Debug)]
 pub struct NodeCert(pub Arc<ClientIdentity>);
 
+/// What the node API makes of the TLS layer's verdict: the certificate when it is
+/// ours and unexpired (by the server's clock).
+fn node_certificate(peer: Option<&PeerAuth>, state: &AppState) -> AppResult<Arc<ClientIdentity>> {
+    match peer {
+        None | Some(PeerAuth::Anonymous) => Err(AppError::unauthorized(
+            ErrorCode::ClientCertificateRequired,
+            "this endpoint needs the client certificate from enrollment",
+        )),
+        Some(PeerAuth::Invalid(why)) => Err(AppError::unauthorized(
+            ErrorCode::ClientCertificateInvalid,
+            why.to_string(),
+        )),
+        Some(PeerAuth::Verified(id)) => {
+            if state.clock.now_ms() >= id.not_after_ms {
+                return Err(AppError::unauthorized(
+                    ErrorCode::CertificateExpired,
+                    format!(
+                        "the client certificate has expired; re-enroll it at {}",
+                        paths::CERTIFICATE_REISSUE
+                    ),
+                ));
+            }
+            Ok(id.clone())
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for NodeCert {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        match parts.extensions.get::<PeerAuth>() {
-            None | Some(PeerAuth::Anonymous) => Err(AppError::unauthorized(
-                ErrorCode::ClientCertificateRequired,
-                "this endpoint needs the client certificate from enrollment",
-            )),
-            Some(PeerAuth::Invalid(why)) => Err(AppError::unauthorized(
-                ErrorCode::ClientCertificateInvalid,
-                why.to_string(),
-            )),
-            Some(PeerAuth::Verified(id)) => {
-                if state.clock.now_ms() >= id.not_after_ms {
-                    return Err(AppError::unauthorized(
-                        ErrorCode::CertificateExpired,
-                        format!(
-                            "the client certificate has expired; re-enroll it at {}",
-                            paths::CERTIFICATE_REISSUE
-                        ),
-                    ));
-                }
-                Ok(NodeCert(id.clone()))
-            }
+        node_certificate(parts.extensions.get::<PeerAuth>(), state).map(NodeCert)
+    }
+}
+
+/// The embedded registry's view of a reader's client certificate: the node API's
+/// checks, the certificate's ([`node_certificate`]) then the state's
+/// ([`AppState::authorize_node`]: not revoked, instance known and not terminated).
+fn registry_reader(state: &AppState, peer: Option<&PeerAuth>) -> crate::registry::NodeReader {
+    use crate::registry::NodeReader;
+    if matches!(peer, None | Some(PeerAuth::Anonymous)) {
+        return NodeReader::Absent;
+    }
+    match node_certificate(peer, state).and_then(|id| state.authorize_node(&id).map(|()| id)) {
+        Ok(id) => NodeReader::Live(id.instance_id.clone()),
+        Err(e) => {
+            let instance = match peer {
+                Some(PeerAuth::Verified(id)) => format!(" (instance {})", id.instance_id),
+                _ => String::new(),
+            };
+            NodeReader::Refused(format!("{}: {}{instance}", e.code, e.message))
         }
     }
 }
@@ -767,5 +797,111 @@ mod tests {
             (s, v["error"]["code"].as_str()),
             (StatusCode::UNAUTHORIZED, Some("client_certificate_invalid"))
         );
+    }
+
+    /// Registry reads judge a node certificate as the node API does, and say why
+    /// they refuse one: a terminated instance (even one whose certificate a crash
+    /// left unrevoked), a revoked certificate, an expired one, a foreign one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registry_reads_judge_the_node_certificate_as_the_node_api_does() {
+        use powernode_proto::admin::{CreateNodeRequest, ProvisionRequest};
+        use powernode_proto::node::EnrollmentRequest;
+        use powernode_proto::InstanceStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        let st = AppState::with_provider(
+            cfg,
+            "https://127.0.0.1:1".into(),
+            crate::Clock::default(),
+            crate::ca::Ca::load_or_create(dir.path()).unwrap(),
+            crate::store::Store::open(dir.path()).unwrap(),
+            "admin-secret",
+            Box::new(crate::provider::Recorder { image_base: None }),
+        )
+        .unwrap();
+        let node = st
+            .create_node(CreateNodeRequest {
+                hostname: "reader".into(),
+                template_id: crate::catalog::TEMPLATE_EDGE_BASE.into(),
+                lifecycle_class: powernode_proto::LifecycleClass::Ephemeral,
+                labels: Default::default(),
+            })
+            .await
+            .unwrap();
+        let inst = st
+            .provision(&node.id, ProvisionRequest::default())
+            .await
+            .unwrap()
+            .instance
+            .id;
+        let doc = st.instance_identity(&inst).await.unwrap();
+        let (_key, csr) = crate::ca::tests::ed25519_csr(&inst);
+        let enrolled = st
+            .enroll(EnrollmentRequest {
+                bootstrap_token: doc["bootstrap_token"].as_str().unwrap().into(),
+                node_id: node.id.clone(),
+                instance_id: inst.clone(),
+                csr_pem: csr,
+                identity_source: "file".into(),
+                agent_version: "t".into(),
+                provider: None,
+            })
+            .await
+            .unwrap();
+        let der = crate::ca::pem_certs(&enrolled.certificate_pem).remove(0);
+        let ident = crate::ca::parse_client_leaf(&der).unwrap();
+        let router = app(st.clone());
+        // An unknown blob: 404 once the reader is let in, 401 (and why) otherwise.
+        let read = |peer: Option<PeerAuth>| {
+            let router = router.clone();
+            async move {
+                let mut req = Request::get(format!("/v2/m/x/blobs/sha256:{}", "0".repeat(64)))
+                    .body(Body::empty())
+                    .unwrap();
+                if let Some(p) = peer {
+                    req.extensions_mut().insert(p);
+                }
+                let (s, v) = send(&router, req).await;
+                let msg = v["errors"][0]["message"].as_str().unwrap_or("").to_string();
+                (s, msg)
+            }
+        };
+        let verified = |id: &ClientIdentity| Some(PeerAuth::Verified(Arc::new(id.clone())));
+
+        let (s, msg) = read(None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(msg.starts_with("no credentials"), "{msg}");
+        let (s, msg) = read(Some(PeerAuth::Anonymous)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{msg}");
+        let (s, msg) = read(verified(&ident)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "a live node reads: {msg}");
+
+        let (s, msg) = read(Some(PeerAuth::Invalid("not issued by our CA".into()))).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(msg.contains("client_certificate_invalid"), "{msg}");
+        let expired = ClientIdentity {
+            not_after_ms: 1000,
+            ..ident.clone()
+        };
+        let (s, msg) = read(verified(&expired)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(msg.contains("certificate_expired"), "{msg}");
+
+        // The instance ended but its certificate stayed unrevoked (a crash between
+        // the two writes): refused all the same, naming the instance.
+        st.lock().instances.get_mut(&inst).unwrap().status = InstanceStatus::Terminated;
+        let (s, msg) = read(verified(&ident)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(
+            msg.contains("instance_terminated") && msg.contains(&inst),
+            "{msg}"
+        );
+        st.lock().instances.get_mut(&inst).unwrap().status = InstanceStatus::Running;
+        let (s, _) = read(verified(&ident)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        st.lock().certs.get_mut(&ident.serial).unwrap().revoked = true;
+        let (s, msg) = read(verified(&ident)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(msg.contains("certificate_revoked"), "{msg}");
     }
 }

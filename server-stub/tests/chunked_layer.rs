@@ -52,8 +52,11 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
     let repo = p["publication"]["repository"].as_str().unwrap().to_string();
 
     let base = format!("{}/v2/{repo}", ts.url());
+    // Registry reads need credentials: the admin token here.
+    let tok = token(&ts);
     let manifest: Value = http
         .get(format!("{base}/manifests/{digest}"))
+        .bearer_auth(&tok)
         .header("Accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await
@@ -76,6 +79,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
     let before = storage.blob_bytes_served();
     let r = http
         .get(format!("{base}/blobs/{layer_digest}"))
+        .bearer_auth(&tok)
         .header(
             "Range",
             format!("bytes={}-{}", loc.offset, loc.offset + loc.size - 1),
@@ -93,6 +97,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
     assert_eq!(storage.blob_bytes_served() - before, loc.size);
     let head = http
         .head(format!("{base}/blobs/{layer_digest}"))
+        .bearer_auth(&tok)
         .send()
         .await
         .unwrap();
@@ -102,6 +107,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
     // The whole blob: gzip and tar take it as an ordinary layer.
     let blob = http
         .get(format!("{base}/blobs/{layer_digest}"))
+        .bearer_auth(&tok)
         .send()
         .await
         .unwrap()

@@ -165,9 +165,29 @@ async fn oras_push_then_pull_by_digest() {
         .trim()
         .to_string();
     let by_digest = format!("{}/test/art@{digest}", host(&ts));
+    // Reads need credentials too: anonymous, the pull is refused.
+    let (ok, _, err) = run(
+        &oras,
+        &["pull", "-o", "anonymous", &by_digest],
+        &env,
+        work.path(),
+    )
+    .await;
+    assert!(!ok, "anonymous pull must fail: {err}");
+    // oras saw the Basic challenge and had nothing to answer it with.
+    assert!(err.contains("credential"), "{err}");
     let (ok, out, err) = run(
         &oras,
-        &["pull", "-o", "pulled", &by_digest],
+        &[
+            "pull",
+            "--username",
+            "x",
+            "--password",
+            &tok,
+            "-o",
+            "pulled",
+            &by_digest,
+        ],
         &env,
         work.path(),
     )
@@ -179,6 +199,7 @@ async fn oras_push_then_pull_by_digest() {
         let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
         let r = http
             .get(format!("{}/v2/test/art/manifests/v1", ts.url()))
+            .bearer_auth(&tok)
             .send()
             .await
             .unwrap();
@@ -205,6 +226,7 @@ async fn cosign_verifies_a_published_module_offline() {
     let ca = ts.dir.path().join("ca.pem");
     let key = ts.dir.path().join("module-signing.pub");
     let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let tok = token(&ts);
     for reference in [
         format!("{}/modules/base@{digest}", host(&ts)),
         format!("{}/modules/base:1.0.0", host(&ts)),
@@ -213,6 +235,10 @@ async fn cosign_verifies_a_published_module_offline() {
             &cosign,
             &[
                 "verify",
+                "--registry-username",
+                "x",
+                "--registry-password",
+                &tok,
                 "--key",
                 key.to_str().unwrap(),
                 "--insecure-ignore-tlog=true",
@@ -238,6 +264,10 @@ async fn cosign_verifies_a_published_module_offline() {
         &cosign,
         &[
             "verify",
+            "--registry-username",
+            "x",
+            "--registry-password",
+            &tok,
             "--key",
             "cosign.pub",
             "--insecure-ignore-tlog=true",
@@ -302,6 +332,10 @@ async fn cosign_sign_pushes_its_signature_to_our_registry() {
             &cosign,
             &[
                 "verify",
+                "--registry-username",
+                "x",
+                "--registry-password",
+                &tok,
                 "--key",
                 key.to_str().unwrap(),
                 "--insecure-ignore-tlog=true",

@@ -131,14 +131,14 @@ async fn registry_auth_uploads_manifests_and_errors() {
         .collect();
     assert_eq!(r.push_mono("m/a", &big).await, StatusCode::CREATED);
     let (s, h, body) = r
-        .send(r.req(Method::HEAD, &format!("/v2/m/a/blobs/{}", sha(&big)), false))
+        .send(r.req(Method::HEAD, &format!("/v2/m/a/blobs/{}", sha(&big)), true))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(header(&h, "content-length"), big.len().to_string());
     assert_eq!(header(&h, "docker-content-digest"), sha(&big));
     assert!(body.is_empty());
     let (s, _, body) = r
-        .send(r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false))
+        .send(r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), true))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert!(body == big, "blob read back differs");
@@ -146,7 +146,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     // Ranges (resuming a pull).
     let (s, h, body) = r
         .send(
-            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), true)
                 .header("range", "bytes=1000-1999"),
         )
         .await;
@@ -158,7 +158,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert!(body == big[1000..2000]);
     let (s, _, body) = r
         .send(
-            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), true)
                 .header("range", format!("bytes={}-", big.len() - 10)),
         )
         .await;
@@ -166,7 +166,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert!(body == big[big.len() - 10..]);
     let (s, _, _) = r
         .send(
-            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), false)
+            r.req(Method::GET, &format!("/v2/m/a/blobs/{}", sha(&big)), true)
                 .header("range", format!("bytes={}-", big.len())),
         )
         .await;
@@ -186,7 +186,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
     for d in [sha(b"other"), sha(b"content")] {
         let (s, c) = r
-            .code(r.req(Method::GET, &format!("/v2/m/a/blobs/{d}"), false))
+            .code(r.req(Method::GET, &format!("/v2/m/a/blobs/{d}"), true))
             .await;
         assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
     }
@@ -228,7 +228,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED);
-    let (s, h, _) = r.send(r.req(Method::GET, &loc, false)).await;
+    let (s, h, _) = r.send(r.req(Method::GET, &loc, true)).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(header(&h, "range"), format!("0-{}", data.len() - 1));
     let (s, h, _) = r
@@ -237,7 +237,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(header(&h, "docker-content-digest"), sha(&data));
     let (_, _, body) = r
-        .send(r.req(Method::GET, &format!("/v2/m/b/blobs/{}", sha(&data)), false))
+        .send(r.req(Method::GET, &format!("/v2/m/b/blobs/{}", sha(&data)), true))
         .await;
     assert!(body == data);
     let (s, c) = r.code(r.req(Method::PATCH, &loc, true).body(vec![1])).await;
@@ -290,7 +290,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     let mdigest = sha(&manifest);
     // Unknown repo / unknown tag / unknown digest.
     let (s, c) = r
-        .code(r.req(Method::GET, "/v2/m/b/manifests/v1", false))
+        .code(r.req(Method::GET, "/v2/m/b/manifests/v1", true))
         .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
     let (s, c) = r
@@ -312,11 +312,7 @@ async fn registry_auth_uploads_manifests_and_errors() {
     assert_eq!(header(&h, "docker-content-digest"), mdigest);
     for reference in ["v1", mdigest.as_str()] {
         let (s, h, body) = r
-            .send(r.req(
-                Method::GET,
-                &format!("/v2/m/b/manifests/{reference}"),
-                false,
-            ))
+            .send(r.req(Method::GET, &format!("/v2/m/b/manifests/{reference}"), true))
             .await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         assert!(body == manifest, "manifest bytes differ");
@@ -329,27 +325,27 @@ async fn registry_auth_uploads_manifests_and_errors() {
             .send(r.req(
                 Method::HEAD,
                 &format!("/v2/m/b/manifests/{reference}"),
-                false,
+                true,
             ))
             .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(header(&h, "content-length"), manifest.len().to_string());
     }
     let (s, c) = r
-        .code(r.req(Method::GET, "/v2/m/b/manifests/v9", false))
+        .code(r.req(Method::GET, "/v2/m/b/manifests/v9", true))
         .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
     let (s, c) = r
         .code(r.req(
             Method::GET,
             &format!("/v2/m/b/manifests/{}", sha(b"no")),
-            false,
+            true,
         ))
         .await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
     // The manifest belongs to m/b only.
     let (s, _) = r
-        .code(r.req(Method::GET, &format!("/v2/m/a/manifests/{mdigest}"), false))
+        .code(r.req(Method::GET, &format!("/v2/m/a/manifests/{mdigest}"), true))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // By digest: must hash to it.
@@ -411,20 +407,18 @@ async fn registry_auth_uploads_manifests_and_errors() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
 
-    let (s, _, body) = r.send(r.req(Method::GET, "/v2/m/b/tags/list", false)).await;
+    let (s, _, body) = r.send(r.req(Method::GET, "/v2/m/b/tags/list", true)).await;
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v, json!({"name": "m/b", "tags": ["multi", "v1"]}));
-    let (s, c) = r
-        .code(r.req(Method::GET, "/v2/nope/tags/list", false))
-        .await;
+    let (s, c) = r.code(r.req(Method::GET, "/v2/nope/tags/list", true)).await;
     assert_eq!((s, c.as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
     let (s, c) = r
-        .code(r.req(Method::GET, "/v2/UPPER/tags/list", false))
+        .code(r.req(Method::GET, "/v2/UPPER/tags/list", true))
         .await;
     assert_eq!((s, c.as_str()), (StatusCode::BAD_REQUEST, "NAME_INVALID"));
     let (s, c) = r
-        .code(r.req(Method::GET, "/v2/m/../../etc/blobs/sha256:00", false))
+        .code(r.req(Method::GET, "/v2/m/../../etc/blobs/sha256:00", true))
         .await;
     assert!(s.is_client_error(), "{s} {c}");
 
@@ -536,7 +530,7 @@ async fn push_throughput_figure() {
     eprintln!("FIGURE registry push: {mib:.0} MiB chunked (16 MiB PATCHes) in {secs:.2} s = {:.0} MiB/s (debug build, client in-process)", mib / secs);
     let t = std::time::Instant::now();
     let (s, _, body) = r
-        .send(r.req(Method::GET, &format!("/v2/bench/x/blobs/{digest}"), false))
+        .send(r.req(Method::GET, &format!("/v2/bench/x/blobs/{digest}"), true))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body.len(), n * chunk.len());
@@ -599,7 +593,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
     // pulled layer with modfmt, as the node does.
     let r = Reg::new(&ts);
     let (s, _, manifest) = r
-        .send(r.req(Method::GET, "/v2/modules/base/manifests/1.0.0", false))
+        .send(r.req(Method::GET, "/v2/modules/base/manifests/1.0.0", true))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(sha(&manifest), digest);
@@ -617,7 +611,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
                 "/v2/modules/base/blobs/{}",
                 layer["digest"].as_str().unwrap()
             ),
-            false,
+            true,
         ))
         .await;
     let scratch = tempfile::tempdir().unwrap();
@@ -635,7 +629,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         .send(r.req(
             Method::GET,
             &format!("/v2/modules/base/manifests/{tag}"),
-            false,
+            true,
         ))
         .await;
     assert_eq!(s, StatusCode::OK);
@@ -650,7 +644,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         .send(r.req(
             Method::GET,
             &format!("/v2/modules/base/blobs/{}", l["digest"].as_str().unwrap()),
-            false,
+            true,
         ))
         .await;
     let pv: Value = serde_json::from_slice(&payload).unwrap();
@@ -901,7 +895,7 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
     assert_eq!(p["kind"], "runtime");
     let r = Reg::new(&ts);
     let (_, _, manifest) = r
-        .send(r.req(Method::GET, "/v2/modules/svc/manifests/3", false))
+        .send(r.req(Method::GET, "/v2/modules/svc/manifests/3", true))
         .await;
     let m: Value = serde_json::from_slice(&manifest).unwrap();
     // The image's own config, layers and annotations are kept; ours are added.
@@ -913,4 +907,142 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
         expected.to_string()
     );
     assert_eq!(sha(&manifest), p["digest"].as_str().unwrap());
+}
+
+/// Pushes a config, a layer and a manifest tagged `v1` into `repo` (admin token);
+/// returns (manifest digest, layer digest).
+async fn push_image(r: &Reg, repo: &str) -> (String, String) {
+    let layer = b"layer bytes".to_vec();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    assert_eq!(r.push_mono(repo, &layer).await, StatusCode::CREATED);
+    assert_eq!(r.push_mono(repo, config).await, StatusCode::CREATED);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    let (s, _, _) = r
+        .send(
+            r.req(Method::PUT, &format!("/v2/{repo}/manifests/v1"), true)
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .body(manifest.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    (sha(&manifest), sha(&layer))
+}
+
+/// Every read of the embedded registry needs the admin token (Bearer, or Basic with
+/// the token as password) or the client certificate of a live node: nothing at all,
+/// a wrong token, or a revoked node's certificate gets 401 with the distribution-spec
+/// body naming why.
+#[tokio::test]
+async fn registry_reads_need_the_admin_token_or_a_live_node_certificate() {
+    let ts = TestServer::start().await;
+    let r = Reg::new(&ts);
+    let (mdigest, ldigest) = push_image(&r, "m/read").await;
+    let reads: Vec<(Method, String)> = vec![
+        (Method::GET, "/v2/m/read/manifests/v1".into()),
+        (Method::HEAD, format!("/v2/m/read/manifests/{mdigest}")),
+        (Method::GET, format!("/v2/m/read/blobs/{ldigest}")),
+        (Method::HEAD, format!("/v2/m/read/blobs/{ldigest}")),
+        (Method::GET, "/v2/m/read/tags/list".into()),
+        (Method::GET, format!("/v2/m/read/referrers/{mdigest}")),
+    ];
+    // The spec's error body, its code and message (a HEAD answer has no body).
+    let refusal = |s: StatusCode, h: &reqwest::header::HeaderMap, body: &[u8]| {
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(header(h, "www-authenticate").starts_with("Basic"), "{h:?}");
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        assert!(
+            body.is_empty() || v["errors"][0]["code"] == "UNAUTHORIZED",
+            "{v}"
+        );
+        v["errors"][0]["message"].as_str().unwrap_or("").to_string()
+    };
+
+    for (m, path) in &reads {
+        // Anonymous: refused, saying no credentials came.
+        let (s, h, body) = r.send(r.req(m.clone(), path, false)).await;
+        let msg = refusal(s, &h, &body);
+        assert!(
+            *m == Method::HEAD || msg.contains("no credentials"),
+            "{m} {path}: {msg}"
+        );
+        // A wrong token.
+        let (s, h, body) = r
+            .send(r.req(m.clone(), path, false).basic_auth("x", Some("wrong")))
+            .await;
+        let msg = refusal(s, &h, &body);
+        assert!(
+            *m == Method::HEAD || msg.contains("wrong credentials"),
+            "{m} {path}: {msg}"
+        );
+        // The admin token, as Bearer and as Basic password.
+        let (s, _, _) = r.send(r.req(m.clone(), path, true)).await;
+        assert_eq!(s, StatusCode::OK, "{m} {path}");
+        let (s, _, _) = r
+            .send(
+                r.req(m.clone(), path, false)
+                    .basic_auth("x", Some(&r.token)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{m} {path}");
+    }
+    // The base keeps its Basic challenge for clients that then send the token.
+    let (s, h, _) = r.send(r.req(Method::GET, "/v2/", false)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(header(&h, "www-authenticate").starts_with("Basic"));
+
+    // An enrolled node reads with its certificate alone.
+    let (_, inst, doc) = ts.provisioned("reader").await;
+    let mut node = FakeNode::new(doc, &ts.url());
+    node.enroll().await;
+    for (m, path) in &reads {
+        let resp = node
+            .http
+            .request(m.clone(), format!("{}{path}", ts.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "node {m} {path}");
+    }
+    let blob = node
+        .http
+        .get(format!("{}/v2/m/read/blobs/{ldigest}", ts.url()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&blob[..], b"layer bytes");
+
+    // The admin terminates the instance: its certificate is revoked, and the same
+    // client (on the connection it already holds) is refused, naming the revocation.
+    ts.ok(
+        Method::POST,
+        &powernode_proto::paths::admin_terminate(&inst),
+        Some(json!({"force": true})),
+    )
+    .await;
+    for (m, path) in &reads {
+        let resp = node
+            .http
+            .request(m.clone(), format!("{}{path}", ts.url()))
+            .send()
+            .await
+            .unwrap();
+        let s = resp.status();
+        let h = resp.headers().clone();
+        let body = resp.bytes().await.unwrap();
+        let msg = refusal(s, &h, &body);
+        assert!(
+            *m == Method::HEAD || msg.contains("revoked"),
+            "revoked node {m} {path}: {msg}"
+        );
+    }
 }

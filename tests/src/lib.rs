@@ -785,6 +785,32 @@ impl Agent {
     }
 }
 
+/// The state directory of a node enrolled for a fresh instance: `powernode-agent
+/// run` until the instance runs, then stopped (SIGTERM). Its certificate is what
+/// `powernode-agent module pull --state-dir` shows the embedded registry, which serves
+/// enrolled nodes and the admin only, when the registry is the control plane the
+/// node knows: `control_plane_url` replaces the identity's (a relay in front of the
+/// server; its certificate names 127.0.0.1 too). Returns `(instance_id, state_dir)`.
+pub fn enrolled_node(
+    server: &Server,
+    dir: &Path,
+    name: &str,
+    control_plane_url: Option<&str>,
+) -> Result<(String, PathBuf)> {
+    let (_node, instance) = server.create_and_provision(name)?;
+    let modules = dir.join(format!("{name}-modules"));
+    let modules = modules.to_string_lossy().into_owned();
+    let mut identity = server.identity(&instance)?;
+    if let Some(url) = control_plane_url {
+        identity["control_plane_url"] = Value::String(url.to_string());
+    }
+    let mut agent = Agent::with_identity(dir, name, &identity, &["--modules-dir", &modules])?;
+    wait_running(server, &instance, Duration::from_secs(60))
+        .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
+    agent.guard.terminate(Duration::from_secs(10));
+    Ok((instance, agent.state_dir.clone()))
+}
+
 /// Waits until the instance reports `running` with a heartbeat; returns it.
 pub fn wait_running(server: &Server, instance_id: &str, timeout: Duration) -> Result<Value> {
     wait_for(&format!("instance {instance_id} running"), timeout, || {

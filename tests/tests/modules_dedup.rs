@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use powernode_tests::{binary, str_at, stub_cli, test_dir, Server, ServerOptions};
+use powernode_tests::{binary, enrolled_node, str_at, stub_cli, test_dir, Server, ServerOptions};
 use serde_json::Value;
 
 fn stub(data: &Path, args: &[&str]) -> Result<Value> {
@@ -103,6 +103,14 @@ fn v2_after_v1_moves_only_the_changed_file() -> Result<()> {
     let v2 = publish("2")?;
 
     let (port, served) = counting_proxy(server.addr.clone())?;
+    // The registry serves enrolled nodes: a node whose control plane is the relay
+    // (so its certificate goes through it, as the pulls do).
+    let (_, state) = enrolled_node(
+        &server,
+        &dir,
+        "node",
+        Some(&format!("https://127.0.0.1:{port}")),
+    )?;
     let store = dir.join("store");
     let pull = |digest: &str| -> Result<(String, u64)> {
         let before = served.load(Ordering::Relaxed);
@@ -113,6 +121,8 @@ fn v2_after_v1_moves_only_the_changed_file() -> Result<()> {
             .arg(data.join("module-signing.pub"))
             .arg("--ca")
             .arg(data.join("ca.pem"))
+            .arg("--state-dir")
+            .arg(&state)
             .arg("--store")
             .arg(&store)
             .stdin(Stdio::null())

@@ -1,14 +1,15 @@
 //! The real agent against the stub's embedded registry: `publish-module` on the
 //! server side, `powernode-agent module pull` over HTTPS with the control-plane CA
-//! pinned, the signature checked with the server's module-signing key (and refused
-//! with another key).
+//! pinned and an enrolled node's certificate (the registry serves enrolled nodes and
+//! the admin only), the signature checked with the server's module-signing key (and
+//! refused with another key); a node whose instance was terminated can pull no more.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context as _, Result};
-use powernode_tests::{binary, str_at, stub_cli, test_dir, Server, ServerOptions};
+use powernode_tests::{binary, enrolled_node, str_at, stub_cli, test_dir, Server, ServerOptions};
 use serde_json::Value;
 
 fn stub(data: &Path, args: &[&str]) -> Result<Value> {
@@ -78,6 +79,7 @@ fn agent_pulls_a_published_module_from_the_embedded_registry() -> Result<()> {
     let store = dir.join("store");
     let trust = data.join("module-signing.pub");
     let ca = data.join("ca.pem");
+    let (_, state) = enrolled_node(&server, &dir, "node", None)?;
     let pull = |key: &Path, store: &Path| {
         agent(&[
             "module",
@@ -90,6 +92,8 @@ fn agent_pulls_a_published_module_from_the_embedded_registry() -> Result<()> {
             key.to_str().unwrap_or_default(),
             "--ca",
             ca.to_str().unwrap_or_default(),
+            "--state-dir",
+            state.to_str().unwrap_or_default(),
             "--store",
             store.to_str().unwrap_or_default(),
         ])
@@ -294,6 +298,8 @@ fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
     );
     let by_digest = format!("{}/modules/orasdemo@{digest}", server.addr);
     let repository = format!("{}/modules/orasdemo", server.addr);
+    let (_, state) = enrolled_node(&server, &dir, "node", None)?;
+    let state_s = state.to_str().context("utf-8 path")?;
     let pull = |key: &Path, store: &Path| {
         agent(&[
             "module",
@@ -306,6 +312,8 @@ fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
             key.to_str().unwrap_or_default(),
             "--ca",
             ca_s,
+            "--state-dir",
+            state_s,
             "--store",
             store.to_str().unwrap_or_default(),
         ])
@@ -362,6 +370,36 @@ fn agent_pulls_what_oras_pushed_and_cosign_signed() -> Result<()> {
     Ok(())
 }
 
+/// Unmounts whatever an agent mounted under a modules dir, also when an assertion fails.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = Command::new("umount")
+                    .arg("-R")
+                    .arg(e.path())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.0.join(".images")) {
+            for e in entries.flatten() {
+                let _ = Command::new("umount")
+                    .arg(e.path())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 /// The live agent (`powernode-agent run`) pulls, verifies and mounts a desired runtime
 /// module from the embedded registry, reports its digest in heartbeats, and the
 /// control plane sees no drift. Mounting needs root: fails, naming it, otherwise.
@@ -400,34 +438,6 @@ fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()>
     let (_node, instance) = server.create_and_provision("edge-modules")?;
     let modules_dir = dir.join("modules");
     let modules_arg = modules_dir.to_string_lossy().into_owned();
-    // Unmounts whatever the agent mounted, also when an assertion fails.
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount")
-                .arg("-R")
-                .arg(&self.0)
-                .stderr(Stdio::null())
-                .status();
-            if let Ok(entries) = std::fs::read_dir(&self.0) {
-                for e in entries.flatten() {
-                    let _ = Command::new("umount")
-                        .arg("-R")
-                        .arg(e.path())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-            if let Ok(entries) = std::fs::read_dir(self.0.join(".images")) {
-                for e in entries.flatten() {
-                    let _ = Command::new("umount")
-                        .arg(e.path())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-        }
-    }
     let _unmount = Unmount(modules_dir.clone());
     let mut agent = powernode_tests::Agent::with_identity(
         &dir,
@@ -460,6 +470,138 @@ fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()>
     );
     assert!(agent.guard.is_running());
     agent.guard.terminate(std::time::Duration::from_secs(10));
+    drop(server);
+    Ok(())
+}
+
+/// The embedded registry serves enrolled nodes (and the admin) only. The live agent
+/// pulls its runtime module with the node's certificate, and `module pull
+/// --state-dir` with it too; a pull without one is refused (`registry_unauthorized`,
+/// no credentials). Once the admin terminated the instance (`terminate-instance`:
+/// its certificates revoked) the agent stops, and a pull with its certificate is
+/// refused with `registry_unauthorized` naming the revocation; the server logs each
+/// refusal.
+#[test]
+fn a_revoked_node_can_no_longer_pull_from_the_embedded_registry() -> Result<()> {
+    require_root("the live module mount");
+    let dir = test_dir("modules_embedded_revoked")?;
+    let data = dir.join("data");
+    let server = Server::start(&data, ServerOptions::default())?;
+    let src = dir.join("src");
+    module_tree(&src)?;
+    let published = stub(
+        &data,
+        &[
+            "publish-module",
+            src.to_str().context("utf-8 path")?,
+            "--name",
+            "demo",
+            "--version",
+            "1",
+            "--kind",
+            "runtime",
+        ],
+    )?;
+    let digest = str_at(&published, "/publication/digest")?;
+    stub(
+        &data,
+        &[
+            "set-template-modules",
+            "tmpl-edge-base",
+            "--runtime",
+            "demo",
+        ],
+    )?;
+    let (_node, instance) = server.create_and_provision("edge-revoked")?;
+    let modules_dir = dir.join("modules");
+    let modules_arg = modules_dir.to_string_lossy().into_owned();
+    let _unmount = Unmount(modules_dir.clone());
+    let mut node = powernode_tests::Agent::with_identity(
+        &dir,
+        "agent",
+        &server.identity(&instance)?,
+        &["--modules-dir", &modules_arg],
+    )?;
+    // The live agent's reconcile pulled the runtime module with its certificate.
+    powernode_tests::wait_for(
+        "demo digest in heartbeat",
+        std::time::Duration::from_secs(60),
+        || {
+            let inst = server.instance(&instance)?;
+            let found = inst["modules"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["name"] == "demo" && m["digest"] == digest.as_str())
+            });
+            Ok(found.then_some(()))
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", node.log_text()))?;
+
+    let repository = format!("{}/modules/demo", server.addr);
+    let trust = data.join("module-signing.pub");
+    let ca = data.join("ca.pem");
+    let state = node.state_dir.clone();
+    let pull = |with_cert: bool, store: &str| {
+        let mut args = vec![
+            "module",
+            "pull",
+            "--repository",
+            &repository,
+            "--digest",
+            &digest,
+            "--trust-key",
+            trust.to_str().unwrap_or_default(),
+            "--ca",
+            ca.to_str().unwrap_or_default(),
+        ];
+        if with_cert {
+            args.extend(["--state-dir", state.to_str().unwrap_or_default()]);
+        }
+        let store = dir.join(store);
+        let store = store.to_string_lossy().into_owned();
+        args.extend(["--store", &store]);
+        let out = agent(&args)?;
+        Ok::<_, anyhow::Error>((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stderr) = pull(true, "store-live")?;
+    assert_eq!(code, Some(0), "a live node's pull: {stderr}");
+    let (code, stderr) = pull(false, "store-anonymous")?;
+    assert_ne!(code, Some(0), "an anonymous pull succeeded");
+    assert!(
+        stderr.contains("registry_unauthorized") && stderr.contains("no credentials"),
+        "{stderr}"
+    );
+
+    // The admin ends the instance: its certificates are revoked, the agent is
+    // refused at its next call and stops for good.
+    server.cli(&["terminate-instance", &instance, "--force"])?;
+    let status = node
+        .guard
+        .wait_timeout(std::time::Duration::from_secs(30))?;
+    // 3: refused by the control plane for good (`powernode-agent run --help`).
+    assert_eq!(status.code(), Some(3), "agent log:\n{}", node.log_text());
+    let (code, stderr) = pull(true, "store-revoked")?;
+    assert_ne!(code, Some(0), "a revoked node pulled");
+    assert!(
+        stderr.contains("registry_unauthorized") && stderr.contains("certificate_revoked"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(dir.join("store-revoked/objects"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "nothing stored from a refused pull"
+    );
+    let log = std::fs::read_to_string(dir.join("server.log"))?;
+    assert!(
+        log.lines().any(|l| l.contains("registry read refused")
+            && l.contains("certificate_revoked")
+            && l.contains(&instance)),
+        "no refusal in the server log"
+    );
     drop(server);
     Ok(())
 }

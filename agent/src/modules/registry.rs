@@ -7,6 +7,15 @@
 //! three GETs; this client is that, over the agent's blocking reqwest with the
 //! control-plane CA pinned (the stub embeds the registry on its listener).
 //!
+//! The control plane's embedded registry serves enrolled nodes only: the client
+//! presents the node's certificate ([`NodeCertificate`]) there, and only there. Which
+//! registry that is, is decided per request by its `host[:port]` against the control
+//! plane URL's, so a module whose repository names another registry never sees the
+//! certificate (two reqwest clients, one with it, one without: rustls picks a client
+//! certificate without knowing the server's name, so the choice is made before the
+//! connection). A refusal (401/403 the client cannot answer) is `registry_unauthorized`,
+//! with the registry's reason.
+//!
 //! It must never return a byte it has not checked: manifests are hashed before they
 //! are parsed, blobs as they stream ([`BlobReader`]). Plain HTTP only to loopback, and
 //! only when the caller says so (tests).
@@ -18,6 +27,7 @@
 
 use std::io::{self, Read};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +38,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::stream::{Check, Head, StreamRequest, Streamed};
 use super::ModuleErrorCode;
+use crate::credentials::Credentials;
+use crate::state::StateDir;
 
 pub use super::stream::BlobReader;
 
@@ -55,6 +67,19 @@ pub enum RegistryError {
     },
     #[error("registry answered {status} for {url}")]
     Status { url: String, status: u16 },
+    #[error("registry {registry} refused the credentials ({status}) for {what}: {reason}")]
+    Unauthorized {
+        registry: String,
+        what: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("the node's credentials in {}", dir.display())]
+    NodeCredentials {
+        dir: PathBuf,
+        #[source]
+        source: crate::state::StateError,
+    },
     #[error("{what}: digest {actual} is not the pinned {expected}")]
     DigestMismatch {
         what: String,
@@ -103,6 +128,8 @@ impl ModuleErrorCode for RegistryError {
             | RegistryError::Status { .. }
             | RegistryError::Stalled { .. }
             | RegistryError::BrokeOff { .. } => ErrorCode::RegistryUnreachable,
+            RegistryError::Unauthorized { .. } => ErrorCode::RegistryUnauthorized,
+            RegistryError::NodeCredentials { .. } => ErrorCode::Internal,
             RegistryError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             RegistryError::UnsupportedMediaType { .. }
             | RegistryError::Malformed { .. }
@@ -179,10 +206,76 @@ pub struct FetchedManifest {
     pub manifest: Manifest,
 }
 
+/// The node's enrolled certificate and key, for the control plane's embedded registry
+/// (which serves enrolled nodes and the admin only).
+#[derive(Debug, Clone)]
+pub enum NodeCertificate {
+    /// Read from the agent's state directory whenever a client is made (each pull,
+    /// so a renewed certificate is used from the next one on): `identity.json`
+    /// names the control plane and the instance, `node.key`/`node.crt` are the
+    /// credentials. A node with none yet (not enrolled) pulls without.
+    StateDir(PathBuf),
+    /// Presented to `registry` (`host[:port]`) only.
+    Given {
+        registry: String,
+        credentials: Arc<Credentials>,
+    },
+}
+
+impl NodeCertificate {
+    /// `(registry host[:port], credentials)`, or `None` when the state directory holds
+    /// no enrolled credentials yet.
+    fn load(&self) -> Result<Option<(String, Arc<Credentials>)>, RegistryError> {
+        let (dir, registry, credentials) = match self {
+            NodeCertificate::Given {
+                registry,
+                credentials,
+            } => return Ok(Some((registry.clone(), credentials.clone()))),
+            NodeCertificate::StateDir(dir) => {
+                let err = |source| RegistryError::NodeCredentials {
+                    dir: dir.clone(),
+                    source,
+                };
+                // `open` would create (and chmod) the directory: only read it here.
+                let state = StateDir::open_existing(dir);
+                match state.load_identity().map_err(err)? {
+                    Some(identity) => {
+                        let creds = state.load_credentials(&identity.instance_id).map_err(err)?;
+                        (dir, identity.control_plane_url, creds)
+                    }
+                    None => (dir, String::new(), None),
+                }
+            }
+        };
+        let Some(creds) = credentials else {
+            tracing::warn!(dir = %dir.display(), "no enrolled credentials: pulling without a node certificate");
+            return Ok(None);
+        };
+        Ok(Some((registry, Arc::new(creds))))
+    }
+}
+
+/// `host`, `port` of `host[:port]` or of a URL, for comparing registries: the host
+/// lower-cased, a missing port HTTPS's.
+fn authority(s: &str) -> Option<(String, u16)> {
+    let url = if s.contains("://") {
+        reqwest::Url::parse(s).ok()?
+    } else {
+        reqwest::Url::parse(&format!("https://{s}/")).ok()?
+    };
+    Some((
+        url.host_str()?.to_ascii_lowercase(),
+        url.port_or_known_default()?,
+    ))
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
     /// PEM CA(s) to pin for HTTPS (the control-plane CA for the embedded registry).
+    /// Default with a node certificate: the CA kept with it.
     pub ca_pem: Option<String>,
+    /// The node's certificate, presented to the control plane's registry only.
+    pub node_certificate: Option<NodeCertificate>,
     /// Allow `http://` to a loopback host (tests against a local registry).
     pub allow_http_loopback: bool,
     pub connect_timeout: Option<Duration>,
@@ -202,11 +295,10 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RegistryClient {
-    http: reqwest::blocking::Client,
-    /// The same client, async, for blob bodies: each blob is received, counted and
-    /// hashed on its own read-ahead thread ([`BlobReader`]) under a runtime of that
-    /// thread, so the bytes never hop through the blocking client's runtime thread.
-    stream_http: reqwest::Client,
+    http: Clients,
+    /// With a node certificate: clients that present it, and the registry
+    /// (`host`, `port`) they are for.
+    node: Option<((String, u16), Clients)>,
     opts: RegistryOptions,
     /// Bearer token per repository scope, from a 401 challenge.
     tokens: Mutex<std::collections::HashMap<String, String>>,
@@ -231,19 +323,21 @@ fn is_loopback_host(host: &str) -> bool {
     h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-impl RegistryClient {
-    /// Must be called outside an async context (reqwest's blocking client runs its own
-    /// runtime); the module runtime calls it from `spawn_blocking`.
-    pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
-        let mut b = reqwest::blocking::Client::builder()
-            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
-            // No total timeout by default: blobs can be large (manifests set their own).
-            .timeout(None::<Duration>)
-            .redirect(reqwest::redirect::Policy::limited(5));
-        // Always our own rustls config with the ring provider (reqwest is built without
-        // one). Without a CA it trusts nothing: only the loopback HTTP path can work.
+/// One HTTP stack of the registry client.
+struct Clients {
+    http: reqwest::blocking::Client,
+    /// The same client, async, for blob bodies: each blob is received, counted and
+    /// hashed on its own read-ahead thread ([`BlobReader`]) under a runtime of that
+    /// thread, so the bytes never hop through the blocking client's runtime thread.
+    stream: reqwest::Client,
+}
+
+impl Clients {
+    /// Always our own rustls config with the ring provider (reqwest is built without
+    /// one). Without a CA it trusts nothing: only the loopback HTTP path can work.
+    fn new(opts: &RegistryOptions, creds: Option<&Credentials>) -> Result<Self, RegistryError> {
         let tls = match &opts.ca_pem {
-            Some(ca) => crate::client::tls_config(ca, None)
+            Some(ca) => crate::client::tls_config(ca, creds)
                 .map_err(|e| RegistryError::Tls(e.to_string()))?,
             None => rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -253,8 +347,9 @@ impl RegistryClient {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
         };
-        let stream_http = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
+        let connect = opts.connect_timeout.unwrap_or(Duration::from_secs(10));
+        let stream = reqwest::Client::builder()
+            .connect_timeout(connect)
             .redirect(reqwest::redirect::Policy::limited(5))
             // Each blob runs on its own thread's runtime: an idle pooled connection
             // would outlive the runtime it was made on.
@@ -262,15 +357,55 @@ impl RegistryClient {
             .use_preconfigured_tls(tls.clone())
             .build()
             .map_err(|e| RegistryError::Tls(e.to_string()))?;
-        b = b.use_preconfigured_tls(tls);
-        let http = b.build().map_err(|e| RegistryError::Tls(e.to_string()))?;
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(connect)
+            // No total timeout by default: blobs can be large (manifests set their own).
+            .timeout(None::<Duration>)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| RegistryError::Tls(e.to_string()))?;
+        Ok(Self { http, stream })
+    }
+}
+
+impl RegistryClient {
+    /// Must be called outside an async context (reqwest's blocking client runs its own
+    /// runtime); the module runtime calls it from `spawn_blocking`.
+    pub fn new(mut opts: RegistryOptions) -> Result<Self, RegistryError> {
+        let node = match &opts.node_certificate {
+            Some(n) => n.load()?,
+            None => None,
+        };
+        if let (None, Some((_, creds))) = (&opts.ca_pem, &node) {
+            opts.ca_pem = Some(creds.ca_pem.clone());
+        }
+        let http = Clients::new(&opts, None)?;
+        let node = match node {
+            Some((registry, creds)) => {
+                let at = authority(&registry).ok_or_else(|| {
+                    RegistryError::BadRepository(format!("{registry} (the control plane)"))
+                })?;
+                Some((at, Clients::new(&opts, Some(&creds))?))
+            }
+            None => None,
+        };
         Ok(Self {
             http,
-            stream_http,
+            node,
             opts,
             tokens: Mutex::new(Default::default()),
             received: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The clients for `repo`: with the node certificate for the control plane's
+    /// registry, without it for any other.
+    fn clients(&self, repo: &Repository) -> &Clients {
+        match &self.node {
+            Some((at, c)) if authority(&repo.host).as_ref() == Some(at) => c,
+            _ => &self.http,
+        }
     }
 
     /// Body bytes received so far (manifests and blobs), for the dedup test and logs.
@@ -302,6 +437,7 @@ impl RegistryClient {
         let mut retried = false;
         loop {
             let mut req = self
+                .clients(repo)
                 .http
                 .get(url)
                 .header("Accept", accept)
@@ -313,26 +449,36 @@ impl RegistryClient {
                 url: url.into(),
                 source,
             })?;
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
             match resp.status().as_u16() {
                 200 => return Ok(resp),
                 404 => return Err(RegistryError::NotFound { what: what.into() }),
-                401 if !retried => {
+                401 if !retried && challenge.starts_with("Bearer ") => {
                     retried = true;
-                    let challenge = resp
-                        .headers()
-                        .get("www-authenticate")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
                     let token = self.bearer_token(&challenge, &scope).ok_or_else(|| {
-                        RegistryError::Status {
-                            url: url.into(),
+                        RegistryError::Unauthorized {
+                            registry: repo.host.clone(),
+                            what: what.into(),
                             status: 401,
+                            reason: "its token service gave no token".into(),
                         }
                     })?;
                     if let Ok(mut m) = self.tokens.lock() {
                         m.insert(scope.clone(), token);
                     }
+                }
+                status @ (401 | 403) => {
+                    return Err(RegistryError::Unauthorized {
+                        registry: repo.host.clone(),
+                        what: what.into(),
+                        status,
+                        reason: refusal_reason(resp),
+                    })
                 }
                 status => {
                     return Err(RegistryError::Status {
@@ -374,6 +520,7 @@ impl RegistryClient {
         }
         let url = reqwest::Url::parse_with_params(&realm?, &query).ok()?;
         let resp = self
+            .http
             .http
             .get(url)
             .timeout(Duration::from_secs(30))
@@ -504,7 +651,7 @@ impl RegistryClient {
         let scope = format!("repository:{}:pull", repo.name);
         let mut retried = false;
         loop {
-            let mut req = self.stream_http.get(&url).header("Accept", "*/*");
+            let mut req = self.clients(repo).stream.get(&url).header("Accept", "*/*");
             if let Some((start, end)) = range {
                 req = req.header("Range", format!("bytes={start}-{}", end - 1));
             }
@@ -535,18 +682,35 @@ impl RegistryClient {
             };
             match head.status {
                 404 => return Err(RegistryError::NotFound { what: what.into() }),
-                401 if !retried => {
+                401 if !retried
+                    && head
+                        .challenge
+                        .as_deref()
+                        .is_some_and(|c| c.starts_with("Bearer ")) =>
+                {
                     retried = true;
                     let challenge = head.challenge.unwrap_or_default();
                     let token = self.bearer_token(&challenge, &scope).ok_or_else(|| {
-                        RegistryError::Status {
-                            url: url.clone(),
+                        RegistryError::Unauthorized {
+                            registry: repo.host.clone(),
+                            what: what.into(),
                             status: 401,
+                            reason: "its token service gave no token".into(),
                         }
                     })?;
                     if let Ok(mut m) = self.tokens.lock() {
                         m.insert(scope.clone(), token);
                     }
+                }
+                // The streamed answer's body is not read; the manifest, fetched first,
+                // carries the registry's reason in the usual case.
+                status @ (401 | 403) => {
+                    return Err(RegistryError::Unauthorized {
+                        registry: repo.host.clone(),
+                        what: what.into(),
+                        status,
+                        reason: "refused without a reason read".into(),
+                    })
                 }
                 200 | 416 if range.is_some() => return Ok((None, head)),
                 status => return Err(RegistryError::Status { url, status }),
@@ -637,6 +801,35 @@ impl RegistryClient {
         }
         self.small_blob(repo, &manifest.config, MAX_CONFIG)
             .map(drop)
+    }
+}
+
+/// The reason in a distribution-spec error body (`{"errors":[{"code","message"}]}`),
+/// read up to 64 KiB; what there is otherwise.
+fn refusal_reason(resp: reqwest::blocking::Response) -> String {
+    #[derive(Deserialize)]
+    struct Body {
+        errors: Vec<Entry>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    let mut body = Vec::new();
+    if resp.take(64 << 10).read_to_end(&mut body).is_err() {
+        return "no reason given".into();
+    }
+    match serde_json::from_slice::<Body>(&body) {
+        Ok(b) if !b.errors.is_empty() => b
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ if body.is_empty() => "no reason given".into(),
+        _ => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
     }
 }
 
@@ -895,5 +1088,198 @@ mod auth_tests {
         let strict = RegistryClient::new(RegistryOptions::default()).unwrap();
         let e = strict.manifest(&repo, "latest", None).unwrap_err();
         assert!(matches!(e, RegistryError::InsecureRefused(_)), "{e}");
+    }
+
+    /// A registry that refuses the credentials (the embedded one refusing a revoked
+    /// node) is `registry_unauthorized` with its reason, not `registry_unreachable`:
+    /// manifests (body read) and blobs (streamed) alike, 401 and 403.
+    #[test]
+    fn a_refusal_is_registry_unauthorized_with_the_registry_s_reason() {
+        let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"node certificate refused: certificate_revoked: this certificate was revoked","detail":null}]}"#.to_vec();
+        let port = serve(move |line, _| {
+            let status = if line.contains("/forbidden/") {
+                403
+            } else {
+                401
+            };
+            let challenge = (
+                "www-authenticate".into(),
+                r#"Basic realm="powernode""#.into(),
+            );
+            (status, vec![challenge], body.clone())
+        });
+        let c = RegistryClient::new(RegistryOptions {
+            allow_http_loopback: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let repo: Repository = format!("127.0.0.1:{port}/mod/x").parse().unwrap();
+        let e = c.manifest(&repo, "v1", None).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnauthorized, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("certificate_revoked") && msg.contains("401"),
+            "{msg}"
+        );
+        let desc = Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 10,
+            annotations: Default::default(),
+        };
+        let e = c.blob(&repo, &desc).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnauthorized, "{e}");
+        let forbidden: Repository = format!("127.0.0.1:{port}/forbidden/x").parse().unwrap();
+        let e = c.manifest(&forbidden, "v1", None).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnauthorized, "{e}");
+        assert!(e.to_string().contains("403"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod node_certificate_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A TLS registry on 127.0.0.1 that offers client auth (as the stub does) and
+    /// answers a manifest to a client that presented a certificate of `client_ca`,
+    /// 401 to one that did not; returns its port, its CA and how many connections
+    /// came with a certificate.
+    fn tls_registry(client_ca: &str, manifest: Vec<u8>) -> (u16, String, Arc<AtomicU64>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut client_ca.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let presented = Arc::new(AtomicU64::new(0));
+        let seen = presented.clone();
+        std::thread::spawn(move || {
+            for tcp in l.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut r = BufReader::new(&mut tls);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let with_cert = tls.conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                let (status, body) = if with_cert {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    ("200 OK", manifest.clone())
+                } else {
+                    (
+                        "401 Unauthorized",
+                        br#"{"errors":[{"code":"UNAUTHORIZED","message":"no credentials"}]}"#
+                            .to_vec(),
+                    )
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.write_all(&body);
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        (port, ca.pem(), presented)
+    }
+
+    /// The node's certificate goes to the control plane's registry (same host and
+    /// port, however the URL spells it) and to no other.
+    #[test]
+    fn the_node_certificate_goes_to_the_control_plane_s_registry_only() {
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.to_vec();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+        let key = crate::credentials::NodeKey::from_seed([7; 32]);
+        let (cert, node_ca) =
+            crate::credentials::tests::sign(&key.csr_pem("inst-1").unwrap(), 3600);
+        let creds = Arc::new(Credentials::new(key, cert, node_ca.clone(), "inst-1").unwrap());
+        let (port, server_ca, presented) = tls_registry(&node_ca, manifest);
+        let repo: Repository = format!("127.0.0.1:{port}/modules/x").parse().unwrap();
+        let client = |control_plane: String| {
+            RegistryClient::new(RegistryOptions {
+                ca_pem: Some(server_ca.clone()),
+                node_certificate: Some(NodeCertificate::Given {
+                    registry: control_plane,
+                    credentials: creds.clone(),
+                }),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let m = client(format!("https://127.0.0.1:{port}"))
+            .manifest(&repo, &digest, Some(&digest))
+            .unwrap();
+        assert_eq!(m.digest, digest);
+        assert_eq!(presented.load(Ordering::Relaxed), 1);
+        // Another control plane (here: another port): this registry is not it, so it
+        // never sees the certificate, and refuses.
+        let e = client(format!("https://127.0.0.1:{}", port.wrapping_add(1)))
+            .manifest(&repo, &digest, Some(&digest))
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnauthorized, "{e}");
+        assert!(e.to_string().contains("no credentials"), "{e}");
+        assert_eq!(presented.load(Ordering::Relaxed), 1);
+        // Without a CA of its own the client pins the one kept with the certificate
+        // (here not the one that signed this server: refused at the handshake).
+        let own_ca = RegistryClient::new(RegistryOptions {
+            node_certificate: Some(NodeCertificate::Given {
+                registry: format!("127.0.0.1:{port}"),
+                credentials: creds.clone(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let e = own_ca.manifest(&repo, &digest, Some(&digest)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RegistryUnreachable, "a TLS error: {e}");
+    }
+
+    #[test]
+    fn registries_compare_by_host_and_port() {
+        assert_eq!(
+            authority("https://CP.example:8443"),
+            authority("cp.example:8443")
+        );
+        assert_eq!(authority("https://cp.example"), authority("cp.example:443"));
+        assert_eq!(authority("https://[::1]:5000/x"), authority("[::1]:5000"));
+        assert_ne!(authority("10.0.2.2:8443"), authority("10.0.2.2:8444"));
+        assert_eq!(authority("no host"), None);
     }
 }

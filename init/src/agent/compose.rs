@@ -86,7 +86,8 @@ pub fn compose(
         log::info!("no root modules desired; the initramfs stays the root");
         return Ok(Composed::NoRoot(desired));
     }
-    // The embedded registry serves HTTPS with the control-plane CA kept at enrollment.
+    // The embedded registry serves HTTPS with the control-plane CA kept at enrollment,
+    // to enrolled nodes only.
     let ca_path = state_dir.join(powernode_agent::state::CA_FILE);
     let ca_pem = std::fs::read_to_string(&ca_path)
         .map_err(|e| ComposeError::internal(format!("reading {}: {e}", ca_path.display())))?;
@@ -96,6 +97,8 @@ pub fn compose(
     let store = open_store(&store_dir).map_err(ComposeError::internal)?;
     let opts = registry::RegistryOptions {
         ca_pem: Some(ca_pem),
+        // The node is enrolled by now: its certificate opens the embedded registry.
+        node_certificate: Some(registry::NodeCertificate::StateDir(state_dir.to_path_buf())),
         connect_timeout: Some(Duration::from_secs(10)),
         read_timeout: Some(Duration::from_secs(30)),
         ..Default::default()

@@ -2,16 +2,21 @@
 //! `oras`, `cosign` and the agent use (blobs, monolithic and chunked uploads,
 //! cross-repository mount, manifests by tag and digest, tag list).
 //!
-//! Auth: every write (POST, PATCH, PUT, DELETE) needs the admin token, as
-//! `Authorization: Bearer TOKEN` or Basic with any user name and the token as
-//! password. Reads need nothing: module content is verified by its signature and
-//! digests on the node, so the registry is not the trust boundary. `GET /v2/` without
-//! credentials answers 401 with a Basic challenge, because that is how
-//! go-containerregistry (cosign) learns that it should send its credentials;
-//! anonymous pullers ignore it and read on.
+//! Auth: every write (POST, PATCH, PUT, DELETE, and an upload's status) needs the
+//! admin token, as `Authorization: Bearer TOKEN` or Basic with any user name and the
+//! token as password. Every read (GET and HEAD of blobs, manifests, tags, referrers)
+//! needs the admin token the same way, or the client certificate of a live node: one
+//! the TLS layer verified against our CA whose instance the caller of [`router`]
+//! judges live ([`Access::node`]: the node API's own check, so a revoked certificate
+//! or a terminated instance can no longer pull). A refusal is 401 with the
+//! distribution-spec body whose message says why (no credentials, a wrong token, the
+//! node certificate's refusal and its code), and a server log line. `GET /v2/`
+//! without credentials answers 401 with a Basic challenge, because that is how
+//! go-containerregistry (cosign) and oras learn that they should send theirs.
 //!
-//! It must never keep a blob whose content does not hash to its name, and never
-//! buffer an upload in memory (uploads stream to disk, bounded by a maximum size).
+//! It must never keep a blob whose content does not hash to its name, never
+//! buffer an upload in memory (uploads stream to disk, bounded by a maximum size),
+//! and never serve a byte to a caller without credentials.
 
 pub mod storage;
 
@@ -40,17 +45,40 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const MANIFEST_TYPES: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 
-type TokenCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Judges a presented admin token.
+pub type TokenCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Judges the node certificate the TLS layer attached to the request (its
+/// extensions), if any.
+pub type NodeCheck = Arc<dyn Fn(&axum::http::Extensions) -> NodeReader + Send + Sync>;
+
+/// What a request's client certificate makes of its sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeReader {
+    /// No client certificate on the connection.
+    Absent,
+    /// The certificate of a live node: its instance id.
+    Live(String),
+    /// A certificate that was presented and refused: why, for the answer and the log
+    /// (e.g. `certificate_revoked: this certificate was revoked`).
+    Refused(String),
+}
+
+/// Who may write (the admin token) and who may read (that, or a live node).
+#[derive(Clone)]
+pub struct Access {
+    pub token_ok: TokenCheck,
+    pub node: NodeCheck,
+}
 
 #[derive(Clone)]
 struct Reg {
     storage: Storage,
-    token_ok: TokenCheck,
+    access: Access,
 }
 
-/// The `/v2` router. `token_ok` judges a presented admin token.
-pub fn router(storage: Storage, token_ok: TokenCheck) -> Router {
-    let reg = Reg { storage, token_ok };
+/// The `/v2` router.
+pub fn router(storage: Storage, access: Access) -> Router {
+    let reg = Reg { storage, access };
     Router::new()
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
@@ -200,7 +228,7 @@ fn credentials(reg: &Reg, headers: &HeaderMap) -> Cred {
         None
     };
     match token {
-        Some(t) if (reg.token_ok)(&t) => Cred::Good,
+        Some(t) if (reg.access.token_ok)(&t) => Cred::Good,
         _ => Cred::Bad,
     }
 }
@@ -219,6 +247,29 @@ fn require_push(reg: &Reg, headers: &HeaderMap) -> Result<(), RegError> {
             "wrong credentials: the password must be the admin token",
         )),
     }
+}
+
+/// The sender of a read: the admin token or a live node, else the refusal naming why.
+fn require_read(
+    reg: &Reg,
+    headers: &HeaderMap,
+    ext: &axum::http::Extensions,
+) -> Result<(), RegError> {
+    let cred = credentials(reg, headers);
+    if cred == Cred::Good {
+        return Ok(());
+    }
+    let why = match ((reg.access.node)(ext), cred) {
+        (NodeReader::Live(_), _) => return Ok(()),
+        (NodeReader::Refused(why), _) => format!("node certificate refused: {why}"),
+        (NodeReader::Absent, Cred::Bad) => {
+            "wrong credentials: the password must be the admin token".to_string()
+        }
+        (NodeReader::Absent, _) => "no credentials: reading needs an enrolled node's client \
+            certificate or the admin token (Bearer, or Basic with the token as password)"
+            .to_string(),
+    };
+    Err(RegError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", why))
 }
 
 fn name_unknown(name: &str) -> RegError {
@@ -299,21 +350,27 @@ async fn handle(
     req: Request,
 ) -> RegResult {
     let headers = req.headers().clone();
+    // An upload's status (GET) belongs to the push.
     if matches!(
         method,
         Method::POST | Method::PATCH | Method::PUT | Method::DELETE
-    ) {
+    ) || matches!(t, Target::Upload(..))
+    {
         require_push(reg, &headers)?;
+    } else if let Err(e) = require_read(reg, &headers, req.extensions()) {
+        // Clients ping the base anonymously to learn that they should send
+        // credentials: that is no refusal worth a warning.
+        if t == Target::Base {
+            tracing::debug!(reason = %e.message, "registry: anonymous ping of /v2/");
+        } else {
+            tracing::warn!(%method, path = %req.uri().path(), reason = %e.message, "registry read refused");
+        }
+        return Err(e);
     }
     match (t, method) {
-        (Target::Base, Method::GET | Method::HEAD) => match credentials(reg, &headers) {
-            Cred::Good => Ok((StatusCode::OK, axum::Json(json!({}))).into_response()),
-            _ => Err(RegError::new(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "pulls need no credentials; pushes need the admin token",
-            )),
-        },
+        (Target::Base, Method::GET | Method::HEAD) => {
+            Ok((StatusCode::OK, axum::Json(json!({}))).into_response())
+        }
         (Target::Blob(name, d), Method::GET | Method::HEAD) => {
             check_name(name)?;
             let hex = check_digest(d)?;

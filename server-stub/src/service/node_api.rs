@@ -158,6 +158,12 @@ impl AppState {
         }
     }
 
+    /// Whether `ident` belongs to a live node, as every node API call checks it (the
+    /// embedded registry's reads too): not revoked, instance known, not terminated.
+    pub fn authorize_node(&self, ident: &ClientIdentity) -> AppResult<()> {
+        authorize(&self.lock(), ident, None)
+    }
+
     pub fn desired_modules(&self, ident: &ClientIdentity) -> AppResult<DesiredModulesResponse> {
         let mem = self.lock();
         authorize(&mem, ident, None)?;
