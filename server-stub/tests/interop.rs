@@ -157,6 +157,10 @@ async fn cosign_verifies_a_published_module_offline() {
                 "--key",
                 key.to_str().unwrap(),
                 "--insecure-ignore-tlog=true",
+                "-a",
+                "org.powernode.module.name=base",
+                "-a",
+                "org.powernode.module.version=1.0.0",
                 &reference,
             ],
             &env,
@@ -166,6 +170,23 @@ async fn cosign_verifies_a_published_module_offline() {
         assert!(ok, "cosign verify {reference}: {out}\n{err}");
         assert!(out.contains(digest), "{out}");
     }
+    // The signed payload binds the version: another one does not verify.
+    let (ok, _, err) = run(
+        &cosign,
+        &[
+            "verify",
+            "--key",
+            key.to_str().unwrap(),
+            "--insecure-ignore-tlog=true",
+            "-a",
+            "org.powernode.module.version=2.0.0",
+            &format!("{}/modules/base@{digest}", host(&ts)),
+        ],
+        &env,
+        work.path(),
+    )
+    .await;
+    assert!(!ok, "another version's annotation must not verify: {err}");
     // Another key does not verify it.
     let (ok, _, err) = run(
         &cosign,
