@@ -203,6 +203,22 @@ impl ApiClient {
         self.send("POST", path, req).await
     }
 
+    /// [`Self::post`] with its own whole-request timeout (a long poll outlives the
+    /// client's usual one).
+    pub async fn post_with_timeout<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+        timeout: std::time::Duration,
+    ) -> Result<Resp, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .timeout(timeout);
+        self.send("POST", path, req).await
+    }
+
     pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, ClientError> {
         let req = self.http.get(format!("{}{path}", self.base));
         self.send("GET", path, req).await

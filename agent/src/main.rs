@@ -53,6 +53,13 @@ enum ModuleCommand {
         /// Trust key PEM file (cosign.pub), repeatable.
         #[arg(long = "trust-key", required = true)]
         trust_keys: Vec<PathBuf>,
+        /// The module name the signature must name (`org.powernode.module.name`);
+        /// with --version, the signed payload must name both and the repository.
+        #[arg(long, requires = "version")]
+        name: Option<String>,
+        /// The module version the signature must name (`org.powernode.module.version`).
+        #[arg(long, requires = "name")]
+        version: Option<String>,
         #[arg(long)]
         store: PathBuf,
         /// CA PEM to pin for HTTPS.
@@ -91,6 +98,8 @@ fn module_command(cmd: ModuleCommand) -> i32 {
             repository,
             digest,
             trust_keys,
+            name,
+            version,
             store,
             ca,
             insecure_http_loopback,
@@ -114,7 +123,23 @@ fn module_command(cmd: ModuleCommand) -> i32 {
                     })
                     .map_err(boxed)?;
                 let store = modules::store::ObjectStore::open(&store).map_err(boxed)?;
-                modules::pull::pull_module(&client, &repo, &digest, &keys, &store).map_err(boxed)
+                let expected = match (&name, &version) {
+                    (Some(name), Some(version)) => Some(modules::signature::Expected {
+                        repository: &repo.name,
+                        name,
+                        version,
+                    }),
+                    _ => None,
+                };
+                modules::pull::pull_module(
+                    &client,
+                    &repo,
+                    &digest,
+                    &keys,
+                    expected.as_ref(),
+                    &store,
+                )
+                .map_err(boxed)
             })();
             match r {
                 Ok(rep) => {
@@ -273,9 +298,10 @@ struct RunArgs {
 /// verified, then mounted under `modules_dir`.
 fn module_runtime(
     args: &RunArgs,
+    pinned_keys: &[String],
     services: Arc<ServiceSupervisor>,
 ) -> Result<Arc<powernode_agent::modules::module_runtime::ModuleRuntime>, String> {
-    use powernode_agent::modules::{self, module_runtime::ModuleRuntime};
+    use powernode_agent::modules::{self, module_runtime::ModuleRuntime, trust};
     let store_dir = args
         .module_store
         .clone()
@@ -296,6 +322,11 @@ fn module_runtime(
             Vec::new(),
         )
         .with_ca_file(args.state_dir.join(powernode_agent::state::CA_FILE))
+        .with_pinned_keys(pinned_keys.to_vec())
+        .with_floor(
+            trust::VersionFloor::load(&args.state_dir.join(trust::FLOOR_FILE))
+                .map_err(|e| error_chain(&e))?,
+        )
         .with_services(services)
         .expose_mountpoints()
         .require_root(),
@@ -367,7 +398,11 @@ async fn run(args: RunArgs) -> i32 {
     }
     let supervisor = Arc::new(ServiceSupervisor::start(args.services.clone()));
     let reconciler: Arc<dyn powernode_agent::module_reconcile::ModuleReconciler> =
-        match module_runtime(&args, supervisor.clone()) {
+        match module_runtime(
+            &args,
+            &resolved.document.module_trust_keys,
+            supervisor.clone(),
+        ) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 tracing::error!(error = %e, "no module runtime; desired modules will fail to reconcile");

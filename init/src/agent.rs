@@ -450,10 +450,11 @@ impl AgentDriver for RealAgent {
         };
         let client = session.client.clone();
         let state_dir = session.state_dir.clone();
+        let pinned = session.resolved.document.module_trust_keys.clone();
         let rt = self
             .runtime()
             .map_err(|e| ComposeError::internal(format!("async runtime: {e}")))?;
-        match compose::compose(rt, &client, &state_dir, target)? {
+        match compose::compose(rt, &client, &state_dir, &pinned, target)? {
             Composed::NoRoot(desired) => {
                 self.desired = Some(desired);
                 Ok(None)
@@ -523,16 +524,18 @@ impl AgentDriver for RealAgent {
             }
         };
         // The initramfs is the root: runtime modules (and their services) only.
-        let hooks =
-            match rt.block_on(async { node_hooks(&state_dir, Vec::new(), None, Host::Pid1) }) {
-                Ok(h) => h,
-                Err(message) => {
-                    return AgentEnd::Failed {
-                        code: ErrorCode::Internal,
-                        message,
-                    }
+        let pinned = resolved.document.module_trust_keys.clone();
+        let hooks = match rt
+            .block_on(async { node_hooks(&state_dir, &pinned, Vec::new(), None, Host::Pid1) })
+        {
+            Ok(h) => h,
+            Err(message) => {
+                return AgentEnd::Failed {
+                    code: ErrorCode::Internal,
+                    message,
                 }
-            };
+            }
+        };
         run_on(rt, resolved, opts, hooks, timeline, Host::Pid1)
     }
 
@@ -555,11 +558,12 @@ impl AgentDriver for RealAgent {
 /// runtime (the supervisor spawns its monitors there).
 fn node_hooks(
     state_dir: &std::path::Path,
+    pinned_keys: &[String],
     root_modules: Vec<RunningModule>,
     root_images: Option<Vec<powernode_agent::verity::VerityDigest>>,
     host: Host,
 ) -> Result<Hooks, String> {
-    use powernode_agent::modules::{module_runtime, registry};
+    use powernode_agent::modules::{module_runtime, registry, trust};
     use powernode_agent::supervisor::ServiceSupervisor;
     use std::sync::Arc;
     let store_dir = state_dir.join("store");
@@ -591,6 +595,11 @@ fn node_hooks(
         root_modules,
     )
     .with_ca_file(state_dir.join(powernode_agent::state::CA_FILE))
+    .with_pinned_keys(pinned_keys.to_vec())
+    .with_floor(
+        trust::VersionFloor::load(&state_dir.join(trust::FLOOR_FILE))
+            .map_err(|e| powernode_agent::error_chain(&e))?,
+    )
     .with_services(services.clone())
     .expose_mountpoints();
     if has_root {
@@ -714,6 +723,7 @@ fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
         Ok(rt) => rt,
         Err(e) => return failed(format!("cannot start the agent's async runtime: {e}")),
     };
+    let pinned = document.module_trust_keys.clone();
     let resolved = Resolved {
         document,
         source: "state",
@@ -734,7 +744,8 @@ fn run_in_root(state_dir: &std::path::Path, host: Host) -> AgentEnd {
             ))
         }
     };
-    let hooks = match rt.block_on(async { node_hooks(state_dir, root_modules, root_images, host) })
+    let hooks = match rt
+        .block_on(async { node_hooks(state_dir, &pinned, root_modules, root_images, host) })
     {
         Ok(h) => h,
         Err(message) => return failed(message),

@@ -47,6 +47,52 @@ pub enum IdentityProbeError {
     },
 }
 
+pub use crate::layout::BUILTIN_TRUST_KEYS;
+/// A PEM public key is a few hundred bytes.
+const MAX_TRUST_KEY_BYTES: usize = 16 * 1024;
+
+/// The module trust keys built into the initramfs; none when it has none.
+pub fn builtin_trust_keys(sys: &mut dyn Sys) -> Result<Vec<String>, IdentityProbeError> {
+    let read = |path: &str, errno| IdentityProbeError::Read {
+        source_name: "initramfs trust keys",
+        path: path.to_string(),
+        errno,
+    };
+    let mut names = match sys.list_dir(BUILTIN_TRUST_KEYS) {
+        Ok(n) => n,
+        Err(Errno::NOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(read(BUILTIN_TRUST_KEYS, e)),
+    };
+    names.retain(|n| n.ends_with(".pem"));
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            let path = format!("{BUILTIN_TRUST_KEYS}/{n}");
+            let bytes = sys
+                .read_file(&path, MAX_TRUST_KEY_BYTES)
+                .map_err(|e| read(&path, e))?;
+            String::from_utf8(bytes).map_err(|_| read(&path, Errno::ILSEQ))
+        })
+        .collect()
+}
+
+/// Keys built into the initramfs are the node's pins: they replace the identity
+/// document's (which the control plane wrote). Answers how many of the document's
+/// keys were dropped for not being built in.
+pub fn pin_builtin_keys(document: &mut IdentityDocument, builtin: Vec<String>) -> usize {
+    if builtin.is_empty() {
+        return 0;
+    }
+    let dropped = document
+        .module_trust_keys
+        .iter()
+        .filter(|k| !builtin.contains(k))
+        .count();
+    document.module_trust_keys = builtin;
+    dropped
+}
+
 /// A found identity and which source gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
@@ -324,6 +370,38 @@ pub(crate) mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(found.source, "fw_cfg");
+    }
+
+    #[test]
+    fn keys_built_into_the_initramfs_replace_the_documents() {
+        let pem = |n: u8| format!("-----BEGIN PUBLIC KEY-----\nK{n}\n-----END PUBLIC KEY-----\n");
+        // None built in: the document's keys stay.
+        let mut sys = FakeSys::default();
+        assert!(builtin_trust_keys(&mut sys).unwrap().is_empty());
+        let mut doc: IdentityDocument = serde_json::from_str(&doc_json()).unwrap();
+        doc.module_trust_keys = vec![pem(1), pem(9)];
+        assert_eq!(pin_builtin_keys(&mut doc, Vec::new()), 0);
+        assert_eq!(doc.module_trust_keys.len(), 2);
+
+        let mut sys = FakeSys::default()
+            .with_file(&format!("{BUILTIN_TRUST_KEYS}/b.pem"), pem(2))
+            .with_file(&format!("{BUILTIN_TRUST_KEYS}/a.pem"), pem(1));
+        sys.dirs.insert(
+            BUILTIN_TRUST_KEYS.into(),
+            vec!["b.pem".into(), "README".into(), "a.pem".into()],
+        );
+        let keys = builtin_trust_keys(&mut sys).unwrap();
+        assert_eq!(keys, vec![pem(1), pem(2)]);
+        // The document's key 9 is not built in: dropped.
+        assert_eq!(pin_builtin_keys(&mut doc, keys), 1);
+        assert_eq!(doc.module_trust_keys, vec![pem(1), pem(2)]);
+
+        // Listed but unreadable: an error naming the file, not an empty pin set.
+        let mut sys = FakeSys::default();
+        sys.dirs
+            .insert(BUILTIN_TRUST_KEYS.into(), vec!["gone.pem".into()]);
+        let e = builtin_trust_keys(&mut sys).unwrap_err();
+        assert!(e.to_string().contains("gone.pem"), "{e}");
     }
 
     #[test]

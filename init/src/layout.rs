@@ -42,3 +42,6 @@ pub const RUN_STATE_DIR: &str = "/run/powernode";
 pub const MOUNTINFO: &str = powernode_sysfmt::mountinfo::PATH;
 /// Far above any mount table this node has; a bigger one is refused (`EFBIG`).
 pub const MOUNTINFO_LIMIT: usize = 1 << 20;
+/// Module trust keys built into the initramfs (`initramfs build --module-trust-key`),
+/// one PEM per `*.pem` file: the node's pins (see `identity::pin_builtin_keys`).
+pub const BUILTIN_TRUST_KEYS: &str = "/etc/powernode/module-trust-keys";

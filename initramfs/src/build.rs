@@ -31,6 +31,8 @@ pub enum BuildError {
     Cpio(#[from] cpio::CpioError),
     #[error("{path} cannot be the init: {reason}")]
     BadInit { path: PathBuf, reason: String },
+    #[error("{path} is not a module trust key: {reason}")]
+    BadTrustKey { path: PathBuf, reason: String },
     #[error("compressing the initramfs")]
     Compress(#[source] std::io::Error),
     #[error("I/O on {path}")]
@@ -52,6 +54,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
 pub struct BuildOptions {
     pub init: PathBuf,
     pub agent: Option<PathBuf>,
+    /// Module trust keys (PEM public keys, e.g. `cosign.pub`) built in: the node pins
+    /// these and nothing else, whatever its identity document says.
+    pub trust_keys: Vec<PathBuf>,
     pub out: PathBuf,
     pub cache: PathBuf,
     /// `scripts/debs`, used when the kernel package is not cached yet.
@@ -77,6 +82,8 @@ pub struct Manifest {
     pub init_sha256: String,
     pub init_bytes: u64,
     pub agent_sha256: Option<String>,
+    /// The built-in module trust keys, as files.
+    pub module_trust_keys_sha256: Vec<String>,
     pub vmlinuz_sha256: String,
     pub initramfs_sha256: String,
     pub initramfs_bytes: u64,
@@ -164,6 +171,33 @@ pub fn initramfs_spec(
     Ok(spec)
 }
 
+/// Builds the module trust keys in, as `BUILTIN_TRUST_KEYS/NN.pem` in the order given.
+pub fn add_trust_keys(spec: &mut Spec, keys: &[Vec<u8>]) -> Result<(), SpecError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    spec.dir(layout::BUILTIN_TRUST_KEYS, 0o755)?;
+    for (i, key) in keys.iter().enumerate() {
+        let path = format!("{}/{i:02}.pem", layout::BUILTIN_TRUST_KEYS);
+        spec.file(&path, 0o644, key.clone())?;
+    }
+    Ok(())
+}
+
+/// A key file must hold one PEM `PUBLIC KEY` block (what `cosign generate-key-pair`
+/// writes); the node checks the curve when it verifies.
+fn check_trust_key(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let bad = |reason: &str| BuildError::BadTrustKey {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|_| bad("not text"))?;
+    if !text.contains("-----BEGIN PUBLIC KEY-----") || !text.contains("-----END PUBLIC KEY-----") {
+        return Err(bad("no PEM PUBLIC KEY block"));
+    }
+    Ok(())
+}
+
 fn check_init(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     let bad = |reason: String| BuildError::BadInit {
         path: path.to_path_buf(),
@@ -195,7 +229,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
     let tree = kernel::ensure_kernel(&opts.pin, &opts.cache, &opts.debs_script)?;
     let modules = ModuleTree::open(&tree.modules_dir(), &opts.pin.release)?;
     let closure = modules.closure(&opts.pin.modules)?;
-    let spec = initramfs_spec(&init, agent.as_deref(), &closure, &opts.pin.on_demand)?;
+    let trust_keys = opts
+        .trust_keys
+        .iter()
+        .map(|p| {
+            let bytes = fs::read(p).map_err(io(p))?;
+            check_trust_key(p, &bytes)?;
+            Ok(bytes)
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let mut spec = initramfs_spec(&init, agent.as_deref(), &closure, &opts.pin.on_demand)?;
+    add_trust_keys(&mut spec, &trust_keys)?;
     let archive = cpio::write_newc(&spec)?;
     let compressed = compress(&archive, opts.compression).map_err(BuildError::Compress)?;
     let vmlinuz_src = tree.vmlinuz();
@@ -221,6 +265,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
             init_sha256: sha256(&init),
             init_bytes: init.len() as u64,
             agent_sha256: agent.as_deref().map(sha256),
+            module_trust_keys_sha256: trust_keys.iter().map(|k| sha256(k)).collect(),
             vmlinuz_sha256: sha256(&vmlinuz),
             initramfs_sha256: sha256(&compressed),
             initramfs_bytes: compressed.len() as u64,
@@ -244,6 +289,27 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
 mod tests {
     use super::*;
     use crate::modules::ResolvedModule;
+
+    #[test]
+    fn trust_keys_are_built_in_and_checked() {
+        let pem = b"-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n".to_vec();
+        let mut spec = initramfs_spec(b"INIT", None, &closure(), &[]).unwrap();
+        add_trust_keys(&mut spec, &[pem.clone(), pem.clone()]).unwrap();
+        for i in ["00", "01"] {
+            let path = format!("{}/{i}.pem", layout::BUILTIN_TRUST_KEYS);
+            assert!(spec.get(&path).is_some(), "{path}");
+        }
+        check_trust_key(Path::new("k.pub"), &pem).unwrap();
+        let e = check_trust_key(Path::new("k.key"), b"-----BEGIN PRIVATE KEY-----").unwrap_err();
+        assert!(
+            e.to_string().contains("k.key is not a module trust key"),
+            "{e}"
+        );
+        // No keys: no folder, the image stays byte for byte what it was.
+        let mut plain = initramfs_spec(b"INIT", None, &closure(), &[]).unwrap();
+        add_trust_keys(&mut plain, &[]).unwrap();
+        assert!(plain.get(layout::BUILTIN_TRUST_KEYS).is_none());
+    }
 
     fn closure() -> Closure {
         Closure {

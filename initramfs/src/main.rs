@@ -31,6 +31,10 @@ enum Command {
         /// The agent binary, installed as /usr/bin/powernode-agent.
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// A module trust key (PEM public key, e.g. cosign.pub) to build in,
+        /// repeatable: the node then pins these keys and no others.
+        #[arg(long = "module-trust-key", value_name = "PEM")]
+        module_trust_keys: Vec<PathBuf>,
         #[arg(long, default_value = "build")]
         out: PathBuf,
         #[arg(long, env = "POWERNODE_CACHE", default_value = "cache")]
@@ -129,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build {
             init,
             agent,
+            module_trust_keys,
             out,
             cache,
             kernel_pin,
@@ -144,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             let built = build(&BuildOptions {
                 init,
                 agent,
+                trust_keys: module_trust_keys,
                 out: out.clone(),
                 cache: cache.clone(),
                 debs_script: debs.clone(),
@@ -162,6 +168,12 @@ fn main() -> anyhow::Result<()> {
                 m.compression,
                 m.init_bytes
             );
+            if !m.module_trust_keys_sha256.is_empty() {
+                println!(
+                    "module trust keys built in: {}",
+                    m.module_trust_keys_sha256.len()
+                );
+            }
             if !no_disk {
                 disk(out, None, disk_cmdline, disk_min_mib, &cache, &debs)?;
             }

@@ -106,6 +106,60 @@ pub struct ProvisionRequest {
     pub region: Option<String>,
 }
 
+/// The most Nodes one `provision-cluster` call makes (the runbook's cap).
+pub const MAX_CLUSTER_COUNT: u32 = 50;
+
+/// `POST` [`crate::paths::ADMIN_CLUSTERS`]: `count` Nodes of one template, each
+/// provisioned at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionClusterRequest {
+    #[serde(default = "default_template")]
+    pub template_id: String,
+    pub count: u32,
+    /// Hostnames are `PREFIX-1` .. `PREFIX-N`; default `node-` and 6 random hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname_prefix: Option<String>,
+    /// Default `ephemeral`: a fleet's usual member.
+    #[serde(default = "ephemeral")]
+    pub lifecycle_class: LifecycleClass,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+fn ephemeral() -> LifecycleClass {
+    LifecycleClass::Ephemeral
+}
+
+/// One Node of a cluster, provisioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMember {
+    pub node_id: String,
+    pub hostname: String,
+    pub instance_id: String,
+    pub task_id: String,
+}
+
+/// What `provision-cluster` made: every member, and the error that stopped it
+/// early (the members made before it stay, each a Node with its instance).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionClusterResponse {
+    pub members: Vec<ClusterMember>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ClusterError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterError {
+    /// The hostname whose creation or provision failed.
+    pub hostname: String,
+    pub code: crate::ErrorCode,
+    pub message: String,
+}
+
 /// A stuck-state finding: which threshold was crossed and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StuckInfo {

@@ -77,6 +77,9 @@ pub enum ErrorCode {
     /// cap), or one of its tar headers is larger than any real one: a decompression
     /// bomb, refused before it fills memory or the store.
     LayerTooLarge,
+    /// A module version below one this node already attached (its version floor):
+    /// an old, validly signed version must not roll the node back.
+    VersionRollback,
     // Boot path (reported upstream by the init / agent).
     IdentityInvalid,
     IdentityMissing,
@@ -140,6 +143,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::UnsafePath => "unsafe_path",
             Self::LayerTooLarge => "layer_too_large",
+            Self::VersionRollback => "version_rollback",
             Self::IdentityInvalid => "identity_invalid",
             Self::IdentityMissing => "identity_missing",
             Self::Network => "network",

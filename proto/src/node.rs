@@ -328,6 +328,19 @@ pub struct LeaseRequest {
     pub instance_id: String,
     /// How long the agent asks to hold the task before it must renew.
     pub lease_seconds: u64,
+    /// Long poll: with nothing to lease, the server may hold the request this long
+    /// (it caps it, see [`MAX_LEASE_WAIT_SECONDS`]) and answers as soon as a task is
+    /// queued for the node. 0 or absent: answer at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_seconds: u64,
+}
+
+/// The longest a server holds a long-polled lease: below common proxies' idle
+/// timeouts, and what the agent's request timeout allows for.
+pub const MAX_LEASE_WAIT_SECONDS: u64 = 25;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A task handed to the agent.

@@ -27,6 +27,8 @@ pub fn task_complete(task_id: &str) -> String {
 
 /// Admin API (bearer admin token). One path per runbook action.
 pub const ADMIN_NODES: &str = "/api/v1/system/nodes";
+/// `POST`: create and provision up to [`crate::admin::MAX_CLUSTER_COUNT`] Nodes at once.
+pub const ADMIN_CLUSTERS: &str = "/api/v1/system/clusters";
 pub const ADMIN_TEMPLATES: &str = "/api/v1/system/templates";
 pub const ADMIN_SIGNALS: &str = "/api/v1/system/signals";
 pub const ADMIN_EVENTS: &str = "/api/v1/system/events";

@@ -48,6 +48,7 @@ pub enum PeerAuth {
 pub fn app(state: AppState) -> Router {
     let admin = Router::new()
         .route(paths::ADMIN_NODES, post(create_node).get(list_nodes))
+        .route(paths::ADMIN_CLUSTERS, post(provision_cluster))
         .route(
             "/api/v1/system/nodes/{id}",
             get(get_node).patch(update_node).delete(delete_node),
@@ -281,6 +282,17 @@ async fn create_node(
 ) -> AppResult<(StatusCode, axum::Json<NodeResponse>)> {
     let node = st.create_node(req).await?;
     Ok((StatusCode::CREATED, axum::Json(NodeResponse { node })))
+}
+
+async fn provision_cluster(
+    State(st): State<AppState>,
+    Json(req): Json<powernode_proto::admin::ProvisionClusterRequest>,
+) -> AppResult<(
+    StatusCode,
+    axum::Json<powernode_proto::admin::ProvisionClusterResponse>,
+)> {
+    let made = st.provision_cluster(req).await?;
+    Ok((StatusCode::CREATED, axum::Json(made)))
 }
 
 async fn list_nodes(State(st): State<AppState>) -> axum::Json<serde_json::Value> {

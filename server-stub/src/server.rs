@@ -152,6 +152,8 @@ impl std::fmt::Debug for RunningServer {
 impl RunningServer {
     /// Stops accepting, lets open requests finish (up to 5 s), flushes heartbeats.
     pub async fn shutdown(self) -> Result<(), ServeError> {
+        // Long-polled leases answer now rather than holding the graceful shutdown.
+        self.state.stopping.send_replace(true);
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             t.await?;

@@ -442,3 +442,71 @@ fn a_closed_stdout_ends_a_command_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// `provision-cluster`: N Nodes and their instances in one call, the cap of 50 and a
+/// bad template refused before anything is made.
+#[test]
+fn provision_cluster_makes_nodes_and_instances_in_one_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _server = ServerProc::start(dir);
+    let c = cli_json(
+        dir,
+        &[
+            "provision-cluster",
+            "--count",
+            "3",
+            "--hostname-prefix",
+            "rack7",
+            "--label",
+            "rack=7",
+        ],
+    );
+    assert!(c["error"].is_null(), "{c}");
+    let members = c["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{c}");
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m["hostname"], format!("rack7-{}", i + 1));
+        let node = cli_json(dir, &["get-node", m["node_id"].as_str().unwrap()]);
+        assert_eq!(node["node"]["labels"]["rack"], "7", "{node}");
+        assert_eq!(node["node"]["lifecycle_class"], "ephemeral", "{node}");
+        assert_eq!(
+            node["node"]["current_instance_id"], m["instance_id"],
+            "{node}"
+        );
+        let task = cli_json(dir, &["get-task", m["task_id"].as_str().unwrap()]);
+        assert_eq!(task["task"]["kind"], "provision", "{task}");
+    }
+    let nodes_before = cli_json(dir, &["list-nodes"])["nodes"]
+        .as_array()
+        .unwrap()
+        .len();
+    for (args, code, says) in [
+        (vec!["--count", "51"], "bad_request", "1 to 50"),
+        (vec!["--count", "0"], "bad_request", "1 to 50"),
+        (
+            vec!["--count", "2", "--template", "tmpl-nope"],
+            "unknown_template",
+            "tmpl-nope",
+        ),
+        (
+            vec!["--count", "2", "--hostname-prefix", "bad name"],
+            "bad_request",
+            "hostname_prefix",
+        ),
+    ] {
+        let mut all = vec!["provision-cluster"];
+        all.extend(args);
+        let e = cli_err(dir, &all);
+        assert_eq!(e["error"]["code"], code, "{all:?}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{all:?}: {e}"
+        );
+    }
+    let nodes_after = cli_json(dir, &["list-nodes"])["nodes"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(nodes_before, nodes_after, "a refused call made nothing");
+}

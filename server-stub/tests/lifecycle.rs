@@ -493,3 +493,75 @@ async fn identity_documents_are_private_files_and_records_keep_no_token() {
         "{v}"
     );
 }
+
+/// A long-polled lease: held while nothing is queued, answered as soon as a task is
+/// queued for the node (not at its next heartbeat), empty when the wait runs out, and
+/// at once when the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_polled_lease_answers_when_a_task_is_queued() {
+    use std::time::{Duration, Instant};
+    let mut ts = TestServer::start().await;
+    let (_, inst, doc) = ts.provisioned("edge-lp").await;
+    let mut fake = FakeNode::new(doc, &ts.url());
+    fake.enroll().await;
+    fake.heartbeat("ready").await;
+    let fake = std::sync::Arc::new(fake);
+    let lease = |wait: u64| {
+        let fake = fake.clone();
+        let inst = inst.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = fake
+                .post(
+                    paths::TASK_LEASE,
+                    json!({"instance_id": inst, "lease_seconds": 30, "wait_seconds": wait}),
+                )
+                .await;
+            (r, t.elapsed())
+        })
+    };
+
+    // Nothing queued: held for the wait, then empty.
+    let ((s, v), took) = lease(1).await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["task"].is_null(), "{v}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered after {took:?}"
+    );
+
+    // Queued while the lease is held: answered at once with it.
+    let held = lease(20);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = Instant::now();
+    let drain = ts
+        .ok(
+            Method::POST,
+            &paths::admin_drain(&inst),
+            Some(json!({"timeout_seconds": 60, "cordon_only": false})),
+        )
+        .await;
+    let ((s, v), _) = held.await.unwrap();
+    let reached = queued.elapsed();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["task"]["task_id"], drain["task_id"], "{v}");
+    assert!(
+        reached < Duration::from_secs(2),
+        "the task reached the node after {reached:?}"
+    );
+    eprintln!("drain queued -> leased by the held long poll: {reached:?}");
+
+    // A server that stops answers the held poll rather than waiting it out.
+    let held = lease(20);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = Instant::now();
+    ts.stop().await;
+    let ((s, v), _) = held.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["task"].is_null(), "{v}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+}

@@ -3,7 +3,7 @@
 //! returns (and, for the agent's exit, on its exit code and stated reason).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use base64::Engine as _;
@@ -857,5 +857,86 @@ fn a_lost_enrollment_answer_is_asked_again_and_the_node_runs() -> Result<()> {
     ensure!(agent.state_dir.join("node.key").exists());
     assert!(inst["enrolled_at"].is_string(), "{inst}");
     agent.guard.terminate(EXIT);
+    Ok(())
+}
+
+/// The README's walk, as written: `drain-instance --wait` follows the drain to its
+/// end, so the `terminate-instance --wait` after it is accepted (without --wait it was
+/// refused: the drain had not reached the node yet) and returns once the node is
+/// gone. A task that cannot end in time fails the command, naming it.
+#[test]
+fn wait_follows_long_actions_to_their_end() -> Result<()> {
+    let dir = test_dir("wait")?;
+    // The runbook's heartbeat interval: tasks must not wait for the next heartbeat.
+    let server = Server::start(
+        &dir.join("data"),
+        ServerOptions {
+            heartbeat_interval_seconds: 30,
+            ..ServerOptions::default()
+        },
+    )?;
+    let node = server.cli(&[
+        "create-node",
+        "--hostname",
+        "edge-w",
+        "--lifecycle-class",
+        "ephemeral",
+    ])?;
+    let node_id = str_at(&node, "/node/id")?;
+    let prov = server.cli(&["provision-instance", &node_id])?;
+    let instance = str_at(&prov, "/instance/id")?;
+    let identity = server.identity(&instance)?;
+    let mut agent =
+        Agent::with_identity(&dir, "agent", &identity, &["--service", "web=sleep 300"])?;
+    wait_running(&server, &instance, RUNNING).with_context(|| agent.log_text())?;
+
+    let t0 = Instant::now();
+    let drained = server.cli(&["drain-instance", &instance, "--wait", "--timeout", "120"])?;
+    assert_eq!(drained["task"]["status"], "succeeded", "{drained}");
+    assert_eq!(drained["task"]["kind"], "drain", "{drained}");
+    assert_eq!(drained["task"]["result"]["drained"], true, "{drained}");
+    let drain_took = t0.elapsed();
+    eprintln!("drain-instance --wait returned after {drain_took:?} (heartbeat every 30 s)");
+    // The long-polled lease took it at once, not at the next heartbeat.
+    ensure!(
+        drain_took < Duration::from_secs(15),
+        "the drain waited for a heartbeat: {drain_took:?}"
+    );
+    let t1 = Instant::now();
+    let ended = server.cli(&[
+        "terminate-instance",
+        &instance,
+        "--wait",
+        "--timeout",
+        "120",
+    ])?;
+    assert_eq!(ended["task"]["status"], "succeeded", "{ended}");
+    eprintln!(
+        "terminate-instance --wait returned after {:?}",
+        t1.elapsed()
+    );
+    assert_eq!(server.instance(&instance)?["status"], "terminated");
+    let status = agent
+        .guard
+        .wait_timeout(EXIT)
+        .with_context(|| agent.log_text())?;
+    assert_eq!(status.code(), Some(EXIT_TERMINAL), "{}", agent.log_text());
+    let stop_took = t1.elapsed();
+    eprintln!("the agent stopped {stop_took:?} after terminate-instance");
+    ensure!(
+        stop_took < Duration::from_secs(15),
+        "the agent learned of its end at a heartbeat: {stop_took:?}"
+    );
+
+    // Nobody boots the recorder's instance: the provision's wait gives up at its
+    // timeout, non-zero, naming the task and how to follow it.
+    let e = server
+        .cli(&["provision-instance", &node_id, "--wait", "--timeout", "1"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("still ") && e.contains("after 1 s") && e.contains("get-task task-"),
+        "{e}"
+    );
     Ok(())
 }

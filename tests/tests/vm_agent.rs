@@ -317,6 +317,59 @@ fn composed_root_from_a_published_base_module() {
     );
 }
 
+/// A P-256 public key nobody here holds the private half of.
+const STRANGER_KEY: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE0Xol1i8xcxDF7T7mHjUwqH82Gukc
+zFuyjAD91T99K0TRe3qnBJcO1Lsn2PZRFcYna43n+v9y2nJ+o++kbgcszg==
+-----END PUBLIC KEY-----
+";
+
+/// Trust anchored on the node: the initramfs pins a key the server does not sign
+/// with. The server signs the base module with its own key, hands that key out with
+/// the desired modules (and writes it into the identity), and the node still refuses
+/// the module with `signature_mismatch` before switch_root.
+#[test]
+#[cfg_attr(not(vm_tests), ignore = "VM tier: build with POWERNODE_VM_TESTS=1")]
+fn a_key_the_initramfs_does_not_pin_is_refused_whatever_the_server_sends() {
+    let dir = test_dir("agent_builtin_pin");
+    let base = rootfs::busybox_root(&dir, "1");
+    let stub = Stub::start(&dir);
+    stub.publish_module(&base, "base", "1.0.0", "root");
+    stub.cli(&["set-template-modules", "tmpl-edge-base", "--root", "base"]);
+    let pinned = dir.join("pinned.pub");
+    std::fs::write(&pinned, STRANGER_KEY).unwrap();
+    let image = netboot_pinning(&dir, &[pinned]);
+    let (instance_id, doc) = stub.provision("builtin-pin-1");
+    let spec = node_spec(
+        &dir.join("vm"),
+        &image,
+        &doc,
+        None,
+        &["powernode.attempts=1"],
+    );
+    let mut vm = Vm::spawn(&spec).expect("spawn QEMU");
+    let exit = vm.wait_timeout(TO_RUNNING).expect("wait for QEMU");
+    let serial = vm.serial();
+    assert!(
+        matches!(exit, Some(s) if s.success()),
+        "QEMU did not power off: {exit:?}\n{serial}"
+    );
+    assert!(
+        serial.contains("module keys pinned by the initramfs: 1"),
+        "{serial}"
+    );
+    let inst = stub.instance(&instance_id);
+    assert_eq!(inst["failure"]["code"], "signature_mismatch", "{inst}");
+    assert!(
+        inst["failure"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature made by no trust key"),
+        "{inst}"
+    );
+    assert!(!serial.contains("switch_root: freed"), "{serial}");
+}
+
 /// The base module's signature no longer verifies (the server's signing key was
 /// replaced after publishing, so the trust key it hands out is not the signer's):
 /// the init reports `signature_mismatch` upstream, never switches root, and the

@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
+use powernode_proto::node::{
+    COMPOSEFS_DIGEST_ANNOTATION, MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION,
+};
 use powernode_proto::ErrorCode;
 
 use super::pull::{pull_module, PullError, PullReport};
 use super::registry::{RegistryClient, RegistryOptions, Repository};
-use super::signature::{parse_trust_keys, TrustKey};
+use super::signature::{parse_trust_keys, Expected, TrustKey};
 use super::store::ObjectStore;
 use super::ModuleErrorCode;
 use powernode_modfmt::publish::{build_module, BuildOptions, LayerCompression};
@@ -197,7 +199,28 @@ impl Key {
 }
 
 fn sign(t: &Tools, key: &Key, reference: &str) {
-    run(Command::new(&t.cosign)
+    sign_with(t, key, reference, &[]);
+}
+
+/// [`sign`] binding the module name and version, as `publish-module` signs.
+fn sign_as(t: &Tools, key: &Key, reference: &str, name: &str, version: &str) {
+    sign_with(
+        t,
+        key,
+        reference,
+        &[
+            format!("{MODULE_NAME_ANNOTATION}={name}"),
+            format!("{MODULE_VERSION_ANNOTATION}={version}"),
+        ],
+    );
+}
+
+fn sign_with(t: &Tools, key: &Key, reference: &str, annotations: &[String]) {
+    let mut cmd = Command::new(&t.cosign);
+    for a in annotations {
+        cmd.arg("-a").arg(a);
+    }
+    run(cmd
         .args(["sign", "--key"])
         .arg(key.dir.join("cosign.key"))
         .args([
@@ -278,7 +301,7 @@ fn pull(
     store: &ObjectStore,
 ) -> Result<PullReport, PullError> {
     let repo: Repository = format!("{}/{repo}", reg.host()).parse().unwrap();
-    pull_module(&client(), &repo, digest, keys, store)
+    pull_module(&client(), &repo, digest, keys, None, store)
 }
 
 fn expect_code(r: Result<PullReport, PullError>, code: ErrorCode, case: &str) {
@@ -505,7 +528,7 @@ fn registry_interop_and_tamper_matrix() {
         format!("127.0.0.1:{port}/mod/good").parse().unwrap()
     };
     expect_code(
-        pull_module(&client(), &down, &good, &key.trust(), &fresh("down")),
+        pull_module(&client(), &down, &good, &key.trust(), None, &fresh("down")),
         ErrorCode::RegistryUnreachable,
         "registry down",
     );
@@ -635,7 +658,7 @@ impl CountingProxy {
         store: &ObjectStore,
     ) -> Result<PullReport, PullError> {
         let repo: Repository = format!("127.0.0.1:{}/{repo}", self.port).parse().unwrap();
-        pull_module(&client(), &repo, digest, keys, store)
+        pull_module(&client(), &repo, digest, keys, None, store)
     }
 }
 
@@ -993,6 +1016,30 @@ fn bench_pull_200mib_vs_oras() {
     );
 }
 
+/// Publishes each `(version, key)` of module `name` at `repo` (each with its own
+/// `etc/conf`), signed by that key with the name and version bound, as
+/// `publish-module` signs; answers (manifest digest, built module) in order.
+fn publish_signed_versions(
+    t: &Tools,
+    reg: &Registry,
+    w: &Path,
+    repo: &str,
+    name: &str,
+    versions: &[(&str, &Key)],
+) -> Vec<(String, powernode_modfmt::publish::BuiltModule)> {
+    let src = w.join(format!("src-{name}"));
+    sample_tree(&src);
+    versions
+        .iter()
+        .map(|(version, key)| {
+            std::fs::write(src.join("etc/conf"), format!("v={version}\n")).unwrap();
+            let (d, b) = publish_dir(t, reg, w, &src, repo, &format!("v{version}"), true);
+            sign_as(t, key, &format!("{}/{repo}@{d}", reg.host()), name, version);
+            (d, b)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_module_runtime_pulls_swaps_and_removes() {
     use super::module_runtime::ModuleRuntime;
@@ -1008,13 +1055,11 @@ async fn the_module_runtime_pulls_swaps_and_removes() {
         let work = tempfile::tempdir().unwrap();
         let w = work.path().to_path_buf();
         let key = Key::generate(&t, &w.join("key"));
-        let src = w.join("src");
-        sample_tree(&src);
-        let (v1, b1) = publish_dir(&t, &reg, &w, &src, "mod/rt", "v1", true);
-        sign(&t, &key, &format!("{}/mod/rt@{v1}", reg.host()));
-        std::fs::write(src.join("etc/conf"), b"a=2\n").unwrap();
-        let (v2, b2) = publish_dir(&t, &reg, &w, &src, "mod/rt", "v2", true);
-        sign(&t, &key, &format!("{}/mod/rt@{v2}", reg.host()));
+        let mut signed =
+            publish_signed_versions(&t, &reg, &w, "mod/rt", "tools", &[("1", &key), ("2", &key)]);
+        let (v2, b2) = signed.pop().unwrap();
+        let (v1, b1) = signed.pop().unwrap();
+        let src = w.join("src-tools");
         let (bad, _) = publish_dir(&t, &reg, &w, &src, "mod/rt", "unsigned", false);
         (reg, work, key, v1, b1, v2, b2, bad)
     })
@@ -1200,4 +1245,154 @@ fn pulled_module_mounts_with_the_kernel() {
     store.verify_image(&r.image()).unwrap();
     union.unmount(&m).unwrap();
     guard.0.remove(0);
+}
+
+/// The signed payload binds the repository, the module name and the version (cosign
+/// `-a` annotations): a valid signature stands in for nothing but what it names.
+#[test]
+fn signature_binds_repository_name_and_version() {
+    let t = tools();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = Key::generate(&t, &w.join("key"));
+    let src = w.join("src");
+    sample_tree(&src);
+    let fresh = |name: &str| ObjectStore::open(&w.join("stores").join(name)).unwrap();
+    let (bound, _) = publish_dir(&t, &reg, w, &src, "mod/bound", "v1", true);
+    sign_as(
+        &t,
+        &key,
+        &format!("{}/mod/bound@{bound}", reg.host()),
+        "bound",
+        "1",
+    );
+    std::fs::write(src.join("unique"), b"plain").unwrap();
+    let (plain, _) = publish_dir(&t, &reg, w, &src, "mod/plain", "v1", true);
+    sign(&t, &key, &format!("{}/mod/plain@{plain}", reg.host()));
+
+    let pull_as = |repo: &str, digest: &str, want: Expected<'_>, store: &str| {
+        let r: Repository = format!("{}/{repo}", reg.host()).parse().unwrap();
+        pull_module(
+            &client(),
+            &r,
+            digest,
+            &key.trust(),
+            Some(&want),
+            &fresh(store),
+        )
+    };
+    let want = |repository, name, version| Expected {
+        repository,
+        name,
+        version,
+    };
+    pull_as("mod/bound", &bound, want("mod/bound", "bound", "1"), "ok").unwrap();
+    for (case, expected) in [
+        ("another module's name", want("mod/bound", "other", "1")),
+        (
+            "another version (a rollback)",
+            want("mod/bound", "bound", "2"),
+        ),
+        ("another repository", want("mod/other", "bound", "1")),
+    ] {
+        let e = pull_as("mod/bound", &bound, expected, case).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::SignatureMismatch, "{case}: {e}");
+        eprintln!("binding: {case:<30} -> {}", crate::error_chain(&e));
+    }
+    // Signed without the annotations: it names no module, so it is refused for one.
+    let e = pull_as(
+        "mod/plain",
+        &plain,
+        want("mod/plain", "plain", "1"),
+        "plain",
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::SignatureMismatch, "{e}");
+    assert!(
+        crate::error_chain(&e).contains("no org.powernode.module.name annotation"),
+        "{}",
+        crate::error_chain(&e)
+    );
+}
+
+/// The node's pins and version floor, through the module runtime: a module signed by a
+/// key the control plane sends but the identity does not pin is refused, and an old,
+/// validly signed version cannot replace a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_enforces_pinned_keys_and_the_version_floor() {
+    use super::module_runtime::ModuleRuntime;
+    use super::mount::RecordingMounter;
+    use super::trust::{VersionFloor, FLOOR_FILE};
+    use crate::module_reconcile::ModuleReconciler;
+    use powernode_proto::node::{DesiredModule, DesiredModulesResponse};
+    use std::sync::Arc;
+
+    let setup = tokio::task::spawn_blocking(|| {
+        let t = tools();
+        let reg = Registry::start();
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path().to_path_buf();
+        let pinned = Key::generate(&t, &w.join("k1"));
+        let rogue = Key::generate(&t, &w.join("k2"));
+        let signers = [("1", &pinned), ("2", &pinned), ("3", &rogue)];
+        let mut signed = publish_signed_versions(&t, &reg, &w, "mod/app", "app", &signers);
+        let (v3, _) = signed.pop().unwrap();
+        let (v2, _) = signed.pop().unwrap();
+        let (v1, _) = signed.pop().unwrap();
+        (reg, work, pinned, rogue, v1, v2, v3)
+    })
+    .await
+    .unwrap();
+    let (reg, work, pinned, rogue, v1, v2, v3) = setup;
+    let w = work.path();
+    let runtime = |floor: VersionFloor| {
+        Arc::new(
+            ModuleRuntime::new(
+                ObjectStore::open(&w.join("store")).unwrap(),
+                RegistryOptions {
+                    allow_http_loopback: true,
+                    ..Default::default()
+                },
+                Arc::new(RecordingMounter::default()),
+                w.join("run-modules"),
+                vec![],
+            )
+            .with_pinned_keys(vec![pinned.public_pem()])
+            .with_floor(floor),
+        )
+    };
+    let floor_file = w.join(FLOOR_FILE);
+    let rt = runtime(VersionFloor::load(&floor_file).unwrap());
+    // The control plane sends both keys, as a compromised one would.
+    let desired = |digest: &str, version: &str| DesiredModulesResponse {
+        modules: vec![DesiredModule {
+            name: "app".into(),
+            version: version.into(),
+            repository: format!("{}/mod/app", reg.host()),
+            digest: digest.into(),
+            kind: "runtime".into(),
+        }],
+        trust_keys: vec![rogue.public_pem(), pinned.public_pem()],
+    };
+    rt.reconcile(&desired(&v2, "2")).await.unwrap();
+    assert_eq!(rt.running()[0].digest, v2);
+
+    // Signed by the key the control plane sent, not the one the node pins.
+    let e = rt.reconcile(&desired(&v3, "3")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::SignatureMismatch, "{}", e.message);
+    assert_eq!(rt.running()[0].digest, v2);
+
+    // v1 is validly signed by the pinned key, but older than what ran.
+    let e = rt.reconcile(&desired(&v1, "1")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::VersionRollback, "{}", e.message);
+    assert!(e.message.contains("older than \"2\""), "{}", e.message);
+    assert_eq!(rt.running()[0].digest, v2);
+
+    // The floor outlives the agent (its state directory): a restarted one refuses too.
+    drop(rt);
+    let again = runtime(VersionFloor::load(&floor_file).unwrap());
+    let e = again.reconcile(&desired(&v1, "1")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::VersionRollback, "{}", e.message);
+    drop(reg);
 }

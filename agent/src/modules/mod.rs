@@ -24,6 +24,7 @@ pub mod pull;
 pub mod registry;
 pub mod signature;
 mod stream;
+pub mod trust;
 
 // The format (tree, unpacking, store, composefs image) is shared with the publisher
 // and lives in `powernode-modfmt`; these re-exports keep the agent's paths.

@@ -23,8 +23,9 @@ use super::config::{self, ConfigError, ModuleConfig};
 use super::mount::{mount_module, mount_union, MountError, Mounter, UnionRoot, Upper};
 use super::pull::{pull_module, PullError};
 use super::registry::{RegistryClient, RegistryError, RegistryOptions, Repository};
-use super::signature::{parse_trust_keys, SignatureError, TrustKey};
+use super::signature::{Expected, SignatureError, TrustKey};
 use super::store::ObjectStore;
+use super::trust::{FloorError, TrustAnchor, VersionFloor};
 use super::ModuleErrorCode;
 use crate::drain::DrainStep;
 use crate::module_reconcile::{ModuleChange, ModuleReconciler, ReconcileFuture, ReconcileOutcome};
@@ -51,6 +52,8 @@ pub enum ModuleError {
     },
     #[error(transparent)]
     Keys(#[from] SignatureError),
+    #[error(transparent)]
+    Floor(#[from] FloorError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("module {name}: unknown kind {kind:?}")]
@@ -99,6 +102,7 @@ impl ModuleErrorCode for ModuleError {
             ModuleError::Pull { source, .. } => source.code(),
             ModuleError::Mount { source, .. } => source.code(),
             ModuleError::Keys(e) => e.code(),
+            ModuleError::Floor(e) => e.code(),
             ModuleError::Registry(e) => e.code(),
             ModuleError::Kind { .. } => ErrorCode::BadRequest,
             ModuleError::Join(_) => ErrorCode::Internal,
@@ -136,7 +140,13 @@ fn pull_one(
 ) -> Result<VerityDigest, ModuleError> {
     let pull_err = pull_error(m);
     let repo = repository(m)?;
-    let report = pull_module(client, &repo, &m.digest, keys, store).map_err(pull_err)?;
+    let expected = Expected {
+        repository: &repo.name,
+        name: &m.name,
+        version: &m.version,
+    };
+    let report =
+        pull_module(client, &repo, &m.digest, keys, Some(&expected), store).map_err(pull_err)?;
     tracing::info!(
         module = %m.name, version = %m.version, digest = %m.digest,
         image = %report.image(), bytes = report.bytes_received,
@@ -148,9 +158,14 @@ fn pull_one(
 /// For the init: pulls and verifies every `root` module of `desired` into `store`, then
 /// mounts them as one union root at `target` (work mounts under `work`) with `upper`.
 /// Root modules are listed base first in `desired`; later ones win over earlier ones.
+/// Signatures verify against `trust` (the node's pins), and a version below `floor`
+/// is refused before any pull; the floor rises once the root is mounted.
 /// Blocking: call it from a plain thread or `spawn_blocking`.
+#[allow(clippy::too_many_arguments)]
 pub fn compose_root(
     desired: &DesiredModulesResponse,
+    trust: &TrustAnchor,
+    floor: &VersionFloor,
     store: &ObjectStore,
     registry: RegistryOptions,
     mounter: &dyn Mounter,
@@ -158,10 +173,18 @@ pub fn compose_root(
     upper: &Upper,
     target: &Path,
 ) -> Result<UnionRoot, ModuleError> {
-    let keys = parse_trust_keys(&desired.trust_keys)?;
+    let roots: Vec<&DesiredModule> = desired
+        .modules
+        .iter()
+        .filter(|m| m.kind == KIND_ROOT)
+        .collect();
+    for m in &roots {
+        floor.admit(&m.name, &m.version)?;
+    }
+    let keys = trust.keys(&desired.trust_keys)?;
     let client = RegistryClient::new(registry)?;
     let mut images = Vec::new();
-    for m in desired.modules.iter().filter(|m| m.kind == KIND_ROOT) {
+    for m in &roots {
         images.push(pull_one(&client, m, &keys, store)?);
     }
     // mount_union wants the top first.
@@ -174,6 +197,11 @@ pub fn compose_root(
             }
         })?;
     union.fetched_bytes = client.bytes_received();
+    if let Err(e) = floor.raise(roots.iter().map(|m| (m.name.as_str(), m.version.as_str()))) {
+        // The root is mounted and verified; a floor not saved weakens the next boot's
+        // rollback check, it does not make this root wrong.
+        tracing::warn!(error = %crate::error_chain(&e), "raising the module version floors");
+    }
     Ok(union)
 }
 
@@ -237,6 +265,10 @@ pub struct ModuleRuntime {
     /// Bumped by [`ModuleReconciler::cancel_in_flight`]: reconciles that have not
     /// started changing mounts give up.
     cancel: tokio::sync::watch::Sender<u64>,
+    /// The module keys this node pins (see [`super::trust`]).
+    trust: TrustAnchor,
+    /// Per module, the lowest version it may attach.
+    floor: VersionFloor,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -273,7 +305,23 @@ impl ModuleRuntime {
             expose: false,
             op: Arc::new(tokio::sync::Mutex::new(())),
             cancel: tokio::sync::watch::Sender::new(0),
+            trust: TrustAnchor::default(),
+            floor: VersionFloor::in_memory(),
         }
+    }
+
+    /// Verifies signatures against these keys only (the identity's
+    /// `module_trust_keys`), whatever keys the control plane sends; none pins nothing.
+    pub fn with_pinned_keys(mut self, pems: Vec<String>) -> Self {
+        self.trust = TrustAnchor::pinned(pems);
+        self
+    }
+
+    /// Keeps the version floors in `floor` (loaded from the state directory) rather
+    /// than in memory.
+    pub fn with_floor(mut self, floor: VersionFloor) -> Self {
+        self.floor = floor;
+        self
     }
 
     /// Pins the CA in `path` (read when a pull starts) unless a CA PEM was given.
@@ -450,7 +498,10 @@ impl ModuleRuntime {
                 uid,
             });
         }
-        let keys = parse_trust_keys(trust_keys)?;
+        for m in &todo {
+            self.floor.admit(&m.name, &m.version)?;
+        }
+        let keys = self.trust.keys(trust_keys)?;
         let client = RegistryClient::new(self.registry_options()?)?;
         let mut out = Vec::new();
         for m in todo {
@@ -727,6 +778,13 @@ impl ModuleRuntime {
             let mounted = self.mount(p, old)?;
             self.start_services(&mounted, &p.config);
             self.mounted().insert(name, mounted);
+            // Attached: older versions of it are refused from now on.
+            if let Err(e) = self
+                .floor
+                .raise([(p.desired.name.as_str(), p.desired.version.as_str())])
+            {
+                tracing::warn!(error = %crate::error_chain(&e), "raising the module version floor");
+            }
             if change.from.is_some() {
                 outcome.updated.push(change);
             } else {

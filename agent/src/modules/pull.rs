@@ -27,7 +27,7 @@ use super::error::CodedStreamError;
 use super::registry::{
     Descriptor, FetchedManifest, RangeRead, RegistryClient, RegistryError, Repository,
 };
-use super::signature::{verify_signature, SignatureError, TrustKey};
+use super::signature::{verify_signature, Expected, SignatureError, TrustKey};
 use super::store::ObjectStore;
 use super::unpack::Compression;
 use super::{InstallError, InstallReport, ModuleErrorCode};
@@ -123,7 +123,8 @@ impl PendingSignature<'_> {
     }
 }
 
-/// Pulls, verifies and stores the module `repo@pinned`.
+/// Pulls, verifies and stores the module `repo@pinned`; with `expected`, its signature
+/// must name that repository path, module name and version too.
 ///
 /// The signature names the pinned digest, so it is fetched and checked on a second
 /// thread while the manifest (checked against the pin) and the layers (checked
@@ -136,6 +137,7 @@ pub fn pull_module(
     repo: &Repository,
     pinned: &str,
     keys: &[TrustKey],
+    expected: Option<&Expected<'_>>,
     store: &ObjectStore,
 ) -> Result<PullReport, PullError> {
     if !valid_pin(pinned) {
@@ -149,7 +151,7 @@ pub fn pull_module(
         let handle = std::thread::Builder::new()
             .name("module-signature".into())
             .spawn_scoped(s, || {
-                let verdict = verify_signature(client, repo, &signed, keys);
+                let verdict = verify_signature(client, repo, &signed, keys, expected);
                 (verdict, started.elapsed())
             });
         let mut pending = match handle {
@@ -160,7 +162,7 @@ pub fn pull_module(
             },
             Err(_) => PendingSignature {
                 handle: None,
-                verdict: Some(verify_signature(client, repo, &signed, keys)),
+                verdict: Some(verify_signature(client, repo, &signed, keys, expected)),
                 took: started.elapsed(),
             },
         };

@@ -7,10 +7,16 @@
 //! and (by default) openssl/aws-lc; key-based offline verification is one ECDSA check
 //! and a JSON field compare, which ring (already our TLS crypto, pure for musl) does.
 //!
-//! It must never accept a payload that names another manifest, or a signature that no
-//! trust key made.
+//! The payload binds more than the digest: its `docker-reference` names the
+//! repository and its annotations (`cosign sign -a org.powernode.module.name=NAME -a
+//! org.powernode.module.version=VERSION`) the module and version, all checked against
+//! what the control plane asked for ([`Expected`]).
+//!
+//! It must never accept a payload that names another manifest, module or version, or a
+//! signature that no trust key made.
 
 use base64::Engine as _;
+use powernode_proto::node::{MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION};
 use powernode_proto::ErrorCode;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 use serde::Deserialize;
@@ -103,12 +109,21 @@ pub fn parse_trust_keys(pems: &[String]) -> Result<Vec<TrustKey>, SignatureError
 #[derive(Deserialize)]
 struct SimpleSigning {
     critical: Critical,
+    /// cosign's `-a KEY=VALUE` annotations.
+    #[serde(default)]
+    optional: Option<serde_json::Map<String, serde_json::Value>>,
 }
 #[derive(Deserialize)]
 struct Critical {
+    identity: Option<Identity>,
     image: Image,
     #[serde(rename = "type")]
     kind: String,
+}
+#[derive(Deserialize)]
+struct Identity {
+    #[serde(rename = "docker-reference")]
+    docker_reference: Option<String>,
 }
 #[derive(Deserialize)]
 struct Image {
@@ -116,11 +131,107 @@ struct Image {
     docker_manifest_digest: String,
 }
 
+/// What the control plane asked for, which the signed payload must name too: without
+/// it a valid signature of module A, or of an older version of B, would stand in for
+/// the version of B asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected<'a> {
+    /// The repository path, without the registry host (mirrors and the node's view
+    /// of the host differ; the path names the module).
+    pub repository: &'a str,
+    /// `org.powernode.module.name` in the payload's annotations.
+    pub name: &'a str,
+    /// `org.powernode.module.version` in the payload's annotations.
+    pub version: &'a str,
+}
+
+/// A parsed simple-signing payload (not yet known to be signed by anyone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedPayload {
+    pub digest: String,
+    pub docker_reference: Option<String>,
+    pub name: Option<String>,
+    pub version: Option<String>,
+}
+
+/// Parses a simple-signing payload: cosign's container image signature type, the
+/// digest it signs, its reference and the module annotations (strings only).
+pub fn parse_payload(payload: &[u8]) -> Result<SignedPayload, String> {
+    let p: SimpleSigning = serde_json::from_slice(payload).map_err(|e| format!("payload: {e}"))?;
+    if p.critical.kind != COSIGN_SIGNATURE_TYPE {
+        return Err(format!("payload type {:?}", p.critical.kind));
+    }
+    let annotation = |key: &str| -> Result<Option<String>, String> {
+        match p.optional.as_ref().and_then(|o| o.get(key)) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(format!("payload annotation {key} is not a string: {other}")),
+        }
+    };
+    Ok(SignedPayload {
+        name: annotation(MODULE_NAME_ANNOTATION)?,
+        version: annotation(MODULE_VERSION_ANNOTATION)?,
+        digest: p.critical.image.docker_manifest_digest,
+        docker_reference: p.critical.identity.and_then(|i| i.docker_reference),
+    })
+}
+
+/// The repository path of a docker reference: without its registry host (a first
+/// component with `.` or `:`, or `localhost`, as docker's reference grammar has it)
+/// and without a tag or digest.
+pub fn reference_path(reference: &str) -> &str {
+    let path = match reference.split_once('/') {
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            rest
+        }
+        _ => reference,
+    };
+    let path = path.split_once('@').map_or(path, |(p, _)| p);
+    match path.rsplit_once(':') {
+        // A colon after the last slash starts a tag.
+        Some((p, tag)) if !tag.contains('/') => p,
+        _ => path,
+    }
+}
+
+impl SignedPayload {
+    /// `Ok(())` when the payload names `digest` and, with `expected`, that module's
+    /// repository, name and version; otherwise what differs.
+    pub fn check(&self, digest: &str, expected: Option<&Expected<'_>>) -> Result<(), String> {
+        if !self.digest.eq_ignore_ascii_case(digest) {
+            return Err(format!("payload signs {}, not {digest}", self.digest));
+        }
+        let Some(want) = expected else {
+            return Ok(());
+        };
+        let reference = self.docker_reference.as_deref().unwrap_or("");
+        if reference_path(reference) != want.repository {
+            return Err(format!(
+                "payload signs repository {reference:?}, not {:?}",
+                want.repository
+            ));
+        }
+        let field = |got: &Option<String>, key: &str, want: &str| match got {
+            Some(g) if g == want => Ok(()),
+            Some(g) => Err(format!("payload signs {key}={g:?}, not {want:?}")),
+            None => Err(format!(
+                "payload has no {key} annotation (sign with -a {key}={want})"
+            )),
+        };
+        field(&self.name, MODULE_NAME_ANNOTATION, want.name)?;
+        field(&self.version, MODULE_VERSION_ANNOTATION, want.version)
+    }
+}
+
 /// Checks one signature layer offline: `Ok(())` when a trust key signed `payload` and
-/// the payload names `digest`; otherwise why not.
+/// the payload names `digest` (and, with `expected`, that module and version);
+/// otherwise why not.
 pub fn check_payload(
     keys: &[TrustKey],
     digest: &str,
+    expected: Option<&Expected<'_>>,
     payload: &[u8],
     signature_b64: &str,
 ) -> Result<(), String> {
@@ -130,22 +241,7 @@ pub fn check_payload(
     if !keys.iter().any(|k| k.verifies(payload, &sig)) {
         return Err("signature made by no trust key".into());
     }
-    let p: SimpleSigning = serde_json::from_slice(payload).map_err(|e| format!("payload: {e}"))?;
-    if p.critical.kind != COSIGN_SIGNATURE_TYPE {
-        return Err(format!("payload type {:?}", p.critical.kind));
-    }
-    if !p
-        .critical
-        .image
-        .docker_manifest_digest
-        .eq_ignore_ascii_case(digest)
-    {
-        return Err(format!(
-            "payload signs {}, not {digest}",
-            p.critical.image.docker_manifest_digest
-        ));
-    }
-    Ok(())
+    parse_payload(payload)?.check(digest, expected)
 }
 
 /// The cosign tag for a manifest digest: `sha256:HEX` -> `sha256-HEX.sig`.
@@ -154,12 +250,14 @@ pub fn signature_tag(digest: &str) -> String {
 }
 
 /// Fetches the signature manifest of `digest` from `repo` and accepts it when any of
-/// its simple-signing layers is signed by a trust key and names `digest`.
+/// its simple-signing layers is signed by a trust key and names `digest` (and, with
+/// `expected`, the module and version asked for).
 pub fn verify_signature(
     client: &RegistryClient,
     repo: &Repository,
     digest: &str,
     keys: &[TrustKey],
+    expected: Option<&Expected<'_>>,
 ) -> Result<(), SignatureError> {
     if keys.is_empty() {
         return Err(SignatureError::Mismatch {
@@ -193,7 +291,7 @@ pub fn verify_signature(
                 continue;
             }
         };
-        match check_payload(keys, digest, &payload, sig) {
+        match check_payload(keys, digest, expected, &payload, sig) {
             Ok(()) => return Ok(()),
             Err(r) => reasons.push(r),
         }
@@ -245,18 +343,79 @@ mod tests {
         let d = "sha256:aa";
         let p = payload(d, COSIGN_SIGNATURE_TYPE);
         let s = sign(&kp, &p);
-        assert!(check_payload(std::slice::from_ref(&tk), d, &p, &s).is_ok());
-        assert!(check_payload(&[other.clone(), tk.clone()], d, &p, &s).is_ok());
-        assert!(check_payload(&[other], d, &p, &s).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, None, &p, &s).is_ok());
+        assert!(check_payload(&[other.clone(), tk.clone()], d, None, &p, &s).is_ok());
+        assert!(check_payload(&[other], d, None, &p, &s).is_err());
         // Another digest, another type, a flipped payload byte, garbage signature.
         let p2 = payload("sha256:bb", COSIGN_SIGNATURE_TYPE);
-        assert!(check_payload(std::slice::from_ref(&tk), d, &p2, &sign(&kp, &p2)).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, None, &p2, &sign(&kp, &p2)).is_err());
         let p3 = payload(d, "something else");
-        assert!(check_payload(std::slice::from_ref(&tk), d, &p3, &sign(&kp, &p3)).is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, None, &p3, &sign(&kp, &p3)).is_err());
         let mut p4 = p.clone();
         p4[5] ^= 1;
-        assert!(check_payload(std::slice::from_ref(&tk), d, &p4, &s).is_err());
-        assert!(check_payload(&[tk], d, &p, "!!!").is_err());
+        assert!(check_payload(std::slice::from_ref(&tk), d, None, &p4, &s).is_err());
+        assert!(check_payload(&[tk], d, None, &p, "!!!").is_err());
+    }
+
+    #[test]
+    fn payload_binds_repository_name_and_version() {
+        let (kp, tk) = key();
+        let d = "sha256:aa";
+        let bound = |reference: &str, optional: &str| {
+            format!(
+                r#"{{"critical":{{"identity":{{"docker-reference":"{reference}"}},"image":{{"docker-manifest-digest":"{d}"}},"type":"{COSIGN_SIGNATURE_TYPE}"}},"optional":{optional}}}"#
+            )
+            .into_bytes()
+        };
+        let ann = r#"{"org.powernode.module.name":"base","org.powernode.module.version":"2"}"#;
+        let want = Expected {
+            repository: "modules/base",
+            name: "base",
+            version: "2",
+        };
+        let check = |p: &[u8], want: &Expected<'_>| {
+            check_payload(std::slice::from_ref(&tk), d, Some(want), p, &sign(&kp, p))
+        };
+        let good = bound("10.0.2.2:8443/modules/base", ann);
+        check(&good, &want).unwrap();
+        // The host may differ (a mirror, another view of the same registry).
+        check(&bound("registry.example:5000/modules/base", ann), &want).unwrap();
+        let other = |f: fn(&mut Expected<'static>)| {
+            let mut w = want;
+            f(&mut w);
+            check(&good, &w).unwrap_err()
+        };
+        assert!(other(|w| w.name = "web").contains(r#"name="base", not "web""#));
+        assert!(other(|w| w.version = "3").contains(r#"version="2", not "3""#));
+        assert!(other(|w| w.repository = "modules/web").contains("repository"));
+        // No annotations, non-string ones, no reference: refused when a module is expected.
+        let e = check(&bound("h:1/modules/base", "null"), &want).unwrap_err();
+        assert!(e.contains("no org.powernode.module.name annotation"), "{e}");
+        let e = check(
+            &bound("h:1/modules/base", r#"{"org.powernode.module.name":1}"#),
+            &want,
+        )
+        .unwrap_err();
+        assert!(e.contains("not a string"), "{e}");
+        let no_ref = format!(
+            r#"{{"critical":{{"identity":{{}},"image":{{"docker-manifest-digest":"{d}"}},"type":"{COSIGN_SIGNATURE_TYPE}"}},"optional":{ann}}}"#
+        )
+        .into_bytes();
+        assert!(check(&no_ref, &want).unwrap_err().contains("repository"));
+        // Without an expectation (the `module pull` tool without --name): digest only.
+        let p = bound("h:1/anything", "null");
+        check_payload(std::slice::from_ref(&tk), d, None, &p, &sign(&kp, &p)).unwrap();
+    }
+
+    #[test]
+    fn reference_paths() {
+        assert_eq!(reference_path("10.0.2.2:8443/modules/base"), "modules/base");
+        assert_eq!(reference_path("localhost/a/b"), "a/b");
+        assert_eq!(reference_path("reg.example/a"), "a");
+        assert_eq!(reference_path("library/busybox"), "library/busybox");
+        assert_eq!(reference_path("h:5000/a/b:v1"), "a/b");
+        assert_eq!(reference_path("h:5000/a/b@sha256:aa"), "a/b");
+        assert_eq!(reference_path(""), "");
     }
 
     #[test]

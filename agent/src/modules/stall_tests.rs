@@ -270,7 +270,7 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
 
 fn pull_in(m: &SignedModule, stall: Duration, store: &Path) -> Result<PullReport, PullError> {
     let store = ObjectStore::open(store).unwrap();
-    pull_module(&client(stall), &m.repo, &m.digest, &m.keys, &store)
+    pull_module(&client(stall), &m.repo, &m.digest, &m.keys, None, &store)
 }
 
 const STALL: Duration = Duration::from_secs(1);
@@ -287,7 +287,7 @@ fn a_layer_that_stalls_mid_body_fails_the_pull_within_the_stall_timeout() {
     let t = Instant::now();
     let r = within(Duration::from_secs(20), move || {
         let store = ObjectStore::open(&path).unwrap();
-        pull_module(&client(STALL), &repo, &digest, &keys, &store)
+        pull_module(&client(STALL), &repo, &digest, &keys, None, &store)
     });
     let took = t.elapsed();
     let e = r.unwrap_err();
@@ -336,7 +336,7 @@ fn a_manifest_that_stalls_mid_body_is_registry_unreachable_naming_the_registry()
         let (repo, digest, keys) = (m.repo.clone(), m.digest.clone(), m.keys.clone());
         move || {
             let store = ObjectStore::open(&path).unwrap();
-            pull_module(&client(STALL), &repo, &digest, &keys, &store)
+            pull_module(&client(STALL), &repo, &digest, &keys, None, &store)
         }
     })
     .unwrap_err();

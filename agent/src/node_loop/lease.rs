@@ -1,5 +1,8 @@
-//! The lease loop: lease a task when the heartbeat says one is pending (else poll
-//! now and then) and run it by kind; each kind is a file in [`super::tasks`].
+//! The lease loop: lease a task and run it by kind; each kind is a file in
+//! [`super::tasks`]. The lease is long-polled (the server holds it until a task is
+//! queued for this node, up to `lease_wait_seconds`), so a task reaches the node at
+//! once whatever the heartbeat interval; against a server that answers at once, it
+//! polls now and then and when a heartbeat says a task is pending.
 //!
 //! A `module_update` runs in the background, so the loop keeps leasing: a pull stuck
 //! on a registry must not hold a drain or a reboot behind it. A drain or reboot
@@ -10,6 +13,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use powernode_proto::node::{LeaseRequest, LeaseResponse};
 use powernode_proto::{paths, TaskKind, TaskStatus};
@@ -39,14 +43,19 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
                 }
             }
         }
+        let wait = shared.opts.lease_wait_seconds;
         let req = LeaseRequest {
             instance_id: shared.instance_id().to_string(),
             lease_seconds: shared.opts.lease_seconds,
+            wait_seconds: wait,
         };
         let sent = std::time::Instant::now();
+        // The server holds the request up to `wait`: the timeout covers that and a
+        // normal request's time on top.
+        let timeout = Duration::from_secs(wait) + shared.opts.timeouts.request;
         let delay = match shared
             .client()
-            .post::<_, LeaseResponse>(paths::TASK_LEASE, &req)
+            .post_with_timeout::<_, LeaseResponse>(paths::TASK_LEASE, &req, timeout)
             .await
         {
             Ok(LeaseResponse { task: Some(task) }) => {
@@ -82,7 +91,13 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
             }
             Ok(LeaseResponse { task: None }) => {
                 backoff.reset();
-                shared.interval() * shared.opts.lease_poll_every.max(1)
+                if held(wait, sent.elapsed()) {
+                    // A long poll that ran its course: ask again at once.
+                    Duration::ZERO
+                } else {
+                    // Answered at once: a server without long polls (or stopping).
+                    shared.interval() * shared.opts.lease_poll_every.max(1)
+                }
             }
             Err(e) => {
                 if shared.stop_if_terminal(&e).await {
@@ -99,6 +114,13 @@ pub(crate) async fn lease_loop(shared: Arc<Shared>) {
             _ = shared.wake_lease.notified() => {}
         }
     }
+}
+
+/// Whether an empty lease answer came after the server held it (a long poll), not at
+/// once: a server without long polls answers in milliseconds, one that caps the wait
+/// lower than asked still holds it for a second or more.
+fn held(wait_seconds: u64, took: Duration) -> bool {
+    wait_seconds > 0 && took >= (Duration::from_secs(wait_seconds) / 2).min(Duration::from_secs(1))
 }
 
 /// Runs one leased task to completion. `Break` means the agent must stop. A module
@@ -145,4 +167,19 @@ async fn run_task(
         }
     };
     complete(shared, &task, status, result).await.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held;
+    use std::time::Duration;
+
+    #[test]
+    fn only_a_held_answer_is_asked_again_at_once() {
+        assert!(held(20, Duration::from_secs(20)));
+        assert!(held(20, Duration::from_secs(10)));
+        assert!(held(20, Duration::from_secs(1)));
+        assert!(!held(20, Duration::from_millis(30)));
+        assert!(!held(0, Duration::from_secs(60)));
+    }
 }

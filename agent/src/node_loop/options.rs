@@ -30,9 +30,14 @@ pub struct AgentOptions {
     pub stop_grace: Duration,
     /// Steady-state reconcile period, in heartbeat intervals.
     pub reconcile_every: u32,
-    /// Fallback task poll period, in heartbeat intervals; a heartbeat answer with
-    /// `tasks_pending` wakes the lease loop at once, so this can be slow.
+    /// Fallback task poll period, in heartbeat intervals, for a server that answers a
+    /// lease at once (no long poll); a heartbeat answer with `tasks_pending` wakes the
+    /// lease loop too, so this can be slow.
     pub lease_poll_every: u32,
+    /// Long poll: how long the server may hold a lease request while nothing is
+    /// queued (it caps it at `MAX_LEASE_WAIT_SECONDS`), so a task reaches the node
+    /// as soon as it is queued, whatever the heartbeat interval. 0: plain polling.
+    pub lease_wait_seconds: u64,
     /// Where the facts about `/` reported at handshake come from.
     pub mountinfo: PathBuf,
     /// Digests of the root modules composed into `/` (set by the init after
@@ -78,6 +83,7 @@ impl AgentOptions {
             stop_grace: Duration::from_secs(10),
             reconcile_every: 10,
             lease_poll_every: 5,
+            lease_wait_seconds: 20,
             mountinfo: PathBuf::from(powernode_sysfmt::mountinfo::PATH),
             root_modules: Vec::new(),
             root_facts: None,

@@ -59,9 +59,10 @@ pub fn compose(
     rt: &tokio::runtime::Runtime,
     client: &ApiClient,
     state_dir: &Path,
+    pinned_keys: &[String],
     target: &str,
 ) -> Result<Composed, ComposeError> {
-    use powernode_agent::modules::{module_runtime, mount, registry};
+    use powernode_agent::modules::{module_runtime, mount, registry, trust};
     let desired = rt
         .block_on(client.get::<DesiredModulesResponse>(powernode_proto::paths::DESIRED_MODULES))
         .map_err(|e| ComposeError {
@@ -108,9 +109,13 @@ pub fn compose(
     } else {
         mount::Upper::Tmpfs
     };
+    let floor = trust::VersionFloor::load(&state_dir.join(trust::FLOOR_FILE))
+        .map_err(|e| ComposeError::internal(powernode_agent::error_chain(&e)))?;
     let started = std::time::Instant::now();
     let union = module_runtime::compose_root(
         &desired,
+        &trust::TrustAnchor::pinned(pinned_keys.to_vec()),
+        &floor,
         &store,
         opts,
         &LoopMounter,

@@ -98,13 +98,31 @@ pub fn find_identity(boot: &mut Boot<'_>) -> Result<(), PhaseError> {
         doc.instance_id,
         doc.hostname
     );
-    identity_found(boot, found, |_| json!({}));
-    Ok(())
+    identity_found(boot, found, |_| json!({}))
 }
 
-/// Marks `identity_found`, reports it on the console and keeps the identity; `more`
-/// (given the mark's time) adds the source's own fields to the event.
-fn identity_found(boot: &mut Boot<'_>, found: Found, more: impl FnOnce(u64) -> Value) {
+/// Marks `identity_found`, reports it on the console and keeps the identity, with the
+/// module keys built into the initramfs as its pins; `more` (given the mark's time)
+/// adds the source's own fields to the event.
+fn identity_found(
+    boot: &mut Boot<'_>,
+    mut found: Found,
+    more: impl FnOnce(u64) -> Value,
+) -> Result<(), PhaseError> {
+    let builtin = identity::builtin_trust_keys(boot.sys)?;
+    let builtin_count = builtin.len();
+    let dropped = identity::pin_builtin_keys(&mut found.document, builtin);
+    if builtin_count > 0 {
+        log::info!("module keys pinned by the initramfs: {builtin_count}");
+    }
+    if dropped > 0 {
+        log::warn!(
+            "the identity named {dropped} module key(s) the initramfs does not pin: ignored"
+        );
+    }
+    if found.document.module_trust_keys.is_empty() {
+        log::warn!("no module keys pinned: the control plane's keys will be trusted");
+    }
     let at_ms = boot.mark(Phase::IdentityFound);
     let timeline = boot.timeline.clone();
     let doc = &found.document;
@@ -117,6 +135,7 @@ fn identity_found(boot: &mut Boot<'_>, found: Found, more: impl FnOnce(u64) -> V
         "instance_id": doc.instance_id,
         "hostname": doc.hostname,
         "control_plane_url": doc.control_plane_url,
+        "module_keys_pinned": doc.module_trust_keys.len(),
         "timeline": timeline,
     });
     if let (Some(fields), Value::Object(more)) = (fields.as_object_mut(), more(at_ms)) {
@@ -124,6 +143,7 @@ fn identity_found(boot: &mut Boot<'_>, found: Found, more: impl FnOnce(u64) -> V
     }
     boot.event(fields);
     boot.identity = Some(found);
+    Ok(())
 }
 
 /// The `cloud_identity` phase: nothing to do when an identity was already found.
@@ -157,8 +177,7 @@ pub fn find_cloud_identity_with(
         boot,
         found,
         |at_ms| json!({"provider": facts, "probe_ms": at_ms.saturating_sub(started)}),
-    );
-    Ok(())
+    )
 }
 
 /// The identity's network config (DHCP unless it says static). Runs after the

@@ -14,9 +14,14 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, ProviderMode, StuckThresholds};
 use client::AdminClient;
+use render::write_out;
+pub use render::{render_attribution, render_instance, render_table};
+use wait::{finish_cluster, finish_waiting, WaitArgs};
 
 pub mod client;
 pub mod publish;
+pub mod render;
+pub mod wait;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -139,6 +144,28 @@ pub enum Cmd {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Create and provision COUNT Nodes of one template in one call (at most 50):
+    /// hostnames PREFIX-1 .. PREFIX-COUNT.
+    ProvisionCluster {
+        #[arg(long, default_value = "tmpl-edge-base")]
+        template: String,
+        #[arg(long)]
+        count: u32,
+        /// Default: `node-` and 6 random hex digits.
+        #[arg(long)]
+        hostname_prefix: Option<String>,
+        #[arg(long, default_value = "ephemeral")]
+        lifecycle_class: LifecycleClass,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long)]
+        instance_type: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Follow every member's provision task to its end.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Show the catalog: templates, platforms, architectures, regions, instance types.
     ListTemplates,
     /// List the recorded netboot image publications (newest first).
@@ -211,6 +238,8 @@ pub enum Cmd {
         instance_type: Option<String>,
         #[arg(long)]
         region: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Show an instance, with `stuck` and its recovery when a threshold is crossed,
     /// and the failures the node reported before it enrolled (boot reports).
@@ -228,12 +257,16 @@ pub enum Cmd {
         timeout_seconds: u64,
         #[arg(long)]
         cordon_only: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Terminate an instance (phase 6): destroy, revoke certificates, expire tokens.
     TerminateInstance {
         id: String,
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Desired vs running modules of an instance.
     DriftReport { id: String },
@@ -246,6 +279,8 @@ pub enum Cmd {
         /// Seconds the agent may take to stop services first.
         #[arg(long, default_value_t = 60)]
         drain_timeout_seconds: u64,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Ask the agent for diagnostics (a `collect_diagnostics` task; read the result
     /// with get-task).
@@ -253,10 +288,16 @@ pub enum Cmd {
         id: String,
         #[arg(long, default_value_t = 100)]
         log_lines: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Ask the agent to reconcile its modules now (a `module_update` task with the
     /// current drift).
-    UpdateModules { id: String },
+    UpdateModules {
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// The module and version changes before an instance's failure that could
     /// explain it, ranked, with the reasoning.
     AttributeFailure {
@@ -322,16 +363,6 @@ pub fn main_entry() -> ExitCode {
 fn closed_pipe(e: &anyhow::Error) -> bool {
     e.downcast_ref::<std::io::Error>()
         .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-/// Writes a command's answer to stdout; an error (a closed pipe) is returned, never
-/// a panic as `print!` would.
-fn write_out(text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(text.as_bytes())?;
-    stdout.flush()?;
-    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -460,6 +491,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let value: Value = serde_json::from_str(&text).context("server answered non-JSON")?;
+    if let Cmd::ProvisionCluster { wait, .. } = &cmd {
+        return finish_cluster(&client, value, wait, json).await;
+    }
+    if let Some(wait) = cmd.wait().filter(|w| w.wait) {
+        return finish_waiting(&client, &value, wait, json).await;
+    }
     if json || matches!(cmd, Cmd::InstanceIdentity { .. }) {
         write_out(&format!("{}\n", text.trim_end()))?;
     } else if matches!(cmd, Cmd::AttributeFailure { .. }) {
@@ -470,6 +507,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         write_out(&render_table(&value))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl Cmd {
+    /// `--wait` of the long actions (they answer a `task_id`).
+    fn wait(&self) -> Option<&WaitArgs> {
+        match self {
+            Cmd::ProvisionInstance { wait, .. }
+            | Cmd::DrainInstance { wait, .. }
+            | Cmd::TerminateInstance { wait, .. }
+            | Cmd::RebootInstance { wait, .. }
+            | Cmd::CollectDiagnostics { wait, .. }
+            | Cmd::UpdateModules { wait, .. } => Some(wait),
+            _ => None,
+        }
+    }
 }
 
 /// Method, path and body of the admin call behind a client subcommand.
@@ -490,6 +542,28 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
                 "template_id": template,
                 "lifecycle_class": lifecycle_class,
                 "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
+        ),
+        Cmd::ProvisionCluster {
+            template,
+            count,
+            hostname_prefix,
+            lifecycle_class,
+            labels,
+            instance_type,
+            region,
+            ..
+        } => (
+            Method::POST,
+            paths::ADMIN_CLUSTERS.to_string(),
+            Some(json!({
+                "template_id": template,
+                "count": count,
+                "hostname_prefix": hostname_prefix,
+                "lifecycle_class": lifecycle_class,
+                "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "instance_type": instance_type,
+                "region": region,
             })),
         ),
         Cmd::ListTemplates => (Method::GET, paths::ADMIN_TEMPLATES.to_string(), None),
@@ -535,6 +609,7 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             node_id,
             instance_type,
             region,
+            ..
         } => (
             Method::POST,
             paths::admin_provision(node_id),
@@ -548,12 +623,13 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             id,
             timeout_seconds,
             cordon_only,
+            ..
         } => (
             Method::POST,
             paths::admin_drain(id),
             Some(json!({"timeout_seconds": timeout_seconds, "cordon_only": cordon_only})),
         ),
-        Cmd::TerminateInstance { id, force } => (
+        Cmd::TerminateInstance { id, force, .. } => (
             Method::POST,
             paths::admin_terminate(id),
             Some(json!({ "force": force })),
@@ -563,17 +639,18 @@ fn request_for(cmd: &Cmd) -> anyhow::Result<(reqwest::Method, String, Option<Val
             id,
             reason,
             drain_timeout_seconds,
+            ..
         } => (
             Method::POST,
             paths::admin_reboot(id),
             Some(json!({"reason": reason, "drain_timeout_seconds": drain_timeout_seconds})),
         ),
-        Cmd::CollectDiagnostics { id, log_lines } => (
+        Cmd::CollectDiagnostics { id, log_lines, .. } => (
             Method::POST,
             paths::admin_collect_diagnostics(id),
             Some(json!({ "log_lines": log_lines })),
         ),
-        Cmd::UpdateModules { id } => (
+        Cmd::UpdateModules { id, .. } => (
             Method::POST,
             paths::admin_module_update(id),
             Some(json!({})),
@@ -613,225 +690,9 @@ fn list_path(base: &str, limit: u32, instance: Option<&str>) -> String {
     }
 }
 
-/// A readable rendering of an API answer: `key  value` lines for objects, one row
-/// per item for lists.
-pub fn render_table(v: &Value) -> String {
-    let mut out = String::new();
-    match v {
-        Value::Object(map) => {
-            for (k, val) in map {
-                match val {
-                    Value::Object(inner) => {
-                        out.push_str(&format!("{k}:\n"));
-                        let width = inner.keys().map(String::len).max().unwrap_or(0);
-                        for (ik, iv) in inner {
-                            out.push_str(&format!("  {ik:width$}  {}\n", scalar(iv)));
-                        }
-                    }
-                    Value::Array(items)
-                        if items.iter().all(Value::is_object) && !items.is_empty() =>
-                    {
-                        out.push_str(&format!("{k}:\n"));
-                        out.push_str(&rows(items));
-                    }
-                    other => out.push_str(&format!("{k}  {}\n", scalar(other))),
-                }
-            }
-        }
-        other => out.push_str(&format!("{}\n", scalar(other))),
-    }
-    out
-}
-
-/// get-instance as a table, with the node's boot reports (failures before
-/// enrollment) written out underneath: code, message, recovery and console lines.
-pub fn render_instance(mut v: Value) -> String {
-    let reports = v
-        .get_mut("instance")
-        .and_then(Value::as_object_mut)
-        .and_then(|i| i.remove("boot_reports"))
-        .and_then(|r| match r {
-            Value::Array(items) => Some(items),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let mut out = render_table(&v);
-    if reports.is_empty() {
-        return out;
-    }
-    out.push_str("boot reports (before enrollment, newest last):\n");
-    for r in &reports {
-        out.push_str(&format!(
-            "  {}  phase {}  code {}  attempt {}{}\n    message   {}\n    recovery  {}\n",
-            scalar(&r["at"]),
-            scalar(&r["phase"]),
-            scalar(&r["code"]),
-            scalar(&r["attempt"]),
-            if r["truncated"] == true {
-                "  (truncated)"
-            } else {
-                ""
-            },
-            scalar(&r["message"]),
-            scalar(&r["recovery"]),
-        ));
-        let lines = r["console"].as_array().cloned().unwrap_or_default();
-        if !lines.is_empty() {
-            out.push_str("    console:\n");
-            for l in &lines {
-                out.push_str(&format!("      | {}\n", scalar(l)));
-            }
-        }
-    }
-    out
-}
-
-/// attribute-failure as a table: the failure, then one row per candidate with its
-/// reasoning in full underneath (it is the point of the command).
-pub fn render_attribution(v: &Value) -> String {
-    let f = &v["failure"];
-    let mut out = format!(
-        "instance {}: {} at {} (source {}{}{})\nwindow: {} h back to {}\n",
-        scalar(&v["instance_id"]),
-        scalar(&f["status"]),
-        scalar(&f["at"]),
-        scalar(&f["source"]),
-        f["code"]
-            .as_str()
-            .map(|c| format!(", code {c}"))
-            .unwrap_or_default(),
-        f["message"]
-            .as_str()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default(),
-        scalar(&v["lookback_hours"]),
-        scalar(&v["window_start"]),
-    );
-    let cands = v["candidates"].as_array().cloned().unwrap_or_default();
-    if cands.is_empty() {
-        out.push_str("no module or version change in the window\n");
-        return out;
-    }
-    out.push_str(&format!(
-        "{:>4} {:>5}  {:<25} {:<21} {:>7}  {:<8} MODULE\n",
-        "RANK", "SCORE", "CHANGE", "AT", "MIN", "KIND"
-    ));
-    for c in &cands {
-        out.push_str(&format!(
-            "{:>4} {:>5}  {:<25} {:<21} {:>7}  {:<8} {}{}\n      {}\n",
-            scalar(&c["rank"]),
-            scalar(&c["score"]),
-            scalar(&c["change"]),
-            scalar(&c["at"]),
-            scalar(&c["minutes_before_failure"]),
-            c["kind"].as_str().unwrap_or("-"),
-            c["module"].as_str().unwrap_or("-"),
-            c["version"]
-                .as_str()
-                .map(|v| format!(" {v}"))
-                .unwrap_or_default(),
-            scalar(&c["reasoning"]),
-        ));
-    }
-    out
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn rows(items: &[Value]) -> String {
-    let cols: Vec<String> = items
-        .first()
-        .and_then(Value::as_object)
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default();
-    let cells: Vec<Vec<String>> = items
-        .iter()
-        .map(|it| {
-            cols.iter()
-                .map(|c| {
-                    let s = scalar(it.get(c).unwrap_or(&Value::Null));
-                    if s.len() > 60 {
-                        format!(
-                            "{}...",
-                            &s[..s.char_indices().nth(57).map(|(i, _)| i).unwrap_or(s.len())]
-                        )
-                    } else {
-                        s
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            cells
-                .iter()
-                .map(|r| r[i].len())
-                .chain([c.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    let line = |vals: &[String]| {
-        let mut l = String::from(" ");
-        for (i, v) in vals.iter().enumerate() {
-            l.push_str(&format!(" {:w$}", v, w = widths[i]));
-        }
-        l.trim_end().to_string() + "\n"
-    };
-    out.push_str(&line(
-        &cols.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>(),
-    ));
-    for r in &cells {
-        out.push_str(&line(r));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_render_objects_and_lists() {
-        let t = render_table(&json!({"node": {"id": "node-1", "status": "no_instance"}}));
-        assert!(t.contains("node:"));
-        assert!(t.contains("status  no_instance"));
-        let t = render_table(&json!({"signals": [{"id": 1, "kind": "instance.silent"}]}));
-        assert!(t.contains("KIND"));
-        assert!(t.contains("instance.silent"));
-    }
-
-    #[test]
-    fn get_instance_prints_boot_reports_under_the_table() {
-        let v = json!({"instance": {"id": "inst-1", "status": "provisioning",
-            "boot_reports": [{"at": "2026-12-07T11:55:22Z", "phase": "enrolled",
-                "code": "bootstrap_token_used", "message": "bootstrap: refused", "attempt": 1,
-                "console": ["[ 6053ms] powernode-init INFO: starting"],
-                "recovery": "provision-instance node-1", "truncated": false}]}});
-        let t = render_instance(v);
-        println!("{t}");
-        assert!(t.contains("status  provisioning"));
-        assert!(!t.contains("\"boot_reports\""), "not as a JSON blob: {t}");
-        for want in [
-            "boot reports (before enrollment, newest last):",
-            "code bootstrap_token_used",
-            "message   bootstrap: refused",
-            "recovery  provision-instance node-1",
-            "      | [ 6053ms] powernode-init INFO: starting",
-        ] {
-            assert!(t.contains(want), "{want:?} in:\n{t}");
-        }
-    }
 
     #[test]
     fn cli_parses_the_runbook_commands() {

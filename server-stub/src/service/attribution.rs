@@ -31,6 +31,7 @@ fn is_module_code(code: ErrorCode) -> bool {
             | ErrorCode::UnsupportedMediaType
             | ErrorCode::UnsafePath
             | ErrorCode::LayerTooLarge
+            | ErrorCode::VersionRollback
     )
 }
 

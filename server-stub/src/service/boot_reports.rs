@@ -223,6 +223,10 @@ pub fn recovery_for(code: ErrorCode, instance_id: &str, node_id: &str) -> String
              module-signing-key show what is published and trusted; publish a good version, \
              then {fresh_token}"
         ),
+        ErrorCode::VersionRollback => format!(
+            "the node already ran a newer version of that module and keeps it as its floor: \
+             publish a version above it (list-module-publications), then {fresh_token}"
+        ),
         _ => format!(
             "read the message and the console lines in get-instance {instance_id}; when the \
              node cannot recover on its own, {fresh_token}"

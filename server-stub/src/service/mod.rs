@@ -24,7 +24,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use powernode_proto::admin::{self, Catalog};
-use powernode_proto::{ErrorCode, InstanceStatus};
+use powernode_proto::{ErrorCode, InstanceStatus, TaskStatus};
 use sha2::Digest;
 
 use crate::ca::{Ca, ClientIdentity, CsrError};
@@ -84,6 +84,11 @@ pub struct Shared {
     module_watch: Mutex<ModuleWatch>,
     /// Boot reports accepted per token hash in the current window (memory only).
     boot_report_windows: Mutex<boot_reports::Windows>,
+    /// Per instance, what a long-polled task lease waits on: notified when a
+    /// node-side task of that instance becomes pending (see [`AppState::mutate`]).
+    task_waiters: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Set when the server stops: long polls answer at once.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// How long after a reboot task was leased the node may enroll again with its
@@ -215,6 +220,8 @@ impl AppState {
             image_digests: Arc::default(),
             module_watch: Mutex::new(module_watch),
             boot_report_windows: Mutex::default(),
+            task_waiters: Mutex::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
         })))
     }
 
@@ -263,11 +270,52 @@ impl AppState {
                 }
             }
         };
+        // Instances with a node-side task pending after this change (new, or
+        // requeued), or terminated: a lease long-polled for them answers now (with
+        // the task, or with the refusal that stops the agent).
+        let wake: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Task(t) if t.status == TaskStatus::Pending && t.kind.is_node_side() => {
+                    Some(t.instance_id.clone())
+                }
+                Op::Instance(i) if i.status == InstanceStatus::Terminated => Some(i.id.clone()),
+                _ => None,
+            })
+            .collect();
         if let Err(e) = self.store.apply(ops).await {
             self.lock().undo(undo);
             return Err(AppError::storage(&e));
         }
+        if !wake.is_empty() {
+            let waiters = self.task_waiters.lock().unwrap_or_else(|p| p.into_inner());
+            for id in wake {
+                if let Some(n) = waiters.get(&id) {
+                    n.notify_waiters();
+                }
+            }
+        }
         res
+    }
+
+    /// What a long-polled lease of `instance_id` waits on; [`Self::drop_task_waiter`]
+    /// when done.
+    pub(crate) fn task_waiter(&self, instance_id: &str) -> Arc<tokio::sync::Notify> {
+        self.task_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(instance_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the waiter of `instance_id` when nobody else holds it.
+    pub(crate) fn drop_task_waiter(&self, instance_id: &str, waiter: Arc<tokio::sync::Notify>) {
+        let mut waiters = self.task_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and `waiter`: no other lease of it is waiting.
+        if Arc::strong_count(&waiter) <= 2 {
+            waiters.remove(instance_id);
+        }
     }
 
     /// Writes the heartbeat state of dirty instances in one transaction.

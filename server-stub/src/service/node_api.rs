@@ -4,7 +4,7 @@ use powernode_proto::admin::MAX_TASK_RESULT_BYTES;
 use powernode_proto::node::{
     CompleteTaskRequest, CompleteTaskResponse, DesiredModulesResponse, HandshakeRequest,
     HandshakeResponse, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse,
-    LeasedTask, Phase, RenewLeaseRequest, RenewLeaseResponse,
+    LeasedTask, Phase, RenewLeaseRequest, RenewLeaseResponse, MAX_LEASE_WAIT_SECONDS,
 };
 use powernode_proto::{ErrorCode, InstanceStatus, TaskKind, TaskStatus};
 use serde_json::{json, Value};
@@ -175,10 +175,48 @@ impl AppState {
         })
     }
 
+    /// Leases the next pending node-side task of the caller's instance. With
+    /// `wait_seconds` and nothing to lease, holds the request (long poll) until a task
+    /// is queued for it, the wait (capped) is over or the server stops.
     pub async fn lease(
         &self,
         ident: &ClientIdentity,
         req: LeaseRequest,
+    ) -> AppResult<LeaseResponse> {
+        let wait = req.wait_seconds.min(MAX_LEASE_WAIT_SECONDS);
+        if wait == 0 {
+            return self.lease_now(ident, &req).await;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+        let waiter = self.task_waiter(&ident.instance_id);
+        let mut stopping = self.stopping.subscribe();
+        let answer = loop {
+            // Registered before the check, so a task queued in between is not missed.
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.lease_now(ident, &req).await {
+                Ok(LeaseResponse { task: None }) => {}
+                other => break other,
+            }
+            if *stopping.borrow_and_update() || tokio::time::Instant::now() >= deadline {
+                break Ok(LeaseResponse { task: None });
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = stopping.changed() => {}
+            }
+        };
+        self.drop_task_waiter(&ident.instance_id, waiter);
+        answer
+    }
+
+    /// [`Self::lease`] without waiting.
+    async fn lease_now(
+        &self,
+        ident: &ClientIdentity,
+        req: &LeaseRequest,
     ) -> AppResult<LeaseResponse> {
         {
             // Fast answer when there is nothing to lease (agents poll this).

@@ -1,6 +1,11 @@
-//! Admin: nodes (create, read, update, delete).
+//! Admin: nodes (create, read, update, delete), and clusters of them made and
+//! provisioned in one call.
 use axum::http::StatusCode;
-use powernode_proto::admin::{self, CreateNodeRequest, DeleteNodeResponse, UpdateNodeRequest};
+use powernode_proto::admin::{
+    self, ClusterError, ClusterMember, CreateNodeRequest, DeleteNodeResponse,
+    ProvisionClusterRequest, ProvisionClusterResponse, ProvisionRequest, UpdateNodeRequest,
+    MAX_CLUSTER_COUNT,
+};
 use powernode_proto::ErrorCode;
 use serde_json::json;
 
@@ -16,14 +21,7 @@ impl AppState {
             ));
         }
         if self.template(&req.template_id).is_none() {
-            return Err(AppError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::UnknownTemplate,
-                format!(
-                    "unknown template {:?} (see list-templates)",
-                    req.template_id
-                ),
-            ));
+            return Err(unknown_template(&req.template_id));
         }
         self.mutate(|mem, now| {
             let node = NodeRec {
@@ -44,6 +42,87 @@ impl AppState {
             Ok(mem.node_view(&mem.nodes[&id]))
         })
         .await
+    }
+
+    /// `count` Nodes of one template, each created and provisioned in turn. Everything
+    /// the request names is checked before the first Node is made; a failure after
+    /// that stops the call, keeps what was made and names the hostname it failed on.
+    pub async fn provision_cluster(
+        &self,
+        req: ProvisionClusterRequest,
+    ) -> AppResult<ProvisionClusterResponse> {
+        if req.count == 0 || req.count > MAX_CLUSTER_COUNT {
+            return Err(AppError::bad_request(format!(
+                "count must be 1 to {MAX_CLUSTER_COUNT} (the most one call provisions), not {}",
+                req.count
+            )));
+        }
+        let prefix = match req.hostname_prefix.clone() {
+            Some(p) => p,
+            None => format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff),
+        };
+        let last = format!("{prefix}-{}", req.count);
+        if !valid_name(&last) {
+            return Err(AppError::bad_request(
+                "hostname_prefix: ASCII letters, digits, '-', '_' or '.', at most 249 of them",
+            ));
+        }
+        if self.template(&req.template_id).is_none() {
+            return Err(unknown_template(&req.template_id));
+        }
+        let mut members = Vec::new();
+        for i in 1..=req.count {
+            let hostname = format!("{prefix}-{i}");
+            match self.cluster_member(&req, &hostname).await {
+                Ok(m) => members.push(m),
+                Err(e) => {
+                    tracing::warn!(%hostname, made = members.len(), error = %e.message,
+                        "provision-cluster stopped");
+                    return Ok(ProvisionClusterResponse {
+                        members,
+                        error: Some(ClusterError {
+                            hostname,
+                            code: e.code,
+                            message: e.message,
+                        }),
+                    });
+                }
+            }
+        }
+        Ok(ProvisionClusterResponse {
+            members,
+            error: None,
+        })
+    }
+
+    async fn cluster_member(
+        &self,
+        req: &ProvisionClusterRequest,
+        hostname: &str,
+    ) -> AppResult<ClusterMember> {
+        let node = self
+            .create_node(CreateNodeRequest {
+                hostname: hostname.to_string(),
+                template_id: req.template_id.clone(),
+                lifecycle_class: req.lifecycle_class,
+                labels: req.labels.clone(),
+            })
+            .await?;
+        let prov = self
+            .provision(
+                &node.id,
+                ProvisionRequest {
+                    instance_type: req.instance_type.clone(),
+                    region: req.region.clone(),
+                },
+            )
+            .await?;
+        Ok(ClusterMember {
+            node_id: node.id,
+            hostname: hostname.to_string(),
+            instance_id: prov.instance.id,
+            task_id: prov.task_id,
+        })
     }
 
     pub fn get_node(&self, id: &str) -> AppResult<admin::Node> {
@@ -121,6 +200,14 @@ impl AppState {
         })
         .await
     }
+}
+
+fn unknown_template(id: &str) -> AppError {
+    AppError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::UnknownTemplate,
+        format!("unknown template {id:?} (see list-templates)"),
+    )
 }
 
 fn valid_name(s: &str) -> bool {

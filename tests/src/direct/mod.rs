@@ -44,10 +44,34 @@ pub fn image_with_agent(
     agent: Option<&Path>,
     compression: Compression,
 ) -> BuildOutput {
+    image_with(out, init, agent, compression, &[])
+}
+
+/// The default netboot image with module trust keys (PEM files) built in: the node
+/// pins them, whatever its identity says.
+pub fn netboot_pinning(dir: &Path, trust_keys: &[PathBuf]) -> BuildOutput {
+    let (init, _) = musl_inits();
+    image_with(
+        &dir.join("image"),
+        &init,
+        None,
+        Compression::default(),
+        trust_keys,
+    )
+}
+
+fn image_with(
+    out: &Path,
+    init: &Path,
+    agent: Option<&Path>,
+    compression: Compression,
+    trust_keys: &[PathBuf],
+) -> BuildOutput {
     let root = workspace_root();
     build(&BuildOptions {
         init: init.to_path_buf(),
         agent: agent.map(Path::to_path_buf),
+        trust_keys: trust_keys.to_vec(),
         out: out.to_path_buf(),
         cache: std::env::var("POWERNODE_CACHE")
             .map(PathBuf::from)
