@@ -35,6 +35,9 @@ pub enum ErrorCode {
     MissingNetbootImageError,
     /// The operator cancelled the task that drove the instance (e.g. its provision).
     TaskCancelled,
+    /// The server keeps no online module-signing key (`serve --online-signing off`):
+    /// publishers sign offline (`publish-module --key`).
+    OnlineSigningDisabled,
     // Enrollment.
     BootstrapTokenInvalid,
     BootstrapTokenExpired,
@@ -118,6 +121,7 @@ impl ErrorCode {
             Self::ProviderFailed => "provider_failed",
             Self::MissingNetbootImageError => "missing_netboot_image_error",
             Self::TaskCancelled => "task_cancelled",
+            Self::OnlineSigningDisabled => "online_signing_disabled",
             Self::BootstrapTokenInvalid => "bootstrap_token_invalid",
             Self::BootstrapTokenExpired => "bootstrap_token_expired",
             Self::BootstrapTokenUsed => "bootstrap_token_used",
@@ -220,6 +224,7 @@ mod tests {
             ErrorCode::RenewalNotDue,
             ErrorCode::RenewalRateLimited,
             ErrorCode::RegistryUnauthorized,
+            ErrorCode::OnlineSigningDisabled,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -40,6 +40,9 @@ pub const ADMIN_MODULE_PUBLICATIONS: &str = "/api/v1/system/module_publications"
 pub const ADMIN_MODULE_SIGNATURES: &str = "/api/v1/system/module_signatures";
 /// The public half of the module-signing key (GET).
 pub const ADMIN_MODULE_SIGNING_KEY: &str = "/api/v1/system/module_signing_key";
+/// The module trust set and what an offline signer needs (GET): whether the server
+/// signs online, the registry host signatures of the embedded registry name.
+pub const ADMIN_MODULE_TRUST: &str = "/api/v1/system/module_trust";
 
 pub fn admin_node(node_id: &str) -> String {
     format!("/api/v1/system/nodes/{node_id}")

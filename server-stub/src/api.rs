@@ -90,6 +90,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route(paths::ADMIN_MODULE_SIGNATURES, post(sign_module))
         .route(paths::ADMIN_MODULE_SIGNING_KEY, get(module_signing_key))
+        .route(paths::ADMIN_MODULE_TRUST, get(module_trust))
         .route(
             "/api/v1/system/templates/{id}/modules",
             put(set_template_modules),
@@ -534,6 +535,10 @@ async fn module_signing_key(State(st): State<AppState>) -> JsonOut<serde_json::V
     Ok(axum::Json(
         serde_json::json!({"public_key_pem": st.module_signing_key()?}),
     ))
+}
+
+async fn module_trust(State(st): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(st.module_trust())
 }
 
 async fn sign_module(

@@ -160,6 +160,14 @@ pub struct Config {
     /// Print `{"listening": ADDR}` on stdout once bound (the binary does; in-process
     /// tests need not).
     pub announce: bool,
+    /// Whether the server keeps an online module-signing key
+    /// (`DIR/module-signing.key`) and signs on the admin route; off, it never makes
+    /// or reads one and publishers sign offline (`publish-module --key`).
+    pub online_signing: bool,
+    /// Public keys of offline signers (`--module-trust-key`); with the online key
+    /// (when on) they are the trust set nodes are handed and publications are
+    /// checked against.
+    pub module_trust_keys: Vec<crate::signing::PublicKey>,
 }
 
 impl Config {
@@ -196,6 +204,8 @@ impl Config {
             flush_interval_ms: 1000,
             retention_days: 30,
             announce: true,
+            online_signing: true,
+            module_trust_keys: Vec::new(),
         }
     }
 }

@@ -56,6 +56,11 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
     #[error("--public-url {0:?} must be an https:// URL with a host")]
     BadPublicUrl(String),
+    #[error(
+        "--online-signing off needs at least one --module-trust-key: with no key to trust, \
+         no module could be published or verified"
+    )]
+    NoTrustKeys,
 }
 
 /// TLS-layer client-certificate policy: offer client auth, never require it, accept
@@ -257,6 +262,9 @@ pub async fn start(cfg: Config, clock: Clock) -> Result<RunningServer, ServeErro
         if !u.starts_with("https://") || host_of(u).is_none() {
             return Err(ServeError::BadPublicUrl(u.clone()));
         }
+    }
+    if !cfg.online_signing && cfg.module_trust_keys.is_empty() {
+        return Err(ServeError::NoTrustKeys);
     }
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;

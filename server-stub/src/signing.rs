@@ -1,17 +1,28 @@
-//! The module-signing key and cosign-compatible signatures.
+//! Module-signing keys and cosign-compatible signatures.
 //!
-//! An ECDSA P-256 key made on first start (`DIR/module-signing.key`, PKCS#8 PEM,
+//! The online key (optional: `serve --online-signing off` never makes or reads it)
+//! is an ECDSA P-256 key made on first start (`DIR/module-signing.key`, PKCS#8 PEM,
 //! 0600; first writer wins, as for the CA) with its public key exported as PEM
 //! (`DIR/module-signing.pub`), the form `cosign verify --key` and the agent's trust
-//! keys take. A signature is cosign's "simple signing" payload signed with
-//! ECDSA-SHA256 (DER), published as an OCI manifest at tag `sha256-HEX.sig`.
+//! keys take. An offline key is a cosign key file the publisher reads
+//! ([`key_file`]). A signature is cosign's "simple signing" payload signed with
+//! ECDSA-SHA256 (DER), published as an OCI manifest at tag `sha256-HEX.sig`; the
+//! payload names the `HOST/REPOSITORY` and manifest digest, and its `optional`
+//! annotations the module's name and version, exactly as `cosign sign -a
+//! org.powernode.module.name=N -a org.powernode.module.version=V` writes them.
+//! [`PublicKey`] is a key of the trust set, and [`check_layer`] the check that a
+//! signature was made by one over a payload naming exactly the module.
 //!
 //! It must never write the private key anywhere but its 0600 file, nor sign a
-//! payload that names anything but the exact manifest digest it was given.
+//! payload that names anything but the exact manifest digest, name and version it
+//! was given.
+
+pub mod key_file;
 
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use powernode_proto::node::{MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION};
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
 use serde_json::json;
 use sha2::Digest as _;
@@ -22,6 +33,8 @@ pub const PUB_FILE: &str = "module-signing.pub";
 pub const SIMPLESIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const OCI_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// `critical.type` of a cosign image signature.
+pub const COSIGN_SIGNATURE_TYPE: &str = "cosign container image signature";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
@@ -39,6 +52,14 @@ pub enum SigningError {
     Sign,
     #[error("{0:?} is not a sha256 manifest digest")]
     BadDigest(String),
+    #[error("module trust key {path}")]
+    TrustKeyIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module trust key {path} is not a P-256 public key PEM (SubjectPublicKeyInfo, as cosign.pub)")]
+    BadTrustKey { path: PathBuf },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SigningError + '_ {
@@ -93,15 +114,17 @@ impl SigningKey {
     }
 
     fn from_pem(pem: &str) -> Option<Self> {
-        let kp = rcgen::KeyPair::from_pem(pem).ok()?;
-        let der = kp.serialize_der();
+        let block = pem::parse(pem).ok()?;
+        (block.tag() == key_file::PKCS8_LABEL).then_some(())?;
+        Self::from_pkcs8_der(block.contents())
+    }
+
+    /// A P-256 key from its PKCS#8 DER; `None` for any other key or bytes.
+    pub fn from_pkcs8_der(der: &[u8]) -> Option<Self> {
         let rng = ring::rand::SystemRandom::new();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng).ok()?;
-        debug_assert_eq!(pair.public_key().as_ref(), kp.public_key_raw());
-        Some(Self {
-            pair,
-            public_pem: kp.public_key_pem(),
-        })
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng).ok()?;
+        let public_pem = spki_pem(pair.public_key().as_ref());
+        Some(Self { pair, public_pem })
     }
 
     /// The public key as a `PUBLIC KEY` (SubjectPublicKeyInfo) PEM.
@@ -118,16 +141,27 @@ impl SigningKey {
             .map_err(|_| SigningError::Sign)
     }
 
-    /// Signs manifest `digest` of `docker_reference` (`host[:port]/repo`).
+    /// The public half, as a key of a trust set.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey {
+            pem: self.public_pem.clone(),
+            point: self.pair.public_key().as_ref().to_vec(),
+        }
+    }
+
+    /// Signs manifest `digest` of `docker_reference` (`host[:port]/repo`), module
+    /// `name` at `version`.
     pub fn sign_manifest(
         &self,
         docker_reference: &str,
         digest: &str,
+        name: &str,
+        version: &str,
     ) -> Result<Signature, SigningError> {
         if crate::registry::parse_digest(digest).is_none() {
             return Err(SigningError::BadDigest(digest.to_string()));
         }
-        let payload = simple_signing_payload(docker_reference, digest);
+        let payload = simple_signing_payload(docker_reference, digest, name, version);
         let sig = self.sign(&payload)?;
         Ok(Signature {
             payload,
@@ -136,15 +170,26 @@ impl SigningKey {
     }
 }
 
-/// cosign's payload, byte for byte in cosign's field order.
-pub fn simple_signing_payload(docker_reference: &str, digest: &str) -> Vec<u8> {
+/// cosign's payload for `cosign sign -a MODULE_NAME=name -a MODULE_VERSION=version`,
+/// byte for byte: Go's `encoding/json` writes map keys sorted and so does
+/// `serde_json` (no `preserve_order`); names and versions are OCI tag characters,
+/// which Go escapes no differently.
+pub fn simple_signing_payload(
+    docker_reference: &str,
+    digest: &str,
+    name: &str,
+    version: &str,
+) -> Vec<u8> {
     let v = json!({
         "critical": {
             "identity": {"docker-reference": docker_reference},
             "image": {"docker-manifest-digest": digest},
-            "type": "cosign container image signature",
+            "type": COSIGN_SIGNATURE_TYPE,
         },
-        "optional": null,
+        "optional": {
+            MODULE_NAME_ANNOTATION: name,
+            MODULE_VERSION_ANNOTATION: version,
+        },
     });
     serde_json::to_vec(&v).expect("JSON values serialize")
 }
@@ -210,31 +255,211 @@ impl Signature {
 /// Verifies a DER ECDSA P-256 signature with a `PUBLIC KEY` PEM (tests, and a check
 /// after signing).
 pub fn verify_with_pem(public_pem: &str, msg: &[u8], sig_der: &[u8]) -> bool {
-    let Some(der) = pem_body(public_pem) else {
-        return false;
-    };
-    let Ok((_, spki)) =
-        <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(
-            &der,
-        )
-    else {
-        return false;
-    };
-    ring::signature::UnparsedPublicKey::new(
-        &ring::signature::ECDSA_P256_SHA256_ASN1,
-        &spki.subject_public_key.data,
-    )
-    .verify(msg, sig_der)
-    .is_ok()
+    PublicKey::from_pem(public_pem).is_some_and(|k| k.verify(msg, sig_der))
 }
 
-fn pem_body(pem: &str) -> Option<Vec<u8>> {
-    let b64: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+/// The DER `AlgorithmIdentifier` + BIT STRING header of a P-256 SubjectPublicKeyInfo
+/// (id-ecPublicKey, prime256v1), before the 65-byte uncompressed point: the one
+/// fixed shape of such a key, so it is written out rather than built by an ASN.1
+/// encoder.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// The `PUBLIC KEY` PEM of an uncompressed P-256 point (64-column lines, LF, as
+/// Go's `pem.Encode` and so `cosign.pub`).
+fn spki_pem(point: &[u8]) -> String {
+    let mut der = P256_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(point);
+    pem::encode_config(
+        &pem::Pem::new("PUBLIC KEY", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// A public key of the trust set: ECDSA P-256, kept as the canonical PEM nodes are
+/// handed (byte for byte what `cosign generate-key-pair` writes to `cosign.pub`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    pem: String,
+    /// The uncompressed point (65 bytes).
+    point: Vec<u8>,
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicKey")
+            .field("sha256", &hex::encode(sha2::Sha256::digest(&self.point)))
+            .finish()
+    }
+}
+
+impl PublicKey {
+    /// A `PUBLIC KEY` PEM of a P-256 key; `None` for anything else.
+    pub fn from_pem(text: &str) -> Option<Self> {
+        let block = pem::parse(text).ok()?;
+        (block.tag() == "PUBLIC KEY").then_some(())?;
+        let der = block.contents();
+        let point = der.strip_prefix(&P256_SPKI_PREFIX[..])?;
+        // An uncompressed point on the curve: ring checks it is on the curve when
+        // it verifies; the form is checked here.
+        (point.len() == 65 && point[0] == 0x04).then_some(())?;
+        Some(Self {
+            pem: spki_pem(point),
+            point: point.to_vec(),
+        })
+    }
+
+    /// Reads a trust key file (`serve --module-trust-key PATH`); errors name it.
+    pub fn from_file(path: &Path) -> Result<Self, SigningError> {
+        let text = std::fs::read(path).map_err(|source| SigningError::TrustKeyIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::str::from_utf8(&text)
+            .ok()
+            .and_then(Self::from_pem)
+            .ok_or_else(|| SigningError::BadTrustKey {
+                path: path.to_path_buf(),
+            })
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Whether `sig_der` is this key's ECDSA-SHA256 signature of `msg`.
+    pub fn verify(&self, msg: &[u8], sig_der: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &self.point,
+        )
+        .verify(msg, sig_der)
+        .is_ok()
+    }
+}
+
+/// What a signature of one module publication must name.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// Registry path, e.g. `modules/base` (the docker-reference after its host).
+    pub repository: &'a str,
+    pub digest: &'a str,
+    pub name: &'a str,
+    pub version: &'a str,
+}
+
+/// Why a signature layer does not stand for a publication.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerRefused {
+    #[error("no key of the trust set made this signature")]
+    Untrusted,
+    #[error("the signature annotation is not base64")]
+    SignatureEncoding,
+    #[error("the payload is not a cosign image-signature payload")]
+    NotPayload,
+    #[error("the payload signs digest {found:?}, not {expected}")]
+    Digest { found: String, expected: String },
+    #[error("the payload signs repository {found:?}, not {expected}")]
+    Repository { found: String, expected: String },
+    #[error("the payload's module name annotation is {found:?}, not {expected}")]
+    Name {
+        found: Option<String>,
+        expected: String,
+    },
+    #[error("the payload's module version annotation is {found:?}, not {expected}")]
+    Version {
+        found: Option<String>,
+        expected: String,
+    },
+}
+
+impl LayerRefused {
+    /// Whether a key of the trust set made the signature (the payload is wrong).
+    pub fn trusted(&self) -> bool {
+        !matches!(self, Self::Untrusted | Self::SignatureEncoding)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Payload {
+    critical: Critical,
+    #[serde(default)]
+    optional: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+}
+#[derive(serde::Deserialize)]
+struct Critical {
+    identity: Identity,
+    image: Image,
+    #[serde(rename = "type")]
+    kind: String,
+}
+#[derive(serde::Deserialize)]
+struct Identity {
+    #[serde(rename = "docker-reference")]
+    docker_reference: String,
+}
+#[derive(serde::Deserialize)]
+struct Image {
+    #[serde(rename = "docker-manifest-digest")]
+    docker_manifest_digest: String,
+}
+
+/// Checks one signature layer as a node will: a key of `keys` signed `payload`
+/// (`signature_b64`, DER ECDSA), and the payload names the expected digest, the
+/// repository path after the docker-reference's host, the module name and version.
+pub fn check_layer(
+    keys: &[PublicKey],
+    payload: &[u8],
+    signature_b64: &str,
+    want: &Expected<'_>,
+) -> Result<(), LayerRefused> {
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(signature_b64.trim())
+        .map_err(|_| LayerRefused::SignatureEncoding)?;
+    if !keys.iter().any(|k| k.verify(payload, &sig)) {
+        return Err(LayerRefused::Untrusted);
+    }
+    let p: Payload = serde_json::from_slice(payload).map_err(|_| LayerRefused::NotPayload)?;
+    if p.critical.kind != COSIGN_SIGNATURE_TYPE {
+        return Err(LayerRefused::NotPayload);
+    }
+    if p.critical.image.docker_manifest_digest != want.digest {
+        return Err(LayerRefused::Digest {
+            found: p.critical.image.docker_manifest_digest,
+            expected: want.digest.to_string(),
+        });
+    }
+    let reference = p.critical.identity.docker_reference;
+    if reference.split_once('/').map(|(_, path)| path) != Some(want.repository) {
+        return Err(LayerRefused::Repository {
+            found: reference,
+            expected: want.repository.to_string(),
+        });
+    }
+    let annotation = |key: &str| {
+        p.optional
+            .as_ref()
+            .and_then(|o| o.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let name = annotation(MODULE_NAME_ANNOTATION);
+    if name.as_deref() != Some(want.name) {
+        return Err(LayerRefused::Name {
+            found: name,
+            expected: want.name.to_string(),
+        });
+    }
+    let version = annotation(MODULE_VERSION_ANNOTATION);
+    if version.as_deref() != Some(want.version) {
+        return Err(LayerRefused::Version {
+            found: version,
+            expected: want.version.to_string(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,7 +483,9 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
 
         let d = format!("sha256:{}", "ab".repeat(32));
-        let s = k1.sign_manifest("127.0.0.1:1/modules/x", &d).unwrap();
+        let s = k1
+            .sign_manifest("127.0.0.1:1/modules/x", &d, "x", "1.0.0")
+            .unwrap();
         let sig = base64::engine::general_purpose::STANDARD
             .decode(&s.signature_b64)
             .unwrap();
@@ -268,12 +495,120 @@ mod tests {
         assert!(!verify_with_pem(k2.public_pem(), &tampered, &sig));
         let other = SigningKey::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
         assert!(!verify_with_pem(other.public_pem(), &s.payload, &sig));
-        assert!(k1.sign_manifest("r/x", "sha256:zz").is_err());
+        assert!(k1.sign_manifest("r/x", "sha256:zz", "x", "1").is_err());
+        // cosign's bytes for `cosign sign -a org.powernode.module.name=x -a
+        // org.powernode.module.version=1.0.0` (keys sorted, no spaces).
         assert_eq!(
             std::str::from_utf8(&s.payload).unwrap(),
             format!(
-                r#"{{"critical":{{"identity":{{"docker-reference":"127.0.0.1:1/modules/x"}},"image":{{"docker-manifest-digest":"{d}"}},"type":"cosign container image signature"}},"optional":null}}"#
+                r#"{{"critical":{{"identity":{{"docker-reference":"127.0.0.1:1/modules/x"}},"image":{{"docker-manifest-digest":"{d}"}},"type":"cosign container image signature"}},"optional":{{"org.powernode.module.name":"x","org.powernode.module.version":"1.0.0"}}}}"#
             )
         );
+        // The public key file is what cosign.pub looks like, and reads back.
+        assert_eq!(
+            PublicKey::from_pem(&pub_file).unwrap().pem(),
+            k1.public_key().pem()
+        );
+    }
+
+    fn want<'a>(digest: &'a str) -> Expected<'a> {
+        Expected {
+            repository: "modules/x",
+            digest,
+            name: "x",
+            version: "1.0.0",
+        }
+    }
+
+    #[test]
+    fn a_layer_stands_for_a_publication_only_when_trusted_and_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::load_or_create(dir.path()).unwrap();
+        let other = SigningKey::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let trust = [other.public_key(), key.public_key()];
+        let d = format!("sha256:{}", "cd".repeat(32));
+        let sign = |reference: &str, digest: &str, name: &str, version: &str| {
+            key.sign_manifest(reference, digest, name, version).unwrap()
+        };
+        let good = sign("h:1/modules/x", &d, "x", "1.0.0");
+        assert_eq!(
+            check_layer(&trust, &good.payload, &good.signature_b64, &want(&d)),
+            Ok(())
+        );
+        // Signed by no key of the set.
+        assert_eq!(
+            check_layer(
+                &[other.public_key()],
+                &good.payload,
+                &good.signature_b64,
+                &want(&d)
+            ),
+            Err(LayerRefused::Untrusted)
+        );
+        assert_eq!(
+            check_layer(&trust, &good.payload, "%%%", &want(&d)),
+            Err(LayerRefused::SignatureEncoding)
+        );
+        // Trusted, but naming something else.
+        let e = format!("sha256:{}", "ef".repeat(32));
+        for (s, refused) in [
+            (sign("h:1/modules/x", &e, "x", "1.0.0"), "digest"),
+            (sign("h:1/modules/y", &d, "x", "1.0.0"), "repository"),
+            (sign("modules-x", &d, "x", "1.0.0"), "repository"),
+            (sign("h:1/modules/x", &d, "y", "1.0.0"), "name"),
+            (sign("h:1/modules/x", &d, "x", "0.9.0"), "version"),
+        ] {
+            let err = check_layer(&trust, &s.payload, &s.signature_b64, &want(&d)).unwrap_err();
+            assert!(err.trusted(), "{err}");
+            assert!(err.to_string().contains(refused), "{refused}: {err}");
+        }
+        // The payload of old: no annotations at all.
+        let old = format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"h:1/modules/x"}},"image":{{"docker-manifest-digest":"{d}"}},"type":"cosign container image signature"}},"optional":null}}"#
+        );
+        let sig =
+            base64::engine::general_purpose::STANDARD.encode(key.sign(old.as_bytes()).unwrap());
+        assert_eq!(
+            check_layer(&trust, old.as_bytes(), &sig, &want(&d)),
+            Err(LayerRefused::Name {
+                found: None,
+                expected: "x".into()
+            })
+        );
+        for junk in [&b"not json"[..], br#"{"critical":{}}"#] {
+            let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(junk).unwrap());
+            assert_eq!(
+                check_layer(&trust, junk, &sig, &want(&d)),
+                Err(LayerRefused::NotPayload)
+            );
+        }
+    }
+
+    #[test]
+    fn public_keys_are_p256_spki_pems_only() {
+        let k = SigningKey::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let pem = k.public_pem().to_string();
+        // CRLF and surrounding blank lines read the same.
+        let crlf = format!("\n{}\n", pem.replace('\n', "\r\n"));
+        assert_eq!(PublicKey::from_pem(&crlf).unwrap().pem(), pem);
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        for bad in [
+            ed.public_key_pem(),
+            p384.public_key_pem(),
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_string(),
+            pem.replace("PUBLIC KEY", "CERTIFICATE"),
+            "junk".to_string(),
+            String::new(),
+        ] {
+            assert!(PublicKey::from_pem(&bad).is_none(), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.pub");
+        std::fs::write(&f, ed.public_key_pem()).unwrap();
+        let err = PublicKey::from_file(&f).unwrap_err().to_string();
+        assert!(err.contains("k.pub") && err.contains("P-256"), "{err}");
+        let err = PublicKey::from_file(&dir.path().join("absent.pub")).unwrap_err();
+        assert!(err.to_string().contains("absent.pub"), "{err}");
     }
 }

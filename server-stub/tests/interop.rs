@@ -9,72 +9,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use common::tools::{run, tool};
 use common::TestServer;
 use reqwest::Method;
 use serde_json::Value;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The tool from the project cache or PATH; tries `scripts/tools` once when absent.
-fn tool(name: &str) -> PathBuf {
-    let find = || {
-        let cached = workspace().join("cache/root/usr/bin").join(name);
-        if cached.is_file() {
-            return Some(cached);
-        }
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|c| c.is_file())
-        })
-    };
-    if let Some(p) = find() {
-        return p;
-    }
-    let _ = std::process::Command::new(workspace().join("scripts/tools"))
-        .stdout(std::process::Stdio::null())
-        .status();
-    // A missing tool fails the test, naming it: passing without the interop check
-    // would be a false `ok`.
-    find().unwrap_or_else(|| {
-        panic!(
-            "`{name}` is missing and scripts/tools did not install it (cosign, oras: \
-             scripts/tools; docker-registry: apt-get install docker-registry)"
-        )
-    })
-}
-
-/// Runs a tool (killed on drop and after 120 s); answers (success, stdout, stderr).
-async fn run(
-    bin: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-    cwd: &Path,
-) -> (bool, String, String) {
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(args)
-        .current_dir(cwd)
-        .env("HOME", cwd)
-        .env("DOCKER_CONFIG", cwd.join(".docker"))
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("{} {args:?} timed out", bin.display()))
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A client for plain-HTTP registries (reqwest needs a TLS provider even so).
 fn plain_http() -> reqwest::Client {
@@ -242,6 +183,10 @@ async fn cosign_verifies_a_published_module_offline() {
                 "--key",
                 key.to_str().unwrap(),
                 "--insecure-ignore-tlog=true",
+                "-a",
+                "org.powernode.module.name=base",
+                "-a",
+                "org.powernode.module.version=1.0.0",
                 &reference,
             ],
             &env,
@@ -251,6 +196,23 @@ async fn cosign_verifies_a_published_module_offline() {
         assert!(ok, "cosign verify {reference}: {out}\n{err}");
         assert!(out.contains(digest), "{out}");
     }
+    // The signed payload binds the version: another one does not verify.
+    let (ok, _, err) = run(
+        &cosign,
+        &[
+            "verify",
+            "--key",
+            key.to_str().unwrap(),
+            "--insecure-ignore-tlog=true",
+            "-a",
+            "org.powernode.module.version=2.0.0",
+            &format!("{}/modules/base@{digest}", host(&ts)),
+        ],
+        &env,
+        work.path(),
+    )
+    .await;
+    assert!(!ok, "another version's annotation must not verify: {err}");
     // Another key does not verify it.
     let (ok, _, err) = run(
         &cosign,

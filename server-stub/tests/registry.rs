@@ -653,6 +653,17 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         digest.as_str()
     );
     assert_eq!(pv["critical"]["type"], "cosign container image signature");
+    // The signature binds the module's name and version (cosign's `-a` annotations)
+    // and its repository path.
+    assert_eq!(
+        pv["optional"],
+        json!({"org.powernode.module.name": "base", "org.powernode.module.version": "1.0.0"})
+    );
+    let host = ts.url().trim_start_matches("https://").to_string();
+    assert_eq!(
+        pv["critical"]["identity"]["docker-reference"],
+        format!("{host}/modules/base")
+    );
     let sig = base64::engine::general_purpose::STANDARD
         .decode(
             l["annotations"]["dev.cosignproject.cosign/signature"]

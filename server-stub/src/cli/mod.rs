@@ -103,6 +103,22 @@ pub struct ServeArgs {
     /// kept; 0 keeps them for ever.
     #[arg(long, default_value_t = 30)]
     pub retention_days: u64,
+    /// `on`: the server keeps a module-signing key (DIR/module-signing.key) and
+    /// signs on the admin route; `off`: it never makes or reads one, publishers
+    /// sign offline (`publish-module --key`) with keys given by --module-trust-key.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub online_signing: OnOff,
+    /// Public key (PEM, e.g. cosign.pub) of an offline module signer; repeatable.
+    /// Nodes are handed these (and the online key, when on) to verify and pin.
+    #[arg(long = "module-trust-key", value_name = "PATH")]
+    pub module_trust_keys: Vec<PathBuf>,
+}
+
+/// A switch flag's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 fn parse_provider(s: &str) -> Result<ProviderMode, String> {
@@ -169,7 +185,8 @@ pub enum Cmd {
     },
     /// Publish a module: build an OCI image from a folder (or take an OCI image
     /// layout), record its composefs digest in the manifest, push it (default: the
-    /// embedded registry), sign it with the server's key and record the publication.
+    /// embedded registry), sign it (the server's online key, or --key here) and
+    /// record the publication.
     PublishModule {
         /// A folder, or an OCI image layout (a folder with `oci-layout`).
         source: PathBuf,
@@ -190,6 +207,12 @@ pub enum Cmd {
         /// org.powernode.drain, org.powernode.mountpoint.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Sign offline with this key: `cosign generate-key-pair`'s cosign.key
+        /// (password from COSIGN_PASSWORD, empty allowed) or an unencrypted PKCS#8
+        /// P-256 PEM. The key never leaves this machine; the server must trust its
+        /// public key (serve --module-trust-key).
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
     },
     /// List module publications (newest first).
     ListModulePublications,
@@ -377,6 +400,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cfg.registry_max_blob_bytes = args.registry_max_blob_bytes;
         cfg.quota_concurrent_provisions = args.quota_concurrent_provisions;
         cfg.quota_instances_per_region = args.quota_instances_per_region;
+        cfg.online_signing = args.online_signing == OnOff::On;
+        cfg.module_trust_keys = args
+            .module_trust_keys
+            .iter()
+            .map(|p| crate::signing::PublicKey::from_file(p))
+            .collect::<Result<_, _>>()?;
         crate::server::run_until_signal(cfg).await?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -390,8 +419,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         registry,
         preserve_owners,
         labels,
+        key,
     } = &cmd
     {
+        // Read (and opened) first: a wrong password fails before anything is built.
+        let offline = key
+            .as_deref()
+            .map(|p| {
+                let password = crate::signing::key_file::password_from_env();
+                crate::signing::key_file::load(p, password.as_deref())
+            })
+            .transpose()?;
         let mut folder = publish::FolderOptions {
             preserve_owners: *preserve_owners,
             ..Default::default()
@@ -413,14 +451,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             registry: registry.clone(),
             folder,
         };
-        let out = publish::publish_module(
-            &client,
-            client.http.clone(),
-            &client.base,
-            &client.token,
-            &args,
-        )
-        .await?;
+        let out = match &offline {
+            Some(key) => {
+                publish::publish_module_offline(
+                    &client,
+                    client.http.clone(),
+                    &client.base,
+                    &client.token,
+                    &args,
+                    key,
+                )
+                .await?
+            }
+            None => {
+                publish::publish_module(
+                    &client,
+                    client.http.clone(),
+                    &client.base,
+                    &client.token,
+                    &args,
+                )
+                .await?
+            }
+        };
         if json {
             write_out(&format!("{out}\n"))?;
         } else {

@@ -1,6 +1,7 @@
 //! The publisher client behind `powernode-stub publish-module`: build or read an OCI
-//! image, compute its composefs digest with `powernode-modfmt`, push it, have the
-//! server sign it, push the signature and record the publication.
+//! image, compute its composefs digest with `powernode-modfmt`, push it, sign it
+//! (the server's online key, or offline here with `--key`: the private key never
+//! leaves this process), push the signature and record the publication.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ use super::client::AdminClient;
 use crate::config::url_host;
 use crate::registry::{parse_digest, valid_tag, OCI_MANIFEST};
 use crate::service::modules::valid_module_name;
-use crate::signing::{signature_tag, Signature};
+use crate::signing::{signature_tag, PublicKey, Signature, SigningKey};
 
 /// A module image ready to push: blobs (config and layers) and the manifest bytes.
 #[derive(Debug)]
@@ -387,6 +388,53 @@ pub async fn publish_module(
     admin_token: &str,
     args: &PublishArgs,
 ) -> anyhow::Result<Value> {
+    publish(admin, http, server_url, admin_token, args, None).await
+}
+
+/// [`publish_module`] signed here with `key` (`publish-module --key`): the server
+/// only records the signature, which its trust set must verify.
+pub async fn publish_module_offline(
+    admin: &AdminClient,
+    http: reqwest::Client,
+    server_url: &str,
+    admin_token: &str,
+    args: &PublishArgs,
+    key: &SigningKey,
+) -> anyhow::Result<Value> {
+    publish(admin, http, server_url, admin_token, args, Some(key)).await
+}
+
+/// `GET` [`paths::ADMIN_MODULE_TRUST`]: (online signing on, the embedded registry's
+/// host, the trust set).
+async fn module_trust(admin: &AdminClient) -> anyhow::Result<(bool, String, Vec<PublicKey>)> {
+    let (status, text) = admin
+        .call(reqwest::Method::GET, paths::ADMIN_MODULE_TRUST, None)
+        .await?;
+    if !status.is_success() {
+        bail!("reading the server's module trust: {status} {text}");
+    }
+    let v: Value = serde_json::from_str(&text).context("module trust answer is not JSON")?;
+    let host = v["registry_host"]
+        .as_str()
+        .context("module trust answer without registry_host")?
+        .to_string();
+    let keys = v["trust_keys"]
+        .as_array()
+        .context("module trust answer without trust_keys")?
+        .iter()
+        .filter_map(|k| k.as_str().and_then(PublicKey::from_pem))
+        .collect();
+    Ok((v["online_signing"] == true, host, keys))
+}
+
+async fn publish(
+    admin: &AdminClient,
+    http: reqwest::Client,
+    server_url: &str,
+    admin_token: &str,
+    args: &PublishArgs,
+    offline: Option<&SigningKey>,
+) -> anyhow::Result<Value> {
     if !valid_module_name(&args.name) {
         bail!(
             "module name {:?}: lowercase letters, digits and inner . _ -",
@@ -395,6 +443,21 @@ pub async fn publish_module(
     }
     if !valid_tag(&args.version) {
         bail!("version {:?} is not a valid OCI tag", args.version);
+    }
+    // Before anything is built or pushed: a signature the server or its nodes would
+    // refuse is not worth making.
+    let (online, embedded_host, trust) = module_trust(admin).await?;
+    match offline {
+        None if !online => bail!(
+            "the server does not sign online (online_signing_disabled): sign offline with \
+             --key PATH (a cosign key whose public key the server trusts)"
+        ),
+        Some(key) if !trust.contains(&key.public_key()) => bail!(
+            "the signing key is not in the server's trust set: nodes would refuse its \
+             signatures (start serve with --module-trust-key for its public key:\n{})",
+            key.public_pem()
+        ),
+        _ => {}
     }
     let src = args.source.clone();
     let (name, version) = (args.name.clone(), args.version.clone());
@@ -435,21 +498,40 @@ pub async fn publish_module(
         .await?;
     let push_ms = t1.elapsed().as_millis();
 
-    let (status, text) = admin
-        .call(
-            reqwest::Method::POST,
-            paths::ADMIN_MODULE_SIGNATURES,
-            Some(json!({"registry": registry_host, "repository": repo, "digest": image.manifest_digest})),
-        )
-        .await?;
-    if !status.is_success() {
-        bail!("signing: {status} {text}");
-    }
-    let v: Value = serde_json::from_str(&text)?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let sig = Signature {
-        payload: b64.decode(v["payload"].as_str().context("no payload")?)?,
-        signature_b64: v["signature"].as_str().context("no signature")?.to_string(),
+    let sig = match offline {
+        // The reference the server would sign: the registry's host as nodes reach it.
+        Some(key) => {
+            let host = registry_host.as_deref().unwrap_or(&embedded_host);
+            key.sign_manifest(
+                &format!("{host}/{repo}"),
+                &image.manifest_digest,
+                &args.name,
+                &args.version,
+            )
+            .context("signing with the offline key")?
+        }
+        None => {
+            let (status, text) = admin
+                .call(
+                    reqwest::Method::POST,
+                    paths::ADMIN_MODULE_SIGNATURES,
+                    Some(json!({
+                        "name": args.name, "version": args.version,
+                        "registry": registry_host, "repository": repo,
+                        "digest": image.manifest_digest,
+                    })),
+                )
+                .await?;
+            if !status.is_success() {
+                bail!("signing: {status} {text}");
+            }
+            let v: Value = serde_json::from_str(&text)?;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            Signature {
+                payload: b64.decode(v["payload"].as_str().context("no payload")?)?,
+                signature_b64: v["signature"].as_str().context("no signature")?.to_string(),
+            }
+        }
     };
     let sig_image = sig.image();
     for b in [&sig_image.config, &sig.payload] {

@@ -192,7 +192,9 @@ impl AppState {
                     network: NetworkConfig::Dhcp,
                     heartbeat_interval_seconds: self.cfg.heartbeat_interval_seconds,
                     ssh_authorized_keys: Vec::new(),
-                    module_trust_keys: Vec::new(),
+                    // The trust set, for the node to pin: a control plane that later
+                    // hands it other keys cannot make it take their signatures.
+                    module_trust_keys: self.modules.trust_keys(),
                 };
                 let spec = ProvisionSpec {
                     instance_id: instance_id.clone(),

@@ -191,8 +191,13 @@ impl AppState {
                 "instances whose VM did not survive the server restart were marked failed"
             );
         }
-        let modules =
-            module_store::Modules::load(&cfg.data_dir, &store, cfg.registry_max_blob_bytes)?;
+        let modules = module_store::Modules::load(
+            &cfg.data_dir,
+            &store,
+            cfg.registry_max_blob_bytes,
+            cfg.online_signing,
+            &cfg.module_trust_keys,
+        )?;
         let catalog = crate::catalog::catalog();
         let module_watch = ModuleWatch {
             generation: modules.generation(),

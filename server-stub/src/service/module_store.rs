@@ -1,6 +1,7 @@
 //! The server's module state beside SQLite: the embedded registry's storage, the
-//! module-signing key, the publications and the template module lists, with a
-//! generation counter the sensor compares.
+//! online module-signing key (when online signing is on) and the trust set, the
+//! publications and the template module lists, with a generation counter the
+//! sensor compares.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,17 +10,22 @@ use std::sync::Mutex;
 
 use powernode_proto::admin::Catalog;
 use powernode_proto::node::DesiredModule;
+use powernode_proto::ErrorCode;
 
 use crate::error::{AppError, AppResult};
 use crate::model::{ModulePublication, TemplateModules};
 use crate::registry::Storage;
-use crate::signing::SigningKey;
+use crate::signing::{PublicKey, SigningKey};
 use crate::store::{Store, StoreError};
 
-/// The server's module state: registry storage, signing key, publications.
+/// The server's module state: registry storage, signing keys, publications.
 pub struct Modules {
     pub storage: Storage,
-    signing: Result<SigningKey, String>,
+    /// The online key; `None` when online signing is off.
+    signing: Option<Result<SigningKey, String>>,
+    /// The trust set: the online public key (when on and usable) first, then the
+    /// offline signers' keys, without repeats.
+    trust: Vec<PublicKey>,
     publications: Mutex<Vec<ModulePublication>>,
     templates: Mutex<BTreeMap<String, TemplateModules>>,
     /// Bumped by every publication and template change, so the sensor's safety-net
@@ -34,13 +40,38 @@ impl std::fmt::Debug for Modules {
 }
 
 impl Modules {
-    /// Loads publications and template lists, and the signing key (made on first
-    /// start; a key that cannot be made or read is logged and answered 500 on use).
-    pub fn load(dir: &Path, store: &Store, max_blob: u64) -> Result<Self, StoreError> {
-        let signing = SigningKey::load_or_create(dir).map_err(|e| {
-            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "module signing key unusable");
-            e.to_string()
+    /// Loads publications and template lists, and with `online_signing` the
+    /// signing key (made on first start; a key that cannot be made or read is
+    /// logged and answered 500 on use). `offline_keys` join the trust set.
+    pub fn load(
+        dir: &Path,
+        store: &Store,
+        max_blob: u64,
+        online_signing: bool,
+        offline_keys: &[PublicKey],
+    ) -> Result<Self, StoreError> {
+        let signing = online_signing.then(|| {
+            SigningKey::load_or_create(dir).map_err(|e| {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "module signing key unusable");
+                e.to_string()
+            })
         });
+        if !online_signing {
+            tracing::info!(
+                trust_keys = offline_keys.len(),
+                "online module signing is off: publishers sign offline (publish-module --key)"
+            );
+        }
+        let mut trust: Vec<PublicKey> = Vec::new();
+        let online = signing
+            .as_ref()
+            .and_then(|k| k.as_ref().ok())
+            .map(SigningKey::public_key);
+        for k in online.into_iter().chain(offline_keys.iter().cloned()) {
+            if !trust.contains(&k) {
+                trust.push(k);
+            }
+        }
         let templates = store
             .load_template_modules()?
             .into_iter()
@@ -49,24 +80,42 @@ impl Modules {
         Ok(Self {
             storage: Storage::new(dir.join("registry"), max_blob),
             signing,
+            trust,
             publications: Mutex::new(store.load_module_publications()?),
             templates: Mutex::new(templates),
             generation: AtomicU64::new(0),
         })
     }
 
+    /// The online key; 409 `online_signing_disabled` when online signing is off.
     pub(super) fn key(&self) -> AppResult<&SigningKey> {
-        self.signing
-            .as_ref()
-            .map_err(|e| AppError::internal(&format!("module signing key: {e}")))
+        match &self.signing {
+            None => Err(AppError::conflict(
+                ErrorCode::OnlineSigningDisabled,
+                "online signing is off on this server (serve --online-signing off): sign \
+                 offline with `powernode-stub publish-module --key PATH` (a cosign key \
+                 whose public key the server trusts: serve --module-trust-key)",
+            )),
+            Some(k) => k
+                .as_ref()
+                .map_err(|e| AppError::internal(&format!("module signing key: {e}"))),
+        }
     }
 
-    /// The trust keys nodes verify signatures with.
+    /// Whether the server signs on the admin route.
+    pub fn online_signing(&self) -> bool {
+        self.signing.is_some()
+    }
+
+    /// The trust set: the keys a publication's signature must verify with.
+    pub fn trust(&self) -> &[PublicKey] {
+        &self.trust
+    }
+
+    /// The trust set as PEM: what nodes are handed to verify signatures with (the
+    /// desired-modules answer) and to pin (identity documents).
     pub fn trust_keys(&self) -> Vec<String> {
-        self.signing
-            .as_ref()
-            .map(|k| vec![k.public_pem().to_string()])
-            .unwrap_or_default()
+        self.trust.iter().map(|k| k.pem().to_string()).collect()
     }
 
     /// Changes so far (publications and template module lists).

@@ -1,10 +1,14 @@
-//! Module publications, the behaviour side: signing a named manifest, recording a
-//! publication, setting a template's module lists. The HTTP routes are in
-//! [`crate::api`]; the publisher client is [`crate::cli::publish`].
+//! Module publications, the behaviour side: signing a named manifest (when online
+//! signing is on), the trust set, recording a publication, setting a template's
+//! module lists. The HTTP routes are in [`crate::api`]; the publisher client is
+//! [`crate::cli::publish`].
 //!
-//! The server never signs a digest of a manifest it was not named, and never
-//! records a publication of the embedded registry whose manifest is missing, lacks
-//! the composefs annotation it claims, or is unsigned.
+//! The server never signs a digest of a manifest it was not named, nor without the
+//! module name and version the signature binds, and never records a publication of
+//! the embedded registry whose manifest is missing, lacks the composefs annotation
+//! it claims, or whose signature no key of the trust set made over a payload naming
+//! exactly that repository, digest, name and version (a node would refuse it: the
+//! publisher learns it first).
 
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -18,10 +22,19 @@ use super::AppState;
 use crate::error::{AppError, AppResult};
 use crate::model::{new_id, ModulePublication, TemplateModules};
 use crate::registry::{parse_digest, valid_repo, valid_tag, Storage};
-use crate::signing::signature_tag;
+use crate::signing::{
+    check_layer, signature_tag, Expected, LayerRefused, PublicKey, SIGNATURE_ANNOTATION,
+    SIMPLESIGNING_MEDIA_TYPE,
+};
 
 #[derive(Debug, Deserialize)]
 pub struct SignRequest {
+    /// The module name and version the signature binds (the payload's
+    /// `org.powernode.module.{name,version}` annotations).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
     /// `host[:port]` of an external registry; absent: the embedded one (named by the
     /// control plane's public URL, as nodes reach it).
     #[serde(default)]
@@ -66,6 +79,27 @@ fn module_invalid(msg: impl Into<String>) -> AppError {
     AppError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest, msg)
 }
 
+fn signature_refused(msg: impl Into<String>) -> AppError {
+    AppError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::SignatureMismatch,
+        msg,
+    )
+}
+
+/// The name and version rules of every publication.
+fn check_name_version(name: &str, version: &str) -> AppResult<()> {
+    if !valid_module_name(name) {
+        return Err(AppError::bad_request(
+            "module name: lowercase letters, digits and inner . _ -",
+        ));
+    }
+    if !valid_tag(version) {
+        return Err(AppError::bad_request("version must be a valid OCI tag"));
+    }
+    Ok(())
+}
+
 impl AppState {
     /// Module publications, newest first.
     pub fn module_publications(&self) -> Vec<ModulePublication> {
@@ -74,14 +108,33 @@ impl AppState {
         v
     }
 
-    /// The public half of the module-signing key, PEM.
+    /// The public half of the online module-signing key, PEM (409 when online
+    /// signing is off).
     pub fn module_signing_key(&self) -> AppResult<String> {
         Ok(self.modules.key()?.public_pem().to_string())
     }
 
-    /// Signs the named manifest with the module-signing key; answers the cosign
-    /// payload and signature for the publisher to push.
+    /// What a publisher needs to sign offline: whether the server signs online, the
+    /// host a signature of the embedded registry names (the control plane's public
+    /// host, as nodes reach it), and the trust set.
+    pub fn module_trust(&self) -> Value {
+        json!({
+            "online_signing": self.modules.online_signing(),
+            "registry_host": self.public_host(),
+            "trust_keys": self.modules.trust_keys(),
+        })
+    }
+
+    /// Signs the named manifest with the module-signing key, binding the module's
+    /// name and version; answers the cosign payload and signature for the
+    /// publisher to push.
     pub fn sign_module(&self, req: SignRequest) -> AppResult<Value> {
+        let (Some(name), Some(version)) = (req.name.as_deref(), req.version.as_deref()) else {
+            return Err(AppError::bad_request(
+                "name and version are required: the signature binds them",
+            ));
+        };
+        check_name_version(name, version)?;
         if !valid_repo(&req.repository) || parse_digest(&req.digest).is_none() {
             return Err(AppError::bad_request(
                 "repository must be a registry path and digest sha256:HEX",
@@ -95,7 +148,7 @@ impl AppState {
         let s = self
             .modules
             .key()?
-            .sign_manifest(&reference, &req.digest)
+            .sign_manifest(&reference, &req.digest, name, version)
             .map_err(|e| AppError::internal(&e))?;
         Ok(json!({
             "docker_reference": reference,
@@ -111,14 +164,7 @@ impl AppState {
         &self,
         req: RecordRequest,
     ) -> AppResult<ModulePublication> {
-        if !valid_module_name(&req.name) {
-            return Err(AppError::bad_request(
-                "module name: lowercase letters, digits and inner . _ -",
-            ));
-        }
-        if !valid_tag(&req.version) {
-            return Err(AppError::bad_request("version must be a valid OCI tag"));
-        }
+        check_name_version(&req.name, &req.version)?;
         if req.kind != "root" && req.kind != "runtime" {
             return Err(AppError::bad_request("kind is root or runtime"));
         }
@@ -132,7 +178,7 @@ impl AppState {
             ));
         }
         if req.registry.is_none() {
-            check_embedded(&self.modules.storage, &req).await?;
+            check_embedded(&self.modules.storage, self.modules.trust(), &req).await?;
         }
         let now = self.clock.now_ms();
         let p = ModulePublication {
@@ -188,9 +234,14 @@ impl AppState {
     }
 }
 /// For the embedded registry we can check the claim: the manifest is there, its
-/// annotation names the composefs digest, and the signature tag holds the given
-/// signature manifest.
-async fn check_embedded(storage: &Storage, req: &RecordRequest) -> AppResult<()> {
+/// annotation names the composefs digest, the signature tag holds the given
+/// signature manifest, and one of its layers is a signature the trust set made
+/// over this repository, digest, name and version.
+async fn check_embedded(
+    storage: &Storage,
+    trust: &[PublicKey],
+    req: &RecordRequest,
+) -> AppResult<()> {
     let io = |e: crate::registry::StorageError| AppError::internal(&e);
     let hex = parse_digest(&req.digest).expect("checked");
     if storage
@@ -229,5 +280,73 @@ async fn check_embedded(storage: &Storage, req: &RecordRequest) -> AppResult<()>
             req.signature_digest
         )));
     }
-    Ok(())
+    let want = Expected {
+        repository: &req.repository,
+        digest: &req.digest,
+        name: &req.name,
+        version: &req.version,
+    };
+    check_signature(storage, trust, &req.signature_digest, &want).await
+}
+
+/// Signature layers looked at, at most (cosign appends one per `cosign sign`).
+const MAX_SIGNATURE_LAYERS: usize = 64;
+/// A simple-signing payload is a few hundred bytes; larger layers are not read.
+const MAX_PAYLOAD_BYTES: u64 = 64 * 1024;
+
+/// Finds a layer of signature manifest `signature_digest` that stands for `want`
+/// (see [`check_layer`]); refuses with what the best layer lacked.
+async fn check_signature(
+    storage: &Storage,
+    trust: &[PublicKey],
+    signature_digest: &str,
+    want: &Expected<'_>,
+) -> AppResult<()> {
+    let io = |e: crate::registry::StorageError| AppError::internal(&e);
+    let hex = parse_digest(signature_digest).expect("checked");
+    let bytes = storage
+        .read_blob(hex)
+        .await
+        .map_err(io)?
+        .unwrap_or_default();
+    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let layers = doc["layers"].as_array().cloned().unwrap_or_default();
+    let mut best: Option<LayerRefused> = None;
+    for layer in layers.iter().take(MAX_SIGNATURE_LAYERS) {
+        if layer["mediaType"] != SIMPLESIGNING_MEDIA_TYPE
+            || layer["size"].as_u64().is_none_or(|n| n > MAX_PAYLOAD_BYTES)
+        {
+            continue;
+        }
+        let (Some(sig), Some(hex)) = (
+            layer["annotations"][SIGNATURE_ANNOTATION].as_str(),
+            layer["digest"].as_str().and_then(parse_digest),
+        ) else {
+            continue;
+        };
+        let Some(payload) = storage.read_blob(hex).await.map_err(io)? else {
+            continue;
+        };
+        match check_layer(trust, &payload, sig, want) {
+            Ok(()) => return Ok(()),
+            // A trusted signature naming something else says more than an
+            // untrusted one.
+            Err(e) if best.as_ref().is_none_or(|b| e.trusted() && !b.trusted()) => best = Some(e),
+            Err(_) => {}
+        }
+    }
+    Err(signature_refused(match best {
+        None => format!(
+            "signature {signature_digest} has no cosign signature layer; sign with a key of \
+             the trust set"
+        ),
+        Some(e @ (LayerRefused::Untrusted | LayerRefused::SignatureEncoding)) => format!(
+            "signature {signature_digest} was not made by a key of the trust set ({e}); \
+             nodes would refuse it: sign with a trusted key (serve --module-trust-key)"
+        ),
+        Some(e) => format!(
+            "signature {signature_digest} does not stand for {}@{} {} {}: {e}",
+            want.repository, want.digest, want.name, want.version
+        ),
+    }))
 }
