@@ -115,7 +115,10 @@ async fn an_expired_certificate_is_reissued_for_the_same_key() {
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0]["detail"]["old_serial"], enr["serial"]);
     assert_eq!(ev[0]["detail"]["serial"], r["serial"]);
-    assert_eq!(ev[0]["detail"]["expired_for_seconds"], 30);
+    // The test clock is advanced on top of real time, which a loaded machine moves on
+    // by a second or more between enrollment and reissue.
+    let expired_for = ev[0]["detail"]["expired_for_seconds"].as_i64().unwrap();
+    assert!((30..=40).contains(&expired_for), "{ev:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
