@@ -67,6 +67,20 @@ pub struct Fetcher {
     deadline: Instant,
     patient: bool,
     confirmed: AtomicBool,
+    #[cfg(feature = "fuzzing")]
+    replay: std::sync::Mutex<Option<std::collections::VecDeque<Replay>>>,
+}
+
+/// One canned answer of a [`Fetcher`] in replay mode (the `fuzzing` feature).
+#[cfg(feature = "fuzzing")]
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// A status and a body, judged like a real response (404 absent, 5xx retried,
+    /// the size bound).
+    Status(u16, Vec<u8>),
+    /// The whole response as the raw HTTP/1.0 client reads it (status line,
+    /// headers, body).
+    Raw(Vec<u8>),
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -137,7 +151,42 @@ impl Fetcher {
             deadline,
             patient,
             confirmed: AtomicBool::new(false),
+            #[cfg(feature = "fuzzing")]
+            replay: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Replay mode (the `fuzzing` feature): from now on every request takes the
+    /// next of `answers` instead of going to the network, and a request past the
+    /// last one is answered 404. The providers' walks run as they do for real.
+    #[cfg(feature = "fuzzing")]
+    pub fn replay(&self, answers: impl IntoIterator<Item = Replay>) {
+        let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        *replay = Some(answers.into_iter().collect());
+    }
+
+    #[cfg(feature = "fuzzing")]
+    fn replayed(&self, method: Method, url: &str, max: usize) -> Option<Attempt> {
+        let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let answer = replay
+            .as_mut()?
+            .pop_front()
+            .unwrap_or(Replay::Status(404, Vec::new()));
+        Some(match answer {
+            Replay::Status(_, body) if body.len() > max => {
+                Attempt::Fatal(SourceErrorKind::TooLarge {
+                    size: body.len() as u64,
+                    max,
+                })
+            }
+            Replay::Status(status, body) => classify(method, url, status, body),
+            Replay::Raw(raw) => raw_response(url, max, &raw),
+        })
+    }
+
+    #[cfg(not(feature = "fuzzing"))]
+    fn replayed(&self, _method: Method, _url: &str, _max: usize) -> Option<Attempt> {
+        None
     }
 
     pub fn strategy(&self) -> &'static str {
@@ -253,6 +302,9 @@ impl Fetcher {
         loop {
             attempts += 1;
             let attempt = async {
+                if let Some(replayed) = self.replayed(method, url, max) {
+                    return replayed;
+                }
                 match &ports {
                     None => self.attempt(method, url, headers, max).await,
                     Some(p) => self.raw_attempt(url, headers, max, p.clone()).await,
@@ -452,27 +504,33 @@ impl Fetcher {
             Ok(Err(e)) => return Attempt::Retry(format!("GET {url}: {e}")),
             Err(_) => return Attempt::Retry(format!("GET {url}: timed out")),
         };
-        let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-            return Attempt::Retry(format!("GET {url}: no complete HTTP response"));
-        };
-        let head = String::from_utf8_lossy(&raw[..head_end]);
-        let status = head
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u16>().ok());
-        let Some(status) = status else {
-            return Attempt::Retry(format!("GET {url}: bad status line"));
-        };
-        let body = raw[head_end + 4..].to_vec();
-        if body.len() > max {
-            return Attempt::Fatal(SourceErrorKind::TooLarge {
-                size: body.len() as u64,
-                max,
-            });
-        }
-        classify(Method::Get, url, status, body)
+        raw_response(url, max, &raw)
     }
+}
+
+/// Judges a whole HTTP/1.0 response read to EOF (status line, headers, body), as
+/// the privileged-port client reads it.
+fn raw_response(url: &str, max: usize, raw: &[u8]) -> Attempt {
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Attempt::Retry(format!("GET {url}: no complete HTTP response"));
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok());
+    let Some(status) = status else {
+        return Attempt::Retry(format!("GET {url}: bad status line"));
+    };
+    let body = raw[head_end + 4..].to_vec();
+    if body.len() > max {
+        return Attempt::Fatal(SourceErrorKind::TooLarge {
+            size: body.len() as u64,
+            max,
+        });
+    }
+    classify(Method::Get, url, status, body)
 }
 
 /// The status rules every request follows.
@@ -542,5 +600,54 @@ mod tests {
         assert_eq!(ip_value("10.0.0.5").unwrap(), "10.0.0.5");
         assert!(ip_value("10.0.0").is_err());
         assert_eq!(snippet(b"bad\r\ntoken"), "bad  token");
+    }
+
+    /// Replay (the `fuzzing` feature) answers in order and judges each answer by
+    /// the rules a real response meets: 404 absent, 5xx given up, the size bound,
+    /// raw HTTP/1.0 parsed; and it never touches the network (port 9 is discard).
+    #[cfg(feature = "fuzzing")]
+    #[tokio::test]
+    async fn replayed_answers_follow_the_status_rules() {
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let http = Fetcher::new("test", policy, deadline, true, None, false).unwrap();
+        http.replay([
+            Replay::Status(200, b"one".to_vec()),
+            Replay::Status(404, Vec::new()),
+            Replay::Status(503, Vec::new()),
+            Replay::Status(200, vec![b'x'; 10]),
+            Replay::Raw(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nraw".to_vec()),
+            Replay::Raw(b"garbage".to_vec()),
+        ]);
+        let url = "http://127.0.0.1:9/x";
+        assert_eq!(
+            http.get(url, &[], 100).await.unwrap(),
+            Some(b"one".to_vec())
+        );
+        assert_eq!(http.get(url, &[], 100).await.unwrap(), None);
+        let err = http.get(url, &[], 100).await.unwrap_err();
+        assert!(
+            matches!(err.kind, SourceErrorKind::GaveUp { .. }),
+            "{err:?}"
+        );
+        let err = http.get(url, &[], 4).await.unwrap_err();
+        assert!(
+            matches!(err.kind, SourceErrorKind::TooLarge { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            http.get(url, &[], 100).await.unwrap(),
+            Some(b"raw".to_vec())
+        );
+        let err = http.get(url, &[], 100).await.unwrap_err();
+        assert!(
+            matches!(err.kind, SourceErrorKind::GaveUp { .. }),
+            "{err:?}"
+        );
+        // Past the last answer: 404.
+        assert_eq!(http.get(url, &[], 100).await.unwrap(), None);
     }
 }
