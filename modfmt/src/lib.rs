@@ -14,6 +14,7 @@
 pub mod composefs;
 pub mod error;
 pub mod publish;
+pub mod signed_payload;
 pub mod store;
 mod tar;
 #[doc(hidden)]

@@ -22,7 +22,7 @@ pub mod key_file;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use powernode_proto::node::{MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION};
+use powernode_modfmt::signed_payload::{self, PayloadError};
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
 use serde_json::json;
 use sha2::Digest as _;
@@ -33,8 +33,6 @@ pub const PUB_FILE: &str = "module-signing.pub";
 pub const SIMPLESIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const OCI_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-/// `critical.type` of a cosign image signature.
-pub const COSIGN_SIGNATURE_TYPE: &str = "cosign container image signature";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
@@ -170,29 +168,7 @@ impl SigningKey {
     }
 }
 
-/// cosign's payload for `cosign sign -a MODULE_NAME=name -a MODULE_VERSION=version`,
-/// byte for byte: Go's `encoding/json` writes map keys sorted and so does
-/// `serde_json` (no `preserve_order`); names and versions are OCI tag characters,
-/// which Go escapes no differently.
-pub fn simple_signing_payload(
-    docker_reference: &str,
-    digest: &str,
-    name: &str,
-    version: &str,
-) -> Vec<u8> {
-    let v = json!({
-        "critical": {
-            "identity": {"docker-reference": docker_reference},
-            "image": {"docker-manifest-digest": digest},
-            "type": COSIGN_SIGNATURE_TYPE,
-        },
-        "optional": {
-            MODULE_NAME_ANNOTATION: name,
-            MODULE_VERSION_ANNOTATION: version,
-        },
-    });
-    serde_json::to_vec(&v).expect("JSON values serialize")
-}
+pub use powernode_modfmt::signed_payload::{simple_signing_payload, COSIGN_SIGNATURE_TYPE};
 
 /// A signed payload, ready to be published.
 #[derive(Debug, Clone)]
@@ -357,58 +333,22 @@ pub enum LayerRefused {
     Untrusted,
     #[error("the signature annotation is not base64")]
     SignatureEncoding,
-    #[error("the payload is not a cosign image-signature payload")]
-    NotPayload,
-    #[error("the payload signs digest {found:?}, not {expected}")]
-    Digest { found: String, expected: String },
-    #[error("the payload signs repository {found:?}, not {expected}")]
-    Repository { found: String, expected: String },
-    #[error("the payload's module name annotation is {found:?}, not {expected}")]
-    Name {
-        found: Option<String>,
-        expected: String,
-    },
-    #[error("the payload's module version annotation is {found:?}, not {expected}")]
-    Version {
-        found: Option<String>,
-        expected: String,
-    },
+    /// Trusted, but not naming the publication (the node's own check).
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
 }
 
 impl LayerRefused {
     /// Whether a key of the trust set made the signature (the payload is wrong).
     pub fn trusted(&self) -> bool {
-        !matches!(self, Self::Untrusted | Self::SignatureEncoding)
+        matches!(self, Self::Payload(_))
     }
-}
-
-#[derive(serde::Deserialize)]
-struct Payload {
-    critical: Critical,
-    #[serde(default)]
-    optional: Option<std::collections::BTreeMap<String, serde_json::Value>>,
-}
-#[derive(serde::Deserialize)]
-struct Critical {
-    identity: Identity,
-    image: Image,
-    #[serde(rename = "type")]
-    kind: String,
-}
-#[derive(serde::Deserialize)]
-struct Identity {
-    #[serde(rename = "docker-reference")]
-    docker_reference: String,
-}
-#[derive(serde::Deserialize)]
-struct Image {
-    #[serde(rename = "docker-manifest-digest")]
-    docker_manifest_digest: String,
 }
 
 /// Checks one signature layer as a node will: a key of `keys` signed `payload`
 /// (`signature_b64`, DER ECDSA), and the payload names the expected digest, the
-/// repository path after the docker-reference's host, the module name and version.
+/// repository path after the docker-reference's host, the module name and version
+/// ([`powernode_modfmt::signed_payload`], the node's very check).
 pub fn check_layer(
     keys: &[PublicKey],
     payload: &[u8],
@@ -421,44 +361,12 @@ pub fn check_layer(
     if !keys.iter().any(|k| k.verify(payload, &sig)) {
         return Err(LayerRefused::Untrusted);
     }
-    let p: Payload = serde_json::from_slice(payload).map_err(|_| LayerRefused::NotPayload)?;
-    if p.critical.kind != COSIGN_SIGNATURE_TYPE {
-        return Err(LayerRefused::NotPayload);
-    }
-    if p.critical.image.docker_manifest_digest != want.digest {
-        return Err(LayerRefused::Digest {
-            found: p.critical.image.docker_manifest_digest,
-            expected: want.digest.to_string(),
-        });
-    }
-    let reference = p.critical.identity.docker_reference;
-    if reference.split_once('/').map(|(_, path)| path) != Some(want.repository) {
-        return Err(LayerRefused::Repository {
-            found: reference,
-            expected: want.repository.to_string(),
-        });
-    }
-    let annotation = |key: &str| {
-        p.optional
-            .as_ref()
-            .and_then(|o| o.get(key))
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
+    let module = signed_payload::Expected {
+        repository: want.repository,
+        name: want.name,
+        version: want.version,
     };
-    let name = annotation(MODULE_NAME_ANNOTATION);
-    if name.as_deref() != Some(want.name) {
-        return Err(LayerRefused::Name {
-            found: name,
-            expected: want.name.to_string(),
-        });
-    }
-    let version = annotation(MODULE_VERSION_ANNOTATION);
-    if version.as_deref() != Some(want.version) {
-        return Err(LayerRefused::Version {
-            found: version,
-            expected: want.version.to_string(),
-        });
-    }
+    signed_payload::parse_payload(payload)?.check(want.digest, Some(&module))?;
     Ok(())
 }
 
@@ -570,17 +478,17 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(key.sign(old.as_bytes()).unwrap());
         assert_eq!(
             check_layer(&trust, old.as_bytes(), &sig, &want(&d)),
-            Err(LayerRefused::Name {
-                found: None,
+            Err(LayerRefused::Payload(PayloadError::Missing {
+                key: powernode_proto::node::MODULE_NAME_ANNOTATION,
                 expected: "x".into()
-            })
+            }))
         );
         for junk in [&b"not json"[..], br#"{"critical":{}}"#] {
             let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(junk).unwrap());
-            assert_eq!(
+            assert!(matches!(
                 check_layer(&trust, junk, &sig, &want(&d)),
-                Err(LayerRefused::NotPayload)
-            );
+                Err(LayerRefused::Payload(PayloadError::NotPayload(_)))
+            ));
         }
     }
 

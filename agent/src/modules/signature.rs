@@ -16,10 +16,8 @@
 //! signature that no trust key made.
 
 use base64::Engine as _;
-use powernode_proto::node::{MODULE_NAME_ANNOTATION, MODULE_VERSION_ANNOTATION};
 use powernode_proto::ErrorCode;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
-use serde::Deserialize;
 use x509_parser::prelude::FromDer as _;
 
 use super::registry::{RegistryClient, RegistryError, Repository};
@@ -27,7 +25,6 @@ use super::ModuleErrorCode;
 
 pub const SIMPLESIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
-pub const COSIGN_SIGNATURE_TYPE: &str = "cosign container image signature";
 /// A simple-signing payload is a few hundred bytes.
 const MAX_PAYLOAD: u64 = 64 << 10;
 
@@ -106,124 +103,10 @@ pub fn parse_trust_keys(pems: &[String]) -> Result<Vec<TrustKey>, SignatureError
         .collect()
 }
 
-#[derive(Deserialize)]
-struct SimpleSigning {
-    critical: Critical,
-    /// cosign's `-a KEY=VALUE` annotations.
-    #[serde(default)]
-    optional: Option<serde_json::Map<String, serde_json::Value>>,
-}
-#[derive(Deserialize)]
-struct Critical {
-    identity: Option<Identity>,
-    image: Image,
-    #[serde(rename = "type")]
-    kind: String,
-}
-#[derive(Deserialize)]
-struct Identity {
-    #[serde(rename = "docker-reference")]
-    docker_reference: Option<String>,
-}
-#[derive(Deserialize)]
-struct Image {
-    #[serde(rename = "docker-manifest-digest")]
-    docker_manifest_digest: String,
-}
-
-/// What the control plane asked for, which the signed payload must name too: without
-/// it a valid signature of module A, or of an older version of B, would stand in for
-/// the version of B asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expected<'a> {
-    /// The repository path, without the registry host (mirrors and the node's view
-    /// of the host differ; the path names the module).
-    pub repository: &'a str,
-    /// `org.powernode.module.name` in the payload's annotations.
-    pub name: &'a str,
-    /// `org.powernode.module.version` in the payload's annotations.
-    pub version: &'a str,
-}
-
-/// A parsed simple-signing payload (not yet known to be signed by anyone).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedPayload {
-    pub digest: String,
-    pub docker_reference: Option<String>,
-    pub name: Option<String>,
-    pub version: Option<String>,
-}
-
-/// Parses a simple-signing payload: cosign's container image signature type, the
-/// digest it signs, its reference and the module annotations (strings only).
-pub fn parse_payload(payload: &[u8]) -> Result<SignedPayload, String> {
-    let p: SimpleSigning = serde_json::from_slice(payload).map_err(|e| format!("payload: {e}"))?;
-    if p.critical.kind != COSIGN_SIGNATURE_TYPE {
-        return Err(format!("payload type {:?}", p.critical.kind));
-    }
-    let annotation = |key: &str| -> Result<Option<String>, String> {
-        match p.optional.as_ref().and_then(|o| o.get(key)) {
-            None => Ok(None),
-            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(format!("payload annotation {key} is not a string: {other}")),
-        }
-    };
-    Ok(SignedPayload {
-        name: annotation(MODULE_NAME_ANNOTATION)?,
-        version: annotation(MODULE_VERSION_ANNOTATION)?,
-        digest: p.critical.image.docker_manifest_digest,
-        docker_reference: p.critical.identity.and_then(|i| i.docker_reference),
-    })
-}
-
-/// The repository path of a docker reference: without its registry host (a first
-/// component with `.` or `:`, or `localhost`, as docker's reference grammar has it)
-/// and without a tag or digest.
-pub fn reference_path(reference: &str) -> &str {
-    let path = match reference.split_once('/') {
-        Some((first, rest))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
-        {
-            rest
-        }
-        _ => reference,
-    };
-    let path = path.split_once('@').map_or(path, |(p, _)| p);
-    match path.rsplit_once(':') {
-        // A colon after the last slash starts a tag.
-        Some((p, tag)) if !tag.contains('/') => p,
-        _ => path,
-    }
-}
-
-impl SignedPayload {
-    /// `Ok(())` when the payload names `digest` and, with `expected`, that module's
-    /// repository, name and version; otherwise what differs.
-    pub fn check(&self, digest: &str, expected: Option<&Expected<'_>>) -> Result<(), String> {
-        if !self.digest.eq_ignore_ascii_case(digest) {
-            return Err(format!("payload signs {}, not {digest}", self.digest));
-        }
-        let Some(want) = expected else {
-            return Ok(());
-        };
-        let reference = self.docker_reference.as_deref().unwrap_or("");
-        if reference_path(reference) != want.repository {
-            return Err(format!(
-                "payload signs repository {reference:?}, not {:?}",
-                want.repository
-            ));
-        }
-        let field = |got: &Option<String>, key: &str, want: &str| match got {
-            Some(g) if g == want => Ok(()),
-            Some(g) => Err(format!("payload signs {key}={g:?}, not {want:?}")),
-            None => Err(format!(
-                "payload has no {key} annotation (sign with -a {key}={want})"
-            )),
-        };
-        field(&self.name, MODULE_NAME_ANNOTATION, want.name)?;
-        field(&self.version, MODULE_VERSION_ANNOTATION, want.version)
-    }
-}
+// The payload's format and its check are shared with the publisher and the server.
+pub use powernode_modfmt::signed_payload::{
+    parse_payload, reference_path, Expected, PayloadError, SignedPayload, COSIGN_SIGNATURE_TYPE,
+};
 
 /// Checks one signature layer offline: `Ok(())` when a trust key signed `payload` and
 /// the payload names `digest` (and, with `expected`, that module and version);
@@ -241,7 +124,9 @@ pub fn check_payload(
     if !keys.iter().any(|k| k.verifies(payload, &sig)) {
         return Err("signature made by no trust key".into());
     }
-    parse_payload(payload)?.check(digest, expected)
+    parse_payload(payload)
+        .and_then(|p| p.check(digest, expected))
+        .map_err(|e| e.to_string())
 }
 
 /// The cosign tag for a manifest digest: `sha256:HEX` -> `sha256-HEX.sig`.
@@ -405,17 +290,6 @@ mod tests {
         // Without an expectation (the `module pull` tool without --name): digest only.
         let p = bound("h:1/anything", "null");
         check_payload(std::slice::from_ref(&tk), d, None, &p, &sign(&kp, &p)).unwrap();
-    }
-
-    #[test]
-    fn reference_paths() {
-        assert_eq!(reference_path("10.0.2.2:8443/modules/base"), "modules/base");
-        assert_eq!(reference_path("localhost/a/b"), "a/b");
-        assert_eq!(reference_path("reg.example/a"), "a");
-        assert_eq!(reference_path("library/busybox"), "library/busybox");
-        assert_eq!(reference_path("h:5000/a/b:v1"), "a/b");
-        assert_eq!(reference_path("h:5000/a/b@sha256:aa"), "a/b");
-        assert_eq!(reference_path(""), "");
     }
 
     #[test]
