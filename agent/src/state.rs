@@ -100,6 +100,12 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, rename: bool) -> Result<Path
     Ok(tmp)
 }
 
+/// Replaces `path` with `bytes` (mode `mode`) atomically: a temporary file, fsync,
+/// rename. For the agent's other files in the state directory (the version floors).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
+    write_file(path, bytes, mode, true).map(|_| ())
+}
+
 fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");

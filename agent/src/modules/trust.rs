@@ -84,6 +84,8 @@ pub enum FloorError {
         version: String,
         floor: String,
     },
+    #[error("saving the module version floors")]
+    Save(#[source] crate::state::StateError),
     #[error("module version floors {}: cannot {action}", path.display())]
     Io {
         action: &'static str,
@@ -97,7 +99,7 @@ impl ModuleErrorCode for FloorError {
     fn code(&self) -> ErrorCode {
         match self {
             FloorError::Rollback { .. } => ErrorCode::VersionRollback,
-            FloorError::Io { .. } => ErrorCode::Internal,
+            FloorError::Io { .. } | FloorError::Save(_) => ErrorCode::Internal,
         }
     }
 }
@@ -187,20 +189,8 @@ impl VersionFloor {
 }
 
 fn save(path: &Path, floors: &BTreeMap<String, String>) -> Result<(), FloorError> {
-    use std::io::Write as _;
-    let io = |action| {
-        move |source| FloorError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(floors).expect("string maps serialize");
-    let mut f = std::fs::File::create(&tmp).map_err(io("write"))?;
-    f.write_all(&bytes).map_err(io("write"))?;
-    f.sync_all().map_err(io("sync"))?;
-    std::fs::rename(&tmp, path).map_err(io("rename"))
+    crate::state::write_atomic(path, &bytes, 0o644).map_err(FloorError::Save)
 }
 
 /// Natural order: digit runs compare as numbers (leading zeros ignored, then the
