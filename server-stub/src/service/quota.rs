@@ -57,14 +57,21 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 impl AppState {
     /// Waits until the provision of `instance_id` (in `region`) fits the quotas, and
-    /// takes its slot. Refused when the instance stopped pending meanwhile (its
-    /// provision was cancelled).
-    pub(crate) async fn wait_for_quota(&self, instance_id: &str, region: &str) -> AppResult<Slot> {
+    /// takes its slot (none without quotas: nothing is counted). Refused when the
+    /// instance stopped pending meanwhile (its provision was cancelled).
+    pub(crate) async fn wait_for_quota(
+        &self,
+        instance_id: &str,
+        region: &str,
+    ) -> AppResult<Option<Slot>> {
         let quota = self.quota.clone();
         let (max_flight, max_live) = (
             self.cfg.quota_concurrent_provisions,
             self.cfg.quota_instances_per_region,
         );
+        if max_flight == 0 && max_live == 0 {
+            return Ok(None);
+        }
         let mut told = false;
         loop {
             let changed = quota.changed.notified();
@@ -128,10 +135,10 @@ impl AppState {
                         if told {
                             self.quota_note(instance_id, None).await?;
                         }
-                        return Ok(Slot {
+                        return Ok(Some(Slot {
                             quota: quota.clone(),
                             region: region.to_string(),
-                        });
+                        }));
                     }
                     Some((limit, used, max)) if !told => {
                         told = true;
