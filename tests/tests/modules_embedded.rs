@@ -400,13 +400,25 @@ impl Drop for Unmount {
     }
 }
 
-/// The live agent (`powernode-agent run`) pulls, verifies and mounts a desired runtime
-/// module from the embedded registry, reports its digest in heartbeats, and the
-/// control plane sees no drift. Mounting needs root: fails, naming it, otherwise.
-#[test]
-fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()> {
+/// A server whose template runs runtime module `demo` (published from
+/// [`module_tree`]), and the live agent of one provisioned instance, with its modules
+/// mounted under `dir/modules` (unmounted on drop).
+struct LiveNode {
+    // Dropped in this order: the agent, its mounts, then the server.
+    agent: powernode_tests::Agent,
+    _unmount: Unmount,
+    server: Server,
+    dir: std::path::PathBuf,
+    data: std::path::PathBuf,
+    instance: String,
+    /// The `demo` publication's manifest digest.
+    digest: String,
+    modules_dir: std::path::PathBuf,
+}
+
+fn live_node(test: &str, hostname: &str) -> Result<LiveNode> {
     require_root("the live module mount");
-    let dir = test_dir("modules_embedded_live")?;
+    let dir = test_dir(test)?;
     let data = dir.join("data");
     let server = Server::start(&data, ServerOptions::default())?;
     let src = dir.join("src");
@@ -434,43 +446,65 @@ fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()>
             "demo",
         ],
     )?;
-
-    let (_node, instance) = server.create_and_provision("edge-modules")?;
+    let (_node, instance) = server.create_and_provision(hostname)?;
     let modules_dir = dir.join("modules");
     let modules_arg = modules_dir.to_string_lossy().into_owned();
     let _unmount = Unmount(modules_dir.clone());
-    let mut agent = powernode_tests::Agent::with_identity(
+    let agent = powernode_tests::Agent::with_identity(
         &dir,
         "agent",
         &server.identity(&instance)?,
         &["--modules-dir", &modules_arg],
     )?;
-    let inst =
-        powernode_tests::wait_running(&server, &instance, std::time::Duration::from_secs(60))
-            .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
-    let reported = powernode_tests::wait_for(
-        "demo digest in heartbeat",
-        std::time::Duration::from_secs(30),
-        || {
-            let inst = server.instance(&instance)?;
+    Ok(LiveNode {
+        dir,
+        data,
+        server,
+        instance,
+        digest,
+        modules_dir,
+        agent,
+        _unmount,
+    })
+}
+
+impl LiveNode {
+    /// Waits until a heartbeat reports `demo` at its published digest.
+    fn wait_demo_reported(&self, within: std::time::Duration) -> Result<Value> {
+        powernode_tests::wait_for("demo digest in heartbeat", within, || {
+            let inst = self.server.instance(&self.instance)?;
             let found = inst["modules"].as_array().is_some_and(|m| {
                 m.iter()
-                    .any(|m| m["name"] == "demo" && m["digest"] == digest.as_str())
+                    .any(|m| m["name"] == "demo" && m["digest"] == self.digest.as_str())
             });
             Ok(found.then_some(inst))
-        },
-    )
-    .with_context(|| format!("instance {inst}\nagent log:\n{}", agent.log_text()))?;
-    let drift = server.get(&powernode_tests::proto::paths::admin_drift(&instance))?;
+        })
+        .with_context(|| format!("agent log:\n{}", self.agent.log_text()))
+    }
+}
+
+/// The live agent (`powernode-agent run`) pulls, verifies and mounts a desired runtime
+/// module from the embedded registry, reports its digest in heartbeats, and the
+/// control plane sees no drift. Mounting needs root: fails, naming it, otherwise.
+#[test]
+fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()> {
+    let mut n = live_node("modules_embedded_live", "edge-modules")?;
+    let inst =
+        powernode_tests::wait_running(&n.server, &n.instance, std::time::Duration::from_secs(60))
+            .with_context(|| format!("agent log:\n{}", n.agent.log_text()))?;
+    let reported = n
+        .wait_demo_reported(std::time::Duration::from_secs(30))
+        .with_context(|| format!("instance {inst}"))?;
+    let (server, instance, modules_dir) = (&n.server, &n.instance, &n.modules_dir);
+    let drift = server.get(&powernode_tests::proto::paths::admin_drift(instance))?;
     assert_eq!(drift["drift"], false, "{drift}\n{reported}");
     // The module's tree is mounted where the agent was told.
     assert_eq!(
         std::fs::read_to_string(modules_dir.join("demo/etc/demo/config.toml"))?,
         "answer = 42\n"
     );
-    assert!(agent.guard.is_running());
-    agent.guard.terminate(std::time::Duration::from_secs(10));
-    drop(server);
+    assert!(n.agent.guard.is_running());
+    n.agent.guard.terminate(std::time::Duration::from_secs(10));
     Ok(())
 }
 
@@ -483,60 +517,12 @@ fn live_agent_mounts_desired_runtime_module_and_reports_no_drift() -> Result<()>
 /// refusal.
 #[test]
 fn a_revoked_node_can_no_longer_pull_from_the_embedded_registry() -> Result<()> {
-    require_root("the live module mount");
-    let dir = test_dir("modules_embedded_revoked")?;
-    let data = dir.join("data");
-    let server = Server::start(&data, ServerOptions::default())?;
-    let src = dir.join("src");
-    module_tree(&src)?;
-    let published = stub(
-        &data,
-        &[
-            "publish-module",
-            src.to_str().context("utf-8 path")?,
-            "--name",
-            "demo",
-            "--version",
-            "1",
-            "--kind",
-            "runtime",
-        ],
-    )?;
-    let digest = str_at(&published, "/publication/digest")?;
-    stub(
-        &data,
-        &[
-            "set-template-modules",
-            "tmpl-edge-base",
-            "--runtime",
-            "demo",
-        ],
-    )?;
-    let (_node, instance) = server.create_and_provision("edge-revoked")?;
-    let modules_dir = dir.join("modules");
-    let modules_arg = modules_dir.to_string_lossy().into_owned();
-    let _unmount = Unmount(modules_dir.clone());
-    let mut node = powernode_tests::Agent::with_identity(
-        &dir,
-        "agent",
-        &server.identity(&instance)?,
-        &["--modules-dir", &modules_arg],
-    )?;
+    let mut n = live_node("modules_embedded_revoked", "edge-revoked")?;
     // The live agent's reconcile pulled the runtime module with its certificate.
-    powernode_tests::wait_for(
-        "demo digest in heartbeat",
-        std::time::Duration::from_secs(60),
-        || {
-            let inst = server.instance(&instance)?;
-            let found = inst["modules"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["name"] == "demo" && m["digest"] == digest.as_str())
-            });
-            Ok(found.then_some(()))
-        },
-    )
-    .with_context(|| format!("agent log:\n{}", node.log_text()))?;
-
+    n.wait_demo_reported(std::time::Duration::from_secs(60))?;
+    let (dir, data, server, instance, digest) =
+        (&n.dir, &n.data, &n.server, &n.instance, &n.digest);
+    let node = &mut n.agent;
     let repository = format!("{}/modules/demo", server.addr);
     let trust = data.join("module-signing.pub");
     let ca = data.join("ca.pem");
@@ -548,7 +534,7 @@ fn a_revoked_node_can_no_longer_pull_from_the_embedded_registry() -> Result<()> 
             "--repository",
             &repository,
             "--digest",
-            &digest,
+            digest,
             "--trust-key",
             trust.to_str().unwrap_or_default(),
             "--ca",
@@ -577,7 +563,7 @@ fn a_revoked_node_can_no_longer_pull_from_the_embedded_registry() -> Result<()> 
 
     // The admin ends the instance: its certificates are revoked, the agent is
     // refused at its next call and stops for good.
-    server.cli(&["terminate-instance", &instance, "--force"])?;
+    server.cli(&["terminate-instance", instance, "--force"])?;
     let status = node
         .guard
         .wait_timeout(std::time::Duration::from_secs(30))?;
@@ -599,9 +585,8 @@ fn a_revoked_node_can_no_longer_pull_from_the_embedded_registry() -> Result<()> 
     assert!(
         log.lines().any(|l| l.contains("registry read refused")
             && l.contains("certificate_revoked")
-            && l.contains(&instance)),
+            && l.contains(instance.as_str())),
         "no refusal in the server log"
     );
-    drop(server);
     Ok(())
 }
