@@ -13,13 +13,6 @@ use powernode_modfmt::toc::{TocLocation, TOC_DIGEST_ANNOTATION};
 use serde_json::Value;
 use sha2::Digest as _;
 
-fn token(ts: &TestServer) -> String {
-    std::fs::read_to_string(ts.dir.path().join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
     let ts = TestServer::start().await;
@@ -43,7 +36,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
         &ts.admin,
         http.clone(),
         &ts.url(),
-        &token(&ts),
+        &ts.admin_token(),
         &args,
     )
     .await
@@ -53,7 +46,7 @@ async fn chunked_layer_is_plain_tar_gzip_and_its_toc_is_served_by_range() {
 
     let base = format!("{}/v2/{repo}", ts.url());
     // Registry reads need credentials: the admin token here.
-    let tok = token(&ts);
+    let tok = ts.admin_token();
     let manifest: Value = http
         .get(format!("{base}/manifests/{digest}"))
         .bearer_auth(&tok)

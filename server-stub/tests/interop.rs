@@ -27,17 +27,6 @@ fn plain_http() -> reqwest::Client {
     powernode_stub::cli::client::pinned_client(&ca, None).unwrap()
 }
 
-fn token(ts: &TestServer) -> String {
-    std::fs::read_to_string(ts.dir.path().join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn host(ts: &TestServer) -> String {
-    ts.url().trim_start_matches("https://").to_string()
-}
-
 fn module_folder() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(d.path().join("etc")).unwrap();
@@ -57,9 +46,15 @@ async fn publish(ts: &TestServer, src: &Path, registry: Option<String>) -> Value
         registry,
         folder: Default::default(),
     };
-    powernode_stub::cli::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
-        .await
-        .unwrap()["publication"]
+    powernode_stub::cli::publish::publish_module(
+        &ts.admin,
+        http,
+        &ts.url(),
+        &ts.admin_token(),
+        &args,
+    )
+    .await
+    .unwrap()["publication"]
         .clone()
 }
 
@@ -72,8 +67,8 @@ async fn oras_push_then_pull_by_digest() {
     std::fs::write(work.path().join("payload.bin"), &data).unwrap();
     let ca = ts.dir.path().join("ca.pem");
     let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
-    let reference = format!("{}/test/art:v1", host(&ts));
-    let tok = token(&ts);
+    let reference = format!("{}/test/art:v1", ts.host());
+    let tok = ts.admin_token();
     // Without credentials the push is refused.
     let (ok, _, err) = run(
         &oras,
@@ -105,7 +100,7 @@ async fn oras_push_then_pull_by_digest() {
         .expect("oras prints the digest")
         .trim()
         .to_string();
-    let by_digest = format!("{}/test/art@{digest}", host(&ts));
+    let by_digest = format!("{}/test/art@{digest}", ts.host());
     // Reads need credentials too: anonymous, the pull is refused.
     let (ok, _, err) = run(
         &oras,
@@ -167,10 +162,10 @@ async fn cosign_verifies_a_published_module_offline() {
     let ca = ts.dir.path().join("ca.pem");
     let key = ts.dir.path().join("module-signing.pub");
     let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
-    let tok = token(&ts);
+    let tok = ts.admin_token();
     for reference in [
-        format!("{}/modules/base@{digest}", host(&ts)),
-        format!("{}/modules/base:1.0.0", host(&ts)),
+        format!("{}/modules/base@{digest}", ts.host()),
+        format!("{}/modules/base:1.0.0", ts.host()),
     ] {
         let (ok, out, err) = run(
             &cosign,
@@ -206,7 +201,7 @@ async fn cosign_verifies_a_published_module_offline() {
             "--insecure-ignore-tlog=true",
             "-a",
             "org.powernode.module.version=2.0.0",
-            &format!("{}/modules/base@{digest}", host(&ts)),
+            &format!("{}/modules/base@{digest}", ts.host()),
         ],
         &env,
         work.path(),
@@ -233,7 +228,7 @@ async fn cosign_verifies_a_published_module_offline() {
             "--key",
             "cosign.pub",
             "--insecure-ignore-tlog=true",
-            &format!("{}/modules/base@{digest}", host(&ts)),
+            &format!("{}/modules/base@{digest}", ts.host()),
         ],
         &env,
         work.path(),
@@ -252,7 +247,7 @@ async fn cosign_sign_pushes_its_signature_to_our_registry() {
     let digest = p["digest"].as_str().unwrap();
     let work = tempfile::tempdir().unwrap();
     let ca = ts.dir.path().join("ca.pem");
-    let tok = token(&ts);
+    let tok = ts.admin_token();
     let (ok, _, err) = run(
         &cosign,
         &["generate-key-pair"],
@@ -265,7 +260,7 @@ async fn cosign_sign_pushes_its_signature_to_our_registry() {
         ("SSL_CERT_FILE", ca.to_str().unwrap()),
         ("COSIGN_PASSWORD", ""),
     ];
-    let reference = format!("{}/modules/base@{digest}", host(&ts));
+    let reference = format!("{}/modules/base@{digest}", ts.host());
     let (ok, out, err) = run(
         &cosign,
         &[

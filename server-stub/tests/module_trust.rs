@@ -7,34 +7,19 @@
 mod common;
 
 use base64::Engine as _;
+use common::sha;
 use common::{code, FakeNode, TestServer};
 use powernode_stub::cli::publish::{image_from_folder, BlobSource, ModuleImage, RegistryClient};
 use powernode_stub::signing::{Signature, SigningKey};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sha2::Digest as _;
 
 const SIGNATURES: &str = "/api/v1/system/module_signatures";
 const PUBLICATIONS: &str = "/api/v1/system/module_publications";
 
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
-}
-
-fn token(ts: &TestServer) -> String {
-    std::fs::read_to_string(ts.dir.path().join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn host(ts: &TestServer) -> String {
-    ts.url().trim_start_matches("https://").to_string()
-}
-
 fn registry(ts: &TestServer) -> RegistryClient {
     let http = powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap();
-    RegistryClient::new(http, &ts.url(), Some(token(ts)))
+    RegistryClient::new(http, &ts.url(), Some(ts.admin_token()))
 }
 
 /// Builds a module from a small folder and pushes it to the embedded registry.
@@ -105,6 +90,16 @@ fn from_route(v: &Value) -> Signature {
     }
 }
 
+/// Records `image` as `svc 1.0.0` signed by signature manifest `sd`.
+async fn record_svc(ts: &TestServer, image: &ModuleImage, sd: &str) -> (StatusCode, Value) {
+    ts.call(
+        Method::POST,
+        PUBLICATIONS,
+        Some(record_body(image, "svc", "1.0.0", sd)),
+    )
+    .await
+}
+
 fn record_body(image: &ModuleImage, name: &str, version: &str, signature_digest: &str) -> Value {
     json!({
         "name": name, "version": version, "kind": "runtime",
@@ -152,14 +147,14 @@ async fn the_sign_route_requires_and_binds_the_name_and_version() {
     assert_eq!(
         String::from_utf8(sig.payload.clone()).unwrap(),
         String::from_utf8(payload(
-            &format!("{}/modules/base", host(&ts)),
+            &format!("{}/modules/base", ts.host()),
             &digest,
             "base",
             "1.0.0"
         ))
         .unwrap()
     );
-    assert_eq!(v["docker_reference"], format!("{}/modules/base", host(&ts)));
+    assert_eq!(v["docker_reference"], format!("{}/modules/base", ts.host()));
 }
 
 #[tokio::test]
@@ -167,19 +162,13 @@ async fn a_publication_needs_a_trusted_signature_naming_its_digest_name_and_vers
     let ts = TestServer::start().await;
     let image = push_module(&ts, "svc", "1.0.0").await;
     let digest = image.manifest_digest.clone();
-    let reference = format!("{}/modules/svc", host(&ts));
+    let reference = format!("{}/modules/svc", ts.host());
 
     // A key outside the trust set: refused at record time.
     let foreign = SigningKey::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
     let sig = signed_by(&foreign, payload(&reference, &digest, "svc", "1.0.0"));
     let sd = push_signature(&ts, "modules/svc", &digest, &sig).await;
-    let (s, v) = ts
-        .call(
-            Method::POST,
-            PUBLICATIONS,
-            Some(record_body(&image, "svc", "1.0.0", &sd)),
-        )
-        .await;
+    let (s, v) = record_svc(&ts, &image, &sd).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(code(&v), "signature_mismatch", "{v}");
     assert!(
@@ -210,13 +199,7 @@ async fn a_publication_needs_a_trusted_signature_naming_its_digest_name_and_vers
     ] {
         let v = ts.ok(Method::POST, SIGNATURES, Some(body)).await;
         let sd = push_signature(&ts, "modules/svc", &digest, &from_route(&v)).await;
-        let (s, v) = ts
-            .call(
-                Method::POST,
-                PUBLICATIONS,
-                Some(record_body(&image, "svc", "1.0.0", &sd)),
-            )
-            .await;
+        let (s, v) = record_svc(&ts, &image, &sd).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {v}");
         assert_eq!(code(&v), "signature_mismatch", "{what}: {v}");
         assert!(
@@ -235,13 +218,7 @@ async fn a_publication_needs_a_trusted_signature_naming_its_digest_name_and_vers
         )
         .await;
     let sd = push_signature(&ts, "modules/svc", &digest, &from_route(&v)).await;
-    let (s, v) = ts
-        .call(
-            Method::POST,
-            PUBLICATIONS,
-            Some(record_body(&image, "svc", "1.0.0", &sd)),
-        )
-        .await;
+    let (s, v) = record_svc(&ts, &image, &sd).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
 }
 
@@ -297,23 +274,17 @@ async fn with_online_signing_off_the_sign_route_answers_409_and_offline_keys_are
         .await;
     assert_eq!(
         v,
-        json!({"online_signing": false, "registry_host": host(&ts), "trust_keys": [pem]})
+        json!({"online_signing": false, "registry_host": ts.host(), "trust_keys": [pem]})
     );
 
     // A signature by the offline key is recorded; nodes get that key, and only it.
     let image = push_module(&ts, "svc", "1.0.0").await;
-    let reference = format!("{}/modules/svc", host(&ts));
+    let reference = format!("{}/modules/svc", ts.host());
     let sig = key
         .sign_manifest(&reference, &image.manifest_digest, "svc", "1.0.0")
         .unwrap();
     let sd = push_signature(&ts, "modules/svc", &image.manifest_digest, &sig).await;
-    let (s, v) = ts
-        .call(
-            Method::POST,
-            PUBLICATIONS,
-            Some(record_body(&image, "svc", "1.0.0", &sd)),
-        )
-        .await;
+    let (s, v) = record_svc(&ts, &image, &sd).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let (_, _, doc) = ts.provisioned("edge-offline").await;
     assert_eq!(doc.module_trust_keys, vec![pem.clone()]);

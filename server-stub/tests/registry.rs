@@ -6,22 +6,12 @@
 mod common;
 
 use base64::Engine as _;
+use common::sha;
 use common::{FakeNode, TestServer};
 use powernode_proto::node::COMPOSEFS_DIGEST_ANNOTATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::Digest as _;
-
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
-}
-
-fn token(ts: &TestServer) -> String {
-    std::fs::read_to_string(ts.dir.path().join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
 
 struct Reg {
     http: reqwest::Client,
@@ -34,7 +24,7 @@ impl Reg {
         Self {
             http: powernode_stub::cli::client::pinned_client(&ts.ca_pem(), None).unwrap(),
             base: ts.url(),
-            token: token(ts),
+            token: ts.admin_token(),
         }
     }
 
@@ -568,7 +558,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         &ts.admin,
         http.clone(),
         &ts.url(),
-        &token(&ts),
+        &ts.admin_token(),
         &args,
     )
     .await
@@ -784,7 +774,7 @@ async fn publish_folder_signs_records_and_drives_desired_modules() {
         &ts.admin,
         http,
         &ts.url(),
-        &token(&ts),
+        &ts.admin_token(),
         &args2,
     )
     .await
@@ -896,7 +886,7 @@ async fn publish_an_oci_layout_with_two_layers_and_a_whiteout() {
         &ts.admin,
         http,
         &ts.url(),
-        &token(&ts),
+        &ts.admin_token(),
         &args,
     )
     .await

@@ -498,13 +498,6 @@ async fn a_reboot_task_lets_an_ephemeral_node_enroll_once_more() {
     );
 }
 
-fn token(ts: &TestServer) -> String {
-    std::fs::read_to_string(ts.dir.path().join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 async fn publish(ts: &TestServer, name: &str, version: &str, kind: &str) -> Value {
     let src = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(src.path().join("etc")).unwrap();
@@ -522,9 +515,15 @@ async fn publish(ts: &TestServer, name: &str, version: &str, kind: &str) -> Valu
         registry: None,
         folder: Default::default(),
     };
-    powernode_stub::cli::publish::publish_module(&ts.admin, http, &ts.url(), &token(ts), &args)
-        .await
-        .unwrap()["publication"]
+    powernode_stub::cli::publish::publish_module(
+        &ts.admin,
+        http,
+        &ts.url(),
+        &ts.admin_token(),
+        &args,
+    )
+    .await
+    .unwrap()["publication"]
         .clone()
 }
 

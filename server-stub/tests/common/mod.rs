@@ -56,6 +56,19 @@ impl TestServer {
         &self.server.as_ref().unwrap().state
     }
 
+    /// The admin token the server wrote to its data directory.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `host:port` of the server (as in registry references).
+    pub fn host(&self) -> String {
+        self.url().trim_start_matches("https://").to_string()
+    }
+
     pub fn url(&self) -> String {
         self.server.as_ref().unwrap().url.clone()
     }
@@ -269,6 +282,12 @@ impl FakeNode {
         }
         self.post(powernode_proto::paths::HANDSHAKE, body).await
     }
+}
+
+/// `sha256:HEX` of `b`.
+pub fn sha(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
 }
 
 pub fn code(v: &Value) -> &str {
